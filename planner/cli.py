@@ -1,0 +1,73 @@
+"""The ``planner`` command: one click group, noun-verb subcommands.
+
+Exit codes: 0 ok, 1 bad input, 2 usage error, 3 infeasible plan. User errors print one line
+to stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from profiles.errors import UserError
+
+from . import __version__
+from .commands import COMMANDS
+from .output import Output, get_output
+
+__all__ = ["cli", "main"]
+
+
+class PlannerGroup(click.Group):
+    """Turns :class:`UserError` into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D102
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            out = ctx.obj if isinstance(ctx.obj, Output) else Output()
+            if out.debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=PlannerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--json", "json_mode", is_flag=True, help="Print only JSON on stdout (tables and logs go to stderr).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="moe-planner")
+@click.pass_context
+def cli(ctx: click.Context, json_mode: bool, debug: bool) -> None:
+    """moe-planner: plan, simulate and export Mixture-of-Experts deployments.
+
+    Describe the hardware (a profile), name a model (a preset or an HF config.json) and a
+    workload; the planner decides where every expert lives, at which bitwidth, and how
+    big each layer's expert cache is.
+
+    \b
+    Examples:
+      planner profiles list
+      planner models show mixtral-8x7b --hardware desktop-4090
+      planner --json models list
+    """
+    out = get_output()
+    out.json_mode = out.json_mode or json_mode
+    out.debug = out.debug or debug
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(prog_name="planner")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

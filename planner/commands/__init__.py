@@ -1,0 +1,12 @@
+"""CLI command groups, one module per noun. Commands parse options and call the library."""
+
+from __future__ import annotations
+
+import click
+
+from .models import models
+from .profiles import profiles
+
+__all__ = ["COMMANDS"]
+
+COMMANDS: list[click.Command] = [profiles, models]

@@ -1,0 +1,566 @@
+"""Hardware profiles: the YAML schema users write and the resolved cluster the tool uses.
+
+A profile is a cluster of nodes; a node holds devices (``gpu``, ``cpu``, ``nvme``,
+``accelerator`` and ``switch``), and each device lists its links (``pcie``, ``nvlink``,
+``nic``, ``unified``). Values take units (``24GiB``, ``1008GB/s``, ``165TFLOPS``, ``5us``)
+or plain SI numbers; every field name carries its unit.
+
+``count: N`` on a node or device expands it into N copies named ``name0 .. name{N-1}``
+(``index_from`` shifts the first index). A link's ``to`` names a device of the same node
+(after expansion) or a cluster-level switch.
+
+    profile = load_profile("desktop-4090")   # bundled name or a path
+    hw = profile.resolve()                    # -> Hardware (frozen), with the topology graph
+    hw.route("node/nvme0", "node/gpu0")       # -> Route(links, bottleneck, latency)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import networkx as nx
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError, from_validation_error
+from .formats import ACCELERATOR_COMPUTE_FORMATS, GENERAL_COMPUTE_FORMATS
+from .units import parse_bandwidth, parse_power, parse_size, parse_throughput, parse_time
+from .yamlio import load_yaml
+
+__all__ = [
+    "EfficiencySpec", "LinkSpec", "DeviceSpec", "NodeSpec", "HardwareProfile",
+    "Device", "Link", "Memory", "Route", "Hardware",
+    "load_profile", "bundled_profiles", "BUNDLED_DIR", "PCIE_EFFECTIVE_X16_BYTES_PER_S",
+]
+
+BUNDLED_DIR = Path(__file__).parent / "hardware"
+
+Bytes = Annotated[float, BeforeValidator(parse_size)]
+BytesPerS = Annotated[float, BeforeValidator(parse_bandwidth)]
+OpsPerS = Annotated[float, BeforeValidator(parse_throughput)]
+Seconds = Annotated[float, BeforeValidator(parse_time)]
+Watts = Annotated[float, BeforeValidator(parse_power)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")]
+
+# Effective pinned host-to-device bandwidth of a PCIe x16 link, per generation
+# (REFERENCE.md: Gen3 ~12, Gen4 ~24-25, Gen5 ~50 GB/s); scaled linearly by lanes.
+PCIE_EFFECTIVE_X16_BYTES_PER_S = {1: 3.0e9, 2: 6.0e9, 3: 12.0e9, 4: 25.0e9, 5: 50.0e9, 6: 100.0e9}
+
+# Latency of one transfer on a link, by kind, when the profile gives none.
+DEFAULT_LINK_LATENCY_S = {"pcie": 10e-6, "nvlink": 3e-6, "nic": 5e-6, "unified": 0.0}
+
+# Efficiency defaults by device kind. CPU expert kernels reach about 25-40% of DRAM peak
+# (REFERENCE.md); GPUs stream large weight matrices at ~80% of HBM peak; a compute-bound
+# expert GEMM reaches ~70% of tensor-core peak once enough tokens share the call.
+DEFAULT_EFFICIENCY = {
+    "gpu": dict(compute_max_fraction=0.7, half_tokens=64.0, memory_fraction=0.8),
+    "cpu": dict(compute_max_fraction=0.5, half_tokens=8.0, memory_fraction=0.35),
+    "accelerator": dict(compute_max_fraction=0.6, half_tokens=16.0, memory_fraction=0.7),
+}
+DEFAULT_LAUNCH_OVERHEAD_S = {"gpu": 20e-6, "cpu": 50e-6, "accelerator": 30e-6}
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class EfficiencySpec(BaseModel):
+    """Fraction of peak an expert call reaches, as a function of tokens per call.
+
+    ``fraction(n) = compute_max_fraction * n / (n + half_tokens)`` unless measured
+    ``points`` (``[[tokens, fraction], ...]``) are given, which are then interpolated
+    piecewise-linearly in log2(tokens). ``memory_fraction`` is the share of the memory
+    bandwidth reached while streaming expert weights.
+    """
+
+    model_config = _STRICT
+
+    compute_max_fraction: float = Field(gt=0, le=1)
+    half_tokens: float = Field(gt=0)
+    memory_fraction: float = Field(gt=0, le=1)
+    points: tuple[tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0, le=1)]], ...] | None = None
+    source: str = "defaults (REFERENCE.md)"
+
+    @model_validator(mode="after")
+    def _points_sorted(self) -> "EfficiencySpec":
+        if self.points is not None:
+            tokens = [p[0] for p in self.points]
+            if len(tokens) < 2 or tokens != sorted(set(tokens)):
+                raise InputError("efficiency points must be at least two, sorted by distinct token counts",
+                                 key="points", value=list(self.points),
+                                 fix="write [[1, 0.02], [16, 0.3], [256, 0.7]] style pairs in increasing tokens")
+        return self
+
+    def compute_fraction(self, tokens: float) -> float:
+        """Fraction of peak compute reached with ``tokens`` tokens in one expert call."""
+        n = max(float(tokens), 1e-9)
+        if self.points is None:
+            return self.compute_max_fraction * n / (n + self.half_tokens)
+        xs = [math.log2(p[0]) for p in self.points]
+        ys = [p[1] for p in self.points]
+        x = math.log2(n)
+        if x <= xs[0]:
+            return ys[0]
+        if x >= xs[-1]:
+            return ys[-1]
+        for i in range(1, len(xs)):
+            if x <= xs[i]:
+                w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + w * (ys[i] - ys[i - 1])
+        return ys[-1]  # unreachable: x < xs[-1] was handled above
+
+
+class LinkSpec(BaseModel):
+    """A link from the device that lists it to ``to``. Links are full duplex."""
+
+    model_config = _STRICT
+
+    to: Name
+    kind: Literal["pcie", "nvlink", "nic", "unified"]
+    gen: int | None = Field(default=None, ge=1, le=6)
+    lanes: Literal[1, 2, 4, 8, 16] | None = None
+    bytes_per_s: BytesPerS | None = Field(default=None, gt=0)
+    latency_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _bandwidth_known(self) -> "LinkSpec":
+        if self.bytes_per_s is None and self.kind != "unified":
+            if self.kind == "pcie" and (self.gen is None or self.lanes is None):
+                raise InputError("a pcie link needs gen and lanes, or bytes_per_s", key="bytes_per_s",
+                                 fix="add e.g. `gen: 4` and `lanes: 16`, or `bytes_per_s: 25GB/s`")
+            if self.kind != "pcie":
+                raise InputError(f"a {self.kind} link needs bytes_per_s", key="bytes_per_s",
+                                 fix="add e.g. `bytes_per_s: 450GB/s` (per direction)")
+        if self.kind != "pcie" and (self.gen is not None or self.lanes is not None):
+            raise InputError(f"gen/lanes only apply to pcie links, not {self.kind}", key="gen",
+                             fix="remove gen and lanes, or set kind: pcie")
+        return self
+
+    @property
+    def effective_bytes_per_s(self) -> float:
+        """Bandwidth per direction: given, or the PCIe effective figure for gen x lanes."""
+        if self.bytes_per_s is not None:
+            return self.bytes_per_s
+        if self.kind == "pcie":
+            return PCIE_EFFECTIVE_X16_BYTES_PER_S[self.gen] * self.lanes / 16
+        return math.inf  # unified memory: no copy at all
+
+
+class DeviceSpec(BaseModel):
+    """One device (or ``count`` identical ones) inside a node."""
+
+    model_config = _STRICT
+
+    name: Name
+    kind: Literal["gpu", "cpu", "nvme", "accelerator", "switch"]
+    model: str = ""
+    count: int = Field(default=1, ge=1)
+    index_from: int = Field(default=0, ge=0)
+    memory_bytes: Bytes = 0.0
+    memory_bytes_per_s: BytesPerS = 0.0
+    peak_ops_per_s: dict[str, OpsPerS] = Field(default_factory=dict)
+    launch_overhead_s: Seconds | None = None
+    efficiency: EfficiencySpec | None = None
+    cores: int | None = Field(default=None, ge=1)
+    power_w: Watts | None = None
+    price_per_hour_usd: float | None = Field(default=None, ge=0)
+    links: tuple[LinkSpec, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_efficiency(cls, data: object) -> object:
+        # a partial `efficiency:` block is completed from the per-kind defaults
+        if isinstance(data, dict) and isinstance(data.get("efficiency"), dict):
+            defaults = DEFAULT_EFFICIENCY.get(data.get("kind"), {})
+            data = dict(data, efficiency={**defaults, **data["efficiency"]})
+        return data
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> "DeviceSpec":
+        compute = self.kind in ("gpu", "cpu", "accelerator")
+        if self.kind != "switch":
+            if self.memory_bytes <= 0:
+                raise InputError(f"a {self.kind} device needs memory_bytes > 0", key="memory_bytes",
+                                 value=self.memory_bytes, fix="state its capacity, e.g. `memory_bytes: 24GiB`")
+            if self.memory_bytes_per_s <= 0:
+                raise InputError(f"a {self.kind} device needs memory_bytes_per_s > 0", key="memory_bytes_per_s",
+                                 value=self.memory_bytes_per_s,
+                                 fix="state its (read) bandwidth, e.g. `memory_bytes_per_s: 1008GB/s`")
+        elif self.memory_bytes or self.peak_ops_per_s:
+            raise InputError("a switch holds no memory and computes nothing", key="memory_bytes",
+                             fix="remove memory_bytes and peak_ops_per_s from the switch")
+        if compute and not self.peak_ops_per_s:
+            raise InputError(f"a {self.kind} device needs peak_ops_per_s for at least one format",
+                             key="peak_ops_per_s", fix="add e.g. `peak_ops_per_s: {bf16: 165TFLOPS}`")
+        if not compute and (self.peak_ops_per_s or self.efficiency or self.launch_overhead_s is not None):
+            raise InputError(f"a {self.kind} device does not compute", key="peak_ops_per_s",
+                             fix="remove peak_ops_per_s, efficiency and launch_overhead_s")
+        allowed = ACCELERATOR_COMPUTE_FORMATS if self.kind == "accelerator" else GENERAL_COMPUTE_FORMATS
+        for fmt in self.peak_ops_per_s:
+            if fmt not in allowed:
+                extra = (" (minifloat, low-bit and ternary formats are for accelerators)"
+                         if fmt in ACCELERATOR_COMPUTE_FORMATS else "")
+                raise InputError(f"format {fmt!r} is not allowed on a {self.kind}{extra}",
+                                 key=f"peak_ops_per_s.{fmt}", expected="one of " + ", ".join(allowed),
+                                 fix="remove it or use one of the allowed formats")
+        if self.kind == "cpu" and self.cores is None:
+            raise InputError("a cpu device needs cores", key="cores", fix="add e.g. `cores: 16`")
+        return self
+
+    def instance_names(self) -> list[str]:
+        if self.count == 1 and self.index_from == 0:
+            return [self.name]
+        return [f"{self.name}{self.index_from + i}" for i in range(self.count)]
+
+
+class NodeSpec(BaseModel):
+    """A machine: devices and their links. ``count`` makes identical copies."""
+
+    model_config = _STRICT
+
+    name: Name
+    count: int = Field(default=1, ge=1)
+    devices: tuple[DeviceSpec, ...] = Field(min_length=1)
+    price_per_hour_usd: float | None = Field(default=None, ge=0)
+
+    def instance_names(self) -> list[str]:
+        return [self.name] if self.count == 1 else [f"{self.name}{i}" for i in range(self.count)]
+
+
+class HardwareProfile(BaseModel):
+    """The YAML document: a named cluster of nodes plus cluster-level switches."""
+
+    model_config = _STRICT
+
+    name: Name
+    description: str = ""
+    sources: tuple[str, ...] = ()
+    nodes: tuple[NodeSpec, ...] = Field(min_length=1)
+    switches: tuple[DeviceSpec, ...] = ()
+
+    def resolve(self, file: str | Path | None = None, lines: dict[tuple, int] | None = None) -> "Hardware":
+        """Expand counts, check links, build the topology. Errors name ``file`` and the key."""
+        return _resolve(self, file, lines or {})
+
+
+# --------------------------------------------------------------------------- resolved form
+
+
+@dataclass(frozen=True)
+class Device:
+    """One physical device. ``id`` is ``node/name``, e.g. ``node3/gpu5``."""
+
+    id: str
+    node: str
+    name: str
+    kind: str
+    model: str
+    memory_bytes: float
+    memory_bytes_per_s: float
+    peak_ops_per_s: dict[str, float]
+    launch_overhead_s: float
+    efficiency: EfficiencySpec | None
+    cores: int | None
+    power_w: float | None
+    price_per_hour_usd: float | None
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in ("gpu", "cpu", "accelerator")
+
+
+@dataclass(frozen=True)
+class Link:
+    """A full-duplex link between two devices. ``id`` is stable and unique in the cluster."""
+
+    id: str
+    a: str
+    b: str
+    kind: str
+    bytes_per_s: float
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A memory pool: one device's memory, or several devices joined by unified links."""
+
+    id: str
+    tier: str  # "hbm" (GPU), "dram" (CPU), "nvme", "accel"
+    devices: tuple[str, ...]
+    capacity_bytes: float
+    bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Route:
+    """The path a transfer takes between two memories."""
+
+    src: str
+    dst: str
+    links: tuple[Link, ...]
+    bottleneck_bytes_per_s: float
+    latency_s: float
+
+    def transfer_s(self, n_bytes: float) -> float:
+        """Seconds to move ``n_bytes`` alone on this route (no contention)."""
+        if not self.links or n_bytes <= 0:
+            return 0.0
+        return n_bytes / self.bottleneck_bytes_per_s + self.latency_s
+
+
+_TIER = {"gpu": "hbm", "cpu": "dram", "nvme": "nvme", "accelerator": "accel"}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A resolved cluster: devices by id, links, memory pools and the topology graph."""
+
+    name: str
+    description: str
+    nodes: tuple[str, ...]
+    devices: dict[str, Device]
+    links: tuple[Link, ...]
+    node_price_per_hour_usd: dict[str, float | None] = field(default_factory=dict)
+
+    @cached_property
+    def graph(self) -> nx.Graph:
+        """Undirected graph: devices and switches as nodes, one edge per link (``link`` attr)."""
+        g = nx.Graph()
+        for dev in self.devices.values():
+            g.add_node(dev.id, kind=dev.kind)
+        for link in self.links:
+            g.add_edge(link.a, link.b, link=link, weight=(1.0 / link.bytes_per_s if link.bytes_per_s < math.inf else 0.0))
+        return g
+
+    @cached_property
+    def memories(self) -> dict[str, Memory]:
+        """Memory pools by id. Devices joined by a ``unified`` link share one pool."""
+        unified = nx.Graph()
+        for dev in self.devices.values():
+            if dev.kind != "switch":
+                unified.add_node(dev.id)
+        for link in self.links:
+            if link.kind == "unified":
+                unified.add_edge(link.a, link.b)
+        pools: dict[str, Memory] = {}
+        for comp in nx.connected_components(unified):
+            members = sorted(comp, key=lambda d: (["gpu", "accelerator", "cpu", "nvme"].index(self.devices[d].kind), d))
+            head = self.devices[members[0]]
+            pools[head.id] = Memory(
+                id=head.id, tier=_TIER[head.kind], devices=tuple(members),
+                capacity_bytes=head.memory_bytes, bytes_per_s=head.memory_bytes_per_s,
+            )
+        return dict(sorted(pools.items()))
+
+    def memory_of(self, device_id: str) -> Memory:
+        """The pool that holds ``device_id``'s memory."""
+        for mem in self.memories.values():
+            if device_id in mem.devices:
+                return mem
+        raise KeyError(device_id)
+
+    def devices_of_kind(self, kind: str) -> list[Device]:
+        return [d for d in self.devices.values() if d.kind == kind]
+
+    def route(self, src_memory: str, dst_memory: str) -> Route:
+        """Route between two memories (device or pool ids): links and bottleneck bandwidth.
+
+        The path minimises the sum of 1/bandwidth over its links (so fast links win); the
+        bottleneck is the slowest of its links and of the two memories' own bandwidths.
+        Memories in one unified pool need no transfer: the route is empty.
+        """
+        src_pool, dst_pool = self.memory_of(src_memory), self.memory_of(dst_memory)
+        if src_pool.id == dst_pool.id:
+            return Route(src_pool.id, dst_pool.id, (), math.inf, 0.0)
+        # any member of the source pool may send, any member of the destination may receive
+        best: tuple[float, list[str]] | None = None
+        for s in src_pool.devices:
+            for d in dst_pool.devices:
+                try:
+                    cost, path = nx.single_source_dijkstra(self.graph, s, d, weight="weight")
+                except nx.NetworkXNoPath:
+                    continue
+                if best is None or (cost, len(path)) < (best[0], len(best[1])):
+                    best = (cost, path)
+        if best is None:
+            raise InputError(f"no route from {src_memory} to {dst_memory}", file=None,
+                             fix="add a link connecting them")
+        path = best[1]
+        links = tuple(self.graph.edges[u, v]["link"] for u, v in zip(path, path[1:]))
+        bottleneck = min([l.bytes_per_s for l in links] + [src_pool.bytes_per_s, dst_pool.bytes_per_s])
+        return Route(src_pool.id, dst_pool.id, links, bottleneck, sum(l.latency_s for l in links))
+
+    @property
+    def price_per_hour_usd(self) -> float | None:
+        """Cluster price per hour: node prices where given, else the sum of device prices."""
+        total, known = 0.0, False
+        for node in self.nodes:
+            price = self.node_price_per_hour_usd.get(node)
+            if price is None:
+                prices = [d.price_per_hour_usd for d in self.devices.values()
+                          if d.node == node and d.price_per_hour_usd is not None]
+                price = sum(prices) if prices else None
+            if price is not None:
+                total, known = total + price, True
+        return total if known else None
+
+    @property
+    def power_w(self) -> float | None:
+        powers = [d.power_w for d in self.devices.values() if d.power_w is not None]
+        return sum(powers) if powers else None
+
+
+def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tuple, int]) -> Hardware:
+    def fail(message: str, loc: tuple, **kw) -> InputError:
+        line = None
+        probe = loc
+        while probe and line is None:
+            line = lines.get(probe)
+            probe = probe[:-1]
+        from .errors import format_key
+        return InputError(message, file=file, key=format_key(loc), line=line, **kw)
+
+    switch_names = {s.name for s in profile.switches}
+    devices: dict[str, Device] = {}
+    links: list[Link] = []
+    node_prices: dict[str, float | None] = {}
+    node_names: list[str] = []
+    seen_links: set[frozenset] = set()
+
+    def make_device(node: str, name: str, spec: DeviceSpec) -> Device:
+        eff = spec.efficiency
+        if eff is None and spec.kind in DEFAULT_EFFICIENCY:
+            eff = EfficiencySpec(**DEFAULT_EFFICIENCY[spec.kind])
+        overhead = spec.launch_overhead_s
+        if overhead is None:
+            overhead = DEFAULT_LAUNCH_OVERHEAD_S.get(spec.kind, 0.0)
+        return Device(
+            id=f"{node}/{name}" if node else name, node=node, name=name, kind=spec.kind, model=spec.model,
+            memory_bytes=spec.memory_bytes, memory_bytes_per_s=spec.memory_bytes_per_s,
+            peak_ops_per_s=dict(spec.peak_ops_per_s), launch_overhead_s=overhead, efficiency=eff,
+            cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
+        )
+
+    for si, sw in enumerate(profile.switches):
+        if sw.kind != "switch":
+            raise fail("cluster-level entries must be switches", ("switches", si, "kind"), value=sw.kind,
+                       fix="move this device into a node, or set kind: switch")
+        for name in sw.instance_names():
+            devices[name] = make_device("", name, sw)
+
+    for ni, node in enumerate(profile.nodes):
+        for node_name in node.instance_names():
+            if node_name in node_names:
+                raise fail("duplicate node name", ("nodes", ni, "name"), value=node_name,
+                           fix="give every node a unique name")
+            node_names.append(node_name)
+            node_prices[node_name] = node.price_per_hour_usd
+            local: dict[str, tuple[int, DeviceSpec]] = {}
+            for di, dev in enumerate(node.devices):
+                for name in dev.instance_names():
+                    if name in local:
+                        raise fail("duplicate device name in node", ("nodes", ni, "devices", di, "name"),
+                                   value=name, fix="give every device in a node a unique name (count: N expands "
+                                   "`gpu` to gpu0..gpuN-1)")
+                    local[name] = (di, dev)
+                    devices[f"{node_name}/{name}"] = make_device(node_name, name, dev)
+            if not any(d.kind == "cpu" for _, d in local.values()):
+                raise fail("a node needs a cpu device (the host)", ("nodes", ni, "devices"),
+                           fix="add a device with kind: cpu, memory_bytes, memory_bytes_per_s, cores and peak_ops_per_s")
+            for name, (di, dev) in local.items():
+                for li, link in enumerate(dev.links):
+                    loc = ("nodes", ni, "devices", di, "links", li, "to")
+                    if link.to in local:
+                        target = f"{node_name}/{link.to}"
+                    elif link.to in switch_names:
+                        target = link.to
+                    else:
+                        known = sorted(set(local) | switch_names)
+                        raise fail("link to an unknown device", loc, value=link.to,
+                                   expected="one of " + ", ".join(known),
+                                   fix="name a device of the same node (after count expansion) or a cluster switch")
+                    src = f"{node_name}/{name}"
+                    if target == src:
+                        raise fail("a device cannot link to itself", loc, value=link.to, fix="link it to another device")
+                    if link.kind == "unified":
+                        other = devices[target]
+                        if other.memory_bytes != dev.memory_bytes:
+                            raise fail("devices joined by a unified link share one memory and must state the same "
+                                       "memory_bytes", loc, value=link.to,
+                                       fix=f"set memory_bytes equal on {name} and {link.to}")
+                    pair = frozenset((src, target))
+                    if pair in seen_links:
+                        raise fail("duplicate link", loc, value=link.to, fix="state each link once, on one side")
+                    seen_links.add(pair)
+                    latency = link.latency_s if link.latency_s is not None else DEFAULT_LINK_LATENCY_S[link.kind]
+                    links.append(Link(id=f"{src}->{target}", a=src, b=target, kind=link.kind,
+                                      bytes_per_s=link.effective_bytes_per_s, latency_s=latency))
+
+    hw = Hardware(name=profile.name, description=profile.description, nodes=tuple(node_names),
+                  devices=devices, links=tuple(links), node_price_per_hour_usd=node_prices)
+
+    # every device must reach its node's host; nodes must reach each other
+    g = hw.graph
+    for ni, node in enumerate(profile.nodes):
+        for node_name in node.instance_names():
+            hosts = [d.id for d in hw.devices.values() if d.node == node_name and d.kind == "cpu"]
+            for di, dev in enumerate(node.devices):
+                if dev.kind in ("cpu", "switch"):
+                    continue
+                for name in dev.instance_names():
+                    did = f"{node_name}/{name}"
+                    if not any(nx.has_path(g, did, h) for h in hosts):
+                        raise fail(f"{dev.kind} {name!r} has no link to the host cpu of its node",
+                                   ("nodes", ni, "devices", di), value=name,
+                                   fix=f"add `links: [{{kind: pcie, to: {hosts[0].split('/')[1]}, gen: 4, lanes: 16}}]` "
+                                   f"to {name}")
+    if len(node_names) > 1:
+        hosts = [d.id for d in hw.devices.values() if d.kind == "cpu"]
+        comp = nx.node_connected_component(g, hosts[0])
+        for ni, node in enumerate(profile.nodes):
+            for node_name in node.instance_names():
+                if not any(d.id in comp for d in hw.devices.values() if d.node == node_name):
+                    raise fail(f"node {node_name!r} is not connected to the rest of the cluster", ("nodes", ni),
+                               value=node_name, fix="give a device of it a nic link to a cluster switch")
+    return hw
+
+
+def bundled_profiles() -> dict[str, Path]:
+    """Bundled profile names (file stems) and their paths."""
+    return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.yaml"))}
+
+
+def load_profile(name_or_path: str | Path) -> tuple[HardwareProfile, Hardware]:
+    """Load and resolve a hardware profile from a bundled name or a YAML path.
+
+    Returns:
+        ``(profile, hardware)``: the validated document and its resolved cluster.
+
+    Raises:
+        InputError: unknown name, unreadable file, schema or topology error (one line).
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    bundled = bundled_profiles()
+    if not path.exists():
+        if text in bundled:
+            path = bundled[text]
+        elif path.suffix in (".yaml", ".yml") or "/" in text:
+            raise InputError("file not found", file=text, fix="check the path, or use a bundled profile name "
+                             "(planner profiles list)")
+        else:
+            raise InputError("unknown hardware profile", value=text,
+                             expected="a YAML file or one of: " + ", ".join(bundled),
+                             fix="run `planner profiles list`")
+    data, lines = load_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError("a hardware profile must be a YAML mapping", file=path, value=type(data).__name__,
+                         fix="start the file with `name: ...` and `nodes: [...]`")
+    try:
+        profile = HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, file=path, lines=lines) from None
+    return profile, profile.resolve(file=path, lines=lines)

@@ -1,0 +1,63 @@
+"""The performance model shared by the planner and the simulator.
+
+Legend: H = hidden size, I = expert intermediate size, n = tokens in one expert call.
+
+An expert call on device d at storage format b for n tokens costs
+
+    t = max(weight_bytes(b) / (mem_bw(d) * mem_frac(d)),
+            flops(n) / (peak(d, c) * eff(d, n))) + overhead(d)
+
+where flops(n) = 2 * n * 3 * H * I for a gated FFN (gate, up, down projections) and c is the
+format the device computes in for weights stored as b (:func:`compute_format`). A transfer
+of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
+The planner takes expectations of these; the simulator plays them out with contention.
+"""
+
+from __future__ import annotations
+
+from .formats import get_format
+from .hardware import Device
+
+__all__ = ["compute_format", "expert_call_s", "dense_call_s"]
+
+# formats a device falls back to when it has no peak for the stored format, widest last
+_FALLBACK = ("bf16", "fp16", "fp32")
+
+
+def compute_format(device: Device, storage_format: str) -> str:
+    """Format the device computes in for weights stored as ``storage_format``.
+
+    A device computes natively in a format it states a peak for (W8A8 int8 on a GPU, int4
+    on an FPGA); otherwise weights are dequantised and the call runs at bf16/fp16/fp32.
+    """
+    get_format(storage_format)  # validate the name
+    if storage_format in device.peak_ops_per_s:
+        return storage_format
+    for fmt in _FALLBACK:
+        if fmt in device.peak_ops_per_s:
+            return fmt
+    return max(device.peak_ops_per_s, key=device.peak_ops_per_s.get)
+
+
+def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float) -> float:
+    """Seconds for one expert call on ``device`` (roofline with efficiency plus overhead).
+
+    Args:
+        device: a compute device (gpu, cpu, accelerator).
+        storage_format: format the weights are stored in (``"int4"``).
+        weight_bytes: bytes of the expert's weights in that format.
+        flops: floating-point operations of the call (2 * n * 3 * H * I for a gated FFN).
+        tokens: tokens in the call (n), which sets the efficiency.
+    """
+    if not device.is_compute or device.efficiency is None:
+        raise ValueError(f"{device.id} does not compute")
+    eff = device.efficiency
+    memory_s = weight_bytes / (device.memory_bytes_per_s * eff.memory_fraction)
+    peak = device.peak_ops_per_s[compute_format(device, storage_format)]
+    compute_s = flops / (peak * eff.compute_fraction(tokens)) if flops > 0 else 0.0
+    return max(memory_s, compute_s) + device.launch_overhead_s
+
+
+def dense_call_s(device: Device, weight_bytes: float, flops: float, tokens: float, fmt: str = "bf16") -> float:
+    """Seconds for a dense (non-expert) block on ``device``: the same roofline, one call."""
+    return expert_call_s(device, fmt, weight_bytes, flops, tokens)

@@ -1,0 +1,1 @@
+"""SimPy discrete-event simulation of MoE inference under a Plan (see DESIGN.md)."""
