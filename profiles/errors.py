@@ -135,20 +135,33 @@ def from_validation_error(exc: Any, *, file: str | Path | None = None,
     fix = (fixes or {}).get(etype)
     if etype == "extra_forbidden":
         msg = "unknown key"
-        fix = fix or "remove it or check its spelling against the schema (planner profiles show --schema)"
+        fix = fix or "remove it or check its spelling against the schema (`planner profiles schema` prints it)"
     elif etype == "missing":
         msg = "required key is missing"
         fix = fix or "add it"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    elif etype in ("literal_error", "enum"):
+        expected = msg.replace("Input should be ", "")
+        msg, fix = "invalid value", fix or "use one of the listed values"
+    elif etype in _RANGE_ERRORS:
+        expected = msg.replace("Input should be ", "a value ")
+        msg, fix = "out of range", fix or "use a value in that range"
+    elif etype in ("too_short", "too_long"):
+        expected = msg.replace("List should have ", "").replace("Tuple should have ", "")
+        msg, fix = "wrong number of entries", fix or "add or remove entries"
     elif etype.endswith("_type") or etype.endswith("_parsing"):
         expected = msg.replace("Input should be ", "")
-        msg = "wrong type"
+        msg, fix = "wrong type", fix or "write a value of that type"
     value = err.get("input", InputError._UNSET) if etype != "missing" else InputError._UNSET
     if etype == "extra_forbidden":
         value = InputError._UNSET
     return InputError(msg, file=file, key=format_key(loc), value=value, expected=expected,
                       fix=fix, line=_line_for(loc, lines))
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+                 "finite_number"}
 
 
 def _line_for(loc: tuple, lines: dict[tuple, int] | None) -> int | None:

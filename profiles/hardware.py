@@ -557,7 +557,8 @@ def load_profile(name_or_path: str | Path) -> tuple[HardwareProfile, Hardware]:
                              fix="run `planner profiles list`")
     data, lines = load_yaml(path)
     if not isinstance(data, dict):
-        raise InputError("a hardware profile must be a YAML mapping", file=path, value=type(data).__name__,
+        raise InputError("the file is empty" if data is None else "a hardware profile must be a YAML mapping",
+                         file=path, value=InputError._UNSET if data is None else type(data).__name__,
                          fix="start the file with `name: ...` and `nodes: [...]`")
     try:
         profile = HardwareProfile.model_validate(data)

@@ -1,7 +1,171 @@
-"""`planner profiles`: placeholder, being written now."""
+"""`planner profiles`: list, show and validate hardware profiles."""
+
+from __future__ import annotations
+
+import json
+import math
+
 import click
+from rich.table import Table
+
+from profiles.errors import UserError
+from profiles.hardware import Hardware, HardwareProfile, bundled_profiles, load_profile
+from profiles.units import format_bandwidth, format_size, format_throughput, format_time
+
+from ..output import get_output
+from ._common import common_options
+
+__all__ = ["profiles"]
 
 
 @click.group()
 def profiles() -> None:
-    """Hardware profiles."""
+    """Hardware profiles: the bundled ones, and checks for your own YAML files.
+
+    A profile is a cluster of nodes; each node lists devices (gpu, cpu, nvme, accelerator,
+    switch) with memory, bandwidth, peak throughput per number format, and their links
+    (pcie, nvlink, nic, unified). Values take units: 24GiB, 1008GB/s, 165TFLOPS, 5us.
+    Start from a bundled one: `planner profiles show desktop-4090 --yaml > mine.yaml`.
+    """
+
+
+def summary(hw: Hardware) -> dict:
+    """The figures `list` and `show` print, as plain data."""
+    count = {k: len(hw.devices_of_kind(k)) for k in ("gpu", "cpu", "nvme", "accelerator")}
+    tiers: dict[str, float] = {}
+    for mem in hw.memories.values():
+        tiers[mem.tier] = tiers.get(mem.tier, 0.0) + mem.capacity_bytes
+    return {"name": hw.name, "description": hw.description, "nodes": len(hw.nodes), "devices": count,
+            "memory_bytes_by_tier": tiers, "price_per_hour_usd": hw.price_per_hour_usd, "power_w": hw.power_w}
+
+
+@profiles.command("list")
+@common_options
+def list_profiles() -> None:
+    """List the bundled hardware profiles."""
+    rows = [summary(load_profile(path)[1]) | {"file": str(path)} for path in bundled_profiles().values()]
+
+    def render(console):
+        table = Table(title="Bundled hardware profiles")
+        for col in ("name", "GPUs", "HBM/VRAM", "DRAM", "NVMe", "accel", "$/h", "description"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            t = r["memory_bytes_by_tier"]
+            table.add_row(
+                r["name"], str(r["devices"]["gpu"]), _size(t.get("hbm")), _size(t.get("dram")),
+                _size(t.get("nvme"), binary=False), str(r["devices"]["accelerator"] or "-"),
+                f"{r['price_per_hour_usd']:.2f}" if r["price_per_hour_usd"] is not None else "-", r["description"])
+        console.print(table)
+
+    get_output().emit(rows, render)
+
+
+@profiles.command("show")
+@click.argument("profile")
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print the profile file itself (a template for your own).")
+@common_options
+def show(profile: str, as_yaml: bool) -> None:
+    """Show a profile's devices, links, memory pools and routes.
+
+    PROFILE is a bundled name (see `planner profiles list`) or a path to a YAML file.
+    """
+    spec, hw = load_profile(profile)
+    if as_yaml:
+        path = bundled_profiles().get(profile)
+        click.echo(path.read_text() if path else open(profile, encoding="utf-8").read(), nl=False)
+        return
+    data = summary(hw) | {
+        "devices_detail": [
+            {"id": d.id, "kind": d.kind, "model": d.model, "memory_bytes": d.memory_bytes,
+             "memory_bytes_per_s": d.memory_bytes_per_s, "peak_ops_per_s": d.peak_ops_per_s,
+             "launch_overhead_s": d.launch_overhead_s if d.is_compute else None,
+             "efficiency": d.efficiency.model_dump() if d.efficiency else None}
+            for d in hw.devices.values()],
+        "links": [{"id": l.id, "kind": l.kind, "bytes_per_s": l.bytes_per_s, "latency_s": l.latency_s}
+                  for l in hw.links],
+        "memories": [{"id": m.id, "tier": m.tier, "devices": list(m.devices), "capacity_bytes": m.capacity_bytes,
+                      "bytes_per_s": m.bytes_per_s} for m in hw.memories.values()],
+        "routes": _routes(hw),
+    }
+
+    def render(console):
+        console.print(f"[bold]{hw.name}[/bold]: {hw.description}")
+        devices = Table(title="Devices")
+        for col in ("id", "kind", "model", "memory", "bandwidth", "peak (dense)", "overhead"):
+            devices.add_column(col, overflow="fold")
+        for d in hw.devices.values():
+            peaks = ", ".join(f"{k} {format_throughput(v, 'OPS' if k.startswith('int') else 'FLOPS')}"
+                              for k, v in d.peak_ops_per_s.items())
+            devices.add_row(d.id, d.kind, d.model, _size(d.memory_bytes, binary=d.kind != "nvme"),
+                            format_bandwidth(d.memory_bytes_per_s) if d.memory_bytes_per_s else "-", peaks or "-",
+                            format_time(d.launch_overhead_s) if d.is_compute else "-")
+        console.print(devices)
+        links = Table(title="Links (full duplex, per direction)")
+        for col in ("id", "kind", "bandwidth", "latency"):
+            links.add_column(col)
+        for l in hw.links:
+            links.add_row(l.id, l.kind, "shared memory" if math.isinf(l.bytes_per_s) else format_bandwidth(l.bytes_per_s),
+                          format_time(l.latency_s))
+        console.print(links)
+        routes = Table(title="Routes to each accelerator memory")
+        for col in ("from", "to", "hops", "bottleneck"):
+            routes.add_column(col)
+        for r in data["routes"]:
+            routes.add_row(r["src"], r["dst"], str(r["hops"]),
+                           "no copy (shared)" if r["bottleneck_bytes_per_s"] is None
+                           else format_bandwidth(r["bottleneck_bytes_per_s"]))
+        console.print(routes)
+        if hw.price_per_hour_usd is not None:
+            console.print(f"price: ${hw.price_per_hour_usd:.2f}/h")
+
+    get_output().emit(data, render)
+
+
+def _routes(hw: Hardware, limit: int = 12) -> list[dict]:
+    """Routes from each host/NVMe memory to the first GPU/accelerator memories (enough to read)."""
+    fast = [m for m in hw.memories.values() if m.tier in ("hbm", "accel")]
+    slow = [m for m in hw.memories.values() if m.tier in ("dram", "nvme")]
+    out = []
+    for dst in fast[:2]:
+        for src in slow[:4] + [m for m in fast[:2] if m is not dst]:
+            r = hw.route(src.id, dst.id)
+            out.append({"src": src.id, "dst": dst.id, "hops": len(r.links),
+                        "bottleneck_bytes_per_s": None if math.isinf(r.bottleneck_bytes_per_s)
+                        else r.bottleneck_bytes_per_s, "links": [l.id for l in r.links]})
+    return out[:limit]
+
+
+@profiles.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@common_options
+def validate(files: tuple[str, ...]) -> None:
+    """Check hardware profile FILES; each error names the file, line, key, value and a fix."""
+    results, failed = [], 0
+    for f in files:
+        try:
+            _, hw = load_profile(f)
+            results.append({"file": f, "ok": True, "nodes": len(hw.nodes), "devices": len(hw.devices)})
+        except UserError as exc:
+            failed += 1
+            results.append({"file": f, "ok": False, "error": str(exc)})
+
+    def render(console):
+        for r in results:
+            if r["ok"]:
+                console.print(f"ok: {r['file']} ({r['nodes']} nodes, {r['devices']} devices)", highlight=False)
+    get_output().emit(results, render)
+    for r in results:
+        if not r["ok"]:
+            click.echo(f"error: {r['error']}", err=True)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@profiles.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of a hardware profile file."""
+    click.echo(json.dumps(HardwareProfile.model_json_schema(), indent=2))
+
+
+def _size(n: float | None, binary: bool = True) -> str:
+    return format_size(n, binary=binary) if n else "-"

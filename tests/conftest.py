@@ -1,0 +1,30 @@
+"""Shared fixtures: the CLI runner and the path to ../shared/traces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRACES = REPO.parent / "shared" / "traces"
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the `planner` CLI in-process: run_cli("profiles", "list", "--json") -> Result."""
+    from planner.cli import cli
+
+    def invoke(*args: str, input: str | None = None):
+        return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=True)
+
+    return invoke
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    """../shared/traces beside the repo; tests that need it skip when it is absent."""
+    if not SHARED_TRACES.is_dir():
+        pytest.skip(f"real routing traces not found at {SHARED_TRACES} (../shared/traces beside the repo)")
+    return SHARED_TRACES
