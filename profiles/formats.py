@@ -4,9 +4,10 @@ A format's storage cost includes its group-wise quantisation metadata (scales an
 points), so ``bits_per_weight("int4") == 4 + (16 + 4) / 128``: 4-bit payload, one fp16 scale
 and one 4-bit zero point per group of 128 weights (the GPTQ/AWQ/ONNX MatMulNBits layout).
 
-GPUs and CPUs may state peak throughput for the general formats; minifloat (fp6, fp4) and
-low-bit integer/ternary compute formats are only accepted on ``accelerator`` devices
-(FPGA-like fabrics), because a GPU stores them but computes in a wider format.
+CPUs may state peak throughput for the general formats, GPUs also for fp4/mxfp4 (Blackwell
+tensor cores); fp6, int3, int2 and ternary compute formats are only accepted on
+``accelerator`` devices (FPGA-like fabrics): elsewhere they are stored, then computed in a
+wider format.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-__all__ = ["NumberFormat", "FORMATS", "GENERAL_COMPUTE_FORMATS", "ACCELERATOR_COMPUTE_FORMATS",
+__all__ = ["NumberFormat", "FORMATS", "GENERAL_COMPUTE_FORMATS", "GPU_COMPUTE_FORMATS", "ACCELERATOR_COMPUTE_FORMATS",
            "get_format", "bits_per_weight"]
 
 
@@ -75,7 +76,9 @@ FORMATS: dict[str, NumberFormat] = {
 }
 
 GENERAL_COMPUTE_FORMATS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
-ACCELERATOR_COMPUTE_FORMATS = GENERAL_COMPUTE_FORMATS + ("int3", "int2", "mxfp4", "fp6", "fp4", "ternary")
+# Blackwell-class tensor cores compute fp4/mxfp4 natively; CPUs do not
+GPU_COMPUTE_FORMATS = GENERAL_COMPUTE_FORMATS + ("mxfp4", "fp4")
+ACCELERATOR_COMPUTE_FORMATS = GPU_COMPUTE_FORMATS + ("int3", "int2", "fp6", "ternary")
 
 
 def get_format(name: str) -> NumberFormat:

@@ -27,7 +27,7 @@ import networkx as nx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, from_validation_error
-from .formats import ACCELERATOR_COMPUTE_FORMATS, GENERAL_COMPUTE_FORMATS
+from .formats import ACCELERATOR_COMPUTE_FORMATS, GENERAL_COMPUTE_FORMATS, GPU_COMPUTE_FORMATS
 from .units import parse_bandwidth, parse_power, parse_size, parse_throughput, parse_time
 from .yamlio import load_yaml
 
@@ -197,7 +197,8 @@ class DeviceSpec(BaseModel):
         if not compute and (self.peak_ops_per_s or self.efficiency or self.launch_overhead_s is not None):
             raise InputError(f"a {self.kind} device does not compute", key="peak_ops_per_s",
                              fix="remove peak_ops_per_s, efficiency and launch_overhead_s")
-        allowed = ACCELERATOR_COMPUTE_FORMATS if self.kind == "accelerator" else GENERAL_COMPUTE_FORMATS
+        allowed = {"accelerator": ACCELERATOR_COMPUTE_FORMATS, "gpu": GPU_COMPUTE_FORMATS}.get(
+            self.kind, GENERAL_COMPUTE_FORMATS)
         for fmt in self.peak_ops_per_s:
             if fmt not in allowed:
                 extra = (" (minifloat, low-bit and ternary formats are for accelerators)"
