@@ -6,7 +6,8 @@ import click
 
 from .models import models
 from .profiles import profiles
+from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [profiles, models]
+COMMANDS: list[click.Command] = [profiles, models, trace]

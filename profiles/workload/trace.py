@@ -84,7 +84,7 @@ class Trace:
 
     def seq_starts(self) -> np.ndarray:
         """``[S]`` index of each sequence's first token."""
-        return np.concatenate([[0], np.cumsum(self.seq_lens)[:-1]]).astype(np.int64)
+        return (np.cumsum(self.seq_lens) - self.seq_lens).astype(np.int64)  # [] for no sequences
 
     def subset_sequences(self, indices: list[int] | np.ndarray) -> "Trace":
         """A new trace made of the sequences at ``indices`` (in the given order)."""
