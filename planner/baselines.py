@@ -1,0 +1,196 @@
+"""Heuristic baselines: what people run today, each as one option per layer.
+
+Every baseline returns :class:`Baseline` specs that the ILP's cost model scores the same
+way as its own plans (its options are added to the ILP's option tables, so the ILP can
+never do worse). Each uses one number format for the whole model, as these tools do, and
+tries every format the quality budget allows, keeping the fastest that fits.
+
+Registry: ``BASELINES[name] = function(setup, quality_budget) -> list[Baseline] | None``:
+its candidate settings (one per format or cache size; the planner scores them and keeps
+the fastest that fits), or ``None`` when it cannot run on this hardware. Adding one is one
+function and one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .costs import MODES, Setup, capacity, fixed_costs
+
+__all__ = ["Baseline", "BASELINES", "register"]
+
+FETCH, LOCAL, HYBRID, STREAM = (MODES.index(m) for m in ("fetch", "local", "hybrid", "stream"))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    specs: np.ndarray  # [L, 6] one option per layer (costs.SPEC_COLUMNS)
+    dense_format: str
+    prefetch: bool = False
+    note: str = ""
+
+
+BASELINES: dict[str, Callable[[Setup, float | None], list[Baseline] | None]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        if name in BASELINES:
+            raise ValueError(f"baseline {name!r} is already registered")
+        BASELINES[name] = fn
+        return fn
+    return deco
+
+
+def _formats(s: Setup, quality_budget: float | None) -> list[str]:
+    ok = [fm for fm in s.formats if quality_budget is None or s.quant_error[fm] <= quality_budget + 1e-12]
+    return sorted(ok, key=s.expert_bytes, reverse=True)
+
+
+def _device_budget(s: Setup, fm: str) -> float:
+    fc = fixed_costs(s, fm)
+    mem = s.hardware.memory_of(s.compute.id).id
+    return capacity(s, mem) - fc.dense_bytes - fc.kv_bytes - fc.workspace_bytes
+
+
+def _homes_for(s: Setup, bytes_needed: list[float]) -> list[int] | None:
+    """First-fit of per-layer offloaded bytes into the homes in order (DRAM, then NVMe)."""
+    free = [capacity(s, h) for h in s.homes]
+    out = []
+    for need in bytes_needed:
+        for hi in range(len(free)):
+            if need <= free[hi]:
+                free[hi] -= need
+                out.append(hi)
+                break
+        else:
+            return None
+    return out
+
+
+def _best(s: Setup, quality_budget: float | None, build: Callable[[str], Baseline | None]) -> list[Baseline] | None:
+    """One candidate per format the quality budget allows (the planner keeps the fastest)."""
+    candidates = [b for fm in _formats(s, quality_budget) if (b := build(fm)) is not None]
+    return candidates or None
+
+
+def _fi(s: Setup, fm: str) -> int:
+    return s.formats.index(fm)
+
+
+@register("all-gpu")
+def all_gpu(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
+    """Everything on the GPU, when it fits."""
+    L, E = s.stats.num_layers, s.stats.num_experts
+
+    def build(fm: str) -> Baseline | None:
+        if L * E * s.expert_bytes(fm) > _device_budget(s, fm):
+            return None
+        return Baseline("all-gpu", np.array([(E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * L), fm, note=fm)
+    return _best(s, quality_budget, build)
+
+
+@register("accelerate")
+def accelerate(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
+    """HF accelerate's sequential fill: whole layers on the GPU in order while they fit, the rest
+    offloaded (DRAM, then disk) and streamed to the GPU at every forward."""
+    L, E = s.stats.num_layers, s.stats.num_experts
+    if s.unified:
+        return None
+
+    def build(fm: str) -> Baseline | None:
+        free = _device_budget(s, fm)
+        layer_bytes = E * s.expert_bytes(fm)
+        on_gpu = int(max(0, min(L, free // layer_bytes)))
+        homes = _homes_for(s, [layer_bytes] * (L - on_gpu))
+        if homes is None or free < 0:
+            return None
+        specs = [(E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu
+        specs += [(0, _fi(s, fm), 0, _fi(s, fm), h, STREAM) for h in homes]
+        return Baseline("accelerate", np.array(specs), fm, note=f"{fm}, {on_gpu}/{L} MoE layers on the GPU")
+    return _best(s, quality_budget, build)
+
+
+@register("llama.cpp")
+def llama_cpp(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
+    """llama.cpp ``--n-cpu-moe N``: the experts of the first N MoE layers run on the CPU from
+    host memory, the rest on the GPU; the smallest N that fits (the fastest)."""
+    L, E = s.stats.num_layers, s.stats.num_experts
+    if s.unified or not s.homes:
+        return None
+
+    def build(fm: str) -> Baseline | None:
+        free = _device_budget(s, fm)
+        layer_bytes = E * s.expert_bytes(fm)
+        if free < 0:
+            return None
+        on_gpu = int(max(0, min(L, free // layer_bytes)))
+        n_cpu = L - on_gpu
+        if n_cpu * layer_bytes > capacity(s, s.homes[0]):
+            return None  # llama.cpp's CPU experts must sit in RAM to run at speed
+        specs = [(0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * n_cpu + [(E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu
+        return Baseline("llama.cpp", np.array(specs), fm, note=f"{fm}, --n-cpu-moe {n_cpu}")
+    return _best(s, quality_budget, build)
+
+
+@register("lru-offload")
+def lru_offload(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
+    """Mixtral-offloading: every expert offloaded, an LRU cache of k slots per layer on the GPU,
+    speculative next-layer prefetch; every cache size that fits is tried."""
+    L, E = s.stats.num_layers, s.stats.num_experts
+    if s.unified:
+        return None
+    out = []
+    for fm in _formats(s, quality_budget):
+        free = _device_budget(s, fm)
+        homes = _homes_for(s, [E * s.expert_bytes(fm)] * L)
+        if homes is None:
+            continue
+        for k in s.cache_sizes():
+            if 0 < k < E and L * k * s.expert_bytes(fm) <= free:
+                specs = [(0, _fi(s, fm), k, _fi(s, fm), h, FETCH) for h in homes]
+                out.append(Baseline("lru-offload", np.array(specs), fm, prefetch=True, note=f"{fm}, {k} slots/layer"))
+    return out or None
+
+
+@register("cpu-experts")
+def cpu_experts(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
+    """kTransformers / Fiddler style: attention and dense weights on the GPU, every routed expert
+    computed by the CPU from host memory."""
+    L, E = s.stats.num_layers, s.stats.num_experts
+    if s.unified or not s.homes:
+        return None
+
+    def build(fm: str) -> Baseline | None:
+        if _device_budget(s, fm) < 0 or L * E * s.expert_bytes(fm) > capacity(s, s.homes[0]):
+            return None
+        return Baseline("cpu-experts", np.array([(0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * L), fm, note=fm)
+    return _best(s, quality_budget, build)
+
+
+@register("popularity")
+def popularity(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
+    """Fiddler's static placement: the most popular experts of the whole model on the GPU while
+    they fit, every other expert computed by the CPU."""
+    L, E = s.stats.num_layers, s.stats.num_experts
+    if s.unified or not s.homes:
+        return None
+    freq = np.take_along_axis(s.stats.frequency, s.stats.order, axis=1)  # [L, E] descending per layer
+
+    def build(fm: str) -> Baseline | None:
+        free = _device_budget(s, fm)
+        if free < 0:
+            return None
+        slots = int(min(L * E, free // s.expert_bytes(fm)))
+        # the global top `slots` experts: per layer, a prefix of its frequency order
+        top = np.argsort(-freq.ravel(), kind="stable")[:slots]
+        p = np.bincount(top // E, minlength=L)
+        if ((E - p) * s.expert_bytes(fm)).sum() > capacity(s, s.homes[0]):
+            return None
+        specs = [(int(p[l]), _fi(s, fm), 0, _fi(s, fm), 0, LOCAL if p[l] < E else FETCH) for l in range(L)]
+        return Baseline("popularity", np.array(specs), fm, note=f"{fm}, {slots} experts on the GPU")
+    return _best(s, quality_budget, build)

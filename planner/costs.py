@@ -1,0 +1,415 @@
+"""Expected per-step costs of every per-layer option: the numbers the ILP and the baselines share.
+
+Legend: L = MoE layers, E = routed experts per layer, P = pinned-count grid points,
+C = cache sizes 0..E, B = batch (tokens per decode step), b = storage format.
+
+A per-layer **option** is a tuple ``(p, b_res, c, b_off, home, mode)``: the ``p`` most
+frequent experts of the layer are resident on the compute device at format ``b_res``; the
+other ``E - p`` live in ``home`` (host DRAM or NVMe) at ``b_off`` and run by ``mode``:
+
+- ``fetch``: on a miss in the layer's ``c``-slot cache the weights cross the link, then run on
+  the compute device;
+- ``local``: computed by the host CPU where they live (activations cross the link instead;
+  ``c = 0``);
+- ``hybrid``: a cache hit runs on the compute device, a miss runs on the CPU while the
+  weights are fetched in the background for next time;
+- ``stream``: every offloaded expert of the layer crosses the link each step, used or not
+  (HF accelerate's CPU offload moves a whole module's weights per forward; ``c = 0``).
+
+For one decode step with B tokens, expert e of layer l is active with probability
+``a_e = 1 - (1 - f_e)^B`` (``f_e``: activations per token, ``sum_e f_e = K``) and then serves
+``n_e = B f_e / a_e`` tokens. With a hit rate ``h(p, c)`` of the unpinned accesses (the
+workload's LRU curve with the top-p experts pinned), an option costs per step
+
+    G = sum_{e<p} a_e t_dev(b_res, n_e) + sum_{e>=p} a_e [fetch: t_dev(b_off, n_e) | hybrid: h t_dev]
+    U = sum_{e>=p} a_e [local: t_cpu(b_off, n_e) + 2 x_act(n_e) | hybrid: (1 - h)(t_cpu + 2 x_act)]
+    F = sum_{e>=p} a_e (1 - h) x(bytes(b_off))          (fetch and hybrid; c = 0 for local)
+    F = (E - p) x(bytes(b_off)), G as fetch              (stream)
+
+where G is compute-device busy time, U host-CPU busy time, F link time of expert fetches,
+t_dev/t_cpu come from :func:`profiles.perf.expert_call_s` and x from the route's bottleneck.
+Memory: ``p bytes(b_res) + c bytes(b_off)`` on the device, ``(E - p) bytes(b_off)`` at home.
+Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from profiles.errors import InputError
+from profiles.hardware import Device, Hardware
+from profiles.models import ModelSpec
+from profiles.perf import expert_call_s
+from profiles.workload.hitrate import hit_rate_curves
+from profiles.workload.trace import Trace
+
+__all__ = ["PlanningStats", "planning_stats", "Setup", "OptionTable", "layer_options", "QUANT_ERROR",
+           "DEFAULT_FORMATS", "MODES"]
+
+MODES = ("fetch", "local", "hybrid", "stream")
+DEFAULT_FORMATS = ("bf16", "int8", "int4")
+
+# Relative output error of an expert stored in each format (normalised RMS error of the
+# FFN output under group-wise round-to-nearest, order of magnitude from the GPTQ/AWQ and
+# MC-MoE measurements). Replaceable: `planner optimize --quant-error FILE`.
+QUANT_ERROR = {"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "fp8": 0.004, "int8": 0.006, "fp6": 0.012,
+               "int4": 0.04, "mxfp4": 0.045, "fp4": 0.05, "int3": 0.11, "int2": 0.30, "ternary": 0.45}
+
+
+@dataclass(frozen=True, eq=False)
+class PlanningStats:
+    """What the planner needs from a workload, per MoE layer.
+
+    Attributes:
+        frequency: ``[L, E]`` activations per token (each row sums to the real top-k).
+        importance: ``[L, E]`` frequency x mean gate weight (the quality weight).
+        pinned_grid: ``[P]`` pinned counts p at which hit curves were measured.
+        hit: ``[L, P, E + 1]`` LRU hit rate of the accesses to experts outside the top-p, with
+            c dynamic slots (token-level, requests back to back).
+        predictability: ``[L]`` recall of predicting layer l's experts from layer l-1's (0 for l = 0).
+        order: ``[L, E]`` experts of each layer by descending frequency (ties: lower id first).
+        source: where the statistics came from.
+    """
+
+    frequency: np.ndarray
+    importance: np.ndarray
+    pinned_grid: np.ndarray
+    hit: np.ndarray
+    predictability: np.ndarray
+    order: np.ndarray
+    source: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.frequency.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.frequency.shape[1])
+
+    def hit_rate(self, layer: int, pinned: int, slots: int) -> float:
+        """h(p, c): linear interpolation over the measured p grid (exact at grid points)."""
+        c = min(max(int(slots), 0), self.num_experts)
+        grid = self.pinned_grid
+        return float(np.interp(pinned, grid, self.hit[layer, :, c]))
+
+
+def _pinned_grid(E: int, points: int = 9) -> np.ndarray:
+    grid = np.unique(np.round(np.linspace(0, E, points)).astype(int))
+    return grid
+
+
+def planning_stats(trace: Trace, *, pinned_points: int = 9, max_tokens: int = 4000) -> PlanningStats:
+    """Statistics of ``trace`` for planning (see :class:`PlanningStats`).
+
+    The hit curves need one LRU pass per pinned-grid point; long traces are cut to their
+    first ``max_tokens`` tokens for that pass (frequency uses the whole trace).
+    """
+    ids = trace.expert_ids.astype(np.int64)  # [T, L, K]
+    T, L, K = ids.shape
+    E = trace.num_experts
+    layer = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
+    counts = np.bincount((layer * E + ids).ravel(), minlength=L * E).reshape(L, E).astype(float)
+    frequency = counts / max(T, 1)  # [L, E]
+    if trace.gate_weights is not None:
+        gsum = np.bincount((layer * E + ids).ravel(), weights=trace.gate_weights.astype(float).ravel(),
+                           minlength=L * E).reshape(L, E)
+        importance = gsum / max(T, 1)  # = frequency x mean gate weight
+    else:
+        importance = frequency / K
+    order = np.argsort(-frequency, axis=1, kind="stable")  # [L, E]
+    grid = _pinned_grid(E, pinned_points)
+    short = trace if T <= max_tokens else _head(trace, max_tokens)
+    hit = np.zeros((L, len(grid), E + 1))
+    for i, p in enumerate(grid):
+        pinned = [order[l, :p].tolist() for l in range(L)]
+        hit[:, i, :] = hit_rate_curves(short, ("lru",), pinned=pinned).curve("lru")
+    predictability = np.zeros(L)
+    if L > 1:
+        predictability[1:] = _next_layer_recall(ids, E)
+    return PlanningStats(frequency=frequency, importance=importance, pinned_grid=grid, hit=hit,
+                         predictability=predictability, order=order, source=trace.source)
+
+
+def _head(trace: Trace, max_tokens: int) -> Trace:
+    """The first whole sequences of ``trace`` holding at most ``max_tokens`` tokens (at least one)."""
+    n = int(np.searchsorted(np.cumsum(trace.seq_lens), max_tokens, side="right"))
+    return trace.subset_sequences(list(range(max(n, 1))))
+
+
+def _next_layer_recall(ids: np.ndarray, E: int) -> np.ndarray:
+    """``[L-1]`` recall of predicting layer l+1's experts as the top-K successors (by
+    transition counts from the first half of the tokens) of layer l's experts, on the second half."""
+    T, L, K = ids.shape
+    half = max(T // 2, 1)
+    out = np.zeros(L - 1)
+    for l in range(L - 1):
+        a, b = ids[:half, l], ids[:half, l + 1]
+        trans = np.zeros((E, E))
+        np.add.at(trans, (np.repeat(a, K, axis=1).ravel(), np.tile(b, (1, K)).ravel()), 1.0)
+        ta, tb = ids[half:, l], ids[half:, l + 1]
+        if len(ta) == 0:
+            continue
+        scores = trans[ta].sum(axis=1)  # [T2, E]
+        pred = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+        hits = (pred[:, :, None] == tb[:, None, :]).any(axis=1).sum()
+        out[l] = hits / tb.size
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class OptionTable:
+    """All options of one layer as columns (one row per option)."""
+
+    p: np.ndarray  # [N] resident experts (top-p by frequency)
+    b_res: np.ndarray  # [N] index into Setup.formats
+    c: np.ndarray  # [N] cache slots
+    b_off: np.ndarray  # [N]
+    home: np.ndarray  # [N] index into Setup.homes
+    mode: np.ndarray  # [N] index into MODES
+    G: np.ndarray  # [N] compute-device busy seconds per step
+    U: np.ndarray  # [N] host CPU busy seconds per step
+    F: np.ndarray  # [N] link seconds of expert fetches per step
+    dev_bytes: np.ndarray  # [N] bytes on the compute device (resident + cache)
+    home_bytes: np.ndarray  # [N] bytes in the home memory
+    error: np.ndarray  # [N] importance-weighted quantisation error
+
+    def __len__(self) -> int:
+        return int(self.p.shape[0])
+
+    def take(self, rows: np.ndarray) -> "OptionTable":
+        return OptionTable(**{k: getattr(self, k)[rows] for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True, eq=False)
+class Setup:
+    """Resolved inputs of one planning problem."""
+
+    hardware: Hardware
+    model: ModelSpec
+    stats: PlanningStats
+    batch_size: int
+    context_tokens: int
+    formats: tuple[str, ...]
+    compute: Device  # the device that runs attention and resident experts
+    host: Device  # the CPU that holds host memory
+    homes: tuple[str, ...]  # memory pool ids where offloaded experts may live (DRAM first)
+    quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+    critical: tuple[tuple[int, ...], ...] = ()  # per layer: experts that stay at full precision
+    cache_grid: tuple[int, ...] | None = None
+    device_reserve: tuple[float, float] = (0.05, 512 * 2**20)  # (fraction, bytes) kept free on the device
+    host_reserve: tuple[float, float] = (0.10, 4 * 2**30)  # (fraction, bytes) kept free in host DRAM
+
+    @property
+    def unified(self) -> bool:
+        """Compute device and host share one memory: nothing is ever copied."""
+        return self.hardware.memory_of(self.compute.id).id == self.hardware.memory_of(self.host.id).id
+
+    def expert_bytes(self, fmt: str) -> float:
+        return float(self.model.expert_bytes(fmt))
+
+    def transfer_s(self, home: str, n_bytes: float) -> float:
+        return self.hardware.route(home, self.compute.id).transfer_s(n_bytes)
+
+    def activation_s(self, tokens: float) -> float:
+        """Link seconds to move ``tokens`` hidden states (bf16) one way between host and device."""
+        return self.hardware.route(self.host.id, self.compute.id).transfer_s(tokens * self.model.hidden_size * 2)
+
+    def call_s(self, device: Device, fmt: str, tokens: np.ndarray) -> np.ndarray:
+        """``[...]`` seconds of one expert call per token count (vectorised over tokens)."""
+        wb = self.expert_bytes(fmt)
+        flops_per_token = self.model.expert_flops_per_token
+        return np.array([expert_call_s(device, fmt, wb, flops_per_token * n, n) for n in np.ravel(tokens)]
+                        ).reshape(np.shape(tokens))
+
+    def cache_sizes(self) -> list[int]:
+        if self.cache_grid is not None:
+            return sorted(set(int(c) for c in self.cache_grid))
+        E, K = self.model.num_experts, self.model.top_k
+        grid = {0, K, 2 * K, 4 * K, E // 8, E // 4, E // 2}
+        return sorted(c for c in grid if 0 <= c <= E)
+
+
+SPEC_COLUMNS = ("p", "b_res", "c", "b_off", "home", "mode")
+
+
+def option_specs(s: Setup, layer: int) -> np.ndarray:
+    """``[N, 6]`` the grid of options the ILP chooses from (columns: SPEC_COLUMNS).
+
+    p runs over the workload's pinned grid and E; c over :meth:`Setup.cache_sizes`; the
+    offloaded format is never wider than the resident one (the cold experts are offloaded);
+    ``local`` and ``hybrid`` compute on the CPU that holds the first home (host DRAM).
+    """
+    E = s.stats.num_experts
+    rows = []
+    full = _full_format(s)
+    crit = _critical_by_rank(s, layer)
+    homes = range(len(s.homes)) if not s.unified else ()
+    for p in sorted(set(int(p) for p in s.stats.pinned_grid) | {E}):
+        for bi, br in enumerate(s.formats):
+            if crit[:p].any() and br != full:
+                continue  # a resident critical expert stays at full precision
+            if p == E:
+                rows.append((p, bi, 0, bi, 0, MODES.index("fetch")))
+                continue
+            for bo_i, bo in enumerate(s.formats):
+                if s.expert_bytes(bo) > s.expert_bytes(br) or (p == 0 and bo != br):
+                    continue  # cold experts never wider than hot ones; p = 0: one spelling
+                if crit[p:].any() and bo != full:
+                    continue
+                for hi in homes:
+                    for c in s.cache_sizes():
+                        if c > E - p:
+                            continue
+                        rows.append((p, bi, c, bo_i, hi, MODES.index("fetch")))
+                        if hi == 0:
+                            rows.append((p, bi, c, bo_i, hi, MODES.index("hybrid" if c else "local")))
+                    rows.append((p, bi, 0, bo_i, hi, MODES.index("stream")))
+    if not rows:
+        raise InputError("no way to place this layer's experts", key=f"layer {layer}",
+                         fix="add host memory, or use formats the devices support")
+    return np.array(rows, dtype=np.int64)
+
+
+def _full_format(s: Setup) -> str:
+    return min(s.formats, key=lambda fm: s.quant_error.get(fm, 0.0))
+
+
+def _critical_by_rank(s: Setup, layer: int) -> np.ndarray:
+    """``[E]`` whether the expert at each frequency rank is critical (full precision)."""
+    E = s.stats.num_experts
+    crit = np.zeros(E, bool)
+    if s.critical and s.critical[layer]:
+        rank = np.empty(E, int)
+        rank[s.stats.order[layer]] = np.arange(E)
+        crit[rank[list(s.critical[layer])]] = True
+    return crit
+
+
+def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
+    """Costs of the options ``specs`` (``[N, 6]``, SPEC_COLUMNS) of ``layer``: see the module docstring."""
+    st = s.stats
+    E, B = st.num_experts, s.batch_size
+    f = st.frequency[layer][st.order[layer]]  # [E] by descending frequency
+    w = st.importance[layer][st.order[layer]]  # [E]
+    act = 1.0 - (1.0 - np.clip(f, 0.0, 1.0)) ** B  # [E] P(active in a step)
+    tokens = np.where(act > 0, B * f / np.maximum(act, 1e-300), 1.0)  # [E] tokens per call
+
+    def cum(v: np.ndarray) -> np.ndarray:  # [E+1] prefix sums over experts by rank
+        return np.concatenate([[0.0], np.cumsum(v)])
+
+    act_c = cum(act)
+    actx_c = cum(act * 2 * np.array([s.activation_s(n) for n in tokens]))  # activations both ways
+    dev_c = {fm: cum(act * s.call_s(s.compute, fm, tokens)) for fm in s.formats}
+    cpu_c = {fm: cum(act * s.call_s(s.host, fm, tokens)) for fm in s.formats}
+    err_c = {fm: cum(w * s.quant_error[fm]) for fm in s.formats}
+    xfer = {(hi, fm): s.transfer_s(home, s.expert_bytes(fm)) for hi, home in enumerate(s.homes) for fm in s.formats}
+
+    out = np.zeros((len(specs), 6))  # G, U, F, dev_bytes, home_bytes, error
+    for i, (p, bi, c, bo_i, hi, mode) in enumerate(specs):
+        br, bo = s.formats[bi], s.formats[bo_i]
+        n_off = E - p
+        res_G = dev_c[br][p]
+        err = err_c[br][p] + err_c[bo][E] - err_c[bo][p]
+        dev_bytes = p * s.expert_bytes(br) + c * s.expert_bytes(bo)
+        if n_off == 0:
+            out[i] = (res_G, 0.0, 0.0, dev_bytes, 0.0, err)
+            continue
+        off_G = dev_c[bo][E] - dev_c[bo][p]
+        off_U = cpu_c[bo][E] - cpu_c[bo][p] + actx_c[E] - actx_c[p]
+        x = xfer[(hi, bo)]
+        miss = (act_c[E] - act_c[p]) * (1 - st.hit_rate(layer, p, c))  # expected fetches per step
+        h = st.hit_rate(layer, p, c)
+        name = MODES[mode]
+        if name == "fetch":  # every miss waits for its weights
+            G, U, F = res_G + off_G, 0.0, miss * x
+        elif name == "local":  # the CPU computes where the weights live
+            G, U, F = res_G, off_U, 0.0
+        elif name == "hybrid":  # hits on the device, misses on the CPU, fetched in the background
+            G, U, F = res_G + h * off_G, (1 - h) * off_U, miss * x
+        else:  # stream: every offloaded expert of the layer crosses the link each step
+            G, U, F = res_G + off_G, 0.0, n_off * x
+        out[i] = (G, U, F, dev_bytes, n_off * s.expert_bytes(bo), err)
+    return OptionTable(p=specs[:, 0].copy(), b_res=specs[:, 1].copy(), c=specs[:, 2].copy(),
+                       b_off=specs[:, 3].copy(), home=specs[:, 4].copy(), mode=specs[:, 5].copy(),
+                       G=out[:, 0], U=out[:, 1], F=out[:, 2], dev_bytes=out[:, 3], home_bytes=out[:, 4],
+                       error=out[:, 5])
+
+
+def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> OptionTable:
+    """The option grid of ``layer`` plus any ``extra`` specs (baselines), with their costs."""
+    specs = option_specs(s, layer)
+    if extra is not None and len(extra):
+        specs = np.unique(np.concatenate([specs, np.asarray(extra, dtype=np.int64).reshape(-1, 6)]), axis=0)
+    return option_costs(s, layer, specs)
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """Costs that no expert decision changes, for one dense-weight format."""
+
+    dense_format: str
+    dense_s: float  # compute-device seconds per step: attention/dense weights, shared experts, KV reads
+    dense_bytes: float  # dense weights (shared experts included) on the compute device
+    kv_bytes: float  # KV cache for context x batch
+    workspace_bytes: float  # activations, allocator slack and runtime context
+    error: float  # quality error charged to the dense weights
+
+
+def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
+    """Dense (non-expert) work of one decode step at ``dense_format``."""
+    m, B = s.model, s.batch_size
+    dense_bytes = float(m.dense_bytes(dense_format))
+    dense_flops = 2.0 * B * m.dense_params  # every dense weight is used once per token
+    dense_s = expert_call_s(s.compute, dense_format, dense_bytes, dense_flops, B)
+    kv_bytes = float(m.kv_cache_bytes(s.context_tokens, batch_size=B))
+    # each step reads the whole KV cache once (attention over the context)
+    kv_read_s = kv_bytes / (s.compute.memory_bytes_per_s * s.compute.efficiency.memory_fraction)
+    # one launch per hidden layer for attention and one for the dense/shared MLP
+    launches_s = 2 * m.num_hidden_layers * s.compute.launch_overhead_s
+    workspace = B * (m.hidden_size * 4 + m.expert_intermediate_size * 2) * 2 * 8.0  # bf16 activations, margin 8x
+    return FixedCosts(dense_format=dense_format, dense_s=dense_s + kv_read_s + launches_s, dense_bytes=dense_bytes,
+                      kv_bytes=kv_bytes, workspace_bytes=workspace, error=s.quant_error[dense_format])
+
+
+def capacity(s: Setup, memory_id: str) -> float:
+    """Usable bytes of a memory pool after the runtime reserve."""
+    mem = s.hardware.memories[memory_id]
+    if memory_id == s.hardware.memory_of(s.compute.id).id:
+        frac, fixed = s.device_reserve  # CUDA context, cuBLAS workspace, allocator slack
+    elif mem.tier == "dram":
+        frac, fixed = s.host_reserve  # the OS and the serving process
+    else:
+        frac, fixed = 0.0, 0.0
+    return max(mem.capacity_bytes * (1 - frac) - fixed, 0.0)
+
+
+def option_time(t: OptionTable, r: float, prefetch: bool) -> np.ndarray:
+    """``[N]`` seconds each option of a layer lasts in one decode step.
+
+    A layer lasts as long as its busiest resource (FlexGen's max()):
+
+        tau = max(G + (1 - pi r) S,  U,  (1 - pi r) F + pi F)
+
+    G: compute-device busy time, S: link time the device waits for (demand fetches),
+    U: host-CPU busy time, F: link time of this layer's expert fetches, r: next-layer
+    predictability, pi = 1 with prefetch. With prefetch, the predicted share r of the misses
+    is fetched while the previous layer computes, so the device no longer waits for it, but
+    the link carries the whole predicted set (right and wrong guesses, F) on top of the
+    remaining demand misses ((1 - r) F). That traffic is charged to the layer it serves.
+    """
+    pi_r = r if prefetch else 0.0
+    stall = np.where(t.mode == 0, t.F, 0.0)
+    link = (1 - pi_r) * t.F + (t.F if prefetch else 0.0)
+    return np.maximum.reduce([t.G + (1 - pi_r) * stall, t.U, link])
+
+
+def step_time(s: Setup, tables: Sequence[OptionTable], choice: Sequence[int], fixed: FixedCosts,
+              prefetch: bool) -> tuple[float, np.ndarray]:
+    """Seconds of one decode step for one option per layer, and ``[L]`` per-layer times."""
+    r = s.stats.predictability
+    tau = np.array([option_time(t, float(r[l]), prefetch)[w] for l, (t, w) in enumerate(zip(tables, choice))])
+    return float(tau.sum() + fixed.dense_s), tau

@@ -1,0 +1,294 @@
+"""`planner optimize` as a library call: inputs in, a Plan (and the baselines' Plans) out.
+
+    result = optimize(OptimizeRequest(hardware="desktop-4090", model="mixtral-8x7b"))
+    result.plan.save("plan.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from profiles.errors import InfeasibleError, InputError
+from profiles.formats import get_format
+from profiles.hardware import Hardware, load_profile
+from profiles.models import ModelSpec, load_model
+from profiles.workload.trace import Trace
+
+from . import __version__
+from .baselines import BASELINES, Baseline
+from .costs import (DEFAULT_FORMATS, MODES, QUANT_ERROR, PlanningStats, Setup, capacity, fixed_costs,
+                    option_costs, planning_stats, step_time)
+from .ilp import Problem, SolveResult, _feasible, build_problem, solve
+from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
+
+__all__ = ["OptimizeRequest", "OptimizeResult", "optimize", "make_setup", "DEFAULT_HARDWARE", "DEFAULT_MODEL"]
+
+DEFAULT_HARDWARE = "desktop-4090"
+DEFAULT_MODEL = "mixtral-8x7b"
+
+
+@dataclass(frozen=True)
+class OptimizeRequest:
+    """Everything `planner optimize` takes. Defaults plan Mixtral-8x7B on the 4090 desktop."""
+
+    hardware: str = DEFAULT_HARDWARE
+    model: str = DEFAULT_MODEL
+    trace: Trace | None = None  # None: the model's default workload
+    objective: str = "latency"  # latency | throughput | cost
+    batch_size: int = 1
+    context_tokens: int = 4096
+    prompt_tokens: int = 512
+    quality_budget: float | None = None  # None: the error of uniform int4
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    solver: str = "highs"
+    time_limit_s: float = 30.0
+    gap: float = 0.001
+    tpot_slo_s: float = 0.2  # cost objective: the slowest acceptable time per output token
+    critical: tuple[tuple[int, ...], ...] = ()  # per MoE layer: experts kept at full precision
+    quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizeResult:
+    plan: Plan
+    baselines: dict[str, Plan]  # name -> the baseline's best feasible plan
+    setup: Setup
+    timings_s: dict[str, float]
+
+
+def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_size: int, context_tokens: int,
+               formats: tuple[str, ...], critical: tuple[tuple[int, ...], ...] = (),
+               quant_error: dict[str, float] | None = None) -> Setup:
+    """Pick the compute device (first GPU, else first accelerator, else the CPU), the host CPU of
+    its node and the homes for offloaded experts (host DRAM, then the node's first NVMe)."""
+    gpus = hw.devices_of_kind("gpu") or hw.devices_of_kind("accelerator")
+    cpus = hw.devices_of_kind("cpu")
+    compute = gpus[0] if gpus else cpus[0]
+    host = next(c for c in cpus if c.node == compute.node)
+    homes = [hw.memory_of(host.id).id]
+    homes += [m.id for m in hw.memories.values() if m.tier == "nvme" and m.devices[0].split("/")[0] == compute.node][:1]
+    if compute.kind == "cpu":
+        homes = [m for m in homes if m != hw.memory_of(compute.id).id]
+    for fm in formats:
+        get_format(fm)
+        if compute.kind == "accelerator" and fm not in compute.peak_ops_per_s:
+            raise InputError(f"the accelerator {compute.id} cannot compute {fm}", key="--formats", value=fm,
+                             expected=", ".join(compute.peak_ops_per_s), fix="pick formats the accelerator supports")
+    errors = dict(QUANT_ERROR if quant_error is None else quant_error)
+    missing = [fm for fm in formats if fm not in errors]
+    if missing:
+        raise InputError("no quantisation error known for a format", key="quant_error", value=missing[0],
+                         fix="add it to the --quant-error file")
+    if stats.num_experts != model.num_experts or stats.num_layers != model.num_moe_layers:
+        raise InputError("the workload does not match the model", key="--trace",
+                         value=f"{stats.num_layers} layers x {stats.num_experts} experts",
+                         expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts ({model.name})",
+                         fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+    return Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
+                 formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
+                 critical=critical)
+
+
+def _default_trace(model: ModelSpec) -> Trace:
+    from profiles.workload.defaults import default_workload
+
+    return default_workload(model)
+
+
+def optimize(req: OptimizeRequest) -> OptimizeResult:
+    """Plan ``req`` (see :class:`OptimizeRequest`). Raises InfeasibleError with an explanation."""
+    import time
+
+    t0 = time.perf_counter()
+    profile, hw = load_profile(req.hardware)
+    model = load_model(req.model)
+    trace = req.trace if req.trace is not None else _default_trace(model)
+    stats = planning_stats(trace)
+    t_stats = time.perf_counter()
+    budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
+    inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
+                    model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
+                    workload_digest=digest(trace.expert_ids.tobytes().hex()[:0], _array_digest(trace)))
+    if req.objective == "cost":
+        return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats)
+    batch = 1 if req.objective == "latency" else req.batch_size
+    return _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats)
+
+
+def _array_digest(trace: Trace) -> str:
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
+    h.update(np.ascontiguousarray(trace.seq_lens).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
+                 inputs: Inputs, batch: int, t0: float, t_stats: float) -> OptimizeResult:
+    import time
+
+    s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
+                   critical=req.critical, quant_error=req.quant_error)
+    candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])]
+    L = stats.num_layers
+    extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, 6) for l in range(L)]
+    problem = build_problem(s, budget, extra)
+    t_build = time.perf_counter()
+    scored = _score_baselines(problem, candidates)
+    warm = min(scored.values(), key=lambda x: x[1]) if scored else None
+    results: list[SolveResult] = []
+    for prefetch in (False, True):
+        start = None
+        if results:
+            start = (results[-1].choice, results[-1].dense_format)
+        elif warm is not None:
+            start = (warm[0], warm[2])
+        results.append(solve(problem, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
+                             gap=req.gap, warm=start))
+    best = min(results, key=lambda r: r.objective_s)
+    t_solve = time.perf_counter()
+    solver_info = SolverInfo(method="ilp", solver=best.solver, status=best.status, objective=best.objective_s,
+                             bound=best.bound_s, gap=best.gap, time_limit_s=req.time_limit_s,
+                             variables=best.variables, constraints=best.constraints)
+    plan = assemble_plan(problem, best.choice, best.dense_format, best.prefetch, solver_info, req, inputs, budget)
+    baselines = {}
+    for name, (choice, _, dense_fm, prefetch, note) in scored.items():
+        info = SolverInfo(method=name, status="heuristic", objective=step_time(s, problem.tables, choice,
+                          problem.fixed[dense_fm], prefetch)[0])
+        baselines[name] = assemble_plan(problem, choice, dense_fm, prefetch, info, req, inputs, budget,
+                                        notes=(f"baseline {name}: {note}",))
+    timings = {"stats_s": t_stats - t0, "build_s": t_build - t_stats, "solve_s": t_solve - t_build,
+               "total_s": time.perf_counter() - t0}
+    return OptimizeResult(plan=plan, baselines=baselines, setup=s, timings_s=timings)
+
+
+def _score_baselines(problem: Problem, candidates: list[Baseline]) -> dict[str, tuple]:
+    """name -> (choice, seconds, dense format, prefetch, note) of its fastest feasible candidate."""
+    s = problem.setup
+    best: dict[str, tuple] = {}
+    for b in candidates:
+        choice = []
+        for l, spec in enumerate(b.specs):
+            t = problem.tables[l]
+            match = np.flatnonzero((t.p == spec[0]) & (t.b_res == spec[1]) & (t.c == spec[2]) & (t.b_off == spec[3])
+                                   & (t.home == spec[4]) & (t.mode == spec[5]))
+            choice.append(int(match[0]))
+        choice = tuple(choice)
+        if not _feasible(problem, choice, b.dense_format):
+            continue
+        seconds = step_time(s, problem.tables, choice, problem.fixed[b.dense_format], b.prefetch)[0]
+        if b.name not in best or seconds < best[b.name][1]:
+            best[b.name] = (choice, seconds, b.dense_format, b.prefetch, b.note)
+    return best
+
+
+def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats) -> OptimizeResult:
+    """Cheapest $ per million tokens with TPOT <= SLO: FlexGen's outer search over batch sizes."""
+    price = hw.price_per_hour_usd
+    if price is None:
+        raise InputError("the cost objective needs a price", key="price_per_hour_usd", value=hw.name,
+                         fix="add price_per_hour_usd to the profile's nodes, or use --objective throughput")
+    best = None
+    batch = 1
+    while batch <= 1024:
+        try:
+            res = _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats)
+        except InfeasibleError:
+            break  # a bigger batch only needs more memory
+        tpot = res.plan.predicted["tpot_s"]
+        if tpot <= req.tpot_slo_s and (best is None or res.plan.predicted["tokens_per_s"] >
+                                       best.plan.predicted["tokens_per_s"]):
+            best = res
+        if tpot > req.tpot_slo_s:
+            break  # step time grows with the batch
+        batch *= 2
+    if best is None:
+        raise InfeasibleError(f"no batch size meets the TPOT SLO of {req.tpot_slo_s * 1e3:g} ms on {hw.name}; "
+                              f"smallest change: raise --slo-tpot or use faster hardware")
+    return best
+
+
+def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, solver: SolverInfo,
+                  req: OptimizeRequest, inputs: Inputs, budget: float, notes: tuple[str, ...] = ()) -> Plan:
+    """Expand one option per layer into per-expert decisions and predicted metrics."""
+    s, st = problem.setup, problem.setup.stats
+    dev_mem = problem.device_mem
+    layers = []
+    mem = {m: dict(expert_bytes=0.0, cache_bytes=0.0) for m in problem.caps}
+    for l, w in enumerate(choice):
+        t = problem.tables[l]
+        p, c = int(t.p[w]), int(t.c[w])
+        br, bo = s.formats[t.b_res[w]], s.formats[t.b_off[w]]
+        home = s.homes[t.home[w]] if s.homes else dev_mem
+        site_off = {"fetch": "fetch", "local": "local", "hybrid": "hybrid", "stream": "fetch"}[MODES[t.mode[w]]]
+        homes, fmts, sites = [None] * st.num_experts, [None] * st.num_experts, [None] * st.num_experts
+        for rank, e in enumerate(st.order[l]):
+            if rank < p:
+                homes[e], fmts[e], sites[e] = dev_mem, br, "resident"
+            else:
+                homes[e], fmts[e], sites[e] = home, bo, site_off
+        layers.append(LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=tuple(homes),
+                                format=tuple(fmts), site=tuple(sites), cache_slots=c,
+                                cache_device=s.compute.id if c else None, cache_format=bo if c else None))
+        mem[dev_mem]["expert_bytes"] += p * s.expert_bytes(br)
+        mem[dev_mem]["cache_bytes"] += c * s.expert_bytes(bo)
+        if p < st.num_experts:
+            mem[home]["expert_bytes"] += (st.num_experts - p) * s.expert_bytes(bo)
+    fc = problem.fixed[dense_fm]
+    memory = {}
+    for m, use in mem.items():
+        extra = dict(dense_bytes=fc.dense_bytes, kv_bytes=fc.kv_bytes, workspace_bytes=fc.workspace_bytes) \
+            if m == dev_mem else {}
+        memory[m] = MemoryUse(capacity_bytes=s.hardware.memories[m].capacity_bytes, **use, **extra)
+    step_s, tau = step_time(s, problem.tables, choice, fc, prefetch)
+    predicted = _predict(problem, choice, dense_fm, prefetch, step_s, req)
+    quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
+    eviction = "lru"
+    return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
+                compute_device=s.compute.id, host_device=s.host.id,
+                prefetch="next-layer" if prefetch else "none", eviction=eviction, quality_budget=budget,
+                quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
+                notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes)
+
+
+def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, step_s: float,
+             req: OptimizeRequest) -> dict[str, float]:
+    """Predicted metrics of a plan under the shared cost model."""
+    s, st = problem.setup, problem.setup.stats
+    tables = problem.tables
+    fetched, accesses, link_s = 0.0, 0.0, 0.0
+    hit_num, hit_den = 0.0, 0.0
+    for l, w in enumerate(choice):
+        t = tables[l]
+        p, c = int(t.p[w]), int(t.c[w])
+        f = st.frequency[l][st.order[l]]
+        off = float(f[p:].sum())
+        accesses += float(f.sum())
+        if MODES[t.mode[w]] in ("fetch", "hybrid") and p < st.num_experts:
+            h = st.hit_rate(l, p, c)
+            hit_num += float(f[:p].sum()) + h * off
+            fetched += (1 - h) * off
+        elif MODES[t.mode[w]] == "stream":
+            fetched += st.num_experts - p
+            hit_num += float(f[:p].sum())
+        else:
+            hit_num += float(f[:p].sum())
+        hit_den += float(f.sum())
+        link_s += float(t.F[w])
+    # prefill of one prompt: the same placement with a prompt-sized batch of tokens
+    prompt = dataclasses.replace(s, batch_size=max(req.prompt_tokens, 1))
+    prefill_tables = [option_costs(prompt, l, np.array([[tables[l].p[w], tables[l].b_res[w], tables[l].c[w],
+                                                          tables[l].b_off[w], tables[l].home[w], tables[l].mode[w]]]))
+                      for l, w in enumerate(choice)]
+    ttft_s = step_time(prompt, prefill_tables, [0] * len(choice), fixed_costs(prompt, dense_fm), prefetch)[0]
+    B = s.batch_size
+    out = {"tpot_s": step_s, "tokens_per_s": B / step_s, "ttft_s": ttft_s,
+           "expert_hit_rate": hit_num / hit_den if hit_den else 1.0,
+           "expert_fetches_per_step": fetched, "link_s_per_step": link_s}
+    price = s.hardware.price_per_hour_usd
+    if price is not None:
+        out["cost_per_million_tokens_usd"] = price / (B / step_s * 3600.0) * 1e6
+    return out

@@ -1,0 +1,193 @@
+"""The Plan: a frozen, versioned, JSON-serialisable decision record.
+
+It is the contract between the planner, the simulator and the exporters; they read it,
+never the planner's internals. ``plan.json`` is deterministic: the same inputs give the
+same bytes (sorted keys, fixed float formatting, no timestamps).
+
+Per MoE layer it stores columnar per-expert arrays (index = expert id):
+
+- ``home``: memory pool id holding the expert's weights (``node/gpu0``, ``node/cpu0``, ...);
+- ``format``: storage number format (``bf16``, ``int8``, ``int4``, ...);
+- ``site``: where the expert runs: ``resident`` (on the compute device that holds it),
+  ``fetch`` (copied into the layer's GPU cache on a miss), ``local`` (computed by the device
+  whose memory holds it: CPU or accelerator), ``hybrid`` (GPU on a cache hit, ``local`` on
+  a miss while the weights are fetched for next time);
+- ``replicas``: extra devices holding a copy (cluster plans; empty on one node);
+
+and per layer the cache: ``cache_slots`` on ``cache_device`` with ``eviction`` policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from profiles.errors import InputError, from_validation_error
+
+__all__ = ["Plan", "LayerPlan", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
+           "load_plan", "digest"]
+
+PLAN_FORMAT_VERSION = 1
+SITES = ("resident", "fetch", "local", "hybrid")
+Site = Literal["resident", "fetch", "local", "hybrid"]
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerPlan(BaseModel):
+    """Decisions for one MoE layer. Arrays are indexed by expert id."""
+
+    model_config = _FROZEN
+
+    moe_layer: int = Field(ge=0)
+    hidden_layer: int = Field(ge=0)
+    home: tuple[str, ...]
+    format: tuple[str, ...]
+    site: tuple[Site, ...]
+    replicas: tuple[tuple[str, ...], ...] = ()
+    cache_slots: int = Field(default=0, ge=0)
+    cache_device: str | None = None
+    cache_format: str | None = None
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "LayerPlan":
+        n = len(self.home)
+        if len(self.format) != n or len(self.site) != n or (self.replicas and len(self.replicas) != n):
+            raise InputError("home, format, site (and replicas) must list every expert once",
+                             key=f"layers[{self.moe_layer}]", value=(n, len(self.format), len(self.site)),
+                             fix="regenerate the plan with planner optimize")
+        if self.cache_slots and self.cache_device is None:
+            raise InputError("a layer with cache slots needs cache_device", key=f"layers[{self.moe_layer}]",
+                             fix="name the device that holds the cache")
+        return self
+
+    def experts_at(self, site: str) -> list[int]:
+        return [e for e, s in enumerate(self.site) if s == site]
+
+
+class MemoryUse(BaseModel):
+    """Bytes planned in one memory pool, by purpose."""
+
+    model_config = _FROZEN
+
+    capacity_bytes: float
+    expert_bytes: float = 0.0
+    cache_bytes: float = 0.0
+    dense_bytes: float = 0.0
+    kv_bytes: float = 0.0
+    workspace_bytes: float = 0.0
+
+    @property
+    def used_bytes(self) -> float:
+        return self.expert_bytes + self.cache_bytes + self.dense_bytes + self.kv_bytes + self.workspace_bytes
+
+
+class SolverInfo(BaseModel):
+    """How the plan was found: solver, status, objective, bound and gap."""
+
+    model_config = _FROZEN
+
+    method: str  # "ilp" or a baseline's name
+    solver: str | None = None
+    status: str = "n/a"
+    objective: float | None = None
+    bound: float | None = None
+    gap: float | None = None
+    time_limit_s: float | None = None
+    variables: int | None = None
+    constraints: int | None = None
+
+
+class Inputs(BaseModel):
+    """What the plan was made from, with digests so a stale plan can be recognised."""
+
+    model_config = _FROZEN
+
+    hardware: str
+    hardware_digest: str
+    model: str
+    model_digest: str
+    workload: str
+    workload_digest: str
+
+
+class Plan(BaseModel):
+    """A deployment plan. Build with the planner; read with :func:`load_plan`."""
+
+    model_config = _FROZEN
+
+    format_version: int = PLAN_FORMAT_VERSION
+    inputs: Inputs
+    objective: Literal["latency", "throughput", "cost"]
+    batch_size: int = Field(ge=1)
+    context_tokens: int = Field(ge=1)
+    compute_device: str
+    host_device: str
+    prefetch: Literal["none", "next-layer", "oracle"] = "none"
+    eviction: Literal["lru", "lfu", "static", "belady"] = "lru"
+    quality_budget: float | None = None
+    quality_error: float = 0.0
+    layers: tuple[LayerPlan, ...]
+    memory: dict[str, MemoryUse]
+    predicted: dict[str, float]
+    solver: SolverInfo
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
+        return json.dumps(_round(self.model_dump(mode="json")), sort_keys=True, indent=1) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Experts per (home tier-less memory id) and per format, over all layers."""
+        by_home: dict[str, int] = {}
+        by_format: dict[str, int] = {}
+        by_site: dict[str, int] = {}
+        for layer in self.layers:
+            for h, f, s in zip(layer.home, layer.format, layer.site):
+                by_home[h] = by_home.get(h, 0) + 1
+                by_format[f] = by_format.get(f, 0) + 1
+                by_site[s] = by_site.get(s, 0) + 1
+        return {"home": by_home, "format": by_format, "site": by_site}
+
+
+def _round(obj):
+    if isinstance(obj, float):
+        return float(f"{obj:.12g}")
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def digest(*parts: object) -> str:
+    """sha256 (first 16 hex digits) of the JSON of ``parts``: stable across runs and machines."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a ``plan.json``; errors are one line naming the key."""
+    from profiles.yamlio import load_json
+
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise InputError("a plan must be a JSON object", file=path, fix="pass a plan.json written by planner optimize")
+    version = data.get("format_version")
+    if version != PLAN_FORMAT_VERSION:
+        raise InputError("unsupported plan format version", file=path, key="format_version", value=version,
+                         expected=str(PLAN_FORMAT_VERSION), fix="re-run planner optimize with this version")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, file=path) from None
