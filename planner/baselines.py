@@ -150,7 +150,7 @@ def lru_offload(s: Setup, quality_budget: float | None) -> list[Baseline] | None
         homes = _homes_for(s, [E * s.expert_bytes(fm)] * L)
         if homes is None:
             continue
-        for k in s.cache_sizes():
+        for k in sorted({1, 2} | set(s.cache_sizes())):  # Mixtral-offloading runs 2-4 slots per layer
             if 0 < k < E and L * k * s.expert_bytes(fm) <= free:
                 specs = [(0, _fi(s, fm), k, _fi(s, fm), h, FETCH) for h in homes]
                 out.append(Baseline("lru-offload", np.array(specs), fm, prefetch=True, note=f"{fm}, {k} slots/layer"))

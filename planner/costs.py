@@ -43,7 +43,8 @@ from profiles.errors import InputError
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
 from profiles.perf import expert_call_s
-from profiles.workload.hitrate import hit_rate_curves
+from profiles.workload.hitrate import curve_from_distances, lru_stack_distances
+from profiles.workload.stats import next_layer_predictability
 from profiles.workload.trace import Trace
 
 __all__ = ["PlanningStats", "planning_stats", "Setup", "OptionTable", "layer_options", "QUANT_ERROR",
@@ -81,6 +82,9 @@ class PlanningStats:
     predictability: np.ndarray
     order: np.ndarray
     source: str = ""
+    access_rank: np.ndarray | None = None  # [T', L, K] frequency rank of every access's expert
+    access_dist: np.ndarray | None = None  # [P, T', L, K] LRU stack distance with the top-p pinned (-1: pinned)
+    _histograms: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -89,6 +93,26 @@ class PlanningStats:
     @property
     def num_experts(self) -> int:
         return int(self.frequency.shape[1])
+
+    def token_histogram(self, layer: int, pinned: int, slots: int) -> np.ndarray:
+        """``[K+1, K+1]`` share of tokens with (resident, cache-hit) expert counts at ``layer``
+        when the top-``pinned`` experts are resident and ``slots`` LRU slots serve the rest.
+
+        Residency is exact for any ``pinned``; hits use the stack distances measured with the
+        nearest grid point at or below ``pinned`` pinned (fewer pinned: no more hits).
+        """
+        key = (layer, int(pinned), int(slots))
+        if key not in self._histograms:
+            rank = self.access_rank[:, layer]  # [T', K]
+            K = rank.shape[1]
+            g = int(np.searchsorted(self.pinned_grid, pinned, side="right") - 1)
+            dist = self.access_dist[g, :, layer]  # [T', K]
+            resident = rank < pinned
+            hit = ~resident & (dist >= 0) & (dist < slots)
+            cell = resident.sum(axis=1) * (K + 1) + hit.sum(axis=1)
+            hist = np.bincount(cell, minlength=(K + 1) ** 2).reshape(K + 1, K + 1)
+            self._histograms[key] = hist / max(len(cell), 1)
+        return self._histograms[key]
 
     def hit_rate(self, layer: int, pinned: int, slots: int) -> float:
         """h(p, c): linear interpolation over the measured p grid (exact at grid points)."""
@@ -102,11 +126,12 @@ def _pinned_grid(E: int, points: int = 9) -> np.ndarray:
     return grid
 
 
-def planning_stats(trace: Trace, *, pinned_points: int = 9, max_tokens: int = 4000) -> PlanningStats:
+def planning_stats(trace: Trace, *, pinned_points: int = 9, max_work: float = 1.2e8) -> PlanningStats:
     """Statistics of ``trace`` for planning (see :class:`PlanningStats`).
 
-    The hit curves need one LRU pass per pinned-grid point; long traces are cut to their
-    first ``max_tokens`` tokens for that pass (frequency uses the whole trace).
+    The hit curves need one exact LRU pass per pinned-grid point, each costing about
+    T·L·K·E steps; they run on the first whole sequences holding at most
+    ``max_work / (L·K·E)`` tokens (at least 500). Frequency and predictability use the whole trace.
     """
     ids = trace.expert_ids.astype(np.int64)  # [T, L, K]
     T, L, K = ids.shape
@@ -122,42 +147,31 @@ def planning_stats(trace: Trace, *, pinned_points: int = 9, max_tokens: int = 40
         importance = frequency / K
     order = np.argsort(-frequency, axis=1, kind="stable")  # [L, E]
     grid = _pinned_grid(E, pinned_points)
+    max_tokens = max(500, int(max_work // (L * K * E)))
     short = trace if T <= max_tokens else _head(trace, max_tokens)
     hit = np.zeros((L, len(grid), E + 1))
+    sids = short.expert_ids.astype(np.int64)  # [T', L, K]
+    dist = np.empty((len(grid),) + sids.shape, np.int32)  # [P, T', L, K]
     for i, p in enumerate(grid):
         pinned = [order[l, :p].tolist() for l in range(L)]
-        hit[:, i, :] = hit_rate_curves(short, ("lru",), pinned=pinned).curve("lru")
+        d = lru_stack_distances(sids, E, seq_lens=short.seq_lens, pinned=pinned)
+        hit[:, i, :] = curve_from_distances(d, E)[0]
+        dist[i] = np.minimum(d, E + 1)  # cold misses: a distance no cache reaches
+    rank_of = np.empty((L, E), np.int64)
+    rank_of[np.arange(L)[:, None], order] = np.arange(E)[None, :]
+    access_rank = rank_of[np.arange(L)[None, :, None], sids].astype(np.int32)  # [T', L, K]
     predictability = np.zeros(L)
     if L > 1:
-        predictability[1:] = _next_layer_recall(ids, E)
+        predictability[1:] = next_layer_predictability(ids, E, seq_lens=trace.seq_lens).recall
     return PlanningStats(frequency=frequency, importance=importance, pinned_grid=grid, hit=hit,
-                         predictability=predictability, order=order, source=trace.source)
+                         predictability=predictability, order=order, source=trace.source,
+                         access_rank=access_rank, access_dist=dist)
 
 
 def _head(trace: Trace, max_tokens: int) -> Trace:
     """The first whole sequences of ``trace`` holding at most ``max_tokens`` tokens (at least one)."""
     n = int(np.searchsorted(np.cumsum(trace.seq_lens), max_tokens, side="right"))
     return trace.subset_sequences(list(range(max(n, 1))))
-
-
-def _next_layer_recall(ids: np.ndarray, E: int) -> np.ndarray:
-    """``[L-1]`` recall of predicting layer l+1's experts as the top-K successors (by
-    transition counts from the first half of the tokens) of layer l's experts, on the second half."""
-    T, L, K = ids.shape
-    half = max(T // 2, 1)
-    out = np.zeros(L - 1)
-    for l in range(L - 1):
-        a, b = ids[:half, l], ids[:half, l + 1]
-        trans = np.zeros((E, E))
-        np.add.at(trans, (np.repeat(a, K, axis=1).ravel(), np.tile(b, (1, K)).ravel()), 1.0)
-        ta, tb = ids[half:, l], ids[half:, l + 1]
-        if len(ta) == 0:
-            continue
-        scores = trans[ta].sum(axis=1)  # [T2, E]
-        pred = np.argsort(-scores, axis=1, kind="stable")[:, :K]
-        hits = (pred[:, :, None] == tb[:, None, :]).any(axis=1).sum()
-        out[l] = hits / tb.size
-    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,6 +190,8 @@ class OptionTable:
     dev_bytes: np.ndarray  # [N] bytes on the compute device (resident + cache)
     home_bytes: np.ndarray  # [N] bytes in the home memory
     error: np.ndarray  # [N] importance-weighted quantisation error
+    tau: np.ndarray  # [N] seconds the layer lasts per step without prefetch
+    tau_prefetch: np.ndarray  # [N] ... with next-layer prefetch
 
     def __len__(self) -> int:
         return int(self.p.shape[0])
@@ -262,8 +278,8 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                     continue
                 for hi in homes:
                     for c in s.cache_sizes():
-                        if c > E - p:
-                            continue
+                        if c >= E - p and c > 0:
+                            continue  # a cache that holds every offloaded expert is residency, not a cache
                         rows.append((p, bi, c, bo_i, hi, MODES.index("fetch")))
                         if hi == 0:
                             rows.append((p, bi, c, bo_i, hi, MODES.index("hybrid" if c else "local")))
@@ -308,7 +324,12 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     err_c = {fm: cum(w * s.quant_error[fm]) for fm in s.formats}
     xfer = {(hi, fm): s.transfer_s(home, s.expert_bytes(fm)) for hi, home in enumerate(s.homes) for fm in s.formats}
 
-    out = np.zeros((len(specs), 6))  # G, U, F, dev_bytes, home_bytes, error
+    r = float(st.predictability[layer])
+    per_token = B == 1 and st.access_rank is not None
+    one = {fm: (float(s.call_s(s.compute, fm, np.array([1.0]))[0]), float(s.call_s(s.host, fm, np.array([1.0]))[0]))
+           for fm in s.formats}  # one-token call seconds on (device, cpu)
+    ax1 = 2 * s.activation_s(1.0)
+    out = np.zeros((len(specs), 8))  # G, U, F, dev_bytes, home_bytes, error, tau, tau_prefetch
     for i, (p, bi, c, bo_i, hi, mode) in enumerate(specs):
         br, bo = s.formats[bi], s.formats[bo_i]
         n_off = E - p
@@ -316,7 +337,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
         err = err_c[br][p] + err_c[bo][E] - err_c[bo][p]
         dev_bytes = p * s.expert_bytes(br) + c * s.expert_bytes(bo)
         if n_off == 0:
-            out[i] = (res_G, 0.0, 0.0, dev_bytes, 0.0, err)
+            out[i] = (res_G, 0.0, 0.0, dev_bytes, 0.0, err, res_G, res_G)
             continue
         off_G = dev_c[bo][E] - dev_c[bo][p]
         off_U = cpu_c[bo][E] - cpu_c[bo][p] + actx_c[E] - actx_c[p]
@@ -332,11 +353,59 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
             G, U, F = res_G + h * off_G, (1 - h) * off_U, miss * x
         else:  # stream: every offloaded expert of the layer crosses the link each step
             G, U, F = res_G + off_G, 0.0, n_off * x
-        out[i] = (G, U, F, dev_bytes, n_off * s.expert_bytes(bo), err)
+        if per_token:
+            tau0, tau1 = _expected_max(st.token_histogram(layer, p, c), name, one[br][0], one[bo][0], one[bo][1] + ax1,
+                                       x, n_off, r)
+        else:
+            tau0, tau1 = (_averaged_max(G, U, F, name, r, pf) for pf in (False, True))
+        out[i] = (G, U, F, dev_bytes, n_off * s.expert_bytes(bo), err, tau0, tau1)
     return OptionTable(p=specs[:, 0].copy(), b_res=specs[:, 1].copy(), c=specs[:, 2].copy(),
                        b_off=specs[:, 3].copy(), home=specs[:, 4].copy(), mode=specs[:, 5].copy(),
                        G=out[:, 0], U=out[:, 1], F=out[:, 2], dev_bytes=out[:, 3], home_bytes=out[:, 4],
-                       error=out[:, 5])
+                       error=out[:, 5], tau=out[:, 6], tau_prefetch=out[:, 7])
+
+
+def _averaged_max(G: float, U: float, F: float, mode: str, r: float, prefetch: bool) -> float:
+    """Layer seconds per step from expected busy times: ``max(G + (1 - pi r) S, U, (1 - pi r) F + pi F)``.
+
+    Right when a step holds many tokens (their work interleaves on every resource); at batch 1
+    :func:`_expected_max` is used instead.
+    """
+    pi_r = r if prefetch else 0.0
+    stall = F if mode in ("fetch", "stream") else 0.0
+    link = (1 - pi_r) * F + (F if prefetch and mode != "stream" else 0.0)
+    return max(G + (1 - pi_r) * stall, U, link)
+
+
+def _expected_max(hist: np.ndarray, mode: str, t_res: float, t_off: float, t_cpu: float, x: float, n_off: int,
+                  r: float) -> tuple[float, float]:
+    """Expected seconds of one token's layer at batch 1, without and with prefetch.
+
+    A token waits for the slowest resource it uses, so the layer lasts
+    ``E_t[max(device_t + stall_t, cpu_t, link_t)]``, not the max of the averages: an expert
+    the CPU runs for one token in ten still stalls that token. ``hist[n_res, n_hit]`` is the
+    share of tokens with that many resident and cache-hit experts (the rest miss).
+    """
+    K = hist.shape[0] - 1
+    n_res, n_hit = np.meshgrid(np.arange(K + 1), np.arange(K + 1), indexing="ij")
+    n_miss = np.maximum(K - n_res - n_hit, 0)
+    dev = n_res * t_res
+    if mode == "fetch":
+        dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, n_miss * x
+    elif mode == "local":
+        dev, cpu, miss_x = dev, n_miss * t_cpu, 0.0
+    elif mode == "hybrid":
+        dev, cpu, miss_x = dev + n_hit * t_off, n_miss * t_cpu, n_miss * x
+    else:  # stream: all offloaded experts cross the link every step, used or not
+        dev, cpu, miss_x = dev + (K - n_res) * t_off, 0.0, np.full_like(dev, n_off * x, dtype=float)
+    stalls = mode in ("fetch", "stream")
+    out = []
+    for prefetch in (False, True):
+        pi_r = r if prefetch and mode != "stream" else 0.0
+        link = (1 - pi_r) * miss_x + (miss_x if prefetch and mode != "stream" else 0.0)
+        time = np.maximum(np.maximum(dev + (1 - pi_r) * (miss_x if stalls else 0.0), cpu), link)
+        out.append(float((hist * time).sum()))
+    return out[0], out[1]
 
 
 def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> OptionTable:
@@ -387,29 +456,20 @@ def capacity(s: Setup, memory_id: str) -> float:
     return max(mem.capacity_bytes * (1 - frac) - fixed, 0.0)
 
 
-def option_time(t: OptionTable, r: float, prefetch: bool) -> np.ndarray:
-    """``[N]`` seconds each option of a layer lasts in one decode step.
+def option_time(t: OptionTable, prefetch: bool) -> np.ndarray:
+    """``[N]`` seconds each option of a layer lasts per decode step (FlexGen's max() over the
+    device, the host CPU and the link; see :func:`_expected_max` and :func:`_averaged_max`).
 
-    A layer lasts as long as its busiest resource (FlexGen's max()):
-
-        tau = max(G + (1 - pi r) S,  U,  (1 - pi r) F + pi F)
-
-    G: compute-device busy time, S: link time the device waits for (demand fetches),
-    U: host-CPU busy time, F: link time of this layer's expert fetches, r: next-layer
-    predictability, pi = 1 with prefetch. With prefetch, the predicted share r of the misses
-    is fetched while the previous layer computes, so the device no longer waits for it, but
-    the link carries the whole predicted set (right and wrong guesses, F) on top of the
-    remaining demand misses ((1 - r) F). That traffic is charged to the layer it serves.
+    With prefetch, the predicted share r of the misses is fetched while the previous layer
+    computes, so the device no longer waits for it, but the link carries the whole predicted
+    set (right and wrong guesses) on top of the remaining demand misses; that traffic is
+    charged to the layer it serves.
     """
-    pi_r = r if prefetch else 0.0
-    stall = np.where(t.mode == 0, t.F, 0.0)
-    link = (1 - pi_r) * t.F + (t.F if prefetch else 0.0)
-    return np.maximum.reduce([t.G + (1 - pi_r) * stall, t.U, link])
+    return t.tau_prefetch if prefetch else t.tau
 
 
 def step_time(s: Setup, tables: Sequence[OptionTable], choice: Sequence[int], fixed: FixedCosts,
               prefetch: bool) -> tuple[float, np.ndarray]:
     """Seconds of one decode step for one option per layer, and ``[L]`` per-layer times."""
-    r = s.stats.predictability
-    tau = np.array([option_time(t, float(r[l]), prefetch)[w] for l, (t, w) in enumerate(zip(tables, choice))])
+    tau = np.array([option_time(t, prefetch)[w] for t, w in zip(tables, choice)])
     return float(tau.sum() + fixed.dense_s), tau

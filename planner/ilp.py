@@ -67,8 +67,7 @@ class Problem:
 
     def times(self, prefetch: bool) -> list[np.ndarray]:
         """``[L][N_l]`` seconds per step of every option."""
-        r = self.setup.stats.predictability
-        return [option_time(t, float(r[l]), prefetch) for l, t in enumerate(self.tables)]
+        return [option_time(t, prefetch) for t in self.tables]
 
     def dense_total_bytes(self, fm: str) -> float:
         fc = self.fixed[fm]
@@ -192,10 +191,12 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         y[warm[1]].setInitialValue(1)
 
     if solver == "highs":
-        engine = _WarmHiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, random_seed=0)
+        # objectives are seconds (1e-4 .. 1e1): HiGHS's default absolute gap (1e-6) would end the
+        # search early on small models, so only the relative gap may stop it
+        engine = _WarmHiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15, threads=1, random_seed=0)
     elif solver == "cbc":
-        engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, warmStart=warm is not None,
-                                   threads=1, options=["randomSeed 0"])
+        engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15,
+                                   warmStart=warm is not None, threads=1, options=["randomSeed 0"])
     else:
         raise ValueError(f"unknown solver {solver!r}")
     start = time.perf_counter()
@@ -209,7 +210,9 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
                               f"{time_limit_s:g} s; raise --time-limit")
     choice = tuple(max(xl, key=lambda w: xl[w].varValue or 0.0) for xl in x)
     dense_fm = max(y, key=lambda fm: y[fm].varValue or 0.0)
-    objective = float(sum(times[l][w] for l, w in enumerate(choice)) + problem.fixed[dense_fm].dense_s)
+    objective = _objective(problem, times, choice, dense_fm)
+    if incumbent is not None and incumbent[2] < objective:  # a solver stop never loses a known better plan
+        choice, dense_fm, objective = incumbent
     bound, rel_gap = objective, 0.0
     if solver == "highs":
         info = prob.solverModel.getInfo()

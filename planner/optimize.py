@@ -19,7 +19,7 @@ from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINES, Baseline
-from .costs import (DEFAULT_FORMATS, MODES, QUANT_ERROR, PlanningStats, Setup, capacity, fixed_costs,
+from .costs import (DEFAULT_FORMATS, MODES, QUANT_ERROR, PlanningStats, Setup, fixed_costs,
                     option_costs, planning_stats, step_time)
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
@@ -111,7 +111,7 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
-                    workload_digest=digest(trace.expert_ids.tobytes().hex()[:0], _array_digest(trace)))
+                    workload_digest=_array_digest(trace))
     if req.objective == "cost":
         return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats)
     batch = 1 if req.objective == "latency" else req.batch_size
@@ -119,6 +119,7 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
 
 
 def _array_digest(trace: Trace) -> str:
+    """sha256 (16 hex digits) of the routing itself, so a plan names the exact workload."""
     import hashlib
 
     h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
@@ -223,7 +224,7 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         p, c = int(t.p[w]), int(t.c[w])
         br, bo = s.formats[t.b_res[w]], s.formats[t.b_off[w]]
         home = s.homes[t.home[w]] if s.homes else dev_mem
-        site_off = {"fetch": "fetch", "local": "local", "hybrid": "hybrid", "stream": "fetch"}[MODES[t.mode[w]]]
+        site_off = MODES[t.mode[w]]  # fetch, local, hybrid or stream
         homes, fmts, sites = [None] * st.num_experts, [None] * st.num_experts, [None] * st.num_experts
         for rank, e in enumerate(st.order[l]):
             if rank < p:

@@ -11,7 +11,8 @@ Per MoE layer it stores columnar per-expert arrays (index = expert id):
 - ``site``: where the expert runs: ``resident`` (on the compute device that holds it),
   ``fetch`` (copied into the layer's GPU cache on a miss), ``local`` (computed by the device
   whose memory holds it: CPU or accelerator), ``hybrid`` (GPU on a cache hit, ``local`` on
-  a miss while the weights are fetched for next time);
+  a miss while the weights are fetched for next time), ``stream`` (copied to the compute
+  device at every step whether used or not, as HF accelerate's offload does);
 - ``replicas``: extra devices holding a copy (cluster plans; empty on one node);
 
 and per layer the cache: ``cache_slots`` on ``cache_device`` with ``eviction`` policy.
@@ -32,8 +33,8 @@ __all__ = ["Plan", "LayerPlan", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMA
            "load_plan", "digest"]
 
 PLAN_FORMAT_VERSION = 1
-SITES = ("resident", "fetch", "local", "hybrid")
-Site = Literal["resident", "fetch", "local", "hybrid"]
+SITES = ("resident", "fetch", "local", "hybrid", "stream")
+Site = Literal["resident", "fetch", "local", "hybrid", "stream"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 

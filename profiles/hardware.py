@@ -17,7 +17,6 @@ or plain SI numbers; every field name carries its unit.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path

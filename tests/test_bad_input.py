@@ -34,6 +34,16 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hw_count_not_a_number.yaml": (("profiles", "validate"), ("devices[1].count", "wrong type", "'many'")),
     "hw_pcie_bad_lanes.yaml": (("profiles", "validate"), ("links[0].lanes", "got 12", "16")),
     "hw_throughput_as_bandwidth.yaml": (("profiles", "validate"), ("peak_ops_per_s.fp32", "TFLOPS")),
+    "model_unknown_architecture.json": (("models", "show"), ("'FooMoeForCausalLM'", "MixtralForCausalLM",
+                                                             "num_experts_per_tok")),
+    "model_missing_experts.json": (("models", "show"), ("num_local_experts", "missing")),
+    "model_topk_over_experts.json": (("models", "show"), ("num_experts_per_tok", "got 12", "at most 8")),
+    "model_negative_hidden.json": (("models", "show"), ("hidden_size", "must be positive", "-64")),
+    "model_layers_not_a_number.json": (("models", "show"), ("num_hidden_layers", "'four'")),
+    "model_malformed.json": (("models", "show"), ("model_malformed.json:7", "malformed JSON")),
+    "trace_expert_out_of_range.npz": (("trace", "stats"), ("expert_ids", "out of range", "[0, 8)")),
+    "trace_pickled_meta.npz": (("trace", "stats"), ("pickled objects", "never loaded")),
+    "trace_seqlens_mismatch.npz": (("trace", "stats"), ("seq_lens", "do not add up")),
 }
 
 

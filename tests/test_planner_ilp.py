@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import textwrap
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from planner.baselines import BASELINES
-from planner.costs import Setup, planning_stats, step_time
+from planner.costs import Setup, planning_stats
 from planner.ilp import _feasible, build_problem, pareto_front, solve
 from planner.optimize import OptimizeRequest, make_setup, optimize
 from planner.plan import load_plan

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from .models import models
+from .optimize import optimize_cmd
 from .profiles import profiles
 from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [profiles, models, trace]
+COMMANDS: list[click.Command] = [optimize_cmd, profiles, models, trace]
