@@ -272,3 +272,10 @@ def _write_aggregate_report(agg: AggregateWorkload, data: dict[str, Any], report
     meta = {"dir": str(report), **{k: str(v) for k, v in files.items()}}
     _write_json(files["json"], {**data, "report": meta})
     return meta
+
+
+from .trace_record import record  # noqa: E402  (attached after the group exists)
+from .trace_synth import synth  # noqa: E402
+
+trace.add_command(record)
+trace.add_command(synth)
