@@ -169,3 +169,12 @@ def test_default_plan_is_deterministic_and_round_trips(tmp_path):
         assert a.plan.predicted["tpot_s"] <= base.predicted["tpot_s"] * (1 + 1e-9), name
     # the same cost model scores the plan and says what it predicts
     assert a.plan.predicted["tokens_per_s"] == pytest.approx(1 / a.plan.predicted["tpot_s"])
+
+
+def test_cbc_finds_the_same_optimum_as_highs(tmp_path):
+    s = dataclasses.replace(tiny_setup(tmp_path, hbm=300_000, dram=600_000), cache_grid=(0, 2))
+    problem = build_problem(s, 0.04)
+    highs = solve(problem, prefetch=False, gap=0.0)
+    cbc = solve(problem, prefetch=False, solver="cbc", gap=0.0)
+    assert cbc.objective_s == pytest.approx(highs.objective_s, rel=1e-9)
+    assert cbc.solver == "cbc"

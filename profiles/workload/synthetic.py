@@ -172,7 +172,15 @@ def generate(w: SyntheticWorkload) -> Trace:
         expert_ids=ids.reshape(T, L, K), seq_lens=np.full(S, n_pos, dtype=np.int64), phase=phase,
         num_experts=E, layer_map=tuple(w.layer_map) if w.layer_map else tuple(range(L)),
         gate_weights=gates.reshape(T, L, K), model=w.model,
-        source=f"synthetic(seed={w.seed}, skew={w.skew if w.popularity is None else 'measured'}, "
-               f"temporal={w.temporal}, affinity={w.affinity})",
+        source=f"synthetic(seed={w.seed}, skew={_skew_text(w)}, temporal={w.temporal}, affinity={w.affinity})",
         meta=meta,
     )
+
+
+def _skew_text(w: SyntheticWorkload) -> str:
+    """Short description of the popularity knob for a trace's source line."""
+    if w.popularity is not None:
+        return "measured"
+    if isinstance(w.skew, tuple):
+        return f"{min(w.skew):.2f}..{max(w.skew):.2f} by layer"
+    return f"{w.skew:g}"
