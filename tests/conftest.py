@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TRACES = REPO.parent / "shared" / "traces"
+ESFT = SHARED_TRACES / "esft-deepseek-v2-lite" / "routing_top6.npz"
+needs_esft = pytest.mark.skipif(not ESFT.is_file(), reason=f"shared ESFT trace not found at {ESFT} (../shared absent)")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Legend: T = tokens, L = MoE layers, K = top-k, E = experts.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,9 +27,7 @@ from profiles.workload.stats import (
 )
 from profiles.workload.trace import Trace
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "traces"
-ESFT = SHARED / "esft-deepseek-v2-lite" / "routing_top6.npz"
-needs_esft = pytest.mark.skipif(not ESFT.is_file(), reason=f"shared ESFT trace not found at {ESFT} (../shared absent)")
+from conftest import ESFT, needs_esft  # noqa: E402
 
 # T = 3 tokens, L = 2 layers, K = 2, E = 4
 IDS = np.array([
