@@ -95,8 +95,9 @@ class PlanningStats:
         return int(self.frequency.shape[1])
 
     def token_histogram(self, layer: int, pinned: int, slots: int) -> np.ndarray:
-        """``[K+1, K+1]`` share of tokens with (resident, cache-hit) expert counts at ``layer``
-        when the top-``pinned`` experts are resident and ``slots`` LRU slots serve the rest.
+        """``[K+1, K+1, K+1]`` share of tokens with (resident, cache-hit, miss) expert counts at
+        ``layer`` when the top-``pinned`` experts are resident and ``slots`` LRU slots serve the
+        rest (zero-computation experts are free: none of the three).
 
         Residency is exact for any ``pinned``; hits use the stack distances measured with the
         nearest grid point at or below ``pinned`` pinned (fewer pinned: no more hits).
@@ -107,10 +108,12 @@ class PlanningStats:
             K = rank.shape[1]
             g = int(np.searchsorted(self.pinned_grid, pinned, side="right") - 1)
             dist = self.access_dist[g, :, layer]  # [T', K]
-            resident = rank < pinned
-            hit = ~resident & (dist >= 0) & (dist < slots)
-            cell = resident.sum(axis=1) * (K + 1) + hit.sum(axis=1)
-            hist = np.bincount(cell, minlength=(K + 1) ** 2).reshape(K + 1, K + 1)
+            real = rank >= 0
+            resident = real & (rank < pinned)
+            hit = real & ~resident & (dist >= 0) & (dist < slots)
+            miss = real & ~resident & ~hit
+            cell = (resident.sum(axis=1) * (K + 1) + hit.sum(axis=1)) * (K + 1) + miss.sum(axis=1)
+            hist = np.bincount(cell, minlength=(K + 1) ** 3).reshape(K + 1, K + 1, K + 1)
             self._histograms[key] = hist / max(len(cell), 1)
         return self._histograms[key]
 
@@ -126,8 +129,13 @@ def _pinned_grid(E: int, points: int = 9) -> np.ndarray:
     return grid
 
 
-def planning_stats(trace: Trace, *, pinned_points: int = 9, max_work: float = 1.2e8) -> PlanningStats:
+def planning_stats(trace: Trace, *, real_experts: int | None = None, pinned_points: int = 9,
+                   max_work: float = 1.2e8) -> PlanningStats:
     """Statistics of ``trace`` for planning (see :class:`PlanningStats`).
+
+    ``real_experts`` (default: all of the trace's experts) is E; ids at or above it are
+    zero-computation experts (MoE++ / LongCat-Flash null, copy, constant): no weights, no
+    flops, present on every device, so their accesses are free and never touch a cache.
 
     The hit curves need one exact LRU pass per pinned-grid point, each costing about
     T·L·K·E steps; they run on the first whole sequences holding at most
@@ -135,14 +143,15 @@ def planning_stats(trace: Trace, *, pinned_points: int = 9, max_work: float = 1.
     """
     ids = trace.expert_ids.astype(np.int64)  # [T, L, K]
     T, L, K = ids.shape
-    E = trace.num_experts
+    E_all = trace.num_experts
+    E = E_all if real_experts is None else int(real_experts)
     layer = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
-    counts = np.bincount((layer * E + ids).ravel(), minlength=L * E).reshape(L, E).astype(float)
-    frequency = counts / max(T, 1)  # [L, E]
+    counts = np.bincount((layer * E_all + ids).ravel(), minlength=L * E_all).reshape(L, E_all).astype(float)
+    frequency = counts[:, :E] / max(T, 1)  # [L, E] real experts only
     if trace.gate_weights is not None:
-        gsum = np.bincount((layer * E + ids).ravel(), weights=trace.gate_weights.astype(float).ravel(),
-                           minlength=L * E).reshape(L, E)
-        importance = gsum / max(T, 1)  # = frequency x mean gate weight
+        gsum = np.bincount((layer * E_all + ids).ravel(), weights=trace.gate_weights.astype(float).ravel(),
+                           minlength=L * E_all).reshape(L, E_all)
+        importance = gsum[:, :E] / max(T, 1)  # = frequency x mean gate weight
     else:
         importance = frequency / K
     order = np.argsort(-frequency, axis=1, kind="stable")  # [L, E]
@@ -152,17 +161,18 @@ def planning_stats(trace: Trace, *, pinned_points: int = 9, max_work: float = 1.
     hit = np.zeros((L, len(grid), E + 1))
     sids = short.expert_ids.astype(np.int64)  # [T', L, K]
     dist = np.empty((len(grid),) + sids.shape, np.int32)  # [P, T', L, K]
+    zero = list(range(E, E_all))  # zero-computation experts: always present, never cached
     for i, p in enumerate(grid):
-        pinned = [order[l, :p].tolist() for l in range(L)]
-        d = lru_stack_distances(sids, E, seq_lens=short.seq_lens, pinned=pinned)
-        hit[:, i, :] = curve_from_distances(d, E)[0]
+        pinned = [order[l, :p].tolist() + zero for l in range(L)]
+        d = lru_stack_distances(sids, E_all, seq_lens=short.seq_lens, pinned=pinned)
+        hit[:, i, :] = curve_from_distances(d, E_all)[0][:, :E + 1]
         dist[i] = np.minimum(d, E + 1)  # cold misses: a distance no cache reaches
-    rank_of = np.empty((L, E), np.int64)
+    rank_of = np.full((L, E_all), -1, np.int64)  # -1: a zero-computation expert (free)
     rank_of[np.arange(L)[:, None], order] = np.arange(E)[None, :]
     access_rank = rank_of[np.arange(L)[None, :, None], sids].astype(np.int32)  # [T', L, K]
     predictability = np.zeros(L)
     if L > 1:
-        predictability[1:] = next_layer_predictability(ids, E, seq_lens=trace.seq_lens).recall
+        predictability[1:] = next_layer_predictability(ids, E_all, seq_lens=trace.seq_lens).recall
     return PlanningStats(frequency=frequency, importance=importance, pinned_grid=grid, hit=hit,
                          predictability=predictability, order=order, source=trace.source,
                          access_rank=access_rank, access_dist=dist)
@@ -383,12 +393,12 @@ def _expected_max(hist: np.ndarray, mode: str, t_res: float, t_off: float, t_cpu
 
     A token waits for the slowest resource it uses, so the layer lasts
     ``E_t[max(device_t + stall_t, cpu_t, link_t)]``, not the max of the averages: an expert
-    the CPU runs for one token in ten still stalls that token. ``hist[n_res, n_hit]`` is the
-    share of tokens with that many resident and cache-hit experts (the rest miss).
+    the CPU runs for one token in ten still stalls that token. ``hist[n_res, n_hit, n_miss]`` is the
+    share of tokens with that many resident, cache-hit and missed experts (zero-computation
+    experts are none of them: they cost nothing).
     """
     K = hist.shape[0] - 1
-    n_res, n_hit = np.meshgrid(np.arange(K + 1), np.arange(K + 1), indexing="ij")
-    n_miss = np.maximum(K - n_res - n_hit, 0)
+    n_res, n_hit, n_miss = np.meshgrid(np.arange(K + 1), np.arange(K + 1), np.arange(K + 1), indexing="ij")
     dev = n_res * t_res
     if mode == "fetch":
         dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, n_miss * x
@@ -397,7 +407,7 @@ def _expected_max(hist: np.ndarray, mode: str, t_res: float, t_off: float, t_cpu
     elif mode == "hybrid":
         dev, cpu, miss_x = dev + n_hit * t_off, n_miss * t_cpu, n_miss * x
     else:  # stream: all offloaded experts cross the link every step, used or not
-        dev, cpu, miss_x = dev + (K - n_res) * t_off, 0.0, np.full_like(dev, n_off * x, dtype=float)
+        dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, np.full_like(dev, n_off * x, dtype=float)
     stalls = mode in ("fetch", "stream")
     out = []
     for prefetch in (False, True):

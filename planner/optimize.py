@@ -106,7 +106,14 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     profile, hw = load_profile(req.hardware)
     model = load_model(req.model)
     trace = req.trace if req.trace is not None else _default_trace(model)
-    stats = planning_stats(trace)
+    zero = model.zero_experts.count if model.zero_experts else 0
+    if trace.num_experts not in (model.num_experts, model.num_experts + zero):
+        raise InputError("the workload does not match the model", key="--trace",
+                         value=f"{trace.num_layers} layers x {trace.num_experts} experts",
+                         expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts"
+                                  + (f" (+{zero} zero-computation)" if zero else "") + f" ({model.name})",
+                         fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+    stats = planning_stats(trace, real_experts=model.num_experts)
     t_stats = time.perf_counter()
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,

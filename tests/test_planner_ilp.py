@@ -178,3 +178,28 @@ def test_cbc_finds_the_same_optimum_as_highs(tmp_path):
     cbc = solve(problem, prefetch=False, solver="cbc", gap=0.0)
     assert cbc.objective_s == pytest.approx(highs.objective_s, rel=1e-9)
     assert cbc.solver == "cbc"
+
+
+def test_zero_computation_experts_cost_nothing(tmp_path):
+    """Routing to a zero-computation expert (ids >= E) is free: adding one such pick to every
+    token leaves the plan's time unchanged, and plans cover the real experts only."""
+    from profiles.workload.trace import Trace
+
+    hw_file = tmp_path / "hw.yaml"
+    hw_file.write_text(TINY_HW.replace("{hbm}", "200000").replace("{dram}", "600000"))
+    _, hw = load_profile(hw_file)
+    model = load_model("tests/data/configs/longcat_flash")  # 8 real + 4 zero experts per MoE layer
+    real = generate(SyntheticWorkload(num_layers=model.num_moe_layers, num_experts=8, top_k=2, num_sequences=6,
+                                      prompt_tokens=30, output_tokens=10, seed=2))
+    zero_pick = 8 + (np.arange(real.num_tokens) % 4)  # a zero expert per token, cycling through all four
+    ids = np.concatenate([real.expert_ids, np.repeat(zero_pick[:, None, None], model.num_moe_layers, axis=1)], axis=2)
+    with_zero = Trace(expert_ids=ids, seq_lens=real.seq_lens.copy(), phase=real.phase.copy(), num_experts=12,
+                      layer_map=real.layer_map)
+    objectives = []
+    for trace in (real, with_zero):
+        stats = planning_stats(trace, real_experts=8)
+        assert stats.frequency.shape == (model.num_moe_layers, 8)
+        s = dataclasses.replace(make_setup(hw, model, stats, batch_size=1, context_tokens=64,
+                                           formats=("bf16", "int8", "int4")), device_reserve=(0, 0), host_reserve=(0, 0))
+        objectives.append(solve(build_problem(s, None), prefetch=False, gap=0.0).objective_s)
+    assert objectives[1] == pytest.approx(objectives[0], rel=1e-12)
