@@ -19,10 +19,10 @@ from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINES, Baseline
-from .costs import (DEFAULT_FORMATS, MODES, QUANT_ERROR, PlanningStats, Setup, fixed_costs,
-                    option_costs, planning_stats, step_time)
+from .costs import DEFAULT_FORMATS, MODES, QUANT_ERROR, Setup, fixed_costs, option_costs, step_time
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
+from .workload_view import PlanningStats, planning_stats
 
 __all__ = ["OptimizeRequest", "OptimizeResult", "optimize", "make_setup", "DEFAULT_HARDWARE", "DEFAULT_MODEL"]
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from planner.baselines import BASELINES
-from planner.costs import Setup, planning_stats
+from planner.costs import Setup
+from planner.workload_view import planning_stats
 from planner.ilp import _feasible, build_problem, pareto_front, solve
 from planner.optimize import OptimizeRequest, make_setup, optimize
 from planner.plan import load_plan
