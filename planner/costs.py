@@ -207,7 +207,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     dev_c = {fm: cum(act * s.call_s(s.compute, fm, tokens)) for fm in s.formats}
     cpu_c = {fm: cum(act * s.call_s(s.host, fm, tokens)) for fm in s.formats}
     err_c = {fm: cum(w * s.quant_error[fm]) for fm in s.formats}
-    xfer = {(hi, fm): s.transfer_s(home, s.expert_bytes(fm)) for hi, home in enumerate(s.homes) for fm in s.formats}
+    eb = {fm: s.expert_bytes(fm) for fm in s.formats}
+    xfer = {(hi, fm): s.transfer_s(home, eb[fm]) for hi, home in enumerate(s.homes) for fm in s.formats}
 
     r = float(st.predictability[layer])
     per_token = B == 1 and st.access_rank is not None
@@ -220,15 +221,15 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
         n_off = E - p
         res_G = dev_c[br][p]
         err = err_c[br][p] + err_c[bo][E] - err_c[bo][p]
-        dev_bytes = p * s.expert_bytes(br) + c * s.expert_bytes(bo)
+        dev_bytes = p * eb[br] + c * eb[bo]
         if n_off == 0:
             out[i] = (res_G, 0.0, 0.0, dev_bytes, 0.0, err, res_G, res_G)
             continue
         off_G = dev_c[bo][E] - dev_c[bo][p]
         off_U = cpu_c[bo][E] - cpu_c[bo][p] + actx_c[E] - actx_c[p]
         x = xfer[(hi, bo)]
-        miss = (act_c[E] - act_c[p]) * (1 - st.hit_rate(layer, p, c))  # expected fetches per step
         h = st.hit_rate(layer, p, c)
+        miss = (act_c[E] - act_c[p]) * (1 - h)  # expected fetches per step
         name = MODES[mode]
         if name == "fetch":  # every miss waits for its weights
             G, U, F = res_G + off_G, 0.0, miss * x
@@ -239,11 +240,11 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
         else:  # stream: every offloaded expert of the layer crosses the link each step
             G, U, F = res_G + off_G, 0.0, n_off * x
         if per_token:
-            tau0, tau1 = _expected_max(st.token_histogram(layer, p, c), name, one[br][0], one[bo][0], one[bo][1] + ax1,
+            tau0, tau1 = _expected_max(st.token_outcomes(layer, p, c), name, one[br][0], one[bo][0], one[bo][1] + ax1,
                                        x, n_off, r)
         else:
             tau0, tau1 = (_averaged_max(G, U, F, name, r, pf) for pf in (False, True))
-        out[i] = (G, U, F, dev_bytes, n_off * s.expert_bytes(bo), err, tau0, tau1)
+        out[i] = (G, U, F, dev_bytes, n_off * eb[bo], err, tau0, tau1)
     return OptionTable(p=specs[:, 0].copy(), b_res=specs[:, 1].copy(), c=specs[:, 2].copy(),
                        b_off=specs[:, 3].copy(), home=specs[:, 4].copy(), mode=specs[:, 5].copy(),
                        G=out[:, 0], U=out[:, 1], F=out[:, 2], dev_bytes=out[:, 3], home_bytes=out[:, 4],
@@ -262,18 +263,17 @@ def _averaged_max(G: float, U: float, F: float, mode: str, r: float, prefetch: b
     return max(G + (1 - pi_r) * stall, U, link)
 
 
-def _expected_max(hist: np.ndarray, mode: str, t_res: float, t_off: float, t_cpu: float, x: float, n_off: int,
-                  r: float) -> tuple[float, float]:
+def _expected_max(outcomes: tuple[np.ndarray, ...], mode: str, t_res: float, t_off: float, t_cpu: float,
+                  x: float, n_off: int, r: float) -> tuple[float, float]:
     """Expected seconds of one token's layer at batch 1, without and with prefetch.
 
     A token waits for the slowest resource it uses, so the layer lasts
     ``E_t[max(device_t + stall_t, cpu_t, link_t)]``, not the max of the averages: an expert
-    the CPU runs for one token in ten still stalls that token. ``hist[n_res, n_hit, n_miss]`` is the
-    share of tokens with that many resident, cache-hit and missed experts (zero-computation
-    experts are none of them: they cost nothing).
+    the CPU runs for one token in ten still stalls that token. ``outcomes`` are the
+    workload's distinct (resident, hit, miss) counts per token with their shares
+    (:meth:`PlanningStats.token_outcomes`).
     """
-    K = hist.shape[0] - 1
-    n_res, n_hit, n_miss = np.meshgrid(np.arange(K + 1), np.arange(K + 1), np.arange(K + 1), indexing="ij")
+    n_res, n_hit, n_miss, share = outcomes
     dev = n_res * t_res
     if mode == "fetch":
         dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, n_miss * x
@@ -282,14 +282,14 @@ def _expected_max(hist: np.ndarray, mode: str, t_res: float, t_off: float, t_cpu
     elif mode == "hybrid":
         dev, cpu, miss_x = dev + n_hit * t_off, n_miss * t_cpu, n_miss * x
     else:  # stream: all offloaded experts cross the link every step, used or not
-        dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, np.full_like(dev, n_off * x, dtype=float)
+        dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, np.full(dev.shape, n_off * x)
     stalls = mode in ("fetch", "stream")
     out = []
     for prefetch in (False, True):
         pi_r = r if prefetch and mode != "stream" else 0.0
         link = (1 - pi_r) * miss_x + (miss_x if prefetch and mode != "stream" else 0.0)
         time = np.maximum(np.maximum(dev + (1 - pi_r) * (miss_x if stalls else 0.0), cpu), link)
-        out.append(float((hist * time).sum()))
+        out.append(float(np.dot(share, time)))
     return out[0], out[1]
 
 

@@ -51,11 +51,13 @@ class PlanningStats:
     def num_experts(self) -> int:
         return int(self.frequency.shape[1])
 
-    def token_histogram(self, layer: int, pinned: int, slots: int) -> np.ndarray:
-        """``[K+1, K+1, K+1]`` share of tokens with (resident, cache-hit, miss) expert counts at
-        ``layer`` when the top-``pinned`` experts are resident and ``slots`` LRU slots serve the
-        rest (zero-computation experts are free: none of the three).
+    def token_outcomes(self, layer: int, pinned: int, slots: int) -> tuple[np.ndarray, ...]:
+        """The distinct per-token cache outcomes at ``layer`` and their shares, when the
+        top-``pinned`` experts are resident and ``slots`` LRU slots serve the rest.
 
+        Returns ``(n_res, n_hit, n_miss, share)``, four ``[N]`` arrays: how many of a token's
+        experts are resident, hit the cache and miss it (zero-computation experts are none of
+        the three: they are free), and the share of tokens with that outcome.
         Residency is exact for any ``pinned``; hits use the stack distances measured with the
         nearest grid point at or below ``pinned`` pinned (fewer pinned: no more hits).
         """
@@ -70,8 +72,9 @@ class PlanningStats:
             hit = real & ~resident & (dist >= 0) & (dist < slots)
             miss = real & ~resident & ~hit
             cell = (resident.sum(axis=1) * (K + 1) + hit.sum(axis=1)) * (K + 1) + miss.sum(axis=1)
-            hist = np.bincount(cell, minlength=(K + 1) ** 3).reshape(K + 1, K + 1, K + 1)
-            self._histograms[key] = hist / max(len(cell), 1)
+            cells, counts = np.unique(cell, return_counts=True)
+            self._histograms[key] = (cells // (K + 1) ** 2, cells // (K + 1) % (K + 1), cells % (K + 1),
+                                     counts / max(len(cell), 1))
         return self._histograms[key]
 
     def hit_rate(self, layer: int, pinned: int, slots: int) -> float:
