@@ -1,7 +1,9 @@
 """`planner trace`: routing traces and workload statistics.
 
-Subcommands here: ``stats`` (per-layer statistics, hit-rate curves, plots) and ``import``
-(turn others' routing data into a trace or aggregate ``.npz``). The library does the work
+Subcommands: ``stats`` (per-layer statistics, hit-rate curves, plots), ``import`` (turn
+others' routing data into a trace or aggregate ``.npz``), ``synth`` (a synthetic trace:
+calibrated to real data, a model's default, or from explicit knobs) and ``record`` (run an
+HF model and record its routing; :mod:`.trace_record`). The library does the work
 (:mod:`profiles.workload`); these commands parse options and print.
 """
 
@@ -18,10 +20,14 @@ from rich import box
 from rich.table import Table
 
 from profiles.errors import InputError
+from profiles.models import load_model
 from profiles.workload.aggregate import AggregateWorkload, save_aggregate
+from profiles.workload.calibrate import CalibrationReport, calibrate
+from profiles.workload.defaults import DEFAULT_TOKENS, default_knobs, defaults_for
 from profiles.workload.hitrate import POLICIES
 from profiles.workload.importers import detect_format, load_workload
 from profiles.workload.stats import WorkloadStats, compute_stats, default_cache_sizes
+from profiles.workload.synthetic import SyntheticWorkload, generate
 from profiles.workload.trace import Trace, save_trace
 
 from ..output import get_output, to_jsonable
@@ -63,6 +69,9 @@ def trace() -> None:
       planner trace stats ../shared/traces/esft-deepseek-v2-lite/routing_top6.npz --task summary
       planner trace stats my_trace.npz --cache-sizes 4,8,16 --report out/
       planner trace import dump.pt sglang_counts.npz
+      planner trace synth --like ../shared/traces/esft-deepseek-v2-lite/routing_top6.npz --task law --out law.npz
+      planner trace synth --model deepseek-v3 --out v3.npz
+      planner trace record --model ./OLMoE-1B-7B --prompts prompts.txt --out olmoe.npz
     """
 
 
@@ -164,6 +173,129 @@ def import_cmd(source: Path, output: Path, task: str | None, top_k: int | None, 
             f"{k}={v}" for k, v in data.items() if k not in ("written", "kind", "format") and v not in (None, []))))
 
 
+@trace.command("synth")
+@click.option("--like", "like", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibrate the knobs to this trace or aggregate (any format `trace import` reads).")
+@click.option("--task", help="Task of a multi-task --like file (ESFT task, OLMoE model/domain, subject), or 'all'.")
+@click.option("--model", "model_name",
+              help="Model preset or config.json: the shape (layers, experts, top-k, shared/zero experts); "
+                   "without --like, its default workload's knobs.")
+@click.option("--layers", type=click.IntRange(min=1), help="MoE layers (without --model / --like).")
+@click.option("--experts", type=click.IntRange(min=1), help="Routed experts per layer (without --model / --like).")
+@click.option("--top-k", type=click.IntRange(min=1), help="Experts per token (or for an aggregate without it).")
+@click.option("--skew", help="Log-normal σ of the per-layer selection shares: one value, or one per layer "
+                             "(comma-separated); 0 = uniform.")
+@click.option("--temporal", type=float, help="Chance in [0, 1] that each of the previous token's experts is reused.")
+@click.option("--affinity", type=float, help="Weight in [0, 1] of the token's type at every layer (inter-layer "
+                                             "affinity).")
+@click.option("--popularity", type=click.Choice(["measured", "lognormal"]), default="measured", show_default=True,
+              help="With --like: per-expert measured shares, or the fitted log-normal σ per layer.")
+@click.option("--sequences", type=click.IntRange(min=1),
+              help=f"Sequences [default: --like: the target's tokens (at most 32,768); else {DEFAULT_TOKENS} "
+                   f"tokens].")
+@click.option("--prompt-tokens", type=click.IntRange(min=0), help="Prefill tokens per sequence [default: 48].")
+@click.option("--output-tokens", type=click.IntRange(min=0), help="Decode tokens per sequence [default: 16].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random draw.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Trace file to write (.npz).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@common_options
+def synth_cmd(like: Path | None, task: str | None, model_name: str | None, layers: int | None, experts: int | None,
+              top_k: int | None, skew: str | None, temporal: float | None, affinity: float | None, popularity: str,
+              sequences: int | None, prompt_tokens: int | None, output_tokens: int | None, seed: int,
+              out_path: Path, force: bool) -> None:
+    """Write a synthetic routing trace: calibrated to real data, a model's default, or explicit knobs.
+
+    \b
+    --like FILE   fit the knobs to a trace (frequency per layer, LRU hit rate at 2K slots,
+                  next-layer predictability) or to an aggregate (frequency; affinity from
+                  cross-layer counts when present) and print target vs achieved
+    --model NAME  the model's default workload (knobs calibrated on its family's public
+                  routing data; `planner trace synth --model NAME --json` shows the provenance)
+    otherwise     --layers, --experts and --top-k with any knobs
+
+    Knob options override the calibrated or default values. The same options and seed
+    always give the same file.
+    """
+    out = get_output()
+    for key, value in (("--temporal", temporal), ("--affinity", affinity)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise InputError("out of range", key=key, value=value, expected="a number in [0, 1]",
+                             fix=f"pass e.g. {key} 0.2")
+    if out_path.suffix.lower() != ".npz":
+        raise InputError("the output must be a .npz file", key="--out", value=str(out_path),
+                         expected="a name ending in .npz", fix=f"write to {out_path.with_suffix('.npz')}")
+    if out_path.is_dir():
+        raise InputError("output path is a directory", file=out_path, expected="a file name such as synth.npz",
+                         fix="name a file inside it, e.g. --out DIR/synth.npz")
+    if out_path.exists() and not force:
+        raise InputError("output file exists", file=out_path, fix="pass --force to overwrite it, or choose another --out")
+    spec = load_model(model_name) if model_name else None
+    shape = {k: v for k, v in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)) if v is not None}
+    data: dict[str, Any] = {}
+    report: CalibrationReport | None = None
+    if like is not None:
+        for key, value in (("--layers", layers), ("--experts", experts)):
+            if value is not None:
+                raise InputError(f"{key} cannot be combined with --like", key=key, value=value,
+                                 expected="the shape of the --like data", fix=f"drop {key} (or --like)")
+        target = load_workload(like, task, top_k=top_k)
+        w, report = calibrate(target, model=spec, prompt_tokens=shape.get("prompt_tokens", 48),
+                              output_tokens=shape.get("output_tokens", 16), num_sequences=sequences, seed=seed,
+                              popularity=popularity, top_k=top_k)
+        data["calibration"] = report.to_dict()
+    elif spec is not None:
+        for key, value in (("--layers", layers), ("--experts", experts), ("--top-k", top_k)):
+            if value is not None:
+                raise InputError(f"{key} cannot be combined with --model", key=key, value=value,
+                                 expected="the model's own shape", fix=f"drop {key} (or --model)")
+        w = default_knobs(spec, seed=seed)
+        P = shape.get("prompt_tokens", w.prompt_tokens) + shape.get("output_tokens", w.output_tokens)
+        w = w.with_(**shape, num_sequences=sequences or max(1, -(-DEFAULT_TOKENS // max(1, P))))
+        defaults = defaults_for(spec)
+        data["defaults"] = {"file": defaults.path.name, "family": defaults.family, **defaults.provenance}
+    else:
+        missing = [k for k, v in (("--layers", layers), ("--experts", experts), ("--top-k", top_k)) if v is None]
+        if missing:
+            raise InputError("no shape for the synthetic trace", key=missing[0],
+                             expected="--like FILE, --model PRESET, or all of --layers, --experts, --top-k",
+                             fix="pass e.g. --model mixtral-8x7b, or --layers 32 --experts 8 --top-k 2")
+        P = shape.get("prompt_tokens", 48) + shape.get("output_tokens", 16)
+        w = SyntheticWorkload(num_layers=layers, num_experts=experts, top_k=top_k, seed=seed,
+                              prompt_tokens=shape.get("prompt_tokens", 48), output_tokens=shape.get("output_tokens", 16),
+                              num_sequences=sequences or max(1, -(-DEFAULT_TOKENS // max(1, P))))
+    overrides: dict[str, Any] = {}
+    if skew is not None:
+        overrides["skew"] = _parse_skew(skew, w.num_layers)
+        overrides["popularity"] = None
+    if temporal is not None:
+        overrides["temporal"] = temporal
+    if affinity is not None:
+        overrides["affinity"] = affinity
+    if overrides:
+        w = w.with_(**overrides)
+    trace = generate(w)
+    save_trace(trace, out_path)
+    data = {"written": str(out_path), "tokens": trace.num_tokens, "sequences": int(len(trace.seq_lens)),
+            "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens, "moe_layers": trace.num_layers,
+            "experts": trace.num_experts, "top_k": trace.top_k, "model": trace.model,
+            "knobs": {"temporal": w.temporal, "affinity": w.affinity,
+                      "skew": "measured per expert" if w.popularity is not None else w.skew, "seed": w.seed},
+            "overridden": sorted(k for k in overrides if k != "popularity"), **data}
+    out.emit(data, lambda console: _render_synth(console, data, report))
+
+
+def _parse_skew(text: str, num_layers: int) -> float | tuple[float, ...]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError("skew must be numbers", key="--skew", value=text,
+                         expected="one σ, or one per layer, comma-separated", fix="pass e.g. --skew 0.7") from None
+    if len(values) not in (1, num_layers):
+        raise InputError("wrong number of skew values", key="--skew", value=len(values),
+                         expected=f"1 or {num_layers} (one per MoE layer)", fix="pass one σ for all layers")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -231,6 +363,39 @@ def _render_aggregate(console: Console, data: dict[str, Any], sizes: list[int]) 
         console.print(f"report: {data['report']['dir']}")
 
 
+def _render_synth(console: Console, data: dict[str, Any], report: CalibrationReport | None) -> None:
+    knobs = data["knobs"]
+    skew = knobs["skew"]
+    if isinstance(skew, (list, tuple)):
+        skew = f"{min(skew):.2f}..{max(skew):.2f} per layer"
+    console.print(f"wrote {data['written']}: {data['tokens']} tokens ({data['sequences']} sequences of "
+                  f"{data['prompt_tokens']} + {data['output_tokens']}), {data['moe_layers']} MoE layers, "
+                  f"top-{data['top_k']} of {data['experts']} experts")
+    console.print(f"knobs: temporal {knobs['temporal']:.3f}, affinity {knobs['affinity']:.3f}, skew {skew}, "
+                  f"seed {knobs['seed']}" + (f" (from the command line: {', '.join(data['overridden'])})"
+                                             if data["overridden"] else ""))
+    if "defaults" in data:
+        d = data["defaults"]
+        console.print(f"default workload {d['file']}: {d.get('calibrated_from', '')}")
+        for note in d.get("notes", []):
+            console.print(f"  note: {note}")
+    if report is not None:
+        source = report.source if len(report.source) <= 100 else report.source[:97] + "..."
+        console.print(f"calibrated to {source} ({report.kind}, {report.search_steps} search steps, achieved "
+                      f"figures from {report.achieved_tokens} tokens):")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for name, justify in (("figure", "left"), ("target", "right"), ("achieved", "right"), ("", "left")):
+            table.add_column(name, justify=justify, no_wrap=True)
+        for f in report.figures:
+            how = f"fitted ({f.knob})" if f.role == "fitted" else f.role
+            table.add_row(f.name, _fmt(f.target), _fmt(f.achieved), how)
+        console.print(table)
+        for note in report.notes:
+            console.print(f"note: {note}")
+        if data["overridden"]:
+            console.print("note: the figures are those of the calibrated knobs, before the command-line overrides")
+
+
 # ----------------------------------------------------------------------------- reports
 
 
@@ -274,8 +439,6 @@ def _write_aggregate_report(agg: AggregateWorkload, data: dict[str, Any], report
     return meta
 
 
-from .trace_record import record  # noqa: E402  (attached after the group exists)
-from .trace_synth import synth  # noqa: E402
+from .trace_record import record  # noqa: E402  (a command of this group, in its own module)
 
 trace.add_command(record)
-trace.add_command(synth)
