@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from _provenance import provenance  # benchmarks/ is on sys.path when a script runs
 from planner.costs import MODES, QUANT_ERROR
 from planner.optimize import OptimizeRequest, OptimizeResult, optimize
 from planner.report import layer_breakdown
@@ -236,25 +233,6 @@ def run_case(model: str, profile: str, budget_name: str, trace: Trace) -> dict:
     return case
 
 
-def _git() -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("numpy", "pulp", "highspy", "moe-planner"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def _geomean(xs: list[float]) -> float | None:
     return float(math.exp(np.mean(np.log(xs)))) if xs else None
 
@@ -350,11 +328,7 @@ def main() -> None:
                 cases.append(case)
                 print(_table([case]).splitlines()[-1], file=sys.stderr, flush=True)
     record = {
-        "benchmark": "optimize", "git": _git(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(),
-                    "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
-        "versions": _versions(),
+        "benchmark": "optimize", **provenance(("numpy", "pulp", "highspy")),
         "settings": {"objective": "latency", "batch_size": 1, "context_tokens": 4096, "time_limit_s": TIME_LIMIT_S,
                      "solver": "highs", "formats": ["bf16", "int8", "int4"], "budgets": BUDGETS,
                      "target_speedup": TARGET_SPEEDUP},

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from _provenance import provenance  # benchmarks/ is on sys.path when a script runs
 from profiles.workload import hitrate, stats
 from profiles.workload.importers import import_esft
 from profiles.workload.trace import Trace
@@ -79,14 +76,6 @@ def _naive_lru_hits(seq: np.ndarray, slots: int) -> int:
     return hits
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is kept")
@@ -129,11 +118,7 @@ def main() -> None:
                                         for p in result.hit_rates.curves},
     }
     record = {
-        "benchmark": "trace_stats", "git_sha": _git_sha(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(),
-                    "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
-        "versions": {"python": sys.version.split()[0], "numpy": np.__version__},
+        "benchmark": "trace_stats", **provenance(),
         "repeat": args.repeat, "figures": figures,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

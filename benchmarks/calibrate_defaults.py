@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from _provenance import provenance  # benchmarks/ is on sys.path when a script runs
 from profiles.models import bundled_models, load_model
 from profiles.workload.aggregate import AggregateWorkload
 from profiles.workload.calibrate import CalibrationReport, calibrate, fit_lognormal_skew
@@ -279,14 +277,6 @@ def _dumps(data: Any) -> str:
     return re.sub(r"\[\s*(-?[\d.eE+-]+),\s*(-?[\d.eE+-]+)\s*\]", r"[\1, \2]", text) + "\n"
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traces", type=Path, default=ROOT / ".." / "shared" / "traces")
@@ -301,10 +291,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (args.out / f"{name}.json").write_text(_dumps(data))
-    import numpy
-    results = {"git_sha": _git_sha(), "machine": platform.machine(), "processor": platform.processor(),
-               "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": numpy.__version__,
-               "seconds": round(time.perf_counter() - t0, 1), "calibrations": log,
+    results = {**provenance(), "seconds": round(time.perf_counter() - t0, 1), "calibrations": log,
                "defaults": {n: {"temporal": d["knobs"]["temporal"], "affinity": d["knobs"]["affinity"],
                                 "calibrated_from": d["provenance"]["calibrated_from"]} for n, d in files.items()}}
     args.results.parent.mkdir(parents=True, exist_ok=True)
