@@ -47,14 +47,7 @@ def plot_hit_rate_curves(curves: Mapping[str, np.ndarray], path: str | Path, *, 
     ax.set_xlim(0, max(curve.shape[1] - 1 for curve in curves.values()) if curves else 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, title)
 
 
 def plot_frequency_heatmap(frequency: np.ndarray, path: str | Path, *, title: str = "",
@@ -80,6 +73,11 @@ def plot_frequency_heatmap(frequency: np.ndarray, path: str | Path, *, title: st
         ax.set_yticks(range(L))
         ax.set_yticklabels([str(x) for x in layer_labels], fontsize=6)
     fig.colorbar(im, ax=ax, label="share of the layer's selections")
+    return _save(plt, fig, ax, path, title)
+
+
+def _save(plt, fig, ax, path: str | Path, title: str) -> Path:
+    """Title, tight layout, write the PNG (creating its folder), close the figure."""
     if title:
         ax.set_title(title)
     fig.tight_layout()
