@@ -128,6 +128,7 @@ class Plan(BaseModel):
     context_tokens: int = Field(ge=1)
     compute_device: str
     host_device: str
+    dense_format: str = "bf16"  # attention, shared experts and dense layers
     prefetch: Literal["none", "next-layer", "oracle"] = "none"
     eviction: Literal["lru", "lfu", "static", "belady"] = "lru"
     quality_budget: float | None = None

@@ -15,10 +15,15 @@ The planner takes expectations of these; the simulator plays them out with conte
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .formats import get_format
 from .hardware import Device
 
-__all__ = ["compute_format", "expert_call_s", "dense_call_s"]
+if TYPE_CHECKING:
+    from .models import ModelSpec
+
+__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s"]
 
 # formats a device falls back to when it has no peak for the stored format, widest last
 _FALLBACK = ("bf16", "fp16", "fp32")
@@ -61,3 +66,22 @@ def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flop
 def dense_call_s(device: Device, weight_bytes: float, flops: float, tokens: float, fmt: str = "bf16") -> float:
     """Seconds for a dense (non-expert) block on ``device``: the same roofline, one call."""
     return expert_call_s(device, fmt, weight_bytes, flops, tokens)
+
+
+def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_bytes: float) -> float:
+    """Seconds of the dense (non-expert) work of one forward step of ``tokens`` tokens.
+
+    Every dense weight (attention, shared experts, dense layers, head) is read once and used
+    by every token: one roofline call over ``dense_bytes(fmt)`` and ``2 * tokens * dense_params``
+    FLOPs; attention reads the whole KV cache (``kv_bytes``, all sequences of the step) once;
+    each hidden layer launches two kernels (attention, dense/shared MLP).
+    """
+    weights_s = expert_call_s(device, fmt, float(model.dense_bytes(fmt)), 2.0 * tokens * model.dense_params, tokens)
+    kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
+    launches_s = 2 * model.num_hidden_layers * device.launch_overhead_s
+    return weights_s + kv_read_s + launches_s
+
+
+def activation_bytes(model: ModelSpec, tokens: float) -> float:
+    """Bytes of ``tokens`` hidden states in bf16: what crosses a link when an expert runs elsewhere."""
+    return tokens * model.hidden_size * 2.0

@@ -7,8 +7,9 @@ import click
 from .models import models
 from .optimize import optimize_cmd
 from .profiles import profiles
+from .simulate import simulate_cmd
 from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [optimize_cmd, profiles, models, trace]
+COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, profiles, models, trace]

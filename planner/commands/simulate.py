@@ -1,0 +1,142 @@
+"""`planner simulate`: replay a workload under a plan in the discrete-event simulator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from profiles.errors import InputError
+from profiles.units import format_time
+
+from ..output import get_output
+from ._common import common_options
+
+__all__ = ["plan_inputs", "simulate_cmd"]
+
+
+def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str | None, task: str | None):
+    """The hardware, model and workload to simulate ``plan`` on: the given ones, else the plan's own.
+
+    Returns ``(hardware, model, trace, warnings)``; a warning says when a given input is not
+    the one the plan was made from (its digest differs).
+    """
+    from profiles.hardware import load_profile
+    from profiles.models import load_model
+
+    from ..optimize import _array_digest, _default_trace
+    from ..plan import digest
+    from .optimize import _load_trace
+
+    warnings = []
+    try:
+        profile, hw = load_profile(hardware or plan.inputs.hardware)
+    except InputError:
+        if hardware:
+            raise
+        raise InputError("the plan's hardware profile is not a bundled one", key="inputs.hardware",
+                         value=plan.inputs.hardware, fix="pass --hardware with the profile's YAML file") from None
+    if digest(profile.model_dump(mode="json")) != plan.inputs.hardware_digest:
+        warnings.append(f"hardware {hw.name} differs from the profile the plan was made for")
+    spec = load_model(model or plan.inputs.model)
+    trace = _load_trace(trace_path, task) if trace_path else _default_trace(spec)
+    if _array_digest(trace) != plan.inputs.workload_digest:
+        warnings.append(f"workload {trace.source or trace_path} is not the one the plan was made from")
+    return hw, spec, trace, warnings
+
+
+@click.command("simulate")
+@click.option("--plan", "-p", "plan_path", required=True, type=click.Path(dir_okay=False),
+              help="plan.json written by planner optimize.")
+@click.option("--hardware", "-H", help="Hardware profile (default: the plan's).")
+@click.option("--model", "-m", help="Model (default: the plan's).")
+@click.option("--trace", "-t", "trace_path", type=click.Path(dir_okay=False),
+              help="Routing trace to replay (default: the model's default workload).")
+@click.option("--task", help="Task inside a multi-task trace file.")
+@click.option("--requests", "-n", type=click.IntRange(min=1), help="Requests to replay (default: every "
+              "sequence of the trace; more wrap around).")
+@click.option("--arrival-rate", type=click.FloatRange(min=0, min_open=True),
+              help="Poisson arrivals, requests per second (default: all at t = 0).")
+@click.option("--batch", type=click.IntRange(min=1), help="Most requests running at once (default: the plan's).")
+@click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
+@click.option("--eviction", help="Cache eviction: lru, lfu, score, static, belady (default: the plan's).")
+@click.option("--prefetch", help="Prefetch: none, next-layer, transition, oracle (default: the plan's).")
+@click.option("--prefetch-accuracy", type=click.FloatRange(0, 1),
+              help="next-layer predictor accuracy (default: the workload's next-layer predictability).")
+@click.option("--miss", default="plan", show_default=True,
+              help="Miss handling: plan, fiddler (CPU when faster), hobbit (low-bit copy for low-gate experts).")
+@click.option("--kv-context", type=click.Choice(["actual", "plan"]), default="actual", show_default=True,
+              help="KV cache read per step: each request's real context, or the plan's context length.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the metrics JSON here.")
+@click.option("--trace-out", type=click.Path(dir_okay=False),
+              help="Write a Chrome/Perfetto trace of every kernel and transfer here.")
+@click.option("--plots", type=click.Path(file_okay=False), help="Write utilisation and per-layer PNGs here.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@common_options
+def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival_rate, batch, batching, eviction,
+                 prefetch, prefetch_accuracy, miss, kv_context, seed, out, trace_out, plots, force) -> None:
+    """Replay a workload on the hardware under a plan: tok/s, TTFT/TPOT, hit rates, link bytes.
+
+    \b
+    Examples:
+      planner optimize --out plan.json && planner simulate --plan plan.json
+      planner simulate -p plan.json --requests 64 --arrival-rate 2 --batch 8
+      planner simulate -p plan.json --eviction belady --prefetch oracle --trace-out trace.json
+    """
+    from simulator.engine import SimConfig, simulate
+
+    from ..plan import load_plan
+
+    for path in (out, trace_out):
+        if path and Path(path).exists() and not force:
+            raise InputError("output file exists", file=path, fix="pass --force to overwrite it, or choose another path")
+    plan = load_plan(plan_path)
+    hw, spec, trace, warnings = plan_inputs(plan, hardware, model, trace_path, task)
+    config = SimConfig(batch_size=batch, requests=requests, arrival_rate_per_s=arrival_rate, batching=batching,
+                       eviction=eviction, prefetch=prefetch, miss=miss, prefetch_accuracy=prefetch_accuracy,
+                       kv_context=kv_context, seed=seed, record=bool(trace_out))
+    output = get_output()
+    for w in warnings:
+        output.log.print(f"warning: {w}", highlight=False)
+    with output.log.status("simulating..."):
+        report = simulate(plan, hw, spec, trace, config)
+    written = []
+    if out:
+        Path(out).write_text(report.to_json(), encoding="utf-8")
+        written.append(out)
+    if trace_out:
+        written.append(str(report.write_chrome_trace(trace_out)))
+    if plots:
+        written += [str(p) for p in report.write_plots(plots)]
+    m = report.metrics
+
+    def render(console):
+        from rich.table import Table
+
+        table = Table(title=f"Simulated {plan.inputs.model} on {hw.name}", show_header=True)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_column("planner predicted", justify="right")
+        pred = plan.predicted
+        table.add_row("tokens/s", f"{m['tokens_per_s']:.2f}", "")
+        for key, label, p in (("ttft_s", "TTFT", pred.get("ttft_s")), ("tpot_s", "TPOT", pred.get("tpot_s")),
+                              ("latency_s", "request latency", None)):
+            if m[key]:
+                table.add_row(f"{label} p50 / p90 / p99",
+                              " / ".join(format_time(m[key][q]) for q in ("p50", "p90", "p99")),
+                              format_time(p) if p else "")
+        table.add_row("expert hit rate", f"{m['expert_hit_rate']:.3f}", f"{pred.get('expert_hit_rate', 0):.3f}")
+        for tier, b in m["bytes_moved"].items():
+            table.add_row(f"bytes from {tier}", f"{b / 2**30:.2f} GiB", "")
+        table.add_row("requests / output tokens", f"{m['requests']} / {m['output_tokens']}", "")
+        table.add_row("simulated time", format_time(m["makespan_s"]), "")
+        console.print(table)
+        busiest = sorted(m["utilisation"].items(), key=lambda kv: -kv[1])[:4]
+        console.print("busiest: " + ", ".join(f"{k} {v:.0%}" for k, v in busiest), highlight=False)
+        console.print(f"{m['expert_calls']:,} expert calls simulated in {format_time(report.wall_s)}", highlight=False)
+        for path in written:
+            console.print(f"wrote {path}", highlight=False)
+
+    output.emit({"metrics": json.loads(report.to_json()), "warnings": warnings, "files": written}, render)

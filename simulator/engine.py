@@ -1,0 +1,748 @@
+"""The discrete-event model: a workload replayed on the hardware under a Plan (SimPy).
+
+Legend: L = MoE layers, E = routed experts, K = top-k, T = trace tokens, n = tokens in a step.
+
+The story of a token, one SimPy process per actor:
+
+1. ``request_source`` releases requests (the workload's sequences): all at t = 0 (closed
+   loop), or with Poisson arrivals at ``arrival_rate_per_s``.
+2. ``scheduler`` batches them (continuous batching up to ``batch_size`` running requests,
+   or static batches) and runs forward steps: one prefill step for newly admitted prompts,
+   then decode steps with the next token of every running request.
+3. ``layer_step`` (per MoE layer): attention and the dense share of the step run on the
+   compute stream; the router's choices come from the trace; each distinct expert of the
+   step then runs by its planned site: ``resident`` on the compute stream; ``fetch`` and
+   ``hybrid`` through the layer's expert cache (a hit runs on the compute stream; a miss
+   starts an ``expert_fetch`` over the route from its home, or for ``hybrid`` runs
+   ``local_expert`` on the CPU while the fetch refills the cache); ``local`` on the device
+   where it lives, activations crossing the link; ``stream`` copies every streamed expert
+   of the layer each step. The layer ends when all of its work and transfers have.
+4. ``prefetcher``: after layer l's router, guesses layer l+1's experts (policy registry)
+   and fetches them into l+1's cache on the copy engine, overlapping l's compute.
+
+Costs come from :mod:`profiles.perf`, the planner's performance model. Kernels on one
+stream run in issue order; transfers share link bandwidth (:mod:`simulator.resources`).
+Everything random draws from one seeded generator, so runs are deterministic.
+
+With expert parallelism (experts homed on several GPUs), tokens are spread over the GPUs
+for attention (data parallel) and every layer dispatches each token to the GPUs that own
+its experts and combines the results back (all-to-all on the topology).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from planner.plan import Plan
+from profiles.errors import InputError
+from profiles.hardware import Hardware
+from profiles.models import ModelSpec
+from profiles.perf import activation_bytes, dense_step_s, expert_call_s
+from profiles.workload.trace import DECODE, Trace
+
+from .metrics import SimReport, summarise
+from .policies import make_cache, miss_policy, prefetch_policy
+from .resources import Network, Span, Stream
+
+__all__ = ["SimConfig", "simulate"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What to replay and which policies run. ``None`` means: as the plan says.
+
+    Attributes:
+        batch_size: most requests running at once (default: the plan's batch size).
+        requests: requests to replay (default: every sequence of the trace; more wrap around).
+        arrival_rate_per_s: Poisson arrivals; ``None`` releases every request at t = 0.
+        batching: ``continuous`` (admit as slots free up) or ``static`` (whole batches).
+        eviction, prefetch, miss: policy names (see :mod:`simulator.policies`).
+        prefetch_accuracy: the ``next-layer`` predictor's per-expert accuracy (default:
+            the workload's next-layer predictability, as the planner assumes).
+        transition_top_p: coverage of the ``transition`` prefetcher.
+        kv_context: ``actual`` (each request's real context) or ``plan`` (every request at the
+            plan's context length, as the planner prices it).
+        seed: for arrivals and imperfect predictors.
+        record: keep every kernel and transfer (Chrome trace) and the event log.
+    """
+
+    batch_size: int | None = None
+    requests: int | None = None
+    arrival_rate_per_s: float | None = None
+    batching: str = "continuous"
+    eviction: str | None = None
+    prefetch: str | None = None
+    miss: str = "plan"
+    prefetch_accuracy: float | None = None
+    transition_top_p: float = 0.8
+    kv_context: str = "actual"
+    seed: int = 0
+    record: bool = False
+
+
+@dataclass(eq=False)
+class Request:
+    rid: int
+    arrival_s: float
+    prompt_rows: np.ndarray  # trace rows of the prompt (prefill), may be empty
+    decode_rows: np.ndarray  # trace rows fed back one per decode step
+    next_decode: int = 0
+    prefilled: bool = False
+    token_s: list[float] = field(default_factory=list)  # when each output token was ready
+
+    @property
+    def done(self) -> bool:
+        return self.prefilled and self.next_decode >= len(self.decode_rows)
+
+    @property
+    def context(self) -> int:
+        return len(self.prompt_rows) + self.next_decode
+
+
+@dataclass
+class _Layer:
+    """One MoE layer of the plan, resolved against the hardware."""
+
+    site: list[str]
+    fmt: list[str]
+    home: list[str]
+    owners: list[tuple[str, ...]]  # compute devices holding a copy (EP: owning GPU first)
+    cache: object | None
+    cache_format: str | None
+    streamed: list[int]
+
+
+class Simulation:
+    """One replay of a workload under a plan. Use :func:`simulate`."""
+
+    play_ahead = True  # work out event-free layers without events (False: always play them out)
+
+    def __init__(self, plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace, config: SimConfig) -> None:
+        self.plan, self.hw, self.model, self.trace, self.cfg = plan, hardware, model, trace, config
+        _check_inputs(plan, hardware, model, trace)
+        self.env = simpy.Environment()
+        self.rng = np.random.default_rng(config.seed)
+        self.spans: list[Span] | None = [] if config.record else None
+        self.events: list[tuple[float, str, str]] | None = [] if config.record else None
+        self.net = Network(self.env, hardware, self.spans)
+        self.compute_id = plan.compute_device
+        self.compute_mem = hardware.memory_of(plan.compute_device).id
+        self.host_id = plan.host_device
+        self.streams: dict[str, Stream] = {}
+        self.copy_engines: dict[str, simpy.Resource] = {}
+        self.E = model.num_experts
+        self.K = trace.expert_ids.shape[2]
+        self.batch_size = config.batch_size or plan.batch_size
+        self.dense_format = plan.dense_format
+        self.eviction = config.eviction or plan.eviction
+        self.prefetch_name = config.prefetch or ("none" if plan.prefetch == "none" else plan.prefetch)
+        self.prefetch = prefetch_policy(self.prefetch_name)
+        self.miss = miss_policy(config.miss)
+        self._call_cache: dict[tuple[str, str, int], float] = {}
+        self._bytes_cache: dict[str, float] = {}
+        self._mem_cache: dict[str, str] = {}
+        self._freq = _frequency(trace, self.E) if self.eviction == "static" else None
+        self.layers = [self._resolve_layer(lp, l) for l, lp in enumerate(plan.layers)]
+        self.gpus = sorted({o[0] for lay in self.layers for o in lay.owners if hardware.devices[o[0]].kind == "gpu"}
+                           | {self.compute_id})
+        self.inflight: dict[tuple[int, int], simpy.Event] = {}
+        self.accuracy = config.prefetch_accuracy
+        if self.accuracy is None and self.prefetch_name == "next-layer":
+            self.accuracy = _predictability(trace)
+        self._transitions = _transitions(trace, self.E) if self.prefetch_name == "transition" else None
+        # metrics
+        self.cache_access = np.zeros(len(self.layers), np.int64)
+        self.cache_hit = np.zeros(len(self.layers), np.int64)
+        self.resident_access = np.zeros(len(self.layers), np.int64)
+        self.local_access = np.zeros(len(self.layers), np.int64)
+        self.expert_calls = 0
+        self.bytes_moved: dict[str, float] = defaultdict(float)
+        self.layer_wall_s = np.zeros(len(self.layers))  # summed over steps
+        self.steps: list[tuple[str, int, float, float]] = []  # (phase, tokens, start, end)
+        self.requests: list[Request] = []
+
+    # ------------------------------------------------------------------ resolution
+
+    def stream(self, device_id: str) -> Stream:
+        if device_id not in self.streams:
+            self.streams[device_id] = Stream(self.env, device_id, self.spans)
+        return self.streams[device_id]
+
+    def copy_engine(self, device_id: str) -> simpy.Resource:
+        """The device's host-to-device copy engine: its transfers run one after another."""
+        if device_id not in self.copy_engines:
+            self.copy_engines[device_id] = simpy.Resource(self.env, capacity=1)
+        return self.copy_engines[device_id]
+
+    def _resolve_layer(self, lp, l: int) -> _Layer:
+        owners = []
+        for e, (home, site) in enumerate(zip(lp.home, lp.site)):
+            devs = [self._runner(home, site)]
+            if lp.replicas and lp.replicas[e]:
+                devs += [self._runner(r, site) for r in lp.replicas[e]]
+            owners.append(tuple(devs))
+        cache = None
+        if lp.cache_slots:
+            future = _future_uses(self.trace, l) if self.eviction == "belady" else None
+            cache = make_cache(self.eviction, lp.cache_slots, future=future,
+                               frequency=None if self._freq is None else self._freq[l])
+        streamed = [e for e, s in enumerate(lp.site) if s == "stream"]
+        return _Layer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed)
+
+    def _runner(self, memory_id: str, site: str) -> str:
+        """The compute device that runs an expert homed in ``memory_id`` at ``site``."""
+        if site in ("fetch", "hybrid", "stream"):
+            return self.compute_id
+        mem = self.hw.memories[memory_id]
+        if mem.id == self.compute_mem:
+            return self.compute_id
+        for d in mem.devices:
+            if self.hw.devices[d].is_compute and (site == "local" or self.hw.devices[d].kind == "gpu"):
+                return d
+        return self.host_id  # NVMe-resident experts computed "locally" run on the host CPU
+
+    def call_s(self, device_id: str, fmt: str, tokens: int) -> float:
+        key = (device_id, fmt, tokens)
+        if key not in self._call_cache:
+            dev = self.hw.devices[device_id]
+            self._call_cache[key] = expert_call_s(dev, fmt, self.model.expert_bytes(fmt),
+                                                  self.model.expert_flops_per_token * tokens, tokens)
+        return self._call_cache[key]
+
+    def expert_bytes(self, fmt: str) -> float:
+        if fmt not in self._bytes_cache:
+            self._bytes_cache[fmt] = float(self.model.expert_bytes(fmt))
+        return self._bytes_cache[fmt]
+
+    def _dev_mem(self, device_id: str) -> str:
+        """The memory pool of a device (cached)."""
+        if device_id not in self._mem_cache:
+            self._mem_cache[device_id] = self.hw.memory_of(device_id).id
+        return self._mem_cache[device_id]
+
+    def log(self, actor: str, what: str, at_s: float | None = None) -> None:
+        if self.events is not None:
+            self.events.append((self.env.now if at_s is None else at_s, actor, what))
+
+    # ------------------------------------------------------------------ actors
+
+    def request_source(self, requests: list[Request], waiting: list[Request], arrived: simpy.Event):
+        """Releases requests at their arrival times."""
+        for r in requests:
+            if r.arrival_s > self.env.now:
+                yield self.env.timeout(r.arrival_s - self.env.now)
+            self.log("request_source", f"request {r.rid} arrives")
+            waiting.append(r)
+            if not self.arrival.triggered:
+                self.arrival.succeed()
+
+    def scheduler(self, requests: list[Request], waiting: list[Request]):
+        """Admits requests into the running batch and runs forward steps until all are done."""
+        running: list[Request] = []
+        finished = 0
+        while finished < len(requests):
+            if not waiting and not running:
+                self.arrival = self.env.event()
+                yield self.arrival
+                continue
+            room = self.batch_size - len(running)
+            if self.cfg.batching == "static" and running:
+                room = 0
+            admitted = waiting[:room]
+            del waiting[:room]
+            running += admitted
+            if admitted:
+                self.log("scheduler", "admit " + ",".join(str(r.rid) for r in admitted))
+            new = [r for r in running if not r.prefilled]
+            if new:
+                rows = np.concatenate([r.prompt_rows for r in new])
+                if len(rows):
+                    yield from self.forward_step("prefill", rows, [(r, len(r.prompt_rows)) for r in new])
+                for r in new:
+                    r.prefilled = True
+                    if len(r.prompt_rows):
+                        r.token_s.append(self.env.now)
+            decoding = [r for r in running if r.next_decode < len(r.decode_rows)]
+            if decoding:
+                rows = np.array([r.decode_rows[r.next_decode] for r in decoding])
+                yield from self.forward_step("decode", rows, [(r, r.context + 1) for r in decoding])
+                for r in decoding:
+                    r.next_decode += 1
+                    r.token_s.append(self.env.now)
+            for r in [r for r in running if r.done]:
+                running.remove(r)
+                finished += 1
+                self.log("scheduler", f"request {r.rid} done")
+
+    def forward_step(self, phase: str, rows: np.ndarray, contexts: list[tuple[Request, int]]):
+        """One forward pass of ``rows`` (trace rows) through every MoE layer.
+
+        A layer whose work is all ready at its router (resident experts, cache hits, no
+        prefetch) is played out by reserving its streams ahead at a virtual time ``t``; real
+        simulated time catches up at the next layer that waits on a transfer, and at the end
+        of the step. Nothing else touches those streams meanwhile, so the times are the same.
+        """
+        env = self.env
+        start = t = env.now
+        self.log("scheduler", f"{phase} step of {len(rows)} tokens")
+        if self.cfg.kv_context == "plan":
+            kv = self.model.kv_cache_bytes(self.plan.context_tokens, batch_size=len(contexts))
+        else:
+            kv = sum(self.model.kv_cache_bytes(ctx) for _, ctx in contexts)
+        dense_by_gpu = self._dense_split(len(rows), kv)
+        ids = self.trace.expert_ids[rows]  # [n, L, K]
+        gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
+        small = len(rows) <= 4  # pure Python beats numpy on a handful of tokens
+        ids_list = ids.tolist() if small else None
+        gates_list = gates.tolist() if (small and gates is not None) else None
+        L = len(self.layers)
+        for l in range(L):
+            if small:
+                routed = _route_small([r[l] for r in ids_list], None if gates_list is None else [g[l] for g in gates_list],
+                                      self.E, self.K)
+            else:
+                routed = _route(ids[:, l, :], None if gates is None else gates[:, l, :], self.E)
+            block, jobs = self._classify(l, rows, routed, ids)
+            router_at = max(self.stream(g).reserve(d, f"attention L{l}", ready_s=t) for g, d in dense_by_gpu.items())
+            prefetch = self.prefetch_name != "none" and l + 1 < L
+            if not jobs and not prefetch:
+                end = router_at
+                for dev, sec in block.items():
+                    end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=router_at))
+                self.layer_wall_s[l] += end - t
+                t = end
+                self.log("layer_step", f"L{l} done", t)
+                continue
+            if not prefetch and self.play_ahead:
+                end = self._played_ahead(l, router_at, block, jobs)
+                if end is not None:
+                    self.layer_wall_s[l] += end - t
+                    t = end
+                    self.log("layer_step", f"L{l} done", t)
+                    continue
+            yield env.timeout(router_at - env.now)
+            self.log("layer_step", f"L{l} routed")
+            waits = self._start(l, block, jobs, ids)
+            if prefetch:  # after the layer's own fetches, which the copy engine serves first
+                self.prefetcher(l + 1, rows, ids, [e for e, *_ in routed])
+            yield env.all_of(waits)
+            self.layer_wall_s[l] += env.now - t
+            t = env.now
+            self.log("layer_step", f"L{l} done")
+        if t > env.now:
+            yield env.timeout(t - env.now)
+        self.steps.append((phase, len(rows), start, env.now))
+
+    def _dense_split(self, tokens: int, kv_bytes: float) -> dict[str, float]:
+        """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them)."""
+        G = len(self.gpus)
+        out = {}
+        for g in self.gpus:
+            share = -(-tokens // G) if G > 1 else tokens
+            dev = self.hw.devices[g]
+            out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G) / len(self.layers)
+        return out
+
+    def _classify(self, l: int, rows: np.ndarray, routed, ids: np.ndarray):
+        """Sort the step's experts at layer ``l`` into work ready at the router (``block``:
+        device -> seconds) and work that waits on something (``jobs``); update the cache."""
+        lay = self.layers[l]
+        ep = len(self.gpus) > 1
+        block: dict[str, float] = defaultdict(float)
+        jobs: list = []
+        local: list[tuple[int, int]] = []  # experts run where they live, by device below
+        K = self.K
+        for e, n, g, first in routed:
+            self.expert_calls += 1
+            site = lay.site[e]
+            if site == "resident":
+                self.resident_access[l] += 1
+                if ep:
+                    jobs.append(("remote", e, n))
+                else:
+                    dev = lay.owners[e][0]
+                    block[dev] += self.call_s(dev, lay.fmt[e], n)
+            elif site == "fetch" or site == "hybrid":
+                self.cache_access[l] += 1
+                pos = int(rows[first // K]) * K + first % K  # the access's position in the workload
+                fmt = lay.cache_format or lay.fmt[e]
+                if lay.cache is not None and lay.cache.access(e, pos, g):
+                    self.cache_hit[l] += 1
+                    pending = self.inflight.get((l, e))
+                    if pending is not None and not pending.triggered:
+                        jobs.append(("after", pending, e, n, fmt))
+                    else:
+                        block[self.compute_id] += self.call_s(self.compute_id, fmt, n)
+                    continue
+                action = self.miss(site, n, g, None if self.cfg.miss == "plan" else self._miss_costs(l, e))
+                if action == "local":
+                    self.local_access[l] += 1
+                    local.append((e, n))
+                    if lay.cache is not None:
+                        jobs.append(("fill", e))
+                else:
+                    jobs.append(("fetch", e, n, "int4" if action == "low-bit" else fmt))
+            elif site == "local":
+                self.local_access[l] += 1
+                local.append((e, n))
+            else:  # stream: computed on the device once the layer's streamed weights are in
+                block[self.compute_id] += self.call_s(self.compute_id, lay.fmt[e], n)
+        by_device: dict[str, list] = defaultdict(list)
+        for e, n in local:
+            by_device[lay.owners[e][0]].append((e, n))
+        for dev, calls in by_device.items():
+            jobs.append(("local", dev, calls, min(len(rows), sum(n for _, n in calls))))
+        if lay.streamed:
+            jobs.append(("stream",))
+        return block, jobs
+
+    def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list) -> float | None:
+        """The layer's end time worked out without events, or None when that is not exact.
+
+        Exact when nothing else is in flight (no transfer, no copy-engine user) and the
+        layer's own transfers never share a link direction or memory port at the same time:
+        then each transfer runs alone (latency + bytes / bottleneck), the copy engine runs
+        the fetches in order, and streams take kernels in the order the events would issue
+        them. Otherwise the caller plays the layer out with processes.
+        """
+        kinds = {j[0] for j in jobs}
+        if self.net.busy or not kinds <= {"fetch", "fill", "local"} or \
+                any(not ev.triggered for ev in self.inflight.values()):
+            return None
+        # activations (both directions) never share a bandwidth with each other, and fetches
+        # are serial on the copy engine; only results coming back can meet a fetch
+        check = "local" in kinds and len(kinds) > 1
+        lay, net = self.layers[l], self.net
+        if check:
+            saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
+            n_spans = len(self.spans) if self.spans is not None else 0
+            n_events = len(self.events) if self.events is not None else 0
+        moves: list[tuple[str, str, float, float, float, str, bool]] = []  # (src, dst, bytes, start, end, what, weights)
+
+        def move(src: str, dst: str, n_bytes: float, start: float, what: str, weights: bool = True) -> float:
+            end = start + net.transfer_s(src, dst, n_bytes)
+            moves.append((src, dst, n_bytes, start, end, what, weights))
+            return end
+
+        end = router_at
+        for dev, sec in block.items():
+            end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=router_at))
+        engine_free = router_at  # the copy engine takes fetches and fills in job order
+        compute = self.stream(self.compute_id)
+        for job in jobs:
+            if job[0] == "fetch":
+                _, e, n, fmt = job
+                self.log("expert_fetch", f"L{l}E{e} start", engine_free)
+                engine_free = move(lay.home[e], self.compute_mem, self.expert_bytes(fmt), engine_free,
+                                   f"L{l}E{e} {fmt}")
+                self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
+                end = max(end, compute.reserve(self.call_s(self.compute_id, fmt, n), f"expert L{l}E{e}",
+                                               ready_s=engine_free))
+            elif job[0] == "fill":
+                fmt = lay.cache_format or lay.fmt[job[1]]
+                self.log("expert_fetch", f"L{l}E{job[1]} start", engine_free)
+                engine_free = move(lay.home[job[1]], self.compute_mem, self.expert_bytes(fmt), engine_free,
+                                   f"L{l}E{job[1]} {fmt}")
+                self.log("expert_fetch", f"L{l}E{job[1]} arrived", engine_free)
+                end = max(end, engine_free)
+        for job in jobs:
+            if job[0] == "local":
+                _, dev, calls, tokens = job
+                if any(self.hw.memories[lay.home[e]].tier == "nvme" for e, _ in calls):
+                    break  # weights read from disk on the way: leave it to the processes
+                dev_mem = self._dev_mem(dev)
+                act = activation_bytes(self.model, tokens)
+                ready = move(self.compute_mem, dev_mem, act, router_at, f"L{l} activations", False)
+                stream = self.stream(dev)
+                if self.spans is None:  # one reservation: the same end, fewer steps
+                    ready = stream.reserve(sum(self.call_s(dev, lay.fmt[e], n) for e, n in calls), ready_s=ready)
+                for e, n in calls if self.spans is not None else ():
+                    ready = stream.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}", ready_s=ready)
+                end = max(end, move(dev_mem, self.compute_mem, act, ready, f"L{l} results", False))
+        else:
+            if not check or not net.overlapping([m[:5] for m in moves]):
+                for src, dst, n_bytes, start, stop, what, weights in moves:
+                    net.account(src, dst, n_bytes, start, stop, what)
+                    if weights:
+                        self.bytes_moved[self.hw.memories[src].tier] += n_bytes
+                return end
+        for name, st in self.streams.items():  # undo the tentative reservations
+            st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
+        if self.spans is not None:
+            del self.spans[n_spans:]
+        if self.events is not None:
+            del self.events[n_events:]
+        return None
+
+    def _start(self, l: int, block: dict[str, float], jobs: list, ids: np.ndarray) -> list[simpy.Event]:
+        """Start the layer's work at the router; the layer ends when all of it has (sync)."""
+        env, lay = self.env, self.layers[l]
+        waits = []
+        stream_done = env.process(self.stream_in(l)) if lay.streamed else None
+        if stream_done is not None:
+            waits.append(stream_done)
+        for dev, sec in block.items():
+            if dev == self.compute_id and stream_done is not None:
+                waits.append(env.process(self.run_after(stream_done, dev, sec, f"experts L{l}")))
+            else:
+                waits.append(env.timeout(self.stream(dev).reserve(sec, f"experts L{l}") - env.now))
+        for job in jobs:
+            kind = job[0]
+            if kind == "fetch":
+                waits.append(env.process(self.fetch_then_run(l, *job[1:])))
+            elif kind == "after":
+                _, ev, e, n, fmt = job
+                waits.append(env.process(self.run_after(ev, self.compute_id, self.call_s(self.compute_id, fmt, n),
+                                                        f"expert L{l}E{e}")))
+            elif kind == "local":
+                waits.append(env.process(self.local_experts(l, *job[1:])))
+            elif kind == "fill":
+                waits.append(env.process(self.expert_fetch(l, job[1], lay.cache_format or lay.fmt[job[1]])))
+            elif kind == "remote":
+                waits.append(env.process(self.remote_expert(l, job[1], job[2], ids[:, l, :])))
+        return waits
+
+    def expert_fetch(self, l: int, e: int, fmt: str):
+        """Copies expert ``e`` of layer ``l`` from its home to the compute device (copy engine)."""
+        lay = self.layers[l]
+        n_bytes = self.model.expert_bytes(fmt)
+        with self.copy_engine(self.compute_id).request() as req:
+            yield req
+            self.log("expert_fetch", f"L{l}E{e} start")
+            yield from self.net.transfer(lay.home[e], self.compute_mem, n_bytes, f"L{l}E{e} {fmt}")
+        self.bytes_moved[self.hw.memories[lay.home[e]].tier] += n_bytes
+        self.log("expert_fetch", f"L{l}E{e} arrived")
+
+    def fetch_then_run(self, l: int, e: int, n: int, fmt: str):
+        yield from self.expert_fetch(l, e, fmt)
+        end = self.stream(self.compute_id).reserve(self.call_s(self.compute_id, fmt, n), f"expert L{l}E{e}")
+        yield self.env.timeout(end - self.env.now)
+
+    def run_after(self, ready: simpy.Event, device: str, seconds: float, what: str):
+        yield ready
+        yield self.env.timeout(self.stream(device).reserve(seconds, what) - self.env.now)
+
+    def local_experts(self, l: int, dev: str, calls: list[tuple[int, int]], tokens: int):
+        """Runs experts where their weights live (the CPU, an accelerator): the step's hidden
+        states cross over once, the device runs the experts one after another, the summed
+        results cross back once."""
+        lay = self.layers[l]
+        dev_mem = self.hw.memory_of(dev).id
+        act = activation_bytes(self.model, tokens)
+        yield from self.net.transfer(self.compute_mem, dev_mem, act, f"L{l} activations")
+        stream = self.stream(dev)
+        for e, n in calls:
+            if self.hw.memories[lay.home[e]].tier == "nvme":  # read the weights into memory first
+                n_bytes = self.model.expert_bytes(lay.fmt[e])
+                yield from self.net.transfer(lay.home[e], dev_mem, n_bytes, f"L{l}E{e} read")
+                self.bytes_moved["nvme"] += n_bytes
+            end = stream.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}")
+        yield self.env.timeout(end - self.env.now)
+        yield from self.net.transfer(dev_mem, self.compute_mem, act, f"L{l} results")
+
+    def stream_in(self, l: int):
+        """Copies every streamed expert of layer ``l`` to the compute device (accelerate's offload)."""
+        lay = self.layers[l]
+        for e in lay.streamed:
+            yield from self.expert_fetch(l, e, lay.fmt[e])
+
+    def remote_expert(self, l: int, e: int, n: int, ids: np.ndarray):
+        """Expert parallelism: dispatch the expert's tokens to the GPU holding it, run, combine."""
+        lay = self.layers[l]
+        owners = lay.owners[e]
+        token_rows = np.nonzero((ids == e).any(axis=1))[0]
+        procs = []
+        for i, owner in enumerate(owners):  # replicas split the tokens round-robin
+            mine = token_rows[i::len(owners)]
+            if len(mine):
+                procs.append(self.env.process(self._remote_part(l, e, owner, mine)))
+        yield self.env.all_of(procs)
+
+    def _remote_part(self, l: int, e: int, owner: str, token_rows: np.ndarray):
+        lay = self.layers[l]
+        owner_mem = self.hw.memory_of(owner).id
+        G = len(self.gpus)
+        sources = defaultdict(int)
+        for t in token_rows:  # token t's attention ran on GPU t mod G
+            sources[self.gpus[int(t) % G]] += 1
+        sends = [self.env.process(self.net.transfer(self.hw.memory_of(g).id, owner_mem,
+                                                    activation_bytes(self.model, c), f"dispatch L{l}E{e}"))
+                 for g, c in sorted(sources.items())]
+        yield self.env.all_of(sends)
+        n = len(token_rows)
+        yield self.env.timeout(self.stream(owner).reserve(self.call_s(owner, lay.fmt[e], n), f"expert L{l}E{e}")
+                               - self.env.now)
+        backs = [self.env.process(self.net.transfer(owner_mem, self.hw.memory_of(g).id,
+                                                    activation_bytes(self.model, c), f"combine L{l}E{e}"))
+                 for g, c in sorted(sources.items())]
+        yield self.env.all_of(backs)
+
+    def prefetcher(self, l: int, rows: np.ndarray, step_ids: np.ndarray, current: np.ndarray) -> None:
+        """Guesses layer ``l``'s experts for this step and starts fetching them into its cache."""
+        lay = self.layers[l]
+        if lay.cache is None:
+            return
+        true_next = list(dict.fromkeys(int(e) for e in step_ids[:, l, :].ravel() if e < self.E))
+        ctx = {"accuracy": self.accuracy, "num_experts": self.E, "current": [int(e) for e in current],
+               "top_p": self.cfg.transition_top_p,
+               "transitions": None if self._transitions is None else self._transitions[l - 1]}
+        wanted = [e for e in self.prefetch(true_next, ctx, self.rng) if lay.site[e] in ("fetch", "hybrid")]
+        for e in wanted[:lay.cache.slots]:  # more than the cache holds would evict its own guesses
+            if e in lay.cache:
+                continue
+            lay.cache.insert(e, int(rows[0]) * self.K)
+            self.log("prefetcher", f"L{l}E{e}")
+            self.inflight[(l, e)] = self.env.process(self.expert_fetch(l, e, lay.cache_format or lay.fmt[e]))
+
+    def _miss_costs(self, l: int, e: int) -> dict:
+        lay = self.layers[l]
+        fmt = lay.cache_format or lay.fmt[e]
+        home = lay.home[e]
+        x = self.net.transfer_s(home, self.compute_mem, self.model.expert_bytes(fmt))
+        host = self.host_id
+        ax = 2 * self.net.transfer_s(self.compute_mem, self.hw.memory_of(host).id, activation_bytes(self.model, 1))
+        return {"fetch_s": lambda n: x + self.call_s(self.compute_id, fmt, n),
+                "local_s": lambda n: self.call_s(host, lay.fmt[e], n) + ax * n,
+                "gate_threshold": 0.1}
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> SimReport:
+        wall = time.perf_counter()
+        self.requests = _requests(self.trace, self.cfg, self.rng)
+        waiting: list[Request] = []
+        self.arrival = self.env.event()
+        self.env.process(self.request_source(self.requests, waiting, self.arrival))
+        done = self.env.process(self.scheduler(self.requests, waiting))
+        self.env.run(until=done)
+        return summarise(self, time.perf_counter() - wall)
+
+
+def simulate(plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace,
+             config: SimConfig | None = None) -> SimReport:
+    """Replay ``trace`` on ``hardware`` under ``plan``; see the module docstring."""
+    return Simulation(plan, hardware, model, trace, config or SimConfig()).run()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _check_inputs(plan: Plan, hw: Hardware, model: ModelSpec, trace: Trace) -> None:
+    if len(plan.layers) != trace.num_layers:
+        raise InputError("the trace and the plan disagree on the number of MoE layers", key="layers",
+                         value=(trace.num_layers, len(plan.layers)), expected=str(len(plan.layers)),
+                         fix="simulate with a trace of the plan's model")
+    if plan.layers and len(plan.layers[0].home) != model.num_experts:
+        raise InputError("the plan and the model disagree on the number of experts", key="layers[0].home",
+                         value=len(plan.layers[0].home), expected=str(model.num_experts),
+                         fix="simulate the plan with the model it was made for")
+    for dev in (plan.compute_device, plan.host_device):
+        if dev not in hw.devices:
+            raise InputError("the plan names a device the hardware profile lacks", key="compute_device",
+                             value=dev, expected=", ".join(hw.devices), fix="simulate on the plan's hardware profile")
+    for lp in plan.layers:
+        for home in set(lp.home) | {r for reps in lp.replicas for r in reps}:
+            if home not in hw.memories:
+                raise InputError("the plan names a memory the hardware profile lacks", key=f"layers[{lp.moe_layer}]",
+                                 value=home, expected=", ".join(hw.memories),
+                                 fix="simulate on the plan's hardware profile")
+
+
+def _route_small(ids: list, gates: list | None, E: int, K: int) -> list[tuple[int, int, float, int]]:
+    """:func:`_route` for a handful of tokens, in plain Python (``ids``: ``[n][K]`` lists)."""
+    seen: dict[int, list] = {}
+    for t, row in enumerate(ids):
+        for k, e in enumerate(row):
+            if e >= E:
+                continue
+            g = gates[t][k] if gates is not None else 1.0
+            if e in seen:
+                seen[e][1] += 1
+                seen[e][2] += g
+            else:
+                seen[e] = [e, 1, g, t * K + k]
+    return [(e, n, gsum / n, first) for e, n, gsum, first in seen.values()]
+
+
+def _route(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[int, int, float, int]]:
+    """Distinct experts of a step in first-use order (token, then rank), with their token
+    counts, mean gate weight and their first use (token x K + rank within the step). Zero experts are dropped."""
+    flat = ids.ravel()
+    uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    uniq, first, counts = uniq[order], first[order], counts[order]
+    if gates is not None:
+        sums = np.bincount(flat, weights=gates.ravel().astype(float), minlength=int(flat.max()) + 1)
+        gate = sums[uniq] / counts
+    else:
+        gate = np.ones(len(uniq))
+    keep = uniq < E
+    return list(zip(uniq[keep].tolist(), counts[keep].tolist(), gate[keep].tolist(), first[keep].tolist()))
+
+
+def _requests(trace: Trace, cfg: SimConfig, rng: np.random.Generator) -> list[Request]:
+    starts = np.concatenate([[0], np.cumsum(trace.seq_lens)[:-1]]).astype(np.int64)
+    S = len(trace.seq_lens)
+    n = cfg.requests or S
+    if n < 1:
+        raise InputError("at least one request is needed", key="--requests", value=n, expected=">= 1",
+                         fix="pass --requests 1 or more")
+    if cfg.arrival_rate_per_s is not None and cfg.arrival_rate_per_s <= 0:
+        raise InputError("the arrival rate must be positive", key="--arrival-rate", value=cfg.arrival_rate_per_s,
+                         expected="> 0 requests/s", fix="omit it for all requests at t = 0")
+    if cfg.arrival_rate_per_s:
+        arrivals = np.cumsum(rng.exponential(1.0 / cfg.arrival_rate_per_s, size=n))
+    else:
+        arrivals = np.zeros(n)
+    out = []
+    for i in range(n):
+        s = i % S
+        rows = np.arange(starts[s], starts[s] + trace.seq_lens[s])
+        decode = trace.phase[rows] == DECODE
+        out.append(Request(i, float(arrivals[i]), rows[~decode], rows[decode]))
+    return out
+
+
+def _frequency(trace: Trace, E: int) -> np.ndarray:
+    """``[L, E]`` accesses per expert over the whole trace."""
+    ids = trace.expert_ids.astype(np.int64)
+    L = ids.shape[1]
+    layer = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
+    ok = ids < E
+    return np.bincount((layer * E + ids)[ok], minlength=L * E).reshape(L, E).astype(float)
+
+
+def _future_uses(trace: Trace, l: int) -> dict[int, list[int]]:
+    """Positions (token x K + rank) at which layer ``l`` uses each expert, ascending."""
+    ids = trace.expert_ids[:, l, :].astype(np.int64).ravel()
+    order = np.argsort(ids, kind="stable")
+    bounds = np.flatnonzero(np.diff(ids[order])) + 1
+    return {int(ids[g[0]]): g.tolist() for g in np.split(order, bounds) if len(g)}
+
+
+def _transitions(trace: Trace, E: int) -> np.ndarray:
+    """``[L-1, E, E]`` counts of (expert at l, expert at l+1) pairs over the trace's tokens."""
+    ids = trace.expert_ids.astype(np.int64)
+    _T, L, K = ids.shape
+    out = np.zeros((max(L - 1, 0), E, E))
+    for l in range(L - 1):
+        a = np.repeat(ids[:, l, :], K, axis=1).ravel()
+        b = np.tile(ids[:, l + 1, :], (1, K)).ravel()
+        ok = (a < E) & (b < E)
+        out[l] = np.bincount(a[ok] * E + b[ok], minlength=E * E).reshape(E, E)
+    return out
+
+
+def _predictability(trace: Trace) -> float:
+    from profiles.workload.stats import next_layer_predictability
+
+    if trace.num_layers < 2:
+        return 0.0
+    recall = next_layer_predictability(trace.expert_ids.astype(np.int64), trace.num_experts,
+                                       seq_lens=trace.seq_lens).recall
+    return float(np.mean(recall))

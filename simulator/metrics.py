@@ -1,0 +1,162 @@
+"""What a simulation measured: the SimReport, its JSON, Chrome trace and plots.
+
+Metric names are shared with the runtime's recorder (``tokens_per_s``, ``ttft_s``,
+``tpot_s``, ``hit_rate`` per layer, ``bytes_moved`` per source tier) so that a prediction
+and a measurement can be held against each other key by key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .resources import Span
+
+if TYPE_CHECKING:
+    from .engine import Simulation
+
+__all__ = ["SimReport", "percentiles", "summarise"]
+
+
+def percentiles(values) -> dict[str, float] | None:
+    """``{"mean", "p50", "p90", "p99"}`` of ``values`` (None when there are none)."""
+    v = np.asarray(list(values), float)
+    if v.size == 0:
+        return None
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+@dataclass(frozen=True, eq=False)
+class SimReport:
+    """Metrics of one simulation (``metrics`` is JSON-ready and deterministic).
+
+    ``spans`` (kernels and transfers) and ``events`` (``(time_s, actor, what)``) are kept
+    when the run recorded them; ``wall_s`` is how long the simulation itself took.
+    """
+
+    metrics: dict
+    spans: tuple[Span, ...] | None
+    events: tuple[tuple[float, str, str], ...] | None
+    wall_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(_round(self.metrics), sort_keys=True, indent=1) + "\n"
+
+    def chrome_trace(self) -> dict:
+        """The spans as a Chrome/Perfetto trace (``chrome://tracing``, ui.perfetto.dev)."""
+        if self.spans is None:
+            raise ValueError("the simulation did not record spans (SimConfig(record=True))")
+        names = sorted({s.resource for s in self.spans})
+        tid = {n: i for i, n in enumerate(names)}
+        events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid[n], "args": {"name": n}} for n in names]
+        for s in sorted(self.spans, key=lambda s: (s.start_s, s.resource, s.name)):
+            events.append({"name": s.name, "cat": "link" if s.resource.startswith("link") else "kernel", "ph": "X",
+                           "pid": 0, "tid": tid[s.resource], "ts": round(s.start_s * 1e6, 3),
+                           "dur": round((s.end_s - s.start_s) * 1e6, 3), "args": dict(s.args)})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def write_chrome_trace(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.chrome_trace()), encoding="utf-8")
+        return path
+
+    def write_plots(self, out_dir: str | Path) -> list[Path]:
+        """``utilisation.png`` (busy share per resource) and ``layer_time.png`` (per MoE layer)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        util = self.metrics["utilisation"]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(util) + 1.2))
+        names = sorted(util)
+        ax.barh(names, [util[n] for n in names])
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("busy share of the simulated time")
+        ax.set_title("Utilisation per resource")
+        fig.tight_layout()
+        files = [out / "utilisation.png"]
+        fig.savefig(files[0], dpi=110)
+        plt.close(fig)
+        per_layer = self.metrics["layer_time_s"]
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        ax.bar(range(len(per_layer)), [1e3 * t for t in per_layer])
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("ms per step (mean)")
+        ax.set_title("Time per layer")
+        fig.tight_layout()
+        files.append(out / "layer_time.png")
+        fig.savefig(files[1], dpi=110)
+        plt.close(fig)
+        return files
+
+
+def summarise(sim: Simulation, wall_s: float) -> SimReport:
+    """Collect the metrics of a finished simulation."""
+    reqs = sim.requests
+    makespan = max(sim.env.now, 1e-300)
+    outputs = sum(len(r.token_s) for r in reqs)
+    ttft = [r.token_s[0] - r.arrival_s for r in reqs if r.token_s]
+    tpot = [(r.token_s[-1] - r.token_s[0]) / (len(r.token_s) - 1) for r in reqs if len(r.token_s) > 1]
+    latency = [r.token_s[-1] - r.arrival_s for r in reqs if r.token_s]
+    decode_steps = [end - start for phase, _, start, end in sim.steps if phase == "decode"]
+    n_steps = max(len(sim.steps), 1)
+    hit = [float(h / a) if a else None for h, a in zip(sim.cache_hit, sim.cache_access)]
+    busy = {name: st.busy_s for name, st in sim.streams.items()}
+    util = {name: min(b / makespan, 1.0) for name, b in busy.items()}
+    util.update({k: min(b / makespan, 1.0) for k, b in sim.net.busy_s.items()})
+    energy = 0.0
+    for name, b in busy.items():
+        power = sim.hw.devices[name].power_w
+        energy += (power or 0.0) * b
+    metrics = {
+        "requests": len(reqs),
+        "output_tokens": outputs,
+        "makespan_s": sim.env.now,
+        "tokens_per_s": outputs / makespan,
+        "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
+        "latency_s": percentiles(latency),
+        "decode_step_s": percentiles(decode_steps),
+        "prefill_steps": sum(1 for s in sim.steps if s[0] == "prefill"),
+        "decode_steps": len(decode_steps),
+        "hit_rate": hit,
+        "expert_hit_rate": float((sim.resident_access.sum() + sim.cache_hit.sum()) / max(sim.expert_calls, 1)),
+        "expert_calls": sim.expert_calls,
+        "cache_accesses": int(sim.cache_access.sum()),
+        "local_calls": int(sim.local_access.sum()),
+        "bytes_moved": dict(sorted(sim.bytes_moved.items())),
+        "link_bytes": dict(sorted(sim.net.bytes.items())),
+        "utilisation": dict(sorted(util.items())),
+        "busy_s": dict(sorted(busy.items())),
+        "energy_j": energy,
+        "layer_time_s": (sim.layer_wall_s / n_steps).tolist(),
+        "policies": {"eviction": sim.eviction, "prefetch": sim.prefetch_name, "miss": sim.cfg.miss,
+                     "batching": sim.cfg.batching, "batch_size": sim.batch_size},
+    }
+    return SimReport(metrics=metrics, spans=tuple(sim.spans) if sim.spans is not None else None,
+                     events=_in_time_order(sim.events), wall_s=wall_s)
+
+
+def _in_time_order(events: list | None) -> tuple | None:
+    """The event log by time; events at the same time keep the order they were logged in."""
+    if events is None:
+        return None
+    return tuple(sorted(events, key=lambda ev: ev[0]))
+
+
+def _round(obj):
+    if isinstance(obj, float):
+        return float(f"{obj:.12g}")
+    if isinstance(obj, dict):
+        return {k: _round(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v) for v in obj]
+    return obj
