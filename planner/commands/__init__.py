@@ -8,8 +8,9 @@ from .models import models
 from .optimize import optimize_cmd
 from .profiles import profiles
 from .simulate import simulate_cmd
+from .sweep import sweep_cmd
 from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, profiles, models, trace]
+COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, profiles, models, trace]

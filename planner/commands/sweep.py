@@ -1,0 +1,124 @@
+"""`planner sweep`: plan and simulate every point of a what-if grid."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from profiles.errors import InputError, UserError
+
+from ..output import get_output
+from ._common import common_options
+
+__all__ = ["evaluate_point", "sweep_cmd"]
+
+
+def evaluate_point(spec: dict) -> dict:
+    """Plan one sweep point with the ILP and simulate the plan; a row of results.
+
+    Top-level and self-contained, so local worker processes and Ray workers can run it.
+    Infeasible points (the model does not fit) come back with their reason as the status.
+    """
+    from profiles.workload.defaults import default_workload
+    from simulator.engine import SimConfig, simulate
+
+    from ..optimize import OptimizeRequest, optimize
+    from .optimize import _load_trace
+
+    row = {"id": spec["id"], "point": spec["point"], "status": "ok"}
+    t0 = time.perf_counter()
+    try:
+        trace = _load_trace(spec["trace"], None) if spec["trace"] else None
+        result = optimize(OptimizeRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
+                                          objective=spec["objective"], batch_size=spec["batch"],
+                                          context_tokens=spec["context"]))
+    except UserError as exc:
+        return {**row, "status": f"infeasible: {exc}" if exc.exit_code == 3 else f"error: {exc}"}
+    t1 = time.perf_counter()
+    plan, hw, model = result.plan, result.setup.hardware, result.setup.model
+    if trace is None:  # the model's default workload, which the plan was made from
+        trace = default_workload(model)
+    report = simulate(plan, hw, model, trace,
+                      SimConfig(batch_size=spec["batch"], requests=spec["requests"],
+                                arrival_rate_per_s=spec["arrival_rate_per_s"], eviction=spec["eviction"],
+                                prefetch=spec["prefetch"], miss=spec["miss"], seed=spec["seed"]))
+    m = report.metrics
+    price = hw.price_per_hour_usd
+    cost = price if price is not None else spec["grid_cost_per_hour_usd"]
+    tps = m["tokens_per_s"]
+    return {**row, "tokens_per_s": tps, "tpot_p50_s": (m["tpot_s"] or {}).get("p50"),
+            "ttft_p50_s": (m["ttft_s"] or {}).get("p50"), "expert_hit_rate": m["expert_hit_rate"],
+            "predicted_tokens_per_s": plan.predicted["tokens_per_s"], "cost_per_hour_usd": cost,
+            "usd_per_million_tokens": cost / (tps * 3600) * 1e6 if cost is not None and tps > 0 else None,
+            "plan_s": t1 - t0, "simulate_s": report.wall_s, "bytes_moved": m["bytes_moved"]}
+
+
+@click.command("sweep")
+@click.argument("grid_path", metavar="GRID.yaml", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default="sweep-out", show_default=True,
+              help="Directory for results.csv/.md/.json, pareto.png and each point's hardware profile.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Points run at once on local processes (or Ray CPUs with --ray local).")
+@click.option("--ray", "ray_address", help="Run the points on a Ray cluster: its address, or `local` to start one.")
+@click.option("--force", is_flag=True, help="Write into an existing --out directory.")
+@common_options
+def sweep_cmd(grid_path, out_dir, jobs, ray_address, force) -> None:
+    """Plan and simulate every point of a what-if grid; write a table and a cost/tok-s Pareto plot.
+
+    \b
+    Examples:
+      planner sweep examples/whatif_sweep/desktop-4090-upgrade.yaml --out upgrade/ --jobs 2
+      planner sweep examples/whatif_sweep/h100-cluster-sizing.yaml --ray local
+    """
+    from simulator.sweep import (
+        grid_points,
+        load_grid,
+        pareto_front,
+        point_specs,
+        run_sweep,
+        write_outputs,
+    )
+
+    grid = load_grid(grid_path)
+    out = Path(out_dir)
+    if (out / "results.csv").exists() and not force:
+        raise InputError("the output directory holds results already", file=out,
+                         fix="pass --force to overwrite them, or choose another --out")
+    output = get_output()
+    n = len(grid_points(grid))
+    output.log.print(f"{n} points, {'Ray ' + ray_address if ray_address else f'{jobs} process(es)'}", highlight=False)
+    specs = point_specs(grid, out)
+    from rich.progress import Progress
+
+    with Progress(console=output.log, transient=True) as bar:
+        task = bar.add_task("planning and simulating", total=n)
+        rows = run_sweep(specs, evaluate_point, jobs=jobs, ray_address=ray_address,
+                         progress=lambda done, total: bar.update(task, completed=done))
+    files = write_outputs(grid, rows, out)
+    front = pareto_front(rows)
+
+    def render(console):
+        from rich.table import Table
+
+        table = Table(title=f"Sweep {grid.name}")
+        for k in grid.vary:
+            table.add_column(k)
+        for col in ("tok/s", "TPOT p50", "$/h", "$/M tok", "Pareto"):
+            table.add_column(col, justify="right")
+        for i, r in enumerate(rows):
+            cells = [str(r["point"][k]) for k in grid.vary]
+            if r["status"] != "ok":
+                table.add_row(*cells, r["status"][:60], "", "", "", "")
+                continue
+            table.add_row(*cells, f"{r['tokens_per_s']:.2f}",
+                          f"{1e3 * r['tpot_p50_s']:.1f} ms" if r["tpot_p50_s"] else "",
+                          "" if r["cost_per_hour_usd"] is None else f"{r['cost_per_hour_usd']:.3g}",
+                          "" if r["usd_per_million_tokens"] is None else f"{r['usd_per_million_tokens']:.3g}",
+                          "*" if i in front else "")
+        console.print(table)
+        for f in files:
+            console.print(f"wrote {f}", highlight=False)
+
+    output.emit({"rows": rows, "pareto": front, "files": [str(f) for f in files]}, render)

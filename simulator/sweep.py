@@ -1,0 +1,323 @@
+"""What-if sweeps: a grid of hardware layouts, batch sizes and policies, planned and simulated.
+
+A grid file (YAML) names a base case and the knobs to vary; every combination is a point:
+
+.. code-block:: yaml
+
+    name: desktop-4090-upgrade
+    base: {hardware: desktop-4090, model: mixtral-8x7b, objective: latency}
+    vary:
+      gpu: [desktop-4090, desktop-5090]   # the GPU of that bundled profile replaces ours
+      dram: [64GiB, 128GiB]
+      pcie_gen: [4, 5]
+    costs:                                  # $ per hour each choice adds (when profiles carry no price)
+      gpu: {desktop-4090: 0.06, desktop-5090: 0.08}
+    simulate: {requests: 8}
+
+Knobs: ``hardware``, ``model``, ``gpu`` (a bundled profile whose first GPU replaces every
+GPU), ``gpu_count``, ``nodes`` (copies of the first node), ``dram`` (host memory of every
+CPU), ``pcie_gen`` (every PCIe link), ``nvme_count``, ``batch``, ``objective``,
+``eviction``, ``prefetch``, ``miss``.
+
+Each point's hardware profile is written under ``OUT/hardware/`` (so any point can be
+re-planned by hand), then an ``evaluate`` function plans and simulates it. The function is
+passed in by the caller (the CLI wires the planner in; this package never imports PuLP).
+Points run serially, on a local process pool or on Ray; each point is seeded and rows come
+back in point order, so the table is the same however it was computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from profiles.errors import InputError, from_validation_error
+from profiles.hardware import HardwareProfile, bundled_profiles
+from profiles.units import parse_size
+from profiles.yamlio import load_yaml
+
+__all__ = ["KNOBS", "Grid", "grid_points", "load_grid", "pareto_front", "run_sweep", "write_outputs"]
+
+HARDWARE_KNOBS = ("hardware", "gpu", "gpu_count", "nodes", "dram", "pcie_gen", "nvme_count")
+RUN_KNOBS = ("model", "batch", "objective", "eviction", "prefetch", "miss")
+KNOBS = HARDWARE_KNOBS + RUN_KNOBS
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(BaseModel):
+    model_config = _STRICT
+
+    hardware: str
+    model: str
+    objective: str = "latency"
+    batch: int = Field(default=1, ge=1)
+    context: int = Field(default=4096, ge=1)
+    trace: str | None = None
+
+
+class SimSettings(BaseModel):
+    model_config = _STRICT
+
+    requests: int | None = Field(default=8, ge=1)
+    arrival_rate_per_s: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class Grid(BaseModel):
+    """A sweep file (see the module docstring)."""
+
+    model_config = _STRICT
+
+    name: str
+    description: str = ""
+    base: Base
+    vary: dict[str, list[Any]] = Field(default_factory=dict)
+    costs: dict[str, dict[str, float]] = Field(default_factory=dict)
+    simulate: SimSettings = SimSettings()
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file; errors are one line naming the key."""
+    data, lines = load_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError("a sweep grid must be a YAML mapping", file=path, fix="start with `name:`, `base:` and `vary:`")
+    try:
+        grid = Grid.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, file=path, lines=lines) from None
+    for knob, values in grid.vary.items():
+        if knob not in KNOBS:
+            raise InputError("unknown knob", file=path, key=f"vary.{knob}", expected=", ".join(KNOBS),
+                             fix="vary one of the listed knobs")
+        if not values:
+            raise InputError("a knob needs at least one value", file=path, key=f"vary.{knob}",
+                             fix="list the values to try")
+    for knob in grid.costs:
+        if knob not in grid.vary:
+            raise InputError("costs for a knob that is not varied", file=path, key=f"costs.{knob}",
+                             expected=", ".join(grid.vary) or "a varied knob", fix="remove it or vary that knob")
+    return grid
+
+
+def grid_points(grid: Grid) -> list[dict[str, Any]]:
+    """Every combination of the varied values, in file order (the last knob varies fastest)."""
+    knobs = list(grid.vary)
+    return [dict(zip(knobs, combo)) for combo in itertools.product(*(grid.vary[k] for k in knobs))]
+
+
+def _profile_doc(name: str) -> dict:
+    path = bundled_profiles().get(name, Path(name))
+    data, _ = load_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError("not a hardware profile", file=path, fix="name a bundled profile or a profile YAML")
+    return data
+
+
+def point_profile(grid: Grid, point: dict[str, Any], key: str) -> dict:
+    """The hardware profile document of one point: the base (or ``hardware`` knob) with the knobs applied."""
+    doc = copy.deepcopy(_profile_doc(point.get("hardware", grid.base.hardware)))
+    doc["name"] = f"{doc['name']}-{key}"
+    devices = [d for node in doc["nodes"] for d in node["devices"]]
+    if "gpu" in point:
+        donor = next((d for n in _profile_doc(point["gpu"])["nodes"] for d in n["devices"] if d["kind"] == "gpu"), None)
+        if donor is None:
+            raise InputError("that profile has no GPU", key="vary.gpu", value=point["gpu"],
+                             fix="name a bundled profile with a GPU")
+        for d in devices:
+            if d["kind"] == "gpu":
+                for field in ("model", "memory_bytes", "memory_bytes_per_s", "peak_ops_per_s", "launch_overhead_s",
+                              "efficiency", "power_w", "price_per_hour_usd"):
+                    d.pop(field, None)
+                    if field in donor:
+                        d[field] = copy.deepcopy(donor[field])
+    if "gpu_count" in point:
+        _set_count(devices, "gpu", int(point["gpu_count"]), "vary.gpu_count")
+    if "nvme_count" in point:
+        _set_count(devices, "nvme", int(point["nvme_count"]), "vary.nvme_count")
+    if "nodes" in point:
+        doc["nodes"][0]["count"] = int(point["nodes"])
+    if "dram" in point:
+        parse_size(str(point["dram"]))  # one clear error for a bad size
+        for d in devices:
+            if d["kind"] == "cpu":
+                d["memory_bytes"] = str(point["dram"])
+    if "pcie_gen" in point:
+        for d in devices:
+            for link in d.get("links", []):
+                if link.get("kind") == "pcie":
+                    link["gen"] = int(point["pcie_gen"])
+                    link.pop("bytes_per_s", None)
+                    link.setdefault("lanes", 16)
+    try:
+        HardwareProfile.model_validate(doc).resolve()
+    except ValidationError as exc:
+        raise from_validation_error(exc, file=f"sweep point {key}") from None
+    return doc
+
+
+def _set_count(devices: list[dict], kind: str, count: int, key: str) -> None:
+    found = [d for d in devices if d["kind"] == kind]
+    if not found:
+        raise InputError(f"the profile has no {kind} to count", key=key, fix=f"vary {key} on a profile with a {kind}")
+    found[0]["count"] = count
+
+
+def _point_cost(grid: Grid, point: dict[str, Any]) -> float | None:
+    if not grid.costs:
+        return None
+    return sum(grid.costs.get(k, {}).get(str(v), 0.0) for k, v in point.items())
+
+
+def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
+    """One self-contained, picklable spec per point; hardware profiles written under ``out_dir/hardware``."""
+    hw_dir = out_dir / "hardware"
+    hw_dir.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i, point in enumerate(grid_points(grid)):
+        key = f"p{i:03d}"
+        path = hw_dir / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(point_profile(grid, point, key), sort_keys=False), encoding="utf-8")
+        b = grid.base
+        specs.append({
+            "id": key, "point": point, "hardware": str(path), "model": point.get("model", b.model),
+            "objective": point.get("objective", b.objective), "batch": int(point.get("batch", b.batch)),
+            "context": b.context, "trace": b.trace, "eviction": point.get("eviction"),
+            "prefetch": point.get("prefetch"), "miss": point.get("miss", "plan"),
+            "requests": grid.simulate.requests, "arrival_rate_per_s": grid.simulate.arrival_rate_per_s,
+            "seed": grid.simulate.seed, "grid_cost_per_hour_usd": _point_cost(grid, point),
+        })
+    return specs
+
+
+def run_sweep(specs: list[dict[str, Any]], evaluate: Callable[[dict], dict], *, jobs: int = 1,
+              ray_address: str | None = None, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Evaluate every spec (serially, on ``jobs`` local processes, or on Ray); rows in spec order."""
+    if ray_address is not None:
+        try:
+            import ray
+        except ImportError:
+            raise InputError("Ray is not installed", key="--ray", value=ray_address,
+                             fix="pip install 'moe-planner[ray]', or use --jobs N for local processes") from None
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=None if ray_address == "local" else ray_address, num_cpus=jobs if ray_address == "local"
+                     else None, include_dashboard=False, log_to_driver=False)
+        try:
+            remote = ray.remote(evaluate)
+            refs = [remote.remote(s) for s in specs]
+            rows = []
+            for i, ref in enumerate(refs):
+                rows.append(ray.get(ref))
+                if progress:
+                    progress(i + 1, len(specs))
+            return rows
+        finally:
+            if started:
+                ray.shutdown()
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = []
+            for i, row in enumerate(pool.map(evaluate, specs)):
+                rows.append(row)
+                if progress:
+                    progress(i + 1, len(specs))
+            return rows
+    rows = []
+    for i, spec in enumerate(specs):
+        rows.append(evaluate(spec))
+        if progress:
+            progress(i + 1, len(specs))
+    return rows
+
+
+def pareto_front(rows: list[dict]) -> list[int]:
+    """Indices of the rows no other row beats on both cost per hour (lower) and tok/s (higher)."""
+    ok = [(i, r["cost_per_hour_usd"], r["tokens_per_s"]) for i, r in enumerate(rows)
+          if r.get("status") == "ok" and r.get("cost_per_hour_usd") is not None]
+    def beats(c2: float, t2: float, c: float, t: float) -> bool:  # tok/s within 1e-6 count as equal
+        same_t = abs(t2 - t) <= 1e-6 * max(abs(t), 1e-12)
+        return c2 <= c and (t2 >= t or same_t) and (c2 < c or (t2 > t and not same_t))
+
+    front = [i for i, c, t in ok if not any(beats(c2, t2, c, t) for _, c2, t2 in ok)]
+    return sorted(front, key=lambda i: rows[i]["cost_per_hour_usd"])
+
+
+COLUMNS = ("id", "status", "tokens_per_s", "tpot_p50_s", "ttft_p50_s", "expert_hit_rate", "predicted_tokens_per_s",
+           "cost_per_hour_usd", "usd_per_million_tokens", "plan_s", "simulate_s")
+
+
+def write_outputs(grid: Grid, rows: list[dict], out_dir: Path) -> list[Path]:
+    """``results.csv``, ``results.json``, ``results.md`` and ``pareto.png`` (cost per hour vs tok/s)."""
+    knobs = list(grid.vary)
+    front = set(pareto_front(rows))
+    files = []
+    csv_path = out_dir / "results.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(knobs + list(COLUMNS) + ["pareto"])
+        for i, r in enumerate(rows):
+            w.writerow([r["point"].get(k) for k in knobs] + [_cell(r.get(c)) for c in COLUMNS] + [i in front])
+    files.append(csv_path)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps({"grid": grid.model_dump(mode="json"), "rows": rows,
+                                     "pareto": sorted(front)}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    files.append(json_path)
+    md = [f"# Sweep: {grid.name}", "", grid.description, "",
+          "| " + " | ".join(knobs + ["tok/s", "TPOT p50", "TTFT p50", "hit rate", "$/h", "$/M tok", "Pareto"]) + " |",
+          "|" + "---|" * (len(knobs) + 7)]
+    for i, r in enumerate(rows):
+        if r["status"] != "ok":
+            md.append("| " + " | ".join([str(r["point"].get(k)) for k in knobs] + [r["status"]] + [""] * 6) + " |")
+            continue
+        md.append("| " + " | ".join([str(r["point"].get(k)) for k in knobs] + [
+            f"{r['tokens_per_s']:.2f}", f"{1e3 * r['tpot_p50_s']:.1f} ms" if r["tpot_p50_s"] else "",
+            f"{r['ttft_p50_s']:.2f} s" if r["ttft_p50_s"] else "", f"{r['expert_hit_rate']:.3f}",
+            _cell(r["cost_per_hour_usd"]), _cell(r["usd_per_million_tokens"]), "yes" if i in front else ""]) + " |")
+    md_path = out_dir / "results.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    files.append(md_path)
+    files.append(_pareto_plot(grid, rows, front, out_dir / "pareto.png"))
+    return files
+
+
+def _cell(v: Any) -> Any:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else v)
+
+
+def _pareto_plot(grid: Grid, rows: list[dict], front: set[int], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [(i, r) for i, r in enumerate(rows) if r["status"] == "ok" and r.get("cost_per_hour_usd") is not None]
+    ax.scatter([r["cost_per_hour_usd"] for _, r in pts], [r["tokens_per_s"] for _, r in pts], color="0.6",
+               label="points")
+    fr = [rows[i] for i in sorted(front, key=lambda i: rows[i]["cost_per_hour_usd"])]
+    ax.plot([r["cost_per_hour_usd"] for r in fr], [r["tokens_per_s"] for r in fr], "o-", color="C3",
+            label="Pareto front")
+    for i, r in pts:
+        if i in front:
+            ax.annotate(", ".join(f"{v}" for v in r["point"].values()), (r["cost_per_hour_usd"], r["tokens_per_s"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("cost, $ per hour")
+    ax.set_ylabel("simulated tokens/s")
+    ax.set_title(f"{grid.name}: cost vs throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
