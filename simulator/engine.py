@@ -146,10 +146,11 @@ class Simulation:
         self._call_cache: dict[tuple[str, str, int], float] = {}
         self._bytes_cache: dict[str, float] = {}
         self._mem_cache: dict[str, str] = {}
+        self._ep_cache: dict[int, dict] = {}
         self._freq = _frequency(trace, self.E) if self.eviction == "static" else None
         self.layers = [self._resolve_layer(lp, l) for l, lp in enumerate(plan.layers)]
-        self.gpus = sorted({o[0] for lay in self.layers for o in lay.owners if hardware.devices[o[0]].kind == "gpu"}
-                           | {self.compute_id})
+        self.gpus = sorted({d for lay in self.layers for own in lay.owners for d in own
+                            if hardware.devices[d].kind == "gpu"} | {self.compute_id})
         self.inflight: dict[tuple[int, int], simpy.Event] = {}
         self.accuracy = config.prefetch_accuracy
         if self.accuracy is None and self.prefetch_name == "next-layer":
@@ -163,6 +164,9 @@ class Simulation:
         self.expert_calls = 0
         self.bytes_moved: dict[str, float] = defaultdict(float)
         self.layer_wall_s = np.zeros(len(self.layers))  # summed over steps
+        self.ep_tokens = self.ep_cross_gpu = self.ep_cross_node = 0  # expert parallelism: routed tokens
+        self.ep_load_ratio = np.zeros(len(self.layers))  # summed max/mean GPU load per step
+        self.ep_layer_steps = np.zeros(len(self.layers), np.int64)
         self.steps: list[tuple[str, int, float, float]] = []  # (phase, tokens, start, end)
         self.requests: list[Request] = []
 
@@ -309,9 +313,10 @@ class Simulation:
                 routed = _route(ids[:, l, :], None if gates is None else gates[:, l, :], self.E)
             block, jobs = self._classify(l, rows, routed, ids)
             router_at = max(self.stream(g).reserve(d, f"attention L{l}", ready_s=t) for g, d in dense_by_gpu.items())
+            ep_end = self._all_to_all(l, ids[:, l, :], router_at) if len(self.gpus) > 1 else router_at
             prefetch = self.prefetch_name != "none" and l + 1 < L
             if not jobs and not prefetch:
-                end = router_at
+                end = ep_end
                 for dev, sec in block.items():
                     end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=router_at))
                 self.layer_wall_s[l] += end - t
@@ -321,6 +326,7 @@ class Simulation:
             if not prefetch and self.play_ahead:
                 end = self._played_ahead(l, router_at, block, jobs)
                 if end is not None:
+                    end = max(end, ep_end)
                     self.layer_wall_s[l] += end - t
                     t = end
                     self.log("layer_step", f"L{l} done", t)
@@ -328,6 +334,7 @@ class Simulation:
             yield env.timeout(router_at - env.now)
             self.log("layer_step", f"L{l} routed")
             waits = self._start(l, block, jobs, ids)
+            waits.append(env.timeout(ep_end - env.now))
             if prefetch:  # after the layer's own fetches, which the copy engine serves first
                 self.prefetcher(l + 1, rows, ids, [e for e, *_ in routed])
             yield env.all_of(waits)
@@ -362,9 +369,7 @@ class Simulation:
             site = lay.site[e]
             if site == "resident":
                 self.resident_access[l] += 1
-                if ep:
-                    jobs.append(("remote", e, n))
-                else:
+                if not ep:  # with expert parallelism the all-to-all runs them (_all_to_all)
                     dev = lay.owners[e][0]
                     block[dev] += self.call_s(dev, lay.fmt[e], n)
             elif site == "fetch" or site == "hybrid":
@@ -503,8 +508,6 @@ class Simulation:
                 waits.append(env.process(self.local_experts(l, *job[1:])))
             elif kind == "fill":
                 waits.append(env.process(self.expert_fetch(l, job[1], lay.cache_format or lay.fmt[job[1]])))
-            elif kind == "remote":
-                waits.append(env.process(self.remote_expert(l, job[1], job[2], ids[:, l, :])))
         return waits
 
     def expert_fetch(self, l: int, e: int, fmt: str):
@@ -551,36 +554,72 @@ class Simulation:
         for e in lay.streamed:
             yield from self.expert_fetch(l, e, lay.fmt[e])
 
-    def remote_expert(self, l: int, e: int, n: int, ids: np.ndarray):
-        """Expert parallelism: dispatch the expert's tokens to the GPU holding it, run, combine."""
-        lay = self.layers[l]
-        owners = lay.owners[e]
-        token_rows = np.nonzero((ids == e).any(axis=1))[0]
-        procs = []
-        for i, owner in enumerate(owners):  # replicas split the tokens round-robin
-            mine = token_rows[i::len(owners)]
-            if len(mine):
-                procs.append(self.env.process(self._remote_part(l, e, owner, mine)))
-        yield self.env.all_of(procs)
+    def _all_to_all(self, l: int, ids: np.ndarray, router_at: float) -> float:
+        """Expert parallelism at layer ``l``: when the layer's dispatch, expert work and combine end.
 
-    def _remote_part(self, l: int, e: int, owner: str, token_rows: np.ndarray):
-        lay = self.layers[l]
-        owner_mem = self.hw.memory_of(owner).id
+        Token i of the step ran attention on GPU ``i mod G``; each of its experts runs on a
+        GPU holding a copy: its own GPU if it has one, else one in its node, else the copies
+        take turns. Dispatch and combine are all-to-all exchanges of hidden states: every
+        pair's bytes start together and share the links of their routes, so an exchange
+        lasts as long as its most loaded link direction needs (a fluid model of the
+        all-to-all) plus the longest route latency. Each GPU then runs its experts in order.
+        """
+        plan = self._ep_plan(l)
+        n = ids.shape[0]
+        src = np.arange(n)[:, None] % len(self.gpus)  # [n, 1] GPU index of each token
+        real = ids < self.E
+        e_ids = np.where(real, ids, 0)
+        cand = plan["copies"][e_ids]  # [n, K, R] GPU indices holding a copy, -1 padded
+        slot = np.arange(cand.shape[2])[None, None, :]
+        turn = (np.arange(n)[:, None, None] % np.maximum((cand >= 0).sum(axis=2, keepdims=True), 1)) == slot
+        node = plan["node_of"]
+        score = np.where(cand >= 0, 4 * (cand == src[:, :, None]) + 2 * (node[cand] == node[src][:, :, None]) + turn,
+                         -1)
+        dst = np.take_along_axis(cand, score.argmax(axis=2)[:, :, None], axis=2)[:, :, 0]  # [n, K]
+        srcs = np.broadcast_to(src, dst.shape)[real]
+        dsts = dst[real]
         G = len(self.gpus)
-        sources = defaultdict(int)
-        for t in token_rows:  # token t's attention ran on GPU t mod G
-            sources[self.gpus[int(t) % G]] += 1
-        sends = [self.env.process(self.net.transfer(self.hw.memory_of(g).id, owner_mem,
-                                                    activation_bytes(self.model, c), f"dispatch L{l}E{e}"))
-                 for g, c in sorted(sources.items())]
-        yield self.env.all_of(sends)
-        n = len(token_rows)
-        yield self.env.timeout(self.stream(owner).reserve(self.call_s(owner, lay.fmt[e], n), f"expert L{l}E{e}")
-                               - self.env.now)
-        backs = [self.env.process(self.net.transfer(owner_mem, self.hw.memory_of(g).id,
-                                                    activation_bytes(self.model, c), f"combine L{l}E{e}"))
-                 for g, c in sorted(sources.items())]
-        yield self.env.all_of(backs)
+        # tokens per (GPU, expert) and the hidden states each GPU pair exchanges
+        work = np.bincount(dsts * self.E + e_ids[real], minlength=G * self.E).reshape(G, self.E)
+        pairs = np.bincount(srcs * G + dsts, minlength=G * G).reshape(G, G)
+        self.ep_tokens += int(real.sum())
+        self.ep_cross_gpu += int((srcs != dsts).sum())
+        self.ep_cross_node += int((node[srcs] != node[dsts]).sum())
+        load = work.sum(axis=1)
+        self.ep_load_ratio[l] += float(load.max() / max(load.mean(), 1e-300))
+        self.ep_layer_steps[l] += 1
+        dispatch = self._exchange(pairs, router_at, f"dispatch L{l}")
+        end = dispatch
+        lay = self.layers[l]
+        for g in np.nonzero(load)[0]:
+            dev = self.gpus[g]
+            sec = sum(self.call_s(dev, lay.fmt[e], int(c)) for e, c in zip(np.nonzero(work[g])[0],
+                                                                          work[g][work[g] > 0]))
+            end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=dispatch))
+        return self._exchange(pairs.T, end, f"combine L{l}")
+
+    def _ep_plan(self, l: int) -> dict:
+        """Per layer: ``copies[E, R]`` GPU indices holding each expert (-1 padded); ``node_of[G]``."""
+        if l not in self._ep_cache:
+            index = {g: i for i, g in enumerate(self.gpus)}
+            owners = [[index[o] for o in own if o in index] for own in self.layers[l].owners]
+            R = max(len(o) for o in owners)
+            copies = np.full((self.E + 1, R), -1, np.int64)  # the last row: a never-used sentinel
+            for e, own in enumerate(owners):
+                copies[e, :len(own)] = own
+            nodes = sorted({self.hw.devices[g].node for g in self.gpus})
+            node_of = np.array([nodes.index(self.hw.devices[g].node) for g in self.gpus] + [-1])
+            self._ep_cache[l] = {"copies": copies, "node_of": node_of}
+        return self._ep_cache[l]
+
+    def _exchange(self, pairs: np.ndarray, start: float, what: str) -> float:
+        """An all-to-all of ``pairs[src, dst]`` hidden states starting at ``start``; returns its end."""
+        moves = {}
+        for s_i, d_i in zip(*np.nonzero(pairs)):
+            if s_i != d_i:
+                moves[(self._dev_mem(self.gpus[s_i]), self._dev_mem(self.gpus[d_i]))] = \
+                    activation_bytes(self.model, int(pairs[s_i, d_i]))
+        return self.net.exchange(moves, start, what)
 
     def prefetcher(self, l: int, rows: np.ndarray, step_ids: np.ndarray, current: np.ndarray) -> None:
         """Guesses layer ``l``'s experts for this step and starts fetching them into its cache."""

@@ -138,6 +138,11 @@ def summarise(sim: Simulation, wall_s: float) -> SimReport:
         "busy_s": dict(sorted(busy.items())),
         "energy_j": energy,
         "layer_time_s": (sim.layer_wall_s / n_steps).tolist(),
+        "expert_parallel": None if not sim.ep_tokens else {
+            "gpus": len(sim.gpus),
+            "cross_gpu_token_fraction": sim.ep_cross_gpu / sim.ep_tokens,
+            "cross_node_token_fraction": sim.ep_cross_node / sim.ep_tokens,
+            "max_over_mean_gpu_load": (sim.ep_load_ratio / np.maximum(sim.ep_layer_steps, 1)).tolist()},
         "policies": {"eviction": sim.eviction, "prefetch": sim.prefetch_name, "miss": sim.cfg.miss,
                      "batching": sim.cfg.batching, "batch_size": sim.batch_size},
     }

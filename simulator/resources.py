@@ -168,6 +168,31 @@ class Network:
         if self.spans is not None:
             self.spans.append(Span(f"link {src}->{dst}", what, start_s, end_s, (("bytes", n_bytes),)))
 
+    def exchange(self, moves: dict[tuple[str, str], float], start_s: float, what: str = "") -> float:
+        """An all-to-all worked out ahead: every move starts at ``start_s`` and all share links.
+
+        Fluid model: the exchange lasts as long as its most loaded bandwidth needs
+        (``sum of bytes crossing it / its bandwidth``) plus the longest route latency.
+        Returns when the last byte has arrived.
+        """
+        load: dict[str, float] = defaultdict(float)
+        latency = 0.0
+        for (src, dst), n_bytes in moves.items():
+            p = self.path(src, dst)
+            latency = max(latency, p.latency_s)
+            for k in p.keys:
+                load[k] += n_bytes
+            for lid in p.link_ids:
+                self.bytes[lid] += n_bytes
+        if not load:
+            return start_s
+        for k, b in load.items():
+            self.busy_s[k] += b / self.bandwidth[k]
+        end = start_s + latency + max(b / self.bandwidth[k] for k, b in load.items())
+        if self.spans is not None:
+            self.spans.append(Span("all-to-all", what, start_s, end, (("bytes", sum(moves.values())),)))
+        return end
+
     # -- processor sharing -----------------------------------------------------------------
 
     def _advance(self) -> None:

@@ -256,3 +256,41 @@ def test_simulate_cli_bad_plan(tmp_path, run_cli):
     bad.write_text('{"format_version": 99}')
     r = run_cli("simulate", "--plan", bad)
     assert r.exit_code == 1 and "format_version" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+
+
+def _ep_plan(model, hw, owner, replicas=()):
+    gpus = [d.id for d in hw.devices_of_kind("gpu")]
+    E = model.num_experts
+    layer = {"home": tuple(gpus[o] for o in owner), "format": ("int4",) * E, "site": ("resident",) * E,
+             "replicas": tuple(tuple(gpus[r] for r in reps) for reps in replicas) if replicas else ()}
+    plan = _hand_plan(model, hw.name, [layer] * model.num_moe_layers, compute=gpus[0],
+                      host=hw.devices_of_kind("cpu")[0].id)
+    return plan
+
+
+def test_expert_parallel_traffic_follows_ownership(mixtral_small):
+    model, trace = mixtral_small
+    _, hw = load_profile("workstation-2x3090-nvlink")
+    E = model.num_experts
+    cfg = SimConfig(batch_size=4, requests=3)
+    one_gpu = simulate(_ep_plan(model, hw, [0] * E, replicas=[[1]] * E), hw, model, trace, cfg).metrics
+    # every expert has a copy on both GPUs: no token leaves its GPU
+    assert one_gpu["expert_parallel"]["cross_gpu_token_fraction"] == 0.0
+    split = simulate(_ep_plan(model, hw, [e % 2 for e in range(E)]), hw, model, trace, cfg).metrics
+    ep = split["expert_parallel"]
+    assert 0.3 < ep["cross_gpu_token_fraction"] < 0.7  # about half the tokens meet their expert elsewhere
+    assert ep["cross_node_token_fraction"] == 0.0 and ep["gpus"] == 2
+    assert all(r >= 1.0 for r in ep["max_over_mean_gpu_load"])
+    assert sum(split["link_bytes"].values()) > 0 and sum(one_gpu["link_bytes"].values()) == 0
+
+
+def test_all_to_all_lasts_as_long_as_its_busiest_link():
+    _, hw = load_profile("workstation-2x3090-nvlink")
+    net = Network(simpy.Environment(), hw)
+    a, b = "node/gpu0", "node/gpu1"
+    end = net.exchange({(a, b): 2e9, (b, a): 1e9}, 1.0)
+    path = net.path(a, b)
+    assert end == pytest.approx(1.0 + path.latency_s + 2e9 / path.bottleneck_bytes_per_s)
