@@ -1,0 +1,451 @@
+"""What the single-node engine renderers share: check a Plan against its model and hardware,
+round its per-expert placement to an engine's per-layer grid, and price plans with the
+planner's own cost model.
+
+Legend: L = MoE layers, E = routed experts per layer, B = batch (tokens per decode step).
+
+Engines place experts coarser than a Plan does. GGUF (llama.cpp) holds all experts of one
+(layer, projection) as one tensor; transformers 5 fuses a layer's experts into 3-D
+tensors, so HF accelerate places them per layer. Rounding a plan to such a grid is done in
+two steps, the same for every engine:
+
+1. **format** per layer: the storage format holding most of the layer's expert bytes in the
+   plan (ties: the wider format, quality first). Weighting by bytes keeps the precision the
+   plan paid memory for; an engine that cannot store it (accelerate: bf16 only) overrides it.
+2. **placement** per layer: layers are ranked by the share of their expert bytes the plan
+   keeps on the compute device (ties: the later layer first, as ``--n-cpu-moe`` offloads the
+   first layers), and whole layers go to the compute device in that order while they fit in
+   its budget at the engine's byte sizes; the rest go to host memory (then disk, where the
+   engine can stream from it). A fill, not a majority vote: it never overflows the device
+   and leaves no usable budget idle when the plan's per-expert split would have used it.
+
+A rounded layer runs in one of the planner's modes: ``resident`` on the compute device,
+``local`` on the host CPU (llama.cpp computes CPU-buffer experts where they live) or
+``stream`` (accelerate copies offloaded modules to the GPU at every forward). Pricing
+builds the planner's ``Setup`` for the plan's hardware, model and workload and calls
+:func:`planner.costs.option_costs` / :func:`planner.costs.step_time` on one option per
+layer: exactly how ``planner optimize`` predicts a plan's time per decode step, so the
+rounding cost is measured with the model that chose the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planner.costs import (
+    MODES,
+    QUANT_ERROR,
+    SPEC_COLUMNS,
+    Setup,
+    capacity,
+    fixed_costs,
+    option_costs,
+    step_time,
+)
+from planner.plan import Plan
+from profiles.errors import InputError
+from profiles.formats import FORMATS, get_format
+from profiles.hardware import Device, Hardware, load_profile
+from profiles.models import ModelSpec, load_model
+from profiles.workload.trace import Trace
+
+__all__ = [
+    "NotApplicable",
+    "Prediction",
+    "Pricing",
+    "RoundedLayer",
+    "check_plan",
+    "dense_format",
+    "device_share",
+    "engine_device",
+    "fill_layers",
+    "fill_order",
+    "layer_format",
+    "memory_string",
+    "resolve_inputs",
+    "to_json_text",
+]
+
+
+class NotApplicable(Exception):
+    """An engine cannot express this plan at all (an unknown model class, no such device):
+    :func:`exporters.engines.single.render_engines` records the reason and skips the engine."""
+
+
+@dataclass(frozen=True)
+class RoundedLayer:
+    """One MoE layer after rounding: all its experts in one place and one format.
+
+    Attributes:
+        moe_layer: index among MoE layers (the plan's ``LayerPlan.moe_layer``).
+        hidden_layer: decoder layer index (GGUF ``blk.N``, HF ``model.layers.N``).
+        place: ``"device"`` (the engine's compute device), ``"host"`` (host DRAM) or ``"disk"``.
+        format: storage format the cost model prices (a ``profiles.formats`` name).
+        mode: ``"resident"``, ``"local"`` or ``"stream"`` (see the module docstring).
+        device_share: share of the layer's expert bytes the plan kept on the compute device.
+    """
+
+    moe_layer: int
+    hidden_layer: int
+    place: str
+    format: str
+    mode: str
+    device_share: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted decode metrics of one plan (or rounded plan) under the planner's cost model."""
+
+    tokens_per_s: float
+    tpot_s: float
+    quality_error: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"tokens_per_s": self.tokens_per_s, "tpot_s": self.tpot_s, "quality_error": self.quality_error}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def resolve_inputs(model: ModelSpec | str, hardware: Hardware | str) -> tuple[ModelSpec, Hardware]:
+    """Accept a ModelSpec or a model name/path, and a Hardware or a profile name/path."""
+    if not isinstance(model, ModelSpec):
+        model = load_model(model)
+    if not isinstance(hardware, Hardware):
+        hardware = load_profile(hardware)[1]
+    return model, hardware
+
+
+def check_plan(plan: Plan, model: ModelSpec, hardware: Hardware) -> None:
+    """Refuse a plan that was not made for ``model`` on ``hardware``, in one line.
+
+    Raises:
+        InputError: layer or expert counts, decoder-layer indices, devices, memories or
+            formats that do not match.
+    """
+    fix = "plan this model on this hardware with `planner optimize`, or pass the model and hardware the plan names"
+    if len(plan.layers) != model.num_moe_layers:
+        raise InputError("the plan does not match the model", key="layers",
+                         value=f"{len(plan.layers)} MoE layers (a plan for {plan.inputs.model})",
+                         expected=f"{model.num_moe_layers} MoE layers ({model.name})", fix=fix)
+    for i, layer in enumerate(plan.layers):
+        key = f"layers[{i}]"
+        if layer.moe_layer != i or layer.hidden_layer != model.moe_layer_indices[i]:
+            raise InputError("the plan's layer indices do not match the model", key=key,
+                             value=(layer.moe_layer, layer.hidden_layer),
+                             expected=f"moe_layer {i}, hidden_layer {model.moe_layer_indices[i]} ({model.name})", fix=fix)
+        if len(layer.home) != model.num_experts:
+            raise InputError("the plan does not match the model's experts per layer", key=f"{key}.home",
+                             value=len(layer.home), expected=f"{model.num_experts} experts ({model.name})", fix=fix)
+        for fmt in set(layer.format) | ({layer.cache_format} if layer.cache_format else set()):
+            if fmt not in FORMATS:
+                raise InputError("unknown number format in the plan", key=f"{key}.format", value=fmt,
+                                 expected="one of " + ", ".join(FORMATS), fix="regenerate the plan")
+        for mem in set(layer.home) | ({layer.cache_device} if layer.cache_device else set()):
+            if mem not in hardware.memories and mem not in hardware.devices:
+                raise InputError("the plan names a memory this hardware does not have", key=f"{key}.home",
+                                 value=mem, expected="one of " + ", ".join(hardware.memories), fix=fix)
+    for key, dev in (("compute_device", plan.compute_device), ("host_device", plan.host_device)):
+        if dev not in hardware.devices or not hardware.devices[dev].is_compute:
+            raise InputError("the plan names a compute device this hardware does not have", key=key, value=dev,
+                             expected="a gpu, cpu or accelerator of " + hardware.name, fix=fix)
+
+
+def dense_format(plan: Plan, model: ModelSpec) -> str:
+    """The plan's format for dense (non-expert) weights.
+
+    ``planner optimize`` records it in ``notes`` (``"dense weights: int4"``), which wins;
+    then a ``dense_format`` field the plan sets explicitly; else the format whose bytes
+    match the planned dense bytes best.
+    """
+    for note in plan.notes:
+        m = re.fullmatch(r"dense weights: (\S+)", note)
+        if m and m.group(1) in FORMATS:
+            return m.group(1)
+    explicit = getattr(plan, "dense_format", None)
+    if explicit in FORMATS and "dense_format" in plan.model_fields_set:
+        return explicit
+    planned = plan.memory.get(plan.compute_device)
+    dense = planned.dense_bytes if planned is not None else 0.0
+    if dense <= 0:
+        return "bf16"
+    return min(("bf16", "fp8", "int8", "int4"), key=lambda f: abs(model.dense_bytes(f) - dense))
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+def layer_format(formats: Sequence[str], model: ModelSpec) -> str:
+    """The format holding most of a layer's expert bytes (ties: the wider one)."""
+    per = {fmt: formats.count(fmt) * model.expert_bytes(fmt) for fmt in set(formats)}
+    return max(per, key=lambda f: (per[f], get_format(f).bits_per_weight, f))
+
+
+def device_share(plan: Plan, model: ModelSpec, hardware: Hardware) -> list[float]:
+    """``[L]`` share of each layer's expert bytes the plan keeps in the compute device's memory."""
+    mem = hardware.memory_of(plan.compute_device).id
+    out = []
+    for layer in plan.layers:
+        total = sum(model.expert_bytes(f) for f in layer.format)
+        on = sum(model.expert_bytes(f) for h, f in zip(layer.home, layer.format) if h == mem)
+        out.append(on / total if total else 0.0)
+    return out
+
+
+def fill_order(shares: Sequence[float]) -> list[int]:
+    """MoE layers in the order they get the compute device: largest planned share first,
+    ties to the later layer (``--n-cpu-moe`` keeps the first layers on the CPU)."""
+    return sorted(range(len(shares)), key=lambda l: (-shares[l], -l))
+
+
+def fill_layers(order: Iterable[int], layer_bytes: Sequence[float], budget_bytes: float) -> set[int]:
+    """Layers that get the device: take them in ``order`` while they fit (a layer that does not
+    fit is skipped, a smaller later one may still fit)."""
+    chosen, used = set(), 0.0
+    for l in order:
+        if used + layer_bytes[l] <= budget_bytes:
+            chosen.add(l)
+            used += layer_bytes[l]
+    return chosen
+
+
+def engine_device(plan: Plan, hardware: Hardware) -> Device:
+    """The device an engine computes on: the plan's GPU, else the host CPU (llama.cpp and
+    transformers have no backend for FPGA-like accelerators)."""
+    dev = hardware.devices[plan.compute_device]
+    return dev if dev.kind == "gpu" else hardware.devices[plan.host_device]
+
+
+# --------------------------------------------------------------------------- pricing
+
+
+def _trace_digest(trace: Trace) -> str:
+    # the same digest `planner optimize` records as inputs.workload_digest
+    h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
+    h.update(np.ascontiguousarray(trace.seq_lens).tobytes())
+    return h.hexdigest()[:16]
+
+
+class Pricing:
+    """The planner's cost model for one plan's model, hardware and workload.
+
+    Args:
+        plan: the plan (batch size, context, dense format and prefetch come from it).
+        model: its model.
+        hardware: its hardware.
+        trace: the workload to price with; ``None``: the model's default workload (what
+            ``planner optimize`` uses when given no trace). ``matches_plan`` says whether it is
+            the workload the plan was made with (same routing digest).
+    """
+
+    def __init__(self, plan: Plan, model: ModelSpec, hardware: Hardware, trace: Trace | None = None) -> None:
+        from planner.workload_view import planning_stats
+        from profiles.workload.defaults import default_workload
+
+        self.plan, self.model, self.hardware = plan, model, hardware
+        trace = default_workload(model) if trace is None else trace
+        if trace.num_layers != model.num_moe_layers:
+            raise InputError("the workload does not match the model", key="trace", value=trace.num_layers,
+                             expected=f"{model.num_moe_layers} MoE layers ({model.name})",
+                             fix="pass the trace the plan was made with")
+        self.workload = trace.source or "trace"
+        self.matches_plan = _trace_digest(trace) == plan.inputs.workload_digest
+        self.stats = planning_stats(trace, real_experts=model.num_experts)
+        self.dense_format = dense_format(plan, model)
+        used = {f for layer in plan.layers for f in layer.format} | {self.dense_format, "bf16"}
+        used |= {layer.cache_format for layer in plan.layers if layer.cache_format}
+        self.formats = tuple(f for f in FORMATS if f in used)
+        self._setups: dict[str, Setup] = {}
+        self._repriced: tuple[Prediction | None, str] | None = None
+
+    def setup(self, compute_id: str) -> Setup:
+        """The planner's Setup with ``compute_id`` as the compute device (homes as
+        ``planner optimize`` picks them: host DRAM, then the node's first NVMe)."""
+        if compute_id not in self._setups:
+            hw = self.hardware
+            compute = hw.devices[compute_id]
+            host = hw.devices[self.plan.host_device]
+            homes = [hw.memory_of(host.id).id]
+            homes += [m.id for m in hw.memories.values()
+                      if m.tier == "nvme" and m.devices[0].split("/")[0] == compute.node][:1]
+            if compute.kind == "cpu":
+                homes = [m for m in homes if m != hw.memory_of(compute.id).id]
+            planned_device = hw.memory_of(self.plan.compute_device).id
+            for layer in self.plan.layers:  # a home the plan uses that the defaults lack
+                homes += [h for h in dict.fromkeys(layer.home)
+                          if h not in homes and h not in (planned_device, hw.memory_of(compute.id).id)]
+            self._setups[compute_id] = Setup(
+                hardware=hw, model=self.model, stats=self.stats, batch_size=self.plan.batch_size,
+                context_tokens=self.plan.context_tokens, formats=self.formats, compute=compute, host=host,
+                homes=tuple(homes), quant_error=dict(QUANT_ERROR))
+        return self._setups[compute_id]
+
+    def price_rows(self, compute_id: str, rows: Sequence[dict[str, Any]], dense_fmt: str,
+                   prefetch: bool) -> Prediction:
+        """Price one option per layer (rows of named option columns, formats and homes by name)."""
+        s = self.setup(compute_id)
+        tables = []
+        for l, row in enumerate(rows):
+            values = dict(row, b_res=s.formats.index(row["b_res"]), b_off=s.formats.index(row["b_off"]),
+                          home=s.homes.index(row["home"]) if row["home"] is not None else 0,
+                          mode=MODES.index(row["mode"]))
+            missing = [c for c in SPEC_COLUMNS if c not in values]
+            if missing:  # a cost-model change this module has not been taught
+                raise RuntimeError(f"planner.costs option columns {missing} unknown to exporters/engines/rounding.py")
+            tables.append(option_costs(s, l, np.array([[values[c] for c in SPEC_COLUMNS]], dtype=np.int64)))
+        step_s, _ = step_time(s, tables, [0] * len(tables), fixed_costs(s, dense_fmt), prefetch)
+        total = float(self.stats.importance.sum())
+        quality = float(sum(t.error[0] for t in tables)) / max(total, 1e-300)
+        return Prediction(tokens_per_s=s.batch_size / step_s, tpot_s=step_s, quality_error=quality)
+
+    def price_rounded(self, compute_id: str, layers: Sequence[RoundedLayer], dense_fmt: str) -> Prediction:
+        """Price a rounded plan (no engine here prefetches or caches)."""
+        s = self.setup(compute_id)
+        E = self.model.num_experts
+        host_mem = self.hardware.memory_of(self.plan.host_device).id
+        nvme = [h for h in s.homes if self.hardware.memories[h].tier == "nvme"]
+        rows = []
+        for layer in layers:
+            row = {"p": E, "q": E, "b_res": layer.format, "c": 0, "b_off": layer.format, "home": None, "mode": "fetch"}
+            if layer.mode == "local":  # every rank computed by the host CPU where it lives
+                row.update(p=0, q=0, home=host_mem, mode="local")
+            elif layer.mode == "stream":  # every rank crosses the link each step
+                row.update(p=0, home=host_mem if layer.place == "host" or not nvme else nvme[0], mode="stream")
+            rows.append(row)
+        return self.price_rows(compute_id, rows, dense_fmt, prefetch=False)
+
+    def price_plan(self) -> tuple[Prediction | None, str]:
+        """Re-price the plan itself (once; later calls reuse it); ``(None, why)`` when a layer
+        is not one option of the planner's grid under this workload.
+
+        A layer is read as the planner writes it, by frequency rank: ranks ``[0, p)``
+        resident, ``[p, q)`` offloaded and run by one mode (fetch, hybrid, stream), ``[q, E)``
+        offloaded and computed where they live (``local``).
+        """
+        if self._repriced is None:
+            self._repriced = self._price_plan()
+        return self._repriced
+
+    def _price_plan(self) -> tuple[Prediction | None, str]:
+        s = self.setup(self.plan.compute_device)
+        dev_mem = self.hardware.memory_of(self.plan.compute_device).id
+        rows = []
+        for l, layer in enumerate(self.plan.layers):
+            by_rank = [int(e) for e in self.stats.order[l]]
+            sites = ["resident" if layer.home[e] == dev_mem else layer.site[e] for e in by_rank]
+            p = sites.count("resident")
+            band = {sites[r] for r in range(p, len(sites)) if sites[r] != "local"}
+            q = p + sum(1 for x in sites if x not in ("resident", "local"))
+            if sites != ["resident"] * p + [next(iter(band), "")] * (q - p) + ["local"] * (len(sites) - q):
+                return None, f"layer {l}: its sites are not resident, one band mode, local by frequency rank"
+            if "q" not in SPEC_COLUMNS and p < q < len(sites):
+                return None, f"layer {l}: a split band needs a cost model with the q column"
+            res = {layer.format[e] for e in by_rank[:p]}
+            off = {(layer.format[e], layer.home[e]) for e in by_rank[p:]}
+            if len(res) > 1 or len(off) > 1:
+                return None, f"layer {l}: more than one format or home among its resident or offloaded experts"
+            b_off, home = next(iter(off), (None, None))
+            b_res = next(iter(res), b_off)
+            rows.append({"p": p, "q": q, "b_res": b_res, "c": layer.cache_slots, "b_off": b_off or b_res,
+                         "home": home if home in s.homes else None,
+                         "mode": next(iter(band)) if band else ("local" if p < len(sites) else "fetch")})
+        pred = self.price_rows(self.plan.compute_device, rows, self.dense_format, self.plan.prefetch != "none")
+        return pred, ""
+
+    def device_budget(self, compute_id: str, dense_bytes: float) -> float:
+        """Bytes left for experts on ``compute_id``'s memory: usable capacity (the planner's
+        reserve kept free) minus dense weights, the KV cache and the activation workspace."""
+        s = self.setup(compute_id)
+        fc = fixed_costs(s, self.dense_format)
+        mem = self.hardware.memory_of(compute_id).id
+        return capacity(s, mem) - dense_bytes - fc.kv_bytes - fc.workspace_bytes
+
+    def usable_bytes(self, memory_id: str) -> float:
+        """Usable bytes of a memory pool after the planner's runtime reserve."""
+        return capacity(self.setup(self.plan.compute_device), memory_id)
+
+
+def rounding_report(plan: Plan, pricing: Pricing, rounded: Prediction) -> dict[str, Any]:
+    """The rounding cost: the plan's predicted tok/s (as planned and re-priced here) against
+    the rounded plan's, under one cost model and one workload."""
+    repriced, why = pricing.price_plan()
+    ref = repriced.tokens_per_s if repriced is not None else plan.predicted.get("tokens_per_s")
+    out: dict[str, Any] = {
+        "workload": pricing.workload,
+        "workload_matches_plan": pricing.matches_plan,
+        "plan_tokens_per_s": plan.predicted.get("tokens_per_s"),
+        "plan_repriced": repriced.as_dict() if repriced is not None else None,
+        "rounded": rounded.as_dict(),
+    }
+    if why:
+        out["plan_repriced_note"] = why
+    if ref:
+        out["tokens_per_s_change"] = rounded.tokens_per_s - ref
+        out["relative_change"] = rounded.tokens_per_s / ref - 1.0
+    return out
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def memory_string(n_bytes: float) -> str:
+    """A size string accelerate parses in every version: whole GiB when exact, else whole MiB
+    (rounded down). ``GiB`` = 2^30 bytes.
+
+    >>> memory_string(10 * 2**30), memory_string(1.5 * 2**30)
+    ('10GiB', '1536MiB')
+    """
+    mib = max(math.floor(n_bytes / 2**20), 0)
+    return f"{mib // 1024}GiB" if mib % 1024 == 0 and mib else f"{mib}MiB"
+
+
+def _round(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.12g}")
+    if isinstance(obj, dict):
+        return {str(k): _round(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_round(v) for v in obj]
+    return obj
+
+
+def _flat(obj: Any) -> bool:
+    scalar = (str, int, float, bool, type(None))
+    if isinstance(obj, dict):
+        return all(isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))
+                   for v in obj.values())
+    return isinstance(obj, list) and all(isinstance(x, scalar) for x in obj)
+
+
+def to_json_text(obj: Any) -> str:
+    """Deterministic, diff-friendly JSON: sorted keys, floats to 12 significant digits, nested
+    objects indented, flat lists and flat objects inside lists on one line each."""
+    def dump(o: Any, indent: str) -> str:
+        if isinstance(o, dict) and o:
+            inner = indent + " "
+            items = [f"{inner}{json.dumps(k)}: {dump(v, inner)}" for k, v in sorted(o.items())]
+            return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+        if isinstance(o, list) and o and not _flat(o):
+            inner = indent + " "
+            items = [inner + (json.dumps(v, sort_keys=True) if _flat(v) else dump(v, inner)) for v in o]
+            return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+        return json.dumps(o, sort_keys=True)
+    return dump(_round(obj), "") + "\n"
+
+
+def write_text(path: Path, text: str, executable: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    if executable:
+        path.chmod(0o755)
+    return path
