@@ -240,6 +240,10 @@ def _gqa_model(r: ConfigReader, *, experts_key: str, inter_key: str, qkv_bias: b
                extra_attention_per_layer: int = 0, head_dim_default: int | None = None) -> dict[str, Any]:
     """The layout shared by Mixtral, Qwen-MoE, OLMoE, Phi-3.5-MoE, GraniteMoE: every layer GQA + MoE."""
     hidden, layers = r.int("hidden_size"), r.int("num_hidden_layers")
+    # transformers 5 writes Qwen3-MoE configs with num_local_experts, the Hub's with num_experts
+    alias = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}[experts_key]
+    if r.data.get(experts_key) is None and r.data.get(alias) is not None:
+        experts_key = alias
     experts, top_k = r.int(experts_key), r.int("num_experts_per_tok")
     _check_routing(r, "num_experts_per_tok", top_k, experts)
     heads, kv, head_dim = _heads(r, hidden, head_dim_default=head_dim_default)

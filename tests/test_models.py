@@ -441,3 +441,10 @@ def test_spec_is_frozen_and_hashable_parts_are_tuples():
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.top_k = 4  # type: ignore[misc]
     assert isinstance(spec, ModelSpec) and isinstance(spec.moe_layer_indices, tuple)
+
+
+def test_qwen3_moe_config_saved_by_transformers_5(tmp_path):
+    """transformers 5 saves Qwen3-MoE's expert count as num_local_experts; the Hub has num_experts."""
+    config = json.loads((CONFIGS / "qwen3_moe" / "config.json").read_text())
+    config["num_local_experts"] = config.pop("num_experts")
+    assert load_model(_write(tmp_path, config)).num_experts == config["num_local_experts"]
