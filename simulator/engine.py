@@ -157,16 +157,16 @@ class Simulation:
             self.accuracy = _predictability(trace)
         self._transitions = _transitions(trace, self.E) if self.prefetch_name == "transition" else None
         # metrics
-        self.cache_access = np.zeros(len(self.layers), np.int64)
-        self.cache_hit = np.zeros(len(self.layers), np.int64)
-        self.resident_access = np.zeros(len(self.layers), np.int64)
-        self.local_access = np.zeros(len(self.layers), np.int64)
+        self.cache_access = [0] * len(self.layers)
+        self.cache_hit = [0] * len(self.layers)
+        self.resident_access = [0] * len(self.layers)
+        self.local_access = [0] * len(self.layers)
         self.expert_calls = 0
         self.bytes_moved: dict[str, float] = defaultdict(float)
-        self.layer_wall_s = np.zeros(len(self.layers))  # summed over steps
+        self.layer_wall_s = [0.0] * len(self.layers)  # summed over steps (plain lists: faster to bump)
         self.ep_tokens = self.ep_cross_gpu = self.ep_cross_node = 0  # expert parallelism: routed tokens
-        self.ep_load_ratio = np.zeros(len(self.layers))  # summed max/mean GPU load per step
-        self.ep_layer_steps = np.zeros(len(self.layers), np.int64)
+        self.ep_load_ratio = [0.0] * len(self.layers)  # summed max/mean GPU load per step
+        self.ep_layer_steps = [0] * len(self.layers)
         self.steps: list[tuple[str, int, float, float]] = []  # (phase, tokens, start, end)
         self.requests: list[Request] = []
 
@@ -305,6 +305,10 @@ class Simulation:
         ids_list = ids.tolist() if small else None
         gates_list = gates.tolist() if (small and gates is not None) else None
         L = len(self.layers)
+        recording = self.events is not None
+        compute = self.stream(self.compute_id)
+        single = len(dense_by_gpu) == 1
+        dense_s = dense_by_gpu.get(self.compute_id, 0.0)
         for l in range(L):
             if small:
                 routed = _route_small([r[l] for r in ids_list], None if gates_list is None else [g[l] for g in gates_list],
@@ -312,16 +316,22 @@ class Simulation:
             else:
                 routed = _route(ids[:, l, :], None if gates is None else gates[:, l, :], self.E)
             block, jobs = self._classify(l, rows, routed, ids)
-            router_at = max(self.stream(g).reserve(d, f"attention L{l}", ready_s=t) for g, d in dense_by_gpu.items())
+            if single:
+                router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
+            else:
+                router_at = max(self.stream(g).reserve(d, recording and f"attention L{l}", ready_s=t)
+                                for g, d in dense_by_gpu.items())
             ep_end = self._all_to_all(l, ids[:, l, :], router_at) if len(self.gpus) > 1 else router_at
             prefetch = self.prefetch_name != "none" and l + 1 < L
             if not jobs and not prefetch:
                 end = ep_end
                 for dev, sec in block.items():
-                    end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=router_at))
+                    done = self.stream(dev).reserve(sec, recording and f"experts L{l}", ready_s=router_at)
+                    end = max(end, done)
                 self.layer_wall_s[l] += end - t
                 t = end
-                self.log("layer_step", f"L{l} done", t)
+                if recording:
+                    self.log("layer_step", f"L{l} done", t)
                 continue
             if not prefetch and self.play_ahead:
                 end = self._played_ahead(l, router_at, block, jobs)
@@ -329,7 +339,8 @@ class Simulation:
                     end = max(end, ep_end)
                     self.layer_wall_s[l] += end - t
                     t = end
-                    self.log("layer_step", f"L{l} done", t)
+                    if recording:
+                        self.log("layer_step", f"L{l} done", t)
                     continue
             yield env.timeout(router_at - env.now)
             self.log("layer_step", f"L{l} routed")
@@ -417,12 +428,13 @@ class Simulation:
         """
         kinds = {j[0] for j in jobs}
         if self.net.busy or not kinds <= {"fetch", "fill", "local"} or \
-                any(not ev.triggered for ev in self.inflight.values()):
+                (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
             return None
         # activations (both directions) never share a bandwidth with each other, and fetches
         # are serial on the copy engine; only results coming back can meet a fetch
         check = "local" in kinds and len(kinds) > 1
         lay, net = self.layers[l], self.net
+        recording = self.events is not None
         if check:
             saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
             n_spans = len(self.spans) if self.spans is not None else 0
@@ -442,18 +454,22 @@ class Simulation:
         for job in jobs:
             if job[0] == "fetch":
                 _, e, n, fmt = job
-                self.log("expert_fetch", f"L{l}E{e} start", engine_free)
+                if recording:
+                    self.log("expert_fetch", f"L{l}E{e} start", engine_free)
                 engine_free = move(lay.home[e], self.compute_mem, self.expert_bytes(fmt), engine_free,
                                    f"L{l}E{e} {fmt}")
-                self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
+                if recording:
+                    self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
                 end = max(end, compute.reserve(self.call_s(self.compute_id, fmt, n), f"expert L{l}E{e}",
                                                ready_s=engine_free))
             elif job[0] == "fill":
                 fmt = lay.cache_format or lay.fmt[job[1]]
-                self.log("expert_fetch", f"L{l}E{job[1]} start", engine_free)
+                if recording:
+                    self.log("expert_fetch", f"L{l}E{job[1]} start", engine_free)
                 engine_free = move(lay.home[job[1]], self.compute_mem, self.expert_bytes(fmt), engine_free,
                                    f"L{l}E{job[1]} {fmt}")
-                self.log("expert_fetch", f"L{l}E{job[1]} arrived", engine_free)
+                if recording:
+                    self.log("expert_fetch", f"L{l}E{job[1]} arrived", engine_free)
                 end = max(end, engine_free)
         for job in jobs:
             if job[0] == "local":
