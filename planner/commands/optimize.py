@@ -91,13 +91,23 @@ def _load_trace(path: str, task: str | None):
               help="Solver time limit per solve, seconds.")
 @click.option("--gap", type=click.FloatRange(min=0, max=1), default=0.001, show_default=True,
               help="Relative optimality gap at which the solver may stop.")
-@click.option("--compare", is_flag=True, help="Also show every baseline's prediction and the speed-up over it.")
+@click.option("--compare", is_flag=True, help="Also show every baseline's prediction and the speed-up over it "
+              "(--parallel ep: EPLB global/hierarchical, linear and round-robin placements).")
+@click.option("--parallel", type=click.Choice(["auto", "ep", "offload"]), default="auto", show_default=True,
+              help="ep: expert parallelism over every GPU of the profile (which GPU owns which expert, which "
+              "experts get replicas, straggler load and all-to-all traffic; --objective, --quality-budget and "
+              "--critical do not apply). offload: one GPU plus host memory and disks. auto: ep when the profile "
+              "has two or more GPUs (equal per node) and the experts fit them, else offload.")
+@click.option("--redundant-experts", type=click.IntRange(min=0), default=None,
+              help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
+              "count. Default: the smallest count >= experts/8 that does.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write plan.json here.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @common_options
 def optimize_cmd(hardware, model, trace_path, task, objective, batch, context, prompt_tokens, quality_budget,
-                 formats, critical, slo_tpot, solver, time_limit, gap, compare, out, report, force) -> None:
+                 formats, critical, slo_tpot, solver, time_limit, gap, compare, parallel, redundant_experts, out,
+                 report, force) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
     With no options it plans Mixtral-8x7B on the RTX 4090 desktop with its default workload.
@@ -108,12 +118,20 @@ def optimize_cmd(hardware, model, trace_path, task, objective, batch, context, p
       planner optimize -H cpu-server-4090 -m deepseek-v3 --compare --out plan.json
       planner optimize -m qwen3-30b-a3b --objective throughput --batch 32 --report report/
       planner optimize -t trace.npz --quality-budget 0.006 --formats bf16,int8,int4
+      planner optimize -H cluster-h100-2node -m deepseek-v3 --compare --out ep-plan.json
     """
     from profiles.models import load_model
 
     out_path = Path(out) if out else None
     if out_path is not None and out_path.exists() and not force:
         raise InputError("output file exists", file=out_path, fix="pass --force to overwrite it, or choose another path")
+    from ..cluster import cluster_applies, run_cluster_cli
+
+    if cluster_applies(parallel, hardware, model, _parse_formats(formats), batch, context):
+        return run_cluster_cli(hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
+                               redundant_experts=redundant_experts, formats=_parse_formats(formats), batch_size=batch,
+                               context_tokens=context, time_limit_s=time_limit, compare=compare, out_path=out_path,
+                               report=report)
     spec = load_model(model)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
