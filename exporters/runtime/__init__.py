@@ -1,0 +1,42 @@
+"""The moe-planner runtime: run an HF MoE checkpoint exactly as a plan places its experts.
+
+Copied into every deployment bundle (``runtime/``), so it imports only the standard library,
+numpy, torch, transformers, safetensors, onnx and onnxruntime, never the planner.
+
+    from runtime import load_planned_model, build_kernels
+    build_kernels("plan.json", "ckpt/", "kernels/")            # export time (planner export)
+    rt = load_planned_model("plan.json", "ckpt/", kernels_dir="kernels/")
+    ids = rt.generate(prompt_ids, max_new_tokens=32)
+    rt.metrics.to_json("metrics.json")
+
+``python run.py --bundle DIR --checkpoint CKPT --prompt "..."`` does the same from the shell.
+"""
+
+from .cache import POLICIES, ExpertCache, register_policy
+from .checkpoint import read_config
+from .errors import RuntimeInputError
+from .kernels import build_kernels, expert_template
+from .metrics import MetricsRecorder
+from .planfile import LayerSpec, RuntimePlan, parse_plan, read_plan
+from .runtime import PlannedRuntime, load_planned_model, load_routing, verify_bundle
+from .store import PlannedExperts
+
+__all__ = [
+           "POLICIES",
+           "ExpertCache",
+           "LayerSpec",
+           "MetricsRecorder",
+           "PlannedExperts",
+           "PlannedRuntime",
+           "RuntimeInputError",
+           "RuntimePlan",
+           "build_kernels",
+           "expert_template",
+           "load_planned_model",
+           "load_routing",
+           "parse_plan",
+           "read_config",
+    "read_plan",
+           "register_policy",
+           "verify_bundle",
+]

@@ -1,0 +1,193 @@
+"""plan.json as the runtime reads it: plain JSON, checked for what the runtime uses.
+
+The planner's ``Plan`` (planner/plan.py) is the authority on the format; this module reads
+the same file without importing it (bundles run without the planner). Per MoE layer the
+plan lists, indexed by expert id, ``home`` (memory pool id), ``format`` and ``site``, plus
+``cache_slots`` on ``cache_device``; plan-wide ``compute_device``, ``host_device``,
+``prefetch`` and ``eviction``.
+
+The runtime sorts every memory pool into one of three tiers by its role:
+
+- ``device``: the compute device's memory (the plan's ``compute_device`` id);
+- ``host``: the host CPU's DRAM (``host_device``), pinned when CUDA is present;
+- ``disk``: any other home; a single-node plan's only other home is the node's NVMe
+  (planner.optimize.make_setup), read on demand from the memory-mapped checkpoint.
+
+Pass ``memory_tiers`` to override the guess for particular memory ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RuntimeInputError
+
+__all__ = [
+    "FLOAT_FORMATS",
+    "PLAN_FORMAT_VERSION",
+    "QUANT_FORMATS",
+    "SITES",
+    "TIERS",
+    "LayerSpec",
+    "RuntimePlan",
+    "parse_plan",
+    "read_plan",
+]
+
+PLAN_FORMAT_VERSION = 1
+SITES = ("resident", "fetch", "local", "hybrid", "stream")
+TIERS = ("device", "host", "disk")
+PREFETCH = ("none", "next-layer", "oracle")
+EVICTION = ("lru", "lfu", "static", "belady")
+# Float formats keep the checkpoint's own dtype (no rounding: "bf16" on an fp32 checkpoint
+# stays fp32); quantised ones are group-wise weight-only (kernels.QUANT_CONFIG).
+FLOAT_FORMATS = ("fp32", "bf16", "fp16")
+QUANT_FORMATS = ("int8", "int4")
+_FIX = "re-plan with `planner optimize --formats bf16,int8,int4` (the formats this runtime executes)"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One MoE layer's plan. Tuples are indexed by expert id (E entries)."""
+
+    moe_layer: int
+    hidden_layer: int
+    home: tuple[str, ...]
+    format: tuple[str, ...]
+    site: tuple[str, ...]
+    tier: tuple[str, ...]  # device | host | disk, from home
+    cache_slots: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.home)
+
+    def experts_at(self, *sites: str) -> list[int]:
+        return [e for e, s in enumerate(self.site) if s in sites]
+
+    @property
+    def cached(self) -> list[int]:
+        """Experts whose accesses go through the layer's cache (fetch and hybrid)."""
+        return self.experts_at("fetch", "hybrid")
+
+    @property
+    def on_cpu(self) -> list[int]:
+        """Experts the CPU may compute through ONNX Runtime (local always, hybrid on a miss)."""
+        return self.experts_at("local", "hybrid")
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """What the runtime needs from plan.json."""
+
+    compute_device: str
+    host_device: str
+    prefetch: str
+    eviction: str
+    layers: tuple[LayerSpec, ...]
+    source: str = "plan.json"
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({f for layer in self.layers for f in layer.format})
+
+    def layer_by_hidden(self) -> dict[int, LayerSpec]:
+        return {layer.hidden_layer: layer for layer in self.layers}
+
+
+def read_plan(path: str | Path, memory_tiers: Mapping[str, str] | None = None) -> RuntimePlan:
+    """Read and check ``plan.json``; errors are one line naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeInputError("plan file not found", file=path, expected="a plan.json written by planner optimize",
+                                fix="pass --plan PLAN.json or --bundle DIR")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RuntimeInputError(f"not valid JSON ({exc})", file=path, fix="regenerate it with planner optimize") from None
+    return parse_plan(data, source=str(path), memory_tiers=memory_tiers)
+
+
+def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[str, str] | None = None) -> RuntimePlan:
+    """Check a plan's JSON object (as loaded) and turn it into a :class:`RuntimePlan`."""
+
+    def bad(message: str, key: str, value: Any, expected: str, fix: str = "regenerate it with planner optimize"):
+        return RuntimeInputError(message, file=source, key=key, value=value, expected=expected, fix=fix)
+
+    if not isinstance(data, dict):
+        raise bad("a plan must be a JSON object", "", type(data).__name__, "an object")
+    if data.get("format_version") != PLAN_FORMAT_VERSION:
+        raise bad("unsupported plan format version", "format_version", data.get("format_version"),
+                  str(PLAN_FORMAT_VERSION))
+    for key in ("compute_device", "host_device"):
+        if not isinstance(data.get(key), str):
+            raise bad("missing or not a string", key, data.get(key), "a device id like node/gpu0")
+    prefetch, eviction = data.get("prefetch", "none"), data.get("eviction", "lru")
+    if prefetch not in PREFETCH:
+        raise bad("unknown prefetch policy", "prefetch", prefetch, " | ".join(PREFETCH))
+    if eviction not in EVICTION:
+        raise bad("unknown eviction policy", "eviction", eviction, " | ".join(EVICTION))
+    raw_layers = data.get("layers")
+    if not isinstance(raw_layers, list) or not raw_layers:
+        raise bad("a plan needs at least one MoE layer", "layers", raw_layers, "a non-empty list")
+    tiers = dict(memory_tiers or {})
+    for memory_id, tier in tiers.items():
+        if tier not in TIERS:
+            raise bad("unknown memory tier", f"memory_tiers[{memory_id!r}]", tier, " | ".join(TIERS),
+                      fix="map each memory id to device, host or disk")
+    compute_mem, host_mem = data["compute_device"], data["host_device"]
+    layers = []
+    seen_hidden: set[int] = set()
+    for i, raw in enumerate(raw_layers):
+        at = f"layers[{i}]"
+        if not isinstance(raw, dict):
+            raise bad("not an object", at, raw, "an object")
+        home, fmt, site = raw.get("home"), raw.get("format"), raw.get("site")
+        if not (isinstance(home, list) and isinstance(fmt, list) and isinstance(site, list) and home
+                and len(home) == len(fmt) == len(site)):
+            raise bad("home, format and site must list every expert once", at,
+                      [len(x) if isinstance(x, list) else x for x in (home, fmt, site)], "three lists of length E")
+        for e, (h, f, s) in enumerate(zip(home, fmt, site)):
+            if s not in SITES:
+                raise bad("unknown site", f"{at}.site[{e}]", s, " | ".join(SITES))
+            if f not in FLOAT_FORMATS + QUANT_FORMATS:
+                raise bad("number format not executed by this runtime", f"{at}.format[{e}]", f,
+                          " | ".join(FLOAT_FORMATS + QUANT_FORMATS), fix=_FIX)
+            if not isinstance(h, str):
+                raise bad("not a memory id", f"{at}.home[{e}]", h, "a memory id like node/cpu0")
+        if any(raw.get("replicas") or ()):
+            raise bad("replicas (cluster plans) are not executed by this runtime", f"{at}.replicas",
+                      "replicas", "a single-node plan", fix="plan for one node, or use the SGLang/vLLM engine configs")
+        hidden, moe = raw.get("hidden_layer"), raw.get("moe_layer", i)
+        if not isinstance(hidden, int) or hidden < 0 or hidden in seen_hidden:
+            raise bad("missing, negative or repeated hidden layer index", f"{at}.hidden_layer", hidden,
+                      "the decoder layer index of this MoE layer")
+        seen_hidden.add(hidden)
+        slots = raw.get("cache_slots", 0)
+        if not isinstance(slots, int) or slots < 0:
+            raise bad("not a slot count", f"{at}.cache_slots", slots, "an integer >= 0")
+        layer_tiers = tuple(_tier(h, s, compute_mem, host_mem, tiers) for h, s in zip(home, site))
+        for e, (s, t) in enumerate(zip(site, layer_tiers)):
+            if (s == "resident") != (t == "device"):
+                raise bad("a resident expert must live on the compute device, and only a resident one",
+                          f"{at}.home[{e}]", home[e], compute_mem if s == "resident" else "the host DRAM or a disk")
+        layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
+                                site=tuple(site), tier=layer_tiers, cache_slots=slots))
+    return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
+                       layers=tuple(layers), source=source)
+
+
+def _tier(memory_id: str, site: str, compute: str, host: str, overrides: Mapping[str, str]) -> str:
+    if memory_id in overrides:
+        return overrides[memory_id]
+    if memory_id == compute:
+        # unified memory (Jetson, Apple): the host's DRAM is the compute device's pool, so an
+        # offloaded expert homed there is a host expert
+        return "device" if site == "resident" else "host"
+    if memory_id == host:
+        return "host"
+    return "disk"

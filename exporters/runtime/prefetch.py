@@ -1,0 +1,87 @@
+"""Copies of expert weights to the compute device, now or in the background.
+
+A :class:`Fetcher` runs copy jobs on one worker thread; with CUDA each job copies on its own
+stream (from pinned host memory, ``non_blocking``) and records an event, so a copy overlaps
+the compute stream until someone needs the weights: :meth:`Slot.get` waits for the job and
+makes the current stream wait for the event. Without CUDA the worker thread does the copy
+(and any disk read) while the main thread computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["Fetcher", "Slot"]
+
+
+class Slot:
+    """A cache entry: an expert's weights on the compute device, ready or on their way."""
+
+    __slots__ = ("_event", "_future", "_weights", "prefetched")
+
+    def __init__(self, weights: Any = None, future: Future | None = None, prefetched: bool = False) -> None:
+        self._weights = weights
+        self._future = future
+        self._event = None
+        self.prefetched = prefetched
+
+    def get(self) -> Any:
+        """The weights, once copied (waits for a background copy)."""
+        if self._future is not None:
+            self._weights, self._event = self._future.result()
+            self._future = None
+        if self._event is not None:
+            import torch
+
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self._event)
+            # the tensors were allocated on the copy stream: keep their memory from being
+            # reused there while the compute stream may still read them
+            self._weights.record_stream(stream)
+            self._event = None
+        return self._weights
+
+
+class Fetcher:
+    """Runs ``load()`` jobs that return an expert's weights on the compute device.
+
+    Args:
+        device: the torch compute device.
+        background: run :meth:`submit` jobs on a worker thread (False: run them at once).
+    """
+
+    def __init__(self, device: Any, background: bool = True) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-fetch") if background else None
+
+    def now(self, load: Callable[[], Any]) -> Slot:
+        """Copy on the caller's stream and thread; the slot is ready."""
+        return Slot(load())
+
+    def submit(self, load: Callable[[], Any], prefetched: bool = False) -> Slot:
+        """Copy in the background; :meth:`Slot.get` waits for it."""
+        if self._pool is None:
+            return Slot(load(), prefetched=prefetched)
+        return Slot(future=self._pool.submit(self._run, load), prefetched=prefetched)
+
+    def _run(self, load: Callable[[], Any]):
+        if not self.cuda:
+            return load(), None
+        import torch
+
+        with torch.cuda.stream(self._stream):
+            weights = load()
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return weights, event
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,311 @@
+"""Load a checkpoint as planned, generate greedily, measure.
+
+    rt = load_planned_model("bundle/plan.json", "ckpt/", kernels_dir="bundle/kernels")
+    tokens = rt.generate(prompt_ids, max_new_tokens=32)
+    rt.metrics.to_json("metrics.json")
+    rt.close()
+
+Legend: T = tokens of a routing, L = MoE layers (plan order), K = top-k, P = prompt tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import ExpertCache
+from .checkpoint import ExpertSource, find_moe_blocks, load_dense_model, read_config
+from .errors import RuntimeInputError
+from .kernels import (
+    ACTIVATIONS,
+    CpuLayerKernel,
+    CpuStreamKernel,
+    Kernels,
+    build_kernels,
+    default_threads,
+    kernel_format,
+)
+from .metrics import MetricsRecorder
+from .planfile import RuntimePlan, parse_plan, read_plan
+from .prefetch import Fetcher
+from .store import ExpertHome, Placeholder, PlannedExperts
+
+__all__ = ["DTYPES", "PlannedRuntime", "load_planned_model", "load_routing", "verify_bundle"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class PlannedRuntime:
+    """A transformers model whose experts run as planned, with its metrics.
+
+    Attributes:
+        model: the HF causal LM (its MoE blocks' ``experts`` are :class:`PlannedExperts`).
+        plan: the :class:`RuntimePlan`.
+        stores: the expert stores in plan order.
+        metrics: the :class:`MetricsRecorder` every store writes to.
+        device: the torch compute device.
+    """
+
+    def __init__(self, model, plan: RuntimePlan, stores: list[PlannedExperts], metrics: MetricsRecorder, device,
+                 fetcher: Fetcher, kernels: Kernels, tmpdir: tempfile.TemporaryDirectory | None) -> None:
+        self.model, self.plan, self.stores, self.metrics, self.device = model, plan, stores, metrics, device
+        self._fetcher, self.kernels, self._tmpdir = fetcher, kernels, tmpdir
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int, *, eos_token_id: int | Sequence[int] | None = None
+                 ) -> list[int]:
+        """Greedy decoding of one prompt with the KV cache; timings go to the metrics.
+
+        Args:
+            input_ids: the prompt's token ids (P >= 1).
+            max_new_tokens: tokens to generate.
+            eos_token_id: stop after generating one of these (None: never stop early).
+
+        Returns:
+            The generated token ids (without the prompt).
+        """
+        import torch
+
+        if len(input_ids) < 1 or max_new_tokens < 1:
+            raise RuntimeInputError("need a non-empty prompt and max_new_tokens >= 1", key="--max-new-tokens",
+                                    value=max_new_tokens)
+        stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+        m = self.metrics
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
+        out_ids: list[int] = []
+        with torch.no_grad():
+            m.phase = "prefill"
+            start = time.perf_counter()
+            out = self.model(input_ids=ids, use_cache=True)
+            token = int(out.logits[0, -1].argmax())  # .item(): waits for the device
+            now = time.perf_counter()
+            m.ttft_s.append(now - start)
+            out_ids.append(token)
+            past = out.past_key_values
+            m.phase = "decode"
+            while len(out_ids) < max_new_tokens and token not in stop:
+                t0 = time.perf_counter()
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=past,
+                                 use_cache=True)
+                token = int(out.logits[0, -1].argmax())
+                m.tpot_s.append(time.perf_counter() - t0)
+                past = out.past_key_values
+                out_ids.append(token)
+            m.generated_tokens += len(out_ids)
+            m.generation_s += time.perf_counter() - start
+        return out_ids
+
+    def close(self) -> None:
+        """Stop the copy worker and remove temporary kernels."""
+        self._fetcher.close()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __enter__(self) -> PlannedRuntime:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if dtype in (None, "auto"):
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise RuntimeInputError("unknown dtype", key="--dtype", value=dtype, expected=" | ".join(DTYPES))
+    return getattr(torch, dtype)
+
+
+def _pick_device(plan: RuntimePlan, device: Any):
+    """The plan's compute device on this machine: CUDA for a GPU plan when there is one."""
+    import torch
+
+    if device not in (None, "auto"):
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError):
+            raise RuntimeInputError("not a torch device", key="--device", value=device,
+                                    expected="auto, cpu or cuda[:N]") from None
+    compute_is_cpu = plan.compute_device.split("/")[-1].startswith("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and not compute_is_cpu else "cpu")
+
+
+def load_routing(path: str | Path) -> np.ndarray:
+    """``expert_ids [T, L, K]`` from a routing trace ``.npz`` (planner trace format)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids = np.asarray(data["expert_ids"])
+    except FileNotFoundError:
+        raise RuntimeInputError("routing file not found", file=path, fix="pass a trace .npz from planner trace record") from None
+    except (KeyError, ValueError, OSError) as exc:
+        raise RuntimeInputError(f"not a routing trace ({exc})", file=path, expected="an .npz with expert_ids [T, L, K]",
+                                fix="pass a trace .npz from planner trace record") from None
+    if ids.ndim != 3:
+        raise RuntimeInputError("expert_ids must be [T, L, K]", file=path, value=ids.shape)
+    return ids.astype(np.int64)
+
+
+def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, checkpoint_dir: str | Path, *,
+                       kernels_dir: str | Path | None = None, device: Any = None, dtype: Any = "auto",
+                       threads: int | None = None, routing: np.ndarray | None = None,
+                       memory_tiers: Mapping[str, str] | None = None, background: bool = True) -> PlannedRuntime:
+    """Load ``checkpoint_dir`` with every MoE layer's experts placed as ``plan`` says.
+
+    Args:
+        plan: plan.json path, its parsed JSON, or a :class:`RuntimePlan`.
+        checkpoint_dir: the HF safetensors checkpoint the plan was made for.
+        kernels_dir: a ``kernels/`` directory from :func:`build_kernels` (a bundle's); None
+            builds one in a temporary directory (quantising int8/int4 experts now).
+        device: torch device for the compute device (default: CUDA for a GPU plan when
+            available, else the CPU).
+        dtype: dtype of the dense weights and activations (``auto``: the checkpoint's).
+        threads: ONNX Runtime intra-op threads for CPU experts (default: all cores).
+        routing: ``expert_ids [T, L, K]`` known in advance: gives ``belady`` its future,
+            ``static`` its frequencies and ``oracle`` prefetch its choices. Without it,
+            ``belady`` runs as ``lru`` and ``oracle`` as ``next-layer`` (noted in metrics).
+        memory_tiers: memory id -> device | host | disk, overriding planfile's guess.
+        background: copy hybrid-miss and prefetched experts on a worker thread / CUDA stream.
+
+    Returns:
+        A :class:`PlannedRuntime`; call ``close()`` when done.
+    """
+    from transformers.activations import ACT2FN
+
+    if not isinstance(plan, RuntimePlan):
+        plan = parse_plan(plan, memory_tiers=memory_tiers) if isinstance(plan, Mapping) else read_plan(
+            plan, memory_tiers=memory_tiers)
+    config = read_config(checkpoint_dir)
+    act_name = config.get("hidden_act", "silu")
+    if act_name not in ACTIVATIONS:
+        raise RuntimeInputError("expert activation not supported", file=Path(checkpoint_dir) / "config.json",
+                                key="hidden_act", value=act_name, expected=" | ".join(ACTIVATIONS))
+    dev = _pick_device(plan, device)
+    tmpdir = None
+    if kernels_dir is None:
+        tmpdir = tempfile.TemporaryDirectory(prefix="moe-kernels-")
+        kernels_dir = tmpdir.name
+        build_kernels(_plan_json(plan), checkpoint_dir, kernels_dir)
+    try:
+        kernels = Kernels(kernels_dir, plan)
+        source = ExpertSource(checkpoint_dir)
+        model = load_dense_model(checkpoint_dir, dtype=_torch_dtype(dtype),
+                                 make_placeholder=lambda cfg, layer: Placeholder(layer))
+        blocks = find_moe_blocks(model)
+        by_hidden = plan.layer_by_hidden()
+        if set(blocks) != set(by_hidden):
+            raise RuntimeInputError("the plan's MoE layers are not the model's", file=plan.source, key="layers",
+                                    value=sorted(by_hidden), expected=f"hidden layers {sorted(blocks)}",
+                                    fix="use the plan made for this checkpoint")
+        for layer in plan.layers:
+            num = int(blocks[layer.hidden_layer].gate.weight.shape[0])
+            if num != layer.num_experts:
+                raise RuntimeInputError("the plan's expert count is not the model's", file=plan.source,
+                                        key=f"layers[{layer.moe_layer}].home", value=layer.num_experts,
+                                        expected=f"{num} experts", fix="use the plan made for this checkpoint")
+        model.to(dev)
+        cuda = dev.type == "cuda"
+        tiers = {h: t for layer in plan.layers for h, t in zip(layer.home, layer.tier)}
+        metrics = MetricsRecorder(len(plan.layers), tiers)
+        fetcher = Fetcher(dev, background=background)
+        n_threads = threads or default_threads()
+        stream_kernels: dict[str, CpuStreamKernel] = {}
+        notes = []
+        eviction = plan.eviction
+        if eviction == "belady" and routing is None:
+            eviction = "lru"
+            notes.append("eviction belady needs the routing in advance (--routing); ran lru")
+        prefetch = plan.prefetch
+        if prefetch == "oracle" and routing is None:
+            prefetch = "next-layer"
+            notes.append("prefetch oracle needs the routing in advance (--routing); ran next-layer")
+        if routing is not None and (routing.ndim != 3 or routing.shape[1] != len(plan.layers)):
+            raise RuntimeInputError("routing does not match the plan", key="routing", value=routing.shape,
+                                    expected=f"[T, {len(plan.layers)}, K]")
+        stores: list[PlannedExperts] = []
+        for index, layer in enumerate(plan.layers):
+            cached = set(layer.cached)
+            future = None
+            if routing is not None:
+                future = [int(e) for e in routing[:, index, :].reshape(-1) if 0 <= e < layer.num_experts
+                          and int(e) in cached]
+            cache = ExpertCache(layer.cache_slots, eviction, future=future)
+            keep_host = {e for e in range(layer.num_experts)
+                         if layer.tier[e] == "host" and layer.site[e] in ("fetch", "hybrid", "stream")}
+            home = ExpertHome(layer, source, kernels, metrics, pin=cuda, keep_host=keep_host)
+            cpu_host = [e for e in layer.on_cpu if layer.tier[e] == "host"]
+            cpu_kernel = None
+            if cpu_host:
+                arrays = {e: (layer.format[e], (home.host.get(e) or home.read(e)).numpy_inputs()) for e in cpu_host}
+                cpu_kernel = CpuLayerKernel(kernels.templates, arrays, threads=n_threads)
+            for e in layer.on_cpu:
+                kfmt = kernel_format(layer.format[e])
+                if layer.tier[e] == "disk" and kfmt not in stream_kernels:
+                    stream_kernels[kfmt] = CpuStreamKernel(kernels.templates[kfmt], threads=n_threads)
+            block = blocks[layer.hidden_layer]
+            store = PlannedExperts(layer, home, dev, ACT2FN[act_name], kernels.hidden, kernels.inter, cache, fetcher,
+                                   cpu_kernel, stream_kernels, metrics, index)
+            store.prefetch_policy = prefetch
+            store.oracle = routing
+            block.experts = store
+            stores.append(store)
+        ordered = sorted(zip(plan.layers, stores), key=lambda ls: ls[0].hidden_layer)
+        for (_, store), (nxt_layer, nxt_store) in itertools.pairwise(ordered):
+            store.link_next(blocks[nxt_layer.hidden_layer].gate, nxt_store)
+        metrics.reset()  # loading moved bytes too: count from the first step
+        for note in notes:
+            metrics.note(note)
+    except BaseException:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+        raise
+    return PlannedRuntime(model, plan, stores, metrics, dev, fetcher, kernels, tmpdir)
+
+
+def _plan_json(plan: RuntimePlan) -> dict[str, Any]:
+    """A RuntimePlan back as plan JSON (enough for build_kernels)."""
+    return {"format_version": 1, "compute_device": plan.compute_device, "host_device": plan.host_device,
+            "prefetch": plan.prefetch, "eviction": plan.eviction,
+            "layers": [{"moe_layer": layer.moe_layer, "hidden_layer": layer.hidden_layer, "home": list(layer.home),
+                        "format": list(layer.format), "site": list(layer.site), "cache_slots": layer.cache_slots}
+                       for layer in plan.layers]}
+
+
+def verify_bundle(bundle_dir: str | Path) -> None:
+    """Refuse a bundle whose files changed: ``manifest.json`` lists ``files`` as
+    ``{relative path: sha256}``; every listed file must exist inside the bundle and match."""
+    bundle = Path(bundle_dir).resolve()
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RuntimeInputError(f"not valid JSON ({exc})", file=path, fix="re-export the bundle") from None
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    if isinstance(files, list):
+        files = {f.get("path"): f.get("sha256") for f in files if isinstance(f, dict)}
+    for rel, digest in sorted(files.items()):
+        target = (bundle / str(rel)).resolve()
+        if bundle not in target.parents:
+            raise RuntimeInputError("path escapes the bundle", file=path, key=f"files.{rel}",
+                                    fix="re-export the bundle")
+        if not target.is_file():
+            raise RuntimeInputError("file listed in the manifest is missing", file=path, key=f"files.{rel}",
+                                    fix="re-export the bundle")
+        h = hashlib.sha256(target.read_bytes()).hexdigest()
+        if h != digest:
+            raise RuntimeInputError("file changed since export (sha256 differs)", file=target,
+                                    fix="re-export the bundle, or restore the file")

@@ -1,0 +1,306 @@
+"""The planned expert store: a drop-in for a transformers 5 experts module.
+
+Legend: R = rows (tokens) in the step, K = experts per token (top-k), E = routed experts,
+H = hidden size, I = expert intermediate size.
+
+transformers 5 MoE blocks (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) route and then call
+``experts(hidden_states [R, H], top_k_index [R, K], top_k_weights [R, K]) -> [R, H]``; an
+index equal to E is a null expert (skipped). :class:`PlannedExperts` has that signature and
+computes what the eager experts compute, expert by expert in ascending id, each output
+scaled by its gate weight and added into its tokens' rows, with every expert where the plan
+puts it:
+
+- ``resident``: weights on the compute device, computed by torch;
+- ``fetch``: through the layer's cache; a miss copies the weights from their home (host
+  DRAM, or the memory-mapped checkpoint / kernels file on disk) to the device;
+- ``hybrid``: through the cache; a hit computes on the device, a miss computes on the CPU
+  (ONNX Runtime) while the weights are copied into the cache in the background;
+- ``local``: on the CPU through ONNX Runtime, from host memory (or read from disk);
+- ``stream``: copied to the device at every step, used or not.
+
+Cache accounting follows :mod:`cache` (rank order within a token, demand loading). The
+first access of an expert in a step decides where it computes in that step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import ExpertCache
+from .kernels import (
+    CpuLayerKernel,
+    CpuStreamKernel,
+    Kernels,
+    float_arrays,
+    kernel_format,
+    weight_inputs,
+)
+from .metrics import MetricsRecorder
+from .planfile import FLOAT_FORMATS, LayerSpec
+from .prefetch import Fetcher, Slot
+from .quant import dequantize
+
+__all__ = ["ExpertHome", "ExpertWeights", "Placeholder", "PlannedExperts"]
+
+
+class ExpertWeights:
+    """One expert's tensors in its storage format.
+
+    Float formats: ``gate_up [2I, H]``, ``down [H, I]`` in the checkpoint's dtype.
+    int8/int4: the MatMulNBits tensors of each matrix (``gate_up.q`` ...; see quant.py).
+    """
+
+    __slots__ = ("fmt", "tensors")
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.fmt = fmt
+        self.tensors = tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: torch.device, *, pin: bool = False, non_blocking: bool = False) -> ExpertWeights:
+        """A copy on ``device`` (always a new copy: a cache slot holds its own memory)."""
+        out = {}
+        for name, t in self.tensors.items():
+            t = t.to(device, non_blocking=non_blocking, copy=True)
+            out[name] = t.pin_memory() if pin else t
+        return ExpertWeights(self.fmt, out)
+
+    def record_stream(self, stream: Any) -> None:
+        for t in self.tensors.values():
+            if t.is_cuda:
+                t.record_stream(stream)
+
+    def matrices(self, dtype: torch.dtype, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [2I, H], down [H, I])`` in ``dtype`` for the matmuls."""
+        if self.fmt in FLOAT_FORMATS:
+            return self.tensors["gate_up"].to(dtype), self.tensors["down"].to(dtype)
+        return (dequantize(self.tensors, "gate_up", self.fmt, hidden).to(dtype),
+                dequantize(self.tensors, "down", self.fmt, inter).to(dtype))
+
+    def numpy_inputs(self) -> dict[str, Any]:
+        """The CPU kernel's inputs (see kernels.weight_inputs)."""
+        if self.fmt in FLOAT_FORMATS:
+            return float_arrays(self.tensors["gate_up"], self.tensors["down"])
+        return {name: self.tensors[name].numpy() for name in weight_inputs(self.fmt)}
+
+
+class ExpertHome:
+    """Reads one layer's experts from where the plan keeps them, counting bytes moved.
+
+    Host-tier experts are read once, at load, into (pinned, with CUDA) host memory; disk-tier
+    experts are read from the memory-mapped checkpoint (float formats) or kernels file
+    (int8/int4) at every use.
+    """
+
+    def __init__(self, spec: LayerSpec, source: Any, kernels: Kernels, metrics: MetricsRecorder, *,
+                 pin: bool, keep_host: set[int]) -> None:
+        self.spec, self.source, self.kernels, self.metrics = spec, source, kernels, metrics
+        self.host: dict[int, ExpertWeights] = {}
+        for e in sorted(keep_host):
+            w = self.read(e)
+            self.host[e] = ExpertWeights(w.fmt, {k: t.pin_memory() for k, t in w.tensors.items()}) if pin else w
+
+    def read(self, e: int) -> ExpertWeights:
+        """Read expert ``e`` from the checkpoint / kernels file (CPU tensors)."""
+        fmt = self.spec.format[e]
+        if fmt in FLOAT_FORMATS:
+            gate_up, down = self.source.read(self.spec.hidden_layer, e)
+            return ExpertWeights(fmt, {"gate_up": gate_up, "down": down})
+        return ExpertWeights(fmt, self.kernels.quantised(self.spec.moe_layer, e, fmt))
+
+    def load(self, e: int, device: torch.device | None = None, *, fetch: bool = False,
+             prefetch: bool = False) -> ExpertWeights:
+        """Expert ``e`` from its home, copied to ``device`` (None: stays on the CPU)."""
+        w = self.host.get(e)
+        if w is None:
+            w = self.read(e)
+        self.metrics.moved(self.spec.home[e], w.nbytes, fetch=fetch, prefetch=prefetch)
+        if device is None:
+            return w
+        return w.to(device, non_blocking=any(t.is_pinned() for t in w.tensors.values()))
+
+
+class Placeholder(nn.Module):
+    """Parameter-less stand-in put into MoE blocks before the dense weights load."""
+
+    def __init__(self, hidden_layer: int) -> None:
+        super().__init__()
+        self.hidden_layer = hidden_layer
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - replaced before any forward
+        raise RuntimeError("the planned expert store was not attached to this layer")
+
+
+class PlannedExperts(nn.Module):
+    """One MoE layer's experts, as planned. Called like the transformers experts module.
+
+    Args:
+        spec: the layer's plan.
+        home: where its weights come from.
+        device: the torch compute device.
+        act: the expert activation (``ACT2FN[config.hidden_act]``).
+        hidden, inter: H and I.
+        cache: the layer's cache bookkeeping.
+        fetcher: the copy engine (shared by all layers).
+        cpu_kernel: ORT session for host-homed CPU experts (or None).
+        stream_kernels: format family -> ORT template session for disk-homed CPU experts.
+        metrics: the shared recorder.
+        layer_index: position of this layer in the plan (for metrics).
+    """
+
+    def __init__(self, spec: LayerSpec, home: ExpertHome, device: torch.device, act: Callable, hidden: int,
+                 inter: int, cache: ExpertCache, fetcher: Fetcher, cpu_kernel: CpuLayerKernel | None,
+                 stream_kernels: dict[str, CpuStreamKernel], metrics: MetricsRecorder, layer_index: int) -> None:
+        super().__init__()
+        self.spec, self.home, self.device, self.act = spec, home, device, act
+        self.hidden, self.inter = hidden, inter
+        self.cache, self.fetcher, self.metrics, self.layer_index = cache, fetcher, metrics, layer_index
+        self.cpu_kernel, self.stream_kernels = cpu_kernel, stream_kernels
+        self.num_experts = spec.num_experts
+        # loading moves bytes too; the runtime resets the metrics before the first step
+        self.resident = {e: home.load(e, device) for e in spec.experts_at("resident")}
+        self.slots: dict[int, Slot] = {}
+        for e in cache.preloaded():  # static: loaded beforehand
+            self.slots[e] = Slot(home.load(e, device))
+        # set by the runtime (link_next): the next MoE layer's (router, store) for prefetching,
+        # kept in a tuple so that nn.Module does not register them as children
+        self._next: tuple[nn.Module, PlannedExperts] | None = None
+        self.prefetch_policy = "none"
+        self.oracle: Any = None  # [T, L, K] routing for oracle prefetch
+        self.token_cursor = 0
+
+    # -- the step ------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        rows = hidden_states.shape[0]
+        self._prefetch_next(hidden_states, rows)
+        on_device, on_cpu = self._route(top_k_index.tolist())
+        stream = {e: self.home.load(e, self.device, fetch=True) for e in self.spec.experts_at("stream")}
+        on_device.update({e: Slot(w) for e, w in stream.items() if e in on_device})
+        used = sorted(set(on_device) | on_cpu)
+        where = {}
+        for e in used:  # the eager module's order: by top-k position, then token
+            pos, tok = torch.where(top_k_index.T == e)
+            where[e] = (tok, pos)
+        outputs: dict[int, torch.Tensor] = {}
+        for e in sorted(on_device):  # launched first: on CUDA they overlap the CPU experts
+            gate_up, down = on_device[e].get().matrices(hidden_states.dtype, self.hidden, self.inter)
+            x = hidden_states[where[e][0]]
+            gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+            outputs[e] = nn.functional.linear(self.act(gate) * up, down)
+        if on_cpu:
+            outputs.update(self._run_cpu({e: hidden_states[where[e][0]] for e in on_cpu}, hidden_states))
+        for e in used:
+            tok, pos = where[e]
+            y = outputs[e] * top_k_weights[tok, pos, None]
+            final.index_add_(0, tok, y.to(final.dtype))
+        self.token_cursor += rows
+        return final
+
+    def _route(self, ids: list[list[int]]) -> tuple[dict[int, Slot], set[int]]:
+        """Walk the accesses in order (tokens, then rank); decide where each expert runs.
+
+        Returns ``(device experts -> slot, CPU experts)``. Streamed experts are added later.
+        """
+        sites, cache, m, layer = self.spec.site, self.cache, self.metrics, self.layer_index
+        on_device: dict[int, Slot] = {}
+        on_cpu: set[int] = set()
+        counts: Counter = Counter()
+        for row in ids:
+            for e in row:
+                if not 0 <= e < self.num_experts:
+                    continue  # a null expert
+                site = sites[e]
+                first = e not in on_device and e not in on_cpu
+                if site == "resident":
+                    counts["resident"] += 1
+                    on_device.setdefault(e, Slot(self.resident[e]))
+                    continue
+                if site in ("local", "stream"):
+                    counts["other"] += 1
+                    if site == "local":
+                        on_cpu.add(e)
+                    else:
+                        on_device.setdefault(e, None)  # filled with this step's copy
+                    continue
+                hit, evicted, loaded = cache.access(e)
+                counts["hit" if hit else "miss"] += 1
+                for v in evicted:
+                    self.slots.pop(v, None)
+                if hit:
+                    slot = self.slots[e]
+                    if slot.prefetched:
+                        slot.prefetched = False
+                        m.count("prefetch_hits")
+                    if first:
+                        on_device[e] = slot
+                elif site == "fetch":
+                    if e in on_device and on_device[e] is not None:
+                        slot = on_device[e]  # missed again within the step: the copy is re-counted
+                        m.moved(self.spec.home[e], slot.get().nbytes, fetch=True)
+                    else:
+                        slot = self.fetcher.now(lambda e=e: self.home.load(e, self.device, fetch=True))
+                        on_device[e] = slot
+                    if loaded:
+                        self.slots[e] = slot
+                else:  # hybrid miss: the CPU computes, the weights come for next time
+                    if first:
+                        on_cpu.add(e)
+                    if loaded:
+                        self.slots[e] = self.fetcher.submit(
+                            lambda e=e: self.home.load(e, self.device, fetch=True))
+        for kind, n in counts.items():
+            m.access(layer, kind, n)
+        return on_device, on_cpu
+
+    def _run_cpu(self, xs: dict[int, torch.Tensor], like: torch.Tensor) -> dict[int, torch.Tensor]:
+        """CPU experts through ONNX Runtime: host-homed in one layer session, disk-homed one by one."""
+        host = {e: x.detach().to("cpu", torch.float32).numpy() for e, x in xs.items()}
+        ys = {}
+        in_session = {e: x for e, x in host.items() if self.cpu_kernel is not None and e in self.cpu_kernel.experts}
+        if in_session:
+            ys.update(self.cpu_kernel.run(in_session))
+        for e in sorted(set(host) - set(in_session)):
+            w = self.home.load(e)  # read from disk on demand (counted)
+            ys[e] = self.stream_kernels[kernel_format(w.fmt)].run(host[e], w.numpy_inputs())
+        self.metrics.count("cpu_expert_calls", len(ys))
+        return {e: torch.from_numpy(y).to(like.device, like.dtype) for e, y in ys.items()}
+
+    # -- prefetching the next layer ------------------------------------------------------
+
+    def link_next(self, router: nn.Module, store: PlannedExperts) -> None:
+        """The next MoE layer: its router predicts, its cache receives the prefetches."""
+        self._next = (router, store)
+
+    def _prefetch_next(self, hidden_states: torch.Tensor, rows: int) -> None:
+        if self.prefetch_policy == "none" or self._next is None:
+            return
+        router, nxt = self._next
+        if not nxt.spec.cached or nxt.cache.slots <= 0:
+            return
+        if self.prefetch_policy == "oracle" and self.oracle is not None:
+            layer = nxt.layer_index
+            chosen = self.oracle[self.token_cursor:self.token_cursor + rows, layer].reshape(-1).tolist()
+        else:
+            # Pre-gated style: the next layer's router applied to this layer's input
+            with torch.no_grad():
+                chosen = router(hidden_states)[2].reshape(-1).tolist()
+        ranked = [e for e, _ in Counter(e for e in chosen if 0 <= e < nxt.num_experts).most_common()]
+        wanted = [e for e in ranked if nxt.spec.site[e] in ("fetch", "hybrid")][:nxt.cache.slots]
+        for e in wanted:
+            loaded, evicted = nxt.cache.insert(e)
+            for v in evicted:
+                nxt.slots.pop(v, None)
+            if loaded:
+                nxt.slots[e] = self.fetcher.submit(
+                    lambda e=e: nxt.home.load(e, nxt.device, prefetch=True), prefetched=True)
