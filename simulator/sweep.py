@@ -16,8 +16,8 @@ A grid file (YAML) names a base case and the knobs to vary; every combination is
 
 Knobs: ``hardware``, ``model``, ``gpu`` (a bundled profile whose first GPU replaces every
 GPU), ``gpu_count``, ``nodes`` (copies of the first node), ``dram`` (host memory of every
-CPU), ``pcie_gen`` (every PCIe link), ``nvme_count``, ``batch``, ``objective``,
-``eviction``, ``prefetch``, ``miss``.
+CPU), ``pcie_gen`` (every PCIe link), ``nvme_count``, ``batch`` (requests running at
+once), ``objective``, ``parallel`` (auto, ep, offload), ``eviction``, ``prefetch``, ``miss``.
 
 Each point's hardware profile is written under ``OUT/hardware/`` (so any point can be
 re-planned by hand), then an ``evaluate`` function plans and simulates it. The function is
@@ -47,7 +47,7 @@ from profiles.yamlio import load_yaml
 __all__ = ["KNOBS", "Grid", "grid_points", "load_grid", "pareto_front", "run_sweep", "write_outputs"]
 
 HARDWARE_KNOBS = ("hardware", "gpu", "gpu_count", "nodes", "dram", "pcie_gen", "nvme_count")
-RUN_KNOBS = ("model", "batch", "objective", "eviction", "prefetch", "miss")
+RUN_KNOBS = ("model", "batch", "objective", "parallel", "eviction", "prefetch", "miss")
 KNOBS = HARDWARE_KNOBS + RUN_KNOBS
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -62,6 +62,8 @@ class Base(BaseModel):
     batch: int = Field(default=1, ge=1)
     context: int = Field(default=4096, ge=1)
     trace: str | None = None
+    parallel: str = "auto"
+    time_limit_s: float = Field(default=30.0, gt=0)
 
 
 class SimSettings(BaseModel):
@@ -190,7 +192,8 @@ def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
         specs.append({
             "id": key, "point": point, "hardware": str(path), "model": point.get("model", b.model),
             "objective": point.get("objective", b.objective), "batch": int(point.get("batch", b.batch)),
-            "context": b.context, "trace": b.trace, "eviction": point.get("eviction"),
+            "context": b.context, "trace": b.trace, "parallel": point.get("parallel", b.parallel),
+            "time_limit_s": b.time_limit_s, "eviction": point.get("eviction"),
             "prefetch": point.get("prefetch"), "miss": point.get("miss", "plan"),
             "requests": grid.simulate.requests, "arrival_rate_per_s": grid.simulate.arrival_rate_per_s,
             "seed": grid.simulate.seed, "grid_cost_per_hour_usd": _point_cost(grid, point),

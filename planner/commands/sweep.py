@@ -18,12 +18,17 @@ __all__ = ["evaluate_point", "sweep_cmd"]
 def evaluate_point(spec: dict) -> dict:
     """Plan one sweep point with the ILP and simulate the plan; a row of results.
 
+    Profiles with several GPUs get an expert-parallel plan when it fits (``parallel``:
+    auto, ep or offload, as ``planner optimize --parallel``); the rest the offload ILP.
     Top-level and self-contained, so local worker processes and Ray workers can run it.
     Infeasible points (the model does not fit) come back with their reason as the status.
     """
+    from profiles.hardware import load_profile
+    from profiles.models import load_model
     from profiles.workload.defaults import default_workload
     from simulator.engine import SimConfig, simulate
 
+    from ..cluster import ClusterRequest, cluster_applies, plan_cluster
     from ..optimize import OptimizeRequest, optimize
     from .optimize import _load_trace
 
@@ -31,13 +36,22 @@ def evaluate_point(spec: dict) -> dict:
     t0 = time.perf_counter()
     try:
         trace = _load_trace(spec["trace"], None) if spec["trace"] else None
-        result = optimize(OptimizeRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
-                                          objective=spec["objective"], batch_size=spec["batch"],
-                                          context_tokens=spec["context"]))
+        _, hw = load_profile(spec["hardware"])
+        model = load_model(spec["model"])
+        gpus = max(len(hw.devices_of_kind("gpu")), 1)
+        per_gpu = -(-spec["batch"] // gpus)  # expert parallelism: attention is data parallel
+        if cluster_applies(spec["parallel"], spec["hardware"], spec["model"], batch_size=per_gpu,
+                           context_tokens=spec["context"]):
+            plan = plan_cluster(ClusterRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
+                                               batch_size=per_gpu, context_tokens=spec["context"],
+                                               time_limit_s=spec["time_limit_s"])).plan
+        else:
+            plan = optimize(OptimizeRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
+                                            objective=spec["objective"], batch_size=spec["batch"],
+                                            context_tokens=spec["context"], time_limit_s=spec["time_limit_s"])).plan
     except UserError as exc:
         return {**row, "status": f"infeasible: {exc}" if exc.exit_code == 3 else f"error: {exc}"}
     t1 = time.perf_counter()
-    plan, hw, model = result.plan, result.setup.hardware, result.setup.model
     if trace is None:  # the model's default workload, which the plan was made from
         trace = default_workload(model)
     report = simulate(plan, hw, model, trace,
@@ -50,7 +64,7 @@ def evaluate_point(spec: dict) -> dict:
     tps = m["tokens_per_s"]
     return {**row, "tokens_per_s": tps, "tpot_p50_s": (m["tpot_s"] or {}).get("p50"),
             "ttft_p50_s": (m["ttft_s"] or {}).get("p50"), "expert_hit_rate": m["expert_hit_rate"],
-            "predicted_tokens_per_s": plan.predicted["tokens_per_s"], "cost_per_hour_usd": cost,
+            "predicted_tokens_per_s": plan.predicted.get("tokens_per_s"), "cost_per_hour_usd": cost,
             "usd_per_million_tokens": cost / (tps * 3600) * 1e6 if cost is not None and tps > 0 else None,
             "plan_s": t1 - t0, "simulate_s": report.wall_s, "bytes_moved": m["bytes_moved"]}
 
