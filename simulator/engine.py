@@ -67,6 +67,8 @@ class SimConfig:
         transition_top_p: coverage of the ``transition`` prefetcher.
         kv_context: ``actual`` (each request's real context) or ``plan`` (every request at the
             plan's context length, as the planner prices it).
+        ep_token_home: expert parallelism: where a token's output is combined after each
+            layer: ``attention`` (its data-parallel GPU) or ``expert`` (its first expert's GPU).
         seed: for arrivals and imperfect predictors.
         record: keep every kernel and transfer (Chrome trace) and the event log.
     """
@@ -81,6 +83,7 @@ class SimConfig:
     prefetch_accuracy: float | None = None
     transition_top_p: float = 0.8
     kv_context: str = "actual"
+    ep_token_home: str = "attention"
     seed: int = 0
     record: bool = False
 
@@ -147,6 +150,7 @@ class Simulation:
         self._bytes_cache: dict[str, float] = {}
         self._mem_cache: dict[str, str] = {}
         self._ep_cache: dict[int, dict] = {}
+        self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is
         self._freq = _frequency(trace, self.E) if self.eviction == "static" else None
         self.layers = [self._resolve_layer(lp, l) for l, lp in enumerate(plan.layers)]
         self.gpus = sorted({d for lay in self.layers for own in lay.owners for d in own
@@ -161,7 +165,8 @@ class Simulation:
         self.cache_hit = [0] * len(self.layers)
         self.resident_access = [0] * len(self.layers)
         self.local_access = [0] * len(self.layers)
-        self.expert_calls = 0
+        self.expert_calls = 0  # kernel calls: one per distinct expert per step
+        self.expert_accesses = 0  # token-expert pairs
         self.bytes_moved: dict[str, float] = defaultdict(float)
         self.layer_wall_s = [0.0] * len(self.layers)  # summed over steps (plain lists: faster to bump)
         self.ep_tokens = self.ep_cross_gpu = self.ep_cross_node = 0  # expert parallelism: routed tokens
@@ -299,6 +304,7 @@ class Simulation:
         else:
             kv = sum(self.model.kv_cache_bytes(ctx) for _, ctx in contexts)
         dense_by_gpu = self._dense_split(len(rows), kv)
+        self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
         small = len(rows) <= 4  # pure Python beats numpy on a handful of tokens
@@ -315,7 +321,11 @@ class Simulation:
                                       self.E, self.K)
             else:
                 routed = _route(ids[:, l, :], None if gates is None else gates[:, l, :], self.E)
-            block, jobs = self._classify(l, rows, routed, ids)
+            refs = None
+            if self.layers[l].cache is not None:
+                refs = ([r[l] for r in ids_list] if small else ids[:, l, :].tolist(),
+                        None if gates is None else ([g[l] for g in gates_list] if small else gates[:, l, :].tolist()))
+            block, jobs = self._classify(l, rows, routed, refs)
             if single:
                 router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
             else:
@@ -366,29 +376,50 @@ class Simulation:
             out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G) / len(self.layers)
         return out
 
-    def _classify(self, l: int, rows: np.ndarray, routed, ids: np.ndarray):
+    def _classify(self, l: int, rows: np.ndarray, routed, refs):
         """Sort the step's experts at layer ``l`` into work ready at the router (``block``:
-        device -> seconds) and work that waits on something (``jobs``); update the cache."""
+        device -> seconds) and work that waits on something (``jobs``); update the cache.
+
+        The cache sees the step's accesses one by one, token after token in rank order (the
+        contract of :mod:`profiles.workload.hitrate`, which the runtime follows too); an
+        expert's first access in the step decides where it runs, later ones only count.
+        ``refs``: ``(ids [n][K], gates [n][K] or None)`` of the step at this layer, as lists.
+        """
         lay = self.layers[l]
         ep = len(self.gpus) > 1
         block: dict[str, float] = defaultdict(float)
         jobs: list = []
         local: list[tuple[int, int]] = []  # experts run where they live, by device below
-        K = self.K
-        for e, n, g, first in routed:
+        K, E = self.K, self.E
+        first_hit: dict[int, bool] = {}
+        if lay.cache is not None:
+            cache, site_of = lay.cache, lay.site
+            layer_ids, layer_gates = refs
+            hits = accesses = 0
+            for t, row in enumerate(layer_ids):
+                p0 = int(rows[t]) * K  # positions in the workload: token x K + rank
+                for k, e in enumerate(row):
+                    if e < E and (site_of[e] == "fetch" or site_of[e] == "hybrid"):
+                        h = cache.access(e, p0 + k, layer_gates[t][k] if layer_gates is not None else 1.0)
+                        hits += h
+                        accesses += 1
+                        first_hit.setdefault(e, h)
+            self.cache_access[l] += accesses
+            self.cache_hit[l] += hits
+        for e, n, g, _first in routed:
             self.expert_calls += 1
+            self.expert_accesses += n
             site = lay.site[e]
             if site == "resident":
-                self.resident_access[l] += 1
+                self.resident_access[l] += n
                 if not ep:  # with expert parallelism the all-to-all runs them (_all_to_all)
                     dev = lay.owners[e][0]
                     block[dev] += self.call_s(dev, lay.fmt[e], n)
             elif site == "fetch" or site == "hybrid":
-                self.cache_access[l] += 1
-                pos = int(rows[first // K]) * K + first % K  # the access's position in the workload
                 fmt = lay.cache_format or lay.fmt[e]
-                if lay.cache is not None and lay.cache.access(e, pos, g):
-                    self.cache_hit[l] += 1
+                if lay.cache is None:
+                    self.cache_access[l] += n  # no slots: every access misses
+                elif first_hit[e]:
                     pending = self.inflight.get((l, e))
                     if pending is not None and not pending.triggered:
                         jobs.append(("after", pending, e, n, fmt))
@@ -397,14 +428,14 @@ class Simulation:
                     continue
                 action = self.miss(site, n, g, None if self.cfg.miss == "plan" else self._miss_costs(l, e))
                 if action == "local":
-                    self.local_access[l] += 1
+                    self.local_access[l] += n
                     local.append((e, n))
                     if lay.cache is not None:
                         jobs.append(("fill", e))
                 else:
                     jobs.append(("fetch", e, n, "int4" if action == "low-bit" else fmt))
             elif site == "local":
-                self.local_access[l] += 1
+                self.local_access[l] += n
                 local.append((e, n))
             else:  # stream: computed on the device once the layer's streamed weights are in
                 block[self.compute_id] += self.call_s(self.compute_id, lay.fmt[e], n)
@@ -573,38 +604,47 @@ class Simulation:
     def _all_to_all(self, l: int, ids: np.ndarray, router_at: float) -> float:
         """Expert parallelism at layer ``l``: when the layer's dispatch, expert work and combine end.
 
-        Token i of the step ran attention on GPU ``i mod G``; each of its experts runs on a
-        GPU holding a copy: its own GPU if it has one, else one in its node, else the copies
-        take turns. Dispatch and combine are all-to-all exchanges of hidden states: every
-        pair's bytes start together and share the links of their routes, so an exchange
-        lasts as long as its most loaded link direction needs (a fluid model of the
-        all-to-all) plus the longest route latency. Each GPU then runs its experts in order.
+        Token i of a step starts on GPU ``i mod G`` (data-parallel attention). Each of its
+        experts runs on a GPU holding a copy: its own GPU when it holds one, else copy
+        ``source mod copies`` (a static per-source choice, as SGLang's static dispatch makes,
+        which splits a replicated expert's tokens evenly over its copies). After the layer
+        the token's combined output lives on its source GPU (``ep_token_home="attention"``,
+        the usual dispatch/combine) or on the GPU of its first expert (``"expert"``: the
+        ExFlow idea, where inter-layer affinity keeps the next dispatch local).
+        Dispatch and combine are all-to-all exchanges of hidden states: every pair's bytes
+        start together and share the links of their routes, so an exchange lasts as long as
+        its most loaded link direction needs (a fluid model) plus the longest route latency.
+        Each GPU runs its experts in order between the two.
         """
         plan = self._ep_plan(l)
         n = ids.shape[0]
-        src = np.arange(n)[:, None] % len(self.gpus)  # [n, 1] GPU index of each token
+        G = len(self.gpus)
+        if self._token_gpu is None or len(self._token_gpu) != n:
+            self._token_gpu = np.arange(n) % G
+        src = self._token_gpu[:, None]  # [n, 1]
         real = ids < self.E
-        e_ids = np.where(real, ids, 0)
+        e_ids = np.where(real, ids, self.E)  # zero experts: the sentinel row, no copies
         cand = plan["copies"][e_ids]  # [n, K, R] GPU indices holding a copy, -1 padded
-        slot = np.arange(cand.shape[2])[None, None, :]
-        turn = (np.arange(n)[:, None, None] % np.maximum((cand >= 0).sum(axis=2, keepdims=True), 1)) == slot
-        node = plan["node_of"]
-        score = np.where(cand >= 0, 4 * (cand == src[:, :, None]) + 2 * (node[cand] == node[src][:, :, None]) + turn,
-                         -1)
-        dst = np.take_along_axis(cand, score.argmax(axis=2)[:, :, None], axis=2)[:, :, 0]  # [n, K]
+        count = np.maximum((cand >= 0).sum(axis=2), 1)  # [n, K]
+        static = np.take_along_axis(cand, (src % count)[:, :, None], axis=2)[:, :, 0]
+        dst = np.where((cand == src[:, :, None]).any(axis=2), src, static)  # [n, K]
         srcs = np.broadcast_to(src, dst.shape)[real]
         dsts = dst[real]
-        G = len(self.gpus)
+        node = plan["node_of"]
         # tokens per (GPU, expert) and the hidden states each GPU pair exchanges
         work = np.bincount(dsts * self.E + e_ids[real], minlength=G * self.E).reshape(G, self.E)
-        pairs = np.bincount(srcs * G + dsts, minlength=G * G).reshape(G, G)
+        dispatch_pairs = np.bincount(srcs * G + dsts, minlength=G * G).reshape(G, G)
+        home = np.where(real[:, 0], dst[:, 0], src[:, 0]) if self.cfg.ep_token_home == "expert" else src[:, 0]
+        homes = np.broadcast_to(home[:, None], dst.shape)[real]
+        combine_pairs = np.bincount(dsts * G + homes, minlength=G * G).reshape(G, G)
+        self._token_gpu = home
         self.ep_tokens += int(real.sum())
         self.ep_cross_gpu += int((srcs != dsts).sum())
         self.ep_cross_node += int((node[srcs] != node[dsts]).sum())
         load = work.sum(axis=1)
         self.ep_load_ratio[l] += float(load.max() / max(load.mean(), 1e-300))
         self.ep_layer_steps[l] += 1
-        dispatch = self._exchange(pairs, router_at, f"dispatch L{l}")
+        dispatch = self._exchange(dispatch_pairs, router_at, f"dispatch L{l}")
         end = dispatch
         lay = self.layers[l]
         for g in np.nonzero(load)[0]:
@@ -612,7 +652,7 @@ class Simulation:
             sec = sum(self.call_s(dev, lay.fmt[e], int(c)) for e, c in zip(np.nonzero(work[g])[0],
                                                                           work[g][work[g] > 0]))
             end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=dispatch))
-        return self._exchange(pairs.T, end, f"combine L{l}")
+        return self._exchange(combine_pairs, end, f"combine L{l}")
 
     def _ep_plan(self, l: int) -> dict:
         """Per layer: ``copies[E, R]`` GPU indices holding each expert (-1 padded); ``node_of[G]``."""
