@@ -478,6 +478,20 @@ def _layer_cost(l: int, placement: np.ndarray, logcnt: np.ndarray, trans: np.nda
     return cost
 
 
+def _capped_copies(load: np.ndarray, num_physical: int, num_gpus: int) -> np.ndarray:
+    """``[L, E]`` copies per expert by EPLB's rule (each extra copy to the expert with the
+    largest load per copy), never more copies than GPUs: two copies on one GPU serve nothing."""
+    _, _, logcnt = replicate_experts(load, num_physical)
+    if logcnt.max() <= num_gpus:
+        return logcnt
+    L, E = load.shape
+    logcnt = np.ones((L, E), np.int64)
+    for _ in range(E, num_physical):
+        per_copy = np.where(logcnt < num_gpus, load / logcnt, -np.inf)
+        logcnt[np.arange(L), np.argmax(per_copy, axis=1)] += 1
+    return logcnt
+
+
 def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physical: int, *,
                   balance_slack: float = 0.01, sweeps: int = 2, time_limit_s: float = 45.0,
                   hidden_size: int = 1, max_swaps: int = 64) -> tuple[np.ndarray, dict[str, Any]]:
@@ -500,13 +514,15 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
     S = num_physical // G
     D = topo.cost_s_per_byte * hidden_size * ACTIVATION_BYTES  # [G, G]
     warm = eplb_global(load, num_physical, 1, 1, G)  # [L, R]
-    _, _, logcnt = replicate_experts(load, num_physical)  # the same copy counts as the warm start
+    logcnt = _capped_copies(load, num_physical, G)  # EPLB's rule, at most one copy per GPU
     for l in range(L):
-        # EPLB's packing may put two copies of one expert on one GPU; a plan cannot say that
-        # (and it wastes a slot): re-pack such a layer with one copy per GPU
+        # EPLB may give an expert more copies than there are GPUs, or pack two copies of one
+        # expert on one GPU; a plan cannot say that (and it wastes a slot): re-pack such a
+        # layer with one copy per GPU
         row = warm[l]
-        if len({(s // S, e) for s, e in enumerate(row.tolist())}) < num_physical:
-            expert = np.sort(row)
+        if len({(s // S, e) for s, e in enumerate(row.tolist())}) < num_physical or \
+                not np.array_equal(np.bincount(row, minlength=E), logcnt[l]):
+            expert = np.repeat(np.arange(E), logcnt[l])
             gpu = _pack(load[l, expert] / logcnt[l, expert], expert, G, S)
             warm[l] = np.concatenate([np.sort(expert[gpu == g]) for g in range(G)])
     P = _distribution(warm, E, G)  # [L, E, G]

@@ -1,0 +1,103 @@
+"""`planner verify`: run a bundle, replay what it saw through the simulator, compare.
+
+The runtime records the router's choices of every MoE layer while it generates; those
+choices become a routing trace (prompt tokens as prefill, generated tokens fed back as
+decode) that the simulator replays under the bundle's plan, hardware and policies, one
+request at a time as the runtime ran them. With the same routing and policy the per-layer
+hit rates must be equal; times and bytes come with their relative error (they depend on
+how well the hardware profile describes the machine: `planner profile probe` measures it).
+
+This module wires the runtime (exporters), the simulator and the plan together, which is
+the CLI's job; it imports torch only through the runtime, when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from profiles.errors import InputError
+
+__all__ = ["DEFAULT_PROMPTS", "verify_bundle_run"]
+
+DEFAULT_PROMPTS = ("the cat sat on the mat", "experts route tokens through layers",
+                   "the planner decides where every expert lives")
+
+
+def _rel(measured: float | None, predicted: float | None) -> float | None:
+    if measured is None or predicted is None or measured == 0:
+        return None
+    return (predicted - measured) / measured
+
+
+def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: list[str] | None = None,
+                      max_new_tokens: int = 16) -> dict:
+    """Measured (runtime) vs predicted (simulator) for a bundle; see the module docstring."""
+    from exporters.bundle import check_manifest
+    from profiles.hardware import load_profile
+    from profiles.models import load_model
+    from profiles.workload.trace import DECODE, PREFILL, Trace
+    from simulator.engine import SimConfig, simulate
+
+    from .plan import load_plan
+
+    bundle = Path(bundle_dir)
+    check_manifest(bundle)
+    plan = load_plan(bundle / "plan.json")
+    _, hw = load_profile(bundle / "hardware.yaml")
+    config = Path(checkpoint) / "config.json"
+    if not config.is_file():
+        raise InputError("not an HF checkpoint (no config.json)", file=checkpoint, fix="pass the checkpoint directory")
+    model = load_model(config)
+    try:
+        import torch
+        import transformers
+
+        from exporters.runtime import load_planned_model
+    except ImportError as exc:
+        raise InputError(f"running a bundle needs the runtime extra ({exc.name} is missing)",
+                         fix="pip install torch==2.13.0 && pip install 'moe-planner[runtime]'") from None
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot load the tokenizer ({str(exc).splitlines()[0]})", file=checkpoint,
+                         fix="save the tokenizer into the checkpoint directory") from None
+    kernels = bundle / "kernels" if (bundle / "kernels" / "manifest.json").is_file() else None
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    L = len(plan.layers)
+    calls: list[list] = [[] for _ in range(L)]
+    seqs = []
+    with load_planned_model(bundle / "plan.json", checkpoint, kernels_dir=kernels, device="auto") as rt:
+        for i, store in enumerate(rt.stores):
+            store.register_forward_pre_hook(lambda mod, args, i=i: calls[i].append(args[1].detach().cpu().clone()))
+        for text in prompts:
+            ids = tokenizer(text)["input_ids"]
+            out = rt.generate(ids, max_new_tokens)
+            seqs.append((len(ids), len(out) - 1))  # the last generated token is never fed back
+        measured = rt.metrics.summary()
+    routing = np.stack([torch.cat(c).numpy() for c in calls], axis=1).astype(np.int64)  # [T, L, K]
+    phase = np.concatenate([np.r_[np.full(p, PREFILL), np.full(d, DECODE)] for p, d in seqs]).astype(np.uint8)
+    trace = Trace(expert_ids=routing, seq_lens=np.array([p + d for p, d in seqs]), phase=phase,
+                  num_experts=model.num_experts, layer_map=tuple(lp.hidden_layer for lp in plan.layers),
+                  model=model.name, source=f"recorded by planner verify from {bundle}")
+    report = simulate(plan, hw, model, trace, SimConfig(batch_size=1))
+    sim = report.metrics
+    sim_bytes = sum(sim["bytes_moved"].values())
+    run_bytes = float(sum(measured["bytes_moved"].values()))
+    decode_tps = 1.0 / sim["decode_step_s"]["mean"] if sim["decode_step_s"] else None
+    rows = [
+        {"metric": "decode tokens/s", "measured": measured["tokens_per_s"], "predicted": decode_tps},
+        {"metric": "TTFT s (mean)", "measured": measured["ttft_s"], "predicted": (sim["ttft_s"] or {}).get("mean")},
+        {"metric": "TPOT s (mean)", "measured": measured["tpot_s"], "predicted": (sim["tpot_s"] or {}).get("mean")},
+        {"metric": "expert hit rate", "measured": measured["expert_hit_rate"], "predicted": sim["expert_hit_rate"]},
+        {"metric": "bytes moved", "measured": run_bytes, "predicted": sim_bytes},
+    ]
+    for row in rows:
+        row["relative_error"] = _rel(row["measured"], row["predicted"])
+    equal = [None if a is None else round(a, 12) for a in measured["hit_rate"]] == \
+            [None if b is None else round(b, 12) for b in sim["hit_rate"]]
+    return {"rows": rows, "hit_rates_equal": equal,
+            "hit_rate": {"measured": measured["hit_rate"], "predicted": sim["hit_rate"]},
+            "prompts": len(prompts), "tokens": int(routing.shape[0]), "measured": measured, "predicted": sim}
