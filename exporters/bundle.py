@@ -237,8 +237,8 @@ if __name__ == "__main__":
 
 def _readme(plan: Plan, model: ModelSpec, hardware: Hardware, commands: dict[str, str], notes: list[str]) -> str:
     lines = [f"# {model.name} on {hardware.name}, as planned", "",
-             f"Plan: objective {plan.objective}, batch {plan.batch_size}, context {plan.context_tokens}; "
-             f"predicted {plan.predicted.get('tokens_per_s', float('nan')):.2f} tok/s.", "",
+             (f"Plan: objective {plan.objective}, batch {plan.batch_size}, context {plan.context_tokens}; "
+             f"predicted {plan.predicted.get('tokens_per_s', float('nan')):.2f} tok/s."), "",
              "## Run", "", "```bash", commands["run"], "```", "",
              "Metrics (tok/s, TTFT, TPOT, per-layer hit rates, bytes moved) go to `--metrics-out FILE`.", "",
              "## Check prediction against measurement", "", "```bash", commands["verify"], "```", "",
@@ -248,6 +248,6 @@ def _readme(plan: Plan, model: ModelSpec, hardware: Hardware, commands: dict[str
             lines += [f"{name}:", "", "```bash", command, "```", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["Every file is listed with its sha256 in `manifest.json`; `run.py` refuses a bundle whose "
-              "files changed.", ""]
+    lines += [("Every file is listed with its sha256 in `manifest.json`; `run.py` refuses a bundle whose "
+              "files changed."), ""]
     return "\n".join(lines)

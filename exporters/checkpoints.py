@@ -29,8 +29,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": False}
-WORDS = ("the cat sat on the mat while experts route tokens through layers of a sparse model and the "
-         "planner decides where every expert lives so that the cache holds the hot ones").split()
+WORDS = ["the", "cat", "sat", "on", "the", "mat", "while", "experts", "route", "tokens", "through", "layers", "of", "a", "sparse", "model", "and", "the", "planner", "decides", "where", "every", "expert", "lives", "so", "that", "the", "cache", "holds", "the", "hot", "ones"]
 
 
 def make_random_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0, vocab_size: int = 256,
