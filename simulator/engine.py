@@ -244,7 +244,7 @@ class Simulation:
         """Releases requests at their arrival times."""
         for r in requests:
             if r.arrival_s > self.env.now:
-                yield self.env.timeout(r.arrival_s - self.env.now)
+                yield self.env.timeout(max(r.arrival_s - self.env.now, 0.0))
             self.log("request_source", f"request {r.rid} arrives")
             waiting.append(r)
             if not self.arrival.triggered:
@@ -352,10 +352,11 @@ class Simulation:
                     if recording:
                         self.log("layer_step", f"L{l} done", t)
                     continue
-            yield env.timeout(router_at - env.now)
+            yield env.timeout(max(router_at - env.now, 0.0))
             self.log("layer_step", f"L{l} routed")
             waits = self._start(l, block, jobs, ids)
-            waits.append(env.timeout(ep_end - env.now))
+            if ep_end > router_at:
+                waits.append(env.timeout(max(ep_end - env.now, 0.0)))
             if prefetch:  # after the layer's own fetches, which the copy engine serves first
                 self.prefetcher(l + 1, rows, ids, [e for e, *_ in routed])
             yield env.all_of(waits)
@@ -363,7 +364,7 @@ class Simulation:
             t = env.now
             self.log("layer_step", f"L{l} done")
         if t > env.now:
-            yield env.timeout(t - env.now)
+            yield env.timeout(max(t - env.now, 0.0))
         self.steps.append((phase, len(rows), start, env.now))
 
     def _dense_split(self, tokens: int, kv_bytes: float) -> dict[str, float]:
@@ -542,7 +543,7 @@ class Simulation:
             if dev == self.compute_id and stream_done is not None:
                 waits.append(env.process(self.run_after(stream_done, dev, sec, f"experts L{l}")))
             else:
-                waits.append(env.timeout(self.stream(dev).reserve(sec, f"experts L{l}") - env.now))
+                waits.append(env.timeout(max(self.stream(dev).reserve(sec, f"experts L{l}") - env.now, 0.0)))
         for job in jobs:
             kind = job[0]
             if kind == "fetch":
@@ -571,11 +572,11 @@ class Simulation:
     def fetch_then_run(self, l: int, e: int, n: int, fmt: str):
         yield from self.expert_fetch(l, e, fmt)
         end = self.stream(self.compute_id).reserve(self.call_s(self.compute_id, fmt, n), f"expert L{l}E{e}")
-        yield self.env.timeout(end - self.env.now)
+        yield self.env.timeout(max(end - self.env.now, 0.0))
 
     def run_after(self, ready: simpy.Event, device: str, seconds: float, what: str):
         yield ready
-        yield self.env.timeout(self.stream(device).reserve(seconds, what) - self.env.now)
+        yield self.env.timeout(max(self.stream(device).reserve(seconds, what) - self.env.now, 0.0))
 
     def local_experts(self, l: int, dev: str, calls: list[tuple[int, int]], tokens: int):
         """Runs experts where their weights live (the CPU, an accelerator): the step's hidden
@@ -592,7 +593,7 @@ class Simulation:
                 yield from self.net.transfer(lay.home[e], dev_mem, n_bytes, f"L{l}E{e} read")
                 self.bytes_moved["nvme"] += n_bytes
             end = stream.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}")
-        yield self.env.timeout(end - self.env.now)
+        yield self.env.timeout(max(end - self.env.now, 0.0))
         yield from self.net.transfer(dev_mem, self.compute_mem, act, f"L{l} results")
 
     def stream_in(self, l: int):

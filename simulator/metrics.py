@@ -139,6 +139,8 @@ def summarise(sim: Simulation, wall_s: float) -> SimReport:
         "busy_s": dict(sorted(busy.items())),
         "energy_j": energy,
         "layer_time_s": [t / n_steps for t in sim.layer_wall_s],
+        "per_request": [{"arrival_s": r.arrival_s, "ttft_s": r.token_s[0] - r.arrival_s if r.token_s else None,
+                         "tpot_s": [b - a for a, b in zip(r.token_s, r.token_s[1:])]} for r in reqs],
         "expert_parallel": None if not sim.ep_tokens else {
             "gpus": len(sim.gpus),
             "cross_gpu_token_fraction": sim.ep_cross_gpu / sim.ep_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .calibrate import calibrate_cmd
 from .export import export_cmd, verify_cmd
 from .models import models
 from .optimize import optimize_cmd
@@ -14,4 +15,4 @@ from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, export_cmd, verify_cmd, profiles, models, trace]
+COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, export_cmd, verify_cmd, calibrate_cmd, profiles, models, trace]
