@@ -58,6 +58,7 @@ def cli(ctx: click.Context, json_mode: bool, debug: bool) -> None:
 
 for _command in COMMANDS:
     cli.add_command(_command)
+cli.add_command(COMMANDS[[c.name for c in COMMANDS].index("profiles")], name="profile")  # `planner profile probe`
 
 
 def main() -> None:

@@ -169,3 +169,120 @@ def schema() -> None:
 
 def _size(n: float | None, binary: bool = True) -> str:
     return format_size(n, binary=binary) if n else "-"
+
+
+@profiles.command("probe")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Write the measured hardware profile (YAML) here.")
+@click.option("--dir", "directory", default=".", show_default=True, metavar="DIR",
+              help="Measure the read bandwidth of the disk holding this directory (a temporary file is written "
+                   "there and removed).")
+@click.option("--quick", is_flag=True,
+              help="Smaller arrays and fewer repeats: about 5 s instead of 15-25 s (2 idle cores).")
+@click.option("--name", help="Profile name (default: the --out file name without .yaml).")
+@click.option("--no-gpu", is_flag=True, help="Do not probe CUDA GPUs even if torch sees some.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@click.option("--tiny", is_flag=True, hidden=True, help="For tests: a seconds-long probe with rough figures.")
+@common_options
+def probe_cmd(out: str, directory: str, quick: bool, name: str | None, no_gpu: bool, force: bool, tiny: bool) -> None:
+    """Measure this machine and write it as a hardware profile.
+
+    Measures the CPU (model, cores, DRAM capacity, DRAM read/copy bandwidth, matmul
+    throughput in fp32, bf16, int8 and int4, and the efficiency of one expert FFN call vs
+    tokens), the read bandwidth of the disk holding --dir (past the page cache), and each
+    CUDA GPU torch sees (host-to-device bandwidth, memory bandwidth, matmul per format,
+    launch overhead, FFN efficiency). bf16 needs torch, int8/int4 need onnxruntime; what
+    cannot be measured is skipped and said so. Every figure in the file says how it was
+    measured. Run it on an idle machine: other processes lower every figure.
+
+    \b
+    Examples:
+      planner profiles probe --out my-machine.yaml
+      planner profiles probe --quick --out my-machine.yaml --dir /mnt/nvme
+      planner optimize --hardware my-machine.yaml -m olmoe-1b-7b
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from profiles.probe import (
+        SETTINGS,
+        check_directory,
+        check_output,
+        probe,
+        profile_name,
+        write_profile,
+    )
+
+    check_output(out, force)  # fail before a minute of measuring, not after
+    check_directory(directory)
+    name = name or profile_name(out)
+    settings = SETTINGS["tiny" if tiny else "quick" if quick else "full"]
+    output = get_output()
+    columns = (TextColumn("probe"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=output.log, transient=True) as bar:
+        task = bar.add_task("starting", total=1.0)
+        result = probe(directory, settings, progress=lambda what, done: bar.update(task, completed=done,
+                                                                                    description=what),
+                       gpus=not no_gpu)
+    path = write_profile(result, out, name=name, force=force)
+    data = {"file": str(path), "name": name} | result.to_dict()
+    for warning in result.warnings:
+        output.log.print(f"warning: {warning}", highlight=False)
+
+    def render(console):
+        table = Table(title=f"{name}: measured in {result.duration_s:.1f} s ({result.mode})")
+        for col in ("device", "figure", "value", "how"):
+            table.add_column(col, overflow="fold")
+        for device, figure, value, how in _probe_rows(result):
+            table.add_row(device, figure, value, how)
+        console.print(table)
+        console.print(f"wrote {path}", highlight=False)
+
+    output.emit(data, render)
+
+
+def _probe_rows(result) -> list[tuple[str, str, str, str]]:
+    """(device, figure, value, method) rows of a probe, for the table."""
+    cpu, rows = result.cpu, []
+    rows.append(("cpu0", "model", cpu.model, ""))
+    rows.append(("cpu0", "cores", f"{cpu.cores.value:.0f}", cpu.cores.method))
+    rows.append(("cpu0", "DRAM", format_size(cpu.memory_bytes.value), cpu.memory_bytes.method))
+    rows.append(("cpu0", "DRAM read", format_bandwidth(cpu.dram_read_bytes_per_s.value),
+                 cpu.dram_read_bytes_per_s.method))
+    rows.append(("cpu0", "DRAM copy", format_bandwidth(cpu.dram_copy_bytes_per_s.value),
+                 cpu.dram_copy_bytes_per_s.method))
+    rows += _peak_rows("cpu0", cpu.peak_ops_per_s, cpu.skipped)
+    if cpu.launch_overhead_s is not None:
+        rows.append(("cpu0", "call overhead", format_time(cpu.launch_overhead_s.value), cpu.launch_overhead_s.method))
+    rows += _efficiency_rows("cpu0", cpu.efficiency)
+    if result.disk is not None:
+        d = result.disk
+        rows.append(("disk0", "capacity", format_size(d.capacity_bytes.value, binary=False), d.capacity_bytes.method))
+        rows.append(("disk0", "read", format_bandwidth(d.read_bytes_per_s.value), d.read_bytes_per_s.method))
+    for g in result.gpus:
+        dev = f"gpu{','.join(map(str, g.indices))}"
+        rows.append((dev, "model", g.model, ""))
+        rows.append((dev, "memory", format_size(g.memory_bytes.value), g.memory_bytes.method))
+        rows.append((dev, "memory read", format_bandwidth(g.memory_bytes_per_s.value), g.memory_bytes_per_s.method))
+        rows.append((dev, "H2D pinned", format_bandwidth(g.h2d_pinned_bytes_per_s.value),
+                     g.h2d_pinned_bytes_per_s.method))
+        rows.append((dev, "H2D pageable", format_bandwidth(g.h2d_pageable_bytes_per_s.value),
+                     g.h2d_pageable_bytes_per_s.method))
+        rows += _peak_rows(dev, g.peak_ops_per_s, g.skipped)
+        rows.append((dev, "call overhead", format_time(g.launch_overhead_s.value), g.launch_overhead_s.method))
+        rows += _efficiency_rows(dev, g.efficiency)
+    return rows
+
+
+def _peak_rows(device: str, peaks: dict, skipped: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    rows = [(device, f"matmul {fmt}", format_throughput(f.value, "OPS" if fmt.startswith("int") else "FLOPS"),
+             f.method) for fmt, f in peaks.items()]
+    return rows + [(device, f"matmul {fmt}", "skipped", why) for fmt, why in skipped.items()]
+
+
+def _efficiency_rows(device: str, fit) -> list[tuple[str, str, str, str]]:
+    if fit is None:
+        return [(device, "efficiency", "not measured", "defaults apply")]
+    points = " ".join(f"{n}:{f:.2f}" for n, f in fit.points)
+    return [(device, f"efficiency ({fit.format})", points, "fraction of peak by tokens per expert call"),
+            (device, "memory fraction", f"{fit.memory_fraction:.2f}", "share of memory read bandwidth, 1 token")]
