@@ -34,7 +34,7 @@ from .kernels import (
     kernel_format,
 )
 from .metrics import MetricsRecorder
-from .planfile import RuntimePlan, parse_plan, read_plan
+from .planfile import QUANT_FORMATS, RuntimePlan, parse_plan, read_plan
 from .prefetch import Fetcher
 from .store import ExpertHome, Placeholder, PlannedExperts
 
@@ -246,6 +246,10 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                          if layer.tier[e] == "host" and layer.site[e] in ("fetch", "hybrid", "stream")}
             home = ExpertHome(layer, source, kernels, metrics, pin=cuda, keep_host=keep_host)
             cpu_host = [e for e in layer.on_cpu if layer.tier[e] == "host"]
+            if dev.type == "cpu":
+                # no accelerator: resident int8/int4 experts run in the layer's ONNX Runtime
+                # session too (MatMulNBits kernels) instead of being dequantised at every call
+                cpu_host += [e for e in layer.experts_at("resident") if layer.format[e] in QUANT_FORMATS]
             cpu_kernel = None
             if cpu_host:
                 arrays = {e: (layer.format[e], (home.host.get(e) or home.read(e)).numpy_inputs()) for e in cpu_host}

@@ -166,7 +166,9 @@ class PlannedExperts(nn.Module):
         self.cpu_kernel, self.stream_kernels = cpu_kernel, stream_kernels
         self.num_experts = spec.num_experts
         # loading moves bytes too; the runtime resets the metrics before the first step
-        self.resident = {e: home.load(e, device) for e in spec.experts_at("resident")}
+        # resident experts the layer's ONNX Runtime session holds (a CPU compute device) run there
+        self.resident_on_cpu = set(spec.experts_at("resident")) & set(cpu_kernel.experts if cpu_kernel else ())
+        self.resident = {e: home.load(e, device) for e in spec.experts_at("resident") if e not in self.resident_on_cpu}
         self.slots: dict[int, Slot] = {}
         for e in cache.preloaded():  # static: loaded beforehand
             self.slots[e] = Slot(home.load(e, device))
@@ -224,7 +226,10 @@ class PlannedExperts(nn.Module):
                 first = e not in on_device and e not in on_cpu
                 if site == "resident":
                     counts["resident"] += 1
-                    on_device.setdefault(e, Slot(self.resident[e]))
+                    if e in self.resident_on_cpu:
+                        on_cpu.add(e)
+                    else:
+                        on_device.setdefault(e, Slot(self.resident[e]))
                     continue
                 if site in ("local", "stream"):
                     counts["other"] += 1
