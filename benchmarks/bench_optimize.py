@@ -73,6 +73,9 @@ def _structure(plan) -> dict:
     return {"by_site": dict(sorted(c["site"].items())), "by_format": dict(sorted(c["format"].items())),
             "by_home": dict(sorted(c["home"].items())),
             "cache_slots": int(sum(layer.cache_slots for layer in plan.layers)), "prefetch": plan.prefetch,
+            # layers whose offloaded experts run at two sites: the frequent ones through the cache, the rare on the CPU
+            "split_layers": sum(1 for layer in plan.layers if "local" in layer.site
+                                and {"fetch", "hybrid", "stream"} & set(layer.site)),
             "dense_format": next((n.split(": ", 1)[1] for n in plan.notes if n.startswith("dense weights: ")), None)}
 
 
@@ -154,7 +157,7 @@ def per_token_tpot(plan, s, trace: Trace, seed: int = 0) -> float | None:
     r = st.predictability if plan.prefetch == "next-layer" else np.zeros(st.num_layers)
     one = np.array([1.0])
     total = np.zeros(ids.shape[0])  # [T]
-    for l, (p, bi, c, boi, hi, mode) in enumerate(bd.specs):
+    for l, (p, q, bi, c, boi, hi, mode) in enumerate(bd.specs):
         rank = np.empty(st.num_experts, np.int64)
         rank[st.order[l]] = np.arange(st.num_experts)
         rk = rank[ids[:, l, :]]  # [T, K] frequency rank of each routed expert
@@ -162,19 +165,17 @@ def per_token_tpot(plan, s, trace: Trace, seed: int = 0) -> float | None:
         t_res, t_off = s.call_s(s.compute, br, one)[0], s.call_s(s.compute, bo, one)[0]
         t_cpu = s.call_s(s.host, bo, one)[0] + 2 * s.activation_s(1)
         x = s.transfer_s(s.homes[hi], s.expert_bytes(bo)) if s.homes else 0.0
-        off = rk >= p
-        hit = rng.random(rk.shape) < st.hit_rate(l, p, c)
-        n_res, n_hit, n_miss = (~off).sum(1), (off & hit).sum(1), (off & ~hit).sum(1)
+        band = (rk >= p) & (rk < q)  # through the cache; ranks past q run on the CPU
+        hit = rng.random(rk.shape) < (st.hit_rate(l, p, c, q) if q > p else 0.0)
+        n_res, n_hit, n_miss, n_local = (rk < p).sum(1), (band & hit).sum(1), (band & ~hit).sum(1), (rk >= q).sum(1)
         name = MODES[mode]
-        G, U, F = n_res * t_res, np.zeros(len(rk)), np.zeros(len(rk))
+        G, U, F = n_res * t_res, n_local * t_cpu, np.zeros(len(rk))
         if name == "fetch":
             G, F = G + (n_hit + n_miss) * t_off, n_miss * x
-        elif name == "local":
-            U = (n_hit + n_miss) * t_cpu
         elif name == "hybrid":
-            G, U, F = G + n_hit * t_off, n_miss * t_cpu, n_miss * x
-        else:  # stream
-            G, F = G + (n_hit + n_miss) * t_off, np.full(len(rk), (st.num_experts - p) * x)
+            G, U, F = G + n_hit * t_off, U + n_miss * t_cpu, n_miss * x
+        elif name == "stream":
+            G, F = G + (n_hit + n_miss) * t_off, np.full(len(rk), (q - p) * x)
         stall = (1 - r[l]) * F if name == "fetch" else 0.0
         link = (1 - r[l]) * F + (F if plan.prefetch == "next-layer" else 0.0)
         total += np.maximum.reduce([G + stall, U, link])

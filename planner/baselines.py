@@ -28,7 +28,7 @@ FETCH, LOCAL, HYBRID, STREAM = (MODES.index(m) for m in ("fetch", "local", "hybr
 @dataclass(frozen=True)
 class Baseline:
     name: str
-    specs: np.ndarray  # [L, 6] one option per layer (costs.SPEC_COLUMNS)
+    specs: np.ndarray  # [L, 7] one option per layer (costs.SPEC_COLUMNS)
     dense_format: str
     prefetch: bool = False
     note: str = ""
@@ -90,7 +90,7 @@ def all_gpu(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     def build(fm: str) -> Baseline | None:
         if L * E * s.expert_bytes(fm) > _device_budget(s, fm):
             return None
-        return Baseline("all-gpu", np.array([(E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * L), fm, note=fm)
+        return Baseline("all-gpu", np.array([(E, E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * L), fm, note=fm)
     return _best(s, quality_budget, build)
 
 
@@ -109,8 +109,8 @@ def accelerate(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
         homes = _homes_for(s, [layer_bytes] * (L - on_gpu))
         if homes is None or free < 0:
             return None
-        specs = [(E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu
-        specs += [(0, _fi(s, fm), 0, _fi(s, fm), h, STREAM) for h in homes]
+        specs = [(E, E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu
+        specs += [(0, E, _fi(s, fm), 0, _fi(s, fm), h, STREAM) for h in homes]
         return Baseline("accelerate", np.array(specs), fm, note=f"{fm}, {on_gpu}/{L} MoE layers on the GPU")
     return _best(s, quality_budget, build)
 
@@ -132,7 +132,8 @@ def llama_cpp(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
         n_cpu = L - on_gpu
         if n_cpu * layer_bytes > capacity(s, s.homes[0]):
             return None  # llama.cpp's CPU experts must sit in RAM to run at speed
-        specs = [(0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * n_cpu + [(E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu
+        specs = ([(0, 0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * n_cpu
+                 + [(E, E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu)
         return Baseline("llama.cpp", np.array(specs), fm, note=f"{fm}, --n-cpu-moe {n_cpu}")
     return _best(s, quality_budget, build)
 
@@ -152,7 +153,7 @@ def lru_offload(s: Setup, quality_budget: float | None) -> list[Baseline] | None
             continue
         for k in sorted({1, 2} | set(s.cache_sizes())):  # Mixtral-offloading runs 2-4 slots per layer
             if 0 < k < E and L * k * s.expert_bytes(fm) <= free:
-                specs = [(0, _fi(s, fm), k, _fi(s, fm), h, FETCH) for h in homes]
+                specs = [(0, E, _fi(s, fm), k, _fi(s, fm), h, FETCH) for h in homes]
                 out.append(Baseline("lru-offload", np.array(specs), fm, prefetch=True, note=f"{fm}, {k} slots/layer"))
     return out or None
 
@@ -168,7 +169,7 @@ def cpu_experts(s: Setup, quality_budget: float | None) -> list[Baseline] | None
     def build(fm: str) -> Baseline | None:
         if _device_budget(s, fm) < 0 or L * E * s.expert_bytes(fm) > capacity(s, s.homes[0]):
             return None
-        return Baseline("cpu-experts", np.array([(0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * L), fm, note=fm)
+        return Baseline("cpu-experts", np.array([(0, 0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * L), fm, note=fm)
     return _best(s, quality_budget, build)
 
 
@@ -191,6 +192,6 @@ def popularity(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
         p = np.bincount(top // E, minlength=L)
         if ((E - p) * s.expert_bytes(fm)).sum() > capacity(s, s.homes[0]):
             return None
-        specs = [(int(p[l]), _fi(s, fm), 0, _fi(s, fm), 0, LOCAL if p[l] < E else FETCH) for l in range(L)]
+        specs = [(int(p[l]), int(p[l]), _fi(s, fm), 0, _fi(s, fm), 0, LOCAL if p[l] < E else FETCH) for l in range(L)]
         return Baseline("popularity", np.array(specs), fm, note=f"{fm}, {slots} experts on the GPU")
     return _best(s, quality_budget, build)

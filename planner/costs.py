@@ -1,33 +1,51 @@
 """Expected per-step costs of every per-layer option: the numbers the ILP and the baselines share.
 
-Legend: L = MoE layers, E = routed experts per layer, P = pinned-count grid points,
-C = cache sizes 0..E, B = batch (tokens per decode step), b = storage format.
+Legend: L = MoE layers, E = routed experts per layer, P = rank grid points (the workload's
+pinned grid), C = cache sizes 0..E, B = batch (tokens per decode step), b = storage format.
 
-A per-layer **option** is a tuple ``(p, b_res, c, b_off, home, mode)``: the ``p`` most
-frequent experts of the layer are resident on the compute device at format ``b_res``; the
-other ``E - p`` live in ``home`` (host DRAM or NVMe) at ``b_off`` and run by ``mode``:
+Experts are addressed by frequency rank within their layer (rank 0 = most frequent): experts
+with equal statistics are interchangeable, so an option says how many of each kind, not which.
+A per-layer **option** is a tuple ``(p, q, b_res, c, b_off, home, mode)`` with
+``0 <= p <= q <= E``:
 
-- ``fetch``: on a miss in the layer's ``c``-slot cache the weights cross the link, then run on
-  the compute device;
-- ``local``: computed by the host CPU where they live (activations cross the link instead;
-  ``c = 0``);
-- ``hybrid``: a cache hit runs on the compute device, a miss runs on the CPU while the
-  weights are fetched in the background for next time;
-- ``stream``: every offloaded expert of the layer crosses the link each step, used or not
-  (HF accelerate's CPU offload moves a whole module's weights per forward; ``c = 0``).
+- ranks ``[0, p)`` are resident on the compute device at format ``b_res``;
+- ranks ``[p, E)`` live in ``home`` (host DRAM or NVMe) at ``b_off``; of them
+- ranks ``[p, q)`` (the *band*) run by ``mode`` through the layer's ``c``-slot cache:
+
+  - ``fetch``: on a miss the weights cross the link, then run on the compute device;
+  - ``hybrid``: a hit runs on the compute device, a miss runs on the CPU while the weights
+    are fetched in the background for next time;
+  - ``stream``: every band expert crosses the link each step, used or not (HF accelerate's
+    CPU offload moves a whole module's weights per forward; ``q = E``, ``c = 0``);
+  - ``local``: the band is empty (``q = p``, ``c = 0``);
+
+- ranks ``[q, E)`` are computed by the host CPU where they live (activations cross the link
+  instead of weights; only for the DRAM home).
+
+So the execution site is chosen per expert: the frequent offloaded experts go through the
+cache, the rare ones never cross the link. The split rank q runs over the rank grid, and the
+best split depends on the batch: at batch B the per-expert token counts below change.
 
 For one decode step with B tokens, expert e of layer l is active with probability
 ``a_e = 1 - (1 - f_e)^B`` (``f_e``: activations per token, ``sum_e f_e = K``) and then serves
-``n_e = B f_e / a_e`` tokens. With a hit rate ``h(p, c)`` of the unpinned accesses (the
-workload's LRU curve with the top-p experts pinned), an option costs per step
+``n_e = B f_e / a_e`` tokens. With ``h = h(p, q, c)``, the LRU hit rate of a ``c``-slot cache
+that sees only the accesses to ranks ``[p, q)`` (the workload's band curves, exact at grid
+points), and ``u_e = t_cpu(b_off, n_e)`` the CPU seconds of an expert call, an option costs
+per step
 
-    G = sum_{e<p} a_e t_dev(b_res, n_e) + sum_{e>=p} a_e [fetch: t_dev(b_off, n_e) | hybrid: h t_dev]
-    U = sum_{e>=p} a_e [local: t_cpu(b_off, n_e) + 2 x_act(n_e) | hybrid: (1 - h)(t_cpu + 2 x_act)]
-    F = sum_{e>=p} a_e (1 - h) x(bytes(b_off))          (fetch and hybrid; c = 0 for local)
-    F = (E - p) x(bytes(b_off)), G as fetch              (stream)
+    G = sum_{e<p} a_e t_dev(b_res, n_e) + sum_{p<=e<q} a_e [fetch, stream: t_dev(b_off, n_e) | hybrid: h t_dev]
+    U = sum_{e>=q} a_e u_e + [hybrid: (1 - h) sum_{p<=e<q} a_e u_e] + P(CPU busy) 2 x_act(B)
+    F = (1 - h) sum_{p<=e<q} a_e x(bytes(b_off))          (fetch, hybrid)
+    F = (q - p) x(bytes(b_off))                           (stream)
 
 where G is compute-device busy time, U host-CPU busy time, F link time of expert fetches,
 t_dev/t_cpu come from :func:`profiles.perf.expert_call_s` and x from the route's bottleneck.
+The step's hidden states cross to the CPU once and the experts' sum comes back once when the
+CPU runs any expert (``P(CPU busy) = 1 - prod (1 - a_e)`` over its experts, a hybrid band
+expert counting when it misses). At batch 1 a layer lasts ``E_t[max(device_t, cpu_t, link_t)]``
+over the workload's per-token outcomes (resident, hit, miss, local counts:
+:func:`_expected_max`, which also gives the exact U), at B > 1 ``max(G + stall, U, link)``
+(:func:`_averaged_max`).
 Memory: ``p bytes(b_res) + c bytes(b_off)`` on the device, ``(E - p) bytes(b_off)`` at home.
 Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
 """
@@ -46,8 +64,8 @@ from profiles.perf import expert_call_s
 
 from .workload_view import PlanningStats
 
-__all__ = ["Setup", "OptionTable", "layer_options", "QUANT_ERROR",
-           "DEFAULT_FORMATS", "MODES"]
+__all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup", "layer_options",
+           "option_costs", "option_specs"]
 
 MODES = ("fetch", "local", "hybrid", "stream")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
@@ -64,6 +82,7 @@ class OptionTable:
     """All options of one layer as columns (one row per option)."""
 
     p: np.ndarray  # [N] resident experts (top-p by frequency)
+    q: np.ndarray  # [N] split rank: ranks [p, q) go through the cache, [q, E) run on the CPU
     b_res: np.ndarray  # [N] index into Setup.formats
     c: np.ndarray  # [N] cache slots
     b_off: np.ndarray  # [N]
@@ -80,6 +99,10 @@ class OptionTable:
 
     def __len__(self) -> int:
         return int(self.p.shape[0])
+
+    def specs(self, rows) -> np.ndarray:
+        """``[n, 7]`` the option specs (SPEC_COLUMNS) of ``rows``."""
+        return np.stack([getattr(self, k)[rows] for k in SPEC_COLUMNS], axis=-1).astype(np.int64)
 
     def take(self, rows: np.ndarray) -> "OptionTable":
         return OptionTable(**{k: getattr(self, k)[rows] for k in self.__dataclass_fields__})
@@ -123,8 +146,9 @@ class Setup:
         """``[...]`` seconds of one expert call per token count (vectorised over tokens)."""
         wb = self.expert_bytes(fmt)
         flops_per_token = self.model.expert_flops_per_token
-        return np.array([expert_call_s(device, fmt, wb, flops_per_token * n, n) for n in np.ravel(tokens)]
-                        ).reshape(np.shape(tokens))
+        distinct, inverse = np.unique(np.ravel(tokens), return_inverse=True)
+        seconds = np.array([expert_call_s(device, fmt, wb, flops_per_token * n, n) for n in distinct])
+        return seconds[inverse].reshape(np.shape(tokens))
 
     def cache_sizes(self) -> list[int]:
         if self.cache_grid is not None:
@@ -134,27 +158,32 @@ class Setup:
         return sorted(c for c in grid if 0 <= c <= E)
 
 
-SPEC_COLUMNS = ("p", "b_res", "c", "b_off", "home", "mode")
+SPEC_COLUMNS = ("p", "q", "b_res", "c", "b_off", "home", "mode")
+N_SPEC = len(SPEC_COLUMNS)
 
 
 def option_specs(s: Setup, layer: int) -> np.ndarray:
-    """``[N, 6]`` the grid of options the ILP chooses from (columns: SPEC_COLUMNS).
+    """``[N, 7]`` the grid of options the ILP chooses from (columns: SPEC_COLUMNS).
 
-    p runs over the workload's pinned grid and E; c over :meth:`Setup.cache_sizes`; the
-    offloaded format is never wider than the resident one (the cold experts are offloaded);
-    ``local`` and ``hybrid`` compute on the CPU that holds the first home (host DRAM).
+    p runs over the workload's rank grid and E; q over the grid points above p and E (below
+    E only for the DRAM home, whose CPU computes the ranks past q); c over
+    :meth:`Setup.cache_sizes`, smaller than the band. The offloaded format is never wider
+    than the resident one (the cold experts are offloaded); ``local`` and ``hybrid`` compute
+    on the CPU that holds the first home (host DRAM).
     """
     E = s.stats.num_experts
     rows = []
     full = _full_format(s)
     crit = _critical_by_rank(s, layer)
     homes = range(len(s.homes)) if not s.unified else ()
-    for p in sorted(set(int(p) for p in s.stats.pinned_grid) | {E}):
+    grid = sorted({int(p) for p in s.stats.pinned_grid} | {E})
+    fetch, local, hybrid, stream = (MODES.index(m) for m in ("fetch", "local", "hybrid", "stream"))
+    for p in grid:
         for bi, br in enumerate(s.formats):
             if crit[:p].any() and br != full:
                 continue  # a resident critical expert stays at full precision
             if p == E:
-                rows.append((p, bi, 0, bi, 0, MODES.index("fetch")))
+                rows.append((p, E, bi, 0, bi, 0, fetch))
                 continue
             for bo_i, bo in enumerate(s.formats):
                 if s.expert_bytes(bo) > s.expert_bytes(br) or (p == 0 and bo != br):
@@ -162,13 +191,16 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                 if crit[p:].any() and bo != full:
                     continue
                 for hi in homes:
-                    for c in s.cache_sizes():
-                        if c >= E - p and c > 0:
-                            continue  # a cache that holds every offloaded expert is residency, not a cache
-                        rows.append((p, bi, c, bo_i, hi, MODES.index("fetch")))
-                        if hi == 0:
-                            rows.append((p, bi, c, bo_i, hi, MODES.index("hybrid" if c else "local")))
-                    rows.append((p, bi, 0, bo_i, hi, MODES.index("stream")))
+                    for q in (g for g in grid if g > p and (hi == 0 or g == E)):
+                        for c in s.cache_sizes():
+                            if c >= q - p and c > 0:
+                                continue  # a cache that holds the whole band is residency, not a cache
+                            rows.append((p, q, bi, c, bo_i, hi, fetch))
+                            if hi == 0 and c > 0:
+                                rows.append((p, q, bi, c, bo_i, hi, hybrid))
+                    if hi == 0:
+                        rows.append((p, p, bi, 0, bo_i, hi, local))
+                    rows.append((p, E, bi, 0, bo_i, hi, stream))
     if not rows:
         raise InputError("no way to place this layer's experts", key=f"layer {layer}",
                          fix="add host memory, or use formats the devices support")
@@ -191,9 +223,11 @@ def _critical_by_rank(s: Setup, layer: int) -> np.ndarray:
 
 
 def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
-    """Costs of the options ``specs`` (``[N, 6]``, SPEC_COLUMNS) of ``layer``: see the module docstring."""
+    """Costs of the options ``specs`` (``[N, 7]``, SPEC_COLUMNS) of ``layer``: see the module docstring."""
     st = s.stats
     E, B = st.num_experts, s.batch_size
+    specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
+    p, q, bi, c, bo, hi, mode = specs.T  # [N] each
     f = st.frequency[layer][st.order[layer]]  # [E] by descending frequency
     w = st.importance[layer][st.order[layer]]  # [E]
     act = 1.0 - (1.0 - np.clip(f, 0.0, 1.0)) ** B  # [E] P(active in a step)
@@ -202,102 +236,126 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     def cum(v: np.ndarray) -> np.ndarray:  # [E+1] prefix sums over experts by rank
         return np.concatenate([[0.0], np.cumsum(v)])
 
-    act_c = cum(act)
-    actx_c = cum(act * 2 * np.array([s.activation_s(n) for n in tokens]))  # activations both ways
-    dev_c = {fm: cum(act * s.call_s(s.compute, fm, tokens)) for fm in s.formats}
-    cpu_c = {fm: cum(act * s.call_s(s.host, fm, tokens)) for fm in s.formats}
-    err_c = {fm: cum(w * s.quant_error[fm]) for fm in s.formats}
-    eb = {fm: s.expert_bytes(fm) for fm in s.formats}
-    xfer = {(hi, fm): s.transfer_s(home, eb[fm]) for hi, home in enumerate(s.homes) for fm in s.formats}
+    act_c = cum(act)  # [E+1]
+    dev_c = np.stack([cum(act * s.call_s(s.compute, fm, tokens)) for fm in s.formats])  # [b, E+1]
+    cpu_c = np.stack([cum(act * s.call_s(s.host, fm, tokens)) for fm in s.formats])  # [b, E+1] sum a_e u_e
+    idle_c = cum(np.log1p(-np.minimum(act, 1.0 - 1e-12)))  # [E+1] log P(none of the first ranks active)
+    err_c = np.stack([cum(w * s.quant_error[fm]) for fm in s.formats])  # [b, E+1]
+    eb = np.array([s.expert_bytes(fm) for fm in s.formats])  # [b]
+    xfer = np.array([[s.transfer_s(home, eb[j]) for j in range(len(eb))] for home in s.homes]
+                    or [[0.0] * len(eb)])  # [homes, b]
+
+    res_G = dev_c[bi, p]
+    band_G = dev_c[bo, q] - dev_c[bo, p]
+    band_U = cpu_c[bo, q] - cpu_c[bo, p]
+    tail_U = cpu_c[bo, E] - cpu_c[bo, q]
+    x = xfer[np.minimum(hi, len(xfer) - 1), bo]  # [N] seconds per expert fetch
+    keys = {(int(a), int(b), int(d)) for a, b, d in zip(p, c, q)}
+    h_of = {k: (st.hit_rate(layer, k[0], k[1], k[2]) if k[2] > k[0] else 0.0) for k in keys}
+    h = np.array([h_of[(int(a), int(b), int(d))] for a, b, d in zip(p, c, q)])  # [N] h(p, q, c)
+    miss = (act_c[q] - act_c[p]) * (1 - h)  # [N] expected fetches per step
+    is_ = {m: mode == MODES.index(m) for m in MODES}
+    G = res_G + np.where(is_["hybrid"], h, np.where(is_["local"], 0.0, 1.0)) * band_G
+    # the step's hidden states go to the CPU once and the experts' sum comes back once, when
+    # the CPU runs anything: P(any) from the experts' activity (independently, a hybrid band
+    # expert counting when it misses)
+    band_idle = np.where(is_["local"], idle_c[q] - idle_c[p], np.where(is_["hybrid"], (1 - h) * (idle_c[q] - idle_c[p]),
+                                                                          0.0))
+    p_cpu = 1.0 - np.exp(idle_c[E] - idle_c[q] + band_idle)
+    U = (tail_U + np.where(is_["hybrid"], 1 - h, np.where(is_["local"], 1.0, 0.0)) * band_U
+         + p_cpu * 2 * s.activation_s(B))
+    F = np.where(is_["stream"], (q - p) * x, np.where(is_["fetch"] | is_["hybrid"], miss * x, 0.0))
+    error = err_c[bi, p] + err_c[bo, E] - err_c[bo, p]
+    dev_bytes = p * eb[bi] + c * eb[bo]
+    home_bytes = (E - p) * eb[bo]
 
     r = float(st.predictability[layer])
-    per_token = B == 1 and st.access_rank is not None
-    one = {fm: (float(s.call_s(s.compute, fm, np.array([1.0]))[0]), float(s.call_s(s.host, fm, np.array([1.0]))[0]))
-           for fm in s.formats}  # one-token call seconds on (device, cpu)
-    ax1 = 2 * s.activation_s(1.0)
-    out = np.zeros((len(specs), 8))  # G, U, F, dev_bytes, home_bytes, error, tau, tau_prefetch
-    for i, (p, bi, c, bo_i, hi, mode) in enumerate(specs):
-        br, bo = s.formats[bi], s.formats[bo_i]
-        n_off = E - p
-        res_G = dev_c[br][p]
-        err = err_c[br][p] + err_c[bo][E] - err_c[bo][p]
-        dev_bytes = p * eb[br] + c * eb[bo]
-        if n_off == 0:
-            out[i] = (res_G, 0.0, 0.0, dev_bytes, 0.0, err, res_G, res_G)
-            continue
-        off_G = dev_c[bo][E] - dev_c[bo][p]
-        off_U = cpu_c[bo][E] - cpu_c[bo][p] + actx_c[E] - actx_c[p]
-        x = xfer[(hi, bo)]
-        h = st.hit_rate(layer, p, c)
-        miss = (act_c[E] - act_c[p]) * (1 - h)  # expected fetches per step
-        name = MODES[mode]
-        if name == "fetch":  # every miss waits for its weights
-            G, U, F = res_G + off_G, 0.0, miss * x
-        elif name == "local":  # the CPU computes where the weights live
-            G, U, F = res_G, off_U, 0.0
-        elif name == "hybrid":  # hits on the device, misses on the CPU, fetched in the background
-            G, U, F = res_G + h * off_G, (1 - h) * off_U, miss * x
-        else:  # stream: every offloaded expert of the layer crosses the link each step
-            G, U, F = res_G + off_G, 0.0, n_off * x
-        if per_token:
-            tau0, tau1 = _expected_max(st.token_outcomes(layer, p, c), name, one[br][0], one[bo][0], one[bo][1] + ax1,
-                                       x, n_off, r)
-        else:
-            tau0, tau1 = (_averaged_max(G, U, F, name, r, pf) for pf in (False, True))
-        out[i] = (G, U, F, dev_bytes, n_off * eb[bo], err, tau0, tau1)
-    return OptionTable(p=specs[:, 0].copy(), b_res=specs[:, 1].copy(), c=specs[:, 2].copy(),
-                       b_off=specs[:, 3].copy(), home=specs[:, 4].copy(), mode=specs[:, 5].copy(),
-                       G=out[:, 0], U=out[:, 1], F=out[:, 2], dev_bytes=out[:, 3], home_bytes=out[:, 4],
-                       error=out[:, 5], tau=out[:, 6], tau_prefetch=out[:, 7])
+    if B == 1 and st.access_rank is not None:
+        t_dev1 = np.array([s.call_s(s.compute, fm, np.ones(1))[0] for fm in s.formats])  # [b] one-token calls
+        t_cpu1 = np.array([s.call_s(s.host, fm, np.ones(1))[0] for fm in s.formats])
+        # every option against every per-token outcome of its (p, c, q): ragged pairs
+        keys, key_of = np.unique(np.stack([p, c, q], axis=1), axis=0, return_inverse=True)
+        key_of = key_of.ravel()
+        key, *outcome = st.outcome_table(layer, keys)  # [M] grouped by key
+        first = np.searchsorted(key, np.arange(len(keys)))  # [keys] first outcome of each key
+        per_opt = np.diff(np.append(first, len(key)))[key_of]  # [N] outcomes per option
+        opt = np.repeat(np.arange(len(specs)), per_opt)  # [pairs] the option of each pair
+        row = first[key_of][opt] + np.arange(len(opt)) - np.repeat(np.cumsum(per_opt) - per_opt, per_opt)
+        n_res, n_hit, n_miss, n_local, share = (v[row] for v in outcome)
+        *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]], t_dev1[bo[opt]],
+                                    t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0))
+        tau, tau_pf, U = (np.bincount(opt, weights=share * t, minlength=len(specs)) for t in (*times, cpu))
+    else:
+        tau, tau_pf = (_averaged_max(G, U, F, mode, r, pf) for pf in (False, True))
+    return OptionTable(p=p.copy(), q=q.copy(), b_res=bi.copy(), c=c.copy(), b_off=bo.copy(), home=hi.copy(),
+                       mode=mode.copy(), G=G, U=U, F=F, dev_bytes=dev_bytes, home_bytes=home_bytes, error=error,
+                       tau=tau, tau_prefetch=tau_pf)
 
 
-def _averaged_max(G: float, U: float, F: float, mode: str, r: float, prefetch: bool) -> float:
-    """Layer seconds per step from expected busy times: ``max(G + (1 - pi r) S, U, (1 - pi r) F + pi F)``.
+def _stalls(mode: np.ndarray) -> np.ndarray:
+    """``[N]`` whether the compute device waits for the option's fetches (fetch, stream)."""
+    return (mode == MODES.index("fetch")) | (mode == MODES.index("stream"))
+
+
+def _averaged_max(G: np.ndarray, U: np.ndarray, F: np.ndarray, mode: np.ndarray, r: float,
+                  prefetch: bool) -> np.ndarray:
+    """``[N]`` layer seconds per step from expected busy times: ``max(G + (1 - pi r) S, U, (1 - pi r) F + pi F)``.
 
     Right when a step holds many tokens (their work interleaves on every resource); at batch 1
     :func:`_expected_max` is used instead.
     """
+    streams = mode == MODES.index("stream")
     pi_r = r if prefetch else 0.0
-    stall = F if mode in ("fetch", "stream") else 0.0
-    link = (1 - pi_r) * F + (F if prefetch and mode != "stream" else 0.0)
-    return max(G + (1 - pi_r) * stall, U, link)
+    stall = np.where(_stalls(mode), F, 0.0)
+    link = (1 - pi_r) * F + (np.where(streams, 0.0, F) if prefetch else 0.0)
+    return np.maximum(np.maximum(G + (1 - pi_r) * stall, U), link)
 
 
-def _expected_max(outcomes: tuple[np.ndarray, ...], mode: str, t_res: float, t_off: float, t_cpu: float,
-                  x: float, n_off: int, r: float) -> tuple[float, float]:
-    """Expected seconds of one token's layer at batch 1, without and with prefetch.
+def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_local: np.ndarray, mode: np.ndarray,
+                  t_res: np.ndarray, t_off: np.ndarray, t_cpu: np.ndarray, x: np.ndarray, n_band: np.ndarray,
+                  r: float, ax: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seconds of one token's layer at batch 1 for one per-token outcome of one option, without
+    and with prefetch, and the CPU's busy seconds (all arguments and results ``[M]``, one entry
+    per (option, outcome) pair; the layer's expected time is their mean over the outcomes' shares).
 
     A token waits for the slowest resource it uses, so the layer lasts
-    ``E_t[max(device_t + stall_t, cpu_t, link_t)]``, not the max of the averages: an expert
-    the CPU runs for one token in ten still stalls that token. ``outcomes`` are the
-    workload's distinct (resident, hit, miss) counts per token with their shares
-    (:meth:`PlanningStats.token_outcomes`).
+    ``E_t[max(device_t, cpu_t, link_t)]``, not the max of the averages: an expert the CPU runs
+    for one token in ten still stalls that token. An outcome is a token's (resident, hit,
+    miss, local) expert counts (:meth:`PlanningStats.outcome_table`); ``t_*`` are one-token
+    call seconds, ``x`` the seconds of one fetch, ``n_band`` the band's experts (what
+    ``stream`` moves every step), ``ax`` the hidden state's round trip to the CPU.
+
+    The schedule is the runtime's (and the simulator's): after the router the device runs
+    the resident experts and the hits (``D0``) while the copy engine fetches the ``k`` misses
+    one after another, each run as soon as it has arrived and the device is free, so
+    ``device = max(D0 + k t, x + k t, k x + t)`` (``k >= 1``; the longest of the chains
+    "all device work first", "first fetch, then every miss" and "every fetch, then the last
+    miss"); streamed experts all arrive before the device starts (``n_band x + D``). The CPU
+    gets the token's hidden state once, runs its experts one after another and sends the
+    sum back: ``cpu = ax + n t_cpu`` when it runs any.
     """
-    n_res, n_hit, n_miss, share = outcomes
-    dev = n_res * t_res
-    if mode == "fetch":
-        dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, n_miss * x
-    elif mode == "local":
-        dev, cpu, miss_x = dev, n_miss * t_cpu, 0.0
-    elif mode == "hybrid":
-        dev, cpu, miss_x = dev + n_hit * t_off, n_miss * t_cpu, n_miss * x
-    else:  # stream: all offloaded experts cross the link every step, used or not
-        dev, cpu, miss_x = dev + (n_hit + n_miss) * t_off, 0.0, np.full(dev.shape, n_off * x)
-    stalls = mode in ("fetch", "stream")
-    out = []
-    for prefetch in (False, True):
-        pi_r = r if prefetch and mode != "stream" else 0.0
-        link = (1 - pi_r) * miss_x + (miss_x if prefetch and mode != "stream" else 0.0)
-        time = np.maximum(np.maximum(dev + (1 - pi_r) * (miss_x if stalls else 0.0), cpu), link)
-        out.append(float(np.dot(share, time)))
-    return out[0], out[1]
+    fetch, hybrid, stream = (mode == MODES.index(m) for m in ("fetch", "hybrid", "stream"))
+    on_dev = np.where(fetch | stream, n_hit + n_miss, np.where(hybrid, n_hit, 0))  # band calls on the device
+    dev = n_res * t_res + on_dev * t_off
+    n_cpu = n_local + np.where(hybrid, n_miss, 0)
+    cpu = n_cpu * t_cpu + np.where(n_cpu > 0, ax, 0.0)
+    miss_x = np.where(stream, n_band * x, np.where(fetch | hybrid, n_miss * x, 0.0))
+    stall = np.where(fetch | stream, miss_x, 0.0)
+    # fetch without prefetch: the misses' copies overlap the resident and hit experts
+    overlapped = np.maximum(np.maximum(dev, x + n_miss * t_off), n_miss * x + t_off)
+    dev_fetch = np.where(fetch & (n_miss > 0), overlapped, np.where(stream, dev + stall, dev))
+    out = [np.maximum(np.maximum(dev_fetch, cpu), miss_x)]
+    pi_r = np.where(stream, 0.0, r)  # with prefetch: streamed weights move every step anyway
+    link = (1 - pi_r) * miss_x + np.where(stream, 0.0, miss_x)
+    out.append(np.maximum(np.maximum(dev + (1 - pi_r) * stall, cpu), link))
+    return out[0], out[1], cpu
 
 
 def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> OptionTable:
     """The option grid of ``layer`` plus any ``extra`` specs (baselines), with their costs."""
     specs = option_specs(s, layer)
     if extra is not None and len(extra):
-        specs = np.unique(np.concatenate([specs, np.asarray(extra, dtype=np.int64).reshape(-1, 6)]), axis=0)
+        specs = np.unique(np.concatenate([specs, np.asarray(extra, dtype=np.int64).reshape(-1, N_SPEC)]), axis=0)
     return option_costs(s, layer, specs)
 
 

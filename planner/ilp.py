@@ -2,8 +2,9 @@
 
 Sets
     l in 0..L-1         MoE layers
-    w in Omega_l        options of layer l (planner.costs: the top-p experts resident at b_res,
-                        c cache slots, the rest at b_off in a home, executed by a mode)
+    w in Omega_l        options of layer l (planner.costs: by frequency rank, [0, p) resident at
+                        b_res; the rest at b_off in a home, of which [p, q) run by a mode through
+                        c cache slots and [q, E) on the CPU where they live)
     d in D              formats of the dense (non-expert) weights
     h in H              homes for offloaded experts: host DRAM, NVMe
 Parameters (planner.costs)
@@ -23,18 +24,45 @@ Constraints
     cap[device]: sum_lw x_lw dev_lw + sum_d y_d bytes_d <= usable device bytes
     cap[h]:      sum_{lw: home(w) = h} x_lw home_lw <= usable bytes of h
     quality:     sum_lw x_lw err_lw <= Q sum_le w_le,   sum_d y_d err_d <= Q
+    count[nvme]: sum_{lw: home(w) > 0} x_lw = n          (one part of the plans; see below)
 
 The per-resource max() of FlexGen lives inside tau_lw: each option's busiest resource sets
 its time. Solved twice, without and with next-layer prefetch; the faster plan wins.
 
 Structure makes it small. Experts with equal statistics need no variables of their own:
 within a layer the option says how many of the most frequent experts are resident, not
-which. And options another option beats or ties in every column (time, device bytes, home
-bytes, error) are dropped before the model is built (a dominated option is never needed
-for an optimum). Then reduced-cost fixing: the LP relaxation (a few fractional layers at
-most, one per coupling row) gives a bound LB and reduced costs d_lw; rounding it gives a
-feasible plan UB. An option with d_lw > UB - LB cannot appear in any plan better than UB,
-so it is left out of the MIP, which then starts from UB. Both steps are exact.
+which; the execution site of each offloaded rank (split q, mode) only changes tau_lw, so
+of the options that share memory and error (p, b_res, c, b_off, home) only the fastest
+enters the model. More generally, options another option beats or ties in every column
+(time, device bytes, home bytes, error) are dropped before the model is built (a dominated
+option is never needed for an optimum).
+
+Then reduced-cost fixing: the LP relaxation (a few fractional layers at most, one per
+coupling row) gives a bound LB and reduced costs d_lw; rounding it (then a greedy repair
+and a one-layer-at-a-time local search) gives a feasible plan UB, as may the warm start.
+An option with d_lw > UB - LB cannot appear in any plan better than UB, so it is left out
+of the MIP. If LB >= UB (1 - gap) no MIP is needed. The best plan known is never lost, but
+HiGHS is not handed it as a MIP start: from a start it tends to search around it and can
+miss, for minutes, a gap it closes in a second without one.
+
+Lumpy homes. A layer's offloaded experts share one home, so when host DRAM cannot hold
+every layer's, the LP relaxation homes a fraction of one layer on NVMe; rounding that
+layer can cost more than the gap (2% for Mixtral on the 8 GB laptop at the int8 budget),
+and branching on single options closes such a gap slowly. Unless the MIP over all plans
+closes its gap within a short try, the plans are then split by the number n of layers homed
+past DRAM, each part a MIP of its own with
+
+    count[nvme]: sum_{lw: home(w) > 0} x_lw = n
+
+The LP bound LB(n) is convex in n and least at the relaxation's own (fractional) count, so
+the parts worth solving (LB(n) < UB (1 - gap)) are found by walking out from it; the parts
+cover every plan, so the answer is exact, and the bound is the least over the parts.
+
+HiGHS's time to close a gap is heavy-tailed in its random seed (one part of the laptop
+case: 0.6 s with one seed, over two minutes with another), so each MIP runs as restarts with
+growing node limits and a new seed each (see solve); node limits, unlike time limits, give
+the same plan on any machine. Times enter the solvers in units of the fastest conceivable
+step, so that their absolute tolerances (1e-7) sit far below the differences between plans.
 """
 
 from __future__ import annotations
@@ -51,6 +79,15 @@ from profiles.units import format_size
 from .costs import FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_time
 
 __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "explain_infeasible"]
+
+# HiGHS restarts: the first stops after _FIRST_TRY_NODES nodes, each next one, with the next
+# seed, after twice as many; after _RESTARTS of them one runs without a node limit. Where the
+# plans can be split by count[nvme], the MIP over all of them gets one try of
+# _GLOBAL_TRY_NODES nodes first (those that close their gap at all need 1-15 on the
+# benchmark's cases).
+_FIRST_TRY_NODES = 64
+_RESTARTS = 5
+_GLOBAL_TRY_NODES = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,17 +129,27 @@ class SolveResult:
 def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
     """Rows of options that no other option (same home) beats or ties in every column."""
     cols = np.stack([tau, t.dev_bytes, t.home_bytes, t.error], axis=1)  # [N, 4]
-    keep: list[int] = []
+    # 1. options with the same memory and error (they differ in split and mode): the fastest
+    #    (then the first row) stands for them all, found by one sort instead of the loop below
+    by_use = np.lexsort((np.arange(len(tau)), tau, t.error, t.home_bytes, t.dev_bytes, t.home))
+    use = np.stack([t.home, t.dev_bytes, t.home_bytes, t.error], axis=1)[by_use]
+    first = np.concatenate([[True], (use[1:] != use[:-1]).any(axis=1)]) if len(tau) else np.zeros(0, bool)
+    fastest = by_use[first]
+    # 2. the pareto front of those, per home: sorted, a dominator comes before what it
+    #    dominates, so a row stays iff no earlier row beats or ties it in every column
+    keep: list[np.ndarray] = []
     for home in np.unique(t.home):
-        rows = np.flatnonzero(t.home == home)
-        rows = rows[np.lexsort(cols[rows].T[::-1])]  # sorted: a dominator comes before what it dominates
-        kept: list[int] = []
-        for i in rows:
-            if kept and (cols[kept] <= cols[i] * (1 + 1e-12) + 1e-15).all(axis=1).any():
-                continue
-            kept.append(i)
-        keep += kept
-    return np.array(sorted(keep), dtype=int)
+        rows = fastest[t.home[fastest] == home]
+        rows = rows[np.lexsort(cols[rows].T[::-1])]
+        c = cols[rows]  # [n, 4]
+        dominated = np.zeros(len(rows), bool)
+        for i0 in range(0, len(rows), 512):  # [512, n, 4] comparisons at a time
+            i1 = min(i0 + 512, len(rows))
+            covers = (c[None, :, :] <= c[i0:i1, None, :] * (1 + 1e-12) + 1e-15).all(axis=2)  # [i, j]: j covers i
+            earlier = np.arange(len(rows))[None, :] < np.arange(i0, i1)[:, None]
+            dominated[i0:i1] = (covers & earlier).any(axis=1)
+        keep.append(rows[~dominated])
+    return np.sort(np.concatenate(keep)).astype(int) if keep else np.zeros(0, int)
 
 
 def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray] | None = None) -> Problem:
@@ -117,19 +164,16 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
                    quality_budget=quality_budget, importance_total=float(s.stats.importance.sum()))
 
 
-class _WarmHiGHS(pulp.HiGHS):
-    """PuLP's HiGHS interface, plus a warm start from the variables' initial values."""
+class _HiGHS(pulp.HiGHS):
+    """PuLP's HiGHS interface; a node limit (a status PuLP does not know) ends like a time limit."""
 
-    def callSolver(self, lp):  # noqa: N802 (PuLP's name)
-        import highspy
-
-        values = [v.varValue if v.varValue is not None else 0.0 for v in lp.variables()]
-        if any(values):
-            sol = highspy.HighsSolution()
-            sol.col_value = values
-            sol.value_valid = True
-            lp.solverModel.setSolution(sol)
-        lp.solverModel.run()
+    def findSolutionValues(self, lp):  # noqa: N802 (PuLP's name)
+        try:
+            return super().findSolutionValues(lp)
+        except KeyError:  # HighsModelStatus.kSolutionLimit: values are assigned, only the status is new
+            if lp.solverModel.getInfo().primal_solution_status == 2:  # a feasible plan was found
+                return pulp.LpStatusOptimal, pulp.LpSolutionIntegerFeasible
+            return pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound
 
 
 def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit_s: float = 30.0,
@@ -140,29 +184,121 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         problem: from :func:`build_problem`.
         prefetch: model next-layer prefetch (predictability from the workload) or none.
         solver: ``highs`` (default) or ``cbc``.
-        time_limit_s: solver time limit in seconds.
+        time_limit_s: time limit of each MIP in seconds (parts not started by then are left
+            to their LP bounds).
         gap: relative optimality gap at which the solver may stop.
         warm: ``(choice, dense_format)`` of a feasible plan (a baseline) to start from.
 
     Raises:
         InfeasibleError: nothing fits; names the binding resource, the shortfall and a way out.
     """
-    s = problem.setup
+    if solver not in ("highs", "cbc"):
+        raise ValueError(f"unknown solver {solver!r}")
+    deadline = time.perf_counter() + time_limit_s
     times = problem.times(prefetch)
     fronts = [pareto_front(tau, t) for tau, t in zip(times, problem.tables)]
-    fronts, incumbent = _reduce_by_lp(problem, times, fronts, warm)
-    if warm is None or (incumbent is not None and incumbent[2] < _objective(problem, times, *warm)):
-        warm = incumbent[:2] if incumbent is not None else warm
+    best = None  # (choice, dense format, seconds): the best feasible plan known
+    if warm is not None and _feasible(problem, *warm):
+        best = (tuple(int(w) for w in warm[0]), warm[1], _objective(problem, times, *warm))
+    relaxer = _Relaxer(problem, times, fronts)
+    relax = relaxer.solve()
+    if relax is not None:
+        best = _best_of(best, relaxer.round(times, relax))
+    sizes: list[tuple[int, int]] = []  # (variables, constraints) of each MIP solved
+    mip_s: list[float] = []
+
+    def solve_part(count: int | None, part: _Relaxation | None, first_try_only: bool = False) -> float:
+        """MIP over the plans with count[nvme] = ``count`` (None: all); returns its lower bound.
+
+        HiGHS's time to close a gap is heavy-tailed in its random seed (the same part: 0.6 s
+        with one seed, minutes with another), so it runs as restarts: seed k stops after
+        64 * 2^k nodes, until the gap closes; the last restart has no node limit. Node
+        limits, unlike time limits, give the same answer on any machine.
+        """
+        nonlocal best
+        if part is not None and best is not None and part.lower_s >= best[2] * (1 - gap):
+            return part.lower_s  # the LP bound alone says no plan here improves by more than the gap
+        bound = part.lower_s if part is not None else -np.inf
+        kept = fronts if part is None or best is None else relaxer.fix(part, best[2])
+        # HiGHS is not handed the best plan as its start: from a start it tends to search around
+        # it and may not close a gap it closes in a second without (the best plan is kept anyway)
+        start = best[:2] if best is not None and solver == "cbc" else None
+        for restart in range(_RESTARTS + 1):
+            if time.perf_counter() >= deadline:
+                break
+            limited = solver == "highs" and (first_try_only or restart < _RESTARTS)
+            # each MIP gets the whole time limit: one that shrank with the wall clock would steer
+            # the search differently from run to run (plans must not depend on the machine's load)
+            nodes = _GLOBAL_TRY_NODES if first_try_only else _FIRST_TRY_NODES * 2 ** restart
+            mip = _mip(problem, times, kept, start, count, solver, time_limit_s, gap, nodes if limited else None,
+                       seed=restart)
+            sizes.append((mip.variables, mip.constraints))
+            mip_s.append(mip.solve_s)
+            if mip.infeasible:
+                if count is None:
+                    raise explain_infeasible(problem)
+                return np.inf  # no plan has this count
+            if mip.choice is None and best is None and not limited:
+                raise InfeasibleError(f"the {solver} solver stopped with status {mip.status!r} and no plan within "
+                                      f"{time_limit_s:g} s; raise --time-limit")
+            if mip.choice is not None and _feasible(problem, mip.choice, mip.dense_format):
+                best = _best_of(best, [(mip.choice, mip.dense_format)], problem, times)
+            bound = max(bound, mip.bound_s if mip.bound_s is not None else best[2])
+            if not limited or first_try_only or (best is not None and bound >= best[2] * (1 - gap)):
+                break
+        return bound
+
+    # a layer split between homes in the LP: the MIP over all plans gets a short try (a fixed
+    # number of nodes, so the outcome does not depend on the machine), then the parts by
+    # count[nvme] take over (see the module docstring)
+    lumpy = solver == "highs" and relax is not None and best is not None and relax.spill_fractional
+    bound = solve_part(None, relax, first_try_only=lumpy)
+    if lumpy and bound < best[2] * (1 - gap):
+        parts = relaxer.count_parts(relax, best[2] * (1 - gap))
+        best = _best_of(best, [plan for _, part in parts for plan in relaxer.round(times, part)])
+        # the parts cover every plan (beyond the last one walked to, LB(n) only grows)
+        bound = max(bound, min(solve_part(count, part) for count, part in sorted(parts, key=lambda cp: cp[1].lower_s)))
+    objective = best[2]
+    bound = min(bound, objective)
+    rel_gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
+    if not sizes:  # the LP bound certified the plan: report the model it would have been
+        kept = relaxer.fix(relax, objective)
+        sizes.append((sum(len(k) for k in kept) + len(problem.fixed), len(kept) + relaxer.count_row))
+    variables, constraints = max(sizes)
+    return SolveResult(choice=best[0], dense_format=best[1], prefetch=prefetch, objective_s=objective,
+                       status="optimal" if rel_gap <= gap + 1e-9 else "time limit", bound_s=bound, gap=rel_gap,
+                       solve_s=sum(mip_s), variables=variables, constraints=constraints, solver=solver)
+
+
+@dataclass(frozen=True)
+class _MipResult:
+    choice: tuple[int, ...] | None  # None: no plan found
+    dense_format: str | None
+    status: str
+    infeasible: bool  # no plan at all
+    bound_s: float | None  # the solver's proven lower bound
+    solve_s: float
+    variables: int
+    constraints: int
+
+
+def _mip(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
+         warm: tuple[tuple[int, ...], str] | None, count: int | None, solver: str, time_limit_s: float,
+         gap: float, max_nodes: int | None = None, seed: int = 0) -> _MipResult:
+    """The ILP of the module docstring over the options ``fronts`` (plus count[nvme] = ``count``
+    when given), started from ``warm`` when given; HiGHS stops after ``max_nodes`` nodes."""
+    s = problem.setup
     if warm is not None:  # the warm start's options must be in the model
         fronts = [np.union1d(f, [w]) for f, w in zip(fronts, warm[0])]
-
     prob = pulp.LpProblem("moe_placement", pulp.LpMinimize)
     x = [{int(w): prob.add_variable(f"x_{l}_{w}", cat="Binary") for w in front} for l, front in enumerate(fronts)]
     y = {fm: prob.add_variable(f"y_{fm}", cat="Binary") for fm in problem.fixed}
 
-    # min sum_lw x_lw tau_lw + sum_d y_d dense_d
-    prob += (pulp.lpSum(v * float(times[l][w]) for l, xl in enumerate(x) for w, v in xl.items())
-             + pulp.lpSum(y[fm] * fc.dense_s for fm, fc in problem.fixed.items()))
+    # min sum_lw x_lw tau_lw + sum_d y_d dense_d, in units of `unit` so that the solver's absolute
+    # tolerances (about 1e-7) are far below the differences that matter
+    unit = _time_unit(problem, times, fronts)
+    prob += (pulp.lpSum(v * float(times[l][w] / unit) for l, xl in enumerate(x) for w, v in xl.items())
+             + pulp.lpSum(y[fm] * (fc.dense_s / unit) for fm, fc in problem.fixed.items()))
     for l, xl in enumerate(x):
         # one[l]: sum_w x_lw = 1
         prob += pulp.lpSum(xl.values()) == 1, f"one[{l}]"
@@ -184,6 +320,10 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
                  <= problem.quality_budget * problem.importance_total), "quality"
         prob += pulp.lpSum(y[fm] * fc.error for fm, fc in problem.fixed.items()) <= problem.quality_budget, \
             "quality_dense"
+    if count is not None:
+        # count[nvme]: sum_{lw: home(w) past DRAM} x_lw = n   (one part of the plans, see the docstring)
+        prob += pulp.lpSum(v for l, xl in enumerate(x) for w, v in xl.items()
+                           if _spills(problem.tables[l], w)) == count, "count[nvme]"
 
     if warm is not None:
         for l, w in enumerate(warm[0]):
@@ -191,41 +331,67 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         y[warm[1]].setInitialValue(1)
 
     if solver == "highs":
-        # objectives are seconds (1e-4 .. 1e1): HiGHS's default absolute gap (1e-6) would end the
-        # search early on small models, so only the relative gap may stop it
-        engine = _WarmHiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15, threads=1, random_seed=0)
-    elif solver == "cbc":
-        engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15,
-                                   warmStart=warm is not None, threads=1, options=["randomSeed 0"])
+        # only the relative gap may stop the search (HiGHS's default absolute gap is 1e-6)
+        nodes = {} if max_nodes is None else {"mip_max_nodes": int(max_nodes)}
+        engine = _HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15, threads=1, random_seed=seed,
+                        **nodes)
     else:
-        raise ValueError(f"unknown solver {solver!r}")
+        engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15,
+                                   warmStart=warm is not None, threads=1, options=[f"randomSeed {seed}"])
     start = time.perf_counter()
     prob.solve(engine)
     elapsed = time.perf_counter() - start
     status = pulp.LpStatus[prob.status]
-    if status != "Optimal":
-        if status == "Infeasible":
-            raise explain_infeasible(problem)
-        raise InfeasibleError(f"the {solver} solver stopped with status {status!r} and no plan within "
-                              f"{time_limit_s:g} s; raise --time-limit")
+    sizes = {"solve_s": elapsed, "variables": len(prob.variables()), "constraints": prob.numConstraints()}
+    bound, found = None, status == "Optimal"  # PuLP says Optimal for any plan found, time limit or not
+    if solver == "highs":
+        import highspy
+
+        model_status = prob.solverModel.getModelStatus()
+        info = prob.solverModel.getInfo()
+        empty = model_status == highspy.HighsModelStatus.kInfeasible
+        found = not empty and info.primal_solution_status == 2  # kSolutionStatusFeasible
+        status = "Infeasible" if empty else status
+        bound = None if empty else float(info.mip_dual_bound) * unit
+    if not found:
+        return _MipResult(choice=None, dense_format=None, status=status, infeasible=status == "Infeasible",
+                          bound_s=bound, **sizes)
     choice = tuple(max(xl, key=lambda w: xl[w].varValue or 0.0) for xl in x)
     dense_fm = max(y, key=lambda fm: y[fm].varValue or 0.0)
-    objective = _objective(problem, times, choice, dense_fm)
-    if incumbent is not None and incumbent[2] < objective:  # a solver stop never loses a known better plan
-        choice, dense_fm, objective = incumbent
-    bound, rel_gap = objective, 0.0
-    if solver == "highs":
-        info = prob.solverModel.getInfo()
-        bound = float(info.mip_dual_bound)
-        rel_gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
-    return SolveResult(choice=choice, dense_format=dense_fm, prefetch=prefetch, objective_s=objective,
-                       status="optimal" if rel_gap <= gap + 1e-9 else "time limit", bound_s=bound, gap=rel_gap,
-                       solve_s=elapsed, variables=len(prob.variables()), constraints=prob.numConstraints(),
-                       solver=solver)
+    return _MipResult(choice=choice, dense_format=dense_fm, status=status, infeasible=False, bound_s=bound, **sizes)
+
+
+def _time_unit(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray]) -> float:
+    """Seconds of the fastest conceivable step (every layer at its fastest option): the unit
+    the solvers see times in."""
+    fastest = sum(float(times[l][f].min()) for l, f in enumerate(fronts) if len(f))
+    return max(fastest + min(fc.dense_s for fc in problem.fixed.values()), 1e-12)
 
 
 def _objective(problem: Problem, times: list[np.ndarray], choice: tuple[int, ...], dense_fm: str) -> float:
     return float(sum(times[l][w] for l, w in enumerate(choice)) + problem.fixed[dense_fm].dense_s)
+
+
+def _best_of(best: tuple | None, plans: list[tuple], problem: Problem | None = None,
+             times: list[np.ndarray] | None = None) -> tuple | None:
+    """The fastest of ``best`` and ``plans``: ``(choice, dense, seconds)`` triples, or pairs that
+    get their seconds from ``times`` (those must be feasible)."""
+    for plan in plans:
+        if len(plan) == 2:
+            plan = (tuple(int(w) for w in plan[0]), plan[1], _objective(problem, times, *plan))
+        if best is None or plan[2] < best[2]:
+            best = plan
+    return best
+
+
+def _spills(t: OptionTable, w: int) -> bool:
+    """Whether option w keeps offloaded experts in a home past the first (NVMe past host DRAM)."""
+    return bool(t.home[w] > 0 and t.home_bytes[w] > 0)
+
+
+def _spilled(problem: Problem, choice: tuple[int, ...]) -> int:
+    """How many layers of a plan keep offloaded experts past the first home."""
+    return sum(_spills(t, w) for t, w in zip(problem.tables, choice))
 
 
 def _feasible(problem: Problem, choice: tuple[int, ...], dense_fm: str) -> bool:
@@ -255,16 +421,20 @@ def _usage(problem: Problem, l: int, options: np.ndarray) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def _limits(problem: Problem, dense_fm: str) -> np.ndarray:
+    """``[R]`` what the layers may put in each coupling row next to dense weights at ``dense_fm``."""
+    return np.array([problem.caps[problem.device_mem] - problem.dense_total_bytes(dense_fm)]
+                    + [problem.caps[h] for h in problem.setup.homes]
+                    + [problem.quality_budget * problem.importance_total if problem.quality_budget is not None
+                       else np.inf])
+
+
 def _repair(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray], choice: list[int],
             dense_fm: str) -> list[int] | None:
     """Greedy repair of a rounded LP solution: while a coupling row is over its limit, make
     the single-layer switch that removes the most excess per second of added time without
     pushing another row over. Returns None if it gets stuck."""
-    s = problem.setup
-    limit = np.array([problem.caps[problem.device_mem] - problem.dense_total_bytes(dense_fm)]
-                     + [problem.caps[h] for h in s.homes]
-                     + [problem.quality_budget * problem.importance_total if problem.quality_budget is not None
-                        else np.inf])
+    limit = _limits(problem, dense_fm)
     usage = [_usage(problem, l, fronts[l]) for l in range(len(fronts))]
     pos = [int(np.flatnonzero(fronts[l] == w)[0]) for l, w in enumerate(choice)]
     choice = list(choice)
@@ -295,91 +465,162 @@ def _repair(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
     return None
 
 
-def _reduce_by_lp(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
-                  warm: tuple[tuple[int, ...], str] | None
-                  ) -> tuple[list[np.ndarray], tuple[tuple[int, ...], str, float] | None]:
-    """Reduced-cost fixing from the LP relaxation (see the module docstring).
+def _improve(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray], choice: list[int],
+             dense_fm: str) -> list[int]:
+    """Local search from a feasible plan: switch the one layer whose fastest option that still
+    fits next to the other layers' use of every coupling row saves the most; until none does."""
+    limit = _limits(problem, dense_fm) * (1 + 1e-12)
+    usage = [_usage(problem, l, fronts[l]) for l in range(len(fronts))]
+    tau = [times[l][fronts[l]] for l in range(len(fronts))]
+    pos = [int(np.flatnonzero(fronts[l] == w)[0]) for l, w in enumerate(choice)]
+    for _ in range(4 * len(fronts)):
+        used = sum(usage[l][pos[l]] for l in range(len(fronts)))
+        best = (1e-15, None)  # (seconds saved, layer, option)
+        for l in range(len(fronts)):
+            room = limit - (used - usage[l][pos[l]])  # [R] what layer l may use
+            saved = np.where((usage[l] <= room).all(axis=1), tau[l][pos[l]] - tau[l], -np.inf)
+            j = int(np.argmax(saved))
+            if saved[j] > best[0]:
+                best = (float(saved[j]), (l, j))
+        if best[1] is None:
+            break
+        l, j = best[1]
+        pos[l] = j
+    return [int(fronts[l][pos[l]]) for l in range(len(fronts))]
 
-    Returns the options to keep per layer and the best feasible plan known
-    ``(choice, dense_format, seconds)``, or the fronts unchanged if no plan is known.
-    """
-    import highspy
 
-    s, tables = problem.setup, problem.tables
-    fmts = list(problem.fixed)
-    # columns: every front option of every layer, then one per dense format
-    col_layer = np.concatenate([np.full(len(f), l) for l, f in enumerate(fronts)])
-    col_opt = np.concatenate(fronts)
-    n_x, L = len(col_opt), len(fronts)
-    cost = np.concatenate([np.concatenate([times[l][f] for l, f in enumerate(fronts)]),
-                           [problem.fixed[fm].dense_s for fm in fmts]])
-    rows: list[tuple[float, float, dict[int, float]]] = []  # (lower, upper, {col: coef})
-    for l in range(L):
-        rows.append((1.0, 1.0, {int(j): 1.0 for j in np.flatnonzero(col_layer == l)}))
-    rows.append((1.0, 1.0, {n_x + d: 1.0 for d in range(len(fmts))}))
+@dataclass(frozen=True, eq=False)
+class _Relaxation:
+    """The LP relaxation's answer for all plans or for one part (a fixed count[nvme])."""
 
-    def column_values(attr: str) -> np.ndarray:
-        return np.array([getattr(tables[l], attr)[w] for l, w in zip(col_layer, col_opt)], dtype=float)
+    lower_s: float  # LB: no plan of the part is faster
+    x: np.ndarray  # [n_x + D] LP values: the front options of every layer, then one per dense format
+    reduced: np.ndarray  # [n_x] reduced cost of every front option
+    weight: np.ndarray  # [n_x] what each option puts in the coupling rows, priced by their duals
+    spilled: float  # sum of x over options homed past the first home
 
-    dev = column_values("dev_bytes")
-    cap_rows = [(np.concatenate([dev, [problem.dense_total_bytes(fm) for fm in fmts]]),
-                 problem.caps[problem.device_mem])]
-    home_idx = column_values("home")
-    home_b = column_values("home_bytes")
-    for hi, home in enumerate(s.homes):
-        cap_rows.append((np.concatenate([np.where(home_idx == hi, home_b, 0.0), np.zeros(len(fmts))]),
-                         problem.caps[home]))
-    if problem.quality_budget is not None:
-        cap_rows.append((np.concatenate([column_values("error"), np.zeros(len(fmts))]),
-                         problem.quality_budget * problem.importance_total))
-        cap_rows.append((np.concatenate([np.zeros(n_x), [problem.fixed[fm].error for fm in fmts]]),
-                         problem.quality_budget))
-    for coefs, upper in cap_rows:
-        rows.append((-highspy.kHighsInf, float(upper), {int(j): float(coefs[j]) for j in np.flatnonzero(coefs)}))
+    @property
+    def spill_fractional(self) -> bool:
+        return abs(self.spilled - round(self.spilled)) > 1e-6
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    n = len(cost)
-    h.addCols(n, cost, np.zeros(n), np.ones(n), 0, np.array([], np.int32), np.array([], np.int32), np.array([]))
-    for lower, upper, coefs in rows:
-        idx = np.fromiter(coefs.keys(), np.int32, len(coefs))
-        h.addRow(lower, upper, len(idx), idx, np.fromiter(coefs.values(), float, len(coefs)))
-    h.run()
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        return fronts, None  # infeasible or odd: let the MIP say so
-    sol = h.getSolution()
-    x = np.asarray(sol.col_value)
-    reduced = np.asarray(sol.col_dual)
-    lower_bound = float(h.getInfo().objective_function_value)
 
-    # incumbent: the warm start, or the LP rounded layer by layer (lighter support option
-    # first, so capacities stay met), whichever is better
-    known = None
-    if warm is not None and _feasible(problem, *warm):
-        known = (tuple(int(w) for w in warm[0]), warm[1], _objective(problem, times, *warm))
-    row_weight = np.abs(np.asarray(sol.row_dual)[L + 1:])
-    weight = sum(wgt * coefs[:n_x] for wgt, (coefs, _) in zip(row_weight, cap_rows))
-    for pick in ("max", "light"):
-        choice = []
-        for l in range(L):
-            cols = np.flatnonzero(col_layer == l)
-            support = cols[x[cols] > 1e-7]
-            j = support[np.argmax(x[support])] if pick == "max" else support[np.argmin(weight[support] + 0 * cost[support])]
-            choice.append(int(col_opt[j]))
-        dense_fm = fmts[int(np.argmax(x[n_x:]))]
-        if pick == "light":
-            dense_fm = min((fm for d, fm in enumerate(fmts) if x[n_x + d] > 1e-7), key=problem.dense_total_bytes)
-        choice = _repair(problem, times, fronts, choice, dense_fm)
-        if choice is not None and _feasible(problem, tuple(choice), dense_fm):
-            obj = _objective(problem, times, tuple(choice), dense_fm)
-            if known is None or obj < known[2]:
-                known = (tuple(choice), dense_fm, obj)
-    if known is None:
-        return fronts, None
-    slack = known[2] - lower_bound + 1e-9 * abs(known[2])
-    keep = reduced[:n_x] <= slack
-    kept = [np.sort(col_opt[(col_layer == l) & keep]) for l in range(L)]
-    return kept, known
+class _Relaxer:
+    """The LP relaxation of the ILP over the front options, built once and re-solved (warm) for
+    each count[nvme] a part fixes."""
+
+    def __init__(self, problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray]):
+        import highspy
+
+        s, tables = problem.setup, problem.tables
+        self.problem, self.fronts = problem, fronts
+        self.fmts = list(problem.fixed)
+        # columns: every front option of every layer, then one per dense format
+        self.col_layer = np.concatenate([np.full(len(f), l) for l, f in enumerate(fronts)]).astype(int)
+        self.col_opt = np.concatenate(fronts).astype(int)
+        n_x, L = len(self.col_opt), len(fronts)
+        self.n_x = n_x
+        self.unit = _time_unit(problem, times, fronts)  # costs in this unit: O(1), far above the tolerances
+        cost = np.concatenate([np.concatenate([times[l][f] for l, f in enumerate(fronts)]),
+                               [problem.fixed[fm].dense_s for fm in self.fmts]]) / self.unit
+
+        def column_values(attr: str) -> np.ndarray:
+            return np.concatenate([getattr(tables[l], attr)[f] for l, f in enumerate(fronts)]).astype(float)
+
+        nothing = np.zeros(len(self.fmts))
+        cap_rows = [(np.concatenate([column_values("dev_bytes"), [problem.dense_total_bytes(fm) for fm in self.fmts]]),
+                     problem.caps[problem.device_mem])]
+        home_idx, home_b = column_values("home"), column_values("home_bytes")
+        for hi, home in enumerate(s.homes):
+            cap_rows.append((np.concatenate([np.where(home_idx == hi, home_b, 0.0), nothing]), problem.caps[home]))
+        if problem.quality_budget is not None:
+            cap_rows.append((np.concatenate([column_values("error"), nothing]),
+                             problem.quality_budget * problem.importance_total))
+            cap_rows.append((np.concatenate([np.zeros(n_x), [problem.fixed[fm].error for fm in self.fmts]]),
+                             problem.quality_budget))
+        self.cap_coefs = [c[:n_x] for c, _ in cap_rows]
+        self.spills = np.concatenate([[_spills(tables[l], w) for w in f] for l, f in enumerate(fronts)]).astype(float)
+
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        n = len(cost)
+        h.addCols(n, cost, np.zeros(n), np.ones(n), 0, np.array([], np.int32), np.array([], np.int32), np.array([]))
+        starts = np.searchsorted(self.col_layer, np.arange(L + 1))
+        for l in range(L):  # one[l]
+            idx = np.arange(starts[l], starts[l + 1], dtype=np.int32)
+            h.addRow(1.0, 1.0, len(idx), idx, np.ones(len(idx)))
+        idx = np.arange(n_x, n, dtype=np.int32)  # dense
+        h.addRow(1.0, 1.0, len(idx), idx, np.ones(len(idx)))
+        for coefs, upper in cap_rows:
+            idx = np.flatnonzero(coefs).astype(np.int32)
+            h.addRow(-highspy.kHighsInf, float(upper), len(idx), idx, coefs[idx])
+        idx = np.flatnonzero(self.spills).astype(np.int32)  # count[nvme], free unless a part fixes it
+        h.addRow(-highspy.kHighsInf, highspy.kHighsInf, len(idx), idx, np.ones(len(idx)))
+        self.highs, self.first_cap_row, self.count_row = h, L + 1, L + 1 + len(cap_rows)
+
+    def solve(self, count: int | None = None) -> _Relaxation | None:
+        """The relaxation with count[nvme] = ``count`` (None: free); None when it is infeasible."""
+        import highspy
+
+        h = self.highs
+        inf = highspy.kHighsInf
+        h.changeRowBounds(self.count_row, -inf if count is None else float(count), inf if count is None else float(count))
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None  # infeasible or odd: the MIP will say
+        sol = h.getSolution()
+        x = np.asarray(sol.col_value)
+        duals = np.abs(np.asarray(sol.row_dual)[self.first_cap_row:self.count_row])
+        weight = sum((d * c for d, c in zip(duals, self.cap_coefs)), np.zeros(self.n_x))
+        return _Relaxation(lower_s=float(h.getInfo().objective_function_value) * self.unit, x=x,
+                           reduced=np.asarray(sol.col_dual)[:self.n_x] * self.unit, weight=weight,
+                           spilled=float(self.spills @ x[:self.n_x]))
+
+    def round(self, times: list[np.ndarray], relax: _Relaxation) -> list[tuple]:
+        """Feasible plans ``(choice, dense, seconds)`` from the relaxation: each layer takes its
+        largest LP value, or its lightest option in the LP's support (so capacities stay met);
+        then :func:`_repair` and :func:`_improve`."""
+        problem, fronts, x = self.problem, self.fronts, relax.x
+        out = []
+        for pick in ("max", "light"):
+            choice = []
+            for l in range(len(fronts)):
+                cols = np.flatnonzero(self.col_layer == l)
+                support = cols[x[cols] > 1e-7]
+                j = support[np.argmax(x[support])] if pick == "max" else support[np.argmin(relax.weight[support])]
+                choice.append(int(self.col_opt[j]))
+            in_lp = [fm for d, fm in enumerate(self.fmts) if x[self.n_x + d] > 1e-7]
+            dense_fm = (self.fmts[int(np.argmax(x[self.n_x:]))] if pick == "max"
+                        else min(in_lp, key=problem.dense_total_bytes))
+            choice = _repair(problem, times, fronts, choice, dense_fm)
+            if choice is not None and _feasible(problem, tuple(choice), dense_fm):
+                choice = tuple(_improve(problem, times, fronts, choice, dense_fm))
+                out.append((choice, dense_fm, _objective(problem, times, choice, dense_fm)))
+        return out
+
+    def fix(self, relax: _Relaxation, upper_s: float) -> list[np.ndarray]:
+        """Reduced-cost fixing: the front options that may still be in a plan faster than
+        ``upper_s`` (reduced cost within UB - LB)."""
+        slack = upper_s - relax.lower_s + 1e-9 * abs(upper_s)
+        keep = relax.reduced <= slack
+        return [np.sort(self.col_opt[(self.col_layer == l) & keep]) for l in range(len(self.fronts))]
+
+    def count_parts(self, relax: _Relaxation, cutoff_s: float) -> list[tuple[int, _Relaxation]]:
+        """The parts count[nvme] = n worth a MIP: LB(n) is convex in n and least at the
+        relaxation's own count, so walk out from it both ways until LB(n) reaches the cutoff
+        (that part is kept: its LB is the bound of all beyond) or the part is infeasible."""
+        parts = []
+        low = int(np.floor(relax.spilled))
+        for direction, first in ((-1, low), (1, low + 1)):
+            n = first
+            while 0 <= n <= len(self.fronts):
+                part = self.solve(n)
+                if part is None:
+                    break
+                parts.append((n, part))
+                if part.lower_s >= cutoff_s:
+                    break
+                n += direction
+        return parts
 
 
 def explain_infeasible(problem: Problem) -> InfeasibleError:

@@ -19,7 +19,7 @@ from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINES, Baseline
-from .costs import DEFAULT_FORMATS, MODES, QUANT_ERROR, Setup, fixed_costs, option_costs, step_time
+from .costs import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, fixed_costs, option_costs, step_time
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
 from .workload_view import PlanningStats, planning_stats
@@ -142,7 +142,7 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
                    critical=req.critical, quant_error=req.quant_error)
     candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])]
     L = stats.num_layers
-    extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, 6) for l in range(L)]
+    extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
     problem = build_problem(s, budget, extra)
     t_build = time.perf_counter()
     scored = _score_baselines(problem, candidates)
@@ -181,8 +181,8 @@ def _score_baselines(problem: Problem, candidates: list[Baseline]) -> dict[str, 
         choice = []
         for l, spec in enumerate(b.specs):
             t = problem.tables[l]
-            match = np.flatnonzero((t.p == spec[0]) & (t.b_res == spec[1]) & (t.c == spec[2]) & (t.b_off == spec[3])
-                                   & (t.home == spec[4]) & (t.mode == spec[5]))
+            match = np.flatnonzero((t.p == spec[0]) & (t.q == spec[1]) & (t.b_res == spec[2]) & (t.c == spec[3])
+                                   & (t.b_off == spec[4]) & (t.home == spec[5]) & (t.mode == spec[6]))
             choice.append(int(match[0]))
         choice = tuple(choice)
         if not _feasible(problem, choice, b.dense_format):
@@ -221,23 +221,27 @@ def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats) -> Optimi
 
 def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, solver: SolverInfo,
                   req: OptimizeRequest, inputs: Inputs, budget: float, notes: tuple[str, ...] = ()) -> Plan:
-    """Expand one option per layer into per-expert decisions and predicted metrics."""
+    """Expand one option per layer into per-expert decisions and predicted metrics.
+
+    By frequency rank r within the layer: r < p resident; p <= r < q offloaded and run by the
+    option's mode (fetch, hybrid, stream); r >= q offloaded and computed where it lives (local).
+    """
     s, st = problem.setup, problem.setup.stats
     dev_mem = problem.device_mem
     layers = []
     mem = {m: dict(expert_bytes=0.0, cache_bytes=0.0) for m in problem.caps}
     for l, w in enumerate(choice):
         t = problem.tables[l]
-        p, c = int(t.p[w]), int(t.c[w])
+        p, q, c = int(t.p[w]), int(t.q[w]), int(t.c[w])
         br, bo = s.formats[t.b_res[w]], s.formats[t.b_off[w]]
         home = s.homes[t.home[w]] if s.homes else dev_mem
-        site_off = MODES[t.mode[w]]  # fetch, local, hybrid or stream
+        band_site = MODES[t.mode[w]]  # fetch, hybrid or stream (local: the band is empty)
         homes, fmts, sites = [None] * st.num_experts, [None] * st.num_experts, [None] * st.num_experts
         for rank, e in enumerate(st.order[l]):
             if rank < p:
                 homes[e], fmts[e], sites[e] = dev_mem, br, "resident"
             else:
-                homes[e], fmts[e], sites[e] = home, bo, site_off
+                homes[e], fmts[e], sites[e] = home, bo, band_site if rank < q else "local"
         layers.append(LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=tuple(homes),
                                 format=tuple(fmts), site=tuple(sites), cache_slots=c,
                                 cache_device=s.compute.id if c else None, cache_format=bo if c else None))
@@ -256,7 +260,7 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
     eviction = "lru"
     return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
-                compute_device=s.compute.id, host_device=s.host.id,
+                compute_device=s.compute.id, host_device=s.host.id, dense_format=dense_fm,
                 prefetch="next-layer" if prefetch else "none", eviction=eviction, quality_budget=budget,
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
                 notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes)
@@ -271,16 +275,16 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
     hit_num, hit_den = 0.0, 0.0
     for l, w in enumerate(choice):
         t = tables[l]
-        p, c = int(t.p[w]), int(t.c[w])
+        p, q, c = int(t.p[w]), int(t.q[w]), int(t.c[w])
         f = st.frequency[l][st.order[l]]
-        off = float(f[p:].sum())
+        band = float(f[p:q].sum())  # accesses through the cache; ranks past q run locally
         accesses += float(f.sum())
-        if MODES[t.mode[w]] in ("fetch", "hybrid") and p < st.num_experts:
-            h = st.hit_rate(l, p, c)
-            hit_num += float(f[:p].sum()) + h * off
-            fetched += (1 - h) * off
+        if MODES[t.mode[w]] in ("fetch", "hybrid") and p < q:
+            h = st.hit_rate(l, p, c, q)
+            hit_num += float(f[:p].sum()) + h * band
+            fetched += (1 - h) * band
         elif MODES[t.mode[w]] == "stream":
-            fetched += st.num_experts - p
+            fetched += q - p
             hit_num += float(f[:p].sum())
         else:
             hit_num += float(f[:p].sum())
@@ -288,9 +292,7 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         link_s += float(t.F[w])
     # prefill of one prompt: the same placement with a prompt-sized batch of tokens
     prompt = dataclasses.replace(s, batch_size=max(req.prompt_tokens, 1))
-    prefill_tables = [option_costs(prompt, l, np.array([[tables[l].p[w], tables[l].b_res[w], tables[l].c[w],
-                                                          tables[l].b_off[w], tables[l].home[w], tables[l].mode[w]]]))
-                      for l, w in enumerate(choice)]
+    prefill_tables = [option_costs(prompt, l, tables[l].specs([w])) for l, w in enumerate(choice)]
     ttft_s = step_time(prompt, prefill_tables, [0] * len(choice), fixed_costs(prompt, dense_fm), prefetch)[0]
     B = s.batch_size
     out = {"tpot_s": step_s, "tokens_per_s": B / step_s, "ttft_s": ttft_s,

@@ -26,7 +26,7 @@ import numpy as np
 from profiles.errors import InputError
 from profiles.units import format_size, format_time
 
-from .costs import MODES, Setup, fixed_costs, option_costs, option_time
+from .costs import MODES, SPEC_COLUMNS, Setup, fixed_costs, option_costs, option_time
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -95,6 +95,10 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
         "experts": {"total": L * E, "layers": L, "experts_per_layer": E, "by_home": _sorted(counts["home"]),
                     "by_tier": _sorted(by_tier), "by_format": _sorted(counts["format"]),
                     "by_site": _sorted(counts["site"]),
+                    # layers whose offloaded experts run at two sites: the frequent ones through the
+                    # cache (fetch/hybrid), the rare ones on the CPU where they live (local)
+                    "split_layers": sum(1 for layer in plan.layers if "local" in layer.site
+                                        and {"fetch", "hybrid", "stream"} & set(layer.site)),
                     "by_home_format": {h: _sorted(v) for h, v in sorted(by_home_format.items())}},
         "cache_slots": {"total": int(sum(slots)), "per_layer_min": int(min(slots, default=0)),
                         "per_layer_max": int(max(slots, default=0)),
@@ -168,7 +172,7 @@ class LayerBreakdown:
     tau_s: np.ndarray  # [L]
     dense_s: float  # attention, dense weights, KV reads, launches: once per step
     dense_format: str
-    specs: np.ndarray  # [L, 6] the option row of each layer (costs.SPEC_COLUMNS)
+    specs: np.ndarray  # [L, 7] the option row of each layer (costs.SPEC_COLUMNS)
 
     @property
     def step_s(self) -> float:
@@ -185,23 +189,27 @@ class LayerBreakdown:
 
 
 def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
-    """``[L, 6]`` the option row (costs.SPEC_COLUMNS) each layer of ``plan`` takes.
+    """``[L, 7]`` the option row (costs.SPEC_COLUMNS) each layer of ``plan`` takes.
 
-    A layer's resident experts are its top-p by frequency (that is how plans are built).
+    A layer's resident experts are its top-p by frequency, the next q - p go through the
+    cache and the rest run locally (that is how plans are built), so counts give p and q.
     """
     rows = []
+    E = s.stats.num_experts
     for layer in plan.layers:
         resident = [e for e, site in enumerate(layer.site) if site == "resident"]
         off = [e for e, site in enumerate(layer.site) if site != "resident"]
+        band = [e for e in off if layer.site[e] != "local"]
         p = len(resident)
         br = layer.format[resident[0]] if resident else layer.format[off[0]]
         if not off:
-            rows.append((p, s.formats.index(br), 0, s.formats.index(br), 0, MODES.index("fetch")))
+            rows.append((p, E, s.formats.index(br), 0, s.formats.index(br), 0, MODES.index("fetch")))
             continue
         home = s.homes.index(layer.home[off[0]]) if s.homes else 0
-        rows.append((p, s.formats.index(br), layer.cache_slots, s.formats.index(layer.format[off[0]]), home,
-                     MODES.index(layer.site[off[0]])))
-    return np.array(rows, dtype=np.int64).reshape(-1, 6)
+        mode = MODES.index(layer.site[band[0]] if band else "local")
+        rows.append((p, p + len(band), s.formats.index(br), layer.cache_slots, s.formats.index(layer.format[off[0]]),
+                     home, mode))
+    return np.array(rows, dtype=np.int64).reshape(-1, len(SPEC_COLUMNS))
 
 
 def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
@@ -221,7 +229,8 @@ def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
     U = np.array([t.U[0] for t in tables])
     F = np.array([t.F[0] for t in tables])
     pi_r = r if prefetch else np.zeros_like(r)
-    stall = np.where(np.isin(specs[:, 5], [MODES.index("fetch"), MODES.index("stream")]), (1 - pi_r) * F, 0.0)
+    mode = specs[:, SPEC_COLUMNS.index("mode")]
+    stall = np.where(np.isin(mode, [MODES.index("fetch"), MODES.index("stream")]), (1 - pi_r) * F, 0.0)
     link = (1 - pi_r) * F + (F if prefetch else 0.0)
     tau = np.array([option_time(t, prefetch)[0] for t in tables])
     out = LayerBreakdown(compute_s=G, stall_s=stall, cpu_s=U, link_s=link, tau_s=tau, dense_s=fc.dense_s,
@@ -276,8 +285,8 @@ def render_summary(result: OptimizeResult, console: Console, compare: bool = Fal
     experts.add_row("total", *(str(ex["by_format"][fm]) for fm in fmts), str(ex["total"]), style="bold")
     console.print(experts)
     cs = d["cache_slots"]
-    console.print(f"sites: {_sites(ex['by_site'])}; cache slots: {cs['total']} in all, {cs['per_layer_min']}-"
-                  f"{cs['per_layer_max']} per layer ({cs['layers_with_cache']}/{ex['layers']} layers cached)",
+    console.print(f"sites: {_sites(ex['by_site'], ex['split_layers'])}; cache slots: {cs['total']} in all, "
+                  f"{cs['per_layer_min']}-{cs['per_layer_max']} per layer ({cs['layers_with_cache']}/{ex['layers']} layers cached)",
                   highlight=False)
 
     console.print("[bold]Prediction[/bold]")
@@ -341,9 +350,11 @@ def _solver_line(sv: dict[str, Any], with_time: bool) -> str:
     return ", ".join(parts)
 
 
-def _sites(by_site: dict[str, int]) -> str:
+def _sites(by_site: dict[str, int], split_layers: int = 0) -> str:
     keys = [k for k in _SITE_ORDER if k in by_site] + [k for k in by_site if k not in _SITE_ORDER]
-    return ", ".join(f"{k} {by_site[k]}" for k in keys)
+    split = (f" ({split_layers} layers split: frequent offloaded experts through the cache, rare ones on the CPU)"
+             if split_layers else "")
+    return ", ".join(f"{k} {by_site[k]}" for k in keys) + split
 
 
 def _size(n: float) -> str:
@@ -507,7 +518,7 @@ def _markdown(result: OptimizeResult, d: dict[str, Any], bd: LayerBreakdown) -> 
         lines.append(f"| {home} ({d['memory'].get(home, {}).get('tier', '?')}) | "
                      + " | ".join(str(row.get(fm, 0)) for fm in fmts) + f" | {sum(row.values())} |")
     lines.append("| **total** | " + " | ".join(str(ex["by_format"][fm]) for fm in fmts) + f" | {ex['total']} |")
-    lines += ["", f"Where they run: {_sites(ex['by_site'])}. Cache slots: {cs['total']} in all, "
+    lines += ["", f"Where they run: {_sites(ex['by_site'], ex['split_layers'])}. Cache slots: {cs['total']} in all, "
               f"{cs['per_layer_min']}-{cs['per_layer_max']} per layer ({cs['layers_with_cache']} of {ex['layers']} "
               "layers cached).", "", "![experts per layer](layer_experts.png)", ""]
 

@@ -1,7 +1,7 @@
-"""The planner's view of a workload: per-layer frequency, importance, pinned hit-rate curves,
-per-token cache outcomes and next-layer predictability.
+"""The planner's view of a workload: per-layer frequency, importance, hit-rate curves of every
+band of frequency ranks, per-token cache outcomes and next-layer predictability.
 
-Legend: T = tokens, L = MoE layers, K = top-k, E = routed experts, P = pinned-count grid points.
+Legend: T = tokens, L = MoE layers, K = top-k, E = routed experts, P = rank grid points (resident counts p, split ranks q).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from profiles.workload.hitrate import curve_from_distances, lru_stack_distances
+from profiles.workload.hitrate import lru_band_distances
 from profiles.workload.stats import next_layer_predictability
 from profiles.workload.trace import Trace
 
@@ -21,15 +21,26 @@ __all__ = ["PlanningStats", "planning_stats"]
 class PlanningStats:
     """What the planner needs from a workload, per MoE layer.
 
+    Experts are addressed by frequency rank (rank 0 = the most frequent of its layer): the
+    planner makes the top ranks resident, sends a band of ranks through the cache and runs
+    the rest where they live, so experts of equal rank statistics are interchangeable.
+
     Attributes:
         frequency: ``[L, E]`` activations per token (each row sums to the real top-k).
         importance: ``[L, E]`` frequency x mean gate weight (the quality weight).
-        pinned_grid: ``[P]`` pinned counts p at which hit curves were measured.
-        hit: ``[L, P, E + 1]`` LRU hit rate of the accesses to experts outside the top-p, with
-            c dynamic slots (token-level, requests back to back).
+        pinned_grid: ``[P]`` rank edges (0 and E included) at which hit rates were measured:
+            the resident count p and the split rank q of the planner's options.
+        hit: ``[L, P, P, E + 1]`` ``hit[l, i, j, c]``: LRU hit rate of a ``c``-slot cache that
+            serves only the accesses to ranks ``[grid[i], grid[j])`` (0 unless ``i < j``;
+            token-level, requests back to back). ``j = P - 1``: every expert outside the top-p.
         predictability: ``[L]`` recall of predicting layer l's experts from layer l-1's (0 for l = 0).
         order: ``[L, E]`` experts of each layer by descending frequency (ties: lower id first).
         source: where the statistics came from.
+        access_rank: ``[T', L, K]`` frequency rank of every access's expert (-1: zero-computation).
+        access_below: ``[T', L, K, P]`` per access, the experts of rank ``< grid[g]`` used more
+            recently (:func:`profiles.workload.hitrate.lru_band_distances`): the LRU stack
+            distance in the band ``[grid[i], grid[j])`` is ``below[..., j] - below[..., i]``.
+        access_warm: ``[T', L, K]`` the access's expert was used before (else a miss at any size).
     """
 
     frequency: np.ndarray
@@ -39,8 +50,9 @@ class PlanningStats:
     predictability: np.ndarray
     order: np.ndarray
     source: str = ""
-    access_rank: np.ndarray | None = None  # [T', L, K] frequency rank of every access's expert
-    access_dist: np.ndarray | None = None  # [P, T', L, K] LRU stack distance with the top-p pinned (-1: pinned)
+    access_rank: np.ndarray | None = None
+    access_below: np.ndarray | None = None
+    access_warm: np.ndarray | None = None
     _histograms: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -51,37 +63,73 @@ class PlanningStats:
     def num_experts(self) -> int:
         return int(self.frequency.shape[1])
 
-    def token_outcomes(self, layer: int, pinned: int, slots: int) -> tuple[np.ndarray, ...]:
-        """The distinct per-token cache outcomes at ``layer`` and their shares, when the
-        top-``pinned`` experts are resident and ``slots`` LRU slots serve the rest.
+    def _bands(self, pinned: np.ndarray, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Grid indices ``(i, j)`` of the measured bands around ``[pinned, split)``: the grid
+        point at or below ``pinned`` and the one at or above ``split`` (the measured band
+        holds the real one, so its distances are no shorter: hits are never overstated)."""
+        grid = self.pinned_grid
+        i = np.maximum(np.searchsorted(grid, pinned, side="right") - 1, 0)
+        j = np.minimum(np.searchsorted(grid, split, side="left"), len(grid) - 1)
+        return i, j
 
-        Returns ``(n_res, n_hit, n_miss, share)``, four ``[N]`` arrays: how many of a token's
-        experts are resident, hit the cache and miss it (zero-computation experts are none of
-        the three: they are free), and the share of tokens with that outcome.
-        Residency is exact for any ``pinned``; hits use the stack distances measured with the
-        nearest grid point at or below ``pinned`` pinned (fewer pinned: no more hits).
+    def token_outcomes(self, layer: int, pinned: int, slots: int, split: int | None = None
+                       ) -> tuple[np.ndarray, ...]:
+        """The distinct per-token outcomes at ``layer`` and their shares, when the top-``pinned``
+        experts are resident, ``slots`` LRU slots serve ranks ``[pinned, split)`` and ranks
+        ``[split, E)`` run where they live (``split`` None: E, no such experts).
+
+        Returns ``(n_res, n_hit, n_miss, n_local, share)``, five ``[N]`` arrays: how many of a
+        token's experts are resident, hit the cache, miss it and run locally
+        (zero-computation experts are none of these: they are free), and the share of
+        tokens with that outcome. The counts are exact for any ``pinned`` and ``split``;
+        hits are exact when both are grid points (else see :meth:`_bands`).
         """
-        key = (layer, int(pinned), int(slots))
+        q = self.num_experts if split is None else int(split)
+        key = (layer, int(pinned), int(slots), q)
         if key not in self._histograms:
-            rank = self.access_rank[:, layer]  # [T', K]
-            K = rank.shape[1]
-            g = int(np.searchsorted(self.pinned_grid, pinned, side="right") - 1)
-            dist = self.access_dist[g, :, layer]  # [T', K]
-            real = rank >= 0
-            resident = real & (rank < pinned)
-            hit = real & ~resident & (dist >= 0) & (dist < slots)
-            miss = real & ~resident & ~hit
-            cell = (resident.sum(axis=1) * (K + 1) + hit.sum(axis=1)) * (K + 1) + miss.sum(axis=1)
-            cells, counts = np.unique(cell, return_counts=True)
-            self._histograms[key] = (cells // (K + 1) ** 2, cells // (K + 1) % (K + 1), cells % (K + 1),
-                                     counts / max(len(cell), 1))
+            self._histograms[key] = self.outcome_table(layer, np.array([[pinned, slots, q]]))[1:]
         return self._histograms[key]
 
-    def hit_rate(self, layer: int, pinned: int, slots: int) -> float:
-        """h(p, c): linear interpolation over the measured p grid (exact at grid points)."""
+    def outcome_table(self, layer: int, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        """:meth:`token_outcomes` of many ``keys`` (``[G, 3]`` rows ``(pinned, slots, split)``) at once.
+
+        Returns ``(key, n_res, n_hit, n_miss, n_local, share)``, six ``[M]`` arrays: the
+        distinct outcomes of every key, grouped by key in key order (``key`` indexes ``keys``).
+        """
+        keys = np.asarray(keys, np.int64).reshape(-1, 3)
+        rank = self.access_rank[:, layer]  # [T', K]
+        warm = self.access_warm[:, layer]  # [T', K]
+        below = self.access_below[:, layer].astype(np.int64)  # [T', K, P]
+        T, K = rank.shape
+        n = K + 1
+        out = []
+        step = max(1, 2_000_000 // max(T * K, 1))  # keys per block: bounded [T', K, keys] temporaries
+        for k0 in range(0, len(keys), step):
+            p, c, q = (v[None, None, :] for v in keys[k0:k0 + step].T)  # [1, 1, G]
+            i, j = self._bands(keys[k0:k0 + step, 0], keys[k0:k0 + step, 2])
+            dist = below[:, :, j] - below[:, :, i]  # [T', K, G] stack distance in the measured band
+            r = rank[..., None]
+            real = r >= 0
+            resident = real & (r < p)
+            local = real & (r >= q)
+            band = real & ~resident & ~local
+            hit = band & warm[..., None] & (dist < c)
+            miss = band & ~hit
+            cell = ((resident.sum(axis=1) * n + hit.sum(axis=1)) * n + miss.sum(axis=1)) * n + local.sum(axis=1)
+            code = (np.arange(k0, k0 + cell.shape[1])[None, :] * n ** 4 + cell).ravel()  # [T' G] (key, outcome)
+            codes, counts = np.unique(code, return_counts=True)
+            cells = codes % n ** 4
+            out.append((codes // n ** 4, cells // n ** 3, cells // n ** 2 % n, cells // n % n, cells % n,
+                        counts / max(T, 1)))
+        return tuple(np.concatenate(col) for col in zip(*out))
+
+    def hit_rate(self, layer: int, pinned: int, slots: int, split: int | None = None) -> float:
+        """h(p, q, c): hit rate of the band ``[pinned, split)`` (``split`` None: E) with ``slots``
+        slots; exact at grid points, linear in p between them (toward 0 at an empty band)."""
         c = min(max(int(slots), 0), self.num_experts)
+        j = int(self._bands(pinned, self.num_experts if split is None else split)[1])
         grid = self.pinned_grid
-        return float(np.interp(pinned, grid, self.hit[layer, :, c]))
+        return float(np.interp(pinned, grid[:j + 1], self.hit[layer, :j + 1, j, c]))
 
 
 def _pinned_grid(E: int, points: int = 9) -> np.ndarray:
@@ -97,9 +145,10 @@ def planning_stats(trace: Trace, *, real_experts: int | None = None, pinned_poin
     zero-computation experts (MoE++ / LongCat-Flash null, copy, constant): no weights, no
     flops, present on every device, so their accesses are free and never touch a cache.
 
-    The hit curves need one exact LRU pass per pinned-grid point, each costing about
-    T·L·K·E steps; they run on the first whole sequences holding at most
-    ``max_work / (L·K·E)`` tokens (at least 500). Frequency and predictability use the whole trace.
+    The hit rates of every band of ranks come from one exact LRU pass
+    (:func:`profiles.workload.hitrate.lru_band_distances`) costing about T·L·K·E steps; it
+    runs on the first whole sequences holding at most ``max_work / (L·K·E)`` tokens (at
+    least 500). Frequency and predictability use the whole trace.
     """
     ids = trace.expert_ids.astype(np.int64)  # [T, L, K]
     T, L, K = ids.shape
@@ -118,24 +167,42 @@ def planning_stats(trace: Trace, *, real_experts: int | None = None, pinned_poin
     grid = _pinned_grid(E, pinned_points)
     max_tokens = max(500, int(max_work // (L * K * E)))
     short = trace if T <= max_tokens else _head(trace, max_tokens)
-    hit = np.zeros((L, len(grid), E + 1))
     sids = short.expert_ids.astype(np.int64)  # [T', L, K]
-    dist = np.empty((len(grid),) + sids.shape, np.int32)  # [P, T', L, K]
-    zero = list(range(E, E_all))  # zero-computation experts: always present, never cached
-    for i, p in enumerate(grid):
-        pinned = [order[l, :p].tolist() + zero for l in range(L)]
-        d = lru_stack_distances(sids, E_all, seq_lens=short.seq_lens, pinned=pinned)
-        hit[:, i, :] = curve_from_distances(d, E_all)[0][:, :E + 1]
-        dist[i] = np.minimum(d, E + 1)  # cold misses: a distance no cache reaches
-    rank_of = np.full((L, E_all), -1, np.int64)  # -1: a zero-computation expert (free)
+    rank_of = np.full((L, E_all), -1, np.int64)  # -1: a zero-computation expert (free, in no band)
     rank_of[np.arange(L)[:, None], order] = np.arange(E)[None, :]
+    below, warm = lru_band_distances(sids, E_all, rank_of, grid, seq_lens=short.seq_lens)
     access_rank = rank_of[np.arange(L)[None, :, None], sids].astype(np.int32)  # [T', L, K]
+    hit = _band_hit_rates(access_rank, below, warm, grid, E)
     predictability = np.zeros(L)
     if L > 1:
         predictability[1:] = next_layer_predictability(ids, E_all, seq_lens=trace.seq_lens).recall
+    small = np.int16 if E < np.iinfo(np.int16).max else np.int32
     return PlanningStats(frequency=frequency, importance=importance, pinned_grid=grid, hit=hit,
                          predictability=predictability, order=order, source=trace.source,
-                         access_rank=access_rank, access_dist=dist)
+                         access_rank=access_rank, access_below=below.astype(small), access_warm=warm)
+
+
+def _band_hit_rates(rank: np.ndarray, below: np.ndarray, warm: np.ndarray, grid: np.ndarray, E: int) -> np.ndarray:
+    """``[L, P, P, E + 1]`` hit rate of every band of ranks ``[grid[i], grid[j])`` and cache size.
+
+    Args:
+        rank: ``[T', L, K]`` frequency rank per access (-1: in no band).
+        below, warm: from :func:`profiles.workload.hitrate.lru_band_distances` over ``grid``.
+    """
+    L, P = rank.shape[1], len(grid)
+    hit = np.zeros((L, P, P, E + 1))
+    layer = np.broadcast_to(np.arange(L)[None, :, None], rank.shape)
+    for i in range(P):
+        for j in range(i + 1, P):
+            band = (rank >= grid[i]) & (rank < grid[j])  # [T', L, K]
+            accesses = band.sum(axis=(0, 2))  # [L]
+            counted = band & warm
+            dist = np.minimum(below[..., j][counted] - below[..., i][counted], E)  # distance >= E misses always
+            counts = np.bincount(layer[counted] * (E + 1) + dist, minlength=L * (E + 1)).reshape(L, E + 1)
+            hits = np.zeros((L, E + 1))
+            hits[:, 1:] = np.cumsum(counts[:, :E], axis=1)  # hits(c) = warm accesses with distance < c
+            hit[:, i, j, :] = np.where(accesses[:, None] > 0, hits / np.maximum(accesses, 1)[:, None], 0.0)
+    return hit
 
 
 def _head(trace: Trace, max_tokens: int) -> Trace:

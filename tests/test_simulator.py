@@ -47,12 +47,15 @@ def mixtral_small():
 # ----------------------------------------------------------------------------- agreement
 
 
-@pytest.mark.parametrize("hardware", ["desktop-4090", "desktop-3060", "laptop-4060"])
-def test_batch1_latency_agrees_with_planner(mixtral_small, hardware):
-    """Batch 1, no contention: simulated decode time per token = the plan's prediction (2%)."""
-    model, trace = mixtral_small
-    trace = _decode_only(trace)
-    plan = optimize(OptimizeRequest(hardware=hardware, model="mixtral-8x7b", trace=trace)).plan
+@pytest.mark.parametrize("model_name, hardware", [
+    ("mixtral-8x7b", "desktop-4090"), ("mixtral-8x7b", "desktop-3060"), ("mixtral-8x7b", "laptop-4060"),
+    ("qwen3-30b-a3b", "desktop-3060"), ("qwen3-30b-a3b", "desktop-4090"), ("deepseek-v3", "cpu-server-4090")])
+def test_batch1_latency_agrees_with_planner(model_name, hardware):
+    """Batch 1, no contention: simulated decode time per token = the plan's prediction (2%),
+    whatever the sites the plan uses (resident, fetch, local, hybrid)."""
+    model = load_model(model_name)
+    trace = _decode_only(default_workload(model).subset_sequences([0, 1, 2]))
+    plan = optimize(OptimizeRequest(hardware=hardware, model=model_name, trace=trace)).plan
     _, hw = load_profile(hardware)
     report = simulate(plan, hw, model, trace, SimConfig(batch_size=1, kv_context="plan"))
     simulated = report.metrics["decode_step_s"]["mean"]

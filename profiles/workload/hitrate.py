@@ -68,6 +68,7 @@ __all__ = [
     "HitRateCurves",
     "hit_rate_curves",
     "lru_stack_distances",
+    "lru_band_distances",
     "lru_curve",
     "static_curve",
     "priority_stack_distances",
@@ -283,6 +284,92 @@ def curve_from_distances(dist: np.ndarray, num_experts: int) -> tuple[np.ndarray
 def lru_curve(expert_ids: np.ndarray, num_experts: int, **kwargs) -> np.ndarray:
     """``[L, E + 1]`` exact LRU hit rate for every cache size; keywords as :func:`lru_stack_distances`."""
     return curve_from_distances(lru_stack_distances(expert_ids, num_experts, **kwargs), num_experts)[0]
+
+
+def lru_band_distances(expert_ids: np.ndarray, num_experts: int, rank: np.ndarray, edges: Sequence[int], *,
+                       token_as_set: bool = False, seq_lens: np.ndarray | None = None,
+                       reset_per_sequence: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """LRU stack distances of caches that serve only a band of experts, for every band at once.
+
+    A cache that serves only the experts of a set S (the others are pinned elsewhere or run
+    elsewhere and never enter it) sees the reference string with the other experts left
+    out. Leaving accesses out does not change the order in which the experts of S were last
+    used, so the stack distance of an access to ``e`` in S is the number of experts *of S*
+    used more recently than ``e``: a count over S of the recency order of one unfiltered
+    pass. With S a band of ranks ``[edges[i], edges[j])``, prefix counts give every band:
+
+        dist_ij = below[..., j] - below[..., i]      (for an access whose rank is in the band)
+
+    and the access hits a ``c``-slot cache of that band iff it is warm and ``dist_ij < c``.
+    This equals :func:`lru_stack_distances` with every expert outside the band pinned.
+
+    Args:
+        expert_ids: ``[T, L, K]`` expert ids.
+        num_experts: E (ids are below it).
+        rank: ``[L, E]`` the rank of each expert per layer (the planner: by descending
+            frequency); experts ranked at or above ``edges[-1]`` (or below 0) are in no band.
+        edges: ``[G]`` strictly increasing ranks, ``0 <= edges[0]``.
+        token_as_set, seq_lens, reset_per_sequence: as :func:`lru_stack_distances`.
+
+    Returns:
+        ``below``: ``[T, L, K, G]`` int32, how many experts of rank ``< edges[g]`` were used
+        more recently than the accessed one (its own rank included in no count);
+        ``warm``: ``[T, L, K]`` bool, the expert was used before (in this sequence with
+        reset): a cold access misses at every size.
+    """
+    ids = _check_ids(expert_ids, num_experts)
+    T, L, K = ids.shape
+    E = num_experts
+    edges = np.asarray(edges, np.int64)
+    rank = np.asarray(rank, np.int64)
+    if rank.shape != (L, E):
+        raise InputError("rank must give every expert of every layer", key="rank", value=rank.shape,
+                         expected=f"({L}, {E})", fix="pass one rank per (layer, expert)")
+    if edges.ndim != 1 or not len(edges) or edges[0] < 0 or (np.diff(edges) <= 0).any() or edges[-1] > E:
+        raise InputError("band edges must be strictly increasing ranks", key="edges", value=edges.tolist(),
+                         expected=f"0 <= e0 < e1 < ... <= {E}", fix="sort the edges and drop duplicates")
+    G, R = len(edges), int(edges[-1])
+    in_bands = (rank >= 0) & (rank < R)
+    by_rank = np.argsort(np.where(in_bands, rank, R), axis=1, kind="stable")[:, :R]  # [L, R] expert at each rank
+    start = _seq_start_of_token(T, seq_lens, reset_per_sequence)
+    rank_key = (K - 1 - np.arange(K)) if token_as_set else np.arange(K)  # recency order as lru_stack_distances
+    earlier = np.tril(np.ones((K, K), bool), -1)
+    below = np.zeros((T, L, K, G), np.int32)
+    warm_out = np.zeros((T, L, K), bool)
+    last = np.full((L, E), -1, np.int64)
+    block = max(1, _BLOCK_ELEMS // max(1, L * K * max(E, 1)))
+    lidx = np.arange(L)[None, :, None]
+    access_rank = np.where(in_bands, rank, -1)[lidx, ids]  # [T, L, K] -1: in no band
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        b = t1 - t0
+        blk = ids[t0:t1]
+        key = np.arange(t0, t1, dtype=np.int64)[:, None, None] * K + rank_key[None, None, :]
+        occ = np.full((b, L, E), -1, np.int64)
+        occ[np.arange(b)[:, None, None], lidx, blk] = np.broadcast_to(key, blk.shape)
+        # 1. recency of every expert at the start of each token (as lru_stack_distances)
+        run = np.maximum.accumulate(occ, axis=0)
+        before = np.empty_like(occ)
+        before[0] = last
+        np.maximum(run[:-1], last[None], out=before[1:])
+        last = np.maximum(last, run[-1])
+        prev = before[np.arange(b)[:, None, None], lidx, blk]  # [b, L, K]
+        # 2. experts more recent than the accessed one, counted per band of ranks
+        newer = before[:, np.arange(L)[:, None], by_rank][:, :, None, :] > prev[..., None]  # [b, L, K, R]
+        head = newer[..., :edges[0]].sum(axis=-1, dtype=np.int32)  # ranks below edges[0]
+        below[t0:t1, ..., 0] = head
+        if G > 1:
+            bands = np.add.reduceat(newer, edges[:-1], axis=-1, dtype=np.int32)  # [b, L, K, G-1]
+            below[t0:t1, ..., 1:] = head[..., None] + np.cumsum(bands, axis=-1)
+        if not token_as_set:
+            # 3. in rank order the token's own earlier experts are more recent too, unless
+            #    step 2 counted them already
+            own = (prev[:, :, None, :] <= prev[:, :, :, None]) & earlier  # [b, L, K, K']
+            r_own = access_rank[t0:t1]  # [b, L, K']
+            counted = (r_own[..., None] >= 0) & (r_own[..., None] < edges)  # [b, L, K', G]
+            below[t0:t1] += (own[..., None] & counted[:, :, None]).sum(axis=-2, dtype=np.int32)
+        warm_out[t0:t1] = prev >= (start[t0:t1, None, None] * K)
+    return below, warm_out
 
 
 # ----------------------------------------------------------------------------- static
