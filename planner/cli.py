@@ -47,8 +47,12 @@ def cli(ctx: click.Context, json_mode: bool, debug: bool) -> None:
 
     \b
     Examples:
+      planner optimize --compare --out plan.json     # plan the bundled default
+      planner simulate --plan plan.json              # replay its workload in the simulator
+      planner sweep examples/whatif_sweep/desktop-4090-upgrade.yaml --jobs 2
+      planner export plan.json --checkpoint ckpt/ --out bundle/ && planner verify bundle/ -c ckpt/
+      planner profile probe --out my-machine.yaml    # measure this machine
       planner profiles list
-      planner models show mixtral-8x7b --hardware desktop-4090
       planner --json models list
     """
     out = get_output()
