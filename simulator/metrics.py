@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from planner.plan import _round  # the Plan's float rounding: the same JSON conventions
+
 from .resources import Span
 
 if TYPE_CHECKING:
@@ -158,13 +160,3 @@ def _in_time_order(events: list | None) -> tuple | None:
     if events is None:
         return None
     return tuple(sorted(events, key=lambda ev: ev[0]))
-
-
-def _round(obj):
-    if isinstance(obj, float):
-        return float(f"{obj:.12g}")
-    if isinstance(obj, dict):
-        return {k: _round(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_round(v) for v in obj]
-    return obj

@@ -11,6 +11,7 @@ from profiles.errors import InputError
 
 from ..output import get_output
 from ._common import common_options
+from .simulate import plan_hardware
 
 __all__ = ["export_cmd", "verify_cmd"]
 
@@ -35,7 +36,6 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
       planner verify bundle/ --checkpoint ckpt/
     """
     from exporters.bundle import write_bundle
-    from profiles.hardware import load_profile
     from profiles.models import load_model
 
     from ..plan import load_plan
@@ -47,13 +47,7 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
                              fix="pass --model CONFIG.json (or --checkpoint DIR)")
         model = str(Path(checkpoint) / "config.json")
     spec = load_model(model or plan.inputs.model)
-    try:
-        profile, hw = load_profile(hardware or plan.inputs.hardware)
-    except InputError:
-        if hardware:
-            raise
-        raise InputError("the plan's hardware profile is not a bundled one", key="inputs.hardware",
-                         value=plan.inputs.hardware, fix="pass --hardware with the profile's YAML file") from None
+    profile, hw = plan_hardware(plan, hardware)
     output = get_output()
     with output.log.status("writing the bundle..."):
         bundle = write_bundle(plan, model=spec, hardware=hw, profile=profile, out_dir=out_dir,

@@ -13,7 +13,20 @@ from profiles.units import format_time
 from ..output import get_output
 from ._common import common_options
 
-__all__ = ["plan_inputs", "simulate_cmd"]
+__all__ = ["plan_hardware", "plan_inputs", "simulate_cmd"]
+
+
+def plan_hardware(plan, hardware: str | None):
+    """``(profile, hardware)``: the given profile, else the plan's own (a bundled name)."""
+    from profiles.hardware import load_profile
+
+    try:
+        return load_profile(hardware or plan.inputs.hardware)
+    except InputError:
+        if hardware:
+            raise
+        raise InputError("the plan's hardware profile is not a bundled one", key="inputs.hardware",
+                         value=plan.inputs.hardware, fix="pass --hardware with the profile's YAML file") from None
 
 
 def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str | None, task: str | None):
@@ -22,7 +35,6 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
     Returns ``(hardware, model, trace, warnings)``; a warning says when a given input is not
     the one the plan was made from (its digest differs).
     """
-    from profiles.hardware import load_profile
     from profiles.models import load_model
 
     from ..optimize import _array_digest, _default_trace
@@ -30,13 +42,7 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
     from .optimize import _load_trace
 
     warnings = []
-    try:
-        profile, hw = load_profile(hardware or plan.inputs.hardware)
-    except InputError:
-        if hardware:
-            raise
-        raise InputError("the plan's hardware profile is not a bundled one", key="inputs.hardware",
-                         value=plan.inputs.hardware, fix="pass --hardware with the profile's YAML file") from None
+    profile, hw = plan_hardware(plan, hardware)
     if digest(profile.model_dump(mode="json")) != plan.inputs.hardware_digest:
         warnings.append(f"hardware {hw.name} differs from the profile the plan was made for")
     spec = load_model(model or plan.inputs.model)
