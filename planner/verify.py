@@ -8,7 +8,7 @@ hit rates must be equal; times and bytes come with their relative error (they de
 how well the hardware profile describes the machine: `planner profile probe` measures it).
 
 This module wires the runtime (exporters), the simulator and the plan together, which is
-the CLI's job; it imports torch only through the runtime, when called.
+the CLI's job; torch and transformers stay inside the runtime (``exporters.runtime.record``).
 """
 
 from __future__ import annotations
@@ -53,41 +53,19 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
         raise InputError("not an HF checkpoint (no config.json)", file=checkpoint, fix="pass the checkpoint directory")
     model = load_model(config)
     try:
-        import torch
-        import transformers
-
-        from exporters.runtime import load_planned_model
+        from exporters.runtime import RuntimeInputError
+        from exporters.runtime.record import run_and_record
     except ImportError as exc:
         raise InputError(f"running a bundle needs the runtime extra ({exc.name} is missing)",
                          fix="pip install torch==2.13.0 && pip install 'moe-planner[runtime]'") from None
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot load the tokenizer ({str(exc).splitlines()[0]})", file=checkpoint,
-                         fix="save the tokenizer into the checkpoint directory") from None
-    kernels = bundle / "kernels" if (bundle / "kernels" / "manifest.json").is_file() else None
-    prompts = list(prompts or DEFAULT_PROMPTS)
     # the first generation pays one-off costs (kernel selection, thread pools, page faults):
     # a warm-up prompt runs first; its routing is replayed too (the caches carry over), but
     # its times are left out on both sides
-    prompts = [WARM_UP, *prompts]
-    L = len(plan.layers)
-    calls: list[list] = [[] for _ in range(L)]
-    seqs = []
-    with load_planned_model(bundle / "plan.json", checkpoint, kernels_dir=kernels, device="auto") as rt:
-        for i, store in enumerate(rt.stores):
-            store.register_forward_pre_hook(lambda mod, args, i=i: calls[i].append(args[1].detach().cpu().clone()))
-        for text in prompts:
-            ids = tokenizer(text)["input_ids"]
-            out = rt.generate(ids, max_new_tokens)
-            seqs.append((len(ids), len(out) - 1))  # the last generated token is never fed back
-        measured = rt.metrics.summary()
-        skip = seqs[0][1]  # decode steps of the warm-up prompt
-        measured["ttft_s"] = float(np.mean(rt.metrics.ttft_s[1:]))
-        measured["tpot_s"] = float(np.mean(rt.metrics.tpot_s[skip:])) if len(rt.metrics.tpot_s) > skip else None
-        measured["tokens_per_s"] = 1.0 / measured["tpot_s"] if measured["tpot_s"] else None
-    routing = np.stack([torch.cat(c).numpy() for c in calls], axis=1).astype(np.int64)  # [T, L, K]
+    try:
+        run = run_and_record(bundle, checkpoint, [WARM_UP, *(prompts or DEFAULT_PROMPTS)], max_new_tokens)
+    except RuntimeInputError as exc:  # the runtime's own one-line errors (it cannot import profiles)
+        raise InputError(str(exc)) from None
+    measured, routing, seqs = run["measured"], run["routing"], run["sequences"]
     phase = np.concatenate([np.r_[np.full(p, PREFILL), np.full(d, DECODE)] for p, d in seqs]).astype(np.uint8)
     trace = Trace(expert_ids=routing, seq_lens=np.array([p + d for p, d in seqs]), phase=phase,
                   num_experts=model.num_experts, layer_map=tuple(lp.hidden_layer for lp in plan.layers),
@@ -114,7 +92,7 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
             [None if b is None else round(b, 12) for b in sim["hit_rate"]]
     return {"rows": rows, "hit_rates_equal": equal,
             "hit_rate": {"measured": measured["hit_rate"], "predicted": sim["hit_rate"]},
-            "prompts": len(prompts), "tokens": int(routing.shape[0]), "measured": measured, "predicted": sim,
+            "prompts": len(seqs) - 1, "tokens": int(routing.shape[0]), "measured": measured, "predicted": sim,
             # what `planner calibrate` needs to replay this run on another profile
             "plan": json.loads(plan.to_json()), "model_config": str(config.resolve()), "warm_up_requests": 1,
             "routing": {"expert_ids": routing.tolist(), "sequences": [list(s) for s in seqs]}}
