@@ -175,7 +175,10 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
     rows = []
     full = _full_format(s)
     crit = _critical_by_rank(s, layer)
-    homes = range(len(s.homes)) if not s.unified else ()
+    homes = range(len(s.homes))  # never the compute device's own pool (make_setup)
+    # the CPU computes where the weights live only in its own DRAM (a disk-homed expert would
+    # have to be read first, which the costs below do not price)
+    cpu_home = {hi for hi in homes if s.homes[hi] == s.hardware.memory_of(s.host.id).id}
     grid = sorted({int(p) for p in s.stats.pinned_grid} | {E})
     fetch, local, hybrid, stream = (MODES.index(m) for m in ("fetch", "local", "hybrid", "stream"))
     for p in grid:
@@ -191,14 +194,14 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                 if crit[p:].any() and bo != full:
                     continue
                 for hi in homes:
-                    for q in (g for g in grid if g > p and (hi == 0 or g == E)):
+                    for q in (g for g in grid if g > p and (hi in cpu_home or g == E)):
                         for c in s.cache_sizes():
                             if c >= q - p and c > 0:
                                 continue  # a cache that holds the whole band is residency, not a cache
                             rows.append((p, q, bi, c, bo_i, hi, fetch))
-                            if hi == 0 and c > 0:
+                            if hi in cpu_home and c > 0:
                                 rows.append((p, q, bi, c, bo_i, hi, hybrid))
-                    if hi == 0:
+                    if hi in cpu_home:
                         rows.append((p, p, bi, 0, bo_i, hi, local))
                     rows.append((p, E, bi, 0, bo_i, hi, stream))
     if not rows:

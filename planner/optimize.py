@@ -70,8 +70,9 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
     host = next(c for c in cpus if c.node == compute.node)
     homes = [hw.memory_of(host.id).id]
     homes += [m.id for m in hw.memories.values() if m.tier == "nvme" and m.devices[0].split("/")[0] == compute.node][:1]
-    if compute.kind == "cpu":
-        homes = [m for m in homes if m != hw.memory_of(compute.id).id]
+    # offloading into the compute device's own pool is no offloading (a CPU-only box, or the
+    # unified memory of a Jetson / Apple machine): only the disk is left to hold experts
+    homes = [m for m in homes if m != hw.memory_of(compute.id).id]
     for fm in formats:
         get_format(fm)
         if compute.kind == "accelerator" and fm not in compute.peak_ops_per_s:
