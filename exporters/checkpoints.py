@@ -14,7 +14,7 @@ from typing import Any
 
 from profiles.errors import InputError
 
-__all__ = ["FAMILIES", "make_random_checkpoint"]
+__all__ = ["FAMILIES", "make_random_checkpoint", "save_tokenizer"]
 
 # family -> (transformers config class, defaults). Router weights are spread (std 0.2) so
 # routing is not a tie; experts keep the default init.
@@ -52,7 +52,6 @@ def make_random_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0, v
     try:
         import torch
         import transformers
-        from tokenizers import Tokenizer, models, pre_tokenizers, processors
     except ImportError as exc:
         raise InputError(f"building a checkpoint needs the runtime extra ({exc.name} is missing)",
                          fix="pip install torch==2.13.0 && pip install 'moe-planner[runtime]'") from None
@@ -67,11 +66,20 @@ def make_random_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0, v
                 gate.weight.normal_(0.0, 0.2)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    save_tokenizer(out, vocab_size)
+    return out
+
+
+def save_tokenizer(directory: str | Path, vocab_size: int = 256) -> None:
+    """A word-level tokenizer over :data:`WORDS` padded to ``vocab_size`` ids, BOS prepended
+    (ids: 0 unknown, 1 BOS, 2 EOS), saved into ``directory`` (no download)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
     vocab = {w: i for i, w in enumerate(["[UNK]", "[BOS]", "[EOS]", *dict.fromkeys(WORDS)])}
     vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]",
-                                         eos_token="[EOS]").save_pretrained(out)
-    return out
+                                         eos_token="[EOS]").save_pretrained(directory)

@@ -19,7 +19,6 @@ used for the fit and on held-out runs.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,10 +235,3 @@ def save_profile(doc: dict, path: str | Path, note: str) -> Path:
     path = Path(path)
     path.write_text(f"# {note}\n" + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
-
-
-def dumps(result: CalibrationResult) -> str:
-    return json.dumps({"summary": result.summary(), "parameters": result.parameters,
-                       "fit_before": result.fit_before, "fit_after": result.fit_after,
-                       "holdout_before": result.holdout_before, "holdout_after": result.holdout_after,
-                       "evaluations": result.evaluations}, indent=1, sort_keys=True)

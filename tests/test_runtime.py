@@ -356,17 +356,10 @@ def test_kernels_built_at_export_are_reused(checkpoint, tmp_path):
 
 
 def save_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer (no download), BOS prepended."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    """The word-level tokenizer the example checkpoints use (no download), BOS prepended."""
+    from exporters.checkpoints import save_tokenizer as save
 
-    words = ["the", "cat", "sat", "on", "mat", "experts", "route", "tokens"]
-    vocab = {w: i for i, w in enumerate(["[UNK]", "[BOS]", "[EOS]", *words])}
-    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]",
-                                         eos_token="[EOS]").save_pretrained(directory)
+    save(directory, VOCAB)
 
 
 def run_cli(*args, cwd=REPO):
