@@ -70,12 +70,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _is_cluster(plan: Plan) -> bool:
-    """An expert-parallel plan: resident experts on several GPUs, or replicas."""
-    homes = {h for lp in plan.layers for h, s in zip(lp.home, lp.site) if s == "resident"}
-    return any(lp.replicas for lp in plan.layers) or len(homes) > 1
-
-
 def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: HardwareProfile, out_dir: str | Path,
                  checkpoint: str | Path | None = None, force: bool = False) -> Bundle:
     """Write the bundle of ``plan`` to ``out_dir`` (see the module docstring).
@@ -163,7 +157,9 @@ def _engines(plan: Plan, model: ModelSpec, hardware: Hardware, work: Path, ckpt:
     """Engine configs under ``work/engines``: SGLang/vLLM/ExFlow for expert-parallel plans, else
     llama.cpp/accelerate/accelerator maps."""
     commands: dict[str, str] = {}
-    if _is_cluster(plan):
+    from .engines.sglang import is_expert_parallel
+
+    if is_expert_parallel(plan):
         from .engines.exflow import write_exflow
         from .engines.sglang import write_sglang
         from .engines.vllm import write_vllm, write_vllm_ascend

@@ -76,6 +76,12 @@ def _natural_key(text: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
 
 
+def is_expert_parallel(plan: Plan) -> bool:
+    """Whether ``plan`` spreads experts over GPUs: resident experts in several memories, or replicas."""
+    homes = {h for lp in plan.layers for h, site in zip(lp.home, lp.site) if site == "resident"}
+    return any(any(lp.replicas) for lp in plan.layers) or len(homes) > 1
+
+
 def ep_layout(plan: Plan) -> EpLayout:
     """Read the EP layout out of ``plan`` (homes and replicas on GPUs, site ``resident``).
 

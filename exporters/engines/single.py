@@ -70,11 +70,13 @@ class RenderedEngines:
 
 
 def _cluster_reason(plan: Plan, hardware: Hardware) -> str:
+    from .sglang import is_expert_parallel
+
+    if is_expert_parallel(plan):
+        return "the plan spreads experts over GPUs (expert parallelism): see the SGLang/vLLM configs"
     nodes = {hardware.devices[plan.compute_device].node}
     for layer in plan.layers:
         nodes |= {hardware.devices[m].node if m in hardware.devices else m.split("/")[0] for m in layer.home}
-        if any(layer.replicas):
-            return "the plan replicates experts (a cluster plan): see the SGLang/vLLM configs"
     return f"the plan spans {len(nodes)} nodes: see the SGLang/vLLM configs" if len(nodes) > 1 else ""
 
 
