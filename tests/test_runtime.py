@@ -186,14 +186,18 @@ def test_quantised_plan_keeps_logits_close(checkpoint, name, fmt, floor):
 
 
 def test_quantised_experts_compute_alike_on_device_and_cpu(checkpoint):
-    """An int4 expert gives the same logits resident (torch dequant) or local (MatMulNBits)."""
+    """An int4 expert gives the same logits resident, local (MatMulNBits) or through a CPU
+    device's cache (a pre-packed MatMulNBits session built as the expert is loaded)."""
     directory, _ = checkpoint("olmoe")
     outs = []
-    for site, home in (("resident", GPU), ("local", CPU)):
-        with load_planned_model(make_plan("olmoe", site, home, "int4"), directory, dtype="float32",
+    for site, home in (("resident", GPU), ("local", CPU), ("fetch", CPU)):
+        with load_planned_model(make_plan("olmoe", site, home, "int4", slots=2), directory, dtype="float32",
                                 device="cpu") as rt:
             outs.append(planned_logits(rt))
-    assert cosine(*outs) >= 0.9999
+            if site == "fetch":
+                slots = [slot.get() for store in rt.stores for slot in store.slots.values()]
+                assert slots and all(w.kernel is not None for w in slots)
+    assert cosine(outs[0], outs[1]) >= 0.9999 and cosine(outs[0], outs[2]) >= 0.9999
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

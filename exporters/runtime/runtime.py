@@ -260,7 +260,7 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                     stream_kernels[kfmt] = CpuStreamKernel(kernels.templates[kfmt], threads=n_threads)
             block = blocks[layer.hidden_layer]
             store = PlannedExperts(layer, home, dev, ACT2FN[act_name], kernels.hidden, kernels.inter, cache, fetcher,
-                                   cpu_kernel, stream_kernels, metrics, index)
+                                   cpu_kernel, stream_kernels, metrics, index, threads=n_threads)
             store.prefetch_policy = prefetch
             store.oracle = routing
             block.experts = store
