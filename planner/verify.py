@@ -41,6 +41,7 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
     from profiles.models import load_model
     from profiles.workload.trace import DECODE, PREFILL, Trace
     from simulator.engine import SimConfig, simulate
+    from simulator.metrics import served_one_by_one
 
     from .plan import load_plan
 
@@ -72,10 +73,7 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
                   model=model.name, source=f"recorded by planner verify from {bundle}")
     report = simulate(plan, hw, model, trace, SimConfig(batch_size=1))
     sim = report.metrics
-    timed = sim["per_request"][1:]  # without the warm-up
-    sim_ttft = float(np.mean([r["ttft_s"] for r in timed]))
-    steps = [t for r in timed for t in r["tpot_s"]]
-    sim_tpot = float(np.mean(steps)) if steps else None
+    sim_tpot, sim_ttft = served_one_by_one(sim["per_request"], skip=1)  # without the warm-up
     sim_bytes = sum(sim["bytes_moved"].values())
     run_bytes = float(sum(measured["bytes_moved"].values()))
     rows = [

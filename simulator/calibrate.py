@@ -32,6 +32,7 @@ from profiles.models import ModelSpec, load_model
 from profiles.workload.trace import Trace
 
 from .engine import SimConfig, simulate
+from .metrics import served_one_by_one
 
 __all__ = ["CalibrationResult", "Run", "calibrate_profile", "load_run", "predict"]
 
@@ -81,9 +82,8 @@ def load_run(path: str | Path) -> Run:
 def predict(doc: dict, run: Run) -> tuple[float, float]:
     """``(tpot_s, ttft_s)`` the simulator predicts for ``run`` on the profile document ``doc``."""
     hw = HardwareProfile.model_validate(doc).resolve()
-    timed = simulate(run.plan, hw, run.model, run.trace, SimConfig(batch_size=1)).metrics["per_request"][run.warm_up:]
-    steps = [t for r in timed for t in r["tpot_s"]]
-    return float(np.mean(steps)), float(np.mean([r["ttft_s"] for r in timed]))
+    report = simulate(run.plan, hw, run.model, run.trace, SimConfig(batch_size=1))
+    return served_one_by_one(report.metrics["per_request"], run.warm_up)
 
 
 def _devices(doc: dict, runs: list[Run]) -> list[tuple[int, int]]:

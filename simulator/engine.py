@@ -96,6 +96,7 @@ class Request:
     decode_rows: np.ndarray  # trace rows fed back one per decode step
     next_decode: int = 0
     prefilled: bool = False
+    admitted_s: float | None = None  # when the scheduler let it in (TTFT counts from arrival)
     token_s: list[float] = field(default_factory=list)  # when each output token was ready
 
     @property
@@ -265,6 +266,8 @@ class Simulation:
             admitted = waiting[:room]
             del waiting[:room]
             running += admitted
+            for r in admitted:
+                r.admitted_s = self.env.now
             if admitted:
                 self.log("scheduler", "admit " + ",".join(str(r.rid) for r in admitted))
             new = [r for r in running if not r.prefilled]

@@ -21,7 +21,7 @@ from .resources import Span
 if TYPE_CHECKING:
     from .engine import Simulation
 
-__all__ = ["SimReport", "percentiles", "summarise"]
+__all__ = ["SimReport", "percentiles", "served_one_by_one", "summarise"]
 
 
 def percentiles(values) -> dict[str, float] | None:
@@ -31,6 +31,19 @@ def percentiles(values) -> dict[str, float] | None:
         return None
     p50, p90, p99 = np.percentile(v, [50, 90, 99])
     return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def served_one_by_one(per_request: list[dict], skip: int = 0) -> tuple[float | None, float]:
+    """Mean TPOT and TTFT as a runtime serving one prompt after another measures them.
+
+    A runtime that times each prompt from the moment it starts it sees no queue: TTFT is
+    counted from admission (``ttft_s - queue_s``), not from the arrival at t = 0. The first
+    ``skip`` requests (warm-up) are left out.
+    """
+    timed = per_request[skip:]
+    steps = [t for r in timed for t in r["tpot_s"]]
+    ttft = [r["ttft_s"] - r["queue_s"] for r in timed if r["ttft_s"] is not None]
+    return (float(np.mean(steps)) if steps else None), float(np.mean(ttft))
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +154,8 @@ def summarise(sim: Simulation, wall_s: float) -> SimReport:
         "busy_s": dict(sorted(busy.items())),
         "energy_j": energy,
         "layer_time_s": [t / n_steps for t in sim.layer_wall_s],
-        "per_request": [{"arrival_s": r.arrival_s, "ttft_s": r.token_s[0] - r.arrival_s if r.token_s else None,
+        "per_request": [{"arrival_s": r.arrival_s, "queue_s": r.admitted_s - r.arrival_s,
+                         "ttft_s": r.token_s[0] - r.arrival_s if r.token_s else None,
                          "tpot_s": [b - a for a, b in zip(r.token_s, r.token_s[1:])]} for r in reqs],
         "expert_parallel": None if not sim.ep_tokens else {
             "gpus": len(sim.gpus),

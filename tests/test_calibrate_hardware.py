@@ -47,3 +47,24 @@ def test_calibration_recovers_a_perturbed_profile():
     assert s["holdout_after_tpot_s_mean_abs_error"] < 0.15  # the issue's target on held-out runs
     assert s["holdout_after_ttft_s_mean_abs_error"] < 0.15
     assert np.isfinite(result.parameters["link_bandwidth_factor"])
+
+
+def test_prompts_served_one_by_one_count_ttft_from_their_start():
+    """A runtime times each prompt from when it starts it; the simulator releases every
+    request at t = 0, so the queue before admission must come off TTFT (and only there)."""
+    from profiles.hardware import load_profile
+    from simulator.engine import SimConfig, simulate
+    from simulator.metrics import served_one_by_one
+
+    model = load_model("mixtral-8x7b")
+    trace = default_workload(model).subset_sequences([0, 0, 0])  # one prompt three times
+    plan = optimize(OptimizeRequest(hardware="desktop-4090", model="mixtral-8x7b", trace=trace)).plan
+    per_request = simulate(plan, load_profile("desktop-4090")[1], model, trace,
+                           SimConfig(batch_size=1)).metrics["per_request"]
+    assert per_request[0]["queue_s"] == 0.0
+    assert per_request[2]["queue_s"] > per_request[1]["queue_s"] > 0.0  # each waits for the ones before
+    assert per_request[2]["ttft_s"] > 2 * per_request[0]["ttft_s"]  # from arrival: queue included
+    tpot, ttft = served_one_by_one(per_request, skip=1)
+    # the same prompt again: as long as the first, give or take what the warm cache saves
+    assert 0.5 * per_request[0]["ttft_s"] <= ttft <= per_request[0]["ttft_s"] * (1 + 1e-9)
+    assert tpot == np.mean([t for r in per_request[1:] for t in r["tpot_s"]])
