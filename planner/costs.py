@@ -60,7 +60,7 @@ import numpy as np
 from profiles.errors import InputError
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
-from profiles.perf import expert_call_s
+from profiles.perf import dense_step_s, expert_call_s
 
 from .workload_view import PlanningStats
 
@@ -377,16 +377,10 @@ class FixedCosts:
 def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
     """Dense (non-expert) work of one decode step at ``dense_format``."""
     m, B = s.model, s.batch_size
-    dense_bytes = float(m.dense_bytes(dense_format))
-    dense_flops = 2.0 * B * m.dense_params  # every dense weight is used once per token
-    dense_s = expert_call_s(s.compute, dense_format, dense_bytes, dense_flops, B)
     kv_bytes = float(m.kv_cache_bytes(s.context_tokens, batch_size=B))
-    # each step reads the whole KV cache once (attention over the context)
-    kv_read_s = kv_bytes / (s.compute.memory_bytes_per_s * s.compute.efficiency.memory_fraction)
-    # one launch per hidden layer for attention and one for the dense/shared MLP
-    launches_s = 2 * m.num_hidden_layers * s.compute.launch_overhead_s
     workspace = B * (m.hidden_size * 4 + m.expert_intermediate_size * 2) * 2 * 8.0  # bf16 activations, margin 8x
-    return FixedCosts(dense_format=dense_format, dense_s=dense_s + kv_read_s + launches_s, dense_bytes=dense_bytes,
+    return FixedCosts(dense_format=dense_format, dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes),
+                      dense_bytes=float(m.dense_bytes(dense_format)),
                       kv_bytes=kv_bytes, workspace_bytes=workspace, error=s.quant_error[dense_format])
 
 

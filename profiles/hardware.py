@@ -161,6 +161,9 @@ class DeviceSpec(BaseModel):
     memory_bytes_per_s: BytesPerS = 0.0
     peak_ops_per_s: dict[str, OpsPerS] = Field(default_factory=dict)
     launch_overhead_s: Seconds | None = None
+    # fixed framework work per hidden layer per forward step (attention and router dispatch,
+    # bookkeeping): not on any datasheet; planner calibrate fits it to measured runs
+    layer_overhead_s: Seconds = 0.0
     efficiency: EfficiencySpec | None = None
     cores: int | None = Field(default=None, ge=1)
     power_w: Watts | None = None
@@ -193,9 +196,11 @@ class DeviceSpec(BaseModel):
         if compute and not self.peak_ops_per_s:
             raise InputError(f"a {self.kind} device needs peak_ops_per_s for at least one format",
                              key="peak_ops_per_s", fix="add e.g. `peak_ops_per_s: {bf16: 165TFLOPS}`")
-        if not compute and (self.peak_ops_per_s or self.efficiency or self.launch_overhead_s is not None):
-            raise InputError(f"a {self.kind} device does not compute", key="peak_ops_per_s",
-                             fix="remove peak_ops_per_s, efficiency and launch_overhead_s")
+        stated = [k for k in ("peak_ops_per_s", "efficiency", "launch_overhead_s", "layer_overhead_s")
+                  if getattr(self, k) not in (None, {}, 0.0)]
+        if not compute and stated:
+            raise InputError(f"a {self.kind} device does not compute", key=stated[0],
+                             fix="remove peak_ops_per_s, efficiency, launch_overhead_s and layer_overhead_s")
         allowed = {"accelerator": ACCELERATOR_COMPUTE_FORMATS, "gpu": GPU_COMPUTE_FORMATS}.get(
             self.kind, GENERAL_COMPUTE_FORMATS)
         for fmt in self.peak_ops_per_s:
@@ -265,6 +270,7 @@ class Device:
     cores: int | None
     power_w: float | None
     price_per_hour_usd: float | None
+    layer_overhead_s: float = 0.0  # per hidden layer per forward step (see DeviceSpec)
 
     @property
     def is_compute(self) -> bool:
@@ -440,7 +446,8 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
         return Device(
             id=f"{node}/{name}" if node else name, node=node, name=name, kind=spec.kind, model=spec.model,
             memory_bytes=spec.memory_bytes, memory_bytes_per_s=spec.memory_bytes_per_s,
-            peak_ops_per_s=dict(spec.peak_ops_per_s), launch_overhead_s=overhead, efficiency=eff,
+            peak_ops_per_s=dict(spec.peak_ops_per_s), launch_overhead_s=overhead,
+            layer_overhead_s=spec.layer_overhead_s, efficiency=eff,
             cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
         )
 

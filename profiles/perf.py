@@ -74,12 +74,13 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     Every dense weight (attention, shared experts, dense layers, head) is read once and used
     by every token: one roofline call over ``dense_bytes(fmt)`` and ``2 * tokens * dense_params``
     FLOPs; attention reads the whole KV cache (``kv_bytes``, all sequences of the step) once;
-    each hidden layer launches two kernels (attention, dense/shared MLP).
+    each hidden layer launches two kernels (attention, dense/shared MLP) and pays the
+    device's fixed per-layer framework cost (``layer_overhead_s``).
     """
     weights_s = expert_call_s(device, fmt, float(model.dense_bytes(fmt)), 2.0 * tokens * model.dense_params, tokens)
     kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
-    launches_s = 2 * model.num_hidden_layers * device.launch_overhead_s
-    return weights_s + kv_read_s + launches_s
+    per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s
+    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s
 
 
 def activation_bytes(model: ModelSpec, tokens: float) -> float:

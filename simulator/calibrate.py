@@ -9,10 +9,12 @@ adjusts, for every compute device the runs used,
 - ``compute_max_fraction`` and ``half_tokens``: the compute efficiency curve
   ``fraction(n) = max * n / (n + half)`` over tokens per call,
 - ``launch_overhead_s``: fixed cost per kernel call,
+- ``layer_overhead_s``: fixed framework cost per hidden layer per forward step,
 
-plus one factor on every link's bandwidth, to minimise the squared log-ratios of
+plus one factor on every link's and drive's bandwidth, to minimise the squared log-ratios of
 predicted to measured TPOT and TTFT (``scipy.optimize.least_squares``, trust-region
-reflective, within physical bounds). Errors are reported before and after, on the runs
+reflective, within physical bounds), with a weak pull of each parameter towards the
+profile's value so that what the runs do not constrain stays as probed. Errors are reported before and after, on the runs
 used for the fit and on held-out runs.
 """
 
@@ -38,7 +40,10 @@ __all__ = ["CalibrationResult", "Run", "calibrate_profile", "load_run", "predict
 
 # name -> (lower, upper); every parameter is positive and fitted in log space
 BOUNDS = {"memory_fraction": (0.01, 1.0), "compute_max_fraction": (0.002, 1.0),
-          "half_tokens": (0.25, 4096.0), "launch_overhead_s": (1e-7, 0.05)}
+          "half_tokens": (0.25, 4096.0), "launch_overhead_s": (1e-7, 0.05), "layer_overhead_s": (1e-7, 0.05)}
+EFFICIENCY = ("memory_fraction", "compute_max_fraction", "half_tokens")
+OVERHEADS = ("launch_overhead_s", "layer_overhead_s")
+PRIOR_WEIGHT = 0.05  # per unit of log-parameter change, against log-ratio residuals
 LINK_BOUNDS = (0.02, 50.0)
 
 
@@ -101,6 +106,7 @@ def _devices(doc: dict, runs: list[Run]) -> list[tuple[int, int]]:
 
 def _apply(doc: dict, devices: list[tuple[int, int]], x: np.ndarray) -> dict:
     from profiles.hardware import DEFAULT_EFFICIENCY
+    from profiles.units import parse_bandwidth
 
     new = copy.deepcopy(doc)
     i = 0
@@ -108,16 +114,19 @@ def _apply(doc: dict, devices: list[tuple[int, int]], x: np.ndarray) -> dict:
         dev = new["nodes"][ni]["devices"][di]
         eff = {**DEFAULT_EFFICIENCY[dev["kind"]], **(dev.get("efficiency") or {})}
         eff.pop("points", None)
-        for name in ("memory_fraction", "compute_max_fraction", "half_tokens"):
+        for name in EFFICIENCY:
             eff[name] = float(x[i])
             i += 1
         eff["source"] = "calibrated by planner calibrate"
         dev["efficiency"] = eff
-        dev["launch_overhead_s"] = float(x[i])
-        i += 1
+        for name in OVERHEADS:
+            dev[name] = float(x[i])
+            i += 1
     factor = float(x[i])
     for node in new["nodes"]:
         for dev in node["devices"]:
+            if dev["kind"] == "nvme":  # a drive's read rate bounds its transfers as much as its link
+                dev["memory_bytes_per_s"] = parse_bandwidth(dev["memory_bytes_per_s"]) * factor
             for link in dev.get("links", []) or []:
                 if link.get("kind") == "unified":
                     continue
@@ -141,16 +150,17 @@ def _start(doc: dict, devices: list[tuple[int, int]]) -> np.ndarray:
     for ni, di in devices:
         dev = doc["nodes"][ni]["devices"][di]
         eff = {**DEFAULT_EFFICIENCY[dev["kind"]], **(dev.get("efficiency") or {})}
-        x += [eff["memory_fraction"], eff["compute_max_fraction"], eff["half_tokens"]]
+        x += [eff[name] for name in EFFICIENCY]
         overhead = dev.get("launch_overhead_s")
         x.append(parse_time(overhead) if overhead is not None else DEFAULT_LAUNCH_OVERHEAD_S[dev["kind"]])
+        x.append(parse_time(dev.get("layer_overhead_s") or 0.0))  # clipped to its lower bound
     return np.array(x + [1.0], float)
 
 
 def _bounds(devices: list) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = [], []
     for _ in devices:
-        for name in ("memory_fraction", "compute_max_fraction", "half_tokens", "launch_overhead_s"):
+        for name in EFFICIENCY + OVERHEADS:
             lo.append(BOUNDS[name][0])
             hi.append(BOUNDS[name][1])
     return np.array(lo + [LINK_BOUNDS[0]]), np.array(hi + [LINK_BOUNDS[1]])
@@ -201,6 +211,9 @@ def calibrate_profile(doc: dict, fit: list[Run], holdout: list[Run] = (), *, max
     lo, hi = _bounds(devices)
     x0 = np.clip(x0, lo, hi)
     to_u = np.log  # every parameter is positive: fit in log space
+    u0 = to_u(x0)
+    # every parameter but the per-layer overhead, which profiles rarely state (0: no prior)
+    prior = np.array([name != "layer_overhead_s" for _ in devices for name in EFFICIENCY + OVERHEADS] + [True])
     count = 0
 
     def residuals(u: np.ndarray) -> np.ndarray:
@@ -211,7 +224,9 @@ def calibrate_profile(doc: dict, fit: list[Run], holdout: list[Run] = (), *, max
         for run in fit:
             tpot, ttft = predict(candidate, run)
             res += [math.log(tpot / run.tpot_s), math.log(ttft / run.ttft_s)]
-        return np.array(res)
+        # a weak pull towards the profile's own (probed or stated) values: a few runs cannot
+        # pin down every parameter, and those the runs do not constrain should stay put
+        return np.concatenate([res, PRIOR_WEIGHT * (u - u0)[prior]])
 
     sol = least_squares(residuals, to_u(x0), bounds=(to_u(lo), to_u(hi)), method="trf", x_scale=1.0,
                         diff_step=0.05, max_nfev=max_evaluations)
@@ -220,9 +235,8 @@ def calibrate_profile(doc: dict, fit: list[Run], holdout: list[Run] = (), *, max
     i = 0
     for ni, di in devices:
         name = doc["nodes"][ni]["devices"][di]["name"]
-        params[name] = {k: float(np.exp(sol.x[i + j])) for j, k in enumerate(
-            ("memory_fraction", "compute_max_fraction", "half_tokens", "launch_overhead_s"))}
-        i += 4
+        params[name] = {k: float(np.exp(sol.x[i + j])) for j, k in enumerate(EFFICIENCY + OVERHEADS)}
+        i += len(EFFICIENCY + OVERHEADS)
     params["link_bandwidth_factor"] = float(np.exp(sol.x[i]))
     return CalibrationResult(profile=best, fit_before=errors(doc, fit), fit_after=errors(best, fit),
                              holdout_before=errors(doc, list(holdout)), holdout_after=errors(best, list(holdout)),

@@ -148,3 +148,29 @@ def test_unknown_profile_name_lists_the_bundled_ones():
 def test_link_bandwidth_is_finite_except_unified(tmp_path):
     _, hw = load_profile(write(tmp_path, CLUSTER))
     assert all(math.isfinite(l.bytes_per_s) for l in hw.links)
+
+
+def test_layer_overhead_is_paid_once_per_hidden_layer_and_only_by_compute_devices():
+    from profiles.models import load_model
+    from profiles.perf import dense_step_s
+
+    from profiles.hardware import HardwareProfile, bundled_profiles
+    from profiles.yamlio import load_yaml
+
+    doc, _ = load_yaml(bundled_profiles()["desktop-4090"])
+    model = load_model("mixtral-8x7b")
+    base = HardwareProfile.model_validate(doc).resolve().devices_of_kind("gpu")[0]
+    for node in doc["nodes"]:
+        for dev in node["devices"]:
+            if dev["kind"] == "gpu":
+                dev["layer_overhead_s"] = "200us"
+    slow = HardwareProfile.model_validate(doc).resolve().devices_of_kind("gpu")[0]
+    assert slow.layer_overhead_s == pytest.approx(2e-4)
+    extra = dense_step_s(slow, model, "bf16", 1, 0.0) - dense_step_s(base, model, "bf16", 1, 0.0)
+    assert extra == pytest.approx(model.num_hidden_layers * 2e-4)
+    for node in doc["nodes"]:
+        for dev in node["devices"]:
+            if dev["kind"] == "nvme":
+                dev["layer_overhead_s"] = "1ms"
+    with pytest.raises(ValueError, match="layer_overhead_s: a nvme device does not compute"):
+        HardwareProfile.model_validate(doc)

@@ -31,8 +31,9 @@ def calibrate_cmd(profile_path, runs, holdout, out, max_evaluations, force) -> N
     """Fit the profile's efficiency parameters to measured runs; report the error before and after.
 
     For every compute device the runs used: memory-bandwidth fraction, compute efficiency
-    curve (max fraction and half-saturation tokens) and launch overhead; plus one factor on
-    link bandwidths. Least squares on log(predicted/measured) TPOT and TTFT, within bounds.
+    curve (max fraction and half-saturation tokens), overhead per kernel call and framework
+    overhead per layer and step; plus one factor on link bandwidths. Least squares on
+    log(predicted/measured) TPOT and TTFT, within bounds.
 
     \b
     Examples:
