@@ -307,14 +307,12 @@ def main() -> None:
 
 def compare(args: argparse.Namespace, work: Path) -> None:
     """Plan and export the bundle, measure the baseline, run both contenders, write the JSON."""
-    import yaml
+    from _machine import probed_profile
 
     from exporters.bundle import write_bundle
     from exporters.checkpoints import make_random_checkpoint
     from planner.optimize import OptimizeRequest, optimize
-    from profiles.hardware import load_profile
     from profiles.models import load_model
-    from profiles.probe import QUICK, probe, render_profile_yaml
 
     _import_stack()
     ckpt = work / "ckpt"
@@ -322,15 +320,9 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         make_random_checkpoint("mixtral", ckpt, **SHAPE)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     # 1. this machine, measured; its memory cut so that the planner has `budget` for weights
-    doc = yaml.safe_load(render_profile_yaml(probe(work, QUICK), "this-machine"))
     frac, fixed = HOST_RESERVE_MIB
-    for node in doc["nodes"]:
-        for dev in node["devices"]:
-            if dev["kind"] == "cpu":
-                dev["memory_bytes"] = f"{(fixed + args.budget_mib) / (1 - frac):.0f}MiB"
-    profile_path = work / "budget.yaml"
-    profile_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    profile, hw = load_profile(profile_path)
+    profile_path, profile, hw, _ = probed_profile(work, f"{(fixed + args.budget_mib) / (1 - frac):.0f}MiB",
+                                                  "budget.yaml")
     model = load_model(ckpt / "config.json")
     t = time.perf_counter()
     plan = optimize(OptimizeRequest(hardware=str(profile_path), model=str(ckpt / "config.json"),

@@ -25,15 +25,14 @@ import time
 from pathlib import Path
 
 import yaml
+from _machine import probed_profile
 from _provenance import ROOT, provenance
 
 from exporters.bundle import write_bundle
 from exporters.checkpoints import make_random_checkpoint
 from planner.optimize import OptimizeRequest, optimize
 from planner.verify import verify_bundle_run
-from profiles.hardware import load_profile
 from profiles.models import load_model
-from profiles.probe import QUICK, probe, render_profile_yaml
 from simulator.calibrate import calibrate_profile, load_run
 
 SHAPE = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8}
@@ -59,16 +58,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-calibration-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    t = time.perf_counter()
-    doc = yaml.safe_load(render_profile_yaml(probe(work, QUICK), "this-machine"))
-    probe_s = time.perf_counter() - t
-    for node in doc["nodes"]:
-        for dev in node["devices"]:
-            if dev["kind"] == "cpu":
-                dev["memory_bytes"] = f"{HOST_MIB}MiB"
-    profile_path = work / "probed.yaml"
-    profile_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    profile, hw = load_profile(profile_path)
+    profile_path, profile, hw, probe_s = probed_profile(work, f"{HOST_MIB}MiB")
+    doc = yaml.safe_load(profile_path.read_text())
 
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
