@@ -135,6 +135,16 @@ class Setup:
     def expert_bytes(self, fmt: str) -> float:
         return float(self.model.expert_bytes(fmt))
 
+    def kernel_factor(self, device: Device, fmt: str) -> float:
+        """Bytes held per stored byte of an expert that ``device`` runs: a CPU runs int8/int4
+        experts in ONNX Runtime sessions, which keep their own pre-packed copy
+        (``kernel_bytes_factor``, measured by the probe); anything else holds what it stores."""
+        return device.kernel_bytes_factor.get(fmt, 1.0) if device.kind == "cpu" else 1.0
+
+    def in_host_dram(self, home_index: int) -> bool:
+        """Whether ``homes[home_index]`` is the host CPU's own memory."""
+        return bool(self.homes) and self.homes[home_index] == self.hardware.memory_of(self.host.id).id
+
     def transfer_s(self, home: str, n_bytes: float) -> float:
         return self.hardware.route(home, self.compute.id).transfer_s(n_bytes)
 
@@ -269,8 +279,17 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
          + p_cpu * 2 * s.activation_s(B))
     F = np.where(is_["stream"], (q - p) * x, np.where(is_["fetch"] | is_["hybrid"], miss * x, 0.0))
     error = err_c[bi, p] + err_c[bo, E] - err_c[bo, p]
-    dev_bytes = p * eb[bi] + c * eb[bo]
-    home_bytes = (E - p) * eb[bo]
+    # what each placement holds: an expert a CPU runs from memory is held as its session's
+    # pre-packed copy (kernel_factor); a hybrid expert in host DRAM as that and the copy the
+    # device fetches from; an expert on a drive as its stored bytes
+    f_dev = np.array([s.kernel_factor(s.compute, fm) for fm in s.formats])  # [b]
+    f_cpu = np.array([s.kernel_factor(s.host, fm) for fm in s.formats])  # [b]
+    dram_homes = np.array([s.in_host_dram(h) for h in range(len(s.homes))] or [False])
+    in_dram = dram_homes[np.minimum(hi, len(dram_homes) - 1)]  # [N]
+    run_f = np.where(in_dram, f_cpu[bo], 1.0)  # [N]
+    band_f = np.where(is_["local"], run_f, np.where(is_["hybrid"] & in_dram, 1.0 + f_cpu[bo], 1.0))
+    dev_bytes = p * eb[bi] * f_dev[bi] + c * eb[bo] * f_dev[bo]
+    home_bytes = eb[bo] * ((q - p) * band_f + (E - q) * run_f)
 
     r = float(st.predictability[layer])
     if B == 1 and st.access_rank is not None:

@@ -246,10 +246,10 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         layers.append(LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=tuple(homes),
                                 format=tuple(fmts), site=tuple(sites), cache_slots=c,
                                 cache_device=s.compute.id if c else None, cache_format=bo if c else None))
-        mem[dev_mem]["expert_bytes"] += p * s.expert_bytes(br)
-        mem[dev_mem]["cache_bytes"] += c * s.expert_bytes(bo)
+        mem[dev_mem]["expert_bytes"] += p * s.expert_bytes(br) * s.kernel_factor(s.compute, br)
+        mem[dev_mem]["cache_bytes"] += c * s.expert_bytes(bo) * s.kernel_factor(s.compute, bo)
         if p < st.num_experts:
-            mem[home]["expert_bytes"] += (st.num_experts - p) * s.expert_bytes(bo)
+            mem[home]["expert_bytes"] += float(t.home_bytes[w])  # as the ILP counted it
     fc = problem.fixed[dense_fm]
     memory = {}
     for m, use in mem.items():

@@ -164,6 +164,9 @@ class DeviceSpec(BaseModel):
     # fixed framework work per hidden layer per forward step (attention and router dispatch,
     # bookkeeping): not on any datasheet; planner calibrate fits it to measured runs
     layer_overhead_s: Seconds = 0.0
+    # bytes a CPU's expert kernels hold per stored byte, per format: ONNX Runtime keeps its own
+    # pre-packed copy of the int8/int4 experts it runs (planner profile probe measures it)
+    kernel_bytes_factor: dict[str, Annotated[float, Field(gt=0, le=16)]] = Field(default_factory=dict)
     efficiency: EfficiencySpec | None = None
     cores: int | None = Field(default=None, ge=1)
     power_w: Watts | None = None
@@ -196,11 +199,12 @@ class DeviceSpec(BaseModel):
         if compute and not self.peak_ops_per_s:
             raise InputError(f"a {self.kind} device needs peak_ops_per_s for at least one format",
                              key="peak_ops_per_s", fix="add e.g. `peak_ops_per_s: {bf16: 165TFLOPS}`")
-        stated = [k for k in ("peak_ops_per_s", "efficiency", "launch_overhead_s", "layer_overhead_s")
-                  if getattr(self, k) not in (None, {}, 0.0)]
+        stated = [k for k in ("peak_ops_per_s", "efficiency", "launch_overhead_s", "layer_overhead_s",
+                              "kernel_bytes_factor") if getattr(self, k) not in (None, {}, 0.0)]
         if not compute and stated:
             raise InputError(f"a {self.kind} device does not compute", key=stated[0],
-                             fix="remove peak_ops_per_s, efficiency, launch_overhead_s and layer_overhead_s")
+                             fix="remove peak_ops_per_s, efficiency, launch_overhead_s, layer_overhead_s and "
+                                 "kernel_bytes_factor")
         allowed = {"accelerator": ACCELERATOR_COMPUTE_FORMATS, "gpu": GPU_COMPUTE_FORMATS}.get(
             self.kind, GENERAL_COMPUTE_FORMATS)
         for fmt in self.peak_ops_per_s:
@@ -212,6 +216,11 @@ class DeviceSpec(BaseModel):
                                  fix="remove it or use one of the allowed formats")
         if self.kind == "cpu" and self.cores is None:
             raise InputError("a cpu device needs cores", key="cores", fix="add e.g. `cores: 16`")
+        for fmt in self.kernel_bytes_factor:
+            if fmt not in GENERAL_COMPUTE_FORMATS:
+                raise InputError(f"unknown format {fmt!r}", key=f"kernel_bytes_factor.{fmt}",
+                                 expected="one of " + ", ".join(GENERAL_COMPUTE_FORMATS),
+                                 fix="key the factors by the expert's storage format, e.g. `{int8: 1.4}`")
         return self
 
     def instance_names(self) -> list[str]:
@@ -271,6 +280,7 @@ class Device:
     power_w: float | None
     price_per_hour_usd: float | None
     layer_overhead_s: float = 0.0  # per hidden layer per forward step (see DeviceSpec)
+    kernel_bytes_factor: dict[str, float] = field(default_factory=dict)  # see DeviceSpec
 
     @property
     def is_compute(self) -> bool:
@@ -447,7 +457,8 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
             id=f"{node}/{name}" if node else name, node=node, name=name, kind=spec.kind, model=spec.model,
             memory_bytes=spec.memory_bytes, memory_bytes_per_s=spec.memory_bytes_per_s,
             peak_ops_per_s=dict(spec.peak_ops_per_s), launch_overhead_s=overhead,
-            layer_overhead_s=spec.layer_overhead_s, efficiency=eff,
+            layer_overhead_s=spec.layer_overhead_s, kernel_bytes_factor=dict(spec.kernel_bytes_factor),
+            efficiency=eff,
             cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
         )
 

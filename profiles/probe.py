@@ -231,6 +231,7 @@ class CpuFigures:
     skipped: dict[str, str]
     launch_overhead_s: Figure | None
     efficiency: EfficiencyFit | None
+    kernel_bytes_factor: dict[str, Figure] = field(default_factory=dict)  # format -> held / stored bytes
 
 
 @dataclass(frozen=True)
@@ -384,7 +385,7 @@ def probe(directory: str | Path = ".", settings: ProbeSettings = FULL, progress:
         peaks, peak_skips = _cpu_gemms(settings, torch, ort, int(cores.value))
 
         steps.start("ffn", "expert FFN efficiency curve (CPU)")
-        efficiency, overhead = _cpu_ffn_curve(settings, a, read.value, peaks, torch, ort, int(cores.value))
+        efficiency, overhead, held = _cpu_ffn_curve(settings, a, read.value, peaks, torch, ort, int(cores.value))
         del a
     finally:
         threads.restore()
@@ -399,7 +400,7 @@ def probe(directory: str | Path = ".", settings: ProbeSettings = FULL, progress:
     cpu = CpuFigures(model=model, cores=cores, memory_bytes=memory, last_level_cache_bytes=llc,
                      dram_read_bytes_per_s=read,
                      dram_copy_bytes_per_s=copy, peak_ops_per_s=peaks, skipped=peak_skips,
-                     launch_overhead_s=overhead, efficiency=efficiency)
+                     launch_overhead_s=overhead, efficiency=efficiency, kernel_bytes_factor=held)
 
     gpu_figures: list[GpuFigures] = []
     if has_gpu:
@@ -961,24 +962,51 @@ def _ort_ffn_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bits: int
     return _ort_model(nodes, inits, gate.shape[0], "down_y", down.shape[1])
 
 
-def _ort_session(model: bytes, ort, threads: int):
+def _ort_session(model: bytes, ort, threads: int, weights: tuple[list[str], list] | None = None):
     """A CPU session as the bundle runtime makes them (exporters/runtime/kernels.py): its own
     intra-op pool of ``threads``, sleeping rather than spinning between runs, so that many
-    expert sessions share the cores (spinning pools lose up to 10x on a busy 2-core box)."""
+    expert sessions share the cores (spinning pools lose up to 10x on a busy 2-core box);
+    ``weights`` (from :func:`_weights_outside`) are fed as in-memory external initializers,
+    as the runtime feeds its memory-mapped expert weights."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if weights is not None:
+        names, arrays = weights
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _weights_outside(model: bytes) -> tuple[bytes, tuple[list[str], list[np.ndarray]]]:
+    """``model`` with its initializers replaced by in-memory external placeholders, and the
+    ``(names, arrays)`` a session then takes (:func:`_ort_session`)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    proto = onnx.load_from_string(model)
+    names, arrays, placeholders = [], [], []
+    for init in proto.graph.initializer:
+        array = np.ascontiguousarray(numpy_helper.to_array(init))
+        holder = TensorProto(name=init.name, data_type=init.data_type, dims=array.shape,
+                             data_location=TensorProto.EXTERNAL)
+        holder.external_data.add(key="location", value="in-memory")
+        names.append(init.name)
+        arrays.append(array)
+        placeholders.append(holder)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(placeholders)
+    return proto.SerializeToString(), (names, arrays)
 
 
 # --------------------------------------------------------------------------- CPU FFN curve
 
 
 def _cpu_ffn_curve(settings: ProbeSettings, dram: np.ndarray, dram_read_bytes_per_s: float,
-                   peaks: dict[str, Figure], torch, ort, threads: int) -> tuple[EfficiencyFit | None, Figure | None]:
+                   peaks: dict[str, Figure], torch, ort, threads: int
+                   ) -> tuple[EfficiencyFit | None, Figure | None, dict[str, Figure]]:
     """Time one gated FFN call per token count, per format, cycling experts; fit the curve.
 
     The fp32 experts live in the DRAM test array (no new allocation); int8/int4 experts are
@@ -991,6 +1019,7 @@ def _cpu_ffn_curve(settings: ProbeSettings, dram: np.ndarray, dram_read_bytes_pe
     overhead_s: dict[str, float] = {}
     weight_bytes: dict[str, float] = {}
     notes: dict[str, str] = {}
+    held: dict[str, Figure] = {}
     ref = None
     # the first format measured (in CURVE_PREFERENCE order) gets the whole curve; the others
     # only settings.ffn_other_tokens (their one-token call feeds the memory fraction)
@@ -1002,14 +1031,16 @@ def _cpu_ffn_curve(settings: ProbeSettings, dram: np.ndarray, dram_read_bytes_pe
             made = _ort_experts(fmt, h, i, settings, tokens, ort, threads, rng)
         if made is None:
             continue
-        calls, tiny_call, wbytes, note = made
+        calls, tiny_call, wbytes, note, *factor = made
+        if factor and factor[0] is not None:
+            held[fmt] = factor[0]
         overhead_s[fmt] = _best_s(tiny_call, 200 if settings.mode != "tiny" else 20, warmup=5)
         call_s[fmt] = _time_curve(calls, tokens, settings.ffn_point_s)
         weight_bytes[fmt] = wbytes
         notes[fmt] = note
         ref = ref or fmt
     if ref is None:
-        return None, None
+        return None, None, held
     fit = fit_efficiency(
         call_s, weight_bytes, overhead_s, ref, peaks[ref].value, dram_read_bytes_per_s,
         flops_per_token=2.0 * 3 * h * i,
@@ -1017,7 +1048,7 @@ def _cpu_ffn_curve(settings: ProbeSettings, dram: np.ndarray, dram_read_bytes_pe
                f"tokens, fastest call per n; fraction(n) = 2*n*3*H*I / (peak {ref} * (t(n) - overhead))")
     overhead = Figure(overhead_s[ref], f"fastest of 200 {ref} expert FFN calls at H=I=128, 1 token ({notes[ref]}): "
                                        "the fixed cost of one call")
-    return fit, overhead
+    return fit, overhead, held
 
 
 def _time_curve(calls: list[Callable[[int], object]], tokens: tuple[int, ...], point_s: float) -> dict[int, float]:
@@ -1099,12 +1130,15 @@ def _ort_experts(fmt: str, h: int, i: int, settings: ProbeSettings, tokens: tupl
     up = (rng.standard_normal((h, i), dtype=np.float32) * scale)
     down = (rng.standard_normal((i, h), dtype=np.float32) * scale)
     try:
-        model = _ort_ffn_model(gate, up, down, bits)
+        # the weights live outside the sessions, as the runtime's mapped files do: what a
+        # session adds to the process is what it holds of its own
+        model, weights = _weights_outside(_ort_ffn_model(gate, up, down, bits))
         expert_bytes = _quantised_bytes(h, i, bits)
         count = _expert_count(settings, expert_bytes)
-        sessions = [_ort_session(model, ort, threads) for _ in range(count)]
         tiny_w = np.full((128, 128), 0.01, dtype=np.float32)
         tiny = _ort_session(_ort_ffn_model(tiny_w, tiny_w, tiny_w, bits), ort, threads)
+        before = _anon_bytes()
+        sessions = [_ort_session(model, ort, threads, weights) for _ in range(count)]
     except Exception:  # noqa: BLE001 - the GEMM step already recorded why this format does not run
         return None
     xs = {n: np.full((n, h), 0.01, dtype=np.float32) for n in tokens}
@@ -1113,12 +1147,30 @@ def _ort_experts(fmt: str, h: int, i: int, settings: ProbeSettings, tokens: tupl
     streaming = [n for n in tokens if n <= 16] or [tokens[0]]
     for s in sessions:
         s.run(None, {"x": xs[streaming[-1]]})
+    after = _anon_bytes()
+    factor = None
+    if before is not None and after is not None and after > before:
+        factor = Figure((after - before) / (count * expert_bytes),
+                        f"anonymous memory (RssAnon) {count} one-expert MatMulNBits sessions added, run once at "
+                        f"{streaming[-1]} tokens, per byte of the expert's {fmt} weights ({_mib(count * expert_bytes)}, fed "
+                        "as external initializers): the pre-packed copy, scratch and the session itself")
     for s in sessions[:4]:
         s.run(None, {"x": xs[tokens[-1]]})
     calls = [lambda n, s=s: s.run(None, {"x": xs[n]}) for s in sessions]
     note = (f"onnxruntime MatMulNBits bits={bits} accuracy_level=4, {count} expert sessions "
             f"({_mib(count * expert_bytes)}) of {threads} non-spinning threads cycled")
-    return calls, lambda: tiny.run(None, {"x": x1}), expert_bytes, note
+    return calls, lambda: tiny.run(None, {"x": x1}), expert_bytes, note, factor
+
+
+def _anon_bytes() -> float | None:
+    """This process's resident anonymous memory (Linux ``RssAnon``), or None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _quantised_bytes(h: int, i: int, bits: int) -> float:
@@ -1528,6 +1580,11 @@ def _cpu_lines(cpu: CpuFigures, src: Source) -> list[str]:
         lines.append(f"        launch_overhead_s: {_num(cpu.launch_overhead_s.value, 's')}"
                      + _c(cpu.launch_overhead_s.method))
         src("cpu0.launch_overhead_s", cpu.launch_overhead_s)
+    if cpu.kernel_bytes_factor:
+        lines.append("        kernel_bytes_factor:" + _c("bytes ONNX Runtime holds per stored byte of an expert it runs"))
+        for fmt, fig in cpu.kernel_bytes_factor.items():
+            lines.append(f"          {fmt}: {fig.value:.3f}" + _c(fig.method))
+            src(f"cpu0.kernel_bytes_factor.{fmt}", fig)
     if cpu.efficiency is not None:
         lines += _efficiency_lines(cpu.efficiency, "cpu0", src)
     else:

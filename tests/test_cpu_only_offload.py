@@ -3,7 +3,10 @@ per-layer caches in DRAM (the DRAM pool is both the compute device's and the hos
 
 from __future__ import annotations
 
+import pytest
+
 from planner.optimize import OptimizeRequest, optimize
+from profiles.models import load_model
 
 PROFILE = """\
 name: cpu-box
@@ -35,3 +38,24 @@ def test_cpu_only_box_offloads_to_disk(tmp_path):
     assert set(plan.counts()["site"]) <= {"resident", "fetch", "stream"}  # no CPU "local" reads from disk
     used = plan.memory["node/cpu0"]
     assert used.used_bytes <= used.capacity_bytes
+
+
+def test_the_kernels_pre_packed_copies_count_against_memory(tmp_path):
+    """A CPU runs int8/int4 experts in ONNX Runtime sessions that hold a pre-packed copy:
+    with kernel_bytes_factor stated, the plan budgets what the sessions hold, not what is
+    stored, and keeps fewer experts resident."""
+    plans = {}
+    for factor in (None, 2.0):
+        path = tmp_path / f"cpu-box-{factor}.yaml"
+        extra = "" if factor is None else f"        kernel_bytes_factor: {{int8: {factor}, int4: {factor}}}\n"
+        path.write_text(PROFILE.replace("        peak_ops_per_s: {fp32", extra + "        peak_ops_per_s: {fp32"))
+        plans[factor] = optimize(OptimizeRequest(hardware=str(path), model="olmoe-1b-7b", context_tokens=1024,
+                                                 formats=("int8",))).plan
+    for factor, plan in plans.items():
+        used = plan.memory["node/cpu0"]
+        stored = sum(fmt == "int8" for lp in plan.layers for fmt, s in zip(lp.format, lp.site) if s == "resident")
+        held_per_expert = used.expert_bytes / stored
+        assert used.used_bytes <= used.capacity_bytes
+        assert held_per_expert == pytest.approx((factor or 1.0) * load_model("olmoe-1b-7b").expert_bytes("int8"))
+    resident = {f: p.counts()["site"].get("resident", 0) for f, p in plans.items()}
+    assert resident[2.0] < resident[None]

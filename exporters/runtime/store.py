@@ -126,6 +126,10 @@ class ExpertHome:
         self.metrics.moved(self.spec.home[e], w.nbytes, fetch=fetch, prefetch=prefetch)
         if device is None:
             return w
+        if device.type == "cpu" and w.fmt not in FLOAT_FORMATS:
+            # a CPU device runs it in a session that keeps its own pre-packed copy (see
+            # PlannedExperts._ready): the mapped file's pages are only read while it is built
+            return ExpertWeights(w.fmt, w.tensors)
         return w.to(device, non_blocking=any(t.is_pinned() for t in w.tensors.values()))
 
 
