@@ -56,7 +56,6 @@ from _provenance import ROOT, provenance
 
 PROMPTS = ["the cat sat on the mat", "experts route tokens through layers of a sparse model"]
 SHAPE = {"hidden_size": 768, "intermediate_size": 1536, "num_hidden_layers": 8}
-HOST_RESERVE_MIB = (0.10, 4096)  # what the planner keeps free in host memory (planner.costs.Setup.host_reserve)
 CONTENDERS = ("bundle", "accelerate")
 
 
@@ -311,6 +310,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
 
     from exporters.bundle import write_bundle
     from exporters.checkpoints import make_random_checkpoint
+    from planner.costs import Setup
     from planner.optimize import OptimizeRequest, optimize
     from profiles.models import load_model
 
@@ -320,9 +320,11 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         make_random_checkpoint("mixtral", ckpt, **SHAPE)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     # 1. this machine, measured; its memory cut so that the planner has `budget` for weights
-    frac, fixed = HOST_RESERVE_MIB
-    profile_path, profile, hw, _ = probed_profile(work, f"{(fixed + args.budget_mib) / (1 - frac):.0f}MiB",
-                                                  "budget.yaml")
+    # the CPU computes, so the planner keeps its compute-device reserve free (Setup.device_reserve):
+    # size the memory so that exactly the budget is left for weights, KV cache and workspace
+    frac, fixed = Setup.__dataclass_fields__["device_reserve"].default
+    memory = (fixed + args.budget_mib * 2**20) / (1 - frac)
+    profile_path, profile, hw, _ = probed_profile(work, f"{memory:.0f}B", "budget.yaml")
     model = load_model(ckpt / "config.json")
     t = time.perf_counter()
     plan = optimize(OptimizeRequest(hardware=str(profile_path), model=str(ckpt / "config.json"),

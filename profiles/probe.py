@@ -158,7 +158,7 @@ FULL = ProbeSettings(
 QUICK = replace(
     FULL, mode="quick", dram_bytes=256 * MiB, dram_repeats=3, disk_bytes=256 * MiB, disk_repeats=1,
     gemm_m=512, gemm_repeats=3, gemm_budget_s=0.25,
-    ffn_other_tokens=(1,), ffn_working_set_bytes=256 * MiB, ffn_point_s=0.12, ffn_formats=("fp32", "int4"),
+    ffn_other_tokens=(1,), ffn_working_set_bytes=256 * MiB, ffn_point_s=0.12, ffn_formats=("fp32", "int8", "int4"),
     gpu_transfer_bytes=128 * MiB, gpu_copy_bytes=256 * MiB, gpu_gemm_dim=4096, gpu_ffn_tokens=GPU_FFN_TOKENS[:11],
     gpu_ffn_working_set_bytes=768 * MiB, gpu_repeats=3, cache_multiple=1.0,
 )
