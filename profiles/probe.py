@@ -1031,9 +1031,9 @@ def _cpu_ffn_curve(settings: ProbeSettings, dram: np.ndarray, dram_read_bytes_pe
             made = _ort_experts(fmt, h, i, settings, tokens, ort, threads, rng)
         if made is None:
             continue
-        calls, tiny_call, wbytes, note, *factor = made
-        if factor and factor[0] is not None:
-            held[fmt] = factor[0]
+        calls, tiny_call, wbytes, note, factor = made
+        if factor is not None:
+            held[fmt] = factor
         overhead_s[fmt] = _best_s(tiny_call, 200 if settings.mode != "tiny" else 20, warmup=5)
         call_s[fmt] = _time_curve(calls, tokens, settings.ffn_point_s)
         weight_bytes[fmt] = wbytes
@@ -1104,7 +1104,7 @@ def _torch_or_numpy_experts(fmt: str, dram: np.ndarray, h: int, i: int, settings
         tiny = tuple(torch.full((128, 128), 0.01, dtype=dtype) for _ in range(3))
         x1 = torch.full((1, 128), 0.01, dtype=dtype)
         note = f"torch {fmt}, {count} experts ({_mib(count * per * dtype.itemsize)}) cycled"
-        return calls, lambda: _torch_ffn(torch, tiny, x1), per * (4 if fmt == "fp32" else 2), note
+        return calls, lambda: _torch_ffn(torch, tiny, x1), per * (4 if fmt == "fp32" else 2), note, None
 
     xs = {n: np.full((n, h), 0.01, dtype=np.float32) for n in tokens}
 
@@ -1116,7 +1116,8 @@ def _torch_or_numpy_experts(fmt: str, dram: np.ndarray, h: int, i: int, settings
     calls = [lambda n, ex=ex: numpy_ffn(ex, xs[n]) for ex in experts]
     tiny = tuple(np.full((128, 128), 0.01, dtype=np.float32) for _ in range(3))
     x1 = np.full((1, 128), 0.01, dtype=np.float32)
-    return calls, lambda: numpy_ffn(tiny, x1), per * 4, f"numpy fp32, {count} experts ({_mib(count * per * 4)}) cycled"
+    note = f"numpy fp32, {count} experts ({_mib(count * per * 4)}) cycled"
+    return calls, lambda: numpy_ffn(tiny, x1), per * 4, note, None
 
 
 def _ort_experts(fmt: str, h: int, i: int, settings: ProbeSettings, tokens: tuple[int, ...], ort, threads: int,
@@ -1152,8 +1153,9 @@ def _ort_experts(fmt: str, h: int, i: int, settings: ProbeSettings, tokens: tupl
     if before is not None and after is not None and after > before:
         factor = Figure((after - before) / (count * expert_bytes),
                         f"anonymous memory (RssAnon) {count} one-expert MatMulNBits sessions added, run once at "
-                        f"{streaming[-1]} tokens, per byte of the expert's {fmt} weights ({_mib(count * expert_bytes)}, fed "
-                        "as external initializers): the pre-packed copy, scratch and the session itself")
+                        f"{streaming[-1]} tokens, per byte of the expert's {fmt} weights "
+                        f"({_mib(count * expert_bytes)}, fed as external initializers): the pre-packed copy, "
+                        "scratch and the session itself")
     for s in sessions[:4]:
         s.run(None, {"x": xs[tokens[-1]]})
     calls = [lambda n, s=s: s.run(None, {"x": xs[n]}) for s in sessions]
@@ -1164,12 +1166,9 @@ def _ort_experts(fmt: str, h: int, i: int, settings: ProbeSettings, tokens: tupl
 
 def _anon_bytes() -> float | None:
     """This process's resident anonymous memory (Linux ``RssAnon``), or None where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
+    for line in _read(Path("/proc/self/status")).splitlines():
+        if line.startswith("RssAnon:"):
+            return float(line.split()[1]) * 1024
     return None
 
 
@@ -1581,7 +1580,8 @@ def _cpu_lines(cpu: CpuFigures, src: Source) -> list[str]:
                      + _c(cpu.launch_overhead_s.method))
         src("cpu0.launch_overhead_s", cpu.launch_overhead_s)
     if cpu.kernel_bytes_factor:
-        lines.append("        kernel_bytes_factor:" + _c("bytes ONNX Runtime holds per stored byte of an expert it runs"))
+        lines.append("        kernel_bytes_factor:"
+                     + _c("bytes ONNX Runtime holds per stored byte of an expert it runs"))
         for fmt, fig in cpu.kernel_bytes_factor.items():
             lines.append(f"          {fmt}: {fig.value:.3f}" + _c(fig.method))
             src(f"cpu0.kernel_bytes_factor.{fmt}", fig)

@@ -14,8 +14,8 @@ adjusts, for every compute device the runs used,
 plus one factor on every link's and drive's bandwidth, to minimise the squared log-ratios of
 predicted to measured TPOT and TTFT (``scipy.optimize.least_squares``, trust-region
 reflective, within physical bounds), with a weak pull of each parameter towards the
-profile's value so that what the runs do not constrain stays as probed. Errors are reported before and after, on the runs
-used for the fit and on held-out runs.
+profile's value so that what the runs do not constrain stays as probed. Errors are
+reported before and after, on the runs used for the fit and on held-out runs.
 """
 
 from __future__ import annotations
