@@ -363,7 +363,8 @@ def compare(args: argparse.Namespace, work: Path) -> None:
     result = {"provenance": provenance(("numpy", "torch", "transformers", "accelerate", "onnxruntime")),
               "checkpoint": {"shape": SHAPE, "bytes": ckpt_bytes, "dtype": "fp32"},
               "budget_bytes": budget, "plan": {"sites": plan.counts()["site"],
-                                               "formats": plan.counts()["format"], "plan_s": plan_s},
+                                               "formats": plan.counts()["format"], "dense_format": plan.dense_format,
+                                               "plan_s": plan_s},
               "budget_enforced": enforce,
               "budget_not_enforced_because": why_not,
               "memory_limit": {

@@ -58,6 +58,7 @@ from typing import Sequence
 import numpy as np
 
 from profiles.errors import InputError
+from profiles.formats import get_format
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
 from profiles.perf import dense_step_s, expert_call_s
@@ -136,8 +137,8 @@ class Setup:
         return float(self.model.expert_bytes(fmt))
 
     def kernel_factor(self, device: Device, fmt: str) -> float:
-        """Bytes held per stored byte of an expert that ``device`` runs: a CPU runs int8/int4
-        experts in ONNX Runtime sessions, which keep their own pre-packed copy
+        """Bytes held per stored byte of an expert (or dense matrix) that ``device`` runs: a CPU
+        runs int8/int4 weights in ONNX Runtime sessions, which keep their own pre-packed copy
         (``kernel_bytes_factor``, measured by the probe); anything else holds what it stores."""
         return device.kernel_bytes_factor.get(fmt, 1.0) if device.kind == "cpu" else 1.0
 
@@ -398,8 +399,12 @@ def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
     m, B = s.model, s.batch_size
     kv_bytes = float(m.kv_cache_bytes(s.context_tokens, batch_size=B))
     workspace = B * (m.hidden_size * 4 + m.expert_intermediate_size * 2) * 2 * 8.0  # bf16 activations, margin 8x
+    # a CPU runs int8/int4 dense matrices in ONNX Runtime sessions too (kernel_factor); an
+    # untied embedding table is only looked up
+    looked_up = 0.0 if m.tie_word_embeddings else float(m.embedding_params) * get_format(dense_format).bits_per_weight / 8
+    dense_bytes = looked_up + s.kernel_factor(s.compute, dense_format) * (float(m.dense_bytes(dense_format)) - looked_up)
     return FixedCosts(dense_format=dense_format, dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes),
-                      dense_bytes=float(m.dense_bytes(dense_format)),
+                      dense_bytes=dense_bytes,
                       kv_bytes=kv_bytes, workspace_bytes=workspace, error=s.quant_error[dense_format])
 
 

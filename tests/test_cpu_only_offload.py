@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from planner.optimize import OptimizeRequest, optimize
+from profiles.formats import get_format
 from profiles.models import load_model
 
 PROFILE = """\
@@ -57,5 +58,11 @@ def test_the_kernels_pre_packed_copies_count_against_memory(tmp_path):
         held_per_expert = used.expert_bytes / stored
         assert used.used_bytes <= used.capacity_bytes
         assert held_per_expert == pytest.approx((factor or 1.0) * load_model("olmoe-1b-7b").expert_bytes("int8"))
+        # the dense matrices run in sessions too (exporters/runtime/dense.py); the embedding
+        # table is only looked up, by torch
+        m = load_model("olmoe-1b-7b")
+        assert plan.dense_format == "int8"
+        embedding = 0.0 if m.tie_word_embeddings else m.embedding_params * get_format("int8").bits_per_weight / 8
+        assert used.dense_bytes == pytest.approx(embedding + (factor or 1.0) * (m.dense_bytes("int8") - embedding))
     resident = {f: p.counts()["site"].get("resident", 0) for f, p in plans.items()}
     assert resident[2.0] < resident[None]

@@ -185,6 +185,64 @@ def test_quantised_plan_keeps_logits_close(checkpoint, name, fmt, floor):
     assert floor <= c < 1.0 - 1e-9, c  # close, and really quantised
 
 
+# int4 dense: every matrix of these tiny models (K = 32, so 32-wide groups) in 4 bits, embedding
+# and head included, gives 0.984-0.988 (0.994-0.998 with the embedding and head left in fp32);
+# the issue's int4 floor (0.99) is for int4 experts, held by the test above
+@pytest.mark.parametrize("fmt, floor", [("int8", 0.999), ("int4", 0.98)])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_dense_weights_are_held_and_run_at_the_plans_dense_format(checkpoint, name, fmt, floor):
+    """dense_format int8/int4: every dense Linear and Embedding (attention, shared experts,
+    dense MLPs, embeddings, output head) holds only its quantised bytes and runs through
+    MatMulNBits on a CPU; the routers stay as they were."""
+    from torch import nn
+
+    from exporters.runtime.checkpoint import find_moe_blocks
+    from exporters.runtime.dense import QuantEmbedding, QuantLinear
+
+    directory, ref = checkpoint(name)
+    want, want_tokens = reference(ref)
+    plan = make_plan(name, "resident", GPU) | {"dense_format": fmt}
+    with load_planned_model(plan, directory, dtype="float32", device="cpu") as rt:
+        got = planned_logits(rt)
+        routers = {id(b.gate) for b in find_moe_blocks(rt.model).values()}
+        left = [n for n, m in rt.model.named_modules()
+                if type(m) in (nn.Linear, nn.Embedding) and id(m) not in routers]
+        quantised = [m for m in rt.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+        tokens = rt.generate(PROMPT, NEW_TOKENS)
+    assert not left, left
+    assert all(m.kernel is not None for m in quantised if isinstance(m, QuantLinear))
+    from exporters.runtime.quant import block_size_for
+
+    bits = 8 if fmt == "int8" else 4
+    want_bytes = 0  # per [N, K] matrix: packed weights, one fp32 scale a group (+ 4-bit zero points)
+    for n, p in ref.named_parameters():
+        if p.dim() == 2 and ".experts." not in n and not n.endswith("mlp.gate.weight"):
+            rows, k = p.shape
+            groups = -(-k // block_size_for(k))
+            want_bytes += rows * (groups * block_size_for(k) * bits // 8 + groups * 4 + (-(-groups // 2)) * (bits == 4))
+    assert sum(m.nbytes for m in quantised) == want_bytes
+    c = cosine(got, want)
+    assert floor <= c < 1.0 - 1e-9, c
+    assert len(tokens) == NEW_TOKENS  # decoding with the KV cache runs through them too
+    if fmt == "int8":
+        assert tokens[0] == want_tokens[0]
+
+
+def test_dense_int4_computes_alike_in_ort_and_torch(checkpoint):
+    """The CPU's MatMulNBits sessions and the GPU path (unpacked in torch) agree."""
+    from exporters.runtime.dense import QuantLinear
+
+    directory, _ = checkpoint("qwen3_moe")
+    plan = make_plan("qwen3_moe", "resident", GPU) | {"dense_format": "int4"}
+    with load_planned_model(plan, directory, dtype="float32", device="cpu") as rt:
+        ort_logits = planned_logits(rt)
+        for m in rt.model.modules():
+            if isinstance(m, QuantLinear):
+                m.kernel = None
+        torch_logits = planned_logits(rt)
+    assert cosine(ort_logits, torch_logits) >= 0.9999
+
+
 def test_quantised_experts_compute_alike_on_device_and_cpu(checkpoint):
     """An int4 expert gives the same logits resident, local (MatMulNBits) or through a CPU
     device's cache (a pre-packed MatMulNBits session built as the expert is loaded)."""
@@ -334,8 +392,8 @@ def test_plans_from_the_optimizer_run(checkpoint):
                 if exact:
                     assert (got - want).abs().max().item() <= 1e-4, label
                     assert rt.generate(PROMPT, NEW_TOKENS) == want_tokens, label
-                else:
-                    assert cosine(got, want) >= 0.99, label
+                else:  # int4 dense weights too: see test_dense_weights_are_held_and_run_at_the_plans_dense_format
+                    assert cosine(got, want) >= (0.98 if plan.dense_format == "int4" else 0.99), label
 
 
 def test_kernels_built_at_export_are_reused(checkpoint, tmp_path):

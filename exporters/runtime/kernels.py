@@ -53,12 +53,14 @@ __all__ = [
     "ACTIVATIONS",
     "KERNELS_FORMAT_VERSION",
     "CpuLayerKernel",
+    "CpuMatMulKernel",
     "CpuStreamKernel",
     "Kernels",
     "build_kernels",
     "expert_template",
     "float_arrays",
     "kernel_format",
+    "matmul_template",
     "weight_inputs",
 ]
 
@@ -93,8 +95,7 @@ def float_arrays(gate_up, down) -> dict[str, np.ndarray]:
 
 def expert_template(fmt: str, hidden: int, inter: int, activation: str = "silu"):
     """The ONNX model of one expert in ``fmt``, weights as graph inputs (see module docstring)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     if activation not in ACTIVATIONS:
         raise RuntimeInputError("expert activation not supported by the ONNX kernels", key="hidden_act",
@@ -108,24 +109,48 @@ def expert_template(fmt: str, hidden: int, inter: int, activation: str = "silu")
         helper.make_node("Mul", ["act", "up"], ["h"], name="glu"),
         helper.make_node("MatMul", ["h", "down"], ["y"], name="down"),
     ]
+    model = _template(f"expert_{fmt}_h{H}_i{I}", nodes, H, H, {"gate_up": (H, 2 * I), "down": (I, H)}, fmt)
+    missing = set(weight_inputs(fmt)) - {v.name for v in model.graph.input}
+    if missing:
+        raise RuntimeError(f"{fmt} template lacks inputs {sorted(missing)}")
+    return model
+
+
+def matmul_template(fmt: str, k: int, n: int):
+    """The ONNX model of one int8/int4 matrix: ``y [T, N] = x [T, K] @ W^T`` as ``MatMulNBits``
+    with inputs ``x`` and ``w.q``, ``w.scales`` (``w.zp``), the layout of
+    ``quant.quantize_matrix(W, fmt, "w")`` (dense weights at a quantised ``dense_format``)."""
+    from onnx import helper
+
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"matmul_template takes int8 or int4, not {fmt}")
+    return _template(f"matmul_{fmt}_k{k}_n{n}", [helper.make_node("MatMul", ["x", "w"], ["y"], name="w")], k, n,
+                     {"w": (k, n)}, fmt)
+
+
+def _template(name: str, nodes: list, x_dim: int, y_dim: int, weights: Mapping[str, tuple[int, int]], fmt: str):
+    """A graph ``x [T, x_dim] -> y [T, y_dim]`` whose MatMul weights (initializer = node name
+    -> ``[K, N]``) become graph inputs: ``{w}.t`` in float formats, else the MatMulNBits
+    tensors onnxruntime's quantiser makes of them, renamed as :func:`quant.quant_names`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     rng = np.random.default_rng(0)  # any values: only the graph is kept, not the weights
-    weights = {"gate_up": rng.standard_normal((H, 2 * I)).astype(np.float32),
-               "down": rng.standard_normal((I, H)).astype(np.float32)}
-    graph = helper.make_graph(nodes, f"expert_{fmt}_h{H}_i{I}",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", H])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", H])],
-                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", x_dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", y_dim])],
+                              [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), w)
+                               for w, shape in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="moe-planner")
     kfmt = kernel_format(fmt)
     if kfmt == "float":
-        rename = {"gate_up": "gate_up.t", "down": "down.t"}
+        rename = {w: f"{w}.t" for w in weights}
     else:
         q = quantizer_module()
 
         spec = QUANT_SPECS[kfmt]
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-        # each MatMul quantised with the group size that fits its K (H for gate_up, I for down)
-        for w, k in (("gate_up", H), ("down", I)):
+        # each MatMul quantised with the group size that fits its K
+        for w, (k, _) in weights.items():
             config = q.DefaultWeightOnlyQuantConfig(block_size=block_size_for(k), is_symmetric=spec.symmetric,
                                                     bits=spec.bits, accuracy_level=spec.accuracy_level,
                                                     op_types_to_quantize=("NoSuchOp",))
@@ -133,7 +158,7 @@ def expert_template(fmt: str, hidden: int, inter: int, activation: str = "silu")
             quantizer.process()
             model = quantizer.model.model
         rename = {}
-        for w in ("gate_up", "down"):
+        for w in weights:
             rename[f"{w}_Q{spec.bits}"] = f"{w}.q"
             rename[f"{w}_scales"] = f"{w}.scales"
             rename[f"{w}_zero_points"] = f"{w}.zp"
@@ -146,13 +171,10 @@ def expert_template(fmt: str, hidden: int, inter: int, activation: str = "silu")
         inputs.append(helper.make_tensor_value_info(rename[init.name], init.data_type, list(init.dims)))
     del graph.initializer[:]
     for node in graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = rename.get(name, name)
+        for i, input_name in enumerate(node.input):
+            node.input[i] = rename.get(input_name, input_name)
     graph.input.extend(sorted(inputs, key=lambda v: v.name))
     onnx.checker.check_model(model)
-    missing = set(weight_inputs(fmt)) - {v.name for v in graph.input}
-    if missing:
-        raise RuntimeError(f"{fmt} template lacks inputs {sorted(missing)}")
     return model
 
 
@@ -173,6 +195,39 @@ def _session_options(threads: int | None):
     return so
 
 
+def _in_memory(name: str, elem_type: int, array: np.ndarray):
+    """``(initializer, OrtValue)``: a placeholder initializer the session replaces with
+    ``array`` (``SessionOptions.add_external_initializers``: no 2 GiB protobuf limit, no copy
+    of ours; ORT pre-packs it once)."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    init = TensorProto(name=name, data_type=elem_type, dims=array.shape, data_location=TensorProto.EXTERNAL)
+    init.external_data.add(key="location", value="in-memory")
+    return init, ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _session(nodes: list, inputs: list, outputs: list, weights: Mapping[str, tuple[int, np.ndarray]],
+             threads: int | None):
+    """A CPU session of ``nodes`` whose ``weights`` (name -> (elem type, array)) are in-memory
+    initializers."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    inits, names, values = [], [], []
+    for name, (elem_type, array) in weights.items():
+        init, value = _in_memory(name, elem_type, np.ascontiguousarray(array))
+        inits.append(init)
+        names.append(name)
+        values.append(value)
+    graph = helper.make_graph(nodes, "cpu_kernel", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = _session_options(threads)
+    so.add_external_initializers(names, values)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 class CpuLayerKernel:
     """One ORT session computing the CPU experts of one layer, their weights pre-packed.
 
@@ -184,12 +239,11 @@ class CpuLayerKernel:
 
     def __init__(self, templates: Mapping[str, Any], experts: Mapping[int, tuple[str, Mapping[str, np.ndarray]]],
                  threads: int | None = None) -> None:
-        import onnxruntime as ort
         from onnx import TensorProto, helper
 
         self.experts = sorted(experts)
         hidden = None
-        nodes, inputs, outputs, inits, names, values = [], [], [], [], [], []
+        nodes, inputs, outputs, weights = [], [], [], {}
         for e in self.experts:
             fmt, arrays = experts[e]
             template = templates[kernel_format(fmt)].graph
@@ -203,22 +257,10 @@ class CpuLayerKernel:
             for vi in template.input:
                 if vi.name == "x":
                     inputs.append(helper.make_tensor_value_info(p + "x", TensorProto.FLOAT, [f"T{e}", hidden]))
-                    continue
-                array = np.ascontiguousarray(arrays[vi.name])
-                # a placeholder the session replaces with the array (no 2 GiB protobuf limit)
-                init = TensorProto(name=p + vi.name, data_type=vi.type.tensor_type.elem_type, dims=array.shape,
-                                   data_location=TensorProto.EXTERNAL)
-                init.external_data.add(key="location", value="in-memory")
-                inits.append(init)
-                names.append(p + vi.name)
-                values.append(ort.OrtValue.ortvalue_from_numpy(array))
+                else:
+                    weights[p + vi.name] = (vi.type.tensor_type.elem_type, arrays[vi.name])
             outputs.append(helper.make_tensor_value_info(p + "y", TensorProto.FLOAT, [f"T{e}", hidden]))
-        graph = helper.make_graph(nodes, "cpu_layer", inputs, outputs, inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)])
-        so = _session_options(threads)
-        so.add_external_initializers(names, values)
-        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = _session(nodes, inputs, outputs, weights, threads)
         self.hidden = hidden
         self._empty = np.zeros((0, hidden or 0), np.float32)
 
@@ -228,6 +270,20 @@ class CpuLayerKernel:
         wanted = sorted(xs)
         ys = self.session.run([f"e{e}.y" for e in wanted], feeds)
         return dict(zip(wanted, ys))
+
+
+class CpuMatMulKernel:
+    """One int8/int4 matrix (:func:`matmul_template`) as a session, its weights pre-packed."""
+
+    def __init__(self, template: Any, arrays: Mapping[str, np.ndarray], threads: int | None = None) -> None:
+        graph = template.graph
+        weights = {vi.name: (vi.type.tensor_type.elem_type, arrays[vi.name]) for vi in graph.input if vi.name != "x"}
+        x = [vi for vi in graph.input if vi.name == "x"]
+        self.session = _session(list(graph.node), x, list(graph.output), weights, threads)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """``x [T, K]`` float32 -> ``y [T, N]``."""
+        return self.session.run(["y"], {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 class CpuStreamKernel:

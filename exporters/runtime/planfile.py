@@ -4,7 +4,8 @@ The planner's ``Plan`` (planner/plan.py) is the authority on the format; this mo
 the same file without importing it (bundles run without the planner). Per MoE layer the
 plan lists, indexed by expert id, ``home`` (memory pool id), ``format`` and ``site``, plus
 ``cache_slots`` on ``cache_device``; plan-wide ``compute_device``, ``host_device``,
-``prefetch`` and ``eviction``.
+``prefetch``, ``eviction`` and ``dense_format`` (the weights that are not routed experts;
+see dense.py).
 
 The runtime sorts every memory pool into one of three tiers by its role:
 
@@ -90,6 +91,7 @@ class RuntimePlan:
     eviction: str
     layers: tuple[LayerSpec, ...]
     source: str = "plan.json"
+    dense_format: str = "fp32"  # float: the checkpoint's dtype (see FLOAT_FORMATS)
 
     @property
     def formats(self) -> list[str]:
@@ -131,6 +133,10 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
         raise bad("unknown prefetch policy", "prefetch", prefetch, " | ".join(PREFETCH))
     if eviction not in EVICTION:
         raise bad("unknown eviction policy", "eviction", eviction, " | ".join(EVICTION))
+    dense_format = data.get("dense_format", "fp32")
+    if dense_format not in FLOAT_FORMATS + QUANT_FORMATS:
+        raise bad("number format not executed by this runtime", "dense_format", dense_format,
+                  " | ".join(FLOAT_FORMATS + QUANT_FORMATS), fix=_FIX)
     raw_layers = data.get("layers")
     if not isinstance(raw_layers, list) or not raw_layers:
         raise bad("a plan needs at least one MoE layer", "layers", raw_layers, "a non-empty list")
@@ -178,7 +184,7 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
                                 site=tuple(site), tier=layer_tiers, cache_slots=slots))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
-                       layers=tuple(layers), source=source)
+                       layers=tuple(layers), source=source, dense_format=dense_format)
 
 
 def _tier(memory_id: str, site: str, compute: str, host: str, overrides: Mapping[str, str]) -> str:

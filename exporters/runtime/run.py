@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", help="kernels directory (default: BUNDLE/kernels, else built now)")
     p.add_argument("--routing", help="routing trace .npz known in advance (belady, static, oracle prefetch)")
     p.add_argument("--device", default="auto", help="torch device for the compute device (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="activations, and dense weights unless the plan quantises them (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for CPU experts")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")

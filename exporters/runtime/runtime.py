@@ -23,6 +23,7 @@ import numpy as np
 
 from .cache import ExpertCache
 from .checkpoint import ExpertSource, find_moe_blocks, load_dense_model, read_config
+from .dense import quantise_dense
 from .errors import RuntimeInputError
 from .kernels import (
     ACTIVATIONS,
@@ -171,7 +172,8 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
             builds one in a temporary directory (quantising int8/int4 experts now).
         device: torch device for the compute device (default: CUDA for a GPU plan when
             available, else the CPU).
-        dtype: dtype of the dense weights and activations (``auto``: the checkpoint's).
+        dtype: dtype of the activations, and of the dense weights unless the plan's
+            ``dense_format`` is int8/int4 (:mod:`dense`) (``auto``: the checkpoint's).
         threads: ONNX Runtime intra-op threads for CPU experts (default: all cores).
         routing: ``expert_ids [T, L, K]`` known in advance: gives ``belady`` its future,
             ``static`` its frequencies and ``oracle`` prefetch its choices. Without it,
@@ -215,12 +217,14 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                 raise RuntimeInputError("the plan's expert count is not the model's", file=plan.source,
                                         key=f"layers[{layer.moe_layer}].home", value=layer.num_experts,
                                         expected=f"{num} experts", fix="use the plan made for this checkpoint")
+        n_threads = threads or default_threads()
+        quantise_dense(model, plan.dense_format, keep=[b.gate for b in blocks.values()], device=dev,
+                       threads=n_threads)
         model.to(dev)
         cuda = dev.type == "cuda"
         tiers = {h: t for layer in plan.layers for h, t in zip(layer.home, layer.tier)}
         metrics = MetricsRecorder(len(plan.layers), tiers)
         fetcher = Fetcher(dev, background=background)
-        n_threads = threads or default_threads()
         stream_kernels: dict[str, CpuStreamKernel] = {}
         notes = []
         eviction = plan.eviction
@@ -281,7 +285,7 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
 def _plan_json(plan: RuntimePlan) -> dict[str, Any]:
     """A RuntimePlan back as plan JSON (enough for build_kernels)."""
     return {"format_version": 1, "compute_device": plan.compute_device, "host_device": plan.host_device,
-            "prefetch": plan.prefetch, "eviction": plan.eviction,
+            "prefetch": plan.prefetch, "eviction": plan.eviction, "dense_format": plan.dense_format,
             "layers": [{"moe_layer": layer.moe_layer, "hidden_layer": layer.hidden_layer, "home": list(layer.home),
                         "format": list(layer.format), "site": list(layer.site), "cache_slots": layer.cache_slots}
                        for layer in plan.layers]}
