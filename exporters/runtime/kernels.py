@@ -20,6 +20,9 @@ Two ways to run them, both ONNX Runtime on the CPU:
 - :class:`CpuStreamKernel`, for CPU experts homed on disk: the template itself, the weights
   read on demand and fed as inputs (no pre-packing, slower per call, no resident copy).
 
+:class:`CpuMatMulKernel` runs one int8/int4 dense matrix (:func:`matmul_template`, see
+dense.py) the way :class:`CpuLayerKernel` runs experts.
+
 :func:`build_kernels` writes ``kernels/``: ``manifest.json``, one template per format and
 ``weights/moe{l}.safetensors`` with every quantised expert of MoE layer ``l``
 (``{e}.gate_up.q`` ...), quantised once with onnxruntime's quantiser; float experts are
