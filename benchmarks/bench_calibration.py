@@ -78,8 +78,10 @@ def main() -> None:
         path = work / f"run-{run_name}.json"
         path.write_text(json.dumps(record))
         runs[run_name] = load_run(path)
+        moved = next(row for row in record["rows"] if row["metric"] == "bytes moved")
         verified[run_name] = {"bundle": bundle_name, "hit_rates_equal": record["hit_rates_equal"],
-                              "measured_expert_hit_rate": record["measured"]["expert_hit_rate"]}
+                              "measured_expert_hit_rate": record["measured"]["expert_hit_rate"],
+                              "bytes_moved": {k: moved[k] for k in ("measured", "predicted", "relative_error")}}
 
     t = time.perf_counter()
     result = calibrate_profile(doc, [runs["fit"]], [runs["held_out"], runs["other_cache"]])

@@ -28,10 +28,11 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plan_path(ckpt, tmp_path_factory):
-    """A plan for the tiny checkpoint with every execution site, a 2-slot cache per layer."""
+    """A plan for the tiny checkpoint with every execution site, a 2-slot cache per layer;
+    experts in fp32, the checkpoint's dtype (float experts keep it, whatever the plan says)."""
     plan = optimize(OptimizeRequest(hardware="desktop-4090", model=str(ckpt / "config.json"))).plan
     homes = tuple("node/gpu0" if s == "resident" else "node/cpu0" for s in SITES)
-    layers = tuple(lp.model_copy(update={"site": tuple(SITES), "home": homes, "format": ("bf16",) * 8,
+    layers = tuple(lp.model_copy(update={"site": tuple(SITES), "home": homes, "format": ("fp32",) * 8,
                                          "cache_slots": 2, "cache_device": "node/gpu0"}) for lp in plan.layers)
     return plan.model_copy(update={"layers": layers}).save(tmp_path_factory.mktemp("plan") / "plan.json")
 
@@ -60,6 +61,10 @@ def test_export_run_verify(ckpt, plan_path, tmp_path, run_cli):
     assert any(h is not None and 0 < h < 1 for h in result["hit_rate"]["measured"])
     rows = {row["metric"]: row for row in result["rows"]}
     assert rows["expert hit rate"]["relative_error"] == pytest.approx(0.0, abs=1e-12)
+    # fp32 experts of an fp32 checkpoint: the runtime moves exactly the bytes the simulator
+    # counts, one copy per expert and step however many of the step's tokens miss it
+    assert rows["bytes moved"]["measured"] > 0
+    assert rows["bytes moved"]["relative_error"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_tampered_bundle_is_refused(ckpt, plan_path, tmp_path, run_cli):

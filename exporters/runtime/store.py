@@ -241,6 +241,7 @@ class PlannedExperts(nn.Module):
         sites, cache, m, layer = self.spec.site, self.cache, self.metrics, self.layer_index
         on_device: dict[int, Slot] = {}
         on_cpu: set[int] = set()
+        copies: dict[int, Slot] = {}  # experts copied in this step (fetched, or filled after a hybrid miss)
         counts: Counter = Counter()
         for row in ids:
             for e in row:
@@ -274,20 +275,24 @@ class PlannedExperts(nn.Module):
                     if first:
                         on_device[e] = slot
                 elif site == "fetch":
-                    if e in on_device and on_device[e] is not None:
-                        slot = on_device[e]  # missed again within the step: the copy is re-counted
-                        m.moved(self.spec.home[e], slot.get().nbytes, fetch=True)
-                    else:
-                        slot = self.fetcher.now(lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)))
-                        on_device[e] = slot
+                    # missed again within the step (evicted by a later token): the step's copy
+                    # serves it, as in the simulator: one copy per expert and step
+                    slot = on_device.get(e) or copies.get(e)
+                    if slot is None:
+                        slot = copies[e] = self.fetcher.now(
+                            lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)))
+                    on_device[e] = slot
                     if loaded:
                         self.slots[e] = slot
                 else:  # hybrid miss: the CPU computes, the weights come for next time
                     if first:
                         on_cpu.add(e)
                     if loaded:
-                        self.slots[e] = self.fetcher.submit(
-                            lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)))
+                        slot = on_device.get(e) or copies.get(e)
+                        if slot is None:
+                            slot = copies[e] = self.fetcher.submit(
+                                lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)))
+                        self.slots[e] = slot
         for kind, n in counts.items():
             m.access(layer, kind, n)
         return on_device, on_cpu
