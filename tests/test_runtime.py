@@ -261,9 +261,10 @@ def test_quantised_experts_compute_alike_on_device_and_cpu(checkpoint):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fmt", ["fp32", "int4"])
 def test_cuda_matches_cpu(checkpoint, fmt):
-    """On a GPU: pinned host copies, copies on a side stream, the same logits as on the CPU."""
+    """On a GPU: pinned host copies, copies on a side stream, dense int4 weights unpacked in
+    torch (MatMulNBits on the CPU), the same logits as on the CPU."""
     directory, ref = checkpoint("deepseek_v3")
-    plan = make_plan("deepseek_v3", formats=fmt, **TIER_CASES["mixed"])
+    plan = make_plan("deepseek_v3", formats=fmt, **TIER_CASES["mixed"]) | {"dense_format": fmt}
     outs = {}
     for device in ("cpu", "cuda"):
         with load_planned_model(plan, directory, dtype="float32", device=device) as rt:
