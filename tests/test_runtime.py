@@ -271,9 +271,11 @@ def test_cuda_matches_cpu(checkpoint, fmt):
             outs[device] = planned_logits(rt)
             tokens = rt.generate(PROMPT, NEW_TOKENS)
             assert rt.metrics.summary()["bytes_moved"]
-    assert (outs["cuda"] - outs["cpu"]).abs().max().item() <= 1e-3
     if fmt == "fp32":
+        assert (outs["cuda"] - outs["cpu"]).abs().max().item() <= 1e-3
         assert tokens == reference(ref)[1]
+    else:  # MatMulNBits computes with int8 activations (accuracy_level 4): 4e-3 apart on the CPU alone
+        assert cosine(outs["cuda"], outs["cpu"]) >= 0.9999
 
 
 # -- cache accounting ----------------------------------------------------------------------
