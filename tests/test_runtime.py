@@ -463,19 +463,25 @@ def test_run_cli_generates_and_writes_metrics(checkpoint, tmp_path, capsys):
 def test_run_cli_bad_input_is_one_line_exit_1(checkpoint, tmp_path, capsys):
     from exporters.runtime.run import main
 
+    pytest.importorskip("tokenizers")
     directory, _ = checkpoint("mixtral")
+    save_tokenizer(directory)  # the errors below come after the tokenizer loads
+    capsys.readouterr()  # building the checkpoint (when this test runs first) prints progress
     good = tmp_path / "plan.json"
     good.write_text(json.dumps(make_plan("mixtral", "resident", GPU)))
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(make_plan("olmoe", "resident", GPU)))  # 8 experts, not 4
     bad_fmt = tmp_path / "fp8.json"
     bad_fmt.write_text(json.dumps(make_plan("mixtral", "resident", GPU, formats="fp8")))
+    bad_dense = tmp_path / "dense-fp8.json"
+    bad_dense.write_text(json.dumps(make_plan("mixtral", "resident", GPU) | {"dense_format": "fp8"}))
     (tmp_path / "empty").mkdir()
     cases = [
         (("--plan", tmp_path / "missing.json", "--checkpoint", directory, "--prompt", "x"), "plan file not found"),
         (("--plan", good, "--checkpoint", tmp_path / "nope", "--prompt", "x"), "checkpoint directory not found"),
         (("--plan", wrong, "--checkpoint", directory, "--prompt", "x"), "expert count"),
         (("--plan", bad_fmt, "--checkpoint", directory, "--prompt", "x"), "fp8"),
+        (("--plan", bad_dense, "--checkpoint", directory, "--prompt", "x"), "dense_format"),
         (("--plan", good, "--checkpoint", directory), "no prompt"),
         (("--plan", good, "--checkpoint", directory, "--prompt", "x", "--max-new-tokens", "0"), "--max-new-tokens"),
         (("--bundle", tmp_path / "empty", "--checkpoint", directory, "--prompt", "x"), "no plan.json"),
