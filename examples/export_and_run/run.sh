@@ -10,8 +10,8 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-# 1. A random checkpoint: 8 layers x 8 experts, hidden 512, expert width 1024 (~100 MB in
-#    bf16), saved with save_pretrained, plus a word-level tokenizer.
+# 1. A random checkpoint: 8 layers x 8 experts, hidden 512, expert width 1024 (~430 MB in
+#    fp32), saved with save_pretrained, plus a word-level tokenizer.
 python3 -c "
 from exporters.checkpoints import make_random_checkpoint
 make_random_checkpoint('mixtral', 'ckpt', hidden_size=512, intermediate_size=1024, num_hidden_layers=8)
