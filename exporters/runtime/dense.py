@@ -66,7 +66,7 @@ class QuantLinear(_Quantised):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
-        if self.kernel is not None and x.device.type == "cpu":
+        if self.kernel is not None:  # set on a CPU device only
             y = torch.from_numpy(self.kernel.run(x2.detach().float().numpy())).to(x.dtype)
         else:
             y = x2 @ dequantize(self.tensors(), "w", self.fmt, self.k).to(x.dtype).T
@@ -88,7 +88,7 @@ class QuantEmbedding(_Quantised):
 
 
 def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], device: torch.device,
-                   threads: int | None = None) -> int:
+                   threads: int | None = None) -> None:
     """Replace ``model``'s dense ``nn.Linear``/``nn.Embedding`` modules by quantised ones.
 
     Args:
@@ -99,16 +99,12 @@ def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], dev
             embedding and head keep sharing them when the model moves. On a CPU the Linear
             layers run in ONNX Runtime sessions.
         threads: the sessions' intra-op threads.
-
-    Returns:
-        The bytes the quantised modules hold (a tied embedding and head once).
     """
     if fmt not in QUANT_FORMATS:
-        return 0
+        return
     kept = {id(m) for root in keep for m in root.modules()}
     done: dict[int, dict[str, torch.Tensor]] = {}  # weight id -> tensors (tied embedding and head: once)
     templates: dict[tuple[int, int], object] = {}
-    held = 0
     for name, module in list(model.named_modules()):
         if id(module) in kept or type(module) not in (nn.Linear, nn.Embedding):
             continue
@@ -117,7 +113,6 @@ def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], dev
         if tensors is None:
             arrays = quantize_matrix(weight.detach().float().cpu().numpy(), fmt, "w")
             tensors = done[id(weight)] = {k: torch.from_numpy(a).to(device) for k, a in arrays.items()}
-            held += sum(t.numel() * t.element_size() for t in tensors.values())
         if type(module) is nn.Embedding:
             new: nn.Module = QuantEmbedding(tensors, fmt, module)
         else:
@@ -130,4 +125,3 @@ def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], dev
             new = QuantLinear(tensors, fmt, module, kernel)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return held

@@ -198,31 +198,23 @@ def _session_options(threads: int | None):
     return so
 
 
-def _in_memory(name: str, elem_type: int, array: np.ndarray):
-    """``(initializer, OrtValue)``: a placeholder initializer the session replaces with
-    ``array`` (``SessionOptions.add_external_initializers``: no 2 GiB protobuf limit, no copy
-    of ours; ORT pre-packs it once)."""
-    import onnxruntime as ort
-    from onnx import TensorProto
-
-    init = TensorProto(name=name, data_type=elem_type, dims=array.shape, data_location=TensorProto.EXTERNAL)
-    init.external_data.add(key="location", value="in-memory")
-    return init, ort.OrtValue.ortvalue_from_numpy(array)
-
-
 def _session(nodes: list, inputs: list, outputs: list, weights: Mapping[str, tuple[int, np.ndarray]],
              threads: int | None):
     """A CPU session of ``nodes`` whose ``weights`` (name -> (elem type, array)) are in-memory
-    initializers."""
+    initializers: placeholders the session replaces with the arrays
+    (``SessionOptions.add_external_initializers``: no 2 GiB protobuf limit, no copy of ours;
+    ORT pre-packs them once)."""
     import onnxruntime as ort
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     inits, names, values = [], [], []
     for name, (elem_type, array) in weights.items():
-        init, value = _in_memory(name, elem_type, np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        init = TensorProto(name=name, data_type=elem_type, dims=array.shape, data_location=TensorProto.EXTERNAL)
+        init.external_data.add(key="location", value="in-memory")
         inits.append(init)
         names.append(name)
-        values.append(value)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
     graph = helper.make_graph(nodes, "cpu_kernel", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)])
