@@ -114,6 +114,8 @@ class Inputs(BaseModel):
     model_digest: str
     workload: str
     workload_digest: str
+    engine: str = "bundle"  # the engine profile the plan is priced for (profiles/engines/)
+    engine_digest: str = ""
 
 
 class Plan(BaseModel):
@@ -129,8 +131,9 @@ class Plan(BaseModel):
     compute_device: str
     host_device: str
     dense_format: str = "bf16"  # attention, shared experts and dense layers
-    prefetch: Literal["none", "next-layer", "oracle"] = "none"
-    eviction: Literal["lru", "lfu", "static", "belady"] = "lru"
+    # every policy the simulator has (simulator/policies.py; a test holds the two lists equal)
+    prefetch: Literal["none", "next-layer", "transition", "oracle"] = "none"
+    eviction: Literal["lru", "lfu", "score", "static", "belady"] = "lru"
     quality_budget: float | None = None
     quality_error: float = 0.0
     layers: tuple[LayerPlan, ...]

@@ -33,7 +33,8 @@ from .yamlio import load_yaml
 __all__ = [
     "EfficiencySpec", "LinkSpec", "DeviceSpec", "NodeSpec", "HardwareProfile",
     "Device", "Link", "Memory", "Route", "Hardware",
-    "load_profile", "bundled_profiles", "BUNDLED_DIR", "PCIE_EFFECTIVE_X16_BYTES_PER_S",
+    "load_profile", "bundled_profiles", "BUNDLED_DIR", "PCIE_EFFECTIVE_X16_BYTES_PER_S", "PAGEABLE_FRACTION",
+    "CPU_KERNEL_FAMILIES",
 ]
 
 BUNDLED_DIR = Path(__file__).parent / "hardware"
@@ -48,6 +49,15 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")]
 # Effective pinned host-to-device bandwidth of a PCIe x16 link, per generation
 # (REFERENCE.md: Gen3 ~12, Gen4 ~24-25, Gen5 ~50 GB/s); scaled linearly by lanes.
 PCIE_EFFECTIVE_X16_BYTES_PER_S = {1: 3.0e9, 2: 6.0e9, 3: 12.0e9, 4: 25.0e9, 5: 50.0e9, 6: 100.0e9}
+
+# Pageable host memory reaches a fraction of the pinned copy rate (the driver stages it
+# through a pinned bounce buffer; NVIDIA's bandwidthTest and public measurements show
+# 50-70% on PCIe 3/4), used when a link states no measured `pageable_bytes_per_s`.
+PAGEABLE_FRACTION = 0.6
+
+# CPU kernel families, narrowest first: an engine that uses family f runs on the widest
+# family <= f that the CPU has (`isa`).
+CPU_KERNEL_FAMILIES = ("avx2", "avx512", "amx")
 
 # Latency of one transfer on a link, by kind, when the profile gives none.
 DEFAULT_LINK_LATENCY_S = {"pcie": 10e-6, "nvlink": 3e-6, "nic": 5e-6, "unified": 0.0}
@@ -121,6 +131,9 @@ class LinkSpec(BaseModel):
     gen: int | None = Field(default=None, ge=1, le=6)
     lanes: Literal[1, 2, 4, 8, 16] | None = None
     bytes_per_s: BytesPerS | None = Field(default=None, gt=0)
+    # host->device rate from ordinary (pageable) host memory: the driver bounces it through a
+    # pinned buffer, so it reaches a fraction of the pinned rate (probe measures both)
+    pageable_bytes_per_s: BytesPerS | None = Field(default=None, gt=0)
     latency_s: Seconds | None = None
 
     @model_validator(mode="after")
@@ -146,6 +159,13 @@ class LinkSpec(BaseModel):
             return PCIE_EFFECTIVE_X16_BYTES_PER_S[self.gen] * self.lanes / 16
         return math.inf  # unified memory: no copy at all
 
+    @property
+    def effective_pageable_bytes_per_s(self) -> float:
+        """Bandwidth from pageable host memory: given, or ``PAGEABLE_FRACTION`` of the pinned rate."""
+        if self.pageable_bytes_per_s is not None:
+            return min(self.pageable_bytes_per_s, self.effective_bytes_per_s)
+        return self.effective_bytes_per_s * PAGEABLE_FRACTION if self.kind == "pcie" else self.effective_bytes_per_s
+
 
 class DeviceSpec(BaseModel):
     """One device (or ``count`` identical ones) inside a node."""
@@ -169,6 +189,15 @@ class DeviceSpec(BaseModel):
     kernel_bytes_factor: dict[str, Annotated[float, Field(gt=0, le=16)]] = Field(default_factory=dict)
     efficiency: EfficiencySpec | None = None
     cores: int | None = Field(default=None, ge=1)
+    # cpu only: the kernel families its instruction set has, and the peak per family and
+    # format (AMX, AVX-512 and AVX2 kernels differ by up to an order of magnitude); an engine
+    # profile picks the family its CPU kernels use, `peak_ops_per_s` is the default
+    isa: tuple[Literal["avx2", "avx512", "amx"], ...] = ()
+    peak_ops_per_s_by_kernel: dict[Literal["avx2", "avx512", "amx"], dict[str, OpsPerS]] = Field(default_factory=dict)
+    # cpu only: sockets, each with its own DRAM (memory_bytes_per_s is the sum over them),
+    # joined by a link of this bandwidth (UPI / Infinity Fabric, per direction)
+    sockets: int = Field(default=1, ge=1, le=8)
+    cross_socket_bytes_per_s: BytesPerS | None = Field(default=None, gt=0)
     power_w: Watts | None = None
     price_per_hour_usd: float | None = Field(default=None, ge=0)
     links: tuple[LinkSpec, ...] = ()
@@ -216,6 +245,24 @@ class DeviceSpec(BaseModel):
                                  fix="remove it or use one of the allowed formats")
         if self.kind == "cpu" and self.cores is None:
             raise InputError("a cpu device needs cores", key="cores", fix="add e.g. `cores: 16`")
+        cpu_only = [k for k in ("isa", "peak_ops_per_s_by_kernel", "cross_socket_bytes_per_s")
+                    if getattr(self, k) not in (None, (), {})] + (["sockets"] if self.sockets != 1 else [])
+        if self.kind != "cpu" and cpu_only:
+            raise InputError(f"{cpu_only[0]} only applies to a cpu device", key=cpu_only[0],
+                             fix=f"remove {cpu_only[0]} from this {self.kind}")
+        for family, peaks in self.peak_ops_per_s_by_kernel.items():
+            if self.isa and family not in self.isa:
+                raise InputError(f"a peak for kernel family {family!r} that the cpu's isa does not list",
+                                 key=f"peak_ops_per_s_by_kernel.{family}", value=list(self.isa),
+                                 fix=f"add {family} to isa, or remove its peaks")
+            for fmt in peaks:
+                if fmt not in GENERAL_COMPUTE_FORMATS:
+                    raise InputError(f"format {fmt!r} is not allowed on a cpu", key=f"peak_ops_per_s_by_kernel.{family}.{fmt}",
+                                     expected="one of " + ", ".join(GENERAL_COMPUTE_FORMATS),
+                                     fix="remove it or use one of the allowed formats")
+        if self.sockets > 1 and self.cross_socket_bytes_per_s is None:
+            raise InputError("a multi-socket cpu needs cross_socket_bytes_per_s", key="cross_socket_bytes_per_s",
+                             fix="add the socket link's bandwidth, e.g. `cross_socket_bytes_per_s: 62GB/s` (3 UPI links)")
         for fmt in self.kernel_bytes_factor:
             if fmt not in GENERAL_COMPUTE_FORMATS:
                 raise InputError(f"unknown format {fmt!r}", key=f"kernel_bytes_factor.{fmt}",
@@ -281,6 +328,16 @@ class Device:
     price_per_hour_usd: float | None
     layer_overhead_s: float = 0.0  # per hidden layer per forward step (see DeviceSpec)
     kernel_bytes_factor: dict[str, float] = field(default_factory=dict)  # see DeviceSpec
+    isa: tuple[str, ...] = ()  # cpu kernel families (see DeviceSpec)
+    peak_ops_per_s_by_kernel: dict[str, dict[str, float]] = field(default_factory=dict)
+    sockets: int = 1
+    cross_socket_bytes_per_s: float | None = None
+    # set by an engine profile (profiles.engines.Engine.apply), zero/empty on bare hardware:
+    expert_call_overhead_s: float = 0.0  # framework seconds per expert call (dispatch, Python)
+    step_overhead_s: float = 0.0  # framework seconds per decode step (sampling, scheduling)
+    prefill_step_overhead_s: float = 0.0  # ... per prefill step
+    unpack_weights_per_s: dict[str, float] = field(default_factory=dict)  # formats unpacked before the matmul
+    formats: tuple[str, ...] | None = None  # formats the engine runs here (None: any)
 
     @property
     def is_compute(self) -> bool:
@@ -297,6 +354,7 @@ class Link:
     kind: str
     bytes_per_s: float
     latency_s: float
+    pageable_bytes_per_s: float | None = None  # host->device rate from pageable memory (pcie to a cpu)
 
 
 @dataclass(frozen=True)
@@ -460,6 +518,8 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
             layer_overhead_s=spec.layer_overhead_s, kernel_bytes_factor=dict(spec.kernel_bytes_factor),
             efficiency=eff,
             cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
+            isa=tuple(spec.isa), peak_ops_per_s_by_kernel={k: dict(v) for k, v in spec.peak_ops_per_s_by_kernel.items()},
+            sockets=spec.sockets, cross_socket_bytes_per_s=spec.cross_socket_bytes_per_s,
         )
 
     for si, sw in enumerate(profile.switches):
@@ -515,7 +575,8 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
                     seen_links.add(pair)
                     latency = link.latency_s if link.latency_s is not None else DEFAULT_LINK_LATENCY_S[link.kind]
                     links.append(Link(id=f"{src}->{target}", a=src, b=target, kind=link.kind,
-                                      bytes_per_s=link.effective_bytes_per_s, latency_s=latency))
+                                      bytes_per_s=link.effective_bytes_per_s, latency_s=latency,
+                                      pageable_bytes_per_s=link.effective_pageable_bytes_per_s))
 
     hw = Hardware(name=profile.name, description=profile.description, nodes=tuple(node_names),
                   devices=devices, links=tuple(links), node_price_per_hour_usd=node_prices)
