@@ -35,19 +35,26 @@ class Baseline:
 
 
 BASELINES: dict[str, Callable[[Setup, float | None], list[Baseline] | None]] = {}
+# the engine profile each baseline runs on (profiles/engines/): `--compare` prices it there
+BASELINE_ENGINES: dict[str, str] = {}
 
 
-def register(name: str):
+def register(name: str, engine: str):
     def deco(fn):
         if name in BASELINES:
             raise ValueError(f"baseline {name!r} is already registered")
         BASELINES[name] = fn
+        BASELINE_ENGINES[name] = engine
         return fn
     return deco
 
 
-def _formats(s: Setup, quality_budget: float | None) -> list[str]:
-    ok = [fm for fm in s.formats if quality_budget is None or s.quant_error[fm] <= quality_budget + 1e-12]
+def _formats(s: Setup, quality_budget: float | None, where: str = "compute") -> list[str]:
+    """Formats the quality budget allows and the engine runs where the baseline computes
+    (``compute``: the compute device, ``host``: the host CPU, ``both``), widest first."""
+    devices = {"compute": [s.compute], "host": [s.host], "both": [s.compute, s.host]}[where]
+    ok = [fm for fm in s.formats if (quality_budget is None or s.quant_error[fm] <= quality_budget + 1e-12)
+          and all(s.runs(d, fm) for d in devices)]
     return sorted(ok, key=s.expert_bytes, reverse=True)
 
 
@@ -72,9 +79,10 @@ def _homes_for(s: Setup, bytes_needed: list[float]) -> list[int] | None:
     return out
 
 
-def _best(s: Setup, quality_budget: float | None, build: Callable[[str], Baseline | None]) -> list[Baseline] | None:
+def _best(s: Setup, quality_budget: float | None, build: Callable[[str], Baseline | None],
+          where: str = "compute") -> list[Baseline] | None:
     """One candidate per format the quality budget allows (the planner keeps the fastest)."""
-    candidates = [b for fm in _formats(s, quality_budget) if (b := build(fm)) is not None]
+    candidates = [b for fm in _formats(s, quality_budget, where) if (b := build(fm)) is not None]
     return candidates or None
 
 
@@ -82,7 +90,7 @@ def _fi(s: Setup, fm: str) -> int:
     return s.formats.index(fm)
 
 
-@register("all-gpu")
+@register("all-gpu", engine="vllm")
 def all_gpu(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     """Everything on the GPU, when it fits."""
     L, E = s.stats.num_layers, s.stats.num_experts
@@ -94,12 +102,12 @@ def all_gpu(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     return _best(s, quality_budget, build)
 
 
-@register("accelerate")
+@register("accelerate", engine="accelerate")
 def accelerate(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     """HF accelerate's sequential fill: whole layers on the GPU in order while they fit, the rest
     offloaded (DRAM, then disk) and streamed to the GPU at every forward."""
     L, E = s.stats.num_layers, s.stats.num_experts
-    if s.unified:
+    if s.unified or not s.engine_can("stream"):
         return None
 
     def build(fm: str) -> Baseline | None:
@@ -115,12 +123,12 @@ def accelerate(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     return _best(s, quality_budget, build)
 
 
-@register("llama.cpp")
+@register("llama.cpp", engine="llama.cpp")
 def llama_cpp(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     """llama.cpp ``--n-cpu-moe N``: the experts of the first N MoE layers run on the CPU from
     host memory, the rest on the GPU; the smallest N that fits (the fastest)."""
     L, E = s.stats.num_layers, s.stats.num_experts
-    if s.unified or not s.homes:
+    if s.unified or not s.homes or not s.engine_can("local"):
         return None
 
     def build(fm: str) -> Baseline | None:
@@ -135,10 +143,10 @@ def llama_cpp(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
         specs = ([(0, 0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * n_cpu
                  + [(E, E, _fi(s, fm), 0, _fi(s, fm), 0, FETCH)] * on_gpu)
         return Baseline("llama.cpp", np.array(specs), fm, note=f"{fm}, --n-cpu-moe {n_cpu}")
-    return _best(s, quality_budget, build)
+    return _best(s, quality_budget, build, "both")
 
 
-@register("lru-offload")
+@register("lru-offload", engine="hqq-offload")
 def lru_offload(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     """Mixtral-offloading: every expert offloaded, an LRU cache of k slots per layer on the GPU,
     speculative next-layer prefetch; every cache size that fits is tried."""
@@ -146,6 +154,8 @@ def lru_offload(s: Setup, quality_budget: float | None) -> list[Baseline] | None
     if s.unified:
         return None
     out = []
+    if not s.engine_can("fetch"):
+        return None
     for fm in _formats(s, quality_budget):
         free = _device_budget(s, fm)
         homes = _homes_for(s, [E * s.expert_bytes(fm)] * L)
@@ -154,31 +164,32 @@ def lru_offload(s: Setup, quality_budget: float | None) -> list[Baseline] | None
         for k in sorted({1, 2} | set(s.cache_sizes())):  # Mixtral-offloading runs 2-4 slots per layer
             if 0 < k < E and L * k * s.expert_bytes(fm) <= free:
                 specs = [(0, E, _fi(s, fm), k, _fi(s, fm), h, FETCH) for h in homes]
-                out.append(Baseline("lru-offload", np.array(specs), fm, prefetch=True, note=f"{fm}, {k} slots/layer"))
+                out.append(Baseline("lru-offload", np.array(specs), fm, prefetch=s.engine_can("next-layer"),
+                                    note=f"{fm}, {k} slots/layer"))
     return out or None
 
 
-@register("cpu-experts")
+@register("cpu-experts", engine="ktransformers")
 def cpu_experts(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     """kTransformers / Fiddler style: attention and dense weights on the GPU, every routed expert
     computed by the CPU from host memory."""
     L, E = s.stats.num_layers, s.stats.num_experts
-    if s.unified or not s.homes:
+    if s.unified or not s.homes or not s.engine_can("local"):
         return None
 
     def build(fm: str) -> Baseline | None:
         if _device_budget(s, fm) < 0 or L * E * s.expert_bytes(fm) > capacity(s, s.homes[0]):
             return None
         return Baseline("cpu-experts", np.array([(0, 0, _fi(s, fm), 0, _fi(s, fm), 0, LOCAL)] * L), fm, note=fm)
-    return _best(s, quality_budget, build)
+    return _best(s, quality_budget, build, "both")
 
 
-@register("popularity")
+@register("popularity", engine="bundle")
 def popularity(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     """Fiddler's static placement: the most popular experts of the whole model on the GPU while
     they fit, every other expert computed by the CPU."""
     L, E = s.stats.num_layers, s.stats.num_experts
-    if s.unified or not s.homes:
+    if s.unified or not s.homes or not s.engine_can("local"):
         return None
     freq = np.take_along_axis(s.stats.frequency, s.stats.order, axis=1)  # [L, E] descending per layer
 
@@ -194,4 +205,4 @@ def popularity(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
             return None
         specs = [(int(p[l]), int(p[l]), _fi(s, fm), 0, _fi(s, fm), 0, LOCAL if p[l] < E else FETCH) for l in range(L)]
         return Baseline("popularity", np.array(specs), fm, note=f"{fm}, {slots} experts on the GPU")
-    return _best(s, quality_budget, build)
+    return _best(s, quality_budget, build, "both")

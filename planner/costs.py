@@ -57,6 +57,7 @@ from typing import Sequence
 
 import numpy as np
 
+from profiles.engines import Engine
 from profiles.errors import InputError
 from profiles.formats import get_format
 from profiles.hardware import Device, Hardware
@@ -127,6 +128,18 @@ class Setup:
     cache_grid: tuple[int, ...] | None = None
     device_reserve: tuple[float, float] = (0.05, 512 * 2**20)  # (fraction, bytes) kept free on the device
     host_reserve: tuple[float, float] = (0.10, 4 * 2**30)  # (fraction, bytes) kept free in host DRAM
+    engine: Engine | None = None  # the software that runs the plan (hardware is already seen through it)
+    phase: str = "decode"  # "prefill": a step prices the prompt (the engine's prefill step cost)
+
+    def runs(self, device: Device, fmt: str) -> bool:
+        """Whether the engine runs weights stored as ``fmt`` on ``device``."""
+        return self.engine is None or self.engine.supports(device.kind, fmt)
+
+    def engine_can(self, what: str) -> bool:
+        """Whether the engine has a site (``fetch``, ``local``, ...) or a prefetch policy."""
+        if self.engine is None:
+            return True
+        return what in self.engine.profile.sites or what in self.engine.profile.prefetch
 
     @property
     def unified(self) -> bool:
@@ -215,10 +228,36 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                     if hi in cpu_home:
                         rows.append((p, p, bi, 0, bo_i, hi, local))
                     rows.append((p, E, bi, 0, bo_i, hi, stream))
+    rows = [r for r in rows if _engine_runs(s, r)]
     if not rows:
         raise InputError("no way to place this layer's experts", key=f"layer {layer}",
-                         fix="add host memory, or use formats the devices support")
+                         fix="add host memory, use formats the devices support, or an engine that can offload "
+                             "(planner engines list)")
     return np.array(rows, dtype=np.int64)
+
+
+def _engine_runs(s: Setup, row: tuple) -> bool:
+    """Whether the engine can run option ``row`` (SPEC_COLUMNS): its sites, its cache, its
+    placement granularity and its kernels on the devices the option uses."""
+    if s.engine is None:
+        return True
+    p, q, bi, c, bo, _, mode = row
+    E = s.stats.num_experts
+    name = MODES[mode]
+    if p == E:  # everything resident
+        return s.runs(s.compute, s.formats[bi])
+    if name not in s.engine.modes and not (name == "fetch" and q == p):
+        return False
+    if c > 0 and not s.engine.has_cache:
+        return False
+    if s.engine.profile.placement != "expert" and (p not in (0, E) or q not in (p, E)):
+        return False  # per tensor / per layer: a layer's experts share one site
+    if p > 0 and not s.runs(s.compute, s.formats[bi]):
+        return False
+    off = s.formats[bo]
+    on_device = name in ("fetch", "hybrid", "stream") and q > p
+    on_cpu = name in ("local", "hybrid") or q < E
+    return (not on_device or s.runs(s.compute, off)) and (not on_cpu or s.runs(s.host, off))
 
 
 def _full_format(s: Setup) -> str:
@@ -403,7 +442,8 @@ def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
     # untied embedding table is only looked up
     looked_up = 0.0 if m.tie_word_embeddings else float(m.embedding_params) * get_format(dense_format).bits_per_weight / 8
     dense_bytes = looked_up + s.kernel_factor(s.compute, dense_format) * (float(m.dense_bytes(dense_format)) - looked_up)
-    return FixedCosts(dense_format=dense_format, dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes),
+    return FixedCosts(dense_format=dense_format,
+                      dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes, prefill=s.phase == "prefill"),
                       dense_bytes=dense_bytes,
                       kv_bytes=kv_bytes, workspace_bytes=workspace, error=s.quant_error[dense_format])
 

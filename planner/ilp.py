@@ -76,7 +76,7 @@ import pulp
 from profiles.errors import InfeasibleError
 from profiles.units import format_size
 
-from .costs import FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_time
+from .costs import FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time
 
 __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "explain_infeasible"]
 
@@ -152,10 +152,16 @@ def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
     return np.sort(np.concatenate(keep)).astype(int) if keep else np.zeros(0, int)
 
 
-def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray] | None = None) -> Problem:
-    """Option tables for every layer; ``extra[l]`` adds specs (baselines' choices) to layer l."""
-    tables = tuple(layer_options(s, l, None if extra is None else extra[l]) for l in range(s.stats.num_layers))
-    fixed = {fm: fixed_costs(s, fm) for fm in s.formats}
+def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray] | None = None,
+                  grid: bool = True) -> Problem:
+    """Option tables for every layer; ``extra[l]`` adds specs (baselines' choices) to layer l;
+    ``grid=False`` keeps only those (pricing given placements, no search)."""
+    if grid:
+        tables = tuple(layer_options(s, l, None if extra is None else extra[l]) for l in range(s.stats.num_layers))
+    else:
+        tables = tuple(option_costs(s, l, np.unique(extra[l], axis=0)) for l in range(s.stats.num_layers))
+    # dense weights run on the compute device: only formats the engine runs there
+    fixed = {fm: fixed_costs(s, fm) for fm in s.formats if s.runs(s.compute, fm)}
     device_mem = s.hardware.memory_of(s.compute.id).id
     caps = {device_mem: capacity(s, device_mem)}
     for h in s.homes:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from profiles.engines import Engine, load_engine
 from profiles.errors import InfeasibleError, InputError
 from profiles.formats import get_format
 from profiles.hardware import Hardware, load_profile
@@ -18,7 +19,7 @@ from profiles.models import ModelSpec, load_model
 from profiles.workload.trace import Trace
 
 from . import __version__
-from .baselines import BASELINES, Baseline
+from .baselines import BASELINE_ENGINES, BASELINES, Baseline
 from .costs import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, fixed_costs, option_costs, step_time
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
@@ -49,6 +50,7 @@ class OptimizeRequest:
     tpot_slo_s: float = 0.2  # cost objective: the slowest acceptable time per output token
     critical: tuple[tuple[int, ...], ...] = ()  # per MoE layer: experts kept at full precision
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+    engine: str | None = None  # engine profile (bundled name or path); None: the bundle runtime
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,10 +63,16 @@ class OptimizeResult:
 
 def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_size: int, context_tokens: int,
                formats: tuple[str, ...], critical: tuple[tuple[int, ...], ...] = (),
-               quant_error: dict[str, float] | None = None) -> Setup:
+               quant_error: dict[str, float] | None = None, engine: Engine | None = None) -> Setup:
     """Pick the compute device (first GPU, else first accelerator, else the CPU), the host CPU of
-    its node and the homes for offloaded experts (host DRAM, then the node's first NVMe)."""
-    gpus = hw.devices_of_kind("gpu") or hw.devices_of_kind("accelerator")
+    its node and the homes for offloaded experts (host DRAM, then the node's first NVMe).
+
+    ``hw`` is seen through ``engine`` (default: the bundle runtime's profile), and only the
+    formats the engine runs on the compute device or the host CPU stay candidates.
+    """
+    engine = engine or load_engine(None)
+    hw = engine.apply(hw)
+    gpus = [d for d in hw.devices_of_kind("gpu") or hw.devices_of_kind("accelerator") if engine.runs_on(d.kind)]
     cpus = hw.devices_of_kind("cpu")
     compute = gpus[0] if gpus else cpus[0]
     host = next(c for c in cpus if c.node == compute.node)
@@ -78,6 +86,12 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
         if compute.kind == "accelerator" and fm not in compute.peak_ops_per_s:
             raise InputError(f"the accelerator {compute.id} cannot compute {fm}", key="--formats", value=fm,
                              expected=", ".join(compute.peak_ops_per_s), fix="pick formats the accelerator supports")
+    runnable = tuple(fm for fm in formats if engine.supports(compute.kind, fm) or engine.supports(host.kind, fm))
+    if not runnable:
+        raise InputError(f"engine {engine.name} runs none of the candidate formats", key="--formats",
+                         value=list(formats), expected=", ".join(engine.kind_spec(compute.kind).kernels),
+                         fix=f"pick formats `planner engines show {engine.name}` lists")
+    formats = runnable
     errors = dict(QUANT_ERROR if quant_error is None else quant_error)
     missing = [fm for fm in formats if fm not in errors]
     if missing:
@@ -90,7 +104,7 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
     return Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
                  formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
-                 critical=critical)
+                 critical=critical, engine=engine)
 
 
 def _default_trace(model: ModelSpec) -> Trace:
@@ -105,6 +119,7 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
 
     t0 = time.perf_counter()
     profile, hw = load_profile(req.hardware)
+    engine = load_engine(req.engine)
     model = load_model(req.model)
     trace = req.trace if req.trace is not None else _default_trace(model)
     zero = model.zero_experts.count if model.zero_experts else 0
@@ -119,11 +134,12 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
-                    workload_digest=_array_digest(trace))
+                    workload_digest=_array_digest(trace), engine=engine.name,
+                    engine_digest=digest(engine.profile.model_dump(mode="json")))
     if req.objective == "cost":
-        return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats)
+        return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
     batch = 1 if req.objective == "latency" else req.batch_size
-    return _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats)
+    return _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats, engine)
 
 
 def _array_digest(trace: Trace) -> str:
@@ -136,11 +152,11 @@ def _array_digest(trace: Trace) -> str:
 
 
 def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
-                 inputs: Inputs, batch: int, t0: float, t_stats: float) -> OptimizeResult:
+                 inputs: Inputs, batch: int, t0: float, t_stats: float, engine: Engine | None = None) -> OptimizeResult:
     import time
 
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
-                   critical=req.critical, quant_error=req.quant_error)
+                   critical=req.critical, quant_error=req.quant_error, engine=engine)
     candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])]
     L = stats.num_layers
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
@@ -149,7 +165,7 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
     scored = _score_baselines(problem, candidates)
     warm = min(scored.values(), key=lambda x: x[1]) if scored else None
     results: list[SolveResult] = []
-    for prefetch in (False, True):
+    for prefetch in (False, True) if s.engine_can("next-layer") else (False,):
         start = None
         if results:
             start = (results[-1].choice, results[-1].dense_format)
@@ -163,15 +179,40 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
                              bound=best.bound_s, gap=best.gap, time_limit_s=req.time_limit_s,
                              variables=best.variables, constraints=best.constraints)
     plan = assemble_plan(problem, best.choice, best.dense_format, best.prefetch, solver_info, req, inputs, budget)
-    baselines = {}
-    for name, (choice, _, dense_fm, prefetch, note) in scored.items():
-        info = SolverInfo(method=name, status="heuristic", objective=step_time(s, problem.tables, choice,
-                          problem.fixed[dense_fm], prefetch)[0])
-        baselines[name] = assemble_plan(problem, choice, dense_fm, prefetch, info, req, inputs, budget,
-                                        notes=(f"baseline {name}: {note}",))
+    baselines = _compare(req, hw, model, stats, budget, inputs, batch)
     timings = {"stats_s": t_stats - t0, "build_s": t_build - t_stats, "solve_s": t_solve - t_build,
                "total_s": time.perf_counter() - t0}
     return OptimizeResult(plan=plan, baselines=baselines, setup=s, timings_s=timings)
+
+
+def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
+             inputs: Inputs, batch: int) -> dict[str, Plan]:
+    """Every baseline's best feasible plan, priced on its own engine (BASELINE_ENGINES): the
+    placement a tool makes, at the speed that tool's software runs it."""
+    out = {}
+    for name, fn in BASELINES.items():
+        engine = load_engine(BASELINE_ENGINES[name])
+        try:
+            s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
+                           critical=req.critical, quant_error=req.quant_error, engine=engine)
+        except InputError:
+            continue  # the engine runs none of the formats on this hardware
+        candidates = fn(s, budget) or []
+        if not candidates:
+            continue
+        L = stats.num_layers
+        problem = build_problem(s, budget, [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC)
+                                            for l in range(L)], grid=False)
+        scored = _score_baselines(problem, candidates)
+        if name not in scored:
+            continue
+        choice, seconds, dense_fm, prefetch, note = scored[name]
+        info = SolverInfo(method=name, status="heuristic", objective=seconds)
+        own = inputs.model_copy(update=dict(engine=engine.name,
+                                            engine_digest=digest(engine.profile.model_dump(mode="json"))))
+        out[name] = assemble_plan(problem, choice, dense_fm, prefetch, info, req, own, budget,
+                                  notes=(f"baseline {name} on engine {engine.name}: {note}",))
+    return out
 
 
 def _score_baselines(problem: Problem, candidates: list[Baseline]) -> dict[str, tuple]:
@@ -194,7 +235,7 @@ def _score_baselines(problem: Problem, candidates: list[Baseline]) -> dict[str, 
     return best
 
 
-def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats) -> OptimizeResult:
+def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine) -> OptimizeResult:
     """Cheapest $ per million tokens with TPOT <= SLO: FlexGen's outer search over batch sizes."""
     price = hw.price_per_hour_usd
     if price is None:
@@ -204,7 +245,7 @@ def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats) -> Optimi
     batch = 1
     while batch <= 1024:
         try:
-            res = _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats)
+            res = _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats, engine)
         except InfeasibleError:
             break  # a bigger batch only needs more memory
         tpot = res.plan.predicted["tpot_s"]
@@ -292,7 +333,7 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         hit_den += float(f.sum())
         link_s += float(t.F[w])
     # prefill of one prompt: the same placement with a prompt-sized batch of tokens
-    prompt = dataclasses.replace(s, batch_size=max(req.prompt_tokens, 1))
+    prompt = dataclasses.replace(s, batch_size=max(req.prompt_tokens, 1), phase="prefill")
     prefill_tables = [option_costs(prompt, l, tables[l].specs([w])) for l, w in enumerate(choice)]
     ttft_s = step_time(prompt, prefill_tables, [0] * len(choice), fixed_costs(prompt, dense_fm), prefetch)[0]
     B = s.batch_size

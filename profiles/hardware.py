@@ -338,6 +338,7 @@ class Device:
     prefill_step_overhead_s: float = 0.0  # ... per prefill step
     unpack_weights_per_s: dict[str, float] = field(default_factory=dict)  # formats unpacked before the matmul
     formats: tuple[str, ...] | None = None  # formats the engine runs here (None: any)
+    engine: str = ""  # the engine profile applied to this device ("" on bare hardware)
 
     @property
     def is_compute(self) -> bool:

@@ -4,13 +4,21 @@ Legend: H = hidden size, I = expert intermediate size, n = tokens in one expert 
 
 An expert call on device d at storage format b for n tokens costs
 
-    t = max(weight_bytes(b) / (mem_bw(d) * mem_frac(d)),
-            flops(n) / (peak(d, c) * eff(d, n))) + overhead(d)
+    t = unpack(d, b) + max(read_bytes(b) / (mem_bw(d) * mem_frac(d)),
+                           flops(n) / (peak(d, c) * eff(d, n))) + launch(d) + call_overhead(d)
 
 where flops(n) = 2 * n * 3 * H * I for a gated FFN (gate, up, down projections) and c is the
-format the device computes in for weights stored as b (:func:`compute_format`). A transfer
-of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
+format the device computes in for weights stored as b (:func:`compute_format`). When the
+engine runs b by unpack-then-matmul (its profile gives an unpack rate R for b on this kind
+of device), ``unpack = params / R`` and the matmul reads the fp16 copy (``read_bytes = 2
+params``) at the widest float peak; otherwise a fused kernel reads the stored bytes
+(``unpack = 0``, ``read_bytes = weight_bytes(b)``). ``call_overhead`` is the engine's
+framework cost per expert call (dispatch, Python), ``launch`` the device's kernel launch.
+A transfer of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
 The planner takes expectations of these; the simulator plays them out with contention.
+
+Devices carry the engine's terms once :meth:`profiles.engines.Engine.apply` has run; on bare
+hardware they are zero, and the formula is the datasheet roofline.
 """
 
 from __future__ import annotations
@@ -54,33 +62,49 @@ def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flop
         flops: floating-point operations of the call (2 * n * 3 * H * I for a gated FFN).
         tokens: tokens in the call (n), which sets the efficiency.
     """
+    return _kernel_s(device, storage_format, weight_bytes, flops, tokens) + device.expert_call_overhead_s
+
+
+def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float) -> float:
+    """The roofline of one matmul call (unpack included), without the engine's per-call cost."""
     if not device.is_compute or device.efficiency is None:
         raise ValueError(f"{device.id} does not compute")
     eff = device.efficiency
-    memory_s = weight_bytes / (device.memory_bytes_per_s * eff.memory_fraction)
-    peak = device.peak_ops_per_s[compute_format(device, storage_format)]
+    rate = device.unpack_weights_per_s.get(storage_format)
+    if rate:
+        params = weight_bytes * 8.0 / get_format(storage_format).bits_per_weight
+        unpack_s, read_bytes = params / rate, 2.0 * params
+        compute_fmt = compute_format(device, "bf16")
+    else:
+        unpack_s, read_bytes = 0.0, weight_bytes
+        compute_fmt = compute_format(device, storage_format)
+    memory_s = read_bytes / (device.memory_bytes_per_s * eff.memory_fraction)
+    peak = device.peak_ops_per_s[compute_fmt]
     compute_s = flops / (peak * eff.compute_fraction(tokens)) if flops > 0 else 0.0
-    return max(memory_s, compute_s) + device.launch_overhead_s
+    return unpack_s + max(memory_s, compute_s) + device.launch_overhead_s
 
 
 def dense_call_s(device: Device, weight_bytes: float, flops: float, tokens: float, fmt: str = "bf16") -> float:
     """Seconds for a dense (non-expert) block on ``device``: the same roofline, one call."""
-    return expert_call_s(device, fmt, weight_bytes, flops, tokens)
+    return _kernel_s(device, fmt, weight_bytes, flops, tokens)
 
 
-def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_bytes: float) -> float:
+def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_bytes: float,
+                 prefill: bool = False) -> float:
     """Seconds of the dense (non-expert) work of one forward step of ``tokens`` tokens.
 
     Every dense weight (attention, shared experts, dense layers, head) is read once and used
     by every token: one roofline call over ``dense_bytes(fmt)`` and ``2 * tokens * dense_params``
     FLOPs; attention reads the whole KV cache (``kv_bytes``, all sequences of the step) once;
     each hidden layer launches two kernels (attention, dense/shared MLP) and pays the
-    device's fixed per-layer framework cost (``layer_overhead_s``).
+    device's fixed per-layer framework cost (``layer_overhead_s``); the step pays the engine's
+    per-step cost once (``step_overhead_s``, or ``prefill_step_overhead_s`` for a prefill).
     """
-    weights_s = expert_call_s(device, fmt, float(model.dense_bytes(fmt)), 2.0 * tokens * model.dense_params, tokens)
+    weights_s = _kernel_s(device, fmt, float(model.dense_bytes(fmt)), 2.0 * tokens * model.dense_params, tokens)
     kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
     per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s
-    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s
+    step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s
+    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + step_s
 
 
 def activation_bytes(model: ModelSpec, tokens: float) -> float:

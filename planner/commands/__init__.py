@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .calibrate import calibrate_cmd
+from .engines import engines
 from .export import export_cmd, verify_cmd
 from .models import models
 from .optimize import optimize_cmd
@@ -15,4 +16,4 @@ from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, export_cmd, verify_cmd, calibrate_cmd, profiles, models, trace]
+COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, export_cmd, verify_cmd, calibrate_cmd, profiles, engines, models, trace]

@@ -68,6 +68,9 @@ def _load_trace(path: str, task: str | None):
 @click.option("--trace", "-t", "trace_path", type=click.Path(dir_okay=False),
               help="Routing trace (.npz; planner trace record/synth/import). Default: the model's default workload.")
 @click.option("--task", help="Task inside a multi-task trace file (e.g. ESFT's summary).")
+@click.option("--engine", "-e", default=None,
+              help="Engine profile that runs the plan: a bundled name (planner engines list) or a YAML file. "
+              "Plans only what it can run, priced as it runs it. Default: bundle (this project's runtime).")
 @click.option("--objective", type=click.Choice(["latency", "throughput", "cost"]), default="latency",
               show_default=True, help="latency: batch-1 decode time per token; throughput: tok/s at --batch; "
               "cost: $ per million tokens under --slo-tpot (needs prices in the profile).")
@@ -105,7 +108,7 @@ def _load_trace(path: str, task: str | None):
 @click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @common_options
-def optimize_cmd(hardware, model, trace_path, task, objective, batch, context, prompt_tokens, quality_budget,
+def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, quality_budget,
                  formats, critical, slo_tpot, solver, time_limit, gap, compare, parallel, redundant_experts, out,
                  report, force) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
@@ -116,6 +119,7 @@ def optimize_cmd(hardware, model, trace_path, task, objective, batch, context, p
     Examples:
       planner optimize
       planner optimize -H cpu-server-4090 -m deepseek-v3 --compare --out plan.json
+      planner optimize --engine llama.cpp --formats bf16,q8_0,q4_k
       planner optimize -m qwen3-30b-a3b --objective throughput --batch 32 --report report/
       planner optimize -t trace.npz --quality-budget 0.006 --formats bf16,int8,int4
       planner optimize -H cluster-h100-2node -m deepseek-v3 --compare --out ep-plan.json
@@ -137,7 +141,7 @@ def optimize_cmd(hardware, model, trace_path, task, objective, batch, context, p
         hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
         objective=objective, batch_size=batch, context_tokens=context, prompt_tokens=prompt_tokens,
         quality_budget=quality_budget, formats=_parse_formats(formats), solver=solver, time_limit_s=time_limit,
-        gap=gap, tpot_slo_s=slo_tpot, critical=_parse_critical(critical, spec.num_moe_layers))
+        gap=gap, tpot_slo_s=slo_tpot, critical=_parse_critical(critical, spec.num_moe_layers), engine=engine)
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)

@@ -1,0 +1,323 @@
+"""Engine profiles: the software that runs a plan, beside the hardware it runs on.
+
+Hardware says what the machine can do; an engine says what the software makes of it. A
+profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
+
+- framework overheads, per device kind: per hidden layer of a forward step and per expert
+  call, and per step (decode and prefill), each with its source;
+- the kernel path per (device kind, format): ``native`` (a fused kernel reads the stored
+  bytes), ``unsupported``, or ``{unpack_weights_per_s: R}`` (the weights are unpacked to
+  fp16 at R weights/s, then an fp16 matmul reads them); a format the profile does not list
+  for a device kind is unsupported there;
+- the CPU kernel family (``amx``, ``avx512``, ``avx2``: the widest of them up to this one
+  that the CPU has sets its peaks), whether host memory is pinned or pageable (which
+  host->device copy rate the links reach), and whether it is NUMA-aware on multi-socket CPUs;
+- what it can place (per ``expert``, per ``tensor`` of a layer, per ``layer``), which
+  execution sites, cache evictions and prefetch policies it has.
+
+Every prediction is for (hardware, engine): :meth:`Engine.apply` returns the hardware as
+this engine sees it (devices carry the overheads, unpack rates and formats, CPUs the
+family's peaks, links the copy rate), and the shared performance model
+(:mod:`profiles.perf`) prices that; the planner, its baselines, the simulator and the
+exporters all take the same applied hardware, so one placement has one price.
+
+    engine = load_engine("llama.cpp")        # bundled name or a path
+    hw = engine.apply(load_profile("desktop-4090")[1])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError, from_validation_error
+from .formats import get_format
+from .hardware import CPU_KERNEL_FAMILIES, Device, Hardware, Link
+from .units import parse_time
+from .yamlio import load_yaml
+
+__all__ = ["EngineProfile", "Engine", "load_engine", "bundled_engines", "ENGINES_DIR", "DEFAULT_ENGINE",
+           "PLACEMENTS", "SITES", "overhead_rows", "engine_hardware"]
+
+ENGINES_DIR = Path(__file__).parent / "engines"
+DEFAULT_ENGINE = "bundle"
+PLACEMENTS = ("expert", "tensor", "layer")
+SITES = ("resident", "fetch", "local", "hybrid", "stream")
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+Seconds = Annotated[float, BeforeValidator(parse_time)]
+
+
+def _parse_rate(value: object) -> float:
+    """Weights per second: a number, or ``"60G/s"`` style (SI prefix K, M, G, T)."""
+    if isinstance(value, str):
+        text = value.strip().removesuffix("/s").removesuffix("weights").strip()
+        scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(text[-1:], 1.0)
+        try:
+            number = float(text[:-1] if scale != 1.0 else text) * scale
+        except ValueError:
+            raise InputError("invalid rate", value=value, expected="weights per second, e.g. 60G/s or 6.0e10") from None
+        value = number
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError("invalid rate", value=value, expected="a positive number of weights per second, e.g. 60G/s")
+    return float(value)
+
+
+PerS = Annotated[float, BeforeValidator(_parse_rate)]
+Source = Annotated[str, Field(min_length=3)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.+-]*$")]
+
+
+class SourcedSeconds(BaseModel):
+    """A time with where it comes from (a public measurement or document, or ``probe``)."""
+
+    model_config = _STRICT
+    value: Seconds
+    source: Source
+
+
+class Unpack(BaseModel):
+    """Unpack-then-matmul: the weights are dequantised to fp16 at this rate first."""
+
+    model_config = _STRICT
+    unpack_weights_per_s: PerS = Field(gt=0)
+    source: Source
+
+
+class SourcedFraction(BaseModel):
+    model_config = _STRICT
+    value: float = Field(gt=0, le=1)
+    source: Source
+
+
+KernelPath = Union[Literal["native", "unsupported"], Unpack]
+
+
+class DeviceKindSpec(BaseModel):
+    """What the engine does on one kind of device (gpu, cpu or accelerator)."""
+
+    model_config = _STRICT
+    layer_overhead_s: SourcedSeconds | None = None  # per hidden layer per forward step
+    expert_call_overhead_s: SourcedSeconds | None = None  # per expert call (dispatch, Python)
+    kernels: dict[str, KernelPath] = Field(min_length=1)
+    kernel_family: Literal["avx2", "avx512", "amx"] | None = None  # cpu only
+    numa: Literal["interleave", "aware"] = "interleave"  # cpu only
+
+    @model_validator(mode="after")
+    def _formats_known(self) -> "DeviceKindSpec":
+        for fmt in self.kernels:
+            try:
+                get_format(fmt)
+            except InputError as exc:
+                raise InputError(exc.message, key=f"kernels.{fmt}", value=fmt, expected=exc.expected,
+                                 fix="use a format `planner formats list` shows, or define it in a formats file") \
+                    from None
+        return self
+
+
+class StepOverheads(BaseModel):
+    model_config = _STRICT
+    decode: SourcedSeconds
+    prefill: SourcedSeconds
+
+
+class EngineProfile(BaseModel):
+    """The YAML document of an engine profile (``planner engines schema`` prints its schema)."""
+
+    model_config = _STRICT
+
+    name: Name
+    description: str = ""
+    sources: tuple[str, ...] = Field(min_length=1)
+    gpu: DeviceKindSpec | None = None
+    cpu: DeviceKindSpec
+    accelerator: DeviceKindSpec | None = None
+    step_overhead_s: StepOverheads
+    host_memory: Literal["pinned", "pageable"]
+    # share of a drive's sequential read rate the engine's expert reads reach (memory-mapped
+    # page faults read in small pieces; direct reads of whole experts reach the drive's rate)
+    disk_read_fraction: SourcedFraction | None = None
+    placement: Literal["expert", "tensor", "layer"]
+    sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
+    eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
+    prefetch: tuple[Literal["none", "next-layer", "transition", "oracle"], ...] = ("none",)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EngineProfile":
+        if "resident" not in self.sites:
+            raise InputError("every engine runs resident experts", key="sites", value=list(self.sites),
+                             fix="add resident to sites")
+        if ("fetch" in self.sites or "hybrid" in self.sites) and not self.eviction:
+            raise InputError("fetch and hybrid sites go through an expert cache, which needs an eviction policy",
+                             key="eviction", value=[], fix="add e.g. `eviction: [lru]`, or drop fetch/hybrid from sites")
+        if "none" not in self.prefetch:
+            raise InputError("every engine can run without prefetch", key="prefetch", value=list(self.prefetch),
+                             fix="add none to prefetch")
+        if self.cpu.kernel_family is None:
+            raise InputError("the cpu section needs the kernel family its kernels use", key="cpu.kernel_family",
+                             expected="one of " + ", ".join(CPU_KERNEL_FAMILIES),
+                             fix="add e.g. `kernel_family: avx512`")
+        for kind in ("gpu", "accelerator"):
+            spec = getattr(self, kind)
+            if spec is not None and spec.kernel_family is not None:
+                raise InputError("kernel_family only applies to the cpu section", key=f"{kind}.kernel_family",
+                                 fix="remove it")
+        return self
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A validated engine profile, ready to apply to hardware."""
+
+    profile: EngineProfile
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    def kind_spec(self, kind: str) -> DeviceKindSpec | None:
+        return getattr(self.profile, kind, None) if kind in ("gpu", "cpu", "accelerator") else None
+
+    def supports(self, kind: str, fmt: str) -> bool:
+        """Whether the engine runs weights stored as ``fmt`` on a ``kind`` device."""
+        spec = self.kind_spec(kind)
+        return spec is not None and spec.kernels.get(fmt, "unsupported") != "unsupported"
+
+    def runs_on(self, kind: str) -> bool:
+        return self.kind_spec(kind) is not None
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The planner's per-layer modes this engine can run (planner.costs.MODES)."""
+        sites = set(self.profile.sites)
+        return tuple(m for m in ("fetch", "local", "hybrid", "stream") if m in sites)
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.profile.eviction) and ("fetch" in self.profile.sites or "hybrid" in self.profile.sites)
+
+    def apply(self, hw: Hardware) -> Hardware:
+        """``hw`` as this engine sees it: overheads, kernel paths, CPU family peaks, copy rates.
+
+        Idempotent: hardware this engine was applied to comes back unchanged; hardware seen
+        through another engine is refused (its bare figures are gone).
+        """
+        applied = {d.engine for d in hw.devices.values() if d.engine}
+        if applied == {self.name}:
+            return hw
+        if applied:
+            raise ValueError(f"hardware {hw.name} is already seen through engine {applied.pop()!r}")
+        devices = {did: self._device(d) for did, d in hw.devices.items()}
+        links = tuple(self._link(link, hw) for link in hw.links)
+        return dataclasses.replace(hw, devices=devices, links=links)
+
+    def _device(self, d: Device) -> Device:
+        if d.kind == "nvme" and self.profile.disk_read_fraction is not None:
+            return dataclasses.replace(d, engine=self.name,
+                                       memory_bytes_per_s=d.memory_bytes_per_s * self.profile.disk_read_fraction.value)
+        spec = self.kind_spec(d.kind)
+        if not d.is_compute or spec is None:
+            return dataclasses.replace(d, engine=self.name)
+        unpack = {fm: k.unpack_weights_per_s for fm, k in spec.kernels.items() if isinstance(k, Unpack)}
+        formats = tuple(fm for fm, k in spec.kernels.items() if k != "unsupported")
+        steps = self.profile.step_overhead_s
+        changes = dict(
+            layer_overhead_s=d.layer_overhead_s + (spec.layer_overhead_s.value if spec.layer_overhead_s else 0.0),
+            expert_call_overhead_s=spec.expert_call_overhead_s.value if spec.expert_call_overhead_s else 0.0,
+            step_overhead_s=steps.decode.value, prefill_step_overhead_s=steps.prefill.value,
+            unpack_weights_per_s=unpack, formats=formats, engine=self.name,
+        )
+        if d.kind == "cpu":
+            family = _family(d, spec.kernel_family)
+            if family is not None:
+                changes["peak_ops_per_s"] = dict(d.peak_ops_per_s) | dict(d.peak_ops_per_s_by_kernel[family])
+            if d.sockets > 1 and spec.numa == "interleave" and d.cross_socket_bytes_per_s:
+                # interleaved pages: (S-1)/S of every read crosses the socket link
+                share = (d.sockets - 1) / d.sockets
+                changes["memory_bytes_per_s"] = min(d.memory_bytes_per_s, d.cross_socket_bytes_per_s / share)
+        return dataclasses.replace(d, **changes)
+
+    def _link(self, link: Link, hw: Hardware) -> Link:
+        if self.profile.host_memory != "pageable" or link.pageable_bytes_per_s is None:
+            return link
+        ends = [hw.devices.get(link.a), hw.devices.get(link.b)]
+        if not any(e is not None and e.kind == "cpu" for e in ends):
+            return link
+        return dataclasses.replace(link, bytes_per_s=min(link.bytes_per_s, link.pageable_bytes_per_s))
+
+
+def _family(cpu: Device, wanted: str | None) -> str | None:
+    """The widest kernel family up to ``wanted`` that the CPU has and states peaks for."""
+    if wanted is None or not cpu.peak_ops_per_s_by_kernel:
+        return None
+    have = set(cpu.isa) if cpu.isa else set(cpu.peak_ops_per_s_by_kernel)
+    order = CPU_KERNEL_FAMILIES[: CPU_KERNEL_FAMILIES.index(wanted) + 1]
+    for family in reversed(order):
+        if family in have and family in cpu.peak_ops_per_s_by_kernel:
+            return family
+    return None
+
+
+def engine_hardware(hw: Hardware, engine: str | Path | None) -> Hardware:
+    """``hw`` seen through the engine ``engine`` (a bundled name or a path; None: the default)."""
+    return load_engine(engine).apply(hw)
+
+
+def bundled_engines() -> dict[str, Path]:
+    """Bundled engine names (the ``name:`` of each file) and their paths."""
+    out = {}
+    for path in sorted(ENGINES_DIR.glob("*.yaml")):
+        out[path.stem] = path
+    return out
+
+
+def load_engine(name_or_path: str | Path | None = None) -> Engine:
+    """Load an engine profile from a bundled name (default: the bundle runtime) or a YAML path.
+
+    Raises:
+        InputError: unknown name, unreadable file, schema error (one line with file:line and key).
+    """
+    text = DEFAULT_ENGINE if name_or_path is None else str(name_or_path)
+    path = Path(text)
+    bundled = bundled_engines()
+    if text in bundled and not path.is_file():
+        path = bundled[text]
+    elif not path.exists():
+        if path.suffix in (".yaml", ".yml") or "/" in text:
+            raise InputError("file not found", file=text, fix="check the path, or use a bundled engine name "
+                             "(planner engines list)")
+        raise InputError("unknown engine", value=text, expected="a YAML file or one of: " + ", ".join(bundled),
+                         fix="run `planner engines list`")
+    data, lines = load_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError("the file is empty" if data is None else "an engine profile must be a YAML mapping",
+                         file=path, value=InputError._UNSET if data is None else type(data).__name__,
+                         fix="start the file with `name: ...`; `planner engines show bundle --yaml` prints an example")
+    try:
+        profile = EngineProfile.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, file=path, lines=lines) from None
+    return Engine(profile=profile, path=path)
+
+
+def overhead_rows(engine: Engine) -> list[tuple[str, str, float, str]]:
+    """``(device kind, what, seconds, source)`` for every overhead the profile states."""
+    rows = []
+    for kind in ("gpu", "cpu", "accelerator"):
+        spec = engine.kind_spec(kind)
+        if spec is None:
+            continue
+        for what in ("layer_overhead_s", "expert_call_overhead_s"):
+            v = getattr(spec, what)
+            if v is not None:
+                rows.append((kind, what, v.value, v.source))
+    for phase in ("decode", "prefill"):
+        v = getattr(engine.profile.step_overhead_s, phase)
+        rows.append(("step", phase, v.value, v.source))
+    return [r for r in rows if math.isfinite(r[2])]
