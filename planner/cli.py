@@ -14,6 +14,7 @@ from profiles.errors import UserError
 
 from . import __version__
 from .commands import COMMANDS
+from .commands.formats import formats as formats_cmd
 from .output import Output, get_output
 
 __all__ = ["cli", "main"]
@@ -63,6 +64,7 @@ def cli(ctx: click.Context, json_mode: bool, debug: bool) -> None:
 for _command in COMMANDS:
     cli.add_command(_command)
 cli.add_command(COMMANDS[[c.name for c in COMMANDS].index("profiles")], name="profile")  # `planner profile probe`
+cli.add_command(formats_cmd)
 
 
 def main() -> None:
