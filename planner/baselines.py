@@ -104,8 +104,9 @@ def all_gpu(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
 
 @register("accelerate", engine="accelerate")
 def accelerate(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
-    """HF accelerate's sequential fill: whole layers on the GPU in order while they fit, the rest
-    offloaded (DRAM, then disk) and streamed to the GPU at every forward."""
+    """HF accelerate's sequential fill: whole layers on the GPU in order while they fit (one layer
+    of room kept for the streamed ones), the rest offloaded (DRAM, then disk) and streamed to
+    the GPU at every forward."""
     L, E = s.stats.num_layers, s.stats.num_experts
     if s.unified or not s.engine_can("stream"):
         return None
@@ -113,7 +114,8 @@ def accelerate(s: Setup, quality_budget: float | None) -> list[Baseline] | None:
     def build(fm: str) -> Baseline | None:
         free = _device_budget(s, fm)
         layer_bytes = E * s.expert_bytes(fm)
-        on_gpu = int(max(0, min(L, free // layer_bytes)))
+        # infer_auto_device_map keeps room for the largest block it streams in, unless all fit
+        on_gpu = L if L * layer_bytes <= free else int(max(0, min(L, (free - layer_bytes) // layer_bytes)))
         homes = _homes_for(s, [layer_bytes] * (L - on_gpu))
         if homes is None or free < 0:
             return None

@@ -53,7 +53,7 @@ Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -66,8 +66,11 @@ from profiles.perf import dense_step_s, expert_call_s
 
 from .workload_view import PlanningStats
 
+if TYPE_CHECKING:
+    from .given import Fixes
+
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup", "layer_options",
-           "option_costs", "option_specs"]
+           "engine_runs", "option_costs", "option_specs"]
 
 MODES = ("fetch", "local", "hybrid", "stream")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
@@ -130,6 +133,7 @@ class Setup:
     host_reserve: tuple[float, float] = (0.10, 4 * 2**30)  # (fraction, bytes) kept free in host DRAM
     engine: Engine | None = None  # the software that runs the plan (hardware is already seen through it)
     phase: str = "decode"  # "prefill": a step prices the prompt (the engine's prefill step cost)
+    fixes: "Fixes | None" = None  # parts of every layer's option the user fixed (planner.given)
 
     def runs(self, device: Device, fmt: str) -> bool:
         """Whether the engine runs weights stored as ``fmt`` on ``device``."""
@@ -204,8 +208,11 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
     # have to be read first, which the costs below do not price)
     cpu_home = {hi for hi in homes if s.homes[hi] == s.hardware.memory_of(s.host.id).id}
     grid = sorted({int(p) for p in s.stats.pinned_grid} | {E})
+    # a fixed resident count or cache size need not be a grid point (hit rates interpolate)
+    pinned = grid if s.fixes is None or s.fixes.pinned(layer) is None else [s.fixes.pinned(layer)]
+    sizes = s.cache_sizes() if s.fixes is None or s.fixes.slots(layer) is None else [s.fixes.slots(layer)]
     fetch, local, hybrid, stream = (MODES.index(m) for m in ("fetch", "local", "hybrid", "stream"))
-    for p in grid:
+    for p in pinned:
         for bi, br in enumerate(s.formats):
             if crit[:p].any() and br != full:
                 continue  # a resident critical expert stays at full precision
@@ -219,7 +226,7 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                     continue
                 for hi in homes:
                     for q in (g for g in grid if g > p and (hi in cpu_home or g == E)):
-                        for c in s.cache_sizes():
+                        for c in sizes:
                             if c >= q - p and c > 0:
                                 continue  # a cache that holds the whole band is residency, not a cache
                             rows.append((p, q, bi, c, bo_i, hi, fetch))
@@ -228,7 +235,13 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                     if hi in cpu_home:
                         rows.append((p, p, bi, 0, bo_i, hi, local))
                     rows.append((p, E, bi, 0, bo_i, hi, stream))
-    rows = [r for r in rows if _engine_runs(s, r)]
+    rows = [r for r in rows if engine_runs(s, r)]
+    if rows and s.fixes is not None:
+        rows = [r for r, ok in zip(rows, s.fixes.allows(s, layer, np.array(rows))) if ok]
+        if not rows:
+            raise InputError("no option of this layer satisfies the --fix-* options together", key=f"layer {layer}",
+                             fix="loosen them (a cache needs more offloaded experts than slots and an engine with "
+                                 "a cache; resident experts run on the compute device)")
     if not rows:
         raise InputError("no way to place this layer's experts", key=f"layer {layer}",
                          fix="add host memory, use formats the devices support, or an engine that can offload "
@@ -236,7 +249,7 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
-def _engine_runs(s: Setup, row: tuple) -> bool:
+def engine_runs(s: Setup, row: tuple) -> bool:
     """Whether the engine can run option ``row`` (SPEC_COLUMNS): its sites, its cache, its
     placement granularity and its kernels on the devices the option uses."""
     if s.engine is None:
@@ -417,7 +430,10 @@ def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> Opti
     """The option grid of ``layer`` plus any ``extra`` specs (baselines), with their costs."""
     specs = option_specs(s, layer)
     if extra is not None and len(extra):
-        specs = np.unique(np.concatenate([specs, np.asarray(extra, dtype=np.int64).reshape(-1, N_SPEC)]), axis=0)
+        extra = np.asarray(extra, dtype=np.int64).reshape(-1, N_SPEC)
+        if s.fixes is not None:
+            extra = extra[s.fixes.allows(s, layer, extra)]  # a baseline's row that breaks a fix
+        specs = np.unique(np.concatenate([specs, extra]), axis=0)
     return option_costs(s, layer, specs)
 
 

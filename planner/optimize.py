@@ -13,14 +13,15 @@ import numpy as np
 
 from profiles.engines import Engine, load_engine
 from profiles.errors import InfeasibleError, InputError
-from profiles.formats import get_format
+from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Hardware, load_profile
 from profiles.models import ModelSpec, load_model
 from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINE_ENGINES, BASELINES, Baseline
-from .costs import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, fixed_costs, option_costs, step_time
+from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, fixed_costs, option_costs,
+                    step_time)
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
 from .workload_view import PlanningStats, planning_stats
@@ -86,17 +87,16 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
         if compute.kind == "accelerator" and fm not in compute.peak_ops_per_s:
             raise InputError(f"the accelerator {compute.id} cannot compute {fm}", key="--formats", value=fm,
                              expected=", ".join(compute.peak_ops_per_s), fix="pick formats the accelerator supports")
-    runnable = tuple(fm for fm in formats if engine.supports(compute.kind, fm) or engine.supports(host.kind, fm))
+    stored = tuple(dict.fromkeys(engine.stored(fm) for fm in formats))
+    runnable = tuple(fm for fm in stored if engine.supports(compute.kind, fm) or engine.supports(host.kind, fm))
     if not runnable:
         raise InputError(f"engine {engine.name} runs none of the candidate formats", key="--formats",
                          value=list(formats), expected=", ".join(engine.kind_spec(compute.kind).kernels),
                          fix=f"pick formats `planner engines show {engine.name}` lists")
     formats = runnable
     errors = dict(QUANT_ERROR if quant_error is None else quant_error)
-    missing = [fm for fm in formats if fm not in errors]
-    if missing:
-        raise InputError("no quantisation error known for a format", key="quant_error", value=missing[0],
-                         fix="add it to the --quant-error file")
+    # formats the --quant-error file does not name: their stated or bits-interpolated error
+    errors |= {fm: default_quant_error(fm) for fm in formats if fm not in errors}
     if stats.num_experts != model.num_experts or stats.num_layers != model.num_moe_layers:
         raise InputError("the workload does not match the model", key="--trace",
                          value=f"{stats.num_layers} layers x {stats.num_experts} experts",
@@ -157,7 +157,9 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
 
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
                    critical=req.critical, quant_error=req.quant_error, engine=engine)
-    candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])]
+    # warm starts: the baselines' placements this engine can run
+    candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])
+                  if all(engine_runs(s, tuple(int(x) for x in spec)) for spec in b.specs)]
     L = stats.num_layers
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
     problem = build_problem(s, budget, extra)

@@ -129,14 +129,14 @@ def _baseline_rows(result: OptimizeResult) -> list[dict[str, Any]]:
         tps = b.predicted["tokens_per_s"]
         rows.append({"name": name, "tokens_per_s": tps, "tpot_s": b.predicted["tpot_s"],
                      "ttft_s": b.predicted.get("ttft_s"), "ratio": plan_tps / tps if tps > 0 else float("inf"),
-                     "setting": _baseline_setting(name, b)})
+                     "engine": b.inputs.engine, "setting": _baseline_setting(name, b)})
     rows.sort(key=lambda r: (-r["tokens_per_s"], r["name"]))
     return rows
 
 
 def _baseline_setting(name: str, plan: Plan) -> str:
-    prefix = f"baseline {name}: "
-    return next((n[len(prefix):] for n in plan.notes if n.startswith(prefix)), "")
+    prefix = f"baseline {name} on engine {plan.inputs.engine}: "
+    return plan.inputs.engine + ", " + next((n[len(prefix):] for n in plan.notes if n.startswith(prefix)), "")
 
 
 def _dense_format(plan: Plan, s: Setup) -> str | None:
@@ -299,7 +299,8 @@ def render_summary(result: OptimizeResult, console: Console, compare: bool = Fal
     console.print(_solver_line(d["solver"], with_time=True), highlight=False)
 
     if compare:
-        console.print("[bold]Baselines[/bold] (same cost model and quality budget), fastest first")
+        console.print("[bold]Baselines[/bold] (each on its own engine profile, same hardware, workload and quality "
+                      "budget), fastest first")
         console.print(_baseline_table(d))
         best = d["best_baseline"]
         if best:
@@ -530,7 +531,7 @@ def _markdown(result: OptimizeResult, d: dict[str, Any], bd: LayerBreakdown) -> 
               f"CPU, {bound.count('link')} by the link (busy, or the device waiting for expert fetches).", "", "![time per layer](layer_time.png)", ""]
 
     lines += ["## Baselines", "",
-              "Scored by the same cost model under the same quality budget; each uses one format for the whole "
+              "Each priced on its own engine profile (the software that runs it) by the same cost model, under the same quality budget; each uses one format for the whole "
               "model.", "", "| plan | tok/s | TPOT | plan speed-up | setting |", "|---|---|---|---|---|",
               f"| **this plan (ilp)** | {p['tokens_per_s']:.3g} | {format_time(p['tpot_s'])} | 1.00x | |"]
     for row in d["baselines"]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import InputError, from_validation_error
 from .formats import get_format
@@ -95,7 +95,13 @@ class SourcedFraction(BaseModel):
     source: Source
 
 
-KernelPath = Union[Literal["native", "unsupported"], Unpack]
+def _kernel_kind(value: object) -> str:
+    return "unpack" if isinstance(value, (dict, Unpack)) else "path"
+
+
+# a mapping is an unpack path (its own errors name its keys), anything else native/unsupported
+KernelPath = Annotated[Union[Annotated[Unpack, Tag("unpack")], Annotated[Literal["native", "unsupported"], Tag("path")]],
+                       Discriminator(_kernel_kind)]
 
 
 class DeviceKindSpec(BaseModel):
@@ -139,6 +145,9 @@ class EngineProfile(BaseModel):
     accelerator: DeviceKindSpec | None = None
     step_overhead_s: StepOverheads
     host_memory: Literal["pinned", "pageable"]
+    # the format the engine stores when a plan asks for another one (llama.cpp stores int4 as
+    # Q4_K, int8 as Q8_0): the planner sizes and prices the stored one
+    format_aliases: dict[str, str] = Field(default_factory=dict)
     # share of a drive's sequential read rate the engine's expert reads reach (memory-mapped
     # page faults read in small pieces; direct reads of whole experts reach the drive's rate)
     disk_read_fraction: SourcedFraction | None = None
@@ -158,6 +167,13 @@ class EngineProfile(BaseModel):
         if "none" not in self.prefetch:
             raise InputError("every engine can run without prefetch", key="prefetch", value=list(self.prefetch),
                              fix="add none to prefetch")
+        for asked, stored in self.format_aliases.items():
+            for key, fmt in ((asked, asked), (f"{asked}", stored)):
+                try:
+                    get_format(fmt)
+                except InputError as exc:
+                    raise InputError(exc.message, key=f"format_aliases.{key}", value=fmt, expected=exc.expected,
+                                     fix="alias known formats (`planner formats list`)") from None
         if self.cpu.kernel_family is None:
             raise InputError("the cpu section needs the kernel family its kernels use", key="cpu.kernel_family",
                              expected="one of " + ", ".join(CPU_KERNEL_FAMILIES),
@@ -188,6 +204,10 @@ class Engine:
         """Whether the engine runs weights stored as ``fmt`` on a ``kind`` device."""
         spec = self.kind_spec(kind)
         return spec is not None and spec.kernels.get(fmt, "unsupported") != "unsupported"
+
+    def stored(self, fmt: str) -> str:
+        """The format the engine stores when asked for ``fmt``."""
+        return self.profile.format_aliases.get(fmt, fmt)
 
     def runs_on(self, kind: str) -> bool:
         return self.kind_spec(kind) is not None

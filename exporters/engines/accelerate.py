@@ -30,6 +30,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from planner.costs import fixed_costs
 from planner.plan import Plan
 from profiles.errors import InfeasibleError
 from profiles.hardware import Hardware
@@ -139,7 +140,8 @@ def render_accelerate(plan: Plan, model: ModelSpec, hardware: Hardware, pricing:
     host_mem = hardware.memory_of(plan.host_device).id
     L = len(plan.layers)
     layer_bytes = model.num_experts * model.expert_bytes("bf16")
-    dense_bytes = model.dense_bytes("bf16")
+    # the dense bytes the planner charges the device at bf16 (one size for one placement)
+    dense_bytes = fixed_costs(pricing.setup(dev.id), "bf16").dense_bytes
     budget = pricing.device_budget(dev.id, dense_bytes)
     if budget < 0:
         raise InfeasibleError(f"accelerate: {dev.id} cannot hold the dense weights at bf16 with the planned KV cache "

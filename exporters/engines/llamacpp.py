@@ -63,6 +63,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from planner.costs import fixed_costs
 from planner.plan import Plan
 from profiles.errors import InputError
 from profiles.hardware import Hardware
@@ -140,9 +141,14 @@ _DOWN = r"\.ffn_down_(?:ch|)exps"
 SHEXP_REGEX = r"blk\.[0-9]+\.ffn_(?:up|down|gate)_shexp"
 
 
+def gguf_name(fmt: str) -> str:
+    """The GGUF type that stores a plan format (a GGUF type name stands for itself)."""
+    return fmt.upper() if fmt.upper() in GGUF_TYPES else FORMAT_TO_GGUF[fmt]
+
+
 def gguf_type(fmt: str, row_length: int) -> str:
     """GGUF type for a plan format and a tensor row length (``ne[0]``), fallbacks applied."""
-    name = FORMAT_TO_GGUF[fmt]
+    name = gguf_name(fmt)
     while row_length % GGUF_TYPES[name].block:
         name = GGUF_TYPES[name].fallback or "F16"
     return name
@@ -198,7 +204,8 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
     lbytes = [_layer_bytes(model, gu, dn) for gu, dn in types]
     dense_fmt = pricing.dense_format
     dense_type = gguf_type(dense_fmt, H)
-    dense_bytes = model.dense_params * GGUF_TYPES[dense_type].bits_per_weight / 8
+    # the dense bytes the planner charges the device at this format (one size for one placement)
+    dense_bytes = fixed_costs(pricing.setup(engine_device(plan, pricing.hardware).id), dense_fmt).dense_bytes
 
     # 2. whole layers on the GPU in the plan's order of preference while they fit
     shares = device_share(plan, model, hardware)
@@ -312,7 +319,7 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
         "override_tensor": rules,
         "n_cpu_moe": ncm,
         "quantize": quant,
-        "gguf_types": {f: FORMAT_TO_GGUF[f] for f in sorted(set(fmts) | {dense_fmt})},
+        "gguf_types": {f: gguf_name(f) for f in sorted(set(fmts) | {dense_fmt})},
         "memory": {"device_budget_bytes": budget if on_gpu else None,
                    "device_expert_bytes": sum(lbytes[l] for l in on_dev) if on_gpu else 0.0,
                    "dense_bytes": dense_bytes, "cpu_bytes": cpu_bytes, "host_usable_bytes": host_free,

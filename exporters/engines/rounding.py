@@ -52,8 +52,9 @@ from planner.costs import (
     step_time,
 )
 from planner.plan import Plan
+from profiles.engines import load_engine
 from profiles.errors import InputError
-from profiles.formats import FORMATS, get_format
+from profiles.formats import all_formats, default_quant_error, get_format
 from profiles.hardware import Device, Hardware, load_profile
 from profiles.models import ModelSpec, load_model
 from profiles.workload.trace import Trace
@@ -148,7 +149,7 @@ def check_plan(plan: Plan, model: ModelSpec, hardware: Hardware) -> None:
             raise InputError("the plan does not match the model's experts per layer", key=f"{key}.home",
                              value=len(layer.home), expected=f"{model.num_experts} experts ({model.name})", fix=fix)
         for fmt in set(layer.format) | ({layer.cache_format} if layer.cache_format else set()):
-            if fmt not in FORMATS:
+            if fmt not in all_formats():
                 raise InputError("unknown number format in the plan", key=f"{key}.format", value=fmt,
                                  expected="one of " + ", ".join(FORMATS), fix="regenerate the plan")
         for mem in set(layer.home) | ({layer.cache_device} if layer.cache_device else set()):
@@ -170,10 +171,10 @@ def dense_format(plan: Plan, model: ModelSpec) -> str:
     """
     for note in plan.notes:
         m = re.fullmatch(r"dense weights: (\S+)", note)
-        if m and m.group(1) in FORMATS:
+        if m and m.group(1) in all_formats():
             return m.group(1)
     explicit = getattr(plan, "dense_format", None)
-    if explicit in FORMATS and "dense_format" in plan.model_fields_set:
+    if explicit in all_formats() and "dense_format" in plan.model_fields_set:
         return explicit
     planned = plan.memory.get(plan.compute_device)
     dense = planned.dense_bytes if planned is not None else 0.0
@@ -248,11 +249,15 @@ class Pricing:
             the workload the plan was made with (same routing digest).
     """
 
-    def __init__(self, plan: Plan, model: ModelSpec, hardware: Hardware, trace: Trace | None = None) -> None:
+    def __init__(self, plan: Plan, model: ModelSpec, hardware: Hardware, trace: Trace | None = None,
+                 engine: str | None = None) -> None:
         from planner.workload_view import planning_stats
         from profiles.workload.defaults import default_workload
 
-        self.plan, self.model, self.hardware = plan, model, hardware
+        self.engine = load_engine(engine or plan.inputs.engine)
+        self.plan, self.model, self.bare_hardware = plan, model, hardware
+        self.hardware = self.engine.apply(hardware)
+        self._trace = trace
         trace = default_workload(model) if trace is None else trace
         if trace.num_layers != model.num_moe_layers:
             raise InputError("the workload does not match the model", key="trace", value=trace.num_layers,
@@ -264,7 +269,7 @@ class Pricing:
         self.dense_format = dense_format(plan, model)
         used = {f for layer in plan.layers for f in layer.format} | {self.dense_format, "bf16"}
         used |= {layer.cache_format for layer in plan.layers if layer.cache_format}
-        self.formats = tuple(f for f in FORMATS if f in used)
+        self.formats = tuple(f for f in all_formats() if f in used)
         self._setups: dict[str, Setup] = {}
         self._repriced: tuple[Prediction | None, str] | None = None
 
@@ -287,7 +292,8 @@ class Pricing:
             self._setups[compute_id] = Setup(
                 hardware=hw, model=self.model, stats=self.stats, batch_size=self.plan.batch_size,
                 context_tokens=self.plan.context_tokens, formats=self.formats, compute=compute, host=host,
-                homes=tuple(homes), quant_error=dict(QUANT_ERROR))
+                homes=tuple(homes), quant_error={f: QUANT_ERROR.get(f, default_quant_error(f)) for f in self.formats},
+                engine=self.engine)
         return self._setups[compute_id]
 
     def price_rows(self, compute_id: str, rows: Sequence[dict[str, Any]], dense_fmt: str,
@@ -325,15 +331,19 @@ class Pricing:
         return self.price_rows(compute_id, rows, dense_fmt, prefetch=False)
 
     def price_plan(self) -> tuple[Prediction | None, str]:
-        """Re-price the plan itself (once; later calls reuse it); ``(None, why)`` when a layer
-        is not one option of the planner's grid under this workload.
+        """Re-price the plan itself on its own engine (once; later calls reuse it); ``(None, why)``
+        when a layer is not one option of the planner's grid under this workload.
 
         A layer is read as the planner writes it, by frequency rank: ranks ``[0, p)``
         resident, ``[p, q)`` offloaded and run by one mode (fetch, hybrid, stream), ``[q, E)``
         offloaded and computed where they live (``local``).
         """
         if self._repriced is None:
-            self._repriced = self._price_plan()
+            if self.engine.name != self.plan.inputs.engine:
+                own = Pricing(self.plan, self.model, self.bare_hardware, self._trace, engine=self.plan.inputs.engine)
+                self._repriced = own.price_plan()
+            else:
+                self._repriced = self._price_plan()
         return self._repriced
 
     def _price_plan(self) -> tuple[Prediction | None, str]:

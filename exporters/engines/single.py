@@ -111,9 +111,9 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
     cluster = _cluster_reason(plan, hardware)
     if cluster:
         return RenderedEngines(files=(), skipped={"llama.cpp": cluster, "accelerate": cluster})
-    pricing = Pricing(plan, model, hardware, trace)
-
+    # each engine's config priced on that engine's profile, as `planner optimize --compare` does
     try:
+        pricing = Pricing(plan, model, hardware, trace, engine="llama.cpp")
         cfg = render_llamacpp(plan, model, hardware, pricing, model_file=model_file, checkpoint=checkpoint)
     except (NotApplicable, InfeasibleError) as exc:
         skipped["llama.cpp"] = str(exc)
@@ -125,6 +125,7 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
             commands["llama.cpp:quantize"] = cfg["commands"]["quantize"]
 
     try:
+        pricing = Pricing(plan, model, hardware, trace, engine="accelerate")
         cfg = render_accelerate(plan, model, hardware, pricing, checkpoint=checkpoint)
     except (NotApplicable, InfeasibleError) as exc:
         skipped["accelerate"] = str(exc)

@@ -1,0 +1,218 @@
+"""Engine profiles: loading, the one-line error contract, what they change in the cost model,
+and one price per placement (the --compare baselines and the engine exporters agree)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from exporters.engines.accelerate import render_accelerate
+from exporters.engines.llamacpp import render_llamacpp
+from exporters.engines.rounding import Pricing
+from planner.cli import cli
+from planner.optimize import OptimizeRequest, optimize
+from profiles.engines import bundled_engines, load_engine
+from profiles.errors import InputError
+from profiles.formats import get_format
+from profiles.hardware import load_profile
+from profiles.models import load_model
+from profiles.perf import dense_step_s, expert_call_s
+
+BUNDLE = yaml.safe_load(bundled_engines()["bundle"].read_text())
+
+
+def test_every_bundled_engine_loads_and_names_its_sources():
+    names = set(bundled_engines())
+    assert {"bundle", "llama.cpp", "ktransformers", "accelerate", "vllm", "sglang", "hqq-offload",
+            "roofline"} <= names
+    for name in names:
+        e = load_engine(name)
+        assert e.name == name and e.profile.sources
+        for kind in ("gpu", "cpu", "accelerator"):
+            spec = e.kind_spec(kind)
+            for what in ("layer_overhead_s", "expert_call_overhead_s"):
+                v = getattr(spec, what) if spec else None
+                assert v is None or len(v.source) >= 3
+
+
+def test_roofline_engine_leaves_the_datasheet_roofline_unchanged():
+    _, hw = load_profile("desktop-4090")
+    seen = load_engine("roofline").apply(hw)
+    model = load_model("mixtral-8x7b")
+    for did in ("node/gpu0", "node/cpu0"):
+        bare, eng = hw.devices[did], seen.devices[did]
+        for fmt in ("bf16", "int4"):
+            args = (fmt, model.expert_bytes(fmt), model.expert_flops_per_token, 1)
+            assert expert_call_s(eng, *args) == expert_call_s(bare, *args)
+    assert [l.bytes_per_s for l in seen.links] == [l.bytes_per_s for l in hw.links]
+
+
+def _engine_file(tmp_path, **changes):
+    data = json.loads(json.dumps(BUNDLE))
+    for key, value in changes.items():
+        node = data
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_overheads_unpack_and_step_costs_enter_the_roofline(tmp_path):
+    """Hand-worked: one int4 expert call on the 4090 with an unpack path and a 100 us call cost."""
+    path = _engine_file(tmp_path, **{"gpu.kernels": {"bf16": "native", "int4": {"unpack_weights_per_s": "50G/s",
+                                                                                "source": "test"}},
+                                     "gpu.expert_call_overhead_s": {"value": "100us", "source": "test"},
+                                     "step_overhead_s": {"decode": {"value": "2ms", "source": "test"},
+                                                         "prefill": {"value": "7ms", "source": "test"}}})
+    _, hw = load_profile("desktop-4090")
+    gpu = load_engine(path).apply(hw).devices["node/gpu0"]
+    model = load_model("mixtral-8x7b")
+    wb = model.expert_bytes("int4")
+    params = wb * 8 / get_format("int4").bits_per_weight
+    eff = gpu.efficiency
+    expected = (params / 50e9 + 2 * params / (gpu.memory_bytes_per_s * eff.memory_fraction)
+                + gpu.launch_overhead_s + 100e-6)  # batch 1: memory-bound on the fp16 copy
+    assert expert_call_s(gpu, "int4", wb, model.expert_flops_per_token, 1) == pytest.approx(expected, rel=1e-12)
+    bare = hw.devices["node/gpu0"]
+    assert expert_call_s(gpu, "int4", wb, model.expert_flops_per_token, 1) > 3 * expert_call_s(
+        bare, "int4", wb, model.expert_flops_per_token, 1)
+    d = dense_step_s(gpu, model, "bf16", 1, 0.0)
+    assert dense_step_s(gpu, model, "bf16", 1, 0.0, prefill=True) - d == pytest.approx(5e-3)
+
+
+def test_pageable_host_memory_slows_host_to_device_copies(tmp_path):
+    _, hw = load_profile("desktop-4090")
+    pinned = load_engine(_engine_file(tmp_path)).apply(hw)
+    pageable = load_engine(_engine_file(tmp_path, host_memory="pageable")).apply(hw)
+    a = pinned.route("node/cpu0", "node/gpu0").bottleneck_bytes_per_s
+    b = pageable.route("node/cpu0", "node/gpu0").bottleneck_bytes_per_s
+    assert b == pytest.approx(0.6 * a)  # PAGEABLE_FRACTION of the pinned Gen4 x16 rate
+
+
+def test_cpu_kernel_family_and_sockets(tmp_path):
+    profile = yaml.safe_load((load_profile("cpu-server-4090")[0].model_dump_json()))
+    cpu = next(d for d in profile["nodes"][0]["devices"] if d["kind"] == "cpu")
+    cpu.update(isa=["avx2", "avx512"], sockets=2, cross_socket_bytes_per_s=60e9, memory_bytes_per_s=400e9,
+               peak_ops_per_s_by_kernel={"avx2": {"bf16": 1e12}, "avx512": {"bf16": 4e12}})
+    path = tmp_path / "hw.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    _, hw = load_profile(path)
+    amx = load_engine(_engine_file(tmp_path, **{"cpu.kernel_family": "amx"})).apply(hw)
+    c = amx.devices[next(k for k, d in hw.devices.items() if d.kind == "cpu")]
+    assert c.peak_ops_per_s["bf16"] == 4e12  # amx asked, the CPU has avx512 at most
+    assert c.memory_bytes_per_s == pytest.approx(120e9)  # interleaved: half the reads cross 60 GB/s
+    avx2 = load_engine(_engine_file(tmp_path, **{"cpu.kernel_family": "avx2", "cpu.numa": "aware"})).apply(hw)
+    c = avx2.devices[c.id]
+    assert c.peak_ops_per_s["bf16"] == 1e12 and c.memory_bytes_per_s == 400e9
+
+
+def test_apply_is_idempotent_and_refuses_a_second_engine():
+    _, hw = load_profile("desktop-4090")
+    seen = load_engine("bundle").apply(hw)
+    assert load_engine("bundle").apply(seen) is seen
+    with pytest.raises(ValueError, match="already seen through"):
+        load_engine("vllm").apply(seen)
+
+
+BAD = [
+    ({"name": None}, "name: required key is missing"),
+    ({"sources": []}, "sources"),
+    ({"gpu.kernels.int4": "maybe"}, "gpu.kernels.int4"),
+    ({"gpu.kernels.q9_z": "native"}, "unknown number format 'q9_z'"),
+    ({"cpu.kernel_family": "sse4"}, "cpu.kernel_family"),
+    ({"cpu.kernel_family": None}, "cpu.kernel_family"),
+    ({"gpu.layer_overhead_s": {"value": "-3ms", "source": "x"}}, "must not be negative"),
+    ({"gpu.layer_overhead_s": {"value": "3 parsecs", "source": "x"}}, "time"),
+    ({"gpu.expert_call_overhead_s": {"value": "1ms"}}, "source"),
+    ({"gpu.kernels.int8": {"unpack_weights_per_s": "fast", "source": "x"}}, "invalid rate"),
+    ({"host_memory": "swap"}, "host_memory"),
+    ({"placement": "node"}, "placement"),
+    ({"sites": ["fetch"]}, "every engine runs resident experts"),
+    ({"eviction": []}, "needs an eviction policy"),
+    ({"prefetch": ["oracle"]}, "without prefetch"),
+    ({"disk_read_fraction": {"value": 1.5, "source": "x"}}, "disk_read_fraction"),
+    ({"format_aliases": {"int4": "q4_zz"}}, "format_aliases"),
+    ({"colour": "blue"}, "unknown key"),
+]
+
+
+@pytest.mark.parametrize("changes, needle", BAD, ids=[c[1][:30] for c in BAD])
+def test_bad_engine_profiles_get_one_line_and_exit_1(tmp_path, changes, needle):
+    path = _engine_file(tmp_path, **changes)
+    for args in (["engines", "validate", str(path)], ["optimize", "--engine", str(path)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1, (args, res.output)
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in res.output and needle in lines[0], res.output
+        assert str(path) in lines[0]
+
+
+@pytest.mark.parametrize("text", ["", "- a list\n", "name: [unclosed\n"])
+def test_malformed_engine_files(tmp_path, text):
+    path = tmp_path / "e.yaml"
+    path.write_text(text)
+    res = CliRunner().invoke(cli, ["engines", "validate", str(path)])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+
+
+def test_unknown_engine_name_is_one_line():
+    res = CliRunner().invoke(cli, ["optimize", "--engine", "tensorrt-llm"])
+    assert res.exit_code == 1 and "unknown engine" in res.output and "planner engines list" in res.output
+
+
+def test_engines_cli_list_and_show_json():
+    res = CliRunner().invoke(cli, ["--json", "engines", "list"])
+    assert res.exit_code == 0
+    assert {r["name"] for r in json.loads(res.output)} == set(bundled_engines())
+    res = CliRunner().invoke(cli, ["--json", "engines", "show", "llama.cpp"])
+    assert json.loads(res.output)["placement"] == "tensor"
+    res = CliRunner().invoke(cli, ["engines", "show", "bundle", "--yaml"])
+    assert yaml.safe_load(res.output)["name"] == "bundle"
+
+
+@pytest.fixture(scope="module")
+def default_result():
+    return optimize(OptimizeRequest())
+
+
+def test_engine_plans_only_what_it_runs():
+    res = optimize(OptimizeRequest(engine="llama.cpp"))
+    plan = res.plan
+    assert plan.inputs.engine == "llama.cpp" and plan.prefetch == "none"
+    sites = {s for layer in plan.layers for s in layer.site}
+    assert sites <= {"resident", "local"}
+    assert all(layer.cache_slots == 0 for layer in plan.layers)
+    for layer in plan.layers:  # per tensor: a layer's experts share one site and one format
+        assert len(set(layer.site)) == 1 and len(set(layer.format)) == 1
+    # llama.cpp stores int4/int8 as Q4_K/Q8_0: the planner sizes and prices those
+    assert {f for layer in plan.layers for f in layer.format} <= {"bf16", "q8_0", "q4_k"}
+
+
+def test_compare_prices_each_baseline_on_its_own_engine(default_result):
+    engines = {name: b.inputs.engine for name, b in default_result.baselines.items()}
+    assert engines["llama.cpp"] == "llama.cpp" and engines["accelerate"] == "accelerate"
+    assert default_result.plan.inputs.engine == "bundle"
+
+
+@pytest.mark.parametrize("name, render", [("llama.cpp", render_llamacpp), ("accelerate", render_accelerate)])
+def test_exporter_and_compare_baseline_give_one_price(default_result, name, render):
+    """The baseline's placement exported for its engine is priced exactly as --compare prices it."""
+    base = default_result.baselines[name]
+    _, hw = load_profile("desktop-4090")
+    model = load_model("mixtral-8x7b")
+    cfg = render(base, model, hw, Pricing(base, model, hw, engine=name))
+    rounded = cfg["predicted"]["rounded"]["tokens_per_s"]
+    assert rounded == pytest.approx(base.predicted["tokens_per_s"], rel=1e-12)
+    if name == "llama.cpp":
+        assert cfg["n_cpu_moe"]["predicted"]["tokens_per_s"] == pytest.approx(rounded, rel=1e-12)
+        assert f"--n-cpu-moe {cfg['n_cpu_moe']['moe_layers_on_cpu']}" in base.notes[-1]
