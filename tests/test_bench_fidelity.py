@@ -1,0 +1,86 @@
+"""The fidelity set (benchmarks/fidelity/cases.yaml) and its harness (benchmarks/bench_fidelity.py):
+every case is well formed and resolves, and the harness prices cases end to end (no network,
+no wall-clock assertions)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_fidelity as bf  # noqa: E402
+
+from profiles.formats import get_format  # noqa: E402
+from profiles.models import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cases():
+    kept, dropped = bf.load_cases()
+    assert not dropped, "cases.yaml cites a reserved source"
+    return kept
+
+
+def test_schema(cases):
+    assert len(cases) == 63
+    ids = [c["id"] for c in cases]
+    assert len(set(ids)) == len(ids)
+    for c in cases:
+        for key in bf.REQUIRED:
+            assert key in c, (c["id"], key)
+        assert set(bf.CONFIG_KEYS) <= set(c["config"]), c["id"]
+        assert c["config"]["policy"] in bf.POLICIES, c["id"]
+        assert c["metric"] in bf.METRICS, c["id"]
+        assert isinstance(c["value"], (int, float)) and c["value"] > 0, c["id"]
+        assert isinstance(c["batch"], int) and c["batch"] >= 1, c["id"]
+        if c["metric"] in ("ttft_s", "prefill_tok_s"):
+            assert (c["prompt_tokens"] or 0) > 0, c["id"]
+        if c["config"]["policy"] == "n-cpu-moe":
+            assert isinstance(c["config"]["n"], int), c["id"]
+
+
+def test_every_case_resolves(cases):
+    for c in cases:
+        hw = bf.hardware_of(c)
+        assert hw.devices, c["id"]
+        assert bf._engine(bf.engine_name(c)).name == bf.engine_name(c)
+        load_model(c["model"])
+        get_format(c["format"])
+        get_format(bf.dense_format(c))
+        if c["config"]["policy"] not in ("cpu-only",):
+            gpus = [d for d in hw.devices.values() if d.kind == "gpu"]
+            assert len(gpus) >= max(int(c["config"]["gpus"] or 0), 1), c["id"]
+
+
+def test_split_is_deterministic_and_stratified(cases):
+    priced = [c for c in cases if bf.skip_reason(c) is None]
+    fit, held = bf.split(priced)
+    assert bf.split(list(reversed(priced))) == (fit, held)
+    assert abs(len(fit) - len(held)) <= 1
+    assert not {c["id"] for c in fit} & {c["id"] for c in held}
+    # every engine with two or more cases has cases on both sides
+    for e in {bf.engine_name(c) for c in priced}:
+        n = sum(bf.engine_name(c) == e for c in priced)
+        if n >= 2:
+            assert any(bf.engine_name(c) == e for c in fit) and any(bf.engine_name(c) == e for c in held), e
+
+
+@pytest.mark.parametrize("case_id", [
+    "llamacpp-gpt-oss-20b-mxfp4-4090-tg128",  # all on the GPU, decode
+    "llamacpp-qwen3-30b-a3b-q4km-2080-ncpumoe36-decode",  # --n-cpu-moe
+    "ikllama-gpt-oss-20b-mxfp4-7950x-cpu-prefill",  # CPU only, prefill
+])
+def test_prices_end_to_end(cases, case_id):
+    c = next(c for c in cases if c["id"] == case_id)
+    out = bf.price_case(c)
+    assert math.isfinite(out["predicted"]) and out["predicted"] > 0
+    if c["config"]["policy"] == "cpu-only":
+        assert out["compute"].split("/")[1].startswith("cpu")
+    # a faster engine (all overheads at a tenth) never predicts a slower rate
+    faster = bf.price_case(c, {"layer": 0.1, "expert_call": 0.1, "step": 0.1})
+    assert faster["predicted"] >= out["predicted"] * (1 - 1e-9)
