@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_r
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
 from .workload_view import PlanningStats, planning_stats
+
+if TYPE_CHECKING:
+    from .given import Fixes, GivenPolicy
 
 __all__ = ["OptimizeRequest", "OptimizeResult", "optimize", "make_setup", "DEFAULT_HARDWARE", "DEFAULT_MODEL"]
 
@@ -51,7 +55,11 @@ class OptimizeRequest:
     tpot_slo_s: float = 0.2  # cost objective: the slowest acceptable time per output token
     critical: tuple[tuple[int, ...], ...] = ()  # per MoE layer: experts kept at full precision
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
-    engine: str | None = None  # engine profile (bundled name or path); None: the bundle runtime
+    engine: str | None = None  # engine profile (bundled name or path); None: the bundle runtime (or the policy's)
+    policy: GivenPolicy | None = None  # a given configuration to price instead of solving (planner.given)
+    fixes: Fixes | None = None  # parts of the plan fixed, the ILP decides the rest (planner.given)
+    prefetch: str | None = None  # the plan's prefetch policy (Plan.prefetch); None: the faster of none/next-layer
+    eviction: str | None = None  # the plan's cache eviction (Plan.eviction); None: lru
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,12 +72,14 @@ class OptimizeResult:
 
 def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_size: int, context_tokens: int,
                formats: tuple[str, ...], critical: tuple[tuple[int, ...], ...] = (),
-               quant_error: dict[str, float] | None = None, engine: Engine | None = None) -> Setup:
+               quant_error: dict[str, float] | None = None, engine: Engine | None = None,
+               fixes: Fixes | None = None) -> Setup:
     """Pick the compute device (first GPU, else first accelerator, else the CPU), the host CPU of
     its node and the homes for offloaded experts (host DRAM, then the node's first NVMe).
 
     ``hw`` is seen through ``engine`` (default: the bundle runtime's profile), and only the
-    formats the engine runs on the compute device or the host CPU stay candidates.
+    formats the engine runs on the compute device or the host CPU stay candidates. ``fixes``
+    (planner.given.Fixes, checked here) filter every layer's options.
     """
     engine = engine or load_engine(None)
     hw = engine.apply(hw)
@@ -102,9 +112,12 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
                          value=f"{stats.num_layers} layers x {stats.num_experts} experts",
                          expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts ({model.name})",
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
-    return Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
-                 formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
-                 critical=critical, engine=engine)
+    s = Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
+              formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
+              critical=critical, engine=engine, fixes=fixes.through(engine) if fixes is not None else None)
+    if s.fixes is not None:
+        s.fixes.check(s)
+    return s
 
 
 def _default_trace(model: ModelSpec) -> Trace:
@@ -119,8 +132,12 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
 
     t0 = time.perf_counter()
     profile, hw = load_profile(req.hardware)
-    engine = load_engine(req.engine)
     model = load_model(req.model)
+    if req.policy is not None:
+        req.policy.check(model)
+    # a given configuration runs on its tool's engine unless another is named
+    engine = load_engine(BASELINE_ENGINES[req.policy.name] if req.engine is None and req.policy else req.engine)
+    _check_policies(engine, req)
     trace = req.trace if req.trace is not None else _default_trace(model)
     zero = model.zero_experts.count if model.zero_experts else 0
     if trace.num_experts not in (model.num_experts, model.num_experts + zero):
@@ -142,6 +159,17 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     return _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats, engine)
 
 
+def _check_policies(engine: Engine, req: OptimizeRequest) -> None:
+    """Refuse an eviction or prefetch policy the engine does not have."""
+    for what, name, listed in (("eviction", req.eviction, engine.profile.eviction),
+                               ("prefetch", req.prefetch, engine.profile.prefetch)):
+        known = get_args(Plan.model_fields[what].annotation)  # every policy the simulator has
+        if name is not None and (name not in known or name not in listed):
+            raise InputError(f"engine {engine.name} has no {what} policy {name}", key=f"--{what}", value=name,
+                             expected=", ".join(listed) or "none (it has no expert cache)",
+                             fix="pick one it lists, or another --engine (planner engines show NAME)")
+
+
 def _array_digest(trace: Trace) -> str:
     """sha256 (16 hex digits) of the routing itself, so a plan names the exact workload."""
     import hashlib
@@ -156,18 +184,40 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
     import time
 
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
-                   critical=req.critical, quant_error=req.quant_error, engine=engine)
-    # warm starts: the baselines' placements this engine can run
+                   critical=req.critical, quant_error=req.quant_error, engine=engine, fixes=req.fixes)
+    if req.policy is not None:  # a given configuration: priced as it is, no search
+        from .given import price_given
+
+        plan = price_given(s, req, inputs, budget)
+        t_build = t_solve = time.perf_counter()
+    else:
+        plan, t_build = _solve_ilp(s, req, inputs, budget)
+        t_solve = time.perf_counter()
+    baselines = _compare(req, hw, model, stats, budget, inputs, batch)
+    timings = {"stats_s": t_stats - t0, "build_s": t_build - t_stats, "solve_s": t_solve - t_build,
+               "total_s": time.perf_counter() - t0}
+    return OptimizeResult(plan=plan, baselines=baselines, setup=s, timings_s=timings)
+
+
+def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) -> tuple[Plan, float]:
+    """The ILP's plan for ``s``, warm-started from the baselines, and when its model was built."""
+    import time
+
+    # warm starts: the baselines' placements this engine can run (and that keep the fixes)
     candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])
-                  if all(engine_runs(s, tuple(int(x) for x in spec)) for spec in b.specs)]
-    L = stats.num_layers
+                  if all(engine_runs(s, tuple(int(x) for x in spec)) for spec in b.specs)
+                  and (s.fixes is None or s.fixes.keeps(s, b))]
+    L = s.stats.num_layers
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
     problem = build_problem(s, budget, extra)
+    if s.fixes is not None and s.fixes.dense_format:
+        problem = dataclasses.replace(problem, fixed={s.fixes.dense_format: problem.fixed[s.fixes.dense_format]})
     t_build = time.perf_counter()
     scored = _score_baselines(problem, candidates)
     warm = min(scored.values(), key=lambda x: x[1]) if scored else None
     results: list[SolveResult] = []
-    for prefetch in (False, True) if s.engine_can("next-layer") else (False,):
+    both = (False, True) if s.engine_can("next-layer") else (False,)
+    for prefetch in both if req.prefetch is None else (req.prefetch != "none",):
         start = None
         if results:
             start = (results[-1].choice, results[-1].dense_format)
@@ -176,15 +226,11 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
         results.append(solve(problem, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
                              gap=req.gap, warm=start))
     best = min(results, key=lambda r: r.objective_s)
-    t_solve = time.perf_counter()
     solver_info = SolverInfo(method="ilp", solver=best.solver, status=best.status, objective=best.objective_s,
                              bound=best.bound_s, gap=best.gap, time_limit_s=req.time_limit_s,
                              variables=best.variables, constraints=best.constraints)
-    plan = assemble_plan(problem, best.choice, best.dense_format, best.prefetch, solver_info, req, inputs, budget)
-    baselines = _compare(req, hw, model, stats, budget, inputs, batch)
-    timings = {"stats_s": t_stats - t0, "build_s": t_build - t_stats, "solve_s": t_solve - t_build,
-               "total_s": time.perf_counter() - t0}
-    return OptimizeResult(plan=plan, baselines=baselines, setup=s, timings_s=timings)
+    return assemble_plan(problem, best.choice, best.dense_format, best.prefetch, solver_info, req, inputs, budget,
+                         prefetch_policy=req.prefetch, eviction=req.eviction), t_build
 
 
 def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
@@ -222,19 +268,24 @@ def _score_baselines(problem: Problem, candidates: list[Baseline]) -> dict[str, 
     s = problem.setup
     best: dict[str, tuple] = {}
     for b in candidates:
-        choice = []
-        for l, spec in enumerate(b.specs):
-            t = problem.tables[l]
-            match = np.flatnonzero((t.p == spec[0]) & (t.q == spec[1]) & (t.b_res == spec[2]) & (t.c == spec[3])
-                                   & (t.b_off == spec[4]) & (t.home == spec[5]) & (t.mode == spec[6]))
-            choice.append(int(match[0]))
-        choice = tuple(choice)
+        choice = option_rows(problem, b.specs)
         if not _feasible(problem, choice, b.dense_format):
             continue
         seconds = step_time(s, problem.tables, choice, problem.fixed[b.dense_format], b.prefetch)[0]
         if b.name not in best or seconds < best[b.name][1]:
             best[b.name] = (choice, seconds, b.dense_format, b.prefetch, b.note)
     return best
+
+
+def option_rows(problem: Problem, specs: np.ndarray) -> tuple[int, ...]:
+    """The row of each layer's option table that holds ``specs[l]`` (``[L, 7]``, SPEC_COLUMNS)."""
+    choice = []
+    for l, spec in enumerate(specs):
+        t = problem.tables[l]
+        match = np.flatnonzero((t.p == spec[0]) & (t.q == spec[1]) & (t.b_res == spec[2]) & (t.c == spec[3])
+                               & (t.b_off == spec[4]) & (t.home == spec[5]) & (t.mode == spec[6]))
+        choice.append(int(match[0]))
+    return tuple(choice)
 
 
 def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine) -> OptimizeResult:
@@ -264,8 +315,13 @@ def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine) -
 
 
 def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, solver: SolverInfo,
-                  req: OptimizeRequest, inputs: Inputs, budget: float, notes: tuple[str, ...] = ()) -> Plan:
+                  req: OptimizeRequest, inputs: Inputs, budget: float, notes: tuple[str, ...] = (),
+                  prefetch_policy: str | None = None, eviction: str | None = None) -> Plan:
     """Expand one option per layer into per-expert decisions and predicted metrics.
+
+    ``prefetch_policy`` and ``eviction`` name the policies the plan records (default: next-layer
+    or none as ``prefetch`` priced, and lru); any prefetch is priced as next-layer prefetch,
+    any eviction by the LRU hit-rate curves (the simulator plays the named ones out).
 
     By frequency rank r within the layer: r < p resident; p <= r < q offloaded and run by the
     option's mode (fetch, hybrid, stream); r >= q offloaded and computed where it lives (local).
@@ -302,10 +358,10 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     step_s, tau = step_time(s, problem.tables, choice, fc, prefetch)
     predicted = _predict(problem, choice, dense_fm, prefetch, step_s, req)
     quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
-    eviction = "lru"
     return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
                 compute_device=s.compute.id, host_device=s.host.id, dense_format=dense_fm,
-                prefetch="next-layer" if prefetch else "none", eviction=eviction, quality_budget=budget,
+                prefetch=prefetch_policy or ("next-layer" if prefetch else "none"), eviction=eviction or "lru",
+                quality_budget=budget,
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
                 notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes)
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, get_args
 
 import click
 
 from profiles.errors import InputError
-from profiles.units import format_time
+from profiles.units import format_time, parse_size
 
+from ..baselines import BASELINE_ENGINES, BASELINES
 from ..costs import DEFAULT_FORMATS, QUANT_ERROR
+from ..given import HOME_TIERS, Fixes, GivenPolicy
 from ..optimize import DEFAULT_HARDWARE, DEFAULT_MODEL, OptimizeRequest, optimize
+from ..plan import Plan
 from ..output import get_output
 from ._common import common_options
 
@@ -47,6 +51,95 @@ def _parse_critical(value: str | None, num_layers: int) -> tuple[tuple[int, ...]
                              expected=f"MOE_LAYER:EXPERT pairs with MOE_LAYER < {num_layers}",
                              fix="write e.g. --critical 0:3,1:17") from None
     return tuple(tuple(sorted(s)) for s in per_layer)
+
+
+def _parse_per_layer(value: str | None, flag: str, num_layers: int) -> tuple[int | None, ...]:
+    """``N`` (every MoE layer) or ``MOE_LAYER:N`` pairs -> one entry per MoE layer (None: not fixed)."""
+    if value is None:
+        return ()
+    expected = f"N or MOE_LAYER:N pairs (e.g. 0:2,5:4) with MOE_LAYER < {num_layers} and N >= 0"
+    try:
+        if ":" not in value:
+            per_layer = [int(value)] * num_layers
+        else:
+            per_layer = [None] * num_layers
+            for item in value.split(","):
+                layer, n = (int(x) for x in item.strip().split(":"))
+                if not 0 <= layer < num_layers:
+                    raise ValueError
+                per_layer[layer] = n
+    except ValueError:
+        raise InputError("invalid per-layer value", key=flag, value=value, expected=expected,
+                         fix=f"write e.g. {flag} 2 or {flag} 0:2,5:4") from None
+    if any(n is not None and n < 0 for n in per_layer):
+        raise InputError("a count cannot be negative", key=flag, value=value, expected=expected, fix="give N >= 0")
+    return tuple(per_layer)
+
+
+def _given(options: dict, num_layers: int) -> tuple[GivenPolicy | None, Fixes | None, tuple[str, ...]]:
+    """The given configuration, the fixes and the formats they name, from the CLI's options."""
+    policy, gpu_memory = options["policy"], options["gpu_memory"]
+    params = {"gpu_memory_bytes": parse_size(gpu_memory) if gpu_memory is not None else None,
+              "n_cpu_moe": options["n_cpu_moe"], "cache_slots": options["cache_slots"]}
+    if policy is None:
+        flag = next((f"--{k.replace('_', '-')}" for k in ("gpu_memory", "n_cpu_moe", "cache_slots")
+                     if options[k] is not None), None)
+        if flag:
+            raise InputError(f"{flag} is a parameter of a given configuration", key=flag, fix="add --policy NAME")
+    for fm in (options["fix_format"], options["fix_dense_format"]):
+        if fm is not None:
+            _parse_formats(fm)
+    fixes = Fixes(cache_slots=_parse_per_layer(options["fix_cache_slots"], "--fix-cache-slots", num_layers),
+                  resident=_parse_per_layer(options["fix_resident"], "--fix-resident", num_layers),
+                  expert_format=options["fix_format"], dense_format=options["fix_dense_format"],
+                  home=options["fix_home"])
+    if policy is not None:
+        placed = next((f for f, v in (("--fix-cache-slots", fixes.cache_slots), ("--fix-resident", fixes.resident),
+                                      ("--fix-home", fixes.home)) if v), None)
+        if placed:
+            raise InputError(f"{placed} fixes part of an ILP plan; --policy {policy} places every expert itself",
+                             key=placed, fix="drop it, or use the policy's own parameter (--cache-slots, "
+                                             "--n-cpu-moe, --gpu-memory)")
+    return (GivenPolicy(policy, **params) if policy else None, fixes if fixes != Fixes() else None,
+            fixes.formats())
+
+
+def _given_options(func: Callable) -> Callable:
+    """The options of a given configuration (--policy ...), the --fix-* options and the policies."""
+    options = [
+        click.option("--policy", type=click.Choice(list(BASELINES)), default=None,
+                     help="Price this tool's placement as the plan instead of solving (a published or your own "
+                     "setup), on its engine unless --engine names another: " + ", ".join(
+                         f"{n} ({e})" for n, e in BASELINE_ENGINES.items()) + ". Parameters: --gpu-memory, "
+                     "--n-cpu-moe, --cache-slots. A placement that does not fit exits 3 naming the shortfall."),
+        click.option("--gpu-memory", default=None, help="--policy accelerate: its max_memory for the GPU, the "
+                     "weights it places there (dense, then whole MoE layers), e.g. 10GiB. Default: what fits."),
+        click.option("--n-cpu-moe", type=click.IntRange(min=0), default=None,
+                     help="--policy llama.cpp: the experts of exactly the first N MoE layers run on the CPU. "
+                     "Default: the smallest N that fits."),
+        click.option("--cache-slots", type=click.IntRange(min=1), default=None,
+                     help="--policy lru-offload: expert-cache slots per layer (every expert offloaded). "
+                     "Default: the fastest that fits."),
+        click.option("--prefetch", type=click.Choice(get_args(Plan.model_fields["prefetch"].annotation)),
+                     default=None, help="Prefetch policy the plan records and the simulator runs; the engine must "
+                     "list it; any but none is priced as next-layer prefetch. Default: the faster of none and "
+                     "next-layer (a --policy: its own)."),
+        click.option("--eviction", type=click.Choice(get_args(Plan.model_fields["eviction"].annotation)),
+                     default=None, help="Cache eviction the plan records and the simulator runs; the engine must "
+                     "list it. Priced by LRU hit rates. Default: lru."),
+        click.option("--fix-cache-slots", default=None, help="ILP: cache slots of every MoE layer (2) or per MoE "
+                     "layer (0:2,5:4); the ILP decides the rest."),
+        click.option("--fix-resident", default=None, help="ILP: how many of each layer's most frequent experts "
+                     "stay resident on the GPU, N or MOE_LAYER:N pairs."),
+        click.option("--fix-format", default=None, help="Format of every routed expert (resident and offloaded); "
+                     "with --policy: the format you run, whatever the quality budget."),
+        click.option("--fix-dense-format", default=None, help="Format of the dense (non-expert) weights."),
+        click.option("--fix-home", type=click.Choice(HOME_TIERS), default=None,
+                     help="ILP: where offloaded experts live (host DRAM or NVMe)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 def _load_trace(path: str, task: str | None):
@@ -107,13 +200,15 @@ def _load_trace(path: str, task: str | None):
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write plan.json here.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@_given_options
 @common_options
 def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, quality_budget,
                  formats, critical, slo_tpot, solver, time_limit, gap, compare, parallel, redundant_experts, out,
-                 report, force) -> None:
+                 report, force, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
     With no options it plans Mixtral-8x7B on the RTX 4090 desktop with its default workload.
+    --policy prices a given configuration instead (no ILP); --fix-* fix parts of the ILP's plan.
 
     \b
     Examples:
@@ -123,6 +218,10 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
       planner optimize -m qwen3-30b-a3b --objective throughput --batch 32 --report report/
       planner optimize -t trace.npz --quality-budget 0.006 --formats bf16,int8,int4
       planner optimize -H cluster-h100-2node -m deepseek-v3 --compare --out ep-plan.json
+      planner optimize --policy llama.cpp --n-cpu-moe 20 --compare   # price your llama.cpp setup
+      planner optimize --policy accelerate --gpu-memory 10GiB --out plan.json
+      planner optimize --policy lru-offload --cache-slots 2 --prefetch none --fix-format int4
+      planner optimize --fix-cache-slots 0:2,5:4 --fix-resident 2 --fix-home dram --fix-dense-format bf16
     """
     from profiles.models import load_model
 
@@ -131,17 +230,25 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         raise InputError("output file exists", file=out_path, fix="pass --force to overwrite it, or choose another path")
     from ..cluster import cluster_applies, run_cluster_cli
 
-    if cluster_applies(parallel, hardware, model, _parse_formats(formats), batch, context):
+    spec = load_model(model)
+    policy, fixes, fixed_formats = _given(given, spec.num_moe_layers)
+    candidates = _parse_formats(formats)
+    candidates += tuple(fm for fm in fixed_formats if fm not in candidates)  # a fixed format is a candidate
+    one_gpu = policy is not None or fixes is not None or given["prefetch"] or given["eviction"]
+    if one_gpu and parallel == "ep":
+        raise InputError("--policy, --fix-*, --prefetch and --eviction plan one GPU with offloading", key="--parallel",
+                         value="ep", fix="use --parallel offload (or auto)")
+    if not one_gpu and cluster_applies(parallel, hardware, model, _parse_formats(formats), batch, context):
         return run_cluster_cli(hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
                                redundant_experts=redundant_experts, formats=_parse_formats(formats), batch_size=batch,
                                context_tokens=context, time_limit_s=time_limit, compare=compare, out_path=out_path,
                                report=report)
-    spec = load_model(model)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
         objective=objective, batch_size=batch, context_tokens=context, prompt_tokens=prompt_tokens,
-        quality_budget=quality_budget, formats=_parse_formats(formats), solver=solver, time_limit_s=time_limit,
-        gap=gap, tpot_slo_s=slo_tpot, critical=_parse_critical(critical, spec.num_moe_layers), engine=engine)
+        quality_budget=quality_budget, formats=candidates, solver=solver, time_limit_s=time_limit,
+        gap=gap, tpot_slo_s=slo_tpot, critical=_parse_critical(critical, spec.num_moe_layers), engine=engine,
+        policy=policy, fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"])
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
