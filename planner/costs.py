@@ -52,6 +52,7 @@ Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -59,7 +60,7 @@ import numpy as np
 
 from profiles.engines import Engine
 from profiles.errors import InputError
-from profiles.formats import get_format
+from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
 from profiles.perf import dense_step_s, expert_call_s
@@ -132,12 +133,25 @@ class Setup:
     device_reserve: tuple[float, float] = (0.05, 512 * 2**20)  # (fraction, bytes) kept free on the device
     host_reserve: tuple[float, float] = (0.10, 4 * 2**30)  # (fraction, bytes) kept free in host DRAM
     engine: Engine | None = None  # the software that runs the plan (hardware is already seen through it)
+    bare: Hardware | None = None  # the hardware before the engine was applied
     phase: str = "decode"  # "prefill": a step prices the prompt (the engine's prefill step cost)
     fixes: "Fixes | None" = None  # parts of every layer's option the user fixed (planner.given)
 
     def runs(self, device: Device, fmt: str) -> bool:
         """Whether the engine runs weights stored as ``fmt`` on ``device``."""
         return self.engine is None or self.engine.supports(device.kind, fmt)
+
+    def with_engine(self, engine: Engine, formats: Sequence[str] = ()) -> "Setup":
+        """The same problem seen through another engine (``formats`` added to the candidates)."""
+        if self.engine is not None and engine.name == self.engine.name:
+            return self
+        if self.bare is None:
+            raise ValueError("this Setup does not keep its bare hardware (build it with make_setup)")
+        hw = engine.apply(self.bare)
+        extra = tuple(f for f in formats if f not in self.formats)
+        errors = dict(self.quant_error) | {f: default_quant_error(f) for f in extra}
+        return dataclasses.replace(self, hardware=hw, compute=hw.devices[self.compute.id], host=hw.devices[self.host.id],
+                                   engine=engine, formats=self.formats + extra, quant_error=errors)
 
     def engine_can(self, what: str) -> bool:
         """Whether the engine has a site (``fetch``, ``local``, ...) or a prefetch policy."""

@@ -82,7 +82,7 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
     (planner.given.Fixes, checked here) filter every layer's options.
     """
     engine = engine or load_engine(None)
-    hw = engine.apply(hw)
+    bare, hw = hw, engine.apply(hw)
     gpus = [d for d in hw.devices_of_kind("gpu") or hw.devices_of_kind("accelerator") if engine.runs_on(d.kind)]
     cpus = hw.devices_of_kind("cpu")
     compute = gpus[0] if gpus else cpus[0]
@@ -114,7 +114,8 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
     s = Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
               formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
-              critical=critical, engine=engine, fixes=fixes.through(engine) if fixes is not None else None)
+              critical=critical, engine=engine, bare=bare,
+              fixes=fixes.through(engine) if fixes is not None else None)
     if s.fixes is not None:
         s.fixes.check(s)
     return s

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.units import format_size, format_time
 
@@ -219,6 +220,8 @@ def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
         ValueError: the rebuilt times do not add up to the plan's predicted TPOT (the plan was
             edited, or was made for another setup).
     """
+    if s.engine is not None and plan.inputs.engine != s.engine.name:  # a baseline on its own engine
+        s = s.with_engine(load_engine(plan.inputs.engine), [f for layer in plan.layers for f in layer.format])
     dense_fm = _dense_format(plan, s)
     fc = fixed_costs(s, dense_fm)
     prefetch = plan.prefetch == "next-layer"

@@ -65,7 +65,8 @@ def test_summary_compare_ratios(result):
         b = result.baselines[row["name"]]
         assert row["tokens_per_s"] == b.predicted["tokens_per_s"]
         assert row["ratio"] == pytest.approx(plan_tps / b.predicted["tokens_per_s"])
-        assert row["ratio"] >= 1 - 1e-9, f"baseline {row['name']} beats the ILP"
+        if b.inputs.engine == result.plan.inputs.engine:  # on the same software the ILP never loses
+            assert row["ratio"] >= 1 - 1e-9, f"baseline {row['name']} beats the ILP"
     best = max(result.baselines.values(), key=lambda b: b.predicted["tokens_per_s"])
     assert d["best_baseline"]["tokens_per_s"] == best.predicted["tokens_per_s"]
     assert d["best_baseline"]["speedup"] == pytest.approx(plan_tps / best.predicted["tokens_per_s"])
