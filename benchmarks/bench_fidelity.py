@@ -99,7 +99,7 @@ PER_ENGINE = ("layer", "expert_call", "step")
 KINDS = ("gpu", "cpu")
 SCALE_BOUNDS = (0.05, 20.0)
 MEM_BOUNDS = (0.5, 1.6)
-MAX_NFEV = 25  # function evaluations of the fit (each prices the fit half once; the Jacobian's are extra)
+MAX_NFEV = 15  # function evaluations of the fit (each prices the fit half once; the Jacobian's are extra)
 
 
 # --------------------------------------------------------------------------- inputs
