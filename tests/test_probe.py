@@ -19,6 +19,13 @@ import pytest
 
 from profiles import probe as P
 from profiles.hardware import Device, EfficiencySpec, load_profile
+from profiles.probe import run as probe_run
+from profiles.probe.budget import PLANNED_FRACTION, Steps, best_s, dim_that_fits, size_that_fits, tokens_that_fit
+from profiles.probe.cpu_gemm import _cpu_gemms
+from profiles.probe.disk import _read_uncached
+from profiles.probe.efficiency import _fit_saturating
+from profiles.probe.gpu import _probe_gpus
+from profiles.probe.host import kernel_families
 from profiles.perf import expert_call_s
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +83,12 @@ def test_every_figure_says_how_it_was_measured(probed, tmp_path):
 
 
 def test_optional_libraries_are_skipped_with_a_reason(monkeypatch, tmp_path):
-    real = P._optional
+    real = probe_run._optional
 
     def without(name):
         return (None, f"{name} is not installed (test)") if name in ("torch", "onnxruntime") else real(name)
 
-    monkeypatch.setattr(P, "_optional", without)
+    monkeypatch.setattr(probe_run, "_optional", without)
     result = P.probe(tmp_path, P.TINY)
     assert set(result.cpu.peak_ops_per_s) == {"fp32"}
     assert "numpy" in result.cpu.peak_ops_per_s["fp32"].method
@@ -95,7 +102,7 @@ def test_a_disk_that_cannot_be_written_is_skipped_not_fatal(monkeypatch, tmp_pat
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(P, "_probe_disk", full)
+    monkeypatch.setattr(probe_run, "_probe_disk", full)
     result = P.probe(tmp_path, P.TINY)
     assert result.disk is None and "No space left" in result.skipped["disk"]
     _, hw = load_profile(_write(result, tmp_path))
@@ -144,7 +151,7 @@ def test_fit_raises_the_peak_a_call_beat_and_clamps_fractions():
 
 def test_saturating_fit_recovers_its_parameters():
     ns = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    a, h = P._fit_saturating(ns, [0.6 * n / (n + 8.0) for n in ns])
+    a, h = _fit_saturating(ns, [0.6 * n / (n + 8.0) for n in ns])
     assert a == pytest.approx(0.6, rel=0.02) and h == pytest.approx(8.0, rel=0.05)
 
 
@@ -217,7 +224,8 @@ def test_gpu_code_path_runs_on_a_cpu_stand_in(probed, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny CPU ops: threads only add waiting on a busy machine
     try:
-        gpus = P._probe_gpus(replace(P.TINY, gpu_gemm_dim=128), _cpu_standing_in_for_cuda(torch))
+        gpus = _probe_gpus(replace(P.TINY, gpu_gemm_dim=128), _cpu_standing_in_for_cuda(torch), share_s=60.0,
+                            fair_s=60.0)
     finally:
         torch.set_num_threads(threads)
     assert [(g.indices, g.model) for g in gpus] == [((0, 1), "Stand-in A"), ((2,), "Stand-in B")]
@@ -239,11 +247,181 @@ def test_gpu_is_measured_when_present(probed, tmp_path):
     assert hw.devices_of_kind("gpu")
 
 
+def test_pinned_and_pageable_rates_render_on_the_gpu_link(probed, tmp_path):
+    result, _ = probed
+    profile, hw = load_profile(_write(replace(result, gpus=(_gpu([0], "NVIDIA H100 80GB HBM3"),)), tmp_path))
+    (link,) = hw.route("node/cpu0", "node/gpu0").links
+    assert (link.bytes_per_s, link.pageable_bytes_per_s) == (52e9, 20e9)  # pinned, pageable
+    keys = {s.split(":", 1)[0] for s in profile.sources}
+    assert {"gpu0.links[0].bytes_per_s", "gpu0.links[0].pageable_bytes_per_s"} <= keys
+
+
+# --------------------------------------------------------------------------- CPU kernel families
+
+SPR_FLAGS = "fpu sse2 avx avx2 fma avx512f avx512bw amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize("flags, families", [
+    (SPR_FLAGS, ("avx2", "avx512", "amx")),
+    ("fpu sse2 avx avx2 fma avx512f amx_tile", ("avx2", "avx512")),  # tiles without a tile multiply
+    ("fpu sse2 avx avx2 fma amx_tile amx_int8", ("avx2", "amx")),
+    ("fpu sse2 avx avx2 fma", ("avx2",)),
+    ("fpu sse2 avx avx2", ()),  # AVX2 kernels need FMA too
+    ("fpu sse2 avx", ()),
+])
+def test_cpuinfo_flags_map_to_kernel_families(flags, families):
+    text = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    got, method = kernel_families(text)
+    assert got == families and "/proc/cpuinfo" in method
+
+
+def test_kernel_families_read_a_file_and_need_a_flags_line(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor : 0\nflags : {SPR_FLAGS}\n")
+    assert kernel_families(path)[0] == ("avx2", "avx512", "amx")
+    assert kernel_families("processor : 0\nFeatures : fp asimd evtstrm\n") == ((), "")  # arm64: no x86 families
+    assert kernel_families(tmp_path / "missing") == ((), "")
+
+
+def test_measured_peaks_render_under_the_widest_family(probed, tmp_path):
+    result, _ = probed
+    cpu = replace(result.cpu, isa=("avx2", "avx512"), isa_method="flags in /proc/cpuinfo (test)")
+    profile, hw = load_profile(_write(replace(result, cpu=cpu), tmp_path))
+    dev = hw.devices["node/cpu0"]
+    assert dev.isa == ("avx2", "avx512")
+    assert dev.peak_ops_per_s_by_kernel == {"avx512": dev.peak_ops_per_s}
+    assert set(dev.peak_ops_per_s) == set(result.cpu.peak_ops_per_s)
+    assert {"cpu0.isa", "cpu0.peak_ops_per_s_by_kernel.avx512"} <= {s.split(":", 1)[0] for s in profile.sources}
+
+    without = replace(result.cpu, isa=(), isa_method="flags in /proc/cpuinfo (test)")  # e.g. an old CPU
+    _, hw = load_profile(_write(replace(result, cpu=without), tmp_path, "old"))
+    assert hw.devices["node/cpu0"].isa == () and hw.devices["node/cpu0"].peak_ops_per_s_by_kernel == {}
+
+
+# --------------------------------------------------------------------------- time bounds
+
+
+class FakeClock:
+    """A clock that moves only when told: ``advance(s)``."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_repeats_stop_before_the_one_that_would_overrun():
+    clock, calls = FakeClock(), []
+
+    def call():
+        calls.append(clock())
+        clock.advance(0.3)
+
+    assert best_s(call, repeats=5, warmup=1, budget_s=1.0, clock=clock) == pytest.approx(0.3)
+    assert len(calls) == 3  # warm-up ends at 0.3 s, timed calls at 0.6 and 0.9 s; a 4th would end at 1.2 s
+    calls.clear()
+    best_s(call, repeats=5, warmup=1, budget_s=0.1, clock=clock)
+    assert len(calls) == 2  # one timed call whatever the budget
+
+
+def test_sizes_fit_their_share():
+    # rows of a GEMM at 1 ms per row: 4 calls in 1 s -> 250 rows -> 240 in steps of 16; at most 512
+    assert size_that_fits(1e-3, 1.0, calls=4, most=512, least=64, step=16) == 240
+    assert size_that_fits(1e-5, 1.0, calls=4, most=512, least=64, step=16) == 512
+    assert size_that_fits(1e-1, 1.0, calls=4, most=512, least=64, step=16) is None
+    # a disk at 100 MB/s, write + 2 reads in 3 s: 100 MB -> 88 MiB in 8 MiB chunks
+    assert size_that_fits(1 / 100e6, 3.0, calls=3, most=2**30, least=2**23, step=2**23) == 88 * 2**20
+    # a 1024^3 GEMM took 10 ms; 6 calls in 0.48 s: 8x the work -> 2048
+    assert dim_that_fits(0.01, 1024, 0.48, calls=6, most=8192, least=1024) == 2048
+    assert dim_that_fits(0.01, 1024, 0.01, calls=6, most=8192, least=1024) is None
+
+
+def test_curve_keeps_the_tokens_that_fit_spanning_the_range():
+    tokens = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    def call_s(n):  # streams its weights up to 16 tokens, compute-bound beyond
+        return 1e-3 * max(1.0, n / 16)
+
+    assert tokens_that_fit(tokens, call_s, share_s=1.0) == tokens
+    # 3 calls each: 1 (3 ms), 256 (48 ms), 16 (3 ms) fit in 55 ms; 4 (3 ms more) would not
+    assert tokens_that_fit(tokens, call_s, share_s=0.055) == (1, 16, 256)
+    assert tokens_that_fit(tokens, call_s, share_s=0.01) == (1, 4, 16)  # 256 does not fit: the next ones do
+    assert tokens_that_fit(tokens, call_s, share_s=0.0) == (1,)
+    assert tokens_that_fit(tokens, call_s, share_s=0.0, least=2) == (1, 256)  # a curve needs its two ends
+
+
+def test_step_shares_follow_the_clock():
+    clock = FakeClock()
+    steps = Steps({"a": 1.0, "b": 1.0, "c": 2.0}, None, budget_s=8.0 / PLANNED_FRACTION, clock=clock)  # plans 8 s
+    steps.start("a", "")
+    assert steps.share_s() == pytest.approx(2.0)  # 8 s * 1/4
+    clock.advance(5.0)  # a overran its share
+    steps.start("b", "")
+    assert steps.share_s() == pytest.approx(1.0)  # 3 s left * 1/3
+    clock.advance(0.5)
+    steps.start("c", "")
+    assert steps.share_s() == pytest.approx(2.5)  # 2.5 s left * 2/2
+    assert steps.fair_s() == pytest.approx(4.0)  # 8 s * 2/4, however late c started: what decides "too slow"
+    clock.advance(10.0)
+    assert steps.share_s() == pytest.approx(0.4)  # the budget is spent: the floor, 10% of the fair share
+    steps.close()
+    assert steps.times == {"a": 5.0, "b": 0.5, "c": 10.0}
+
+
+class FakeTensor:
+    """Rows and a dtype; what the CPU GEMM step does with a tensor."""
+
+    def __init__(self, rows: int, dtype: str) -> None:
+        self.rows, self.dtype = rows, dtype
+
+    def __getitem__(self, rows: slice) -> "FakeTensor":
+        return FakeTensor(len(range(self.rows)[rows]), self.dtype)
+
+    def to(self, dtype: str) -> "FakeTensor":
+        return FakeTensor(self.rows, dtype)
+
+
+def _fake_torch(clock: FakeClock, row_s: dict[str, float], calls: list[tuple[str, int]]):
+    """A torch whose matmul takes ``row_s[dtype]`` seconds per activation row on ``clock``."""
+
+    def matmul(x, w):
+        calls.append((x.dtype, x.rows))
+        clock.advance(x.rows * row_s[x.dtype])
+
+    return types.SimpleNamespace(from_numpy=lambda a: FakeTensor(a.shape[0], "fp32"), matmul=matmul,
+                                 bfloat16="bf16")
+
+
+@pytest.mark.parametrize("bf16_row_s, bf16_rows", [
+    (2e-3, [8, 8, 64, 64, 64, 64]),  # grows to 64 rows; 256 (2 s) would not fit the 1.76 s left; 3 repeats
+    (3e-2, [8, 8]),  # 64 rows, warmed up and timed, would take 3.8 s, over its fair 2 s: too slow, skipped
+    (1.0, [8]),  # the first call alone is over 4x its fair 2 s: not timed again
+])
+def test_gemm_sizes_adapt_to_the_first_run(bf16_row_s, bf16_rows):
+    clock, calls = FakeClock(), []
+    torch = _fake_torch(clock, {"fp32": 1e-4, "bf16": bf16_row_s}, calls)
+    peaks, skipped = _cpu_gemms(P.QUICK, torch, None, threads=2, share_s=2.0, fair_s=4.0, clock=clock)
+    # fp32: the first 8 rows twice, grown to 64, 256 and 512 (QUICK's gemm_m), then 3 repeats
+    assert [r for d, r in calls if d == "fp32"] == [8, 8, 64, 256, 512, 512, 512, 512]
+    assert peaks["fp32"].value == pytest.approx(2 * 2048 * 2048 / 1e-4) and "512x2048" in peaks["fp32"].method
+    assert [r for d, r in calls if d == "bf16"] == bf16_rows
+    if bf16_rows[-1] == 64:
+        assert "64x2048" in peaks["bf16"].method and "bf16" not in skipped
+    else:
+        assert "bf16" not in peaks and skipped["bf16"].startswith("too slow")
+        assert "64 rows" in skipped["bf16"] and "time budget" in skipped["bf16"]
+    assert "onnxruntime is not installed" in skipped["int8"]
+
+
 def test_disk_read_falls_back_to_fadvise_without_o_direct(monkeypatch, tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(2**20))
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
-    seconds, how = P._read_uncached(str(path), 2**20, 2**18)
+    seconds, how = _read_uncached(str(path), 2**20, 2**18)
     assert seconds > 0 and ("posix_fadvise" in how or "F_NOCACHE" in how or "plain" in how)
 
 
