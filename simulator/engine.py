@@ -39,6 +39,7 @@ import numpy as np
 import simpy
 
 from planner.plan import Plan
+from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
@@ -724,7 +725,9 @@ class Simulation:
 
 def simulate(plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace,
              config: SimConfig | None = None) -> SimReport:
-    """Replay ``trace`` on ``hardware`` under ``plan``; see the module docstring."""
+    """Replay ``trace`` on ``hardware`` (seen through the plan's engine profile) under ``plan``;
+    see the module docstring."""
+    hardware = load_engine(plan.inputs.engine).apply(hardware)
     return Simulation(plan, hardware, model, trace, config or SimConfig()).run()
 
 

@@ -13,6 +13,7 @@ import simpy
 from planner.optimize import OptimizeRequest, optimize
 from planner.plan import Inputs, LayerPlan, Plan, SolverInfo
 from profiles.errors import InputError
+from profiles.engines import load_engine
 from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.perf import activation_bytes, dense_step_s, expert_call_s
@@ -120,6 +121,7 @@ def test_two_layer_event_log_by_hand(tmp_path):
              "cache_slots": 1, "cache_device": gpu},
         {"home": (cpu, cpu, gpu, cpu), "format": ("bf16",) * 4, "site": ("local", "local", "resident", "local")},
     ])
+    hw = load_engine(plan.inputs.engine).apply(hw)  # the software the plan runs on (simulate applies it too)
     report = simulate(plan, hw, model, trace, SimConfig(record=True, kv_context="plan"))
 
     # the primitives, from the shared performance model
