@@ -236,7 +236,7 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
             kv = self.model.kv_cache_bytes(self.plan.context_tokens, batch_size=len(contexts))
         else:
             kv = sum(self.model.kv_cache_bytes(ctx) for _, ctx in contexts)
-        dense_by_gpu = self._dense_split(len(rows), kv)
+        dense_by_gpu = self._dense_split(len(rows), kv, prefill=phase == "prefill")
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
@@ -301,14 +301,15 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
             yield env.timeout(max(t - env.now, 0.0))
         self.steps.append((phase, len(rows), start, env.now))
 
-    def _dense_split(self, tokens: int, kv_bytes: float) -> dict[str, float]:
+    def _dense_split(self, tokens: int, kv_bytes: float, prefill: bool = False) -> dict[str, float]:
         """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them)."""
         G = len(self.gpus)
         out = {}
         for g in self.gpus:
             share = -(-tokens // G) if G > 1 else tokens
             dev = self.hw.devices[g]
-            out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G) / len(self.layers)
+            out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G,
+                                  prefill=prefill) / len(self.layers)
         return out
 
     # ------------------------------------------------------------------ run
