@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from .given import Fixes
 
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup", "layer_options",
-           "engine_runs", "option_costs", "option_specs"]
+           "engine_runs", "keeps_critical", "option_costs", "option_specs"]
 
 MODES = ("fetch", "local", "hybrid", "stream")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
@@ -291,6 +291,25 @@ def _full_format(s: Setup) -> str:
     return min(s.formats, key=lambda fm: s.quant_error.get(fm, 0.0))
 
 
+def keeps_critical(s: Setup, specs: np.ndarray) -> bool:
+    """Whether one option per layer (``[L, 7]``) keeps every critical expert at full precision."""
+    return all(bool(_keeps_critical(s, l, np.asarray(specs[l:l + 1], dtype=np.int64))[0]) for l in range(len(specs)))
+
+
+def _keeps_critical(s: Setup, layer: int, specs: np.ndarray) -> np.ndarray:
+    """``[N]`` whether each option keeps the layer's critical experts at full precision."""
+    crit = _critical_by_rank(s, layer)
+    if not crit.any():
+        return np.ones(len(specs), bool)
+    full = s.formats.index(_full_format(s))
+    p, b_res, b_off = specs[:, 0], specs[:, 2], specs[:, 4]
+    first = int(np.argmax(crit))  # the most frequent critical rank
+    last = len(crit) - 1 - int(np.argmax(crit[::-1]))  # the least frequent one
+    resident_ok = (first >= p) | (b_res == full)  # a critical rank below p is resident at b_res
+    offloaded_ok = (last < p) | (b_off == full)  # ... at or past p it is offloaded at b_off
+    return resident_ok & offloaded_ok
+
+
 def _critical_by_rank(s: Setup, layer: int) -> np.ndarray:
     """``[E]`` whether the expert at each frequency rank is critical (full precision)."""
     E = s.stats.num_experts
@@ -447,6 +466,7 @@ def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> Opti
         extra = np.asarray(extra, dtype=np.int64).reshape(-1, N_SPEC)
         if s.fixes is not None:
             extra = extra[s.fixes.allows(s, layer, extra)]  # a baseline's row that breaks a fix
+        extra = extra[_keeps_critical(s, layer, extra)]  # ... or quantises a critical expert
         specs = np.unique(np.concatenate([specs, extra]), axis=0)
     return option_costs(s, layer, specs)
 

@@ -21,8 +21,8 @@ from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINE_ENGINES, BASELINES, Baseline
-from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, fixed_costs, option_costs,
-                    step_time)
+from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, fixed_costs, keeps_critical,
+                    option_costs, step_time)
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
 from .workload_view import PlanningStats, planning_stats
@@ -207,7 +207,7 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
     # warm starts: the baselines' placements this engine can run (and that keep the fixes)
     candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])
                   if all(engine_runs(s, tuple(int(x) for x in spec)) for spec in b.specs)
-                  and (s.fixes is None or s.fixes.keeps(s, b))]
+                  and (s.fixes is None or s.fixes.keeps(s, b)) and keeps_critical(s, b.specs)]
     L = s.stats.num_layers
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
     problem = build_problem(s, budget, extra)
@@ -246,7 +246,7 @@ def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Planni
                            critical=req.critical, quant_error=req.quant_error, engine=engine)
         except InputError:
             continue  # the engine runs none of the formats on this hardware
-        candidates = fn(s, budget) or []
+        candidates = [b for b in fn(s, budget) or [] if keeps_critical(s, b.specs)]  # --critical binds here too
         if not candidates:
             continue
         L = stats.num_layers
