@@ -250,7 +250,8 @@ def test_quantize_variants(mixtral_plan, tmp_path):
     """A bf16 dense part under quantised experts needs a rule of its own; all-bf16 needs no quantize step."""
     spec = load_model("mixtral-8x7b")
     _, hw = load_profile("desktop-4090")
-    dense16 = mixtral_plan.model_copy(update={"notes": ("dense weights: bf16",)})
+    int4 = tuple(layer.model_copy(update={"format": ("int4",) * 8}) for layer in mixtral_plan.layers)
+    dense16 = mixtral_plan.model_copy(update={"notes": ("dense weights: bf16",), "layers": int4})
     cfg = render_llamacpp(dense16, spec, hw, Pricing(dense16, spec, hw))
     dense_rule, expert_rule = (r.rsplit("=", 1) for r in cfg["quantize"]["tensor_type"])
     assert cfg["quantize"]["base_ftype"] == "Q4_K_S" and dense_rule[1] == "bf16"
