@@ -636,13 +636,21 @@ def explain_infeasible(problem: Problem) -> InfeasibleError:
     device_min = sum(float(t.dev_bytes.min()) for t in problem.tables) + problem.dense_total_bytes(dense_fm)
     cap_dev = problem.caps[problem.device_mem]
     if device_min > cap_dev:
+        # the usable bytes are the capacity less the runtime reserve (CUDA context, allocator
+        # slack): a bigger device gains only (1 - fraction) of each added byte
+        frac, fixed = s.device_reserve
+        total = s.hardware.memories[problem.device_mem].capacity_bytes
+        needed_total = (device_min + fixed) / (1 - frac)
         short = device_min - cap_dev
         kv = problem.fixed[dense_fm].kv_bytes
         hint = (f"a shorter --context or smaller --batch (the KV cache alone takes {format_size(kv)})" if kv >= short
-                else f"a GPU with {format_size(short)} more memory, or a lower bitwidth for the dense weights")
+                else f"a device with at least {format_size(needed_total)} ({format_size(needed_total - total)} more), "
+                     f"or a lower bitwidth for the dense weights")
         return InfeasibleError(
-            f"{problem.device_mem} is {format_size(short)} short even with the fewest bytes on it (dense weights at "
-            f"{dense_fm}, KV cache, no resident experts); smallest change: {hint}")
+            f"{problem.device_mem} needs {format_size(device_min)} even with the fewest bytes on it (dense weights at "
+            f"{dense_fm}, KV cache, no resident experts) but has {format_size(cap_dev)} usable of "
+            f"{format_size(total)} (the runtime keeps {frac:.0%} + {format_size(fixed)} free); {format_size(short)} "
+            f"short; smallest change: {hint}")
     homes_cap = sum(problem.caps[h] for h in s.homes)
     need = sum(float(t.home_bytes.min()) for t in problem.tables) - (cap_dev - device_min)
     if need > homes_cap:
