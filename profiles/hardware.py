@@ -360,13 +360,16 @@ class Link:
 
 @dataclass(frozen=True)
 class Memory:
-    """A memory pool: one device's memory, or several devices joined by unified links."""
+    """A memory pool: one device's memory, several devices joined by unified links, or a node's
+    NVMe drives striped together (``striped``: each expert is spread over every drive, so the
+    drives read in parallel, each over its own link)."""
 
     id: str
     tier: str  # "hbm" (GPU), "dram" (CPU), "nvme", "accel"
     devices: tuple[str, ...]
     capacity_bytes: float
     bytes_per_s: float
+    striped: bool = False
 
 
 @dataclass(frozen=True)
@@ -428,6 +431,20 @@ class Hardware:
                 id=head.id, tier=_TIER[head.kind], devices=tuple(members),
                 capacity_bytes=head.memory_bytes, bytes_per_s=head.memory_bytes_per_s,
             )
+        # a node's NVMe drives hold experts striped over all of them (RAID-0 style), so a second
+        # drive adds capacity and read bandwidth
+        by_node: dict[str, list[Memory]] = {}
+        for mem in pools.values():
+            if mem.tier == "nvme" and len(mem.devices) == 1:
+                by_node.setdefault(self.devices[mem.id].node, []).append(mem)
+        for drives in by_node.values():
+            if len(drives) > 1:
+                for d in drives:
+                    del pools[d.id]
+                head = drives[0]
+                pools[head.id] = Memory(id=head.id, tier="nvme", devices=tuple(d.id for d in drives),
+                                        capacity_bytes=sum(d.capacity_bytes for d in drives),
+                                        bytes_per_s=sum(d.bytes_per_s for d in drives), striped=True)
         return dict(sorted(pools.items()))
 
     def memory_of(self, device_id: str) -> Memory:
@@ -466,6 +483,13 @@ class Hardware:
         path = best[1]
         links = tuple(self.graph.edges[u, v]["link"] for u, v in zip(path, path[1:]))
         bottleneck = min([l.bytes_per_s for l in links] + [src_pool.bytes_per_s, dst_pool.bytes_per_s])
+        if src_pool.striped and links:
+            # every drive sends its stripe over its own first link; the rest of the path is shared
+            own = 0.0
+            for drive in src_pool.devices:
+                first = next(iter(self.graph.edges(drive, data="link")), None)
+                own += min(self.devices[drive].memory_bytes_per_s, first[2].bytes_per_s if first else math.inf)
+            bottleneck = min([own, dst_pool.bytes_per_s] + [l.bytes_per_s for l in links[1:]])
         return Route(src_pool.id, dst_pool.id, links, bottleneck, sum(l.latency_s for l in links))
 
     @property
