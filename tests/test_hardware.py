@@ -69,9 +69,9 @@ def test_routes_take_the_fast_path_and_report_the_bottleneck(tmp_path):
     assert inter.bottleneck_bytes_per_s == 50e9
     host = hw.route("n0/cpu0", "n0/gpu2")
     assert [l.kind for l in host.links] == ["pcie"] and host.bottleneck_bytes_per_s == PCIE_EFFECTIVE_X16_BYTES_PER_S[5]
-    disk = hw.route("n1/nvme1", "n1/gpu0")
-    assert disk.bottleneck_bytes_per_s == 7e9 and len(disk.links) == 2
-    assert disk.transfer_s(7e9) == pytest.approx(1.0 + sum(l.latency_s for l in disk.links))
+    disk = hw.route("n1/nvme1", "n1/gpu0")  # the node's two 7 GB/s drives are striped
+    assert disk.bottleneck_bytes_per_s == 14e9 and len(disk.links) == 2
+    assert disk.transfer_s(14e9) == pytest.approx(1.0 + sum(l.latency_s for l in disk.links))
 
 
 def test_unified_memory_is_one_pool_and_needs_no_copy(tmp_path):
