@@ -21,7 +21,7 @@ __all__ = ["cli", "main"]
 
 
 class PlannerGroup(click.Group):
-    """Turns :class:`UserError` into one line on stderr and its exit code."""
+    """Turns :class:`UserError` and click's usage errors into one line on stderr and their exit code."""
 
     def invoke(self, ctx: click.Context):  # noqa: D102
         try:
@@ -31,6 +31,11 @@ class PlannerGroup(click.Group):
             if out.debug:
                 raise
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:  # a bad option value: one line too, exit 2
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message} (see `{where} --help`)", err=True)
             ctx.exit(exc.exit_code)
 
 

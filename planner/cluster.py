@@ -896,7 +896,12 @@ def run_cluster_cli(*, hardware: str, model: str, trace: Trace | None, redundant
                          time_limit_s=time_limit_s)
     with output.log.status("planning expert placement..."):
         result = plan_cluster(req)
-    written = [result.plan.save(out_path)] if out_path is not None else []
+    written = []
+    if out_path is not None:
+        from .commands._common import writing
+
+        with writing(out_path, "--out"):
+            written.append(result.plan.save(out_path))
     data = {"summary": cluster_summary(result, compare), "files": [str(p) for p in written]}
 
     def render(console: Any) -> None:

@@ -44,6 +44,7 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
     from simulator.metrics import served_one_by_one
 
     from .plan import load_plan
+    from .plan_check import check_plan
 
     bundle = Path(bundle_dir)
     check_manifest(bundle)
@@ -53,6 +54,7 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
     if not config.is_file():
         raise InputError("not an HF checkpoint (no config.json)", file=checkpoint, fix="pass the checkpoint directory")
     model = load_model(config)
+    check_plan(plan, hw, model, file=bundle / "plan.json")  # what the bundle runs must fit its hardware
     try:
         from exporters.runtime import RuntimeInputError
         from exporters.runtime.record import run_and_record

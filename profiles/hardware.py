@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import InputError, from_validation_error
 from .formats import ACCELERATOR_COMPUTE_FORMATS, GENERAL_COMPUTE_FORMATS, GPU_COMPUTE_FORMATS
+from .limits import MAX_CLUSTER_DEVICES, MAX_DEVICE_COUNT, MAX_NODE_COUNT
 from .units import parse_bandwidth, parse_power, parse_size, parse_throughput, parse_time
 from .yamlio import load_yaml
 
@@ -175,8 +176,8 @@ class DeviceSpec(BaseModel):
     name: Name
     kind: Literal["gpu", "cpu", "nvme", "accelerator", "switch"]
     model: str = ""
-    count: int = Field(default=1, ge=1)
-    index_from: int = Field(default=0, ge=0)
+    count: int = Field(default=1, ge=1, le=MAX_DEVICE_COUNT, strict=True)
+    index_from: int = Field(default=0, ge=0, le=1 << 20)
     memory_bytes: Bytes = 0.0
     memory_bytes_per_s: BytesPerS = 0.0
     peak_ops_per_s: dict[str, OpsPerS] = Field(default_factory=dict)
@@ -282,7 +283,7 @@ class NodeSpec(BaseModel):
     model_config = _STRICT
 
     name: Name
-    count: int = Field(default=1, ge=1)
+    count: int = Field(default=1, ge=1, le=MAX_NODE_COUNT, strict=True)
     devices: tuple[DeviceSpec, ...] = Field(min_length=1)
     price_per_hour_usd: float | None = Field(default=None, ge=0)
 
@@ -303,6 +304,12 @@ class HardwareProfile(BaseModel):
 
     def resolve(self, file: str | Path | None = None, lines: dict[tuple, int] | None = None) -> "Hardware":
         """Expand counts, check links, build the topology. Errors name ``file`` and the key."""
+        devices = sum(s.count for s in self.switches) + sum(n.count * sum(d.count for d in n.devices)
+                                                             for n in self.nodes)
+        if devices > MAX_CLUSTER_DEVICES:
+            raise InputError("the cluster expands to too many devices", file=file, key="nodes", value=devices,
+                             expected=f"at most {MAX_CLUSTER_DEVICES} after count expansion",
+                             fix="lower the node or device counts")
         return _resolve(self, file, lines or {})
 
 

@@ -20,11 +20,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InputError, format_key
+from .limits import MAX_EXPERTS, MAX_LAYERS, MAX_MODEL_DIM, MAX_TOP_K
 from .models import GATED_FFN_MATRICES, ModelSpec, PublishedParams, ZeroExperts
 
 __all__ = ["Architecture", "ARCHITECTURES", "ConfigReader", "register", "spec_from_config", "supported_architectures"]
 
 _REQUIRED = object()
+
+# Largest value a config field may hold (the rest: MAX_MODEL_DIM): beyond these a model is
+# not one this planner could ever place, and counts that drive loops stay bounded.
+_MAXIMUM = {
+    **dict.fromkeys(("num_hidden_layers", "n_layers", "num_layers"), MAX_LAYERS),
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "zero_expert_num",
+                     "n_group", "topk_group", "n_shared_experts"), MAX_EXPERTS),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_top_k", "experts_per_token"), MAX_TOP_K),
+}
 _FFN = GATED_FFN_MATRICES
 
 # What a new architecture would need: listed in the unknown-architecture error.
@@ -87,12 +97,12 @@ class ConfigReader:
         return value
 
     def int(self, key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
-        """An integer >= ``minimum``; ``default`` when absent or null (required if none given)."""
+        """An integer in ``[minimum, _MAXIMUM(key)]``; ``default`` when absent or null (required if none given)."""
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         value = self._get(key, default, expected)
         if value is default and default is not _REQUIRED:
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # 1e308 is no layer count
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error("must be an integer", key, value=value, expected=expected,
@@ -100,6 +110,10 @@ class ConfigReader:
         if value < minimum:
             raise self.error("must be positive" if minimum == 1 else f"must be at least {minimum}", key,
                              value=value, expected=expected, fix="use the value from the model's config.json")
+        maximum = _MAXIMUM.get(key, MAX_MODEL_DIM)
+        if value > maximum:
+            raise self.error("too large for any real model", key, value=value,
+                             expected=f"at most {maximum:,}", fix="use the value from the model's config.json")
         return value
 
     def bool(self, key: str, default: bool) -> bool:
@@ -120,7 +134,7 @@ class ConfigReader:
         if value is default:
             return value
         if (not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum
-                                               for v in value)):
+                                               or v > MAX_MODEL_DIM for v in value)):
             raise self.error("must be a list of integers", key, value=value,
                              expected=f"a list of integers >= {minimum}", fix="use the value from config.json")
         if length is not None and len(value) != length:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import InputError, from_validation_error
 from .formats import FORMATS, get_format
+from .limits import MAX_EXPERTS
 from .yamlio import load_json, load_yaml
 
 __all__ = [
@@ -380,11 +381,11 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 class _PublishedModel(BaseModel):
     model_config = _STRICT
 
-    total_params: float = Field(gt=0)
-    active_params: float = Field(gt=0)
+    total_params: float = Field(gt=0, le=1e15)
+    active_params: float = Field(gt=0, le=1e15)
     active_counts_input_embedding: bool
     source: str = Field(min_length=1)
-    non_embedding_params: float | None = Field(default=None, gt=0)
+    non_embedding_params: float | None = Field(default=None, gt=0, le=1e15)
     tolerance: float = Field(default=0.01, gt=0, le=0.05)
     note: str = ""
 
@@ -399,9 +400,9 @@ class _PublishedModel(BaseModel):
 class _ZeroExpertsModel(BaseModel):
     model_config = _STRICT
 
-    null: int = Field(default=0, ge=0)
-    copy_: int = Field(default=0, ge=0, alias="copy")
-    constant: int = Field(default=0, ge=0)
+    null: int = Field(default=0, ge=0, le=MAX_EXPERTS)
+    copy_: int = Field(default=0, ge=0, le=MAX_EXPERTS, alias="copy")
+    constant: int = Field(default=0, ge=0, le=MAX_EXPERTS)
 
 
 class ModelPreset(BaseModel):

@@ -66,7 +66,10 @@ def _parse(value: object, units: dict[str, float], what: str, help_text: str,
     if isinstance(value, bool):
         raise InputError(f"invalid {what}", value=value, expected=help_text)
     if isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise InputError(f"{what} too large", value=value, expected=help_text) from None
     elif isinstance(value, str):
         m = re.fullmatch(_NUMBER + r"\s*([A-Za-zµ/]*)", value.strip())
         if not m:

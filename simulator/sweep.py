@@ -34,15 +34,25 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from profiles.errors import InputError, from_validation_error
 from profiles.hardware import HardwareProfile, bundled_profiles
+from profiles.limits import (
+    MAX_BATCH,
+    MAX_CONTEXT_TOKENS,
+    MAX_DEVICE_COUNT,
+    MAX_NODE_COUNT,
+    MAX_SIM_REQUESTS,
+    MAX_SWEEP_POINTS,
+)
 from profiles.units import parse_size
 from profiles.yamlio import load_yaml
+
+from .policies import EVICTION, MISS, PREFETCH
 
 __all__ = ["KNOBS", "Grid", "grid_points", "load_grid", "pareto_front", "run_sweep", "write_outputs"]
 
@@ -53,24 +63,28 @@ KNOBS = HARDWARE_KNOBS + RUN_KNOBS
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
+OBJECTIVES = ("latency", "throughput", "cost")
+PARALLEL = ("auto", "ep", "offload")
+
+
 class Base(BaseModel):
     model_config = _STRICT
 
     hardware: str
     model: str
-    objective: str = "latency"
-    batch: int = Field(default=1, ge=1)
-    context: int = Field(default=4096, ge=1)
+    objective: Literal["latency", "throughput", "cost"] = "latency"
+    batch: int = Field(default=1, ge=1, le=MAX_BATCH)
+    context: int = Field(default=4096, ge=1, le=MAX_CONTEXT_TOKENS)
     trace: str | None = None
-    parallel: str = "auto"
-    time_limit_s: float = Field(default=30.0, gt=0)
+    parallel: Literal["auto", "ep", "offload"] = "auto"
+    time_limit_s: float = Field(default=30.0, gt=0, le=86400)
 
 
 class SimSettings(BaseModel):
     model_config = _STRICT
 
-    requests: int | None = Field(default=8, ge=1)
-    arrival_rate_per_s: float | None = Field(default=None, gt=0)
+    requests: int | None = Field(default=8, ge=1, le=MAX_SIM_REQUESTS)
+    arrival_rate_per_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     seed: int = 0
 
 
@@ -96,6 +110,7 @@ def load_grid(path: str | Path) -> Grid:
         grid = Grid.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc, file=path, lines=lines) from None
+    points = 1
     for knob, values in grid.vary.items():
         if knob not in KNOBS:
             raise InputError("unknown knob", file=path, key=f"vary.{knob}", expected=", ".join(KNOBS),
@@ -103,11 +118,63 @@ def load_grid(path: str | Path) -> Grid:
         if not values:
             raise InputError("a knob needs at least one value", file=path, key=f"vary.{knob}",
                              fix="list the values to try")
+        points *= len(values)
+        if points > MAX_SWEEP_POINTS:  # checked as it grows: 10^12 points never get listed
+            raise InputError("the grid has too many points", file=path, key="vary", value=_count(grid.vary),
+                             expected=f"at most {MAX_SWEEP_POINTS} combinations",
+                             fix="vary fewer knobs or fewer values, or split the grid", line=lines.get(("vary",)))
+        for i, value in enumerate(values):
+            _check_value(knob, value, path, f"vary.{knob}[{i}]", lines.get(("vary", knob, i)))
     for knob in grid.costs:
         if knob not in grid.vary:
             raise InputError("costs for a knob that is not varied", file=path, key=f"costs.{knob}",
                              expected=", ".join(grid.vary) or "a varied knob", fix="remove it or vary that knob")
     return grid
+
+
+def _count(vary: dict[str, list[Any]]) -> str:
+    return " x ".join(str(len(v)) for v in vary.values())
+
+
+# value checks per knob: (test, what was expected); counts are bounded by the profile limits
+_POSITIVE_INT = "a positive integer"
+_KNOB_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH, f"an integer in [1, {MAX_BATCH}]"),
+    "gpu_count": (lambda v: _is_int(v) and 1 <= v <= MAX_DEVICE_COUNT, f"an integer in [1, {MAX_DEVICE_COUNT}]"),
+    "nvme_count": (lambda v: _is_int(v) and 1 <= v <= MAX_DEVICE_COUNT, f"an integer in [1, {MAX_DEVICE_COUNT}]"),
+    "nodes": (lambda v: _is_int(v) and 1 <= v <= MAX_NODE_COUNT, f"an integer in [1, {MAX_NODE_COUNT}]"),
+    "pcie_gen": (lambda v: _is_int(v) and 1 <= v <= 6, "a PCIe generation, 1 to 6"),
+    "objective": (lambda v: v in OBJECTIVES, "one of " + ", ".join(OBJECTIVES)),
+    "parallel": (lambda v: v in PARALLEL, "one of " + ", ".join(PARALLEL)),
+    "eviction": (lambda v: v in EVICTION, "one of " + ", ".join(sorted(EVICTION))),
+    "prefetch": (lambda v: v in PREFETCH, "one of " + ", ".join(sorted(PREFETCH))),
+    "miss": (lambda v: v in MISS, "one of " + ", ".join(sorted(MISS))),
+    "hardware": (lambda v: isinstance(v, str) and bool(v), "a profile name or path"),
+    "gpu": (lambda v: isinstance(v, str) and bool(v), "a bundled profile name"),
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model name or config path"),
+    "dram": (lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool), "a size such as 128GiB"),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_value(knob: str, value: Any, path: str | Path, key: str, line: int | None) -> None:
+    """Refuse a knob value before any point runs (a bad one would fail every point it is in)."""
+    test, expected = _KNOB_VALUES[knob]
+    try:
+        ok = test(value)
+    except TypeError:  # an unhashable value (a list or mapping) tested against a registry
+        ok = False
+    if not ok:
+        raise InputError("invalid value", file=path, key=key, value=value, expected=expected,
+                         fix="use a value of that kind", line=line)
+    if knob == "dram":
+        try:
+            parse_size(value if not isinstance(value, str) else value)
+        except InputError as exc:
+            raise exc.located(file=path, key_prefix=key, line=line) from None
 
 
 def grid_points(grid: Grid) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from .engines import engines
 from .export import export_cmd, verify_cmd
 from .models import models
 from .optimize import optimize_cmd
+from .plan import plan_group
 from .profiles import profiles
 from .simulate import simulate_cmd
 from .sweep import sweep_cmd
@@ -16,4 +17,5 @@ from .trace import trace
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, export_cmd, verify_cmd, calibrate_cmd, profiles, engines, models, trace]
+COMMANDS: list[click.Command] = [optimize_cmd, simulate_cmd, sweep_cmd, export_cmd, verify_cmd, calibrate_cmd, profiles, engines, models, trace,
+                                 plan_group]

@@ -10,7 +10,7 @@ import click
 from profiles.errors import InputError
 
 from ..output import get_output
-from ._common import common_options
+from ._common import check_output_path, common_options, writing
 from .simulate import plan_hardware
 
 __all__ = ["export_cmd", "verify_cmd"]
@@ -39,7 +39,9 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
     from profiles.models import load_model
 
     from ..plan import load_plan
+    from ..plan_check import check_plan
 
+    check_output_path(out_dir, "--out", directory=True)
     plan = load_plan(plan_path)
     if model is None and not _bundled_model(plan.inputs.model):
         if not checkpoint:
@@ -48,8 +50,11 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
         model = str(Path(checkpoint) / "config.json")
     spec = load_model(model or plan.inputs.model)
     profile, hw = plan_hardware(plan, hardware)
+    warnings = check_plan(plan, hw, spec, file=plan_path, profile=profile)
     output = get_output()
-    with output.log.status("writing the bundle..."):
+    for w in warnings:
+        output.log.print(f"warning: {w}", highlight=False)
+    with output.log.status("writing the bundle..."), writing(out_dir, "--out"):
         bundle = write_bundle(plan, model=spec, hardware=hw, profile=profile, out_dir=out_dir,
                               checkpoint=checkpoint, force=force)
 
@@ -62,7 +67,7 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
             console.print(f"  note: {note}", highlight=False)
 
     output.emit({"bundle": str(bundle.path), "files": list(bundle.files), "commands": bundle.commands,
-                 "notes": list(bundle.notes)}, render)
+                 "notes": list(bundle.notes), "warnings": warnings}, render)
 
 
 def _bundled_model(name: str) -> bool:
@@ -88,6 +93,7 @@ def verify_cmd(bundle_dir, checkpoint, prompts, prompts_file, max_new_tokens, ou
     """
     from ..verify import verify_bundle_run
 
+    check_output_path(out, "--out", force=True)
     texts = list(prompts)
     if prompts_file:
         try:
@@ -98,7 +104,8 @@ def verify_cmd(bundle_dir, checkpoint, prompts, prompts_file, max_new_tokens, ou
     with output.log.status("running the bundle and the simulator..."):
         result = verify_bundle_run(bundle_dir, checkpoint, texts or None, max_new_tokens)
     if out:
-        Path(out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        with writing(out, "--out"):
+            Path(out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     def render(console):
         from rich.table import Table

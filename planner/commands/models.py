@@ -8,6 +8,7 @@ from rich.table import Table
 from profiles.formats import FORMATS
 from profiles.hardware import load_profile
 from profiles.hf_config import ARCHITECTURES
+from profiles.limits import MAX_BATCH, MAX_CONTEXT_TOKENS
 from profiles.models import bundled_models, describe_model, load_model
 from profiles.units import format_size
 
@@ -69,9 +70,9 @@ def list_models() -> None:
 @click.argument("model")
 @click.option("--hardware", "hardware", metavar="PROFILE",
               help="Hardware profile (bundled name or YAML path): check which formats fit each memory pool.")
-@click.option("--context", "context_tokens", type=click.IntRange(min=0), default=4096, show_default=True,
+@click.option("--context", "context_tokens", type=click.IntRange(min=0, max=MAX_CONTEXT_TOKENS), default=4096, show_default=True,
               help="Tokens per sequence held in the KV cache for the fit check.")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch", "batch_size", type=click.IntRange(min=1, max=MAX_BATCH), default=1, show_default=True,
               help="Sequences held at once for the fit check.")
 @click.option("--kv-format", type=click.Choice(list(FORMATS)), default="bf16", show_default=True,
               help="Number format of the KV cache.")

@@ -9,6 +9,7 @@ from typing import Callable, get_args
 import click
 
 from profiles.errors import InputError
+from profiles.limits import MAX_BATCH, MAX_CONTEXT_TOKENS, MAX_EXPERTS, MAX_LAYERS
 from profiles.units import format_time, parse_size
 
 from ..baselines import BASELINE_ENGINES, BASELINES
@@ -17,7 +18,7 @@ from ..given import HOME_TIERS, Fixes, GivenPolicy
 from ..optimize import DEFAULT_HARDWARE, DEFAULT_MODEL, OptimizeRequest, optimize
 from ..plan import Plan
 from ..output import get_output
-from ._common import common_options
+from ._common import FiniteFloat, check_output_path, common_options, writing
 
 __all__ = ["optimize_cmd"]
 
@@ -114,10 +115,10 @@ def _given_options(func: Callable) -> Callable:
                      "--n-cpu-moe, --cache-slots. A placement that does not fit exits 3 naming the shortfall."),
         click.option("--gpu-memory", default=None, help="--policy accelerate: its max_memory for the GPU, the "
                      "weights it places there (dense, then whole MoE layers), e.g. 10GiB. Default: what fits."),
-        click.option("--n-cpu-moe", type=click.IntRange(min=0), default=None,
+        click.option("--n-cpu-moe", type=click.IntRange(min=0, max=MAX_LAYERS), default=None,
                      help="--policy llama.cpp: the experts of exactly the first N MoE layers run on the CPU. "
                      "Default: the smallest N that fits."),
-        click.option("--cache-slots", type=click.IntRange(min=1), default=None,
+        click.option("--cache-slots", type=click.IntRange(min=1, max=MAX_EXPERTS), default=None,
                      help="--policy lru-offload: expert-cache slots per layer (every expert offloaded). "
                      "Default: the fastest that fits."),
         click.option("--prefetch", type=click.Choice(get_args(Plan.model_fields["prefetch"].annotation)),
@@ -167,25 +168,25 @@ def _load_trace(path: str, task: str | None):
 @click.option("--objective", type=click.Choice(["latency", "throughput", "cost"]), default="latency",
               show_default=True, help="latency: batch-1 decode time per token; throughput: tok/s at --batch; "
               "cost: $ per million tokens under --slo-tpot (needs prices in the profile).")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True,
               help="Decode batch size for --objective throughput.")
-@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--context", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=4096, show_default=True,
               help="Context tokens per sequence the KV cache must hold.")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--prompt-tokens", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=512, show_default=True,
               help="Prompt length used to predict TTFT.")
-@click.option("--quality-budget", type=click.FloatRange(min=0), default=None,
+@click.option("--quality-budget", type=FiniteFloat(min=0), default=None,
               help="Largest importance-weighted quantisation error allowed. Default: that of uniform int4 "
               f"({QUANT_ERROR['int4']}); uniform int8 is {QUANT_ERROR['int8']}.")
 @click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True,
               help="Number formats experts and dense weights may use.")
 @click.option("--critical", help="Experts kept at full precision, as MOE_LAYER:EXPERT pairs (e.g. 0:3,5:17).")
-@click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True), default=0.2, show_default=True,
+@click.option("--slo-tpot", type=FiniteFloat(min=0, min_open=True), default=0.2, show_default=True,
               help="Cost objective: slowest acceptable time per output token, seconds.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
               help="MILP solver (through PuLP).")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--time-limit", type=FiniteFloat(min=0, min_open=True, max=86400), default=30.0, show_default=True,
               help="Solver time limit per solve, seconds.")
-@click.option("--gap", type=click.FloatRange(min=0, max=1), default=0.001, show_default=True,
+@click.option("--gap", type=FiniteFloat(min=0, max=1), default=0.001, show_default=True,
               help="Relative optimality gap at which the solver may stop.")
 @click.option("--compare", is_flag=True, help="Also show every baseline's prediction and the speed-up over it "
               "(--parallel ep: EPLB global/hierarchical, linear and round-robin placements).")
@@ -194,7 +195,7 @@ def _load_trace(path: str, task: str | None):
               "experts get replicas, straggler load and all-to-all traffic; --objective, --quality-budget and "
               "--critical do not apply). offload: one GPU plus host memory and disks. auto: ep when the profile "
               "has two or more GPUs (equal per node) and the experts fit them, else offload.")
-@click.option("--redundant-experts", type=click.IntRange(min=0), default=None,
+@click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
               help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
               "count. Default: the smallest count >= experts/8 that does.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write plan.json here.")
@@ -226,8 +227,11 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     from profiles.models import load_model
 
     out_path = Path(out) if out else None
-    if out_path is not None and out_path.exists() and not force:
-        raise InputError("output file exists", file=out_path, fix="pass --force to overwrite it, or choose another path")
+    check_output_path(out_path, "--out", force=force)
+    check_output_path(report, "--report", directory=True)
+    if prompt_tokens > context:
+        raise click.BadParameter(f"the prompt ({prompt_tokens} tokens) is longer than the context ({context})",
+                                 param_hint="'--prompt-tokens'")
     from ..cluster import cluster_applies, run_cluster_cli
 
     spec = load_model(model)
@@ -256,9 +260,12 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
 
     written = []
     if out_path is not None:
-        written.append(result.plan.save(out_path))
+        with writing(out_path, "--out"):
+            written.append(result.plan.save(out_path))
     if report:
-        written += [p for p in write_report(result, Path(report)) if p.resolve() not in {w.resolve() for w in written}]
+        with writing(report, "--report"):
+            written += [p for p in write_report(result, Path(report))
+                        if p.resolve() not in {w.resolve() for w in written}]
     data = {"summary": summary_data(result, compare), "files": [str(p) for p in written]}
 
     def render(console):

@@ -8,10 +8,12 @@ from pathlib import Path
 import click
 
 from profiles.errors import InputError
+from profiles.limits import MAX_BATCH, MAX_SIM_REQUESTS
 from profiles.units import format_time
+from simulator.policies import EVICTION, MISS, PREFETCH
 
 from ..output import get_output
-from ._common import common_options
+from ._common import FiniteFloat, check_output_path, common_options, writing
 
 __all__ = ["plan_hardware", "plan_inputs", "simulate_cmd"]
 
@@ -29,16 +31,19 @@ def plan_hardware(plan, hardware: str | None):
                          value=plan.inputs.hardware, fix="pass --hardware with the profile's YAML file") from None
 
 
-def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str | None, task: str | None):
+def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str | None, task: str | None,
+                plan_path: str | None = None):
     """The hardware, model and workload to simulate ``plan`` on: the given ones, else the plan's own.
 
-    Returns ``(hardware, model, trace, warnings)``; a warning says when a given input is not
-    the one the plan was made from (its digest differs).
+    The plan is checked against the hardware and model (:func:`planner.plan_check.check_plan`)
+    before the workload is loaded. Returns ``(hardware, model, trace, warnings)``; a warning
+    says when a given input is not the one the plan was made from (its digest differs).
     """
     from profiles.models import load_model
 
     from ..optimize import _array_digest, _default_trace
     from ..plan import digest
+    from ..plan_check import check_plan
     from .optimize import _load_trace
 
     warnings = []
@@ -46,7 +51,13 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
     if digest(profile.model_dump(mode="json")) != plan.inputs.hardware_digest:
         warnings.append(f"hardware {hw.name} differs from the profile the plan was made for")
     spec = load_model(model or plan.inputs.model)
+    warnings += check_plan(plan, hw, spec, file=plan_path)
     trace = _load_trace(trace_path, task) if trace_path else _default_trace(spec)
+    if (trace.num_layers, trace.num_experts) != (len(plan.layers), spec.num_experts):
+        raise InputError("the trace does not fit the plan's model", file=trace_path, key="expert_ids",
+                         value=f"{trace.num_layers} MoE layers x {trace.num_experts} experts",
+                         expected=f"{len(plan.layers)} x {spec.num_experts} ({spec.name})",
+                         fix="simulate with a trace of the plan's model")
     if _array_digest(trace) != plan.inputs.workload_digest:
         warnings.append(f"workload {trace.source or trace_path} is not the one the plan was made from")
     return hw, spec, trace, warnings
@@ -60,17 +71,19 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
 @click.option("--trace", "-t", "trace_path", type=click.Path(dir_okay=False),
               help="Routing trace to replay (default: the model's default workload).")
 @click.option("--task", help="Task inside a multi-task trace file.")
-@click.option("--requests", "-n", type=click.IntRange(min=1), help="Requests to replay (default: every "
+@click.option("--requests", "-n", type=click.IntRange(min=1, max=MAX_SIM_REQUESTS), help="Requests to replay (default: every "
               "sequence of the trace; more wrap around).")
-@click.option("--arrival-rate", type=click.FloatRange(min=0, min_open=True),
+@click.option("--arrival-rate", type=FiniteFloat(min=0, min_open=True),
               help="Poisson arrivals, requests per second (default: all at t = 0).")
-@click.option("--batch", type=click.IntRange(min=1), help="Most requests running at once (default: the plan's).")
+@click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), help="Most requests running at once (default: the plan's).")
 @click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
-@click.option("--eviction", help="Cache eviction: lru, lfu, score, static, belady (default: the plan's).")
-@click.option("--prefetch", help="Prefetch: none, next-layer, transition, oracle (default: the plan's).")
-@click.option("--prefetch-accuracy", type=click.FloatRange(0, 1),
+@click.option("--eviction", type=click.Choice(sorted(EVICTION)),
+              help="Cache eviction: lru, lfu, score, static, belady (default: the plan's).")
+@click.option("--prefetch", type=click.Choice(sorted(PREFETCH)),
+              help="Prefetch: none, next-layer, transition, oracle (default: the plan's).")
+@click.option("--prefetch-accuracy", type=FiniteFloat(0, 1),
               help="next-layer predictor accuracy (default: the workload's next-layer predictability).")
-@click.option("--miss", default="plan", show_default=True,
+@click.option("--miss", type=click.Choice(sorted(MISS)), default="plan", show_default=True,
               help="Miss handling: plan, fiddler (CPU when faster), hobbit (low-bit copy for low-gate experts).")
 @click.option("--kv-context", type=click.Choice(["actual", "plan"]), default="actual", show_default=True,
               help="KV cache read per step: each request's real context, or the plan's context length.")
@@ -95,11 +108,11 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
 
     from ..plan import load_plan
 
-    for path in (out, trace_out):
-        if path and Path(path).exists() and not force:
-            raise InputError("output file exists", file=path, fix="pass --force to overwrite it, or choose another path")
+    for path, flag in ((out, "--out"), (trace_out, "--trace-out")):
+        check_output_path(path, flag, force=force)
+    check_output_path(plots, "--plots", directory=True)
     plan = load_plan(plan_path)
-    hw, spec, trace, warnings = plan_inputs(plan, hardware, model, trace_path, task)
+    hw, spec, trace, warnings = plan_inputs(plan, hardware, model, trace_path, task, plan_path)
     config = SimConfig(batch_size=batch, requests=requests, arrival_rate_per_s=arrival_rate, batching=batching,
                        eviction=eviction, prefetch=prefetch, miss=miss, prefetch_accuracy=prefetch_accuracy,
                        kv_context=kv_context, seed=seed, record=bool(trace_out))
@@ -110,12 +123,17 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
         report = simulate(plan, hw, spec, trace, config)
     written = []
     if out:
-        Path(out).write_text(report.to_json(), encoding="utf-8")
+        with writing(out, "--out"):
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(report.to_json(), encoding="utf-8")
         written.append(out)
     if trace_out:
-        written.append(str(report.write_chrome_trace(trace_out)))
+        with writing(trace_out, "--trace-out"):
+            Path(trace_out).parent.mkdir(parents=True, exist_ok=True)
+            written.append(str(report.write_chrome_trace(trace_out)))
     if plots:
-        written += [str(p) for p in report.write_plots(plots)]
+        with writing(plots, "--plots"):
+            written += [str(p) for p in report.write_plots(plots)]
     m = report.metrics
 
     def render(console):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import click
 from profiles.errors import InputError, UserError
 
 from ..output import get_output
-from ._common import common_options
+from ._common import check_output_path, common_options, writing
 
 __all__ = ["evaluate_point", "sweep_cmd"]
 
@@ -100,17 +101,30 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force) -> None:
     if (out / "results.csv").exists() and not force:
         raise InputError("the output directory holds results already", file=out,
                          fix="pass --force to overwrite them, or choose another --out")
+    check_output_path(out, "--out", directory=True)
     output = get_output()
     n = len(grid_points(grid))
-    output.log.print(f"{n} points, {'Ray ' + ray_address if ray_address else f'{jobs} process(es)'}", highlight=False)
-    specs = point_specs(grid, out)
-    from rich.progress import Progress
+    created = [p for p in (out, out / "hardware") if not p.exists()]
+    try:
+        with writing(out / "hardware", "--out"):
+            specs = point_specs(grid, out)
+        from rich.progress import Progress
 
-    with Progress(console=output.log, transient=True) as bar:
-        task = bar.add_task("planning and simulating", total=n)
-        rows = run_sweep(specs, evaluate_point, jobs=jobs, ray_address=ray_address,
-                         progress=lambda done, total: bar.update(task, completed=done))
-    files = write_outputs(grid, rows, out)
+        with Progress(console=output.log, transient=True) as bar:
+            where = f"Ray {ray_address}" if ray_address else f"{jobs} process(es)"
+            task = bar.add_task(f"planning and simulating {n} points on {where}", total=n)
+            rows = run_sweep(specs, evaluate_point, jobs=jobs, ray_address=ray_address,
+                             progress=lambda done, total: bar.update(task, completed=done))
+        if not any(r["status"] == "ok" for r in rows):
+            first = rows[0]["status"] if rows else "no points"
+            raise InputError(f"every point of the sweep failed (first: {first})", file=grid_path,
+                             fix="fix the grid's base case; `planner optimize` with one point's values shows why")
+    except BaseException:
+        for path in reversed(created):  # a failed sweep leaves nothing behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    with writing(out, "--out"):
+        files = write_outputs(grid, rows, out)
     front = pareto_front(rows)
 
     def render(console):

@@ -194,11 +194,9 @@ def load_aggregate(path: str | Path) -> AggregateWorkload:
     path = Path(path)
     if not path.is_file():
         raise InputError("aggregate file not found", file=path, fix="check the path")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"not a readable .npz file ({exc})", file=path, fix="write it with save_aggregate") from None
+    from .trace import read_npz
+
+    data = read_npz(path)  # sizes checked before anything is unpacked
     if "expert_counts" not in data:
         raise InputError("required array missing", file=path, key="expert_counts",
                          expected="expert_counts [layers, experts]", fix="store the per-layer counts")

@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..yamlio import load_json
 from .aggregate import AggregateWorkload, load_aggregate
-from .trace import PREFILL, Trace, load_trace
+from .trace import PREFILL, Trace, check_npz, load_trace, read_npz
 
 __all__ = [
     "FORMATS",
@@ -77,26 +78,17 @@ _MAX_STORAGE_BYTES = 8 << 30
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise InputError("the .npz holds pickled objects, which are never loaded", file=path,
-                             fix="store plain numeric arrays") from None
-        raise InputError(f"not a readable .npz file ({exc})", file=path, fix="write it with numpy.savez") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"not a readable .npz file ({exc})", file=path, fix="write it with numpy.savez") from None
+    return read_npz(path)
 
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the file ({exc})", file=path, fix="check the path and permissions") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg})", file=path, line=exc.lineno,
-                         fix="check the JSON syntax") from None
+        return load_json(path)  # bounded: size, nesting, digits
+    except InputError as exc:
+        if exc.message.startswith("malformed JSON"):
+            raise InputError("not valid JSON" + exc.message[len("malformed JSON"):], file=path, line=exc.line,
+                             fix="check the JSON syntax") from None
+        raise
 
 
 def _esft_tasks(keys: list[str]) -> list[str]:
@@ -157,6 +149,7 @@ def detect_format(path: str | Path) -> str:
                          expected="an object with logical_count, expert_popularity or expert_counts",
                          fix="see `planner trace import --help` for the formats understood")
     if suffix == ".npz":
+        check_npz(path)  # sizes and dtypes from the headers, before anything is unpacked
         try:
             with np.load(path, allow_pickle=False) as npz:
                 keys = list(npz.files)

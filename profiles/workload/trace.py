@@ -24,6 +24,9 @@ trace (they run for every token).
 from __future__ import annotations
 
 import json
+import math
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..limits import MAX_EXPERTS, MAX_LAYERS, MAX_TRACE_ARRAY_BYTES, MAX_TRACE_ENTRIES
+from ..units import format_size
+from ..yamlio import loads_json
 
-__all__ = ["Trace", "load_trace", "save_trace", "FORMAT_VERSION", "PREFILL", "DECODE"]
+__all__ = ["Trace", "check_npz", "load_trace", "read_npz", "save_trace", "FORMAT_VERSION", "PREFILL", "DECODE"]
 
 FORMAT_VERSION = 1
 PREFILL, DECODE = 0, 1
@@ -165,36 +171,109 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
     return path
 
 
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, after :func:`check_npz`.
+
+    Raises:
+        InputError: not a readable ``.npz``, pickled objects, or arrays too large.
+    """
+    return _npz(path, load=True)
+
+
+def check_npz(path: str | Path) -> None:
+    """Check the sizes an ``.npz`` file's headers declare, decompressing nothing.
+
+    A few kilobytes of deflated zeros can declare gigabytes: the zip directory and every
+    array's ``.npy`` header are read, and a file whose arrays would unpack beyond
+    ``MAX_TRACE_ARRAY_BYTES`` is refused. Object arrays (pickles) are refused too.
+    """
+    _npz(path, load=False)
+
+
+def _npz(path: str | Path, load: bool) -> dict[str, np.ndarray]:
+    path = Path(path)
+    unreadable = dict(file=path, fix="write it with numpy.savez")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            declared = 0
+            for info in zf.infolist():
+                declared += info.file_size
+                if declared > MAX_TRACE_ARRAY_BYTES:
+                    raise _too_large(path, declared)
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(fh)
+                if dtype.hasobject:
+                    raise InputError("the .npz holds pickled objects, which are never loaded", file=path,
+                                     key=info.filename[:-4], fix="store plain numeric arrays and the metadata "
+                                     "as a JSON string")
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > MAX_TRACE_ARRAY_BYTES:
+                    raise _too_large(path, nbytes, info.filename[:-4])
+        if not load:
+            return {}
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except InputError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise InputError("the .npz holds pickled objects, which are never loaded", file=path,
+                             fix="store plain numeric arrays and the metadata as a JSON string") from None
+        raise InputError(f"not a readable .npz file ({str(exc).splitlines()[0][:120]})", **unreadable) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise InputError(f"not a readable .npz file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
+                         **unreadable) from None
+
+
+def _too_large(path: Path, nbytes: int, key: str | None = None) -> InputError:
+    return InputError("arrays too large", file=path, key=key, value=format_size(nbytes),
+                      expected=f"at most {format_size(MAX_TRACE_ARRAY_BYTES)} unpacked",
+                      fix="split the trace into smaller files (planner trace synth --like reproduces its statistics)")
+
+
+def _meta_int(path: Path, meta: dict, key: str, default: Any, maximum: int) -> int:
+    value = meta.pop(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise InputError("must be a non-negative integer" if not isinstance(value, int) or isinstance(value, bool)
+                         else "out of range", file=path, key=f"meta.{key}", value=value,
+                         expected=f"an integer in [0, {maximum}]", fix="store it as a JSON number")
+    return value
+
+
 def load_trace(path: str | Path) -> Trace:
     """Load and validate a trace file; every problem is one :class:`InputError` line."""
     path = Path(path)
     if not path.is_file():
         raise InputError("trace file not found", file=path, fix="check the path")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise InputError("trace holds pickled objects, which are never loaded", file=path,
-                             fix="store plain numeric arrays and the metadata as a JSON string") from None
-        raise InputError(f"not a readable .npz file ({exc})", file=path, fix="write it with numpy.savez") from None
-    except (OSError, EOFError) as exc:
-        raise InputError(f"not a readable .npz file ({exc})", file=path, fix="write it with numpy.savez") from None
+    data = read_npz(path)
     for key in ("expert_ids", "seq_lens", "meta"):
         if key not in data:
             raise InputError("required array missing", file=path, key=key, expected="expert_ids, seq_lens, meta",
                              fix="see the trace format in `planner trace --help`")
     try:
-        meta = json.loads(str(data["meta"]))
+        meta = loads_json(str(data["meta"]), file=path)
         if not isinstance(meta, dict):
             raise ValueError
-    except ValueError:
+    except (ValueError, InputError):
         raise InputError("meta is not a JSON object", file=path, key="meta",
                          fix='store np.array(json.dumps({...}))') from None
     ids = data["expert_ids"]
     if ids.ndim != 3:
         raise InputError("wrong shape", file=path, key="expert_ids", value=ids.shape,
                          expected="[tokens, moe_layers, top_k]", fix="save expert ids as a 3-D array")
+    if 0 in ids.shape:
+        raise InputError("the trace is empty", file=path, key="expert_ids", value=ids.shape,
+                         expected="at least one token, one MoE layer and one expert per token",
+                         fix="record or synthesise a trace with tokens in it")
+    if ids.size > MAX_TRACE_ENTRIES:
+        raise InputError("too many expert ids", file=path, key="expert_ids", value=ids.shape,
+                         expected=f"at most {MAX_TRACE_ENTRIES:,} (tokens x layers x top-k)",
+                         fix="split the trace into smaller files")
     if "num_experts" not in meta:
         raise InputError("required key missing", file=path, key="meta.num_experts",
                          fix="store the number of routed experts per layer")
@@ -203,12 +282,18 @@ def load_trace(path: str | Path) -> Trace:
         raise InputError("unsupported trace format version", file=path, key="meta.format_version", value=version,
                          expected=str(FORMAT_VERSION), fix="re-export the trace with this version of moe-planner")
     T, L = ids.shape[:2]
+    num_experts = _meta_int(path, meta, "num_experts", None, MAX_EXPERTS)
+    layer_map = meta.pop("layer_map", list(range(L)))
+    if not isinstance(layer_map, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_LAYERS
+                                              for x in layer_map):
+        raise InputError("invalid layer_map", file=path, key="meta.layer_map", value=layer_map,
+                         expected=f"a list of hidden-layer indices in [0, {MAX_LAYERS}]",
+                         fix="list the hidden-layer index of every MoE layer")
     try:
         return Trace(
             expert_ids=ids, seq_lens=np.asarray(data["seq_lens"]),
             phase=np.asarray(data["phase"]) if "phase" in data else np.zeros(T, np.uint8),
-            num_experts=int(meta.pop("num_experts")),
-            layer_map=tuple(int(x) for x in meta.pop("layer_map", range(L))),
+            num_experts=num_experts, layer_map=tuple(layer_map),
             gate_weights=data.get("gate_weights"), model=str(meta.pop("model", "")),
             source=str(meta.pop("source", path)), meta=meta,
         )
