@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from profiles.errors import InputError
 from profiles.hardware import Hardware, HardwareProfile
 from profiles.models import ModelSpec
 
-__all__ = ["BUNDLE_FORMAT_VERSION", "Bundle", "check_manifest", "write_bundle"]
+__all__ = ["BUNDLE_FORMAT_VERSION", "Bundle", "bundle_problem", "check_manifest", "write_bundle"]
 
 BUNDLE_FORMAT_VERSION = 1
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
@@ -119,12 +121,13 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
         else:
             notes.append("no --checkpoint: kernels/ is built by run.py at start-up")
         ckpt = str(checkpoint) if checkpoint is not None else "CHECKPOINT_DIR"
-        commands.update(_engines(plan, model, hardware, work, ckpt, notes))
-        (work / "run.py").write_text(_RUN_PY, encoding="utf-8")
+        commands.update(_engines(plan, model, hardware, work, out, ckpt, notes))
+        (work / "run.py").write_text(_run_py(), encoding="utf-8")
         commands["run"] = f"python {out}/run.py --checkpoint {ckpt} --prompt 'the cat sat on the mat'"
         commands["verify"] = f"planner verify {out} --checkpoint {ckpt}"
         (work / "README.md").write_text(_readme(plan, model, hardware, commands, notes), encoding="utf-8")
         files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+        _refuse_staging_paths(Path(tmp), work, files, commands, notes)
         manifest = {"format_version": BUNDLE_FORMAT_VERSION, "versions": _versions(),
                     "plan": {"model": plan.inputs.model, "hardware": plan.inputs.hardware,
                              "workload_digest": plan.inputs.workload_digest},
@@ -153,9 +156,11 @@ def _check_checkpoint(path: Path, model: ModelSpec) -> None:
                          fix="plan with --model CHECKPOINT/config.json, or export with the matching checkpoint")
 
 
-def _engines(plan: Plan, model: ModelSpec, hardware: Hardware, work: Path, ckpt: str, notes: list[str]) -> dict:
+def _engines(plan: Plan, model: ModelSpec, hardware: Hardware, work: Path, out: Path, ckpt: str,
+             notes: list[str]) -> dict:
     """Engine configs under ``work/engines``: SGLang/vLLM/ExFlow for expert-parallel plans, else
-    llama.cpp/accelerate/accelerator maps."""
+    llama.cpp/accelerate/accelerator maps. Files are written under ``work`` (the staging
+    directory); every path the commands and files name is under ``out``, where the bundle ends up."""
     commands: dict[str, str] = {}
     from .engines.sglang import is_expert_parallel
 
@@ -168,62 +173,153 @@ def _engines(plan: Plan, model: ModelSpec, hardware: Hardware, work: Path, ckpt:
                              ("exflow", write_exflow)):
             try:
                 kwargs = {} if name == "exflow" else {"model_path": ckpt}
-                result = writer(plan, work / "engines", **kwargs)
+                result = writer(plan, work / "engines", refer_dir=out / "engines", **kwargs)
             except InputError as exc:
                 notes.append(f"{name}: not written ({exc})")
                 continue
             if result.command:
                 commands[name] = result.command
+            notes += [f"{name}: {note}" for note in result.notes]
         return commands
     from .engines.single import render_engines
 
-    rendered = render_engines(plan, model, hardware, work, checkpoint=ckpt)
+    rendered = render_engines(plan, model, hardware, work, checkpoint=ckpt, refer_dir=out)
     commands.update(rendered.commands)
     notes += [f"{name}: not written ({why})" for name, why in rendered.skipped.items()]
     return commands
 
 
+def _refuse_staging_paths(staging: Path, work: Path, files: list[str], commands: dict[str, str],
+                          notes: list[str]) -> None:
+    """The staging directory is gone when export returns: no command, note or written text may
+    name it (a writer given the staging path instead of the final one is a bug, not bad input)."""
+    needle = str(staging)
+    texts = {f"command {k}": v for k, v in commands.items()} | {f"note {n}": n for n in notes}
+    for rel in files:
+        try:
+            texts[rel] = (work / rel).read_text(encoding="utf-8")
+        except UnicodeDecodeError:  # kernels, weights: binary
+            continue
+    for where, text in texts.items():
+        if needle in text:
+            raise RuntimeError(f"bundle writer bug: {where} names the staging directory {needle}")
+
+
 def check_manifest(bundle_dir: str | Path) -> dict:
-    """Refuse a bundle whose files changed, went missing, were added under its listed
-    directories' names, or escape it; returns the manifest."""
+    """Refuse a bundle whose files changed, went missing, are not listed, are symbolic links
+    or escape it (:func:`bundle_problem`); returns the manifest.
+
+    Raises:
+        InputError: the first problem, in one line.
+    """
     bundle = Path(bundle_dir).resolve()
-    path = bundle / "manifest.json"
-    if not path.is_file():
-        raise InputError("not a bundle (no manifest.json)", file=bundle, fix="pass a directory from planner export")
+    problem = bundle_problem(bundle)
+    if problem is not None:
+        what, where, fix = problem
+        raise InputError(what, file=where, fix=fix)
+    return json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+
+
+def bundle_problem(bundle: Path) -> tuple[str, str, str] | None:
+    """The first thing wrong with the bundle directory ``bundle`` (an absolute path) as
+    ``(what, where, fix)``, or None when it is exactly what was exported.
+
+    Exactly: ``manifest.json`` of this format version lists every other file with its sha256;
+    each listed file is there, a regular file inside the bundle, unchanged; no file is there
+    that the manifest does not list, except ``__pycache__/*.pyc`` (never read: ``run.py``
+    moves Python's bytecode cache elsewhere); nothing is a symbolic link. Directories are not
+    listed (an empty one, such as ``kernels/weights/`` without quantised weights, is fine).
+
+    Standard library only, with its imports inside: ``run.py`` carries this function's source
+    and calls it before it imports anything of the bundle's.
+    """
+    import hashlib
+    import json
+    import os
+
+    fix = "re-export the bundle (planner export PLAN.json --out DIR --force)"
+    manifest_path = os.path.join(bundle, "manifest.json")
+    if os.path.islink(manifest_path) or not os.path.isfile(manifest_path):
+        return "not a bundle (no manifest.json)", str(bundle), "pass a directory from planner export"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"manifest is not valid JSON ({exc})", file=path, fix="re-export the bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise InputError("unsupported bundle format", file=path, key="format_version",
-                         value=manifest.get("format_version") if isinstance(manifest, dict) else None,
-                         expected=str(BUNDLE_FORMAT_VERSION), fix="re-export the bundle with this version")
-    for rel, digest in sorted(manifest.get("files", {}).items()):
-        target = (bundle / rel).resolve()
-        if bundle not in target.parents:
-            raise InputError("path escapes the bundle", file=path, key=f"files.{rel}", fix="re-export the bundle")
-        if not target.is_file():
-            raise InputError("file listed in the manifest is missing", file=path, key=f"files.{rel}",
-                             fix="re-export the bundle")
-        if _sha256(target) != digest:
-            raise InputError("file changed since export (sha256 differs)", file=target,
-                             fix="re-export the bundle, or restore the file")
-    return manifest
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"manifest.json is not valid JSON ({exc})", manifest_path, fix
+    if not isinstance(manifest, dict) or manifest.get("format_version") != 1:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        return f"unsupported bundle format {version!r} (expected 1)", manifest_path, fix
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "manifest.json lists no files", manifest_path, fix
+    for rel, digest in sorted(files.items(), key=lambda kv: str(kv[0])):
+        parts = rel.split("/") if isinstance(rel, str) else [""]
+        if not isinstance(digest, str) or rel.startswith("/") or "\\" in rel or any(
+                p in ("", ".", "..") for p in parts) or rel == "manifest.json":
+            return f"manifest entry {rel!r} is not a path inside the bundle with a sha256", manifest_path, fix
+        path = str(bundle)
+        for part in parts:
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                return f"{rel} is a symbolic link (an exported bundle holds none)", path, fix
+        if not os.path.isfile(path):
+            return f"{rel}, listed in manifest.json, is missing", path, fix
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            return f"{rel} changed since export (sha256 differs)", path, "re-export the bundle, or restore the file"
+    for root, dirs, names in os.walk(bundle):  # does not follow links: each one is reported below
+        rel_root = os.path.relpath(root, bundle).replace(os.sep, "/")
+        rel_root = "" if rel_root == "." else rel_root + "/"
+        for name in sorted(dirs) + sorted(names):
+            path = os.path.join(root, name)
+            rel = rel_root + name
+            if os.path.islink(path):
+                return f"{rel} is a symbolic link (an exported bundle holds none)", path, fix
+            if os.path.isdir(path):
+                if name == "__pycache__" and all(
+                        n.endswith(".pyc") and os.path.isfile(os.path.join(path, n))
+                        and not os.path.islink(os.path.join(path, n)) for n in os.listdir(path)):
+                    dirs.remove(name)  # Python's bytecode cache: run.py never reads it
+                continue  # a directory holds nothing by itself: its files are checked as the walk goes on
+            if rel != "manifest.json" and rel not in files:
+                return f"{rel} is not listed in manifest.json", path, "remove it, or re-export the bundle"
+    return None
 
 
-_RUN_PY = '''#!/usr/bin/env python3
+_RUN_PY_HEAD = '''#!/usr/bin/env python3
 """Serve this bundle: python run.py --checkpoint CKPT --prompt "..." [--max-new-tokens N] [--metrics-out F].
 
-Needs torch, transformers, safetensors, onnx and onnxruntime; checks manifest.json first.
+Needs torch, transformers, safetensors, onnx and onnxruntime. Before it imports anything of
+the bundle's, it checks the whole bundle against manifest.json with the standard library
+alone: every listed file unchanged, nothing missing, nothing unlisted, no symbolic links.
 """
 import sys
 from pathlib import Path
 
-here = Path(__file__).resolve().parent
-sys.path.insert(0, str(here))
-from runtime.run import main  # noqa: E402
+'''
+
+_RUN_PY_MAIN = '''
+
+def _check(here):
+    problem = bundle_problem(here)
+    if problem is not None:
+        what, where, fix = problem
+        print(f"error: {where}: {what}. Fix: {fix}", file=sys.stderr)
+        sys.exit(1)
+
 
 if __name__ == "__main__":
+    here = Path(__file__).resolve().parent
+    _check(here)
+    # Python's bytecode cache lives outside the bundle: an in-bundle __pycache__ is never read
+    sys.dont_write_bytecode = True
+    sys.pycache_prefix = str(Path(__file__).resolve().parent / "__pycache__" / "__never__")
+    sys.path.insert(0, str(here))
+    from runtime.run import main
+
     args = sys.argv[1:]
     if "--bundle" not in args and "--plan" not in args:
         args = ["--bundle", str(here), *args]
@@ -231,10 +327,41 @@ if __name__ == "__main__":
 '''
 
 
+def _run_py() -> str:
+    """``run.py``: :func:`bundle_problem`'s own source, then the launcher that calls it."""
+    return _RUN_PY_HEAD + "\n" + inspect.getsource(bundle_problem) + _RUN_PY_MAIN
+
+
+def _predicted_text(plan: Plan) -> str:
+    """What the plan predicts, in words: decode tok/s, or for an expert-parallel plan (which
+    predicts load balance and traffic, not throughput) the balance and cross-GPU share."""
+    pred = plan.predicted
+    tps = pred.get("tokens_per_s")
+    if isinstance(tps, (int, float)) and math.isfinite(tps):
+        return f"predicted {tps:.2f} tok/s"
+    load = pred.get("max_mean_load")
+    if isinstance(load, (int, float)) and math.isfinite(load):
+        from .engines.sglang import ep_layout
+
+        try:
+            gpus = f" over {len(ep_layout(plan).ranks)} GPUs"
+        except InputError:
+            gpus = ""
+        text = f"expert parallelism{gpus}, predicted max/mean expert load per GPU {load:.3f}"
+        worst = pred.get("max_mean_load_worst_layer")
+        if isinstance(worst, (int, float)) and math.isfinite(worst):
+            text += f" ({worst:.3f} in the worst layer)"
+        cross = pred.get("cross_gpu_fraction")
+        if isinstance(cross, (int, float)) and math.isfinite(cross):
+            text += f", {100 * cross:.1f}% of routed tokens cross GPUs"
+        return text + " (no tok/s prediction for an expert-parallel plan)"
+    return "the plan holds no throughput prediction"
+
+
 def _readme(plan: Plan, model: ModelSpec, hardware: Hardware, commands: dict[str, str], notes: list[str]) -> str:
     lines = [f"# {model.name} on {hardware.name}, as planned", "",
              (f"Plan: objective {plan.objective}, batch {plan.batch_size}, context {plan.context_tokens}; "
-             f"predicted {plan.predicted.get('tokens_per_s', float('nan')):.2f} tok/s."), "",
+              f"{_predicted_text(plan)}."), "",
              "## Run", "", "```bash", commands["run"], "```", "",
              "Metrics (tok/s, TTFT, TPOT, per-layer hit rates, bytes moved) go to `--metrics-out FILE`.", "",
              "## Check prediction against measurement", "", "```bash", commands["verify"], "```", "",

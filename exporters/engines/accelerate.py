@@ -113,7 +113,8 @@ def device_map_for(model: ModelSpec, experts_on: dict[int, int | str], main: int
 
 
 def render_accelerate(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: Pricing, *,
-                      checkpoint: str = "CHECKPOINT_DIR", offload_folder: str = "offload") -> dict[str, Any]:
+                      checkpoint: str = "CHECKPOINT_DIR", offload_folder: str = "offload",
+                      engines_dir: str = "engines") -> dict[str, Any]:
     """HF accelerate configuration for ``plan`` (the content of ``engines/accelerate.json``).
 
     Args:
@@ -124,6 +125,8 @@ def render_accelerate(plan: Plan, model: ModelSpec, hardware: Hardware, pricing:
         checkpoint: the HF checkpoint directory the load command reads.
         offload_folder: where accelerate writes disk-offloaded weights (used only when some
             layer goes to ``"disk"``).
+        engines_dir: the directory the load command names for ``accelerate_load.py``
+            (default ``engines``, relative to the bundle).
 
     Raises:
         InputError: the plan does not match the model or hardware.
@@ -183,7 +186,7 @@ def render_accelerate(plan: Plan, model: ModelSpec, hardware: Hardware, pricing:
         if kind != "cpu":
             notes.append(f"transformers has no backend for the plan's {kind} {plan.compute_device}: the model runs "
                          f"on the host CPU ({plan.host_device}); the rounding cost includes that")
-    load = ["python", "engines/accelerate_load.py", "--checkpoint", checkpoint]
+    load = ["python", f"{engines_dir}/accelerate_load.py", "--checkpoint", checkpoint]
     return {
         "engine": "accelerate",
         "model": model.name,

@@ -128,7 +128,7 @@ def map_file_name(memory_id: str) -> str:
 
 
 def memory_map(plan: Plan, model: ModelSpec, hardware: Hardware, memory_id: str, *,
-               alignment_bytes: int = ALIGNMENT_BYTES) -> dict[str, Any]:
+               alignment_bytes: int = ALIGNMENT_BYTES, engines_dir: str = "engines") -> dict[str, Any]:
     """The memory map of one accelerator memory (see the module docstring).
 
     Args:
@@ -137,6 +137,8 @@ def memory_map(plan: Plan, model: ModelSpec, hardware: Hardware, memory_id: str,
         hardware: the resolved hardware.
         memory_id: an accelerator memory pool the plan uses (:func:`accelerator_memories`).
         alignment_bytes: region alignment (default 4096, a power of two).
+        engines_dir: the directory the check command names for the map (default
+            ``engines``, relative to the bundle).
 
     Raises:
         InputError: the plan does not match, the memory is not an accelerator's, or the
@@ -213,7 +215,7 @@ def memory_map(plan: Plan, model: ModelSpec, hardware: Hardware, memory_id: str,
         "free_bytes": capacity - used,
         "planned_expert_bytes": planned.expert_bytes if planned else 0.0,
         "planned_cache_bytes": planned.cache_bytes if planned else 0.0,
-        "commands": {"check": f"python -m exporters.engines.accelerator engines/{map_file_name(memory_id)}"},
+        "commands": {"check": f"python -m exporters.engines.accelerator {engines_dir}/{map_file_name(memory_id)}"},
     }
 
 

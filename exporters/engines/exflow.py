@@ -17,7 +17,7 @@ from pathlib import Path
 from planner.plan import Plan
 from profiles.errors import InputError
 
-from .sglang import EngineExport, ep_layout, main
+from .sglang import EngineExport, ep_layout, main, shown_path
 
 __all__ = ["FILE_NAME", "exflow_rows", "write_exflow"]
 
@@ -47,8 +47,14 @@ def exflow_rows(plan: Plan) -> list[tuple[int, int]]:
     return sorted(rows)
 
 
-def write_exflow(plan: Plan, out_dir: str | Path) -> EngineExport:
-    """Write ``exflow_placement.csv`` and ``placement/exp{E}_gpu{G}.json``."""
+def write_exflow(plan: Plan, out_dir: str | Path, *, refer_dir: str | Path | None = None) -> EngineExport:
+    """Write ``exflow_placement.csv`` and ``placement/exp{E}_gpu{G}.json``.
+
+    Args:
+        plan: an expert-parallel plan without redundant experts.
+        out_dir: directory to write into (created).
+        refer_dir: where ``out_dir`` will be when the command runs (default: ``out_dir``).
+    """
     rows = exflow_rows(plan)
     layout = ep_layout(plan)
     E, G = layout.num_experts, len(layout.ranks)
@@ -62,7 +68,8 @@ def write_exflow(plan: Plan, out_dir: str | Path) -> EngineExport:
     placement = out / "placement" / f"exp{E}_gpu{G}.json"
     placement.parent.mkdir(exist_ok=True)
     placement.write_text(json.dumps(per_layer, separators=(",", ":")) + "\n")
-    command = f"# ExFlow: run from {out} so that it finds placement/exp{E}_gpu{G}.json (from {csv.name})"
+    command = (f"# ExFlow: run from {shown_path(out, out, refer_dir)} with placement "
+               f"{shown_path(placement, out, refer_dir)} made from {shown_path(csv, out, refer_dir)}")
     return EngineExport(engine="exflow", files=(csv, placement), command=command,
                         notes=("ExFlow's GPU ids are EP ranks: the plan's GPUs in natural id order",))
 

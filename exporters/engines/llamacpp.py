@@ -59,9 +59,12 @@ planner would predict for that placement.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
+
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType
 
 from planner.costs import fixed_costs
 from planner.plan import Plan
@@ -70,6 +73,7 @@ from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
 from .rounding import (
+    NotApplicable,
     Pricing,
     RoundedLayer,
     check_plan,
@@ -84,8 +88,10 @@ from .rounding import (
 __all__ = [
     "EXPS_REGEX",
     "FORMAT_TO_GGUF",
+    "GGUF_ARCH",
     "GGUF_TYPES",
     "GgufType",
+    "gguf_tensor_names",
     "gguf_type",
     "llamacpp_script",
     "render_llamacpp",
@@ -115,20 +121,62 @@ class GgufType:
         return self.block > 1
 
 
-GGUF_TYPES: dict[str, GgufType] = {t.name: t for t in [
-    GgufType("F32", 32.0, 1, "F32"),
-    GgufType("BF16", 16.0, 1, "BF16"),
-    GgufType("F16", 16.0, 1, "F16"),
-    GgufType("Q8_0", 8.5, 32, "Q8_0", "F16"),  # 34 bytes / 32
-    GgufType("Q6_K", 6.5625, 256, "Q6_K", "Q8_0"),  # 210 bytes / 256
-    GgufType("Q4_K", 4.5, 256, "Q4_K_S", "IQ4_NL"),  # 144 bytes / 256; Q4_K_S: "mostly Q4_K"
-    GgufType("Q4_0", 4.5, 32, "Q4_0", "F16"),  # 18 bytes / 32
-    GgufType("IQ4_NL", 4.5, 32, "IQ4_NL", "F16"),  # 18 bytes / 32
-    GgufType("MXFP4", 4.25, 32, "MXFP4_MOE", "F16"),  # 17 bytes / 32
-    GgufType("Q3_K", 3.4375, 256, "Q3_K_S", "IQ4_NL"),  # 110 bytes / 256
-    GgufType("Q2_K", 2.625, 256, "Q2_K", "IQ4_NL"),  # 84 bytes / 256
-    GgufType("TQ1_0", 1.6875, 256, "TQ1_0", "Q4_0"),  # 54 bytes / 256
-]}
+# weights per block and bytes per block from the gguf package (GGML_QUANT_SIZES); llama-quantize's
+# positional type and its fallback for a row the block does not divide are llama.cpp facts
+# (src/llama-quant.cpp), not in the package
+_LLAMA_QUANTIZE = {  # GGUF type: (ftype, fallback)
+    "F32": ("F32", None), "BF16": ("BF16", None), "F16": ("F16", None),
+    "Q8_0": ("Q8_0", "F16"), "Q6_K": ("Q6_K", "Q8_0"),
+    "Q4_K": ("Q4_K_S", "IQ4_NL"),  # Q4_K_S: "mostly Q4_K"
+    "Q4_0": ("Q4_0", "F16"), "IQ4_NL": ("IQ4_NL", "F16"), "MXFP4": ("MXFP4_MOE", "F16"),
+    "Q3_K": ("Q3_K_S", "IQ4_NL"), "Q2_K": ("Q2_K", "IQ4_NL"), "TQ1_0": ("TQ1_0", "Q4_0"),
+}
+
+
+def _gguf_type(name: str) -> GgufType:
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    ftype, fallback = _LLAMA_QUANTIZE[name]
+    return GgufType(name, 8 * block_bytes / block, block, ftype, fallback)
+
+
+GGUF_TYPES: dict[str, GgufType] = {name: _gguf_type(name) for name in _LLAMA_QUANTIZE}
+
+# HF architecture class -> the GGUF architecture convert_hf_to_gguf.py writes (Mixtral is "llama")
+GGUF_ARCH: dict[str, MODEL_ARCH] = {
+    "MixtralForCausalLM": MODEL_ARCH.LLAMA,
+    "Qwen3MoeForCausalLM": MODEL_ARCH.QWEN3MOE,
+    "Qwen2MoeForCausalLM": MODEL_ARCH.QWEN2MOE,
+    "OlmoeForCausalLM": MODEL_ARCH.OLMOE,
+    "DeepseekV2ForCausalLM": MODEL_ARCH.DEEPSEEK2,
+    "DeepseekV3ForCausalLM": MODEL_ARCH.DEEPSEEK2,
+    "GptOssForCausalLM": MODEL_ARCH.GPT_OSS,
+    "PhimoeForCausalLM": MODEL_ARCH.PHIMOE,
+    "DbrxForCausalLM": MODEL_ARCH.DBRX,
+    "GraniteMoeForCausalLM": MODEL_ARCH.GRANITE_MOE,
+    "JambaForCausalLM": MODEL_ARCH.JAMBA,
+}
+
+
+def gguf_tensor_names(model: ModelSpec) -> list[str] | None:
+    """Every tensor name a GGUF of ``model`` can hold, from the gguf package's tables (the
+    architecture's ``MODEL_TENSORS``, ``.weight`` and ``.bias`` of each, every block; routed
+    experts in MoE blocks only): a superset of the file's names. ``None``: an architecture
+    :data:`GGUF_ARCH` does not map."""
+    arch = GGUF_ARCH.get(model.architecture)
+    if arch is None:
+        return None
+    moe = set(model.moe_layer_indices)
+    names = []
+    for tensor in MODEL_TENSORS[arch]:
+        template = TENSOR_NAMES[tensor]
+        if "{bid}" not in template:
+            blocks = [template]
+        else:
+            blocks = [template.format(bid=b) for b in range(model.num_hidden_layers)
+                      if b in moe or not template.endswith("_exps")]
+        names += [f"{n}.{suffix}" for n in blocks for suffix in ("weight", "bias")]
+    return names
+
 
 FORMAT_TO_GGUF = {"fp32": "F32", "bf16": "BF16", "fp16": "F16", "fp8": "Q8_0", "int8": "Q8_0", "fp6": "Q6_K",
                   "int4": "Q4_K", "mxfp4": "MXFP4", "fp4": "MXFP4", "int3": "Q3_K", "int2": "Q2_K",
@@ -139,6 +187,8 @@ EXPS_REGEX = r"\.ffn_(?:up|down|gate|gate_up)_(?:ch|)exps"
 _GATE_UP = r"\.ffn_(?:up|gate|gate_up)_(?:ch|)exps"
 _DOWN = r"\.ffn_down_(?:ch|)exps"
 SHEXP_REGEX = r"blk\.[0-9]+\.ffn_(?:up|down|gate)_shexp"
+# every tensor but the routed experts: attention, norms, router, shared experts, dense FFN, embeddings
+DENSE_REGEX = rf"^(?!blk\.[0-9]+{EXPS_REGEX})"
 
 
 def gguf_name(fmt: str) -> str:
@@ -267,8 +317,9 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
                    same_as_rules=set(range(n_cpu)) == {r.moe_layer for r in rounded if r.place != "device"},
                    predicted=pricing.price_rounded(dev.id, ncm_layers, dense_fmt).as_dict())
 
-    # 5. llama-quantize rules
+    # 5. llama-quantize rules; both rule sets checked against every tensor name of the model
     quant = _quantize_rules(model, rounded, types, dense_type)
+    _check_rules(model, rounded, types, dense_type, rules, quant["tensor_type"])
 
     threads = host.cores or 1
     ctx = plan.context_tokens * plan.batch_size
@@ -335,20 +386,24 @@ def _quantize_rules(model: ModelSpec, rounded: list[RoundedLayer], types: list[t
     """``llama-quantize`` base type and non-overlapping ``--tensor-type`` rules.
 
     The base type is the dense weights' type when that is quantised (llama-quantize applies
-    ``--tensor-type`` only then); otherwise the expert type holding the most bytes, with one
-    more rule returning every non-expert tensor to the dense type. All-unquantised plans need
-    no quantize step (``convert_hf_to_gguf.py --outtype`` writes the file directly).
+    ``--tensor-type`` only when the base type is a quantised one); otherwise the expert type
+    holding the most bytes. Every tensor the plan sizes gets a rule: one per group of expert
+    tensors, and one returning every non-expert tensor to the dense type, since the base
+    type's own mixture would otherwise raise some of them (Q4_K_S: ``attn_v``, ``attn_k`` to
+    Q8_0/Q6_K, ``attn_output`` to Q5_K) over the plan's dense bytes. A tensor whose row the
+    type cannot block still takes llama-quantize's fallback. All-unquantised plans need no
+    quantize step (``convert_hf_to_gguf.py --outtype`` writes the file directly).
     """
     expert = [t for pair in types for t in pair]
     quantised = [t for t in expert if GGUF_TYPES[t].quantised]
     source = "F32" if dense_type == "F32" or "F32" in expert else "BF16"
     if not GGUF_TYPES[dense_type].quantised and not quantised:
         if set(expert) != {dense_type}:
-            raise InputError("llama.cpp cannot mix unquantised expert types with another unquantised dense type",
-                             key="layers.format", value=sorted(set(expert) | {dense_type}),
-                             fix="plan with one 16-bit format, or quantise the experts")
+            # llama-quantize applies --tensor-type rules only under a quantised base type
+            raise NotApplicable("llama.cpp cannot mix unquantised expert types with another unquantised dense type "
+                                f"({', '.join(sorted(set(expert) | {dense_type}))}): plan with one 16-bit format, "
+                                "or quantise the experts")
         return {"base_ftype": None, "source_type": dense_type, "tensor_type": []}
-    rules = []
     if GGUF_TYPES[dense_type].quantised:
         base = dense_type
     else:
@@ -357,7 +412,7 @@ def _quantize_rules(model: ModelSpec, rounded: list[RoundedLayer], types: list[t
             by_bytes[gu] = by_bytes.get(gu, 0.0) + 2 * GGUF_TYPES[gu].bits_per_weight
             by_bytes[dn] = by_bytes.get(dn, 0.0) + GGUF_TYPES[dn].bits_per_weight
         base = max((t for t in by_bytes if GGUF_TYPES[t].quantised), key=lambda t: (by_bytes[t], t))
-        rules.append(rf"^(?!blk\.[0-9]+{EXPS_REGEX})={dense_type.lower()}")
+    rules = [rf"{DENSE_REGEX}={dense_type.lower()}"]
     groups: dict[tuple[str, str], list[int]] = {}
     for r, pair in zip(rounded, types):
         groups.setdefault(pair, []).append(r.hidden_layer)
@@ -369,6 +424,37 @@ def _quantize_rules(model: ModelSpec, rounded: list[RoundedLayer], types: list[t
             rules.append(f"{_blk_regex(blocks, _GATE_UP, every)}={gu.lower()}")
             rules.append(f"{_blk_regex(blocks, _DOWN, every)}={dn.lower()}")
     return {"base_ftype": GGUF_TYPES[base].ftype, "source_type": source, "tensor_type": rules}
+
+
+def _check_rules(model: ModelSpec, rounded: list[RoundedLayer], types: list[tuple[str, str]], dense_type: str,
+                 override: list[str], tensor_type: list[str]) -> None:
+    """Hold the rules to what they are for, over every GGUF tensor name of the model (gguf's
+    tables; skipped for an architecture they are not mapped for), with llama.cpp's reading
+    (``re.search`` on the full name; ``-ot``: first match wins): a CPU layer's expert tensors
+    go to ``CPU`` and no other tensor does; every tensor matches exactly one quantize rule,
+    the one with its planned type.
+
+    Raises:
+        RuntimeError: a rule misses or catches a tensor (a bug here, not bad input).
+    """
+    names = gguf_tensor_names(model)
+    if names is None:
+        return
+    by_blk = {r.hidden_layer: (r, types[r.moe_layer]) for r in rounded}
+    ot = [rule.rsplit("=", 1) for rule in override]
+    qt = [rule.rsplit("=", 1) for rule in tensor_type]
+    for name in names:
+        m = re.match(rf"blk\.(\d+){EXPS_REGEX}", name)
+        layer = by_blk.get(int(m.group(1))) if m else None
+        buffer = next((buf for pat, buf in ot if re.search(pat, name)), None)
+        if (buffer == "CPU") != (layer is not None and layer[0].place != "device"):
+            raise RuntimeError(f"llama.cpp -ot rules put {name} in {buffer or 'the default buffer'}")
+        if not tensor_type:
+            continue
+        want = dense_type if layer is None else layer[1][1] if ".ffn_down_" in name else layer[1][0]
+        hits = [t for pat, t in qt if re.search(pat.lower(), name)]
+        if hits != [want.lower()]:
+            raise RuntimeError(f"llama-quantize rules give {name} {hits}, the plan sizes it as {want}")
 
 
 def llamacpp_script(config: dict[str, Any]) -> str:

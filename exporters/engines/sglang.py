@@ -28,7 +28,7 @@ import numpy as np
 from planner.plan import Plan
 from profiles.errors import InputError
 
-__all__ = ["FILE_NAME", "EngineExport", "EpLayout", "ep_layout", "main", "physical_to_logical", "write_sglang"]
+__all__ = ["FILE_NAME", "EngineExport", "EpLayout", "ep_layout", "main", "physical_to_logical", "shown_path", "write_sglang"]
 
 FILE_NAME = "sglang_expert_location.json"
 
@@ -192,8 +192,14 @@ def _model_facts(plan: Plan, num_hidden_layers: int | None, model_path: str | No
     return num_hidden_layers, model_path
 
 
+def shown_path(file: Path, out_dir: str | Path, refer_dir: str | Path | None) -> str:
+    """``file`` (written under ``out_dir``) as the command names it: under ``refer_dir`` when
+    given (a bundle is written in a staging directory and moved to ``refer_dir``'s parent)."""
+    return str(file if refer_dir is None else Path(refer_dir) / file.relative_to(out_dir))
+
+
 def write_sglang(plan: Plan, out_dir: str | Path, *, num_hidden_layers: int | None = None,
-                 model_path: str | None = None) -> EngineExport:
+                 model_path: str | None = None, refer_dir: str | Path | None = None) -> EngineExport:
     """Write ``sglang_expert_location.json`` and return the launch command.
 
     Args:
@@ -201,6 +207,8 @@ def write_sglang(plan: Plan, out_dir: str | Path, *, num_hidden_layers: int | No
         out_dir: directory to write into (created).
         num_hidden_layers: the model's decoder layers; default: from the plan's model preset.
         model_path: ``--model-path``; default: the preset's Hugging Face repository.
+        refer_dir: where ``out_dir`` will be when the command runs (default: ``out_dir``);
+            the command names the file there.
     """
     layout = ep_layout(plan)
     L, path = _model_facts(plan, num_hidden_layers, model_path)
@@ -213,13 +221,13 @@ def write_sglang(plan: Plan, out_dir: str | Path, *, num_hidden_layers: int | No
     file.write_text(json.dumps({"physical_to_logical_map": p2l.tolist()}, separators=(",", ":")) + "\n")
     nodes = layout.nodes
     args = ["python", "-m", "sglang.launch_server", "--model-path", path, "--trust-remote-code",
-            "--tp", str(G), "--enable-ep-moe", "--ep-num-redundant-experts", str(layout.num_redundant),
-            "--init-expert-location", str(file), "--ep-dispatch-algorithm", "static"]
+            "--tp", str(G), "--ep-size", str(G), "--ep-num-redundant-experts", str(layout.num_redundant),
+            "--init-expert-location", shown_path(file, out, refer_dir), "--ep-dispatch-algorithm", "static"]
     if len(nodes) > 1:
         args += ["--nnodes", str(len(nodes)), "--node-rank", "NODE_RANK", "--dist-init-addr", "HEAD_IP:5000"]
     command = shlex.join(args).replace("NODE_RANK", "$NODE_RANK").replace("HEAD_IP", "$HEAD_IP")
     notes = (f"{G} EP ranks x {layout.slots_per_rank} slots; rank order: {layout.ranks[0]} .. {layout.ranks[-1]}",
-             "newer SGLang versions name the EP flag differently (e.g. --ep-size / --moe-a2a-backend deepep)")
+             "SGLang releases before --ep-size took --enable-ep-moe (EP size = --tp) instead")
     if len(nodes) > 1:
         notes += (f"run once per node with NODE_RANK = 0..{len(nodes) - 1} in the order {', '.join(nodes)}",)
     return EngineExport(engine="sglang", files=(file,), command=command, notes=notes)

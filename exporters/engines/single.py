@@ -82,7 +82,7 @@ def _cluster_reason(plan: Plan, hardware: Hardware) -> str:
 
 def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str, out_dir: str | Path, *,
                    trace: Trace | None = None, model_file: str = "MODEL.gguf",
-                   checkpoint: str = "CHECKPOINT_DIR") -> RenderedEngines:
+                   checkpoint: str = "CHECKPOINT_DIR", refer_dir: str | Path | None = None) -> RenderedEngines:
     """Write the single-node engine configs of ``plan`` under ``out_dir/engines/``.
 
     Args:
@@ -95,6 +95,8 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
             The JSON says whether it matches the plan's workload digest.
         model_file: the GGUF file name the llama.cpp commands produce and serve.
         checkpoint: the HF checkpoint directory the commands read (a placeholder by default).
+        refer_dir: where ``out_dir`` will be when the commands run; default ``None``: the
+            commands name files relative to it (``engines/accelerate_load.py``).
 
     Returns:
         :class:`RenderedEngines`: the files written, the command lines, the skipped engines.
@@ -105,6 +107,7 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
     model, hardware = resolve_inputs(model, hardware)
     check_plan(plan, model, hardware)
     engines = Path(out_dir) / ENGINES_DIR
+    shown = ENGINES_DIR if refer_dir is None else str(Path(refer_dir) / ENGINES_DIR)
     files: list[Path] = []
     commands: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -126,7 +129,7 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
 
     try:
         pricing = Pricing(plan, model, hardware, trace, engine="accelerate")
-        cfg = render_accelerate(plan, model, hardware, pricing, checkpoint=checkpoint)
+        cfg = render_accelerate(plan, model, hardware, pricing, checkpoint=checkpoint, engines_dir=shown)
     except (NotApplicable, InfeasibleError) as exc:
         skipped["accelerate"] = str(exc)
     else:
@@ -137,7 +140,7 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
     for mem in accelerator_memories(plan, hardware):
         name = f"accelerator:{mem}"
         try:
-            data = memory_map(plan, model, hardware, mem)
+            data = memory_map(plan, model, hardware, mem, engines_dir=shown)
         except InfeasibleError as exc:
             skipped[name] = str(exc)
             continue

@@ -2,15 +2,19 @@
 
 Shape legend: L_moe = MoE layers, E = routed experts, R = physical experts, G = EP ranks.
 
-* Upstream vLLM cannot load a static expert map (REFERENCE.md, "Engine formats"): it takes
-  ``--enable-expert-parallel --enable-eplb --eplb-config JSON`` (its own balancer, with the
-  plan's redundant expert count) and an initial ``--expert-placement-strategy`` ``linear``
-  or ``round_robin``. The writer picks the strategy the planner scored better (the plan's
-  ``predicted["linear.max_mean_load"]`` / ``["round-robin.max_mean_load"]``), else linear.
+* Upstream vLLM cannot load a static expert map (REFERENCE.md, "Engine formats"). With
+  redundant experts it needs its own balancer: ``--enable-expert-parallel --enable-eplb
+  --eplb-config JSON`` (the plan's redundant expert count), and then it starts from the
+  ``linear`` placement whatever ``--expert-placement-strategy`` says (vLLM falls back to
+  linear whenever EPLB is on or redundant experts exist), so the writer names ``linear``.
+  Without redundant experts the writer leaves EPLB off and picks the static strategy the
+  planner scored better (the plan's ``predicted["linear.max_mean_load"]`` /
+  ``["round-robin.max_mean_load"]``, else linear), which vLLM then keeps.
 * vLLM-Ascend reads the placement itself from ``expert_map_path`` JSON:
   ``{"moe_layer_count": L_moe, "layer_list": [{"layer_id": l, "device_count": G,
   "device_list": [{"device_id": g, "device_expert": [logical ids]}]}]}`` with ``layer_id``
-  the MoE layer index.
+  the MoE layer index; the path goes under ``--additional-config``'s
+  ``eplb_config.expert_map_path`` (recent versions reject unknown top-level keys).
 
     export = write_vllm(plan, "engines/")
     ascend = write_vllm_ascend(plan, "engines/")
@@ -26,10 +30,10 @@ from typing import Any
 from planner.plan import Plan
 from profiles.errors import InputError
 
-from .sglang import EngineExport, _model_facts, ep_layout, main
+from .sglang import EngineExport, _model_facts, ep_layout, main, shown_path
 
-__all__ = ["EPLB_CONFIG_FILE", "EXPERT_MAP_FILE", "expert_map", "validate_expert_map", "write_vllm",
-           "write_vllm_ascend"]
+__all__ = ["EPLB_CONFIG_FILE", "EXPERT_MAP_FILE", "ascend_additional_config", "expert_map", "validate_expert_map",
+           "write_vllm", "write_vllm_ascend"]
 
 EPLB_CONFIG_FILE = "vllm_eplb_config.json"
 EXPERT_MAP_FILE = "vllm_ascend_expert_map.json"
@@ -47,14 +51,18 @@ def _strategy(plan: Plan) -> str:
 
 
 def write_vllm(plan: Plan, out_dir: str | Path, *, model_path: str | None = None,
-               window_size: int = DEFAULT_WINDOW_SIZE, step_interval: int = DEFAULT_STEP_INTERVAL) -> EngineExport:
-    """Write ``vllm_eplb_config.json`` and return the ``vllm serve`` command.
+               window_size: int = DEFAULT_WINDOW_SIZE, step_interval: int = DEFAULT_STEP_INTERVAL,
+               refer_dir: str | Path | None = None) -> EngineExport:
+    """Write ``vllm_eplb_config.json`` (plans with redundant experts) and return the
+    ``vllm serve`` command.
 
     Args:
         plan: an expert-parallel plan.
         out_dir: directory to write into (created).
         model_path: the model to serve; default: the preset's Hugging Face repository.
         window_size, step_interval: vLLM EPLB's statistics window and rebalance interval, steps.
+        refer_dir: where ``out_dir`` will be when the command runs (unused: the command
+            carries the EPLB config inline); accepted for a uniform writer signature.
     """
     layout = ep_layout(plan)
     _, path = _model_facts(plan, 0, model_path)
@@ -66,28 +74,39 @@ def write_vllm(plan: Plan, out_dir: str | Path, *, model_path: str | None = None
     for key, value in (("window_size", window_size), ("step_interval", step_interval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError("must be a positive integer", key=key, value=value)
-    config = {"window_size": window_size, "step_interval": step_interval,
-              "num_redundant_experts": layout.num_redundant}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / EPLB_CONFIG_FILE
-    file.write_text(json.dumps(config, sort_keys=True) + "\n")
     nodes = layout.nodes
     per_node = G // len(nodes)
-    strategy = _strategy(plan)
-    args = ["vllm", "serve", path, "--trust-remote-code", "--data-parallel-size", str(G),
-            "--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps(config, sort_keys=True),
-            "--expert-placement-strategy", strategy]
+    args = ["vllm", "serve", path, "--trust-remote-code", "--data-parallel-size", str(G), "--enable-expert-parallel"]
+    files: tuple[Path, ...] = ()
+    if layout.num_redundant:
+        # redundant experts need vLLM's EPLB, and with EPLB vLLM always starts from linear
+        config = {"window_size": window_size, "step_interval": step_interval,
+                  "num_redundant_experts": layout.num_redundant}
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        file = out / EPLB_CONFIG_FILE
+        file.write_text(json.dumps(config, sort_keys=True) + "\n")
+        files = (file,)
+        args += ["--enable-eplb", "--eplb-config", json.dumps(config, sort_keys=True),
+                 "--expert-placement-strategy", "linear"]
+        notes = ((f"vLLM starts from its linear placement (it ignores round_robin when EPLB is on or experts are "
+                  f"redundant) and then rebalances with its own EPLB every {step_interval} steps, with the plan's "
+                  f"{layout.num_redundant} redundant experts but not its layout; the plan's exact layout needs "
+                  "SGLang or vLLM-Ascend"),)
+    else:
+        strategy = _strategy(plan)
+        args += ["--expert-placement-strategy", strategy]
+        notes = ((f"vLLM keeps its static {strategy} placement (the better of linear and round_robin by the "
+                  "planner's max/mean load), not the plan's layout, which needs SGLang or vLLM-Ascend; adding "
+                  "--enable-eplb makes vLLM rebalance, starting from linear"),)
     if len(nodes) > 1:
         args += ["--data-parallel-size-local", str(per_node), "--data-parallel-address", "HEAD_IP",
                  "--data-parallel-rpc-port", "13345"]
     command = shlex.join(args).replace("HEAD_IP", "$HEAD_IP")
-    notes = (("upstream vLLM balances with its own EPLB (the plan's redundant count, its own placement); "
-             "the plan's exact layout needs SGLang or vLLM-Ascend"),)
     if len(nodes) > 1:
         notes += ((f"on the other {len(nodes) - 1} node(s) add --headless --data-parallel-start-rank "
                   f"{per_node}*NODE_INDEX"),)
-    return EngineExport(engine="vllm", files=(file,), command=command, notes=notes)
+    return EngineExport(engine="vllm", files=files, command=command, notes=notes)
 
 
 def expert_map(plan: Plan) -> dict[str, Any]:
@@ -135,8 +154,23 @@ def validate_expert_map(doc: dict[str, Any], num_experts: int) -> None:
                              value=sorted(set(range(num_experts)) - seen)[:5])
 
 
-def write_vllm_ascend(plan: Plan, out_dir: str | Path, *, model_path: str | None = None) -> EngineExport:
-    """Write ``vllm_ascend_expert_map.json`` and return the ``vllm serve`` command that loads it."""
+def ascend_additional_config(expert_map_path: str) -> dict[str, Any]:
+    """vLLM-Ascend's ``--additional-config`` that loads an expert map: the path sits under
+    ``eplb_config`` (recent versions reject unknown top-level keys)."""
+    return {"eplb_config": {"expert_map_path": expert_map_path}}
+
+
+def write_vllm_ascend(plan: Plan, out_dir: str | Path, *, model_path: str | None = None,
+                      refer_dir: str | Path | None = None) -> EngineExport:
+    """Write ``vllm_ascend_expert_map.json`` and return the ``vllm serve`` command that loads it.
+
+    Args:
+        plan: an expert-parallel plan.
+        out_dir: directory to write into (created).
+        model_path: the model to serve; default: the preset's Hugging Face repository.
+        refer_dir: where ``out_dir`` will be when the command runs (default: ``out_dir``);
+            the command names the map there.
+    """
     doc = expert_map(plan)
     validate_expert_map(doc, len(plan.layers[0].home))
     _, path = _model_facts(plan, 0, model_path)
@@ -145,8 +179,9 @@ def write_vllm_ascend(plan: Plan, out_dir: str | Path, *, model_path: str | None
     file = out / EXPERT_MAP_FILE
     file.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     G = doc["layer_list"][0]["device_count"]
+    extra = ascend_additional_config(shown_path(file, out, refer_dir))
     args = ["vllm", "serve", path, "--trust-remote-code", "--data-parallel-size", str(G), "--enable-expert-parallel",
-            "--additional-config", json.dumps({"expert_map_path": str(file)})]
+            "--additional-config", json.dumps(extra, sort_keys=True)]
     return EngineExport(engine="vllm-ascend", files=(file,), command=shlex.join(args),
                         notes=("layer_id is the MoE layer index (dense layers are not listed)",))
 
