@@ -10,7 +10,17 @@ numpy, torch, transformers, safetensors, onnx and onnxruntime, never the planner
     rt.metrics.to_json("metrics.json")
 
 ``python run.py --bundle DIR --checkpoint CKPT --prompt "..."`` does the same from the shell.
+
+Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before torch loads: on a
+CPU, torch's OpenMP workers otherwise spin after every op while ONNX Runtime's pools and the
+next op want the same cores (up to 30x slower decode steps on a busy 2-core machine; threads
+that sleep cost a few microseconds to wake). It only takes effect if torch was not imported
+before this package.
 """
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .cache import POLICIES, ExpertCache, register_policy
 from .checkpoint import read_config

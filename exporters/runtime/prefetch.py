@@ -1,4 +1,4 @@
-"""Copies of expert weights to the compute device, now or in the background.
+"""Copies of expert weights to the compute device, on a worker thread (and CUDA stream).
 
 A :class:`Fetcher` runs copy jobs on one worker thread; with CUDA each job copies on its own
 stream (from pinned host memory, ``non_blocking``) and records an event, so a copy overlaps
@@ -26,6 +26,11 @@ class Slot:
         self._future = future
         self._event = None
         self.prefetched = prefetched
+
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`get` returns without waiting for a background copy job."""
+        return self._future is None or self._future.done()
 
     def get(self) -> Any:
         """The weights, once copied (waits for a background copy)."""
@@ -59,10 +64,6 @@ class Fetcher:
         self.cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-fetch") if background else None
-
-    def now(self, load: Callable[[], Any]) -> Slot:
-        """Copy on the caller's stream and thread; the slot is ready."""
-        return Slot(load())
 
     def submit(self, load: Callable[[], Any], prefetched: bool = False) -> Slot:
         """Copy in the background; :meth:`Slot.get` waits for it."""

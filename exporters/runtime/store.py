@@ -193,8 +193,8 @@ class PlannedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         rows = hidden_states.shape[0]
-        self._prefetch_next(hidden_states, rows)
         on_device, on_cpu = self._route(top_k_index.tolist())
+        self._prefetch_next(hidden_states, rows)  # queued after this layer's own copies, as the simulator orders them
         stream = {e: self.home.load(e, self.device, fetch=True) for e in self.spec.experts_at("stream")}
         on_device.update({e: Slot(w) for e, w in stream.items() if e in on_device})
         used = sorted(set(on_device) | on_cpu)
@@ -203,7 +203,10 @@ class PlannedExperts(nn.Module):
             pos, tok = torch.where(top_k_index.T == e)
             where[e] = (tok, pos)
         outputs: dict[int, torch.Tensor] = {}
-        for e in sorted(on_device):  # launched first: on CUDA they overlap the CPU experts
+        # launched first: on CUDA they overlap the CPU experts; the ready ones (resident, hits)
+        # before those still being copied, whose copies overlap them (outputs are summed in
+        # id order below, whatever order they were computed in)
+        for e in sorted(on_device, key=lambda e: (not on_device[e].ready, e)):
             w, x = on_device[e].get(), hidden_states[where[e][0]]
             if w.kernel is not None:
                 y = w.kernel.run({0: x.detach().to(torch.float32).numpy()})[0]
@@ -217,7 +220,10 @@ class PlannedExperts(nn.Module):
         for e in used:
             tok, pos = where[e]
             y = outputs[e] * top_k_weights[tok, pos, None]
-            final.index_add_(0, tok, y.to(final.dtype))
+            # index_put_ rather than index_add_: the same sums (a token meets an expert once),
+            # but index_add_ opens a parallel region even for one row (~50 us to wake torch's
+            # threads on a CPU, milliseconds when other processes hold the cores)
+            final.index_put_((tok,), y.to(final.dtype), accumulate=True)
         self.token_cursor += rows
         return final
 
@@ -278,8 +284,8 @@ class PlannedExperts(nn.Module):
                     # missed again within the step (evicted by a later token): the step's copy
                     # serves it, as in the simulator: one copy per expert and step
                     slot = on_device.get(e) or copies.get(e)
-                    if slot is None:
-                        slot = copies[e] = self.fetcher.now(
+                    if slot is None:  # copied in the background while the ready experts compute
+                        slot = copies[e] = self.fetcher.submit(
                             lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)))
                     on_device[e] = slot
                     if loaded:

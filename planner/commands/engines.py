@@ -1,4 +1,5 @@
-"""`planner engines`: list, show, validate engine profiles (the software that runs a plan)."""
+"""`planner engines`: list, show, validate engine profiles (the software that runs a plan), and
+probe the bundle runtime's own costs on this machine."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import yaml
 from rich.table import Table
 
 from profiles.engines import EngineProfile, bundled_engines, load_engine, overhead_rows
-from profiles.errors import UserError
+from profiles.errors import InputError, UserError
 from profiles.units import format_time
 
 from ..output import get_output
@@ -27,7 +28,7 @@ def engines() -> None:
     device (native, unpack-then-matmul at a rate, unsupported), the CPU kernel family,
     pinned or pageable host memory, and what it can place, cache and prefetch. Every number
     names its source. `planner optimize --engine NAME` plans for one; the default is
-    `bundle`, this project's runtime.
+    `bundle`, this project's runtime, whose costs `planner engines probe` measures here.
     """
 
 
@@ -122,3 +123,90 @@ def validate(files: tuple[str, ...]) -> None:
 def schema() -> None:
     """Print the JSON Schema of an engine profile."""
     click.echo(json.dumps(EngineProfile.model_json_schema(), indent=2))
+
+
+@engines.command("probe")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Write the measured engine profile (YAML) here.")
+@click.option("--dir", "directory", default=".", show_default=True, metavar="DIR",
+              help="Time expert reads from the disk holding this directory (a temporary file is written there "
+                   "and removed).")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="Keep the tiny checkpoints and kernels here (default: a temporary directory).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Time the runtime on this device: cpu fills the profile's cpu section, cuda its gpu section.")
+@click.option("--budget", "budget_s", type=click.FloatRange(1.0, 600.0), default=12.0, show_default=True,
+              help="Seconds of timed forward steps (imports and building the checkpoint come on top).")
+@click.option("--page-cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
+              help="Which disk read fraction the profile gets: cold (experts read from the drive) or warm (free "
+                   "memory keeps the disk tier's files in the page cache). Both are measured and printed.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@click.option("--tiny", is_flag=True, hidden=True, help="For tests: a few steps of a smaller grid, rough figures.")
+@common_options
+def probe(out: str, directory: str, work: str | None, device: str, budget_s: float, page_cache: str, force: bool,
+          tiny: bool) -> None:
+    """Measure the bundle runtime's framework costs here and write them as an engine profile.
+
+    Runs the runtime on tiny random checkpoints (built from a config: nothing is
+    downloaded; compute is negligible) while varying the layers and the expert calls of a
+    step, fits the cost per decode step, per prefill step, per layer and per expert call by
+    least squares, and times a cache miss (an expert memory-mapped from the disk holding
+    --dir and made ready to compute), with its pages cached or not, against a sequential
+    read of that disk. The output is the bundled `bundle` profile with these numbers, each
+    with its source. Takes about half a minute on 2 idle cores; other processes inflate
+    every figure.
+
+    \b
+    Examples:
+      planner engines probe --out my-bundle.yaml
+      planner optimize --engine my-bundle.yaml --hardware my-machine.yaml -m olmoe-1b-7b
+    """
+    import tempfile
+    from pathlib import Path
+
+    from profiles.engines import ENGINES_DIR
+    from profiles.probe import check_directory, check_output
+
+    check_output(out, force)  # fail before half a minute of measuring, not after
+    disk_dir = check_directory(directory)
+    try:
+        import exporters.runtime  # noqa: F401  (first: it makes torch's OpenMP threads sleep, as in a bundle)
+        import torch
+        from exporters.engine_probe import PROMPT, TINY, ProbeSettings, engine_profile_doc, probe_engine
+    except ImportError as exc:
+        raise InputError(f"probing the runtime needs the runtime extra ({exc.name} is missing)",
+                         fix="pip install torch==2.13.0 && pip install 'moe-planner[runtime]'") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("torch sees no CUDA device", key="--device", value=device, fix="probe with --device cpu")
+    output = get_output()
+    with tempfile.TemporaryDirectory(prefix="engine-probe-") as tmp:
+        settings = TINY if tiny else ProbeSettings(budget_s=budget_s)
+        result = probe_engine(work or tmp, settings, device=device, disk_dir=disk_dir,
+                              progress=lambda line: output.log.print(f"probe: {line}", highlight=False))
+    base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text(encoding="utf-8"))
+    doc = engine_profile_doc(result, base, page_cache)
+    target = Path(out)
+    target.write_text(f"# planner engines probe: the bundle runtime measured on this machine in {result.elapsed_s:.0f} s\n"
+                      + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    engine = load_engine(target)  # what was written loads
+    data = {"file": str(target), "name": engine.name, "elapsed_s": result.elapsed_s, "launch_s": result.launch_s,
+            "fit": result.fit, "disk_read_fraction": {k: m.value for k, m in result.disk_reads.items()},
+            "overheads": [{"where": k, "what": w, "seconds": s, "source": src} for k, w, s, src in overhead_rows(engine)]}
+
+    def render(console):
+        table = Table(title=f"bundle runtime on this machine ({result.elapsed_s:.0f} s)")
+        for col in ("where", "what", "time", "source"):
+            table.add_column(col, overflow="fold")
+        for kind, what, seconds, source in overhead_rows(engine):
+            table.add_row(kind, what, format_time(seconds), source)
+        for state, m in result.disk_reads.items():
+            mark = " (in the profile)" if state == page_cache else ""
+            table.add_row("disk", f"read fraction, {state}{mark}", f"{m.value:.2f}", m.method)
+        console.print(table)
+        fit = result.fit
+        note = "" if fit["prefill_layer"] is None else (
+            f"; a prefill layer costs {format_time(fit['prefill_layer'])} ({len(PROMPT)} tokens), a decode layer "
+            f"{format_time(fit['layer'])}: the profile has one per-layer cost")
+        console.print(f"fit: decode residuals {fit['rms_rel']:.1%} rms of the mean step{note}; wrote {target}",
+                      highlight=False)
+    output.emit(data, render)

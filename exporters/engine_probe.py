@@ -1,0 +1,445 @@
+"""Measure the bundle runtime's framework costs on this machine (``planner engines probe``).
+
+Legend: L = hidden layers (every one MoE), E = routed experts, K = top-k, N = expert calls
+of a forward step (distinct experts per layer, summed over layers), P = prompt tokens.
+
+The bundle runtime's engine profile (``profiles/engines/bundle.yaml``) prices what its
+Python and framework layers add to the roofline (:mod:`profiles.perf`): a cost per forward
+step, per hidden layer and per expert call, and the share of a drive's read rate that its
+memory-mapped expert reads reach. This module measures them with the runtime itself, on
+tiny random Mixtral checkpoints built from a config (no download, H = I = 64: every matmul
+reads a few KiB, so compute is negligible), under hand-written plans:
+
+1. decode steps for L in (1, 2, 4) x K in (1, 2, 4), every expert either resident or in a
+   cache that holds them all (after a warm-up every access hits), timed by the runtime's
+   own clock (``metrics.tpot_s``); the median step of each of the 18 configurations, fitted
+   by least squares (numpy) as ``t = step + L * layer + N * call``, gives the three costs;
+2. prefill steps of P = 16 tokens on the same models: the prefill step cost is the median
+   of ``t - L * layer - N * call``, N counted from the routers' choices;
+3. the kernel call the hardware profile already prices (``launch_overhead_s``: one ONNX
+   Runtime call of a tiny expert, fastest of many, as ``planner profiles probe`` times it;
+   one torch matmul on CUDA) is taken off: a layer launches two kernels, an expert call one,
+   a step one (:func:`profiles.perf.dense_step_s`);
+4. disk: experts of a realistic size (3 MiB) in a safetensors file, read the way a cache
+   miss reads them (memory-mapped ``get_tensor``, then made ready to compute: on a CPU a
+   pre-packed ONNX Runtime session) with their pages dropped from the page cache
+   (``posix_fadvise(DONTNEED)``) or cached, vs a sequential read of the file past the page
+   cache; the ratio of the rates is the ``disk_read_fraction`` (cold by default).
+
+The configurations stay loaded and are timed in rounds, one generation of each per round,
+the number of rounds sized from the first within a budget (:class:`ProbeSettings`): on 2
+CPU cores the probe takes 25-30 s (12 s of rounds, ~8 s of imports and tiny checkpoints, the
+rest loading, launch and disk). Medians make a step that another process delayed harmless,
+but a machine busy throughout inflates every figure: probe an idle machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profiles.probe import Figure
+
+__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "StepSample", "fit_step_costs", "probe_engine",
+           "engine_profile_doc"]
+
+EXPERTS = 8
+SIZE = {"hidden_size": 64, "intermediate_size": 64}
+PROMPT = list(range(3, 19))  # P = 16 token ids of the checkpoint's vocabulary
+TERMS = ("step", "layer", "call")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What the probe times and for how long.
+
+    Attributes:
+        budget_s: seconds of timed generation, all configurations together.
+        layers, top_k: the grid of hidden layers x top-k; every point runs twice (experts
+            resident, experts cached).
+        steps_per_round: decode steps of each configuration's generation in one round (one
+            prefill each, too).
+        min_rounds, max_rounds: rounds over every configuration (sized from the first).
+        disk_hidden: H = I of the disk test's experts (1024: 3 MiB at int8).
+        disk_experts: experts in the disk test's file (each read once cold, once warm).
+    """
+
+    budget_s: float = 12.0
+    layers: tuple[int, ...] = (1, 2, 4)
+    top_k: tuple[int, ...] = (1, 2, 4)
+    steps_per_round: int = 4
+    min_rounds: int = 3
+    max_rounds: int = 40
+    disk_hidden: int = 1024
+    disk_experts: int = 8
+
+
+TINY = ProbeSettings(budget_s=0.0, layers=(1, 2), top_k=(1, 2), steps_per_round=2, min_rounds=2, max_rounds=2,
+                     disk_hidden=256, disk_experts=2)  # tests: counts, not timings
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One timed forward step: its seconds, layers, expert calls and phase."""
+
+    seconds: float
+    layers: int
+    calls: int
+    phase: str = "decode"
+    config: str = ""
+
+
+@dataclass(frozen=True)
+class EngineProbeResult:
+    """What ``planner engines probe`` measured; :func:`engine_profile_doc` writes it as a profile."""
+
+    device_kind: str  # cpu | gpu
+    layer_overhead_s: Figure
+    expert_call_overhead_s: Figure
+    decode_step_s: Figure
+    prefill_step_s: Figure
+    disk_reads: dict[str, Figure]  # "cold" / "warm" -> the fraction of the drive's rate a miss reaches
+    launch_s: float
+    fit: dict[str, Any] = field(default_factory=dict)  # raw coefficients, residuals, samples
+    elapsed_s: float = 0.0
+
+
+def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
+    """Least squares of decode step times on layers and expert calls.
+
+    ``t = step + L * layer + N * call`` over the decode samples; the prefill step cost is
+    the median of ``t - L * layer - N * call`` over the prefill samples (None without any).
+    ``prefill_layer`` is the per-layer slope of the prefill samples alone (None unless they
+    have two depths): a prefill layer may cost more than a decode layer, which the profile,
+    with one per-layer cost, cannot say (the median above takes the probe's middle depth).
+
+    Returns:
+        ``{"step": s, "layer": s, "call": s, "prefill_step": s | None, "prefill_layer":
+        s | None, "rms_rel": r, "samples": n}``; ``rms_rel`` is the root mean square of the
+        decode residuals over the mean decode step time.
+
+    Raises:
+        ValueError: fewer than 3 decode samples, or layers and calls that do not vary
+            independently (the design matrix is singular).
+    """
+    decode = [s for s in samples if s.phase == "decode"]
+    a = np.array([[1.0, s.layers, s.calls] for s in decode])  # [S, 3]
+    t = np.array([s.seconds for s in decode])  # [S]
+    if len(decode) < 3 or np.linalg.matrix_rank(a) < 3:
+        raise ValueError("the decode samples must vary layers and expert calls independently")
+    coef, *_ = np.linalg.lstsq(a, t, rcond=None)
+    residual = t - a @ coef
+    out: dict[str, Any] = dict(zip(TERMS, (float(c) for c in coef)))
+    prefill = [s for s in samples if s.phase == "prefill"]
+    left = np.array([s.seconds - s.calls * out["call"] for s in prefill])  # [S]
+    out["prefill_step"] = float(np.median(left - out["layer"] * np.array([s.layers for s in prefill]))) \
+        if prefill else None
+    depths = np.array([[1.0, s.layers] for s in prefill])  # [S, 2]
+    out["prefill_layer"] = float(np.linalg.lstsq(depths, left, rcond=None)[0][1]) \
+        if len({s.layers for s in prefill}) > 1 else None
+    out["rms_rel"] = float(np.sqrt(np.mean(residual**2)) / np.mean(t))
+    out["samples"] = len(samples)
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *, device: str = "cpu",
+                 fmt: str = "int8", disk_dir: str | Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> EngineProbeResult:
+    """Time the bundle runtime on tiny checkpoints under ``work`` and fit its costs.
+
+    Args:
+        work: a directory for the checkpoints and kernels (kept; reused when probed again).
+        settings: what to time and for how long (:class:`ProbeSettings`).
+        device: ``cpu``, or ``cuda`` (the profile's gpu section) where torch has CUDA.
+        fmt: the experts' and dense weights' format, int8 or int4 (its kernel path is timed).
+        disk_dir: where the disk test's file goes (default ``work``): on the drive experts live on.
+        progress: called with a line before each stage.
+    """
+    say = progress or (lambda line: None)
+    t0 = time.perf_counter()
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    say("building a tiny random checkpoint and its kernels")
+    ckpt, kernels = _tiny_checkpoint(work, fmt, max(settings.layers))
+    configs = [(L, K, site) for L in settings.layers for K in settings.top_k for site in ("resident", "fetch")]
+    say(f"timing {len(configs)} configurations in rounds")
+    steps = _time_grid(work, ckpt, kernels, configs, fmt, device, settings)
+    # one sample per configuration and phase, its median step: robust to a step another process delayed
+    medians = [StepSample(float(np.median([s.seconds for s in group])), group[0].layers,
+                          int(np.median([s.calls for s in group])), group[0].phase, group[0].config)
+               for group in _groups(steps)]
+    fit = fit_step_costs(medians)
+    launch_s = _launch_s(kernels, fmt, device)
+    say("reading experts from disk: memory-mapped vs sequential")
+    stamp = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
+
+    def src(how: str) -> str:
+        return f"probe ({how}; {stamp})"
+
+    reads = _expert_reads(Path(disk_dir or work), settings, fmt, device, src)
+    what = (f"median of {len(steps)} decode and prefill steps in {len(configs)} runs of tiny random Mixtral "
+            f"checkpoints (H=I=64, {EXPERTS} experts, {fmt}, resident or cached) at layers {list(settings.layers)} "
+            f"x top-k {list(settings.top_k)}")
+    kernel = "one torch matmul" if device.startswith("cuda") else "one ONNX Runtime expert call"
+    less = f"less the kernel call the hardware profile prices ({launch_s * 1e6:.0f} us: {kernel})"
+    return EngineProbeResult(
+        device_kind="gpu" if device.startswith("cuda") else "cpu",
+        layer_overhead_s=Figure(max(fit["layer"] - 2 * launch_s, 0.0),
+                                src(f"least squares per layer over the {what}, {less} x2")),
+        expert_call_overhead_s=Figure(max(fit["call"] - launch_s, 0.0),
+                                      src(f"least squares per expert call over the {what}, {less}")),
+        decode_step_s=Figure(max(fit["step"] - launch_s, 0.0),
+                             src(f"least squares per decode step over the {what}, {less}")),
+        prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
+                              src(f"median prefill step of {len(PROMPT)} tokens less its layers and expert calls at "
+                                  f"the fitted costs, {less}; same runs")),
+        disk_reads=reads, launch_s=launch_s,
+        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians]},
+        elapsed_s=time.perf_counter() - t0)
+
+
+def _groups(steps: list[StepSample]) -> list[list[StepSample]]:
+    by: dict[tuple[str, str], list[StepSample]] = {}
+    for s in steps:
+        by.setdefault((s.config, s.phase), []).append(s)
+    return list(by.values())
+
+
+def _tiny_checkpoint(work: Path, fmt: str, layers: int) -> tuple[Path, Path]:
+    """A random Mixtral checkpoint of ``layers`` layers and its kernels (every expert ``fmt``)."""
+    import transformers
+
+    from exporters.checkpoints import make_random_checkpoint
+    from exporters.runtime import build_kernels
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    ckpt = work / f"tiny-ckpt-L{layers}"
+    if not (ckpt / "config.json").exists():
+        make_random_checkpoint("mixtral", ckpt, vocab_size=64, num_hidden_layers=layers, num_local_experts=EXPERTS,
+                               num_experts_per_tok=1, max_position_embeddings=1024, **SIZE)
+    kernels = work / f"tiny-kernels-L{layers}-{fmt}"
+    if not (kernels / "manifest.json").exists():
+        build_kernels(_plan(layers, "resident", fmt, "cpu"), ckpt, kernels)
+    return ckpt, kernels
+
+
+def _plan(layers: int, site: str, fmt: str, device: str) -> dict[str, Any]:
+    """Every expert of ``layers`` MoE layers at ``site``: resident, or fetched from disk into
+    a cache that holds all E of them."""
+    compute = "node/gpu0" if device.startswith("cuda") else "node/cpu0"
+    home = compute if site == "resident" else "node/disk0"
+    slots = EXPERTS if site == "fetch" else 0
+    return {"format_version": 1, "compute_device": compute, "host_device": "node/cpu0", "prefetch": "none",
+            "eviction": "lru", "dense_format": fmt,
+            "layers": [{"moe_layer": i, "hidden_layer": i, "home": [home] * EXPERTS, "format": [fmt] * EXPERTS,
+                        "site": [site] * EXPERTS, "cache_slots": slots, "cache_device": compute if slots else None}
+                       for i in range(layers)]}
+
+
+def _variant(work: Path, ckpt: Path, layers: int, top_k: int) -> Path:
+    """The checkpoint with its config cut to ``layers`` layers and top-k ``top_k`` (the
+    weights of the layers left out are never read: the plan and the model stop before them)."""
+    out = work / f"{ckpt.name}-as-L{layers}-K{top_k}"
+    if not (out / "config.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        config = json.loads((ckpt / "config.json").read_text())
+        config.update(num_hidden_layers=layers, num_experts_per_tok=top_k)
+        for path in ckpt.glob("*.safetensors"):
+            shutil.copyfile(path, out / path.name)
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _time_grid(work: Path, ckpt: Path, kernels: Path, configs: list[tuple[int, int, str]], fmt: str, device: str,
+               settings: ProbeSettings) -> list[StepSample]:
+    """Decode and prefill steps of every configuration, timed by the runtime's own metrics.
+
+    Every configuration stays loaded and each round generates once with each of them, so a
+    stretch of time when another process took the cores slows all configurations alike
+    instead of skewing one of them; the first round sizes the number of rounds.
+    """
+    from exporters.runtime import load_planned_model
+
+    with ExitStack() as stack:
+        runs = []
+        for layers, top_k, site in configs:
+            rt = stack.enter_context(load_planned_model(_plan(layers, site, fmt, device),
+                                                        _variant(work, ckpt, layers, top_k), kernels_dir=kernels,
+                                                        device=device))
+            distinct: list[int] = []  # per MoE layer call: experts used
+            for store in rt.stores:
+                store.register_forward_pre_hook(
+                    lambda mod, args, d=distinct: d.append(len(set(args[1].reshape(-1).tolist()))))
+            rt.generate(PROMPT, 4)  # warm-up: kernels chosen, caches filled, first-call costs paid
+            runs.append((f"L{layers}-K{top_k}-{site}", layers, top_k, rt, distinct))
+        out: list[StepSample] = []
+        rounds, r = settings.min_rounds, 0
+        while r < rounds:
+            start = time.perf_counter()
+            for name, layers, top_k, rt, distinct in runs:
+                rt.metrics.reset()
+                distinct.clear()
+                rt.generate(PROMPT, settings.steps_per_round + 1)
+                out += [StepSample(s, layers, layers * top_k, "decode", name) for s in rt.metrics.tpot_s]
+                out.append(StepSample(rt.metrics.ttft_s[0], layers, sum(distinct[:layers]), "prefill", name))
+            if r == 0:  # the first round sizes the rest
+                round_s = time.perf_counter() - start
+                rounds = int(min(settings.max_rounds, max(settings.min_rounds, settings.budget_s / round_s)))
+            r += 1
+    return out
+
+
+def _launch_s(kernels: Path, fmt: str, device: str, calls: int = 200) -> float:
+    """The fastest single kernel call: one expert's ONNX Runtime session (CPU), one matmul (CUDA)."""
+    import torch
+
+    if device.startswith("cuda"):
+        x = torch.zeros(1, SIZE["hidden_size"], device=device)
+        w = torch.zeros(SIZE["intermediate_size"], SIZE["hidden_size"], device=device)
+        return _fastest(lambda: (x @ w.T, torch.cuda.synchronize()), calls)
+    from exporters.runtime.kernels import CpuLayerKernel, Kernels, default_threads
+    from exporters.runtime.planfile import parse_plan
+
+    ks = Kernels(kernels, parse_plan(_plan(1, "resident", fmt, device)))
+    kernel = CpuLayerKernel(ks.templates, {0: (fmt, {n: t.numpy() for n, t in ks.quantised(0, 0, fmt).items()})},
+                            threads=default_threads())
+    x = {0: np.zeros((1, SIZE["hidden_size"]), np.float32)}
+    return _fastest(lambda: kernel.run(x), calls)
+
+
+def _fastest(fn: Callable[[], object], calls: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _expert_reads(directory: Path, settings: ProbeSettings, fmt: str, device: str, src: Callable[[str], str]
+                  ) -> dict[str, Figure]:
+    """The runtime's read of one expert on a miss vs a sequential read of the drive: ``cold``
+    (the expert's pages dropped from the page cache first) and ``warm`` (read again).
+
+    A miss reads the expert from its memory-mapped file (``safe_open(...).get_tensor``, as
+    ``Kernels.quantised`` does) and makes it ready to compute: on a CPU a quantised expert
+    becomes a pre-packed ONNX Runtime session (``PlannedExperts._ready``), on CUDA the
+    tensors are copied to the device. The sequential read is of the whole file in 8 MiB
+    pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
+    fraction applies to its figure). ``{}`` where the page cache cannot be dropped.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, weight_inputs
+    from exporters.runtime.quant import quantize_matrix
+    from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
+
+    if not hasattr(os, "posix_fadvise"):
+        return {}
+    h = i = settings.disk_hidden
+    rng = np.random.default_rng(0)  # random weights: a compressing filesystem would read zeros faster
+    one = {**quantize_matrix(rng.standard_normal((2 * i, h), dtype=np.float32), fmt, "gate_up"),
+           **quantize_matrix(rng.standard_normal((h, i), dtype=np.float32), fmt, "down")}
+    path = directory / ".engine-probe-experts.safetensors"
+    save_file({f"{e}.{k}": a.copy() for e in range(settings.disk_experts) for k, a in one.items()}, str(path))
+    cpu = not device.startswith("cuda")
+    templates = {fmt: expert_template(fmt, h, i)} if cpu else {}
+
+    def miss(e: int) -> None:
+        handle = safe_open(str(path), framework="pt")  # a fresh mapping: a mapped page is never dropped
+        tensors = {k: handle.get_tensor(f"{e}.{k}") for k in weight_inputs(fmt)}
+        if cpu:
+            CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})}, threads=default_threads())
+        else:
+            for t in tensors.values():
+                t.to(device)
+            torch.cuda.synchronize()
+
+    try:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        size = path.stat().st_size
+        seq_s, how_seq = min(_read_uncached(str(path), size, 8 << 20) for _ in range(2))
+        cold = [_timed(path, lambda e=e: miss(e), drop=True) for e in range(settings.disk_experts)]
+        warm = [_timed(path, lambda e=e: miss(e), drop=False) for e in range(settings.disk_experts)]
+    finally:
+        path.unlink(missing_ok=True)
+    expert_bytes, seq_rate = size / settings.disk_experts, size / seq_s
+    ready = "read and built into a pre-packed ONNX Runtime session" if cpu else "read and copied to the GPU"
+    out = {}
+    for state, times, how in (("cold", cold, "its pages dropped from the page cache first"),
+                              ("warm", warm, "its pages in the page cache")):
+        rate = expert_bytes / float(np.median(times))
+        out[state] = Figure(min(1.0, rate / seq_rate), src(
+            f"one {expert_bytes / 2**20:.1f} MiB {fmt} expert memory-mapped, {ready} as on a miss, {how}: "
+            f"{rate / 1e9:.2f} GB/s (median of {len(times)}), vs a sequential read of the {size / 2**20:.0f} MiB "
+            f"file in 8 MiB pieces, {how_seq}: {seq_rate / 1e9:.2f} GB/s; in {directory}"))
+    return out
+
+
+def _timed(path: Path, fn: Callable[[], object], *, drop: bool) -> float:
+    """Seconds of ``fn()``, with ``path`` dropped from the page cache first when ``drop``."""
+    if drop:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.node() or 'this machine'}, {platform.processor() or platform.machine()}, {cores} cores"
+
+
+# --------------------------------------------------------------------------- the profile
+
+
+def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cache: str = "cold") -> dict[str, Any]:
+    """``base`` (an engine profile document: the bundled bundle.yaml) with the measured numbers.
+
+    ``page_cache`` picks the disk read fraction: ``cold`` for experts read from the drive
+    (a disk tier larger than the memory the OS can cache it in: the usual reason to have
+    one), ``warm`` where free memory keeps the disk tier's files in the page cache.
+    """
+    doc = json.loads(json.dumps(base))  # a deep copy of plain data
+    kind = doc.setdefault(result.device_kind, {})
+    for name in ("layer_overhead_s", "expert_call_overhead_s"):
+        m = getattr(result, name)
+        kind[name] = {"value": _seconds(m.value), "source": m.method}
+    doc["step_overhead_s"] = {"decode": {"value": _seconds(result.decode_step_s.value),
+                                         "source": result.decode_step_s.method},
+                              "prefill": {"value": _seconds(result.prefill_step_s.value),
+                                          "source": result.prefill_step_s.method}}
+    if page_cache in result.disk_reads:
+        m = result.disk_reads[page_cache]
+        doc["disk_read_fraction"] = {"value": round(m.value, 3), "source": m.method}
+    sources = [s for s in doc.get("sources", []) if not str(s).startswith("probe")]
+    doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {_machine()}, "
+                                f"{result.elapsed_s:.0f} s)"]
+    return doc
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e6:.1f}us" if value < 1e-3 else f"{value * 1e3:.3f}ms"

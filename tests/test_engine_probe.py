@@ -1,0 +1,132 @@
+"""`planner engines probe` (exporters/engine_probe.py, issue 14): the least-squares fit of
+per-step, per-layer and per-expert-call costs recovers known costs from synthetic timings;
+the profile it writes loads as an engine; one tiny real run counts its work (no wall-clock
+assertions: the timings depend on the machine and its load).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from exporters.engine_probe import TINY, EngineProbeResult, StepSample, engine_profile_doc, fit_step_costs
+from profiles.engines import ENGINES_DIR, load_engine
+from profiles.probe import Figure
+
+# known costs (seconds) the synthetic timings are made of
+STEP, LAYER, CALL, PREFILL = 1.5e-3, 0.4e-3, 0.12e-3, 3.0e-3
+
+
+def synthetic(noise: float, seed: int = 0) -> list[StepSample]:
+    """Decode steps at layers x top-k (N = L * K calls) and prefills (N = L * 6 distinct
+    experts of 16 tokens), each time multiplied by 1 + uniform(-noise, noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for layers in (1, 2, 4):
+        for k in (1, 2, 4):
+            calls = layers * k
+            t = STEP + layers * LAYER + calls * CALL
+            out += [StepSample(t * (1 + rng.uniform(-noise, noise)), layers, calls) for _ in range(5)]
+        calls = layers * 6
+        out.append(StepSample((PREFILL + layers * LAYER + calls * CALL) * (1 + rng.uniform(-noise, noise)), layers,
+                              calls, "prefill"))
+    return out
+
+
+def test_fit_recovers_known_costs_exactly_without_noise():
+    fit = fit_step_costs(synthetic(0.0))
+    assert fit["step"] == pytest.approx(STEP, rel=1e-9)
+    assert fit["layer"] == pytest.approx(LAYER, rel=1e-9)
+    assert fit["call"] == pytest.approx(CALL, rel=1e-9)
+    assert fit["prefill_step"] == pytest.approx(PREFILL, rel=1e-9)
+    assert fit["prefill_layer"] == pytest.approx(LAYER, rel=1e-9)  # here a prefill layer costs a decode layer
+    assert fit["rms_rel"] == pytest.approx(0.0, abs=1e-12)
+    assert fit["samples"] == 3 * 3 * 5 + 3
+
+
+def test_fit_recovers_known_costs_within_tolerance_with_noise():
+    fit = fit_step_costs(synthetic(0.03, seed=1))
+    assert fit["layer"] == pytest.approx(LAYER, rel=0.10)
+    assert fit["call"] == pytest.approx(CALL, rel=0.10)
+    assert fit["step"] == pytest.approx(STEP, rel=0.10)
+    assert fit["prefill_step"] == pytest.approx(PREFILL, rel=0.10)
+    assert 0 < fit["rms_rel"] < 0.03
+
+
+def test_fit_refuses_layers_and_calls_that_move_together():
+    steps = [StepSample(1e-3 * layers, layers, 2 * layers) for layers in (1, 2, 4)]  # calls = 2 x layers
+    with pytest.raises(ValueError, match="independently"):
+        fit_step_costs(steps)
+
+
+def result(device_kind: str = "cpu") -> EngineProbeResult:
+    def m(value: float, what: str) -> Figure:
+        return Figure(value, f"probe ({what}, 2026-12-06, test machine)")
+
+    return EngineProbeResult(device_kind=device_kind, layer_overhead_s=m(0.9e-3, "per layer"),
+                             expert_call_overhead_s=m(75e-6, "per call"), decode_step_s=m(2.2e-3, "decode"),
+                             prefill_step_s=m(4.5e-3, "prefill"),
+                             disk_reads={"cold": m(0.21, "cold miss vs sequential"), "warm": m(0.42, "warm")},
+                             launch_s=20e-6, elapsed_s=30.0)
+
+
+def test_written_profile_loads_with_the_measured_numbers(tmp_path):
+    base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text())
+    path = tmp_path / "probed.yaml"
+    path.write_text(yaml.safe_dump(engine_profile_doc(result(), base), sort_keys=False))
+    engine = load_engine(path)
+    p, bundled = engine.profile, load_engine("bundle").profile
+    assert p.name == "bundle"
+    assert p.cpu.layer_overhead_s.value == pytest.approx(0.9e-3)
+    assert p.cpu.expert_call_overhead_s.value == pytest.approx(75e-6)
+    assert p.step_overhead_s.decode.value == pytest.approx(2.2e-3)
+    assert p.step_overhead_s.prefill.value == pytest.approx(4.5e-3)
+    assert p.disk_read_fraction.value == pytest.approx(0.21)  # cold unless asked
+    for sourced in (p.cpu.layer_overhead_s, p.cpu.expert_call_overhead_s, p.step_overhead_s.decode,
+                    p.step_overhead_s.prefill, p.disk_read_fraction):
+        assert sourced.source.startswith("probe (")
+    assert p.gpu == bundled.gpu  # what was not probed stays as bundled
+    assert p.cpu.kernels == bundled.cpu.kernels and p.sites == bundled.sites
+
+
+def test_warm_page_cache_picks_the_warm_read_fraction():
+    base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text())
+    assert engine_profile_doc(result(), base, "warm")["disk_read_fraction"]["value"] == pytest.approx(0.42)
+
+
+def test_a_gpu_probe_fills_the_gpu_section_only(tmp_path):
+    base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text())
+    doc = engine_profile_doc(result("gpu"), base)
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    p, bundled = load_engine(path).profile, load_engine("bundle").profile
+    assert p.gpu.layer_overhead_s.value == pytest.approx(0.9e-3)
+    assert p.cpu.layer_overhead_s == bundled.cpu.layer_overhead_s
+
+
+def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
+    """The runtime really runs: every configuration of the tiny grid is timed, the steps
+    counted as set, and the profile written loads; no timing is asserted."""
+    pytest.importorskip("torch", reason="needs the [runtime] extra")
+    pytest.importorskip("onnxruntime", reason="needs the [runtime] extra")
+    out = tmp_path / "engine.yaml"
+    res = run_cli("engines", "probe", "--tiny", "--out", out, "--dir", tmp_path, "--work", tmp_path / "w", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    configs = len(TINY.layers) * len(TINY.top_k) * 2  # x (resident, cached)
+    assert data["fit"]["timed_steps"] == configs * TINY.max_rounds * (TINY.steps_per_round + 1)
+    assert data["fit"]["samples"] == configs * 2  # one median per configuration and phase
+    decode = [c for c in data["fit"]["configs"] if c["phase"] == "decode"]
+    assert sorted((c["layers"], c["calls"]) for c in decode) == sorted(
+        (L, L * K) for L in TINY.layers for K in TINY.top_k for _ in range(2))
+    assert all(c["seconds"] > 0 for c in data["fit"]["configs"])
+    engine = load_engine(out)
+    assert engine.profile.cpu.layer_overhead_s.source.startswith("probe (")
+    assert {row["what"] for row in data["overheads"]} >= {"layer_overhead_s", "expert_call_overhead_s", "decode"}
+    assert not list(Path(tmp_path).glob(".engine-probe-*"))  # the disk test's file is removed
+    res = run_cli("engines", "probe", "--tiny", "--out", out)
+    assert res.exit_code == 1 and "--force" in res.output  # no silent overwrite, before any measuring
