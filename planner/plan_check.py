@@ -58,10 +58,12 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
         return InputError(message, file=file, key=key, value=value, expected=expected, fix=fix)
 
     # 1. layers: one per MoE layer of the model, numbered 0..L-1, at the model's hidden layers
-    L = model.num_moe_layers
-    if len(plan.layers) != L:
-        raise bad("the plan and the model disagree on the number of MoE layers", "layers", len(plan.layers),
-                  f"{L} layers ({model.name})")
+    L, E = model.num_moe_layers, model.num_experts
+    if len(plan.layers) != L or any(len(lp.home) != E for lp in plan.layers):
+        experts = sorted({len(lp.home) for lp in plan.layers}) or [0]
+        raise bad("the plan does not match the model", "layers",
+                  f"{len(plan.layers)} MoE layers x {'/'.join(map(str, experts))} experts", f"{L} x {E} ({model.name})",
+                  fix="use the model (or checkpoint) the plan was made for, or re-plan for this one")
     for i, (lp, hidden) in enumerate(zip(plan.layers, model.moe_layer_indices)):
         if lp.moe_layer != i:
             what = "duplicate" if sum(x.moe_layer == lp.moe_layer for x in plan.layers) > 1 else "out-of-order"
@@ -70,9 +72,6 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
         if lp.hidden_layer != hidden:
             raise bad("the layer is not one of the model's MoE layers", f"layers[{i}].hidden_layer", lp.hidden_layer,
                       f"hidden layer {hidden} ({model.name})")
-        if len(lp.home) != model.num_experts:
-            raise bad("the plan and the model disagree on the number of experts", f"layers[{i}].home", len(lp.home),
-                      f"{model.num_experts} experts ({model.name})")
 
     # 2. devices and memories exist, and are of the right kind
     devices = hardware.devices

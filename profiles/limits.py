@@ -40,7 +40,7 @@ MAX_TOP_K = 256  # experts per token
 MAX_MODEL_DIM = 1 << 24  # hidden, intermediate, vocab, heads, ranks: any other width
 
 # routing traces: bytes of the arrays once unpacked, and expert ids (tokens x layers x top-k)
-MAX_TRACE_ARRAY_BYTES = 512 << 20
+MAX_TRACE_ARRAY_BYTES = 320 << 20  # 64M expert ids as uint16 plus their gate weights as float16
 MAX_TRACE_ENTRIES = 64 << 20
 
 # command-line and grid values

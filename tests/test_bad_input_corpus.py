@@ -272,11 +272,8 @@ def _meta(**changes) -> np.ndarray:
 
 def _declared_bomb(path: Path, shape: tuple[int, ...], dtype: str = "|u1") -> str:
     """An .npz whose expert_ids header declares ``shape``, with almost no data behind it."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
-    buf = io.BytesIO()
-    buf.write(b"\x93NUMPY\x01\x00")
-    buf.write(header.getvalue()[8:] if header.getvalue().startswith(b"\x93NUMPY") else header.getvalue())
+    buf = io.BytesIO()  # the .npy magic and header, then 1 KB where gigabytes are declared
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
     buf.write(b"\x00" * 1024)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("expert_ids.npy", buf.getvalue())
@@ -288,16 +285,15 @@ def _declared_bomb(path: Path, shape: tuple[int, ...], dtype: str = "|u1") -> st
 
 
 def _real_bomb(path: Path) -> str:
-    """A real zip bomb: ~600 MB of zeros deflated to ~0.6 MB, written in chunks."""
+    """A real zip bomb: 330 MB of zeros deflated to ~0.3 MB, written in chunks."""
     header = io.BytesIO()
-    n = 600 << 20
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (n // 12, 2, 6)})
-    chunk = bytes(1 << 22)
+    tokens = (330 << 20) // 12
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (tokens, 2, 6)})
+    chunk = bytes(12 << 20)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         with zf.open("expert_ids.npy", "w", force_zip64=True) as fh:
-            fh.write(b"\x93NUMPY\x01\x00" + header.getvalue()[8:] if header.getvalue().startswith(b"\x93NUMPY")
-                     else header.getvalue())
-            for _ in range((n // 12 * 12) // len(chunk)):
+            fh.write(header.getvalue())
+            for _ in range(tokens * 12 // len(chunk)):
                 fh.write(chunk)
     return str(path)
 
@@ -339,7 +335,7 @@ TRACE_FILES: dict[str, Callable[[Path], str]] = {
     "declared_bomb_huge_shape": lambda p: _declared_bomb(p, (10**15, 60, 8)),
     "declared_bomb_object": lambda p: _declared_bomb(p, (4, 2, 2), "|O"),
     "entries_over_limit": lambda p: _declared_bomb(p, (40 << 20, 1, 2)),
-    "zip_bomb_600MB": _real_bomb,
+    "zip_bomb_330MB": _real_bomb,
     "not_a_zip": lambda p: _write_bytes(p, b"this is text, not a zip file\n"),
     "empty_file": lambda p: _write_bytes(p, b""),
     "truncated_zip": lambda p: _truncated(p),

@@ -149,7 +149,9 @@ def _validate(trace: Trace, file: str | Path | None) -> None:
             raise bad("gate_weights", "wrong shape or dtype", f"{gw.shape} {gw.dtype}",
                       f"a float array of shape {ids.shape}", "store gate weights as [T, L, K] floats")
         if gw.size and (not np.isfinite(gw).all() or gw.min() < 0):
-            raise bad("gate_weights", "gate weights must be finite and non-negative", float(np.nanmin(gw)),
+            finite = np.isfinite(gw)
+            shown = float(gw[~finite].flat[0]) if not finite.all() else float(gw.min())
+            raise bad("gate_weights", "gate weights must be finite and non-negative", shown,
                       "router probabilities", "store softmax/sigmoid scores, not logits")
 
 
