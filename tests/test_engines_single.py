@@ -411,11 +411,11 @@ def test_memory_map_cache_slots_and_fit(rendered):
     layer = plan.layers[3].model_copy(update={"cache_slots": 4, "cache_device": "node/fpga0", "cache_format": "int4"})
     cached = plan.model_copy(update={"layers": plan.layers[:3] + (layer,) + plan.layers[4:]})
     data = memory_map(cached, model, hw, "node/fpga0")
-    (cache,) = data["caches"]
-    assert cache["moe_layer"] == 3 and cache["slots"] == 4 and cache["offset"] >= data["experts"][-1]["offset"]
-    assert data["used_bytes"] == cache["offset"] + 4 * cache["stride_bytes"]
+    (cache,) = [c for c in data["caches"] if c["moe_layer"] == 3]
+    assert cache["slots"] == 4 and cache["offset"] >= data["experts"][-1]["offset"]
+    assert data["used_bytes"] == max(c["offset"] + c["slots"] * c["stride_bytes"] for c in data["caches"])
     verify_memory_map(data)
-    with pytest.raises(InfeasibleError, match="short"):  # 1 GiB alignment: 824 experts cannot fit 8 GiB
+    with pytest.raises(InfeasibleError, match="short"):  # 1 GiB alignment: hundreds of experts cannot fit 8 GiB
         memory_map(plan, model, hw, "node/fpga0", alignment_bytes=2**30)
 
 
@@ -425,7 +425,9 @@ def test_memory_map_check_command(rendered, tmp_path, capsys):
     _, result, root = rendered[("desktop-alveo-u280", "olmoe-1b-7b")]
     assert result.commands["accelerator:node/fpga0"].startswith("python -m exporters.engines.accelerator ")
     path = root / "engines" / "accelerator-node-fpga0.json"
-    assert main([str(path)]) == 0 and "824 experts" in capsys.readouterr().out
+    on_card = sum(h == "node/fpga0" for layer in rendered[("desktop-alveo-u280", "olmoe-1b-7b")][0].layers
+                  for h in layer.home)
+    assert main([str(path)]) == 0 and f"{on_card} experts" in capsys.readouterr().out
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"format": "something else"}))
     assert main([str(broken)]) == 1 and "not an accelerator memory map" in capsys.readouterr().err
