@@ -29,12 +29,14 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plan_path(ckpt, tmp_path_factory):
     """A plan for the tiny checkpoint with every execution site, a 2-slot cache per layer;
-    experts in fp32, the checkpoint's dtype (float experts keep it, whatever the plan says)."""
+    experts and dense weights in fp32, the checkpoint's dtype (one GGUF outtype llama.cpp can write)."""
     plan = optimize(OptimizeRequest(hardware="desktop-4090", model=str(ckpt / "config.json"))).plan
     homes = tuple("node/gpu0" if s == "resident" else "node/cpu0" for s in SITES)
     layers = tuple(lp.model_copy(update={"site": tuple(SITES), "home": homes, "format": ("fp32",) * 8,
                                          "cache_slots": 2, "cache_device": "node/gpu0"}) for lp in plan.layers)
-    return plan.model_copy(update={"layers": layers}).save(tmp_path_factory.mktemp("plan") / "plan.json")
+    notes = tuple(n for n in plan.notes if not n.startswith("dense weights:")) + ("dense weights: fp32",)
+    return plan.model_copy(update={"layers": layers, "dense_format": "fp32", "notes": notes}).save(
+        tmp_path_factory.mktemp("plan") / "plan.json")
 
 
 def test_export_run_verify(ckpt, plan_path, tmp_path, run_cli):
