@@ -433,7 +433,7 @@ def save_tokenizer(directory: Path) -> None:
 
 def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, str(REPO / "exporters" / "runtime" / "run.py"), *map(str, args)],
-                          check=False, cwd=cwd, capture_output=True, text=True, timeout=300)
+                          check=False, cwd=cwd, capture_output=True, text=True)
 
 
 def test_run_cli_generates_and_writes_metrics(checkpoint, tmp_path, capsys):

@@ -14,11 +14,19 @@ trap 'rm -rf "$work"' EXIT
 
 # --jobs 2 runs two points at once on local processes; `--ray local` (pip install
 # 'moe-planner[ray]') runs them on a Ray cluster instead, with the same results.
-planner sweep "$here/desktop-4090-upgrade.yaml" --out "$work/upgrade" --jobs 2
+upgrade="$here/desktop-4090-upgrade.yaml" sizing="$here/h100-cluster-sizing.yaml" again=p004
+if [ -n "${MOE_PLANNER_EXAMPLE_SMALL:-}" ]; then
+  # the test suite's reduced grids (same commands, fewer points): GPU and PCIe; batch 64
+  sed -e '/^  dram: /d' "$upgrade" > "$work/upgrade.yaml"
+  sed -e 's/^  batch: \[64, 256\]/  batch: [64]/' -e 's/^  requests: 256/  requests: 64/' "$sizing" > "$work/sizing.yaml"
+  upgrade="$work/upgrade.yaml" sizing="$work/sizing.yaml" again=p003
+fi
+
+planner sweep "$upgrade" --out "$work/upgrade" --jobs 2
 cat "$work/upgrade/results.md"
 
-planner sweep "$here/h100-cluster-sizing.yaml" --out "$work/sizing" --jobs 2
+planner sweep "$sizing" --out "$work/sizing" --jobs 2
 ls "$work/sizing" "$work/sizing/hardware"
 
 # Every point's hardware profile is written out, so one can be planned again by hand:
-planner optimize --hardware "$work/upgrade/hardware/p004.yaml" --model mixtral-8x7b
+planner optimize --hardware "$work/upgrade/hardware/$again.yaml" --model mixtral-8x7b
