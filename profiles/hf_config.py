@@ -174,11 +174,11 @@ def _heads(r: ConfigReader, hidden: int, *, head_dim_default: int | None = None)
         raise r.error("num_attention_heads must be a multiple of num_key_value_heads", "num_key_value_heads",
                       value=kv, expected=f"a divisor of {heads}", fix="use the value from config.json")
     default = head_dim_default
-    if default is None:
-        if hidden % heads:
-            raise r.error("hidden_size is not a multiple of num_attention_heads and head_dim is not given",
-                          "head_dim", expected="a positive integer", fix="add head_dim from config.json")
+    if default is None and not hidden % heads:
         default = hidden // heads
+    if default is None and r.data.get("head_dim") is None:
+        raise r.error("hidden_size is not a multiple of num_attention_heads and head_dim is not given",
+                      "head_dim", expected="a positive integer", fix="add head_dim from config.json")
     return heads, kv, r.int("head_dim", default)
 
 
@@ -391,7 +391,9 @@ def _granitemoe_shared(r: ConfigReader) -> dict[str, Any]:
     return _granite(r, shared=True)
 
 
-def _deepseek(r: ConfigReader, *, v3: bool) -> dict[str, Any]:
+def _deepseek_moe(r: ConfigReader, *, noaux_default: bool) -> dict[str, Any]:
+    """The DeepSeek-style MoE part (routed + shared experts, dense first layers, grouped routing),
+    shared by DeepSeek-V2/V3 and GLM-4.5."""
     hidden, layers = r.int("hidden_size"), r.int("num_hidden_layers")
     experts, top_k = r.int("n_routed_experts"), r.int("num_experts_per_tok")
     _check_routing(r, "num_experts_per_tok", top_k, experts)
@@ -412,31 +414,50 @@ def _deepseek(r: ConfigReader, *, v3: bool) -> dict[str, Any]:
         raise r.error("topk_group groups cannot hold num_experts_per_tok experts", "topk_group", value=topk_group,
                       expected=f"at most n_group ({n_group}), with topk_group·{experts // n_group} >= {top_k}",
                       fix="use the value from config.json")
-    heads = r.int("num_attention_heads")
-    q_lora = r.int("q_lora_rank", 0, minimum=0)  # null in V2-Lite: queries are not compressed
-    kv_lora, nope, rope, v = (r.int("kv_lora_rank"), r.int("qk_nope_head_dim"), r.int("qk_rope_head_dim"),
-                              r.int("v_head_dim"))
-    # noaux_tc routing (V3) keeps a per-expert score-correction bias in the checkpoint
-    score_bias = experts if r.str("topk_method", "noaux_tc" if v3 else "greedy") == "noaux_tc" else 0
+    # noaux_tc routing (V3, GLM-4.5) keeps a per-expert score-correction bias in the checkpoint
+    noaux = r.str("topk_method", "noaux_tc" if noaux_default else "greedy") == "noaux_tc"
     notes = []
     if r.int("num_nextn_predict_layers", 0, minimum=0):
         notes.append("multi-token-prediction (MTP) layers are not counted: they serve speculative decoding only")
     return dict(
         num_hidden_layers=layers, moe_layer_indices=moe, hidden_size=hidden, expert_intermediate_size=inter,
         num_experts=experts, top_k=top_k, num_shared_experts=n_shared,
-        shared_expert_intermediate_size=inter if n_shared else 0,
-        n_group=n_group, topk_group=topk_group, attention="mla", num_attention_heads=heads, num_key_value_heads=heads,
-        head_dim=nope + rope, q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope,
-        qk_rope_head_dim=rope, v_head_dim=v, attention_layer_indices=tuple(range(layers)),
-        attention_window_tokens=(None,) * layers,
-        attention_params=layers * _mla_params(hidden, heads, q_lora, kv_lora, nope, rope, v,
-                                              r.bool("attention_bias", False)),
+        shared_expert_intermediate_size=inter if n_shared else 0, n_group=n_group, topk_group=topk_group,
+        attention_layer_indices=tuple(range(layers)), attention_window_tokens=(None,) * layers,
         # the shared experts are one MLP of width n_shared·I
         shared_expert_params=len(moe) * _FFN * hidden * inter * n_shared,
         dense_mlp_params=dense_layers * (_FFN * hidden * dense_inter + ((2 * dense_inter + hidden) if mlp_bias else 0)),
-        router_params=len(moe) * (experts * hidden + score_bias), norm_params=(2 * layers + 1) * hidden,
+        router_params=len(moe) * (experts * hidden + (experts if noaux else 0)), norm_params=(2 * layers + 1) * hidden,
         notes=tuple(notes),
     ) | _embeddings(r, hidden, r.int("vocab_size"))
+
+
+def _deepseek(r: ConfigReader, *, v3: bool) -> dict[str, Any]:
+    spec = _deepseek_moe(r, noaux_default=v3)
+    hidden, layers = spec["hidden_size"], spec["num_hidden_layers"]
+    heads = r.int("num_attention_heads")
+    q_lora = r.int("q_lora_rank", 0, minimum=0)  # null in V2-Lite: queries are not compressed
+    kv_lora, nope, rope, v = (r.int("kv_lora_rank"), r.int("qk_nope_head_dim"), r.int("qk_rope_head_dim"),
+                              r.int("v_head_dim"))
+    return spec | dict(
+        attention="mla", num_attention_heads=heads, num_key_value_heads=heads, head_dim=nope + rope,
+        q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v,
+        attention_params=layers * _mla_params(hidden, heads, q_lora, kv_lora, nope, rope, v,
+                                              r.bool("attention_bias", False)))
+
+
+@register("Glm4MoeForCausalLM", ("glm4_moe",), "GLM-4.5")
+def _glm4_moe(r: ConfigReader) -> dict[str, Any]:
+    """GLM-4.5 / 4.5-Air / 4.6: DeepSeek-V3's MoE layout (dense first layers, 1 shared expert,
+    noaux_tc routing) with GQA attention (q/k/v biases, optional q/k RMSNorm)."""
+    spec = _deepseek_moe(r, noaux_default=True)
+    hidden, layers = spec["hidden_size"], spec["num_hidden_layers"]
+    heads, kv, head_dim = _heads(r, hidden)
+    qk_norm = 2 * head_dim if r.bool("use_qk_norm", False) else 0
+    return spec | dict(
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+        attention_params=layers * (_gqa_params(hidden, heads, kv, head_dim, qkv_bias=r.bool("attention_bias", False))
+                                   + qk_norm))
 
 
 @register("DeepseekV2ForCausalLM", ("deepseek_v2",), "DeepSeek-V2")

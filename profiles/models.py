@@ -266,14 +266,15 @@ class ModelSpec:
         Args:
             include_input_embedding: count the input embedding table (a lookup of one row,
                 but publishers such as Mistral count it; OpenAI and DeepSeek do not). A tied
-                table is always counted once, as the output head.
+                table counts once with it and not at all without it (IBM's Granite "A800M"
+                counts neither the lookup nor the tied head).
             real_experts_per_token: routed experts with weights a token runs per MoE layer.
                 Default ``min(top_k, num_experts)``: the most, as when no zero expert is
                 picked (LongCat-Flash publishes a range because it varies per token).
         """
         k = min(self.top_k, self.num_experts) if real_experts_per_token is None else real_experts_per_token
         dense = self.dense_params
-        if not include_input_embedding and not self.tie_word_embeddings:
+        if not include_input_embedding:
             dense -= self.embedding_params
         active = dense + self.num_moe_layers * k * self.params_per_expert
         return int(active) if float(k).is_integer() else active

@@ -171,6 +171,7 @@ TINY = {
     "jamba": ("JambaForCausalLM", 589_240, (1, 3, 5, 7), 0, "gqa"),
     "llama4": ("Llama4ForConditionalGeneration", 177_216, (1, 3), 1, "gqa"),
     "longcat_flash": ("LongcatFlashForCausalLM", 264_600, (0, 1), 0, "mla"),
+    "glm4_moe": ("Glm4MoeForCausalLM", 413_936, (1, 2, 3), 1, "gqa"),  # with e_score_correction_bias (a buffer)
 }
 
 
@@ -448,3 +449,30 @@ def test_qwen3_moe_config_saved_by_transformers_5(tmp_path):
     config = json.loads((CONFIGS / "qwen3_moe" / "config.json").read_text())
     config["num_local_experts"] = config.pop("num_experts")
     assert load_model(_write(tmp_path, config)).num_experts == config["num_local_experts"]
+
+
+def test_glm_4_5_counts_as_published(tmp_path):
+    """GLM-4.5's config.json (zai-org/GLM-4.5): 355B total, 32B active as Z.ai counts them (MTP
+    layer excluded here; its ~5B make the published 355B with the 92 decoder layers)."""
+    config = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", hidden_size=5120,
+                  intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=1,
+                  num_experts_per_tok=8, first_k_dense_replace=3, num_hidden_layers=92, num_nextn_predict_layers=1,
+                  num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_group=1, topk_group=1,
+                  partial_rotary_factor=0.5, use_qk_norm=False, attention_bias=True, vocab_size=151552,
+                  tie_word_embeddings=False)
+    spec = load_model(_write(tmp_path, config))
+    assert spec.architecture == "Glm4MoeForCausalLM" and spec.num_moe_layers == 89 and spec.num_experts == 160
+    assert 345e9 < spec.total_params < 356e9
+    assert 31e9 < spec.active_params() < 34e9
+
+
+def test_tied_embeddings_active_with_and_without_the_table(tmp_path):
+    """Granite-3.0-3B-A800M (ibm-granite config.json): 3.3B total; "A800M" counts neither the
+    embedding lookup nor the tied head (with them it is 10% over)."""
+    config = dict(architectures=["GraniteMoeForCausalLM"], model_type="granitemoe", hidden_size=1536,
+                  num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, intermediate_size=512,
+                  num_local_experts=40, num_experts_per_tok=8, vocab_size=49155, tie_word_embeddings=True)
+    spec = load_model(_write(tmp_path, config))
+    assert spec.total_params == pytest.approx(3.3e9, rel=0.01)
+    assert spec.active_params(include_input_embedding=False) == pytest.approx(800e6, rel=0.015)
+    assert spec.active_params() - spec.active_params(include_input_embedding=False) == spec.embedding_params

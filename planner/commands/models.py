@@ -23,7 +23,7 @@ def models() -> None:
     """Model specs: the bundled presets and Hugging Face config.json files.
 
     A model is a preset name (see `planner models list`), a config.json, or a checkpoint
-    directory holding one. Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
+    directory holding one. Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5,
     Phi-3.5-MoE, gpt-oss, GraniteMoE, DBRX, Jamba, Llama-4 and LongCat-Flash.
     """
 
