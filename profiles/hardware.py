@@ -66,9 +66,26 @@ DEFAULT_LINK_LATENCY_S = {"pcie": 10e-6, "nvlink": 3e-6, "nic": 5e-6, "unified":
 # Efficiency defaults by device kind. CPU expert kernels reach about 25-40% of DRAM peak
 # (REFERENCE.md); GPUs stream large weight matrices at ~80% of HBM peak; a compute-bound
 # expert GEMM reaches ~70% of tensor-core peak once enough tokens share the call.
+#
+# half_tokens is the call's fixed compute in token-equivalents (compute time of n tokens is
+# that of n + half_tokens tokens at the full rate), so it must stay well below the roofline
+# knee of quantised weights (~8 tokens for 4-bit weights on an M2 Max, ~40 on an RTX 4090),
+# or batch-1 decode is priced compute-bound when it is memory-bound. Small-batch kernels
+# are built to be memory-bound there:
+# - GPU, 8: llama.cpp's CUDA backend runs mat-vec kernels (MMVQ, one pass over the quantised
+#   blocks) for up to 8 tokens per matrix (ggml-cuda/mmvq.cuh, MMVQ_MAX_BATCH_SIZE) and the
+#   smallest tensor-core tile is 8 tokens wide (mma.m16n8k16); Marlin's int4 kernel keeps a
+#   near-ideal memory-bound speedup up to batch 16-32 on an A10 (Frantar et al. 2024,
+#   arXiv:2408.11743, Fig. 1), which the curve meets only if half_tokens <~ 16.
+#   (64 made a 1-token call cost 65 tokens at 70% of peak: 2.4 ms per Mixtral q4 expert on an
+#   M2 Max against 0.3 ms to read it.)
+# - CPU, 1: a CPU GEMV runs on the same SIMD FMA units as its GEMM, with no tile padding
+#   (llama.cpp ggml_vec_dot_* per weight row); what a call does once, whatever n, is unpack
+#   each quantised weight (shift, mask, scale: about one token's multiply-add per weight).
+# A probe's measured `points` replace the curve.
 DEFAULT_EFFICIENCY = {
-    "gpu": dict(compute_max_fraction=0.7, half_tokens=64.0, memory_fraction=0.8),
-    "cpu": dict(compute_max_fraction=0.5, half_tokens=8.0, memory_fraction=0.35),
+    "gpu": dict(compute_max_fraction=0.7, half_tokens=8.0, memory_fraction=0.8),
+    "cpu": dict(compute_max_fraction=0.5, half_tokens=1.0, memory_fraction=0.35),
     "accelerator": dict(compute_max_fraction=0.6, half_tokens=16.0, memory_fraction=0.7),
 }
 DEFAULT_LAUNCH_OVERHEAD_S = {"gpu": 20e-6, "cpu": 50e-6, "accelerator": 30e-6}

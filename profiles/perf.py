@@ -93,14 +93,23 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
                  prefill: bool = False) -> float:
     """Seconds of the dense (non-expert) work of one forward step of ``tokens`` tokens.
 
-    Every dense weight (attention, shared experts, dense layers, head) is read once and used
-    by every token: one roofline call over ``dense_bytes(fmt)`` and ``2 * tokens * dense_params``
-    FLOPs; attention reads the whole KV cache (``kv_bytes``, all sequences of the step) once;
+    Every dense weight that runs as a matmul (attention, shared experts, dense layers, head)
+    is read once and used by every token: one roofline call over those bytes and ``2 * tokens
+    * params`` FLOPs. An untied input-embedding table is not a matmul: the step gathers one
+    row per token (``min(tokens, V)`` rows of ``H`` weights, no FLOPs), so only those rows
+    are read -- as :func:`planner.costs.fixed_costs` already counts it for memory (a tied
+    table is the output head and is read whole). Attention reads the whole KV cache
+    (``kv_bytes``, all sequences of the step) once;
     each hidden layer launches two kernels (attention, dense/shared MLP) and pays the
     device's fixed per-layer framework cost (``layer_overhead_s``); the step pays the engine's
     per-step cost once (``step_overhead_s``, or ``prefill_step_overhead_s`` for a prefill).
     """
-    weights_s = _kernel_s(device, fmt, float(model.dense_bytes(fmt)), 2.0 * tokens * model.dense_params, tokens)
+    bytes_per_weight = get_format(fmt).bits_per_weight / 8
+    table = 0 if model.tie_word_embeddings else model.embedding_params  # V*H, looked up, not multiplied
+    rows = min(float(tokens), float(model.vocab_size)) * model.hidden_size
+    matmul_params = model.dense_params - table
+    weights_s = _kernel_s(device, fmt, (matmul_params + (rows if table else 0.0)) * bytes_per_weight,
+                          2.0 * tokens * matmul_params, tokens)
     kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
     per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp rendering of a moe-planner plan for mixtral-8x7b on desktop-4090.
 # Run from a llama.cpp checkout/build; see llamacpp.json for the rounded layers and predictions.
-# predicted decode: 6.85 tok/s after rounding (plan: 7.21 tok/s)
+# predicted decode: 6.92 tok/s after rounding (plan: 7.23 tok/s)
 set -euo pipefail
 
 # 1. HF checkpoint -> GGUF
@@ -13,5 +13,5 @@ llama-quantize --token-embedding-type bf16 --output-tensor-type bf16 --tensor-ty
 # 3. serve with the plan's expert placement
 llama-server -m MODEL.gguf -ngl 999 -ot 'blk\.(?:0|1|2|3|4|5|6|7|8|10|11|13|14|15|18|19|20|21|22|23|24|28)\.ffn_(?:up|down|gate|gate_up)_(?:ch|)exps=CPU' -c 4096 -t 16 --no-mmap
 
-# alternative, --n-cpu-moe only: 6.05 tok/s predicted
+# alternative, --n-cpu-moe only: 6.10 tok/s predicted
 # llama-server -m MODEL.gguf -ngl 999 --n-cpu-moe 17 -c 4096 -t 16 --no-mmap
