@@ -59,7 +59,7 @@ from profiles.workload.stats import expert_frequency, transition_counts
 from profiles.workload.trace import Trace
 
 from .eplb import PLACEMENTS, eplb_global, replicate_experts
-from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
+from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, workload_digest
 
 __all__ = [
     "METHODS",
@@ -696,14 +696,6 @@ def plan_from_placement(phy2log: np.ndarray, *, hw: Hardware, topo: Topology, mo
                 layers=tuple(layers), memory=memory, predicted=predicted, solver=solver, notes=notes)
 
 
-def _trace_digest(trace: Trace) -> str:
-    import hashlib
-
-    h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
-    h.update(np.ascontiguousarray(trace.seq_lens).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _predicted(m: dict[str, Any]) -> dict[str, float]:
     out = {"max_mean_load": m["max_mean_avg"], "max_mean_load_worst_layer": m["max_mean_worst"],
            "cross_gpu_fraction": m["cross_gpu_fraction"], "cross_node_fraction": m["cross_node_fraction"],
@@ -749,6 +741,9 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                          value=f"{trace.num_layers} layers x {trace.num_experts} experts",
                          expected=f"{model.num_moe_layers} MoE layers x {E} experts ({model.name})",
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+    # the plan names the workload it was given (simulate and export replay that one), not the
+    # group-limited copy the placer balances
+    given_digest = workload_digest(trace)
     limited = req.group_limited if req.group_limited is not None else model.n_group > 1
     if limited and model.n_group > 1:
         trace = group_limited(trace, model.n_group, model.topk_group, num_experts=E, seed=req.seed)
@@ -772,7 +767,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
 
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
-                    workload_digest=_trace_digest(trace))
+                    workload_digest=given_digest)
     notes = ((f"expert parallelism: {G} GPUs ({N} nodes x {G // N}), {R // G} expert slots per GPU, "
              f"{E} experts + {redundant} redundant per MoE layer"),
              "EP rank r = the r-th GPU in natural order of its id; physical slot s lives on rank s // slots",

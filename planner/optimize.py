@@ -24,7 +24,7 @@ from .baselines import BASELINE_ENGINES, BASELINES, Baseline
 from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, fixed_costs, keeps_critical,
                     option_costs, step_time)
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
-from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest
+from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
-                    workload_digest=_array_digest(trace), engine=engine.name,
+                    workload_digest=workload_digest(trace), engine=engine.name,
                     engine_digest=digest(engine.profile.model_dump(mode="json")))
     if req.objective == "cost":
         return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
@@ -169,15 +169,6 @@ def _check_policies(engine: Engine, req: OptimizeRequest) -> None:
             raise InputError(f"engine {engine.name} has no {what} policy {name}", key=f"--{what}", value=name,
                              expected=", ".join(listed) or "none (it has no expert cache)",
                              fix="pick one it lists, or another --engine (planner engines show NAME)")
-
-
-def _array_digest(trace: Trace) -> str:
-    """sha256 (16 hex digits) of the routing itself, so a plan names the exact workload."""
-    import hashlib
-
-    h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
-    h.update(np.ascontiguousarray(trace.seq_lens).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from profiles.errors import InputError, from_validation_error
 
 __all__ = ["Plan", "LayerPlan", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
-           "load_plan", "digest"]
+           "load_plan", "digest", "workload_digest"]
 
 PLAN_FORMAT_VERSION = 1
 SITES = ("resident", "fetch", "local", "hybrid", "stream")
@@ -179,6 +179,16 @@ def digest(*parts: object) -> str:
     """sha256 (first 16 hex digits) of the JSON of ``parts``: stable across runs and machines."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def workload_digest(trace) -> str:
+    """sha256 (16 hex digits) of a trace's routing and sequence lengths: the one digest a plan
+    records for its workload and every consumer compares (``inputs.workload_digest``)."""
+    import numpy as np
+
+    h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
+    h.update(np.ascontiguousarray(trace.seq_lens).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_plan(path: str | Path) -> Plan:

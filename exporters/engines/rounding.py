@@ -30,7 +30,6 @@ rounding cost is measured with the model that chose the plan.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -51,7 +50,7 @@ from planner.costs import (
     option_costs,
     step_time,
 )
-from planner.plan import Plan
+from planner.plan import Plan, workload_digest
 from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.formats import all_formats, default_quant_error, get_format
@@ -230,13 +229,6 @@ def engine_device(plan: Plan, hardware: Hardware) -> Device:
 # --------------------------------------------------------------------------- pricing
 
 
-def _trace_digest(trace: Trace) -> str:
-    # the same digest `planner optimize` records as inputs.workload_digest
-    h = hashlib.sha256(np.ascontiguousarray(trace.expert_ids).tobytes())
-    h.update(np.ascontiguousarray(trace.seq_lens).tobytes())
-    return h.hexdigest()[:16]
-
-
 class Pricing:
     """The planner's cost model for one plan's model, hardware and workload.
 
@@ -264,7 +256,7 @@ class Pricing:
                              expected=f"{model.num_moe_layers} MoE layers ({model.name})",
                              fix="pass the trace the plan was made with")
         self.workload = trace.source or "trace"
-        self.matches_plan = _trace_digest(trace) == plan.inputs.workload_digest
+        self.matches_plan = workload_digest(trace) == plan.inputs.workload_digest
         self.stats = planning_stats(trace, real_experts=model.num_experts)
         self.dense_format = dense_format(plan, model)
         used = {f for layer in plan.layers for f in layer.format} | {self.dense_format, "bf16"}

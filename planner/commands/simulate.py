@@ -41,8 +41,8 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
     """
     from profiles.models import load_model
 
-    from ..optimize import _array_digest, _default_trace
-    from ..plan import digest
+    from ..optimize import _default_trace
+    from ..plan import digest, workload_digest
     from ..plan_check import check_plan
     from .optimize import _load_trace
 
@@ -58,7 +58,7 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
                          value=f"{trace.num_layers} MoE layers x {trace.num_experts} experts",
                          expected=f"{len(plan.layers)} x {spec.num_experts} ({spec.name})",
                          fix="simulate with a trace of the plan's model")
-    if _array_digest(trace) != plan.inputs.workload_digest:
+    if workload_digest(trace) != plan.inputs.workload_digest:
         warnings.append(f"workload {trace.source or trace_path} is not the one the plan was made from")
     return hw, spec, trace, warnings
 
@@ -116,6 +116,8 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
     config = SimConfig(batch_size=batch, requests=requests, arrival_rate_per_s=arrival_rate, batching=batching,
                        eviction=eviction, prefetch=prefetch, miss=miss, prefetch_accuracy=prefetch_accuracy,
                        kv_context=kv_context, seed=seed, record=bool(trace_out))
+    if eviction is not None and not any(layer.cache_slots for layer in plan.layers):
+        warnings.append(f"--eviction {eviction} changes nothing: the plan has no expert-cache slots")
     output = get_output()
     for w in warnings:
         output.log.print(f"warning: {w}", highlight=False)
@@ -151,12 +153,18 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
                 table.add_row(f"{label} p50 / p90 / p99",
                               " / ".join(format_time(m[key][q]) for q in ("p50", "p90", "p99")),
                               format_time(p) if p else "")
-        table.add_row("expert hit rate", f"{m['expert_hit_rate']:.3f}", f"{pred.get('expert_hit_rate', 0):.3f}")
+        predicted_hits = pred.get("expert_hit_rate")  # expert-parallel plans predict no cache
+        table.add_row("expert hit rate", f"{m['expert_hit_rate']:.3f}",
+                      f"{predicted_hits:.3f}" if predicted_hits is not None else "")
         for tier, b in m["bytes_moved"].items():
             table.add_row(f"bytes from {tier}", f"{b / 2**30:.2f} GiB", "")
         table.add_row("requests / output tokens", f"{m['requests']} / {m['output_tokens']}", "")
         table.add_row("simulated time", format_time(m["makespan_s"]), "")
         console.print(table)
+        if arrival_rate is None and m["requests"] > (batch or plan.batch_size):
+            console.print(f"TTFT includes queueing: all {m['requests']} requests arrive at t = 0 and at most "
+                          f"{batch or plan.batch_size} run at once; the planner predicts one prompt's prefill "
+                          "(--arrival-rate R replays an open loop)", highlight=False)
         busiest = sorted(m["utilisation"].items(), key=lambda kv: -kv[1])[:4]
         console.print("busiest: " + ", ".join(f"{k} {v:.0%}" for k, v in busiest), highlight=False)
         console.print(f"{m['expert_calls']:,} expert calls simulated in {format_time(report.wall_s)}", highlight=False)
