@@ -249,18 +249,33 @@ def option_specs(s: Setup, layer: int) -> np.ndarray:
                     if hi in cpu_home:
                         rows.append((p, p, bi, 0, bo_i, hi, local))
                     rows.append((p, E, bi, 0, bo_i, hi, stream))
-    rows = [r for r in rows if engine_runs(s, r)]
-    if rows and s.fixes is not None:
-        rows = [r for r, ok in zip(rows, s.fixes.allows(s, layer, np.array(rows))) if ok]
-        if not rows:
+    specs = np.array(rows, dtype=np.int64).reshape(-1, N_SPEC)
+    specs = specs[_engine_runs_rows(s, specs)]
+    if len(specs) and s.fixes is not None:
+        specs = specs[s.fixes.allows(s, layer, specs)]
+        if not len(specs):
             raise InputError("no option of this layer satisfies the --fix-* options together", key=f"layer {layer}",
                              fix="loosen them (a cache needs more offloaded experts than slots and an engine with "
                                  "a cache; resident experts run on the compute device)")
-    if not rows:
+    if not len(specs):
         raise InputError("no way to place this layer's experts", key=f"layer {layer}",
                          fix="add host memory, use formats the devices support, or an engine that can offload "
                              "(planner engines list)")
-    return np.array(rows, dtype=np.int64)
+    return specs
+
+
+def _engine_runs_rows(s: Setup, specs: np.ndarray) -> np.ndarray:
+    """``[N]`` :func:`engine_runs` of every row of ``specs``, asked once per kind of row: of p
+    and q it reads only whether they are 0, E or equal, so the grid's 10^5 rows are a few
+    hundred questions."""
+    if s.engine is None or not len(specs):
+        return np.ones(len(specs), bool)
+    E = s.stats.num_experts
+    p, q, bi, c, bo, _, mode = specs.T
+    kind = np.stack([p == 0, p == E, q == p, q == E, c > 0, bi, bo, mode], axis=1).astype(np.int64)  # [N, 8]
+    _, first, inverse = np.unique(kind, axis=0, return_index=True, return_inverse=True)
+    answer = np.array([engine_runs(s, tuple(int(v) for v in specs[i])) for i in first], bool)
+    return answer[inverse.ravel()]
 
 
 def engine_runs(s: Setup, row: tuple) -> bool:

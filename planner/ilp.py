@@ -80,14 +80,22 @@ from .costs import FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_
 
 __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "explain_infeasible"]
 
+# Work limits, so that a plan depends on its inputs alone, never on the machine's load.
 # HiGHS restarts: the first stops after _FIRST_TRY_NODES nodes, each next one, with the next
-# seed, after twice as many; after _RESTARTS of them one runs without a node limit. Where the
-# plans can be split by count[nvme], the MIP over all of them gets one try of
-# _GLOBAL_TRY_NODES nodes first (those that close their gap at all need 1-15 on the
-# benchmark's cases).
+# seed, after twice as many; after _RESTARTS of them a last one stops after _LAST_NODES (CBC
+# runs once, with that limit). Where the plans can be split by count[nvme], the MIP over all
+# of them gets one try of _GLOBAL_TRY_NODES nodes first (those that close their gap at all
+# need 1-15 on the benchmark's cases). A solve that stops on a node limit reports its gap
+# ("node limit"); the wall-clock limit is only a safety net ("time limit", noted in the plan).
 _FIRST_TRY_NODES = 64
 _RESTARTS = 5
+_LAST_NODES = 8192
 _GLOBAL_TRY_NODES = 16
+# HiGHS's large-neighbourhood and rounding heuristics (RINS, RENS, ...) find plans the LP
+# rounding, repair and local search above already give, and cost DeepSeek-V3's hardest
+# part 3-5x the time of the search itself (1.0 s instead of 2.5-5.6 s over seeds 0-4)
+_HIGHS_OPTIONS = {f"mip_heuristic_run_{h}": False for h in ("rins", "rens", "root_reduced_cost", "zi_round",
+                                                            "shifting")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,6 +132,7 @@ class SolveResult:
     variables: int
     constraints: int
     solver: str
+    timed_out: bool = False  # the wall-clock safety net stopped the search (the plan may depend on the load)
 
 
 def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
@@ -135,7 +144,23 @@ def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
     use = np.stack([t.home, t.dev_bytes, t.home_bytes, t.error], axis=1)[by_use]
     first = np.concatenate([[True], (use[1:] != use[:-1]).any(axis=1)]) if len(tau) else np.zeros(0, bool)
     fastest = by_use[first]
-    # 2. the pareto front of those, per home: sorted, a dominator comes before what it
+    # 2. within options of equal device bytes and error (they differ in the home bytes a split
+    #    or mode holds), a row that an earlier one beats or ties exactly in time and home bytes
+    #    goes by one sort and a running minimum; whatever it dominates, its dominator does too,
+    #    so step 3 finds the same front among far fewer rows
+    g = fastest[np.lexsort((fastest, tau[fastest], t.home_bytes[fastest], t.error[fastest], t.dev_bytes[fastest],
+                            t.home[fastest]))]  # by group, then home bytes, then time
+    if len(g):
+        key = np.stack([t.home[g], t.dev_bytes[g], t.error[g]], axis=1)
+        seg = np.concatenate([[0], np.cumsum((key[1:] != key[:-1]).any(axis=1))])  # [n] group of each row
+        rank = np.unique(tau[g], return_inverse=True)[1].ravel().astype(np.int64)  # [n] time rank, ties equal
+        # one running minimum serves every group: ranks lifted so that each group lies below
+        # the one before (integers, so exact), and the first row of a group compares with nothing
+        lifted = rank - seg * (len(g) + 1)
+        before = np.concatenate([[np.iinfo(np.int64).max], np.minimum.accumulate(lifted)[:-1]])
+        first_of_group = np.concatenate([[True], seg[1:] != seg[:-1]])
+        fastest = g[first_of_group | (before > lifted)]
+    # 3. the pareto front of those, per home: sorted, a dominator comes before what it
     #    dominates, so a row stays iff no earlier row beats or ties it in every column
     keep: list[np.ndarray] = []
     for home in np.unique(t.home):
@@ -183,17 +208,25 @@ class _HiGHS(pulp.HiGHS):
 
 
 def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit_s: float = 30.0,
-          gap: float = 0.001, warm: tuple[tuple[int, ...], str] | None = None) -> SolveResult:
+          gap: float = 0.001, warm: tuple[tuple[int, ...], str] | None = None,
+          incumbent_s: float | None = None) -> SolveResult:
     """Solve the ILP of the module docstring.
+
+    The search is bounded by work (node limits), so the same inputs give the same plan on a
+    busy machine and an idle one; ``status`` is ``optimal`` (gap closed), ``node limit`` (the
+    work limits ran out first; ``gap`` says how far it got) or ``time limit`` (the wall-clock
+    safety net stopped it: ``timed_out``, and the plan may differ from run to run).
 
     Args:
         problem: from :func:`build_problem`.
         prefetch: model next-layer prefetch (predictability from the workload) or none.
         solver: ``highs`` (default) or ``cbc``.
-        time_limit_s: time limit of each MIP in seconds (parts not started by then are left
-            to their LP bounds).
+        time_limit_s: wall-clock safety net, seconds: each MIP stops after this long, and no
+            MIP starts after this long in all (parts not started are left to their LP bounds).
         gap: relative optimality gap at which the solver may stop.
         warm: ``(choice, dense_format)`` of a feasible plan (a baseline) to start from.
+        incumbent_s: seconds per step of a plan known otherwise (the other prefetch setting):
+            when the LP bound says no plan here beats it by more than ``gap``, no MIP runs.
 
     Raises:
         InfeasibleError: nothing fits; names the binding resource, the shortfall and a way out.
@@ -212,16 +245,17 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         best = _best_of(best, relaxer.round(times, relax))
     sizes: list[tuple[int, int]] = []  # (variables, constraints) of each MIP solved
     mip_s: list[float] = []
+    timed_out = False
 
     def solve_part(count: int | None, part: _Relaxation | None, first_try_only: bool = False) -> float:
         """MIP over the plans with count[nvme] = ``count`` (None: all); returns its lower bound.
 
         HiGHS's time to close a gap is heavy-tailed in its random seed (the same part: 0.6 s
         with one seed, minutes with another), so it runs as restarts: seed k stops after
-        64 * 2^k nodes, until the gap closes; the last restart has no node limit. Node
-        limits, unlike time limits, give the same answer on any machine.
+        64 * 2^k nodes, until the gap closes; the last restart stops after _LAST_NODES.
+        Node limits, unlike time limits, give the same answer on any machine.
         """
-        nonlocal best
+        nonlocal best, timed_out
         if part is not None and best is not None and part.lower_s >= best[2] * (1 - gap):
             return part.lower_s  # the LP bound alone says no plan here improves by more than the gap
         bound = part.lower_s if part is not None else -np.inf
@@ -229,30 +263,43 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         # HiGHS is not handed the best plan as its start: from a start it tends to search around
         # it and may not close a gap it closes in a second without (the best plan is kept anyway)
         start = best[:2] if best is not None and solver == "cbc" else None
-        for restart in range(_RESTARTS + 1):
-            if time.perf_counter() >= deadline:
+        tries = 1 if first_try_only or solver == "cbc" else _RESTARTS + 1
+        for restart in range(tries):
+            if time.perf_counter() >= deadline:  # the safety net: recorded, never a plan's normal end
+                timed_out = True
                 break
-            limited = solver == "highs" and (first_try_only or restart < _RESTARTS)
+            nodes = (_GLOBAL_TRY_NODES if first_try_only else _LAST_NODES if restart == tries - 1
+                     else _FIRST_TRY_NODES * 2 ** restart)
             # each MIP gets the whole time limit: one that shrank with the wall clock would steer
             # the search differently from run to run (plans must not depend on the machine's load)
-            nodes = _GLOBAL_TRY_NODES if first_try_only else _FIRST_TRY_NODES * 2 ** restart
-            mip = _mip(problem, times, kept, start, count, solver, time_limit_s, gap, nodes if limited else None,
-                       seed=restart)
+            mip = _mip(problem, times, kept, start, count, solver, time_limit_s, gap, nodes, seed=restart)
             sizes.append((mip.variables, mip.constraints))
             mip_s.append(mip.solve_s)
+            timed_out |= mip.timed_out
             if mip.infeasible:
                 if count is None:
                     raise explain_infeasible(problem)
                 return np.inf  # no plan has this count
-            if mip.choice is None and best is None and not limited:
-                raise InfeasibleError(f"the {solver} solver stopped with status {mip.status!r} and no plan within "
-                                      f"{time_limit_s:g} s; raise --time-limit")
             if mip.choice is not None and _feasible(problem, mip.choice, mip.dense_format):
                 best = _best_of(best, [(mip.choice, mip.dense_format)], problem, times)
-            bound = max(bound, mip.bound_s if mip.bound_s is not None else best[2])
-            if not limited or first_try_only or (best is not None and bound >= best[2] * (1 - gap)):
+            if mip.bound_s is not None or (best is not None and not mip.timed_out):
+                bound = max(bound, mip.bound_s if mip.bound_s is not None else best[2])  # CBC (via PuLP): no bound
+            if first_try_only or mip.timed_out or (best is not None and bound >= best[2] * (1 - gap)):
                 break
+        if best is None:
+            raise InfeasibleError(f"the {solver} solver found no plan within its work limit ({_LAST_NODES} nodes)"
+                                  + (f" or {time_limit_s:g} s (--time-limit)" if timed_out else "")
+                                  + "; run with --debug to see the model")
         return bound
+
+    if incumbent_s is not None and relax is not None and best is not None and relax.lower_s >= incumbent_s * (1 - gap):
+        # the other setting's plan is as fast as any plan here can be (within the gap): no MIP
+        kept = relaxer.fix(relax, best[2])
+        return SolveResult(choice=best[0], dense_format=best[1], prefetch=prefetch, objective_s=best[2],
+                           status="optimal" if relax.lower_s >= best[2] * (1 - gap) else "node limit",
+                           bound_s=min(relax.lower_s, best[2]), gap=max(0.0, 1 - relax.lower_s / best[2]),
+                           solve_s=0.0, variables=sum(len(k) for k in kept) + len(problem.fixed),
+                           constraints=len(kept) + relaxer.count_row, solver=solver)
 
     # a layer split between homes in the LP: the MIP over all plans gets a short try (a fixed
     # number of nodes, so the outcome does not depend on the machine), then the parts by
@@ -271,9 +318,10 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         kept = relaxer.fix(relax, objective)
         sizes.append((sum(len(k) for k in kept) + len(problem.fixed), len(kept) + relaxer.count_row))
     variables, constraints = max(sizes)
+    status = "optimal" if rel_gap <= gap + 1e-9 else "time limit" if timed_out else "node limit"
     return SolveResult(choice=best[0], dense_format=best[1], prefetch=prefetch, objective_s=objective,
-                       status="optimal" if rel_gap <= gap + 1e-9 else "time limit", bound_s=bound, gap=rel_gap,
-                       solve_s=sum(mip_s), variables=variables, constraints=constraints, solver=solver)
+                       status=status, bound_s=bound, gap=rel_gap, solve_s=sum(mip_s), variables=variables,
+                       constraints=constraints, solver=solver, timed_out=timed_out)
 
 
 @dataclass(frozen=True)
@@ -286,13 +334,15 @@ class _MipResult:
     solve_s: float
     variables: int
     constraints: int
+    timed_out: bool = False  # stopped by the wall-clock time limit (the safety net)
 
 
 def _mip(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
          warm: tuple[tuple[int, ...], str] | None, count: int | None, solver: str, time_limit_s: float,
          gap: float, max_nodes: int | None = None, seed: int = 0) -> _MipResult:
     """The ILP of the module docstring over the options ``fronts`` (plus count[nvme] = ``count``
-    when given), started from ``warm`` when given; HiGHS stops after ``max_nodes`` nodes."""
+    when given), started from ``warm`` when given; the solver stops after ``max_nodes`` nodes,
+    or after ``time_limit_s`` seconds of wall clock (the safety net: ``timed_out``)."""
     s = problem.setup
     if warm is not None:  # the warm start's options must be in the model
         fronts = [np.union1d(f, [w]) for f, w in zip(fronts, warm[0])]
@@ -340,15 +390,17 @@ def _mip(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
         # only the relative gap may stop the search (HiGHS's default absolute gap is 1e-6)
         nodes = {} if max_nodes is None else {"mip_max_nodes": int(max_nodes)}
         engine = _HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15, threads=1, random_seed=seed,
-                        **nodes)
+                        **_HIGHS_OPTIONS, **nodes)
     else:
         engine = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, gapAbs=1e-15,
-                                   warmStart=warm is not None, threads=1, options=[f"randomSeed {seed}"])
+                                   warmStart=warm is not None, threads=1, maxNodes=max_nodes,
+                                   options=[f"randomSeed {seed}"])
     start = time.perf_counter()
     prob.solve(engine)
     elapsed = time.perf_counter() - start
     status = pulp.LpStatus[prob.status]
-    sizes = {"solve_s": elapsed, "variables": len(prob.variables()), "constraints": prob.numConstraints()}
+    sizes = {"solve_s": elapsed, "variables": len(prob.variables()), "constraints": prob.numConstraints(),
+             "timed_out": elapsed >= time_limit_s}  # CBC says no more; HiGHS's own status below
     bound, found = None, status == "Optimal"  # PuLP says Optimal for any plan found, time limit or not
     if solver == "highs":
         import highspy
@@ -356,6 +408,7 @@ def _mip(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
         model_status = prob.solverModel.getModelStatus()
         info = prob.solverModel.getInfo()
         empty = model_status == highspy.HighsModelStatus.kInfeasible
+        sizes["timed_out"] = model_status == highspy.HighsModelStatus.kTimeLimit
         found = not empty and info.primal_solution_status == 2  # kSolutionStatusFeasible
         status = "Infeasible" if empty else status
         bound = None if empty else float(info.mip_dual_bound) * unit

@@ -215,14 +215,22 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
             start = (results[-1].choice, results[-1].dense_format)
         elif warm is not None:
             start = (warm[0], warm[2])
+        # the first setting's plan bounds the second: no MIP where its LP bound cannot beat it
         results.append(solve(problem, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
-                             gap=req.gap, warm=start))
+                             gap=req.gap, warm=start, incumbent_s=min((r.objective_s for r in results), default=None)))
     best = min(results, key=lambda r: r.objective_s)
-    solver_info = SolverInfo(method="ilp", solver=best.solver, status=best.status, objective=best.objective_s,
-                             bound=best.bound_s, gap=best.gap, time_limit_s=req.time_limit_s,
+    # the plan is the faster setting's; no plan of either is faster than the lesser bound
+    bound = min(r.bound_s if r.bound_s is not None else r.objective_s for r in results)
+    gap = max(0.0, (best.objective_s - bound) / best.objective_s) if best.objective_s > 0 else 0.0
+    timed_out = any(r.timed_out for r in results)
+    status = "optimal" if gap <= req.gap + 1e-9 else "time limit" if timed_out else "node limit"
+    solver_info = SolverInfo(method="ilp", solver=best.solver, status=status, objective=best.objective_s,
+                             bound=bound, gap=gap, time_limit_s=req.time_limit_s,
                              variables=best.variables, constraints=best.constraints)
+    notes = ((f"the wall-clock safety net (--time-limit {req.time_limit_s:g} s) stopped the solver: this plan may "
+              f"differ on a less busy machine; raise --time-limit",) if timed_out else ())
     return assemble_plan(problem, best.choice, best.dense_format, best.prefetch, solver_info, req, inputs, budget,
-                         prefetch_policy=req.prefetch, eviction=req.eviction), t_build
+                         notes=notes, prefetch_policy=req.prefetch, eviction=req.eviction), t_build
 
 
 def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
