@@ -351,8 +351,13 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
         return np.concatenate([[0.0], np.cumsum(v)])
 
     act_c = cum(act)  # [E+1]
-    dev_c = np.stack([cum(act * s.call_s(s.compute, fm, tokens)) for fm in s.formats])  # [b, E+1]
-    cpu_c = np.stack([cum(act * s.call_s(s.host, fm, tokens)) for fm in s.formats])  # [b, E+1] sum a_e u_e
+    # call seconds only for the formats the options use (one for a given placement's row)
+    used = set(np.concatenate([bi, bo]).tolist())
+    unused = np.zeros(E + 1)  # never indexed
+    dev_c = np.stack([cum(act * s.call_s(s.compute, fm, tokens)) if j in used else unused
+                      for j, fm in enumerate(s.formats)])  # [b, E+1]
+    cpu_c = np.stack([cum(act * s.call_s(s.host, fm, tokens)) if j in used else unused
+                      for j, fm in enumerate(s.formats)])  # [b, E+1] sum a_e u_e
     idle_c = cum(np.log1p(-np.minimum(act, 1.0 - 1e-12)))  # [E+1] log P(none of the first ranks active)
     err_c = np.stack([cum(w * s.quant_error[fm]) for fm in s.formats])  # [b, E+1]
     eb = np.array([s.expert_bytes(fm) for fm in s.formats])  # [b]

@@ -67,6 +67,7 @@ step, so that their absolute tolerances (1e-7) sit far below the differences bet
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -209,7 +210,7 @@ class _HiGHS(pulp.HiGHS):
 
 def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit_s: float = 30.0,
           gap: float = 0.001, warm: tuple[tuple[int, ...], str] | None = None,
-          incumbent_s: float | None = None) -> SolveResult:
+          incumbent_s: float | None = None, _fronts: list[np.ndarray] | None = None) -> SolveResult:
     """Solve the ILP of the module docstring.
 
     The search is bounded by work (node limits), so the same inputs give the same plan on a
@@ -235,12 +236,17 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         raise ValueError(f"unknown solver {solver!r}")
     deadline = time.perf_counter() + time_limit_s
     times = problem.times(prefetch)
-    fronts = [pareto_front(tau, t) for tau, t in zip(times, problem.tables)]
+    fronts = _fronts if _fronts is not None else [pareto_front(tau, t) for tau, t in zip(times, problem.tables)]
+    if warm is not None and warm[1] not in problem.fixed:
+        warm = None  # a plan with a dense format this problem leaves out
     best = None  # (choice, dense format, seconds): the best feasible plan known
     if warm is not None and _feasible(problem, *warm):
         best = (tuple(int(w) for w in warm[0]), warm[1], _objective(problem, times, *warm))
     relaxer = _Relaxer(problem, times, fronts)
     relax = relaxer.solve()
+    if relax is not None and relax.dense_fractional(relaxer.n_x):
+        return _by_dense_format(problem, times, fronts, best, relaxer.fix(relax, np.inf), prefetch=prefetch,
+                                solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent_s=incumbent_s)
     if relax is not None:
         best = _best_of(best, relaxer.round(times, relax))
     sizes: list[tuple[int, int]] = []  # (variables, constraints) of each MIP solved
@@ -321,6 +327,55 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
     status = "optimal" if rel_gap <= gap + 1e-9 else "time limit" if timed_out else "node limit"
     return SolveResult(choice=best[0], dense_format=best[1], prefetch=prefetch, objective_s=objective,
                        status=status, bound_s=bound, gap=rel_gap, solve_s=sum(mip_s), variables=variables,
+                       constraints=constraints, solver=solver, timed_out=timed_out)
+
+
+def _by_dense_format(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray], best: tuple | None,
+                     kept: list[np.ndarray], *, prefetch: bool, solver: str, time_limit_s: float, gap: float,
+                     incumbent_s: float | None) -> SolveResult:
+    """Solve the plans by dense format, one part each (y_d = 1), when the LP relaxation mixes
+    formats: a fraction of bf16 dense weights that do not fit with a fraction of int4 ones is
+    no plan, and such a mix makes the LP bound weak (20% below the optimum for DeepSeek-V3 on
+    cpu-server-4090) where each part's LP is tight. The parts cover every plan; the most
+    promising (least LP bound) runs first, and a part whose LP bound cannot beat the best plan
+    known by more than the gap runs no MIP.
+    """
+    parts = []
+    for fm in problem.fixed:
+        part = dataclasses.replace(problem, fixed={fm: problem.fixed[fm]})
+        relax = _Relaxer(part, times, fronts).solve()
+        if relax is not None:  # else no plan has this dense format
+            parts.append((relax.lower_s, fm, part))
+    if not parts:
+        raise explain_infeasible(problem)
+    results: list[SolveResult] = []
+    bound = np.inf
+    for lower_s, fm, part in sorted(parts, key=lambda p: (p[0], p[1])):
+        known = min([r.objective_s for r in results] + ([best[2]] if best is not None else [])
+                    + ([incumbent_s] if incumbent_s is not None else []), default=np.inf)
+        if lower_s >= known * (1 - gap):
+            bound = min(bound, lower_s)
+            continue
+        warm = best[:2] if best is not None and best[1] == fm else None
+        r = solve(part, prefetch=prefetch, solver=solver, time_limit_s=time_limit_s, gap=gap, warm=warm,
+                  incumbent_s=known if np.isfinite(known) else None, _fronts=fronts)
+        results.append(r)
+        bound = min(bound, r.bound_s if r.bound_s is not None else r.objective_s)
+    found = [(r.choice, r.dense_format, r.objective_s) for r in results] + ([best] if best is not None else [])
+    if not found:  # every part bounded by the other prefetch setting's plan, and none of our own
+        fm = min(parts, key=lambda p: p[0])[1]
+        return solve(dataclasses.replace(problem, fixed={fm: problem.fixed[fm]}), prefetch=prefetch, solver=solver,
+                     time_limit_s=time_limit_s, gap=gap, _fronts=fronts)
+    choice, dense_fm, objective = min(found, key=lambda f: f[2])
+    bound = min(bound, objective)
+    rel_gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
+    timed_out = any(r.timed_out for r in results)
+    status = "optimal" if rel_gap <= gap + 1e-9 else "time limit" if timed_out else "node limit"
+    # no MIP ran: report the model over every part (``kept``: the front options) it would have been
+    variables, constraints = max(((r.variables, r.constraints) for r in results),
+                                 default=(sum(len(k) for k in kept) + len(problem.fixed), len(kept) + 1))
+    return SolveResult(choice=choice, dense_format=dense_fm, prefetch=prefetch, objective_s=objective, status=status,
+                       bound_s=bound, gap=rel_gap, solve_s=sum(r.solve_s for r in results), variables=variables,
                        constraints=constraints, solver=solver, timed_out=timed_out)
 
 
@@ -561,6 +616,11 @@ class _Relaxation:
     @property
     def spill_fractional(self) -> bool:
         return abs(self.spilled - round(self.spilled)) > 1e-6
+
+    def dense_fractional(self, n_x: int) -> bool:
+        """Whether the LP mixes dense formats (``x[n_x:]``, one value per format, not 0/1)."""
+        y = self.x[n_x:]
+        return bool((np.minimum(y, 1 - y) > 1e-6).any())
 
 
 class _Relaxer:
