@@ -178,7 +178,7 @@ def _size(n: float | None, binary: bool = True) -> str:
               help="Measure the read bandwidth of the disk holding this directory (a temporary file is written "
                    "there and removed).")
 @click.option("--quick", is_flag=True,
-              help="Smaller arrays and fewer repeats: about 5 s instead of 15-25 s (2 idle cores).")
+              help="Smaller arrays and fewer repeats: a 15 s budget instead of 60 s (every measurement is sized to fit).")
 @click.option("--name", help="Profile name (default: the --out file name without .yaml).")
 @click.option("--no-gpu", is_flag=True, help="Do not probe CUDA GPUs even if torch sees some.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
