@@ -493,7 +493,7 @@ def _capped_copies(load: np.ndarray, num_physical: int, num_gpus: int) -> np.nda
 
 
 def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physical: int, *,
-                  balance_slack: float = 0.01, sweeps: int = 2, time_limit_s: float = 45.0,
+                  balance_slack: float = 0.01, sweeps: int = 2, time_limit_s: float = 300.0,
                   hidden_size: int = 1, max_swaps: int = 64) -> tuple[np.ndarray, dict[str, Any]]:
     """Our placement (see the module docstring): ``phy2log [L, R]`` and solver facts.
 
@@ -504,7 +504,9 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
         num_physical: R, a multiple of G.
         balance_slack: allowed straggler load above EPLB global's, as a fraction of the mean.
         sweeps: passes over the layers (forward, backward, ...).
-        time_limit_s: stop starting new layers after this many seconds (the plan stays valid).
+        time_limit_s: wall-clock safety net: stop starting new layers after this many seconds
+            (the plan stays valid, but then depends on the machine's load: ``stopped_by_time_limit``).
+            The work itself is bounded by ``sweeps`` and ``max_swaps``.
         hidden_size: H, scales the link cost (the traffic objective is in link seconds).
         max_swaps: improving swaps between nodes per layer solve.
     """
@@ -598,7 +600,8 @@ class ClusterRequest:
         context_tokens: context per sequence.
         balance_slack: straggler load allowed above EPLB global's, in units of the mean load.
         sweeps: passes over the layers.
-        time_limit_s: placement time limit (the plan stays valid when it is reached).
+        time_limit_s: wall-clock safety net of the placement (the work is bounded by ``sweeps``;
+            reaching it is recorded in the plan as status "time limit").
         seed: seed of the group-limited redraws.
     """
 
@@ -612,7 +615,7 @@ class ClusterRequest:
     context_tokens: int = 4096
     balance_slack: float = 0.01
     sweeps: int = 2
-    time_limit_s: float = 45.0
+    time_limit_s: float = 300.0
     seed: int = 0
 
 
@@ -780,10 +783,16 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     for name in PLACEMENTS:
         for k, v in _predicted(metrics[name]).items():
             predicted[f"{name}.{k}"] = v
+    stopped = ()  # the safety net's note: this plan depends on the machine's load
+    if info["stopped_by_time_limit"]:
+        stopped = (f"the wall-clock safety net (--time-limit {req.time_limit_s:g} s) stopped the placement after "
+                  f"{info['layer_solves']} of {req.sweeps * model.num_moe_layers} layer solves: this plan may differ "
+                  f"on a less busy machine; raise --time-limit",)
     plan = plan_from_placement(
-        ours, predicted=predicted, notes=notes,
+        ours, predicted=predicted, notes=notes + stopped,
         solver=SolverInfo(method="ep-placement", solver="numpy decomposition (nodes, then GPUs; swaps)",
-                          status="feasible", objective=metrics["ours"]["traffic_s_per_token"],
+                          status="time limit" if info["stopped_by_time_limit"] else "feasible",
+                          objective=metrics["ours"]["traffic_s_per_token"],
                           time_limit_s=req.time_limit_s, variables=int(model.num_moe_layers * R)),
         **common)
     baselines = {name: plan_from_placement(placements[name], predicted=_predicted(metrics[name]), notes=notes,
@@ -903,6 +912,9 @@ def run_cluster_cli(*, hardware: str, model: str, trace: Trace | None, redundant
         from profiles.units import format_time
 
         render_cluster(result, console, compare)
+        if result.info["stopped_by_time_limit"]:
+            console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {time_limit_s:g} s) "
+                          f"stopped the placement early; this plan may differ on a less busy machine")
         t = result.timings_s
         console.print(f"planned in {format_time(t['total_s'])} (statistics {format_time(t['stats_s'])}, "
                       f"placement {format_time(t['solve_s'])})", highlight=False)

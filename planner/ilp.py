@@ -83,14 +83,16 @@ __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "
 
 # Work limits, so that a plan depends on its inputs alone, never on the machine's load.
 # HiGHS restarts: the first stops after _FIRST_TRY_NODES nodes, each next one, with the next
-# seed, after twice as many; after _RESTARTS of them a last one stops after _LAST_NODES (CBC
-# runs once, with that limit). Where the plans can be split by count[nvme], the MIP over all
-# of them gets one try of _GLOBAL_TRY_NODES nodes first (those that close their gap at all
-# need 1-15 on the benchmark's cases). A solve that stops on a node limit reports its gap
-# ("node limit"); the wall-clock limit is only a safety net ("time limit", noted in the plan).
+# seed, after twice as many, while the solve's _NODE_BUDGET (the node limits of all its MIPs
+# together, dense-format parts included) lasts; CBC runs once with the whole budget. Where the
+# plans can be split by count[nvme], the MIP over all of them gets one try of
+# _GLOBAL_TRY_NODES nodes first (those that close their gap at all need 1-15 on the
+# benchmark's cases). A solve that stops on the budget reports its gap ("node limit"); the
+# wall-clock limit is only a safety net ("time limit", noted in the plan). The budget keeps a
+# solve to about 15 CPU-s on the hardest case known (Mixtral on laptop-4060 at the int8
+# budget, whose part no seed closes: 0.7% gap), DeepSeek-V3 needs a tenth of it.
 _FIRST_TRY_NODES = 64
-_RESTARTS = 5
-_LAST_NODES = 8192
+_NODE_BUDGET = 1024
 _GLOBAL_TRY_NODES = 16
 # HiGHS's large-neighbourhood and rounding heuristics (RINS, RENS, ...) find plans the LP
 # rounding, repair and local search above already give, and cost DeepSeek-V3's hardest
@@ -134,6 +136,7 @@ class SolveResult:
     constraints: int
     solver: str
     timed_out: bool = False  # the wall-clock safety net stopped the search (the plan may depend on the load)
+    nodes: int = 0  # node limits of the MIPs run, summed (the work spent of _NODE_BUDGET)
 
 
 def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
@@ -210,7 +213,8 @@ class _HiGHS(pulp.HiGHS):
 
 def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit_s: float = 30.0,
           gap: float = 0.001, warm: tuple[tuple[int, ...], str] | None = None,
-          incumbent_s: float | None = None, _fronts: list[np.ndarray] | None = None) -> SolveResult:
+          incumbent_s: float | None = None, _fronts: list[np.ndarray] | None = None,
+          _node_budget: int = _NODE_BUDGET) -> SolveResult:
     """Solve the ILP of the module docstring.
 
     The search is bounded by work (node limits), so the same inputs give the same plan on a
@@ -246,22 +250,24 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
     relax = relaxer.solve()
     if relax is not None and relax.dense_fractional(relaxer.n_x):
         return _by_dense_format(problem, times, fronts, best, relaxer.fix(relax, np.inf), prefetch=prefetch,
-                                solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent_s=incumbent_s)
+                                solver=solver, time_limit_s=time_limit_s, gap=gap, incumbent_s=incumbent_s,
+                                node_budget=_node_budget)
     if relax is not None:
         best = _best_of(best, relaxer.round(times, relax))
     sizes: list[tuple[int, int]] = []  # (variables, constraints) of each MIP solved
     mip_s: list[float] = []
     timed_out = False
+    nodes_left = _node_budget
 
     def solve_part(count: int | None, part: _Relaxation | None, first_try_only: bool = False) -> float:
         """MIP over the plans with count[nvme] = ``count`` (None: all); returns its lower bound.
 
         HiGHS's time to close a gap is heavy-tailed in its random seed (the same part: 0.6 s
         with one seed, minutes with another), so it runs as restarts: seed k stops after
-        64 * 2^k nodes, until the gap closes; the last restart stops after _LAST_NODES.
-        Node limits, unlike time limits, give the same answer on any machine.
+        64 * 2^k nodes, until the gap closes or the solve's node budget would run out. Node
+        limits, unlike time limits, give the same answer on any machine.
         """
-        nonlocal best, timed_out
+        nonlocal best, timed_out, nodes_left
         if part is not None and best is not None and part.lower_s >= best[2] * (1 - gap):
             return part.lower_s  # the LP bound alone says no plan here improves by more than the gap
         bound = part.lower_s if part is not None else -np.inf
@@ -269,13 +275,15 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         # HiGHS is not handed the best plan as its start: from a start it tends to search around
         # it and may not close a gap it closes in a second without (the best plan is kept anyway)
         start = best[:2] if best is not None and solver == "cbc" else None
-        tries = 1 if first_try_only or solver == "cbc" else _RESTARTS + 1
-        for restart in range(tries):
+        for restart in range(1 if first_try_only or solver == "cbc" else 64):
+            nodes = (_GLOBAL_TRY_NODES if first_try_only else nodes_left if solver == "cbc"
+                     else _FIRST_TRY_NODES * 2 ** restart)
+            if nodes > nodes_left or nodes <= 0:
+                break  # the work limit: the part keeps the bound it has
             if time.perf_counter() >= deadline:  # the safety net: recorded, never a plan's normal end
                 timed_out = True
                 break
-            nodes = (_GLOBAL_TRY_NODES if first_try_only else _LAST_NODES if restart == tries - 1
-                     else _FIRST_TRY_NODES * 2 ** restart)
+            nodes_left -= nodes
             # each MIP gets the whole time limit: one that shrank with the wall clock would steer
             # the search differently from run to run (plans must not depend on the machine's load)
             mip = _mip(problem, times, kept, start, count, solver, time_limit_s, gap, nodes, seed=restart)
@@ -293,7 +301,7 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
             if first_try_only or mip.timed_out or (best is not None and bound >= best[2] * (1 - gap)):
                 break
         if best is None:
-            raise InfeasibleError(f"the {solver} solver found no plan within its work limit ({_LAST_NODES} nodes)"
+            raise InfeasibleError(f"the {solver} solver found no plan within its work limit ({_node_budget} nodes)"
                                   + (f" or {time_limit_s:g} s (--time-limit)" if timed_out else "")
                                   + "; run with --debug to see the model")
         return bound
@@ -305,7 +313,7 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
                            status="optimal" if relax.lower_s >= best[2] * (1 - gap) else "node limit",
                            bound_s=min(relax.lower_s, best[2]), gap=max(0.0, 1 - relax.lower_s / best[2]),
                            solve_s=0.0, variables=sum(len(k) for k in kept) + len(problem.fixed),
-                           constraints=len(kept) + relaxer.count_row, solver=solver)
+                           constraints=len(kept) + relaxer.count_row, solver=solver, nodes=0)
 
     # a layer split between homes in the LP: the MIP over all plans gets a short try (a fixed
     # number of nodes, so the outcome does not depend on the machine), then the parts by
@@ -327,12 +335,13 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
     status = "optimal" if rel_gap <= gap + 1e-9 else "time limit" if timed_out else "node limit"
     return SolveResult(choice=best[0], dense_format=best[1], prefetch=prefetch, objective_s=objective,
                        status=status, bound_s=bound, gap=rel_gap, solve_s=sum(mip_s), variables=variables,
-                       constraints=constraints, solver=solver, timed_out=timed_out)
+                       constraints=constraints, solver=solver, timed_out=timed_out,
+                       nodes=_node_budget - nodes_left)
 
 
 def _by_dense_format(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray], best: tuple | None,
                      kept: list[np.ndarray], *, prefetch: bool, solver: str, time_limit_s: float, gap: float,
-                     incumbent_s: float | None) -> SolveResult:
+                     incumbent_s: float | None, node_budget: int) -> SolveResult:
     """Solve the plans by dense format, one part each (y_d = 1), when the LP relaxation mixes
     formats: a fraction of bf16 dense weights that do not fit with a fraction of int4 ones is
     no plan, and such a mix makes the LP bound weak (20% below the optimum for DeepSeek-V3 on
@@ -350,6 +359,7 @@ def _by_dense_format(problem: Problem, times: list[np.ndarray], fronts: list[np.
         raise explain_infeasible(problem)
     results: list[SolveResult] = []
     bound = np.inf
+    nodes_left = node_budget
     for lower_s, fm, part in sorted(parts, key=lambda p: (p[0], p[1])):
         known = min([r.objective_s for r in results] + ([best[2]] if best is not None else [])
                     + ([incumbent_s] if incumbent_s is not None else []), default=np.inf)
@@ -357,15 +367,20 @@ def _by_dense_format(problem: Problem, times: list[np.ndarray], fronts: list[np.
             bound = min(bound, lower_s)
             continue
         warm = best[:2] if best is not None and best[1] == fm else None
-        r = solve(part, prefetch=prefetch, solver=solver, time_limit_s=time_limit_s, gap=gap, warm=warm,
-                  incumbent_s=known if np.isfinite(known) else None, _fronts=fronts)
+        try:
+            r = solve(part, prefetch=prefetch, solver=solver, time_limit_s=time_limit_s, gap=gap, warm=warm,
+                      incumbent_s=known if np.isfinite(known) else None, _fronts=fronts, _node_budget=nodes_left)
+        except InfeasibleError:  # no plan found within what is left of the budget: the LP bound stands
+            bound = min(bound, lower_s)
+            continue
+        nodes_left -= r.nodes
         results.append(r)
         bound = min(bound, r.bound_s if r.bound_s is not None else r.objective_s)
     found = [(r.choice, r.dense_format, r.objective_s) for r in results] + ([best] if best is not None else [])
     if not found:  # every part bounded by the other prefetch setting's plan, and none of our own
         fm = min(parts, key=lambda p: p[0])[1]
         return solve(dataclasses.replace(problem, fixed={fm: problem.fixed[fm]}), prefetch=prefetch, solver=solver,
-                     time_limit_s=time_limit_s, gap=gap, _fronts=fronts)
+                     time_limit_s=time_limit_s, gap=gap, _fronts=fronts, _node_budget=nodes_left)
     choice, dense_fm, objective = min(found, key=lambda f: f[2])
     bound = min(bound, objective)
     rel_gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
@@ -376,7 +391,7 @@ def _by_dense_format(problem: Problem, times: list[np.ndarray], fronts: list[np.
                                  default=(sum(len(k) for k in kept) + len(problem.fixed), len(kept) + 1))
     return SolveResult(choice=choice, dense_format=dense_fm, prefetch=prefetch, objective_s=objective, status=status,
                        bound_s=bound, gap=rel_gap, solve_s=sum(r.solve_s for r in results), variables=variables,
-                       constraints=constraints, solver=solver, timed_out=timed_out)
+                       constraints=constraints, solver=solver, timed_out=timed_out, nodes=node_budget - nodes_left)
 
 
 @dataclass(frozen=True)
