@@ -151,6 +151,10 @@ def per_token_tpot(plan, s, trace: Trace, seed: int = 0) -> float | None:
     """
     if plan.batch_size != 1:
         return None
+    if s.engine is not None and plan.inputs.engine != s.engine.name:  # a baseline on its own engine, as
+        from profiles.engines import load_engine  # layer_breakdown prices it
+
+        s = s.with_engine(load_engine(plan.inputs.engine), [f for layer in plan.layers for f in layer.format])
     st = s.stats
     bd = layer_breakdown(plan, s)
     rng = np.random.default_rng(seed)
