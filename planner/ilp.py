@@ -58,6 +58,11 @@ The LP bound LB(n) is convex in n and least at the relaxation's own (fractional)
 the parts worth solving (LB(n) < UB (1 - gap)) are found by walking out from it; the parts
 cover every plan, so the answer is exact, and the bound is the least over the parts.
 
+Mixed dense formats. The LP relaxation may also blend dense formats (a fraction of bf16 dense
+weights that do not fit with a fraction of int4 ones), a bound 20% below the optimum for
+DeepSeek-V3 on cpu-server-4090; the plans are then split by dense format (y_d = 1), each part
+with a tight LP, solved least bound first (see _by_dense_format).
+
 HiGHS's time to close a gap is heavy-tailed in its random seed (one part of the laptop
 case: 0.6 s with one seed, over two minutes with another), so each MIP runs as restarts with
 growing node limits and a new seed each (see solve); node limits, unlike time limits, give
