@@ -11,8 +11,8 @@ For every case of ``benchmarks/fidelity/cases.yaml`` (see ``benchmarks/fidelity/
 2. split the cases deterministically into a fit half and a held-out half (sorted by
    (engine, source, id), alternating), fit per-engine scale factors on the engine's
    overheads (per hidden layer, per expert call, per step) and one memory-bandwidth
-   efficiency factor per device kind (gpu, cpu) on the fit half only, by least squares on
-   log errors, and apply them unchanged to the held-out half;
+   efficiency factor per device kind (gpu, cpu) on the fit half only, by robust least squares
+   (soft_l1) on log errors, and apply them unchanged to the held-out half;
 3. write per-case and per-half errors (100 * |ln(pred / published)|) before and after the
    fit, the fitted parameters and the suggested engine overheads to
    ``benchmarks/results/fidelity.json``, and a short table to stdout.
@@ -31,7 +31,11 @@ Harness conventions (each case's ``note`` says which ones applied):
 - a format the engine profile has no kernel for on the device that runs it (GGUF mixes such
   as q4_k_m, iq1_s; SGLang's int8/fp8 CPU kernels) is added as ``native`` in memory (the
   source demonstrably ran it) -- the engine YAML is not touched;
-- memory feasibility is ignored (reserves 0, no quality budget), but reported per case;
+- memory feasibility: a case whose placement the planner says does not fit the machine with
+  its usual memory reserves (planner.optimize.make_setup's device and host reserves) is not
+  scored: a model without paging cannot price a run that pages weights from disk; it is listed
+  under ``does_not_fit`` with the planner's reason (every memory it overfills, what it needs
+  and what is usable). The cases that fit are priced with reserves 0 and no quality budget;
 - decode_tok_s = 1 / TPOT (per stream; all cases are batch 1 except one "per stream" case),
   throughput_tok_s = batch / TPOT, prefill_tok_s = prompt / TTFT;
 - decode context = prompt + half the output tokens (at least 1); prefill context = prompt.
@@ -70,6 +74,7 @@ from profiles.engines import Engine, load_engine  # noqa: E402
 from profiles.formats import get_format  # noqa: E402
 from profiles.hardware import DEFAULT_EFFICIENCY, Hardware, load_profile  # noqa: E402
 from profiles.models import load_model  # noqa: E402
+from profiles.units import format_size  # noqa: E402
 from profiles.workload.defaults import default_workload  # noqa: E402
 
 FIDELITY = ROOT / "benchmarks" / "fidelity"
@@ -107,6 +112,10 @@ SCALE_BOUNDS = (0.05, 20.0)
 MAX_MEMORY_FRACTION = 0.95
 MEM_BOUNDS = {k: (0.5, MAX_MEMORY_FRACTION / DEFAULT_EFFICIENCY[k]["memory_fraction"]) for k in ("gpu", "cpu")}
 MAX_NFEV = 15  # function evaluations of the fit (each prices the fit half once; the Jacobian's are extra)
+# robust loss: a case off by far more than the model's spread (a suspected disk-paging run that
+# the planner says fits) must not drag an engine's overheads for every other case; soft_l1
+# with this scale weighs a residual of ln 2 about half as much as least squares would
+LOSS, F_SCALE = "soft_l1", 0.3
 
 
 # --------------------------------------------------------------------------- inputs
@@ -255,9 +264,31 @@ def _specs(case: dict, s, E: int, L: int) -> np.ndarray:
     raise ValueError(f"policy {policy} has no placement")
 
 
+def _does_not_fit(s, case: dict, E: int, L: int, stored_dense: str) -> str | None:
+    """The planner's reason why ``case``'s placement does not fit with the usual reserves
+    (``s`` as make_setup built it), or None when it fits."""
+    specs = _specs(case, s, E, L)
+    problem = build_problem(s, None, [specs[l:l + 1] for l in range(L)], grid=False)
+    choice = tuple(0 for _ in range(L))
+    if _feasible(problem, choice, stored_dense):
+        return None
+    t = problem.tables
+    need = {problem.device_mem: sum(float(t[l].dev_bytes[w]) for l, w in enumerate(choice))
+            + problem.dense_total_bytes(stored_dense)}
+    for hi, home in enumerate(s.homes):
+        need[home] = sum(float(t[l].home_bytes[w]) for l, w in enumerate(choice) if t[l].home[w] == hi)
+    short = {m: n - problem.caps[m] for m, n in need.items() if n > problem.caps[m] * (1 + 1e-9)}
+    parts = [f"{m} needs {format_size(need[m])} of {format_size(problem.caps[m])} usable "
+             f"({format_size(v)} short)" for m, v in short.items()]
+    return (f"{case['config']['policy']} placement does not fit with the planner's memory reserves "
+            f"(device {s.device_reserve[0]:.0%} + {format_size(s.device_reserve[1])}, host "
+            f"{s.host_reserve[0]:.0%} + {format_size(s.host_reserve[1])}): " + "; ".join(parts or ["quality budget"]))
+
+
 def price_case(case: dict, scales: dict[str, float] | None = None,
-               mem_factor: dict[str, float] | None = None) -> dict:
-    """Predicted value of ``case``'s metric, with the notes and the memory check."""
+               mem_factor: dict[str, float] | None = None, check_fit: bool = False) -> dict:
+    """Predicted value of ``case``'s metric, with the notes and the memory check (``check_fit``:
+    also the planner's reason when the placement does not fit with the usual reserves)."""
     base = _engine(engine_name(case))
     model, stats = _stats(case["model"])
     hw, notes = case_hardware(case, mem_factor)
@@ -289,8 +320,9 @@ def price_case(case: dict, scales: dict[str, float] | None = None,
         raise ValueError(f"{case['id']}: a prefill metric needs prompt_tokens")
     context = max(prompt, 1) if prefill else max(prompt + out_tokens // 2, 1)
     s = make_setup(hw, model, stats, batch_size=B, context_tokens=context, formats=formats, engine=engine)
-    s = dataclasses.replace(s, device_reserve=(0.0, 0.0), host_reserve=(0.0, 0.0))
     L, E = stats.num_layers, stats.num_experts
+    no_fit = _does_not_fit(s, case, E, L, s.engine.stored(dfm)) if check_fit else None
+    s = dataclasses.replace(s, device_reserve=(0.0, 0.0), host_reserve=(0.0, 0.0))
     specs = _specs(case, s, E, L)
     problem = build_problem(s, None, [specs[l:l + 1] for l in range(L)], grid=False)
     choice = tuple(0 for _ in range(L))  # one option per layer: the case's
@@ -305,7 +337,7 @@ def price_case(case: dict, scales: dict[str, float] | None = None,
         value = {"tpot_s": tpot, "decode_tok_s": 1.0 / tpot, "throughput_tok_s": B / tpot}[metric]
     if not fits:
         notes.append("would not fit in memory as the planner counts it (priced anyway: the source ran it)")
-    return {"predicted": float(value), "fits": fits, "notes": notes, "compute": s.compute.id,
+    return {"predicted": float(value), "fits": fits, "does_not_fit": no_fit, "notes": notes, "compute": s.compute.id,
             "formats": list(s.formats), "context_tokens": context}
 
 
@@ -369,7 +401,7 @@ def fit(fit_cases: list[dict]) -> dict:
         sparsity[i, n - len(KINDS):] = 1
     sparsity[len(fit_cases):, :] = np.eye(n, dtype=int)
     res = least_squares(residuals, x0, bounds=(lo, hi), diff_step=1e-3, max_nfev=MAX_NFEV, x_scale=1.0,
-                        jac_sparsity=sparsity, method="trf")
+                        jac_sparsity=sparsity, method="trf", loss=LOSS, f_scale=F_SCALE)
     scales, mem = _unpack(res.x, engines)
     return {"engines": engines, "per_engine_scales": scales, "memory_efficiency_factor": mem,
             "cost": float(res.cost), "nfev": int(res.nfev), "status": int(res.status), "message": res.message,
@@ -377,7 +409,7 @@ def fit(fit_cases: list[dict]) -> dict:
             "method": "scipy.optimize.least_squares on ln(pred/published) over the fit half, log-scales in "
                       f"[{SCALE_BOUNDS[0]}, {SCALE_BOUNDS[1]}], memory factors in "
                       f"{ {k: [round(v, 3) for v in b] for k, b in MEM_BOUNDS.items()} }, "
-                      "weak prior 0.05 x (log-scale, factor - 1)"}
+                      f"weak prior 0.05 x (log-scale, factor - 1), loss {LOSS} with f_scale {F_SCALE}"}
 
 
 def suggested_overheads(scales: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
@@ -420,16 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     cases, dropped = load_cases()
-    skipped, priced = [], []
+    skipped, priced, no_fit = [], [], []
     for c in cases:
-        reason = skip_reason(c)
+        reason, nf = skip_reason(c), None
         if reason is None:
             try:
-                price_case(c)
+                nf = price_case(c, check_fit=True)["does_not_fit"]
             except Exception as exc:  # noqa: BLE001 -- reported as a skip with its reason
                 reason = f"pricing failed: {type(exc).__name__}: {exc}"
         if reason:
             skipped.append({"id": c["id"], "source": c["source"], "engine": c["engine"], "reason": reason})
+        elif nf:
+            no_fit.append({"id": c["id"], "source": c["source"], "engine": c["engine"], "profile": c["profile"],
+                           "model": c["model"], "policy": c["config"]["policy"], "reason": nf})
         else:
             priced.append(c)
     fit_half, held_half = split(priced)
@@ -466,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
                    "error = 100 * |ln(predicted / published)|",
            "split": "sorted by (engine profile, source, id), alternating fit / held out",
            "cases_total": len(cases) + len(dropped), "cases_priced": len(priced),
-           "dropped_reserved": dropped, "skipped": skipped, "halves": halves,
+           "dropped_reserved": dropped, "skipped": skipped,
+           "does_not_fit": no_fit,
+           "does_not_fit_note": "not scored: the planner says the placement does not fit the machine with its usual "
+                                "memory reserves; a cost model without paging cannot price it",
+           "halves": halves,
            "fit": fitted,
            "suggested_engine_overheads": suggested_overheads(fitted["per_engine_scales"]) if fitted else None,
            "suggested_overheads_applied": "by hand: profiles/engines/{llama.cpp,ktransformers,vllm,sglang,"
@@ -491,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"worst {sm['worst_pct']:6.1f}% ({sm['worst_id']})")
     for sk in skipped:
         print(f"skipped {sk['id']}: {sk['reason']}")
+    for nf in no_fit:
+        print(f"does not fit, not scored {nf['id']}: {nf['reason']}")
     if fitted:
         print("fitted per-engine scales:", json.dumps(fitted["per_engine_scales"]))
         print("fitted memory-efficiency factors:", json.dumps(fitted["memory_efficiency_factor"]))

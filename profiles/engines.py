@@ -5,6 +5,9 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
 
 - framework overheads, per device kind: per hidden layer of a forward step and per expert
   call, and per step (decode and prefill), each with its source;
+- whether a layer's routed experts run as one fused kernel per projection
+  (``fused_experts``: no kernel launch per expert call, the fused kernel's launches once per
+  MoE layer);
 - the kernel path per (device kind, format): ``native`` (a fused kernel reads the stored
   bytes), ``unsupported``, or ``{unpack_weights_per_s: R}`` (the weights are unpacked to
   fp16 at R weights/s, then an fp16 matmul reads them); a format the profile does not list
@@ -126,6 +129,14 @@ class DeviceKindSpec(BaseModel):
         return self
 
 
+class SourcedFlag(BaseModel):
+    """A yes/no property of the engine with where it comes from."""
+
+    model_config = _STRICT
+    value: bool
+    source: Source
+
+
 class StepOverheads(BaseModel):
     model_config = _STRICT
     decode: SourcedSeconds
@@ -148,6 +159,11 @@ class EngineProfile(BaseModel):
     # the format the engine stores when a plan asks for another one (llama.cpp stores int4 as
     # Q4_K, int8 as Q8_0): the planner sizes and prices the stored one
     format_aliases: dict[str, str] = Field(default_factory=dict)
+    # whether a layer's routed experts run as one fused kernel per projection (llama.cpp's
+    # MUL_MAT_ID, vLLM/SGLang fused_moe, kTransformers' CPU MoE op): then an expert call pays
+    # no kernel launch of its own, and each MoE layer pays the fused kernel's launches once
+    # (profiles.perf); false: one launch per expert call (an eager per-expert loop)
+    fused_experts: SourcedFlag | None = None
     # share of a drive's sequential read rate the engine's expert reads reach (memory-mapped
     # page faults read in small pieces; direct reads of whole experts reach the drive's rate)
     disk_read_fraction: SourcedFraction | None = None
@@ -252,6 +268,7 @@ class Engine:
             expert_call_overhead_s=spec.expert_call_overhead_s.value if spec.expert_call_overhead_s else 0.0,
             step_overhead_s=steps.decode.value, prefill_step_overhead_s=steps.prefill.value,
             unpack_weights_per_s=unpack, formats=formats, engine=self.name,
+            fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
         )
         if d.kind == "cpu":
             family = _family(d, spec.kernel_family)

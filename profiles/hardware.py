@@ -358,6 +358,7 @@ class Device:
     cross_socket_bytes_per_s: float | None = None
     # set by an engine profile (profiles.engines.Engine.apply), zero/empty on bare hardware:
     expert_call_overhead_s: float = 0.0  # framework seconds per expert call (dispatch, Python)
+    fused_experts: bool = False  # one kernel per projection runs all of a layer's routed experts (no launch per call)
     step_overhead_s: float = 0.0  # framework seconds per decode step (sampling, scheduling)
     prefill_step_overhead_s: float = 0.0  # ... per prefill step
     unpack_weights_per_s: dict[str, float] = field(default_factory=dict)  # formats unpacked before the matmul

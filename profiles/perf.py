@@ -14,6 +14,10 @@ of device), ``unpack = params / R`` and the matmul reads the fp16 copy (``read_b
 params``) at the widest float peak; otherwise a fused kernel reads the stored bytes
 (``unpack = 0``, ``read_bytes = weight_bytes(b)``). ``call_overhead`` is the engine's
 framework cost per expert call (dispatch, Python), ``launch`` the device's kernel launch.
+An engine that runs all of a layer's routed experts as one fused kernel per projection
+(``Device.fused_experts``: llama.cpp's MUL_MAT_ID, vLLM/SGLang fused_moe, kTransformers'
+CPU MoE op) pays no launch per expert call; each MoE layer's dense step pays the fused
+kernel's launches instead (:data:`FUSED_MOE_LAUNCHES`, :func:`dense_step_s`).
 A transfer of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
 The planner takes expectations of these; the simulator plays them out with contention.
 
@@ -31,7 +35,13 @@ from .hardware import Device
 if TYPE_CHECKING:
     from .models import ModelSpec
 
-__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s"]
+__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s",
+           "FUSED_MOE_LAUNCHES"]
+
+# kernels a fused MoE layer launches once, whatever the number of experts it runs: the
+# gate/up projection, the down projection and the weighted combine (llama.cpp: two
+# MUL_MAT_ID and the combine; fused_moe: two grouped GEMMs and the sum)
+FUSED_MOE_LAUNCHES = 3
 
 # formats a device falls back to when it has no peak for the stored format, widest last
 _FALLBACK = ("bf16", "fp16", "fp32")
@@ -62,10 +72,12 @@ def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flop
         flops: floating-point operations of the call (2 * n * 3 * H * I for a gated FFN).
         tokens: tokens in the call (n), which sets the efficiency.
     """
-    return _kernel_s(device, storage_format, weight_bytes, flops, tokens) + device.expert_call_overhead_s
+    launch = not device.fused_experts  # a fused engine launches per layer (dense_step_s), not per call
+    return _kernel_s(device, storage_format, weight_bytes, flops, tokens, launch) + device.expert_call_overhead_s
 
 
-def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float) -> float:
+def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float,
+              launch: bool = True) -> float:
     """The roofline of one matmul call (unpack included), without the engine's per-call cost."""
     if not device.is_compute or device.efficiency is None:
         raise ValueError(f"{device.id} does not compute")
@@ -81,7 +93,7 @@ def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: f
     memory_s = read_bytes / (device.memory_bytes_per_s * eff.memory_fraction)
     peak = device.peak_ops_per_s[compute_fmt]
     compute_s = flops / (peak * eff.compute_fraction(tokens)) if flops > 0 else 0.0
-    return unpack_s + max(memory_s, compute_s) + device.launch_overhead_s
+    return unpack_s + max(memory_s, compute_s) + (device.launch_overhead_s if launch else 0.0)
 
 
 def dense_call_s(device: Device, weight_bytes: float, flops: float, tokens: float, fmt: str = "bf16") -> float:
@@ -101,7 +113,9 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     table is the output head and is read whole). Attention reads the whole KV cache
     (``kv_bytes``, all sequences of the step) once;
     each hidden layer launches two kernels (attention, dense/shared MLP) and pays the
-    device's fixed per-layer framework cost (``layer_overhead_s``); the step pays the engine's
+    device's fixed per-layer framework cost (``layer_overhead_s``); on an engine with fused
+    experts (``device.fused_experts``) each MoE layer launches the fused kernel's
+    :data:`FUSED_MOE_LAUNCHES` kernels once (its expert calls launch none); the step pays the engine's
     per-step cost once (``step_overhead_s``, or ``prefill_step_overhead_s`` for a prefill).
     """
     bytes_per_weight = get_format(fmt).bits_per_weight / 8
@@ -112,8 +126,9 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
                           2.0 * tokens * matmul_params, tokens)
     kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
     per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s
+    fused_s = model.num_moe_layers * FUSED_MOE_LAUNCHES * device.launch_overhead_s if device.fused_experts else 0.0
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s
-    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + step_s
+    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s
 
 
 def activation_bytes(model: ModelSpec, tokens: float) -> float:

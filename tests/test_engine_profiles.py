@@ -90,6 +90,27 @@ def test_overheads_unpack_and_step_costs_enter_the_roofline(tmp_path):
     assert dense_step_s(gpu, model, "bf16", 1, 0.0, prefill=True) - d == pytest.approx(5e-3)
 
 
+def test_fused_experts_launch_per_moe_layer_not_per_expert_call():
+    """A fused-MoE engine (llama.cpp's MUL_MAT_ID, vLLM/SGLang fused_moe, kTransformers' CPU
+    op): an expert call pays its framework cost but no kernel launch; each MoE layer's dense
+    step pays FUSED_MOE_LAUNCHES launches instead. An eager per-expert engine is unchanged."""
+    from profiles.perf import FUSED_MOE_LAUNCHES
+
+    assert {e for e, p in bundled_engines().items() if load_engine(p).profile.fused_experts
+            and load_engine(p).profile.fused_experts.value} == {"llama.cpp", "vllm", "sglang", "ktransformers"}
+    _, hw = load_profile("desktop-4090")
+    model = load_model("qwen3-30b-a3b")
+    wb, fl = model.expert_bytes("int4"), model.expert_flops_per_token
+    fused = load_engine("llama.cpp").apply(hw).devices["node/gpu0"]
+    assert fused.fused_experts
+    eager = dataclasses.replace(fused, fused_experts=False)
+    assert expert_call_s(eager, "int4", wb, fl, 1) - expert_call_s(fused, "int4", wb, fl, 1) == pytest.approx(
+        fused.launch_overhead_s, rel=1e-9)
+    assert dense_step_s(fused, model, "bf16", 1, 0.0) - dense_step_s(eager, model, "bf16", 1, 0.0) == pytest.approx(
+        model.num_moe_layers * FUSED_MOE_LAUNCHES * fused.launch_overhead_s, rel=1e-9)
+    assert not load_engine("accelerate").apply(hw).devices["node/gpu0"].fused_experts
+
+
 def test_pageable_host_memory_slows_host_to_device_copies(tmp_path):
     _, hw = load_profile("desktop-4090")
     pinned = load_engine(_engine_file(tmp_path)).apply(hw)
