@@ -70,12 +70,15 @@ __all__ = [
     "cluster_applies",
     "cluster_summary",
     "default_redundant",
+    "expected_load",
     "group_limited",
     "place_experts",
+    "place_for",
     "placement_metrics",
     "plan_cluster",
     "plan_from_placement",
     "render_cluster",
+    "sequence_loads",
     "run_cluster_cli",
     "topology",
     "workload_arrays",
@@ -90,6 +93,18 @@ _REDRAW_SMOOTHING = 0.05
 # Default redundancy: at least E / 8 extra physical experts (DeepSeek-V3 serves 256 experts
 # with 32 redundant ones on 32 prefill GPUs), rounded up so that E + R divides over the GPUs.
 REDUNDANT_FRACTION = 1 / 8
+# Expected load (planning for unseen tokens, not the sample): bootstrap draws of the sequences,
+# a Dirichlet prior of this many pseudo-tokens per layer spread over the experts, and replicas
+# chosen against this upper quantile of each expert's load over the draws.
+LOAD_RESAMPLES = 32
+PRIOR_TOKENS = 256.0
+LOAD_QUANTILE = 0.9
+# Standard deviations of a node's load over the draws that count against its load cap.
+NODE_Z = 1.0
+# Straggler load allowed above the warm start's (EPLB global) on the draws' average max / mean:
+# wider than on the sample (0.01), since the draws' spread, not a fitted 1%, is what unseen
+# tokens bring; what it buys is the cross-node cut.
+EXPECTED_SLACK = 0.06
 
 
 # --------------------------------------------------------------------------- topology
@@ -267,6 +282,47 @@ def workload_arrays(trace: Trace, num_experts: int) -> tuple[np.ndarray, np.ndar
     return load, trans
 
 
+def sequence_loads(trace: Trace, num_experts: int) -> np.ndarray:
+    """``[S, L, E]`` tokens per expert of every sequence (routed experts only): the unit a
+    bootstrap resamples, since one sequence's tokens pick the same experts again and again."""
+    ids = np.asarray(trace.expert_ids, np.int64)  # [T, L, K]
+    T, L, K = ids.shape
+    S = len(trace.seq_lens)
+    seq = np.repeat(np.arange(S), trace.seq_lens)  # [T]
+    flat = (seq[:, None, None] * L + np.arange(L)[None, :, None]) * (num_experts + 1) + np.minimum(ids, num_experts)
+    counts = np.bincount(flat.ravel(), minlength=S * L * (num_experts + 1)).reshape(S, L, num_experts + 1)
+    return counts[..., :num_experts].astype(float)
+
+
+def expected_load(seq_load: np.ndarray, *, resamples: int = LOAD_RESAMPLES, prior_tokens: float = PRIOR_TOKENS,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The load to plan for, not the sample's: ``(expected [L, E], samples [B, L, E])``.
+
+    ``expected`` is the posterior mean of a symmetric Dirichlet over each layer's expert shares
+    (``prior_tokens`` pseudo-tokens spread evenly over the E experts), in the sample's token
+    count; ``samples`` are ``resamples`` bootstrap draws of the sequences (with replacement,
+    seeded), each smoothed the same way: the spread of the load a new workload of this size
+    could bring. Both sum per layer to the sample's tokens.
+
+    Args:
+        seq_load: ``[S, L, E]`` from :func:`sequence_loads`.
+        resamples: B, bootstrap draws.
+        prior_tokens: Dirichlet pseudo-tokens per layer (0: the raw counts).
+        seed: seed of the draws.
+    """
+    S, L, E = seq_load.shape
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(S, np.full(S, 1.0 / S), size=resamples).astype(float)  # [B, S]
+    total = seq_load.sum(0)  # [L, E]
+    samples = (weights @ seq_load.reshape(S, -1)).reshape(resamples, L, E)
+
+    def smooth(x: np.ndarray) -> np.ndarray:
+        n = x.sum(-1, keepdims=True)
+        return (x + prior_tokens / E) * (n / np.maximum(n + prior_tokens, 1e-12))
+
+    return smooth(total), smooth(samples)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -376,23 +432,38 @@ def _by_bands(cost: np.ndarray, weight: np.ndarray, bins: int) -> np.ndarray:
 
 
 def _swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.ndarray, bins: int, cap: float,
-           distinct: bool, max_swaps: int) -> np.ndarray:
+           distinct: bool, max_swaps: int, dev: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
     """Pairwise swaps between bins (counts stay): first to bring every bin under ``cap``
     (the swap that lowers the two bins' larger load the most, cheapest on ties), then the
     swap that lowers the total cost the most while both bins stay under ``cap``.
 
-    ``distinct``: a bin never holds two copies of one expert.
+    ``distinct``: a bin never holds two copies of one expert. ``dev``: ``[M, B]`` the items'
+    load in B draws minus its mean; a bin's load is then its mean plus ``z`` standard
+    deviations over the draws (items that rise together count more than their means).
     """
     M = len(weight)
     where = where.copy()
     load = np.bincount(where, weights=weight, minlength=bins)
     idx = np.arange(M)
+    if dev is not None:
+        B = dev.shape[1]
+        gram = dev @ dev.T  # [M, M]
+        sq_step = np.diag(gram)[:, None] + np.diag(gram)[None, :] - 2 * gram  # [i, j] |d_j - d_i|^2
+        dsum = np.zeros((bins, B))  # [bins, B] a bin's summed deviation
+        np.add.at(dsum, where, dev)
     for _ in range(max_swaps):
         own = cost[idx, where]  # [M]
         cross = cost[:, where]  # [i, j]: cost of item i in j's bin
         gain = own[:, None] + own[None, :] - cross - cross.T  # [M, M] cost saved by swapping i and j
         li = load[where]
         new_i = li[:, None] - weight[:, None] + weight[None, :]  # i's bin after the swap
+        if dev is not None:
+            sq = (dsum * dsum).sum(1)  # [bins]
+            X = dev @ dsum.T  # [M, bins]
+            toward = X[:, where].T - X[idx, where][:, None]  # [i, j] D_a . (d_j - d_i), a = i's bin
+            sq_i = np.maximum(sq[where][:, None] + sq_step + 2 * toward, 0.0)  # i's bin after the swap
+            new_i = new_i + z * np.sqrt(sq_i / B)
+            li = li + z * np.sqrt(sq[where] / B)
         worst_before = np.maximum(li[:, None], li[None, :])
         worst_after = np.maximum(new_i, new_i.T)
         ok = where[:, None] != where[None, :]
@@ -401,14 +472,15 @@ def _swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.n
             held[where, expert] = True
             same = expert[:, None] == expert[None, :]
             ok &= (~held[where[:, None], expert[None, :]] & ~held[where[None, :], expert[:, None]]) | same
-        if load.max() > cap + 1e-12:
+        bin_load = load if dev is None else load + z * np.sqrt(sq / B)
+        if bin_load.max() > cap + 1e-12:
             # repair: only swaps touching the most loaded bin, that lower its load
-            top = int(np.argmax(load))
+            top = int(np.argmax(bin_load))
             score = np.where(ok & (where[:, None] == top) & (worst_after < worst_before - 1e-12),
                              (worst_before - worst_after) + 1e-9 * gain, -np.inf)
         else:
             score = np.where(ok & (worst_after <= cap + 1e-12), gain, -np.inf)
-        if load.max() > cap + 1e-12:
+        if bin_load.max() > cap + 1e-12:
             picks = [divmod(int(np.argmax(score)), M)]
         else:
             # several swaps per round, between disjoint pairs of bins (their loads stay exact)
@@ -430,6 +502,9 @@ def _swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.n
             bi, bj = where[i], where[j]
             load[bi] += weight[j] - weight[i]
             load[bj] += weight[i] - weight[j]
+            if dev is not None:
+                dsum[bi] += dev[j] - dev[i]
+                dsum[bj] += dev[i] - dev[j]
             where[i], where[j] = bj, bi
     return where
 
@@ -449,6 +524,61 @@ def _pack(weight: np.ndarray, expert: np.ndarray, bins: int, per_bin: int) -> np
         load[b] += weight[m]
         count[b] += 1
         held[b, expert[m]] = True
+    return where
+
+
+def _pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, max_swaps: int) -> np.ndarray:
+    """Items to bins, ``per_bin`` each, one copy of an expert per bin, balanced over load draws:
+    heaviest first into the bin that raises the draws' average largest bin load least, then
+    the pairwise swaps that lower it most.
+
+    Args:
+        draws: ``[M, B]`` item loads in B draws.
+        expert: ``[M]`` expert of every item.
+
+    Returns:
+        ``[M]`` bin of every item.
+    """
+    M, B = draws.shape
+    where = np.full(M, -1)
+    load = np.zeros((bins, B))
+    count = np.zeros(bins, np.int64)
+    held = np.zeros((bins, int(expert.max()) + 1), bool)
+    eye = np.eye(bins, dtype=bool)
+    for m in np.argsort(-draws.mean(1), kind="stable"):
+        bad = (count >= per_bin) | held[:, expert[m]]
+        if bad.all():
+            bad = count >= per_bin
+        after = load[None, :, :] + eye[:, :, None] * draws[m][None, None, :]  # [candidate, bin, B]
+        score = after.max(1).mean(1) + 1e-9 * load.mean(1)  # [candidate]
+        b = int(np.argmin(np.where(bad, np.inf, score)))
+        where[m] = b
+        load[b] += draws[m]
+        count[b] += 1
+        held[b, expert[m]] = True
+    same = expert[:, None] == expert[None, :]
+    for _ in range(max_swaps):
+        padded = np.vstack([load, np.zeros((2, B))])  # two empty bins: "the rest" exists with 2 bins
+        order = np.argsort(-padded, axis=0, kind="stable")[:3]  # [3, B] the three largest bins of every draw
+        top = np.take_along_axis(padded, order, 0)  # [3, B]
+        a, b = where[:, None, None], where[None, :, None]  # [M, 1, 1], [1, M, 1]
+        rest = np.where((order[0] != a) & (order[0] != b), top[0],
+                        np.where((order[1] != a) & (order[1] != b), top[1], top[2]))  # [M, M, B]
+        delta = draws[None, :, :] - draws[:, None, :]  # [i, j, B]: j in, i out of i's bin
+        new_max = np.maximum(rest, np.maximum(load[where][:, None, :] + delta, load[where][None, :, :] - delta))
+        gain = top[0].mean() - new_max.mean(-1)  # [M, M]
+        held = np.zeros((bins, int(expert.max()) + 1), bool)
+        held[where, expert] = True
+        ok = (where[:, None] != where[None, :]) & (
+            (~held[where[:, None], expert[None, :]] & ~held[where[None, :], expert[:, None]]) | same)
+        gain = np.where(ok, gain, -np.inf)
+        i, j = divmod(int(np.argmax(gain)), M)
+        if not gain[i, j] > 1e-9 * top[0].mean():
+            break
+        bi, bj = where[i], where[j]
+        load[bi] += draws[j] - draws[i]
+        load[bj] += draws[i] - draws[j]
+        where[i], where[j] = bj, bi
     return where
 
 
@@ -492,9 +622,16 @@ def _capped_copies(load: np.ndarray, num_physical: int, num_gpus: int) -> np.nda
     return logcnt
 
 
+def _drawn_max_mean(samples: np.ndarray, share: np.ndarray) -> float:
+    """Max / mean GPU load averaged over load draws ``samples [B, E]`` under ``share [E, G]``."""
+    gpu = np.einsum("be,eg->bg", samples, share)  # [B, G]
+    return float((gpu.max(1) / np.maximum(gpu.mean(1), 1e-12)).mean())
+
+
 def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physical: int, *,
                   balance_slack: float = 0.01, sweeps: int = 2, time_limit_s: float = 300.0,
-                  hidden_size: int = 1, max_swaps: int = 64) -> tuple[np.ndarray, dict[str, Any]]:
+                  hidden_size: int = 1, max_swaps: int = 64, load_samples: np.ndarray | None = None,
+                  quantile: float = LOAD_QUANTILE) -> tuple[np.ndarray, dict[str, Any]]:
     """Our placement (see the module docstring): ``phy2log [L, R]`` and solver facts.
 
     Args:
@@ -509,6 +646,15 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
             The work itself is bounded by ``sweeps`` and ``max_swaps``.
         hidden_size: H, scales the link cost (the traffic objective is in link seconds).
         max_swaps: improving swaps between nodes per layer solve.
+        load_samples: ``[B, L, E]`` draws of the load a new workload could bring (see
+            :func:`expected_load`; ``load`` is then their expectation). With them, copies go
+            to the experts with the largest ``quantile`` of load per copy over the draws (an
+            uncertain expert gets a replica, which splits its noise over two GPUs), and a layer
+            keeps a new placement only if its max / mean load averaged over the draws stays
+            within ``balance_slack`` of the warm start's: balance on unseen tokens, not on the
+            sample (co-locating experts that the same sequences pick would fit the sample and
+            break on the next one).
+        quantile: the upper quantile of the draws that replicas are chosen against.
     """
     t0 = time.perf_counter()
     L, E = load.shape
@@ -516,7 +662,9 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
     S = num_physical // G
     D = topo.cost_s_per_byte * hidden_size * ACTIVATION_BYTES  # [G, G]
     warm = eplb_global(load, num_physical, 1, 1, G)  # [L, R]
-    logcnt = _capped_copies(load, num_physical, G)  # EPLB's rule, at most one copy per GPU
+    # EPLB's rule, at most one copy per GPU; against an upper quantile of the load when known
+    upper = load if load_samples is None else np.quantile(load_samples, quantile, axis=0)  # [L, E]
+    logcnt = _capped_copies(upper, num_physical, G)
     for l in range(L):
         # EPLB may give an expert more copies than there are GPUs, or pack two copies of one
         # expert on one GPU; a plan cannot say that (and it wastes a slot): re-pack such a
@@ -531,6 +679,8 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
     gpu_load = np.einsum("le,leg->lg", load, P)
     mean = gpu_load.mean(axis=1)
     cap = gpu_load.max(axis=1) + balance_slack * mean  # [L]
+    if load_samples is not None:  # the same cap, on the draws' average max / mean
+        robust_cap = np.array([_drawn_max_mean(load_samples[:, l], P[l]) for l in range(L)]) + balance_slack
     placement = warm.copy()
     improved = tried = 0
     stopped = False
@@ -545,6 +695,8 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
             tried += 1
             expert = np.repeat(np.arange(E), logcnt[l])  # [R] items: copies
             weight = load[l, expert] / logcnt[l, expert]
+            if load_samples is not None:
+                drawn = (load_samples[:, l, expert] / logcnt[l, expert]).T  # [R, B]
             cost_e = _layer_cost(l, placement, logcnt, trans, D)  # [E, G], independent of layer l's own placement
             cost_g = cost_e[expert] / logcnt[l, expert][:, None]  # [R, G]
             best = None
@@ -552,13 +704,23 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 cap_n = GN * mean[l] * (1.0 + max(cap[l] / max(mean[l], 1e-12) - 1.0, 0.0) * tighten)
                 cost_n = cost_g.reshape(len(expert), N, GN).mean(-1)  # [R, N]
                 node = _by_bands(cost_n, weight, N)
-                node = _swaps(cost_n, weight, expert, node, N, cap_n, False, node_swaps)
+                if load_samples is None:
+                    node = _swaps(cost_n, weight, expert, node, N, cap_n, False, node_swaps)
+                else:  # the cap on mean + z sd of a node's load over the draws, z sd as the warm start's worst node
+                    dev = drawn - drawn.mean(1, keepdims=True)  # [R, B]
+                    warm_node = topo.node_of[np.argsort(warm[l], kind="stable") // S]  # [R] items, by expert
+                    warm_sd = np.sqrt([(dev[warm_node == n].sum(0) ** 2).mean() for n in range(N)])
+                    node = _swaps(cost_n, weight, expert, node, N, cap_n + NODE_Z * warm_sd.max(), False, node_swaps,
+                                  dev=dev, z=NODE_Z)
                 gpu = np.empty(len(expert), np.int64)
                 for n in range(N):
                     items = np.flatnonzero(node == n)
                     sub_cost = cost_g[np.ix_(items, node_gpus[n])]
-                    start = _pack(weight[items], expert[items], GN, S)
-                    local = _swaps(sub_cost, weight[items], expert[items], start, GN, cap[l], True, gpu_swaps)
+                    if load_samples is None:
+                        start = _pack(weight[items], expert[items], GN, S)
+                        local = _swaps(sub_cost, weight[items], expert[items], start, GN, cap[l], True, gpu_swaps)
+                    else:  # inside a node the link is fast: balance on the draws, not the sample
+                        local = _pack_drawn(drawn[items], expert[items], GN, S, gpu_swaps)
                     gpu[items] = node_gpus[n][local]
                 gl = np.bincount(gpu, weights=weight, minlength=G)
                 dup = len(set(zip(gpu.tolist(), expert.tolist()))) < len(expert)
@@ -569,6 +731,8 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 continue
             row = np.concatenate([np.sort(expert[best == g]) for g in range(G)])
             new_share = _distribution(row[None, :], E, G)[0]  # [E, G]
+            if load_samples is not None and _drawn_max_mean(load_samples[:, l], new_share) > robust_cap[l] + 1e-12:
+                continue
             if (cost_e * new_share).sum() <= (cost_e * P[l]).sum() + 1e-15:
                 placement[l] = row
                 P[l] = new_share
@@ -579,6 +743,24 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
             "stopped_by_time_limit": stopped, "balance_slack": balance_slack,
             "solve_s": time.perf_counter() - t0}
     return placement, info
+
+
+def place_for(plan_for: str, trace: Trace, load: np.ndarray, trans: np.ndarray, topo: Topology, num_physical: int, *,
+              balance_slack: float | None = None, seed: int = 0, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`place_experts` for the trace's expected load (``plan_for="expected"``) or its
+    sample counts (``"sample"``); ``load``, ``trans``: :func:`workload_arrays` of ``trace``."""
+    if plan_for == "sample":
+        slack = 0.01 if balance_slack is None else balance_slack
+        placement, info = place_experts(load, trans, topo, num_physical, balance_slack=slack, **kwargs)
+        return placement, info | {"plan_for": "sample"}
+    if plan_for != "expected":
+        raise InputError("unknown load to plan for", key="plan_for", value=plan_for, expected="expected or sample")
+    slack = EXPECTED_SLACK if balance_slack is None else balance_slack
+    expected, draws = expected_load(sequence_loads(trace, load.shape[1]), seed=seed)
+    placement, info = place_experts(expected, trans, topo, num_physical, balance_slack=slack, load_samples=draws,
+                                    **kwargs)
+    return placement, info | {"plan_for": "expected", "load_resamples": LOAD_RESAMPLES,
+                              "prior_tokens": PRIOR_TOKENS, "replica_quantile": LOAD_QUANTILE, "node_z": NODE_Z}
 
 
 # --------------------------------------------------------------------------- plans
@@ -598,11 +780,15 @@ class ClusterRequest:
         formats: storage formats to try for experts and dense weights, first that fits wins.
         batch_size: sequences per GPU (data-parallel attention) the KV cache must hold.
         context_tokens: context per sequence.
-        balance_slack: straggler load allowed above EPLB global's, in units of the mean load.
+        balance_slack: straggler load allowed above EPLB global's, in units of the mean load
+            (``None``: 0.01 on the sample, :data:`EXPECTED_SLACK` on the draws).
         sweeps: passes over the layers.
         time_limit_s: wall-clock safety net of the placement (the work is bounded by ``sweeps``;
             reaching it is recorded in the plan as status "time limit").
-        seed: seed of the group-limited redraws.
+        seed: seed of the group-limited redraws and the bootstrap draws.
+        plan_for: ``"expected"``: balance the load unseen tokens are expected to bring
+            (:func:`expected_load`: smoothed counts, bootstrap draws over sequences, replicas
+            for uncertain experts); ``"sample"``: balance the trace's own counts (fits its noise).
     """
 
     hardware: str = "cluster-h100-2node"
@@ -613,10 +799,11 @@ class ClusterRequest:
     formats: tuple[str, ...] = ("bf16", "fp8", "int8", "int4")
     batch_size: int = 8
     context_tokens: int = 4096
-    balance_slack: float = 0.01
+    balance_slack: float | None = None
     sweeps: int = 2
     time_limit_s: float = 300.0
     seed: int = 0
+    plan_for: str = "expected"
 
 
 @dataclass(frozen=True, eq=False)
@@ -763,8 +950,9 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
         placements[name] = fn(load, R, model.n_group, N, G)
         metrics[name] = score(placements[name]) | {"solve_s": time.perf_counter() - t}
     t = time.perf_counter()
-    ours, info = place_experts(load, trans, topo, R, balance_slack=req.balance_slack, sweeps=req.sweeps,
-                               time_limit_s=req.time_limit_s, hidden_size=model.hidden_size)
+    ours, info = place_for(req.plan_for, trace, load, trans, topo, R, balance_slack=req.balance_slack,
+                           sweeps=req.sweeps, time_limit_s=req.time_limit_s, hidden_size=model.hidden_size,
+                           seed=req.seed)
     metrics["ours"] = score(ours) | {"solve_s": time.perf_counter() - t}
     t_solve = time.perf_counter()
 
