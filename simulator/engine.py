@@ -130,6 +130,12 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         self._call_cache: dict[tuple[str, str, int], float] = {}
         self._bytes_cache: dict[str, float] = {}
         self._mem_cache: dict[str, str] = {}
+        self._transfer_cache: dict[tuple[str, str, float], float] = {}
+        # cache-less layers' classified work (see simulator.experts); the miss policies other
+        # than "plan" may read the gate weights, so they classify every time
+        self._plain_memo: dict | None = {} if config.miss == "plan" else None
+        self._memo_lookups = 0
+        self._tier = {m: mem.tier for m, mem in hardware.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
         self._ep_cache: dict[int, dict] = {}
         self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is
         self._freq = frequency(trace, self.E) if self.eviction == "static" else None
@@ -182,7 +188,9 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
             cache = make_cache(self.eviction, lp.cache_slots, future=future,
                                frequency=None if self._freq is None else self._freq[l])
         streamed = [e for e, s in enumerate(lp.site) if s == "stream"]
-        return ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed)
+        on_disk = frozenset(e for e, home in enumerate(lp.home) if self.hw.memories[home].tier == "nvme")
+        return ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed,
+                           on_disk)
 
     def _runner(self, memory_id: str, site: str) -> str:
         """The compute device that runs an expert homed in ``memory_id`` at ``site``."""
@@ -198,16 +206,26 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
 
     def call_s(self, device_id: str, fmt: str, tokens: int) -> float:
         key = (device_id, fmt, tokens)
-        if key not in self._call_cache:
+        sec = self._call_cache.get(key)
+        if sec is None:
             dev = self.hw.devices[device_id]
-            self._call_cache[key] = expert_call_s(dev, fmt, self.model.expert_bytes(fmt),
-                                                  self.model.expert_flops_per_token * tokens, tokens)
-        return self._call_cache[key]
+            sec = self._call_cache[key] = expert_call_s(dev, fmt, self.model.expert_bytes(fmt),
+                                                        self.model.expert_flops_per_token * tokens, tokens)
+        return sec
+
+    def transfer_s(self, src: str, dst: str, n_bytes: float) -> float:
+        """Seconds a transfer takes alone (:meth:`simulator.resources.Network.transfer_s`, cached)."""
+        key = (src, dst, n_bytes)
+        sec = self._transfer_cache.get(key)
+        if sec is None:
+            sec = self._transfer_cache[key] = self.net.transfer_s(src, dst, n_bytes)
+        return sec
 
     def expert_bytes(self, fmt: str) -> float:
-        if fmt not in self._bytes_cache:
-            self._bytes_cache[fmt] = float(self.model.expert_bytes(fmt))
-        return self._bytes_cache[fmt]
+        n_bytes = self._bytes_cache.get(fmt)
+        if n_bytes is None:
+            n_bytes = self._bytes_cache[fmt] = float(self.model.expert_bytes(fmt))
+        return n_bytes
 
     def _dev_mem(self, device_id: str) -> str:
         """The memory pool of a device (cached)."""
@@ -240,7 +258,7 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
-        small = len(rows) <= 4  # pure Python beats numpy on a handful of tokens
+        small = len(rows) <= 64  # pure Python beats numpy per layer up to a few dozen tokens
         ids_list = ids.tolist() if small else None
         gates_list = gates.tolist() if (small and gates is not None) else None
         L = len(self.layers)
@@ -248,39 +266,44 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         compute = self.stream(self.compute_id)
         single = len(dense_by_gpu) == 1
         dense_s = dense_by_gpu.get(self.compute_id, 0.0)
+        layers, E, K = self.layers, self.E, self.K
+        ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
+        layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
         for l in range(L):
-            if small:
-                routed = route_small([r[l] for r in ids_list], None if gates_list is None else [g[l] for g in gates_list],
-                                      self.E, self.K)
-            else:
-                routed = route(ids[:, l, :], None if gates is None else gates[:, l, :], self.E)
             refs = None
-            if self.layers[l].cache is not None:
-                refs = ([r[l] for r in ids_list] if small else ids[:, l, :].tolist(),
-                        None if gates is None else ([g[l] for g in gates_list] if small else gates[:, l, :].tolist()))
-            block, jobs = self._classify(l, rows, routed, refs)
+            if small:
+                layer_ids = [r[l] for r in ids_list]
+                layer_gates = None if gates_list is None else [g[l] for g in gates_list]
+                routed = route_small(layer_ids, layer_gates, E, K)
+                if layers[l].cache is not None:
+                    refs = (layer_ids, layer_gates)
+            else:
+                routed = route(ids[:, l, :], None if gates is None else gates[:, l, :], E)
+                if layers[l].cache is not None:
+                    refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
+            block, jobs = classify(l, rows, routed, refs)
             if single:
                 router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
             else:
                 router_at = max(self.stream(g).reserve(d, recording and f"attention L{l}", ready_s=t)
                                 for g, d in dense_by_gpu.items())
-            ep_end = self._all_to_all(l, ids[:, l, :], router_at) if len(self.gpus) > 1 else router_at
-            prefetch = self.prefetch_name != "none" and l + 1 < L
+            ep_end = self._all_to_all(l, ids[:, l, :], router_at) if ep else router_at
+            prefetch = prefetching and l + 1 < L
             if not jobs and not prefetch:
                 end = ep_end
                 for dev, sec in block.items():
-                    done = self.stream(dev).reserve(sec, recording and f"experts L{l}", ready_s=router_at)
+                    done = stream(dev).reserve(sec, recording and f"experts L{l}", ready_s=router_at)
                     end = max(end, done)
-                self.layer_wall_s[l] += end - t
+                layer_wall_s[l] += end - t
                 t = end
                 if recording:
                     self.log("layer_step", f"L{l} done", t)
                 continue
-            if not prefetch and self.play_ahead:
+            if not prefetch and play_ahead:
                 end = self._played_ahead(l, router_at, block, jobs)
                 if end is not None:
                     end = max(end, ep_end)
-                    self.layer_wall_s[l] += end - t
+                    layer_wall_s[l] += end - t
                     t = end
                     if recording:
                         self.log("layer_step", f"L{l} done", t)

@@ -22,6 +22,12 @@ from profiles.perf import activation_bytes
 
 __all__ = ["ExpertLayer", "ExpertWork", "route", "route_small"]
 
+# cache-less layers: their work for a given (layer, step size, experts, token counts) is worked out once
+# and kept (block and jobs are read, never changed, by the callers); at most this many entries,
+# and none once the first PLAIN_MEMO_PROBE lookups found mostly new combinations
+PLAIN_MEMO_ENTRIES = 1 << 16
+PLAIN_MEMO_PROBE = 4096
+
 
 @dataclass
 class ExpertLayer:
@@ -34,6 +40,10 @@ class ExpertLayer:
     cache: object | None
     cache_format: str | None
     streamed: list[int]
+    on_disk: frozenset[int] = frozenset()  # experts homed on NVMe
+
+    def __post_init__(self) -> None:
+        self.via_cache = [s == "fetch" or s == "hybrid" for s in self.site]  # accesses the cache sees
 
 
 class ExpertWork:
@@ -50,72 +60,99 @@ class ExpertWork:
         expert's first access in the step decides where it runs, later ones only count.
         ``refs``: ``(ids [n][K], gates [n][K] or None)`` of the step at this layer, as lists.
         """
-        lay = self.layers[l]
+        lay, cache = self.layers[l], self.layers[l].cache
+        key = None
+        if cache is None and self._plain_memo is not None:  # the same experts, the same work
+            key = (l, len(rows), tuple([(e, n) for e, n, _g, _first in routed]))
+            known = self._plain_memo.get(key)
+            self._memo_lookups += 1
+            if self._memo_lookups == PLAIN_MEMO_PROBE and len(self._plain_memo) > PLAIN_MEMO_PROBE // 2:
+                self._plain_memo = None  # mostly new combinations (many experts): not worth keeping
+            if known is not None:
+                block, jobs, tokens, resident, local_n, missed = known
+                self.expert_calls += len(routed)
+                self.expert_accesses += tokens
+                self.resident_access[l] += resident
+                self.local_access[l] += local_n
+                self.cache_access[l] += missed
+                return block, jobs
         ep = len(self.gpus) > 1
         block: dict[str, float] = defaultdict(float)
         jobs: list = []
         local: list[tuple[int, int]] = []  # experts run where they live, by device below
         K, E = self.K, self.E
         first_hit: dict[int, bool] = {}
-        if lay.cache is not None:
-            cache, site_of = lay.cache, lay.site
+        if cache is not None:
+            via_cache, access = lay.via_cache, cache.access
             layer_ids, layer_gates = refs
             router = cache.scores_router
             hits = accesses = 0
             for t, row in enumerate(layer_ids):
                 p0 = int(rows[t]) * K  # positions in the workload: token x K + rank
+                token_gates = layer_gates[t] if layer_gates is not None else None
                 if router:  # the token's router scores reach the cache before its experts do
-                    scores = layer_gates[t] if layer_gates is not None else [1.0] * len(row)
+                    scores = token_gates if token_gates is not None else [1.0] * len(row)
                     chosen = [(e, s) for e, s in zip(row, scores) if e < E]
                     cache.route([e for e, _ in chosen], [s for _, s in chosen])
                 for k, e in enumerate(row):
-                    if e < E and (site_of[e] == "fetch" or site_of[e] == "hybrid"):
-                        h = cache.access(e, p0 + k, layer_gates[t][k] if layer_gates is not None else 1.0)
+                    if e < E and via_cache[e]:
+                        h = access(e, p0 + k, token_gates[k] if token_gates is not None else 1.0)
                         hits += h
                         accesses += 1
-                        first_hit.setdefault(e, h)
+                        if e not in first_hit:
+                            first_hit[e] = h
             self.cache_access[l] += accesses
             self.cache_hit[l] += hits
+        site_of, fmt_of, owners = lay.site, lay.fmt, lay.owners
+        call_s, compute_id = self.call_s, self.compute_id
+        self.expert_calls += len(routed)
+        tokens = resident = local_n = missed = 0
         for e, n, g, _first in routed:
-            self.expert_calls += 1
-            self.expert_accesses += n
-            site = lay.site[e]
+            tokens += n
+            site = site_of[e]
             if site == "resident":
-                self.resident_access[l] += n
+                resident += n
                 if not ep:  # with expert parallelism the all-to-all runs them (_all_to_all)
-                    dev = lay.owners[e][0]
-                    block[dev] += self.call_s(dev, lay.fmt[e], n)
+                    dev = owners[e][0]
+                    block[dev] += call_s(dev, fmt_of[e], n)
+            elif site == "local":
+                local_n += n
+                local.append((e, n))
             elif site == "fetch" or site == "hybrid":
-                fmt = lay.cache_format or lay.fmt[e]
-                if lay.cache is None:
-                    self.cache_access[l] += n  # no slots: every access misses
+                fmt = lay.cache_format or fmt_of[e]
+                if cache is None:
+                    missed += n  # no slots: every access misses
                 elif first_hit[e]:
                     pending = self.inflight.get((l, e))
                     if pending is not None and not pending.triggered:
                         jobs.append(("after", pending, e, n, fmt))
                     else:
-                        block[self.compute_id] += self.call_s(self.compute_id, fmt, n)
+                        block[compute_id] += call_s(compute_id, fmt, n)
                     continue
                 action = self.miss(site, n, g, None if self.cfg.miss == "plan" else self._miss_costs(l, e))
                 if action == "local":
-                    self.local_access[l] += n
+                    local_n += n
                     local.append((e, n))
-                    if lay.cache is not None:
+                    if cache is not None:
                         jobs.append(("fill", e))
                 else:
                     jobs.append(("fetch", e, n, "int4" if action == "low-bit" else fmt))
-            elif site == "local":
-                self.local_access[l] += n
-                local.append((e, n))
             else:  # stream: computed on the device once the layer's streamed weights are in
-                block[self.compute_id] += self.call_s(self.compute_id, lay.fmt[e], n)
-        by_device: dict[str, list] = defaultdict(list)
-        for e, n in local:
-            by_device[lay.owners[e][0]].append((e, n))
-        for dev, calls in by_device.items():
-            jobs.append(("local", dev, calls, min(len(rows), sum(n for _, n in calls))))
+                block[compute_id] += call_s(compute_id, fmt_of[e], n)
+        self.expert_accesses += tokens
+        self.resident_access[l] += resident
+        self.local_access[l] += local_n
+        self.cache_access[l] += missed
+        if local:
+            by_device: dict[str, list] = defaultdict(list)
+            for e, n in local:
+                by_device[owners[e][0]].append((e, n))
+            for dev, calls in by_device.items():
+                jobs.append(("local", dev, calls, min(len(rows), sum(n for _, n in calls))))
         if lay.streamed:
             jobs.append(("stream",))
+        if key is not None and self._plain_memo is not None and len(self._plain_memo) < PLAIN_MEMO_ENTRIES:
+            self._plain_memo[key] = (block, jobs, tokens, resident, local_n, missed)
         return block, jobs
 
     def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list) -> float | None:
@@ -134,64 +171,74 @@ class ExpertWork:
         # activations (both directions) never share a bandwidth with each other, and fetches
         # are serial on the copy engine; only results coming back can meet a fetch
         check = "local" in kinds and len(kinds) > 1
-        lay, net = self.layers[l], self.net
+        lay, net, transfer_s = self.layers[l], self.net, self.transfer_s
         recording = self.events is not None
         if check:
             saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
             n_spans = len(self.spans) if self.spans is not None else 0
             n_events = len(self.events) if self.events is not None else 0
+        labels = self.spans is not None  # names of kernels and transfers: only for the Chrome trace
         moves: list[tuple[str, str, float, float, float, str, bool]] = []  # (src, dst, bytes, start, end, what, weights)
 
         def move(src: str, dst: str, n_bytes: float, start: float, what: str, weights: bool = True) -> float:
-            end = start + net.transfer_s(src, dst, n_bytes)
+            end = start + transfer_s(src, dst, n_bytes)
             moves.append((src, dst, n_bytes, start, end, what, weights))
             return end
 
         end = router_at
         for dev, sec in block.items():
-            end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=router_at))
+            done = self.stream(dev).reserve(sec, labels and f"experts L{l}", ready_s=router_at)
+            if done > end:
+                end = done
         engine_free = router_at  # the copy engine takes fetches and fills in job order
-        compute = self.stream(self.compute_id)
+        compute_id, compute_mem, home = self.compute_id, self.compute_mem, lay.home
+        compute, call_s, expert_bytes = self.stream(compute_id), self.call_s, self.expert_bytes
         for job in jobs:
-            if job[0] == "fetch":
+            kind = job[0]
+            if kind == "fetch":
                 _, e, n, fmt = job
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} start", engine_free)
-                engine_free = move(lay.home[e], self.compute_mem, self.expert_bytes(fmt), engine_free,
-                                   f"L{l}E{e} {fmt}")
+                n_bytes, src = expert_bytes(fmt), home[e]
+                arrived = engine_free + transfer_s(src, compute_mem, n_bytes)
+                moves.append((src, compute_mem, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", True))
+                engine_free = arrived
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
-                end = max(end, compute.reserve(self.call_s(self.compute_id, fmt, n), f"expert L{l}E{e}",
-                                               ready_s=engine_free))
-            elif job[0] == "fill":
-                fmt = lay.cache_format or lay.fmt[job[1]]
+                done = compute.reserve(call_s(compute_id, fmt, n), labels and f"expert L{l}E{e}", ready_s=engine_free)
+                if done > end:
+                    end = done
+            elif kind == "fill":
+                e = job[1]
+                fmt = lay.cache_format or lay.fmt[e]
                 if recording:
-                    self.log("expert_fetch", f"L{l}E{job[1]} start", engine_free)
-                engine_free = move(lay.home[job[1]], self.compute_mem, self.expert_bytes(fmt), engine_free,
-                                   f"L{l}E{job[1]} {fmt}")
+                    self.log("expert_fetch", f"L{l}E{e} start", engine_free)
+                engine_free = move(home[e], compute_mem, expert_bytes(fmt), engine_free, labels and f"L{l}E{e} {fmt}")
                 if recording:
-                    self.log("expert_fetch", f"L{l}E{job[1]} arrived", engine_free)
-                end = max(end, engine_free)
+                    self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
+                if engine_free > end:
+                    end = engine_free
         for job in jobs:
             if job[0] == "local":
                 _, dev, calls, tokens = job
-                if any(self.hw.memories[lay.home[e]].tier == "nvme" for e, _ in calls):
+                if lay.on_disk and any(e in lay.on_disk for e, _ in calls):
                     break  # weights read from disk on the way: leave it to the processes
                 dev_mem = self._dev_mem(dev)
                 act = activation_bytes(self.model, tokens)
-                ready = move(self.compute_mem, dev_mem, act, router_at, f"L{l} activations", False)
+                ready = move(compute_mem, dev_mem, act, router_at, labels and f"L{l} activations", False)
                 stream = self.stream(dev)
                 if self.spans is None:  # one reservation: the same end, fewer steps
                     ready = stream.reserve(sum(self.call_s(dev, lay.fmt[e], n) for e, n in calls), ready_s=ready)
                 for e, n in calls if self.spans is not None else ():
                     ready = stream.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}", ready_s=ready)
-                end = max(end, move(dev_mem, self.compute_mem, act, ready, f"L{l} results", False))
+                end = max(end, move(dev_mem, compute_mem, act, ready, labels and f"L{l} results", False))
         else:
             if not check or not net.overlapping([m[:5] for m in moves]):
+                account, tier, bytes_moved = net.account, self._tier, self.bytes_moved
                 for src, dst, n_bytes, start, stop, what, weights in moves:
-                    net.account(src, dst, n_bytes, start, stop, what)
+                    account(src, dst, n_bytes, start, stop, what)
                     if weights:
-                        self.bytes_moved[self.hw.memories[src].tier] += n_bytes
+                        bytes_moved[tier[src]] += n_bytes
                 return end
         for name, st in self.streams.items():  # undo the tentative reservations
             st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
@@ -287,15 +334,17 @@ def route_small(ids: list, gates: list | None, E: int, K: int) -> list[tuple[int
     """:func:`route` for a handful of tokens, in plain Python (``ids``: ``[n][K]`` lists)."""
     seen: dict[int, list] = {}
     for t, row in enumerate(ids):
+        token_gates = gates[t] if gates is not None else None
         for k, e in enumerate(row):
             if e >= E:
                 continue
-            g = gates[t][k] if gates is not None else 1.0
-            if e in seen:
-                seen[e][1] += 1
-                seen[e][2] += g
-            else:
+            g = token_gates[k] if token_gates is not None else 1.0
+            entry = seen.get(e)
+            if entry is None:
                 seen[e] = [e, 1, g, t * K + k]
+            else:
+                entry[1] += 1
+                entry[2] += g
     return [(e, n, gsum / n, first) for e, n, gsum, first in seen.values()]
 
 

@@ -141,7 +141,7 @@ class Network:
 
     def transfer_s(self, src: str, dst: str, n_bytes: float) -> float:
         """Seconds the transfer takes alone (no contention)."""
-        p = self.path(src, dst)
+        p = self._paths.get((src, dst)) or self.path(src, dst)
         if not p.keys or n_bytes <= 0:
             return 0.0
         return p.latency_s + n_bytes / p.bottleneck_bytes_per_s
@@ -158,13 +158,14 @@ class Network:
 
     def account(self, src: str, dst: str, n_bytes: float, start_s: float, end_s: float, what: str = "") -> None:
         """Book a transfer worked out ahead (alone on its route) as if it had been played out."""
-        p = self.path(src, dst)
+        p = self._paths.get((src, dst)) or self.path(src, dst)
         if not p.keys or n_bytes <= 0:
             return
+        link_bytes, busy = self.bytes, self.busy_s
         for lid in p.link_ids:
-            self.bytes[lid] += n_bytes
+            link_bytes[lid] += n_bytes
         for k in p.keys:
-            self.busy_s[k] += end_s - start_s - p.latency_s
+            busy[k] += end_s - start_s - p.latency_s
         if self.spans is not None:
             self.spans.append(Span(f"link {src}->{dst}", what, start_s, end_s, (("bytes", n_bytes),)))
 

@@ -104,12 +104,10 @@ def test_played_ahead_layers_equal_played_out_ones(mixtral_small):
 # ----------------------------------------------------------------------------- hand-worked
 
 
-def test_two_layer_event_log_by_hand(tmp_path):
-    """Two MoE layers, four experts, top-2, one request of two decode tokens, asserted whole.
-
-    Layer 0: expert 0 resident on the GPU, experts 1-3 fetched into a 1-slot cache.
-    Layer 1: expert 2 resident, experts 0, 1, 3 computed by the CPU where they live.
-    """
+def _two_layer_case(tmp_path):
+    """Two MoE layers, four experts, top-2, one request of two decode tokens: model, hardware,
+    trace and plan (layer 0: expert 0 resident on the GPU, experts 1-3 fetched into a 1-slot
+    cache; layer 1: expert 2 resident, experts 0, 1, 3 computed by the CPU where they live)."""
     config = json.loads((__import__("pathlib").Path(__file__).parent / "data/configs/mixtral/config.json").read_text())
     config.update(num_hidden_layers=2, hidden_size=1024, intermediate_size=4096, num_local_experts=4,
                   num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=128)
@@ -125,6 +123,13 @@ def test_two_layer_event_log_by_hand(tmp_path):
              "cache_slots": 1, "cache_device": gpu},
         {"home": (cpu, cpu, gpu, cpu), "format": ("bf16",) * 4, "site": ("local", "local", "resident", "local")},
     ])
+    return model, hw, trace, plan
+
+
+def test_two_layer_event_log_by_hand(tmp_path):
+    """The two-layer case (:func:`_two_layer_case`) asserted whole: every event at its time."""
+    model, hw, trace, plan = _two_layer_case(tmp_path)
+    cpu, gpu = "node/cpu0", "node/gpu0"
     hw = load_engine(plan.inputs.engine).apply(hw)  # the software the plan runs on (simulate applies it too)
     report = simulate(plan, hw, model, trace, SimConfig(record=True, kv_context="plan"))
 
