@@ -561,19 +561,25 @@ def _pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, 
         padded = np.vstack([load, np.zeros((2, B))])  # two empty bins: "the rest" exists with 2 bins
         order = np.argsort(-padded, axis=0, kind="stable")[:3]  # [3, B] the three largest bins of every draw
         top = np.take_along_axis(padded, order, 0)  # [3, B]
-        a, b = where[:, None, None], where[None, :, None]  # [M, 1, 1], [1, M, 1]
+        # an item out of the bin that is largest in the most draws (the swap that helps most
+        # leaves it; M x M x B for every pair would cost bins times more)
+        rows = np.flatnonzero(where == np.bincount(order[0], minlength=bins).argmax())  # [M']
+        if not rows.size:  # every bin empty in every draw
+            break
+        a, b = where[rows, None, None], where[None, :, None]  # [M', 1, 1], [1, M, 1]
         rest = np.where((order[0] != a) & (order[0] != b), top[0],
-                        np.where((order[1] != a) & (order[1] != b), top[1], top[2]))  # [M, M, B]
-        delta = draws[None, :, :] - draws[:, None, :]  # [i, j, B]: j in, i out of i's bin
-        new_max = np.maximum(rest, np.maximum(load[where][:, None, :] + delta, load[where][None, :, :] - delta))
-        gain = top[0].mean() - new_max.mean(-1)  # [M, M]
+                        np.where((order[1] != a) & (order[1] != b), top[1], top[2]))  # [M', M, B]
+        delta = draws[None, :, :] - draws[rows, None, :]  # [i, j, B]: j in, i out of i's bin
+        new_max = np.maximum(rest, np.maximum(load[where[rows]][:, None, :] + delta, load[where][None, :, :] - delta))
+        gain = top[0].mean() - new_max.mean(-1)  # [M', M]
         held = np.zeros((bins, int(expert.max()) + 1), bool)
         held[where, expert] = True
-        ok = (where[:, None] != where[None, :]) & (
-            (~held[where[:, None], expert[None, :]] & ~held[where[None, :], expert[:, None]]) | same)
+        ok = (where[rows, None] != where[None, :]) & (
+            (~held[where[rows, None], expert[None, :]] & ~held[where[None, :], expert[rows, None]]) | same[rows])
         gain = np.where(ok, gain, -np.inf)
-        i, j = divmod(int(np.argmax(gain)), M)
-        if not gain[i, j] > 1e-9 * top[0].mean():
+        r, j = divmod(int(np.argmax(gain)), M)
+        i = int(rows[r])
+        if not gain[r, j] > 1e-9 * top[0].mean():
             break
         bi, bj = where[i], where[j]
         load[bi] += draws[j] - draws[i]
