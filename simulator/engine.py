@@ -258,7 +258,7 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
-        small = len(rows) <= 64  # pure Python beats numpy per layer up to a few dozen tokens
+        small = len(rows) * self.K <= 128  # pure Python beats numpy per layer up to ~128 token-expert pairs
         ids_list = ids.tolist() if small else None
         gates_list = gates.tolist() if (small and gates is not None) else None
         L = len(self.layers)
