@@ -31,7 +31,9 @@ exporters all take the same applied hardware, so one placement has one price.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -41,6 +43,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from .errors import InputError, from_validation_error
 from .formats import get_format
 from .hardware import CPU_KERNEL_FAMILIES, Device, Hardware, Link
+from .limits import MAX_TEXT_FILE_BYTES
 from .units import parse_time
 from .yamlio import load_yaml
 
@@ -331,6 +334,9 @@ def load_engine(name_or_path: str | Path | None = None) -> Engine:
                              "(planner engines list)")
         raise InputError("unknown engine", value=text, expected="a YAML file or one of: " + ", ".join(bundled),
                          fix="run `planner engines list`")
+    key = _file_key(path)
+    if key is not None and key in _LOADED:  # the simulator and exporters ask again and again
+        return _LOADED[key]
     data, lines = load_yaml(path)
     if not isinstance(data, dict):
         raise InputError("the file is empty" if data is None else "an engine profile must be a YAML mapping",
@@ -340,7 +346,24 @@ def load_engine(name_or_path: str | Path | None = None) -> Engine:
         profile = EngineProfile.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc, file=path, lines=lines) from None
-    return Engine(profile=profile, path=path)
+    engine = Engine(profile=profile, path=path)
+    if key is not None:
+        _LOADED[key] = engine
+    return engine
+
+
+# validated profiles by (file, content digest): an edited file is read again
+_LOADED: dict[tuple[str, str], Engine] = {}
+
+
+def _file_key(path: Path) -> tuple[str, str] | None:
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TEXT_FILE_BYTES:
+            return None  # load_yaml says what is wrong with it
+        return str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def overhead_rows(engine: Engine) -> list[tuple[str, str, float, str]]:
