@@ -156,6 +156,16 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- measuring
 
 
+def check_device(device: str) -> None:
+    """Refuse ``cuda`` where torch sees no CUDA device (before any measuring)."""
+    import torch
+
+    from profiles.errors import InputError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("torch sees no CUDA device", key="--device", value=device, fix="probe with --device cpu")
+
+
 def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *, device: str = "cpu",
                  fmt: str = "int8", disk_dir: str | Path | None = None,
                  progress: Callable[[str], None] | None = None) -> EngineProbeResult:

@@ -171,13 +171,12 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
     disk_dir = check_directory(directory)
     try:
         import exporters.runtime  # noqa: F401  (first: it makes torch's OpenMP threads sleep, as in a bundle)
-        import torch
-        from exporters.engine_probe import PROMPT, TINY, ProbeSettings, engine_profile_doc, probe_engine
+        from exporters.engine_probe import (PROMPT, TINY, ProbeSettings, check_device, engine_profile_doc,
+                                            probe_engine)
     except ImportError as exc:
         raise InputError(f"probing the runtime needs the runtime extra ({exc.name} is missing)",
                          fix="pip install torch==2.13.0 && pip install 'moe-planner[runtime]'") from None
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("torch sees no CUDA device", key="--device", value=device, fix="probe with --device cpu")
+    check_device(device)
     output = get_output()
     with tempfile.TemporaryDirectory(prefix="engine-probe-") as tmp:
         settings = TINY if tiny else ProbeSettings(budget_s=budget_s)
