@@ -90,3 +90,28 @@ def writing(path: str | Path, flag: str) -> Iterator[None]:
     except OSError as exc:
         raise InputError(f"cannot write the output ({exc.strerror or exc})", file=path, key=flag,
                          fix="choose a writable path with free space") from None
+
+
+def validate_files(files: tuple[str, ...], check: Callable[[str], dict], describe: Callable[[dict], str]) -> None:
+    """The `validate` commands: ``check(file)`` loads one file (raising UserError) and returns
+    what to report; ``ok: FILE (describe(row))`` per good file, one ``error:`` line per bad
+    one on stderr, exit 1 when any is bad."""
+    from profiles.errors import UserError
+
+    results = []
+    for f in files:
+        try:
+            results.append({"file": f, "ok": True, **check(f)})
+        except UserError as exc:
+            results.append({"file": f, "ok": False, "error": str(exc)})
+
+    def render(console):
+        for r in results:
+            if r["ok"]:
+                console.print(f"ok: {r['file']} ({describe(r)})", highlight=False)
+    get_output().emit(results, render)
+    for r in results:
+        if not r["ok"]:
+            click.echo(f"error: {r['error']}", err=True)
+    if any(not r["ok"] for r in results):
+        raise click.exceptions.Exit(1)

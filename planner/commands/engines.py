@@ -10,11 +10,11 @@ import yaml
 from rich.table import Table
 
 from profiles.engines import EngineProfile, bundled_engines, load_engine, overhead_rows
-from profiles.errors import InputError, UserError
+from profiles.errors import InputError
 from profiles.units import format_time
 
 from ..output import get_output
-from ._common import common_options
+from ._common import common_options, validate_files
 
 __all__ = ["engines"]
 
@@ -99,24 +99,7 @@ def show(engine: str, as_yaml: bool) -> None:
 @common_options
 def validate(files: tuple[str, ...]) -> None:
     """Check engine profile FILES; each error names the file, line, key, value and a fix."""
-    results = []
-    for f in files:
-        try:
-            e = load_engine(f)
-            results.append({"file": f, "ok": True, "name": e.name})
-        except UserError as exc:
-            results.append({"file": f, "ok": False, "error": str(exc)})
-
-    def render(console):
-        for r in results:
-            if r["ok"]:
-                console.print(f"ok: {r['file']} (engine {r['name']})", highlight=False)
-    get_output().emit(results, render)
-    for r in results:
-        if not r["ok"]:
-            click.echo(f"error: {r['error']}", err=True)
-    if any(not r["ok"] for r in results):
-        raise click.exceptions.Exit(1)
+    validate_files(files, lambda f: {"name": load_engine(f).name}, lambda r: f"engine {r['name']}")
 
 
 @engines.command("schema")

@@ -8,12 +8,11 @@ import math
 import click
 from rich.table import Table
 
-from profiles.errors import UserError
 from profiles.hardware import Hardware, HardwareProfile, bundled_profiles, load_profile
 from profiles.units import format_bandwidth, format_size, format_throughput, format_time
 
 from ..output import get_output
-from ._common import common_options
+from ._common import common_options, validate_files
 
 __all__ = ["profiles"]
 
@@ -140,25 +139,11 @@ def _routes(hw: Hardware, limit: int = 12) -> list[dict]:
 @common_options
 def validate(files: tuple[str, ...]) -> None:
     """Check hardware profile FILES; each error names the file, line, key, value and a fix."""
-    results, failed = [], 0
-    for f in files:
-        try:
-            _, hw = load_profile(f)
-            results.append({"file": f, "ok": True, "nodes": len(hw.nodes), "devices": len(hw.devices)})
-        except UserError as exc:
-            failed += 1
-            results.append({"file": f, "ok": False, "error": str(exc)})
+    def check(f: str) -> dict:
+        _, hw = load_profile(f)
+        return {"nodes": len(hw.nodes), "devices": len(hw.devices)}
 
-    def render(console):
-        for r in results:
-            if r["ok"]:
-                console.print(f"ok: {r['file']} ({r['nodes']} nodes, {r['devices']} devices)", highlight=False)
-    get_output().emit(results, render)
-    for r in results:
-        if not r["ok"]:
-            click.echo(f"error: {r['error']}", err=True)
-    if failed:
-        raise click.exceptions.Exit(1)
+    validate_files(files, check, lambda r: f"{r['nodes']} nodes, {r['devices']} devices")
 
 
 @profiles.command("schema")
