@@ -79,6 +79,15 @@ Source = Annotated[str, Field(min_length=3)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.+-]*$")]
 
 
+def _known_format(fmt: str, key: str) -> None:
+    """Refuse a format name no registry knows, naming the key that holds it."""
+    try:
+        get_format(fmt)
+    except InputError as exc:
+        raise InputError(exc.message, key=key, value=fmt, expected=exc.expected,
+                         fix="use a format `planner formats list` shows, or define it in a formats file") from None
+
+
 class SourcedSeconds(BaseModel):
     """A time with where it comes from (a public measurement or document, or ``probe``)."""
 
@@ -123,12 +132,7 @@ class DeviceKindSpec(BaseModel):
     @model_validator(mode="after")
     def _formats_known(self) -> "DeviceKindSpec":
         for fmt in self.kernels:
-            try:
-                get_format(fmt)
-            except InputError as exc:
-                raise InputError(exc.message, key=f"kernels.{fmt}", value=fmt, expected=exc.expected,
-                                 fix="use a format `planner formats list` shows, or define it in a formats file") \
-                    from None
+            _known_format(fmt, f"kernels.{fmt}")
         return self
 
 
@@ -187,12 +191,8 @@ class EngineProfile(BaseModel):
             raise InputError("every engine can run without prefetch", key="prefetch", value=list(self.prefetch),
                              fix="add none to prefetch")
         for asked, stored in self.format_aliases.items():
-            for key, fmt in ((asked, asked), (f"{asked}", stored)):
-                try:
-                    get_format(fmt)
-                except InputError as exc:
-                    raise InputError(exc.message, key=f"format_aliases.{key}", value=fmt, expected=exc.expected,
-                                     fix="alias known formats (`planner formats list`)") from None
+            for fmt in (asked, stored):
+                _known_format(fmt, f"format_aliases.{asked}")
         if self.cpu.kernel_family is None:
             raise InputError("the cpu section needs the kernel family its kernels use", key="cpu.kernel_family",
                              expected="one of " + ", ".join(CPU_KERNEL_FAMILIES),
