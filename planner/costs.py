@@ -63,7 +63,7 @@ from profiles.errors import InputError
 from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
-from profiles.perf import dense_step_s, expert_call_s
+from profiles.perf import dense_step_s, expert_calls_s
 
 from .workload_view import PlanningStats
 
@@ -188,9 +188,7 @@ class Setup:
         """``[...]`` seconds of one expert call per token count (vectorised over tokens)."""
         wb = self.expert_bytes(fmt)
         flops_per_token = self.model.expert_flops_per_token
-        distinct, inverse = np.unique(np.ravel(tokens), return_inverse=True)
-        seconds = np.array([expert_call_s(device, fmt, wb, flops_per_token * n, n) for n in distinct])
-        return seconds[inverse].reshape(np.shape(tokens))
+        return expert_calls_s(device, fmt, wb, flops_per_token, tokens)
 
     def cache_sizes(self) -> list[int]:
         if self.cache_grid is not None:

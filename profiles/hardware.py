@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import networkx as nx
+import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError, from_validation_error
@@ -125,18 +126,19 @@ class EfficiencySpec(BaseModel):
         n = max(float(tokens), 1e-9)
         if self.points is None:
             return self.compute_max_fraction * n / (n + self.half_tokens)
-        xs = [math.log2(p[0]) for p in self.points]
-        ys = [p[1] for p in self.points]
-        x = math.log2(n)
-        if x <= xs[0]:
-            return ys[0]
-        if x >= xs[-1]:
-            return ys[-1]
-        for i in range(1, len(xs)):
-            if x <= xs[i]:
-                w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-                return ys[i - 1] + w * (ys[i] - ys[i - 1])
-        return ys[-1]  # unreachable: x < xs[-1] was handled above
+        return float(self.compute_fractions(np.array([n]))[0])
+
+    def compute_fractions(self, tokens: np.ndarray) -> np.ndarray:
+        """:meth:`compute_fraction` for an array of token counts."""
+        n = np.maximum(np.asarray(tokens, dtype=float), 1e-9)
+        if self.points is None:
+            return self.compute_max_fraction * n / (n + self.half_tokens)
+        xs = np.log2([p[0] for p in self.points])
+        ys = np.array([p[1] for p in self.points])
+        x = np.log2(n)
+        i = np.clip(np.searchsorted(xs, x, side="left"), 1, len(xs) - 1)  # first point at or past x
+        y = ys[i - 1] + (x - xs[i - 1]) / (xs[i] - xs[i - 1]) * (ys[i] - ys[i - 1])
+        return np.where(x <= xs[0], ys[0], np.where(x >= xs[-1], ys[-1], y))
 
 
 class LinkSpec(BaseModel):

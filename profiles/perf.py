@@ -29,13 +29,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .formats import get_format
 from .hardware import Device
 
 if TYPE_CHECKING:
     from .models import ModelSpec
 
-__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s",
+__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s", "expert_calls_s",
            "FUSED_MOE_LAUNCHES"]
 
 # kernels a fused MoE layer launches once, whatever the number of experts it runs: the
@@ -76,9 +78,20 @@ def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flop
     return _kernel_s(device, storage_format, weight_bytes, flops, tokens, launch) + device.expert_call_overhead_s
 
 
-def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float,
-              launch: bool = True) -> float:
-    """The roofline of one matmul call (unpack included), without the engine's per-call cost."""
+def expert_calls_s(device: Device, storage_format: str, weight_bytes: float, flops_per_token: float,
+                   tokens: np.ndarray) -> np.ndarray:
+    """:func:`expert_call_s` for an array of token counts (the planner prices every rank at once)."""
+    tokens = np.asarray(tokens, dtype=float)
+    launch = not device.fused_experts
+    memory_s, compute_rate, fixed_s = _roofline_parts(device, storage_format, weight_bytes)
+    flops = flops_per_token * tokens
+    compute_s = np.where(flops > 0, flops / (compute_rate * device.efficiency.compute_fractions(tokens)), 0.0)
+    return fixed_s + np.maximum(memory_s, compute_s) + (device.launch_overhead_s if launch else 0.0) \
+        + device.expert_call_overhead_s
+
+
+def _roofline_parts(device: Device, storage_format: str, weight_bytes: float) -> tuple[float, float, float]:
+    """``(memory seconds, peak ops/s of the compute format, unpack seconds)`` of one matmul call."""
     if not device.is_compute or device.efficiency is None:
         raise ValueError(f"{device.id} does not compute")
     eff = device.efficiency
@@ -91,8 +104,14 @@ def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: f
         unpack_s, read_bytes = 0.0, weight_bytes
         compute_fmt = compute_format(device, storage_format)
     memory_s = read_bytes / (device.memory_bytes_per_s * eff.memory_fraction)
-    peak = device.peak_ops_per_s[compute_fmt]
-    compute_s = flops / (peak * eff.compute_fraction(tokens)) if flops > 0 else 0.0
+    return memory_s, device.peak_ops_per_s[compute_fmt], unpack_s
+
+
+def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float,
+              launch: bool = True) -> float:
+    """The roofline of one matmul call (unpack included), without the engine's per-call cost."""
+    memory_s, peak, unpack_s = _roofline_parts(device, storage_format, weight_bytes)
+    compute_s = flops / (peak * device.efficiency.compute_fraction(tokens)) if flops > 0 else 0.0
     return unpack_s + max(memory_s, compute_s) + (device.launch_overhead_s if launch else 0.0)
 
 
