@@ -12,6 +12,8 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
   bytes), ``unsupported``, or ``{unpack_weights_per_s: R}`` (the weights are unpacked to
   fp16 at R weights/s, then an fp16 matmul reads them); a format the profile does not list
   for a device kind is unsupported there;
+- the share of a device's memory bandwidth and peak its kernels typically reach there
+  (``efficiency``; a hardware profile's own measured efficiency wins);
 - the CPU kernel family (``amx``, ``avx512``, ``avx2``: the widest of them up to this one
   that the CPU has sets its peaks), whether host memory is pinned or pageable (which
   host->device copy rate the links reach), and whether it is NUMA-aware on multi-socket CPUs;
@@ -119,6 +121,21 @@ KernelPath = Annotated[Union[Annotated[Unpack, Tag("unpack")], Annotated[Literal
                        Discriminator(_kernel_kind)]
 
 
+class EngineEfficiency(BaseModel):
+    """The share of a device's datasheet figures the engine's kernels reach on that kind of
+    device (``profiles.hardware.EfficiencySpec``'s fields; the ones left out keep the device's).
+
+    Used where the hardware profile states no efficiency of its own: a probed or calibrated
+    profile measured this machine, and that measurement wins over an engine's typical figure.
+    """
+
+    model_config = _STRICT
+    memory_fraction: float | None = Field(default=None, gt=0, le=1)
+    compute_max_fraction: float | None = Field(default=None, gt=0, le=1)
+    half_tokens: float | None = Field(default=None, gt=0)
+    source: Source
+
+
 class DeviceKindSpec(BaseModel):
     """What the engine does on one kind of device (gpu, cpu or accelerator)."""
 
@@ -128,6 +145,7 @@ class DeviceKindSpec(BaseModel):
     kernels: dict[str, KernelPath] = Field(min_length=1)
     kernel_family: Literal["avx2", "avx512", "amx"] | None = None  # cpu only
     numa: Literal["interleave", "aware"] = "interleave"  # cpu only
+    efficiency: EngineEfficiency | None = None
 
     @model_validator(mode="after")
     def _formats_known(self) -> "DeviceKindSpec":
@@ -273,6 +291,10 @@ class Engine:
             unpack_weights_per_s=unpack, formats=formats, engine=self.name,
             fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
         )
+        eff = spec.efficiency
+        if eff is not None and d.efficiency is not None and not d.efficiency_stated:
+            given = {k: v for k, v in eff.model_dump(exclude={"source"}).items() if v is not None}
+            changes["efficiency"] = d.efficiency.model_copy(update=given | {"source": f"engine {self.name}: {eff.source}"})
         if d.kind == "cpu":
             family = _family(d, spec.kernel_family)
             if family is not None:

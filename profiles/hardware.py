@@ -358,6 +358,9 @@ class Device:
     peak_ops_per_s_by_kernel: dict[str, dict[str, float]] = field(default_factory=dict)
     sockets: int = 1
     cross_socket_bytes_per_s: float | None = None
+    # the profile states this device's efficiency (a probe or calibrate measured it): an engine
+    # profile's typical efficiency (profiles.engines) does not replace it
+    efficiency_stated: bool = False
     # set by an engine profile (profiles.engines.Engine.apply), zero/empty on bare hardware:
     expert_call_overhead_s: float = 0.0  # framework seconds per expert call (dispatch, Python)
     fused_experts: bool = False  # one kernel per projection runs all of a layer's routed experts (no launch per call)
@@ -568,7 +571,7 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
             memory_bytes=spec.memory_bytes, memory_bytes_per_s=spec.memory_bytes_per_s,
             peak_ops_per_s=dict(spec.peak_ops_per_s), launch_overhead_s=overhead,
             layer_overhead_s=spec.layer_overhead_s, kernel_bytes_factor=dict(spec.kernel_bytes_factor),
-            efficiency=eff,
+            efficiency=eff, efficiency_stated=spec.efficiency is not None,
             cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
             isa=tuple(spec.isa), peak_ops_per_s_by_kernel={k: dict(v) for k, v in spec.peak_ops_per_s_by_kernel.items()},
             sockets=spec.sockets, cross_socket_bytes_per_s=spec.cross_socket_bytes_per_s,

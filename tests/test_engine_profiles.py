@@ -16,7 +16,6 @@ from exporters.engines.rounding import Pricing
 from planner.cli import cli
 from planner.optimize import OptimizeRequest, optimize
 from profiles.engines import bundled_engines, load_engine
-from profiles.errors import InputError
 from profiles.formats import get_format
 from profiles.hardware import load_profile
 from profiles.models import load_model
@@ -137,6 +136,28 @@ def test_cpu_kernel_family_and_sockets(tmp_path):
     assert c.peak_ops_per_s["bf16"] == 1e12 and c.memory_bytes_per_s == 400e9
 
 
+def test_engine_efficiency_applies_where_the_hardware_states_none(tmp_path):
+    eff = {"memory_fraction": 0.9, "compute_max_fraction": 0.2, "source": "test"}
+    engine = load_engine(_engine_file(tmp_path, **{"cpu.efficiency": eff}))
+    _, bare = load_profile("desktop-4090")
+    cpu = next(d for d in engine.apply(bare).devices.values() if d.kind == "cpu")
+    assert (cpu.efficiency.memory_fraction, cpu.efficiency.compute_max_fraction) == (0.9, 0.2)
+    assert cpu.efficiency.half_tokens == 1.0 and "test" in cpu.efficiency.source  # the rest stays
+    # a profile whose CPU efficiency was measured (probe, calibrate) keeps its measurement
+    profile = yaml.safe_load(load_profile("desktop-4090")[0].model_dump_json(exclude_none=True))
+    dev = next(d for d in profile["nodes"][0]["devices"] if d["kind"] == "cpu")
+    dev["efficiency"] = {"memory_fraction": 0.5, "compute_max_fraction": 0.3, "half_tokens": 2.0, "source": "probe"}
+    path = tmp_path / "measured.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    cpu = next(d for d in engine.apply(load_profile(path)[1]).devices.values() if d.kind == "cpu")
+    assert (cpu.efficiency.memory_fraction, cpu.efficiency.compute_max_fraction) == (0.5, 0.3)
+    # and the prediction follows: a slower CPU memory makes a CPU expert call slower
+    slow = load_engine(_engine_file(tmp_path, **{"cpu.efficiency": dict(eff, memory_fraction=0.3)}))
+    calls = [expert_call_s(next(d for d in e.apply(bare).devices.values() if d.kind == "cpu"), "int8", 1e8, 1e6, 1)
+             for e in (engine, slow)]
+    assert calls[1] > calls[0]
+
+
 def test_apply_is_idempotent_and_refuses_a_second_engine():
     _, hw = load_profile("desktop-4090")
     seen = load_engine("bundle").apply(hw)
@@ -163,6 +184,8 @@ BAD = [
     ({"prefetch": ["oracle"]}, "without prefetch"),
     ({"disk_read_fraction": {"value": 1.5, "source": "x"}}, "disk_read_fraction"),
     ({"format_aliases": {"int4": "q4_zz"}}, "format_aliases"),
+    ({"cpu.efficiency": {"memory_fraction": 1.4, "source": "x"}}, "cpu.efficiency.memory_fraction"),
+    ({"gpu.efficiency": {"memory_fraction": 0.7}}, "source"),
     ({"colour": "blue"}, "unknown key"),
 ]
 
