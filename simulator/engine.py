@@ -32,8 +32,17 @@ its experts and combines the results back (all-to-all on the topology).
 This module holds the configuration, the simulation's state and the layer step; the
 actors live beside it, one concept each, as mixins of :class:`Simulation`:
 :mod:`simulator.scheduler` (requests and batching), :mod:`simulator.experts` (hit or
-fetch, then compute), :mod:`simulator.prefetcher`, :mod:`simulator.expert_parallel`
-(all-to-all), with what the policies know of the trace in :mod:`simulator.trace_stats`.
+fetch, then compute), :mod:`simulator.contention` (a layer whose transfers share links,
+worked out without events), :mod:`simulator.prefetcher`, :mod:`simulator.expert_parallel`
+(all-to-all), with the router's choices in :mod:`simulator.routing` and what the policies
+know of the trace in :mod:`simulator.trace_stats`.
+
+Speed: a layer costs events only when they are needed. Its work is classified once per
+(layer, experts) in one-token steps; a layer whose transfers cannot meet is worked out
+ahead on a virtual clock; one whose transfers meet is replayed by
+:mod:`simulator.contention` with the processes' own arithmetic. Processes play out the
+rest (prefetching, streamed experts, experts read from disk, recording), and
+``play_ahead = False`` plays out every layer with waiting work.
 """
 
 from __future__ import annotations
@@ -50,15 +59,17 @@ from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
-from profiles.perf import dense_step_s, expert_call_s
+from profiles.perf import activation_bytes, dense_step_s, expert_call_s
 from profiles.workload.trace import Trace
 
+from .contention import Contention
 from .expert_parallel import ExpertParallel
-from .experts import ExpertLayer, ExpertWork, route, route_small
+from .experts import Costs, ExpertLayer, ExpertWork
 from .metrics import SimReport, summarise
 from .policies import make_cache, miss_policy, prefetch_policy
 from .prefetcher import LINK_CAPPED, Prefetcher
 from .resources import Network, Span, Stream
+from .routing import route_step
 from .scheduler import Request, RequestFlow, requests_of
 from .trace_stats import frequency, future_uses, predictability, transitions
 
@@ -101,7 +112,7 @@ class SimConfig:
     record: bool = False
 
 
-class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
+class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher):
     """One replay of a workload under a plan. Use :func:`simulate`."""
 
     play_ahead = True  # work out event-free layers without events (False: always play them out)
@@ -127,13 +138,19 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         self.prefetch_name = config.prefetch or ("none" if plan.prefetch == "none" else plan.prefetch)
         self.prefetch = prefetch_policy(self.prefetch_name)
         self.miss = miss_policy(config.miss)
-        self._call_cache: dict[tuple[str, str, int], float] = {}
+        self._costs: dict[tuple[str, str], Costs] = {}
         self._bytes_cache: dict[str, float] = {}
         self._mem_cache: dict[str, str] = {}
         self._transfer_cache: dict[tuple[str, str, float], float] = {}
+        self._copies: dict[tuple[str, str], tuple] = {}
+        self._acts: dict[tuple[str, int], tuple] = {}
+        self._kv: dict[int, float] = {}  # context tokens -> KV bytes of one request
+        self._kv_plan: dict[int, float] = {}  # batch size -> KV bytes at the plan's context
+        self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
+        self._runners: dict[tuple[str, str], str] = {}
         # cache-less layers' classified work (see simulator.experts); the miss policies other
         # than "plan" may read the gate weights, so they classify every time
-        self._plain_memo: dict | None = {} if config.miss == "plan" else None
+        self._plain_memo: list[dict] | None = [{} for _ in plan.layers] if config.miss == "plan" else None
         self._memo_lookups = 0
         self._tier = {m: mem.tier for m, mem in hardware.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
         self._ep_cache: dict[int, dict] = {}
@@ -177,23 +194,37 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
 
     def _resolve_layer(self, lp, l: int) -> ExpertLayer:
         owners = []
+        runner = self._runner
         for e, (home, site) in enumerate(zip(lp.home, lp.site)):
-            devs = [self._runner(home, site)]
             if lp.replicas and lp.replicas[e]:
-                devs += [self._runner(r, site) for r in lp.replicas[e]]
-            owners.append(tuple(devs))
+                owners.append((runner(home, site), *(runner(r, site) for r in lp.replicas[e])))
+            else:
+                owners.append((runner(home, site),))
         cache = None
         if lp.cache_slots:
             future = future_uses(self.trace, l) if self.eviction == "belady" else None
             cache = make_cache(self.eviction, lp.cache_slots, future=future,
                                frequency=None if self._freq is None else self._freq[l])
         streamed = [e for e, s in enumerate(lp.site) if s == "stream"]
-        on_disk = frozenset(e for e, home in enumerate(lp.home) if self.hw.memories[home].tier == "nvme")
-        return ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed,
-                           on_disk)
+        on_disk = frozenset(e for e, home in enumerate(lp.home) if self._tier[home] == "nvme")
+        lay = ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed,
+                          on_disk)
+        costs, compute = self.costs, self.compute_id
+        lay.local_cost = [costs(dev, fmt) for dev, fmt in zip(lay.runner, lay.fmt)]
+        lay.cost = [costs(compute, lay.copy_format[e]) if site in ("fetch", "hybrid") else
+                    costs(compute, lay.fmt[e]) if site == "stream" else lay.local_cost[e]
+                    for e, site in enumerate(lay.site)]
+        return lay
 
     def _runner(self, memory_id: str, site: str) -> str:
-        """The compute device that runs an expert homed in ``memory_id`` at ``site``."""
+        """The compute device that runs an expert homed in ``memory_id`` at ``site`` (cached)."""
+        key = (memory_id, site)
+        dev = self._runners.get(key)
+        if dev is None:
+            dev = self._runners[key] = self._find_runner(memory_id, site)
+        return dev
+
+    def _find_runner(self, memory_id: str, site: str) -> str:
         if site in ("fetch", "hybrid", "stream"):
             return self.compute_id
         mem = self.hw.memories[memory_id]
@@ -204,14 +235,18 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
                 return d
         return self.host_id  # NVMe-resident experts computed "locally" run on the host CPU
 
+    def costs(self, device_id: str, fmt: str) -> Costs:
+        """Seconds of an expert call on ``device_id`` in ``fmt`` by token count (one table per pair)."""
+        table = self._costs.get((device_id, fmt))
+        if table is None:
+            dev, n_bytes, flops = self.hw.devices[device_id], self.model.expert_bytes(fmt), \
+                self.model.expert_flops_per_token
+            table = self._costs[(device_id, fmt)] = Costs(
+                lambda tokens: expert_call_s(dev, fmt, n_bytes, flops * tokens, tokens))
+        return table
+
     def call_s(self, device_id: str, fmt: str, tokens: int) -> float:
-        key = (device_id, fmt, tokens)
-        sec = self._call_cache.get(key)
-        if sec is None:
-            dev = self.hw.devices[device_id]
-            sec = self._call_cache[key] = expert_call_s(dev, fmt, self.model.expert_bytes(fmt),
-                                                        self.model.expert_flops_per_token * tokens, tokens)
-        return sec
+        return self.costs(device_id, fmt)[tokens]
 
     def transfer_s(self, src: str, dst: str, n_bytes: float) -> float:
         """Seconds a transfer takes alone (:meth:`simulator.resources.Network.transfer_s`, cached)."""
@@ -220,6 +255,27 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         if sec is None:
             sec = self._transfer_cache[key] = self.net.transfer_s(src, dst, n_bytes)
         return sec
+
+    def _copy(self, src: str, fmt: str) -> tuple:
+        """An expert copy from memory ``src`` to the compute device: ``(path, bytes, seconds
+        alone, source tier)`` (cached)."""
+        info = self._copies.get((src, fmt))
+        if info is None:
+            n_bytes = self.expert_bytes(fmt)
+            info = self._copies[(src, fmt)] = (self.net.path(src, self.compute_mem), n_bytes,
+                                               self.transfer_s(src, self.compute_mem, n_bytes), self._tier[src])
+        return info
+
+    def _activations(self, device_id: str, tokens: int) -> tuple:
+        """Hidden states of ``tokens`` tokens to a device and back: ``(path out, path back,
+        bytes, seconds out, seconds back)``, each alone (cached)."""
+        info = self._acts.get((device_id, tokens))
+        if info is None:
+            dev_mem, act, net = self._dev_mem(device_id), activation_bytes(self.model, tokens), self.net
+            info = self._acts[(device_id, tokens)] = (
+                net.path(self.compute_mem, dev_mem), net.path(dev_mem, self.compute_mem), act,
+                self.transfer_s(self.compute_mem, dev_mem, act), self.transfer_s(dev_mem, self.compute_mem, act))
+        return info
 
     def expert_bytes(self, fmt: str) -> float:
         n_bytes = self._bytes_cache.get(fmt)
@@ -249,39 +305,27 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
         """
         env = self.env
         start = t = env.now
-        self.log("scheduler", f"{phase} step of {len(rows)} tokens")
-        if self.cfg.kv_context == "plan":
-            kv = self.model.kv_cache_bytes(self.plan.context_tokens, batch_size=len(contexts))
-        else:
-            kv = sum(self.model.kv_cache_bytes(ctx) for _, ctx in contexts)
-        dense_by_gpu = self._dense_split(len(rows), kv, prefill=phase == "prefill")
+        recording = self.events is not None
+        if recording:
+            self.log("scheduler", f"{phase} step of {len(rows)} tokens")
+        dense_by_gpu = self._dense_split(len(rows), self._kv_bytes(contexts), prefill=phase == "prefill")
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
-        small = len(rows) * self.K <= 128  # pure Python beats numpy per layer up to ~128 token-expert pairs
-        ids_list = ids.tolist() if small else None
-        gates_list = gates.tolist() if (small and gates is not None) else None
-        L = len(self.layers)
-        recording = self.events is not None
+        calls = route_step(ids, None if self.cfg.miss == "plan" else gates, self.E)  # per layer
+        layers = self.layers
+        L = len(layers)
         compute = self.stream(self.compute_id)
         single = len(dense_by_gpu) == 1
         dense_s = dense_by_gpu.get(self.compute_id, 0.0)
-        layers, E, K = self.layers, self.E, self.K
         ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
         layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
         for l in range(L):
+            experts, tokens_of, gate_means = calls[l]
             refs = None
-            if small:
-                layer_ids = [r[l] for r in ids_list]
-                layer_gates = None if gates_list is None else [g[l] for g in gates_list]
-                routed = route_small(layer_ids, layer_gates, E, K)
-                if layers[l].cache is not None:
-                    refs = (layer_ids, layer_gates)
-            else:
-                routed = route(ids[:, l, :], None if gates is None else gates[:, l, :], E)
-                if layers[l].cache is not None:
-                    refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
-            block, jobs = classify(l, rows, routed, refs)
+            if layers[l].cache is not None:  # the cache sees every token's accesses
+                refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
+            block, jobs, flags = classify(l, rows, experts, tokens_of, gate_means, refs)
             if single:
                 router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
             else:
@@ -300,7 +344,7 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
                     self.log("layer_step", f"L{l} done", t)
                 continue
             if not prefetch and play_ahead:
-                end = self._played_ahead(l, router_at, block, jobs)
+                end = self._played_ahead(l, router_at, block, jobs, flags)
                 if end is not None:
                     end = max(end, ep_end)
                     layer_wall_s[l] += end - t
@@ -310,12 +354,19 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
                     continue
             yield env.timeout(max(router_at - env.now, 0.0))
             self.log("layer_step", f"L{l} routed")
+            if not prefetch and play_ahead and not ep:
+                end = self._worked_out(l, block, jobs, flags)
+                if end is not None:
+                    yield env.timeout(end - env.now)
+                    layer_wall_s[l] += env.now - t
+                    t = env.now
+                    continue
             waits = self._start(l, block, jobs, ids)
             if ep_end > router_at:
                 waits.append(env.timeout(max(ep_end - env.now, 0.0)))
             if prefetch:  # after the layer's own fetches, which the copy engine serves first
                 idle_s = self.link_idle_s(l, block, jobs) if self.prefetch_name in LINK_CAPPED else None
-                self.prefetcher(l + 1, rows, ids, [e for e, *_ in routed], idle_s)
+                self.prefetcher(l + 1, rows, ids, experts, idle_s)
             yield env.all_of(waits)
             self.layer_wall_s[l] += env.now - t
             t = env.now
@@ -324,10 +375,27 @@ class Simulation(RequestFlow, ExpertWork, ExpertParallel, Prefetcher):
             yield env.timeout(max(t - env.now, 0.0))
         self.steps.append((phase, len(rows), start, env.now))
 
+    def _kv_bytes(self, contexts: list[tuple[Request, int]]) -> float:
+        """KV cache the step's attention reads: every request's context, or the plan's (cached per size)."""
+        kv = self._kv
+        if self.cfg.kv_context == "plan":
+            n = len(contexts)
+            if n not in self._kv_plan:
+                self._kv_plan[n] = self.model.kv_cache_bytes(self.plan.context_tokens, batch_size=n)
+            return self._kv_plan[n]
+        for _, ctx in contexts:
+            if ctx not in kv:
+                kv[ctx] = self.model.kv_cache_bytes(ctx)
+        return sum(kv[ctx] for _, ctx in contexts)
+
     def _dense_split(self, tokens: int, kv_bytes: float, prefill: bool = False) -> dict[str, float]:
-        """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them)."""
+        """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them; cached)."""
+        key = (tokens, kv_bytes, prefill)
+        out = self._dense.get(key)
+        if out is not None:
+            return out
         G = len(self.gpus)
-        out = {}
+        out = self._dense[key] = {}
         for g in self.gpus:
             share = -(-tokens // G) if G > 1 else tokens
             dev = self.hw.devices[g]

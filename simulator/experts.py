@@ -12,26 +12,54 @@ events when that is exact; ``_start`` plays it out with processes otherwise.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import simpy
 
 from profiles.perf import activation_bytes
 
-__all__ = ["ExpertLayer", "ExpertWork", "route", "route_small"]
+__all__ = ["Costs", "ExpertLayer", "ExpertWork"]
 
-# cache-less layers: their work for a given (layer, step size, experts, token counts) is worked out once
-# and kept (block and jobs are read, never changed, by the callers); at most this many entries,
+# cache-less layers: their work in a one-token step is worked out once per (layer, experts) and kept
+# (block and jobs are read, never changed, by the callers); at most this many entries per layer,
 # and none once the first PLAIN_MEMO_PROBE lookups found mostly new combinations
 PLAIN_MEMO_ENTRIES = 1 << 16
 PLAIN_MEMO_PROBE = 4096
 
 
+class Costs(dict):
+    """Seconds of one expert call by its token count, for one device and number format;
+    priced on first use by ``price(tokens)``."""
+
+    __slots__ = ("price",)
+
+    def __init__(self, price) -> None:
+        super().__init__()
+        self.price = price
+
+    def __missing__(self, tokens: int) -> float:
+        sec = self[tokens] = self.price(tokens)
+        return sec
+
+
+# how an expert of a layer runs (ExpertLayer.code)
+RESIDENT, LOCAL, VIA_CACHE, STREAM = 0, 1, 2, 3
+_CODE = {"resident": RESIDENT, "local": LOCAL, "fetch": VIA_CACHE, "hybrid": VIA_CACHE, "stream": STREAM}
+# what a layer's jobs hold (the flags _classify returns beside block and jobs)
+FETCH, FILL, LOCAL_JOB, AFTER, STREAM_JOB, DISK = 1, 2, 4, 8, 16, 32
+
+
 @dataclass
 class ExpertLayer:
-    """One MoE layer of the plan, resolved against the hardware."""
+    """One MoE layer of the plan, resolved against the hardware.
+
+    ``cost[e]`` prices expert ``e``'s call by token count where it runs when no transfer
+    waits (its runner, or the compute device for a cache hit or a streamed expert);
+    ``local_cost[e]`` where its weights are computed on a miss run locally (its runner,
+    its stored format). Both map tokens -> seconds (:meth:`Simulation.costs`).
+    """
 
     site: list[str]
     fmt: list[str]
@@ -41,9 +69,14 @@ class ExpertLayer:
     cache_format: str | None
     streamed: list[int]
     on_disk: frozenset[int] = frozenset()  # experts homed on NVMe
+    cost: list = field(default_factory=list)
+    local_cost: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.via_cache = [s == "fetch" or s == "hybrid" for s in self.site]  # accesses the cache sees
+        self.code = [_CODE[s] for s in self.site]
+        self.runner = [own[0] for own in self.owners]
+        self.cached = frozenset(e for e, c in enumerate(self.code) if c == VIA_CACHE)  # accesses the cache sees
+        self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
 
 
 class ExpertWork:
@@ -51,111 +84,111 @@ class ExpertWork:
     simulation's resolved layers, streams, copy engines, network, in-flight fetches,
     miss policy and metrics counters (see ``Simulation.__init__``)."""
 
-    def _classify(self, l: int, rows: np.ndarray, routed, refs):
-        """Sort the step's experts at layer ``l`` into work ready at the router (``block``:
-        device -> seconds) and work that waits on something (``jobs``); update the cache.
+    def _classify(self, l: int, rows: np.ndarray, experts: list[int], tokens_of: list[int],
+                  gates: list[float] | None, refs):
+        """Sort the step's expert calls at layer ``l`` (:func:`simulator.routing.route_step`)
+        into work ready at the router (``block``: device -> seconds) and work that waits on
+        something (``jobs``); update the cache. Returns ``(block, jobs, flags)``, ``flags``
+        the job kinds present (``FETCH | FILL | ...``).
 
         The cache sees the step's accesses one by one, token after token in rank order (the
         contract of :mod:`profiles.workload.hitrate`, which the runtime follows too); an
         expert's first access in the step decides where it runs, later ones only count.
         ``refs``: ``(ids [n][K], gates [n][K] or None)`` of the step at this layer, as lists.
         """
-        lay, cache = self.layers[l], self.layers[l].cache
+        lay = self.layers[l]
+        cache = lay.cache
         key = None
-        if cache is None and self._plain_memo is not None:  # the same experts, the same work
-            key = (l, len(rows), tuple([(e, n) for e, n, _g, _first in routed]))
-            known = self._plain_memo.get(key)
+        if cache is None and self._plain_memo is not None and len(rows) == 1:  # the same experts, the same work
+            # K distinct experts of one token serve one token each; otherwise the counts join the key
+            key = tuple(experts) if len(experts) == self.K else (tuple(experts), tuple(tokens_of))
+            known = self._plain_memo[l].get(key)
             self._memo_lookups += 1
-            if self._memo_lookups == PLAIN_MEMO_PROBE and len(self._plain_memo) > PLAIN_MEMO_PROBE // 2:
+            if self._memo_lookups == PLAIN_MEMO_PROBE and \
+                    sum(map(len, self._plain_memo)) > PLAIN_MEMO_PROBE // 2:
                 self._plain_memo = None  # mostly new combinations (many experts): not worth keeping
             if known is not None:
-                block, jobs, tokens, resident, local_n, missed = known
-                self.expert_calls += len(routed)
+                block, jobs, flags, tokens, resident, local_n, missed = known
+                self.expert_calls += len(experts)
                 self.expert_accesses += tokens
                 self.resident_access[l] += resident
                 self.local_access[l] += local_n
                 self.cache_access[l] += missed
-                return block, jobs
+                return block, jobs, flags
         ep = len(self.gpus) > 1
-        block: dict[str, float] = defaultdict(float)
+        block: dict[str, float] = {}
         jobs: list = []
-        local: list[tuple[int, int]] = []  # experts run where they live, by device below
-        K, E = self.K, self.E
+        flags = 0
+        local: dict[str, list] = {}  # device -> [calls (e, n), tokens, seconds]: experts run where they live
         first_hit: dict[int, bool] = {}
         if cache is not None:
-            via_cache, access = lay.via_cache, cache.access
-            layer_ids, layer_gates = refs
-            router = cache.scores_router
-            hits = accesses = 0
-            for t, row in enumerate(layer_ids):
-                p0 = int(rows[t]) * K  # positions in the workload: token x K + rank
-                token_gates = layer_gates[t] if layer_gates is not None else None
-                if router:  # the token's router scores reach the cache before its experts do
-                    scores = token_gates if token_gates is not None else [1.0] * len(row)
-                    chosen = [(e, s) for e, s in zip(row, scores) if e < E]
-                    cache.route([e for e, _ in chosen], [s for _, s in chosen])
-                for k, e in enumerate(row):
-                    if e < E and via_cache[e]:
-                        h = access(e, p0 + k, token_gates[k] if token_gates is not None else 1.0)
-                        hits += h
-                        accesses += 1
-                        if e not in first_hit:
-                            first_hit[e] = h
+            first_hit, hits, accesses = cache.serve(refs[0], refs[1], rows, self.K, self.E, lay.cached)
             self.cache_access[l] += accesses
             self.cache_hit[l] += hits
-        site_of, fmt_of, owners = lay.site, lay.fmt, lay.owners
-        call_s, compute_id = self.call_s, self.compute_id
-        self.expert_calls += len(routed)
+        code, runner, cost, local_cost, on_disk = lay.code, lay.runner, lay.cost, lay.local_cost, lay.on_disk
+        compute_id, inflight, miss = self.compute_id, self.inflight, self.miss
+        plan_miss = self.cfg.miss == "plan"
+        self.expert_calls += len(experts)
         tokens = resident = local_n = missed = 0
-        for e, n, g, _first in routed:
+        for e, n, g in zip(experts, tokens_of, gates if gates is not None else repeat(1.0)):
             tokens += n
-            site = site_of[e]
-            if site == "resident":
+            c = code[e]
+            if c == RESIDENT:
                 resident += n
                 if not ep:  # with expert parallelism the all-to-all runs them (_all_to_all)
-                    dev = owners[e][0]
-                    block[dev] += call_s(dev, fmt_of[e], n)
-            elif site == "local":
-                local_n += n
-                local.append((e, n))
-            elif site == "fetch" or site == "hybrid":
-                fmt = lay.cache_format or fmt_of[e]
+                    dev = runner[e]
+                    block[dev] = block.get(dev, 0.0) + cost[e][n]
+                continue
+            if c == VIA_CACHE:
                 if cache is None:
                     missed += n  # no slots: every access misses
                 elif first_hit[e]:
-                    pending = self.inflight.get((l, e))
+                    pending = inflight.get((l, e)) if inflight else None
                     if pending is not None and not pending.triggered:
-                        jobs.append(("after", pending, e, n, fmt))
+                        jobs.append(("after", pending, e, n, lay.copy_format[e]))
+                        flags |= AFTER
                     else:
-                        block[compute_id] += call_s(compute_id, fmt, n)
+                        block[compute_id] = block.get(compute_id, 0.0) + cost[e][n]
                     continue
-                action = self.miss(site, n, g, None if self.cfg.miss == "plan" else self._miss_costs(l, e))
-                if action == "local":
-                    local_n += n
-                    local.append((e, n))
-                    if cache is not None:
-                        jobs.append(("fill", e))
-                else:
-                    jobs.append(("fetch", e, n, "int4" if action == "low-bit" else fmt))
-            else:  # stream: computed on the device once the layer's streamed weights are in
-                block[compute_id] += call_s(compute_id, fmt_of[e], n)
+                action = miss(lay.site[e], n, g, None if plan_miss else self._miss_costs(l, e))
+                if action != "local":
+                    jobs.append(("fetch", e, n, "int4" if action == "low-bit" else lay.copy_format[e]))
+                    flags |= FETCH
+                    continue
+                if cache is not None:
+                    jobs.append(("fill", e))
+                    flags |= FILL
+            elif c == STREAM:  # computed on the device once the layer's streamed weights are in
+                block[compute_id] = block.get(compute_id, 0.0) + cost[e][n]
+                continue
+            # run where the weights live: a local expert, or a miss the policy runs locally
+            local_n += n
+            dev = runner[e]
+            entry = local.get(dev)
+            if entry is None:
+                entry = local[dev] = [[], 0, 0.0]
+            entry[0].append((e, n))
+            entry[1] += n
+            entry[2] += local_cost[e][n]
+            if on_disk and e in on_disk:
+                flags |= DISK
         self.expert_accesses += tokens
         self.resident_access[l] += resident
         self.local_access[l] += local_n
         self.cache_access[l] += missed
         if local:
-            by_device: dict[str, list] = defaultdict(list)
-            for e, n in local:
-                by_device[owners[e][0]].append((e, n))
-            for dev, calls in by_device.items():
-                jobs.append(("local", dev, calls, min(len(rows), sum(n for _, n in calls))))
+            flags |= LOCAL_JOB
+            for dev, (calls, n, sec) in local.items():
+                n = min(len(rows), n)
+                jobs.append(("local", dev, calls, n, sec, self._activations(dev, n)))
         if lay.streamed:
             jobs.append(("stream",))
-        if key is not None and self._plain_memo is not None and len(self._plain_memo) < PLAIN_MEMO_ENTRIES:
-            self._plain_memo[key] = (block, jobs, tokens, resident, local_n, missed)
-        return block, jobs
+            flags |= STREAM_JOB
+        if key is not None and self._plain_memo is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
+            self._plain_memo[l][key] = (block, jobs, flags, tokens, resident, local_n, missed)
+        return block, jobs, flags
 
-    def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list) -> float | None:
+    def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
         """The layer's end time worked out without events, or None when that is not exact.
 
         Exact when nothing else is in flight (no transfer, no copy-engine user) and the
@@ -164,89 +197,99 @@ class ExpertWork:
         the fetches in order, and streams take kernels in the order the events would issue
         them. Otherwise the caller plays the layer out with processes.
         """
-        kinds = {j[0] for j in jobs}
-        if self.net.busy or not kinds <= {"fetch", "fill", "local"} or \
+        if flags & (AFTER | STREAM_JOB | DISK) or self.net.busy or \
                 (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
             return None
-        # activations (both directions) never share a bandwidth with each other, and fetches
-        # are serial on the copy engine; only results coming back can meet a fetch
-        check = "local" in kinds and len(kinds) > 1
-        lay, net, transfer_s = self.layers[l], self.net, self.transfer_s
-        recording = self.events is not None
+        if not flags & (FETCH | FILL) and self.spans is None:
+            # activations (both directions) never share a bandwidth with each other: book as we go
+            streams, stream, account = self.streams, self.stream, self.net.account
+            end = router_at
+            for dev, sec in block.items():
+                done = (streams.get(dev) or stream(dev)).reserve(sec, "", router_at)
+                if done > end:
+                    end = done
+            for _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) in jobs:
+                ready = router_at + d_out
+                done = (streams.get(dev) or stream(dev)).reserve(sec, "", ready)  # one reservation: the same end
+                back = done + d_back
+                account(p_out, act, router_at, ready)
+                account(p_back, act, done, back)
+                if back > end:
+                    end = back
+            return end
+        return self._copies_ahead(l, router_at, block, jobs, flags)
+
+    def _copies_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
+        """:meth:`_played_ahead` of a layer that copies experts (or records its kernels and transfers)."""
+        # fetches are serial on the copy engine; only results coming back can meet a fetch
+        check = flags & LOCAL_JOB and flags & (FETCH | FILL)
+        lay = self.layers[l]
+        recording, labels = self.events is not None, self.spans is not None
         if check:
             saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
-            n_spans = len(self.spans) if self.spans is not None else 0
-            n_events = len(self.events) if self.events is not None else 0
-        labels = self.spans is not None  # names of kernels and transfers: only for the Chrome trace
-        moves: list[tuple[str, str, float, float, float, str, bool]] = []  # (src, dst, bytes, start, end, what, weights)
-
-        def move(src: str, dst: str, n_bytes: float, start: float, what: str, weights: bool = True) -> float:
-            end = start + transfer_s(src, dst, n_bytes)
-            moves.append((src, dst, n_bytes, start, end, what, weights))
-            return end
-
+            n_spans = len(self.spans) if labels else 0
+            n_events = len(self.events) if recording else 0
+        moves: list[tuple] = []  # (path, bytes, start, end, name, source tier or None for activations)
         end = router_at
+        stream = self.stream
         for dev, sec in block.items():
-            done = self.stream(dev).reserve(sec, labels and f"experts L{l}", ready_s=router_at)
+            done = stream(dev).reserve(sec, labels and f"experts L{l}", ready_s=router_at)
             if done > end:
                 end = done
-        engine_free = router_at  # the copy engine takes fetches and fills in job order
-        compute_id, compute_mem, home = self.compute_id, self.compute_mem, lay.home
-        compute, call_s, expert_bytes = self.stream(compute_id), self.call_s, self.expert_bytes
-        for job in jobs:
-            kind = job[0]
-            if kind == "fetch":
-                _, e, n, fmt = job
+        if flags & (FETCH | FILL):
+            engine_free = router_at  # the copy engine takes fetches and fills in job order
+            compute, copy = stream(self.compute_id), self._copy
+            for job in jobs:
+                kind = job[0]
+                if kind == "fetch":
+                    _, e, n, fmt = job
+                elif kind == "fill":
+                    e = job[1]
+                    fmt = lay.copy_format[e]
+                else:
+                    continue
+                path, n_bytes, dur, tier = copy(lay.home[e], fmt)
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} start", engine_free)
-                n_bytes, src = expert_bytes(fmt), home[e]
-                arrived = engine_free + transfer_s(src, compute_mem, n_bytes)
-                moves.append((src, compute_mem, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", True))
+                arrived = engine_free + dur
+                moves.append((path, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", tier))
                 engine_free = arrived
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
-                done = compute.reserve(call_s(compute_id, fmt, n), labels and f"expert L{l}E{e}", ready_s=engine_free)
-                if done > end:
-                    end = done
-            elif kind == "fill":
-                e = job[1]
-                fmt = lay.cache_format or lay.fmt[e]
-                if recording:
-                    self.log("expert_fetch", f"L{l}E{e} start", engine_free)
-                engine_free = move(home[e], compute_mem, expert_bytes(fmt), engine_free, labels and f"L{l}E{e} {fmt}")
-                if recording:
-                    self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
-                if engine_free > end:
-                    end = engine_free
-        for job in jobs:
-            if job[0] == "local":
-                _, dev, calls, tokens = job
-                if lay.on_disk and any(e in lay.on_disk for e, _ in calls):
-                    break  # weights read from disk on the way: leave it to the processes
-                dev_mem = self._dev_mem(dev)
-                act = activation_bytes(self.model, tokens)
-                ready = move(compute_mem, dev_mem, act, router_at, labels and f"L{l} activations", False)
-                stream = self.stream(dev)
-                if self.spans is None:  # one reservation: the same end, fewer steps
-                    ready = stream.reserve(sum(self.call_s(dev, lay.fmt[e], n) for e, n in calls), ready_s=ready)
-                for e, n in calls if self.spans is not None else ():
-                    ready = stream.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}", ready_s=ready)
-                end = max(end, move(dev_mem, compute_mem, act, ready, labels and f"L{l} results", False))
-        else:
-            if not check or not net.overlapping([m[:5] for m in moves]):
-                account, tier, bytes_moved = net.account, self._tier, self.bytes_moved
-                for src, dst, n_bytes, start, stop, what, weights in moves:
-                    account(src, dst, n_bytes, start, stop, what)
-                    if weights:
-                        bytes_moved[tier[src]] += n_bytes
-                return end
-        for name, st in self.streams.items():  # undo the tentative reservations
-            st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
-        if self.spans is not None:
-            del self.spans[n_spans:]
-        if self.events is not None:
-            del self.events[n_events:]
-        return None
+                if kind == "fetch":
+                    arrived = compute.reserve(self.call_s(self.compute_id, fmt, n), labels and f"expert L{l}E{e}",
+                                              ready_s=engine_free)
+                if arrived > end:
+                    end = arrived
+        for job in jobs if flags & LOCAL_JOB else ():
+            if job[0] != "local":
+                continue
+            _, dev, calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) = job
+            ready = router_at + d_out
+            moves.append((p_out, act, router_at, ready, labels and f"L{l} activations", None))
+            st = stream(dev)
+            if not labels:  # one reservation: the same end, fewer steps
+                ready = st.reserve(sec, ready_s=ready)
+            for e, n in calls if labels else ():
+                ready = st.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}", ready_s=ready)
+            back = ready + d_back
+            moves.append((p_back, act, ready, back, labels and f"L{l} results", None))
+            if back > end:
+                end = back
+        if check and self.net.overlapping(moves):
+            for name, st in self.streams.items():  # undo the tentative reservations
+                st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
+            if labels:
+                del self.spans[n_spans:]
+            if recording:
+                del self.events[n_events:]
+            return None
+        account, bytes_moved = self.net.account, self.bytes_moved
+        for path, n_bytes, start, stop, what, tier in moves:
+            account(path, n_bytes, start, stop, what)
+            if tier is not None:
+                bytes_moved[tier] += n_bytes
+        return end
 
     def _start(self, l: int, block: dict[str, float], jobs: list, ids: np.ndarray) -> list[simpy.Event]:
         """Start the layer's work at the router; the layer ends when all of it has (sync)."""
@@ -269,9 +312,9 @@ class ExpertWork:
                 waits.append(env.process(self.run_after(ev, self.compute_id, self.call_s(self.compute_id, fmt, n),
                                                         f"expert L{l}E{e}")))
             elif kind == "local":
-                waits.append(env.process(self.local_experts(l, *job[1:])))
+                waits.append(env.process(self.local_experts(l, *job[1:4])))
             elif kind == "fill":
-                waits.append(env.process(self.expert_fetch(l, job[1], lay.cache_format or lay.fmt[job[1]])))
+                waits.append(env.process(self.expert_fetch(l, job[1], lay.copy_format[job[1]])))
         return waits
 
     def expert_fetch(self, l: int, e: int, fmt: str):
@@ -329,36 +372,3 @@ class ExpertWork:
                 "local_s": lambda n: self.call_s(host, lay.fmt[e], n) + ax * n,
                 "gate_threshold": 0.1}
 
-
-def route_small(ids: list, gates: list | None, E: int, K: int) -> list[tuple[int, int, float, int]]:
-    """:func:`route` for a handful of tokens, in plain Python (``ids``: ``[n][K]`` lists)."""
-    seen: dict[int, list] = {}
-    for t, row in enumerate(ids):
-        token_gates = gates[t] if gates is not None else None
-        for k, e in enumerate(row):
-            if e >= E:
-                continue
-            g = token_gates[k] if token_gates is not None else 1.0
-            entry = seen.get(e)
-            if entry is None:
-                seen[e] = [e, 1, g, t * K + k]
-            else:
-                entry[1] += 1
-                entry[2] += g
-    return [(e, n, gsum / n, first) for e, n, gsum, first in seen.values()]
-
-
-def route(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[int, int, float, int]]:
-    """Distinct experts of a step in first-use order (token, then rank), with their token
-    counts, mean gate weight and their first use (token x K + rank within the step). Zero experts are dropped."""
-    flat = ids.ravel()
-    uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    uniq, first, counts = uniq[order], first[order], counts[order]
-    if gates is not None:
-        sums = np.bincount(flat, weights=gates.ravel().astype(float), minlength=int(flat.max()) + 1)
-        gate = sums[uniq] / counts
-    else:
-        gate = np.ones(len(uniq))
-    keep = uniq < E
-    return list(zip(uniq[keep].tolist(), counts[keep].tolist(), gate[keep].tolist(), first[keep].tolist()))

@@ -76,6 +76,39 @@ class ExpertCache:
         self._load(e, pos, gate)
         return False
 
+    def serve(self, ids: list[list[int]], gates: list[list[float]] | None, rows, K: int, E: int,
+              wanted: frozenset[int]) -> tuple[dict[int, bool], int, int]:
+        """One step's accesses at this layer, token after token in rank order.
+
+        Args:
+            ids: ``[n][K]`` the step's expert ids at this layer; ``gates``: their weights or None.
+            rows: the tokens' trace rows (an access's position is row x K + rank).
+            K: top-k; E: routed experts (ids >= E are not routed).
+            wanted: the experts whose accesses go through the cache.
+
+        Returns:
+            ``(first, hits, accesses)``: whether each wanted expert's first access in the step
+            hit, and the step's hits and accesses.
+        """
+        first: dict[int, bool] = {}
+        hits = accesses = 0
+        access, router = self.access, self.scores_router
+        for t, row in enumerate(ids):
+            p0 = int(rows[t]) * K
+            token_gates = gates[t] if gates is not None else None
+            if router:  # the token's router scores reach the cache before its experts do
+                scores = token_gates if token_gates is not None else [1.0] * len(row)
+                chosen = [(e, s) for e, s in zip(row, scores) if e < E]
+                self.route([e for e, _ in chosen], [s for _, s in chosen])
+            for k, e in enumerate(row):
+                if e in wanted:
+                    h = access(e, p0 + k, token_gates[k] if token_gates is not None else 1.0)
+                    hits += h
+                    accesses += 1
+                    if e not in first:
+                        first[e] = h
+        return first, hits, accesses
+
     def insert(self, e: int, pos: int = 0) -> bool:
         """Load ``e`` ahead of use (prefetch); returns whether it had to be loaded."""
         if e in self.items or self.slots == 0:
@@ -103,7 +136,7 @@ class LRUCache(ExpertCache):
     """Least recently used."""
 
     def access(self, e: int, pos: int = 0, gate: float = 1.0) -> bool:
-        items = self.items  # the base class's access, inlined (the simulator's hottest call)
+        items = self.items  # the base class's access, inlined
         if e in items:
             items.move_to_end(e)
             return True
@@ -112,6 +145,30 @@ class LRUCache(ExpertCache):
                 items.popitem(last=False)  # the least recently used
             items[e] = None
         return False
+
+    def serve(self, ids: list[list[int]], gates: list[list[float]] | None, rows, K: int, E: int,
+              wanted: frozenset[int]) -> tuple[dict[int, bool], int, int]:
+        """:meth:`ExpertCache.serve` with :meth:`access` inlined (the simulator's hottest loop)."""
+        items, slots = self.items, self.slots
+        first: dict[int, bool] = {}
+        hits = accesses = 0
+        for row in ids:
+            for e in row:
+                if e in wanted:
+                    accesses += 1
+                    if e in items:
+                        items.move_to_end(e)
+                        hits += 1
+                        if e not in first:
+                            first[e] = True
+                        continue
+                    if slots:
+                        if len(items) >= slots:
+                            items.popitem(last=False)
+                        items[e] = None
+                    if e not in first:
+                        first[e] = False
+        return first, hits, accesses
 
 
 @register(EVICTION, "lfu")

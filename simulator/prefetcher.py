@@ -79,8 +79,8 @@ class Prefetcher:
             elif kind == "fill":
                 link_s += copy_s(job[1], lay.cache_format or lay.fmt[job[1]])
             elif kind == "local":
-                _, dev, calls, _tokens = job
-                busy[dev] = busy.get(dev, 0.0) + sum(self.call_s(dev, lay.fmt[e], n) for e, n in calls)
+                _, dev, _calls, _tokens, seconds, _moves = job
+                busy[dev] = busy.get(dev, 0.0) + seconds
             elif kind == "stream":
                 link_s += sum(copy_s(e, lay.fmt[e]) for e in lay.streamed)
         return max(max(busy.values(), default=0.0) - link_s, 0.0)

@@ -46,7 +46,9 @@ class Stream:
 
     def reserve(self, duration_s: float, what: str = "", ready_s: float | None = None) -> float:
         """Queue ``duration_s`` of work that can start at ``ready_s`` (default: now); return its end."""
-        start = max(self.env.now if ready_s is None else ready_s, self.free_at_s)
+        start = self.env.now if ready_s is None else ready_s
+        if self.free_at_s > start:
+            start = self.free_at_s
         end = start + duration_s
         self.free_at_s = end
         self.busy_s += duration_s
@@ -59,12 +61,14 @@ class Stream:
 class _Flow:
     keys: tuple[str, ...]
     remaining_bytes: float
-    done: simpy.Event
+    done: object  # a SimPy event to succeed, or what the caller of open_flow keeps with the flow
     rate: float = 0.0
 
 
 @dataclass
 class _Path:
+    src: str  # memories
+    dst: str
     keys: tuple[str, ...]  # shared bandwidths crossed: link directions and memory ports
     link_ids: tuple[str, ...]
     latency_s: float
@@ -114,7 +118,7 @@ class Network:
                     self.bandwidth[k] = self.hw.memories[mem].bytes_per_s
                     keys.append(k)
             bottleneck = min((self.bandwidth[k] for k in keys), default=math.inf)
-            self._paths[key] = _Path(tuple(keys), tuple(ids), route.latency_s, bottleneck)
+            self._paths[key] = _Path(src, dst, tuple(keys), tuple(ids), route.latency_s, bottleneck)
         return self._paths[key]
 
     def transfer(self, src: str, dst: str, n_bytes: float, what: str = ""):
@@ -126,13 +130,7 @@ class Network:
         self._in_transit += 1
         if p.latency_s > 0:
             yield self.env.timeout(p.latency_s)
-        for lid in p.link_ids:
-            self.bytes[lid] += n_bytes
-        flow = _Flow(p.keys, float(n_bytes), self.env.event())
-        self._advance()
-        self._flows.add(flow)
-        for k in flow.keys:
-            self.active[k] += 1
+        flow = self.open_flow(p, n_bytes, self.env.now, self.env.event())
         self._reschedule()
         yield flow.done
         self._in_transit -= 1
@@ -146,28 +144,29 @@ class Network:
             return 0.0
         return p.latency_s + n_bytes / p.bottleneck_bytes_per_s
 
-    def overlapping(self, moves: list[tuple[str, str, float, float, float]]) -> bool:
-        """Whether any two of ``moves`` (src, dst, bytes, start_s, end_s) share a bandwidth at once."""
+    def overlapping(self, moves: list[tuple]) -> bool:
+        """Whether any two of ``moves`` (path, bytes, start_s, end_s, ...) share a bandwidth at once."""
         seen: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for src, dst, _, start, end in moves:
-            for k in self.path(src, dst).keys:
+        for p, _, start, end, *_ in moves:
+            for k in p.keys:
                 if any(start < e and s < end for s, e in seen[k]):
                     return True
                 seen[k].append((start, end))
         return False
 
-    def account(self, src: str, dst: str, n_bytes: float, start_s: float, end_s: float, what: str = "") -> None:
-        """Book a transfer worked out ahead (alone on its route) as if it had been played out."""
-        p = self._paths.get((src, dst)) or self.path(src, dst)
+    def account(self, p: _Path, n_bytes: float, start_s: float, end_s: float, what: str = "") -> None:
+        """Book a transfer over ``p`` (:meth:`path`) worked out ahead (alone on its route) as if
+        it had been played out."""
         if not p.keys or n_bytes <= 0:
             return
         link_bytes, busy = self.bytes, self.busy_s
         for lid in p.link_ids:
             link_bytes[lid] += n_bytes
+        x = end_s - start_s - p.latency_s
         for k in p.keys:
-            busy[k] += end_s - start_s - p.latency_s
+            busy[k] += x
         if self.spans is not None:
-            self.spans.append(Span(f"link {src}->{dst}", what, start_s, end_s, (("bytes", n_bytes),)))
+            self.spans.append(Span(f"link {p.src}->{p.dst}", what, start_s, end_s, (("bytes", n_bytes),)))
 
     def exchange(self, moves: dict[tuple[str, str], float], start_s: float, what: str = "") -> float:
         """An all-to-all worked out ahead: every move starts at ``start_s`` and all share links.
@@ -194,28 +193,61 @@ class Network:
             self.spans.append(Span("all-to-all", what, start_s, end, (("bytes", sum(moves.values())),)))
         return end
 
-    # -- processor sharing -----------------------------------------------------------------
+    # -- processor sharing: the arithmetic takes the clock as an argument, so that SimPy's
+    # processes (transfer) and a layer worked out without events (simulator.contention)
+    # compute the same floats in the same order
 
-    def _advance(self) -> None:
-        """Drain every active flow at its current rate up to now."""
-        dt = self.env.now - self._last_s
+    def open_flow(self, p: _Path, n_bytes: float, now: float, done: object) -> _Flow:
+        """Start moving ``n_bytes`` over ``p`` at ``now`` (its latency has passed); ``done`` goes
+        with the flow (a SimPy event to succeed, or what a caller needs). :meth:`reflow` next."""
+        for lid in p.link_ids:
+            self.bytes[lid] += n_bytes
+        flow = _Flow(p.keys, float(n_bytes), done)
+        self._advance(now)
+        self._flows.add(flow)
+        for k in flow.keys:
+            self.active[k] += 1
+        return flow
+
+    def reflow(self) -> float | None:
+        """New rates for every flow; returns the seconds until the first one finishes (None: no
+        flows). A wake-up planned before is stale from now on."""
+        self._version += 1
+        if not self._flows:
+            return None
+        soonest = math.inf
+        for f in self._flows:
+            f.rate = min(self.bandwidth[k] / self.active[k] for k in f.keys)
+            soonest = min(soonest, max(f.remaining_bytes, 0.0) / f.rate)
+        return soonest
+
+    def close_flows(self, now: float) -> list[_Flow]:
+        """Drain every flow up to ``now`` and take out the finished ones. :meth:`reflow` next."""
+        self._advance(now)
+        # a flow is done when less than a nanosecond of work is left (float round-off)
+        finished = [f for f in self._flows if f.remaining_bytes <= f.rate * 1e-9]
+        for f in finished:
+            self._flows.discard(f)
+            for k in f.keys:
+                self.active[k] -= 1
+        return finished
+
+    def _advance(self, now: float) -> None:
+        """Drain every active flow at its current rate up to ``now``."""
+        dt = now - self._last_s
         if dt > 0:
             for f in self._flows:
                 f.remaining_bytes -= f.rate * dt
             for k, n in self.active.items():
                 if n:
                     self.busy_s[k] += dt
-        self._last_s = self.env.now
+        self._last_s = now
 
     def _reschedule(self) -> None:
         """New rates for every flow; wake up when the first one finishes."""
-        self._version += 1
-        if not self._flows:
+        soonest = self.reflow()
+        if soonest is None:
             return
-        soonest = math.inf
-        for f in self._flows:
-            f.rate = min(self.bandwidth[k] / self.active[k] for k in f.keys)
-            soonest = min(soonest, max(f.remaining_bytes, 0.0) / f.rate)
         wake = self.env.timeout(soonest)
         version = self._version
         wake.callbacks.append(lambda _ev: self._on_wake(version))
@@ -223,12 +255,6 @@ class Network:
     def _on_wake(self, version: int) -> None:
         if version != self._version:
             return  # the flows changed since this wake-up was planned
-        self._advance()
-        # a flow is done when less than a nanosecond of work is left (float round-off)
-        finished = [f for f in self._flows if f.remaining_bytes <= f.rate * 1e-9]
-        for f in finished:
-            self._flows.discard(f)
-            for k in f.keys:
-                self.active[k] -= 1
+        for f in self.close_flows(self.env.now):
             f.done.succeed()
         self._reschedule()

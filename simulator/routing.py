@@ -1,0 +1,56 @@
+"""The router's choices of one step: which experts each MoE layer runs, and for how many tokens.
+
+Legend: n = tokens in the step, L = MoE layers, K = top-k, E = routed experts.
+
+A step's trace rows name, per token and layer, K expert ids (ids >= E are zero-computation
+experts: nothing runs). Each layer runs every distinct expert once for all the tokens that
+chose it (one expert call); the calls are issued in first-use order (token, then rank), and
+a call's token count and mean gate weight go with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["route_step"]
+
+
+def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[list, list, list | None]]:
+    """Per layer of the step: ``(experts, tokens, mean gates)`` of its expert calls, in first-use order.
+
+    Args:
+        ids: ``[n, L, K]`` expert ids of the step's tokens.
+        gates: ``[n, L, K]`` gate weights, or ``None`` (then the mean gates are ``None`` too).
+        E: routed experts; ids >= E are dropped.
+
+    Returns:
+        ``L`` tuples of equal-length lists. A step of one token whose experts are distinct and
+        routed (the usual decode step at batch 1) shares one list of ones for the token counts.
+    """
+    n, L, K = ids.shape
+    if n == 1:
+        srt = np.sort(ids[0], axis=1)  # [L, K]
+        if srt[:, -1].max() < E and (K < 2 or (srt[:, 1:] != srt[:, :-1]).all()):
+            ones = [1] * K
+            rows = ids[0].tolist()
+            g = gates[0].tolist() if gates is not None else [None] * L
+            return [(rows[l], ones, g[l]) for l in range(L)]
+    # every layer at once: code = layer * M + expert, so one unique() sorts them all and the
+    # first use (layer * nK + token * K + rank) orders the calls layer by layer, then by first use
+    x = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(L, n * K).astype(np.int64)  # [L, nK]
+    M = int(x.max()) + 1
+    codes = (x + (np.arange(L, dtype=np.int64) * M)[:, None]).ravel()
+    uniq, first, counts = np.unique(codes, return_index=True, return_counts=True)
+    order = np.argsort(first, kind="stable")
+    uniq, counts = uniq[order], counts[order]
+    layer, expert = np.divmod(uniq, M)
+    keep = expert < E
+    mean = None
+    if gates is not None:
+        w = np.ascontiguousarray(gates.transpose(1, 0, 2)).reshape(-1).astype(float)
+        mean = (np.bincount(codes, weights=w, minlength=L * M)[uniq] / counts)[keep].tolist()
+    layer, expert, counts = layer[keep], expert[keep].tolist(), counts[keep].tolist()
+    bounds = np.searchsorted(layer, np.arange(L + 1)).tolist()
+    return [(expert[a:b], counts[a:b], None if mean is None else mean[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
