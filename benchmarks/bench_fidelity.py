@@ -9,25 +9,29 @@ For every case of ``benchmarks/fidelity/cases.yaml`` (see ``benchmarks/fidelity/
    ``build_problem(grid=False)`` -> ``step_time`` (decode) and the prefill pricing of
    ``planner.optimize._predict`` (TTFT = one prefill step of the prompt);
 2. split the cases deterministically into a fit half and a held-out half (sorted by
-   (engine, source, id), alternating), fit per-engine scale factors on the engine's
-   overheads (per hidden layer, per expert call, per step) and one memory-bandwidth
-   efficiency factor per device kind (gpu, cpu) on the fit half only, by robust least squares
-   (soft_l1) on log errors, and apply them unchanged to the held-out half;
+   (engine, source, id), alternating), fit per-engine scale factors on the fit half only, by
+   robust least squares (soft_l1) on log errors -- per device kind (gpu, cpu) the overheads
+   per hidden layer and per expert call and the share of memory bandwidth and of compute
+   peak the engine's kernels reach (the profile's ``efficiency``), and the per-step overhead
+   -- and apply them unchanged to the held-out half;
 3. write per-case and per-half errors (100 * |ln(pred / published)|) before and after the
-   fit, the fitted parameters and the suggested engine overheads to
+   fit, the fitted scales and the profile values they suggest to
    ``benchmarks/results/fidelity.json``, and a short table to stdout.
 
-The benchmark does not edit the engine YAMLs; it prints the overheads the fit suggests
-(``suggested_engine_overheads``). The bundled llama.cpp, ktransformers, vllm, sglang and
-accelerate profiles carry the overheads of the 2026-12 fit (their ``source`` says so), so a
-rerun prices "before" with them and the refit's scales stay near 1.
+The benchmark does not edit the engine YAMLs; it prints the values the fit suggests
+(``suggested_engine_profiles``). The bundled llama.cpp, ktransformers, vllm, sglang and
+accelerate profiles carry the values of the 2026-12-07 fit (their ``source`` says so), so a
+rerun prices "before" with them -- what the tool predicts as shipped -- and the refit's
+scales stay near 1.
 
 Harness conventions (each case's ``note`` says which ones applied):
 
 - cpu-only: the profile's GPUs/accelerators are dropped, so the CPU is the compute device and
   every expert is resident in its DRAM;
-- multi-GPU all-GPU cases (tensor parallel / layer split): the planner is single-GPU, so the
-  GPUs are priced as one device with their summed memory, bandwidth and peaks;
+- multi-GPU all-GPU cases: the planner is single-GPU, so the GPUs are priced as one device
+  with their summed memory; with tensor parallelism (the case's notes say so) also their
+  summed bandwidth and peaks, with a layer split (llama.cpp's default) one GPU's, since each
+  layer runs on one GPU after the other;
 - a format the engine profile has no kernel for on the device that runs it (GGUF mixes such
   as q4_k_m, iq1_s; SGLang's int8/fp8 CPU kernels) is added as ``native`` in memory (the
   source demonstrably ran it) -- the engine YAML is not touched;
@@ -70,8 +74,7 @@ from planner.costs import MODES, fixed_costs, step_time  # noqa: E402
 from planner.ilp import _feasible, build_problem  # noqa: E402
 from planner.optimize import _predict, make_setup  # noqa: E402
 from planner.workload_view import planning_stats  # noqa: E402
-from profiles.engines import Engine, load_engine  # noqa: E402
-from profiles.formats import get_format  # noqa: E402
+from profiles.engines import Engine, EngineEfficiency, load_engine  # noqa: E402
 from profiles.hardware import DEFAULT_EFFICIENCY, Hardware, load_profile  # noqa: E402
 from profiles.models import load_model  # noqa: E402
 from profiles.units import format_size  # noqa: E402
@@ -101,16 +104,17 @@ CONFIG_KEYS = ("policy", "n", "slots", "gpus", "threads", "notes")
 POLICIES = ("all-gpu", "cpu-experts", "n-cpu-moe", "lru-offload", "accelerate", "cpu-only", "disk-offload", "other")
 DEFAULT_DENSE = "bf16"  # dense weights when the case does not state their format
 
-# fitted parameters: per engine log-scales on (layer, expert call, step) overheads, and per
-# device kind a memory-bandwidth efficiency factor
-PER_ENGINE = ("layer", "expert_call", "step")
+# fitted parameters, per engine, all as log-scales of the profile's value: the overheads per
+# hidden layer and per expert call on each device kind, the per-step overhead, and the share
+# of a device's memory bandwidth ("memory") and compute peak ("compute") its kernels reach
+# (profiles/engines.py ``efficiency``; a device kind's default where the profile states none)
 KINDS = ("gpu", "cpu")
+PER_ENGINE = tuple(f"{k}.{w}" for k in KINDS for w in ("layer", "expert_call", "memory", "compute")) + ("step",)
 SCALE_BOUNDS = (0.05, 20.0)
-# memory factors: from half the default fraction up to a streamed fraction of 0.95 (no
-# kernel reads weights faster than the memory's peak; a factor past that compensates for
-# something else)
-MAX_MEMORY_FRACTION = 0.95
-MEM_BOUNDS = {k: (0.5, MAX_MEMORY_FRACTION / DEFAULT_EFFICIENCY[k]["memory_fraction"]) for k in ("gpu", "cpu")}
+# no kernel streams weights faster than 0.95 of the memory's peak, or computes past its peak
+# (a scale past these compensates for something else)
+MAX_FRACTION = {"memory_fraction": 0.95, "compute_max_fraction": 1.0}
+PRIOR = 0.05  # weight of the prior towards the profile's values, per log-scale
 MAX_NFEV = 15  # function evaluations of the fit (each prices the fit half once; the Jacobian's are extra)
 # robust loss: a case off by far more than the model's spread (a suspected disk-paging run that
 # the planner says fits) must not drag an engine's overheads for every other case; soft_l1
@@ -185,9 +189,8 @@ def _drop(hw: Hardware, keep) -> Hardware:
     return dataclasses.replace(hw, devices=devices, links=links)
 
 
-def case_hardware(case: dict, mem_factor: dict[str, float] | None = None) -> tuple[Hardware, list[str]]:
-    """The case's machine as the planner should see it (see the module docstring), with the
-    memory-efficiency factors applied per device kind."""
+def case_hardware(case: dict) -> tuple[Hardware, list[str]]:
+    """The case's machine as the planner should see it (see the module docstring)."""
     hw, notes = hardware_of(case), []
     policy, gpus = case["config"]["policy"], int(case["config"].get("gpus") or 0)
     if policy == "cpu-only":
@@ -198,27 +201,38 @@ def case_hardware(case: dict, mem_factor: dict[str, float] | None = None) -> tup
         gs = [d for d in hw.devices.values() if d.kind == "gpu"][:gpus]
         n = len(gs)
         first = gs[0]
+        # tensor parallel: every GPU reads its share of every layer at once (summed bandwidth
+        # and peaks); a layer split runs each layer on one GPU after the other, so a token
+        # sees one GPU's bandwidth and peak while the layers' memory adds up
+        tp = "tensor parallel" in (case["config"].get("notes") or "").lower()
+        speed = n if tp else 1
         merged = dataclasses.replace(first, memory_bytes=first.memory_bytes * n,
-                                     memory_bytes_per_s=first.memory_bytes_per_s * n,
-                                     peak_ops_per_s={k: v * n for k, v in first.peak_ops_per_s.items()})
+                                     memory_bytes_per_s=first.memory_bytes_per_s * speed,
+                                     peak_ops_per_s={k: v * speed for k, v in first.peak_ops_per_s.items()})
         hw = _drop(hw, lambda d: d.kind != "gpu" or d.id == first.id)
         hw = dataclasses.replace(hw, devices={k: (merged if k == first.id else d) for k, d in hw.devices.items()})
-        notes.append(f"{n} GPUs priced as one device with summed memory, bandwidth and peaks "
+        what = "summed memory, bandwidth and peaks" if tp else "summed memory, one GPU's bandwidth and peaks"
+        notes.append(f"{n} GPUs priced as one device with {what} "
                      f"({case['config'].get('notes') or 'multi-GPU'}; no inter-GPU communication priced)")
-    if mem_factor:
-        devices = {}
-        for k, d in hw.devices.items():
-            f = mem_factor.get(d.kind)
-            if f is not None and d.efficiency is not None:
-                d = dataclasses.replace(d, efficiency=d.efficiency.model_copy(
-                    update={"memory_fraction": d.efficiency.memory_fraction * f}))
-            devices[k] = d
-        hw = dataclasses.replace(hw, devices=devices)
     return hw, notes
 
 
+def _efficiency(spec, kind: str, scales: dict[str, float]) -> dict | None:
+    """The engine's ``efficiency`` block on ``kind`` with the memory/compute scales applied."""
+    base = spec.efficiency.model_dump() if spec.efficiency is not None else {"source": "device defaults"}
+    out = dict(base)
+    for key, what in (("memory", "memory_fraction"), ("compute", "compute_max_fraction")):
+        sc = scales.get(f"{kind}.{key}")
+        if sc is None:
+            continue
+        value = base.get(what) or DEFAULT_EFFICIENCY[kind][what]
+        out[what] = min(value * sc, MAX_FRACTION[what])
+    return out if out != base else None
+
+
 def scaled_engine(engine: Engine, scales: dict[str, float] | None, add_kernels: dict[str, set[str]]) -> Engine:
-    """``engine`` with its overheads scaled and the harness kernels added (in memory only)."""
+    """``engine`` with the fit's scales (``PER_ENGINE`` keys) applied and the harness kernels
+    added (in memory only)."""
     p = engine.profile
     scales = scales or {}
     upd = {}
@@ -228,9 +242,12 @@ def scaled_engine(engine: Engine, scales: dict[str, float] | None, add_kernels: 
             continue
         su = {}
         for what, key in (("layer_overhead_s", "layer"), ("expert_call_overhead_s", "expert_call")):
-            v = getattr(spec, what)
-            if v is not None and key in scales:
-                su[what] = v.model_copy(update={"value": v.value * scales[key]})
+            v, sc = getattr(spec, what), scales.get(f"{kind}.{key}")
+            if v is not None and sc is not None:
+                su[what] = v.model_copy(update={"value": v.value * sc})
+        eff = _efficiency(spec, kind, scales) if kind in KINDS else None
+        if eff is not None:
+            su["efficiency"] = EngineEfficiency(**eff)
         extra = add_kernels.get(kind, set()) - set(k for k, path in spec.kernels.items() if path != "unsupported")
         if extra:
             su["kernels"] = dict(spec.kernels) | {fm: "native" for fm in sorted(extra)}
@@ -285,13 +302,12 @@ def _does_not_fit(s, case: dict, E: int, L: int, stored_dense: str) -> str | Non
             f"{s.host_reserve[0]:.0%} + {format_size(s.host_reserve[1])}): " + "; ".join(parts or ["quality budget"]))
 
 
-def price_case(case: dict, scales: dict[str, float] | None = None,
-               mem_factor: dict[str, float] | None = None, check_fit: bool = False) -> dict:
+def price_case(case: dict, scales: dict[str, float] | None = None, check_fit: bool = False) -> dict:
     """Predicted value of ``case``'s metric, with the notes and the memory check (``check_fit``:
     also the planner's reason when the placement does not fit with the usual reserves)."""
     base = _engine(engine_name(case))
     model, stats = _stats(case["model"])
-    hw, notes = case_hardware(case, mem_factor)
+    hw, notes = case_hardware(case)
     fmt, dfm = case["format"], dense_format(case)
     if not case.get("dense_format"):
         notes.append(f"dense format not stated: {DEFAULT_DENSE} assumed")
@@ -358,61 +374,50 @@ def split(cases: list[dict]) -> tuple[list[dict], list[dict]]:
     return order[0::2], order[1::2]
 
 
-def _unpack(x: np.ndarray, engines: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    scales = {}
-    for i, e in enumerate(engines):
-        scales[e] = {k: float(math.exp(x[i * len(PER_ENGINE) + j])) for j, k in enumerate(PER_ENGINE)}
-    off = len(engines) * len(PER_ENGINE)
-    mem = {k: float(x[off + j]) for j, k in enumerate(KINDS)}
-    return scales, mem
+def _unpack(x: np.ndarray, engines: list[str]) -> dict[str, dict[str, float]]:
+    return {e: {k: float(math.exp(x[i * len(PER_ENGINE) + j])) for j, k in enumerate(PER_ENGINE)}
+            for i, e in enumerate(engines)}
 
 
 def fit(fit_cases: list[dict]) -> dict:
     from scipy.optimize import least_squares
 
     engines = sorted({engine_name(c) for c in fit_cases})
-    n = len(engines) * len(PER_ENGINE) + len(KINDS)
-    lo = [math.log(SCALE_BOUNDS[0])] * (n - len(KINDS)) + [MEM_BOUNDS[k][0] for k in KINDS]
-    hi = [math.log(SCALE_BOUNDS[1])] * (n - len(KINDS)) + [MEM_BOUNDS[k][1] for k in KINDS]
-    x0 = np.array([0.0] * (n - len(KINDS)) + [1.0] * len(KINDS))
+    n = len(engines) * len(PER_ENGINE)
+    lo, hi = [math.log(SCALE_BOUNDS[0])] * n, [math.log(SCALE_BOUNDS[1])] * n
 
     def residuals(x):
-        scales, mem = _unpack(x, engines)
+        scales = _unpack(x, engines)
         r = []
         for c in fit_cases:
             try:
-                pred = price_case(c, scales[engine_name(c)], mem)["predicted"]
+                pred = price_case(c, scales[engine_name(c)])["predicted"]
                 r.append(log_err(pred, float(c["value"])))
             except Exception:  # noqa: BLE001 -- a failing evaluation is a large residual
                 r.append(5.0)
         # weak prior towards the profile's values (keeps unidentifiable scales at 1)
-        r.extend(0.05 * x[: n - len(KINDS)])
-        r.extend(0.05 * (x[n - len(KINDS):] - 1.0))
+        r.extend(PRIOR * x)
         return np.array(r)
 
     t0 = time.perf_counter()
     # an engine's scales move only its own cases' residuals: finite differences perturb the
     # engines' columns together (scipy groups the columns of a sparse Jacobian)
-    n_res = len(fit_cases) + n
-    sparsity = np.zeros((n_res, n), dtype=int)
+    sparsity = np.zeros((len(fit_cases) + n, n), dtype=int)
     for i, c in enumerate(fit_cases):
         j = engines.index(engine_name(c)) * len(PER_ENGINE)
         sparsity[i, j:j + len(PER_ENGINE)] = 1
-        sparsity[i, n - len(KINDS):] = 1
     sparsity[len(fit_cases):, :] = np.eye(n, dtype=int)
-    res = least_squares(residuals, x0, bounds=(lo, hi), diff_step=1e-3, max_nfev=MAX_NFEV, x_scale=1.0,
+    res = least_squares(residuals, np.zeros(n), bounds=(lo, hi), diff_step=1e-3, max_nfev=MAX_NFEV, x_scale=1.0,
                         jac_sparsity=sparsity, method="trf", loss=LOSS, f_scale=F_SCALE)
-    scales, mem = _unpack(res.x, engines)
-    return {"engines": engines, "per_engine_scales": scales, "memory_efficiency_factor": mem,
+    return {"engines": engines, "per_engine_scales": _unpack(res.x, engines),
             "cost": float(res.cost), "nfev": int(res.nfev), "status": int(res.status), "message": res.message,
             "seconds": time.perf_counter() - t0,
-            "method": "scipy.optimize.least_squares on ln(pred/published) over the fit half, log-scales in "
-                      f"[{SCALE_BOUNDS[0]}, {SCALE_BOUNDS[1]}], memory factors in "
-                      f"{ {k: [round(v, 3) for v in b] for k, b in MEM_BOUNDS.items()} }, "
-                      f"weak prior 0.05 x (log-scale, factor - 1), loss {LOSS} with f_scale {F_SCALE}"}
+            "method": "scipy.optimize.least_squares on ln(pred/published) over the fit half; per engine, log-scales "
+                      f"of {', '.join(PER_ENGINE)} in [{SCALE_BOUNDS[0]}, {SCALE_BOUNDS[1]}] (fractions capped at "
+                      f"{MAX_FRACTION}), weak prior {PRIOR} x log-scale, loss {LOSS} with f_scale {F_SCALE}"}
 
 
-def suggested_overheads(scales: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
+def suggested_profile(scales: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
     """The engine YAML values the fit suggests (NOT written: the lead decides)."""
     out = {}
     for e, sc in scales.items():
@@ -423,9 +428,14 @@ def suggested_overheads(scales: dict[str, dict[str, float]]) -> dict[str, dict[s
             if spec is None:
                 continue
             for what, key in (("layer_overhead_s", "layer"), ("expert_call_overhead_s", "expert_call")):
-                v = getattr(spec, what)
-                if v is not None:
-                    rows[f"{kind}.{what}"] = f"{v.value * sc[key] * 1e6:.4g}us (now {v.value * 1e6:.4g}us)"
+                v, f = getattr(spec, what), sc.get(f"{kind}.{key}")
+                if v is not None and f is not None:
+                    rows[f"{kind}.{what}"] = f"{v.value * f * 1e6:.4g}us (now {v.value * 1e6:.4g}us)"
+            eff = _efficiency(spec, kind, sc) if kind in KINDS else None
+            now = spec.efficiency.model_dump() if spec.efficiency is not None else {}
+            for what in ("memory_fraction", "compute_max_fraction"):
+                if eff is not None and eff.get(what) is not None:
+                    rows[f"{kind}.efficiency.{what}"] = f"{eff[what]:.3g} (now {now.get(what) or 'device default'})"
         for ph in ("decode", "prefill"):
             v = getattr(p.step_overhead_s, ph).value
             rows[f"step_overhead_s.{ph}"] = f"{v * sc['step'] * 1e3:.4g}ms (now {v * 1e3:.4g}ms)"
@@ -483,12 +493,12 @@ def main(argv: list[str] | None = None) -> int:
                    "note": "; ".join(before["notes"])}
             if fitted is not None:
                 sc = fitted["per_engine_scales"].get(engine_name(c))
-                after = price_case(c, sc, fitted["memory_efficiency_factor"])
+                after = price_case(c, sc)
                 row["predicted_after"] = after["predicted"]
                 row["error_after_pct"] = pct(log_err(after["predicted"], float(c["value"])))
                 row["ratio_after"] = after["predicted"] / float(c["value"])
                 if sc is None:
-                    row["note"] += ("; " if row["note"] else "") + "engine has no fit-half case: only the memory factors apply"
+                    row["note"] += ("; " if row["note"] else "") + "engine has no fit-half case: priced as the profile says"
             rows.append(row)
     halves = {}
     for half in ("fit", "held_out"):
@@ -507,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "memory reserves; a cost model without paging cannot price it",
            "halves": halves,
            "fit": fitted,
-           "suggested_engine_overheads": suggested_overheads(fitted["per_engine_scales"]) if fitted else None,
-           "suggested_overheads_applied": "by hand: profiles/engines/{llama.cpp,ktransformers,vllm,sglang,"
-                                          "accelerate}.yaml carry the 2026-12 fit (see their sources)",
+           "suggested_engine_profiles": suggested_profile(fitted["per_engine_scales"]) if fitted else None,
+           "suggested_profiles_applied": "by hand: profiles/engines/{llama.cpp,ktransformers,vllm,sglang,"
+                                         "accelerate}.yaml carry the 2026-12-07 fit (see their sources), so "
+                                         "'before' is what the tool predicts as shipped",
            "cases": rows, "seconds": time.perf_counter() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
@@ -534,9 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"does not fit, not scored {nf['id']}: {nf['reason']}")
     if fitted:
         print("fitted per-engine scales:", json.dumps(fitted["per_engine_scales"]))
-        print("fitted memory-efficiency factors:", json.dumps(fitted["memory_efficiency_factor"]))
-        print("suggested engine overheads (the benchmark does not write profiles/engines/*.yaml):")
-        for e, rows_ in out["suggested_engine_overheads"].items():
+        print("suggested engine profile values (the benchmark does not write profiles/engines/*.yaml):")
+        for e, rows_ in out["suggested_engine_profiles"].items():
             for k, v in rows_.items():
                 print(f"  {e:14s} {k:32s} {v}")
     print(f"wrote {args.out} in {out['seconds']:.0f}s", file=sys.stderr)

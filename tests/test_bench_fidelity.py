@@ -82,5 +82,5 @@ def test_prices_end_to_end(cases, case_id):
     if c["config"]["policy"] == "cpu-only":
         assert out["compute"].split("/")[1].startswith("cpu")
     # a faster engine (all overheads at a tenth) never predicts a slower rate
-    faster = bf.price_case(c, {"layer": 0.1, "expert_call": 0.1, "step": 0.1})
+    faster = bf.price_case(c, {k: 0.1 for k in bf.PER_ENGINE if k.endswith(("layer", "expert_call")) or k == "step"})
     assert faster["predicted"] >= out["predicted"] * (1 - 1e-9)
