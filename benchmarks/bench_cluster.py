@@ -1,7 +1,7 @@
 """Benchmark: expert-parallel placement of DeepSeek-V3 on 64 H100s (cluster-h100-8node).
 
 Methods: EPLB global, EPLB hierarchical (numpy port, planner/eplb.py), vLLM's linear and
-round-robin placements, and ours (planner/cluster.py), all with the same number of physical
+round-robin placements, and ours (planner/cluster/), all with the same number of physical
 experts. Per method: max/mean per-GPU load per MoE layer (and its mean and worst over the
 layers), the fractions of consecutive-layer token pairs whose experts sit on another GPU /
 another node, the expected nodes one token's experts of a layer sit on, and solve time.

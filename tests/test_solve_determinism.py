@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from planner import cluster, ilp
+from planner import ilp
 from planner.cluster import ClusterRequest, plan_cluster
+from planner.cluster import placement as ep_placement
 from planner.costs import QUANT_ERROR
 from planner.optimize import OptimizeRequest, optimize
 from profiles.hardware import BUNDLED_DIR
@@ -119,14 +120,14 @@ def test_ep_placement_gives_the_same_bytes_under_a_cpu_hog_and_a_fast_clock(tiny
     assert idle.plan.solver.status == "feasible" and not idle.info["stopped_by_time_limit"]
     with _Hog():
         busy = plan_cluster(tiny_cluster)
-    monkeypatch.setattr(cluster, "time", _fast_clock(1.0))  # 1 s per reading: 16 layers x 2 sweeps, well within
+    monkeypatch.setattr(ep_placement, "time", _fast_clock(1.0))  # 1 s per reading: 16 layers x 2 sweeps, well within
     slow = plan_cluster(tiny_cluster)
     assert busy.plan.to_json() == idle.plan.to_json() == slow.plan.to_json()
     assert np.array_equal(busy.placement, idle.placement)
 
 
 def test_ep_safety_net_is_recorded_in_the_plan(tiny_cluster, monkeypatch):
-    monkeypatch.setattr(cluster, "time", _fast_clock(1000.0))
+    monkeypatch.setattr(ep_placement, "time", _fast_clock(1000.0))
     result = plan_cluster(tiny_cluster)
     assert result.info["stopped_by_time_limit"]
     assert result.plan.solver.status == "time limit"

@@ -7,7 +7,7 @@ The file holds ``physical_to_logical_map`` ``[L, R]`` (REFERENCE.md, "Engine for
 rank ``r`` owns physical slots ``[r*S, (r+1)*S)``. Rows of dense layers (DeepSeek-V3's first
 three) hold the trivial map ``s % E``; SGLang reads them but routes no tokens there.
 
-A plan maps to ranks by its own rule (planner/cluster.py): EP rank r is the r-th GPU in
+A plan maps to ranks by its own rule (planner/cluster/): EP rank r is the r-th GPU in
 natural order of its memory id (``node2/gpu1`` before ``node10/gpu0``); a GPU's slots hold
 its experts in ascending id order.
 

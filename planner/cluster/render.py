@@ -1,0 +1,134 @@
+"""What `planner optimize` prints for an expert-parallel plan: the JSON summary, the rich
+tables, and the command itself (plan, print, write ``--out``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from profiles.errors import InputError
+from profiles.workload.trace import Trace
+
+from ..eplb import PLACEMENTS
+from .assemble import ClusterRequest, ClusterResult, plan_cluster
+
+__all__ = ["cluster_summary", "render_cluster", "run_cluster_cli"]
+
+
+def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, Any]:
+    """The JSON summary `planner optimize` prints for an expert-parallel plan."""
+    plan, topo = result.plan, result.topology
+    E = len(plan.layers[0].home)
+    mem = next(iter(plan.memory.values()))
+
+    def row(name: str) -> dict[str, Any]:
+        m = result.metrics[name]
+        return {"method": name, "max_mean_load": m["max_mean_avg"], "max_mean_load_worst_layer": m["max_mean_worst"],
+                "cross_gpu_fraction": m["cross_gpu_fraction"], "cross_node_fraction": m["cross_node_fraction"],
+                "nodes_per_token": m["nodes_per_token"], "traffic_s_per_token": m["traffic_s_per_token"],
+                "solve_s": m["solve_s"]}
+
+    data: dict[str, Any] = {
+        "mode": "expert-parallel",
+        "inputs": {"model": plan.inputs.model, "hardware": plan.inputs.hardware, "workload": result.workload},
+        "layout": {"gpus": topo.num_gpus, "nodes": topo.num_nodes, "experts": E,
+                   "redundant_experts": result.num_physical - E, "slots_per_gpu": result.num_physical // topo.num_gpus,
+                   "moe_layers": len(plan.layers), "expert_format": result.expert_format},
+        "memory_per_gpu": {"capacity_bytes": mem.capacity_bytes, "expert_bytes": mem.expert_bytes,
+                           "dense_bytes": mem.dense_bytes, "kv_bytes": mem.kv_bytes, "used_bytes": mem.used_bytes},
+        "plan": row("ours"),
+        "solver": result.info,
+    }
+    if compare:
+        ours = result.metrics["ours"]
+        rows = []
+        for name in PLACEMENTS:
+            r = row(name)
+            m = result.metrics[name]
+            r["cross_node_reduction"] = (1 - ours["cross_node_fraction"] / m["cross_node_fraction"]
+                                         if m["cross_node_fraction"] else 0.0)
+            rows.append(r)
+        data["baselines"] = rows
+    return data
+
+
+def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -> None:
+    """Rich tables for an expert-parallel plan (and, with ``compare``, the baselines)."""
+    from rich.table import Table
+
+    from profiles.units import format_size, format_time
+
+    d = cluster_summary(result, compare)
+    lay, inp, mem = d["layout"], d["inputs"], d["memory_per_gpu"]
+    console.print(f"[bold]{inp['model']} on {inp['hardware']}[/bold]: expert parallelism over {lay['gpus']} GPUs "
+                  f"({lay['nodes']} node{'s' if lay['nodes'] > 1 else ''}), {lay['moe_layers']} MoE layers x "
+                  f"{lay['experts']} experts + "
+                  f"{lay['redundant_experts']} redundant, {lay['slots_per_gpu']} slots per GPU, experts in "
+                  f"{lay['expert_format']}", highlight=False)
+    console.print(f"workload: {inp['workload']}", highlight=False)
+    console.print(f"memory per GPU: experts {format_size(mem['expert_bytes'])}, dense {format_size(mem['dense_bytes'])}"
+                  f", KV {format_size(mem['kv_bytes'])}; {format_size(mem['used_bytes'])} of "
+                  f"{format_size(mem['capacity_bytes'])}", highlight=False)
+    table = Table(title="Expert placement (per MoE layer, averaged)")
+    for col in ("method", "max/mean load", "worst layer", "cross-GPU", "cross-node", "nodes/token", "solve"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+
+    def add(r: dict[str, Any], style: str | None = None) -> None:
+        npt = r["nodes_per_token"]
+        table.add_row(r["method"], f"{r['max_mean_load']:.3f}", f"{r['max_mean_load_worst_layer']:.3f}",
+                      f"{r['cross_gpu_fraction']:.1%}", f"{r['cross_node_fraction']:.1%}",
+                      "-" if npt is None else f"{npt:.2f}", format_time(r["solve_s"]), style=style)
+
+    add(d["plan"], "bold")
+    for r in d.get("baselines", []):
+        add(r)
+    console.print(table)
+    if compare:
+        g = next(r for r in d["baselines"] if r["method"] == "eplb-global")
+        level = "node" if lay["nodes"] > 1 else "GPU"
+        ours_x, glob_x = d["plan"][f"cross_{level.lower()}_fraction"], g[f"cross_{level.lower()}_fraction"]
+        cut = 1 - ours_x / glob_x if glob_x else 0.0
+        console.print(f"cross-{level} tokens vs eplb-global: {cut:+.1%} fewer at max/mean "
+                      f"{d['plan']['max_mean_load']:.3f} (eplb-global {g['max_mean_load']:.3f})", highlight=False)
+
+
+def run_cluster_cli(*, hardware: str, model: str, trace: Trace | None, redundant_experts: int | None,
+                    formats: tuple[str, ...], batch_size: int, context_tokens: int, time_limit_s: float,
+                    compare: bool, out_path: Any, report: str | None) -> None:
+    """`planner optimize` in expert-parallel mode: plan, print, write ``--out``."""
+    import json
+
+    from ..output import get_output
+
+    if report:
+        raise InputError("--report renders offload plans; an expert-parallel plan prints its summary instead",
+                         key="--report", value=report, fix="drop --report (use --json for the figures)")
+    output = get_output()
+    req = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
+                         formats=formats, batch_size=batch_size, context_tokens=context_tokens,
+                         time_limit_s=time_limit_s)
+    with output.log.status("planning expert placement..."):
+        result = plan_cluster(req)
+    written = []
+    if out_path is not None:
+        from ..commands._common import writing
+
+        with writing(out_path, "--out"):
+            written.append(result.plan.save(out_path))
+    data = {"summary": cluster_summary(result, compare), "files": [str(p) for p in written]}
+
+    def render(console: Any) -> None:
+        from profiles.units import format_time
+
+        render_cluster(result, console, compare)
+        if result.info["stopped_by_time_limit"]:
+            console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {time_limit_s:g} s) "
+                          f"stopped the placement early; this plan may differ on a less busy machine")
+        t = result.timings_s
+        console.print(f"planned in {format_time(t['total_s'])} (statistics {format_time(t['stats_s'])}, "
+                      f"placement {format_time(t['solve_s'])})", highlight=False)
+        for path in written:
+            console.print(f"wrote {path}", highlight=False)
+
+    if output.json_mode:
+        data["plan"] = json.loads(result.plan.to_json())
+    output.emit(data, render)
