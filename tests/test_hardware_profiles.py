@@ -190,3 +190,64 @@ def test_multi_gpu_links_match_the_interconnect():
     for name in BUNDLED:
         for link in hw_of(name).links:
             assert link.bytes_per_s > 0 and (link.kind == "unified" or math.isfinite(link.bytes_per_s))
+
+
+# the boxes of issue 19 (every device in the box): several GPUs with a link each, unlike GPUs,
+# a GPU beside an FPGA card, a dual-socket host, and a cluster of two GPU generations
+MULTI_DEVICE_BOXES = ("workstation-2x3090-nvlink", "workstation-2x3090-pcie", "workstation-4x4090", "server-8x4090",
+                      "desktop-3090-3060", "workstation-4090-alveo-u280", "cluster-h100-a100")
+
+
+def test_the_multi_device_boxes_are_bundled():
+    assert set(MULTI_DEVICE_BOXES) <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name,gpus,lanes", [("workstation-2x3090-pcie", 2, 16), ("workstation-4x4090", 4, 16),
+                                             ("server-8x4090", 8, 16), ("desktop-3090-3060", 2, 8)])
+def test_every_gpu_of_a_pcie_box_has_its_own_host_link(name, gpus, lanes):
+    hw = hw_of(name)
+    ids = [g.id for g in hw.devices_of_kind("gpu")]
+    assert len(ids) == gpus
+    host = hw.devices_of_kind("cpu")[0].id
+    up = [hw.route(host, g).links for g in ids]
+    assert all(len(links) == 1 and links[0].kind == "pcie" for links in up)
+    assert len({links[0] for links in up}) == gpus, "one link per GPU, none shared"
+    assert all(links[0].bytes_per_s == pytest.approx(PCIE_EFFECTIVE_X16_BYTES_PER_S[4] * lanes / 16) for links in up)
+    peer = hw.route(ids[0], ids[1])  # no NVLink: through the host
+    assert [l.kind for l in peer.links] == ["pcie", "pcie"]
+
+
+def test_unlike_gpus_keep_their_own_figures():
+    big, small = hw_of("desktop-3090-3060").devices_of_kind("gpu")
+    assert (big.memory_bytes, small.memory_bytes) == (24 * GiB, 12 * GiB)
+    assert big.peak_ops_per_s["bf16"] == pytest.approx(71e12) and small.peak_ops_per_s["bf16"] == pytest.approx(25.5e12)
+    assert big.memory_bytes_per_s == pytest.approx(936e9) and small.memory_bytes_per_s == pytest.approx(360e9)
+
+
+def test_gpu_and_fpga_card_share_one_host():
+    hw = hw_of("workstation-4090-alveo-u280")
+    (gpu,), (fpga,), (cpu,) = hw.devices_of_kind("gpu"), hw.devices_of_kind("accelerator"), hw.devices_of_kind("cpu")
+    assert hw.memory_of(fpga.id).tier == "accel" and fpga.peak_ops_per_s["int8"] == pytest.approx(24.5e12)
+    assert hw.route(cpu.id, gpu.id).bottleneck_bytes_per_s == pytest.approx(PCIE_EFFECTIVE_X16_BYTES_PER_S[4])
+    assert hw.route(cpu.id, fpga.id).bottleneck_bytes_per_s == pytest.approx(PCIE_EFFECTIVE_X16_BYTES_PER_S[4] / 2)
+    assert [l.kind for l in hw.route(gpu.id, fpga.id).links] == ["pcie", "pcie"]
+
+
+def test_eight_4090_server_is_dual_socket_with_a_terabyte():
+    (cpu,) = hw_of("server-8x4090").devices_of_kind("cpu")
+    assert cpu.sockets == 2 and cpu.cross_socket_bytes_per_s == pytest.approx(128e9)
+    assert cpu.memory_bytes == 1024 * GiB and cpu.memory_bytes_per_s == pytest.approx(614.4e9)
+    assert set(cpu.isa) == {"avx2", "avx512", "amx"}
+
+
+def test_mixed_cluster_has_two_gpu_generations_and_the_slower_nic_binds():
+    hw = hw_of("cluster-h100-a100")
+    assert set(hw.nodes) == {"h100", "a100"}
+    h100, a100 = hw.devices["h100/gpu0"], hw.devices["a100/gpu0"]
+    assert h100.peak_ops_per_s["bf16"] == pytest.approx(989e12) and a100.peak_ops_per_s["bf16"] == pytest.approx(312e12)
+    assert "fp8" in h100.peak_ops_per_s and "fp8" not in a100.peak_ops_per_s
+    across = hw.route("h100/gpu0", "a100/gpu3")
+    assert all(l.kind == "nic" for l in across.links) and across.bottleneck_bytes_per_s == pytest.approx(25e9)
+    assert hw.route("h100/gpu0", "h100/gpu7").bottleneck_bytes_per_s == pytest.approx(450e9)
+    assert hw.route("a100/gpu0", "a100/gpu7").bottleneck_bytes_per_s == pytest.approx(300e9)
+    assert hw.price_per_hour_usd == pytest.approx(98.32 + 40.96)
