@@ -24,7 +24,7 @@ from .baselines import BASELINE_ENGINES, BASELINES, Baseline
 from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, fixed_costs, keeps_critical,
                     option_costs, step_time)
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
-from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, workload_digest
+from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     t_stats = _now()
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
-                    model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
+                    model_digest=model_digest(model), workload=trace.source or "trace",
                     workload_digest=workload_digest(trace), engine=engine.name,
                     engine_digest=digest(engine.profile.model_dump(mode="json")))
     if req.objective == "cost":

@@ -181,6 +181,16 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def model_digest(model) -> str:
+    """sha256 (16 hex digits) of a model's specification, not of where its file lies: two
+    checkouts of the same commit plan the same bytes (``inputs.model_digest``)."""
+    import dataclasses
+
+    spec = dataclasses.asdict(model)
+    spec.pop("source", None)
+    return digest(spec)
+
+
 def workload_digest(trace) -> str:
     """sha256 (16 hex digits) of a trace's routing and sequence lengths: the one digest a plan
     records for its workload and every consumer compares (``inputs.workload_digest``)."""

@@ -27,7 +27,7 @@ from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 from profiles.units import format_size
 
-from .plan import Plan, digest
+from .plan import Plan, digest, model_digest
 
 __all__ = ["check_plan"]
 
@@ -149,7 +149,8 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
 
     # 6. the inputs the plan was made from
     warnings = []
-    if digest(dataclasses.asdict(model)) != plan.inputs.model_digest:
+    # older plans digested the model file's path too
+    if plan.inputs.model_digest not in (model_digest(model), digest(dataclasses.asdict(model))):
         warnings.append(f"model {model.name} differs from the model the plan was made for ({plan.inputs.model})")
     if profile is not None and digest(profile.model_dump(mode="json")) != plan.inputs.hardware_digest:
         warnings.append(f"hardware {hardware.name} differs from the profile the plan was made for")

@@ -133,3 +133,29 @@ def test_ep_safety_net_is_recorded_in_the_plan(tiny_cluster, monkeypatch):
     assert result.plan.solver.status == "time limit"
     assert any("safety net" in n for n in result.plan.notes)
     assert not any("safety net" in n for b in result.baselines.values() for n in b.notes)
+
+
+def test_a_model_file_at_another_path_gives_the_same_plan(tmp_path):
+    """Two checkouts of one commit plan the same bytes: the model's digest is of its
+    specification, not of the file's path; a plan with an older, path-bearing digest still
+    passes the plan check without a warning."""
+    import dataclasses
+
+    from planner.plan import digest
+    from planner.plan_check import check_plan
+    from profiles.hardware import load_profile
+    from profiles.models import BUNDLED_DIR as MODELS_DIR
+
+    copy = tmp_path / "elsewhere" / "mixtral-8x7b.yaml"
+    copy.parent.mkdir()
+    copy.write_bytes((MODELS_DIR / "mixtral-8x7b.yaml").read_bytes())
+    here = optimize(OptimizeRequest(**dict(CASE, model="mixtral-8x7b"))).plan
+    there = optimize(OptimizeRequest(**dict(CASE, model=str(copy)))).plan
+    assert here.inputs.model_digest == there.inputs.model_digest
+    assert here.to_json() == there.to_json()
+    model = load_model("mixtral-8x7b")
+    old = here.model_copy(update={"inputs": here.inputs.model_copy(
+        update={"model_digest": digest(dataclasses.asdict(model))})})
+    profile, hw = load_profile(CASE["hardware"])
+    assert not check_plan(old, hw, model, profile=profile)
+    assert not check_plan(here, hw, model, profile=profile)

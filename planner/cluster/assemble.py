@@ -11,7 +11,6 @@ attention) + KV cache for ``batch_size`` sequences, within its HBM.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from profiles.models import ModelSpec, load_model
 from profiles.workload.trace import Trace
 
 from ..eplb import PLACEMENTS
-from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, workload_digest
+from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .metrics import placement_metrics
 from .placement import place_for
 from .topology import Topology, topology
@@ -245,7 +244,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     t_solve = time.perf_counter()
 
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
-                    model_digest=digest(dataclasses.asdict(model)), workload=trace.source or "trace",
+                    model_digest=model_digest(model), workload=trace.source or "trace",
                     workload_digest=given_digest)
     notes = ((f"expert parallelism: {G} GPUs ({N} nodes x {G // N}), {R // G} expert slots per GPU, "
              f"{E} experts + {redundant} redundant per MoE layer"),
