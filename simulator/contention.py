@@ -97,14 +97,13 @@ class Contention:
         copies = [job for job in jobs if job[0] in ("fetch", "fill")]  # the copy engine's queue, in order
 
         def copy(i: int, t: float) -> None:  # expert_fetch: the copy engine is free at t
-            kind, e = copies[i][0], copies[i][1]
-            fmt = copies[i][3] if kind == "fetch" else lay.copy_format[e]
-            path, n_bytes, _alone_s, tier = self._copy(lay.home[e], fmt)
+            job = copies[i]
+            path, n_bytes, _alone_s, tier = job[4] if job[0] == "fetch" else job[3]
 
             def arrived(t: float) -> None:
                 self.bytes_moved[tier] += n_bytes
-                if kind == "fetch":  # fetch_then_run: the kernel once the weights are in
-                    end = self.stream(compute_id).reserve(self.call_s(compute_id, fmt, copies[i][2]), ready_s=t)
+                if job[0] == "fetch":  # fetch_then_run: the kernel once the weights are in
+                    end = self.stream(compute_id).reserve(job[5], ready_s=t)
                     ends.append(t + max(end - t, 0.0))
                 else:
                     ends.append(t)

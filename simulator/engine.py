@@ -321,11 +321,10 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
         layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
         for l in range(L):
-            experts, tokens_of, gate_means = calls[l]
             refs = None
             if layers[l].cache is not None:  # the cache sees every token's accesses
                 refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
-            block, jobs, flags = classify(l, rows, experts, tokens_of, gate_means, refs)
+            block, jobs, flags = classify(l, rows, *calls[l], refs)
             if single:
                 router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
             else:
@@ -366,7 +365,7 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
                 waits.append(env.timeout(max(ep_end - env.now, 0.0)))
             if prefetch:  # after the layer's own fetches, which the copy engine serves first
                 idle_s = self.link_idle_s(l, block, jobs) if self.prefetch_name in LINK_CAPPED else None
-                self.prefetcher(l + 1, rows, ids, experts, idle_s)
+                self.prefetcher(l + 1, rows, ids, calls[l][0], idle_s)
             yield env.all_of(waits)
             self.layer_wall_s[l] += env.now - t
             t = env.now

@@ -77,6 +77,7 @@ class ExpertLayer:
         self.runner = [own[0] for own in self.owners]
         self.cached = frozenset(e for e, c in enumerate(self.code) if c == VIA_CACHE)  # accesses the cache sees
         self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
+        self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Simulation._copy of the above, when used
 
 
 class ExpertWork:
@@ -151,12 +152,20 @@ class ExpertWork:
                         block[compute_id] = block.get(compute_id, 0.0) + cost[e][n]
                     continue
                 action = miss(lay.site[e], n, g, None if plan_miss else self._miss_costs(l, e))
-                if action != "local":
-                    jobs.append(("fetch", e, n, "int4" if action == "low-bit" else lay.copy_format[e]))
+                copy = lay.copy_info[e]
+                if copy is None:
+                    copy = lay.copy_info[e] = self._copy(lay.home[e], lay.copy_format[e])
+                if action == "fetch":
+                    jobs.append(("fetch", e, n, lay.copy_format[e], copy, cost[e][n]))
+                    flags |= FETCH
+                    continue
+                if action == "low-bit":
+                    low = self._copy(lay.home[e], "int4")
+                    jobs.append(("fetch", e, n, "int4", low, self.call_s(compute_id, "int4", n)))
                     flags |= FETCH
                     continue
                 if cache is not None:
-                    jobs.append(("fill", e))
+                    jobs.append(("fill", e, lay.copy_format[e], copy))
                     flags |= FILL
             elif c == STREAM:  # computed on the device once the layer's streamed weights are in
                 block[compute_id] = block.get(compute_id, 0.0) + cost[e][n]
@@ -238,17 +247,15 @@ class ExpertWork:
                 end = done
         if flags & (FETCH | FILL):
             engine_free = router_at  # the copy engine takes fetches and fills in job order
-            compute, copy = stream(self.compute_id), self._copy
+            compute = stream(self.compute_id)
             for job in jobs:
                 kind = job[0]
                 if kind == "fetch":
-                    _, e, n, fmt = job
+                    _, e, _n, fmt, (path, n_bytes, dur, tier), sec = job
                 elif kind == "fill":
-                    e = job[1]
-                    fmt = lay.copy_format[e]
+                    _, e, fmt, (path, n_bytes, dur, tier) = job
                 else:
                     continue
-                path, n_bytes, dur, tier = copy(lay.home[e], fmt)
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} start", engine_free)
                 arrived = engine_free + dur
@@ -257,10 +264,10 @@ class ExpertWork:
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
                 if kind == "fetch":
-                    arrived = compute.reserve(self.call_s(self.compute_id, fmt, n), labels and f"expert L{l}E{e}",
-                                              ready_s=engine_free)
+                    arrived = compute.reserve(sec, labels and f"expert L{l}E{e}", ready_s=engine_free)
                 if arrived > end:
                     end = arrived
+        n_copies = len(moves)  # back to back on the copy engine
         for job in jobs if flags & LOCAL_JOB else ():
             if job[0] != "local":
                 continue
@@ -276,7 +283,7 @@ class ExpertWork:
             moves.append((p_back, act, ready, back, labels and f"L{l} results", None))
             if back > end:
                 end = back
-        if check and self.net.overlapping(moves):
+        if check and self.net.overlapping(moves, chained=n_copies):
             for name, st in self.streams.items():  # undo the tentative reservations
                 st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
             if labels:
@@ -306,7 +313,7 @@ class ExpertWork:
         for job in jobs:
             kind = job[0]
             if kind == "fetch":
-                waits.append(env.process(self.fetch_then_run(l, *job[1:])))
+                waits.append(env.process(self.fetch_then_run(l, *job[1:4])))
             elif kind == "after":
                 _, ev, e, n, fmt = job
                 waits.append(env.process(self.run_after(ev, self.compute_id, self.call_s(self.compute_id, fmt, n),
@@ -314,7 +321,7 @@ class ExpertWork:
             elif kind == "local":
                 waits.append(env.process(self.local_experts(l, *job[1:4])))
             elif kind == "fill":
-                waits.append(env.process(self.expert_fetch(l, job[1], lay.copy_format[job[1]])))
+                waits.append(env.process(self.expert_fetch(l, job[1], job[2])))
         return waits
 
     def expert_fetch(self, l: int, e: int, fmt: str):

@@ -150,6 +150,7 @@ class LRUCache(ExpertCache):
               wanted: frozenset[int]) -> tuple[dict[int, bool], int, int]:
         """:meth:`ExpertCache.serve` with :meth:`access` inlined (the simulator's hottest loop)."""
         items, slots = self.items, self.slots
+        recent, evict = items.move_to_end, items.popitem
         first: dict[int, bool] = {}
         hits = accesses = 0
         for row in ids:
@@ -157,14 +158,14 @@ class LRUCache(ExpertCache):
                 if e in wanted:
                     accesses += 1
                     if e in items:
-                        items.move_to_end(e)
+                        recent(e)
                         hits += 1
                         if e not in first:
                             first[e] = True
                         continue
                     if slots:
                         if len(items) >= slots:
-                            items.popitem(last=False)
+                            evict(False)  # the least recently used
                         items[e] = None
                     if e not in first:
                         first[e] = False

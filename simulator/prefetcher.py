@@ -70,7 +70,7 @@ class Prefetcher:
         for job in jobs:
             kind = job[0]
             if kind == "fetch":
-                _, e, n, fmt = job
+                _, e, n, fmt, *_ = job
                 link_s += copy_s(e, fmt)
                 busy[self.compute_id] = busy.get(self.compute_id, 0.0) + self.call_s(self.compute_id, fmt, n)
             elif kind == "after":

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class _Flow:
     rate: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # one object per (src, dst): compared and hashed by identity
 class _Path:
     src: str  # memories
     dst: str
@@ -73,6 +74,9 @@ class _Path:
     link_ids: tuple[str, ...]
     latency_s: float
     bottleneck_bytes_per_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        self.key_set = frozenset(self.keys)
 
 
 class Network:
@@ -144,14 +148,28 @@ class Network:
             return 0.0
         return p.latency_s + n_bytes / p.bottleneck_bytes_per_s
 
-    def overlapping(self, moves: list[tuple]) -> bool:
-        """Whether any two of ``moves`` (path, bytes, start_s, end_s, ...) share a bandwidth at once."""
+    def overlapping(self, moves: list[tuple], chained: int = 0) -> bool:
+        """Whether any two of ``moves`` (path, bytes, start_s, end_s, ...) share a bandwidth at once.
+
+        The first ``chained`` moves run back to back (each starts as the one before ends, as
+        the copy engine's do): they cannot meet one another, so only the other moves are
+        compared with them, by bisection.
+        """
+        chain, rest = moves[:chained], moves[chained:]
+        if any(m[3] <= m[2] for m in chain):  # not back to back after all: compare every pair
+            chain, rest = [], moves
+        ends = [m[3] for m in chain]
         seen: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for p, _, start, end, *_ in moves:
+        for p, _, start, end, *_ in rest:
             for k in p.keys:
                 if any(start < e and s < end for s, e in seen[k]):
                     return True
                 seen[k].append((start, end))
+            i = bisect_right(ends, start)  # the first chained move still under way at start
+            while i < len(chain) and chain[i][2] < end:
+                if not p.key_set.isdisjoint(chain[i][0].keys):
+                    return True
+                i += 1
         return False
 
     def account(self, p: _Path, n_bytes: float, start_s: float, end_s: float, what: str = "") -> None:
@@ -226,10 +244,13 @@ class Network:
         self._advance(now)
         # a flow is done when less than a nanosecond of work is left (float round-off)
         finished = [f for f in self._flows if f.remaining_bytes <= f.rate * 1e-9]
+        active = self.active
         for f in finished:
             self._flows.discard(f)
             for k in f.keys:
-                self.active[k] -= 1
+                active[k] -= 1
+                if not active[k]:
+                    del active[k]  # only bandwidths in use are kept: _advance walks them all
         return finished
 
     def _advance(self, now: float) -> None:
@@ -238,9 +259,9 @@ class Network:
         if dt > 0:
             for f in self._flows:
                 f.remaining_bytes -= f.rate * dt
-            for k, n in self.active.items():
-                if n:
-                    self.busy_s[k] += dt
+            busy = self.busy_s
+            for k in self.active:
+                busy[k] += dt
         self._last_s = now
 
     def _reschedule(self) -> None:
