@@ -84,3 +84,12 @@ def test_prices_end_to_end(cases, case_id):
     # a faster engine (all overheads at a tenth) never predicts a slower rate
     faster = bf.price_case(c, {k: 0.1 for k in bf.PER_ENGINE if k.endswith(("layer", "expert_call")) or k == "step"})
     assert faster["predicted"] >= out["predicted"] * (1 - 1e-9)
+
+
+def test_fit_leaves_a_fused_engines_per_call_cost_alone():
+    assert not any(k.endswith("expert_call") for k in bf.fitted_keys("llama.cpp"))
+    assert "cpu.expert_call" in bf.fitted_keys("accelerate")  # an eager per-expert loop
+    x = [0.1 * i for i in range(len(bf.fitted_keys("accelerate")) + len(bf.fitted_keys("llama.cpp")))]
+    scales = bf._unpack(__import__("numpy").array(x), ["accelerate", "llama.cpp"])
+    assert list(scales["llama.cpp"]) == list(bf.fitted_keys("llama.cpp"))
+    assert scales["llama.cpp"][bf.fitted_keys("llama.cpp")[0]] == math.exp(0.1 * len(bf.fitted_keys("accelerate")))
