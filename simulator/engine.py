@@ -59,7 +59,7 @@ from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
-from profiles.perf import activation_bytes, dense_step_s, expert_call_s
+from profiles.perf import activation_bytes, dense_step_s, expert_calls_s
 from profiles.workload.trace import Trace
 
 from .contention import Contention
@@ -151,7 +151,7 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         # cache-less layers' classified work (see simulator.experts); the miss policies other
         # than "plan" may read the gate weights, so they classify every time
         self._plain_memo: list[dict] | None = [{} for _ in plan.layers] if config.miss == "plan" else None
-        self._memo_lookups = 0
+        self._memo_lookups, self._memo_probed = 0, False
         self._tier = {m: mem.tier for m, mem in hardware.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
         self._ep_cache: dict[int, dict] = {}
         self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is
@@ -241,8 +241,8 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         if table is None:
             dev, n_bytes, flops = self.hw.devices[device_id], self.model.expert_bytes(fmt), \
                 self.model.expert_flops_per_token
-            table = self._costs[(device_id, fmt)] = Costs(
-                lambda tokens: expert_call_s(dev, fmt, n_bytes, flops * tokens, tokens))
+            table = self._costs[(device_id, fmt)] = Costs(  # the same floats as expert_call_s, by the array
+                lambda tokens: expert_calls_s(dev, fmt, n_bytes, flops, tokens))
         return table
 
     def call_s(self, device_id: str, fmt: str, tokens: int) -> float:
@@ -412,6 +412,7 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         self.env.process(self.request_source(self.requests, waiting, self.arrival))
         done = self.env.process(self.scheduler(self.requests, waiting))
         self.env.run(until=done)
+        self._settle_memo()
         return summarise(self, time.perf_counter() - wall)
 
 

@@ -31,17 +31,19 @@ PLAIN_MEMO_PROBE = 4096
 
 class Costs(dict):
     """Seconds of one expert call by its token count, for one device and number format;
-    priced on first use by ``price(tokens)``."""
+    priced on first use, ``BLOCK`` token counts at a time, by ``price(tokens [n]) -> [n]``."""
 
     __slots__ = ("price",)
+    BLOCK = 64
 
     def __init__(self, price) -> None:
         super().__init__()
         self.price = price
 
     def __missing__(self, tokens: int) -> float:
-        sec = self[tokens] = self.price(tokens)
-        return sec
+        lo = tokens - tokens % self.BLOCK
+        self.update(zip(range(lo, lo + self.BLOCK), self.price(np.arange(lo, lo + self.BLOCK)).tolist()))
+        return self[tokens]
 
 
 # how an expert of a layer runs (ExpertLayer.code)
@@ -105,17 +107,14 @@ class ExpertWork:
             key = tuple(experts) if len(experts) == self.K else (tuple(experts), tuple(tokens_of))
             known = self._plain_memo[l].get(key)
             self._memo_lookups += 1
-            if self._memo_lookups == PLAIN_MEMO_PROBE and \
-                    sum(map(len, self._plain_memo)) > PLAIN_MEMO_PROBE // 2:
-                self._plain_memo = None  # mostly new combinations (many experts): not worth keeping
             if known is not None:
-                block, jobs, flags, tokens, resident, local_n, missed = known
-                self.expert_calls += len(experts)
-                self.expert_accesses += tokens
-                self.resident_access[l] += resident
-                self.local_access[l] += local_n
-                self.cache_access[l] += missed
-                return block, jobs, flags
+                known[-1] += 1  # its counts are added up once the memo goes (_settle_memo)
+                return known[0], known[1], known[2]
+            if self._memo_lookups >= PLAIN_MEMO_PROBE and not self._memo_probed:
+                self._memo_probed = True
+                if sum(map(len, self._plain_memo)) > PLAIN_MEMO_PROBE // 2:
+                    self._settle_memo()  # mostly new combinations (many experts): not worth keeping
+                    key = None
         ep = len(self.gpus) > 1
         block: dict[str, float] = {}
         jobs: list = []
@@ -151,7 +150,10 @@ class ExpertWork:
                     else:
                         block[compute_id] = block.get(compute_id, 0.0) + cost[e][n]
                     continue
-                action = miss(lay.site[e], n, g, None if plan_miss else self._miss_costs(l, e))
+                if plan_miss:  # as planned: hybrid experts run a miss where they live
+                    action = "local" if lay.site[e] == "hybrid" else "fetch"
+                else:
+                    action = miss(lay.site[e], n, g, self._miss_costs(l, e))
                 copy = lay.copy_info[e]
                 if copy is None:
                     copy = lay.copy_info[e] = self._copy(lay.home[e], lay.copy_format[e])
@@ -193,9 +195,20 @@ class ExpertWork:
         if lay.streamed:
             jobs.append(("stream",))
             flags |= STREAM_JOB
-        if key is not None and self._plain_memo is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
-            self._plain_memo[l][key] = (block, jobs, flags, tokens, resident, local_n, missed)
+        if key is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
+            self._plain_memo[l][key] = [block, jobs, flags, len(experts), tokens, resident, local_n, missed, 0]
         return block, jobs, flags
+
+    def _settle_memo(self) -> None:
+        """Add the counts of every reuse of memoised work to the metrics, and drop the memo."""
+        for l, memo in enumerate(self._plain_memo or ()):
+            for *_, calls, tokens, resident, local_n, missed, uses in memo.values():
+                self.expert_calls += uses * calls
+                self.expert_accesses += uses * tokens
+                self.resident_access[l] += uses * resident
+                self.local_access[l] += uses * local_n
+                self.cache_access[l] += uses * missed
+        self._plain_memo = None
 
     def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
         """The layer's end time worked out without events, or None when that is not exact.

@@ -35,14 +35,17 @@ def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[
             rows = ids[0].tolist()
             g = gates[0].tolist() if gates is not None else [None] * L
             return [(rows[l], ones, g[l]) for l in range(L)]
-    # every layer at once: code = layer * M + expert, so one unique() sorts them all and the
-    # first use (layer * nK + token * K + rank) orders the calls layer by layer, then by first use
+    # every layer at once: code = layer * M + expert; a code's first use (layer * nK + token * K
+    # + rank) orders the calls layer by layer, then by first use (O(N): no sort of the N uses)
     x = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(L, n * K).astype(np.int64)  # [L, nK]
     M = int(x.max()) + 1
     codes = (x + (np.arange(L, dtype=np.int64) * M)[:, None]).ravel()
-    uniq, first, counts = np.unique(codes, return_index=True, return_counts=True)
-    order = np.argsort(first, kind="stable")
-    uniq, counts = uniq[order], counts[order]
+    all_counts = np.bincount(codes, minlength=L * M)
+    first = np.full(L * M, codes.size, np.int64)
+    np.minimum.at(first, codes, np.arange(codes.size))
+    used = np.flatnonzero(all_counts)
+    uniq = used[np.argsort(first[used])]
+    counts = all_counts[uniq]
     layer, expert = np.divmod(uniq, M)
     keep = expert < E
     mean = None
