@@ -19,7 +19,9 @@ Model (per MoE layer l):
 * load: ``load[l, g] = sum_e w[l, e] P[l, e, g]``; straggler ``max_g load[l, g]``;
 * traffic: ``sum_l sum_ij C[l, i, j] P[l, i]^T D P[l + 1, j]`` (link seconds), and the
   fractions of token pairs whose consecutive experts sit on another GPU / another node;
-* memory: S x L experts + dense weights + KV cache per GPU within its HBM.
+* memory: S x L experts + dense weights + KV cache per GPU within its HBM;
+* formats: the experts' (critical ones at full precision) and the dense weights' within the
+  quality budget, importance-weighted as the offload planner counts it (:mod:`.quality`).
 
 Objective: minimise traffic subject to ``max load <= cap[l]`` (EPLB global's straggler load
 plus a slack). The modules, in the order a plan is made:
@@ -27,6 +29,7 @@ plus a slack). The modules, in the order a plan is made:
 * :mod:`.topology`: the GPUs as EP ranks and the link cost ``D`` between them;
 * :mod:`.workload`: load and transitions from a trace, the load unseen tokens are expected
   to bring, DeepSeek's group-limited routing imposed on a trace that lacks it;
+* :mod:`.quality`: the number formats under the quality budget and ``--critical``;
 * :mod:`.metrics`: straggler load and traffic of a placement;
 * :mod:`.packing`: bin packing and swaps under load caps, the placer's building blocks;
 * :mod:`.placement`: our placement (a decomposition warm-started from EPLB global);
@@ -40,6 +43,7 @@ from .assemble import (
     ClusterResult,
     cluster_applies,
     default_redundant,
+    parallel_mode,
     plan_cluster,
     plan_from_placement,
 )
@@ -59,6 +63,7 @@ __all__ = [
     "default_redundant",
     "expected_load",
     "group_limited",
+    "parallel_mode",
     "place_experts",
     "place_for",
     "placement_metrics",

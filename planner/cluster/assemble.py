@@ -18,20 +18,22 @@ from typing import Any
 
 import numpy as np
 
-from profiles.errors import InfeasibleError, InputError
+from profiles.errors import InputError
 from profiles.hardware import Hardware, load_profile
 from profiles.models import ModelSpec, load_model
 from profiles.workload.trace import Trace
 
+from ..costs import QUANT_ERROR
 from ..eplb import PLACEMENTS
 from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .metrics import placement_metrics
 from .placement import place_for
+from .quality import FormatChoice, choose_formats, critical_share, quant_errors
 from .topology import Topology, topology
 from .workload import group_limited, workload_arrays
 
-__all__ = ["METHODS", "ClusterRequest", "ClusterResult", "cluster_applies", "default_redundant", "plan_cluster",
-           "plan_from_placement"]
+__all__ = ["METHODS", "ClusterRequest", "ClusterResult", "cluster_applies", "default_redundant", "parallel_mode",
+           "plan_cluster", "plan_from_placement"]
 
 METHODS = ("ours", *PLACEMENTS)
 # Default redundancy: at least E / 8 extra physical experts (DeepSeek-V3 serves 256 experts
@@ -64,7 +66,12 @@ class ClusterRequest:
         redundant_experts: R - E; ``None``: :func:`default_redundant`.
         group_limited: impose the model's group-limited routing on the workload (``None``:
             when the model has ``n_group > 1``; a trace that obeys it is unchanged).
-        formats: storage formats to try for experts and dense weights, first that fits wins.
+        formats: storage formats to try for experts and dense weights: the first that meets
+            the quality budget and fits wins (:mod:`.quality`).
+        quality_budget: largest importance-weighted quantisation error of the experts (the
+            dense weights' error stays within it too); ``None``: the error of uniform int4.
+        critical: per MoE layer, experts kept at full precision (the least-error format).
+        quant_error: error per format (:data:`planner.costs.QUANT_ERROR`).
         batch_size: sequences per GPU (data-parallel attention) the KV cache must hold.
         context_tokens: context per sequence.
         balance_slack: straggler load allowed above EPLB global's, in units of the mean load
@@ -91,6 +98,9 @@ class ClusterRequest:
     time_limit_s: float = 300.0
     seed: int = 0
     plan_for: str = "expected"
+    quality_budget: float | None = None
+    critical: tuple[tuple[int, ...], ...] = ()
+    quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,68 +119,114 @@ class ClusterResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _memory_need(model: ModelSpec, slots: int, fmt: str, batch_size: int, context_tokens: int) -> dict[str, float]:
-    return {"expert_bytes": slots * model.num_moe_layers * model.expert_bytes(fmt),
-            "dense_bytes": model.dense_bytes(fmt),  # replicated: data-parallel attention on every GPU
-            "kv_bytes": model.kv_cache_bytes(context_tokens, batch_size=batch_size)}
+def _budget(req: ClusterRequest) -> float:
+    """The quality budget; ``None``: the error of uniform int4 (as ``planner optimize``)."""
+    return req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
 
 
-def _pick_format(model: ModelSpec, hw: Hardware, topo: Topology, slots: int, formats: tuple[str, ...],
-                 batch_size: int, context_tokens: int) -> tuple[str | None, dict[str, float], float]:
-    capacity = min(hw.memories[g].capacity_bytes for g in topo.gpus)
-    need: dict[str, float] = {}
-    for fmt in formats:
-        need = _memory_need(model, slots, fmt, batch_size, context_tokens)
-        if sum(need.values()) <= capacity:
-            return fmt, need, capacity
-    return None, need, capacity
+def _check_trace(trace: Trace, model: ModelSpec) -> None:
+    if trace.num_experts not in (model.num_experts, model.num_experts + model.zero_experts.count) \
+            or trace.num_layers != model.num_moe_layers:
+        raise InputError("the workload does not match the model", key="--trace",
+                         value=f"{trace.num_layers} layers x {trace.num_experts} experts",
+                         expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts ({model.name})",
+                         fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+
+
+def _workload(trace: Trace | None, model: ModelSpec) -> Trace:
+    if trace is None:
+        from profiles.workload.defaults import default_workload
+
+        trace = default_workload(model)
+    _check_trace(trace, model)
+    return trace
+
+
+def _formats(req: ClusterRequest, model: ModelSpec, hw: Hardware, topo: Topology, slots: int,
+             trace: Trace | None) -> FormatChoice:
+    """The formats under ``req``'s budget and critical experts (``trace``: ``None`` loads the
+    model's default workload, only when there are critical experts to weigh)."""
+    share = critical_share(_workload(trace, model), model.num_experts, req.critical) if any(req.critical) else 0.0
+    return choose_formats(model, hw, topo, slots, req.formats, batch_size=req.batch_size,
+                          context_tokens=req.context_tokens, budget=_budget(req),
+                          errors=quant_errors(req.quant_error, req.formats), critical=req.critical, share=share)
+
+
+def parallel_mode(parallel: str, req: ClusterRequest) -> tuple[bool, str]:
+    """Whether ``planner optimize`` makes an expert-parallel plan for ``req``, and when
+    ``auto`` chose offloading on a profile EP could use, why (else ``""``).
+
+    ``ep``: always (:func:`plan_cluster` refuses what it cannot plan); ``offload``: never;
+    ``auto``: when the profile has two or more GPUs, the same number on every node, and the
+    experts (with ``req.redundant_experts``, default :func:`default_redundant`) fit their
+    memory in a format that meets the quality budget with the critical experts at full
+    precision (:mod:`.quality`).
+    """
+    if parallel in ("ep", "offload"):
+        return parallel == "ep", ""
+    _, hw = load_profile(req.hardware)
+    if len(hw.devices_of_kind("gpu")) < 2:
+        return False, ""
+    try:
+        topo = topology(hw)
+    except InputError:
+        return False, ""
+    spec = load_model(req.model)
+    E, G = spec.num_experts, topo.num_gpus
+    redundant = req.redundant_experts
+    if redundant is None or (E + redundant) % G:  # plan_cluster names a count that does not divide
+        redundant = default_redundant(E, G)
+    slots = (E + redundant) // G
+    choice = _formats(req, spec, hw, topo, slots, req.trace)
+    if choice.expert_format is not None:
+        return True, ""
+    return False, f"expert parallelism over {G} GPUs not used: {choice.reason}"
 
 
 def cluster_applies(parallel: str, hardware: str, model: str, formats: tuple[str, ...] = ClusterRequest.formats,
                     batch_size: int = 8, context_tokens: int = 4096) -> bool:
-    """Whether ``planner optimize`` makes an expert-parallel plan.
-
-    ``ep``: always; ``offload``: never; ``auto``: when the profile has two or more GPUs, the
-    same number on every node, and the model's experts (with the default redundancy) fit
-    their memory in one of ``formats``.
-    """
-    if parallel == "ep":
-        return True
-    if parallel == "offload":
-        return False
-    _, hw = load_profile(hardware)
-    if len(hw.devices_of_kind("gpu")) < 2:
-        return False
-    try:
-        topo = topology(hw)
-    except InputError:
-        return False
-    spec = load_model(model)
-    slots = (spec.num_experts + default_redundant(spec.num_experts, topo.num_gpus)) // topo.num_gpus
-    return _pick_format(spec, hw, topo, slots, formats, batch_size, context_tokens)[0] is not None
+    """:func:`parallel_mode` at the default quality budget, without critical experts."""
+    return parallel_mode(parallel, ClusterRequest(hardware=hardware, model=model, formats=formats,
+                                                  batch_size=batch_size, context_tokens=context_tokens))[0]
 
 
 def plan_from_placement(phy2log: np.ndarray, *, hw: Hardware, topo: Topology, model: ModelSpec, inputs: Inputs,
                         expert_format: str, memory_need: dict[str, float], batch_size: int, context_tokens: int,
-                        predicted: dict[str, float], solver: SolverInfo, notes: tuple[str, ...] = ()) -> Plan:
+                        predicted: dict[str, float], solver: SolverInfo, notes: tuple[str, ...] = (),
+                        choice: FormatChoice | None = None, critical: tuple[tuple[int, ...], ...] = ()) -> Plan:
     """A :class:`Plan` from ``phy2log [L, R]``: every expert's ``home`` is the GPU of its
-    lowest physical slot, ``replicas`` the GPUs of its other copies, site ``resident``."""
+    lowest physical slot, ``replicas`` the GPUs of its other copies, site ``resident``.
+
+    ``choice`` (:func:`.quality.choose_formats`) gives the dense format, the critical experts'
+    full-precision format and the quality budget and error the plan records; with ``critical``
+    experts, each GPU's expert bytes are those of its own slots."""
     L, R = phy2log.shape
     E = model.num_experts
     S = R // topo.num_gpus
+    full = choice.full_format if choice is not None else expert_format
+    fmt_of = np.full((L, E), expert_format, dtype=object)  # [L, E]
+    for l, experts in enumerate(critical):
+        fmt_of[l, list(experts)] = full
     layers = []
     for l in range(L):
         gpus_of: list[list[str]] = [[] for _ in range(E)]
         for s, e in enumerate(phy2log[l].tolist()):
             gpus_of[e].append(topo.gpus[s // S])
         layers.append(LayerPlan(moe_layer=l, hidden_layer=model.moe_layer_indices[l],
-                                home=tuple(g[0] for g in gpus_of), format=(expert_format,) * E,
+                                home=tuple(g[0] for g in gpus_of), format=tuple(fmt_of[l].tolist()),
                                 site=("resident",) * E, replicas=tuple(tuple(g[1:]) for g in gpus_of)))
-    memory = {g: MemoryUse(capacity_bytes=hw.memories[g].capacity_bytes, **memory_need) for g in topo.gpus}
+    per_gpu = {g: dict(memory_need) for g in topo.gpus}
+    if any(critical):  # the bytes of each GPU's own slots: [L, R] -> per rank
+        slot_bytes = np.vectorize(model.expert_bytes, otypes=[float])(fmt_of[np.arange(L)[:, None], phy2log])
+        for r, g in enumerate(topo.gpus):
+            per_gpu[g]["expert_bytes"] = float(slot_bytes[:, r * S:(r + 1) * S].sum())
+    memory = {g: MemoryUse(capacity_bytes=hw.memories[g].capacity_bytes, **per_gpu[g]) for g in topo.gpus}
     host = next(d for d in hw.devices_of_kind("cpu") if d.node == hw.devices[topo.gpus[0]].node)
+    quality = {} if choice is None else {"dense_format": choice.dense_format, "quality_budget": choice.quality_budget,
+                                         "quality_error": choice.quality_error}
     return Plan(inputs=inputs, objective="throughput", batch_size=batch_size, context_tokens=context_tokens,
                 compute_device=topo.gpus[0], host_device=hw.memory_of(host.id).id, eviction="static",
-                layers=tuple(layers), memory=memory, predicted=predicted, solver=solver, notes=notes)
+                layers=tuple(layers), memory=memory, predicted=predicted, solver=solver, notes=notes, **quality)
 
 
 def _predicted(m: dict[str, Any]) -> dict[str, float]:
@@ -182,11 +238,20 @@ def _predicted(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
+def _quality_note(choice: FormatChoice, critical: tuple[tuple[int, ...], ...]) -> str:
+    kept = sum(len(c) for c in critical)
+    return (f"experts in {choice.expert_format}" + (f", {kept} critical in {choice.full_format}" if kept else "")
+            + f", dense weights in {choice.dense_format}: quality error {choice.quality_error:.4g} within the budget "
+            f"{choice.quality_budget:.4g}")
+
+
 def plan_cluster(req: ClusterRequest) -> ClusterResult:
     """Plan expert parallelism for ``req`` (see :class:`ClusterRequest`) and score the baselines.
 
     Raises:
-        InputError: bad inputs (profile, model, trace, redundant count).
+        InputError: bad inputs (profile, model, trace, redundant count, critical experts), or
+            no format meets the quality budget (or keeps the critical experts at full
+            precision) in the GPUs' memory (:meth:`.quality.FormatChoice.error`).
         InfeasibleError: the experts do not fit the GPUs' memory in any of ``req.formats``.
     """
     t0 = time.perf_counter()
@@ -198,26 +263,11 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     redundant = default_redundant(E, G) if req.redundant_experts is None else req.redundant_experts
     _check_redundant(redundant, E, G)
     R = E + redundant
-    fmt, need, capacity = _pick_format(model, hw, topo, R // G, req.formats, req.batch_size, req.context_tokens)
-    if fmt is None:
-        short = sum(need.values()) - capacity
-        raise InfeasibleError(
-            f"HBM of every GPU ({topo.gpus[0]} ...) is short by {short / 2**30:.1f} GiB: {R // G} expert slots x "
-            f"{model.num_moe_layers} layers + dense weights + KV cache need {sum(need.values()) / 2**30:.1f} GiB in "
-            f"{req.formats[-1]}, {capacity / 2**30:.1f} GiB available. Fix: a profile with more GPUs, fewer "
-            f"--redundant-experts, a smaller --formats entry, or a shorter --context / --batch")
-    if req.trace is not None:
-        trace = req.trace
-    else:
-        from profiles.workload.defaults import default_workload
-
-        trace = default_workload(model)
-    zero = model.zero_experts.count
-    if trace.num_experts not in (E, E + zero) or trace.num_layers != model.num_moe_layers:
-        raise InputError("the workload does not match the model", key="--trace",
-                         value=f"{trace.num_layers} layers x {trace.num_experts} experts",
-                         expected=f"{model.num_moe_layers} MoE layers x {E} experts ({model.name})",
-                         fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+    trace = _workload(req.trace, model) if any(req.critical) else req.trace  # only critical experts need it now
+    choice = _formats(req, model, hw, topo, R // G, trace)
+    if choice.expert_format is None:
+        raise choice.error(G, sum(len(c) for c in req.critical))
+    trace = _workload(trace, model)
     # the plan names the workload it was given (simulate and export replay that one), not the
     # group-limited copy the placer balances
     given_digest = workload_digest(trace)
@@ -251,9 +301,11 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
              "EP rank r = the r-th GPU in natural order of its id; physical slot s lives on rank s // slots",
              "a replicated expert's tokens split evenly over its copies",
              ("dense weights replicated on every GPU (data-parallel attention); KV cache for batch_size "
-             "sequences per GPU"))
-    common = {"hw": hw, "topo": topo, "model": model, "inputs": inputs, "expert_format": fmt, "memory_need": need,
-                  "batch_size": req.batch_size, "context_tokens": req.context_tokens}
+             "sequences per GPU"),
+             _quality_note(choice, req.critical))
+    common = {"hw": hw, "topo": topo, "model": model, "inputs": inputs, "expert_format": choice.expert_format,
+              "memory_need": choice.memory_need, "choice": choice, "critical": req.critical,
+              "batch_size": req.batch_size, "context_tokens": req.context_tokens}
     predicted = _predicted(metrics["ours"])
     for name in PLACEMENTS:
         for k, v in _predicted(metrics[name]).items():
@@ -275,5 +327,5 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                  for name in PLACEMENTS}
     t_end = time.perf_counter()
     return ClusterResult(plan=plan, placement=ours, baselines=baselines, metrics=metrics, topology=topo,
-                         num_physical=R, expert_format=fmt, workload=trace.source, info=info,
+                         num_physical=R, expert_format=choice.expert_format, workload=trace.source, info=info,
                          timings_s={"stats_s": t_stats - t0, "solve_s": t_solve - t_stats, "total_s": t_end - t0})

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from profiles.errors import InputError
-from profiles.workload.trace import Trace
 
 from ..eplb import PLACEMENTS
 from .assemble import ClusterRequest, ClusterResult, plan_cluster
@@ -18,7 +17,7 @@ def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, A
     """The JSON summary `planner optimize` prints for an expert-parallel plan."""
     plan, topo = result.plan, result.topology
     E = len(plan.layers[0].home)
-    mem = next(iter(plan.memory.values()))
+    mem = max(plan.memory.values(), key=lambda m: m.used_bytes)  # the fullest GPU (critical experts differ)
 
     def row(name: str) -> dict[str, Any]:
         m = result.metrics[name]
@@ -32,7 +31,10 @@ def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, A
         "inputs": {"model": plan.inputs.model, "hardware": plan.inputs.hardware, "workload": result.workload},
         "layout": {"gpus": topo.num_gpus, "nodes": topo.num_nodes, "experts": E,
                    "redundant_experts": result.num_physical - E, "slots_per_gpu": result.num_physical // topo.num_gpus,
-                   "moe_layers": len(plan.layers), "expert_format": result.expert_format},
+                   "moe_layers": len(plan.layers), "expert_format": result.expert_format,
+                   "dense_format": plan.dense_format},
+        "quality": {"budget": plan.quality_budget, "error": plan.quality_error,
+                    "formats": plan.counts()["format"]},
         "memory_per_gpu": {"capacity_bytes": mem.capacity_bytes, "expert_bytes": mem.expert_bytes,
                            "dense_bytes": mem.dense_bytes, "kv_bytes": mem.kv_bytes, "used_bytes": mem.used_bytes},
         "plan": row("ours"),
@@ -64,6 +66,12 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
                   f"{lay['experts']} experts + "
                   f"{lay['redundant_experts']} redundant, {lay['slots_per_gpu']} slots per GPU, experts in "
                   f"{lay['expert_format']}", highlight=False)
+    q = d["quality"]
+    if q["budget"] is not None:
+        kept = {f: n for f, n in q["formats"].items() if f != lay["expert_format"]}
+        console.print(f"quality error {q['error']:.4g} of budget {q['budget']:.4g}; dense weights in "
+                      f"{lay['dense_format']}" + "".join(f"; {n} critical experts in {f}" for f, n in kept.items()),
+                      highlight=False)
     console.print(f"workload: {inp['workload']}", highlight=False)
     console.print(f"memory per GPU: experts {format_size(mem['expert_bytes'])}, dense {format_size(mem['dense_bytes'])}"
                   f", KV {format_size(mem['kv_bytes'])}; {format_size(mem['used_bytes'])} of "
@@ -91,10 +99,8 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
                       f"{d['plan']['max_mean_load']:.3f} (eplb-global {g['max_mean_load']:.3f})", highlight=False)
 
 
-def run_cluster_cli(*, hardware: str, model: str, trace: Trace | None, redundant_experts: int | None,
-                    formats: tuple[str, ...], batch_size: int, context_tokens: int, time_limit_s: float,
-                    compare: bool, out_path: Any, report: str | None) -> None:
-    """`planner optimize` in expert-parallel mode: plan, print, write ``--out``."""
+def run_cluster_cli(req: ClusterRequest, *, compare: bool, out_path: Any, report: str | None) -> None:
+    """`planner optimize` in expert-parallel mode: plan ``req``, print, write ``--out``."""
     import json
 
     from ..output import get_output
@@ -103,9 +109,6 @@ def run_cluster_cli(*, hardware: str, model: str, trace: Trace | None, redundant
         raise InputError("--report renders offload plans; an expert-parallel plan prints its summary instead",
                          key="--report", value=report, fix="drop --report (use --json for the figures)")
     output = get_output()
-    req = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
-                         formats=formats, batch_size=batch_size, context_tokens=context_tokens,
-                         time_limit_s=time_limit_s)
     with output.log.status("planning expert placement..."):
         result = plan_cluster(req)
     written = []
@@ -121,7 +124,7 @@ def run_cluster_cli(*, hardware: str, model: str, trace: Trace | None, redundant
 
         render_cluster(result, console, compare)
         if result.info["stopped_by_time_limit"]:
-            console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {time_limit_s:g} s) "
+            console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {req.time_limit_s:g} s) "
                           f"stopped the placement early; this plan may differ on a less busy machine")
         t = result.timings_s
         console.print(f"planned in {format_time(t['total_s'])} (statistics {format_time(t['stats_s'])}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, get_args
@@ -193,9 +194,12 @@ def _load_trace(path: str, task: str | None):
               "(--parallel ep: EPLB global/hierarchical, linear and round-robin placements).")
 @click.option("--parallel", type=click.Choice(["auto", "ep", "offload"]), default="auto", show_default=True,
               help="ep: expert parallelism over every GPU of the profile (which GPU owns which expert, which "
-              "experts get replicas, straggler load and all-to-all traffic; --objective, --quality-budget and "
-              "--critical do not apply). offload: one GPU plus host memory and disks. auto: ep when the profile "
-              "has two or more GPUs (equal per node) and the experts fit them, else offload.")
+              "experts get replicas, straggler load and all-to-all traffic; --objective does not apply): the experts "
+              "take the first --formats entry that meets --quality-budget (the importance-weighted error offload "
+              "plans count) and fits the GPUs, --critical experts stay at full precision, and a budget it cannot "
+              "meet exits 1 naming the one it can. offload: one GPU plus host memory and disks. auto: ep when the "
+              "profile has two or more GPUs (equal per node) whose memory holds the experts within the budget, "
+              "else offload (the plan's notes say why).")
 @click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
               help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
               "count. Default: the smallest count >= experts/8 that does.")
@@ -233,30 +237,42 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     if prompt_tokens > context:
         raise click.BadParameter(f"the prompt ({prompt_tokens} tokens) is longer than the context ({context})",
                                  param_hint="'--prompt-tokens'")
-    from ..cluster import cluster_applies, run_cluster_cli
+    from ..cluster import ClusterRequest, parallel_mode, run_cluster_cli
 
     spec = load_model(model)
     policy, fixes, fixed_formats = _given(given, spec.num_moe_layers)
     candidates = _parse_formats(formats)
     candidates += tuple(fm for fm in fixed_formats if fm not in candidates)  # a fixed format is a candidate
+    critical_sets = _parse_critical(critical, spec.num_moe_layers)
     one_gpu = policy is not None or fixes is not None or given["prefetch"] or given["eviction"]
     if one_gpu and parallel == "ep":
         raise InputError("--policy, --fix-*, --prefetch and --eviction plan one GPU with offloading", key="--parallel",
                          value="ep", fix="use --parallel offload (or auto)")
-    if not one_gpu and cluster_applies(parallel, hardware, model, _parse_formats(formats), batch, context):
-        return run_cluster_cli(hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
-                               redundant_experts=redundant_experts, formats=_parse_formats(formats), batch_size=batch,
-                               context_tokens=context, time_limit_s=time_limit, compare=compare, out_path=out_path,
-                               report=report)
+    trace = _load_trace(trace_path, task) if trace_path else None
+    if trace is None and any(critical_sets) and not one_gpu and parallel != "offload":
+        from profiles.workload.defaults import default_workload
+
+        trace = default_workload(spec)  # both modes weigh the critical experts on it: load it once
+    fallback = ""  # why auto did not choose expert parallelism on a profile it could use
+    if not one_gpu:
+        ep = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
+                            formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
+                            time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets)
+        use_ep, fallback = parallel_mode(parallel, ep)
+        if use_ep:
+            return run_cluster_cli(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
-        hardware=hardware, model=model, trace=_load_trace(trace_path, task) if trace_path else None,
-        objective=objective, batch_size=batch, context_tokens=context, prompt_tokens=prompt_tokens,
-        quality_budget=quality_budget, formats=candidates, solver=solver, time_limit_s=time_limit,
-        gap=gap, tpot_slo_s=slo_tpot, critical=_parse_critical(critical, spec.num_moe_layers), engine=engine,
-        policy=policy, fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"])
+        hardware=hardware, model=model, trace=trace, objective=objective, batch_size=batch, context_tokens=context,
+        prompt_tokens=prompt_tokens, quality_budget=quality_budget, formats=candidates, solver=solver,
+        time_limit_s=time_limit, gap=gap, tpot_slo_s=slo_tpot, critical=critical_sets, engine=engine, policy=policy,
+        fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"])
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
+    if fallback:
+        fallback += "; planned offloading instead (--parallel auto)"
+        result = dataclasses.replace(result, plan=result.plan.model_copy(
+            update={"notes": (*result.plan.notes, fallback)}))
     from ..report import render_summary, summary_data, write_report
 
     written = []
@@ -268,8 +284,12 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
             written += [p for p in write_report(result, Path(report))
                         if p.resolve() not in {w.resolve() for w in written}]
     data = {"summary": summary_data(result, compare), "files": [str(p) for p in written]}
+    if fallback:
+        data["parallel"] = {"mode": "offload", "why": fallback}
 
     def render(console):
+        if fallback:
+            console.print(f"[bold yellow]note:[/] {fallback}", highlight=False)
         render_summary(result, console, compare=compare)
         if result.plan.solver.status == "time limit":
             console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {time_limit:g} s) stopped "
