@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from .experts import AFTER, DISK, FETCH, FILL, STREAM_JOB
+from .experts import AFTER, DISK, STREAM_JOB
 
 __all__ = ["Contention"]
 

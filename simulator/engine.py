@@ -34,8 +34,9 @@ actors live beside it, one concept each, as mixins of :class:`Simulation`:
 :mod:`simulator.scheduler` (requests and batching), :mod:`simulator.experts` (hit or
 fetch, then compute), :mod:`simulator.contention` (a layer whose transfers share links,
 worked out without events), :mod:`simulator.prefetcher`, :mod:`simulator.expert_parallel`
-(all-to-all), with the router's choices in :mod:`simulator.routing` and what the policies
-know of the trace in :mod:`simulator.trace_stats`.
+(all-to-all), with the plan resolved and priced in :mod:`simulator.pricing`, the router's
+choices in :mod:`simulator.routing` and what the policies know of the trace in
+:mod:`simulator.trace_stats`.
 
 Speed: a layer costs events only when they are needed. Its work is classified once per
 (layer, experts) in one-token steps; a layer whose transfers cannot meet is worked out
@@ -59,19 +60,19 @@ from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
-from profiles.perf import activation_bytes, dense_step_s, expert_calls_s
 from profiles.workload.trace import Trace
 
 from .contention import Contention
 from .expert_parallel import ExpertParallel
-from .experts import Costs, ExpertLayer, ExpertWork
+from .experts import ExpertWork
 from .metrics import SimReport, summarise
-from .policies import make_cache, miss_policy, prefetch_policy
+from .policies import miss_policy, prefetch_policy
 from .prefetcher import LINK_CAPPED, Prefetcher
+from .pricing import Pricing
 from .resources import Network, Span, Stream
 from .routing import route_step
 from .scheduler import Request, RequestFlow, requests_of
-from .trace_stats import frequency, future_uses, predictability, transitions
+from .trace_stats import frequency, predictability, transitions
 
 __all__ = ["SimConfig", "Simulation", "simulate"]
 
@@ -112,7 +113,7 @@ class SimConfig:
     record: bool = False
 
 
-class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher):
+class Simulation(RequestFlow, Pricing, ExpertWork, Contention, ExpertParallel, Prefetcher):
     """One replay of a workload under a plan. Use :func:`simulate`."""
 
     play_ahead = True  # work out event-free layers without events (False: always play them out)
@@ -138,21 +139,11 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         self.prefetch_name = config.prefetch or ("none" if plan.prefetch == "none" else plan.prefetch)
         self.prefetch = prefetch_policy(self.prefetch_name)
         self.miss = miss_policy(config.miss)
-        self._costs: dict[tuple[str, str], Costs] = {}
-        self._bytes_cache: dict[str, float] = {}
-        self._mem_cache: dict[str, str] = {}
-        self._transfer_cache: dict[tuple[str, str, float], float] = {}
-        self._copies: dict[tuple[str, str], tuple] = {}
-        self._acts: dict[tuple[str, int], tuple] = {}
-        self._kv: dict[int, float] = {}  # context tokens -> KV bytes of one request
-        self._kv_plan: dict[int, float] = {}  # batch size -> KV bytes at the plan's context
-        self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
-        self._runners: dict[tuple[str, str], str] = {}
+        self._init_prices()
         # cache-less layers' classified work (see simulator.experts); the miss policies other
         # than "plan" may read the gate weights, so they classify every time
         self._plain_memo: list[dict] | None = [{} for _ in plan.layers] if config.miss == "plan" else None
         self._memo_lookups, self._memo_probed = 0, False
-        self._tier = {m: mem.tier for m, mem in hardware.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
         self._ep_cache: dict[int, dict] = {}
         self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is
         self._freq = frequency(trace, self.E) if self.eviction == "static" else None
@@ -179,7 +170,7 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         self.steps: list[tuple[str, int, float, float]] = []  # (phase, tokens, start, end)
         self.requests: list[Request] = []
 
-    # ------------------------------------------------------------------ resolution
+    # ------------------------------------------------------------------ resources
 
     def stream(self, device_id: str) -> Stream:
         if device_id not in self.streams:
@@ -191,103 +182,6 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         if device_id not in self.copy_engines:
             self.copy_engines[device_id] = simpy.Resource(self.env, capacity=1)
         return self.copy_engines[device_id]
-
-    def _resolve_layer(self, lp, l: int) -> ExpertLayer:
-        owners = []
-        runner = self._runner
-        for e, (home, site) in enumerate(zip(lp.home, lp.site)):
-            if lp.replicas and lp.replicas[e]:
-                owners.append((runner(home, site), *(runner(r, site) for r in lp.replicas[e])))
-            else:
-                owners.append((runner(home, site),))
-        cache = None
-        if lp.cache_slots:
-            future = future_uses(self.trace, l) if self.eviction == "belady" else None
-            cache = make_cache(self.eviction, lp.cache_slots, future=future,
-                               frequency=None if self._freq is None else self._freq[l])
-        streamed = [e for e, s in enumerate(lp.site) if s == "stream"]
-        on_disk = frozenset(e for e, home in enumerate(lp.home) if self._tier[home] == "nvme")
-        lay = ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed,
-                          on_disk)
-        costs, compute = self.costs, self.compute_id
-        lay.local_cost = [costs(dev, fmt) for dev, fmt in zip(lay.runner, lay.fmt)]
-        lay.cost = [costs(compute, lay.copy_format[e]) if site in ("fetch", "hybrid") else
-                    costs(compute, lay.fmt[e]) if site == "stream" else lay.local_cost[e]
-                    for e, site in enumerate(lay.site)]
-        return lay
-
-    def _runner(self, memory_id: str, site: str) -> str:
-        """The compute device that runs an expert homed in ``memory_id`` at ``site`` (cached)."""
-        key = (memory_id, site)
-        dev = self._runners.get(key)
-        if dev is None:
-            dev = self._runners[key] = self._find_runner(memory_id, site)
-        return dev
-
-    def _find_runner(self, memory_id: str, site: str) -> str:
-        if site in ("fetch", "hybrid", "stream"):
-            return self.compute_id
-        mem = self.hw.memories[memory_id]
-        if mem.id == self.compute_mem:
-            return self.compute_id
-        for d in mem.devices:
-            if self.hw.devices[d].is_compute and (site == "local" or self.hw.devices[d].kind == "gpu"):
-                return d
-        return self.host_id  # NVMe-resident experts computed "locally" run on the host CPU
-
-    def costs(self, device_id: str, fmt: str) -> Costs:
-        """Seconds of an expert call on ``device_id`` in ``fmt`` by token count (one table per pair)."""
-        table = self._costs.get((device_id, fmt))
-        if table is None:
-            dev, n_bytes, flops = self.hw.devices[device_id], self.model.expert_bytes(fmt), \
-                self.model.expert_flops_per_token
-            table = self._costs[(device_id, fmt)] = Costs(  # the same floats as expert_call_s, by the array
-                lambda tokens: expert_calls_s(dev, fmt, n_bytes, flops, tokens))
-        return table
-
-    def call_s(self, device_id: str, fmt: str, tokens: int) -> float:
-        return self.costs(device_id, fmt)[tokens]
-
-    def transfer_s(self, src: str, dst: str, n_bytes: float) -> float:
-        """Seconds a transfer takes alone (:meth:`simulator.resources.Network.transfer_s`, cached)."""
-        key = (src, dst, n_bytes)
-        sec = self._transfer_cache.get(key)
-        if sec is None:
-            sec = self._transfer_cache[key] = self.net.transfer_s(src, dst, n_bytes)
-        return sec
-
-    def _copy(self, src: str, fmt: str) -> tuple:
-        """An expert copy from memory ``src`` to the compute device: ``(path, bytes, seconds
-        alone, source tier)`` (cached)."""
-        info = self._copies.get((src, fmt))
-        if info is None:
-            n_bytes = self.expert_bytes(fmt)
-            info = self._copies[(src, fmt)] = (self.net.path(src, self.compute_mem), n_bytes,
-                                               self.transfer_s(src, self.compute_mem, n_bytes), self._tier[src])
-        return info
-
-    def _activations(self, device_id: str, tokens: int) -> tuple:
-        """Hidden states of ``tokens`` tokens to a device and back: ``(path out, path back,
-        bytes, seconds out, seconds back)``, each alone (cached)."""
-        info = self._acts.get((device_id, tokens))
-        if info is None:
-            dev_mem, act, net = self._dev_mem(device_id), activation_bytes(self.model, tokens), self.net
-            info = self._acts[(device_id, tokens)] = (
-                net.path(self.compute_mem, dev_mem), net.path(dev_mem, self.compute_mem), act,
-                self.transfer_s(self.compute_mem, dev_mem, act), self.transfer_s(dev_mem, self.compute_mem, act))
-        return info
-
-    def expert_bytes(self, fmt: str) -> float:
-        n_bytes = self._bytes_cache.get(fmt)
-        if n_bytes is None:
-            n_bytes = self._bytes_cache[fmt] = float(self.model.expert_bytes(fmt))
-        return n_bytes
-
-    def _dev_mem(self, device_id: str) -> str:
-        """The memory pool of a device (cached)."""
-        if device_id not in self._mem_cache:
-            self._mem_cache[device_id] = self.hw.memory_of(device_id).id
-        return self._mem_cache[device_id]
 
     def log(self, actor: str, what: str, at_s: float | None = None) -> None:
         if self.events is not None:
@@ -373,34 +267,6 @@ class Simulation(RequestFlow, ExpertWork, Contention, ExpertParallel, Prefetcher
         if t > env.now:
             yield env.timeout(max(t - env.now, 0.0))
         self.steps.append((phase, len(rows), start, env.now))
-
-    def _kv_bytes(self, contexts: list[tuple[Request, int]]) -> float:
-        """KV cache the step's attention reads: every request's context, or the plan's (cached per size)."""
-        kv = self._kv
-        if self.cfg.kv_context == "plan":
-            n = len(contexts)
-            if n not in self._kv_plan:
-                self._kv_plan[n] = self.model.kv_cache_bytes(self.plan.context_tokens, batch_size=n)
-            return self._kv_plan[n]
-        for _, ctx in contexts:
-            if ctx not in kv:
-                kv[ctx] = self.model.kv_cache_bytes(ctx)
-        return sum(kv[ctx] for _, ctx in contexts)
-
-    def _dense_split(self, tokens: int, kv_bytes: float, prefill: bool = False) -> dict[str, float]:
-        """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them; cached)."""
-        key = (tokens, kv_bytes, prefill)
-        out = self._dense.get(key)
-        if out is not None:
-            return out
-        G = len(self.gpus)
-        out = self._dense[key] = {}
-        for g in self.gpus:
-            share = -(-tokens // G) if G > 1 else tokens
-            dev = self.hw.devices[g]
-            out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G,
-                                  prefill=prefill) / len(self.layers)
-        return out
 
     # ------------------------------------------------------------------ run
 

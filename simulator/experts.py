@@ -20,30 +20,13 @@ import simpy
 
 from profiles.perf import activation_bytes
 
-__all__ = ["Costs", "ExpertLayer", "ExpertWork"]
+__all__ = ["ExpertLayer", "ExpertWork"]
 
 # cache-less layers: their work in a one-token step is worked out once per (layer, experts) and kept
 # (block and jobs are read, never changed, by the callers); at most this many entries per layer,
 # and none once the first PLAIN_MEMO_PROBE lookups found mostly new combinations
 PLAIN_MEMO_ENTRIES = 1 << 16
 PLAIN_MEMO_PROBE = 4096
-
-
-class Costs(dict):
-    """Seconds of one expert call by its token count, for one device and number format;
-    priced on first use, ``BLOCK`` token counts at a time, by ``price(tokens [n]) -> [n]``."""
-
-    __slots__ = ("price",)
-    BLOCK = 64
-
-    def __init__(self, price) -> None:
-        super().__init__()
-        self.price = price
-
-    def __missing__(self, tokens: int) -> float:
-        lo = tokens - tokens % self.BLOCK
-        self.update(zip(range(lo, lo + self.BLOCK), self.price(np.arange(lo, lo + self.BLOCK)).tolist()))
-        return self[tokens]
 
 
 # how an expert of a layer runs (ExpertLayer.code)
@@ -60,7 +43,7 @@ class ExpertLayer:
     ``cost[e]`` prices expert ``e``'s call by token count where it runs when no transfer
     waits (its runner, or the compute device for a cache hit or a streamed expert);
     ``local_cost[e]`` where its weights are computed on a miss run locally (its runner,
-    its stored format). Both map tokens -> seconds (:meth:`Simulation.costs`).
+    its stored format). Both map tokens -> seconds (:meth:`simulator.pricing.Pricing.costs`).
     """
 
     site: list[str]
@@ -79,7 +62,7 @@ class ExpertLayer:
         self.runner = [own[0] for own in self.owners]
         self.cached = frozenset(e for e, c in enumerate(self.code) if c == VIA_CACHE)  # accesses the cache sees
         self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
-        self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Simulation._copy of the above, when used
+        self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Pricing._copy of the above, once used
 
 
 class ExpertWork:

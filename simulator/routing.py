@@ -10,6 +10,8 @@ a call's token count and mean gate weight go with it.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 __all__ = ["route_step"]
@@ -37,12 +39,11 @@ def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[
             return [(rows[l], ones, g[l]) for l in range(L)]
     # every layer at once: code = layer * M + expert; a code's first use (layer * nK + token * K
     # + rank) orders the calls layer by layer, then by first use (O(N): no sort of the N uses)
-    x = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(L, n * K).astype(np.int64)  # [L, nK]
-    M = int(x.max()) + 1
-    codes = (x + (np.arange(L, dtype=np.int64) * M)[:, None]).ravel()
+    M = int(ids.max()) + 1
+    codes = (ids + _layer_offsets(L, M)).ravel()  # [n * L * K], token-major like ids
+    first = np.full(L * M, n * L * K, np.int64)
+    np.minimum.at(first, codes, _first_use(n, L, K))
     all_counts = np.bincount(codes, minlength=L * M)
-    first = np.full(L * M, codes.size, np.int64)
-    np.minimum.at(first, codes, np.arange(codes.size))
     used = np.flatnonzero(all_counts)
     uniq = used[np.argsort(first[used])]
     counts = all_counts[uniq]
@@ -50,10 +51,22 @@ def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[
     keep = expert < E
     mean = None
     if gates is not None:
-        w = np.ascontiguousarray(gates.transpose(1, 0, 2)).reshape(-1).astype(float)
+        w = gates.reshape(-1).astype(float)  # a call's weights add up token after token, as in a loop
         mean = (np.bincount(codes, weights=w, minlength=L * M)[uniq] / counts)[keep].tolist()
     layer, expert, counts = layer[keep], expert[keep].tolist(), counts[keep].tolist()
     bounds = np.searchsorted(layer, np.arange(L + 1)).tolist()
     return [(expert[a:b], counts[a:b], None if mean is None else mean[a:b])
             for a, b in zip(bounds[:-1], bounds[1:])]
 
+
+@lru_cache(maxsize=64)
+def _layer_offsets(L: int, M: int) -> np.ndarray:
+    """``[1, L, 1]`` each layer's first code."""
+    return (np.arange(L, dtype=np.int64) * M)[None, :, None]
+
+
+@lru_cache(maxsize=64)
+def _first_use(n: int, L: int, K: int) -> np.ndarray:
+    """``[n * L * K]`` (token-major) each use's order within the step: layer, then token, then rank."""
+    return (np.arange(L, dtype=np.int64)[None, :, None] * (n * K) + np.arange(n, dtype=np.int64)[:, None, None] * K
+            + np.arange(K, dtype=np.int64)[None, None, :]).ravel()
