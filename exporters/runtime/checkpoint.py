@@ -1,5 +1,5 @@
 """An HF safetensors checkpoint, split in two: the dense model (loaded by transformers, with
-placeholder experts) and the routed experts (memory-mapped, read one expert at a time).
+placeholder experts) and the routed experts (read one expert at a time, :mod:`tensorfile`).
 
 Legend: E = routed experts per layer, H = hidden size, I = expert intermediate size.
 
@@ -14,6 +14,11 @@ layout is read too (one expert is one slice of the 3-D tensor).
 The dense part is loaded with ``from_pretrained`` on a subclass of the model class whose MoE
 blocks get parameter-less placeholder experts, so the checkpoint's expert tensors are
 "unexpected keys" that transformers never reads: peak memory is the dense model only.
+transformers leaves weights whose dtype is the file's as views of its memory map of the
+checkpoint; once the dense weights are at the plan's format, :func:`own_mapped_weights`
+copies those left into memory of the process's own, as the plan counts them: mapped pages
+are page cache, which the kernel evicts under memory pressure (a memory cgroup at its limit)
+and reads back from the drive at the next step that touches them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RuntimeInputError
+from .tensorfile import TensorFile, drop_cached, read_tensors
 
-__all__ = ["ExpertSource", "find_moe_blocks", "load_dense_model", "read_config"]
+__all__ = ["ExpertSource", "find_moe_blocks", "load_dense_model", "own_mapped_weights", "read_config"]
 
 _PER_EXPERT = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
                          r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -63,48 +69,43 @@ class _Ref:
 
 
 class ExpertSource:
-    """Routed expert weights of a safetensors checkpoint, read on demand through mmap.
+    """Routed expert weights of a safetensors checkpoint, read on demand (:mod:`tensorfile`).
 
     Args:
         checkpoint_dir: directory with ``*.safetensors`` (and ``model.safetensors.index.json``
             when sharded).
 
     ``read(hidden_layer, e)`` returns fresh CPU tensors ``gate_up [2I, H]`` (gate rows, then
-    up rows: the transformers 5 layout) and ``down [H, I]`` in the checkpoint's dtype;
+    up rows: the transformers 5 layout) and ``down [H, I]`` in the checkpoint's dtype, in one
+    buffer of their own, read past the page cache (no memory map; :mod:`tensorfile`);
     ``bytes_read`` counts what was read. Thread-safe (the prefetch worker reads too).
     """
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.directory = Path(checkpoint_dir)
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise RuntimeInputError("no *.safetensors weights in the checkpoint", file=self.directory,
                                     fix="save the model with save_pretrained(safe_serialization=True)")
-        self._handles = {}
+        self._files: dict[str, TensorFile] = {}
         self._refs: dict[tuple[int, int], dict[str, _Ref]] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
         for path in files:
             try:
-                handle = safe_open(str(path), framework="pt")
-            except (OSError, SafetensorError) as exc:
+                tf = TensorFile(path)
+            except OSError as exc:
                 raise RuntimeInputError(f"cannot open safetensors file ({exc})", file=path, fix=_FIX_CKPT) from None
-            self._handles[path.name] = handle
-            for key in handle.keys():  # noqa: SIM118 (the handle is not iterable)
+            self._files[path.name] = tf
+            for key in tf.keys():
                 if m := _PER_EXPERT.search(key):
                     layer, e, role = int(m.group(1)), int(m.group(2)), _ROLE[m.group(3)]
                     self._refs.setdefault((layer, e), {})[role] = _Ref(path.name, key, None)
                 elif m := _FUSED.search(key):
                     layer, name = int(m.group(1)), m.group(2)
-                    num = handle.get_slice(key).get_shape()[0]
-                    for e in range(num):
-                        refs = self._refs.setdefault((layer, e), {})
-                        if name == "down_proj":
-                            refs["down"] = _Ref(path.name, key, e)
-                        else:
-                            refs["gate_up"] = _Ref(path.name, key, e)
+                    for e in range(tf.span(key).shape[0]):
+                        role = "down" if name == "down_proj" else "gate_up"
+                        self._refs.setdefault((layer, e), {})[role] = _Ref(path.name, key, e)
 
     def layers(self) -> dict[int, int]:
         """hidden layer -> number of experts found."""
@@ -118,28 +119,19 @@ class ExpertSource:
         return "down" in refs and ("gate_up" in refs or {"gate", "up"} <= refs.keys())
 
     def read(self, hidden_layer: int, expert: int):
-        """``(gate_up [2I, H], down [H, I])`` of one expert, read from the mapped files."""
-        import torch
-
+        """``(gate_up [2I, H], down [H, I])`` of one expert, read from the checkpoint's files."""
         refs = self._refs.get((hidden_layer, expert))
         if refs is None or not self.has(hidden_layer, expert):
             raise RuntimeInputError("expert weights not found in the checkpoint", file=self.directory,
                                     key=f"layers.{hidden_layer}.experts.{expert}",
                                     fix="use the checkpoint the plan was made for")
-        if "gate_up" in refs:
-            gate_up = self._get(refs["gate_up"])
-        else:
-            gate_up = torch.cat([self._get(refs["gate"]), self._get(refs["up"])], dim=0)
-        down = self._get(refs["down"])
+        parts = {"gate_up": [refs["gate_up"]] if "gate_up" in refs else [refs["gate"], refs["up"]],
+                 "down": [refs["down"]]}
+        out = read_tensors({name: [self._files[r.file].span(r.key, r.index) for r in rs] for name, rs in parts.items()})
+        gate_up, down = out["gate_up"], out["down"]
         with self._lock:
             self.bytes_read += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
-        return gate_up.contiguous(), down.contiguous()
-
-    def _get(self, ref: _Ref):
-        handle = self._handles[ref.file]
-        if ref.index is None:
-            return handle.get_tensor(ref.key)
-        return handle.get_slice(ref.key)[ref.index]
+        return gate_up, down
 
 
 def find_moe_blocks(model: Any) -> dict[int, Any]:
@@ -166,7 +158,8 @@ def load_dense_model(checkpoint_dir: str | Path, *, dtype: Any, make_placeholder
             place of each block's ``experts``.
 
     Returns:
-        The model on the CPU in eval mode; its ``experts`` modules are the placeholders.
+        The model on the CPU in eval mode; its ``experts`` modules are the placeholders. Its
+        weights may be views of a memory map of the checkpoint (see :func:`own_mapped_weights`).
     """
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -200,3 +193,39 @@ def load_dense_model(checkpoint_dir: str | Path, *, dtype: Any, make_placeholder
                                 file=checkpoint_dir, value=config.model_type,
                                 expected="Mixtral, Qwen3-MoE, OLMoE or DeepSeek-V3", fix="use an MoE checkpoint")
     return model.eval()
+
+
+def own_mapped_weights(model: Any, files: list[Path]) -> int:
+    """Copy ``model``'s parameters and buffers that are views of a memory map of ``files``
+    into memory of the process's own, one tensor at a time (tied tensors stay tied), then drop
+    the files' pages from the page cache. Returns the bytes copied (0 where the process's
+    maps cannot be read: not Linux).
+    """
+    import torch
+
+    paths = {str(f.resolve()) for f in files}
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") in paths:
+                    ranges.append(tuple(int(x, 16) for x in fields[0].split("-")))
+    except OSError:
+        return 0
+    copied, done = 0, {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or not any(lo <= t.data_ptr() < hi for lo, hi in ranges):
+                    continue
+                if id(t) not in done:
+                    copy = t.detach().clone()
+                    is_parameter = isinstance(t, torch.nn.Parameter)
+                    done[id(t)] = torch.nn.Parameter(copy, t.requires_grad) if is_parameter else copy
+                    copied += copy.numel() * copy.element_size()
+                table[name] = done[id(t)]
+    del done
+    for f in files:
+        drop_cached(f)
+    return copied

@@ -51,6 +51,7 @@ from .quant import (
     quantize_matrix,
     quantizer_module,
 )
+from .tensorfile import TensorFile, read_tensors
 
 __all__ = [
     "ACTIVATIONS",
@@ -202,8 +203,9 @@ def _session(nodes: list, inputs: list, outputs: list, weights: Mapping[str, tup
              threads: int | None):
     """A CPU session of ``nodes`` whose ``weights`` (name -> (elem type, array)) are in-memory
     initializers: placeholders the session replaces with the arrays
-    (``SessionOptions.add_external_initializers``: no 2 GiB protobuf limit, no copy of ours;
-    ORT pre-packs them once)."""
+    (``SessionOptions.add_external_initializers``: no 2 GiB protobuf limit, no serialised
+    copy; ORT copies the arrays into the session and pre-packs them once, so the caller may
+    free its arrays once the session is built)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -304,7 +306,6 @@ class Kernels:
 
     def __init__(self, directory: str | Path, plan: RuntimePlan) -> None:
         import onnx
-        from safetensors import safe_open
 
         self.directory = Path(directory).resolve()
         manifest_path = self.directory / "manifest.json"
@@ -336,7 +337,7 @@ class Kernels:
                                             key=f"layers.{layer.moe_layer}.experts.{e}", value=built.get(e),
                                             expected=fmt, fix=_FIX_REBUILD)
             if built:
-                self._weights[layer.moe_layer] = safe_open(str(self._inside(entry["file"])), framework="pt")
+                self._weights[layer.moe_layer] = TensorFile(self._inside(entry["file"]))
 
     def _inside(self, rel: str) -> Path:
         path = (self.directory / rel).resolve()
@@ -346,9 +347,9 @@ class Kernels:
         return path
 
     def quantised(self, moe_layer: int, expert: int, fmt: str) -> dict[str, Any]:
-        """One quantised expert's tensors (CPU torch, read from the mapped file)."""
-        handle = self._weights[moe_layer]
-        return {name: handle.get_tensor(f"{expert}.{name}") for name in weight_inputs(fmt)}
+        """One quantised expert's tensors (CPU torch, in one buffer of their own; :mod:`tensorfile`)."""
+        tf = self._weights[moe_layer]
+        return read_tensors({name: [tf.span(f"{expert}.{name}")] for name in weight_inputs(fmt)})
 
 
 def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str | Path, out_dir: str | Path, *,

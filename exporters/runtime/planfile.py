@@ -12,7 +12,7 @@ The runtime sorts every memory pool into one of three tiers by its role:
 - ``device``: the compute device's memory (the plan's ``compute_device`` id);
 - ``host``: the host CPU's DRAM (``host_device``), pinned when CUDA is present;
 - ``disk``: any other home; a single-node plan's only other home is the node's NVMe
-  (planner.optimize.make_setup), read on demand from the memory-mapped checkpoint.
+  (planner.optimize.make_setup), read on demand from the checkpoint (tensorfile.py).
 
 Pass ``memory_tiers`` to override the guess for particular memory ids.
 """

@@ -12,7 +12,7 @@ puts it:
 
 - ``resident``: weights on the compute device, computed by torch;
 - ``fetch``: through the layer's cache; a miss copies the weights from their home (host
-  DRAM, or the memory-mapped checkpoint / kernels file on disk) to the device;
+  DRAM, or the checkpoint / kernels file on disk) to the device;
 - ``hybrid``: through the cache; a hit computes on the device, a miss computes on the CPU
   (ONNX Runtime) while the weights are copied into the cache in the background;
 - ``local``: on the CPU through ONNX Runtime, from host memory (or read from disk);
@@ -97,8 +97,8 @@ class ExpertHome:
     """Reads one layer's experts from where the plan keeps them, counting bytes moved.
 
     Host-tier experts are read once, at load, into (pinned, with CUDA) host memory; disk-tier
-    experts are read from the memory-mapped checkpoint (float formats) or kernels file
-    (int8/int4) at every use.
+    experts are read from the checkpoint (float formats) or kernels file (int8/int4) at every
+    use, past the page cache (:mod:`tensorfile`).
     """
 
     def __init__(self, spec: LayerSpec, source: Any, kernels: Kernels, metrics: MetricsRecorder, *,
@@ -119,16 +119,21 @@ class ExpertHome:
 
     def load(self, e: int, device: torch.device | None = None, *, fetch: bool = False,
              prefetch: bool = False) -> ExpertWeights:
-        """Expert ``e`` from its home, copied to ``device`` (None: stays on the CPU)."""
+        """Expert ``e`` from its home, on ``device`` (None: stays on the CPU).
+
+        One copy of the weights per load: an expert read from disk is already a buffer of its
+        own (:mod:`tensorfile`), so on a CPU device it is the slot's memory as it is; a host
+        expert is copied (the slot must not share the host copy), except into a CPU session
+        that keeps its own pre-packed copy (see :meth:`PlannedExperts._ready`).
+        """
         w = self.host.get(e)
-        if w is None:
+        fresh = w is None
+        if fresh:
             w = self.read(e)
         self.metrics.moved(self.spec.home[e], w.nbytes, fetch=fetch, prefetch=prefetch)
         if device is None:
             return w
-        if device.type == "cpu" and w.fmt not in FLOAT_FORMATS:
-            # a CPU device runs it in a session that keeps its own pre-packed copy (see
-            # PlannedExperts._ready): the mapped file's pages are only read while it is built
+        if device.type == "cpu" and (fresh or w.fmt not in FLOAT_FORMATS):
             return ExpertWeights(w.fmt, w.tensors)
         return w.to(device, non_blocking=any(t.is_pinned() for t in w.tensors.values()))
 
@@ -194,9 +199,11 @@ class PlannedExperts(nn.Module):
         final = torch.zeros_like(hidden_states)
         rows = hidden_states.shape[0]
         on_device, on_cpu = self._route(top_k_index.tolist())
-        self._prefetch_next(hidden_states, rows)  # queued after this layer's own copies, as the simulator orders them
-        stream = {e: self.home.load(e, self.device, fetch=True) for e in self.spec.experts_at("stream")}
-        on_device.update({e: Slot(w) for e, w in stream.items() if e in on_device})
+        for e in self.spec.experts_at("stream"):  # copied at every step, used or not
+            if e in on_device:
+                on_device[e] = self.fetcher.submit(lambda e=e: self.home.load(e, self.device, fetch=True), start=False)
+            else:
+                self.home.load(e, self.device, fetch=True)
         used = sorted(set(on_device) | on_cpu)
         where = {}
         for e in used:  # the eager module's order: by top-k position, then token
@@ -206,15 +213,22 @@ class PlannedExperts(nn.Module):
         # launched first: on CUDA they overlap the CPU experts; the ready ones (resident, hits)
         # before those still being copied, whose copies overlap them (outputs are summed in
         # id order below, whatever order they were computed in)
-        for e in sorted(on_device, key=lambda e: (not on_device[e].ready, e)):
-            w, x = on_device[e].get(), hidden_states[where[e][0]]
-            if w.kernel is not None:
-                y = w.kernel.run({0: x.detach().to(torch.float32).numpy()})[0]
-                outputs[e] = torch.from_numpy(y).to(x.dtype)
-                continue
-            gate_up, down = w.matrices(hidden_states.dtype, self.hidden, self.inter)
-            gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-            outputs[e] = nn.functional.linear(self.act(gate) * up, down)
+        order = sorted(on_device, key=lambda e: (not on_device[e].ready, e))
+        # this step's copies start one ahead of the compute, so at most two are staged at a time
+        # (holding all of them at once, a prefill step that misses most of a layer held most of
+        # its experts); the next layer's prefetches start after the last of them, as the
+        # simulator orders them
+        copies = [on_device[e] for e in order if not on_device[e].ready]
+        prefetches = self._prefetch_next(hidden_states, rows)
+        for slot in copies[:1] or prefetches:
+            slot.start()
+        for e in order:
+            slot = on_device.pop(e)  # the step's last reference to a copy no cache slot keeps
+            if copies and slot is copies[0]:
+                copies.pop(0)
+                for nxt in copies[:1] or prefetches:
+                    nxt.start()
+            outputs[e] = self._compute(slot.get(), hidden_states[where[e][0]])
         if on_cpu:
             outputs.update(self._run_cpu({e: hidden_states[where[e][0]] for e in on_cpu}, hidden_states))
         for e in used:
@@ -227,16 +241,28 @@ class PlannedExperts(nn.Module):
         self.token_cursor += rows
         return final
 
+    def _compute(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        """One expert on the compute device: ``x [T, H] -> y [T, H]``."""
+        if w.kernel is not None:
+            y = w.kernel.run({0: x.detach().to(torch.float32).numpy()})[0]
+            return torch.from_numpy(y).to(x.dtype)
+        gate_up, down = w.matrices(x.dtype, self.hidden, self.inter)
+        gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+        return nn.functional.linear(self.act(gate) * up, down)
+
     def _ready(self, w: ExpertWeights) -> ExpertWeights:
         """Weights entering the cache, made ready to compute.
 
         On a CPU compute device an int8/int4 expert gets its own ONNX Runtime session with
         the weights pre-packed (MatMulNBits), built as it is loaded (in the background when
         prefetched); dequantising at every call, or feeding the weights to a session with
-        every call, measured 25-35x slower per call than a pre-packed session.
+        every call, measured 25-35x slower per call than a pre-packed session. The session
+        copies the weights it is given (ONNX Runtime's ``AddExternalInitializers``), so the
+        slot lets its read buffer go: holding both held each cached expert twice.
         """
         if self.device.type == "cpu" and w.fmt not in FLOAT_FORMATS:
             w.kernel = CpuLayerKernel(self.templates, {0: (w.fmt, w.numpy_inputs())}, threads=self.threads)
+            w.tensors = {}
         return w
 
     def _route(self, ids: list[list[int]]) -> tuple[dict[int, Slot], set[int]]:
@@ -284,9 +310,9 @@ class PlannedExperts(nn.Module):
                     # missed again within the step (evicted by a later token): the step's copy
                     # serves it, as in the simulator: one copy per expert and step
                     slot = on_device.get(e) or copies.get(e)
-                    if slot is None:  # copied in the background while the ready experts compute
+                    if slot is None:  # copied in the background while the ready experts compute (forward starts it)
                         slot = copies[e] = self.fetcher.submit(
-                            lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)))
+                            lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)), start=False)
                     on_device[e] = slot
                     if loaded:
                         self.slots[e] = slot
@@ -322,12 +348,14 @@ class PlannedExperts(nn.Module):
         """The next MoE layer: its router predicts, its cache receives the prefetches."""
         self._next = (router, store)
 
-    def _prefetch_next(self, hidden_states: torch.Tensor, rows: int) -> None:
+    def _prefetch_next(self, hidden_states: torch.Tensor, rows: int) -> list[Slot]:
+        """Put the next layer's predicted experts into its cache; returns their copies, not
+        started (the caller starts them after this layer's own)."""
         if self.prefetch_policy == "none" or self._next is None:
-            return
+            return []
         router, nxt = self._next
         if not nxt.spec.cached or nxt.cache.slots <= 0:
-            return
+            return []
         if self.prefetch_policy == "oracle" and self.oracle is not None:
             layer = nxt.layer_index
             chosen = self.oracle[self.token_cursor:self.token_cursor + rows, layer].reshape(-1).tolist()
@@ -337,10 +365,13 @@ class PlannedExperts(nn.Module):
                 chosen = router(hidden_states)[2].reshape(-1).tolist()
         ranked = [e for e, _ in Counter(e for e in chosen if 0 <= e < nxt.num_experts).most_common()]
         wanted = [e for e in ranked if nxt.spec.site[e] in ("fetch", "hybrid")][:nxt.cache.slots]
+        deferred = []
         for e in wanted:
             loaded, evicted = nxt.cache.insert(e)
             for v in evicted:
                 nxt.slots.pop(v, None)
             if loaded:
                 nxt.slots[e] = self.fetcher.submit(
-                    lambda e=e: nxt._ready(nxt.home.load(e, nxt.device, prefetch=True)), prefetched=True)
+                    lambda e=e: nxt._ready(nxt.home.load(e, nxt.device, prefetch=True)), prefetched=True, start=False)
+                deferred.append(nxt.slots[e])
+        return deferred
