@@ -234,6 +234,7 @@ class ExpertWork:
             saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
             n_spans = len(self.spans) if labels else 0
             n_events = len(self.events) if recording else 0
+        chained = True  # every copy takes a positive time: simulator.resources.Network.overlapping
         moves: list[tuple] = []  # (path, bytes, start, end, name, source tier or None for activations)
         end = router_at
         stream = self.stream
@@ -255,6 +256,7 @@ class ExpertWork:
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} start", engine_free)
                 arrived = engine_free + dur
+                chained = chained and arrived > engine_free
                 moves.append((path, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", tier))
                 engine_free = arrived
                 if recording:
@@ -263,7 +265,7 @@ class ExpertWork:
                     arrived = compute.reserve(sec, labels and f"expert L{l}E{e}", ready_s=engine_free)
                 if arrived > end:
                     end = arrived
-        n_copies = len(moves)  # back to back on the copy engine
+        n_copies = len(moves) if chained else 0  # back to back on the copy engine
         for job in jobs if flags & LOCAL_JOB else ():
             if job[0] != "local":
                 continue

@@ -151,20 +151,20 @@ class Network:
     def overlapping(self, moves: list[tuple], chained: int = 0) -> bool:
         """Whether any two of ``moves`` (path, bytes, start_s, end_s, ...) share a bandwidth at once.
 
-        The first ``chained`` moves run back to back (each starts as the one before ends, as
-        the copy engine's do): they cannot meet one another, so only the other moves are
-        compared with them, by bisection.
+        The first ``chained`` moves run back to back, each for a positive time (each starts as
+        the one before ends, as the copy engine's do): they cannot meet one another, so only
+        the other moves are compared with them, by bisection.
         """
         chain, rest = moves[:chained], moves[chained:]
-        if any(m[3] <= m[2] for m in chain):  # not back to back after all: compare every pair
-            chain, rest = [], moves
         ends = [m[3] for m in chain]
-        seen: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        seen: dict[str, list[tuple[float, float]]] = {}
         for p, _, start, end, *_ in rest:
             for k in p.keys:
-                if any(start < e and s < end for s, e in seen[k]):
-                    return True
-                seen[k].append((start, end))
+                spans = seen.setdefault(k, [])
+                for s, e in spans:
+                    if start < e and s < end:
+                        return True
+                spans.append((start, end))
             i = bisect_right(ends, start)  # the first chained move still under way at start
             while i < len(chain) and chain[i][2] < end:
                 if not p.key_set.isdisjoint(chain[i][0].keys):
