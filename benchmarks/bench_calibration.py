@@ -7,10 +7,8 @@ The proof of `planner profiles probe` + `planner engines probe` (no calibration)
    that a Mixtral-shaped random checkpoint (sized for this machine) does not fit: experts
    are offloaded to the disk and fetched into per-layer caches;
 2. probe the bundle runtime (``planner engines probe``: tiny checkpoints, H = I = 64, 1-4
-   layers) into an engine profile, with the read fraction of a warm page cache: this
-   machine's free memory keeps the disk tier's files (checkpoint, kernels) cached, which
-   the JSON checks after the runs (``disk_tier_page_cache``, mincore); the cold fraction
-   (experts read from the drive) is reported beside it;
+   layers) into an engine profile, with the read fraction of experts read from the drive
+   (the runtime reads disk-tier experts past the page cache);
 3. plan the checkpoint twice for that hardware and engine, with two context lengths, so the
    KV reserve differs and so do the layers' cache sizes (plan A and plan B); export both;
 4. run bundle A on one prompt set (fit) and on other prompts (held out), and bundle B on a
@@ -38,7 +36,6 @@ import yaml
 
 import exporters.runtime  # noqa: F401  (first, as in a bundle: torch's OpenMP threads sleep between ops)
 from _machine import probed_profile
-from _memlimit import cached_bytes
 from _provenance import ROOT, provenance
 
 from exporters.bundle import write_bundle
@@ -67,28 +64,16 @@ PROMPTS = {
 NEW_TOKENS = 24
 
 
-def probe_engine_profile(work: Path) -> tuple[dict[str, Path], dict, float]:
-    """``planner engines probe`` (warm page cache: see ``page_cache_share``) into
-    ``work/engine.yaml``, and the same profile with the cold read fraction in
-    ``work/engine-cold.yaml``; returns ``({"warm": path, "cold": path}, the probe's JSON, seconds)``."""
-    paths = {"warm": work / "engine.yaml", "cold": work / "engine-cold.yaml"}
+def probe_engine_profile(work: Path) -> tuple[Path, dict, float]:
+    """``planner engines probe`` into ``work/engine.yaml`` with the cold read fraction (the
+    runtime reads disk-tier experts past the page cache: exporters/runtime/tensorfile.py);
+    returns ``(path, the probe's JSON, seconds)``."""
+    path = work / "engine.yaml"
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "planner.cli", "engines", "probe", "--out", str(paths["warm"]),
-                          "--dir", str(work), "--work", str(work / "engine-probe"), "--page-cache", "warm", "--force",
+    out = subprocess.run([sys.executable, "-m", "planner.cli", "engines", "probe", "--out", str(path),
+                          "--dir", str(work), "--work", str(work / "engine-probe"), "--page-cache", "cold", "--force",
                           "--json"], check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
-    seconds = time.perf_counter() - t
-    data = json.loads(out)
-    doc = yaml.safe_load(paths["warm"].read_text())
-    doc["disk_read_fraction"]["value"] = round(data["disk_read_fraction"]["cold"], 3)
-    doc["disk_read_fraction"]["source"] += " [the cold figure of the same probe: pages dropped from the page cache]"
-    paths["cold"].write_text(yaml.safe_dump(doc, sort_keys=False))
-    return paths, data, seconds
-
-
-def page_cache_share(paths: list[Path]) -> dict:
-    """Bytes of the files under ``paths`` (checkpoint, kernels) and how many are in the page cache."""
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {"file_bytes": sum(f.stat().st_size for f in files), "cached_bytes": cached_bytes(files)}
+    return path, json.loads(out), time.perf_counter() - t
 
 
 def engine_errors(doc: dict, engine_path: Path, runs: list[Run]) -> list[dict]:
@@ -113,8 +98,7 @@ def main() -> None:
 
     profile_path, profile, hw, probe_s = probed_profile(work, f"{HOST_MIB}MiB")
     doc = yaml.safe_load(profile_path.read_text())
-    engine_paths, engine_probe, engine_probe_s = probe_engine_profile(work)
-    engine_path = engine_paths["warm"]
+    engine_path, engine_probe, engine_probe_s = probe_engine_profile(work)
 
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
@@ -139,12 +123,8 @@ def main() -> None:
                               "measured_expert_hit_rate": record["measured"]["expert_hit_rate"],
                               "bytes_moved": {k: moved[k] for k in ("measured", "predicted", "relative_error")}}
 
-    # the disk tier's files after the runs: in the page cache (this machine's free memory holds
-    # them), so the runs read experts at the warm rate; the cold figure is reported beside it
-    cache_share = page_cache_share([ckpt, *(bundles[n] / "kernels" for n in bundles)])
     engine_rows = engine_errors(doc, engine_path, [runs[name] for name in ("fit", "held_out", "other_cache")])
     engine_worst = max(abs(r[k]["error"]) for r in engine_rows for k in ("tpot_s", "ttft_s"))
-    cold_rows = engine_errors(doc, engine_paths["cold"], [runs[name] for name in ("fit", "held_out", "other_cache")])
     t = time.perf_counter()
     result = calibrate_profile(doc, [runs["fit"]], [runs["held_out"], runs["other_cache"]])
     fit_s = time.perf_counter() - t
@@ -169,9 +149,8 @@ def main() -> None:
                                           overhead_rows(load_engine(engine_path))],
                             "disk_read_fraction": engine_probe["disk_read_fraction"],
                             "fit": {k: v for k, v in engine_probe["fit"].items() if k != "configs"}},
-           "disk_tier_page_cache": cache_share,
            "engine_no_calibration": engine_rows, "engine_worst_abs_error": engine_worst,
-           "engine_target_met": engine_worst <= 0.15, "engine_cold_reads_no_calibration": cold_rows,
+           "engine_target_met": engine_worst <= 0.15,
            "plans": {n: {"context_tokens": PLANS[n], "sites": p.counts()["site"], "formats": p.counts()["format"],
                          "cache_slots": [lp.cache_slots for lp in p.layers]} for n, p in plans.items()},
            "runs": verified, "new_tokens_per_prompt": NEW_TOKENS,
@@ -183,8 +162,7 @@ def main() -> None:
     for r in engine_rows:
         print(f"(a) probed hardware + probed engine, no calibration: {r['run']:22s} "
               f"TPOT {r['tpot_s']['error']:+7.1%}   TTFT {r['ttft_s']['error']:+7.1%}")
-    print(f"(a) worst |error|: {engine_worst:.1%} (target 15%); with the cold read fraction: " + ", ".join(
-        f"TPOT {r['tpot_s']['error']:+.0%} TTFT {r['ttft_s']['error']:+.0%}" for r in cold_rows))
+    print(f"(a) worst |error|: {engine_worst:.1%} (target 15%)")
     for label, part in (("fit", out["fit"]), ("held out", held)):
         for r in part:
             print(f"{label:9s} {r['run']:22s} TPOT {r['tpot_s']['error_before']:+8.1%} -> {r['tpot_s']['error_after']:+7.1%}"

@@ -6,7 +6,7 @@ of a forward step (distinct experts per layer, summed over layers), P = prompt t
 The bundle runtime's engine profile (``profiles/engines/bundle.yaml``) prices what its
 Python and framework layers add to the roofline (:mod:`profiles.perf`): a cost per forward
 step, per hidden layer and per expert call, and the share of a drive's read rate that its
-memory-mapped expert reads reach. This module measures them with the runtime itself, on
+expert reads on a miss reach. This module measures them with the runtime itself, on
 tiny random Mixtral checkpoints built from a config (no download, H = I = 64: every matmul
 reads a few KiB, so compute is negligible), under hand-written plans:
 
@@ -21,7 +21,7 @@ reads a few KiB, so compute is negligible), under hand-written plans:
    one torch matmul on CUDA) is taken off: a layer launches two kernels, an expert call one,
    a step one (:func:`profiles.perf.dense_step_s`);
 4. disk: experts of a realistic size (3 MiB) in a safetensors file, read the way a cache
-   miss reads them (memory-mapped ``get_tensor``, then made ready to compute: on a CPU a
+   miss reads them (the runtime's positional reads past the page cache, then made ready to compute: on a CPU a
    pre-packed ONNX Runtime session) with their pages dropped from the page cache
    (``posix_fadvise(DONTNEED)``) or cached, vs a sequential read of the file past the page
    cache; the ratio of the rates is the ``disk_read_fraction`` (cold by default).
@@ -194,7 +194,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
                for group in _groups(steps)]
     fit = fit_step_costs(medians)
     launch_s = _launch_s(kernels, fmt, device)
-    say("reading experts from disk: memory-mapped vs sequential")
+    say("reading experts from disk as a miss does vs sequentially")
     stamp = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
 
     def src(how: str) -> str:
@@ -347,19 +347,20 @@ def _expert_reads(directory: Path, settings: ProbeSettings, fmt: str, device: st
     """The runtime's read of one expert on a miss vs a sequential read of the drive: ``cold``
     (the expert's pages dropped from the page cache first) and ``warm`` (read again).
 
-    A miss reads the expert from its memory-mapped file (``safe_open(...).get_tensor``, as
-    ``Kernels.quantised`` does) and makes it ready to compute: on a CPU a quantised expert
+    A miss reads the expert with the runtime's own positional reads into a buffer of its own
+    (``TensorFile`` + ``read_tensors``, as ``Kernels.quantised`` does: past the page cache
+    where ``O_DIRECT`` is allowed) and makes it ready to compute: on a CPU a quantised expert
     becomes a pre-packed ONNX Runtime session (``PlannedExperts._ready``), on CUDA the
-    tensors are copied to the device. The sequential read is of the whole file in 8 MiB
+    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too. The sequential read is of the whole file in 8 MiB
     pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
     fraction applies to its figure). ``{}`` where the page cache cannot be dropped.
     """
     import torch
-    from safetensors import safe_open
     from safetensors.numpy import save_file
 
     from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, weight_inputs
     from exporters.runtime.quant import quantize_matrix
+    from exporters.runtime.tensorfile import TensorFile, read_tensors
     from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
 
     if not hasattr(os, "posix_fadvise"):
@@ -374,8 +375,8 @@ def _expert_reads(directory: Path, settings: ProbeSettings, fmt: str, device: st
     templates = {fmt: expert_template(fmt, h, i)} if cpu else {}
 
     def miss(e: int) -> None:
-        handle = safe_open(str(path), framework="pt")  # a fresh mapping: a mapped page is never dropped
-        tensors = {k: handle.get_tensor(f"{e}.{k}") for k in weight_inputs(fmt)}
+        tf = TensorFile(path)
+        tensors = read_tensors({k: [tf.span(f"{e}.{k}")] for k in weight_inputs(fmt)})
         if cpu:
             CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})}, threads=default_threads())
         else:
@@ -399,7 +400,7 @@ def _expert_reads(directory: Path, settings: ProbeSettings, fmt: str, device: st
                               ("warm", warm, "its pages in the page cache")):
         rate = expert_bytes / float(np.median(times))
         out[state] = Figure(min(1.0, rate / seq_rate), src(
-            f"one {expert_bytes / 2**20:.1f} MiB {fmt} expert memory-mapped, {ready} as on a miss, {how}: "
+            f"one {expert_bytes / 2**20:.1f} MiB {fmt} expert read as a miss reads it, {ready}, {how}: "
             f"{rate / 1e9:.2f} GB/s (median of {len(times)}), vs a sequential read of the {size / 2**20:.0f} MiB "
             f"file in 8 MiB pieces, {how_seq}: {seq_rate / 1e9:.2f} GB/s; in {directory}"))
     return out
