@@ -8,7 +8,8 @@
   tokens), so the dense weights are the process's own memory too;
 - the expert weights alive at any moment during a step are the plan's (resident experts and
   cache slots) plus at most two experts being copied and computed, even in a prefill that
-  misses most of a layer's experts;
+  misses most of a layer's experts; int8 experts in ONNX Runtime sessions keep no read buffer
+  (the session holds its own copy);
 - a deferred copy does not start until its slot is started or read.
 """
 
@@ -135,31 +136,59 @@ def test_no_checkpoint_or_kernels_file_stays_mapped(mixtral, tmp_path):
         assert len(weights) == 2 and not weights & mapped_files()
 
 
+class LiveReads:
+    """Bytes of the buffers a module's ``read_tensors`` returned that are still alive, and
+    their peak (a buffer lives until the last of its tensors is freed)."""
+
+    def __init__(self, module, monkeypatch) -> None:
+        self.live = self.peak = 0
+        read = module.read_tensors
+
+        def tracked(parts):
+            out = read(parts)
+            storage = next(iter(out.values())).untyped_storage()
+            self._add(storage.nbytes())
+            weakref.finalize(storage, self._add, -storage.nbytes())
+            return out
+
+        monkeypatch.setattr(module, "read_tensors", tracked)
+
+    def _add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+
 @pytest.mark.parametrize(("slots", "resident"), [(0, ()), (2, ()), (1, (0, 3))])
 def test_experts_alive_are_the_plans_plus_two_staged(mixtral, tmp_path, monkeypatch, slots, resident):
     """Live bytes of expert buffers (every read, tracked until its tensors are freed) never pass
     resident + cache slots + 2 experts (one computing, one being read), layer by layer."""
-    live, peak = [0], [0]
-    read = checkpoint_module.read_tensors
-
-    def tracked(parts):
-        out = read(parts)
-        nbytes = out["gate_up"].untyped_storage().nbytes()
-        live[0] += nbytes
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(out["gate_up"].untyped_storage(), lambda: live.__setitem__(0, live[0] - nbytes))
-        return out
-
     plan = cpu_plan("fetch", slots, resident)
     build_kernels(plan, mixtral, tmp_path)  # reads an expert for its shapes: before the count
-    monkeypatch.setattr(checkpoint_module, "read_tensors", tracked)
+    reads = LiveReads(checkpoint_module, monkeypatch)
     with load_planned_model(plan, mixtral, kernels_dir=tmp_path, device="cpu") as rt:
-        assert peak[0] == live[0] == len(resident) * LAYERS * EXPERT_BYTES  # loaded: the resident experts
+        assert reads.peak == reads.live == len(resident) * LAYERS * EXPERT_BYTES  # loaded: the resident experts
         rt.generate(PROMPT, 4)
         misses = sum(rt.metrics.summary()["misses"])
     planned = (len(resident) + slots) * LAYERS * EXPERT_BYTES
     assert misses > 2 * LAYERS * 3  # a prefill of 32 tokens missed most experts of each layer
-    assert peak[0] <= planned + 2 * EXPERT_BYTES
+    assert reads.peak <= planned + 2 * EXPERT_BYTES
+
+
+def test_cpu_sessions_keep_no_read_buffer(mixtral, tmp_path, monkeypatch):
+    """int8 experts a CPU runs, resident (the layer's session) or cached (a session each),
+    are copied by ONNX Runtime into its session: no buffer read from the kernels file stays."""
+    import exporters.runtime.kernels as kernels_module
+
+    plan = cpu_plan("fetch", slots=2, resident=(0, 1))
+    for layer in plan["layers"]:
+        layer["format"] = ["int8"] * E
+    build_kernels(plan, mixtral, tmp_path)
+    reads = LiveReads(kernels_module, monkeypatch)
+    with load_planned_model(plan, mixtral, kernels_dir=tmp_path, device="cpu") as rt:
+        rt.generate(PROMPT, 4)
+        cached = [slot.get() for store in rt.stores for slot in store.slots.values()]
+        assert len(cached) == 2 * LAYERS and all(w.kernel is not None for w in cached)
+        assert reads.peak > 0 and reads.live == 0
 
 
 def test_a_deferred_copy_starts_when_started_or_read():
