@@ -70,7 +70,7 @@ from .policies import miss_policy, prefetch_policy
 from .prefetcher import LINK_CAPPED, Prefetcher
 from .pricing import Pricing
 from .resources import Network, Span, Stream
-from .routing import route_step
+from .routing import distinct_rows, route_step
 from .scheduler import Request, RequestFlow, requests_of
 from .trace_stats import frequency, predictability, transitions
 
@@ -146,6 +146,7 @@ class Simulation(RequestFlow, Pricing, ExpertWork, Contention, ExpertParallel, P
         self._memo_lookups, self._memo_probed = 0, False
         self._ep_cache: dict[int, dict] = {}
         self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is
+        self._distinct: np.ndarray | None = None  # routing.distinct_rows of the trace, once a step has one token
         self._freq = frequency(trace, self.E) if self.eviction == "static" else None
         self.layers = [self._resolve_layer(lp, l) for l, lp in enumerate(plan.layers)]
         self.gpus = sorted({d for lay in self.layers for own in lay.owners for d in own
@@ -206,7 +207,12 @@ class Simulation(RequestFlow, Pricing, ExpertWork, Contention, ExpertParallel, P
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
-        calls = route_step(ids, None if self.cfg.miss == "plan" else gates, self.E)  # per layer
+        distinct = None
+        if len(rows) == 1:
+            if self._distinct is None:
+                self._distinct = distinct_rows(self.trace.expert_ids, self.E)
+            distinct = bool(self._distinct[rows[0]])
+        calls = route_step(ids, None if self.cfg.miss == "plan" else gates, self.E, distinct)  # per layer
         layers = self.layers
         L = len(layers)
         compute = self.stream(self.compute_id)
@@ -214,6 +220,7 @@ class Simulation(RequestFlow, Pricing, ExpertWork, Contention, ExpertParallel, P
         dense_s = dense_by_gpu.get(self.compute_id, 0.0)
         ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
         layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
+        played_ahead = self._played_ahead
         for l in range(L):
             refs = None
             if layers[l].cache is not None:  # the cache sees every token's accesses
@@ -230,16 +237,18 @@ class Simulation(RequestFlow, Pricing, ExpertWork, Contention, ExpertParallel, P
                 end = ep_end
                 for dev, sec in block.items():
                     done = stream(dev).reserve(sec, recording and f"experts L{l}", ready_s=router_at)
-                    end = max(end, done)
+                    if done > end:
+                        end = done
                 layer_wall_s[l] += end - t
                 t = end
                 if recording:
                     self.log("layer_step", f"L{l} done", t)
                 continue
             if not prefetch and play_ahead:
-                end = self._played_ahead(l, router_at, block, jobs, flags)
+                end = played_ahead(l, router_at, block, jobs, flags)
                 if end is not None:
-                    end = max(end, ep_end)
+                    if ep_end > end:
+                        end = ep_end
                     layer_wall_s[l] += end - t
                     t = end
                     if recording:

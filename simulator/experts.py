@@ -245,6 +245,7 @@ class ExpertWork:
         if flags & (FETCH | FILL):
             engine_free = router_at  # the copy engine takes fetches and fills in job order
             compute = stream(self.compute_id)
+            account, bytes_moved = self.net.account, self.bytes_moved
             for job in jobs:
                 kind = job[0]
                 if kind == "fetch":
@@ -256,8 +257,12 @@ class ExpertWork:
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} start", engine_free)
                 arrived = engine_free + dur
-                chained = chained and arrived > engine_free
-                moves.append((path, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", tier))
+                if check or labels:  # booked at the end: once the links are known to be the layer's own
+                    chained = chained and arrived > engine_free
+                    moves.append((path, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", tier))
+                else:
+                    account(path, n_bytes, engine_free, arrived)
+                    bytes_moved[tier] += n_bytes
                 engine_free = arrived
                 if recording:
                     self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)

@@ -14,16 +14,25 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["route_step"]
+__all__ = ["distinct_rows", "route_step"]
 
 
-def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[list, list, list | None]]:
+def distinct_rows(expert_ids: np.ndarray, E: int) -> np.ndarray:
+    """``[T]`` whether token ``t`` chose ``K`` distinct routed experts at every layer (``expert_ids``:
+    ``[T, L, K]``): a step of that token alone calls each of them once."""
+    srt = np.sort(expert_ids, axis=2)
+    return (srt[:, :, -1] < E).all(axis=1) & (srt[:, :, 1:] != srt[:, :, :-1]).all(axis=(1, 2))
+
+
+def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int,
+               distinct: bool | None = None) -> list[tuple[list, list, list | None]]:
     """Per layer of the step: ``(experts, tokens, mean gates)`` of its expert calls, in first-use order.
 
     Args:
         ids: ``[n, L, K]`` expert ids of the step's tokens.
         gates: ``[n, L, K]`` gate weights, or ``None`` (then the mean gates are ``None`` too).
         E: routed experts; ids >= E are dropped.
+        distinct: for a step of one token, :func:`distinct_rows` of it when known.
 
     Returns:
         ``L`` tuples of equal-length lists. A step of one token whose experts are distinct and
@@ -31,8 +40,9 @@ def route_step(ids: np.ndarray, gates: np.ndarray | None, E: int) -> list[tuple[
     """
     n, L, K = ids.shape
     if n == 1:
-        srt = np.sort(ids[0], axis=1)  # [L, K]
-        if srt[:, -1].max() < E and (K < 2 or (srt[:, 1:] != srt[:, :-1]).all()):
+        if distinct is None:
+            distinct = bool(distinct_rows(ids, E)[0])
+        if distinct:
             ones = [1] * K
             rows = ids[0].tolist()
             g = gates[0].tolist() if gates is not None else [None] * L
