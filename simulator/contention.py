@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from .experts import AFTER, DISK, STREAM_JOB
+from .experts import WAITING
 
 __all__ = ["Contention"]
 
@@ -45,7 +45,7 @@ class Contention:
         nothing else in flight and nothing recorded, are replayed.
         """
         net = self.net
-        if flags & (AFTER | STREAM_JOB | DISK) or self.events is not None or self.spans is not None or net.busy or \
+        if flags & WAITING or self.events is not None or self.spans is not None or net.busy or \
                 (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
             return None
         saved = ({name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}, dict(net.busy_s),

@@ -34,6 +34,8 @@ RESIDENT, LOCAL, VIA_CACHE, STREAM = 0, 1, 2, 3
 _CODE = {"resident": RESIDENT, "local": LOCAL, "fetch": VIA_CACHE, "hybrid": VIA_CACHE, "stream": STREAM}
 # what a layer's jobs hold (the flags _classify returns beside block and jobs)
 FETCH, FILL, LOCAL_JOB, AFTER, STREAM_JOB, DISK = 1, 2, 4, 8, 16, 32
+COPIES = FETCH | FILL  # the copy engine's jobs
+WAITING = AFTER | STREAM_JOB | DISK  # jobs that only SimPy's processes play out
 
 
 @dataclass
@@ -80,12 +82,11 @@ class ExpertWork:
         The cache sees the step's accesses one by one, token after token in rank order (the
         contract of :mod:`profiles.workload.hitrate`, which the runtime follows too); an
         expert's first access in the step decides where it runs, later ones only count.
-        ``refs``: ``(ids [n][K], gates [n][K] or None)`` of the step at this layer, as lists.
+        ``refs``: ``(ids [n][K], gates [n][K] or None)`` of the step at this layer, as lists, for
+        a layer with a cache; None for one without.
         """
-        lay = self.layers[l]
-        cache = lay.cache
         key = None
-        if cache is None and self._plain_memo is not None and len(rows) == 1:  # the same experts, the same work
+        if refs is None and self._plain_memo is not None and len(rows) == 1:  # the same experts, the same work
             # K distinct experts of one token serve one token each; otherwise the counts join the key
             key = tuple(experts) if len(experts) == self.K else (tuple(experts), tuple(tokens_of))
             known = self._plain_memo[l].get(key)
@@ -98,6 +99,8 @@ class ExpertWork:
                 if sum(map(len, self._plain_memo)) > PLAIN_MEMO_PROBE // 2:
                     self._settle_memo()  # mostly new combinations (many experts): not worth keeping
                     key = None
+        lay = self.layers[l]
+        cache = lay.cache
         ep = len(self.gpus) > 1
         block: dict[str, float] = {}
         jobs: list = []
@@ -202,10 +205,10 @@ class ExpertWork:
         the fetches in order, and streams take kernels in the order the events would issue
         them. Otherwise the caller plays the layer out with processes.
         """
-        if flags & (AFTER | STREAM_JOB | DISK) or self.net.busy or \
+        if flags & WAITING or self.net.busy or \
                 (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
             return None
-        if not flags & (FETCH | FILL) and self.spans is None:
+        if not flags & COPIES and self.spans is None:
             # activations (both directions) never share a bandwidth with each other: book as we go
             streams, stream, account = self.streams, self.stream, self.net.account
             end = router_at
@@ -227,7 +230,7 @@ class ExpertWork:
     def _copies_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
         """:meth:`_played_ahead` of a layer that copies experts (or records its kernels and transfers)."""
         # fetches are serial on the copy engine; only results coming back can meet a fetch
-        check = flags & LOCAL_JOB and flags & (FETCH | FILL)
+        check = flags & LOCAL_JOB and flags & COPIES
         lay = self.layers[l]
         recording, labels = self.events is not None, self.spans is not None
         if check:
@@ -242,7 +245,7 @@ class ExpertWork:
             done = stream(dev).reserve(sec, labels and f"experts L{l}", ready_s=router_at)
             if done > end:
                 end = done
-        if flags & (FETCH | FILL):
+        if flags & COPIES:
             engine_free = router_at  # the copy engine takes fetches and fills in job order
             compute = stream(self.compute_id)
             account, bytes_moved = self.net.account, self.bytes_moved
