@@ -93,13 +93,15 @@ class Pricing:
         return dev
 
     def _find_runner(self, memory_id: str, site: str) -> str:
-        if site in ("fetch", "hybrid", "stream"):
+        # a hybrid expert runs a miss where its weights live, as a local one does (its hits
+        # run on the compute device from the cache)
+        if site in ("fetch", "stream"):
             return self.compute_id
         mem = self.hw.memories[memory_id]
         if mem.id == self.compute_mem:
             return self.compute_id
         for d in mem.devices:
-            if self.hw.devices[d].is_compute and (site == "local" or self.hw.devices[d].kind == "gpu"):
+            if self.hw.devices[d].is_compute and (site in ("local", "hybrid") or self.hw.devices[d].kind == "gpu"):
                 return d
         return self.host_id  # NVMe-resident experts computed "locally" run on the host CPU
 
