@@ -60,7 +60,8 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
     Args:
         result: from :func:`planner.optimize.optimize`.
         compare: add ``baselines`` (every baseline's tokens/s, TPOT and the plan's speed-up
-            over it, fastest first) and ``best_baseline`` (name, tokens/s, ``speedup``).
+            over it, fastest first) and ``best_baseline`` (name, tokens/s, ``speedup``, its
+            engine, and a ``hint`` when it wins by running on another engine).
 
     Returns:
         ``{"inputs", "memory", "experts", "cache_slots", "predicted", "solver"}`` (and the two
@@ -114,8 +115,18 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
         rows = _baseline_rows(result)
         data["baselines"] = rows
         data["best_baseline"] = ({"name": rows[0]["name"], "tokens_per_s": rows[0]["tokens_per_s"],
-                                  "speedup": rows[0]["ratio"]} if rows else None)
+                                  "speedup": rows[0]["ratio"], "engine": rows[0]["engine"],
+                                  "hint": _engine_hint(plan.inputs.engine, rows[0])} if rows else None)
     return data
+
+
+def _engine_hint(plan_engine: str, best: dict[str, Any]) -> str | None:
+    """What to do when the fastest baseline wins by running on another engine's kernels: the
+    plan is the best placement for its own engine, not for that one."""
+    if best["ratio"] >= 1.0 or best["engine"] == plan_engine:
+        return None
+    return (f"the {best['name']} baseline is faster because it runs on {best['engine']}, not on this plan's engine "
+            f"({plan_engine}); `planner optimize --engine {best['engine']}` plans for {best['engine']}")
 
 
 def _sorted(d: dict[str, int]) -> dict[str, int]:
@@ -309,6 +320,8 @@ def render_summary(result: OptimizeResult, console: Console, compare: bool = Fal
         if best:
             console.print(f"speed-up over the best baseline ({best['name']}): {best['speedup']:.2f}x",
                           highlight=False)
+            if best["hint"]:
+                console.print(f"note: {best['hint']}", highlight=False)
         else:
             console.print("no baseline fits this hardware", highlight=False)
 
@@ -543,6 +556,8 @@ def _markdown(result: OptimizeResult, d: dict[str, Any], bd: LayerBreakdown) -> 
     best = d["best_baseline"]
     lines += ["", (f"Speed-up over the best baseline ({best['name']}): **{best['speedup']:.2f}x**." if best
                    else "No baseline fits this hardware."), ""]
+    if best and best["hint"]:
+        lines += [f"Note: {best['hint']}.", ""]
 
     lines += ["## Solver", "", _solver_line(d["solver"], with_time=False) + ".", ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]

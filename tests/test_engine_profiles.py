@@ -248,6 +248,20 @@ def test_compare_prices_each_baseline_on_its_own_engine(default_result):
     assert default_result.plan.inputs.engine == "bundle"
 
 
+def test_a_baseline_that_wins_on_another_engine_says_how_to_plan_for_it(default_result):
+    from planner.report import summary_data
+
+    best = summary_data(default_result, compare=True)["best_baseline"]
+    if best["speedup"] < 1 and best["engine"] != "bundle":
+        assert f"planner optimize --engine {best['engine']}" in best["hint"]
+    else:
+        assert best["hint"] is None
+    # planned for that engine, the hint goes away: the plan is at least as fast as its baselines there
+    if best["hint"]:
+        again = summary_data(optimize(OptimizeRequest(engine=best["engine"])), compare=True)["best_baseline"]
+        assert again["hint"] is None or again["engine"] != best["engine"]
+
+
 @pytest.mark.parametrize("name, render", [("llama.cpp", render_llamacpp), ("accelerate", render_accelerate)])
 def test_exporter_and_compare_baseline_give_one_price(default_result, name, render):
     """The baseline's placement exported for its engine is priced exactly as --compare prices it."""
