@@ -182,3 +182,26 @@ def test_esft_locality_figures():
         assert 0.255 <= overlap <= 0.295, (task, overlap)
         pred = next_layer_predictability(trace.expert_ids, 64, seq_lens=trace.seq_lens)
         assert pred.recall.mean() > pred.baseline_recall.mean() + 0.15
+
+
+def test_next_layer_predictor_picks_the_stable_sorts_first_k():
+    """The predictor's top k (by score, ties to the more frequent expert, then the lower id) is
+    found by a partition; it must be exactly the set a stable sort puts first, ties and all."""
+    from profiles.workload.stats import expert_frequency, transition_counts
+
+    rng = np.random.default_rng(7)
+    E, L, K, T = 6, 4, 2, 400  # few experts: many exact ties
+    ids = np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(T)])
+    seq_lens = np.array([100, 100, 100, 100])
+    for k in (1, 2, 5):
+        got = next_layer_predictability(ids, E, seq_lens=seq_lens, top_k=k).recall
+        train = np.arange(T) < 200
+        M, freq, te = transition_counts(ids[train], E), expert_frequency(ids[train], E), ids[~train]
+        want = []
+        for layer in range(L - 1):
+            tie = freq[layer + 1]
+            score = M[layer][te[:, layer, :]].sum(axis=1) * (int(tie.max()) + 1) + tie
+            pred = np.argsort(-score, axis=1, kind="stable")[:, :k]
+            actual = te[:, layer + 1, :]
+            want.append((pred[:, :, None] == actual[:, None, :]).any(axis=1).sum() / actual.size)
+        np.testing.assert_array_equal(got, np.array(want))
