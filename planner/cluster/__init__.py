@@ -49,7 +49,7 @@ from .assemble import (
 )
 from .metrics import placement_metrics
 from .placement import place_experts, place_for
-from .render import cluster_summary, render_cluster, run_cluster_cli
+from .render import cluster_summary, render_cluster
 from .topology import Topology, topology
 from .workload import expected_load, group_limited, sequence_loads, workload_arrays
 
@@ -71,7 +71,6 @@ __all__ = [
     "plan_from_placement",
     "render_cluster",
     "sequence_loads",
-    "run_cluster_cli",
     "topology",
     "workload_arrays",
 ]

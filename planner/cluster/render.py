@@ -1,16 +1,14 @@
-"""What `planner optimize` prints for an expert-parallel plan: the JSON summary, the rich
-tables, and the command itself (plan, print, write ``--out``)."""
+"""What `planner optimize` prints for an expert-parallel plan: the JSON summary and the rich
+tables (the command itself is planner/commands/optimize.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from profiles.errors import InputError
-
 from ..eplb import PLACEMENTS
-from .assemble import ClusterRequest, ClusterResult, plan_cluster
+from .assemble import ClusterResult
 
-__all__ = ["cluster_summary", "render_cluster", "run_cluster_cli"]
+__all__ = ["cluster_summary", "render_cluster"]
 
 
 def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, Any]:
@@ -97,41 +95,3 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
         cut = 1 - ours_x / glob_x if glob_x else 0.0
         console.print(f"cross-{level} tokens vs eplb-global: {cut:+.1%} fewer at max/mean "
                       f"{d['plan']['max_mean_load']:.3f} (eplb-global {g['max_mean_load']:.3f})", highlight=False)
-
-
-def run_cluster_cli(req: ClusterRequest, *, compare: bool, out_path: Any, report: str | None) -> None:
-    """`planner optimize` in expert-parallel mode: plan ``req``, print, write ``--out``."""
-    import json
-
-    from ..output import get_output
-
-    if report:
-        raise InputError("--report renders offload plans; an expert-parallel plan prints its summary instead",
-                         key="--report", value=report, fix="drop --report (use --json for the figures)")
-    output = get_output()
-    with output.log.status("planning expert placement..."):
-        result = plan_cluster(req)
-    written = []
-    if out_path is not None:
-        from ..commands._common import writing
-
-        with writing(out_path, "--out"):
-            written.append(result.plan.save(out_path))
-    data = {"summary": cluster_summary(result, compare), "files": [str(p) for p in written]}
-
-    def render(console: Any) -> None:
-        from profiles.units import format_time
-
-        render_cluster(result, console, compare)
-        if result.info["stopped_by_time_limit"]:
-            console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {req.time_limit_s:g} s) "
-                          f"stopped the placement early; this plan may differ on a less busy machine")
-        t = result.timings_s
-        console.print(f"planned in {format_time(t['total_s'])} (statistics {format_time(t['stats_s'])}, "
-                      f"placement {format_time(t['solve_s'])})", highlight=False)
-        for path in written:
-            console.print(f"wrote {path}", highlight=False)
-
-    if output.json_mode:
-        data["plan"] = json.loads(result.plan.to_json())
-    output.emit(data, render)

@@ -237,7 +237,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     if prompt_tokens > context:
         raise click.BadParameter(f"the prompt ({prompt_tokens} tokens) is longer than the context ({context})",
                                  param_hint="'--prompt-tokens'")
-    from ..cluster import ClusterRequest, parallel_mode, run_cluster_cli
+    from ..cluster import ClusterRequest, parallel_mode
 
     spec = load_model(model)
     policy, fixes, fixed_formats = _given(given, spec.num_moe_layers)
@@ -260,7 +260,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
                             time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets)
         use_ep, fallback = parallel_mode(parallel, ep)
         if use_ep:
-            return run_cluster_cli(ep, compare=compare, out_path=out_path, report=report)
+            return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=trace, objective=objective, batch_size=batch, context_tokens=context,
         prompt_tokens=prompt_tokens, quality_budget=quality_budget, formats=candidates, solver=solver,
@@ -287,19 +287,54 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     if fallback:
         data["parallel"] = {"mode": "offload", "why": fallback}
 
-    def render(console):
+    def body(console):
         if fallback:
             console.print(f"[bold yellow]note:[/] {fallback}", highlight=False)
         render_summary(result, console, compare=compare)
-        if result.plan.solver.status == "time limit":
-            console.print(f"[bold yellow]warning:[/] the wall-clock safety net (--time-limit {time_limit:g} s) stopped "
-                          f"the solver; this plan may differ on a less busy machine")
-        t = result.timings_s
-        console.print(f"planned in {format_time(t['total_s'])} (statistics {format_time(t['stats_s'])}, "
-                      f"model {format_time(t['build_s'])}, solve {format_time(t['solve_s'])})", highlight=False)
+
+    t = result.timings_s
+    _emit(output, data, result.plan, written, body,
+          stopped=f"(--time-limit {time_limit:g} s) stopped the solver" if result.plan.solver.status == "time limit"
+          else None,
+          timing=f"model {format_time(t['build_s'])}, solve {format_time(t['solve_s'])}", timings=t)
+
+
+def _run_cluster(req, *, compare: bool, out_path: Path | None, report: str | None) -> None:
+    """`planner optimize` in expert-parallel mode: plan ``req``, print, write ``--out``."""
+    from ..cluster import cluster_summary, plan_cluster, render_cluster
+
+    if report:
+        raise InputError("--report renders offload plans; an expert-parallel plan prints its summary instead",
+                         key="--report", value=report, fix="drop --report (use --json for the figures)")
+    output = get_output()
+    with output.log.status("planning expert placement..."):
+        result = plan_cluster(req)
+    written = []
+    if out_path is not None:
+        with writing(out_path, "--out"):
+            written.append(result.plan.save(out_path))
+    data = {"summary": cluster_summary(result, compare), "files": [str(p) for p in written]}
+    _emit(output, data, result.plan, written, lambda console: render_cluster(result, console, compare),
+          stopped=(f"(--time-limit {req.time_limit_s:g} s) stopped the placement early"
+                   if result.info["stopped_by_time_limit"] else None),
+          timing=f"placement {format_time(result.timings_s['solve_s'])}", timings=result.timings_s)
+
+
+def _emit(output, data: dict, plan: Plan, written: list, body: Callable, *, stopped: str | None, timing: str,
+          timings: dict) -> None:
+    """Print a planned result (its body, what the safety net stopped if it did, the timings,
+    the files written), or its JSON with the plan in it."""
+
+    def render(console):
+        body(console)
+        if stopped:
+            console.print(f"[bold yellow]warning:[/] the wall-clock safety net {stopped}; this plan may differ on a "
+                          "less busy machine")
+        console.print(f"planned in {format_time(timings['total_s'])} (statistics {format_time(timings['stats_s'])}, "
+                      f"{timing})", highlight=False)
         for path in written:
             console.print(f"wrote {path}", highlight=False)
 
     if output.json_mode:
-        data["plan"] = json.loads(result.plan.to_json())
+        data["plan"] = json.loads(plan.to_json())
     output.emit(data, render)
