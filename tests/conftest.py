@@ -13,6 +13,24 @@ ESFT = SHARED_TRACES / "esft-deepseek-v2-lite" / "routing_top6.npz"
 needs_esft = pytest.mark.skipif(not ESFT.is_file(), reason=f"shared ESFT trace not found at {ESFT} (../shared absent)")
 
 
+def small_cluster(path: Path, nodes: int = 2, gpus: int = 2) -> Path:
+    """Write ``cluster-h100-2node`` cut to ``nodes`` nodes of ``gpus`` H100s (one NVMe each) to
+    ``path``; return ``path``."""
+    import yaml
+
+    from profiles.hardware import BUNDLED_DIR
+
+    data = yaml.safe_load((BUNDLED_DIR / "cluster-h100-2node.yaml").read_text())
+    data["name"] = f"tiny-{nodes}x{gpus}"
+    node = data["nodes"][0]
+    node["count"] = nodes
+    for dev in node["devices"]:
+        if dev["name"] in ("gpu", "nvme"):
+            dev["count"] = gpus if dev["name"] == "gpu" else 1
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def run_cli():
     """Invoke the `planner` CLI in-process: run_cli("profiles", "list", "--json") -> Result."""

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from planner.cluster import (
     ClusterRequest,
@@ -25,32 +24,18 @@ from planner.cluster import (
 )
 from planner.eplb import eplb_global
 from profiles.errors import InfeasibleError, InputError
-from profiles.hardware import BUNDLED_DIR, load_profile
+from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.workload.synthetic import SyntheticWorkload, generate
 from profiles.workload.trace import save_trace
+from conftest import small_cluster  # noqa: E402
 
 MODEL = "olmoe-1b-7b"
 
 
-def _tiny_cluster(path, nodes: int = 2, gpus: int = 2):
-    """cluster-h100-2node with ``nodes`` nodes of ``gpus`` GPUs."""
-    data = yaml.safe_load((BUNDLED_DIR / "cluster-h100-2node.yaml").read_text())
-    data["name"] = f"tiny-{nodes}x{gpus}"
-    node = data["nodes"][0]
-    node["count"] = nodes
-    for dev in node["devices"]:
-        if dev["name"] == "gpu":
-            dev["count"] = gpus
-        if dev["name"] == "nvme":
-            dev["count"] = 1
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def cluster_yaml(tmp_path_factory):
-    return _tiny_cluster(tmp_path_factory.mktemp("hw") / "tiny.yaml")
+    return small_cluster(tmp_path_factory.mktemp("hw") / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import yaml
 
 from planner.cluster import expected_load, place_for, placement_metrics, sequence_loads, topology, workload_arrays
 from planner.eplb import eplb_global
-from profiles.hardware import BUNDLED_DIR, load_profile
+from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.workload.synthetic import SyntheticWorkload, generate
+from conftest import small_cluster  # noqa: E402
 
 MODEL = "olmoe-1b-7b"
 
 
 @pytest.fixture(scope="module")
 def halves(tmp_path_factory):
-    data = yaml.safe_load((BUNDLED_DIR / "cluster-h100-2node.yaml").read_text())
-    for dev in data["nodes"][0]["devices"]:
-        dev["count"] = 4 if dev["name"] == "gpu" else dev.get("count", 1)
-    path = tmp_path_factory.mktemp("hw") / "two-by-four.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = small_cluster(tmp_path_factory.mktemp("hw") / "two-by-four.yaml", nodes=2, gpus=4)
     _, hw = load_profile(path)
     spec = load_model(MODEL)
     trace = generate(SyntheticWorkload(num_layers=spec.num_moe_layers, num_experts=spec.num_experts,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from exporters.engines.exflow import write_exflow
 from exporters.engines.sglang import ep_layout, write_sglang
@@ -27,8 +26,9 @@ from exporters.engines.vllm import (
 from planner.cluster import plan_from_placement, topology
 from planner.plan import Inputs, SolverInfo
 from profiles.errors import InputError
-from profiles.hardware import BUNDLED_DIR, load_profile
+from profiles.hardware import load_profile
 from profiles.models import load_model
+from conftest import small_cluster  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "cluster"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
@@ -50,12 +50,7 @@ def _phy2log(redundant: bool) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    data = yaml.safe_load((BUNDLED_DIR / "cluster-h100-2node.yaml").read_text())
-    for dev in data["nodes"][0]["devices"]:
-        dev["count"] = 2 if dev["name"] == "gpu" else dev.get("count", 1)
-    path = tmp_path_factory.mktemp("hw") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    _, hw = load_profile(path)
+    _, hw = load_profile(small_cluster(tmp_path_factory.mktemp("hw") / "tiny.yaml"))
     return hw, topology(hw), load_model("olmoe-1b-7b")
 
 

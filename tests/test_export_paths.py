@@ -31,15 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType
 
 from exporters.bundle import BUNDLE_FORMAT_VERSION, check_manifest
 from exporters.engines.llamacpp import GGUF_TYPES
 from planner.plan import Inputs, SolverInfo, load_plan
 from profiles.errors import InputError
-from profiles.hardware import BUNDLED_DIR, load_profile
+from profiles.hardware import load_profile
 from profiles.models import load_model
+from conftest import small_cluster  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "engines"
 # HF class -> GGUF architecture (convert_hf_to_gguf.py writes Mixtral as "llama")
@@ -73,12 +73,8 @@ def two_node(tmp_path_factory) -> tuple[Path, Path]:
     (plan path, hardware path)."""
     from planner.cluster import plan_from_placement, topology
 
-    data = yaml.safe_load((BUNDLED_DIR / "cluster-h100-2node.yaml").read_text())
-    for dev in data["nodes"][0]["devices"]:
-        dev["count"] = 2 if dev["name"] == "gpu" else dev.get("count", 1)
     d = tmp_path_factory.mktemp("two-node")
-    hw_path = d / "tiny.yaml"
-    hw_path.write_text(yaml.safe_dump(data))
+    hw_path = small_cluster(d / "tiny.yaml")
     _, hw = load_profile(hw_path)
     model = load_model("olmoe-1b-7b")
     phy2log = np.array([[(16 * g + i + 5 * layer) % 64 for g in range(4) for i in range(16)]

@@ -13,16 +13,15 @@ import types
 
 import numpy as np
 import pytest
-import yaml
 
 from planner import ilp
 from planner.cluster import ClusterRequest, plan_cluster
 from planner.cluster import placement as ep_placement
 from planner.costs import QUANT_ERROR
 from planner.optimize import OptimizeRequest, optimize
-from profiles.hardware import BUNDLED_DIR
 from profiles.models import load_model
 from profiles.workload.synthetic import SyntheticWorkload, generate
+from conftest import small_cluster  # noqa: E402
 
 # a case whose solve runs MIPs (HiGHS restarts under node limits), about 2 CPU-s
 CASE = dict(hardware="desktop-3060", model="mixtral-8x7b", quality_budget=QUANT_ERROR["int4"])
@@ -99,15 +98,7 @@ def test_hitting_the_safety_net_is_said_on_the_cli(run_cli, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_cluster(tmp_path_factory):
     """cluster-h100-2node cut to 2 nodes x 2 GPUs, and a small OLMoE workload."""
-    data = yaml.safe_load((BUNDLED_DIR / "cluster-h100-2node.yaml").read_text())
-    data["name"] = "tiny-2x2"
-    node = data["nodes"][0]
-    node["count"] = 2
-    for dev in node["devices"]:
-        if dev["name"] in ("gpu", "nvme"):
-            dev["count"] = 2 if dev["name"] == "gpu" else 1
-    path = tmp_path_factory.mktemp("hw") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = small_cluster(tmp_path_factory.mktemp("hw") / "tiny.yaml")
     spec = load_model("olmoe-1b-7b")
     trace = generate(SyntheticWorkload(num_layers=spec.num_moe_layers, num_experts=spec.num_experts,
                                        top_k=spec.top_k, skew=0.8, affinity=0.9, prompt_tokens=24, output_tokens=8,
