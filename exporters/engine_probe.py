@@ -20,11 +20,16 @@ reads a few KiB, so compute is negligible), under hand-written plans:
    Runtime call of a tiny expert, fastest of many, as ``planner profiles probe`` times it;
    one torch matmul on CUDA) is taken off: a layer launches two kernels, an expert call one,
    a step one (:func:`profiles.perf.dense_step_s`);
-4. disk: experts of a realistic size (3 MiB) in a safetensors file, read the way a cache
-   miss reads them (the runtime's positional reads past the page cache, then made ready to compute: on a CPU a
-   pre-packed ONNX Runtime session) with their pages dropped from the page cache
-   (``posix_fadvise(DONTNEED)``) or cached, vs a sequential read of the file past the page
-   cache; the ratio of the rates is the ``disk_read_fraction`` (cold by default).
+4. disk: experts of three sizes (H = I = 384, 768, 1536: 0.5-7 MiB at int8) in safetensors
+   files, read the way a cache miss reads them (the runtime's positional reads past the page
+   cache, then made ready to compute: on a CPU a pre-packed ONNX Runtime session) with their
+   pages dropped from the page cache (``posix_fadvise(DONTNEED)``) or cached; the median miss
+   of each size, fitted by least squares as ``t = fixed + bytes * per_byte``
+   (:func:`fit_miss_costs`), gives ``disk_read_overhead_s`` (the fixed part: opening, reading
+   calls, building the session) and, set against a sequential read of the largest file past
+   the page cache, ``disk_read_fraction`` (``1 / per_byte`` over the sequential rate; cold by
+   default). One size alone folds the fixed part into the rate, which then holds at that
+   size only: a miss of half the bytes was priced at half the time.
 
 The configurations stay loaded and are timed in rounds, one generation of each per round,
 the number of rounds sized from the first within a budget (:class:`ProbeSettings`): on 2
@@ -51,8 +56,8 @@ import numpy as np
 
 from profiles.probe import Figure
 
-__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "StepSample", "fit_step_costs", "probe_engine",
-           "engine_profile_doc"]
+__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "StepSample", "fit_miss_costs", "fit_step_costs",
+           "probe_engine", "engine_profile_doc"]
 
 EXPERTS = 8
 SIZE = {"hidden_size": 64, "intermediate_size": 64}
@@ -71,8 +76,9 @@ class ProbeSettings:
         steps_per_round: decode steps of each configuration's generation in one round (one
             prefill each, too).
         min_rounds, max_rounds: rounds over every configuration (sized from the first).
-        disk_hidden: H = I of the disk test's experts (1024: 3 MiB at int8).
-        disk_experts: experts in the disk test's file (each read once cold, once warm).
+        disk_sizes: H = I of the disk test's experts, one file per size (at least two sizes:
+            the fit separates a fixed cost per miss from a cost per byte).
+        disk_experts: experts in each size's file (each read once cold, once warm).
     """
 
     budget_s: float = 12.0
@@ -81,12 +87,12 @@ class ProbeSettings:
     steps_per_round: int = 4
     min_rounds: int = 3
     max_rounds: int = 40
-    disk_hidden: int = 1024
-    disk_experts: int = 8
+    disk_sizes: tuple[int, ...] = (384, 768, 1536)
+    disk_experts: int = 6
 
 
 TINY = ProbeSettings(budget_s=0.0, layers=(1, 2), top_k=(1, 2), steps_per_round=2, min_rounds=2, max_rounds=2,
-                     disk_hidden=256, disk_experts=2)  # tests: counts, not timings
+                     disk_sizes=(128, 256), disk_experts=2)  # tests: counts, not timings
 
 
 @dataclass(frozen=True)
@@ -109,10 +115,11 @@ class EngineProbeResult:
     expert_call_overhead_s: Figure
     decode_step_s: Figure
     prefill_step_s: Figure
-    disk_reads: dict[str, Figure]  # "cold" / "warm" -> the fraction of the drive's rate a miss reaches
+    disk_reads: dict[str, Figure]  # "cold" / "warm" -> the fraction of the drive's rate a miss's bytes reach
     launch_s: float
     fit: dict[str, Any] = field(default_factory=dict)  # raw coefficients, residuals, samples
     elapsed_s: float = 0.0
+    disk_overheads: dict[str, Figure] = field(default_factory=dict)  # "cold" / "warm" -> fixed seconds per miss
 
 
 def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
@@ -151,6 +158,31 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     out["rms_rel"] = float(np.sqrt(np.mean(residual**2)) / np.mean(t))
     out["samples"] = len(samples)
     return out
+
+
+def fit_miss_costs(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of miss seconds on expert bytes, ``t = fixed + bytes * per_byte``.
+
+    Args:
+        samples: ``(bytes, seconds)`` of misses (one per expert size: its median).
+
+    Returns:
+        ``(fixed_s, per_byte_s)``; a negative intercept (noise, where the fixed part is
+        small) is refitted through the origin, so ``fixed_s >= 0`` and ``per_byte_s > 0``.
+
+    Raises:
+        ValueError: fewer than two sizes, or a fit with no positive cost per byte.
+    """
+    x = np.array([b for b, _ in samples], dtype=float)  # [S]
+    t = np.array([s for _, s in samples], dtype=float)  # [S]
+    if len(set(x.tolist())) < 2:
+        raise ValueError("the misses must be of at least two sizes to separate fixed and per-byte costs")
+    (fixed, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), t, rcond=None)
+    if fixed < 0:
+        fixed, per_byte = 0.0, float(x @ t / (x @ x))
+    if per_byte <= 0:
+        raise ValueError("miss time does not grow with expert bytes")
+    return float(fixed), float(per_byte)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -200,7 +232,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     def src(how: str) -> str:
         return f"probe ({how}; {stamp})"
 
-    reads = _expert_reads(Path(disk_dir or work), settings, fmt, device, src)
+    reads, overheads, disk_fit = _expert_reads(Path(disk_dir or work), settings, fmt, device, src)
     what = (f"median of {len(steps)} decode and prefill steps in {len(configs)} runs of tiny random Mixtral "
             f"checkpoints (H=I=64, {EXPERTS} experts, {fmt}, resident or cached) at layers {list(settings.layers)} "
             f"x top-k {list(settings.top_k)}")
@@ -217,8 +249,8 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
                               src(f"median prefill step of {len(PROMPT)} tokens less its layers and expert calls at "
                                   f"the fitted costs, {less}; same runs")),
-        disk_reads=reads, launch_s=launch_s,
-        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians]},
+        disk_reads=reads, disk_overheads=overheads, launch_s=launch_s,
+        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit},
         elapsed_s=time.perf_counter() - t0)
 
 
@@ -343,36 +375,80 @@ def _fastest(fn: Callable[[], object], calls: int) -> float:
 
 
 def _expert_reads(directory: Path, settings: ProbeSettings, fmt: str, device: str, src: Callable[[str], str]
-                  ) -> dict[str, Figure]:
-    """The runtime's read of one expert on a miss vs a sequential read of the drive: ``cold``
-    (the expert's pages dropped from the page cache first) and ``warm`` (read again).
+                  ) -> tuple[dict[str, Figure], dict[str, Figure], dict[str, Any]]:
+    """The runtime's read of one expert on a miss, at each of ``settings.disk_sizes``, vs a
+    sequential read of the drive: ``cold`` (the expert's pages dropped from the page cache
+    first) and ``warm`` (read again).
 
     A miss reads the expert with the runtime's own positional reads into a buffer of its own
     (``TensorFile`` + ``read_tensors``, as ``Kernels.quantised`` does: past the page cache
     where ``O_DIRECT`` is allowed) and makes it ready to compute: on a CPU a quantised expert
     becomes a pre-packed ONNX Runtime session (``PlannedExperts._ready``), on CUDA the
-    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too. The sequential read is of the whole file in 8 MiB
+    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too.
+    The median miss of each size is fitted as ``fixed + bytes * per_byte``
+    (:func:`fit_miss_costs`). The sequential read is of the largest size's file in 8 MiB
     pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
-    fraction applies to its figure). ``{}`` where the page cache cannot be dropped.
+    fraction applies to its figure).
+
+    Returns:
+        ``(read fractions, fixed seconds per miss, the raw figures)``, each keyed by
+        ``cold`` / ``warm``; ``({}, {}, {})`` where the page cache cannot be dropped.
     """
+    if not hasattr(os, "posix_fadvise"):
+        return {}, {}, {}
+    from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
+
+    times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # state -> [(expert bytes, median s)]
+    seq_rate, how_seq, seq_bytes = 0.0, "", 0
+    for size in sorted(settings.disk_sizes):
+        path = directory / f".engine-probe-experts-{size}.safetensors"
+        try:
+            miss = _miss_reader(path, size, settings.disk_experts, fmt, device)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            total = path.stat().st_size
+            if size == max(settings.disk_sizes):
+                seq_s, how_seq = min(_read_uncached(str(path), total, 8 << 20) for _ in range(2))
+                seq_rate, seq_bytes = total / seq_s, total
+            for state in ("cold", "warm"):
+                ts = [_timed(path, lambda e=e: miss(e), drop=state == "cold") for e in range(settings.disk_experts)]
+                times[state].append((total / settings.disk_experts, float(np.median(ts))))
+        finally:
+            path.unlink(missing_ok=True)
+    ready = "read and built into a pre-packed ONNX Runtime session" if not device.startswith("cuda") else \
+        "read and copied to the GPU"
+    sizes = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
+    fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(settings.disk_sizes)}
+    for state, how in (("cold", "its pages dropped from the page cache first"),
+                       ("warm", "its pages in the page cache")):
+        fixed, per_byte = fit_miss_costs(times[state])
+        raw[state] = {"misses": [{"bytes": b, "seconds": t} for b, t in times[state]], "fixed_s": fixed,
+                      "per_byte_s": per_byte}
+        what = (f"one {fmt} expert of {sizes} MiB read as a miss reads it, {ready}, {how} (median of "
+                f"{settings.disk_experts} per size), least squares t = fixed + bytes / rate")
+        fractions[state] = Figure(min(1.0, 1.0 / per_byte / seq_rate), src(
+            f"{what}: rate {1 / per_byte / 1e9:.3f} GB/s, vs a sequential read of the {seq_bytes / 2**20:.0f} MiB "
+            f"file in 8 MiB pieces, {how_seq}: {seq_rate / 1e9:.3f} GB/s; in {directory}"))
+        overheads[state] = Figure(fixed, src(f"{what}: the fixed part; in {directory}"))
+    return fractions, overheads, raw
+
+
+def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> Callable[[int], None]:
+    """Write ``experts`` random ``fmt`` experts of H = I = ``size`` to ``path``; returns the
+    runtime's miss of expert ``e`` (read past the page cache, made ready to compute)."""
     import torch
     from safetensors.numpy import save_file
 
     from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, weight_inputs
     from exporters.runtime.quant import quantize_matrix
     from exporters.runtime.tensorfile import TensorFile, read_tensors
-    from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
 
-    if not hasattr(os, "posix_fadvise"):
-        return {}
-    h = i = settings.disk_hidden
     rng = np.random.default_rng(0)  # random weights: a compressing filesystem would read zeros faster
-    one = {**quantize_matrix(rng.standard_normal((2 * i, h), dtype=np.float32), fmt, "gate_up"),
-           **quantize_matrix(rng.standard_normal((h, i), dtype=np.float32), fmt, "down")}
-    path = directory / ".engine-probe-experts.safetensors"
-    save_file({f"{e}.{k}": a.copy() for e in range(settings.disk_experts) for k, a in one.items()}, str(path))
+    one = {**quantize_matrix(rng.standard_normal((2 * size, size), dtype=np.float32), fmt, "gate_up"),
+           **quantize_matrix(rng.standard_normal((size, size), dtype=np.float32), fmt, "down")}
+    save_file({f"{e}.{k}": a.copy() for e in range(experts) for k, a in one.items()}, str(path))
     cpu = not device.startswith("cuda")
-    templates = {fmt: expert_template(fmt, h, i)} if cpu else {}
+    templates = {fmt: expert_template(fmt, size, size)} if cpu else {}
 
     def miss(e: int) -> None:
         tf = TensorFile(path)
@@ -384,26 +460,7 @@ def _expert_reads(directory: Path, settings: ProbeSettings, fmt: str, device: st
                 t.to(device)
             torch.cuda.synchronize()
 
-    try:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        size = path.stat().st_size
-        seq_s, how_seq = min(_read_uncached(str(path), size, 8 << 20) for _ in range(2))
-        cold = [_timed(path, lambda e=e: miss(e), drop=True) for e in range(settings.disk_experts)]
-        warm = [_timed(path, lambda e=e: miss(e), drop=False) for e in range(settings.disk_experts)]
-    finally:
-        path.unlink(missing_ok=True)
-    expert_bytes, seq_rate = size / settings.disk_experts, size / seq_s
-    ready = "read and built into a pre-packed ONNX Runtime session" if cpu else "read and copied to the GPU"
-    out = {}
-    for state, times, how in (("cold", cold, "its pages dropped from the page cache first"),
-                              ("warm", warm, "its pages in the page cache")):
-        rate = expert_bytes / float(np.median(times))
-        out[state] = Figure(min(1.0, rate / seq_rate), src(
-            f"one {expert_bytes / 2**20:.1f} MiB {fmt} expert read as a miss reads it, {ready}, {how}: "
-            f"{rate / 1e9:.2f} GB/s (median of {len(times)}), vs a sequential read of the {size / 2**20:.0f} MiB "
-            f"file in 8 MiB pieces, {how_seq}: {seq_rate / 1e9:.2f} GB/s; in {directory}"))
-    return out
+    return miss
 
 
 def _timed(path: Path, fn: Callable[[], object], *, drop: bool) -> float:
@@ -446,6 +503,9 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
     if page_cache in result.disk_reads:
         m = result.disk_reads[page_cache]
         doc["disk_read_fraction"] = {"value": round(m.value, 3), "source": m.method}
+    if page_cache in result.disk_overheads:
+        m = result.disk_overheads[page_cache]
+        doc["disk_read_overhead_s"] = {"value": _seconds(m.value), "source": m.method}
     sources = [s for s in doc.get("sources", []) if not str(s).startswith("probe")]
     doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {_machine()}, "
                                 f"{result.elapsed_s:.0f} s)"]

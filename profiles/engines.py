@@ -192,6 +192,10 @@ class EngineProfile(BaseModel):
     # share of a drive's sequential read rate the engine's expert reads reach (memory-mapped
     # page faults read in small pieces; direct reads of whole experts reach the drive's rate)
     disk_read_fraction: SourcedFraction | None = None
+    # fixed seconds of each expert read from a drive, on top of its bytes at that fraction of
+    # the rate (opening and reading it, making it ready to compute: the bundle builds an ONNX
+    # Runtime session per missed CPU expert); priced as latency on the drive's links
+    disk_read_overhead_s: SourcedSeconds | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
@@ -306,9 +310,12 @@ class Engine:
         return dataclasses.replace(d, **changes)
 
     def _link(self, link: Link, hw: Hardware) -> Link:
+        ends = [hw.devices.get(link.a), hw.devices.get(link.b)]
+        read = self.profile.disk_read_overhead_s
+        if read is not None and any(e is not None and e.kind == "nvme" for e in ends):
+            link = dataclasses.replace(link, latency_s=link.latency_s + read.value)
         if self.profile.host_memory != "pageable" or link.pageable_bytes_per_s is None:
             return link
-        ends = [hw.devices.get(link.a), hw.devices.get(link.b)]
         if not any(e is not None and e.kind == "cpu" for e in ends):
             return link
         return dataclasses.replace(link, bytes_per_s=min(link.bytes_per_s, link.pageable_bytes_per_s))
@@ -402,4 +409,7 @@ def overhead_rows(engine: Engine) -> list[tuple[str, str, float, str]]:
     for phase in ("decode", "prefill"):
         v = getattr(engine.profile.step_overhead_s, phase)
         rows.append(("step", phase, v.value, v.source))
+    read = engine.profile.disk_read_overhead_s
+    if read is not None:
+        rows.append(("disk", "disk_read_overhead_s", read.value, read.source))
     return [r for r in rows if math.isfinite(r[2])]

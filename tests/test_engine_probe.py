@@ -127,6 +127,13 @@ def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
     engine = load_engine(out)
     assert engine.profile.cpu.layer_overhead_s.source.startswith("probe (")
     assert {row["what"] for row in data["overheads"]} >= {"layer_overhead_s", "expert_call_overhead_s", "decode"}
-    assert not list(Path(tmp_path).glob(".engine-probe-*"))  # the disk test's file is removed
+    disk = data["fit"]["disk"]
+    for state in ("cold", "warm"):  # one median miss per size, at every size the settings name
+        sizes = [m["bytes"] for m in disk[state]["misses"]]
+        assert len(sizes) == len(TINY.disk_sizes) >= 2 and sizes == sorted(set(sizes))
+        assert disk[state]["fixed_s"] >= 0 and disk[state]["per_byte_s"] > 0
+    assert data["disk_read_overhead_s"]["cold"] == disk["cold"]["fixed_s"]
+    assert engine.profile.disk_read_overhead_s.source.startswith("probe (")
+    assert not list(Path(tmp_path).glob(".engine-probe-*"))  # the disk test's files are removed
     res = run_cli("engines", "probe", "--tiny", "--out", out)
     assert res.exit_code == 1 and "--force" in res.output  # no silent overwrite, before any measuring

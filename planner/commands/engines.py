@@ -173,6 +173,7 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
     engine = load_engine(target)  # what was written loads
     data = {"file": str(target), "name": engine.name, "elapsed_s": result.elapsed_s, "launch_s": result.launch_s,
             "fit": result.fit, "disk_read_fraction": {k: m.value for k, m in result.disk_reads.items()},
+            "disk_read_overhead_s": {k: m.value for k, m in result.disk_overheads.items()},
             "overheads": [{"where": k, "what": w, "seconds": s, "source": src} for k, w, s, src in overhead_rows(engine)]}
 
     def render(console):
@@ -184,6 +185,9 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
         for state, m in result.disk_reads.items():
             mark = " (in the profile)" if state == page_cache else ""
             table.add_row("disk", f"read fraction, {state}{mark}", f"{m.value:.2f}", m.method)
+        for state, m in result.disk_overheads.items():
+            mark = " (in the profile)" if state == page_cache else ""
+            table.add_row("disk", f"fixed cost per read, {state}{mark}", format_time(m.value), m.method)
         console.print(table)
         fit = result.fit
         note = "" if fit["prefill_layer"] is None else (
