@@ -24,6 +24,7 @@ __all__ = [
     "balanced_packing",
     "eplb_global",
     "eplb_hierarchical",
+    "eplb_speed_aware",
     "linear_placement",
     "rebalance_experts",
     "replicate_experts",
@@ -201,6 +202,50 @@ def eplb_hierarchical(weight: np.ndarray, num_replicas: int, num_groups: int, nu
     Falls back to the global policy where the groups do not divide over the nodes (as EPLB does).
     """
     return rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)[0]
+
+
+def eplb_speed_aware(weight: np.ndarray, num_replicas: int, num_gpus: int, speed: np.ndarray) -> np.ndarray:
+    """EPLB global for GPUs of different speeds: the same copies (:func:`replicate_experts`),
+    then every copy, heaviest first, to the GPU with room (and no copy of its expert yet)
+    whose *time* ``(load + w) / speed`` is then the least, so a faster GPU takes more tokens.
+
+    Args:
+        weight: ``[L, E]`` load of every logical expert.
+        num_replicas: R, a multiple of G.
+        num_gpus: G.
+        speed: ``[G]`` relative tokens per second of every GPU (:func:`planner.cluster.gpu_speeds`).
+
+    Returns:
+        ``phy2log [L, R]``, slots of GPU g at ``g * R / G ...``, experts sorted within a GPU.
+    """
+    w = _check(weight, num_replicas, 1, 1, num_gpus)
+    speed = np.asarray(speed, dtype=np.float64)
+    if speed.shape != (num_gpus,) or not np.all(np.isfinite(speed)) or (speed <= 0).any():
+        raise InputError("GPU speeds must be positive, one per GPU", key="speed", value=speed.shape,
+                         expected=f"[{num_gpus}] positive numbers")
+    L, E = w.shape
+    per_gpu = num_replicas // num_gpus
+    phy2log, _, logcnt = replicate_experts(w, num_replicas)
+    out = np.empty((L, num_replicas), np.int64)
+    for l in range(L):
+        items = phy2log[l]
+        size = w[l, items] / logcnt[l, items]  # [R] tokens per copy
+        load = np.zeros(num_gpus)
+        count = np.zeros(num_gpus, np.int64)
+        held = np.zeros((num_gpus, E), bool)
+        gpu = np.empty(num_replicas, np.int64)
+        for m in np.argsort(-size, kind="stable"):
+            full = count >= per_gpu
+            bad = full | held[:, items[m]]
+            if bad.all():  # more copies than GPUs with room: share one (EPLB would too)
+                bad = full
+            b = int(np.argmin(np.where(bad, np.inf, (load + size[m]) / speed)))
+            gpu[m] = b
+            load[b] += size[m]
+            count[b] += 1
+            held[b, items[m]] = True
+        out[l] = np.concatenate([np.sort(items[gpu == g]) for g in range(num_gpus)])
+    return out
 
 
 def linear_placement(weight: np.ndarray, num_replicas: int, num_groups: int = 1, num_nodes: int = 1,

@@ -26,9 +26,12 @@ from profiles.workload.trace import Trace
 from ..costs import QUANT_ERROR
 from ..eplb import PLACEMENTS
 from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
+from ..eplb import eplb_speed_aware
+from .bound import traffic_bound
 from .metrics import placement_metrics
 from .placement import place_for
 from .quality import FormatChoice, choose_formats, critical_share, quant_errors
+from .speed import gpu_speeds, tokens_per_call
 from .topology import Topology, topology
 from .workload import group_limited, workload_arrays
 
@@ -80,6 +83,8 @@ class ClusterRequest:
         time_limit_s: wall-clock safety net of the placement (the work is bounded by ``sweeps``;
             reaching it is recorded in the plan as status "time limit").
         seed: seed of the group-limited redraws and the bootstrap draws.
+        engine: engine profile the plan is priced for (``None``: the bundle runtime): the
+            GPUs' expert speeds (:mod:`.speed`) are this engine's.
         plan_for: ``"expected"``: balance the load unseen tokens are expected to bring
             (:func:`.workload.expected_load`: smoothed counts, bootstrap draws over sequences, replicas
             for uncertain experts); ``"sample"``: balance the trace's own counts (fits its noise).
@@ -98,6 +103,7 @@ class ClusterRequest:
     time_limit_s: float = 300.0
     seed: int = 0
     plan_for: str = "expected"
+    engine: str | None = None
     quality_budget: float | None = None
     critical: tuple[tuple[int, ...], ...] = ()
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
@@ -238,6 +244,11 @@ def _predicted(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
+def _gap(objective: float, bound: float) -> float:
+    """Relative gap ``(objective - bound) / objective`` (0 when both are 0)."""
+    return max(objective - bound, 0.0) / objective if objective > 0 else 0.0
+
+
 def _quality_note(choice: FormatChoice, critical: tuple[tuple[int, ...], ...]) -> str:
     kept = sum(len(c) for c in critical)
     return (f"experts in {choice.expert_format}" + (f", {kept} critical in {choice.full_format}" if kept else "")
@@ -275,39 +286,73 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     if limited and model.n_group > 1:
         trace = group_limited(trace, model.n_group, model.topk_group, num_experts=E, seed=req.seed)
     load, trans = workload_arrays(trace, E)
+    # each GPU's expert speed at the decode batch (mean 1; all 1 on one GPU type): balance is of time
+    speed = gpu_speeds(hw, topo, model, choice.expert_format, tokens_per_call(req.batch_size, G, model.top_k, R),
+                       req.engine)
+    mixed = not np.all(speed == 1.0)
     t_stats = time.perf_counter()
 
     def score(p: np.ndarray) -> dict[str, Any]:
-        return placement_metrics(p, load, trans, topo, model.hidden_size, trace.num_tokens, trace.expert_ids)
+        return placement_metrics(p, load, trans, topo, model.hidden_size, trace.num_tokens, trace.expert_ids,
+                                 speed=speed if mixed else None)
 
     placements: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
-    for name, fn in PLACEMENTS.items():
+    baseline_fns = dict(PLACEMENTS)
+    if mixed:  # EPLB global balancing time, beside the speed-blind one people run
+        baseline_fns["eplb-speed"] = lambda w, r, _groups, _nodes, g: eplb_speed_aware(w, r, g, speed)
+    for name, fn in baseline_fns.items():
         t = time.perf_counter()
         placements[name] = fn(load, R, model.n_group, N, G)
         metrics[name] = score(placements[name]) | {"solve_s": time.perf_counter() - t}
     t = time.perf_counter()
     ours, info = place_for(req.plan_for, trace, load, trans, topo, R, balance_slack=req.balance_slack,
                            sweeps=req.sweeps, time_limit_s=req.time_limit_s, hidden_size=model.hidden_size,
-                           seed=req.seed)
+                           seed=req.seed, speed=speed if mixed else None)
     metrics["ours"] = score(ours) | {"solve_s": time.perf_counter() - t}
     t_solve = time.perf_counter()
+    cap, planned_load = info.pop("_cap"), info.pop("_load")
+    bound = traffic_bound(ours, planned_load, trans, topo, model.hidden_size, trace.num_tokens, cap,
+                          speed if mixed else None)
+    objective = metrics["ours"]["traffic_s_per_token"]
+    gap = _gap(objective, bound.traffic_s_per_token)
+    info |= {"speed": [round(float(v), 4) for v in speed] if mixed else None,
+             "speed_tokens_per_call": round(tokens_per_call(req.batch_size, G, model.top_k, R), 3),
+             "bound": {"method": bound.method, "status": bound.status, "traffic_s_per_token": bound.traffic_s_per_token,
+                       "traffic_gap": gap, "cross_node_fraction": bound.cross_node_fraction,
+                       "cross_node_gap": _gap(metrics["ours"]["cross_node_fraction"], bound.cross_node_fraction),
+                       "cross_gpu_fraction": bound.cross_gpu_fraction,
+                       "cross_gpu_gap": _gap(metrics["ours"]["cross_gpu_fraction"], bound.cross_gpu_fraction),
+                       "solve_s": time.perf_counter() - t_solve}}
+    t_bound = time.perf_counter()
 
+    engine = {}
+    if req.engine is not None:
+        from profiles.engines import load_engine
+
+        eng = load_engine(req.engine)
+        engine = {"engine": eng.name, "engine_digest": digest(eng.profile.model_dump(mode="json"))}
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=model_digest(model), workload=trace.source or "trace",
-                    workload_digest=given_digest)
+                    workload_digest=given_digest, **engine)
     notes = ((f"expert parallelism: {G} GPUs ({N} nodes x {G // N}), {R // G} expert slots per GPU, "
              f"{E} experts + {redundant} redundant per MoE layer"),
              "EP rank r = the r-th GPU in natural order of its id; physical slot s lives on rank s // slots",
              "a replicated expert's tokens split evenly over its copies",
+             ("load balance is of time: each GPU's load over its expert speed at the decode batch (relative "
+              "speeds " + ", ".join(f"{g} {v:.3f}" for g, v in zip(topo.gpus, speed)) + ")" if mixed
+              else "load balance is of tokens (every GPU equally fast)"),
+             (f"traffic bound {bound.traffic_s_per_token:.4g} s/token ({bound.method}, {bound.status}); gap "
+              f"{gap:.1%}; cross-node pairs >= {bound.cross_node_fraction:.1%}"),
              ("dense weights replicated on every GPU (data-parallel attention); KV cache for batch_size "
              "sequences per GPU"),
              _quality_note(choice, req.critical))
     common = {"hw": hw, "topo": topo, "model": model, "inputs": inputs, "expert_format": choice.expert_format,
               "memory_need": choice.memory_need, "choice": choice, "critical": req.critical,
               "batch_size": req.batch_size, "context_tokens": req.context_tokens}
-    predicted = _predicted(metrics["ours"])
-    for name in PLACEMENTS:
+    predicted = _predicted(metrics["ours"]) | {"traffic_bound_s_per_token": bound.traffic_s_per_token,
+                                               "cross_node_fraction_bound": bound.cross_node_fraction}
+    for name in baseline_fns:
         for k, v in _predicted(metrics[name]).items():
             predicted[f"{name}.{k}"] = v
     stopped = ()  # the safety net's note: this plan depends on the machine's load
@@ -317,15 +362,18 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                   f"on a less busy machine; raise --time-limit",)
     plan = plan_from_placement(
         ours, predicted=predicted, notes=notes + stopped,
-        solver=SolverInfo(method="ep-placement", solver="numpy decomposition (nodes, then GPUs; swaps)",
-                          status="time limit" if info["stopped_by_time_limit"] else "feasible",
-                          objective=metrics["ours"]["traffic_s_per_token"],
+        solver=SolverInfo(method="ep-placement",
+                          solver=f"numpy decomposition (nodes, then GPUs; swaps); bound: {bound.method}",
+                          status="time limit" if info["stopped_by_time_limit"] else
+                          ("optimal" if gap <= 1e-9 else "feasible"),
+                          objective=objective, bound=bound.traffic_s_per_token, gap=gap,
                           time_limit_s=req.time_limit_s, variables=int(model.num_moe_layers * R)),
         **common)
     baselines = {name: plan_from_placement(placements[name], predicted=_predicted(metrics[name]), notes=notes,
                                            solver=SolverInfo(method=name, status="heuristic"), **common)
-                 for name in PLACEMENTS}
+                 for name in baseline_fns}
     t_end = time.perf_counter()
     return ClusterResult(plan=plan, placement=ours, baselines=baselines, metrics=metrics, topology=topo,
                          num_physical=R, expert_format=choice.expert_format, workload=trace.source, info=info,
-                         timings_s={"stats_s": t_stats - t0, "solve_s": t_solve - t_stats, "total_s": t_end - t0})
+                         timings_s={"stats_s": t_stats - t0, "solve_s": t_solve - t_stats, "bound_s": t_bound - t_solve,
+                                    "total_s": t_end - t0})

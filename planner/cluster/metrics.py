@@ -35,7 +35,8 @@ def node_share(P: np.ndarray, topo: Topology) -> np.ndarray:
 
 
 def placement_metrics(phy2log: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topology,
-                      hidden_size: int, num_tokens: int, expert_ids: np.ndarray | None = None) -> dict[str, Any]:
+                      hidden_size: int, num_tokens: int, expert_ids: np.ndarray | None = None,
+                      speed: np.ndarray | None = None) -> dict[str, Any]:
     """Straggler load and traffic of a placement.
 
     Args:
@@ -46,6 +47,8 @@ def placement_metrics(phy2log: np.ndarray, load: np.ndarray, trans: np.ndarray, 
         hidden_size: H (one token's hidden state is H x 2 bytes on the wire).
         num_tokens: T, tokens of the workload (for the traffic per token).
         expert_ids: ``[T, L, K]`` the trace's routing, for ``nodes_per_token`` (optional).
+        speed: ``[G]`` relative GPU speeds (mean 1): ``max_mean`` is then of GPU *time*,
+            ``max_g load / speed`` over the balanced ``sum_g load / G``.
 
     Returns:
         ``max_mean`` ``[L]`` (max / mean per-GPU load), ``max_mean_avg``, ``max_mean_worst``,
@@ -58,7 +61,8 @@ def placement_metrics(phy2log: np.ndarray, load: np.ndarray, trans: np.ndarray, 
     P = distribution(phy2log, E, topo.num_gpus)  # [L, E, G]
     gpu_load = np.einsum("le,leg->lg", load, P)  # [L, G]
     mean = gpu_load.mean(axis=1)
-    max_mean = np.divide(gpu_load.max(axis=1), mean, out=np.ones(L), where=mean > 0)
+    gpu_time = gpu_load if speed is None else gpu_load / np.asarray(speed, float)[None, :]  # [L, G]
+    max_mean = np.divide(gpu_time.max(axis=1), mean, out=np.ones(L), where=mean > 0)
     PN = node_share(P, topo)  # [L, E, N]
     D = topo.token_cost_s(hidden_size)  # [G, G] seconds per token
     total = same_gpu = same_node = link_s = 0.0

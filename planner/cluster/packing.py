@@ -46,7 +46,8 @@ def by_bands(cost: np.ndarray, weight: np.ndarray, bins: int) -> np.ndarray:
 
 
 def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.ndarray, bins: int, cap: float,
-          distinct: bool, max_swaps: int, dev: np.ndarray | None = None, z: float = 0.0) -> np.ndarray:
+          distinct: bool, max_swaps: int, dev: np.ndarray | None = None, z: float = 0.0,
+          speed: np.ndarray | None = None) -> np.ndarray:
     """Pairwise swaps between bins (counts stay): first to bring every bin under ``cap``
     (the swap that lowers the two bins' larger load the most, cheapest on ties), then the
     swap that lowers the total cost the most while both bins stay under ``cap``.
@@ -54,10 +55,13 @@ def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.nd
     ``distinct``: a bin never holds two copies of one expert. ``dev``: ``[M, B]`` the items'
     load in B draws minus its mean; a bin's load is then its mean plus ``z`` standard
     deviations over the draws (items that rise together count more than their means).
+    ``speed``: ``[bins]`` relative speed of every bin; a bin's load (and ``cap``) is then its
+    time, tokens / speed.
     """
     M = len(weight)
     where = where.copy()
-    load = np.bincount(where, weights=weight, minlength=bins)
+    inv = np.ones(bins) if speed is None else 1.0 / np.asarray(speed, float)  # [bins] time per token
+    load = np.bincount(where, weights=weight, minlength=bins) * inv
     idx = np.arange(M)
     if dev is not None:
         B = dev.shape[1]
@@ -70,14 +74,14 @@ def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.nd
         cross = cost[:, where]  # [i, j]: cost of item i in j's bin
         gain = own[:, None] + own[None, :] - cross - cross.T  # [M, M] cost saved by swapping i and j
         li = load[where]
-        new_i = li[:, None] - weight[:, None] + weight[None, :]  # i's bin after the swap
+        new_i = li[:, None] + (weight[None, :] - weight[:, None]) * inv[where][:, None]  # i's bin after the swap
         if dev is not None:
             sq = (dsum * dsum).sum(1)  # [bins]
             X = dev @ dsum.T  # [M, bins]
             toward = X[:, where].T - X[idx, where][:, None]  # [i, j] D_a . (d_j - d_i), a = i's bin
             sq_i = np.maximum(sq[where][:, None] + sq_step + 2 * toward, 0.0)  # i's bin after the swap
-            new_i = new_i + z * np.sqrt(sq_i / B)
-            li = li + z * np.sqrt(sq[where] / B)
+            new_i = new_i + z * np.sqrt(sq_i / B) * inv[where][:, None]
+            li = li + z * np.sqrt(sq[where] / B) * inv[where]
         worst_before = np.maximum(li[:, None], li[None, :])
         worst_after = np.maximum(new_i, new_i.T)
         ok = where[:, None] != where[None, :]
@@ -86,7 +90,7 @@ def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.nd
             held[where, expert] = True
             same = expert[:, None] == expert[None, :]
             ok &= (~held[where[:, None], expert[None, :]] & ~held[where[None, :], expert[:, None]]) | same
-        bin_load = load if dev is None else load + z * np.sqrt(sq / B)
+        bin_load = load if dev is None else load + z * np.sqrt(sq / B) * inv
         if bin_load.max() > cap + 1e-12:
             # repair: only swaps touching the most loaded bin, that lower its load
             top = int(np.argmax(bin_load))
@@ -114,8 +118,8 @@ def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.nd
             break
         for i, j in picks:
             bi, bj = where[i], where[j]
-            load[bi] += weight[j] - weight[i]
-            load[bj] += weight[i] - weight[j]
+            load[bi] += (weight[j] - weight[i]) * inv[bi]
+            load[bj] += (weight[i] - weight[j]) * inv[bj]
             if dev is not None:
                 dsum[bi] += dev[j] - dev[i]
                 dsum[bj] += dev[i] - dev[j]
@@ -123,8 +127,13 @@ def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.nd
     return where
 
 
-def pack(weight: np.ndarray, expert: np.ndarray, bins: int, per_bin: int) -> np.ndarray:
-    """Balanced packing (heaviest first into the lightest bin with room), one copy of an expert per bin."""
+def pack(weight: np.ndarray, expert: np.ndarray, bins: int, per_bin: int,
+         speed: np.ndarray | None = None) -> np.ndarray:
+    """Balanced packing (heaviest first into the lightest bin with room), one copy of an expert per bin.
+
+    ``speed``: ``[bins]`` relative speeds; the item goes where the bin's time ``(load + w) /
+    speed`` is then least (with equal speeds: the lightest bin, as without)."""
+    inv = np.ones(bins) if speed is None else 1.0 / np.asarray(speed, float)
     where = np.full(len(weight), -1)
     load = np.zeros(bins)
     count = np.zeros(bins, np.int64)
@@ -133,7 +142,7 @@ def pack(weight: np.ndarray, expert: np.ndarray, bins: int, per_bin: int) -> np.
         bad = (count >= per_bin) | held[:, expert[m]]
         if bad.all():
             bad = count >= per_bin
-        b = int(np.argmin(np.where(bad, np.inf, load)))
+        b = int(np.argmin(np.where(bad, np.inf, (load + weight[m]) * inv)))
         where[m] = b
         load[b] += weight[m]
         count[b] += 1
@@ -141,7 +150,8 @@ def pack(weight: np.ndarray, expert: np.ndarray, bins: int, per_bin: int) -> np.
     return where
 
 
-def pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, max_swaps: int) -> np.ndarray:
+def pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, max_swaps: int,
+               speed: np.ndarray | None = None) -> np.ndarray:
     """Items to bins, ``per_bin`` each, one copy of an expert per bin, balanced over load draws:
     heaviest first into the bin that raises the draws' average largest bin load least, then
     the pairwise swaps that lower it most.
@@ -149,11 +159,13 @@ def pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, m
     Args:
         draws: ``[M, B]`` item loads in B draws.
         expert: ``[M]`` expert of every item.
+        speed: ``[bins]`` relative speeds: bin loads are times, tokens / speed.
 
     Returns:
         ``[M]`` bin of every item.
     """
     M, B = draws.shape
+    inv = np.ones(bins) if speed is None else 1.0 / np.asarray(speed, float)  # [bins]
     where = np.full(M, -1)
     load = np.zeros((bins, B))
     count = np.zeros(bins, np.int64)
@@ -163,11 +175,11 @@ def pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, m
         bad = (count >= per_bin) | held[:, expert[m]]
         if bad.all():
             bad = count >= per_bin
-        after = load[None, :, :] + eye[:, :, None] * draws[m][None, None, :]  # [candidate, bin, B]
+        after = load[None, :, :] + eye[:, :, None] * (inv[:, None, None] * draws[m][None, None, :])  # [cand, bin, B]
         score = after.max(1).mean(1) + 1e-9 * load.mean(1)  # [candidate]
         b = int(np.argmin(np.where(bad, np.inf, score)))
         where[m] = b
-        load[b] += draws[m]
+        load[b] += draws[m] * inv[b]
         count[b] += 1
         held[b, expert[m]] = True
     same = expert[:, None] == expert[None, :]
@@ -184,7 +196,8 @@ def pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, m
         rest = np.where((order[0] != a) & (order[0] != b), top[0],
                         np.where((order[1] != a) & (order[1] != b), top[1], top[2]))  # [M', M, B]
         delta = draws[None, :, :] - draws[rows, None, :]  # [i, j, B]: j in, i out of i's bin
-        new_max = np.maximum(rest, np.maximum(load[where[rows]][:, None, :] + delta, load[where][None, :, :] - delta))
+        new_max = np.maximum(rest, np.maximum(load[where[rows]][:, None, :] + delta * inv[where[rows]][:, None, None],
+                                              load[where][None, :, :] - delta * inv[where][None, :, None]))
         gain = top[0].mean() - new_max.mean(-1)  # [M', M]
         held = np.zeros((bins, int(expert.max()) + 1), bool)
         held[where, expert] = True
@@ -196,7 +209,7 @@ def pack_drawn(draws: np.ndarray, expert: np.ndarray, bins: int, per_bin: int, m
         if not gain[r, j] > 1e-9 * top[0].mean():
             break
         bi, bj = where[i], where[j]
-        load[bi] += draws[j] - draws[i]
-        load[bj] += draws[i] - draws[j]
+        load[bi] += (draws[j] - draws[i]) * inv[bi]
+        load[bj] += (draws[i] - draws[j]) * inv[bj]
         where[i], where[j] = bj, bi
     return where

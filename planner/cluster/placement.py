@@ -31,7 +31,7 @@ import numpy as np
 from profiles.errors import InputError
 from profiles.workload.trace import Trace
 
-from ..eplb import eplb_global, replicate_experts
+from ..eplb import eplb_global, eplb_speed_aware, replicate_experts
 from .metrics import distribution
 from .packing import by_bands, pack, pack_drawn, swaps
 from .topology import Topology
@@ -89,16 +89,17 @@ def _capped_copies(load: np.ndarray, num_physical: int, num_gpus: int) -> np.nda
     return logcnt
 
 
-def _drawn_max_mean(samples: np.ndarray, share: np.ndarray) -> float:
-    """Max / mean GPU load averaged over load draws ``samples [B, E]`` under ``share [E, G]``."""
+def _drawn_max_mean(samples: np.ndarray, share: np.ndarray, inv: np.ndarray) -> float:
+    """Max / mean GPU time averaged over load draws ``samples [B, E]`` under ``share [E, G]``
+    (``inv [G]``: time per token, 1 / speed; the mean is the balanced time, total / G)."""
     gpu = np.einsum("be,eg->bg", samples, share)  # [B, G]
-    return float((gpu.max(1) / np.maximum(gpu.mean(1), 1e-12)).mean())
+    return float(((gpu * inv).max(1) / np.maximum(gpu.mean(1), 1e-12)).mean())
 
 
 def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physical: int, *,
                   balance_slack: float = 0.01, sweeps: int = 2, time_limit_s: float = 300.0,
                   hidden_size: int = 1, max_swaps: int = 64, load_samples: np.ndarray | None = None,
-                  quantile: float = LOAD_QUANTILE) -> tuple[np.ndarray, dict[str, Any]]:
+                  quantile: float = LOAD_QUANTILE, speed: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Our placement (see the module docstring): ``phy2log [L, R]`` and solver facts.
 
     Args:
@@ -122,13 +123,21 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
             sample (co-locating experts that the same sequences pick would fit the sample and
             break on the next one).
         quantile: the upper quantile of the draws that replicas are chosen against.
+        speed: ``[G]`` relative expert speed of every GPU (:func:`.speed.gpu_speeds`, mean 1);
+            loads, caps and balance are then times (tokens / speed), the warm start is
+            :func:`~planner.eplb.eplb_speed_aware`, and a node's speed is its GPUs' mean.
+            ``None`` or all equal: token balance, the speed-blind placer exactly.
     """
     t0 = time.perf_counter()
     L, E = load.shape
     G, N, GN = topo.num_gpus, topo.num_nodes, topo.gpus_per_node
     S = num_physical // G
     D = topo.token_cost_s(hidden_size)  # [G, G]
-    warm = eplb_global(load, num_physical, 1, 1, G)  # [L, R]
+    blind = speed is None or np.allclose(speed, speed[0])
+    speed = np.ones(G) if blind else np.asarray(speed, float)  # [G]
+    inv = 1.0 / speed  # [G] time per token
+    node_speed = speed.reshape(N, GN).mean(1)  # [N]
+    warm = eplb_global(load, num_physical, 1, 1, G) if blind else eplb_speed_aware(load, num_physical, G, speed)
     # EPLB's rule, at most one copy per GPU; against an upper quantile of the load when known
     upper = load if load_samples is None else np.quantile(load_samples, quantile, axis=0)  # [L, E]
     logcnt = _capped_copies(upper, num_physical, G)
@@ -140,14 +149,14 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
         if len({(s // S, e) for s, e in enumerate(row.tolist())}) < num_physical or \
                 not np.array_equal(np.bincount(row, minlength=E), logcnt[l]):
             expert = np.repeat(np.arange(E), logcnt[l])
-            gpu = pack(load[l, expert] / logcnt[l, expert], expert, G, S)
+            gpu = pack(load[l, expert] / logcnt[l, expert], expert, G, S, speed)
             warm[l] = np.concatenate([np.sort(expert[gpu == g]) for g in range(G)])
     P = distribution(warm, E, G)  # [L, E, G]
     gpu_load = np.einsum("le,leg->lg", load, P)
-    mean = gpu_load.mean(axis=1)
-    cap = gpu_load.max(axis=1) + balance_slack * mean  # [L]
+    mean = gpu_load.mean(axis=1)  # [L] the balanced time (tokens / G at mean speed 1)
+    cap = (gpu_load * inv).max(axis=1) + balance_slack * mean  # [L] a GPU's time
     if load_samples is not None:  # the same cap, on the draws' average max / mean
-        robust_cap = np.array([_drawn_max_mean(load_samples[:, l], P[l]) for l in range(L)]) + balance_slack
+        robust_cap = np.array([_drawn_max_mean(load_samples[:, l], P[l], inv) for l in range(L)]) + balance_slack
     placement = warm.copy()
     improved = tried = 0
     stopped = False
@@ -171,24 +180,26 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 cost_n = cost_g.reshape(len(expert), N, GN).mean(-1)  # [R, N]
                 node = by_bands(cost_n, weight, N)
                 if load_samples is None:
-                    node = swaps(cost_n, weight, expert, node, N, cap_n, False, max_swaps)
+                    node = swaps(cost_n, weight, expert, node, N, cap_n, False, max_swaps, speed=node_speed)
                 else:  # the cap on mean + z sd of a node's load over the draws, z sd as the warm start's worst node
                     dev = drawn - drawn.mean(1, keepdims=True)  # [R, B]
                     warm_node = topo.node_of[np.argsort(warm[l], kind="stable") // S]  # [R] items, by expert
-                    warm_sd = np.sqrt([(dev[warm_node == n].sum(0) ** 2).mean() for n in range(N)])
+                    warm_sd = np.sqrt([(dev[warm_node == n].sum(0) ** 2).mean() for n in range(N)]) / node_speed
                     node = swaps(cost_n, weight, expert, node, N, cap_n + NODE_Z * warm_sd.max(), False, max_swaps,
-                                 dev=dev, z=NODE_Z)
+                                 dev=dev, z=NODE_Z, speed=node_speed)
                 gpu = np.empty(len(expert), np.int64)
                 for n in range(N):
                     items = np.flatnonzero(node == n)
                     sub_cost = cost_g[np.ix_(items, node_gpus[n])]
+                    sp = speed[node_gpus[n]]
                     if load_samples is None:
-                        start = pack(weight[items], expert[items], GN, S)
-                        local = swaps(sub_cost, weight[items], expert[items], start, GN, cap[l], True, max_swaps)
+                        start = pack(weight[items], expert[items], GN, S, sp)
+                        local = swaps(sub_cost, weight[items], expert[items], start, GN, cap[l], True, max_swaps,
+                                      speed=sp)
                     else:  # inside a node the link is fast: balance on the draws, not the sample
-                        local = pack_drawn(drawn[items], expert[items], GN, S, max_swaps)
+                        local = pack_drawn(drawn[items], expert[items], GN, S, max_swaps, sp)
                     gpu[items] = node_gpus[n][local]
-                gl = np.bincount(gpu, weights=weight, minlength=G)
+                gl = np.bincount(gpu, weights=weight, minlength=G) * inv
                 dup = len(set(zip(gpu.tolist(), expert.tolist()))) < len(expert)
                 if gl.max() <= cap[l] + 1e-9 and not dup:
                     best = gpu
@@ -197,7 +208,7 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 continue
             row = np.concatenate([np.sort(expert[best == g]) for g in range(G)])
             new_share = distribution(row[None, :], E, G)[0]  # [E, G]
-            if load_samples is not None and _drawn_max_mean(load_samples[:, l], new_share) > robust_cap[l] + 1e-12:
+            if load_samples is not None and _drawn_max_mean(load_samples[:, l], new_share, inv) > robust_cap[l] + 1e-12:
                 continue
             if (cost_e * new_share).sum() <= (cost_e * P[l]).sum() + 1e-15:
                 placement[l] = row
@@ -205,9 +216,9 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 improved += 1
         if stopped:
             break
-    info = {"warm_start": "eplb-global", "sweeps": sweeps, "layer_solves": tried, "layers_improved": improved,
+    info = {"warm_start": "eplb-global" if blind else "eplb-speed", "sweeps": sweeps, "layer_solves": tried, "layers_improved": improved,
             "stopped_by_time_limit": stopped, "balance_slack": balance_slack,
-            "solve_s": time.perf_counter() - t0}
+            "solve_s": time.perf_counter() - t0, "_cap": cap, "_load": load}  # the bound's (assemble pops them)
     return placement, info
 
 

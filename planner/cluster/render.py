@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..eplb import PLACEMENTS
 from .assemble import ClusterResult
 
 __all__ = ["cluster_summary", "render_cluster"]
@@ -37,11 +36,13 @@ def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, A
                            "dense_bytes": mem.dense_bytes, "kv_bytes": mem.kv_bytes, "used_bytes": mem.used_bytes},
         "plan": row("ours"),
         "solver": result.info,
+        "bound": {"objective": "traffic_s_per_token", "value": plan.solver.objective, "bound": plan.solver.bound,
+                  "gap": plan.solver.gap, "status": plan.solver.status, **result.info.get("bound", {})},
     }
     if compare:
         ours = result.metrics["ours"]
         rows = []
-        for name in PLACEMENTS:
+        for name in result.baselines:
             r = row(name)
             m = result.metrics[name]
             r["cross_node_reduction"] = (1 - ours["cross_node_fraction"] / m["cross_node_fraction"]
@@ -84,6 +85,15 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
                       f"{r['cross_gpu_fraction']:.1%}", f"{r['cross_node_fraction']:.1%}",
                       "-" if npt is None else f"{npt:.2f}", format_time(r["solve_s"]), style=style)
 
+    b = d["bound"]
+    if b.get("method"):
+        console.print(f"traffic {b['value']:.4g} s/token, lower bound {b['bound']:.4g} ({b['method']}): gap "
+                      f"{b['gap']:.1%}; cross-node pairs >= {b['cross_node_fraction']:.1%} (gap "
+                      f"{b['cross_node_gap']:.1%})", highlight=False)
+    speeds = d["solver"].get("speed")
+    if speeds:
+        console.print(f"load balanced by time: relative expert speeds {min(speeds):.3f}-{max(speeds):.3f} at "
+                      f"{d['solver']['speed_tokens_per_call']:.1f} tokens per call", highlight=False)
     add(d["plan"], "bold")
     for r in d.get("baselines", []):
         add(r)
