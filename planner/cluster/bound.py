@@ -138,8 +138,8 @@ def traffic_bound(placement: np.ndarray, load: np.ndarray, trans: np.ndarray, to
         milp = _milp(logcnt, load, trans, topo, cap, speed, d_gpu, d_node)
         if milp is not None:
             status = milp[1]
-            if milp[0] / T > traffic:
-                traffic, method = milp[0] / T, "milp"
+            if milp[0] / T >= traffic * (1 - 1e-9):
+                traffic, method = max(milp[0] / T, traffic), "milp"
     return Bound(traffic_s_per_token=traffic, cross_node_fraction=x_node / total if total else 0.0,
                  cross_gpu_fraction=x_gpu / total if total else 0.0, method=method, status=status)
 
@@ -156,6 +156,10 @@ def _milp(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topolog
     L, E = load.shape
     G, N, GN = topo.num_gpus, topo.num_nodes, topo.gpus_per_node
     S = int(logcnt[0].sum()) // G
+    unit = d_gpu + d_node  # HiGHS sees link costs in this unit (seconds near 1e-9 read as zero)
+    if unit <= 0:
+        return None
+    d_gpu, d_node = d_gpu / unit, d_node / unit
     inv = np.ones(G) if speed is None else 1.0 / np.asarray(speed, float)
     prob = pulp.LpProblem("ep_traffic_bound", pulp.LpMinimize)
     x = {(l, e, g): pulp.LpVariable(f"x_{l}_{e}_{g}", cat="Binary")
@@ -170,7 +174,7 @@ def _milp(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topolog
             # cap[l, g]: sum_e w[l, e] / c[l, e] x[l, e, g] / speed[g] <= cap[l]
             prob += pulp.lpSum(float(load[l, e] / logcnt[l, e] * inv[g]) * x[l, e, g] for e in range(E)) \
                 <= float(cap[l]) + 1e-9, f"cap[{l},{g}]"
-    cost = []
+    cost, constant = [], 0.0
     for l in range(L - 1):
         for i, j in zip(*np.nonzero(trans[l])):
             w = float(trans[l, i, j])
@@ -190,8 +194,9 @@ def _milp(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topolog
                 prob += b <= pulp.lpSum(x[l, i, g] for g in gs) * (1 / ci), f"bi[{l},{i},{j},{n}]"
                 prob += b <= pulp.lpSum(x[l + 1, j, g] for g in gs) * (1 / cj), f"bj[{l},{i},{j},{n}]"
                 same_n.append(b)
-            # traffic >= C_ij (d_gpu (1 - sum_g a) + d_node (1 - sum_n b))
-            cost.append(w * (d_gpu + d_node) - w * d_gpu * pulp.lpSum(same_g) - w * d_node * pulp.lpSum(same_n))
+            # traffic >= C_ij (d_gpu (1 - sum_g a) + d_node (1 - sum_n b)); the constant kept apart
+            constant += w * (d_gpu + d_node)
+            cost.append(-w * d_gpu * pulp.lpSum(same_g) - w * d_node * pulp.lpSum(same_n))
     prob += pulp.lpSum(cost)
     engine = _HiGHS(msg=False, timeLimit=MILP_TIME_LIMIT_S, gapRel=0.0, gapAbs=1e-15, threads=1, random_seed=0,
                     mip_max_nodes=MILP_NODES)
@@ -202,4 +207,4 @@ def _milp(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topolog
     info = prob.solverModel.getInfo()
     status = {highspy.HighsModelStatus.kOptimal: "optimal",
               highspy.HighsModelStatus.kTimeLimit: "time limit"}.get(model_status, "node limit")
-    return float(info.mip_dual_bound), status
+    return (constant + float(info.mip_dual_bound)) * unit, status
