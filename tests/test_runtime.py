@@ -475,16 +475,17 @@ def test_run_cli_bad_input_is_one_line_exit_1(checkpoint, tmp_path, capsys):
     good.write_text(json.dumps(make_plan("mixtral", "resident", GPU)))
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(make_plan("olmoe", "resident", GPU)))  # 8 experts, not 4
-    bad_fmt = tmp_path / "fp8.json"
-    bad_fmt.write_text(json.dumps(make_plan("mixtral", "resident", GPU, formats="fp8")))
-    bad_dense = tmp_path / "dense-fp8.json"
-    bad_dense.write_text(json.dumps(make_plan("mixtral", "resident", GPU) | {"dense_format": "fp8"}))
+    # a GGUF type: planned for llama.cpp, not run by the bundle (fp8 and the other built-in formats are)
+    bad_fmt = tmp_path / "q4_k.json"
+    bad_fmt.write_text(json.dumps(make_plan("mixtral", "resident", GPU, formats="q4_k")))
+    bad_dense = tmp_path / "dense-q4_k.json"
+    bad_dense.write_text(json.dumps(make_plan("mixtral", "resident", GPU) | {"dense_format": "q4_k"}))
     (tmp_path / "empty").mkdir()
     cases = [
         (("--plan", tmp_path / "missing.json", "--checkpoint", directory, "--prompt", "x"), "plan file not found"),
         (("--plan", good, "--checkpoint", tmp_path / "nope", "--prompt", "x"), "checkpoint directory not found"),
         (("--plan", wrong, "--checkpoint", directory, "--prompt", "x"), "expert count"),
-        (("--plan", bad_fmt, "--checkpoint", directory, "--prompt", "x"), "fp8"),
+        (("--plan", bad_fmt, "--checkpoint", directory, "--prompt", "x"), "q4_k"),
         (("--plan", bad_dense, "--checkpoint", directory, "--prompt", "x"), "dense_format"),
         (("--plan", good, "--checkpoint", directory), "no prompt"),
         (("--plan", good, "--checkpoint", directory, "--prompt", "x", "--max-new-tokens", "0"), "--max-new-tokens"),

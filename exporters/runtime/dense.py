@@ -14,6 +14,9 @@ what the plan counts:
   (quant.dequantize) right before each matmul;
 - ``nn.Embedding`` -> :class:`QuantEmbedding`: only the rows looked up are unpacked.
 
+The other stored formats (fp8, fp6, fp4, mxfp4, int3, int2, ternary; formats.py) are
+quantised at load the same way and unpacked in torch before each matmul on any device.
+
 The routers (each MoE block's ``gate``) stay in the checkpoint's dtype: they are a few
 thousand weights a layer, and a top-k choice flipped by rounding costs more accuracy than
 their bytes are worth. Norms and biases stay too. Only modules of exactly these two classes
@@ -27,9 +30,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .formats import dequantize, quantize
 from .kernels import CpuMatMulKernel, matmul_template
-from .planfile import QUANT_FORMATS
-from .quant import dequantize, quantize_matrix
+from .planfile import QUANT_FORMATS, STORED_FORMATS
 
 __all__ = ["QuantEmbedding", "QuantLinear", "quantise_dense"]
 
@@ -43,9 +46,10 @@ class _Quantised(nn.Module):
         self.register_buffer("q", tensors["w.q"], persistent=False)
         self.register_buffer("scales", tensors["w.scales"], persistent=False)
         self.register_buffer("zp", tensors.get("w.zp"), persistent=False)
+        self.register_buffer("tscale", tensors.get("w.tscale"), persistent=False)  # fp4's scale of the matrix
 
     def tensors(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        named = {"w.q": self.q, "w.scales": self.scales, "w.zp": self.zp}
+        named = {"w.q": self.q, "w.scales": self.scales, "w.zp": self.zp, "w.tscale": self.tscale}
         return {k: (t if rows is None else t[rows]) for k, t in named.items() if t is not None}
 
     @property
@@ -84,7 +88,7 @@ class QuantEmbedding(_Quantised):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = ids.reshape(-1)
-        return dequantize(self.tensors(rows), "w", self.fmt, self.k).to(self.dtype).reshape(*ids.shape, self.k)
+        return dequantize(self.tensors(), "w", self.fmt, self.k, rows=rows).to(self.dtype).reshape(*ids.shape, self.k)
 
 
 def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], device: torch.device,
@@ -93,14 +97,14 @@ def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], dev
 
     Args:
         model: the HF model.
-        fmt: ``int8`` or ``int4``; anything else leaves the model as it is.
+        fmt: a stored format (planfile.STORED_FORMATS); a float one leaves the model as it is.
         keep: modules left alone with everything inside them (the routers, the expert stores).
         device: the compute device; the quantised tensors are put there now, so a tied
             embedding and head keep sharing them when the model moves. On a CPU the Linear
             layers run in ONNX Runtime sessions.
         threads: the sessions' intra-op threads.
     """
-    if fmt not in QUANT_FORMATS:
+    if fmt not in STORED_FORMATS:
         return
     kept = {id(m) for root in keep for m in root.modules()}
     done: dict[int, dict[str, torch.Tensor]] = {}  # weight id -> tensors (tied embedding and head: once)
@@ -111,13 +115,13 @@ def quantise_dense(model: nn.Module, fmt: str, *, keep: Iterable[nn.Module], dev
         weight = module.weight
         tensors = done.get(id(weight))
         if tensors is None:
-            arrays = quantize_matrix(weight.detach().float().cpu().numpy(), fmt, "w")
+            arrays = quantize(weight.detach().float().cpu().numpy(), fmt, "w")
             tensors = done[id(weight)] = {k: torch.from_numpy(a).to(device) for k, a in arrays.items()}
         if type(module) is nn.Embedding:
             new: nn.Module = QuantEmbedding(tensors, fmt, module)
         else:
             kernel = None
-            if device.type == "cpu":
+            if device.type == "cpu" and fmt in QUANT_FORMATS:  # the other formats: torch unpacks them
                 shape = (module.in_features, module.out_features)
                 if shape not in templates:
                     templates[shape] = matmul_template(fmt, *shape)

@@ -43,12 +43,11 @@ import numpy as np
 
 from .checkpoint import ExpertSource, read_config
 from .errors import RuntimeInputError
-from .planfile import FLOAT_FORMATS, QUANT_FORMATS, RuntimePlan, parse_plan, read_plan
+from .formats import UNPACK_FORMATS, quantize, tensor_names
+from .planfile import FLOAT_FORMATS, QUANT_FORMATS, STORED_FORMATS, RuntimePlan, parse_plan, read_plan
 from .quant import (
     QUANT_SPECS,
     block_size_for,
-    quant_names,
-    quantize_matrix,
     quantizer_module,
 )
 from .tensorfile import TensorFile, read_tensors
@@ -84,7 +83,7 @@ def weight_inputs(fmt: str) -> tuple[str, ...]:
     kfmt = kernel_format(fmt)
     if kfmt == "float":
         return ("gate_up.t", "down.t")
-    return quant_names("gate_up", kfmt) + quant_names("down", kfmt)
+    return tensor_names("gate_up", kfmt) + tensor_names("down", kfmt)
 
 
 def float_arrays(gate_up, down) -> dict[str, np.ndarray]:
@@ -332,7 +331,8 @@ class Kernels:
             entry = by_moe.get(layer.moe_layer, {"experts": {}})
             built = {int(e): f for e, f in entry["experts"].items()}
             for e, fmt in enumerate(layer.format):
-                if kernel_format(fmt) not in self.templates or (fmt in QUANT_FORMATS and built.get(e) != fmt):
+                if ((fmt not in UNPACK_FORMATS and kernel_format(fmt) not in self.templates)
+                        or (fmt in STORED_FORMATS and built.get(e) != fmt)):
                     raise RuntimeInputError("kernels were built for another plan", file=manifest_path,
                                             key=f"layers.{layer.moe_layer}.experts.{e}", value=built.get(e),
                                             expected=fmt, fix=_FIX_REBUILD)
@@ -381,20 +381,20 @@ def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str
     out = Path(out_dir)
     (out / "weights").mkdir(parents=True, exist_ok=True)
     templates = {}
-    for kfmt in sorted({kernel_format(f) for f in plan.formats}):
+    for kfmt in sorted({kernel_format(f) for f in plan.formats if f not in UNPACK_FORMATS}):  # no ORT kernel
         rel = f"expert_{kfmt}_h{hidden}_i{inter}.onnx"
         (out / rel).write_bytes(expert_template(kfmt, hidden, inter, activation).SerializeToString())
         templates[kfmt] = rel
     layers = {}
     for layer in plan.layers:
-        quantised = {e: f for e, f in enumerate(layer.format) if f in QUANT_FORMATS}
+        quantised = {e: f for e, f in enumerate(layer.format) if f in STORED_FORMATS}
         entry: dict[str, Any] = {"hidden_layer": layer.hidden_layer, "experts": {str(e): f for e, f in quantised.items()}}
         if quantised:
             arrays: dict[str, np.ndarray] = {}
             for e, fmt in quantised.items():
                 gate_up, down = source.read(layer.hidden_layer, e)
                 for prefix, w in (("gate_up", gate_up), ("down", down)):
-                    for name, a in quantize_matrix(w.float().numpy(), fmt, prefix).items():
+                    for name, a in quantize(w.float().numpy(), fmt, prefix).items():
                         arrays[f"{e}.{name}"] = a
             rel = f"weights/moe{layer.moe_layer}.safetensors"
             save_file(arrays, str(out / rel), metadata={"format": "moe-planner-kernels"})

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RuntimeInputError
+from .formats import UNPACK_FORMATS
 
 __all__ = [
     "FLOAT_FORMATS",
     "PLAN_FORMAT_VERSION",
     "QUANT_FORMATS",
+    "RUNNABLE_FORMATS",
+    "STORED_FORMATS",
     "SITES",
     "TIERS",
     "LayerSpec",
@@ -48,7 +51,11 @@ EVICTION = ("lru", "lfu", "static", "belady")
 # stays fp32); quantised ones are group-wise weight-only (kernels.QUANT_CONFIG).
 FLOAT_FORMATS = ("fp32", "bf16", "fp16")
 QUANT_FORMATS = ("int8", "int4")
-_FIX = "re-plan with `planner optimize --formats bf16,int8,int4` (the formats this runtime executes)"
+# formats whose quantised tensors the kernels file holds: int8/int4 in ONNX Runtime's layout,
+# the others packed and unpacked before the matmul (formats.py)
+STORED_FORMATS = QUANT_FORMATS + UNPACK_FORMATS
+RUNNABLE_FORMATS = FLOAT_FORMATS + STORED_FORMATS  # profiles/engines/bundle.yaml lists the same
+_FIX = "re-plan with `planner optimize --engine bundle` and formats it lists (`planner engines show bundle`)"
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,9 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
     if eviction not in EVICTION:
         raise bad("unknown eviction policy", "eviction", eviction, " | ".join(EVICTION))
     dense_format = data.get("dense_format", "fp32")
-    if dense_format not in FLOAT_FORMATS + QUANT_FORMATS:
+    if dense_format not in RUNNABLE_FORMATS:
         raise bad("number format not executed by this runtime", "dense_format", dense_format,
-                  " | ".join(FLOAT_FORMATS + QUANT_FORMATS), fix=_FIX)
+                  " | ".join(RUNNABLE_FORMATS), fix=_FIX)
     raw_layers = data.get("layers")
     if not isinstance(raw_layers, list) or not raw_layers:
         raise bad("a plan needs at least one MoE layer", "layers", raw_layers, "a non-empty list")
@@ -160,9 +167,9 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
         for e, (h, f, s) in enumerate(zip(home, fmt, site)):
             if s not in SITES:
                 raise bad("unknown site", f"{at}.site[{e}]", s, " | ".join(SITES))
-            if f not in FLOAT_FORMATS + QUANT_FORMATS:
+            if f not in RUNNABLE_FORMATS:
                 raise bad("number format not executed by this runtime", f"{at}.format[{e}]", f,
-                          " | ".join(FLOAT_FORMATS + QUANT_FORMATS), fix=_FIX)
+                          " | ".join(RUNNABLE_FORMATS), fix=_FIX)
             if not isinstance(h, str):
                 raise bad("not a memory id", f"{at}.home[{e}]", h, "a memory id like node/cpu0")
         if any(raw.get("replicas") or ()):

@@ -26,6 +26,7 @@ from .cache import ExpertCache
 from .checkpoint import ExpertSource, find_moe_blocks, load_dense_model, own_mapped_weights, read_config
 from .dense import quantise_dense
 from .errors import RuntimeInputError
+from .formats import UNPACK_FORMATS
 from .kernels import (
     ACTIVATIONS,
     CpuLayerKernel,
@@ -254,9 +255,11 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                           and int(e) in cached]
             cache = ExpertCache(layer.cache_slots, eviction, future=future)
             keep_host = {e for e in range(layer.num_experts)
-                         if layer.tier[e] == "host" and layer.site[e] in ("fetch", "hybrid", "stream")}
+                         if layer.tier[e] == "host" and (layer.site[e] in ("fetch", "hybrid", "stream")
+                                                         or layer.format[e] in UNPACK_FORMATS)}
             home = ExpertHome(layer, source, kernels, metrics, pin=cuda, keep_host=keep_host)
-            cpu_host = [e for e in layer.on_cpu if layer.tier[e] == "host"]
+            # unpack formats have no ONNX Runtime kernel: the CPU unpacks them in torch (store._run_cpu)
+            cpu_host = [e for e in layer.on_cpu if layer.tier[e] == "host" and layer.format[e] not in UNPACK_FORMATS]
             if dev.type == "cpu":
                 # no accelerator: resident int8/int4 experts run in the layer's ONNX Runtime
                 # session too (MatMulNBits kernels) instead of being dequantised at every call
@@ -267,7 +270,7 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                 cpu_kernel = CpuLayerKernel(kernels.templates, arrays, threads=n_threads)
             for e in layer.on_cpu:
                 kfmt = kernel_format(layer.format[e])
-                if layer.tier[e] == "disk" and kfmt not in stream_kernels:
+                if layer.tier[e] == "disk" and kfmt not in stream_kernels and kfmt not in UNPACK_FORMATS:
                     stream_kernels[kfmt] = CpuStreamKernel(kernels.templates[kfmt], threads=n_threads)
             block = blocks[layer.hidden_layer]
             store = PlannedExperts(layer, home, dev, ACT2FN[act_name], kernels.hidden, kernels.inter, cache, fetcher,

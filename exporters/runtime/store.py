@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache
+from .formats import UNPACK_FORMATS, dequantize
 from .kernels import (
     CpuLayerKernel,
     CpuStreamKernel,
@@ -41,9 +42,8 @@ from .kernels import (
     weight_inputs,
 )
 from .metrics import MetricsRecorder
-from .planfile import FLOAT_FORMATS, LayerSpec
+from .planfile import FLOAT_FORMATS, QUANT_FORMATS, LayerSpec
 from .prefetch import Fetcher, Slot
-from .quant import dequantize
 
 __all__ = ["ExpertHome", "ExpertWeights", "Placeholder", "PlannedExperts"]
 
@@ -260,7 +260,7 @@ class PlannedExperts(nn.Module):
         copies the weights it is given (ONNX Runtime's ``AddExternalInitializers``), so the
         slot lets its read buffer go: holding both held each cached expert twice.
         """
-        if self.device.type == "cpu" and w.fmt not in FLOAT_FORMATS:
+        if self.device.type == "cpu" and w.fmt in QUANT_FORMATS:
             w.kernel = CpuLayerKernel(self.templates, {0: (w.fmt, w.numpy_inputs())}, threads=self.threads)
             w.tensors = {}
         return w
@@ -337,8 +337,11 @@ class PlannedExperts(nn.Module):
         if in_session:
             ys.update(self.cpu_kernel.run(in_session))
         for e in sorted(set(host) - set(in_session)):
-            w = self.home.load(e)  # read from disk on demand (counted)
-            ys[e] = self.stream_kernels[kernel_format(w.fmt)].run(host[e], w.numpy_inputs())
+            w = self.home.host.get(e) or self.home.load(e)  # disk experts are read on demand (counted)
+            if w.fmt in UNPACK_FORMATS:  # no ONNX Runtime kernel: torch unpacks, then matmuls
+                ys[e] = self._compute(w, torch.from_numpy(host[e])).detach().numpy()
+            else:
+                ys[e] = self.stream_kernels[kernel_format(w.fmt)].run(host[e], w.numpy_inputs())
         self.metrics.count("cpu_expert_calls", len(ys))
         return {e: torch.from_numpy(y).to(like.device, like.dtype) for e, y in ys.items()}
 
