@@ -30,6 +30,16 @@ mean over the two directions. Ours plans for the expected load (plan_for="expect
 baselines plan on the half's counts, as deployed. The balance and cross-node targets are
 judged on the out-of-sample means.
 
+Bound (issue 19 item 4): every case records the plan's lower bound on the traffic objective
+and on the cross-node token pairs at the load cap (planner/cluster/bound.py; on these sizes the
+per-layer-pair relaxation, which drops the layer chain's coupling and the cap) and the gap of
+ours to it; target on the 64-GPU cases: cross-node gap <= 5% with the plan in <= 120 s.
+
+Mixed cluster (issue 19 item 3): DeepSeek-V3 on cluster-h100-a100 (8 H100 + 8 A100), planned
+with speed-aware balance, simulated (simulator/) at the decode batch the speeds are taken at,
+on the engine the plan is priced for; decode step time of ours and of the speed-aware EPLB
+(eplb-speed) against speed-blind EPLB global; target: >= 15% faster.
+
 Run: ``python benchmarks/bench_cluster.py [--out PATH] [--quick]``
 """
 
@@ -55,6 +65,7 @@ from planner.cluster import (
     workload_arrays,
 )
 from planner.eplb import PLACEMENTS
+from simulator.engine import SimConfig, simulate
 from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.workload.defaults import default_workload, defaults_for
@@ -68,6 +79,11 @@ CASES = (  # (name, profile, redundant experts, group-limited routing)
     ("2node-group-limited", "cluster-h100-2node", 32, True),
 )
 PLAN_S = 60.0
+BOUND_PLAN_S = 120.0
+BOUND_GAP = 0.05
+MIXED = "cluster-h100-a100"
+MIXED_RUNS = (("sglang", 64), ("bundle", 8))  # (engine, decode sequences per GPU)
+MIXED_STEP_CUT = 0.15
 BALANCE_MARGIN = 0.02
 CROSS_NODE_CUT = 0.30
 IMBALANCE_CUT = 0.30
@@ -144,7 +160,14 @@ def run_case(name: str, profile: str, redundant: int, limited: bool) -> dict:
         "imbalance_cut_vs_eplb_hierarchical": round(imb, 4),
         "imbalance_cut_at_least_30pct": imb >= IMBALANCE_CUT,
         "plan_within_60s": wall <= PLAN_S,
+        "cross_node_gap": round(result.info["bound"]["cross_node_gap"], 4),
+        "cross_node_gap_at_most_5pct_in_120s": result.info["bound"]["cross_node_gap"] <= BOUND_GAP
+        and wall <= BOUND_PLAN_S,
     }
+    b = result.info["bound"]
+    print(f"{name}: bound ({b['method']}) traffic gap {b['traffic_gap']:.1%}, cross-node >= "
+          f"{b['cross_node_fraction']:.3f} vs ours {ours['cross_node_fraction']:.3f} (gap {b['cross_node_gap']:.1%}), "
+          f"bound {b['solve_s']:.2f} s", flush=True)
     print(f"{name}: ours max/mean {ours['max_mean_avg']:.4f} (global {glob['max_mean_avg']:.4f}, hierarchical "
           f"{hier['max_mean_avg']:.4f}); cross-node {ours['cross_node_fraction']:.3f} vs global "
           f"{glob['cross_node_fraction']:.3f} ({cut:+.1%} fewer); imbalance cut vs hierarchical {imb:.1%}; "
@@ -155,7 +178,44 @@ def run_case(name: str, profile: str, redundant: int, limited: bool) -> dict:
             "group_limited_routing": limited, "workload": result.workload, "expert_format": result.expert_format,
             "plan_s": round(wall, 2), "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
             "solver": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.info.items()},
+            "bound": {"objective": result.plan.solver.objective, "bound": result.plan.solver.bound,
+                      "gap": result.plan.solver.gap, "status": result.plan.solver.status},
             "methods": methods, "out_of_sample": oos, "checks": checks}
+
+
+def mixed_case(engine: str, batch: int) -> dict:
+    """DeepSeek-V3 on the H100 + A100 cluster: plan (speed-aware), then simulate ours, eplb-speed
+    and the speed-blind eplb-global at ``batch`` sequences per GPU on ``engine``."""
+    t0 = time.perf_counter()
+    result = plan_cluster(ClusterRequest(hardware=MIXED, model=MODEL, engine=engine, batch_size=batch,
+                                         context_tokens=1024))
+    wall = time.perf_counter() - t0
+    spec = load_model(MODEL)
+    _, hw = load_profile(MIXED)
+    trace = default_workload(spec)
+    G = result.topology.num_gpus
+    config = SimConfig(batch_size=batch * G, requests=batch * G)
+    plans = {"ours": result.plan, "eplb-speed": result.baselines["eplb-speed"],
+             "eplb-global": result.baselines["eplb-global"]}
+    sims = {}
+    for name, plan in plans.items():
+        m = simulate(plan, hw, spec, trace, config).metrics
+        busy = m["busy_s"]
+        sims[name] = {"decode_step_s": round(m["decode_step_s"]["mean"], 6), "tokens_per_s": round(m["tokens_per_s"], 2),
+                      "busy_s_h100_mean": round(float(np.mean([v for k, v in busy.items() if k.startswith("h100/gpu")])), 4),
+                      "busy_s_a100_mean": round(float(np.mean([v for k, v in busy.items() if k.startswith("a100/gpu")])), 4),
+                      "cross_node_fraction": round(float(result.metrics[name]["cross_node_fraction"]), 5),
+                      "max_mean_time": round(float(result.metrics[name]["max_mean_avg"]), 5)}
+    base = sims["eplb-global"]["decode_step_s"]
+    cut = {name: round(1 - s["decode_step_s"] / base, 4) for name, s in sims.items()}
+    print(f"mixed {engine} batch {batch}/GPU: decode step ours {sims['ours']['decode_step_s'] * 1e3:.2f} ms, eplb-speed "
+          f"{sims['eplb-speed']['decode_step_s'] * 1e3:.2f} ms, eplb-global {base * 1e3:.2f} ms: ours {cut['ours']:+.1%}, "
+          f"eplb-speed {cut['eplb-speed']:+.1%} faster; plan {wall:.1f} s", flush=True)
+    return {"profile": MIXED, "engine": engine, "batch_per_gpu": batch, "context_tokens": 1024,
+            "speeds": result.info["speed"], "speed_tokens_per_call": result.info["speed_tokens_per_call"],
+            "plan_s": round(wall, 2), "simulated": sims, "step_cut_vs_eplb_global": cut,
+            "bound": result.info["bound"],
+            "checks": {"step_cut_at_least_15pct": cut["ours"] >= MIXED_STEP_CUT}}
 
 
 def main() -> None:
@@ -167,7 +227,7 @@ def main() -> None:
     spec = load_model(MODEL)
     d = defaults_for(spec)
     record = {
-        "benchmark": "cluster", **provenance(("numpy",)),
+        "benchmark": "cluster", **provenance(("numpy", "pulp", "highspy")),
         "model": MODEL, "moe_layers": spec.num_moe_layers, "experts": spec.num_experts, "top_k": spec.top_k,
         "n_group": spec.n_group, "topk_group": spec.topk_group,
         "workload_calibration": {"file": d.path.name, "calibrated_from": d.provenance.get("calibrated_from", ""),
@@ -176,6 +236,7 @@ def main() -> None:
                     "imbalance_cut_vs_eplb_hierarchical_under_group_limited_routing": IMBALANCE_CUT,
                     "plan_s": PLAN_S},
         "cases": {name: run_case(name, *rest) for name, *rest in cases},
+        "mixed": {f"{engine}-batch{batch}": mixed_case(engine, batch) for engine, batch in MIXED_RUNS},
     }
     c = record["cases"]
     record["summary"] = {
@@ -187,6 +248,9 @@ def main() -> None:
         "target_imbalance_vs_hierarchical (8node-group-limited)": c["8node-group-limited"]["checks"][
             "imbalance_cut_at_least_30pct"],
         "target_plan_time": all(case["checks"]["plan_within_60s"] for case in c.values()),
+        "target_bound_gap_5pct_in_120s (8node-default)": c["8node-default"]["checks"][
+            "cross_node_gap_at_most_5pct_in_120s"],
+        "target_mixed_step_15pct": {k: v["checks"]["step_cut_at_least_15pct"] for k, v in record["mixed"].items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")

@@ -197,7 +197,10 @@ def _load_trace(path: str, task: str | None):
               "experts get replicas, straggler load and all-to-all traffic; --objective does not apply): the experts "
               "take the first --formats entry that meets --quality-budget (the importance-weighted error offload "
               "plans count) and fits the GPUs, --critical experts stay at full precision, and a budget it cannot "
-              "meet exits 1 naming the one it can. offload: one GPU plus host memory and disks. auto: ep when the "
+              "meet exits 1 naming the one it can. On GPUs of different speeds (an H100 + A100 cluster) the load "
+              "is balanced in time, load / each GPU's expert speed at --batch (--compare adds the speed-aware "
+              "EPLB, eplb-speed); the plan reports a lower bound on its traffic and the gap to it (a relaxation "
+              "on large clusters, an exact MILP on small ones). offload: one GPU plus host memory and disks. auto: ep when the "
               "profile has two or more GPUs (equal per node) whose memory holds the experts within the budget, "
               "else offload (the plan's notes say why).")
 @click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
