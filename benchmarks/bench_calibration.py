@@ -17,7 +17,12 @@ The proof of `planner profiles probe` + `planner engines probe` (no calibration)
 5. report the TPOT/TTFT prediction error of every run (a) on the probed hardware seen
    through the probed engine, no calibration (target: <= 15% on every run), and (b) on the
    probed profile (through the plans' engine, as the simulator reads it) before and after
-   calibrating it on the fit run only (target: <= 15% after, on the held-out runs).
+   calibrating it on the fit run only (target: <= 15% after, on the held-out runs);
+6. per run and phase, where the time went (``components``: seconds per step of the dense
+   step, the expert kernels, the MoE blocks' own work and the waits for missed experts, with
+   each miss's read and session build, timed in the runtime by ``_runtime_timing.StepTimer``)
+   beside the planner's price of the same counts (:func:`_runtime_timing.priced_components`;
+   its ``step`` is the sum of the priced terms, with no overlap).
 
     python benchmarks/bench_calibration.py [--work DIR] [--out benchmarks/results/calibration.json]
 """
@@ -37,6 +42,7 @@ import yaml
 import exporters.runtime  # noqa: F401  (first, as in a bundle: torch's OpenMP threads sleep between ops)
 from _machine import probed_profile
 from _provenance import ROOT, provenance
+from _runtime_timing import StepTimer, priced_components
 
 from exporters.bundle import write_bundle
 from exporters.checkpoints import make_random_checkpoint
@@ -88,6 +94,28 @@ def engine_errors(doc: dict, engine_path: Path, runs: list[Run]) -> list[dict]:
     return out
 
 
+def component_table(timer: StepTimer, record: dict, hw, model, plan) -> dict:
+    """Per phase and part: measured seconds per step (the runtime's time, by :class:`StepTimer`)
+    vs the planner's price of the same counts (:func:`priced_components`)."""
+    measured = timer.per_step()
+    seqs = record["routing"]["sequences"][1:]  # without the warm-up prompt
+    prompt = sum(p for p, _ in seqs) / len(seqs)
+    kv = {"prefill": model.kv_cache_bytes(round(prompt)),
+          "decode": sum(sum(model.kv_cache_bytes(p + i) for i in range(1, d + 1)) for p, d in seqs)
+          / max(1, sum(d for _, d in seqs))}
+    priced = priced_components(hw, model, plan, measured, timer.call_tokens, prompt, kv)
+    out = {}
+    for phase, m in measured.items():
+        parts = m["seconds_per_step"]
+        rows = {part: {"measured": parts[part], "priced": priced[phase][part]}
+                for part in ("step", "dense", "expert_calls", "moe_bookkeeping", "miss_wait")}
+        rows["dense"]["priced_framework"] = priced[phase]["dense_framework"]
+        out[phase] = {"seconds_per_step": rows, "steps": m["steps"],
+                      "expert_calls_per_step": m["expert_calls_per_step"], "misses_per_step": m["misses_per_step"],
+                      "per_miss_s": {**(m["per_miss_s"] or {}), "priced": priced[phase]["per_miss_s"]}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=None, help="keep the profile, checkpoint, bundles and runs here")
@@ -112,9 +140,14 @@ def main() -> None:
         bundles[name] = write_bundle(plans[name], model=model, hardware=hw, profile=profile,
                                      out_dir=work / f"bundle-{name}", checkpoint=ckpt, force=True).path
 
-    runs, verified = {}, {}
+    runs, verified, components = {}, {}, {}
+    engine_hw = load_engine(engine_path).apply(HardwareProfile.model_validate(doc).resolve())
+    timer = StepTimer()
     for run_name, bundle_name in (("fit", "A"), ("held_out", "A"), ("other_cache", "B")):
-        record = verify_bundle_run(bundles[bundle_name], ckpt, PROMPTS[run_name], NEW_TOKENS)
+        timer.reset()
+        with timer:
+            record = verify_bundle_run(bundles[bundle_name], ckpt, PROMPTS[run_name], NEW_TOKENS)
+        components[run_name] = component_table(timer, record, engine_hw, model, plans[bundle_name])
         path = work / f"run-{run_name}.json"
         path.write_text(json.dumps(record))
         runs[run_name] = load_run(path)
@@ -148,17 +181,23 @@ def main() -> None:
                             "overheads": [{"where": k, "what": w, "seconds": v} for k, w, v, _ in
                                           overhead_rows(load_engine(engine_path))],
                             "disk_read_fraction": engine_probe["disk_read_fraction"],
+                            "disk_read_overhead_s": engine_probe["disk_read_overhead_s"],
                             "fit": {k: v for k, v in engine_probe["fit"].items() if k != "configs"}},
            "engine_no_calibration": engine_rows, "engine_worst_abs_error": engine_worst,
            "engine_target_met": engine_worst <= 0.15,
            "plans": {n: {"context_tokens": PLANS[n], "sites": p.counts()["site"], "formats": p.counts()["format"],
                          "cache_slots": [lp.cache_slots for lp in p.layers]} for n, p in plans.items()},
-           "runs": verified, "new_tokens_per_prompt": NEW_TOKENS,
+           "runs": verified, "new_tokens_per_prompt": NEW_TOKENS, "components": components,
            "fit": rows(result.fit_before, result.fit_after), "held_out": held,
            "held_out_worst_abs_error_after": worst, "target_abs_error": 0.15, "target_met": worst <= 0.15,
            "parameters": result.parameters, "fit_evaluations": result.evaluations, "fit_s": fit_s}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    for run_name, table in components.items():
+        for phase, c in table.items():
+            print(f"{run_name:12s} {phase:7s} " + "  ".join(
+                f"{part} {row['measured'] * 1e3:.2f}/{row['priced'] * 1e3:.2f}" for part, row in
+                c["seconds_per_step"].items()) + " ms/step (measured/priced)")
     for r in engine_rows:
         print(f"(a) probed hardware + probed engine, no calibration: {r['run']:22s} "
               f"TPOT {r['tpot_s']['error']:+7.1%}   TTFT {r['ttft_s']['error']:+7.1%}")
