@@ -57,7 +57,7 @@ import numpy as np
 from profiles.probe import Figure
 
 __all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "StepSample", "fit_miss_costs", "fit_step_costs",
-           "probe_engine", "engine_profile_doc"]
+           "probe_engine", "engine_profile_doc", "engine_profile_text"]
 
 EXPERTS = 8
 SIZE = {"hidden_size": 64, "intermediate_size": 64}
@@ -510,6 +510,26 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
     doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {_machine()}, "
                                 f"{result.elapsed_s:.0f} s)"]
     return doc
+
+
+def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous: str | None = None) -> str:
+    """``doc`` (from :func:`engine_profile_doc`) as YAML text. With ``previous``, the text of
+    the profile it replaces (the bundled bundle.yaml when that is re-probed), only the probed
+    keys' lines change in it, so its comments stay (:func:`exporters.profile_text.update_yaml_text`);
+    otherwise, or where that cannot be done, the whole document is written."""
+    import yaml
+
+    from exporters.profile_text import update_yaml_text
+
+    if previous is not None:
+        keys = [(result.device_kind, "layer_overhead_s"), (result.device_kind, "expert_call_overhead_s"),
+                ("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
+        keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
+        text = update_yaml_text(previous, doc, keys, sources_prefix="probe")
+        if text is not None:
+            return text
+    return (f"# planner engines probe: the bundle runtime measured on this machine in {result.elapsed_s:.0f} s\n"
+            + yaml.safe_dump(doc, sort_keys=False))
 
 
 def _seconds(value: float) -> str:

@@ -93,3 +93,24 @@ def test_written_profile_carries_the_fixed_cost_of_the_page_cache_state_asked(tm
         read = load_engine(path).profile.disk_read_overhead_s
         assert read.value == pytest.approx(seconds)
         assert read.source.startswith("probe (")
+
+
+def test_reprobing_the_bundled_profile_changes_only_the_probed_lines():
+    from exporters.engine_probe import engine_profile_text
+    from profiles.probe import Figure
+
+    text = (ENGINES_DIR / "bundle.yaml").read_text()
+    base = yaml.safe_load(text)
+    res = result()
+    res = type(res)(**{**res.__dict__, "disk_overheads": {"cold": Figure(2.0e-3, "probe (cold fixed, test)")}})
+    doc = engine_profile_doc(res, base)
+    out = engine_profile_text(doc, res, text)
+    assert yaml.safe_load(out) == doc  # what was asked is what loads
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
+    assert comments and all(c in out.splitlines() for c in comments)  # the file's comments stay
+    changed = set(out.splitlines()) - set(text.splitlines())
+    assert len(changed) == 7  # 2 cpu overheads, 2 step overheads, read fraction, fixed read cost, probe source
+    lines = out.splitlines()
+    fraction = next(i for i, line in enumerate(lines) if line.startswith("disk_read_fraction:"))
+    assert lines[fraction + 1].startswith("disk_read_overhead_s:")
+    assert engine_profile_text(doc, res).startswith("# planner engines probe")  # no previous file: the whole document

@@ -155,7 +155,7 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
     try:
         import exporters.runtime  # noqa: F401  (first: it makes torch's OpenMP threads sleep, as in a bundle)
         from exporters.engine_probe import (PROMPT, TINY, ProbeSettings, check_device, engine_profile_doc,
-                                            probe_engine)
+                                            engine_profile_text, probe_engine)
     except ImportError as exc:
         raise InputError(f"probing the runtime needs the runtime extra ({exc.name} is missing)",
                          fix="pip install torch==2.13.0 && pip install 'moe-planner[runtime]'") from None
@@ -168,8 +168,8 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
     base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text(encoding="utf-8"))
     doc = engine_profile_doc(result, base, page_cache)
     target = Path(out)
-    target.write_text(f"# planner engines probe: the bundle runtime measured on this machine in {result.elapsed_s:.0f} s\n"
-                      + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    previous = target.read_text(encoding="utf-8") if target.is_file() else None  # its comments stay (--force)
+    target.write_text(engine_profile_text(doc, result, previous), encoding="utf-8")
     engine = load_engine(target)  # what was written loads
     data = {"file": str(target), "name": engine.name, "elapsed_s": result.elapsed_s, "launch_s": result.launch_s,
             "fit": result.fit, "disk_read_fraction": {k: m.value for k, m in result.disk_reads.items()},
