@@ -46,6 +46,16 @@ expert counting when it misses). At batch 1 a layer lasts ``E_t[max(device_t, cp
 over the workload's per-token outcomes (resident, hit, miss, local counts:
 :func:`_expected_max`, which also gives the exact U), at B > 1 ``max(G + stall, U, link)``
 (:func:`_averaged_max`).
+
+Op offload (an engine with ``op_offload``, llama.cpp): in a forward pass of at least the
+engine's threshold of tokens on a GPU, the ranks ``[q, E)`` that host DRAM holds are not run
+by the CPU: per pass their weights cross the link (``m`` experts: all ``E - q`` for
+``whole-tensor`` copies, the expected distinct ones ``sum_{e>=q} a_e`` for ``used-experts``),
+then the device runs them, one after the other:
+
+    X = x(m bytes(b_off)) + sum_{e>=q} a_e t_dev(b_off, n_e)      added to G (and the copy to F)
+
+A prompt is the engine's micro-batches, each such a pass (:func:`prefill_s`).
 Memory: ``p bytes(b_res) + c bytes(b_off)`` on the device, ``(E - p) bytes(b_off)`` at home.
 Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
 """
@@ -63,7 +73,7 @@ from profiles.errors import InputError
 from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
-from profiles.perf import dense_step_s, expert_calls_s
+from profiles.perf import dense_step_s, expert_calls_s, micro_batches, op_offloads
 
 from .workload_view import PlanningStats
 
@@ -71,7 +81,7 @@ if TYPE_CHECKING:
     from .given import Fixes
 
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup", "layer_options",
-           "engine_runs", "keeps_critical", "option_costs", "option_specs"]
+           "engine_runs", "keeps_critical", "option_costs", "option_specs", "prefill_s"]
 
 MODES = ("fetch", "local", "hybrid", "stream")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
@@ -362,10 +372,15 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     xfer = np.array([[s.transfer_s(home, eb[j]) for j in range(len(eb))] for home in s.homes]
                     or [[0.0] * len(eb)])  # [homes, b]
 
+    dram_homes = np.array([s.in_host_dram(h) for h in range(len(s.homes))] or [False])
+    in_dram = dram_homes[np.minimum(hi, len(dram_homes) - 1)]  # [N]
+    # op offload: the DRAM-held tail runs on the device after a copy, not on the CPU
+    offload = in_dram & (q < E) if _offloading(s) else np.zeros(len(specs), bool)  # [N]
     res_G = dev_c[bi, p]
     band_G = dev_c[bo, q] - dev_c[bo, p]
     band_U = cpu_c[bo, q] - cpu_c[bo, p]
-    tail_U = cpu_c[bo, E] - cpu_c[bo, q]
+    tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q])
+    tail_idle = np.where(offload, 0.0, idle_c[E] - idle_c[q])
     x = xfer[np.minimum(hi, len(xfer) - 1), bo]  # [N] seconds per expert fetch
     keys = {(int(a), int(b), int(d)) for a, b, d in zip(p, c, q)}
     h_of = {k: (st.hit_rate(layer, k[0], k[1], k[2]) if k[2] > k[0] else 0.0) for k in keys}
@@ -378,25 +393,27 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     # expert counting when it misses)
     band_idle = np.where(is_["local"], idle_c[q] - idle_c[p], np.where(is_["hybrid"], (1 - h) * (idle_c[q] - idle_c[p]),
                                                                           0.0))
-    p_cpu = 1.0 - np.exp(idle_c[E] - idle_c[q] + band_idle)
+    p_cpu = 1.0 - np.exp(tail_idle + band_idle)
     U = (tail_U + np.where(is_["hybrid"], 1 - h, np.where(is_["local"], 1.0, 0.0)) * band_U
          + p_cpu * 2 * s.activation_s(B))
     F = np.where(is_["stream"], (q - p) * x, np.where(is_["fetch"] | is_["hybrid"], miss * x, 0.0))
+    if offload.any():
+        copy_s = _offload_copy_s(s, offload, q, bo, hi, act_c, eb)  # [N]
+        G = G + copy_s + np.where(offload, dev_c[bo, E] - dev_c[bo, q], 0.0)  # the device waits for the copy
+        F = F + copy_s
     error = err_c[bi, p] + err_c[bo, E] - err_c[bo, p]
     # what each placement holds: an expert a CPU runs from memory is held as its session's
     # pre-packed copy (kernel_factor); a hybrid expert in host DRAM as that and the copy the
     # device fetches from; an expert on a drive as its stored bytes
     f_dev = np.array([s.kernel_factor(s.compute, fm) for fm in s.formats])  # [b]
     f_cpu = np.array([s.kernel_factor(s.host, fm) for fm in s.formats])  # [b]
-    dram_homes = np.array([s.in_host_dram(h) for h in range(len(s.homes))] or [False])
-    in_dram = dram_homes[np.minimum(hi, len(dram_homes) - 1)]  # [N]
     run_f = np.where(in_dram, f_cpu[bo], 1.0)  # [N]
     band_f = np.where(is_["local"], run_f, np.where(is_["hybrid"] & in_dram, 1.0 + f_cpu[bo], 1.0))
     dev_bytes = p * eb[bi] * f_dev[bi] + c * eb[bo] * f_dev[bo]
     home_bytes = eb[bo] * ((q - p) * band_f + (E - q) * run_f)
 
     r = float(st.predictability[layer])
-    if B == 1 and st.access_rank is not None:
+    if B == 1 and st.access_rank is not None and not offload.any():
         t_dev1 = np.array([s.call_s(s.compute, fm, np.ones(1))[0] for fm in s.formats])  # [b] one-token calls
         t_cpu1 = np.array([s.call_s(s.host, fm, np.ones(1))[0] for fm in s.formats])
         # every option against every per-token outcome of its (p, c, q): ragged pairs
@@ -416,6 +433,30 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     return OptionTable(p=p.copy(), q=q.copy(), b_res=bi.copy(), c=c.copy(), b_off=bo.copy(), home=hi.copy(),
                        mode=mode.copy(), G=G, U=U, F=F, dev_bytes=dev_bytes, home_bytes=home_bytes, error=error,
                        tau=tau, tau_prefetch=tau_pf)
+
+
+def _offloading(s: Setup) -> bool:
+    """Whether a step of ``s.batch_size`` tokens runs the host-held experts on the compute
+    device after copying them (the engine's op offload, :func:`profiles.perf.op_offloads`)."""
+    op_offload = s.engine.op_offload if s.engine is not None else None
+    return not s.unified and op_offloads(op_offload, s.compute, s.batch_size)
+
+
+def _offload_copy_s(s: Setup, offload: np.ndarray, q: np.ndarray, bo: np.ndarray, hi: np.ndarray,
+                    act_c: np.ndarray, eb: np.ndarray) -> np.ndarray:
+    """``[N]`` link seconds of one pass's op-offload copy of each ``offload`` row's tail
+    ``[q, E)``: every tail expert (``whole-tensor``) or the expected distinct ones the pass
+    uses (``used-experts``, ``sum a_e``), as one transfer over the route from its home."""
+    E = s.stats.num_experts
+    whole = s.engine.op_offload.copies == "whole-tensor"
+    moved = np.where(offload, (E - q) if whole else act_c[E] - act_c[q], 0.0) * eb[bo]  # [N] bytes
+    out = np.zeros(len(q))
+    for h, home in enumerate(s.homes):
+        route = s.hardware.route(home, s.compute.id)
+        rows = offload & (hi == h) & (moved > 0)
+        if route.links and rows.any():
+            out[rows] = moved[rows] / route.bottleneck_bytes_per_s + route.latency_s  # Route.transfer_s
+    return out
 
 
 def _stalls(mode: np.ndarray) -> np.ndarray:
@@ -545,3 +586,28 @@ def step_time(s: Setup, tables: Sequence[OptionTable], choice: Sequence[int], fi
     """Seconds of one decode step for one option per layer, and ``[L]`` per-layer times."""
     tau = np.array([option_time(t, prefetch)[w] for t, w in zip(tables, choice)])
     return float(tau.sum() + fixed.dense_s), tau
+
+
+def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_tokens: int,
+              prefetch: bool) -> float:
+    """Seconds to prefill one prompt of ``prompt_tokens`` tokens (the TTFT) with one option per
+    layer (``specs[l]``: ``[1, 7]``, SPEC_COLUMNS).
+
+    The prompt runs as the engine's micro-batches (:func:`profiles.perf.micro_batches`: one
+    pass of the whole prompt unless the engine states ``op_offload.micro_batch_tokens``),
+    each a forward pass of its n tokens: the layers as :func:`option_costs` prices a step of
+    n tokens (op offload included, :func:`_offloading`), the dense work as
+    :func:`profiles.perf.dense_step_s` with attention reading the KV cache of this one
+    sequence so far (the tokens of the passes before and of this one).
+    """
+    op_offload = s.engine.op_offload if s.engine is not None else None
+    total, done = 0.0, 0
+    for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
+        step = dataclasses.replace(s, batch_size=n, phase="prefill")
+        layers_s = sum(float(option_time(option_costs(step, l, np.asarray(sp, dtype=np.int64).reshape(-1, N_SPEC)[:1]),
+                                         prefetch)[0]) for l, sp in enumerate(specs))
+        for _ in range(count):
+            done += n
+            kv_bytes = float(s.model.kv_cache_bytes(done))
+            total += layers_s + dense_step_s(s.compute, s.model, dense_format, n, kv_bytes, prefill=True)
+    return total

@@ -21,8 +21,8 @@ from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINE_ENGINES, BASELINES, Baseline
-from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, fixed_costs, keeps_critical,
-                    option_costs, step_time)
+from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, keeps_critical, prefill_s,
+                    step_time)
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
@@ -393,10 +393,8 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
             hit_num += float(f[:p].sum())
         hit_den += float(f.sum())
         link_s += float(t.F[w])
-    # prefill of one prompt: the same placement with a prompt-sized batch of tokens
-    prompt = dataclasses.replace(s, batch_size=max(req.prompt_tokens, 1), phase="prefill")
-    prefill_tables = [option_costs(prompt, l, tables[l].specs([w])) for l, w in enumerate(choice)]
-    ttft_s = step_time(prompt, prefill_tables, [0] * len(choice), fixed_costs(prompt, dense_fm), prefetch)[0]
+    # prefill of one prompt: the same placement, the prompt's tokens in the engine's micro-batches
+    ttft_s = prefill_s(s, [tables[l].specs([w]) for l, w in enumerate(choice)], dense_fm, req.prompt_tokens, prefetch)
     B = s.batch_size
     out = {"tpot_s": step_s, "tokens_per_s": B / step_s, "ttft_s": ttft_s,
            "expert_hit_rate": hit_num / hit_den if hit_den else 1.0,

@@ -18,7 +18,9 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
   that the CPU has sets its peaks), whether host memory is pinned or pageable (which
   host->device copy rate the links reach), and whether it is NUMA-aware on multi-socket CPUs;
 - what it can place (per ``expert``, per ``tensor`` of a layer, per ``layer``), which
-  execution sites, cache evictions and prefetch policies it has.
+  execution sites, cache evictions and prefetch policies it has;
+- whether it runs host-held experts on the GPU, after copying them, once a micro-batch of
+  the prompt is large enough (``op_offload``: llama.cpp's op offload, :class:`OpOffload`).
 
 Every prediction is for (hardware, engine): :meth:`Engine.apply` returns the hardware as
 this engine sees it (devices carry the overheads, unpack rates and formats, CPUs the
@@ -49,7 +51,7 @@ from .limits import MAX_TEXT_FILE_BYTES
 from .units import parse_time
 from .yamlio import load_yaml
 
-__all__ = ["EngineProfile", "Engine", "load_engine", "bundled_engines", "ENGINES_DIR", "DEFAULT_ENGINE",
+__all__ = ["EngineProfile", "Engine", "OpOffload", "load_engine", "bundled_engines", "ENGINES_DIR", "DEFAULT_ENGINE",
            "PLACEMENTS", "SITES", "overhead_rows", "engine_hardware"]
 
 ENGINES_DIR = Path(__file__).parent / "engines"
@@ -162,6 +164,36 @@ class SourcedFlag(BaseModel):
     source: Source
 
 
+class OpOffload(BaseModel):
+    """The engine runs an op whose weights sit in host memory on the GPU when the op's batch
+    is large enough, copying the weights over the host->GPU link first (llama.cpp's "op
+    offload": the ggml scheduler asks the GPU backend's ``offload_op``, which says yes from
+    ``min_batch_tokens`` tokens on; for a MoE layer's MUL_MAT_ID the batch is its tokens).
+
+    The prompt is processed in micro-batches of ``micro_batch_tokens`` tokens (llama.cpp's
+    ``-ub``): each is a forward pass of its own, and each copies the weights again.
+    ``copies`` says what one copy moves: ``whole-tensor`` every expert of the layer's
+    projection, ``used-experts`` only the experts the micro-batch's tokens route to. The copy
+    and the GPU's computation run one after the other (no overlap). Without this block the
+    engine computes host-held experts where they live, and a prompt is one forward pass.
+    """
+
+    model_config = _STRICT
+    min_batch_tokens: int = Field(ge=1)
+    micro_batch_tokens: int = Field(ge=1)
+    copies: Literal["whole-tensor", "used-experts"]
+    source: Source
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "OpOffload":
+        if self.min_batch_tokens > self.micro_batch_tokens:
+            raise InputError("no micro-batch reaches the op offload threshold", key="op_offload.min_batch_tokens",
+                             value=self.min_batch_tokens, expected=f"at most micro_batch_tokens "
+                             f"({self.micro_batch_tokens})", fix="lower min_batch_tokens, or drop the op_offload "
+                             "block for an engine that never offloads")
+        return self
+
+
 class StepOverheads(BaseModel):
     model_config = _STRICT
     decode: SourcedSeconds
@@ -192,6 +224,9 @@ class EngineProfile(BaseModel):
     # share of a drive's sequential read rate the engine's expert reads reach (memory-mapped
     # page faults read in small pieces; direct reads of whole experts reach the drive's rate)
     disk_read_fraction: SourcedFraction | None = None
+    # host-held experts run on the GPU after a copy when a micro-batch is large enough
+    # (llama.cpp's op offload); None: they run where they live, a prompt is one forward pass
+    op_offload: OpOffload | None = None
     # fixed seconds of each expert read from a drive, on top of its bytes at that fraction of
     # the rate (opening and reading it, making it ready to compute: the bundle builds an ONNX
     # Runtime session per missed CPU expert); priced as latency on the drive's links
@@ -258,6 +293,10 @@ class Engine:
         """The planner's per-layer modes this engine can run (planner.costs.MODES)."""
         sites = set(self.profile.sites)
         return tuple(m for m in ("fetch", "local", "hybrid", "stream") if m in sites)
+
+    @property
+    def op_offload(self) -> OpOffload | None:
+        return self.profile.op_offload
 
     @property
     def has_cache(self) -> bool:

@@ -21,6 +21,11 @@ kernel's launches instead (:data:`FUSED_MOE_LAUNCHES`, :func:`dense_step_s`).
 A transfer of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
 The planner takes expectations of these; the simulator plays them out with contention.
 
+An engine with op offload (``profiles.engines.OpOffload``, llama.cpp) processes a prompt in
+micro-batches (:func:`micro_batches`); in a forward pass of at least its threshold of tokens
+(:func:`op_offloads`) the experts a GPU's host holds are copied over the host->GPU route and
+run on the GPU, the copy first, then the computation.
+
 Devices carry the engine's terms once :meth:`profiles.engines.Engine.apply` has run; on bare
 hardware they are zero, and the formula is the datasheet roofline.
 """
@@ -38,7 +43,7 @@ if TYPE_CHECKING:
     from .models import ModelSpec
 
 __all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s", "expert_calls_s",
-           "FUSED_MOE_LAUNCHES"]
+           "FUSED_MOE_LAUNCHES", "micro_batches", "op_offloads"]
 
 # kernels a fused MoE layer launches once, whatever the number of experts it runs: the
 # gate/up projection, the down projection and the weighted combine (llama.cpp: two
@@ -153,3 +158,25 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
 def activation_bytes(model: ModelSpec, tokens: float) -> float:
     """Bytes of ``tokens`` hidden states in bf16: what crosses a link when an expert runs elsewhere."""
     return tokens * model.hidden_size * 2.0
+
+
+def micro_batches(tokens: int, micro_batch_tokens: int | None) -> list[tuple[int, int]]:
+    """``[(tokens, count)]``: the forward passes a step of ``tokens`` tokens runs as, when the
+    engine processes at most ``micro_batch_tokens`` at a time (llama.cpp's ``-ub``): full
+    micro-batches first, the last one smaller; ``None``: one pass of all of them.
+
+    >>> micro_batches(1400, 512)
+    [(512, 2), (376, 1)]
+    """
+    tokens = max(int(tokens), 1)
+    if micro_batch_tokens is None or tokens <= micro_batch_tokens:
+        return [(tokens, 1)]
+    full, rest = divmod(tokens, micro_batch_tokens)
+    return [(micro_batch_tokens, full)] + ([(rest, 1)] if rest else [])
+
+
+def op_offloads(op_offload, device: Device, tokens: float) -> bool:
+    """Whether a forward pass of ``tokens`` tokens on compute device ``device`` runs the
+    host-held experts on it after copying them (``op_offload``: the engine's
+    ``profiles.engines.OpOffload`` or None): only a GPU, and from the engine's threshold on."""
+    return op_offload is not None and device.kind == "gpu" and tokens >= op_offload.min_batch_tokens

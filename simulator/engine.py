@@ -31,7 +31,8 @@ its experts and combines the results back (all-to-all on the topology).
 
 This module holds the configuration, the simulation's state and the layer step; the
 actors live beside it, one concept each, as mixins of :class:`Simulation`:
-:mod:`simulator.scheduler` (requests and batching), :mod:`simulator.experts` (hit or
+:mod:`simulator.scheduler` (requests and batching), :mod:`simulator.op_offload` (prompts
+in micro-batches, host-held experts run on the GPU after a copy), :mod:`simulator.experts` (hit or
 fetch, then compute), :mod:`simulator.contention` (a layer whose transfers share links,
 worked out without events), :mod:`simulator.prefetcher`, :mod:`simulator.expert_parallel`
 (all-to-all), with the plan resolved and priced in :mod:`simulator.pricing`, the router's
@@ -66,6 +67,7 @@ from .contention import Contention
 from .expert_parallel import ExpertParallel
 from .experts import ExpertWork
 from .metrics import SimReport, summarise
+from .op_offload import OpOffload
 from .policies import miss_policy, prefetch_policy
 from .prefetcher import LINK_CAPPED, Prefetcher
 from .pricing import Pricing
@@ -113,7 +115,7 @@ class SimConfig:
     record: bool = False
 
 
-class Simulation(RequestFlow, Pricing, ExpertWork, Contention, ExpertParallel, Prefetcher):
+class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, ExpertParallel, Prefetcher):
     """One replay of a workload under a plan. Use :func:`simulate`."""
 
     play_ahead = True  # work out event-free layers without events (False: always play them out)

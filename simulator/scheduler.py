@@ -71,7 +71,8 @@ def requests_of(trace: Trace, cfg: SimConfig, rng: np.random.Generator) -> list[
 
 class RequestFlow:
     """The request actors of :class:`simulator.engine.Simulation` (a mixin: it reads
-    ``env``, ``cfg``, ``batch_size``, ``log`` and ``forward_step`` from the simulation)."""
+    ``env``, ``cfg``, ``batch_size`` and ``log``, and runs steps by ``prefill`` and ``forward``
+    of :class:`simulator.op_offload.OpOffload`)."""
 
     def request_source(self, requests: list[Request], waiting: list[Request], arrived: simpy.Event):
         """Releases requests at their arrival times."""
@@ -105,8 +106,8 @@ class RequestFlow:
             new = [r for r in running if not r.prefilled]
             if new:
                 rows = np.concatenate([r.prompt_rows for r in new])
-                if len(rows):
-                    yield from self.forward_step("prefill", rows, [(r, len(r.prompt_rows)) for r in new])
+                if len(rows):  # in the engine's micro-batches (simulator.op_offload)
+                    yield from self.prefill(new, rows)
                 for r in new:
                     r.prefilled = True
                     if len(r.prompt_rows):
@@ -114,7 +115,7 @@ class RequestFlow:
             decoding = [r for r in running if r.next_decode < len(r.decode_rows)]
             if decoding:
                 rows = np.array([r.decode_rows[r.next_decode] for r in decoding])
-                yield from self.forward_step("decode", rows, [(r, r.context + 1) for r in decoding])
+                yield from self.forward("decode", rows, [(r, r.context + 1) for r in decoding])
                 for r in decoding:
                     r.next_decode += 1
                     r.token_s.append(self.env.now)

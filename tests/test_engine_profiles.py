@@ -187,6 +187,12 @@ BAD = [
     ({"cpu.efficiency": {"memory_fraction": 1.4, "source": "x"}}, "cpu.efficiency.memory_fraction"),
     ({"gpu.efficiency": {"memory_fraction": 0.7}}, "source"),
     ({"colour": "blue"}, "unknown key"),
+    ({"op_offload": {"min_batch_tokens": 1024, "micro_batch_tokens": 512, "copies": "whole-tensor", "source": "ggml"}},
+     "no micro-batch reaches the op offload threshold"),
+    ({"op_offload": {"min_batch_tokens": 32, "micro_batch_tokens": 512, "copies": "some", "source": "ggml"}},
+     "op_offload.copies"),
+    ({"op_offload": {"min_batch_tokens": 0, "micro_batch_tokens": 512, "copies": "whole-tensor", "source": "ggml"}},
+     "op_offload.min_batch_tokens"),
 ]
 
 
