@@ -37,6 +37,12 @@ def test_fit_never_gives_a_negative_fixed_cost():
     assert per_byte == pytest.approx(sum(b * t for b, t in samples) / sum(b * b for b, _ in samples))
 
 
+def test_fit_without_a_positive_cost_per_byte_falls_back_to_one_rate():
+    samples = [(1e5, 3.0e-3), (2e5, 2.8e-3)]  # noise larger than the bytes' cost: the slope comes out negative
+    fixed, per_byte = fit_miss_costs(samples)
+    assert fixed == 0.0 and per_byte == pytest.approx((1e5 * 3.0e-3 + 2e5 * 2.8e-3) / (1e10 + 4e10))
+
+
 def test_fit_needs_two_sizes():
     with pytest.raises(ValueError, match="two sizes"):
         fit_miss_costs([(1e6, 2e-3), (1e6, 2.1e-3)])

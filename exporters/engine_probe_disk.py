@@ -1,0 +1,150 @@
+"""A disk miss of the bundle runtime, timed at several expert sizes (``planner engines probe``).
+
+A miss reads the expert from the drive past the page cache and makes it ready to compute (a
+CPU expert: a pre-packed ONNX Runtime session). Timed at two or more expert sizes, its
+median per size fitted as ``t = fixed + bytes * per_byte`` gives the engine profile's
+``disk_read_overhead_s`` (the fixed part) and ``disk_read_fraction`` (``1 / per_byte`` over
+a sequential read of the drive); :mod:`exporters.engine_probe` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from profiles.probe import Figure
+
+__all__ = ["expert_reads", "fit_miss_costs"]
+
+
+def fit_miss_costs(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of miss seconds on expert bytes, ``t = fixed + bytes * per_byte``.
+
+    Args:
+        samples: ``(bytes, seconds)`` of misses (one per expert size: its median).
+
+    Returns:
+        ``(fixed_s, per_byte_s)``; a fit with a negative intercept (the fixed part small
+        next to the noise) or no positive slope (misses of a few KiB, or a busy machine) is
+        refitted through the origin (one rate, no fixed part), so ``fixed_s >= 0`` and
+        ``per_byte_s > 0`` for positive times.
+
+    Raises:
+        ValueError: fewer than two sizes.
+    """
+    x = np.array([b for b, _ in samples], dtype=float)  # [S]
+    t = np.array([s for _, s in samples], dtype=float)  # [S]
+    if len(set(x.tolist())) < 2:
+        raise ValueError("the misses must be of at least two sizes to separate fixed and per-byte costs")
+    (fixed, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), t, rcond=None)
+    if fixed < 0 or per_byte <= 0:
+        fixed, per_byte = 0.0, float(x @ t / (x @ x))
+    return float(fixed), float(per_byte)
+
+
+
+def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, device: str,
+                 src: Callable[[str], str]) -> tuple[dict[str, Figure], dict[str, Figure], dict[str, Any]]:
+    """The runtime's read of one expert on a miss, at each size (H = I) of ``sizes``, vs a
+    sequential read of the drive: ``cold`` (the expert's pages dropped from the page cache
+    first) and ``warm`` (read again).
+
+    A miss reads the expert with the runtime's own positional reads into a buffer of its own
+    (``TensorFile`` + ``read_tensors``, as ``Kernels.quantised`` does: past the page cache
+    where ``O_DIRECT`` is allowed) and makes it ready to compute: on a CPU a quantised expert
+    becomes a pre-packed ONNX Runtime session (``PlannedExperts._ready``), on CUDA the
+    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too.
+    The median miss of each size is fitted as ``fixed + bytes * per_byte``
+    (:func:`fit_miss_costs`). The sequential read is of the largest size's file in 8 MiB
+    pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
+    fraction applies to its figure).
+
+    Returns:
+        ``(read fractions, fixed seconds per miss, the raw figures)``, each keyed by
+        ``cold`` / ``warm``; ``({}, {}, {})`` where the page cache cannot be dropped.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return {}, {}, {}
+    from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
+
+    times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # state -> [(expert bytes, median s)]
+    seq_rate, how_seq, seq_bytes = 0.0, "", 0
+    for size in sorted(sizes):
+        path = directory / f".engine-probe-experts-{size}.safetensors"
+        try:
+            miss = _miss_reader(path, size, experts, fmt, device)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            total = path.stat().st_size
+            if size == max(sizes):
+                seq_s, how_seq = min(_read_uncached(str(path), total, 8 << 20) for _ in range(2))
+                seq_rate, seq_bytes = total / seq_s, total
+            for state in ("cold", "warm"):
+                ts = [_timed(path, lambda e=e: miss(e), drop=state == "cold") for e in range(experts)]
+                times[state].append((total / experts, float(np.median(ts))))
+        finally:
+            path.unlink(missing_ok=True)
+    ready = "read and built into a pre-packed ONNX Runtime session" if not device.startswith("cuda") else \
+        "read and copied to the GPU"
+    sizes = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
+    fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(sizes)}
+    for state, how in (("cold", "its pages dropped from the page cache first"),
+                       ("warm", "its pages in the page cache")):
+        fixed, per_byte = fit_miss_costs(times[state])
+        raw[state] = {"misses": [{"bytes": b, "seconds": t} for b, t in times[state]], "fixed_s": fixed,
+                      "per_byte_s": per_byte}
+        what = (f"one {fmt} expert of {sizes} MiB read as a miss reads it, {ready}, {how} (median of "
+                f"{experts} per size), least squares t = fixed + bytes / rate")
+        fractions[state] = Figure(min(1.0, 1.0 / per_byte / seq_rate), src(
+            f"{what}: rate {1 / per_byte / 1e9:.3f} GB/s, vs a sequential read of the {seq_bytes / 2**20:.0f} MiB "
+            f"file in 8 MiB pieces, {how_seq}: {seq_rate / 1e9:.3f} GB/s; in {directory}"))
+        overheads[state] = Figure(fixed, src(f"{what}: the fixed part; in {directory}"))
+    return fractions, overheads, raw
+
+
+def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> Callable[[int], None]:
+    """Write ``experts`` random ``fmt`` experts of H = I = ``size`` to ``path``; returns the
+    runtime's miss of expert ``e`` (read past the page cache, made ready to compute)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, weight_inputs
+    from exporters.runtime.quant import quantize_matrix
+    from exporters.runtime.tensorfile import TensorFile, read_tensors
+
+    rng = np.random.default_rng(0)  # random weights: a compressing filesystem would read zeros faster
+    one = {**quantize_matrix(rng.standard_normal((2 * size, size), dtype=np.float32), fmt, "gate_up"),
+           **quantize_matrix(rng.standard_normal((size, size), dtype=np.float32), fmt, "down")}
+    save_file({f"{e}.{k}": a.copy() for e in range(experts) for k, a in one.items()}, str(path))
+    cpu = not device.startswith("cuda")
+    templates = {fmt: expert_template(fmt, size, size)} if cpu else {}
+
+    def miss(e: int) -> None:
+        tf = TensorFile(path)
+        tensors = read_tensors({k: [tf.span(f"{e}.{k}")] for k in weight_inputs(fmt)})
+        if cpu:
+            CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})}, threads=default_threads())
+        else:
+            for t in tensors.values():
+                t.to(device)
+            torch.cuda.synchronize()
+
+    return miss
+
+
+def _timed(path: Path, fn: Callable[[], object], *, drop: bool) -> float:
+    """Seconds of ``fn()``, with ``path`` dropped from the page cache first when ``drop``."""
+    if drop:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
