@@ -9,11 +9,15 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
   (``fused_experts``: no kernel launch per expert call, the fused kernel's launches once per
   MoE layer);
 - the kernel path per (device kind, format): ``native`` (a fused kernel reads the stored
-  bytes), ``unsupported``, or ``{unpack_weights_per_s: R}`` (the weights are unpacked to
-  fp16 at R weights/s, then an fp16 matmul reads them); a format the profile does not list
-  for a device kind is unsupported there;
+  bytes), ``unsupported``, ``{unpack_weights_per_s: R}`` (the weights are unpacked to
+  fp16 at R weights/s, then an fp16 matmul reads them), or ``{host_s_per_linear: T}`` (a
+  native kernel whose every linear call also costs T of host work: launches, device syncs);
+  a format the profile does not list for a device kind is unsupported there;
 - the share of a device's memory bandwidth and peak its kernels typically reach there
-  (``efficiency``; a hardware profile's own measured efficiency wins);
+  (``efficiency``, and per chip vendor ``efficiency_by_vendor``: llama.cpp runs Metal on an
+  Apple GPU; a hardware profile's own measured efficiency wins);
+- whether its MoE block visits every expert of a layer each step, routed or not
+  (``expert_loop: all``, an eager loop over all experts);
 - the CPU kernel family (``amx``, ``avx512``, ``avx2``: the widest of them up to this one
   that the CPU has sets its peaks), whether host memory is pinned or pageable (which
   host->device copy rate the links reach), and whether it is NUMA-aware on multi-socket CPUs;
@@ -42,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_serializer, model_validator)
 
 from .errors import InputError, from_validation_error
 from .formats import get_format
@@ -114,12 +119,25 @@ class SourcedFraction(BaseModel):
     source: Source
 
 
+class LinearHost(BaseModel):
+    """A native kernel whose every linear (matmul) call also costs this much host time: the
+    launches and device synchronisations the engine's path for the format adds around it."""
+
+    model_config = _STRICT
+    host_s_per_linear: Seconds = Field(gt=0)
+    source: Source
+
+
 def _kernel_kind(value: object) -> str:
+    if isinstance(value, LinearHost) or (isinstance(value, dict) and "host_s_per_linear" in value):
+        return "host"
     return "unpack" if isinstance(value, (dict, Unpack)) else "path"
 
 
-# a mapping is an unpack path (its own errors name its keys), anything else native/unsupported
-KernelPath = Annotated[Union[Annotated[Unpack, Tag("unpack")], Annotated[Literal["native", "unsupported"], Tag("path")]],
+# a mapping is an unpack path or a host-cost path (their own errors name their keys),
+# anything else native/unsupported
+KernelPath = Annotated[Union[Annotated[Unpack, Tag("unpack")], Annotated[LinearHost, Tag("host")],
+                             Annotated[Literal["native", "unsupported"], Tag("path")]],
                        Discriminator(_kernel_kind)]
 
 
@@ -138,6 +156,19 @@ class EngineEfficiency(BaseModel):
     source: Source
 
 
+class ExpertLoop(BaseModel):
+    """Which experts the engine's MoE block visits each step: ``routed`` (only those some
+    token routes to) or ``all`` (an eager loop over every expert of the layer, an unrouted one
+    running its linears on an empty batch)."""
+
+    model_config = _STRICT
+    value: Literal["routed", "all"]
+    source: Source
+
+
+Vendor = Literal["nvidia", "amd", "apple", "intel"]
+
+
 class DeviceKindSpec(BaseModel):
     """What the engine does on one kind of device (gpu, cpu or accelerator)."""
 
@@ -148,6 +179,21 @@ class DeviceKindSpec(BaseModel):
     kernel_family: Literal["avx2", "avx512", "amx"] | None = None  # cpu only
     numa: Literal["interleave", "aware"] = "interleave"  # cpu only
     efficiency: EngineEfficiency | None = None
+    # on a device of this vendor (the hardware profile's `vendor`) the engine runs another
+    # backend whose kernels reach other shares (llama.cpp: Metal on an Apple GPU); replaces
+    # `efficiency` there
+    efficiency_by_vendor: dict[Vendor, EngineEfficiency] = Field(default_factory=dict)
+    expert_loop: ExpertLoop | None = None  # None: routed experts only
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # fields left at their defaults are left out, so profiles without them keep their digest
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("efficiency_by_vendor", "expert_loop"):
+                if data.get(key) in (None, {}):
+                    data.pop(key, None)
+        return data
 
     @model_validator(mode="after")
     def _formats_known(self) -> "DeviceKindSpec":
@@ -325,6 +371,7 @@ class Engine:
         if not d.is_compute or spec is None:
             return dataclasses.replace(d, engine=self.name)
         unpack = {fm: k.unpack_weights_per_s for fm, k in spec.kernels.items() if isinstance(k, Unpack)}
+        host = {fm: k.host_s_per_linear for fm, k in spec.kernels.items() if isinstance(k, LinearHost)}
         formats = tuple(fm for fm, k in spec.kernels.items() if k != "unsupported")
         steps = self.profile.step_overhead_s
         changes = dict(
@@ -333,11 +380,14 @@ class Engine:
             step_overhead_s=steps.decode.value, prefill_step_overhead_s=steps.prefill.value,
             unpack_weights_per_s=unpack, formats=formats, engine=self.name,
             fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
+            linear_host_s=host, visits_every_expert=bool(spec.expert_loop and spec.expert_loop.value == "all"),
         )
-        eff = spec.efficiency
+        eff, whose = spec.efficiency, f"engine {self.name}"
+        if d.vendor is not None and d.vendor in spec.efficiency_by_vendor:
+            eff, whose = spec.efficiency_by_vendor[d.vendor], f"engine {self.name} on {d.vendor}"
         if eff is not None and d.efficiency is not None and not d.efficiency_stated:
             given = {k: v for k, v in eff.model_dump(exclude={"source"}).items() if v is not None}
-            changes["efficiency"] = d.efficiency.model_copy(update=given | {"source": f"engine {self.name}: {eff.source}"})
+            changes["efficiency"] = d.efficiency.model_copy(update=given | {"source": f"{whose}: {eff.source}"})
         if d.kind == "cpu":
             family = _family(d, spec.kernel_family)
             if family is not None:

@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 import networkx as nx
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .errors import InputError, from_validation_error
 from .formats import ACCELERATOR_COMPUTE_FORMATS, GENERAL_COMPUTE_FORMATS, GPU_COMPUTE_FORMATS
@@ -218,6 +218,9 @@ class DeviceSpec(BaseModel):
     # joined by a link of this bandwidth (UPI / Infinity Fabric, per direction)
     sockets: int = Field(default=1, ge=1, le=8)
     cross_socket_bytes_per_s: BytesPerS | None = Field(default=None, gt=0)
+    # who makes the chip: an engine profile can state what its kernels reach per vendor
+    # (llama.cpp runs its Metal backend on an Apple GPU, not its CUDA one); None: not stated
+    vendor: Literal["nvidia", "amd", "apple", "intel"] | None = None
     power_w: Watts | None = None
     price_per_hour_usd: float | None = Field(default=None, ge=0)
     links: tuple[LinkSpec, ...] = ()
@@ -229,6 +232,14 @@ class DeviceSpec(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("efficiency"), dict):
             defaults = DEFAULT_EFFICIENCY.get(data.get("kind"), {})
             data = dict(data, efficiency={**defaults, **data["efficiency"]})
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # an unstated vendor is left out, so profiles without one keep their digest
+        data = handler(self)
+        if isinstance(data, dict) and data.get("vendor") is None:
+            data.pop("vendor", None)
         return data
 
     @model_validator(mode="after")
@@ -249,11 +260,11 @@ class DeviceSpec(BaseModel):
             raise InputError(f"a {self.kind} device needs peak_ops_per_s for at least one format",
                              key="peak_ops_per_s", fix="add e.g. `peak_ops_per_s: {bf16: 165TFLOPS}`")
         stated = [k for k in ("peak_ops_per_s", "efficiency", "launch_overhead_s", "layer_overhead_s",
-                              "kernel_bytes_factor") if getattr(self, k) not in (None, {}, 0.0)]
+                              "kernel_bytes_factor", "vendor") if getattr(self, k) not in (None, {}, 0.0)]
         if not compute and stated:
             raise InputError(f"a {self.kind} device does not compute", key=stated[0],
-                             fix="remove peak_ops_per_s, efficiency, launch_overhead_s, layer_overhead_s and "
-                                 "kernel_bytes_factor")
+                             fix="remove peak_ops_per_s, efficiency, launch_overhead_s, layer_overhead_s, "
+                                 "kernel_bytes_factor and vendor")
         allowed = {"accelerator": ACCELERATOR_COMPUTE_FORMATS, "gpu": GPU_COMPUTE_FORMATS}.get(
             self.kind, GENERAL_COMPUTE_FORMATS)
         for fmt in self.peak_ops_per_s:
@@ -361,12 +372,19 @@ class Device:
     # the profile states this device's efficiency (a probe or calibrate measured it): an engine
     # profile's typical efficiency (profiles.engines) does not replace it
     efficiency_stated: bool = False
+    vendor: str | None = None  # see DeviceSpec
     # set by an engine profile (profiles.engines.Engine.apply), zero/empty on bare hardware:
     expert_call_overhead_s: float = 0.0  # framework seconds per expert call (dispatch, Python)
     fused_experts: bool = False  # one kernel per projection runs all of a layer's routed experts (no launch per call)
     step_overhead_s: float = 0.0  # framework seconds per decode step (sampling, scheduling)
     prefill_step_overhead_s: float = 0.0  # ... per prefill step
     unpack_weights_per_s: dict[str, float] = field(default_factory=dict)  # formats unpacked before the matmul
+    # host seconds per linear (matmul) call of weights in this format, on top of its kernel:
+    # launches and device syncs the engine's path for that format adds (transformers' fp8)
+    linear_host_s: dict[str, float] = field(default_factory=dict)
+    # the engine's MoE block visits every expert of a layer each step, routed or not (an
+    # eager loop over all experts): an unrouted one costs its call overhead and host work
+    visits_every_expert: bool = False
     formats: tuple[str, ...] | None = None  # formats the engine runs here (None: any)
     engine: str = ""  # the engine profile applied to this device ("" on bare hardware)
 
@@ -574,7 +592,7 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
             efficiency=eff, efficiency_stated=spec.efficiency is not None,
             cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
             isa=tuple(spec.isa), peak_ops_per_s_by_kernel={k: dict(v) for k, v in spec.peak_ops_per_s_by_kernel.items()},
-            sockets=spec.sockets, cross_socket_bytes_per_s=spec.cross_socket_bytes_per_s,
+            sockets=spec.sockets, cross_socket_bytes_per_s=spec.cross_socket_bytes_per_s, vendor=spec.vendor,
         )
 
     for si, sw in enumerate(profile.switches):

@@ -18,6 +18,11 @@ An engine that runs all of a layer's routed experts as one fused kernel per proj
 (``Device.fused_experts``: llama.cpp's MUL_MAT_ID, vLLM/SGLang fused_moe, kTransformers'
 CPU MoE op) pays no launch per expert call; each MoE layer's dense step pays the fused
 kernel's launches instead (:data:`FUSED_MOE_LAUNCHES`, :func:`dense_step_s`).
+An engine whose path for format b costs host time per linear call (``Device.linear_host_s``,
+transformers' fp8: Triton launches and a device sync around every linear) adds it per linear:
+:data:`LINEARS_PER_EXPERT` per expert call, :data:`ATTENTION_LINEARS` per hidden layer; an
+engine that visits every expert of a layer each step (``Device.visits_every_expert``) pays,
+per unrouted expert, its call overhead and its linears' host time (no kernel: empty batch).
 A transfer of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
 The planner takes expectations of these; the simulator plays them out with contention.
 
@@ -43,12 +48,17 @@ if TYPE_CHECKING:
     from .models import ModelSpec
 
 __all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s", "expert_calls_s",
-           "FUSED_MOE_LAUNCHES", "micro_batches", "op_offloads"]
+           "FUSED_MOE_LAUNCHES", "LINEARS_PER_EXPERT", "ATTENTION_LINEARS", "unrouted_visits_s", "micro_batches", "op_offloads"]
 
 # kernels a fused MoE layer launches once, whatever the number of experts it runs: the
 # gate/up projection, the down projection and the weighted combine (llama.cpp: two
 # MUL_MAT_ID and the combine; fused_moe: two grouped GEMMs and the sum)
 FUSED_MOE_LAUNCHES = 3
+
+# linear (matmul) calls of one expert call (gate, up, down projections) and of one hidden
+# layer's attention (q, k, v, o projections): what a per-linear host cost multiplies
+LINEARS_PER_EXPERT = 3
+ATTENTION_LINEARS = 4
 
 # formats a device falls back to when it has no peak for the stored format, widest last
 _FALLBACK = ("bf16", "fp16", "fp32")
@@ -80,7 +90,8 @@ def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flop
         tokens: tokens in the call (n), which sets the efficiency.
     """
     launch = not device.fused_experts  # a fused engine launches per layer (dense_step_s), not per call
-    return _kernel_s(device, storage_format, weight_bytes, flops, tokens, launch) + device.expert_call_overhead_s
+    return (_kernel_s(device, storage_format, weight_bytes, flops, tokens, launch) + device.expert_call_overhead_s
+            + LINEARS_PER_EXPERT * device.linear_host_s.get(storage_format, 0.0))
 
 
 def expert_calls_s(device: Device, storage_format: str, weight_bytes: float, flops_per_token: float,
@@ -92,7 +103,7 @@ def expert_calls_s(device: Device, storage_format: str, weight_bytes: float, flo
     flops = flops_per_token * tokens
     compute_s = np.where(flops > 0, flops / (compute_rate * device.efficiency.compute_fractions(tokens)), 0.0)
     return fixed_s + np.maximum(memory_s, compute_s) + (device.launch_overhead_s if launch else 0.0) \
-        + device.expert_call_overhead_s
+        + device.expert_call_overhead_s + LINEARS_PER_EXPERT * device.linear_host_s.get(storage_format, 0.0)
 
 
 def _roofline_parts(device: Device, storage_format: str, weight_bytes: float) -> tuple[float, float, float]:
@@ -152,7 +163,26 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s
     fused_s = model.num_moe_layers * FUSED_MOE_LAUNCHES * device.launch_overhead_s if device.fused_experts else 0.0
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s
-    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s
+    host_s = device.linear_host_s.get(fmt, 0.0)  # the attention's linears are in the dense format
+    per_layer_s += ATTENTION_LINEARS * host_s
+    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s \
+        + model.num_moe_layers * unrouted_visits_s(device, model, fmt, tokens)
+
+
+def unrouted_visits_s(device: Device, model: ModelSpec, fmt: str, tokens: float) -> float:
+    """Seconds one MoE layer spends on the experts no token routes to, on an engine that visits
+    every expert each step (``device.visits_every_expert``, else 0): each costs the engine's
+    per-call overhead and its linears' host time, its kernels run on an empty batch.
+
+    With ``tokens`` tokens each picking ``k`` of ``E`` experts, ``E * (1 - k/E)**tokens``
+    experts are expected to get none. Their linears are priced at ``fmt``'s host cost (the
+    dense step knows no expert format; a fully fp8 or bf16 checkpoint has one).
+    """
+    if not device.visits_every_expert or model.num_experts <= 0:
+        return 0.0
+    E, k = float(model.num_experts), float(min(model.top_k, model.num_experts))
+    unrouted = E * (1.0 - k / E) ** max(float(tokens), 0.0)
+    return unrouted * (device.expert_call_overhead_s + LINEARS_PER_EXPERT * device.linear_host_s.get(fmt, 0.0))
 
 
 def activation_bytes(model: ModelSpec, tokens: float) -> float:

@@ -96,7 +96,8 @@ def test_fused_experts_launch_per_moe_layer_not_per_expert_call():
     from profiles.perf import FUSED_MOE_LAUNCHES
 
     assert {e for e, p in bundled_engines().items() if load_engine(p).profile.fused_experts
-            and load_engine(p).profile.fused_experts.value} == {"llama.cpp", "vllm", "sglang", "ktransformers"}
+            and load_engine(p).profile.fused_experts.value} == {"llama.cpp", "ik_llama.cpp", "vllm", "sglang",
+                                                           "ktransformers"}
     _, hw = load_profile("desktop-4090")
     model = load_model("qwen3-30b-a3b")
     wb, fl = model.expert_bytes("int4"), model.expert_flops_per_token

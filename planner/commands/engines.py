@@ -84,8 +84,12 @@ def show(engine: str, as_yaml: bool) -> None:
         for kind in ("gpu", "cpu", "accelerator"):
             spec = e.kind_spec(kind)
             for fmt, path in (spec.kernels.items() if spec else ()):
-                text = path if isinstance(path, str) else (f"unpack at {path.unpack_weights_per_s / 1e9:g}G weights/s "
-                                                           f"({path.source})")
+                if isinstance(path, str):
+                    text = path
+                elif hasattr(path, "host_s_per_linear"):
+                    text = f"native, +{format_time(path.host_s_per_linear)} host per linear ({path.source})"
+                else:
+                    text = f"unpack at {path.unpack_weights_per_s / 1e9:g}G weights/s ({path.source})"
                 kernels.add_row(kind, fmt, text)
         console.print(kernels)
         console.print(f"placement per {p.placement}; sites {', '.join(p.sites)}; eviction "
