@@ -87,7 +87,7 @@ OUT = ROOT / "benchmarks" / "results" / "fidelity.json"
 FETCH, LOCAL = MODES.index("fetch"), MODES.index("local")
 
 # engines the cases name that have no bundled profile, and the profile that stands for them
-ENGINE_MAP = {"ik_llama.cpp": "llama.cpp", "llama.cpp-vulkan": "llama.cpp", "llama.cpp-rocm": "llama.cpp",
+ENGINE_MAP = {"llama.cpp-vulkan": "llama.cpp", "llama.cpp-rocm": "llama.cpp",
               "llama.cpp-metal": "llama.cpp", "transformers": "accelerate", "fiddler": "bundle",
               "moe-infinity": "bundle"}
 # policies the planner cannot express as one option per layer: skipped with the reason

@@ -27,7 +27,7 @@ def cases():
 
 
 def test_schema(cases):
-    assert len(cases) == 63
+    assert len(cases) == 67
     ids = [c["id"] for c in cases]
     assert len(set(ids)) == len(ids)
     for c in cases:
