@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,20 @@ def engine_errors(doc: dict, engine_path: Path, runs: list[Run]) -> list[dict]:
     return out
 
 
+def machine_busy() -> dict:
+    """How busy the machine was just before now: the 1-minute load average and the share of
+    the last 10 s that some task waited for a CPU (Linux pressure stall information). The
+    probes and the runs are timed minutes apart; other processes that load the cores in one
+    and not the other move the measured times apart, whatever the model."""
+    out = {"load_1min": os.getloadavg()[0], "cores": len(os.sched_getaffinity(0))}
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        out["cpu_waiting_share_10s"] = float(dict(kv.split("=") for kv in some[1:])["avg10"]) / 100
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    return out
+
+
 def component_table(timer: StepTimer, record: dict, hw, model, plan) -> dict:
     """Per phase and part: measured seconds per step (the runtime's time, by :class:`StepTimer`)
     vs the planner's price of the same counts (:func:`priced_components`)."""
@@ -126,7 +141,9 @@ def main() -> None:
 
     profile_path, profile, hw, probe_s = probed_profile(work, f"{HOST_MIB}MiB")
     doc = yaml.safe_load(profile_path.read_text())
+    busy = {"hardware_probe": machine_busy()}
     engine_path, engine_probe, engine_probe_s = probe_engine_profile(work)
+    busy["engine_probe"] = machine_busy()
 
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
@@ -147,6 +164,7 @@ def main() -> None:
         timer.reset()
         with timer:
             record = verify_bundle_run(bundles[bundle_name], ckpt, PROMPTS[run_name], NEW_TOKENS)
+        busy[f"run {run_name}"] = machine_busy()
         components[run_name] = component_table(timer, record, engine_hw, model, plans[bundle_name])
         path = work / f"run-{run_name}.json"
         path.write_text(json.dumps(record))
@@ -176,7 +194,7 @@ def main() -> None:
     out = {"provenance": provenance(("numpy", "scipy", "torch", "transformers", "onnxruntime")),
            "checkpoint": {"family": "mixtral", **SHAPE, "bytes": sum(p.stat().st_size for p in ckpt.glob("*.safetensors")),
                           "dtype": "fp32"},
-           "host_memory_budget_mib": HOST_MIB, "probe_s": probe_s,
+           "host_memory_budget_mib": HOST_MIB, "probe_s": probe_s, "machine_busy_after": busy,
            "engine_probe": {"seconds": engine_probe_s, "profile": yaml.safe_load(engine_path.read_text()),
                             "overheads": [{"where": k, "what": w, "seconds": v} for k, w, v, _ in
                                           overhead_rows(load_engine(engine_path))],
@@ -198,6 +216,8 @@ def main() -> None:
             print(f"{run_name:12s} {phase:7s} " + "  ".join(
                 f"{part} {row['measured'] * 1e3:.2f}/{row['priced'] * 1e3:.2f}" for part, row in
                 c["seconds_per_step"].items()) + " ms/step (measured/priced)")
+    print("machine busy after each stage (load, share of time a task waited for a CPU): " + ", ".join(
+        f"{k} {v['load_1min']:.1f} {v.get('cpu_waiting_share_10s', float('nan')):.0%}" for k, v in busy.items()))
     for r in engine_rows:
         print(f"(a) probed hardware + probed engine, no calibration: {r['run']:22s} "
               f"TPOT {r['tpot_s']['error']:+7.1%}   TTFT {r['ttft_s']['error']:+7.1%}")
