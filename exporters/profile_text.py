@@ -10,12 +10,28 @@ checks that the text it returns loads as the document it was asked to write.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 __all__ = ["update_yaml_text"]
+
+
+_PLAIN = re.compile(r"^[0-9][0-9.]*[A-Za-z/]+$")  # a unit-suffixed number ("1.2ms", "900GB/s"): no quotes
+
+
+def _flow(value: Any) -> str:
+    """``value`` as a one-line YAML flow node, written as the bundled profiles write them
+    (``{value: 1.1ms, source: "probe (...)"}``)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, str) and _PLAIN.match(value):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _indent(line: str) -> int:
@@ -64,12 +80,12 @@ def update_yaml_text(text: str, doc: dict[str, Any], keys: Sequence[tuple[str | 
             if previous is None:
                 return None
             indent = " " * _indent(lines[previous[0]])
-            lines.insert(previous[1], f"{indent}{key}: {json.dumps(value, ensure_ascii=False)}")
+            lines.insert(previous[1], f"{indent}{key}: {_flow(value)}")
             previous = (previous[1], previous[1] + 1)
             continue
         first, end = at
         indent = " " * _indent(lines[first])
-        lines[first:end] = [f"{indent}{key}: {json.dumps(value, ensure_ascii=False)}"]
+        lines[first:end] = [f"{indent}{key}: {_flow(value)}"]
         previous = (first, first + 1)
     if sources_prefix is not None:
         new = [s for s in doc.get("sources", []) if str(s).startswith(sources_prefix)]
@@ -78,7 +94,7 @@ def update_yaml_text(text: str, doc: dict[str, Any], keys: Sequence[tuple[str | 
             return None
         first, end = at
         items = [i for i in range(first + 1, end) if lines[i].lstrip().startswith(f"- {sources_prefix}")]
-        item = f"{' ' * (_indent(lines[end - 1]) if end - 1 > first else 2)}- {json.dumps(new[0], ensure_ascii=False)}"
+        item = f"{' ' * (_indent(lines[end - 1]) if end - 1 > first else 2)}- {_flow(new[0])}"
         if items:
             lines[items[0]] = item
         else:
