@@ -538,23 +538,54 @@ class FixedCosts:
     dense_s: float  # compute-device seconds per step: attention/dense weights, shared experts, KV reads
     dense_bytes: float  # dense weights (shared experts included) on the compute device
     kv_bytes: float  # KV cache for context x batch
-    workspace_bytes: float  # activations, allocator slack and runtime context
+    workspace_bytes: float  # activations + staging_bytes + runtime_bytes
     error: float  # quality error charged to the dense weights
+    staging_bytes: float = 0.0  # of the workspace: experts the runtime holds in flight (runtime_memory)
+    runtime_bytes: float = 0.0  # of the workspace: the runtime's scratch and own memory (runtime_memory)
 
 
 def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
     """Dense (non-expert) work of one decode step at ``dense_format``."""
     m, B = s.model, s.batch_size
     kv_bytes = float(m.kv_cache_bytes(s.context_tokens, batch_size=B))
-    workspace = B * (m.hidden_size * 4 + m.expert_intermediate_size * 2) * 2 * 8.0  # bf16 activations, margin 8x
+    activations = B * (m.hidden_size * 4 + m.expert_intermediate_size * 2) * 2 * 8.0  # bf16 activations, margin 8x
+    staging, runtime = runtime_memory(s)
     # a CPU runs int8/int4 dense matrices in ONNX Runtime sessions too (kernel_factor); an
     # untied embedding table is only looked up
     looked_up = 0.0 if m.tie_word_embeddings else float(m.embedding_params) * get_format(dense_format).bits_per_weight / 8
     dense_bytes = looked_up + s.kernel_factor(s.compute, dense_format) * (float(m.dense_bytes(dense_format)) - looked_up)
     return FixedCosts(dense_format=dense_format,
                       dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes, prefill=s.phase == "prefill"),
-                      dense_bytes=dense_bytes,
-                      kv_bytes=kv_bytes, workspace_bytes=workspace, error=s.quant_error[dense_format])
+                      dense_bytes=dense_bytes, kv_bytes=kv_bytes, workspace_bytes=activations + staging + runtime,
+                      error=s.quant_error[dense_format], staging_bytes=staging, runtime_bytes=runtime)
+
+
+def runtime_memory(s: Setup) -> tuple[float, float]:
+    """``(staging, runtime)`` bytes the engine's runtime holds on the compute device besides
+    what a plan places (its profile's ``runtime_memory``; ``(0, 0)`` without one).
+
+    ``staging = staging_experts x the widest expert the device may hold`` (every format the
+    engine runs there, whether or not the plan fetches: no expert decision changes it, and
+    at most ``staging_experts`` experts' bytes are counted for a plan that fetches none), an
+    expert a CPU builds into an ONNX Runtime session held twice over while it is built (its
+    read buffer and the session's copy); ``runtime = fixed_bytes + workspace_experts x the
+    widest expert's stored bytes``, counted where the compute device's memory is the host's
+    (a CPU, or a GPU sharing it): the process's own memory is host memory, which a GPU's
+    plan leaves to the host reserve.
+    """
+    spec = s.engine.profile.runtime_memory if s.engine is not None else None
+    if spec is None:
+        return 0.0, 0.0
+    stored = held = 0.0
+    for fm in s.formats:
+        if not s.runs(s.compute, fm):
+            continue
+        f = s.kernel_factor(s.compute, fm)
+        stored = max(stored, s.expert_bytes(fm))
+        held = max(held, s.expert_bytes(fm) * (1.0 if f == 1.0 else 1.0 + f))
+    scratch = spec.workspace_experts.value * stored if spec.workspace_experts is not None else 0.0
+    own = spec.fixed_bytes.value + scratch if s.compute.kind == "cpu" or s.unified else 0.0
+    return spec.staging_experts.value * held, own
 
 
 def capacity(s: Setup, memory_id: str) -> float:

@@ -49,6 +49,7 @@ from typing import Annotated, Literal, Union
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_serializer, model_validator)
 
+from .engine_memory import RuntimeMemory
 from .errors import InputError, from_validation_error
 from .formats import get_format
 from .hardware import CPU_KERNEL_FAMILIES, Device, Hardware, Link
@@ -277,6 +278,9 @@ class EngineProfile(BaseModel):
     # the rate (opening and reading it, making it ready to compute: the bundle builds an ONNX
     # Runtime session per missed CPU expert); priced as latency on the drive's links
     disk_read_overhead_s: SourcedSeconds | None = None
+    # what the runtime holds besides the placed weights (staged experts, scratch, its own
+    # memory: profiles.engine_memory); None: nothing counted past the device reserve
+    runtime_memory: RuntimeMemory | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
