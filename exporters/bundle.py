@@ -90,6 +90,7 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
                          value=f"{len(plan.layers)} MoE layers x {len(plan.layers[0].home) if plan.layers else 0} experts",
                          expected=f"{model.num_moe_layers} x {model.num_experts} ({model.name})",
                          fix="export with the model (or checkpoint) the plan was made for")
+    _refuse_formats_the_runtime_does_not_run(plan)
     if out.exists():
         if not (out / "manifest.json").is_file():
             raise InputError("the output exists and is not a bundle", file=out,
@@ -138,6 +139,26 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
             out.rename(old)
         work.rename(out)
     return Bundle(path=out, files=("manifest.json", *files), commands=commands, notes=tuple(notes))
+
+
+def _refuse_formats_the_runtime_does_not_run(plan: Plan) -> None:
+    """The bundle runtime runs the formats its engine profile lists for a GPU or a CPU
+    (profiles/engines/bundle.yaml; a test holds them equal to the runtime's own list): a plan
+    made for another engine's formats (a GGUF type, a user format) is refused here, not when
+    run.py meets it."""
+    from profiles.engines import load_engine
+
+    engine = load_engine("bundle")
+    runs = sorted({fm for kind in ("gpu", "cpu") for fm in engine.kind_spec(kind).kernels
+                   if engine.supports(kind, fm)})
+    wanted = [("dense_format", plan.dense_format)] + [(f"layers[{i}].format[{e}]", fm) for i, lp in
+                                                      enumerate(plan.layers) for e, fm in enumerate(lp.format)]
+    for key, fm in wanted:
+        if fm not in runs:
+            raise InputError(f"the bundle runtime does not run format {fm!r}", key=key, value=fm,
+                             expected=" | ".join(runs),
+                             fix=f"re-plan for the bundle (`planner optimize --engine bundle --formats "
+                                 f"{','.join(f for f in runs if f != 'fp32')}` or a subset)")
 
 
 def _check_checkpoint(path: Path, model: ModelSpec) -> None:
