@@ -74,7 +74,8 @@ def swaps(cost: np.ndarray, weight: np.ndarray, expert: np.ndarray, where: np.nd
         cross = cost[:, where]  # [i, j]: cost of item i in j's bin
         gain = own[:, None] + own[None, :] - cross - cross.T  # [M, M] cost saved by swapping i and j
         li = load[where]
-        new_i = li[:, None] + (weight[None, :] - weight[:, None]) * inv[where][:, None]  # i's bin after the swap
+        step = inv[where][:, None]  # [M, 1] time per token of i's bin; the order of the sums is the speed-blind one's
+        new_i = li[:, None] - weight[:, None] * step + weight[None, :] * step  # i's bin after the swap
         if dev is not None:
             sq = (dsum * dsum).sum(1)  # [bins]
             X = dev @ dsum.T  # [M, bins]
@@ -142,7 +143,7 @@ def pack(weight: np.ndarray, expert: np.ndarray, bins: int, per_bin: int,
         bad = (count >= per_bin) | held[:, expert[m]]
         if bad.all():
             bad = count >= per_bin
-        b = int(np.argmin(np.where(bad, np.inf, (load + weight[m]) * inv)))
+        b = int(np.argmin(np.where(bad, np.inf, load if speed is None else (load + weight[m]) * inv)))
         where[m] = b
         load[b] += weight[m]
         count[b] += 1

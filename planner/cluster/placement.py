@@ -149,7 +149,7 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
         if len({(s // S, e) for s, e in enumerate(row.tolist())}) < num_physical or \
                 not np.array_equal(np.bincount(row, minlength=E), logcnt[l]):
             expert = np.repeat(np.arange(E), logcnt[l])
-            gpu = pack(load[l, expert] / logcnt[l, expert], expert, G, S, speed)
+            gpu = pack(load[l, expert] / logcnt[l, expert], expert, G, S, None if blind else speed)
             warm[l] = np.concatenate([np.sort(expert[gpu == g]) for g in range(G)])
     P = distribution(warm, E, G)  # [L, E, G]
     gpu_load = np.einsum("le,leg->lg", load, P)
@@ -180,18 +180,18 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 cost_n = cost_g.reshape(len(expert), N, GN).mean(-1)  # [R, N]
                 node = by_bands(cost_n, weight, N)
                 if load_samples is None:
-                    node = swaps(cost_n, weight, expert, node, N, cap_n, False, max_swaps, speed=node_speed)
+                    node = swaps(cost_n, weight, expert, node, N, cap_n, False, max_swaps, speed=None if blind else node_speed)
                 else:  # the cap on mean + z sd of a node's load over the draws, z sd as the warm start's worst node
                     dev = drawn - drawn.mean(1, keepdims=True)  # [R, B]
                     warm_node = topo.node_of[np.argsort(warm[l], kind="stable") // S]  # [R] items, by expert
                     warm_sd = np.sqrt([(dev[warm_node == n].sum(0) ** 2).mean() for n in range(N)]) / node_speed
                     node = swaps(cost_n, weight, expert, node, N, cap_n + NODE_Z * warm_sd.max(), False, max_swaps,
-                                 dev=dev, z=NODE_Z, speed=node_speed)
+                                 dev=dev, z=NODE_Z, speed=None if blind else node_speed)
                 gpu = np.empty(len(expert), np.int64)
                 for n in range(N):
                     items = np.flatnonzero(node == n)
                     sub_cost = cost_g[np.ix_(items, node_gpus[n])]
-                    sp = speed[node_gpus[n]]
+                    sp = None if blind else speed[node_gpus[n]]
                     if load_samples is None:
                         start = pack(weight[items], expert[items], GN, S, sp)
                         local = swaps(sub_cost, weight[items], expert[items], start, GN, cap[l], True, max_swaps,
