@@ -21,11 +21,15 @@ bytes). Both of a row generate greedy tokens for the same prompt after a warm-up
 says whether they are the same tokens. Everything runs on the CPU. For each bundle the JSON
 also holds the plan's memory and predicted tok/s next to what the run used and measured.
 
-Each bundle is planned for the budget less what its runtime holds that plans do not count
-yet (``STAGED_EXPERTS`` fetched experts at the checkpoint's dtype, staged while one computes
-and the next is read, and ``RUNTIME_SLACK_BYTES``), so that plan + those = the budget; the
-JSON records both (``plans.*.planned_for_bytes``). torchao's checkpoint is quantised and
-saved by this parent (unlimited), as the bundle's int8 kernels are built at export.
+Each bundle is planned for the budget: its plan counts what the runtime holds besides the
+weights, KV cache and activations (the engine profile's ``runtime_memory``: experts staged
+while fetched, the runtime's own memory; the JSON splits them out of the plan's workspace,
+``plans.*.workspace_of_which``). Each bundle's memory is also measured by component in a
+child without a limit (``python -m exporters.runtime_memory``: anonymous memory above its
+baseline, at its peak over load, prefill and decode) and tabled against its plan
+(``plans.*.memory_components``), as is a second, smaller checkpoint planned at fp32 for
+``SECOND_BUDGET_MIB`` (``second_shape``). torchao's checkpoint is quantised and saved by this
+parent (unlimited), as the bundle's int8 kernels are built at export.
 
 How the budget is enforced: each contender runs inside its own fresh memory cgroup
 (``_memlimit``), joined before the interpreter imports anything, whose limit covers its
@@ -61,6 +65,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+from _bundle_memory import components, measure
 from _contenders import import_stack, save_torchao_int8, weightless_model
 from _memlimit import CgroupUnavailable, MemCgroup, cached_bytes, drop_file_cache
 from _provenance import ROOT, provenance
@@ -86,11 +91,8 @@ ROWS = [  # the first is the headline
              "fp32: the bundle holds fewer bytes, so greedy tokens can differ"},
 ]
 TARGET_RATIO = 2.0
-# What the bundle runtime holds that plans do not count yet (the planner's memory model lacks
-# them; the bundle is planned for the budget less these, so plan + these = budget):
-STAGED_EXPERTS = 2  # fetched experts no cache slot keeps, staged at a time: one computing, one being read
-RUNTIME_SLACK_BYTES = 16 * 2**20  # past the baseline, no weight: transformers' loader leftovers
-#   (its Python objects and worker threads), ONNX Runtime's pools; 10-12 MiB measured on the fp32 plan
+SECOND_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}  # memory components only
+SECOND_BUDGET_MIB = 48.0  # its dense weights, the runtime's own memory and part of its experts (48 MiB)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -189,44 +191,78 @@ def main() -> None:
 
 def make_bundles(args: argparse.Namespace, work: Path, names: list[str]) -> dict[str, dict]:
     """Plan (against this machine, its memory cut to the budget) and export each plan the
-    chosen bundles run; plan name -> what the plan says."""
+    chosen bundles run, and measure each bundle's memory by component; plan name -> what the
+    plan says and what the bundle held."""
     from _machine import probed_profile
 
-    from exporters.bundle import write_bundle
     from exporters.checkpoints import make_random_checkpoint
-    from planner.costs import Setup
-    from planner.optimize import OptimizeRequest, optimize
-    from profiles.models import load_model
 
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
         make_random_checkpoint("mixtral", ckpt, **SHAPE)
-    # the CPU computes, so the planner keeps its compute-device reserve free (Setup.device_reserve):
-    # size the memory so that exactly the budget less what plans do not count (above) is left for
-    # weights, KV cache and workspace
-    frac, fixed = Setup.__dataclass_fields__["device_reserve"].default
-    uncounted = STAGED_EXPERTS * 3 * SHAPE["hidden_size"] * SHAPE["intermediate_size"] * 4 + RUNTIME_SLACK_BYTES
-    memory = (fixed + args.budget_mib * 2**20 - uncounted) / (1 - frac)
-    profile_path, profile, hw, _ = probed_profile(work, f"{memory:.0f}B", "budget.yaml")
-    model = load_model(ckpt / "config.json")
+    profile_path = probed_profile(work, f"{_memory_for(args.budget_mib):.0f}B", "budget.yaml")[0]
     plans = {}
     for name in dict.fromkeys(CONTENDERS[n]["plan"] for n in names if "plan" in CONTENDERS[n]):
-        formats = {"formats": PLANS[name]} if PLANS[name] else {}
-        t = time.perf_counter()
-        plan = optimize(OptimizeRequest(hardware=str(profile_path), model=str(ckpt / "config.json"),
-                                        context_tokens=512, **formats)).plan
-        plan_s = time.perf_counter() - t
-        write_bundle(plan, model=model, hardware=hw, profile=profile, out_dir=work / f"bundle-{name}",
-                     checkpoint=ckpt, force=True)
-        compute = plan.memory[plan.compute_device]
-        plans[name] = {"formats_allowed": list(PLANS[name] or ("default",)), "sites": plan.counts()["site"],
-                       "planned_for_bytes": args.budget_mib * 2**20 - uncounted,
-                       "left_for_what_plans_do_not_count_bytes": {
-                           "staged_experts": uncounted - RUNTIME_SLACK_BYTES, "runtime_slack": RUNTIME_SLACK_BYTES},
-                       "formats": plan.counts()["format"], "dense_format": plan.dense_format, "plan_s": plan_s,
-                       "memory_bytes": compute.model_dump(exclude={"capacity_bytes"}),
-                       "predicted_decode_tokens_per_s": plan.predicted["tokens_per_s"]}
+        plans[name] = _plan_and_export(profile_path, ckpt, work / f"bundle-{name}", PLANS[name], args.budget_mib)
     return plans
+
+
+def _memory_for(budget_mib: float) -> float:
+    """Memory of a CPU whose planner budget (Setup.device_reserve kept free: the CPU computes)
+    is ``budget_mib``, for weights, KV cache, workspace and the runtime's own memory."""
+    from planner.costs import Setup
+
+    frac, fixed = Setup.__dataclass_fields__["device_reserve"].default
+    return (fixed + budget_mib * 2**20) / (1 - frac)
+
+
+def _plan_and_export(profile_path: Path, ckpt: Path, out: Path, formats: tuple[str, ...] | None,
+                     budget_mib: float) -> dict:
+    """Plan ``ckpt`` for the machine of ``profile_path`` (``formats``: None = the default),
+    export the bundle to ``out``, measure its memory by component; what the plan says."""
+    from exporters.bundle import write_bundle
+    from planner.costs import runtime_memory
+    from planner.optimize import OptimizeRequest, optimize
+    from profiles.hardware import load_profile
+    from profiles.models import load_model
+
+    profile, hw = load_profile(profile_path)
+    t = time.perf_counter()
+    result = optimize(OptimizeRequest(hardware=str(profile_path), model=str(ckpt / "config.json"),
+                                      context_tokens=512, **({"formats": formats} if formats else {})))
+    plan, plan_s = result.plan, time.perf_counter() - t
+    write_bundle(plan, model=load_model(ckpt / "config.json"), hardware=hw, profile=profile, out_dir=out,
+                 checkpoint=ckpt, force=True)
+    compute = plan.memory[plan.compute_device].model_dump(exclude={"capacity_bytes"})
+    staging, runtime = runtime_memory(result.setup)
+    return {"formats_allowed": list(formats or ("default",)), "sites": plan.counts()["site"],
+            "planned_for_bytes": budget_mib * 2**20, "formats": plan.counts()["format"],
+            "dense_format": plan.dense_format, "plan_s": plan_s, "memory_bytes": compute,
+            "workspace_of_which": {"staging_bytes": staging, "runtime_bytes": runtime,
+                                   "source": "engine profile runtime_memory (planner.costs.runtime_memory)"},
+            "memory_components": components(compute, staging, runtime, measure(out, ckpt)),
+            "predicted_decode_tokens_per_s": plan.predicted["tokens_per_s"]}
+
+
+def second_shape(work: Path) -> dict:
+    """A smaller checkpoint (``SECOND_SHAPE``) planned at fp32 for ``SECOND_BUDGET_MIB`` on this
+    machine's probed profile (``budget.yaml``'s, its memory changed), its memory by component."""
+    import yaml
+
+    from exporters.checkpoints import make_random_checkpoint
+
+    ckpt = work / "ckpt-second"
+    if not (ckpt / "config.json").exists():
+        make_random_checkpoint("mixtral", ckpt, **SECOND_SHAPE)
+    doc = yaml.safe_load((work / "budget.yaml").read_text())
+    for node in doc["nodes"]:
+        for dev in node["devices"]:
+            if dev["kind"] == "cpu":
+                dev["memory_bytes"] = f"{_memory_for(SECOND_BUDGET_MIB):.0f}B"
+    path = work / "budget-second.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return {"shape": SECOND_SHAPE, "budget_bytes": SECOND_BUDGET_MIB * 2**20,
+            "plan": _plan_and_export(path, ckpt, work / "bundle-second", ("fp32",), SECOND_BUDGET_MIB)}
 
 
 def compare(args: argparse.Namespace, work: Path) -> None:
@@ -234,6 +270,12 @@ def compare(args: argparse.Namespace, work: Path) -> None:
     names = args.contenders.split(",")
     import_stack()
     plans = make_bundles(args, work, names)
+    second = second_shape(work)
+    for name, plan in [*plans.items(), ("second-shape fp32", second["plan"])]:
+        peak = plan["memory_components"].get("peak") or {}
+        print(f"  plan {name}: memory {peak.get('planned_bytes', 0) / 2**20:.1f} MiB, the bundle peaked at "
+              f"{(peak.get('measured_bytes') or 0) / 2**20:.1f} MiB above its baseline (sampled: "
+              f"{(peak.get('sampled_bytes') or 0) / 2**20:.1f} MiB; unlimited child)", flush=True)
     if "accelerate-torchao-int8" in names and find_spec("torchao") and not (work / "ckpt-torchao-int8").exists():
         save_torchao_int8(work / "ckpt", work / "ckpt-torchao-int8")
     ckpt_bytes = sum(p.stat().st_size for p in (work / "ckpt").glob("*.safetensors"))
@@ -271,7 +313,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
     headline = rows[0] if rows and rows[0]["row"] == ROWS[0]["row"] else None
     result = {"provenance": provenance(("numpy", "torch", "transformers", "accelerate", "onnxruntime", "torchao")),
               "checkpoint": {"shape": SHAPE, "bytes": ckpt_bytes, "dtype": "fp32"},
-              "budget_bytes": budget, "plans": plans,
+              "budget_bytes": budget, "plans": plans, "second_shape": second,
               "budget_enforced": enforce,
               "budget_not_enforced_because": why_not,
               "memory_limit": {
@@ -318,16 +360,20 @@ def _row(spec: dict, runs: dict, tokens: dict) -> dict:
 
 def _against_plan(run: dict, plan: dict, baseline: dict) -> dict:
     """A bundle's run next to its plan: decode tok/s, and the anonymous memory it held at the end
-    of decoding above the baseline's (the weights it holds) vs the plan's memory."""
+    of decoding above the baseline's (the weights it holds) vs the plan's memory; its peak as the
+    unlimited measurement saw it (``memory_components``: the cgroup's peak counts the page cache)."""
     planned = sum(plan["memory_bytes"].values())
     rss, base = (run.get("memory_at_end_of_decode") or {}).get("rss"), (baseline.get("memory_at_end") or {}).get("rss")
     tps = run.get("decode_tokens_per_s")
+    peak = plan.get("memory_components", {}).get("peak", {})
     return {"predicted_decode_tokens_per_s": plan["predicted_decode_tokens_per_s"],
             "measured_over_predicted": tps / plan["predicted_decode_tokens_per_s"] if tps else None,
             "plan_memory_bytes": planned,
             "rss_above_baseline_at_end_of_decode_bytes": rss - base if rss is not None and base is not None else None,
             "peak_above_baseline_bytes": (run["peak_bytes"] - baseline["peak_bytes"])
-            if run.get("peak_bytes") and baseline.get("peak_bytes") else None}
+            if run.get("peak_bytes") and baseline.get("peak_bytes") else None,
+            "anon_peak_above_baseline_unlimited_bytes": peak.get("measured_bytes"),
+            "anon_peak_within_plan": peak.get("within_plan")}
 
 
 if __name__ == "__main__":
