@@ -56,7 +56,11 @@ then the device runs them, one after the other:
     X = x(m bytes(b_off)) + sum_{e>=q} a_e t_dev(b_off, n_e)      added to G (and the copy to F)
 
 A prompt is the engine's micro-batches, each such a pass (:func:`prefill_s`).
-Memory: ``p bytes(b_res) + c bytes(b_off)`` on the device, ``(E - p) bytes(b_off)`` at home.
+Memory: ``p bytes(b_res) + c bytes(b_off)`` on the device, ``(E - p) bytes(b_off)`` at home;
+besides, the device holds the dense weights, the KV cache and a workspace that no expert
+decision changes (:func:`fixed_costs`): activations, and what the engine's runtime holds of
+its own (its profile's ``runtime_memory``: the experts it stages while fetching, its scratch
+and fixed memory; :func:`runtime_memory`).
 Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
 """
 
