@@ -113,7 +113,7 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
     import torch
     from safetensors.numpy import save_file
 
-    from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, weight_inputs
+    from exporters.runtime.kernels import CACHED_EXPERT_THREADS, CpuLayerKernel, expert_template, weight_inputs
     from exporters.runtime.quant import quantize_matrix
     from exporters.runtime.tensorfile import TensorFile, read_tensors
 
@@ -123,12 +123,13 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
     save_file({f"{e}.{k}": a.copy() for e in range(experts) for k, a in one.items()}, str(path))
     cpu = not device.startswith("cuda")
     templates = {fmt: expert_template(fmt, size, size)} if cpu else {}
+    tf = TensorFile(path)  # opened once, its header read, as the runtime keeps each layer's kernels file open
 
     def miss(e: int) -> None:
-        tf = TensorFile(path)
         tensors = read_tensors({k: [tf.span(f"{e}.{k}")] for k in weight_inputs(fmt)})
         if cpu:
-            CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})}, threads=default_threads())
+            CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})},
+                           threads=CACHED_EXPERT_THREADS)  # as PlannedExperts._ready builds a cache slot's
         else:
             for t in tensors.values():
                 t.to(device)

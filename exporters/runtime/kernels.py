@@ -54,6 +54,7 @@ from .tensorfile import TensorFile, read_tensors
 
 __all__ = [
     "ACTIVATIONS",
+    "CACHED_EXPERT_THREADS",
     "KERNELS_FORMAT_VERSION",
     "CpuLayerKernel",
     "CpuMatMulKernel",
@@ -425,6 +426,15 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# intra-op threads of a cached expert's own session, built on every miss and dropped on every
+# eviction: one, so that the session starts and joins no thread pool of its own (ONNX Runtime
+# gives each session with more threads a pool). On the 2-core dev machine under load, building
+# and dropping a 1.5 MiB int8 expert's session took 12-20 ms of wall time with a pool of two
+# threads and 2-11 ms with none, for 2-3 ms of CPU either way; a one-token call is no slower.
+# A cached expert's prefill call of many tokens runs on one core (resident experts keep all).
+CACHED_EXPERT_THREADS = 1
 
 
 def default_threads() -> int:

@@ -34,6 +34,7 @@ from torch import nn
 from .cache import ExpertCache
 from .formats import UNPACK_FORMATS, dequantize
 from .kernels import (
+    CACHED_EXPERT_THREADS,
     CpuLayerKernel,
     CpuStreamKernel,
     Kernels,
@@ -257,11 +258,13 @@ class PlannedExperts(nn.Module):
         the weights pre-packed (MatMulNBits), built as it is loaded (in the background when
         prefetched); dequantising at every call, or feeding the weights to a session with
         every call, measured 25-35x slower per call than a pre-packed session. The session
+        runs on the calling thread (``CACHED_EXPERT_THREADS``: no thread pool to start on a
+        miss and join on an eviction). The session
         copies the weights it is given (ONNX Runtime's ``AddExternalInitializers``), so the
         slot lets its read buffer go: holding both held each cached expert twice.
         """
         if self.device.type == "cpu" and w.fmt in QUANT_FORMATS:
-            w.kernel = CpuLayerKernel(self.templates, {0: (w.fmt, w.numpy_inputs())}, threads=self.threads)
+            w.kernel = CpuLayerKernel(self.templates, {0: (w.fmt, w.numpy_inputs())}, threads=CACHED_EXPERT_THREADS)
             w.tensors = {}
         return w
 
