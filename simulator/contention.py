@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from .experts import WAITING
+from .ahead import WAITING
 
 __all__ = ["Contention"]
 

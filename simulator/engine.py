@@ -44,7 +44,9 @@ Speed: a layer costs events only when they are needed. Its work is classified on
 ahead on a virtual clock; one whose transfers meet is replayed by
 :mod:`simulator.contention` with the processes' own arithmetic. Processes play out the
 rest (prefetching, streamed experts, experts read from disk, recording), and
-``play_ahead = False`` plays out every layer with waiting work.
+``play_ahead = False`` plays out every layer with waiting work. A one-token step with
+nothing in flight runs its layers in one loop (:meth:`simulator.ahead.PlayAhead._step_ahead`)
+until one needs events.
 """
 
 from __future__ import annotations
@@ -223,16 +225,23 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
         layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
         played_ahead = self._played_ahead
-        for l in range(L):
-            refs = None
-            if layers[l].cache is not None:  # the cache sees every token's accesses
-                refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
-            block, jobs, flags = classify(l, rows, *calls[l], refs)
-            if single:
-                router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
+        first, pending = 0, None
+        if distinct is not None and single and not ep and not prefetching and play_ahead and not recording and \
+                not self.net.busy and not (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
+            t, first, pending = self._step_ahead(rows, calls, ids, gates, t, dense_s)  # in one loop, from layer 0
+        for l in range(first, L):
+            if pending is not None:  # classified, its attention booked (_step_ahead)
+                (block, jobs, flags, router_at), pending = pending, None
             else:
-                router_at = max(self.stream(g).reserve(d, recording and f"attention L{l}", ready_s=t)
-                                for g, d in dense_by_gpu.items())
+                refs = None
+                if layers[l].cache is not None:  # the cache sees every token's accesses
+                    refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
+                block, jobs, flags = classify(l, rows, *calls[l], refs)
+                if single:
+                    router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
+                else:
+                    router_at = max(self.stream(g).reserve(d, recording and f"attention L{l}", ready_s=t)
+                                    for g, d in dense_by_gpu.items())
             ep_end = self._all_to_all(l, ids[:, l, :], router_at) if ep else router_at
             prefetch = prefetching and l + 1 < L
             if not jobs and not prefetch:

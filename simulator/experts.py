@@ -7,7 +7,8 @@ compute stream; a miss starts an ``expert_fetch`` over the route from its home, 
 on the device where it lives, activations crossing the link; ``stream`` copies every
 streamed expert of the layer each step. ``_classify`` sorts the step's experts into work
 ready at the router and work that waits; ``_played_ahead`` works a layer out without
-events when that is exact; ``_start`` plays it out with processes otherwise.
+events when that is exact (:mod:`simulator.ahead`); ``_start`` plays it out with processes
+otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import simpy
 
 from profiles.perf import activation_bytes
+
+from .ahead import AFTER, DISK, FETCH, FILL, LOCAL_JOB, STREAM_JOB, PlayAhead
 
 __all__ = ["ExpertLayer", "ExpertWork"]
 
@@ -32,10 +35,6 @@ PLAIN_MEMO_PROBE = 4096
 # how an expert of a layer runs (ExpertLayer.code)
 RESIDENT, LOCAL, VIA_CACHE, STREAM = 0, 1, 2, 3
 _CODE = {"resident": RESIDENT, "local": LOCAL, "fetch": VIA_CACHE, "hybrid": VIA_CACHE, "stream": STREAM}
-# what a layer's jobs hold (the flags _classify returns beside block and jobs)
-FETCH, FILL, LOCAL_JOB, AFTER, STREAM_JOB, DISK = 1, 2, 4, 8, 16, 32
-COPIES = FETCH | FILL  # the copy engine's jobs
-WAITING = AFTER | STREAM_JOB | DISK  # jobs that only SimPy's processes play out
 
 
 @dataclass
@@ -67,7 +66,7 @@ class ExpertLayer:
         self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Pricing._copy of the above, once used
 
 
-class ExpertWork:
+class ExpertWork(PlayAhead):
     """The expert actors of :class:`simulator.engine.Simulation`: a mixin over the
     simulation's resolved layers, streams, copy engines, network, in-flight fetches,
     miss policy and metrics counters (see ``Simulation.__init__``)."""
@@ -182,7 +181,7 @@ class ExpertWork:
             jobs.append(("stream",))
             flags |= STREAM_JOB
         if key is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
-            self._plain_memo[l][key] = [block, jobs, flags, len(experts), tokens, resident, local_n, missed, 0]
+            self._plain_memo[l][key] = [block, jobs, flags, None, len(experts), tokens, resident, local_n, missed, 0]
         return block, jobs, flags
 
     def _settle_memo(self) -> None:
@@ -195,114 +194,6 @@ class ExpertWork:
                 self.local_access[l] += uses * local_n
                 self.cache_access[l] += uses * missed
         self._plain_memo = None
-
-    def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
-        """The layer's end time worked out without events, or None when that is not exact.
-
-        Exact when nothing else is in flight (no transfer, no copy-engine user) and the
-        layer's own transfers never share a link direction or memory port at the same time:
-        then each transfer runs alone (latency + bytes / bottleneck), the copy engine runs
-        the fetches in order, and streams take kernels in the order the events would issue
-        them. Otherwise the caller plays the layer out with processes.
-        """
-        if flags & WAITING or self.net.busy or \
-                (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
-            return None
-        if not flags & COPIES and self.spans is None:
-            # activations (both directions) never share a bandwidth with each other: book as we go
-            streams, stream, account = self.streams, self.stream, self.net.account
-            end = router_at
-            for dev, sec in block.items():
-                done = (streams.get(dev) or stream(dev)).reserve(sec, "", router_at)
-                if done > end:
-                    end = done
-            for _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) in jobs:
-                ready = router_at + d_out
-                done = (streams.get(dev) or stream(dev)).reserve(sec, "", ready)  # one reservation: the same end
-                back = done + d_back
-                account(p_out, act, router_at, ready)
-                account(p_back, act, done, back)
-                if back > end:
-                    end = back
-            return end
-        return self._copies_ahead(l, router_at, block, jobs, flags)
-
-    def _copies_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
-        """:meth:`_played_ahead` of a layer that copies experts (or records its kernels and transfers)."""
-        # fetches are serial on the copy engine; only results coming back can meet a fetch
-        check = flags & LOCAL_JOB and flags & COPIES
-        lay = self.layers[l]
-        recording, labels = self.events is not None, self.spans is not None
-        if check:
-            saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
-            n_spans = len(self.spans) if labels else 0
-            n_events = len(self.events) if recording else 0
-        chained = True  # every copy takes a positive time: simulator.resources.Network.overlapping
-        moves: list[tuple] = []  # (path, bytes, start, end, name, source tier or None for activations)
-        end = router_at
-        stream = self.stream
-        for dev, sec in block.items():
-            done = stream(dev).reserve(sec, labels and f"experts L{l}", ready_s=router_at)
-            if done > end:
-                end = done
-        if flags & COPIES:
-            engine_free = router_at  # the copy engine takes fetches and fills in job order
-            compute = stream(self.compute_id)
-            account, bytes_moved = self.net.account, self.bytes_moved
-            for job in jobs:
-                kind = job[0]
-                if kind == "fetch":
-                    _, e, _n, fmt, (path, n_bytes, dur, tier), sec = job
-                elif kind == "fill":
-                    _, e, fmt, (path, n_bytes, dur, tier) = job
-                else:
-                    continue
-                if recording:
-                    self.log("expert_fetch", f"L{l}E{e} start", engine_free)
-                arrived = engine_free + dur
-                if check or labels:  # booked at the end: once the links are known to be the layer's own
-                    chained = chained and arrived > engine_free
-                    moves.append((path, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", tier))
-                else:
-                    account(path, n_bytes, engine_free, arrived)
-                    bytes_moved[tier] += n_bytes
-                engine_free = arrived
-                if recording:
-                    self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
-                if kind == "fetch":
-                    arrived = compute.reserve(sec, labels and f"expert L{l}E{e}", ready_s=engine_free)
-                if arrived > end:
-                    end = arrived
-        n_copies = len(moves) if chained else 0  # back to back on the copy engine
-        for job in jobs if flags & LOCAL_JOB else ():
-            if job[0] != "local":
-                continue
-            _, dev, calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) = job
-            ready = router_at + d_out
-            moves.append((p_out, act, router_at, ready, labels and f"L{l} activations", None))
-            st = stream(dev)
-            if not labels:  # one reservation: the same end, fewer steps
-                ready = st.reserve(sec, ready_s=ready)
-            for e, n in calls if labels else ():
-                ready = st.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}", ready_s=ready)
-            back = ready + d_back
-            moves.append((p_back, act, ready, back, labels and f"L{l} results", None))
-            if back > end:
-                end = back
-        if check and self.net.overlapping(moves, chained=n_copies):
-            for name, st in self.streams.items():  # undo the tentative reservations
-                st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
-            if labels:
-                del self.spans[n_spans:]
-            if recording:
-                del self.events[n_events:]
-            return None
-        account, bytes_moved = self.net.account, self.bytes_moved
-        for path, n_bytes, start, stop, what, tier in moves:
-            account(path, n_bytes, start, stop, what)
-            if tier is not None:
-                bytes_moved[tier] += n_bytes
-        return end
 
     def _start(self, l: int, block: dict[str, float], jobs: list, ids: np.ndarray) -> list[simpy.Event]:
         """Start the layer's work at the router; the layer ends when all of it has (sync)."""

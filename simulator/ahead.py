@@ -1,0 +1,284 @@
+"""A layer's expert work worked out ahead on a virtual clock, without SimPy events.
+
+:meth:`simulator.experts.ExpertWork._classify` sorts a layer's work in a step into work
+ready at the router (``block``: device -> seconds) and ``jobs`` that wait on something,
+with ``flags`` saying which kinds of job are present (below). When nothing else is in
+flight and the layer's own transfers cannot meet, each transfer runs alone (latency +
+bytes / bottleneck), the copy engine runs the copies in order and the streams take the
+kernels in the order the processes would issue them, so the layer's end is worked out
+here with the same floats the processes would make (tests/test_simulator_shortcuts.py).
+
+Speed: this is the simulator's inner loop (one call per MoE layer per step), so the
+common cases book streams and links inline: a stream reservation is
+:meth:`simulator.resources.Stream.reserve` and a link booking
+:meth:`simulator.resources.Network.account`, written out with the same operations in the
+same order.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AFTER", "COPIES", "DISK", "FETCH", "FILL", "LOCAL_JOB", "PlayAhead", "STREAM_JOB", "WAITING"]
+
+# what a layer's jobs hold (the flags _classify returns beside block and jobs)
+FETCH, FILL, LOCAL_JOB, AFTER, STREAM_JOB, DISK = 1, 2, 4, 8, 16, 32
+COPIES = FETCH | FILL  # the copy engine's jobs
+WAITING = AFTER | STREAM_JOB | DISK  # jobs that only SimPy's processes play out
+
+
+class PlayAhead:
+    """Layers worked out ahead, a mixin of :class:`simulator.experts.ExpertWork` (it reads
+    ``net``, ``streams``, ``stream``, ``inflight``, ``spans``, ``events``, ``layers``,
+    ``compute_id``, ``bytes_moved``, ``call_s``, ``log``, ``layer_wall_s``, ``K`` and the
+    memo of ``_classify`` of the simulation)."""
+
+    def _step_ahead(self, rows, calls: list, ids, gates, t: float, dense_s: float):
+        """The layers of a one-token step on one GPU without prefetching or recording, worked
+        out one after another from the first, in one loop, for as long as each can be
+        (:meth:`_played_ahead`); the caller makes sure nothing is in flight.
+
+        A cache-less layer's memoised work (``_classify``) is booked from a recipe made once
+        per memo entry: its kernels and activation round trips in the order
+        :meth:`_played_ahead` books them.
+
+        Returns:
+            ``(t, l, pending)``: the step's virtual clock after the layers done, the first
+            layer not done (``L`` when all are) and, when that layer was classified and its
+            attention booked, ``(block, jobs, flags, router_at)`` to go on with (else None).
+        """
+        layers, memo, K = self.layers, self._plain_memo, self.K
+        streams, stream, wall = self.streams, self.stream, self.layer_wall_s
+        compute = streams.get(self.compute_id) or stream(self.compute_id)
+        classify, ahead, account = self._classify, self._played_ahead, self.net.account
+        for l, lay in enumerate(layers):
+            experts, tokens_of, gate = calls[l]
+            known = recipe = None
+            if lay.cache is not None:
+                block, jobs, flags = classify(l, rows, experts, tokens_of, gate,
+                                              (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist()))
+            else:
+                if memo is not None:  # _classify's memo, looked up as it does
+                    known = memo[l].get(tuple(experts) if len(experts) == K else (tuple(experts), tuple(tokens_of)))
+                if known is not None:
+                    self._memo_lookups += 1
+                    known[-1] += 1
+                    block, jobs, flags, recipe = known[0], known[1], known[2], known[3]
+                else:
+                    block, jobs, flags = classify(l, rows, experts, tokens_of, gate, None)
+                    memo = self._plain_memo  # classify may drop it
+            free = compute.free_at_s  # the attention: compute.reserve(dense_s, ready_s=t)
+            router_at = (free if free > t else t) + dense_s
+            compute.free_at_s = router_at
+            compute.busy_s += dense_s
+            if recipe is None and known is not None and not flags & (WAITING | COPIES):
+                recipe = known[3] = _recipe(block, jobs, stream)
+            if recipe is not None:
+                end = router_at
+                for st, sec in recipe[0]:  # Stream.reserve(sec, ready_s=router_at)
+                    free = st.free_at_s
+                    done = (free if free > router_at else router_at) + sec
+                    st.free_at_s = done
+                    st.busy_s += sec
+                    if done > end:
+                        end = done
+                for st, sec, d_out, d_back, p_out, p_back, act in recipe[1]:
+                    ready = router_at + d_out
+                    free = st.free_at_s
+                    done = (free if free > ready else ready) + sec
+                    st.free_at_s = done
+                    st.busy_s += sec
+                    back = done + d_back
+                    if p_out is not None:
+                        account(p_out, act, router_at, ready)
+                    if p_back is not None:
+                        account(p_back, act, done, back)
+                    if back > end:
+                        end = back
+            elif not jobs:
+                end = router_at
+                for dev, sec in block.items():
+                    st = streams.get(dev) or stream(dev)
+                    free = st.free_at_s
+                    done = (free if free > router_at else router_at) + sec
+                    st.free_at_s = done
+                    st.busy_s += sec
+                    if done > end:
+                        end = done
+            else:
+                end = ahead(l, router_at, block, jobs, flags)
+                if end is None:
+                    return t, l, (block, jobs, flags, router_at)
+            wall[l] += end - t
+            t = end
+        return t, len(layers), None
+
+    def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
+        """The layer's end time worked out without events, or None when that is not exact.
+
+        Exact when nothing else is in flight (no transfer, no copy-engine user) and the
+        layer's own transfers never share a link direction or memory port at the same time:
+        then each transfer runs alone (latency + bytes / bottleneck), the copy engine runs
+        the fetches in order, and streams take kernels in the order the events would issue
+        them. Otherwise the caller plays the layer out with processes.
+        """
+        if flags & WAITING or self.net.busy or \
+                (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
+            return None
+        if self.spans is not None or self.events is not None or (flags & LOCAL_JOB and flags & COPIES):
+            return self._copies_ahead(l, router_at, block, jobs, flags)
+        # nothing recorded, and either no copies (activations, both directions, never share a
+        # bandwidth with each other) or no local experts (copies are serial on the copy
+        # engine): book as we go
+        streams, stream, net = self.streams, self.stream, self.net
+        link_bytes, link_busy = net.bytes, net.busy_s
+        end = router_at
+        for dev, sec in block.items():  # Stream.reserve(sec, ready_s=router_at)
+            st = streams.get(dev) or stream(dev)
+            free = st.free_at_s
+            done = (free if free > router_at else router_at) + sec
+            st.free_at_s = done
+            st.busy_s += sec
+            if done > end:
+                end = done
+        if not flags & COPIES:
+            for _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) in jobs:
+                ready = router_at + d_out
+                st = streams.get(dev) or stream(dev)  # one reservation: the same end as one per call
+                free = st.free_at_s
+                done = (free if free > ready else ready) + sec
+                st.free_at_s = done
+                st.busy_s += sec
+                back = done + d_back
+                if act > 0:  # Network.account of the activations out, then of the results back
+                    if p_out.keys:
+                        for lid in p_out.link_ids:
+                            link_bytes[lid] += act
+                        x = ready - router_at - p_out.latency_s
+                        for k in p_out.keys:
+                            link_busy[k] += x
+                    if p_back.keys:
+                        for lid in p_back.link_ids:
+                            link_bytes[lid] += act
+                        x = back - done - p_back.latency_s
+                        for k in p_back.keys:
+                            link_busy[k] += x
+                if back > end:
+                    end = back
+            return end
+        engine_free = router_at  # the copy engine takes fetches and fills in job order
+        compute = streams.get(self.compute_id) or stream(self.compute_id)
+        free, busy = compute.free_at_s, compute.busy_s  # the compute stream's, kept here meanwhile
+        bytes_moved = self.bytes_moved
+        for job in jobs:
+            if job[0] == "fetch":
+                path, n_bytes, dur, tier = job[4]
+            else:  # "fill" (no local jobs here)
+                path, n_bytes, dur, tier = job[3]
+            arrived = engine_free + dur
+            if n_bytes > 0 and path.keys:  # Network.account(path, n_bytes, engine_free, arrived)
+                for lid in path.link_ids:
+                    link_bytes[lid] += n_bytes
+                x = arrived - engine_free - path.latency_s
+                for k in path.keys:
+                    link_busy[k] += x
+            bytes_moved[tier] += n_bytes
+            engine_free = arrived
+            if job[0] == "fetch":  # its kernel once the weights are in: Stream.reserve(sec, ready_s=arrived)
+                sec = job[5]
+                if free > arrived:
+                    arrived = free
+                free = arrived = arrived + sec
+                busy += sec
+            if arrived > end:
+                end = arrived
+        compute.free_at_s, compute.busy_s = free, busy
+        return end
+
+    def _copies_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
+        """:meth:`_played_ahead` of a layer that copies experts (or records its kernels and transfers)."""
+        # fetches are serial on the copy engine; only results coming back can meet a fetch
+        check = flags & LOCAL_JOB and flags & COPIES
+        lay = self.layers[l]
+        recording, labels = self.events is not None, self.spans is not None
+        if check:
+            saved = {name: (st.free_at_s, st.busy_s) for name, st in self.streams.items()}
+            n_spans = len(self.spans) if labels else 0
+            n_events = len(self.events) if recording else 0
+        chained = True  # every copy takes a positive time: simulator.resources.Network.overlapping
+        moves: list[tuple] = []  # (path, bytes, start, end, name, source tier or None for activations)
+        end = router_at
+        stream = self.stream
+        for dev, sec in block.items():
+            done = stream(dev).reserve(sec, labels and f"experts L{l}", ready_s=router_at)
+            if done > end:
+                end = done
+        if flags & COPIES:
+            engine_free = router_at  # the copy engine takes fetches and fills in job order
+            compute = stream(self.compute_id)
+            account, bytes_moved = self.net.account, self.bytes_moved
+            for job in jobs:
+                kind = job[0]
+                if kind == "fetch":
+                    _, e, _n, fmt, (path, n_bytes, dur, tier), sec = job
+                elif kind == "fill":
+                    _, e, fmt, (path, n_bytes, dur, tier) = job
+                else:
+                    continue
+                if recording:
+                    self.log("expert_fetch", f"L{l}E{e} start", engine_free)
+                arrived = engine_free + dur
+                if check or labels:  # booked at the end: once the links are known to be the layer's own
+                    chained = chained and arrived > engine_free
+                    moves.append((path, n_bytes, engine_free, arrived, labels and f"L{l}E{e} {fmt}", tier))
+                else:
+                    account(path, n_bytes, engine_free, arrived)
+                    bytes_moved[tier] += n_bytes
+                engine_free = arrived
+                if recording:
+                    self.log("expert_fetch", f"L{l}E{e} arrived", engine_free)
+                if kind == "fetch":
+                    arrived = compute.reserve(sec, labels and f"expert L{l}E{e}", ready_s=engine_free)
+                if arrived > end:
+                    end = arrived
+        n_copies = len(moves) if chained else 0  # back to back on the copy engine
+        for job in jobs if flags & LOCAL_JOB else ():
+            if job[0] != "local":
+                continue
+            _, dev, calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) = job
+            ready = router_at + d_out
+            moves.append((p_out, act, router_at, ready, labels and f"L{l} activations", None))
+            st = stream(dev)
+            if not labels:  # one reservation: the same end, fewer steps
+                ready = st.reserve(sec, ready_s=ready)
+            for e, n in calls if labels else ():
+                ready = st.reserve(self.call_s(dev, lay.fmt[e], n), f"expert L{l}E{e}", ready_s=ready)
+            back = ready + d_back
+            moves.append((p_back, act, ready, back, labels and f"L{l} results", None))
+            if back > end:
+                end = back
+        if check and self.net.overlapping(moves, chained=n_copies):
+            for name, st in self.streams.items():  # undo the tentative reservations
+                st.free_at_s, st.busy_s = saved.get(name, (0.0, 0.0))
+            if labels:
+                del self.spans[n_spans:]
+            if recording:
+                del self.events[n_events:]
+            return None
+        account, bytes_moved = self.net.account, self.bytes_moved
+        for path, n_bytes, start, stop, what, tier in moves:
+            account(path, n_bytes, start, stop, what)
+            if tier is not None:
+                bytes_moved[tier] += n_bytes
+        return end
+
+
+
+def _recipe(block: dict[str, float], jobs: list, stream) -> tuple:
+    """A memoised layer's bookings with its streams looked up (``stream``: name -> Stream):
+    ``((stream, seconds) per device ready at the router, (stream, seconds, seconds out,
+    seconds back, path out, path back, bytes) per device running local experts)``, a path
+    None when nothing crosses it."""
+    ready = tuple((stream(dev), sec) for dev, sec in block.items())
+    local = tuple((stream(dev), sec, d_out, d_back, p_out if act > 0 and p_out.keys else None,
+                   p_back if act > 0 and p_back.keys else None, act)
+                  for _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) in jobs)
+    return ready, local
