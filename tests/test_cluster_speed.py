@@ -190,3 +190,15 @@ def test_relaxation_bounds_every_method_on_the_small_cluster(trace):
             assert b["traffic_s_per_token"] <= m["traffic_s_per_token"] + 1e-15
             assert b["cross_node_fraction"] <= m["cross_node_fraction"] + 1e-12
     assert 0.0 <= result.plan.solver.gap <= 1.0
+
+
+def test_cli_prints_the_speeds_and_the_gap(run_cli, toy):
+    args = ("optimize", "-H", toy, "-m", MODEL, "--parallel", "ep", "--batch", "64", "--context", "512")
+    text = run_cli(*args)
+    assert text.exit_code == 0, text.output
+    assert "load balanced by time" in text.output and "lower bound" in text.output and "gap" in text.output
+    data = json.loads(run_cli(*args, "--json").stdout)
+    bound = data["summary"]["bound"]
+    assert bound["gap"] == pytest.approx(data["plan"]["solver"]["gap"])
+    assert bound["status"] == data["plan"]["solver"]["status"] and bound["bound_status"] == "relaxation"
+    assert data["summary"]["solver"]["speed"] is not None

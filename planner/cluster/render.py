@@ -37,7 +37,8 @@ def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, A
         "plan": row("ours"),
         "solver": result.info,
         "bound": {"objective": "traffic_s_per_token", "value": plan.solver.objective, "bound": plan.solver.bound,
-                  "gap": plan.solver.gap, "status": plan.solver.status, **result.info.get("bound", {})},
+                  "gap": plan.solver.gap, "status": plan.solver.status,
+                  **{("bound_status" if k == "status" else k): v for k, v in result.info.get("bound", {}).items()}},
     }
     if compare:
         ours = result.metrics["ours"]
@@ -87,9 +88,10 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
 
     b = d["bound"]
     if b.get("method"):
+        part = "node" if lay["nodes"] > 1 else "GPU"
         console.print(f"traffic {b['value']:.4g} s/token, lower bound {b['bound']:.4g} ({b['method']}): gap "
-                      f"{b['gap']:.1%}; cross-node pairs >= {b['cross_node_fraction']:.1%} (gap "
-                      f"{b['cross_node_gap']:.1%})", highlight=False)
+                      f"{b['gap']:.1%}; cross-{part} pairs >= {b[f'cross_{part.lower()}_fraction']:.1%} (gap "
+                      f"{b[f'cross_{part.lower()}_gap']:.1%})", highlight=False)
     speeds = d["solver"].get("speed")
     if speeds:
         console.print(f"load balanced by time: relative expert speeds {min(speeds):.3f}-{max(speeds):.3f} at "
