@@ -91,14 +91,14 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
             path.unlink(missing_ok=True)
     ready = "read and built into a pre-packed ONNX Runtime session" if not device.startswith("cuda") else \
         "read and copied to the GPU"
-    sizes = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
+    mib = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
     fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(sizes)}
     for state, how in (("cold", "its pages dropped from the page cache first"),
                        ("warm", "its pages in the page cache")):
         fixed, per_byte = fit_miss_costs(times[state])
         raw[state] = {"misses": [{"bytes": b, "seconds": t} for b, t in times[state]], "fixed_s": fixed,
                       "per_byte_s": per_byte}
-        what = (f"one {fmt} expert of {sizes} MiB read as a miss reads it, {ready}, {how} (median of "
+        what = (f"one {fmt} expert of {mib} MiB read as a miss reads it, {ready}, {how} (median of "
                 f"{experts} per size), least squares t = fixed + bytes / rate")
         fractions[state] = Figure(min(1.0, 1.0 / per_byte / seq_rate), src(
             f"{what}: rate {1 / per_byte / 1e9:.3f} GB/s, vs a sequential read of the {seq_bytes / 2**20:.0f} MiB "

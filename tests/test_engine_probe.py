@@ -128,6 +128,7 @@ def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
     assert engine.profile.cpu.layer_overhead_s.source.startswith("probe (")
     assert {row["what"] for row in data["overheads"]} >= {"layer_overhead_s", "expert_call_overhead_s", "decode"}
     disk = data["fit"]["disk"]
+    assert disk["sizes"] == list(TINY.disk_sizes)
     for state in ("cold", "warm"):  # one median miss per size, at every size the settings name
         sizes = [m["bytes"] for m in disk[state]["misses"]]
         assert len(sizes) == len(TINY.disk_sizes) >= 2 and sizes == sorted(set(sizes))
