@@ -163,12 +163,27 @@ def test_bound_equals_brute_force_on_a_tiny_instance():
                 best, best_p = t, p
     assert best_p is not None
     incumbent = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
-    bound = traffic_bound(incumbent, load, trans, topo, H, 10, cap)
-    relaxed = traffic_bound(incumbent, load, trans, topo, H, 10, cap, max_pairs=0)
+    exact = traffic_bound(incumbent, load, trans, topo, H, 10, cap)
+    bound = traffic_bound(incumbent, load, trans, topo, H, 10, cap, max_layouts=0)
+    relaxed = traffic_bound(incumbent, load, trans, topo, H, 10, cap, max_pairs=0, max_layouts=0)
+    assert exact.method == "exact" and exact.traffic_s_per_token == pytest.approx(best, rel=1e-9)
     assert bound.method == "milp" and bound.status == "optimal"
     assert bound.traffic_s_per_token == pytest.approx(best, rel=1e-6)
-    assert relaxed.traffic_s_per_token <= best + 1e-15  # the relaxation is a bound too
+    assert relaxed.method == "relaxation" and relaxed.traffic_s_per_token <= best + 1e-15  # a bound too
     assert bound.traffic_s_per_token <= placement_metrics(incumbent, load, trans, topo, H, 10)["traffic_s_per_token"]
+
+
+def test_exact_chain_returns_a_placement_with_its_traffic():
+    from planner.cluster.exact import chain_optimum, layer_layouts
+
+    assert len(layer_layouts(np.ones(4, np.int64), 2, 2)) == 6  # C(4, 2): which two experts share GPU 0
+    assert len(layer_layouts(np.array([2, 1, 1, 1, 1]), 2, 3)) == 6  # the replica on both, 2 of 4 with it
+    _, hw = load_profile(_tiny_cluster())
+    topo = topology(hw)
+    load, trans = _tiny_instance()
+    value, p = chain_optimum(np.ones((2, 4), np.int64), load, trans, topo.token_cost_s(64), np.full(2, 1e9))
+    assert sorted(p[0].tolist()) == [0, 1, 2, 3] and sorted(p[1].tolist()) == [0, 1, 2, 3]
+    assert value / 10 == pytest.approx(placement_metrics(p, load, trans, topo, 64, 10)["traffic_s_per_token"])
 
 
 def _tiny_cluster():

@@ -30,6 +30,9 @@ the placer chose (EPLB's rule):
   (``c = 1``) ``a`` and ``b`` are the products, and on a two-level topology this is the
   placement problem exactly; with replicas ``min >= product``, still a bound. Its dual bound
   counts when it is larger.
+
+Where every layer has few layouts (:mod:`.exact`), the optimum itself is found by dynamic
+programming over the layer chain and is the bound (method ``exact``).
 """
 
 from __future__ import annotations
@@ -38,13 +41,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .exact import MAX_LAYOUTS, chain_optimum
 from .topology import Topology
 
 __all__ = ["Bound", "MILP_MAX_PAIRS", "traffic_bound"]
 
-# the MILP is built only when (L - 1) x nonzero transition pairs x (G + N) is at most this
-# many pair variables (a size rule, so the same inputs always take the same path)
-MILP_MAX_PAIRS = 20_000
+# the MILP is built only when the nonzero transition pairs x (G + N) are at most this many
+# pair variables (a size rule, so the same inputs always take the same path): its LP
+# relaxation is weak (x = 1 / G makes every pair "same"), so only branching proves anything,
+# and Mixtral on 2 GPUs (6k pair variables) ran into the safety net with a bound below the
+# relaxation's
+MILP_MAX_PAIRS = 2_000
 # HiGHS branch-and-bound nodes (a work limit: the bound does not depend on the machine's load)
 MILP_NODES = 2_000
 # wall-clock safety net of the MILP, seconds
@@ -59,7 +66,8 @@ class Bound:
         traffic_s_per_token: on the traffic objective (link seconds per token).
         cross_node_fraction: on the fraction of consecutive-layer token pairs across nodes.
         cross_gpu_fraction: on the fraction across GPUs.
-        method: ``relaxation`` or ``milp``; status: the MILP's (``optimal``, ``node limit``,
+        method: ``exact`` (:mod:`.exact`, every layout listed), ``milp`` or ``relaxation``;
+            status: ``optimal`` for ``exact``, the MILP's (``optimal``, ``node limit``,
             ``time limit``) or ``relaxation``.
     """
 
@@ -109,7 +117,7 @@ def _levels(topo: Topology, hidden_size: int) -> tuple[float, float]:
 
 def traffic_bound(placement: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topology, hidden_size: int,
                   num_tokens: int, cap: np.ndarray, speed: np.ndarray | None = None,
-                  max_pairs: int = MILP_MAX_PAIRS) -> Bound:
+                  max_pairs: int = MILP_MAX_PAIRS, max_layouts: int = MAX_LAYOUTS) -> Bound:
     """Lower bounds for placements with ``placement``'s copies per expert, at the load cap.
 
     Args:
@@ -118,7 +126,8 @@ def traffic_bound(placement: np.ndarray, load: np.ndarray, trans: np.ndarray, to
         topo: ranks and links; hidden_size: H; num_tokens: T.
         cap: ``[L]`` the largest GPU time (tokens / speed) a layer may give one GPU.
         speed: ``[G]`` relative GPU speeds (``None``: all 1).
-        max_pairs: the MILP's size rule (:data:`MILP_MAX_PAIRS`; 0: relaxation only).
+        max_pairs: the MILP's size rule (:data:`MILP_MAX_PAIRS`; 0: no MILP).
+        max_layouts: the exact chain's size rule (:data:`.exact.MAX_LAYOUTS` per layer; 0: not tried).
     """
     L, R = placement.shape
     E = load.shape[1]
@@ -134,6 +143,11 @@ def traffic_bound(placement: np.ndarray, load: np.ndarray, trans: np.ndarray, to
     traffic = (d_gpu * x_gpu + d_node * x_node) / T
     method, status = "relaxation", "relaxation"
     pairs = int((trans > 0).sum()) * (G + N)
+    exact = (chain_optimum(logcnt, load, trans, topo.token_cost_s(hidden_size), cap, speed, max_layouts)
+             if total > 0 and max_layouts > 0 else None)
+    if exact is not None:  # every layout listed: the optimum itself
+        return Bound(traffic_s_per_token=max(exact[0] / T, traffic), cross_node_fraction=x_node / total,
+                     cross_gpu_fraction=x_gpu / total, method="exact", status="optimal")
     if 0 < pairs <= max_pairs and total > 0:
         milp = _milp(logcnt, load, trans, topo, cap, speed, d_gpu, d_node)
         if milp is not None:
