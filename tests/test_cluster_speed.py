@@ -217,3 +217,13 @@ def test_cli_prints_the_speeds_and_the_gap(run_cli, toy):
     assert bound["gap"] == pytest.approx(data["plan"]["solver"]["gap"])
     assert bound["status"] == data["plan"]["solver"]["status"] and bound["bound_status"] == "relaxation"
     assert data["summary"]["solver"]["speed"] is not None
+
+
+def test_small_box_plan_is_the_chain_optimum():
+    """Mixtral's 8 experts on 2 GPUs: every layout listed, the plan is the optimum (gap 0)."""
+    result = plan_cluster(ClusterRequest(hardware="workstation-2x3090-nvlink", model="mixtral-8x7b",
+                                         formats=("int4",), sweeps=1))
+    assert result.info["exact_chain"] and result.info["bound"]["method"] == "exact"
+    assert result.plan.solver.status == "optimal" and result.plan.solver.gap == pytest.approx(0.0, abs=1e-9)
+    for name in ("eplb-global", "eplb-hierarchical"):
+        assert result.metrics["ours"]["traffic_s_per_token"] <= result.metrics[name]["traffic_s_per_token"]

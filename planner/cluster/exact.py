@@ -15,6 +15,8 @@ placement with them, ours included, with no gap of its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 __all__ = ["MAX_LAYOUTS", "chain_optimum", "layer_layouts"]
@@ -67,8 +69,8 @@ def layer_layouts(copies: np.ndarray, num_gpus: int, per_gpu: int, limit: int = 
 
 
 def chain_optimum(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, D: np.ndarray, cap: np.ndarray,
-                  speed: np.ndarray | None = None,
-                  limit: int = MAX_LAYOUTS) -> tuple[float, np.ndarray] | None:
+                  speed: np.ndarray | None = None, limit: int = MAX_LAYOUTS,
+                  keep: Callable[[int, np.ndarray], np.ndarray] | None = None) -> tuple[float, np.ndarray] | None:
     """The least traffic (link seconds, all tokens) of any placement with copies ``logcnt``
     under the load cap, and its ``phy2log [L, R]``; ``None`` when a layer has too many layouts.
 
@@ -76,6 +78,8 @@ def chain_optimum(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, D: np
         logcnt: ``[L, E]`` copies per expert; load: ``[L, E]`` tokens per expert;
         trans: ``[L-1, E, E]``; D: ``[G, G]`` seconds per token between GPUs;
         cap: ``[L]`` largest GPU time a layer may give one GPU; speed: ``[G]`` (``None``: all 1).
+        keep: ``keep(l, share [K, E, G]) -> [K]`` bool, a further test a layout must pass
+            (the placer's balance over load draws).
     """
     L, E = load.shape
     G = D.shape[0]
@@ -88,7 +92,10 @@ def chain_optimum(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, D: np
             return None
         share = lay / logcnt[l][None, :, None]  # [K, E, G]
         time_g = np.einsum("e,keg->kg", load[l], share) * inv  # [K, G]
-        share = share[time_g.max(1) <= cap[l] + 1e-9]
+        ok = time_g.max(1) <= cap[l] + 1e-9
+        if keep is not None:
+            ok &= keep(l, share)
+        share = share[ok]
         if not len(share):
             return None
         shares.append(share)

@@ -18,7 +18,9 @@ per GPU: a plan cannot express the pair, and it wastes a slot); then sweeps over
 that lower the traffic cost under the node load cap; (2) inside each node, copies to GPUs
 by balanced packing, then swaps under the GPU load cap. A layer keeps its new placement
 only when it meets the cap and does not cost more traffic than before, so the result is
-never worse than the warm start on either count.
+never worse than the warm start on either count. On a small box, where every layer's
+layouts can be listed (:mod:`.exact`), the layer chain's optimum at the same caps (the
+draws' included) replaces the sweeps' result when it has less traffic.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from profiles.errors import InputError
 from profiles.workload.trace import Trace
 
 from ..eplb import eplb_global, eplb_speed_aware, replicate_experts
+from .exact import chain_optimum
 from .metrics import distribution
 from .packing import by_bands, pack, pack_drawn, swaps
 from .topology import Topology
@@ -94,6 +97,18 @@ def _drawn_max_mean(samples: np.ndarray, share: np.ndarray, inv: np.ndarray) -> 
     (``inv [G]``: time per token, 1 / speed; the mean is the balanced time, total / G)."""
     gpu = np.einsum("be,eg->bg", samples, share)  # [B, G]
     return float(((gpu * inv).max(1) / np.maximum(gpu.mean(1), 1e-12)).mean())
+
+
+def _drawn_keep(samples: np.ndarray, inv: np.ndarray, robust_cap: np.ndarray):
+    """A layout test for :func:`.exact.chain_optimum`: the draws' average max / mean GPU time
+    within the layer's cap (as :func:`_drawn_max_mean`, for ``K`` layouts at once)."""
+
+    def keep(l: int, share: np.ndarray) -> np.ndarray:
+        gpu = np.einsum("be,keg->kbg", samples[:, l], share)  # [K, B, G]
+        drawn = ((gpu * inv).max(2) / np.maximum(gpu.mean(2), 1e-12)).mean(1)  # [K]
+        return drawn <= robust_cap[l] + 1e-12
+
+    return keep
 
 
 def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physical: int, *,
@@ -216,8 +231,16 @@ def place_experts(load: np.ndarray, trans: np.ndarray, topo: Topology, num_physi
                 improved += 1
         if stopped:
             break
+    # a small box: every layout of every layer can be listed, so take the chain's optimum
+    # (at the same caps, the draws' included) when it beats the sweeps
+    keep = None if load_samples is None else _drawn_keep(load_samples, inv, robust_cap)
+    exact = None if stopped else chain_optimum(logcnt, load, trans, D, cap, None if blind else speed, keep=keep)
+    if exact is not None:
+        current = sum(float(np.einsum("ig,ij,gh,jh->", P[l], trans[l], D, P[l + 1])) for l in range(L - 1))
+        if exact[0] < current * (1 - 1e-12):
+            placement, improved = exact[1], improved + 1
     info = {"warm_start": "eplb-global" if blind else "eplb-speed", "sweeps": sweeps, "layer_solves": tried, "layers_improved": improved,
-            "stopped_by_time_limit": stopped, "balance_slack": balance_slack,
+            "stopped_by_time_limit": stopped, "balance_slack": balance_slack, "exact_chain": exact is not None,
             "solve_s": time.perf_counter() - t0, "_cap": cap, "_load": load}  # the bound's (assemble pops them)
     return placement, info
 
