@@ -572,7 +572,9 @@ def runtime_memory(s: Setup) -> tuple[float, float]:
     engine runs there, whether or not the plan fetches: no expert decision changes it, and
     at most ``staging_experts`` experts' bytes are counted for a plan that fetches none), an
     expert a CPU builds into an ONNX Runtime session held twice over while it is built (its
-    read buffer and the session's copy); ``runtime = fixed_bytes + workspace_experts x the
+    read buffer and the session's copy), or, on a CPU, ``session_build_experts x E x`` the widest
+    expert it runs in ONNX Runtime sessions, if that is more (a layer's session built at load,
+    when nothing is staged); ``runtime = fixed_bytes + workspace_experts x the
     widest expert's stored bytes``, counted where the compute device's memory is the host's
     (a CPU, or a GPU sharing it): the process's own memory is host memory, which a GPU's
     plan leaves to the host reserve.
@@ -580,16 +582,22 @@ def runtime_memory(s: Setup) -> tuple[float, float]:
     spec = s.engine.profile.runtime_memory if s.engine is not None else None
     if spec is None:
         return 0.0, 0.0
-    stored = held = 0.0
+    stored = held = in_session = 0.0
     for fm in s.formats:
         if not s.runs(s.compute, fm):
             continue
         f = s.kernel_factor(s.compute, fm)
         stored = max(stored, s.expert_bytes(fm))
         held = max(held, s.expert_bytes(fm) * (1.0 if f == 1.0 else 1.0 + f))
+        if f != 1.0:
+            in_session = max(in_session, s.expert_bytes(fm))
+    staging = spec.staging_experts.value * held
+    if spec.session_build_experts is not None and s.compute.kind == "cpu":
+        # at load nothing is staged yet: the larger of the two
+        staging = max(staging, spec.session_build_experts.value * s.model.num_experts * in_session)
     scratch = spec.workspace_experts.value * stored if spec.workspace_experts is not None else 0.0
     own = spec.fixed_bytes.value + scratch if s.compute.kind == "cpu" or s.unified else 0.0
-    return spec.staging_experts.value * held, own
+    return staging, own
 
 
 def capacity(s: Setup, memory_id: str) -> float:

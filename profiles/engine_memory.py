@@ -10,7 +10,12 @@ source:
 - ``workspace_experts``: scratch its kernels keep, in experts' bytes (a CPU GEMM's packing
   buffers grow with the largest matrix it multiplies);
 - ``fixed_bytes``: the rest, independent of the model (the loader's leftovers, Python
-  objects, library pools, thread stacks), above a process that imported the engine.
+  objects, library pools, thread stacks), above a process that imported the engine;
+- ``session_build_experts``: at load, a CPU that runs int8/int4 experts in one ONNX Runtime
+  session per layer holds, besides what is loaded, a layer's read buffers and the session's
+  copies while it is built: this many times the stored bytes of a layer's experts (at the
+  widest such format). Nothing is staged yet at load, so the plan keeps the larger of the
+  two free, not both.
 
 The planner counts them on the compute device (planner.costs.runtime_memory), at the widest
 expert the plan may hold there, so a plan's memory is what its runtime needs. An engine
@@ -53,3 +58,4 @@ class RuntimeMemory(BaseModel):
     staging_experts: SourcedCount
     workspace_experts: SourcedCount | None = None
     fixed_bytes: SourcedBytes
+    session_build_experts: SourcedCount | None = None  # in layers' worth of experts (see above)
