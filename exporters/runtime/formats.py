@@ -9,30 +9,32 @@ prices (profiles/formats.py) has no kernel in torch or ONNX Runtime that reads i
 stored packed, at the bits per weight the planner counts, and unpacked to float32 right
 before each matmul, on the GPU or on the CPU alike (:func:`dequantize`):
 
-========  =====================================  =====  ======================  =========
-format    element                                G      scale (and zero point)  bits/w
-========  =====================================  =====  ======================  =========
-fp8       e4m3 (``torch.float8_e4m3fn``)         128x128  fp32 per block        8.002
-fp6       e2m3 (OCP MXFP6)                       32     e8m0                    6.25
-fp4       e2m1                                   32     e4m3, one fp32/matrix   4.25
-mxfp4     e2m1 (OCP MXFP4)                       32     e8m0                    4.25
-int3      asymmetric, clip-searched              128    fp16 + 3-bit zero       3.148
-int2      asymmetric, clip-searched              64     fp16 + 2-bit zero       2.281
-ternary   {-1, 0, 1}, 5 trits a byte (TWN)       256    fp16                    1.6625
-========  =====================================  =====  ======================  =========
+=======  ================================  =======  =======================  ======
+format   element                           G        scale (and zero point)   bits/w
+=======  ================================  =======  =======================  ======
+fp8      e4m3 (``torch.float8_e4m3fn``)    128x128  fp32 per block           8.002
+fp6      e2m3 (OCP MXFP6)                  32       e8m0                     6.25
+fp4      e2m1                              32       e4m3, one fp32/matrix    4.25
+mxfp4    e2m1 (OCP MXFP4)                  32       e8m0                     4.25
+int3     asymmetric, clip-searched         128      fp16 + 3-bit zero        3.148
+int2     asymmetric, clip-searched         64       fp16 + 2-bit zero        2.281
+ternary  {-1, 0, 1}, 5 trits a byte (TWN)  256      fp16                     1.6625
+=======  ================================  =======  =======================  ======
 
 Codes of b bits are packed little-endian along K, ``lcm(b, 8) / b`` codes in
 ``lcm(b, 8) / 8`` bytes; a row is padded with zeros to whole groups (so files match the bits
 per weight when K is a multiple of G, and carry that padding otherwise); int3/int2 zero
-points are packed over the whole matrix, row after row (a row's few would fill a chunk). The MX scale is
-``2^(floor(log2(amax)) - 2)`` (OCP MX v1.0, both elements' largest exponent is 2); fp4's
-group scale is ``amax / 6`` stored in e4m3 relative to one fp32 scale per matrix (NVFP4's
-two-level scheme, with MXFP4's group of 32); int3/int2 pick each group's clipping range
-from five shrink factors by least squared error; ternary keeps weights above
-``0.7 * mean|w|`` with the mean of their magnitudes as scale (ternary weight networks, Li
-et al. 2016).
+points are packed over the whole matrix, row after row (a row's few would fill a chunk).
+The MX scale is ``2^(floor(log2(amax)) - 2)`` (OCP MX v1.0: both elements' largest
+exponent is 2); fp4's group scale is ``amax / 6`` stored in e4m3 relative to one fp32 scale
+per matrix (NVFP4's two-level scheme, with MXFP4's group of 32); int3/int2 pick each
+group's clipping range from five shrink factors by least squared error; ternary keeps
+weights above ``0.7 * mean|w|`` with the mean of their magnitudes as scale (ternary weight
+networks, Li et al. 2016).
 
-This module imports torch only inside functions: the plan reader imports its names.
+Unpacking decodes through a table with a row per byte where a byte holds whole codes (fp8,
+fp4, mxfp4, int2, ternary), else per code. This module imports torch only inside functions:
+the plan reader imports its names.
 """
 
 from __future__ import annotations
