@@ -64,6 +64,7 @@ class ExpertLayer:
         self.cached = frozenset(e for e, c in enumerate(self.code) if c == VIA_CACHE)  # accesses the cache sees
         self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
         self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Pricing._copy of the above, once used
+        self.one: list[tuple | None] = [None] * len(self.fmt)  # ExpertWork._one_token's entries, once used
 
 
 class ExpertWork(PlayAhead):
@@ -99,8 +100,10 @@ class ExpertWork(PlayAhead):
                     self._settle_memo()  # mostly new combinations (many experts): not worth keeping
                     key = None
         lay = self.layers[l]
-        cache = lay.cache
         ep = len(self.gpus) > 1
+        if len(rows) == 1 and len(experts) == self.K and not ep and self.cfg.miss == "plan":
+            return self._classify_one(l, lay, rows, experts, refs, key)
+        cache = lay.cache
         block: dict[str, float] = {}
         jobs: list = []
         flags = 0
@@ -183,6 +186,95 @@ class ExpertWork(PlayAhead):
         if key is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
             self._plain_memo[l][key] = [block, jobs, flags, None, len(experts), tokens, resident, local_n, missed, 0]
         return block, jobs, flags
+
+    def _classify_one(self, l: int, lay: ExpertLayer, rows: np.ndarray, experts: list[int], refs, key):
+        """:meth:`_classify` of a one-token step whose K experts are distinct and routed, on
+        one GPU with the planned miss handling: the same work, from entries made once per
+        (layer, expert) (:meth:`_one_entry`), and the same memo."""
+        cache, one, compute_id = lay.cache, lay.one, self.compute_id
+        block: dict[str, float] = {}
+        jobs: list = []
+        flags = 0
+        local = None  # device -> [calls (e, 1), tokens, seconds]
+        if cache is not None:
+            first_hit, hits, accesses = cache.serve(refs[0], refs[1], rows, self.K, self.E, lay.cached)
+            self.cache_access[l] += accesses
+            self.cache_hit[l] += hits
+        inflight = self.inflight
+        resident = local_n = missed = 0
+        for e in experts:
+            entry = one[e] or self._one_entry(lay, e)
+            c = entry[0]
+            if c == RESIDENT:
+                resident += 1
+                dev = entry[1]
+                block[dev] = block.get(dev, 0.0) + entry[2]
+                continue
+            if c == VIA_CACHE:
+                if cache is None:
+                    missed += 1  # no slots: every access misses
+                elif first_hit[e]:
+                    pending = inflight.get((l, e)) if inflight else None
+                    if pending is not None and not pending.triggered:
+                        jobs.append(("after", pending, e, 1, lay.copy_format[e]))
+                        flags |= AFTER
+                    else:
+                        block[compute_id] = block.get(compute_id, 0.0) + entry[2]
+                    continue
+                if entry[5]:  # a fetched expert (a hybrid one runs its miss where it lives)
+                    jobs.append(entry[4])
+                    flags |= FETCH
+                    continue
+                if cache is not None:
+                    jobs.append(entry[4])
+                    flags |= FILL
+            elif c == STREAM:
+                block[compute_id] = block.get(compute_id, 0.0) + entry[2]
+                continue
+            local_n += 1
+            dev = entry[1]
+            if local is None:
+                local = {}
+            work = local.get(dev)
+            if work is None:
+                work = local[dev] = [[], 0, 0.0]
+            work[0].append((e, 1))
+            work[1] += 1
+            work[2] += entry[3]
+            if entry[6]:
+                flags |= DISK
+        self.expert_calls += len(experts)
+        self.expert_accesses += len(experts)
+        self.resident_access[l] += resident
+        self.local_access[l] += local_n
+        self.cache_access[l] += missed
+        if local:
+            flags |= LOCAL_JOB
+            for dev, (calls, n, sec) in local.items():
+                jobs.append(("local", dev, calls, 1, sec, self._activations(dev, 1)))
+        if lay.streamed:
+            jobs.append(("stream",))
+            flags |= STREAM_JOB
+        if key is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
+            self._plain_memo[l][key] = [block, jobs, flags, None, len(experts), len(experts), resident, local_n,
+                                        missed, 0]
+        return block, jobs, flags
+
+    def _one_entry(self, lay: ExpertLayer, e: int) -> tuple:
+        """Expert ``e``'s one-token call in ``lay``: ``(code, runner, seconds where it runs
+        when nothing waits, seconds where it lives, its fetch or fill job or None, whether a
+        miss fetches it, whether it is read from disk)``, made once."""
+        c, job = lay.code[e], None
+        fetches = c == VIA_CACHE and lay.site[e] != "hybrid"
+        if c == VIA_CACHE:
+            copy = lay.copy_info[e]
+            if copy is None:
+                copy = lay.copy_info[e] = self._copy(lay.home[e], lay.copy_format[e])
+            job = ("fetch", e, 1, lay.copy_format[e], copy, lay.cost[e][1]) if fetches else \
+                ("fill", e, lay.copy_format[e], copy)
+        entry = lay.one[e] = (c, lay.runner[e], lay.cost[e][1], lay.local_cost[e][1], job, fetches,
+                              bool(lay.on_disk) and e in lay.on_disk)
+        return entry
 
     def _settle_memo(self) -> None:
         """Add the counts of every reuse of memoised work to the metrics, and drop the memo."""
