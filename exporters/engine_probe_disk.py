@@ -58,7 +58,8 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     (``TensorFile`` + ``read_tensors``, as ``Kernels.quantised`` does: past the page cache
     where ``O_DIRECT`` is allowed) and makes it ready to compute: on a CPU a quantised expert
     becomes a pre-packed ONNX Runtime session (``PlannedExperts._ready``), on CUDA the
-    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too.
+    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too,
+    and a "cold" one drops nothing first, as the runtime never does before a direct read.
     The median miss of each size is fitted as ``fixed + bytes * per_byte``
     (:func:`fit_miss_costs`). The sequential read is of the largest size's file in 8 MiB
     pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
@@ -73,7 +74,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
 
     times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # state -> [(expert bytes, median s)]
-    seq_rate, how_seq, seq_bytes = 0.0, "", 0
+    seq_rate, how_seq, seq_bytes, direct = 0.0, "", 0, False
     for size in sorted(sizes):
         path = directory / f".engine-probe-experts-{size}.safetensors"
         try:
@@ -85,19 +86,25 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
                 seq_s, how_seq = min(_read_uncached(str(path), total, 8 << 20) for _ in range(2))
                 seq_rate, seq_bytes = total / seq_s, total
             for state in ("cold", "warm"):
-                ts = [_timed(path, lambda e=e: miss(e), drop=state == "cold") for e in range(experts)]
+                # a direct read bypasses the page cache, and the runtime never drops it first:
+                # dropping it (DONTNEED) slowed the reads after it on the loaded dev machine
+                direct = miss.direct
+                drop = state == "cold" and not direct
+                ts = [_timed(path, lambda e=e: miss(e), drop=drop) for e in range(experts)]
                 times[state].append((total / experts, float(np.median(ts))))
         finally:
             path.unlink(missing_ok=True)
     ready = "read and built into a pre-packed ONNX Runtime session" if not device.startswith("cuda") else \
         "read and copied to the GPU"
     mib = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
-    fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(sizes)}
+    fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(sizes), "direct": direct}
     for state, how in (("cold", "its pages dropped from the page cache first"),
                        ("warm", "its pages in the page cache")):
         fixed, per_byte = fit_miss_costs(times[state])
         raw[state] = {"misses": [{"bytes": b, "seconds": t} for b, t in times[state]], "fixed_s": fixed,
                       "per_byte_s": per_byte}
+        if direct:
+            how = "read with O_DIRECT, past the page cache (nothing dropped first)"
         what = (f"one {fmt} expert of {mib} MiB read as a miss reads it, {ready}, {how} (median of "
                 f"{experts} per size), least squares t = fixed + bytes / rate")
         fractions[state] = Figure(min(1.0, 1.0 / per_byte / seq_rate), src(
@@ -109,7 +116,8 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
 
 def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> Callable[[int], None]:
     """Write ``experts`` random ``fmt`` experts of H = I = ``size`` to ``path``; returns the
-    runtime's miss of expert ``e`` (read past the page cache, made ready to compute)."""
+    runtime's miss of expert ``e`` (read past the page cache, made ready to compute), with
+    ``.direct``: whether its reads bypass the page cache (``O_DIRECT``)."""
     import torch
     from safetensors.numpy import save_file
 
@@ -135,6 +143,7 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
                 t.to(device)
             torch.cuda.synchronize()
 
+    miss.direct = tf.direct
     return miss
 
 
