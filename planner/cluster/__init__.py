@@ -16,23 +16,28 @@ Model (per MoE layer l):
 * decisions: copies ``c[l, e] >= 1`` with ``sum_e c = R``; the GPU of every copy, S per GPU,
   no two copies of one expert on one GPU. A replicated expert's tokens split evenly over
   its copies (what SGLang and vLLM dispatch do), so ``P[l, e, g]`` = copies of e on g / c;
-* load: ``load[l, g] = sum_e w[l, e] P[l, e, g]``; straggler ``max_g load[l, g]``;
+* load: ``load[l, g] = sum_e w[l, e] P[l, e, g]``; straggler ``max_g load[l, g] / speed[g]``
+  (``speed``: each GPU's relative expert speed at the decode batch, all 1 on one GPU type);
 * traffic: ``sum_l sum_ij C[l, i, j] P[l, i]^T D P[l + 1, j]`` (link seconds), and the
   fractions of token pairs whose consecutive experts sit on another GPU / another node;
 * memory: S x L experts + dense weights + KV cache per GPU within its HBM;
 * formats: the experts' (critical ones at full precision) and the dense weights' within the
   quality budget, importance-weighted as the offload planner counts it (:mod:`.quality`).
 
-Objective: minimise traffic subject to ``max load <= cap[l]`` (EPLB global's straggler load
-plus a slack). The modules, in the order a plan is made:
+Objective: minimise traffic subject to ``max load / speed <= cap[l]`` (the straggler time of
+EPLB global, speed-aware on mixed GPUs, plus a slack); the plan reports a lower bound and the
+gap. The modules, in the order a plan is made:
 
 * :mod:`.topology`: the GPUs as EP ranks and the link cost ``D`` between them;
 * :mod:`.workload`: load and transitions from a trace, the load unseen tokens are expected
   to bring, DeepSeek's group-limited routing imposed on a trace that lacks it;
 * :mod:`.quality`: the number formats under the quality budget and ``--critical``;
+* :mod:`.speed`: each GPU's expert speed at the decode batch (the shared perf model);
 * :mod:`.metrics`: straggler load and traffic of a placement;
 * :mod:`.packing`: bin packing and swaps under load caps, the placer's building blocks;
 * :mod:`.placement`: our placement (a decomposition warm-started from EPLB global);
+* :mod:`.exact`: the layer chain's optimum where every layer's layouts can be listed;
+* :mod:`.bound`: a lower bound on the traffic at the load cap (relaxation, MILP or exact);
 * :mod:`.assemble`: a request to a :class:`~planner.plan.Plan` and the baselines' plans;
 * :mod:`.render`: what `planner optimize` prints for it.
 """
