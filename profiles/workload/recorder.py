@@ -240,6 +240,7 @@ def record_routing(
     model_name: str = "",
     source: str = "",
     progress: Callable[[int, int], None] | None = None,
+    on_inputs: Callable[[int, "torch.Tensor", "torch.Tensor"], None] | None = None,
 ) -> Trace:
     """Run tokenised prompts through a loaded model and record every token's routing.
 
@@ -252,6 +253,10 @@ def record_routing(
         model_name: stored as the trace's ``model``.
         source: stored as the trace's ``source``.
         progress: called as ``progress(done_sequences, total_sequences)``.
+        on_inputs: called at every experts call as ``on_inputs(moe_layer, hidden_states
+            [rows, H], top_k_index [rows, K])`` with the routed experts' inputs (what
+            ``planner quality measure`` runs the experts on); the tensors are the model's own,
+            copy what you keep.
 
     Returns:
         A :class:`Trace` with ``expert_ids [T, L, K]``, ``gate_weights [T, L, K]`` (float32,
@@ -280,7 +285,9 @@ def record_routing(
         signature = inspect.signature(experts.forward)
 
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            index, weights = _experts_routing_args(signature, module, args, kwargs)
+            hidden, index, weights = _experts_routing_args(signature, module, args, kwargs)
+            if on_inputs is not None:
+                on_inputs(l, hidden, index)
             captured[l].append((index.detach().to("cpu", torch.int64), weights.detach().to("cpu", torch.float32)))
         return hook
 
@@ -398,16 +405,17 @@ def record_trace(
 
 
 def _experts_routing_args(signature: inspect.Signature, module: Any, args: tuple,
-                          kwargs: dict) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """``(top_k_index [rows, K], top_k_weights [rows, K])`` from an experts module's call."""
+                          kwargs: dict) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """``(hidden_states [rows, H], top_k_index [rows, K], top_k_weights [rows, K])`` from an
+    experts module's call."""
     import torch
 
     try:
         bound = signature.bind(*args, **kwargs)
         values = list(bound.arguments.values())
-        index, weights = values[1], values[2]
+        hidden, index, weights = values[0], values[1], values[2]
     except (TypeError, IndexError):
-        index = weights = None
+        hidden = index = weights = None
     ok = (isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor) and index.ndim == 2
           and not index.is_floating_point() and weights.is_floating_point() and weights.shape == index.shape)
     if not ok:
@@ -415,7 +423,7 @@ def _experts_routing_args(signature: inspect.Signature, module: Any, args: tuple
                          value=type(module).__name__,
                          expected=f"an MoE block like those of {', '.join(TESTED_MODEL_TYPES)}",
                          fix="report this model type")
-    return index, weights
+    return hidden, index, weights
 
 
 def _collect(captured: list[list], rows: int, ids_rows: list[np.ndarray], weight_rows: list[np.ndarray]) -> None:
