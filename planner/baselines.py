@@ -58,7 +58,7 @@ def _formats(s: Setup, quality_budget: float | None, where: str = "compute") -> 
     """Formats the quality budget allows and the engine runs where the baseline computes
     (``compute``: the compute device, ``host``: the host CPU, ``both``), widest first."""
     devices = {"compute": [s.compute], "host": [s.host], "both": [s.compute, s.host]}[where]
-    ok = [fm for fm in s.formats if (quality_budget is None or s.quant_error[fm] <= quality_budget + 1e-12)
+    ok = [fm for fm in s.formats if (quality_budget is None or s.uniform_error(fm) <= quality_budget + 1e-12)
           and all(s.runs(d, fm) for d in devices) and (s.fixes is None or s.fixes.expert_format in (None, fm))]
     return sorted(ok, key=s.expert_bytes, reverse=True)
 

@@ -61,7 +61,9 @@ besides, the device holds the dense weights, the KV cache and a workspace that n
 decision changes (:func:`fixed_costs`): activations, and what the engine's runtime holds of
 its own (its profile's ``runtime_memory``: the experts it stages while fetching, its scratch
 and fixed memory; :func:`runtime_memory`).
-Quality: ``sum_e w_e err(b_e)`` with ``w_e = f_e * mean gate weight``.
+Quality: ``sum_e w_e err_e(b_e)`` with ``w_e = f_e * mean gate weight`` and ``err_e(b)`` the
+expert's measured error (``Setup.expert_error``, from ``planner quality measure``) or else the
+format's constant (``QUANT_ERROR``); prefix sums in rank order keep the rank structure.
 """
 
 from __future__ import annotations
@@ -142,6 +144,9 @@ class Setup:
     host: Device  # the CPU that holds host memory
     homes: tuple[str, ...]  # memory pool ids where offloaded experts may live (DRAM first)
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+    # measured error (planner quality measure): format -> [L, E] by expert id; a format it
+    # lacks keeps its quant_error constant
+    expert_error: dict[str, np.ndarray] | None = None
     critical: tuple[tuple[int, ...], ...] = ()  # per layer: experts that stay at full precision
     cache_grid: tuple[int, ...] | None = None
     device_reserve: tuple[float, float] = (0.05, 512 * 2**20)  # (fraction, bytes) kept free on the device
@@ -166,6 +171,19 @@ class Setup:
         errors = dict(self.quant_error) | {f: default_quant_error(f) for f in extra}
         return dataclasses.replace(self, hardware=hw, compute=hw.devices[self.compute.id], host=hw.devices[self.host.id],
                                    engine=engine, formats=self.formats + extra, quant_error=errors)
+
+    def errors_of(self, layer: int, fmt: str) -> np.ndarray:
+        """``[E]`` each expert's quantisation error at ``fmt`` (by expert id): measured, else the constant."""
+        if self.expert_error is not None and fmt in self.expert_error:
+            return self.expert_error[fmt][layer]
+        return np.full(self.stats.num_experts, self.quant_error[fmt])
+
+    def uniform_error(self, fmt: str) -> float:
+        """The importance-weighted error of every expert at ``fmt`` (what the quality budget bounds)."""
+        if self.expert_error is None or fmt not in self.expert_error:
+            return self.quant_error[fmt]
+        w = self.stats.importance
+        return float((w * self.expert_error[fmt]).sum() / max(float(w.sum()), 1e-300))
 
     def engine_can(self, what: str) -> bool:
         """Whether the engine has a site (``fetch``, ``local``, ...) or a prefetch policy."""
@@ -371,7 +389,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     cpu_c = np.stack([cum(act * s.call_s(s.host, fm, tokens)) if j in used else unused
                       for j, fm in enumerate(s.formats)])  # [b, E+1] sum a_e u_e
     idle_c = cum(np.log1p(-np.minimum(act, 1.0 - 1e-12)))  # [E+1] log P(none of the first ranks active)
-    err_c = np.stack([cum(w * s.quant_error[fm]) for fm in s.formats])  # [b, E+1]
+    err_c = np.stack([cum(w * s.errors_of(layer, fm)[st.order[layer]]) for fm in s.formats])  # [b, E+1]
     eb = np.array([s.expert_bytes(fm) for fm in s.formats])  # [b]
     xfer = np.array([[s.transfer_s(home, eb[j]) for j in range(len(eb))] for home in s.homes]
                     or [[0.0] * len(eb)])  # [homes, b]

@@ -55,6 +55,9 @@ class OptimizeRequest:
     tpot_slo_s: float = 0.2  # cost objective: the slowest acceptable time per output token
     critical: tuple[tuple[int, ...], ...] = ()  # per MoE layer: experts kept at full precision
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+    # measured per-expert errors (profiles.quality.error_table): format -> [L, E]; None: the constants
+    expert_error: dict[str, np.ndarray] | None = None
+    quality_digest: str | None = None  # the quality file's digest, recorded in the plan's inputs
     engine: str | None = None  # engine profile (bundled name or path); None: the bundle runtime (or the policy's)
     policy: GivenPolicy | None = None  # a given configuration to price instead of solving (planner.given)
     fixes: Fixes | None = None  # parts of the plan fixed, the ILP decides the rest (planner.given)
@@ -73,7 +76,7 @@ class OptimizeResult:
 def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_size: int, context_tokens: int,
                formats: tuple[str, ...], critical: tuple[tuple[int, ...], ...] = (),
                quant_error: dict[str, float] | None = None, engine: Engine | None = None,
-               fixes: Fixes | None = None) -> Setup:
+               fixes: Fixes | None = None, expert_error: dict[str, np.ndarray] | None = None) -> Setup:
     """Pick the compute device (first GPU, else first accelerator, else the CPU), the host CPU of
     its node and the homes for offloaded experts (host DRAM, then the node's first NVMe).
 
@@ -114,7 +117,7 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
     s = Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
               formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
-              critical=critical, engine=engine, bare=bare,
+              critical=critical, engine=engine, bare=bare, expert_error=expert_error,
               fixes=fixes.through(engine) if fixes is not None else None)
     if s.fixes is not None:
         s.fixes.check(s)
@@ -156,10 +159,13 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     stats = planning_stats(trace, real_experts=model.num_experts)
     t_stats = _now()
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
+    if req.quality_budget is None and req.expert_error is not None and "int4" in req.expert_error:
+        w = stats.importance  # uniform int4 under the measured errors
+        budget = float((w * req.expert_error["int4"]).sum() / max(float(w.sum()), 1e-300))
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=model_digest(model), workload=trace.source or "trace",
                     workload_digest=workload_digest(trace), engine=engine.name,
-                    engine_digest=digest(engine.profile.model_dump(mode="json")))
+                    engine_digest=digest(engine.profile.model_dump(mode="json")), quality_digest=req.quality_digest)
     if req.objective == "cost":
         return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
     batch = 1 if req.objective == "latency" else req.batch_size
@@ -181,7 +187,8 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
                  inputs: Inputs, batch: int, t0: np.ndarray, t_stats: np.ndarray,
                  engine: Engine | None = None) -> OptimizeResult:
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
-                   critical=req.critical, quant_error=req.quant_error, engine=engine, fixes=req.fixes)
+                   critical=req.critical, quant_error=req.quant_error, engine=engine, fixes=req.fixes,
+                   expert_error=req.expert_error)
     if req.policy is not None:  # a given configuration: priced as it is, no search
         from .given import price_given
 
@@ -245,7 +252,8 @@ def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Planni
         engine = load_engine(BASELINE_ENGINES[name])
         try:
             s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
-                           critical=req.critical, quant_error=req.quant_error, engine=engine)
+                           critical=req.critical, quant_error=req.quant_error, engine=engine,
+                           expert_error=req.expert_error)
         except InputError:
             continue  # the engine runs none of the formats on this hardware
         candidates = [b for b in fn(s, budget) or [] if keeps_critical(s, b.specs)]  # --critical binds here too

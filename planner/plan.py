@@ -116,6 +116,7 @@ class Inputs(BaseModel):
     workload_digest: str
     engine: str = "bundle"  # the engine profile the plan is priced for (profiles/engines/)
     engine_digest: str = ""
+    quality_digest: str | None = None  # the --quality file's sha256 (16 hex digits); None: the constants
 
 
 class Plan(BaseModel):
@@ -144,7 +145,10 @@ class Plan(BaseModel):
 
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
-        return json.dumps(_round(self.model_dump(mode="json")), sort_keys=True, indent=1) + "\n"
+        data = self.model_dump(mode="json")
+        if data["inputs"].get("quality_digest") is None:
+            del data["inputs"]["quality_digest"]  # plans made without --quality read as before
+        return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

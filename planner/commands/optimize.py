@@ -55,6 +55,24 @@ def _parse_critical(value: str | None, num_layers: int) -> tuple[tuple[int, ...]
     return tuple(tuple(sorted(s)) for s in per_layer)
 
 
+def _load_quality(path: str | None, spec, critical: str | None) -> dict:
+    """``--quality``: ``{errors: {format: [L, E]} | None, digest, critical: per-layer super experts}``."""
+    if path is None:
+        if critical == "auto":
+            raise InputError("--critical auto pins the super experts a quality file flags", key="--critical",
+                             value="auto", fix="add --quality quality.json (planner quality measure), or list "
+                             "MOE_LAYER:EXPERT pairs")
+        return {"errors": None, "digest": None, "critical": ()}
+    from profiles.quality import check_matches, error_table, file_digest, load_quality, super_experts
+
+    from ..plan import model_digest
+
+    q = load_quality(path)
+    check_matches(q, path, model_name=spec.name, model_digest=model_digest(spec), num_layers=spec.num_moe_layers,
+                  num_experts=spec.num_experts)
+    return {"errors": error_table(q, q.formats), "digest": file_digest(path), "critical": super_experts(q)}
+
+
 def _parse_per_layer(value: str | None, flag: str, num_layers: int) -> tuple[int | None, ...]:
     """``N`` (every MoE layer) or ``MOE_LAYER:N`` pairs -> one entry per MoE layer (None: not fixed)."""
     if value is None:
@@ -180,7 +198,11 @@ def _load_trace(path: str, task: str | None):
               f"({QUANT_ERROR['int4']}); uniform int8 is {QUANT_ERROR['int8']}.")
 @click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True,
               help="Number formats experts and dense weights may use.")
-@click.option("--critical", help="Experts kept at full precision, as MOE_LAYER:EXPERT pairs (e.g. 0:3,5:17).")
+@click.option("--critical", help="Experts kept at full precision, as MOE_LAYER:EXPERT pairs (e.g. 0:3,5:17), or "
+              "'auto': the super-expert candidates of the --quality file.")
+@click.option("--quality", "quality_path", type=click.Path(dir_okay=False),
+              help="Measured expert errors (planner quality measure): the quality cost of each expert at each "
+              "format is its importance x its measured error instead of one constant per format.")
 @click.option("--slo-tpot", type=FiniteFloat(min=0, min_open=True), default=0.2, show_default=True,
               help="Cost objective: slowest acceptable time per output token, seconds.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
@@ -212,7 +234,7 @@ def _load_trace(path: str, task: str | None):
 @_given_options
 @common_options
 def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, quality_budget,
-                 formats, critical, slo_tpot, solver, time_limit, gap, compare, parallel, redundant_experts, out,
+                 formats, critical, quality_path, slo_tpot, solver, time_limit, gap, compare, parallel, redundant_experts, out,
                  report, force, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
@@ -246,7 +268,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     policy, fixes, fixed_formats = _given(given, spec.num_moe_layers)
     candidates = _parse_formats(formats)
     candidates += tuple(fm for fm in fixed_formats if fm not in candidates)  # a fixed format is a candidate
-    critical_sets = _parse_critical(critical, spec.num_moe_layers)
+    quality = _load_quality(quality_path, spec, critical)
+    critical_sets = quality["critical"] if critical == "auto" else _parse_critical(critical, spec.num_moe_layers)
     one_gpu = policy is not None or fixes is not None or given["prefetch"] or given["eviction"]
     if one_gpu and parallel == "ep":
         raise InputError("--policy, --fix-*, --prefetch and --eviction plan one GPU with offloading", key="--parallel",
@@ -262,13 +285,17 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
                             formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
                             time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets)
         use_ep, fallback = parallel_mode(parallel, ep)
+        if use_ep and quality_path:
+            raise InputError("--quality prices offload plans; expert-parallel plans keep one error per format",
+                             key="--quality", value=quality_path, fix="add --parallel offload, or drop --quality")
         if use_ep:
             return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=trace, objective=objective, batch_size=batch, context_tokens=context,
         prompt_tokens=prompt_tokens, quality_budget=quality_budget, formats=candidates, solver=solver,
         time_limit_s=time_limit, gap=gap, tpot_slo_s=slo_tpot, critical=critical_sets, engine=engine, policy=policy,
-        fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"])
+        fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"],
+        expert_error=quality["errors"], quality_digest=quality["digest"])
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
