@@ -31,9 +31,9 @@ class PlayAhead:
     ``compute_id``, ``bytes_moved``, ``call_s``, ``log``, ``layer_wall_s``, ``K`` and the
     memo of ``_classify`` of the simulation)."""
 
-    def _step_ahead(self, rows, calls: list, ids, gates, t: float, dense_s: float):
+    def _step_ahead(self, rows, calls: list, ids, gates, t: float, dense_s: float, first: int = 0):
         """The layers of a one-token step on one GPU without prefetching or recording, worked
-        out one after another from the first, in one loop, for as long as each can be
+        out one after another from layer ``first``, in one loop, for as long as each can be
         (:meth:`_played_ahead`); the caller makes sure nothing is in flight.
 
         A cache-less layer's memoised work (``_classify``) is booked from a recipe made once
@@ -49,7 +49,8 @@ class PlayAhead:
         streams, stream, wall = self.streams, self.stream, self.layer_wall_s
         compute = streams.get(self.compute_id) or stream(self.compute_id)
         classify, ahead, account = self._classify, self._played_ahead, self.net.account
-        for l, lay in enumerate(layers):
+        for l in range(first, len(layers)):
+            lay = layers[l]
             experts, tokens_of, gate = calls[l]
             known = recipe = None
             if lay.cache is not None:

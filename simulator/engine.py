@@ -225,11 +225,18 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
         layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
         played_ahead = self._played_ahead
-        first, pending = 0, None
-        if distinct is not None and single and not ep and not prefetching and play_ahead and not recording and \
-                not self.net.busy and not (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
-            t, first, pending = self._step_ahead(rows, calls, ids, gates, t, dense_s)  # in one loop, from layer 0
-        for l in range(first, L):
+        # one-token steps: layers in one loop (_step_ahead) whenever nothing is in flight
+        fast = distinct is not None and single and not ep and not prefetching and play_ahead and not recording
+        resume, pending = 0, None
+        for l in range(L):
+            if l < resume:  # done by _step_ahead
+                continue
+            if fast and not self.net.busy and not (self.inflight and any(not ev.triggered
+                                                                          for ev in self.inflight.values())):
+                t, l, pending = self._step_ahead(rows, calls, ids, gates, t, dense_s, l)
+                resume = l + 1  # layer l goes on below
+                if l == L:
+                    break
             if pending is not None:  # classified, its attention booked (_step_ahead)
                 (block, jobs, flags, router_at), pending = pending, None
             else:
