@@ -798,5 +798,6 @@ def explain_infeasible(problem: Problem) -> InfeasibleError:
     if problem.quality_budget is not None:
         return InfeasibleError(
             f"no placement meets --quality-budget {problem.quality_budget:g} within memory; smallest change: raise "
-            f"the budget (uniform int4 costs {s.quant_error.get('int4', 0):g}) or add memory for wider formats")
+            f"the budget (uniform int4 costs {s.uniform_error('int4') if 'int4' in s.quant_error else 0:g}) or add "
+            "memory for wider formats")
     return InfeasibleError("no placement satisfies every constraint; run with --debug to see the model")
