@@ -276,7 +276,9 @@ def test_bundle_with_every_new_format_decodes_close_to_fp32(ckpt, tmp_path, run_
         with torch.no_grad():
             got = rt.model(torch.tensor([ids])).logits[0]
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
-    assert float(cos.min()) >= 0.99, cos  # measured 0.999+ with these formats mixed, dense fp8
+    # measured 0.9955 (this mix, dense fp8); each format alone in every expert, dense fp32: fp8
+    # 0.99998, fp6 0.99997, fp4 0.9996, mxfp4 0.9996, int3 0.9989, int2 0.9970, ternary 0.9944
+    assert float(cos.min()) >= 0.99, cos
     assert float(cos.min()) < 1.0
 
 
