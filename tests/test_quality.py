@@ -229,3 +229,6 @@ def test_bad_quality_files_are_one_line_errors(big, run_cli, tmp_path):
         assert_one_line_error(run_cli(*base, "--quality", path), *words)
     assert_one_line_error(run_cli(*base, "--quality", tmp_path / "absent.json"), "not found")
     assert_one_line_error(run_cli(*base, "--critical", "auto"), "--critical", "--quality")
+    path = tmp_path / "good.json"
+    path.write_text(json.dumps(doc))
+    assert_one_line_error(run_cli(*base, "--quality", path, "--formats", "bf16,int4,int3"), "int3", "--formats")

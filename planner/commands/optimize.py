@@ -55,8 +55,12 @@ def _parse_critical(value: str | None, num_layers: int) -> tuple[tuple[int, ...]
     return tuple(tuple(sorted(s)) for s in per_layer)
 
 
-def _load_quality(path: str | None, spec, critical: str | None) -> dict:
-    """``--quality``: ``{errors: {format: [L, E]} | None, digest, critical: per-layer super experts}``."""
+def _load_quality(path: str | None, spec, critical: str | None, candidates: tuple[str, ...]) -> dict:
+    """``--quality``: ``{errors: {format: [L, E]} | None, digest, critical: per-layer super experts}``.
+
+    Every quantised candidate the runtime can measure must be in the file: a measured int4 next
+    to int3's constant would compare numbers of different origin (formats it cannot measure,
+    e.g. GGUF types, keep their constant)."""
     if path is None:
         if critical == "auto":
             raise InputError("--critical auto pins the super experts a quality file flags", key="--critical",
@@ -70,6 +74,14 @@ def _load_quality(path: str | None, spec, critical: str | None) -> dict:
     q = load_quality(path)
     check_matches(q, path, model_name=spec.name, model_digest=model_digest(spec), num_layers=spec.num_moe_layers,
                   num_experts=spec.num_experts)
+    from exporters.quality import CASTS, MEASURABLE
+
+    missing = [fm for fm in candidates if fm in MEASURABLE and fm not in CASTS and fm not in q.formats]
+    if missing:
+        raise InputError("the quality file has no measured errors for a candidate format", file=path,
+                         key="formats", value=q.formats, expected=f"also {', '.join(missing)}",
+                         fix=f"measure them (planner quality measure --formats {','.join(q.formats + missing)}) "
+                             "or drop them from --formats")
     return {"errors": error_table(q, q.formats), "digest": file_digest(path), "critical": super_experts(q)}
 
 
@@ -268,7 +280,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     policy, fixes, fixed_formats = _given(given, spec.num_moe_layers)
     candidates = _parse_formats(formats)
     candidates += tuple(fm for fm in fixed_formats if fm not in candidates)  # a fixed format is a candidate
-    quality = _load_quality(quality_path, spec, critical)
+    quality = _load_quality(quality_path, spec, critical, candidates)
     critical_sets = quality["critical"] if critical == "auto" else _parse_critical(critical, spec.num_moe_layers)
     one_gpu = policy is not None or fixes is not None or given["prefetch"] or given["eviction"]
     if one_gpu and parallel == "ep":
