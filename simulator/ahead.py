@@ -53,9 +53,10 @@ class PlayAhead:
             lay = layers[l]
             experts, tokens_of, gate = calls[l]
             known = recipe = None
-            if lay.cache is not None:
-                block, jobs, flags = classify(l, rows, experts, tokens_of, gate,
-                                              (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist()))
+            if lay.cache is not None:  # K experts: the token's own ids at this layer, in rank order
+                refs = ([experts] if len(experts) == K else ids[:, l, :].tolist(),
+                        None if gates is None else gates[:, l, :].tolist())
+                block, jobs, flags = classify(l, rows, experts, tokens_of, gate, refs)
             else:
                 if memo is not None:  # _classify's memo, looked up as it does
                     known = memo[l].get(tuple(experts) if len(experts) == K else (tuple(experts), tuple(tokens_of)))
