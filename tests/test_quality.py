@@ -232,3 +232,16 @@ def test_bad_quality_files_are_one_line_errors(big, run_cli, tmp_path):
     path = tmp_path / "good.json"
     path.write_text(json.dumps(doc))
     assert_one_line_error(run_cli(*base, "--quality", path, "--formats", "bf16,int4,int3"), "int3", "--formats")
+
+
+def test_bad_measure_inputs_are_one_line_errors(big, run_cli, tmp_path):
+    """Checked before torch is imported or any weight is read."""
+    directory, _, _ = big
+    out = tmp_path / "q.json"
+    base = ["quality", "measure", "--prompts", PROMPTS, "--out", out]
+    assert_one_line_error(run_cli(*base, "--checkpoint", directory, "--formats", "int4,q4_k"), "--formats", "q4_k")
+    assert_one_line_error(run_cli(*base, "--checkpoint", tmp_path / "absent"), "not found")
+    assert_one_line_error(run_cli("quality", "measure", "--checkpoint", directory, "--prompts", tmp_path / "none.txt",
+                                  "--out", out), "prompts file")
+    out.write_text("{}")
+    assert_one_line_error(run_cli(*base, "--checkpoint", directory), "--force")

@@ -73,6 +73,12 @@ def measure(checkpoint_dir: Path, prompts_file: Path, generate_tokens: int, form
     if not wanted:
         raise InputError("no formats given", key="--formats", value=formats, expected="e.g. bf16,int8,int4",
                          fix="list one or more formats")
+    from exporters.quality import MEASURABLE
+
+    bad = [fm for fm in wanted if fm not in MEASURABLE]
+    if bad:
+        raise InputError("the runtime has no quantiser for this format", key="--formats", value=bad[0],
+                         expected=", ".join(MEASURABLE), fix="measure formats the bundle runtime runs")
     spec = load_spec(checkpoint_dir)
     prompts = read_prompts(prompts_file)
     import importlib.util
