@@ -48,7 +48,8 @@ class PlayAhead:
         layers, memo, K = self.layers, self._plain_memo, self.K
         streams, stream, wall = self.streams, self.stream, self.layer_wall_s
         compute = streams.get(self.compute_id) or stream(self.compute_id)
-        classify, ahead, account = self._classify, self._played_ahead, self.net.account
+        classify, ahead = self._classify, self._played_ahead
+        link_bytes, link_busy = self.net.bytes, self.net.busy_s
         for l in range(first, len(layers)):
             lay = layers[l]
             experts, tokens_of, gate = calls[l]
@@ -89,10 +90,18 @@ class PlayAhead:
                     st.free_at_s = done
                     st.busy_s += sec
                     back = done + d_back
-                    if p_out is not None:
-                        account(p_out, act, router_at, ready)
+                    if p_out is not None:  # Network.account(p_out, act, router_at, ready), then back
+                        for lid in p_out.link_ids:
+                            link_bytes[lid] += act
+                        x = ready - router_at - p_out.latency_s
+                        for k in p_out.keys:
+                            link_busy[k] += x
                     if p_back is not None:
-                        account(p_back, act, done, back)
+                        for lid in p_back.link_ids:
+                            link_bytes[lid] += act
+                        x = back - done - p_back.latency_s
+                        for k in p_back.keys:
+                            link_busy[k] += x
                     if back > end:
                         end = back
             elif not jobs:
