@@ -118,9 +118,12 @@ MAX_FRACTION = {"memory_fraction": 0.95, "compute_max_fraction": 1.0}
 PRIOR = 0.05  # weight of the prior towards the profile's values, per log-scale
 MAX_NFEV = 15  # function evaluations of the fit (each prices the fit half once; the Jacobian's are extra)
 # robust loss: a case off by far more than the model's spread (a suspected disk-paging run that
-# the planner says fits) must not drag an engine's overheads for every other case; soft_l1
-# with this scale weighs a residual of ln 2 about half as much as least squares would
-LOSS, F_SCALE = "soft_l1", 0.3
+# the planner says fits, a machine with a cost no profile states) must not drag an engine's
+# overheads for every other case. soft_l1's pull stays constant however far off a case is, so
+# three such llama.cpp CPU runs (off by 70-250%) pulled its CPU memory share from 0.85 to 0.69
+# and put every desktop CPU decode case 15-20% off; cauchy's pull falls beyond ~f_scale
+# (a residual of ln 2 pulls a fifth as hard as one of 0.3), so an outlier barely moves the fit
+LOSS, F_SCALE = "cauchy", 0.3
 
 
 # --------------------------------------------------------------------------- inputs
