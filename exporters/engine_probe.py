@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from exporters.engine_probe_disk import expert_reads, fit_miss_costs
+from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_kernel_efficiency
 from profiles.probe import Figure
 
 __all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "StepSample", "fit_miss_costs", "fit_step_costs",
@@ -80,6 +81,9 @@ class ProbeSettings:
         disk_sizes: H = I of the disk test's experts, one file per size (at least two sizes:
             the fit separates a fixed cost per miss from a cost per byte).
         disk_experts: experts in each size's file (each read once cold, once warm).
+        kernel_budget_s, kernel_shapes, kernel_tokens, kernel_cache_multiple: the CPU kernel
+            efficiency test (:mod:`exporters.engine_probe_kernels`): seconds of timed passes,
+            (H, I) of its experts, tokens per call, and how many LLCs its experts hold.
     """
 
     budget_s: float = 12.0
@@ -90,10 +94,15 @@ class ProbeSettings:
     max_rounds: int = 40
     disk_sizes: tuple[int, ...] = (384, 768, 1536)
     disk_experts: int = 6
+    kernel_budget_s: float = 4.0
+    kernel_shapes: tuple[tuple[int, int], ...] = SHAPES
+    kernel_tokens: tuple[int, ...] = TOKENS
+    kernel_cache_multiple: float = CACHE_MULTIPLE
 
 
 TINY = ProbeSettings(budget_s=0.0, layers=(1, 2), top_k=(1, 2), steps_per_round=2, min_rounds=2, max_rounds=2,
-                     disk_sizes=(128, 256), disk_experts=2)  # tests: counts, not timings
+                     disk_sizes=(128, 256), disk_experts=2, kernel_budget_s=0.0,
+                     kernel_shapes=((128, 128), (128, 256)), kernel_tokens=(1, 4), kernel_cache_multiple=0.0)  # tests: counts, not timings
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class EngineProbeResult:
     fit: dict[str, Any] = field(default_factory=dict)  # raw coefficients, residuals, samples
     elapsed_s: float = 0.0
     disk_overheads: dict[str, Figure] = field(default_factory=dict)  # "cold" / "warm" -> fixed seconds per miss
+    kernel: KernelEfficiency | None = None  # the CPU kernels past the caches (cpu only)
 
 
 def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
@@ -202,8 +212,14 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
                for group in _groups(steps)]
     fit = fit_step_costs(medians)
     launch_s = _launch_s(kernels, fmt, device)
-    say("reading experts from disk as a miss does vs sequentially")
     stamp = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
+    past = None  # the CPU kernel past the caches
+    if not device.startswith("cuda"):
+        say("timing the runtime's CPU expert kernel past the last-level cache")
+        past = probe_kernel_efficiency(fmt, launch_s, settings.kernel_budget_s, shapes=settings.kernel_shapes,
+                                       tokens=settings.kernel_tokens, multiple=settings.kernel_cache_multiple,
+                                       stamp=stamp, reference_s=4.0 if settings.kernel_budget_s else 0.2)
+    say("reading experts from disk as a miss does vs sequentially")
 
     def src(how: str) -> str:
         return f"probe ({how}; {stamp})"
@@ -219,16 +235,27 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         device_kind="gpu" if device.startswith("cuda") else "cpu",
         layer_overhead_s=Figure(max(fit["layer"] - 2 * launch_s, 0.0),
                                 src(f"least squares per layer over the {what}, {less} x2")),
-        expert_call_overhead_s=Figure(max(fit["call"] - launch_s, 0.0),
-                                      src(f"least squares per expert call over the {what}, {less}")),
+        expert_call_overhead_s=_call_overhead(fit["call"], launch_s, past, src(f"least squares per expert call over "
+                                                                             f"the {what}, {less}")),
         decode_step_s=Figure(max(fit["step"] - launch_s, 0.0),
                              src(f"least squares per decode step over the {what}, {less}")),
         prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
                               src(f"median prefill step of {len(PROMPT)} tokens less its layers and expert calls at "
                                   f"the fitted costs, {less}; same runs")),
-        disk_reads=reads, disk_overheads=overheads, launch_s=launch_s,
-        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit},
+        disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past,
+        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
+             "kernel": past.fit if past else None},
         elapsed_s=time.perf_counter() - t0)
+
+
+def _call_overhead(grid_call_s: float, launch_s: float, kernel: KernelEfficiency | None, how: str) -> Figure:
+    """An expert call's cost beyond its roofline and launch: the H = 64 grid's (caches warm)
+    plus, past the caches, the kernel's fixed part beyond the tiny call (``launch_s``)."""
+    grid = max(grid_call_s - launch_s, 0.0)
+    if kernel is None:
+        return Figure(grid, how)
+    extra = max(kernel.call_fixed_s.value - launch_s, 0.0)
+    return Figure(grid + extra, f"{how}; plus {extra * 1e6:.0f} us past the caches: {kernel.call_fixed_s.method}")
 
 
 def _groups(steps: list[StepSample]) -> list[list[StepSample]]:
@@ -375,6 +402,15 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
                                          "source": result.decode_step_s.method},
                               "prefill": {"value": _seconds(result.prefill_step_s.value),
                                           "source": result.prefill_step_s.method}}
+    if result.kernel is not None and result.device_kind == "cpu":
+        k = result.kernel
+        kind["efficiency"] = {"memory_fraction": k.memory_fraction.value,
+                              "compute_max_fraction": k.compute_max_fraction.value,
+                              "half_tokens": k.half_tokens.value,
+                              "source": f"probe: the runtime's CPU expert kernel past the caches "
+                                        f"(planner engines probe); memory_fraction: {k.memory_fraction.method}; "
+                                        f"compute_max_fraction: "
+                                        f"{k.compute_max_fraction.method}; half_tokens: {k.half_tokens.method}"}
     if page_cache in result.disk_reads:
         m = result.disk_reads[page_cache]
         doc["disk_read_fraction"] = {"value": round(m.value, 3), "source": m.method}
@@ -399,6 +435,7 @@ def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous
     if previous is not None:
         keys = [(result.device_kind, "layer_overhead_s"), (result.device_kind, "expert_call_overhead_s"),
                 ("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
+        keys += [(result.device_kind, "efficiency")] if "efficiency" in doc.get(result.device_kind, {}) else []
         keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
         text = update_yaml_text(previous, doc, keys, sources_prefix="probe")
         if text is not None:

@@ -15,7 +15,9 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
   a format the profile does not list for a device kind is unsupported there;
 - the share of a device's memory bandwidth and peak its kernels typically reach there
   (``efficiency``, and per chip vendor ``efficiency_by_vendor``: llama.cpp runs Metal on an
-  Apple GPU; a hardware profile's own measured efficiency wins);
+  Apple GPU; a hardware profile's own measured efficiency wins, except over a probed one
+  (source "probe ...": ``planner engines probe`` timed the engine's own kernels past the
+  caches), which a calibrated hardware efficiency wins over again);
 - whether its MoE block visits every expert of a layer each step, routed or not
   (``expert_loop: all``, an eager loop over all experts);
 - the CPU kernel family (``amx``, ``avx512``, ``avx2``: the widest of them up to this one
@@ -389,8 +391,10 @@ class Engine:
         eff, whose = spec.efficiency, f"engine {self.name}"
         if d.vendor is not None and d.vendor in spec.efficiency_by_vendor:
             eff, whose = spec.efficiency_by_vendor[d.vendor], f"engine {self.name} on {d.vendor}"
-        if eff is not None and d.efficiency is not None and not d.efficiency_stated:
+        if eff is not None and d.efficiency is not None and (not d.efficiency_stated or _probed_over(eff, d)):
             given = {k: v for k, v in eff.model_dump(exclude={"source"}).items() if v is not None}
+            if d.efficiency_stated:  # the hardware's measured curve is of another kernel than the engine's
+                given["points"] = None
             changes["efficiency"] = d.efficiency.model_copy(update=given | {"source": f"{whose}: {eff.source}"})
         if d.kind == "cpu":
             family = _family(d, spec.kernel_family)
@@ -412,6 +416,15 @@ class Engine:
         if not any(e is not None and e.kind == "cpu" for e in ends):
             return link
         return dataclasses.replace(link, bytes_per_s=min(link.bytes_per_s, link.pageable_bytes_per_s))
+
+
+def _probed_over(eff: EngineEfficiency, d: Device) -> bool:
+    """Whether an engine efficiency replaces the one a hardware profile states: where the
+    engine's was probed (``planner engines probe`` timed the engine's own kernels past the
+    caches: a "probe" source) and the hardware's was not calibrated (``planner calibrate``
+    fits it to the engine's own runs, which then says more than either probe)."""
+    return eff.source.startswith("probe") and not (d.efficiency is not None
+                                                   and d.efficiency.source.startswith("calibrated"))
 
 
 def _family(cpu: Device, wanted: str | None) -> str | None:
