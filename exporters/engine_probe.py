@@ -30,6 +30,12 @@ reads a few KiB, so compute is negligible), under hand-written plans:
    the page cache, ``disk_read_fraction`` (``1 / per_byte`` over the sequential rate; cold by
    default). One size alone folds the fixed part into the rate, which then holds at that
    size only: a miss of half the bytes was priced at half the time.
+5. CPU kernels past the caches (:mod:`exporters.engine_probe_kernels`): the runtime's own
+   expert kernel for ``fmt`` on experts of two sizes that hold twice the last-level cache,
+   against this machine's streaming read rate and GEMM peak measured as the hardware probe
+   measures them: the profile's CPU ``efficiency`` (memory share, compute curve), which
+   prices the bundle's CPU kernels over a probed hardware efficiency (:mod:`profiles.engines`),
+   and the fixed part of a call there beyond the tiny call, added to the expert call cost.
 
 The configurations stay loaded and are timed in rounds, one generation of each per round,
 the number of rounds sized from the first within a budget (:class:`ProbeSettings`): on 2
