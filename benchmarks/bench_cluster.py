@@ -219,6 +219,13 @@ def mixed_case(engine: str, batch: int) -> dict:
             "checks": {"step_cut_at_least_15pct": cut["ours"] >= MIXED_STEP_CUT}}
 
 
+def _plain(o):
+    """JSON for numpy scalars (a check comparing numpy floats gives a numpy bool)."""
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cluster.json")
@@ -254,7 +261,7 @@ def main() -> None:
         "target_mixed_step_15pct": {k: v["checks"]["step_cut_at_least_15pct"] for k, v in record["mixed"].items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    args.out.write_text(json.dumps(record, indent=1, default=_plain) + "\n")
     print(json.dumps(record["summary"], indent=1))
     print(f"wrote {args.out}")
 
