@@ -262,7 +262,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1, default=_plain) + "\n")
-    print(json.dumps(record["summary"], indent=1))
+    print(json.dumps(record["summary"], indent=1, default=_plain))
     print(f"wrote {args.out}")
 
 
