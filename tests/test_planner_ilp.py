@@ -157,6 +157,7 @@ def test_plans_are_split_by_nvme_count_when_the_lp_splits_a_layer_between_homes(
     solver solves one part per count of NVMe-homed layers; the parts cover every plan, so the
     optimum is still the brute force's."""
     from planner import ilp
+    from planner.ilp_mip import _MipResult
 
     s = dataclasses.replace(tiny_setup(tmp_path, hbm=150_000, dram=150_000), cache_grid=(0, 2))
     problem = build_problem(s, 0.01)
@@ -167,8 +168,8 @@ def test_plans_are_split_by_nvme_count_when_the_lp_splits_a_layer_between_homes(
 
     def no_luck(problem, times, fronts, warm, count, solver, time_limit_s, gap, max_nodes=None, seed=0):
         if count is None and max_nodes is not None:  # the short try at all plans finds and proves nothing
-            return ilp._MipResult(choice=None, dense_format=None, status="Not Solved", infeasible=False,
-                                  bound_s=-np.inf, solve_s=0.0, variables=0, constraints=0)
+            return _MipResult(choice=None, dense_format=None, status="Not Solved", infeasible=False,
+                              bound_s=-np.inf, solve_s=0.0, variables=0, constraints=0)
         return mip(problem, times, fronts, warm, count, solver, time_limit_s, gap, max_nodes, seed)
 
     monkeypatch.setattr(ilp, "_mip", no_luck)

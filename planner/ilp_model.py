@@ -1,0 +1,206 @@
+"""The placement ILP's model: a problem's option tables and coupling rows, the options worth
+keeping (:func:`pareto_front`), feasibility and the objective of a plan, and what to say when
+nothing fits. The formulation is in :mod:`planner.ilp`'s docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from profiles.errors import InfeasibleError
+from profiles.units import format_size
+
+from .costs import FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time
+
+__all__ = ["Problem", "build_problem", "pareto_front", "explain_infeasible"]
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """Option tables, fixed costs and capacities of one planning problem."""
+
+    setup: Setup
+    tables: tuple[OptionTable, ...]  # all options per layer (unpruned: baselines index these)
+    fixed: dict[str, FixedCosts]
+    caps: dict[str, float]  # memory id -> usable bytes
+    device_mem: str
+    quality_budget: float | None
+    importance_total: float
+
+    def times(self, prefetch: bool) -> list[np.ndarray]:
+        """``[L][N_l]`` seconds per step of every option."""
+        return [option_time(t, prefetch) for t in self.tables]
+
+    def dense_total_bytes(self, fm: str) -> float:
+        fc = self.fixed[fm]
+        return fc.dense_bytes + fc.kv_bytes + fc.workspace_bytes
+
+
+def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
+    """Rows of options that no other option (same home) beats or ties in every column."""
+    cols = np.stack([tau, t.dev_bytes, t.home_bytes, t.error], axis=1)  # [N, 4]
+    # 1. options with the same memory and error (they differ in split and mode): the fastest
+    #    (then the first row) stands for them all, found by one sort instead of the loop below
+    by_use = np.lexsort((np.arange(len(tau)), tau, t.error, t.home_bytes, t.dev_bytes, t.home))
+    use = np.stack([t.home, t.dev_bytes, t.home_bytes, t.error], axis=1)[by_use]
+    first = np.concatenate([[True], (use[1:] != use[:-1]).any(axis=1)]) if len(tau) else np.zeros(0, bool)
+    fastest = by_use[first]
+    # 2. within options of equal device bytes and error (they differ in the home bytes a split
+    #    or mode holds), a row that an earlier one beats or ties exactly in time and home bytes
+    #    goes by one sort and a running minimum; whatever it dominates, its dominator does too,
+    #    so step 3 finds the same front among far fewer rows
+    g = fastest[np.lexsort((fastest, tau[fastest], t.home_bytes[fastest], t.error[fastest], t.dev_bytes[fastest],
+                            t.home[fastest]))]  # by group, then home bytes, then time
+    if len(g):
+        key = np.stack([t.home[g], t.dev_bytes[g], t.error[g]], axis=1)
+        seg = np.concatenate([[0], np.cumsum((key[1:] != key[:-1]).any(axis=1))])  # [n] group of each row
+        rank = np.unique(tau[g], return_inverse=True)[1].ravel().astype(np.int64)  # [n] time rank, ties equal
+        # one running minimum serves every group: ranks lifted so that each group lies below
+        # the one before (integers, so exact), and the first row of a group compares with nothing
+        lifted = rank - seg * (len(g) + 1)
+        before = np.concatenate([[np.iinfo(np.int64).max], np.minimum.accumulate(lifted)[:-1]])
+        first_of_group = np.concatenate([[True], seg[1:] != seg[:-1]])
+        fastest = g[first_of_group | (before > lifted)]
+    # 3. the pareto front of those, per home: sorted, a dominator comes before what it
+    #    dominates, so a row stays iff no earlier row beats or ties it in every column
+    keep: list[np.ndarray] = []
+    for home in np.unique(t.home):
+        rows = fastest[t.home[fastest] == home]
+        rows = rows[np.lexsort(cols[rows].T[::-1])]
+        c = cols[rows]  # [n, 4]
+        dominated = np.zeros(len(rows), bool)
+        for i0 in range(0, len(rows), 512):  # [512, n, 4] comparisons at a time
+            i1 = min(i0 + 512, len(rows))
+            covers = (c[None, :, :] <= c[i0:i1, None, :] * (1 + 1e-12) + 1e-15).all(axis=2)  # [i, j]: j covers i
+            earlier = np.arange(len(rows))[None, :] < np.arange(i0, i1)[:, None]
+            dominated[i0:i1] = (covers & earlier).any(axis=1)
+        keep.append(rows[~dominated])
+    return np.sort(np.concatenate(keep)).astype(int) if keep else np.zeros(0, int)
+
+
+def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray] | None = None,
+                  grid: bool = True) -> Problem:
+    """Option tables for every layer; ``extra[l]`` adds specs (baselines' choices) to layer l;
+    ``grid=False`` keeps only those (pricing given placements, no search)."""
+    if grid:
+        tables = tuple(layer_options(s, l, None if extra is None else extra[l]) for l in range(s.stats.num_layers))
+    else:
+        tables = tuple(option_costs(s, l, np.unique(extra[l], axis=0)) for l in range(s.stats.num_layers))
+    # dense weights run on the compute device: only formats the engine runs there
+    fixed = {fm: fixed_costs(s, fm) for fm in s.formats if s.runs(s.compute, fm)}
+    device_mem = s.hardware.memory_of(s.compute.id).id
+    caps = {device_mem: capacity(s, device_mem)}
+    for h in s.homes:
+        caps[h] = capacity(s, h)
+    return Problem(setup=s, tables=tables, fixed=fixed, caps=caps, device_mem=device_mem,
+                   quality_budget=quality_budget, importance_total=float(s.stats.importance.sum()))
+
+
+def _time_unit(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray]) -> float:
+    """Seconds of the fastest conceivable step (every layer at its fastest option): the unit
+    the solvers see times in."""
+    fastest = sum(float(times[l][f].min()) for l, f in enumerate(fronts) if len(f))
+    return max(fastest + min(fc.dense_s for fc in problem.fixed.values()), 1e-12)
+
+
+def _objective(problem: Problem, times: list[np.ndarray], choice: tuple[int, ...], dense_fm: str) -> float:
+    return float(sum(times[l][w] for l, w in enumerate(choice)) + problem.fixed[dense_fm].dense_s)
+
+
+def _best_of(best: tuple | None, plans: list[tuple], problem: Problem | None = None,
+             times: list[np.ndarray] | None = None) -> tuple | None:
+    """The fastest of ``best`` and ``plans``: ``(choice, dense, seconds)`` triples, or pairs that
+    get their seconds from ``times`` (those must be feasible)."""
+    for plan in plans:
+        if len(plan) == 2:
+            plan = (tuple(int(w) for w in plan[0]), plan[1], _objective(problem, times, *plan))
+        if best is None or plan[2] < best[2]:
+            best = plan
+    return best
+
+
+def _spills(t: OptionTable, w: int) -> bool:
+    """Whether option w keeps offloaded experts in a home past the first (NVMe past host DRAM)."""
+    return bool(t.home[w] > 0 and t.home_bytes[w] > 0)
+
+
+def _spilled(problem: Problem, choice: tuple[int, ...]) -> int:
+    """How many layers of a plan keep offloaded experts past the first home."""
+    return sum(_spills(t, w) for t, w in zip(problem.tables, choice))
+
+
+def _feasible(problem: Problem, choice: tuple[int, ...], dense_fm: str) -> bool:
+    s, t = problem.setup, problem.tables
+    dev = sum(float(t[l].dev_bytes[w]) for l, w in enumerate(choice)) + problem.dense_total_bytes(dense_fm)
+    if dev > problem.caps[problem.device_mem] * (1 + 1e-9):
+        return False
+    for hi, home in enumerate(s.homes):
+        used = sum(float(t[l].home_bytes[w]) for l, w in enumerate(choice) if t[l].home[w] == hi)
+        if used > problem.caps[home] * (1 + 1e-9):
+            return False
+    if problem.quality_budget is not None:
+        err = sum(float(t[l].error[w]) for l, w in enumerate(choice))
+        if err > problem.quality_budget * problem.importance_total * (1 + 1e-9) + 1e-15:
+            return False
+        if problem.fixed[dense_fm].error > problem.quality_budget + 1e-12:
+            return False
+    return True
+
+
+def _usage(problem: Problem, l: int, options: np.ndarray) -> np.ndarray:
+    """``[N, R]`` what options of layer l put in each coupling row (device, homes..., quality)."""
+    t = problem.tables[l]
+    cols = [t.dev_bytes[options]]
+    cols += [np.where(t.home[options] == hi, t.home_bytes[options], 0.0) for hi in range(len(problem.setup.homes))]
+    cols.append(t.error[options] if problem.quality_budget is not None else np.zeros(len(options)))
+    return np.stack(cols, axis=1)
+
+
+def _limits(problem: Problem, dense_fm: str) -> np.ndarray:
+    """``[R]`` what the layers may put in each coupling row next to dense weights at ``dense_fm``."""
+    return np.array([problem.caps[problem.device_mem] - problem.dense_total_bytes(dense_fm)]
+                    + [problem.caps[h] for h in problem.setup.homes]
+                    + [problem.quality_budget * problem.importance_total if problem.quality_budget is not None
+                       else np.inf])
+
+
+def explain_infeasible(problem: Problem) -> InfeasibleError:
+    """Name the binding resource, the shortfall in bytes and the smallest change that fits."""
+    s = problem.setup
+    dense_fm = min(problem.fixed, key=problem.dense_total_bytes)
+    device_min = sum(float(t.dev_bytes.min()) for t in problem.tables) + problem.dense_total_bytes(dense_fm)
+    cap_dev = problem.caps[problem.device_mem]
+    if device_min > cap_dev:
+        # the usable bytes are the capacity less the runtime reserve (CUDA context, allocator
+        # slack): a bigger device gains only (1 - fraction) of each added byte
+        frac, fixed = s.device_reserve
+        total = s.hardware.memories[problem.device_mem].capacity_bytes
+        needed_total = (device_min + fixed) / (1 - frac)
+        short = device_min - cap_dev
+        kv = problem.fixed[dense_fm].kv_bytes
+        hint = (f"a shorter --context or smaller --batch (the KV cache alone takes {format_size(kv)})" if kv >= short
+                else f"a device with at least {format_size(needed_total)} ({format_size(needed_total - total)} more), "
+                     f"or a lower bitwidth for the dense weights")
+        return InfeasibleError(
+            f"{problem.device_mem} needs {format_size(device_min)} even with the fewest bytes on it (dense weights at "
+            f"{dense_fm}, KV cache, no resident experts) but has {format_size(cap_dev)} usable of "
+            f"{format_size(total)} (the runtime keeps {frac:.0%} + {format_size(fixed)} free); {format_size(short)} "
+            f"short; smallest change: {hint}")
+    homes_cap = sum(problem.caps[h] for h in s.homes)
+    need = sum(float(t.home_bytes.min()) for t in problem.tables) - (cap_dev - device_min)
+    if need > homes_cap:
+        short = need - homes_cap
+        lowest = min(s.formats, key=s.expert_bytes)
+        nvme = "" if len(s.homes) > 1 else ", an NVMe drive in the profile"
+        return InfeasibleError(
+            f"the experts do not fit: at {lowest} the offloaded experts need {format_size(need)} beyond the GPU and "
+            f"host memory{' and NVMe' if len(s.homes) > 1 else ''} offer {format_size(homes_cap)} "
+            f"({format_size(short)} short); smallest change: {format_size(short)} more DRAM{nvme}, "
+            f"or a lower bitwidth (--formats bf16,int8,int4,int3)")
+    if problem.quality_budget is not None:
+        return InfeasibleError(
+            f"no placement meets --quality-budget {problem.quality_budget:g} within memory; smallest change: raise "
+            f"the budget (uniform int4 costs {s.uniform_error('int4') if 'int4' in s.quant_error else 0:g}) or add "
+            "memory for wider formats")
+    return InfeasibleError("no placement satisfies every constraint; run with --debug to see the model")
