@@ -113,13 +113,14 @@ TINY = ProbeSettings(budget_s=0.0, layers=(1, 2), top_k=(1, 2), steps_per_round=
 
 @dataclass(frozen=True)
 class StepSample:
-    """One timed forward step: its seconds, layers, expert calls and phase."""
+    """One timed forward step: its seconds, layers, expert calls, phase and tokens."""
 
     seconds: float
     layers: int
     calls: int
     phase: str = "decode"
     config: str = ""
+    tokens: int = 1  # tokens the step runs (a prefill: its prompt's)
 
 
 @dataclass(frozen=True)
@@ -137,21 +138,26 @@ class EngineProbeResult:
     elapsed_s: float = 0.0
     disk_overheads: dict[str, Figure] = field(default_factory=dict)  # "cold" / "warm" -> fixed seconds per miss
     kernel: KernelEfficiency | None = None  # the CPU kernels past the caches (cpu only)
+    token_overhead_s: Figure | None = None  # per hidden layer per token of a step past the first
 
 
 def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     """Least squares of decode step times on layers and expert calls.
 
-    ``t = step + L * layer + N * call`` over the decode samples; the prefill step cost is
-    the median of ``t - L * layer - N * call`` over the prefill samples (None without any).
-    ``prefill_layer`` is the per-layer slope of the prefill samples alone (None unless they
-    have two depths): a prefill layer may cost more than a decode layer, which the profile,
-    with one per-layer cost, cannot say (the median above takes the probe's middle depth).
+    ``t = step + L * layer + N * call`` over the decode samples. ``prefill_layer`` is the
+    per-layer slope of the prefill samples' ``t - N * call`` (None unless they have two
+    depths): a prefill layer of P tokens costs more than a decode layer of one, by
+    ``(P - 1) * token`` -- the framework work of a layer that grows with the tokens
+    (routing, gathering and scattering rows, eager ops), which the profile states as
+    ``token_overhead_s`` (0 when the prefill layer is no dearer, or without the slope).
+    The prefill step cost is the median of ``t - N * call - L * (layer + (P - 1) * token)``
+    over the prefill samples (None without any).
 
     Returns:
-        ``{"step": s, "layer": s, "call": s, "prefill_step": s | None, "prefill_layer":
-        s | None, "rms_rel": r, "samples": n}``; ``rms_rel`` is the root mean square of the
-        decode residuals over the mean decode step time.
+        ``{"step": s, "layer": s, "call": s, "token": s, "prefill_step": s | None,
+        "prefill_layer": s | None, "prefill_tokens": P | None, "rms_rel": r, "samples": n}``;
+        ``rms_rel`` is the root mean square of the decode residuals over the mean decode step
+        time.
 
     Raises:
         ValueError: fewer than 3 decode samples, or layers and calls that do not vary
@@ -167,11 +173,16 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     out: dict[str, Any] = dict(zip(TERMS, (float(c) for c in coef)))
     prefill = [s for s in samples if s.phase == "prefill"]
     left = np.array([s.seconds - s.calls * out["call"] for s in prefill])  # [S]
-    out["prefill_step"] = float(np.median(left - out["layer"] * np.array([s.layers for s in prefill]))) \
-        if prefill else None
     depths = np.array([[1.0, s.layers] for s in prefill])  # [S, 2]
     out["prefill_layer"] = float(np.linalg.lstsq(depths, left, rcond=None)[0][1]) \
         if len({s.layers for s in prefill}) > 1 else None
+    tokens = np.array([s.tokens for s in prefill])  # [S]
+    out["prefill_tokens"] = int(np.median(tokens)) if prefill else None
+    out["token"] = max(out["prefill_layer"] - out["layer"], 0.0) / (out["prefill_tokens"] - 1) \
+        if out["prefill_layer"] is not None and out["prefill_tokens"] > 1 else 0.0
+    per_layer = out["layer"] + (tokens - 1) * out["token"]  # [S]
+    out["prefill_step"] = float(np.median(left - per_layer * np.array([s.layers for s in prefill]))) \
+        if prefill else None
     out["rms_rel"] = float(np.sqrt(np.mean(residual**2)) / np.mean(t))
     out["samples"] = len(samples)
     return out
@@ -214,7 +225,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     steps = _time_grid(work, ckpt, kernels, configs, fmt, device, settings)
     # one sample per configuration and phase, its median step: robust to a step another process delayed
     medians = [StepSample(float(np.median([s.seconds for s in group])), group[0].layers,
-                          int(np.median([s.calls for s in group])), group[0].phase, group[0].config)
+                          int(np.median([s.calls for s in group])), group[0].phase, group[0].config, group[0].tokens)
                for group in _groups(steps)]
     fit = fit_step_costs(medians)
     launch_s = _launch_s(kernels, fmt, device)
@@ -246,8 +257,12 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         decode_step_s=Figure(max(fit["step"] - launch_s, 0.0),
                              src(f"least squares per decode step over the {what}, {less}")),
         prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
-                              src(f"median prefill step of {len(PROMPT)} tokens less its layers and expert calls at "
-                                  f"the fitted costs, {less}; same runs")),
+                              src(f"median prefill step of {len(PROMPT)} tokens less its layers (with their "
+                                  f"per-token cost) and expert calls at the fitted costs, {less}; same runs")),
+        token_overhead_s=Figure(fit["token"], src(
+            f"per hidden layer per token past the first: the per-layer slope of {len(PROMPT)}-token prefill steps "
+            f"(less their expert calls) over layers {list(settings.layers)}, less the decode layer's, over "
+            f"{len(PROMPT) - 1} tokens; same runs")),
         disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past,
         fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
              "kernel": past.fit if past else None},
@@ -348,7 +363,8 @@ def _time_grid(work: Path, ckpt: Path, kernels: Path, configs: list[tuple[int, i
                 distinct.clear()
                 rt.generate(PROMPT, settings.steps_per_round + 1)
                 out += [StepSample(s, layers, layers * top_k, "decode", name) for s in rt.metrics.tpot_s]
-                out.append(StepSample(rt.metrics.ttft_s[0], layers, sum(distinct[:layers]), "prefill", name))
+                out.append(StepSample(rt.metrics.ttft_s[0], layers, sum(distinct[:layers]), "prefill", name,
+                                      len(PROMPT)))
             if r == 0:  # the first round sizes the rest
                 round_s = time.perf_counter() - start
                 rounds = int(min(settings.max_rounds, max(settings.min_rounds, settings.budget_s / round_s)))
@@ -401,9 +417,10 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
     """
     doc = json.loads(json.dumps(base))  # a deep copy of plain data
     kind = doc.setdefault(result.device_kind, {})
-    for name in ("layer_overhead_s", "expert_call_overhead_s"):
+    for name in ("layer_overhead_s", "expert_call_overhead_s", "token_overhead_s"):
         m = getattr(result, name)
-        kind[name] = {"value": _seconds(m.value), "source": m.method}
+        if m is not None:
+            kind[name] = {"value": _seconds(m.value), "source": m.method}
     doc["step_overhead_s"] = {"decode": {"value": _seconds(result.decode_step_s.value),
                                          "source": result.decode_step_s.method},
                               "prefill": {"value": _seconds(result.prefill_step_s.value),
@@ -439,8 +456,10 @@ def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous
     from exporters.profile_text import update_yaml_text
 
     if previous is not None:
-        keys = [(result.device_kind, "layer_overhead_s"), (result.device_kind, "expert_call_overhead_s"),
-                ("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
+        keys = [(result.device_kind, "layer_overhead_s"), (result.device_kind, "expert_call_overhead_s")]
+        # a key the text lacks goes after the one before it (same section)
+        keys += [(result.device_kind, "token_overhead_s")] if result.token_overhead_s is not None else []
+        keys += [("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
         keys += [(result.device_kind, "efficiency")] if "efficiency" in doc.get(result.device_kind, {}) else []
         keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
         text = update_yaml_text(previous, doc, keys, sources_prefix="probe")

@@ -189,6 +189,8 @@ class DeviceKindSpec(BaseModel):
     # CUDA graph pays a graph node's gap, not an eager launch (None: the hardware's)
     launch_overhead_s: SourcedLaunch | None = None
     expert_call_overhead_s: SourcedSeconds | None = None  # per expert call (dispatch, Python)
+    # per hidden layer per token of a forward step past the first (layer_overhead_s is one token's)
+    token_overhead_s: SourcedSeconds | None = None
     kernels: dict[str, KernelPath] = Field(min_length=1)
     kernel_family: Literal["avx2", "avx512", "amx"] | None = None  # cpu only
     numa: Literal["interleave", "aware"] = "interleave"  # cpu only
@@ -204,7 +206,7 @@ class DeviceKindSpec(BaseModel):
         # fields left at their defaults are left out, so profiles without them keep their digest
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("efficiency_by_vendor", "expert_loop", "launch_overhead_s"):
+            for key in ("efficiency_by_vendor", "expert_loop", "launch_overhead_s", "token_overhead_s"):
                 if data.get(key) in (None, {}):
                     data.pop(key, None)
         return data
@@ -394,6 +396,7 @@ class Engine:
         changes = dict(
             layer_overhead_s=d.layer_overhead_s + (spec.layer_overhead_s.value if spec.layer_overhead_s else 0.0),
             expert_call_overhead_s=spec.expert_call_overhead_s.value if spec.expert_call_overhead_s else 0.0,
+            token_overhead_s=spec.token_overhead_s.value if spec.token_overhead_s else 0.0,
             step_overhead_s=steps.decode.value, prefill_step_overhead_s=steps.prefill.value,
             unpack_weights_per_s=unpack, formats=formats, engine=self.name,
             fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
@@ -522,7 +525,7 @@ def overhead_rows(engine: Engine) -> list[tuple[str, str, float, str]]:
         spec = engine.kind_spec(kind)
         if spec is None:
             continue
-        for what in ("layer_overhead_s", "launch_overhead_s", "expert_call_overhead_s"):
+        for what in ("layer_overhead_s", "token_overhead_s", "launch_overhead_s", "expert_call_overhead_s"):
             v = getattr(spec, what)
             if v is not None:
                 rows.append((kind, what, v.value, v.source))

@@ -375,6 +375,9 @@ class Device:
     vendor: str | None = None  # see DeviceSpec
     # set by an engine profile (profiles.engines.Engine.apply), zero/empty on bare hardware:
     expert_call_overhead_s: float = 0.0  # framework seconds per expert call (dispatch, Python)
+    # framework seconds per hidden layer for each token of a forward step past the first (routing,
+    # indexing and eager ops whose work grows with the step's tokens; layer_overhead_s is one token's)
+    token_overhead_s: float = 0.0
     fused_experts: bool = False  # one kernel per projection runs all of a layer's routed experts (no launch per call)
     step_overhead_s: float = 0.0  # framework seconds per decode step (sampling, scheduling)
     prefill_step_overhead_s: float = 0.0  # ... per prefill step

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from .models import ModelSpec
 
 __all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s", "expert_calls_s",
-           "FUSED_MOE_LAUNCHES", "LINEARS_PER_EXPERT", "ATTENTION_LINEARS", "unrouted_visits_s", "micro_batches", "op_offloads"]
+           "FUSED_MOE_LAUNCHES", "LINEARS_PER_EXPERT", "ATTENTION_LINEARS", "token_layer_s", "unrouted_visits_s",
+           "micro_batches", "op_offloads"]
 
 # kernels a fused MoE layer launches once, whatever the number of experts it runs: the
 # gate/up projection, the down projection and the weighted combine (llama.cpp: two
@@ -148,7 +149,10 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     table is the output head and is read whole). Attention reads the whole KV cache
     (``kv_bytes``, all sequences of the step) once;
     each hidden layer launches two kernels (attention, dense/shared MLP) and pays the
-    device's fixed per-layer framework cost (``layer_overhead_s``); on an engine with fused
+    device's fixed per-layer framework cost (``layer_overhead_s``, a one-token step's) and, for
+    each token of the step past the first, the engine's per-token cost (``token_overhead_s``:
+    routing, gathering and scattering rows, eager ops whose work grows with the tokens; the
+    bundle runtime's probe measures it as a prefill layer's cost over a decode layer's); on an engine with fused
     experts (``device.fused_experts``) each MoE layer launches the fused kernel's
     :data:`FUSED_MOE_LAUNCHES` kernels once (its expert calls launch none); the step pays the engine's
     per-step cost once (``step_overhead_s``, or ``prefill_step_overhead_s`` for a prefill).
@@ -160,13 +164,19 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     weights_s = _kernel_s(device, fmt, (matmul_params + (rows if table else 0.0)) * bytes_per_weight,
                           2.0 * tokens * matmul_params, tokens)
     kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
-    per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s
+    per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s + token_layer_s(device, tokens)
     fused_s = model.num_moe_layers * FUSED_MOE_LAUNCHES * device.launch_overhead_s if device.fused_experts else 0.0
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s
     host_s = device.linear_host_s.get(fmt, 0.0)  # the attention's linears are in the dense format
     per_layer_s += ATTENTION_LINEARS * host_s
     return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s \
         + model.num_moe_layers * unrouted_visits_s(device, model, fmt, tokens)
+
+
+def token_layer_s(device: Device, tokens: float) -> float:
+    """Seconds one hidden layer's framework work adds for the tokens of a forward step past
+    the first (``device.token_overhead_s`` each; ``layer_overhead_s`` is a one-token step's)."""
+    return max(float(tokens) - 1.0, 0.0) * device.token_overhead_s
 
 
 def unrouted_visits_s(device: Device, model: ModelSpec, fmt: str, tokens: float) -> float:

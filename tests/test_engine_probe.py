@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 import yaml
 
-from exporters.engine_probe import TINY, EngineProbeResult, StepSample, engine_profile_doc, fit_step_costs
+from exporters.engine_probe import PROMPT, TINY, EngineProbeResult, StepSample, engine_profile_doc, fit_step_costs
 from profiles.engines import ENGINES_DIR, load_engine
 from profiles.probe import Figure
 
 # known costs (seconds) the synthetic timings are made of
-STEP, LAYER, CALL, PREFILL = 1.5e-3, 0.4e-3, 0.12e-3, 3.0e-3
+STEP, LAYER, CALL, PREFILL, TOKEN = 1.5e-3, 0.4e-3, 0.12e-3, 3.0e-3, 20e-6
+P = 16  # prompt tokens of the prefills
 
 
-def synthetic(noise: float, seed: int = 0) -> list[StepSample]:
+def synthetic(noise: float, seed: int = 0, token: float = TOKEN) -> list[StepSample]:
     """Decode steps at layers x top-k (N = L * K calls) and prefills (N = L * 6 distinct
-    experts of 16 tokens), each time multiplied by 1 + uniform(-noise, noise)."""
+    experts of P tokens, each layer ``(P - 1) * token`` dearer than a decode layer), each
+    time multiplied by 1 + uniform(-noise, noise)."""
     rng = np.random.default_rng(seed)
     out = []
     for layers in (1, 2, 4):
@@ -32,8 +34,8 @@ def synthetic(noise: float, seed: int = 0) -> list[StepSample]:
             t = STEP + layers * LAYER + calls * CALL
             out += [StepSample(t * (1 + rng.uniform(-noise, noise)), layers, calls) for _ in range(5)]
         calls = layers * 6
-        out.append(StepSample((PREFILL + layers * LAYER + calls * CALL) * (1 + rng.uniform(-noise, noise)), layers,
-                              calls, "prefill"))
+        t = PREFILL + layers * (LAYER + (P - 1) * token) + calls * CALL
+        out.append(StepSample(t * (1 + rng.uniform(-noise, noise)), layers, calls, "prefill", tokens=P))
     return out
 
 
@@ -43,9 +45,20 @@ def test_fit_recovers_known_costs_exactly_without_noise():
     assert fit["layer"] == pytest.approx(LAYER, rel=1e-9)
     assert fit["call"] == pytest.approx(CALL, rel=1e-9)
     assert fit["prefill_step"] == pytest.approx(PREFILL, rel=1e-9)
-    assert fit["prefill_layer"] == pytest.approx(LAYER, rel=1e-9)  # here a prefill layer costs a decode layer
+    assert fit["prefill_layer"] == pytest.approx(LAYER + (P - 1) * TOKEN, rel=1e-9)
+    assert fit["token"] == pytest.approx(TOKEN, rel=1e-9)
+    assert fit["prefill_tokens"] == P
     assert fit["rms_rel"] == pytest.approx(0.0, abs=1e-12)
     assert fit["samples"] == 3 * 3 * 5 + 3
+
+
+def test_a_prefill_layer_no_dearer_than_a_decode_layer_has_no_token_cost():
+    fit = fit_step_costs(synthetic(0.0, token=0.0))
+    assert fit["token"] == pytest.approx(0.0, abs=1e-15)
+    assert fit_step_costs(synthetic(0.0, token=-TOKEN))["token"] == 0.0  # a cheaper prefill layer: none, not < 0
+    assert fit["prefill_step"] == pytest.approx(PREFILL, rel=1e-9)
+    one_depth = [s for s in synthetic(0.0) if s.phase == "decode" or s.layers == 2]  # no slope over depths
+    assert fit_step_costs(one_depth)["token"] == 0.0
 
 
 def test_fit_recovers_known_costs_within_tolerance_with_noise():
@@ -54,6 +67,7 @@ def test_fit_recovers_known_costs_within_tolerance_with_noise():
     assert fit["call"] == pytest.approx(CALL, rel=0.10)
     assert fit["step"] == pytest.approx(STEP, rel=0.10)
     assert fit["prefill_step"] == pytest.approx(PREFILL, rel=0.10)
+    assert fit["token"] == pytest.approx(TOKEN, rel=0.25)  # a difference of two slopes, over P - 1 tokens
     assert 0 < fit["rms_rel"] < 0.03
 
 
@@ -69,7 +83,7 @@ def result(device_kind: str = "cpu") -> EngineProbeResult:
 
     return EngineProbeResult(device_kind=device_kind, layer_overhead_s=m(0.9e-3, "per layer"),
                              expert_call_overhead_s=m(75e-6, "per call"), decode_step_s=m(2.2e-3, "decode"),
-                             prefill_step_s=m(4.5e-3, "prefill"),
+                             prefill_step_s=m(4.5e-3, "prefill"), token_overhead_s=m(21e-6, "per token"),
                              disk_reads={"cold": m(0.21, "cold miss vs sequential"), "warm": m(0.42, "warm")},
                              launch_s=20e-6, elapsed_s=30.0)
 
@@ -85,9 +99,10 @@ def test_written_profile_loads_with_the_measured_numbers(tmp_path):
     assert p.cpu.expert_call_overhead_s.value == pytest.approx(75e-6)
     assert p.step_overhead_s.decode.value == pytest.approx(2.2e-3)
     assert p.step_overhead_s.prefill.value == pytest.approx(4.5e-3)
+    assert p.cpu.token_overhead_s.value == pytest.approx(21e-6)
     assert p.disk_read_fraction.value == pytest.approx(0.21)  # cold unless asked
     for sourced in (p.cpu.layer_overhead_s, p.cpu.expert_call_overhead_s, p.step_overhead_s.decode,
-                    p.step_overhead_s.prefill, p.disk_read_fraction):
+                    p.step_overhead_s.prefill, p.disk_read_fraction, p.cpu.token_overhead_s):
         assert sourced.source.startswith("probe (")
     assert p.gpu == bundled.gpu  # what was not probed stays as bundled
     assert p.cpu.kernels == bundled.cpu.kernels and p.sites == bundled.sites
@@ -126,7 +141,11 @@ def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
     assert all(c["seconds"] > 0 for c in data["fit"]["configs"])
     engine = load_engine(out)
     assert engine.profile.cpu.layer_overhead_s.source.startswith("probe (")
-    assert {row["what"] for row in data["overheads"]} >= {"layer_overhead_s", "expert_call_overhead_s", "decode"}
+    assert {row["what"] for row in data["overheads"]} >= {"layer_overhead_s", "expert_call_overhead_s", "decode",
+                                                          "token_overhead_s"}
+    assert engine.profile.cpu.token_overhead_s.value >= 0
+    assert engine.profile.cpu.token_overhead_s.source.startswith("probe (")
+    assert {c["tokens"] for c in data["fit"]["configs"] if c["phase"] == "prefill"} == {len(PROMPT)}
     disk = data["fit"]["disk"]
     assert disk["sizes"] == list(TINY.disk_sizes)
     for state in ("cold", "warm"):  # one median miss per size, at every size the settings name

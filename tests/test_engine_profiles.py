@@ -89,6 +89,22 @@ def test_overheads_unpack_and_step_costs_enter_the_roofline(tmp_path):
     assert dense_step_s(gpu, model, "bf16", 1, 0.0, prefill=True) - d == pytest.approx(5e-3)
 
 
+def test_token_overhead_prices_each_token_past_the_first_in_every_layer(tmp_path):
+    """Hand-worked: a 30 us per-token layer cost adds (P - 1) x 30 us per hidden layer to a
+    P-token step, nothing to a one-token step; without it the price is the roofline's."""
+    path = _engine_file(tmp_path, **{"gpu.token_overhead_s": {"value": "30us", "source": "test"}})
+    _, hw = load_profile("desktop-4090")
+    model = load_model("mixtral-8x7b")
+    (tmp_path / "bare").mkdir()
+    gpu = load_engine(path).apply(hw).devices["node/gpu0"]
+    bare = load_engine(_engine_file(tmp_path / "bare")).apply(hw).devices["node/gpu0"]
+    assert gpu.token_overhead_s == pytest.approx(30e-6) and bare.token_overhead_s == 0.0
+    for tokens, prefill in ((1, False), (1, True), (64, True), (8, False)):
+        extra = dense_step_s(gpu, model, "bf16", tokens, 0.0, prefill) - dense_step_s(bare, model, "bf16", tokens, 0.0,
+                                                                                   prefill)
+        assert extra == pytest.approx(model.num_hidden_layers * (tokens - 1) * 30e-6, abs=1e-15)
+
+
 def test_fused_experts_launch_per_moe_layer_not_per_expert_call():
     """A fused-MoE engine (llama.cpp's MUL_MAT_ID, vLLM/SGLang fused_moe, kTransformers' CPU
     op): an expert call pays its framework cost but no kernel launch; each MoE layer's dense
