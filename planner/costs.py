@@ -64,6 +64,12 @@ and fixed memory; :func:`runtime_memory`).
 Quality: ``sum_e w_e err_e(b_e)`` with ``w_e = f_e * mean gate weight`` and ``err_e(b)`` the
 expert's measured error (``Setup.expert_error``, from ``planner quality measure``) or else the
 format's constant (``QUANT_ERROR``); prefix sums in rank order keep the rank structure.
+
+Per-expert formats (:mod:`planner.format_tiers`): an option may carry a tier ``(k, b_up)``,
+the ``k`` tail experts (ranks ``>= q``, run where they live) of greatest error gain stored at
+``b_up`` instead of ``b_off``. Their calls add ``sum_{e in tier} a_e (u_e(b_up) - u_e(b_off))``
+to U (at batch 1 each token's tier experts are counted apart, ``n_up`` of its ``n_local``),
+their bytes and errors replace ``b_off``'s; the band, the cache and every site stay as they are.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
 from profiles.perf import dense_step_s, expert_calls_s, micro_batches, op_offloads
 
+from .format_tiers import tier_masks, tier_rows
 from .workload_view import PlanningStats
 
 if TYPE_CHECKING:
@@ -118,6 +125,8 @@ class OptionTable:
     error: np.ndarray  # [N] importance-weighted quantisation error
     tau: np.ndarray  # [N] seconds the layer lasts per step without prefetch
     tau_prefetch: np.ndarray  # [N] ... with next-layer prefetch
+    k: np.ndarray  # [N] tail experts in the option's tier (planner.format_tiers; 0: none)
+    b_up: np.ndarray  # [N] the tier's format (index into Setup.formats; b_off where k = 0)
 
     def __len__(self) -> int:
         return int(self.p.shape[0])
@@ -125,6 +134,10 @@ class OptionTable:
     def specs(self, rows) -> np.ndarray:
         """``[n, 7]`` the option specs (SPEC_COLUMNS) of ``rows``."""
         return np.stack([getattr(self, k)[rows] for k in SPEC_COLUMNS], axis=-1).astype(np.int64)
+
+    def tiers(self, rows) -> np.ndarray:
+        """``[n, 2]`` the tiers ``(k, b_up)`` of ``rows`` (planner.format_tiers)."""
+        return np.stack([self.k[rows], self.b_up[rows]], axis=-1).astype(np.int64)
 
     def take(self, rows: np.ndarray) -> "OptionTable":
         return OptionTable(**{k: getattr(self, k)[rows] for k in self.__dataclass_fields__})
@@ -366,12 +379,18 @@ def _critical_by_rank(s: Setup, layer: int) -> np.ndarray:
     return crit
 
 
-def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
-    """Costs of the options ``specs`` (``[N, 7]``, SPEC_COLUMNS) of ``layer``: see the module docstring."""
+def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None) -> OptionTable:
+    """Costs of the options ``specs`` (``[N, 7]``, SPEC_COLUMNS) of ``layer``, each with its
+    tier ``tiers[i] = (k, b_up)`` (``[N, 2]``, :mod:`planner.format_tiers`; None: no tiers):
+    see the module docstring."""
     st = s.stats
     E, B = st.num_experts, s.batch_size
     specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
     p, q, bi, c, bo, hi, mode = specs.T  # [N] each
+    tiers = np.zeros((len(specs), 2), np.int64) if tiers is None else np.asarray(tiers, np.int64).reshape(-1, 2)
+    k_up = tiers[:, 0]  # [N]
+    bu = np.where(k_up > 0, tiers[:, 1], bo)  # [N]
+    up = tier_masks(s, layer, q, k_up, bo, bu)  # [N, E] by rank: each option's tier
     f = st.frequency[layer][st.order[layer]]  # [E] by descending frequency
     w = st.importance[layer][st.order[layer]]  # [E]
     act = 1.0 - (1.0 - np.clip(f, 0.0, 1.0)) ** B  # [E] P(active in a step)
@@ -382,14 +401,21 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
 
     act_c = cum(act)  # [E+1]
     # call seconds only for the formats the options use (one for a given placement's row)
-    used = set(np.concatenate([bi, bo]).tolist())
+    used = set(np.concatenate([bi, bo, bu]).tolist())
     unused = np.zeros(E + 1)  # never indexed
     dev_c = np.stack([cum(act * s.call_s(s.compute, fm, tokens)) if j in used else unused
                       for j, fm in enumerate(s.formats)])  # [b, E+1]
-    cpu_c = np.stack([cum(act * s.call_s(s.host, fm, tokens)) if j in used else unused
-                      for j, fm in enumerate(s.formats)])  # [b, E+1] sum a_e u_e
+    cpu_e = np.stack([act * s.call_s(s.host, fm, tokens) if j in used else unused[1:]
+                      for j, fm in enumerate(s.formats)])  # [b, E] a_e u_e by rank
+    cpu_c = np.stack([cum(v) for v in cpu_e])  # [b, E+1] sum a_e u_e
+    err_e = np.stack([w * s.errors_of(layer, fm)[st.order[layer]] for fm in s.formats])  # [b, E]
+    # a tier's experts (tail ranks in `up`) take b_up's CPU seconds and error instead of b_off's
+    tiered = np.flatnonzero(k_up > 0)
+    up_U, up_err = np.zeros(len(specs)), np.zeros(len(specs))  # [N]
+    up_U[tiered] = ((cpu_e[bu[tiered]] - cpu_e[bo[tiered]]) * up[tiered]).sum(axis=1)
+    up_err[tiered] = ((err_e[bu[tiered]] - err_e[bo[tiered]]) * up[tiered]).sum(axis=1)
     idle_c = cum(np.log1p(-np.minimum(act, 1.0 - 1e-12)))  # [E+1] log P(none of the first ranks active)
-    err_c = np.stack([cum(w * s.errors_of(layer, fm)[st.order[layer]]) for fm in s.formats])  # [b, E+1]
+    err_c = np.stack([cum(v) for v in err_e])  # [b, E+1]
     eb = np.array([s.expert_bytes(fm) for fm in s.formats])  # [b]
     xfer = np.array([[s.transfer_s(home, eb[j]) for j in range(len(eb))] for home in s.homes]
                     or [[0.0] * len(eb)])  # [homes, b]
@@ -401,7 +427,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     res_G = dev_c[bi, p]
     band_G = dev_c[bo, q] - dev_c[bo, p]
     band_U = cpu_c[bo, q] - cpu_c[bo, p]
-    tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q])
+    tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q] + up_U)
     tail_idle = np.where(offload, 0.0, idle_c[E] - idle_c[q])
     x = xfer[np.minimum(hi, len(xfer) - 1), bo]  # [N] seconds per expert fetch
     keys = {(int(a), int(b), int(d)) for a, b, d in zip(p, c, q)}
@@ -423,7 +449,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
         copy_s = _offload_copy_s(s, offload, q, bo, hi, act_c, eb)  # [N]
         G = G + copy_s + np.where(offload, dev_c[bo, E] - dev_c[bo, q], 0.0)  # the device waits for the copy
         F = F + copy_s
-    error = err_c[bi, p] + err_c[bo, E] - err_c[bo, p]
+    error = err_c[bi, p] + err_c[bo, E] - err_c[bo, p] + up_err
     # what each placement holds: an expert a CPU runs from memory is held as its session's
     # pre-packed copy (kernel_factor); a hybrid expert in host DRAM as that and the copy the
     # device fetches from; an expert on a drive as its stored bytes
@@ -433,28 +459,37 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     band_f = np.where(is_["local"], run_f, np.where(is_["hybrid"] & in_dram, 1.0 + f_cpu[bo], 1.0))
     dev_bytes = p * eb[bi] * f_dev[bi] + c * eb[bo] * f_dev[bo]
     home_bytes = eb[bo] * ((q - p) * band_f + (E - q) * run_f)
+    # a tier's experts are tail experts (run where they live) held at b_up instead
+    home_bytes = home_bytes + k_up * (eb[bu] * np.where(in_dram, f_cpu[bu], 1.0) - eb[bo] * run_f)
 
     r = float(st.predictability[layer])
     if B == 1 and st.access_rank is not None and not offload.any():
         t_dev1 = np.array([s.call_s(s.compute, fm, np.ones(1))[0] for fm in s.formats])  # [b] one-token calls
         t_cpu1 = np.array([s.call_s(s.host, fm, np.ones(1))[0] for fm in s.formats])
         # every option against every per-token outcome of its (p, c, q): ragged pairs
-        keys, key_of = np.unique(np.stack([p, c, q], axis=1), axis=0, return_inverse=True)
+        if len(tiered):  # a token's tier experts counted apart (n_up of its n_local)
+            sets, set_of = np.unique(up, axis=0, return_inverse=True)
+            keys, key_of = np.unique(np.stack([p, c, q, set_of.ravel()], axis=1), axis=0, return_inverse=True)
+            key, *outcome, n_up = st.outcome_table(layer, keys[:, :3], up=sets[keys[:, 3]])
+        else:
+            keys, key_of = np.unique(np.stack([p, c, q], axis=1), axis=0, return_inverse=True)
+            key, *outcome = st.outcome_table(layer, keys)  # [M] grouped by key
+            n_up = None
         key_of = key_of.ravel()
-        key, *outcome = st.outcome_table(layer, keys)  # [M] grouped by key
         first = np.searchsorted(key, np.arange(len(keys)))  # [keys] first outcome of each key
         per_opt = np.diff(np.append(first, len(key)))[key_of]  # [N] outcomes per option
         opt = np.repeat(np.arange(len(specs)), per_opt)  # [pairs] the option of each pair
         row = first[key_of][opt] + np.arange(len(opt)) - np.repeat(np.cumsum(per_opt) - per_opt, per_opt)
         n_res, n_hit, n_miss, n_local, share = (v[row] for v in outcome)
+        tier = {} if n_up is None else dict(n_up=n_up[row], t_up=t_cpu1[bu[opt]])
         *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]], t_dev1[bo[opt]],
-                                    t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0))
+                                    t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier)
         tau, tau_pf, U = (np.bincount(opt, weights=share * t, minlength=len(specs)) for t in (*times, cpu))
     else:
         tau, tau_pf = (_averaged_max(G, U, F, mode, r, pf) for pf in (False, True))
     return OptionTable(p=p.copy(), q=q.copy(), b_res=bi.copy(), c=c.copy(), b_off=bo.copy(), home=hi.copy(),
                        mode=mode.copy(), G=G, U=U, F=F, dev_bytes=dev_bytes, home_bytes=home_bytes, error=error,
-                       tau=tau, tau_prefetch=tau_pf)
+                       tau=tau, tau_prefetch=tau_pf, k=k_up.copy(), b_up=bu.copy())
 
 
 def _offloading(s: Setup) -> bool:
@@ -502,7 +537,8 @@ def _averaged_max(G: np.ndarray, U: np.ndarray, F: np.ndarray, mode: np.ndarray,
 
 def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_local: np.ndarray, mode: np.ndarray,
                   t_res: np.ndarray, t_off: np.ndarray, t_cpu: np.ndarray, x: np.ndarray, n_band: np.ndarray,
-                  r: float, ax: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  r: float, ax: float, n_up: np.ndarray | None = None,
+                  t_up: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seconds of one token's layer at batch 1 for one per-token outcome of one option, without
     and with prefetch, and the CPU's busy seconds (all arguments and results ``[M]``, one entry
     per (option, outcome) pair; the layer's expected time is their mean over the outcomes' shares).
@@ -521,13 +557,16 @@ def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_lo
     "all device work first", "first fetch, then every miss" and "every fetch, then the last
     miss"); streamed experts all arrive before the device starts (``n_band x + D``). The CPU
     gets the token's hidden state once, runs its experts one after another and sends the
-    sum back: ``cpu = ax + n t_cpu`` when it runs any.
+    sum back: ``cpu = ax + n t_cpu`` when it runs any; ``n_up`` of the ``n_local`` are a
+    tier's experts (:mod:`planner.format_tiers`), whose calls take ``t_up`` instead.
     """
     fetch, hybrid, stream = (mode == MODES.index(m) for m in ("fetch", "hybrid", "stream"))
     on_dev = np.where(fetch | stream, n_hit + n_miss, np.where(hybrid, n_hit, 0))  # band calls on the device
     dev = n_res * t_res + on_dev * t_off
     n_cpu = n_local + np.where(hybrid, n_miss, 0)
     cpu = n_cpu * t_cpu + np.where(n_cpu > 0, ax, 0.0)
+    if n_up is not None:
+        cpu = cpu + n_up * (t_up - t_cpu)
     miss_x = np.where(stream, n_band * x, np.where(fetch | hybrid, n_miss * x, 0.0))
     stall = np.where(fetch | stream, miss_x, 0.0)
     # fetch without prefetch: the misses' copies overlap the resident and hit experts
@@ -549,7 +588,13 @@ def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> Opti
             extra = extra[s.fixes.allows(s, layer, extra)]  # a baseline's row that breaks a fix
         extra = extra[_keeps_critical(s, layer, extra)]  # ... or quantises a critical expert
         specs = np.unique(np.concatenate([specs, extra]), axis=0)
-    return option_costs(s, layer, specs)
+    # per-expert formats: options whose tail keeps its most sensitive experts wider (planner.format_tiers);
+    # not with op offload, whose copies of the tail this module prices at one format
+    rows, tiers = tier_rows(s, layer, specs) if not _offloading(s) else (np.zeros(0, np.int64), None)
+    if not len(rows):
+        return option_costs(s, layer, specs)
+    return option_costs(s, layer, np.concatenate([specs, specs[rows]]),
+                        np.concatenate([np.zeros((len(specs), 2), np.int64), tiers]))
 
 
 @dataclass(frozen=True)
@@ -650,9 +695,9 @@ def step_time(s: Setup, tables: Sequence[OptionTable], choice: Sequence[int], fi
 
 
 def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_tokens: int,
-              prefetch: bool) -> float:
+              prefetch: bool, tiers: Sequence[np.ndarray] | None = None) -> float:
     """Seconds to prefill one prompt of ``prompt_tokens`` tokens (the TTFT) with one option per
-    layer (``specs[l]``: ``[1, 7]``, SPEC_COLUMNS).
+    layer (``specs[l]``: ``[1, 7]``, SPEC_COLUMNS; ``tiers[l]``: ``[1, 2]``, its tier, if any).
 
     The prompt runs as the engine's micro-batches (:func:`profiles.perf.micro_batches`: one
     pass of the whole prompt unless the engine states ``op_offload.micro_batch_tokens``),
@@ -665,8 +710,9 @@ def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_t
     total, done = 0.0, 0
     for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
         step = dataclasses.replace(s, batch_size=n, phase="prefill")
-        layers_s = sum(float(option_time(option_costs(step, l, np.asarray(sp, dtype=np.int64).reshape(-1, N_SPEC)[:1]),
-                                         prefetch)[0]) for l, sp in enumerate(specs))
+        layers_s = sum(float(option_time(option_costs(step, l, np.asarray(sp, dtype=np.int64).reshape(-1, N_SPEC)[:1],
+                                                      None if tiers is None else tiers[l]), prefetch)[0])
+                       for l, sp in enumerate(specs))
         for _ in range(count):
             done += n
             kv_bytes = float(s.model.kv_cache_bytes(done))

@@ -4,7 +4,9 @@ Sets
     l in 0..L-1         MoE layers
     w in Omega_l        options of layer l (planner.costs: by frequency rank, [0, p) resident at
                         b_res; the rest at b_off in a home, of which [p, q) run by a mode through
-                        c cache slots and [q, E) on the CPU where they live)
+                        c cache slots and [q, E) on the CPU where they live; and a tier
+                        (k, b_up): the k tail experts of greatest importance-weighted error gain
+                        at b_up instead of b_off, planner.format_tiers)
     d in D              formats of the dense (non-expert) weights
     h in H              homes for offloaded experts: host DRAM, NVMe
 Parameters (planner.costs)
@@ -31,9 +33,17 @@ its time. Solved twice, without and with next-layer prefetch; the faster plan wi
 
 Structure makes it small. Experts with equal statistics need no variables of their own:
 within a layer the option says how many of the most frequent experts are resident, not
-which; the execution site of each offloaded rank (split q, mode) only changes tau_lw, so
-of the options that share memory and error (p, b_res, c, b_off, home) only the fastest
-enters the model. More generally, options another option beats or ties in every column
+which. Per-expert formats stay options too: where a layer's experts differ in measured error,
+an option's tier is a count vector over formats for its tail (E - q - k at b_off, k at b_up)
+assigned in order of each expert's gain w_e (err_e(b_off) - err_e(b_up)), which for given
+counts is the least error (every tail expert costs the same bytes at a format), its time
+priced exactly from the tokens' own experts (planner.format_tiers). So a cold expert ten
+times as sensitive as its neighbours can be stored wider than hotter ones, and a layer may
+hold three formats; where every expert of a layer has the same error per format no tier is
+offered and the options are the rank structure's alone. Being options, tiers leave the
+model, its bound and its certificate as they are. The execution site of each offloaded
+rank (split q, mode) only changes tau_lw, so of the options that share memory and error
+(p, b_res, c, b_off, home, tier) only the fastest enters the model. More generally, options another option beats or ties in every column
 (time, device bytes, home bytes, error) are dropped before the model is built (a dominated
 option is never needed for an optimum).
 

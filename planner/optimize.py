@@ -23,6 +23,7 @@ from . import __version__
 from .baselines import BASELINE_ENGINES, BASELINES, Baseline
 from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, keeps_critical, prefill_s,
                     step_time)
+from .format_tiers import tier_masks
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
@@ -294,7 +295,7 @@ def option_rows(problem: Problem, specs: np.ndarray) -> tuple[int, ...]:
     for l, spec in enumerate(specs):
         t = problem.tables[l]
         match = np.flatnonzero((t.p == spec[0]) & (t.q == spec[1]) & (t.b_res == spec[2]) & (t.c == spec[3])
-                               & (t.b_off == spec[4]) & (t.home == spec[5]) & (t.mode == spec[6]))
+                               & (t.b_off == spec[4]) & (t.home == spec[5]) & (t.mode == spec[6]) & (t.k == 0))
         choice.append(int(match[0]))
     return tuple(choice)
 
@@ -335,7 +336,8 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     any eviction by the LRU hit-rate curves (the simulator plays the named ones out).
 
     By frequency rank r within the layer: r < p resident; p <= r < q offloaded and run by the
-    option's mode (fetch, hybrid, stream); r >= q offloaded and computed where it lives (local).
+    option's mode (fetch, hybrid, stream); r >= q offloaded and computed where it lives (local),
+    at ``b_off`` or, for the option's tier (planner.format_tiers), at ``b_up``.
     """
     s, st = problem.setup, problem.setup.stats
     dev_mem = problem.device_mem
@@ -347,12 +349,14 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         br, bo = s.formats[t.b_res[w]], s.formats[t.b_off[w]]
         home = s.homes[t.home[w]] if s.homes else dev_mem
         band_site = MODES[t.mode[w]]  # fetch, hybrid or stream (local: the band is empty)
+        up = tier_masks(s, l, t.q[w:w + 1], t.k[w:w + 1], t.b_off[w:w + 1], t.b_up[w:w + 1])[0]  # [E] by rank
         homes, fmts, sites = [None] * st.num_experts, [None] * st.num_experts, [None] * st.num_experts
         for rank, e in enumerate(st.order[l]):
             if rank < p:
                 homes[e], fmts[e], sites[e] = dev_mem, br, "resident"
             else:
-                homes[e], fmts[e], sites[e] = home, bo, band_site if rank < q else "local"
+                homes[e], fmts[e], sites[e] = home, s.formats[t.b_up[w]] if up[rank] else bo, \
+                    band_site if rank < q else "local"
         layers.append(LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=tuple(homes),
                                 format=tuple(fmts), site=tuple(sites), cache_slots=c,
                                 cache_device=s.compute.id if c else None, cache_format=bo if c else None))
@@ -402,7 +406,8 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         hit_den += float(f.sum())
         link_s += float(t.F[w])
     # prefill of one prompt: the same placement, the prompt's tokens in the engine's micro-batches
-    ttft_s = prefill_s(s, [tables[l].specs([w]) for l, w in enumerate(choice)], dense_fm, req.prompt_tokens, prefetch)
+    ttft_s = prefill_s(s, [tables[l].specs([w]) for l, w in enumerate(choice)], dense_fm, req.prompt_tokens, prefetch,
+                       tiers=[tables[l].tiers([w]) for l, w in enumerate(choice)])
     B = s.batch_size
     out = {"tpot_s": step_s, "tokens_per_s": B / step_s, "ttft_s": ttft_s,
            "expert_hit_rate": hit_num / hit_den if hit_den else 1.0,

@@ -213,15 +213,27 @@ def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
         off = [e for e, site in enumerate(layer.site) if site != "resident"]
         band = [e for e in off if layer.site[e] != "local"]
         p = len(resident)
-        br = layer.format[resident[0]] if resident else layer.format[off[0]]
+        # b_off: the band's format, else the tail's narrowest (its tier, if any, is wider)
+        bo = layer.format[band[0]] if band else min((layer.format[e] for e in off), key=s.expert_bytes, default=None)
+        br = layer.format[resident[0]] if resident else bo
         if not off:
             rows.append((p, E, s.formats.index(br), 0, s.formats.index(br), 0, MODES.index("fetch")))
             continue
         home = s.homes.index(layer.home[off[0]]) if s.homes else 0
         mode = MODES.index(layer.site[band[0]] if band else "local")
-        rows.append((p, p + len(band), s.formats.index(br), layer.cache_slots, s.formats.index(layer.format[off[0]]),
-                     home, mode))
+        rows.append((p, p + len(band), s.formats.index(br), layer.cache_slots, s.formats.index(bo), home, mode))
     return np.array(rows, dtype=np.int64).reshape(-1, len(SPEC_COLUMNS))
+
+
+def plan_tiers(plan: Plan, s: Setup, specs: np.ndarray) -> np.ndarray:
+    """``[L, 2]`` each layer's tier ``(k, b_up)`` (planner.format_tiers): its offloaded experts
+    stored at another format than the option's ``b_off`` (``specs``, from :func:`plan_specs`)."""
+    rows = []
+    for layer, spec in zip(plan.layers, specs):
+        b_off = s.formats[spec[SPEC_COLUMNS.index("b_off")]]
+        up = [f for f, site in zip(layer.format, layer.site) if site != "resident" and f != b_off]
+        rows.append((len(up), s.formats.index(up[0]) if up else spec[SPEC_COLUMNS.index("b_off")]))
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
@@ -238,7 +250,8 @@ def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
     prefetch = plan.prefetch == "next-layer"
     r = s.stats.predictability  # [L]
     specs = plan_specs(plan, s)
-    tables = [option_costs(s, l, specs[l:l + 1]) for l in range(len(specs))]
+    tiers = plan_tiers(plan, s, specs)
+    tables = [option_costs(s, l, specs[l:l + 1], tiers[l:l + 1]) for l in range(len(specs))]
     G = np.array([t.G[0] for t in tables])
     U = np.array([t.U[0] for t in tables])
     F = np.array([t.F[0] for t in tables])

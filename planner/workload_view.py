@@ -90,11 +90,13 @@ class PlanningStats:
             self._histograms[key] = self.outcome_table(layer, np.array([[pinned, slots, q]]))[1:]
         return self._histograms[key]
 
-    def outcome_table(self, layer: int, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+    def outcome_table(self, layer: int, keys: np.ndarray, up: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """:meth:`token_outcomes` of many ``keys`` (``[G, 3]`` rows ``(pinned, slots, split)``) at once.
 
         Returns ``(key, n_res, n_hit, n_miss, n_local, share)``, six ``[M]`` arrays: the
         distinct outcomes of every key, grouped by key in key order (``key`` indexes ``keys``).
+        With ``up`` (``[G, E]`` by frequency rank: each key's tier, planner.format_tiers) a
+        seventh, ``n_up``: how many of the token's local experts are in the key's tier.
         """
         keys = np.asarray(keys, np.int64).reshape(-1, 3)
         rank = self.access_rank[:, layer]  # [T', K]
@@ -102,6 +104,7 @@ class PlanningStats:
         below = self.access_below[:, layer].astype(np.int64)  # [T', K, P]
         T, K = rank.shape
         n = K + 1
+        m = n ** 5 if up is not None else n ** 4  # distinct cells of one key
         out = []
         step = max(1, 2_000_000 // max(T * K, 1))  # keys per block: bounded [T', K, keys] temporaries
         for k0 in range(0, len(keys), step):
@@ -116,11 +119,16 @@ class PlanningStats:
             hit = band & warm[..., None] & (dist < c)
             miss = band & ~hit
             cell = ((resident.sum(axis=1) * n + hit.sum(axis=1)) * n + miss.sum(axis=1)) * n + local.sum(axis=1)
-            code = (np.arange(k0, k0 + cell.shape[1])[None, :] * n ** 4 + cell).ravel()  # [T' G] (key, outcome)
+            if up is not None:  # [T', K, G] whether each local access is in its key's tier
+                tier = up[k0:k0 + step].T[np.where(real, r, 0)[..., 0]] & local
+                cell = cell * n + tier.sum(axis=1)
+            code = (np.arange(k0, k0 + cell.shape[1])[None, :] * m + cell).ravel()  # [T' G] (key, outcome)
             codes, counts = np.unique(code, return_counts=True)
-            cells = codes % n ** 4
-            out.append((codes // n ** 4, cells // n ** 3, cells // n ** 2 % n, cells // n % n, cells % n,
-                        counts / max(T, 1)))
+            cells = codes % m
+            if up is not None:
+                n_up, cells = cells % n, cells // n
+            out.append((codes // m, cells // n ** 3, cells // n ** 2 % n, cells // n % n, cells % n,
+                        counts / max(T, 1)) + ((n_up,) if up is not None else ()))
         return tuple(np.concatenate(col) for col in zip(*out))
 
     def hit_rate(self, layer: int, pinned: int, slots: int, split: int | None = None) -> float:

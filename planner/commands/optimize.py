@@ -214,7 +214,8 @@ def _load_trace(path: str, task: str | None):
               "'auto': the super-expert candidates of the --quality file.")
 @click.option("--quality", "quality_path", type=click.Path(dir_okay=False),
               help="Measured expert errors (planner quality measure): the quality cost of each expert at each "
-              "format is its importance x its measured error instead of one constant per format.")
+              "format is its importance x its measured error instead of one constant per format, and an "
+              "expert more sensitive than its frequency rank says may be stored wider than hotter ones.")
 @click.option("--slo-tpot", type=FiniteFloat(min=0, min_open=True), default=0.2, show_default=True,
               help="Cost objective: slowest acceptable time per output token, seconds.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
