@@ -1,7 +1,11 @@
 """A disk miss of the bundle runtime, timed at several expert sizes (``planner engines probe``).
 
 A miss reads the expert from the drive past the page cache and makes it ready to compute (a
-CPU expert: a pre-packed ONNX Runtime session). Timed at two or more expert sizes, its
+CPU expert: a pre-packed ONNX Runtime session), on the runtime's copy worker: the main thread
+hands the job to it and waits for the result (``exporters.runtime.prefetch.Fetcher``), then
+runs the fresh session, whose first call costs more than the next (ONNX Runtime allocates
+its buffers); what the first call costs past a steady one is part of the miss (the steady
+call is priced per expert call). Timed at two or more expert sizes, its
 median per size fitted as ``t = fixed + bytes * per_byte`` gives the engine profile's
 ``disk_read_overhead_s`` (the fixed part) and ``disk_read_fraction`` (``1 / per_byte`` over
 a sequential read of the drive); :mod:`exporters.engine_probe` runs it.
@@ -58,7 +62,9 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     (``TensorFile`` + ``read_tensors``, as ``Kernels.quantised`` does: past the page cache
     where ``O_DIRECT`` is allowed) and makes it ready to compute: on a CPU a quantised expert
     becomes a pre-packed ONNX Runtime session (``PlannedExperts._ready``), on CUDA the
-    tensors are copied to the device. With ``O_DIRECT`` a "warm" read reads the drive too,
+    tensors are copied to the device; both on the runtime's copy worker (``Fetcher``), and on
+    a CPU the fresh session's first call past a steady one (see the module docstring). With
+    ``O_DIRECT`` a "warm" read reads the drive too,
     and a "cold" one drops nothing first, as the runtime never does before a direct read.
     The median miss of each size is fitted as ``fixed + bytes * per_byte``
     (:func:`fit_miss_costs`). The sequential read is of the largest size's file in 8 MiB
@@ -77,6 +83,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     seq_rate, how_seq, seq_bytes, direct = 0.0, "", 0, False
     for size in sorted(sizes):
         path = directory / f".engine-probe-experts-{size}.safetensors"
+        miss = None
         try:
             miss = _miss_reader(path, size, experts, fmt, device)
             with open(path, "rb") as f:
@@ -93,9 +100,12 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
                 ts = [_timed(path, lambda e=e: miss(e), drop=drop) for e in range(experts)]
                 times[state].append((total / experts, float(np.median(ts))))
         finally:
+            if miss is not None:
+                miss.close()
             path.unlink(missing_ok=True)
-    ready = "read and built into a pre-packed ONNX Runtime session" if not device.startswith("cuda") else \
-        "read and copied to the GPU"
+    ready = ("read and built into a pre-packed ONNX Runtime session on the runtime's copy worker, plus the "
+             "session's first call past a steady one") if not device.startswith("cuda") else \
+        "read and copied to the GPU on the runtime's copy worker"
     mib = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
     fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(sizes), "direct": direct}
     for state, how in (("cold", "its pages dropped from the page cache first"),
@@ -114,14 +124,17 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     return fractions, overheads, raw
 
 
-def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> Callable[[int], None]:
+def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> Callable[[int], float]:
     """Write ``experts`` random ``fmt`` experts of H = I = ``size`` to ``path``; returns the
-    runtime's miss of expert ``e`` (read past the page cache, made ready to compute), with
-    ``.direct``: whether its reads bypass the page cache (``O_DIRECT``)."""
+    runtime's miss of expert ``e`` (read past the page cache, made ready to compute, on the
+    copy worker; on a CPU the fresh session then run twice), which returns the seconds of its
+    steady call (to leave out: the expert call's price has them), with ``.direct``: whether
+    its reads bypass the page cache (``O_DIRECT``), and ``.close()``: stop the worker."""
     import torch
     from safetensors.numpy import save_file
 
     from exporters.runtime.kernels import CACHED_EXPERT_THREADS, CpuLayerKernel, expert_template, weight_inputs
+    from exporters.runtime.prefetch import Fetcher
     from exporters.runtime.quant import quantize_matrix
     from exporters.runtime.tensorfile import TensorFile, read_tensors
 
@@ -132,23 +145,34 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
     cpu = not device.startswith("cuda")
     templates = {fmt: expert_template(fmt, size, size)} if cpu else {}
     tf = TensorFile(path)  # opened once, its header read, as the runtime keeps each layer's kernels file open
+    fetcher = Fetcher(device)  # the runtime's copy worker (a thread; with CUDA its own stream)
+    x = {0: np.zeros((1, size), np.float32)}
 
-    def miss(e: int) -> None:
+    def load(e: int):
         tensors = read_tensors({k: [tf.span(f"{e}.{k}")] for k in weight_inputs(fmt)})
-        if cpu:
-            CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})},
-                           threads=CACHED_EXPERT_THREADS)  # as PlannedExperts._ready builds a cache slot's
-        else:
-            for t in tensors.values():
-                t.to(device)
+        if cpu:  # as PlannedExperts._ready builds a cache slot's
+            return CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})},
+                                  threads=CACHED_EXPERT_THREADS)
+        return [t.to(device, non_blocking=True) for t in tensors.values()]
+
+    def miss(e: int) -> float:
+        ready = fetcher.submit(lambda: load(e)).get()  # handed to the worker and waited for, as a miss is
+        if not cpu:
             torch.cuda.synchronize()
+            return 0.0
+        ready.run(x)  # the fresh session's first call: ONNX Runtime allocates its buffers
+        start = time.perf_counter()
+        ready.run(x)
+        return time.perf_counter() - start
 
     miss.direct = tf.direct
+    miss.close = fetcher.close
     return miss
 
 
-def _timed(path: Path, fn: Callable[[], object], *, drop: bool) -> float:
-    """Seconds of ``fn()``, with ``path`` dropped from the page cache first when ``drop``."""
+def _timed(path: Path, fn: Callable[[], float], *, drop: bool) -> float:
+    """Seconds of ``fn()`` less the seconds it returns (a part it timed that is priced
+    elsewhere), with ``path`` dropped from the page cache first when ``drop``."""
     if drop:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -156,5 +180,5 @@ def _timed(path: Path, fn: Callable[[], object], *, drop: bool) -> float:
         finally:
             os.close(fd)
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    left_out = fn()
+    return time.perf_counter() - start - left_out

@@ -115,8 +115,46 @@ def test_reprobing_the_bundled_profile_changes_only_the_probed_lines():
     comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
     assert comments and all(c in out.splitlines() for c in comments)  # the file's comments stay
     changed = set(out.splitlines()) - set(text.splitlines())
-    assert len(changed) == 7  # 2 cpu overheads, 2 step overheads, read fraction, fixed read cost, probe source
+    # 2 cpu overheads, the per-token cost (a new line), 2 step overheads, read fraction, fixed read cost, probe source
+    assert len(changed) == 8
     lines = out.splitlines()
+    call = next(i for i, line in enumerate(lines) if line.startswith("  expert_call_overhead_s:")
+                and i > lines.index("cpu:"))
+    assert lines[call + 1].startswith("  token_overhead_s: {value: 21.0us")  # in the cpu section, after the call cost
     fraction = next(i for i, line in enumerate(lines) if line.startswith("disk_read_fraction:"))
     assert lines[fraction + 1].startswith("disk_read_overhead_s:")
     assert engine_profile_text(doc, res).startswith("# planner engines probe")  # no previous file: the whole document
+
+
+def test_a_probed_miss_is_made_ready_on_the_copy_worker_and_its_first_call_counts(tmp_path, monkeypatch):
+    """As PlannedExperts pays a miss: the read and the session build on the runtime's copy
+    worker (the main thread hands it over and waits), then the fresh session's first call on
+    the main thread; the steady call after it is returned, to be left out of the miss."""
+    import threading
+
+    from exporters import engine_probe_disk
+    from exporters.runtime import kernels
+
+    built, runs = [], []
+    init, run = kernels.CpuLayerKernel.__init__, kernels.CpuLayerKernel.run
+
+    def recording_init(self, *args, **kwargs):
+        built.append(threading.current_thread().name)
+        init(self, *args, **kwargs)
+
+    def recording_run(self, xs):
+        runs.append((threading.current_thread() is threading.main_thread(), {e: x.shape for e, x in xs.items()}))
+        return run(self, xs)
+
+    monkeypatch.setattr(kernels.CpuLayerKernel, "__init__", recording_init)
+    monkeypatch.setattr(kernels.CpuLayerKernel, "run", recording_run)
+    miss = engine_probe_disk._miss_reader(tmp_path / "experts.safetensors", 64, 2, "int8", "cpu")
+    try:
+        steady = miss(1)
+    finally:
+        miss.close()
+    assert len(built) == 1 and built[0].startswith("expert-fetch")
+    assert runs == [(True, {0: (1, 64)}), (True, {0: (1, 64)})]  # first call, then the steady one
+    assert steady > 0
+    # the steady call's seconds are left out of the timed miss
+    assert engine_probe_disk._timed(tmp_path / "experts.safetensors", lambda: 10.0, drop=False) < 0
