@@ -51,6 +51,7 @@ from typing import Annotated, Literal, Union
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_serializer, model_validator)
 
+from .engine_kv import KVCacheSpec
 from .engine_memory import RuntimeMemory
 from .errors import InputError, from_validation_error
 from .formats import get_format
@@ -296,10 +297,21 @@ class EngineProfile(BaseModel):
     # what the runtime holds besides the placed weights (staged experts, scratch, its own
     # memory: profiles.engine_memory); None: nothing counted past the device reserve
     runtime_memory: RuntimeMemory | None = None
+    # how it holds the KV cache: paged blocks or per-request slots, and its preemption
+    # (profiles.engine_kv); None: token-granular blocks, recompute, newest first
+    kv_cache: KVCacheSpec | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
     prefetch: tuple[Literal["none", "next-layer", "transition", "oracle"], ...] = ("none",)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # a profile without a kv_cache block keeps the digest it had before the block existed
+        data = handler(self)
+        if isinstance(data, dict) and data.get("kv_cache") is None:
+            data.pop("kv_cache", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "EngineProfile":
