@@ -6,9 +6,11 @@ The story of a token, one SimPy process per actor:
 
 1. ``request_source`` releases requests (the workload's sequences): all at t = 0 (closed
    loop), or with Poisson arrivals at ``arrival_rate_per_s``.
-2. ``scheduler`` batches them (continuous batching up to ``batch_size`` running requests,
-   or static batches) and runs forward steps: one prefill step for newly admitted prompts,
-   then decode steps with the next token of every running request.
+2. ``scheduler`` batches them by the run's scheduler policy (:mod:`simulator.schedulers`:
+   continuous batching up to ``batch_size`` running requests, static batches, vLLM's
+   prefill-first or Sarathi's chunked prefill) while the KV cache (:mod:`simulator.kv_cache`,
+   paged blocks in the memory the plan leaves) has room, preempting by the engine's rule
+   when it runs out, and runs forward steps of prefill, decode or both.
 3. ``layer_step`` (per MoE layer): attention and the dense share of the step run on the
    compute stream; the router's choices come from the trace; each distinct expert of the
    step then runs by its planned site: ``resident`` on the compute stream; ``fetch`` and
@@ -68,6 +70,7 @@ from profiles.workload.trace import Trace
 from .contention import Contention
 from .expert_parallel import ExpertParallel
 from .experts import ExpertWork
+from .kv_cache import KVPool, kv_budget_bytes
 from .metrics import SimReport, summarise
 from .op_offload import OpOffload
 from .policies import miss_policy, prefetch_policy
@@ -89,7 +92,14 @@ class SimConfig:
         batch_size: most requests running at once (default: the plan's batch size).
         requests: requests to replay (default: every sequence of the trace; more wrap around).
         arrival_rate_per_s: Poisson arrivals; ``None`` releases every request at t = 0.
-        batching: ``continuous`` (admit as slots free up) or ``static`` (whole batches).
+        batching: the scheduler policy (:data:`simulator.schedulers.SCHEDULER`): ``continuous``
+            (admit as slots free up), ``static`` (whole batches), ``vllm`` (prefill first),
+            ``sarathi`` (chunked prefill).
+        chunk_tokens: ``sarathi``: tokens per step (default 512); ``vllm``: most prompt
+            tokens a prefill step admits (default: no limit).
+        kv_blocks, kv_bytes: the KV cache's size in blocks, or in bytes (default: the memory
+            the plan leaves on the compute device).
+        preemption: ``recompute`` or ``swap`` in place of the engine's mode.
         eviction, prefetch, miss: policy names (see :mod:`simulator.policies`).
         prefetch_accuracy: the ``next-layer`` predictor's per-expert accuracy (default:
             the workload's next-layer predictability, as the planner assumes).
@@ -106,6 +116,10 @@ class SimConfig:
     requests: int | None = None
     arrival_rate_per_s: float | None = None
     batching: str = "continuous"
+    chunk_tokens: int | None = None
+    kv_blocks: int | None = None
+    kv_bytes: float | None = None
+    preemption: str | None = None
     eviction: str | None = None
     prefetch: str | None = None
     miss: str = "plan"
@@ -207,7 +221,7 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         recording = self.events is not None
         if recording:
             self.log("scheduler", f"{phase} step of {len(rows)} tokens")
-        dense_by_gpu = self._dense_split(len(rows), self._kv_bytes(contexts), prefill=phase == "prefill")
+        dense_by_gpu = self._dense_split(len(rows), self._kv_bytes(contexts), prefill=phase != "decode")
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
@@ -300,6 +314,7 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
     def run(self) -> SimReport:
         wall = time.perf_counter()
         self.requests = requests_of(self.trace, self.cfg, self.rng)
+        self.kv, self.swapped = self._kv_pool(), []
         waiting: list[Request] = []
         self.arrival = self.env.event()
         self.env.process(self.request_source(self.requests, waiting, self.arrival))
@@ -307,6 +322,23 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         self.env.run(until=done)
         self._settle_memo()
         return summarise(self, time.perf_counter() - wall)
+
+
+    def _kv_pool(self) -> KVPool:
+        """The KV cache of the run: the engine's blocks in the memory the plan leaves."""
+        cfg, plan = self.cfg, self.plan
+        for key, value in (("--kv-blocks", cfg.kv_blocks), ("--chunk-tokens", cfg.chunk_tokens)):
+            if value is not None and value < 1:
+                raise InputError("must be at least 1", key=key, value=value, fix=f"pass {key} 1 or more")
+        if cfg.preemption not in (None, "recompute", "swap"):
+            raise InputError("unknown preemption mode", key="--preemption", value=cfg.preemption,
+                             expected="recompute, swap", fix="omit it for the engine's own")
+        mems = [self._dev_mem(g) for g in self.gpus] if len(self.gpus) > 1 else [self.compute_mem]
+        budget = cfg.kv_bytes if cfg.kv_bytes is not None else kv_budget_bytes(plan, mems)
+        host = plan.memory.get(self.hw.memory_of(self.host_id).id)
+        return KVPool(self.env, load_engine(plan.inputs.engine).profile.kv_cache, self.model.kv_bytes_per_token(),
+                      plan.context_tokens, self.model.kv_cache_bytes(plan.context_tokens), budget, cfg.kv_blocks,
+                      cfg.preemption, None if host is None else max(host.capacity_bytes - host.used_bytes, 0.0))
 
 
 def simulate(plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace,

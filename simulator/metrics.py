@@ -21,7 +21,7 @@ from .resources import Span
 if TYPE_CHECKING:
     from .engine import Simulation
 
-__all__ = ["SimReport", "percentiles", "served_one_by_one", "summarise"]
+__all__ = ["SimReport", "percentiles", "served_one_by_one", "serving", "summarise"]
 
 
 def percentiles(values) -> dict[str, float] | None:
@@ -52,15 +52,20 @@ class SimReport:
 
     ``spans`` (kernels and transfers) and ``events`` (``(time_s, actor, what)``) are kept
     when the run recorded them; ``wall_s`` is how long the simulation itself took.
+    ``serving`` is what the scheduler and the KV cache did (:func:`serving`): the KV
+    cache's size and utilisation, preemptions, swapped bytes, steps by phase and how much
+    of TTFT was queueing; ``to_json`` writes it under ``serving`` beside the metrics.
     """
 
     metrics: dict
     spans: tuple[Span, ...] | None
     events: tuple[tuple[float, str, str], ...] | None
     wall_s: float
+    serving: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps(_round(self.metrics), sort_keys=True, indent=1) + "\n"
+        data = self.metrics if self.serving is None else {**self.metrics, "serving": self.serving}
+        return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
 
     def chrome_trace(self) -> dict:
         """The spans as a Chrome/Perfetto trace (``chrome://tracing``, ui.perfetto.dev)."""
@@ -166,7 +171,36 @@ def summarise(sim: Simulation, wall_s: float) -> SimReport:
                      "batching": sim.cfg.batching, "batch_size": sim.batch_size},
     }
     return SimReport(metrics=metrics, spans=tuple(sim.spans) if sim.spans is not None else None,
-                     events=_in_time_order(sim.events), wall_s=wall_s)
+                     events=_in_time_order(sim.events), wall_s=wall_s, serving=serving(sim, metrics))
+
+
+def serving(sim: Simulation, metrics: dict) -> dict:
+    """The scheduler's and the KV cache's figures, and whether TTFT is mostly queueing.
+
+    ``ttft.queueing``: every request arrived at t = 0 (no ``arrival_rate_per_s``) and more
+    of them than run at once, so a request's TTFT counts its wait for a place in the batch
+    (or for KV blocks), not only its prefill; ``queue_share`` is the mean wait over the
+    mean TTFT.
+    """
+    reqs = sim.requests
+    waits = [r["queue_s"] for r in metrics["per_request"]]
+    ttfts = [r["ttft_s"] for r in metrics["per_request"] if r["ttft_s"] is not None]
+    mean_ttft = float(np.mean(ttfts)) if ttfts else None
+    mean_wait = float(np.mean(waits)) if waits else 0.0
+    phases = {"prefill": 0, "decode": 0, "mixed": 0}
+    for phase, *_ in sim.steps:
+        phases[phase] = phases.get(phase, 0) + 1
+    closed = sim.cfg.arrival_rate_per_s is None
+    return {
+        "scheduler": sim.cfg.batching,
+        "chunk_tokens": sim.cfg.chunk_tokens,
+        "kv_cache": sim.kv.summary(sim.env.now),
+        "steps": phases,
+        "preempted_requests": sum(1 for r in reqs if r.preemptions),
+        "ttft": {"closed_loop": closed, "mean_s": mean_ttft, "mean_queue_s": mean_wait,
+                 "queue_share": mean_wait / mean_ttft if mean_ttft else None,
+                 "queueing": bool(closed and mean_ttft and mean_wait > 0.0)},
+    }
 
 
 def _in_time_order(events: list | None) -> tuple | None:

@@ -54,13 +54,13 @@ class OpOffload:
         one forward step each, attention reading each request's prompt so far."""
         spec = self.op_offload
         sizes = micro_batches(len(rows), spec.micro_batch_tokens if spec is not None else None)
-        ends = np.cumsum([len(r.prompt_rows) for r in new])  # where each prompt ends in rows
+        ends = np.cumsum([len(r.prefill_rows) for r in new])  # where each prompt ends in rows
         start = 0
         for n, count in sizes:
             for _ in range(count):
                 stop = start + n
-                contexts = [(r, int(min(end, stop) - (end - len(r.prompt_rows)))) for r, end in zip(new, ends)
-                            if end - len(r.prompt_rows) < stop and end > start]
+                contexts = [(r, int(min(end, stop) - (end - len(r.prefill_rows)))) for r, end in zip(new, ends)
+                            if end - len(r.prefill_rows) < stop and end > start]
                 yield from self.forward("prefill", rows[start:stop], contexts)
                 start = stop
 

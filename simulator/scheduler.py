@@ -1,9 +1,13 @@
-"""The request flow: requests released by the workload, batched, stepped until done.
+"""The request flow: requests released by the workload, admitted, stepped until done.
 
 ``request_source`` releases the trace's sequences as requests (all at t = 0, or Poisson
-arrivals); ``scheduler`` admits them into the running batch (continuous or static
-batching) and runs one prefill step for new prompts, then decode steps with the next
-token of every running request (:meth:`simulator.engine.Simulation.forward_step`).
+arrivals); ``scheduler`` runs the scheduler policy the run names (:mod:`simulator.schedulers`:
+continuous, static, vllm, sarathi), which admits them into the running batch when the batch
+and the KV cache (:mod:`simulator.kv_cache`) have room, runs forward steps
+(:meth:`simulator.engine.Simulation.forward_step`) and, when a running request needs a KV
+block and none is free, preempts one by the engine's rule: recompute (back to the head of
+the queue, its prompt and outputs prefilled again) or swap (its blocks copied to host
+memory and back). The helpers here are what every policy shares.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import simpy
 
 from profiles.errors import InputError
 from profiles.workload.trace import DECODE, Trace
+
+from .kv_cache import KVPool
 
 if TYPE_CHECKING:
     from .engine import SimConfig
@@ -33,8 +39,19 @@ class Request:
     decode_rows: np.ndarray  # trace rows fed back one per decode step
     next_decode: int = 0
     prefilled: bool = False
-    admitted_s: float | None = None  # when the scheduler let it in (TTFT counts from arrival)
+    admitted_s: float | None = None  # when the scheduler first let it in (TTFT counts from arrival)
     token_s: list[float] = field(default_factory=list)  # when each output token was ready
+    prefill_rows: np.ndarray = None  # what its next prefill runs: the prompt, or after a recompute
+    #                                  preemption the prompt and the outputs so far
+    refold: int = 0  # decode rows its pending prefill recomputes (0: none)
+    prefill_done: int = 0  # rows of prefill_rows already run (chunked prefill)
+    kv_blocks: int = 0  # KV blocks held on the compute device
+    swapped_blocks: int = 0  # KV blocks held in host memory (swap preemption)
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_rows is None:
+            self.prefill_rows = self.prompt_rows
 
     @property
     def done(self) -> bool:
@@ -71,8 +88,11 @@ def requests_of(trace: Trace, cfg: SimConfig, rng: np.random.Generator) -> list[
 
 class RequestFlow:
     """The request actors of :class:`simulator.engine.Simulation` (a mixin: it reads
-    ``env``, ``cfg``, ``batch_size`` and ``log``, and runs steps by ``prefill`` and ``forward``
-    of :class:`simulator.op_offload.OpOffload`)."""
+    ``env``, ``cfg``, ``batch_size``, ``net``, ``compute_mem``, ``host_id`` and ``log``, and
+    runs steps by ``prefill`` and ``forward`` of :class:`simulator.op_offload.OpOffload`)."""
+
+    kv: KVPool
+    swapped: list[Request]  # preempted by swap, oldest first
 
     def request_source(self, requests: list[Request], waiting: list[Request], arrived: simpy.Event):
         """Releases requests at their arrival times."""
@@ -85,41 +105,140 @@ class RequestFlow:
                 self.arrival.succeed()
 
     def scheduler(self, requests: list[Request], waiting: list[Request]):
-        """Admits requests into the running batch and runs forward steps until all are done."""
-        running: list[Request] = []
-        finished = 0
-        while finished < len(requests):
-            if not waiting and not running:
-                self.arrival = self.env.event()
-                yield self.arrival
-                continue
-            room = self.batch_size - len(running)
-            if self.cfg.batching == "static" and running:
-                room = 0
-            admitted = waiting[:room]
-            del waiting[:room]
-            running += admitted
-            for r in admitted:
+        """Runs the run's scheduler policy (:data:`simulator.schedulers.SCHEDULER`) until all are done."""
+        from .schedulers import scheduler_policy
+
+        yield from scheduler_policy(self.cfg.batching)(self, requests, waiting)
+
+    # ------------------------------------------------------------------ shared by the policies
+
+    def idle(self, waiting: list[Request], running: list[Request]) -> bool:
+        """Whether nothing is queued, running or swapped out (then wait for an arrival)."""
+        return not waiting and not running and not self.swapped
+
+    def admit(self, waiting: list[Request], running: list[Request], room: int, tokens=None) -> list[Request]:
+        """Admits up to ``room`` requests from the head of ``waiting`` (in order) while the KV
+        cache holds ``tokens(r)`` tokens of each (default: its whole pending prefill); the
+        first that does not fit waits, and so do the ones behind it."""
+        kv, admitted = self.kv, []
+        while waiting and len(admitted) < room:
+            r = waiting[0]
+            want = len(r.prefill_rows) if tokens is None else tokens(r)
+            if not kv.grow(r, want):
+                if not running and not admitted and not kv.fits_alone(want):
+                    raise kv.too_small(r, want)
+                kv.admission_waits += 1
+                break
+            del waiting[0]
+            admitted.append(r)
+            if r.admitted_s is None:
                 r.admitted_s = self.env.now
-            if admitted:
-                self.log("scheduler", "admit " + ",".join(str(r.rid) for r in admitted))
-            new = [r for r in running if not r.prefilled]
-            if new:
-                rows = np.concatenate([r.prompt_rows for r in new])
-                if len(rows):  # in the engine's micro-batches (simulator.op_offload)
-                    yield from self.prefill(new, rows)
-                for r in new:
-                    r.prefilled = True
-                    if len(r.prompt_rows):
-                        r.token_s.append(self.env.now)
-            decoding = [r for r in running if r.next_decode < len(r.decode_rows)]
-            if decoding:
-                rows = np.array([r.decode_rows[r.next_decode] for r in decoding])
-                yield from self.forward("decode", rows, [(r, r.context + 1) for r in decoding])
-                for r in decoding:
-                    r.next_decode += 1
-                    r.token_s.append(self.env.now)
-            for r in [r for r in running if r.done]:
-                running.remove(r)
-                finished += 1
-                self.log("scheduler", f"request {r.rid} done")
+        if admitted:
+            running += admitted
+            self.log("scheduler", "admit " + ",".join(str(r.rid) for r in admitted))
+        return admitted
+
+    def prefilled(self, r: Request) -> None:
+        """``r``'s pending prefill has run: its KV is cached, its next token is out."""
+        r.prefilled = True
+        r.prefill_done = len(r.prefill_rows)
+        if len(r.prefill_rows):
+            r.token_s.append(self.env.now)
+        if r.refold:
+            r.next_decode, r.refold = r.refold, 0
+
+    def claim(self, wants: list[tuple[Request, int]], running: list[Request], waiting: list[Request]):
+        """Gives each ``(request, tokens)`` of ``wants`` (in order) the blocks for that many
+        cached tokens, preempting running requests by the engine's rule while blocks run out
+        (the victim may be the request itself, or one granted earlier in the step). Returns
+        the requests that keep their place in the step."""
+        kv, granted, victims = self.kv, [], None
+        for r, tokens in wants:
+            if victims and r in victims:
+                continue
+            while not kv.grow(r, tokens):
+                if not kv.fits_alone(tokens):
+                    raise kv.too_small(r, tokens)
+                victim = self.victim(running)
+                yield from self.preempt(victim, running, waiting)
+                victims = victims or set()
+                victims.add(victim)
+                if victim is r:
+                    break
+            else:
+                granted.append(r)
+        return [r for r in granted if r not in victims] if victims else granted
+
+    def victim(self, running: list[Request]) -> Request:
+        """The running request the engine preempts: the most recently admitted (vLLM), or the
+        one with the fewest outputs, then the longest prompt, then the newest (SGLang)."""
+        if self.kv.victim == "newest":
+            return running[-1]
+        return min(reversed(running), key=lambda r: (r.next_decode, -len(r.prompt_rows)))
+
+    def preempt(self, r: Request, running: list[Request], waiting: list[Request]):
+        """Takes ``r`` out of the batch: its blocks to host memory (swap), or dropped, and
+        ``r`` back at the head of the queue to prefill its prompt and outputs again (recompute)."""
+        kv = self.kv
+        running.remove(r)
+        r.preemptions += 1
+        kv.preemptions += 1
+        host_mem = self.hw.memory_of(self.host_id).id
+        if kv.preemption == "swap" and r.prefilled and host_mem != self.compute_mem and kv.can_swap(r):
+            kv.preempted.append((self.env.now, r.rid, "swap"))
+            self.log("scheduler", f"preempt {r.rid}: swap out {r.kv_blocks} blocks")
+            start = self.env.now
+            yield from self.net.transfer(self.compute_mem, host_mem, r.kv_blocks * kv.block_bytes,
+                                         f"KV swap out {r.rid}")
+            kv.swapped_out(r, self.env.now - start)
+            self.swapped.append(r)
+            return
+        kv.preempted.append((self.env.now, r.rid, "recompute"))
+        self.log("scheduler", f"preempt {r.rid}: recompute")
+        kv.release(r)
+        if r.prefilled:  # its prompt and outputs so far, and the output not yet fed back
+            r.refold = r.next_decode + 1
+            r.prefill_rows = np.concatenate([r.prompt_rows, r.decode_rows[:r.refold]])
+            r.prefilled = False
+        r.prefill_done = 0
+        kv.recomputed_tokens += len(r.prefill_rows)
+        waiting.insert(0, r)
+
+    def swap_in(self, running: list[Request]):
+        """Brings swapped-out requests back (oldest first) while the batch has room and the
+        blocks hold each one's cache and its next token; returns them."""
+        kv, back = self.kv, []
+        host_mem = self.hw.memory_of(self.host_id).id
+        while self.swapped and len(running) < self.batch_size:
+            r = self.swapped[0]
+            need = kv.need(r.context + 1)
+            if kv.free is not None and need > kv.free:
+                if not running and not kv.fits_alone(r.context + 1):
+                    raise kv.too_small(r, r.context + 1)
+                break
+            del self.swapped[0]
+            self.log("scheduler", f"swap in {r.rid}: {r.swapped_blocks} blocks")
+            start = self.env.now
+            yield from self.net.transfer(host_mem, self.compute_mem, r.swapped_blocks * kv.block_bytes,
+                                         f"KV swap in {r.rid}")
+            kv.swapped_in(r, self.env.now - start)
+            running.append(r)
+            back.append(r)
+        return back
+
+    def decode(self, decoding: list[Request]):
+        """One decode step: the next token of every request of ``decoding``."""
+        rows = np.array([r.decode_rows[r.next_decode] for r in decoding])
+        yield from self.forward("decode", rows, [(r, r.context + 1) for r in decoding])
+        for r in decoding:
+            r.next_decode += 1
+            r.token_s.append(self.env.now)
+
+    def retire(self, running: list[Request]) -> int:
+        """Removes the finished requests from the batch (their blocks freed); returns how many."""
+        done = [r for r in running if r.done]
+        for r in done:
+            running.remove(r)
+            self.kv.release(r)
+            self.log("scheduler", f"request {r.rid} done")
+        return len(done)

@@ -11,6 +11,7 @@ from profiles.errors import InputError
 from profiles.limits import MAX_BATCH, MAX_SIM_REQUESTS
 from profiles.units import format_time
 from simulator.policies import EVICTION, MISS, PREFETCH
+from simulator.schedulers import SCHEDULER
 
 from ..output import get_output
 from ._common import FiniteFloat, check_output_path, common_options, writing
@@ -76,7 +77,17 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
 @click.option("--arrival-rate", type=FiniteFloat(min=0, min_open=True),
               help="Poisson arrivals, requests per second (default: all at t = 0).")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), help="Most requests running at once (default: the plan's).")
-@click.option("--batching", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
+@click.option("--scheduler", type=click.Choice(sorted(SCHEDULER)),
+              help="Scheduler: continuous (default: admit as room frees, prefill then decode), static (whole "
+              "batches), vllm (prefill first), sarathi (chunked prefill, --chunk-tokens per step).")
+@click.option("--batching", type=click.Choice(["continuous", "static"]), hidden=True, help="Old name of --scheduler.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1),
+              help="sarathi: tokens per step (default 512); vllm: most prompt tokens a prefill step admits.")
+@click.option("--kv-blocks", type=click.IntRange(min=1), help="KV cache size in the engine's blocks (default: the "
+              "memory the plan leaves on the compute device); small values force preemption.")
+@click.option("--kv-memory", help="KV cache size in bytes, e.g. 2GiB (instead of --kv-blocks).")
+@click.option("--preemption", type=click.Choice(["recompute", "swap"]),
+              help="When KV blocks run out: recompute or swap to host (default: the engine's).")
 @click.option("--eviction", type=click.Choice(sorted(EVICTION)),
               help="Cache eviction: lru, lfu, score, static, belady (default: the plan's).")
 @click.option("--prefetch", type=click.Choice(sorted(PREFETCH)),
@@ -94,8 +105,9 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
 @click.option("--plots", type=click.Path(file_okay=False), help="Write utilisation and per-layer PNGs here.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @common_options
-def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival_rate, batch, batching, eviction,
-                 prefetch, prefetch_accuracy, miss, kv_context, seed, out, trace_out, plots, force) -> None:
+def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival_rate, batch, scheduler, batching,
+                 chunk_tokens, kv_blocks, kv_memory, preemption, eviction, prefetch, prefetch_accuracy, miss,
+                 kv_context, seed, out, trace_out, plots, force) -> None:
     """Replay a workload on the hardware under a plan: tok/s, TTFT/TPOT, hit rates, link bytes.
 
     \b
@@ -103,6 +115,7 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
       planner optimize --out plan.json && planner simulate --plan plan.json
       planner simulate -p plan.json --requests 64 --arrival-rate 2 --batch 8
       planner simulate -p plan.json --eviction belady --prefetch oracle --trace-out trace.json
+      planner simulate -p plan.json --requests 64 --scheduler sarathi --chunk-tokens 256 --kv-blocks 400
     """
     from simulator.engine import SimConfig, simulate
 
@@ -111,10 +124,24 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
     for path, flag in ((out, "--out"), (trace_out, "--trace-out")):
         check_output_path(path, flag, force=force)
     check_output_path(plots, "--plots", directory=True)
+    kv_bytes = None
+    if kv_memory is not None:
+        from profiles.units import parse_size
+
+        if kv_blocks is not None:
+            raise InputError("give the KV cache's size once", key="--kv-memory", value=kv_memory,
+                             fix="pass --kv-blocks or --kv-memory, not both")
+        try:
+            kv_bytes = parse_size(kv_memory)
+        except InputError as exc:
+            raise InputError(exc.message, key="--kv-memory", value=kv_memory, expected="a size such as 2GiB",
+                             fix="pass e.g. --kv-memory 2GiB") from None
     plan = load_plan(plan_path)
     hw, spec, trace, warnings = plan_inputs(plan, hardware, model, trace_path, task, plan_path)
-    config = SimConfig(batch_size=batch, requests=requests, arrival_rate_per_s=arrival_rate, batching=batching,
-                       eviction=eviction, prefetch=prefetch, miss=miss, prefetch_accuracy=prefetch_accuracy,
+    config = SimConfig(batch_size=batch, requests=requests, arrival_rate_per_s=arrival_rate,
+                       batching=scheduler or batching or "continuous", chunk_tokens=chunk_tokens, kv_blocks=kv_blocks,
+                       kv_bytes=kv_bytes, preemption=preemption, eviction=eviction, prefetch=prefetch, miss=miss,
+                       prefetch_accuracy=prefetch_accuracy,
                        kv_context=kv_context, seed=seed, record=bool(trace_out))
     if eviction is not None and not any(layer.cache_slots for layer in plan.layers):
         warnings.append(f"--eviction {eviction} changes nothing: the plan has no expert-cache slots")
@@ -136,7 +163,7 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
     if plots:
         with writing(plots, "--plots"):
             written += [str(p) for p in report.write_plots(plots)]
-    m = report.metrics
+    m, serve = report.metrics, report.serving
 
     def render(console):
         from rich.table import Table
@@ -160,11 +187,22 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
             table.add_row(f"bytes from {tier}", f"{b / 2**30:.2f} GiB", "")
         table.add_row("requests / output tokens", f"{m['requests']} / {m['output_tokens']}", "")
         table.add_row("simulated time", format_time(m["makespan_s"]), "")
+        kv = serve["kv_cache"]
+        if kv["blocks"]:
+            table.add_row("KV cache peak / mean use", f"{kv['peak_utilisation']:.0%} / {kv['mean_utilisation']:.0%}"
+                          f" of {kv['blocks']:,} x {kv['block_tokens']} tokens", "")
+        if kv["preemptions"]:
+            table.add_row(f"preemptions ({kv['preemption']})", f"{kv['preemptions']} "
+                          f"({kv['recomputed_tokens']:,} tokens recomputed, "
+                          f"{kv['swapped_out_bytes'] / 2**30:.2f} GiB swapped out)", "")
         console.print(table)
-        if arrival_rate is None and m["requests"] > (batch or plan.batch_size):
-            console.print(f"TTFT includes queueing: all {m['requests']} requests arrive at t = 0 and at most "
-                          f"{batch or plan.batch_size} run at once; the planner predicts one prompt's prefill "
-                          "(--arrival-rate R replays an open loop)", highlight=False)
+        ttft = serve["ttft"]
+        if ttft["queueing"] and (m["requests"] > (batch or plan.batch_size) or kv["admission_waits"]):
+            why = f"at most {batch or plan.batch_size} run at once" if not kv["admission_waits"] else \
+                "the KV cache admits fewer at once"
+            console.print(f"TTFT includes queueing: all {m['requests']} requests arrive at t = 0 and {why}; "
+                          f"waiting is {ttft['queue_share']:.0%} of the mean TTFT, the rest is compute; the planner "
+                          "predicts one prompt's prefill (--arrival-rate R replays an open loop)", highlight=False)
         busiest = sorted(m["utilisation"].items(), key=lambda kv: -kv[1])[:4]
         console.print("busiest: " + ", ".join(f"{k} {v:.0%}" for k, v in busiest), highlight=False)
         console.print(f"{m['expert_calls']:,} expert calls simulated in {format_time(report.wall_s)}", highlight=False)
