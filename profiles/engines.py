@@ -173,22 +173,11 @@ class ExpertLoop(BaseModel):
 Vendor = Literal["nvidia", "amd", "apple", "intel"]
 
 
-class SourcedLaunch(SourcedSeconds):
-    """Seconds per kernel launch on the engine's path, on the vendors whose backend has it
-    (``vendors`` unset: every device of the kind; a device whose vendor the hardware profile
-    does not state counts as one of them)."""
-
-    vendors: list[Vendor] | None = None
-
-
 class DeviceKindSpec(BaseModel):
     """What the engine does on one kind of device (gpu, cpu or accelerator)."""
 
     model_config = _STRICT
     layer_overhead_s: SourcedSeconds | None = None  # per hidden layer per forward step
-    # per kernel launch, in place of the hardware's figure: an engine that replays a step as a
-    # CUDA graph pays a graph node's gap, not an eager launch (None: the hardware's)
-    launch_overhead_s: SourcedLaunch | None = None
     expert_call_overhead_s: SourcedSeconds | None = None  # per expert call (dispatch, Python)
     # per hidden layer per token of a forward step past the first (layer_overhead_s is one token's)
     token_overhead_s: SourcedSeconds | None = None
@@ -207,7 +196,7 @@ class DeviceKindSpec(BaseModel):
         # fields left at their defaults are left out, so profiles without them keep their digest
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("efficiency_by_vendor", "expert_loop", "launch_overhead_s", "token_overhead_s"):
+            for key in ("efficiency_by_vendor", "expert_loop", "token_overhead_s"):
                 if data.get(key) in (None, {}):
                     data.pop(key, None)
         return data
@@ -414,9 +403,6 @@ class Engine:
             fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
             linear_host_s=host, visits_every_expert=bool(spec.expert_loop and spec.expert_loop.value == "all"),
         )
-        launch = spec.launch_overhead_s
-        if launch is not None and (launch.vendors is None or d.vendor is None or d.vendor in launch.vendors):
-            changes["launch_overhead_s"] = launch.value
         eff, whose = spec.efficiency, f"engine {self.name}"
         if d.vendor is not None and d.vendor in spec.efficiency_by_vendor:
             eff, whose = spec.efficiency_by_vendor[d.vendor], f"engine {self.name} on {d.vendor}"
@@ -537,7 +523,7 @@ def overhead_rows(engine: Engine) -> list[tuple[str, str, float, str]]:
         spec = engine.kind_spec(kind)
         if spec is None:
             continue
-        for what in ("layer_overhead_s", "token_overhead_s", "launch_overhead_s", "expert_call_overhead_s"):
+        for what in ("layer_overhead_s", "token_overhead_s", "expert_call_overhead_s"):
             v = getattr(spec, what)
             if v is not None:
                 rows.append((kind, what, v.value, v.source))
