@@ -8,7 +8,9 @@ The proof of `planner profiles probe` + `planner engines probe` (no calibration)
    are offloaded to the disk and fetched into per-layer caches;
 2. probe the bundle runtime (``planner engines probe``: tiny checkpoints, H = I = 64, 1-4
    layers) into an engine profile, with the read fraction of experts read from the drive
-   (the runtime reads disk-tier experts past the page cache);
+   (the runtime reads disk-tier experts past the page cache), its kernel efficiency and read
+   fraction taken against the probed profile of step 1 (``--hardware``: that profile then
+   prices the kernel and a miss at the times the engine probe measured);
 3. plan the checkpoint twice for that hardware and engine, with two context lengths, so the
    KV reserve differs and so do the layers' cache sizes (plan A and plan B); export both;
 4. run bundle A on one prompt set (fit) and on other prompts (held out), and bundle B on a
@@ -75,15 +77,17 @@ PROMPTS = {
 NEW_TOKENS = 24
 
 
-def probe_engine_profile(work: Path) -> tuple[Path, dict, float]:
+def probe_engine_profile(work: Path, hardware: Path) -> tuple[Path, dict, float]:
     """``planner engines probe`` into ``work/engine.yaml`` with the cold read fraction (the
-    runtime reads disk-tier experts past the page cache: exporters/runtime/tensorfile.py);
+    runtime reads disk-tier experts past the page cache: exporters/runtime/tensorfile.py),
+    its fractions taken against the probed ``hardware`` profile the runs are priced on;
     returns ``(path, the probe's JSON, seconds)``."""
     path = work / "engine.yaml"
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "planner.cli", "engines", "probe", "--out", str(path),
                           "--dir", str(work), "--work", str(work / "engine-probe"), "--page-cache", "cold", "--force",
-                          "--json"], check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
+                          "--hardware", str(hardware), "--json"], check=True, cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True).stdout
     return path, json.loads(out), time.perf_counter() - t
 
 
@@ -146,7 +150,7 @@ def main() -> None:
     profile_path, profile, hw, probe_s = probed_profile(work, f"{HOST_MIB}MiB")
     doc = yaml.safe_load(profile_path.read_text())
     busy = {"hardware_probe": machine_busy()}
-    engine_path, engine_probe, engine_probe_s = probe_engine_profile(work)
+    engine_path, engine_probe, engine_probe_s = probe_engine_profile(work, profile_path)
     busy["engine_probe"] = machine_busy()
 
     ckpt = work / "ckpt"

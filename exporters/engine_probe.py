@@ -64,8 +64,8 @@ from exporters.engine_probe_disk import expert_reads, fit_miss_costs
 from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_kernel_efficiency
 from profiles.probe import Figure
 
-__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "StepSample", "fit_miss_costs", "fit_step_costs",
-           "probe_engine", "engine_profile_doc", "engine_profile_text"]
+__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "fit_miss_costs",
+           "fit_step_costs", "probe_engine", "engine_profile_doc", "engine_profile_text"]
 
 EXPERTS = 8
 SIZE = {"hidden_size": 64, "intermediate_size": 64}
@@ -201,8 +201,22 @@ def check_device(device: str) -> None:
         raise InputError("torch sees no CUDA device", key="--device", value=device, fix="probe with --device cpu")
 
 
+@dataclass(frozen=True)
+class References:
+    """The figures of the hardware profile the engine will be priced on that the probe's
+    fractions are relative to (``planner engines probe --hardware``): its CPU's memory
+    bandwidth and ``fmt`` peak as the bundle engine sees them, its drive's read rate (None:
+    the probe measures each itself, as ``planner profiles probe`` would). With them, that
+    profile prices the kernel and a miss at the times measured here."""
+
+    name: str  # the profile, for the sources
+    read_bytes_per_s: float | None = None
+    peak_ops_per_s: float | None = None
+    disk_bytes_per_s: float | None = None
+
+
 def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *, device: str = "cpu",
-                 fmt: str = "int8", disk_dir: str | Path | None = None,
+                 fmt: str = "int8", disk_dir: str | Path | None = None, references: References | None = None,
                  progress: Callable[[str], None] | None = None) -> EngineProbeResult:
     """Time the bundle runtime on tiny checkpoints under ``work`` and fit its costs.
 
@@ -212,6 +226,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         device: ``cpu``, or ``cuda`` (the profile's gpu section) where torch has CUDA.
         fmt: the experts' and dense weights' format, int8 or int4 (its kernel path is timed).
         disk_dir: where the disk test's file goes (default ``work``): on the drive experts live on.
+        references: the priced hardware's figures the fractions are relative to (:class:`References`).
         progress: called with a line before each stage.
     """
     say = progress or (lambda line: None)
@@ -233,16 +248,21 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     past = None  # the CPU kernel past the caches
     if not device.startswith("cuda"):
         say("timing the runtime's CPU expert kernel past the last-level cache")
+        ref = references if references and references.read_bytes_per_s and references.peak_ops_per_s else None
         past = probe_kernel_efficiency(fmt, launch_s, settings.kernel_budget_s, shapes=settings.kernel_shapes,
                                        tokens=settings.kernel_tokens, multiple=settings.kernel_cache_multiple,
-                                       stamp=stamp, reference_s=4.0 if settings.kernel_budget_s else 0.2)
+                                       stamp=stamp, reference_s=4.0 if settings.kernel_budget_s else 0.2,
+                                       reference=(ref.read_bytes_per_s, ref.peak_ops_per_s) if ref else None,
+                                       reference_from=f"hardware profile {ref.name}'s" if ref else "")
     say("reading experts from disk as a miss does vs sequentially")
 
     def src(how: str) -> str:
         return f"probe ({how}; {stamp})"
 
+    sequential = (references.disk_bytes_per_s, f"the drive's read rate in hardware profile {references.name}") \
+        if references and references.disk_bytes_per_s else None
     reads, overheads, disk_fit = expert_reads(Path(disk_dir or work), settings.disk_sizes, settings.disk_experts, fmt,
-                                              device, src)
+                                              device, src, sequential)
     what = (f"median of {len(steps)} decode and prefill steps in {len(configs)} runs of tiny random Mixtral "
             f"checkpoints (H=I=64, {EXPERTS} experts, {fmt}, resident or cached) at layers {list(settings.layers)} "
             f"x top-k {list(settings.top_k)}")

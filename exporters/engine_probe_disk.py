@@ -53,7 +53,8 @@ def fit_miss_costs(samples: Sequence[tuple[float, float]]) -> tuple[float, float
 
 
 def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, device: str,
-                 src: Callable[[str], str]) -> tuple[dict[str, Figure], dict[str, Figure], dict[str, Any]]:
+                 src: Callable[[str], str], sequential: tuple[float, str] | None = None
+                 ) -> tuple[dict[str, Figure], dict[str, Figure], dict[str, Any]]:
     """The runtime's read of one expert on a miss, at each size (H = I) of ``sizes``, vs a
     sequential read of the drive: ``cold`` (the expert's pages dropped from the page cache
     first) and ``warm`` (read again).
@@ -69,7 +70,9 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     The median miss of each size is fitted as ``fixed + bytes * per_byte``
     (:func:`fit_miss_costs`). The sequential read is of the largest size's file in 8 MiB
     pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
-    fraction applies to its figure).
+    fraction applies to its figure); ``sequential``: ``(bytes/s, what it is)``, the drive's
+    rate in the hardware profile the engine is priced on, in place of that read (the
+    fraction then makes that profile's price of a miss the time measured here).
 
     Returns:
         ``(read fractions, fixed seconds per miss, the raw figures)``, each keyed by
@@ -89,7 +92,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             total = path.stat().st_size
-            if size == max(sizes):
+            if size == max(sizes) and sequential is None:
                 seq_s, how_seq = min(_read_uncached(str(path), total, 8 << 20) for _ in range(2))
                 seq_rate, seq_bytes = total / seq_s, total
             for state in ("cold", "warm"):
@@ -107,6 +110,8 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
              "session's first call past a steady one") if not device.startswith("cuda") else \
         "read and copied to the GPU on the runtime's copy worker"
     mib = ", ".join(f"{b / 2**20:.2f}" for b, _ in times["cold"])
+    if sequential is not None:
+        seq_rate, how_seq = sequential
     fractions, overheads, raw = {}, {}, {"sequential_bytes_per_s": seq_rate, "sizes": list(sizes), "direct": direct}
     for state, how in (("cold", "its pages dropped from the page cache first"),
                        ("warm", "its pages in the page cache")):
@@ -117,9 +122,10 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
             how = "read with O_DIRECT, past the page cache (nothing dropped first)"
         what = (f"one {fmt} expert of {mib} MiB read as a miss reads it, {ready}, {how} (median of "
                 f"{experts} per size), least squares t = fixed + bytes / rate")
+        against = how_seq if sequential is not None else \
+            f"a sequential read of the {seq_bytes / 2**20:.0f} MiB file in 8 MiB pieces, {how_seq}"
         fractions[state] = Figure(min(1.0, 1.0 / per_byte / seq_rate), src(
-            f"{what}: rate {1 / per_byte / 1e9:.3f} GB/s, vs a sequential read of the {seq_bytes / 2**20:.0f} MiB "
-            f"file in 8 MiB pieces, {how_seq}: {seq_rate / 1e9:.3f} GB/s; in {directory}"))
+            f"{what}: rate {1 / per_byte / 1e9:.3f} GB/s, vs {against}: {seq_rate / 1e9:.3f} GB/s; in {directory}"))
         overheads[state] = Figure(fixed, src(f"{what}: the fixed part; in {directory}"))
     return fractions, overheads, raw
 

@@ -93,7 +93,7 @@ def fit_fixed_and_rate(nbytes: Sequence[float], seconds: Sequence[float]) -> tup
 def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_bytes: float | None = None,
                             shapes: Sequence[tuple[int, int]] = SHAPES, tokens: Sequence[int] = TOKENS,
                             multiple: float = CACHE_MULTIPLE, reference: tuple[float, float] | None = None,
-                            reference_s: float = 4.0, stamp: str = "",
+                            reference_s: float = 4.0, stamp: str = "", reference_from: str = "",
                             clock: Callable[[], float] = time.perf_counter) -> KernelEfficiency:
     """Time the runtime's ``fmt`` expert kernel (int8/int4) past the LLC and fit its efficiency.
 
@@ -105,7 +105,10 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
         llc_bytes: the last-level cache (default: sysfs, :func:`profiles.probe.host._last_level_cache`).
         multiple: the experts cycled through hold this many LLCs (0: two experts, for tests).
         reference: ``(read bytes/s, peak ops/s of fmt)``; default: measured here, first, as
-            the hardware probe does, in about ``reference_s`` seconds.
+            the hardware probe does, in about ``reference_s`` seconds. Given from the hardware
+            profile the engine is priced on (``reference_from`` names it), the fractions make
+            that profile's price of this kernel the time measured here, whatever the load did
+            to the two probes' figures in between.
     """
     from exporters.runtime.formats import quantize
     from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, kernel_format
@@ -117,6 +120,7 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
     threads = default_threads()
     rng = np.random.default_rng(0)
     read_bps, peak = reference or _reference(fmt, threads, llc_bytes, reference_s)
+    whose = reference_from or "this machine's"
     per_shape = budget_s / (len(shapes) * len(tokens))
     timed: dict[tuple[int, int], dict[int, float]] = {}
     sizes: dict[tuple[int, int], dict[str, float]] = {}
@@ -163,9 +167,9 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
     return KernelEfficiency(
         memory_fraction=Figure(_fraction(rate / read_bps),
                                f"probe (t(1) = fixed + bytes / rate by least squares over the {what}: {rate / 1e9:.2f} GB/s "
-                               f"over this machine's streaming read {read_bps / 1e9:.2f} GB/s)"),
-        compute_max_fraction=Figure(top, f"probe (f(n) = 2n*3*H*I / (peak {fmt} {peak / 1e9:.0f} GOPS * (t(n) - "
-                                         f"{launch_s * 1e6:.0f} us)) fitted as a*n/(n+h) over the {what})"),
+                               f"over {whose} streaming read {read_bps / 1e9:.2f} GB/s)"),
+        compute_max_fraction=Figure(top, f"probe (f(n) = 2n*3*H*I / ({whose} peak {fmt} {peak / 1e9:.0f} GOPS * "
+                                         f"(t(n) - {launch_s * 1e6:.0f} us)) fitted as a*n/(n+h) over the {what})"),
         half_tokens=Figure(half, "probe (the same fit's h)"),
         call_fixed_s=Figure(fixed, f"probe (the fixed part of t(1) over the {what})"),
         fit={"fmt": fmt, "llc_bytes": llc_bytes, "read_bytes_per_s": read_bps, "peak_ops_per_s": peak,

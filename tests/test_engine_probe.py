@@ -157,3 +157,37 @@ def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
     assert not list(Path(tmp_path).glob(".engine-probe-*"))  # the disk test's files are removed
     res = run_cli("engines", "probe", "--tiny", "--out", out)
     assert res.exit_code == 1 and "--force" in res.output  # no silent overwrite, before any measuring
+
+
+def test_fractions_are_taken_against_the_hardware_profile_given(run_cli, tmp_path):
+    """``--hardware``: the CPU kernel's shares are of that profile's CPU bandwidth and int8
+    peak (as the bundle engine sees them) and the disk read fraction of its drive's rate, so
+    the profile prices the kernel's rate and a miss's bytes at what the probe measured,
+    whatever its own figures; a bad profile is one line, before any measuring."""
+    pytest.importorskip("torch", reason="needs the [runtime] extra")
+    pytest.importorskip("onnxruntime", reason="needs the [runtime] extra")
+    from planner.commands.engines import _references
+    from profiles.hardware import load_profile
+
+    _, hw = load_profile("desktop-4090")
+    cpu = load_engine("bundle").apply(hw).devices["node/cpu0"]
+    ref = _references("desktop-4090")
+    assert ref == {"name": "desktop-4090", "read_bytes_per_s": cpu.memory_bytes_per_s,
+                   "peak_ops_per_s": cpu.peak_ops_per_s["int8"],
+                   "disk_bytes_per_s": hw.devices["node/nvme0"].memory_bytes_per_s}
+    out = tmp_path / "engine.yaml"
+    res = run_cli("engines", "probe", "--tiny", "--out", out, "--dir", tmp_path, "--work", tmp_path / "w",
+                  "--hardware", "desktop-4090", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    kernel, disk = data["fit"]["kernel"], data["fit"]["disk"]
+    assert (kernel["read_bytes_per_s"], kernel["peak_ops_per_s"]) == (ref["read_bytes_per_s"], ref["peak_ops_per_s"])
+    eff = load_engine(out).profile.cpu.efficiency
+    assert eff.memory_fraction == pytest.approx(min(1.0, kernel["rate_bytes_per_s"] / ref["read_bytes_per_s"]),
+                                                rel=1e-3, abs=1e-4)
+    assert "hardware profile desktop-4090's streaming read" in eff.source
+    assert disk["sequential_bytes_per_s"] == ref["disk_bytes_per_s"]
+    assert data["disk_read_fraction"]["cold"] == pytest.approx(
+        min(1.0, 1 / disk["cold"]["per_byte_s"] / ref["disk_bytes_per_s"]))
+    bad = run_cli("engines", "probe", "--tiny", "--out", tmp_path / "x.yaml", "--hardware", tmp_path / "none.yaml")
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1

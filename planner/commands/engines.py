@@ -127,25 +127,31 @@ def schema() -> None:
 @click.option("--page-cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
               help="Which disk read fraction the profile gets: cold (experts read from the drive) or warm (free "
                    "memory keeps the disk tier's files in the page cache). Both are measured and printed.")
+@click.option("--hardware", "-H", "hardware", default=None, metavar="PROFILE",
+              help="The hardware profile the engine will be priced on (a probed one of this machine): the CPU "
+                   "kernel's efficiency and the disk read fraction are taken relative to its CPU bandwidth and peak "
+                   "and its drive's rate, so that it prices the kernel and a miss at the times measured here "
+                   "(default: the probe measures those figures itself, as `planner profiles probe` does).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @click.option("--tiny", is_flag=True, hidden=True, help="For tests: a few steps of a smaller grid, rough figures.")
 @common_options
-def probe(out: str, directory: str, work: str | None, device: str, budget_s: float, page_cache: str, force: bool,
-          tiny: bool) -> None:
+def probe(out: str, directory: str, work: str | None, device: str, budget_s: float, page_cache: str,
+          hardware: str | None, force: bool, tiny: bool) -> None:
     """Measure the bundle runtime's framework costs here and write them as an engine profile.
 
     Runs the runtime on tiny random checkpoints (built from a config: nothing is
     downloaded; compute is negligible) while varying the layers and the expert calls of a
-    step, fits the cost per decode step, per prefill step, per layer and per expert call by
-    least squares, and times a cache miss (an expert memory-mapped from the disk holding
-    --dir and made ready to compute), with its pages cached or not, against a sequential
-    read of that disk. The output is the bundled `bundle` profile with these numbers, each
-    with its source. Takes about half a minute on 2 idle cores; other processes inflate
-    every figure.
+    step, fits the cost per decode step, per prefill step, per layer, per token of a layer
+    and per expert call by least squares, and times a cache miss (an expert read from the
+    disk holding --dir and made ready to compute), with its pages cached or not, against a
+    sequential read of that disk (or the drive's rate in --hardware), and the runtime's CPU
+    expert kernel past the caches (against --hardware's CPU figures where given). The output
+    is the bundled `bundle` profile with these numbers, each with its source. Takes about
+    half a minute on 2 idle cores; other processes inflate every figure.
 
     \b
     Examples:
-      planner engines probe --out my-bundle.yaml
+      planner engines probe --out my-bundle.yaml --hardware my-machine.yaml
       planner optimize --engine my-bundle.yaml --hardware my-machine.yaml -m olmoe-1b-7b
     """
     import tempfile
@@ -156,9 +162,10 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
 
     check_output(out, force)  # fail before half a minute of measuring, not after
     disk_dir = check_directory(directory)
+    references = _references(hardware) if hardware else None
     try:
         import exporters.runtime  # noqa: F401  (first: it makes torch's OpenMP threads sleep, as in a bundle)
-        from exporters.engine_probe import (PROMPT, TINY, ProbeSettings, check_device, engine_profile_doc,
+        from exporters.engine_probe import (PROMPT, TINY, ProbeSettings, References, check_device, engine_profile_doc,
                                             engine_profile_text, probe_engine)
     except ImportError as exc:
         raise InputError(f"probing the runtime needs the runtime extra ({exc.name} is missing)",
@@ -168,6 +175,7 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
     with tempfile.TemporaryDirectory(prefix="engine-probe-") as tmp:
         settings = TINY if tiny else ProbeSettings(budget_s=budget_s)
         result = probe_engine(work or tmp, settings, device=device, disk_dir=disk_dir,
+                              references=References(**references) if references else None,
                               progress=lambda line: output.log.print(f"probe: {line}", highlight=False))
     base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text(encoding="utf-8"))
     doc = engine_profile_doc(result, base, page_cache)
@@ -196,7 +204,24 @@ def probe(out: str, directory: str, work: str | None, device: str, budget_s: flo
         fit = result.fit
         note = "" if fit["prefill_layer"] is None else (
             f"; a prefill layer costs {format_time(fit['prefill_layer'])} ({len(PROMPT)} tokens), a decode layer "
-            f"{format_time(fit['layer'])}: the profile has one per-layer cost")
+            f"{format_time(fit['layer'])}: {format_time(fit['token'])} per token past the first (token_overhead_s)")
         console.print(f"fit: decode residuals {fit['rms_rel']:.1%} rms of the mean step{note}; wrote {target}",
                       highlight=False)
     output.emit(data, render)
+
+
+def _references(path: str) -> dict:
+    """The figures of hardware profile ``path`` the engine probe's fractions are taken
+    against (``exporters.engine_probe.References``): the first CPU's memory bandwidth and
+    int8 peak as the bundle engine sees them (its kernel family picks the peak), the first
+    drive's read rate; one-line error for a bad profile."""
+    from profiles.hardware import load_profile
+    from profiles.perf import compute_format
+
+    _, hw = load_profile(path)
+    seen = load_engine("bundle").apply(hw)
+    cpu = next((d for d in seen.devices.values() if d.kind == "cpu" and d.peak_ops_per_s), None)
+    disk = next((d for d in hw.devices.values() if d.kind == "nvme"), None)
+    return {"name": path, "read_bytes_per_s": cpu.memory_bytes_per_s if cpu else None,
+            "peak_ops_per_s": cpu.peak_ops_per_s[compute_format(cpu, "int8")] if cpu else None,
+            "disk_bytes_per_s": disk.memory_bytes_per_s if disk else None}
