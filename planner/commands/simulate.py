@@ -192,9 +192,10 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
             table.add_row("KV cache peak / mean use", f"{kv['peak_utilisation']:.0%} / {kv['mean_utilisation']:.0%}"
                           f" of {kv['blocks']:,} x {kv['block_tokens']} tokens", "")
         if kv["preemptions"]:
-            table.add_row(f"preemptions ({kv['preemption']})", f"{kv['preemptions']} "
-                          f"({kv['recomputed_tokens']:,} tokens recomputed, "
-                          f"{kv['swapped_out_bytes'] / 2**30:.2f} GiB swapped out)", "")
+            how = [f"{kv['recomputed_tokens']:,} tokens recomputed"] if kv["recomputed_tokens"] else []
+            if kv["swapped_out_bytes"]:
+                how.append(f"{kv['swapped_out_bytes'] / 2**30:.3g} GiB swapped out")
+            table.add_row("preemptions", f"{kv['preemptions']} ({', '.join(how)})", "")
         console.print(table)
         ttft = serve["ttft"]
         if ttft["queueing"] and (m["requests"] > (batch or plan.batch_size) or kv["admission_waits"]):
