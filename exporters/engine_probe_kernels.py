@@ -78,15 +78,20 @@ def passes_that_fit(first_call_s: float, experts: int, budget_s: float, most: in
 def fit_fixed_and_rate(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
     """Least squares of ``t = fixed + bytes / rate``: ``(fixed seconds, bytes per second)``.
 
+    Times that do not grow with the bytes (small experts timed on a busy machine) are
+    refitted through the origin (one rate, no fixed part), as
+    :func:`exporters.engine_probe_disk.fit_miss_costs` does: the probe finishes with a
+    rough figure rather than stopping after its measuring.
+
     Raises:
-        ValueError: fewer than two sizes, or times that do not grow with the bytes.
+        ValueError: fewer than two sizes.
     """
     if len(set(nbytes)) < 2:
         raise ValueError("the fit needs experts of two sizes at least")
-    a = np.array([[1.0, b] for b in nbytes])
-    (fixed, per_byte), *_ = np.linalg.lstsq(a, np.asarray(seconds, dtype=float), rcond=None)
+    x, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)  # [S], [S]
+    (fixed, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), t, rcond=None)
     if per_byte <= 0:
-        raise ValueError("call times do not grow with the expert's bytes")
+        fixed, per_byte = 0.0, float(x @ t / (x @ x))
     return max(float(fixed), 0.0), 1.0 / float(per_byte)
 
 

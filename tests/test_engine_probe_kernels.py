@@ -44,6 +44,9 @@ def test_fixed_part_and_rate_recovered_from_two_sizes():
     assert got_fixed == pytest.approx(fixed) and got_rate == pytest.approx(rate)
     with pytest.raises(ValueError, match="two sizes"):
         fit_fixed_and_rate([1e6, 1e6], [1e-4, 1e-4])
+    # times that fall with the bytes (noise on small experts): one rate through the origin
+    got_fixed, got_rate = fit_fixed_and_rate([1e6, 2e6], [3e-4, 2e-4])
+    assert got_fixed == 0.0 and got_rate == pytest.approx((1e12 + 4e12) / (3e-4 * 1e6 + 2e-4 * 2e6))
 
 
 def test_real_kernels_are_timed_past_the_given_cache():
