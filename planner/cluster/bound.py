@@ -165,7 +165,7 @@ def _milp(logcnt: np.ndarray, load: np.ndarray, trans: np.ndarray, topo: Topolog
     import highspy
     import pulp
 
-    from ..ilp import _HiGHS
+    from ..ilp_mip import _HiGHS
 
     L, E = load.shape
     G, N, GN = topo.num_gpus, topo.num_nodes, topo.gpus_per_node
