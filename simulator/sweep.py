@@ -13,11 +13,20 @@ A grid file (YAML) names a base case and the knobs to vary; every combination is
     costs:                                  # $ per hour each choice adds (when profiles carry no price)
       gpu: {desktop-4090: 0.06, desktop-5090: 0.08}
     simulate: {requests: 8}
+    goodput: {slo_ttft: 2s, slo_tpot: 100ms, rates: [0.25, 0.5, 1, 2]}   # optional, see below
 
 Knobs: ``hardware``, ``model``, ``gpu`` (a bundled profile whose first GPU replaces every
 GPU), ``gpu_count``, ``nodes`` (copies of the first node), ``dram`` (host memory of every
 CPU), ``pcie_gen`` (every PCIe link), ``nvme_count``, ``batch`` (requests running at
-once), ``objective``, ``parallel`` (auto, ep, offload), ``eviction``, ``prefetch``, ``miss``.
+once), ``objective``, ``parallel`` (auto, ep, offload), ``eviction``, ``prefetch``, ``miss``,
+and the serving knobs of ``planner simulate``: ``scheduler`` (continuous, static, vllm,
+sarathi), ``chunk_tokens``, ``kv_memory`` (the KV cache's size, e.g. 2GiB) and
+``arrival_rate`` (Poisson requests/s; default: ``simulate.arrival_rate_per_s``).
+
+With a ``goodput:`` block (:class:`simulator.goodput.GoodputSettings`) each point's plan is
+also simulated at a ladder of arrival rates, and the point gets its goodput: the highest
+rate at which ``share`` (90%) of requests meet the TTFT and TPOT SLOs (``goodput.csv``,
+``goodput.json`` and ``goodput.png`` beside the results).
 
 Each point's hardware profile is written under ``OUT/hardware/`` (so any point can be
 re-planned by hand), then an ``evaluate`` function plans and simulates it. The function is
@@ -29,9 +38,7 @@ back in point order, so the table is the same however it was computed.
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -52,12 +59,17 @@ from profiles.limits import (
 from profiles.units import parse_size
 from profiles.yamlio import load_yaml
 
+from .goodput import GoodputSettings
 from .policies import EVICTION, MISS, PREFETCH
+from .schedulers import SCHEDULER
+from .sweep_output import goodput_cell, pareto_front, point_label, write_outputs
 
-__all__ = ["KNOBS", "Grid", "grid_points", "load_grid", "pareto_front", "run_sweep", "write_outputs"]
+__all__ = ["KNOBS", "Grid", "goodput_cell", "grid_points", "load_grid", "pareto_front", "point_label", "run_sweep",
+           "with_goodput", "write_outputs"]
 
 HARDWARE_KNOBS = ("hardware", "gpu", "gpu_count", "nodes", "dram", "pcie_gen", "nvme_count")
-RUN_KNOBS = ("model", "batch", "objective", "parallel", "eviction", "prefetch", "miss")
+RUN_KNOBS = ("model", "batch", "objective", "parallel", "eviction", "prefetch", "miss", "scheduler", "chunk_tokens",
+             "kv_memory", "arrival_rate")
 KNOBS = HARDWARE_KNOBS + RUN_KNOBS
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -99,6 +111,7 @@ class Grid(BaseModel):
     vary: dict[str, list[Any]] = Field(default_factory=dict)
     costs: dict[str, dict[str, float]] = Field(default_factory=dict)
     simulate: SimSettings = SimSettings()
+    goodput: GoodputSettings | None = None
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -125,11 +138,48 @@ def load_grid(path: str | Path) -> Grid:
                              fix="vary fewer knobs or fewer values, or split the grid", line=lines.get(("vary",)))
         for i, value in enumerate(values):
             _check_value(knob, value, path, f"vary.{knob}[{i}]", lines.get(("vary", knob, i)))
+    if grid.goodput is not None and ("arrival_rate" in grid.vary or grid.simulate.arrival_rate_per_s is not None):
+        raise InputError("the goodput ladder sets the arrival rate", file=path,
+                         key="vary.arrival_rate" if "arrival_rate" in grid.vary else "simulate.arrival_rate_per_s",
+                         fix="drop the arrival rate, or list the rates under goodput.rates")
     for knob in grid.costs:
         if knob not in grid.vary:
             raise InputError("costs for a knob that is not varied", file=path, key=f"costs.{knob}",
                              expected=", ".join(grid.vary) or "a varied knob", fix="remove it or vary that knob")
     return grid
+
+
+def with_goodput(grid: Grid, path: str | Path, **flags: Any) -> Grid:
+    """``grid`` with its ``goodput:`` block set or overridden by ``planner sweep``'s flags.
+
+    ``flags``: ``slo_ttft``, ``slo_tpot`` (times such as ``2s``), ``share`` and ``rates``
+    (``"0.5,1,2"``); a None flag keeps the grid's value.
+    """
+    doc = grid.goodput.model_dump() if grid.goodput is not None else {}
+    names = {"slo_ttft": "--slo-ttft", "slo_tpot": "--slo-tpot", "share": "--slo-share", "rates": "--rates"}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "rates":
+            try:
+                value = [float(r) for r in str(value).split(",")]
+            except ValueError:
+                raise InputError("invalid rate list", key="--rates", value=flags["rates"],
+                                 expected="requests/s separated by commas", fix="pass e.g. --rates 0.5,1,2,4") from None
+        doc[key] = value
+    try:
+        goodput = GoodputSettings.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = names.get(str(err["loc"][0]) if err["loc"] else "", "--slo-ttft/--slo-tpot")
+        raise InputError(err["msg"].removeprefix("Value error, "), key=key,
+                         value=flags.get(str(err["loc"][0])) if err["loc"] else None,
+                         fix="e.g. --slo-ttft 2s --slo-tpot 100ms --rates 0.5,1,2,4") from None
+    if "arrival_rate" in grid.vary or grid.simulate.arrival_rate_per_s is not None:
+        raise InputError("the goodput ladder sets the arrival rate", file=path, key="vary.arrival_rate"
+                         if "arrival_rate" in grid.vary else "simulate.arrival_rate_per_s",
+                         fix="drop the arrival rate, or list the rates with --rates")
+    return grid.model_copy(update={"goodput": goodput})
 
 
 def _count(vary: dict[str, list[Any]]) -> str:
@@ -149,6 +199,11 @@ _KNOB_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eviction": (lambda v: v in EVICTION, "one of " + ", ".join(sorted(EVICTION))),
     "prefetch": (lambda v: v in PREFETCH, "one of " + ", ".join(sorted(PREFETCH))),
     "miss": (lambda v: v in MISS, "one of " + ", ".join(sorted(MISS))),
+    "scheduler": (lambda v: v in SCHEDULER, "one of " + ", ".join(sorted(SCHEDULER))),
+    "chunk_tokens": (lambda v: _is_int(v) and 1 <= v <= MAX_CONTEXT_TOKENS, f"an integer in [1, {MAX_CONTEXT_TOKENS}]"),
+    "kv_memory": (lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool), "a size such as 2GiB"),
+    "arrival_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+                     "a positive number of requests/s"),
     "hardware": (lambda v: isinstance(v, str) and bool(v), "a profile name or path"),
     "gpu": (lambda v: isinstance(v, str) and bool(v), "a bundled profile name"),
     "model": (lambda v: isinstance(v, str) and bool(v), "a model name or config path"),
@@ -170,7 +225,7 @@ def _check_value(knob: str, value: Any, path: str | Path, key: str, line: int | 
     if not ok:
         raise InputError("invalid value", file=path, key=key, value=value, expected=expected,
                          fix="use a value of that kind", line=line)
-    if knob == "dram":
+    if knob in ("dram", "kv_memory"):
         try:
             parse_size(value if not isinstance(value, str) else value)
         except InputError as exc:
@@ -262,8 +317,12 @@ def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
             "context": b.context, "trace": b.trace, "parallel": point.get("parallel", b.parallel),
             "time_limit_s": b.time_limit_s, "eviction": point.get("eviction"),
             "prefetch": point.get("prefetch"), "miss": point.get("miss", "plan"),
-            "requests": grid.simulate.requests, "arrival_rate_per_s": grid.simulate.arrival_rate_per_s,
+            "requests": grid.simulate.requests,
+            "arrival_rate_per_s": point.get("arrival_rate", grid.simulate.arrival_rate_per_s),
             "seed": grid.simulate.seed, "grid_cost_per_hour_usd": _point_cost(grid, point),
+            "scheduler": point.get("scheduler", "continuous"), "chunk_tokens": point.get("chunk_tokens"),
+            "kv_bytes": parse_size(point["kv_memory"]) if "kv_memory" in point else None,
+            "goodput": grid.goodput.model_dump() if grid.goodput is not None else None,
         })
     return specs
 
@@ -310,84 +369,3 @@ def run_sweep(specs: list[dict[str, Any]], evaluate: Callable[[dict], dict], *, 
         if progress:
             progress(i + 1, len(specs))
     return rows
-
-
-def pareto_front(rows: list[dict]) -> list[int]:
-    """Indices of the rows no other row beats on both cost per hour (lower) and tok/s (higher)."""
-    ok = [(i, r["cost_per_hour_usd"], r["tokens_per_s"]) for i, r in enumerate(rows)
-          if r.get("status") == "ok" and r.get("cost_per_hour_usd") is not None]
-    def beats(c2: float, t2: float, c: float, t: float) -> bool:  # tok/s within 1e-6 count as equal
-        same_t = abs(t2 - t) <= 1e-6 * max(abs(t), 1e-12)
-        return c2 <= c and (t2 >= t or same_t) and (c2 < c or (t2 > t and not same_t))
-
-    front = [i for i, c, t in ok if not any(beats(c2, t2, c, t) for _, c2, t2 in ok)]
-    return sorted(front, key=lambda i: rows[i]["cost_per_hour_usd"])
-
-
-COLUMNS = ("id", "status", "tokens_per_s", "tpot_p50_s", "ttft_p50_s", "expert_hit_rate", "predicted_tokens_per_s",
-           "cost_per_hour_usd", "usd_per_million_tokens", "plan_s", "simulate_s")
-
-
-def write_outputs(grid: Grid, rows: list[dict], out_dir: Path) -> list[Path]:
-    """``results.csv``, ``results.json``, ``results.md`` and ``pareto.png`` (cost per hour vs tok/s)."""
-    knobs = list(grid.vary)
-    front = set(pareto_front(rows))
-    files = []
-    csv_path = out_dir / "results.csv"
-    with csv_path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(knobs + list(COLUMNS) + ["pareto"])
-        for i, r in enumerate(rows):
-            w.writerow([r["point"].get(k) for k in knobs] + [_cell(r.get(c)) for c in COLUMNS] + [i in front])
-    files.append(csv_path)
-    json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps({"grid": grid.model_dump(mode="json"), "rows": rows,
-                                     "pareto": sorted(front)}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    files.append(json_path)
-    md = [f"# Sweep: {grid.name}", "", grid.description, "",
-          "| " + " | ".join(knobs + ["tok/s", "TPOT p50", "TTFT p50", "hit rate", "$/h", "$/M tok", "Pareto"]) + " |",
-          "|" + "---|" * (len(knobs) + 7)]
-    for i, r in enumerate(rows):
-        if r["status"] != "ok":
-            md.append("| " + " | ".join([str(r["point"].get(k)) for k in knobs] + [r["status"]] + [""] * 6) + " |")
-            continue
-        md.append("| " + " | ".join([str(r["point"].get(k)) for k in knobs] + [
-            f"{r['tokens_per_s']:.2f}", f"{1e3 * r['tpot_p50_s']:.1f} ms" if r["tpot_p50_s"] else "",
-            f"{r['ttft_p50_s']:.2f} s" if r["ttft_p50_s"] else "", f"{r['expert_hit_rate']:.3f}",
-            _cell(r["cost_per_hour_usd"]), _cell(r["usd_per_million_tokens"]), "yes" if i in front else ""]) + " |")
-    md_path = out_dir / "results.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    files.append(md_path)
-    files.append(_pareto_plot(grid, rows, front, out_dir / "pareto.png"))
-    return files
-
-
-def _cell(v: Any) -> Any:
-    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else v)
-
-
-def _pareto_plot(grid: Grid, rows: list[dict], front: set[int], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = [(i, r) for i, r in enumerate(rows) if r["status"] == "ok" and r.get("cost_per_hour_usd") is not None]
-    ax.scatter([r["cost_per_hour_usd"] for _, r in pts], [r["tokens_per_s"] for _, r in pts], color="0.6",
-               label="points")
-    fr = [rows[i] for i in sorted(front, key=lambda i: rows[i]["cost_per_hour_usd"])]
-    ax.plot([r["cost_per_hour_usd"] for r in fr], [r["tokens_per_s"] for r in fr], "o-", color="C3",
-            label="Pareto front")
-    for i, r in pts:
-        if i in front:
-            ax.annotate(", ".join(f"{v}" for v in r["point"].values()), (r["cost_per_hour_usd"], r["tokens_per_s"]),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("cost, $ per hour")
-    ax.set_ylabel("simulated tokens/s")
-    ax.set_title(f"{grid.name}: cost vs throughput")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -11,7 +11,7 @@ import click
 from profiles.errors import InputError, UserError
 
 from ..output import get_output
-from ._common import check_output_path, common_options, writing
+from ._common import FiniteFloat, check_output_path, common_options, writing
 
 __all__ = ["evaluate_point", "sweep_cmd"]
 
@@ -23,11 +23,14 @@ def evaluate_point(spec: dict) -> dict:
     auto, ep or offload, as ``planner optimize --parallel``); the rest the offload ILP.
     Top-level and self-contained, so local worker processes and Ray workers can run it.
     Infeasible points (the model does not fit) come back with their reason as the status.
+    With ``spec["goodput"]`` the plan is also simulated at a ladder of arrival rates
+    (:func:`simulator.goodput.goodput_ladder`) and the row gets ``goodput_rps`` and the ladder.
     """
     from profiles.hardware import load_profile
     from profiles.models import load_model
     from profiles.workload.defaults import default_workload
     from simulator.engine import SimConfig, simulate
+    from simulator.goodput import GoodputSettings, goodput_ladder, rate_row
 
     from ..cluster import ClusterRequest, cluster_applies, plan_cluster
     from ..optimize import OptimizeRequest, optimize
@@ -55,10 +58,21 @@ def evaluate_point(spec: dict) -> dict:
     t1 = time.perf_counter()
     if trace is None:  # the model's default workload, which the plan was made from
         trace = default_workload(model)
-    report = simulate(plan, hw, model, trace,
-                      SimConfig(batch_size=spec["batch"], requests=spec["requests"],
-                                arrival_rate_per_s=spec["arrival_rate_per_s"], eviction=spec["eviction"],
-                                prefetch=spec["prefetch"], miss=spec["miss"], seed=spec["seed"]))
+    try:
+        def run(rate_rps):
+            return simulate(plan, hw, model, trace, SimConfig(
+                batch_size=spec["batch"], requests=spec["requests"], arrival_rate_per_s=rate_rps,
+                batching=spec.get("scheduler", "continuous"), chunk_tokens=spec.get("chunk_tokens"),
+                kv_bytes=spec.get("kv_bytes"), eviction=spec["eviction"], prefetch=spec["prefetch"],
+                miss=spec["miss"], seed=spec["seed"]))
+
+        report = run(spec["arrival_rate_per_s"])
+        goodput = None
+        if spec.get("goodput"):
+            slo = GoodputSettings.model_validate(spec["goodput"])
+            goodput = goodput_ladder(lambda rate: rate_row(rate, *_figures(run(rate)), slo), slo)
+    except UserError as exc:  # e.g. a KV cache too small for one request
+        return {**row, "status": f"error: {exc}"}
     m = report.metrics
     price = hw.price_per_hour_usd
     cost = price if price is not None else spec["grid_cost_per_hour_usd"]
@@ -67,7 +81,14 @@ def evaluate_point(spec: dict) -> dict:
             "ttft_p50_s": (m["ttft_s"] or {}).get("p50"), "expert_hit_rate": m["expert_hit_rate"],
             "predicted_tokens_per_s": plan.predicted.get("tokens_per_s"), "cost_per_hour_usd": cost,
             "usd_per_million_tokens": cost / (tps * 3600) * 1e6 if cost is not None and tps > 0 else None,
-            "plan_s": t1 - t0, "simulate_s": report.wall_s, "bytes_moved": m["bytes_moved"]}
+            "plan_s": t1 - t0, "simulate_s": report.wall_s, "bytes_moved": m["bytes_moved"],
+            "preemptions": report.serving["kv_cache"]["preemptions"],
+            "kv_peak_utilisation": report.serving["kv_cache"]["peak_utilisation"],
+            **({"goodput_rps": goodput["goodput_rps"], "goodput": goodput} if goodput is not None else {})}
+
+
+def _figures(report) -> tuple[dict, dict | None]:
+    return report.metrics, report.serving
 
 
 @click.command("sweep")
@@ -78,25 +99,43 @@ def evaluate_point(spec: dict) -> dict:
               help="Points run at once on local processes (or Ray CPUs with --ray local).")
 @click.option("--ray", "ray_address", help="Run the points on a Ray cluster: its address, or `local` to start one.")
 @click.option("--force", is_flag=True, help="Write into an existing --out directory.")
+@click.option("--slo-ttft", help="Goodput: largest acceptable TTFT, e.g. 2s (sets the grid's goodput.slo_ttft).")
+@click.option("--slo-tpot", help="Goodput: largest acceptable mean time per output token, e.g. 100ms.")
+@click.option("--slo-share", type=FiniteFloat(min=0, min_open=True, max=1),
+              help="Goodput: share of requests that must meet the SLOs (default 0.9).")
+@click.option("--rates", help="Goodput: arrival rates to simulate, requests/s, e.g. 0.5,1,2,4 (default: bracket "
+              "from 1 req/s, doubling or halving, then bisect).")
 @common_options
-def sweep_cmd(grid_path, out_dir, jobs, ray_address, force) -> None:
+def sweep_cmd(grid_path, out_dir, jobs, ray_address, force, slo_ttft, slo_tpot, slo_share, rates) -> None:
     """Plan and simulate every point of a what-if grid; write a table and a cost/tok-s Pareto plot.
+
+    With SLOs (a `goodput:` block in the grid, or --slo-ttft / --slo-tpot) every point's plan
+    is also simulated under Poisson arrivals at a ladder of rates, and the point's goodput is
+    the highest rate at which 90% (--slo-share) of requests meet both SLOs: goodput.csv,
+    goodput.json and goodput.png (SLO attainment vs offered load) go beside the results.
+    Grids may vary the serving knobs scheduler, chunk_tokens, kv_memory and arrival_rate.
 
     \b
     Examples:
       planner sweep examples/whatif_sweep/desktop-4090-upgrade.yaml --out upgrade/ --jobs 2
       planner sweep examples/whatif_sweep/h100-cluster-sizing.yaml --ray local
+      planner sweep examples/serving_capacity/qwen3-30b-a3b.yaml --slo-tpot 100ms --rates 0.1,0.2,0.4,0.8
     """
+    from simulator.goodput import slo_text
     from simulator.sweep import (
+        goodput_cell,
         grid_points,
         load_grid,
         pareto_front,
         point_specs,
         run_sweep,
+        with_goodput,
         write_outputs,
     )
 
     grid = load_grid(grid_path)
+    if any(v is not None for v in (slo_ttft, slo_tpot, slo_share, rates)):
+        grid = with_goodput(grid, grid_path, slo_ttft=slo_ttft, slo_tpot=slo_tpot, share=slo_share, rates=rates)
     out = Path(out_dir)
     if (out / "results.csv").exists() and not force:
         raise InputError("the output directory holds results already", file=out,
@@ -133,19 +172,22 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force) -> None:
         table = Table(title=f"Sweep {grid.name}")
         for k in grid.vary:
             table.add_column(k)
-        for col in ("tok/s", "TPOT p50", "$/h", "$/M tok", "Pareto"):
+        for col in ("tok/s", "TPOT p50", "$/h", "$/M tok", "Pareto") + (("goodput",) if grid.goodput else ()):
             table.add_column(col, justify="right")
         for i, r in enumerate(rows):
             cells = [str(r["point"][k]) for k in grid.vary]
             if r["status"] != "ok":
-                table.add_row(*cells, r["status"][:60], "", "", "", "")
+                table.add_row(*cells, r["status"][:60], "", "", "", "", *([""] if grid.goodput else []))
                 continue
             table.add_row(*cells, f"{r['tokens_per_s']:.2f}",
                           f"{1e3 * r['tpot_p50_s']:.1f} ms" if r["tpot_p50_s"] else "",
                           "" if r["cost_per_hour_usd"] is None else f"{r['cost_per_hour_usd']:.3g}",
                           "" if r["usd_per_million_tokens"] is None else f"{r['usd_per_million_tokens']:.3g}",
-                          "*" if i in front else "")
+                          "*" if i in front else "", *([goodput_cell(r)] if grid.goodput else []))
         console.print(table)
+        if grid.goodput:
+            console.print(f"goodput: the highest Poisson arrival rate at which {slo_text(grid.goodput)} hold "
+                          "(>=: no simulated rate missed, extend --rates; <: the lowest rate missed)", highlight=False)
         for f in files:
             console.print(f"wrote {f}", highlight=False)
 
