@@ -94,7 +94,7 @@ if TYPE_CHECKING:
     from .given import Fixes
 
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup", "layer_options",
-           "engine_runs", "keeps_critical", "option_costs", "option_specs", "prefill_s"]
+           "engine_runs", "keeps_critical", "option_costs", "option_specs", "prefill_s", "with_tiers"]
 
 MODES = ("fetch", "local", "hybrid", "stream")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
@@ -468,7 +468,11 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         t_cpu1 = np.array([s.call_s(s.host, fm, np.ones(1))[0] for fm in s.formats])
         # every option against every per-token outcome of its (p, c, q): ragged pairs
         if len(tiered):  # a token's tier experts counted apart (n_up of its n_local)
-            sets, set_of = np.unique(up, axis=0, return_inverse=True)
+            # one id per distinct set of tier experts (rows packed to 64-bit words: a fast unique)
+            packed = np.packbits(up, axis=1)
+            packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 8))).view(np.uint64)  # [N, ceil(E / 64)]
+            _, first_of, set_of = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+            sets = up[first_of]  # [S, E]
             keys, key_of = np.unique(np.stack([p, c, q, set_of.ravel()], axis=1), axis=0, return_inverse=True)
             key, *outcome, n_up = st.outcome_table(layer, keys[:, :3], up=sets[keys[:, 3]])
         else:
@@ -588,13 +592,19 @@ def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> Opti
             extra = extra[s.fixes.allows(s, layer, extra)]  # a baseline's row that breaks a fix
         extra = extra[_keeps_critical(s, layer, extra)]  # ... or quantises a critical expert
         specs = np.unique(np.concatenate([specs, extra]), axis=0)
-    # per-expert formats: options whose tail keeps its most sensitive experts wider (planner.format_tiers);
-    # not with op offload, whose copies of the tail this module prices at one format
-    rows, tiers = tier_rows(s, layer, specs) if not _offloading(s) else (np.zeros(0, np.int64), None)
-    if not len(rows):
-        return option_costs(s, layer, specs)
-    return option_costs(s, layer, np.concatenate([specs, specs[rows]]),
-                        np.concatenate([np.zeros((len(specs), 2), np.int64), tiers]))
+    return option_costs(s, layer, specs)
+
+
+def with_tiers(s: Setup, layer: int, table: OptionTable, rows: np.ndarray) -> OptionTable:
+    """``table`` and, appended, its options ``rows`` with every tier :func:`planner.format_tiers.tier_rows`
+    offers them (per-expert formats); none with op offload, whose copies of the tail this
+    module prices at one format."""
+    specs = table.specs(np.asarray(rows, np.int64))
+    tier_of, tiers = tier_rows(s, layer, specs) if not _offloading(s) else (np.zeros(0, np.int64), None)
+    if not len(tier_of):
+        return table
+    more = option_costs(s, layer, specs[tier_of], tiers)
+    return OptionTable(**{k: np.concatenate([getattr(table, k), getattr(more, k)]) for k in table.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

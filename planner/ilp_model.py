@@ -11,7 +11,9 @@ import numpy as np
 from profiles.errors import InfeasibleError
 from profiles.units import format_size
 
-from .costs import FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time
+from .costs import (FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time,
+                    with_tiers)
+from .format_tiers import offers_tiers
 
 __all__ = ["Problem", "build_problem", "pareto_front", "explain_infeasible"]
 
@@ -85,6 +87,10 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
     ``grid=False`` keeps only those (pricing given placements, no search)."""
     if grid:
         tables = tuple(layer_options(s, l, None if extra is None else extra[l]) for l in range(s.stats.num_layers))
+        # per-expert formats (planner.format_tiers): tiers on the options on their layer's front
+        # without them, with and without prefetch
+        tables = tuple(with_tiers(s, l, t, np.union1d(*(pareto_front(option_time(t, pf), t) for pf in (False, True))))
+                       if offers_tiers(s, l) else t for l, t in enumerate(tables))
     else:
         tables = tuple(option_costs(s, l, np.unique(extra[l], axis=0)) for l in range(s.stats.num_layers))
     # dense weights run on the compute device: only formats the engine runs there
