@@ -111,7 +111,10 @@ __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "
 # benchmark's cases). A solve that stops on the budget reports its gap ("node limit"); the
 # wall-clock limit is only a safety net ("time limit", noted in the plan). The budget keeps a
 # solve to about 15 CPU-s on the hardest case known (Mixtral on laptop-4060 at the int8
-# budget, whose part no seed closes: 0.7% gap), DeepSeek-V3 needs a tenth of it.
+# budget, whose part no seed closes: 0.7% gap). Time per node grows with the options kept:
+# DeepSeek-V3 on desktop-4090 (layers homed on NVMe) spends the whole budget at the int4
+# budget (about 11 CPU-s, 0.31% gap), and with measured per-expert errors and their tiers
+# 20-110 CPU-s (gaps 0.06-0.7%; 32-37 CPU-s and 1.2-1.5% without tiers); cpu-server-4090 closes in 2-4.
 _FIRST_TRY_NODES = 64
 _NODE_BUDGET = 1024
 _GLOBAL_TRY_NODES = 16
