@@ -220,6 +220,7 @@ def _plot(curves: list[tuple[str, dict]], slo: GoodputSettings, path: Path, titl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
     for i, (label, ladder) in enumerate(curves):
@@ -230,13 +231,16 @@ def _plot(curves: list[tuple[str, dict]], slo: GoodputSettings, path: Path, titl
         if ladder["goodput_rps"] > 0:
             ax1.axvline(ladder["goodput_rps"], color=color, ls=":", lw=1)
     ax1.axhline(slo.share, color="0.4", ls="--", lw=1, label=f"target {slo.share:.0%}")
-    ax1.set_xscale("log")
+    for ax in (ax1, ax2):  # rates as plain numbers; no labels on the minor ticks (they overlap)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_xlabel("offered load, requests/s (Poisson)")
     ax1.set_ylabel("share of requests meeting the SLOs")
     ax1.set_title("SLO attainment (dotted: goodput)")
     ax1.legend(fontsize=7)
-    ax2.set_xscale("log")
     ax2.set_xlabel("offered load, requests/s (Poisson)")
     ax2.set_ylabel("requests/s served within the SLOs")
     ax2.set_title("served within SLO vs load")
