@@ -66,11 +66,15 @@ def evaluate_point(spec: dict) -> dict:
                 kv_bytes=spec.get("kv_bytes"), eviction=spec["eviction"], prefetch=spec["prefetch"],
                 miss=spec["miss"], seed=spec["seed"]))
 
+        def rung(rate_rps):  # one rate of the goodput ladder
+            rep = run(rate_rps)
+            return rate_row(rate_rps, rep.metrics, rep.serving, slo)
+
         report = run(spec["arrival_rate_per_s"])
         goodput = None
         if spec.get("goodput"):
             slo = GoodputSettings.model_validate(spec["goodput"])
-            goodput = goodput_ladder(lambda rate: rate_row(rate, *_figures(run(rate)), slo), slo)
+            goodput = goodput_ladder(rung, slo)
     except UserError as exc:  # e.g. a KV cache too small for one request
         return {**row, "status": f"error: {exc}"}
     m = report.metrics
@@ -85,10 +89,6 @@ def evaluate_point(spec: dict) -> dict:
             "preemptions": report.serving["kv_cache"]["preemptions"],
             "kv_peak_utilisation": report.serving["kv_cache"]["peak_utilisation"],
             **({"goodput_rps": goodput["goodput_rps"], "goodput": goodput} if goodput is not None else {})}
-
-
-def _figures(report) -> tuple[dict, dict | None]:
-    return report.metrics, report.serving
 
 
 @click.command("sweep")
