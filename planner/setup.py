@@ -1,0 +1,176 @@
+"""The planning problem as the cost model sees it: the resolved inputs (:class:`Setup`), the
+columns every layer's options share (:class:`OptionTable`, :data:`SPEC_COLUMNS`) and the
+constants the model starts from (formats, execution modes, quantisation errors). What the
+columns mean and how they are priced is :mod:`planner.costs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from profiles.engines import Engine
+from profiles.formats import default_quant_error
+from profiles.hardware import Device, Hardware
+from profiles.models import ModelSpec
+from profiles.perf import expert_calls_s
+
+from .workload_view import PlanningStats
+
+if TYPE_CHECKING:
+    from .given import Fixes
+
+__all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup"]
+
+MODES = ("fetch", "local", "hybrid", "stream")
+DEFAULT_FORMATS = ("bf16", "int8", "int4")
+
+# Relative output error of an expert stored in each format (normalised RMS error of the
+# FFN output under group-wise round-to-nearest, order of magnitude from the GPTQ/AWQ and
+# MC-MoE measurements). Replaceable: `planner optimize --quant-error FILE`.
+QUANT_ERROR = {"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "fp8": 0.004, "int8": 0.006, "fp6": 0.012,
+               "int4": 0.04, "mxfp4": 0.045, "fp4": 0.05, "int3": 0.11, "int2": 0.30, "ternary": 0.45}
+
+
+@dataclass(frozen=True, eq=False)
+class OptionTable:
+    """All options of one layer as columns (one row per option)."""
+
+    p: np.ndarray  # [N] resident experts (top-p by frequency)
+    q: np.ndarray  # [N] split rank: ranks [p, q) go through the cache, [q, E) run on the CPU
+    b_res: np.ndarray  # [N] index into Setup.formats
+    c: np.ndarray  # [N] cache slots
+    b_off: np.ndarray  # [N]
+    home: np.ndarray  # [N] index into Setup.homes
+    mode: np.ndarray  # [N] index into MODES
+    G: np.ndarray  # [N] compute-device busy seconds per step
+    U: np.ndarray  # [N] host CPU busy seconds per step
+    F: np.ndarray  # [N] link seconds of expert fetches per step
+    dev_bytes: np.ndarray  # [N] bytes on the compute device (resident + cache)
+    home_bytes: np.ndarray  # [N] bytes in the home memory
+    error: np.ndarray  # [N] importance-weighted quantisation error
+    tau: np.ndarray  # [N] seconds the layer lasts per step without prefetch
+    tau_prefetch: np.ndarray  # [N] ... with next-layer prefetch
+    k: np.ndarray  # [N] tail experts in the option's tier (planner.format_tiers; 0: none)
+    b_up: np.ndarray  # [N] the tier's format (index into Setup.formats; b_off where k = 0)
+
+    def __len__(self) -> int:
+        return int(self.p.shape[0])
+
+    def specs(self, rows) -> np.ndarray:
+        """``[n, 7]`` the option specs (SPEC_COLUMNS) of ``rows``."""
+        return np.stack([getattr(self, k)[rows] for k in SPEC_COLUMNS], axis=-1).astype(np.int64)
+
+    def tiers(self, rows) -> np.ndarray:
+        """``[n, 2]`` the tiers ``(k, b_up)`` of ``rows`` (planner.format_tiers)."""
+        return np.stack([self.k[rows], self.b_up[rows]], axis=-1).astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> "OptionTable":
+        return OptionTable(**{k: getattr(self, k)[rows] for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True, eq=False)
+class Setup:
+    """Resolved inputs of one planning problem."""
+
+    hardware: Hardware
+    model: ModelSpec
+    stats: PlanningStats
+    batch_size: int
+    context_tokens: int
+    formats: tuple[str, ...]
+    compute: Device  # the device that runs attention and resident experts
+    host: Device  # the CPU that holds host memory
+    homes: tuple[str, ...]  # memory pool ids where offloaded experts may live (DRAM first)
+    quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+    # measured error (planner quality measure): format -> [L, E] by expert id; a format it
+    # lacks keeps its quant_error constant
+    expert_error: dict[str, np.ndarray] | None = None
+    critical: tuple[tuple[int, ...], ...] = ()  # per layer: experts that stay at full precision
+    cache_grid: tuple[int, ...] | None = None
+    device_reserve: tuple[float, float] = (0.05, 512 * 2**20)  # (fraction, bytes) kept free on the device
+    host_reserve: tuple[float, float] = (0.10, 4 * 2**30)  # (fraction, bytes) kept free in host DRAM
+    engine: Engine | None = None  # the software that runs the plan (hardware is already seen through it)
+    bare: Hardware | None = None  # the hardware before the engine was applied
+    phase: str = "decode"  # "prefill": a step prices the prompt (the engine's prefill step cost)
+    fixes: "Fixes | None" = None  # parts of every layer's option the user fixed (planner.given)
+
+    def runs(self, device: Device, fmt: str) -> bool:
+        """Whether the engine runs weights stored as ``fmt`` on ``device``."""
+        return self.engine is None or self.engine.supports(device.kind, fmt)
+
+    def with_engine(self, engine: Engine, formats: Sequence[str] = ()) -> "Setup":
+        """The same problem seen through another engine (``formats`` added to the candidates)."""
+        if self.engine is not None and engine.name == self.engine.name:
+            return self
+        if self.bare is None:
+            raise ValueError("this Setup does not keep its bare hardware (build it with make_setup)")
+        hw = engine.apply(self.bare)
+        extra = tuple(f for f in formats if f not in self.formats)
+        errors = dict(self.quant_error) | {f: default_quant_error(f) for f in extra}
+        return dataclasses.replace(self, hardware=hw, compute=hw.devices[self.compute.id], host=hw.devices[self.host.id],
+                                   engine=engine, formats=self.formats + extra, quant_error=errors)
+
+    def errors_of(self, layer: int, fmt: str) -> np.ndarray:
+        """``[E]`` each expert's quantisation error at ``fmt`` (by expert id): measured, else the constant."""
+        if self.expert_error is not None and fmt in self.expert_error:
+            return self.expert_error[fmt][layer]
+        return np.full(self.stats.num_experts, self.quant_error[fmt])
+
+    def uniform_error(self, fmt: str) -> float:
+        """The importance-weighted error of every expert at ``fmt`` (what the quality budget bounds)."""
+        if self.expert_error is None or fmt not in self.expert_error:
+            return self.quant_error[fmt]
+        w = self.stats.importance
+        return float((w * self.expert_error[fmt]).sum() / max(float(w.sum()), 1e-300))
+
+    def engine_can(self, what: str) -> bool:
+        """Whether the engine has a site (``fetch``, ``local``, ...) or a prefetch policy."""
+        if self.engine is None:
+            return True
+        return what in self.engine.profile.sites or what in self.engine.profile.prefetch
+
+    @property
+    def unified(self) -> bool:
+        """Compute device and host share one memory: nothing is ever copied."""
+        return self.hardware.memory_of(self.compute.id).id == self.hardware.memory_of(self.host.id).id
+
+    def expert_bytes(self, fmt: str) -> float:
+        return float(self.model.expert_bytes(fmt))
+
+    def kernel_factor(self, device: Device, fmt: str) -> float:
+        """Bytes held per stored byte of an expert (or dense matrix) that ``device`` runs: a CPU
+        runs int8/int4 weights in ONNX Runtime sessions, which keep their own pre-packed copy
+        (``kernel_bytes_factor``, measured by the probe); anything else holds what it stores."""
+        return device.kernel_bytes_factor.get(fmt, 1.0) if device.kind == "cpu" else 1.0
+
+    def in_host_dram(self, home_index: int) -> bool:
+        """Whether ``homes[home_index]`` is the host CPU's own memory."""
+        return bool(self.homes) and self.homes[home_index] == self.hardware.memory_of(self.host.id).id
+
+    def transfer_s(self, home: str, n_bytes: float) -> float:
+        return self.hardware.route(home, self.compute.id).transfer_s(n_bytes)
+
+    def activation_s(self, tokens: float) -> float:
+        """Link seconds to move ``tokens`` hidden states (bf16) one way between host and device."""
+        return self.hardware.route(self.host.id, self.compute.id).transfer_s(tokens * self.model.hidden_size * 2)
+
+    def call_s(self, device: Device, fmt: str, tokens: np.ndarray) -> np.ndarray:
+        """``[...]`` seconds of one expert call per token count (vectorised over tokens)."""
+        wb = self.expert_bytes(fmt)
+        flops_per_token = self.model.expert_flops_per_token
+        return expert_calls_s(device, fmt, wb, flops_per_token, tokens)
+
+    def cache_sizes(self) -> list[int]:
+        if self.cache_grid is not None:
+            return sorted(set(int(c) for c in self.cache_grid))
+        E, K = self.model.num_experts, self.model.top_k
+        grid = {0, K, 2 * K, 4 * K, E // 8, E // 4, E // 2}
+        return sorted(c for c in grid if 0 <= c <= E)
+
+
+SPEC_COLUMNS = ("p", "q", "b_res", "c", "b_off", "home", "mode")
+N_SPEC = len(SPEC_COLUMNS)
