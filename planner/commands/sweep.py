@@ -127,6 +127,7 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force, slo_ttft, slo_tpot, 
         grid_points,
         load_grid,
         pareto_front,
+        point_label,
         point_specs,
         run_sweep,
         with_goodput,
@@ -188,6 +189,15 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force, slo_ttft, slo_tpot, 
         if grid.goodput:
             console.print(f"goodput: the highest Poisson arrival rate at which {slo_text(grid.goodput)} hold "
                           "(>=: no simulated rate missed, extend --rates; <: the lowest rate missed)", highlight=False)
+            ladders = [(point_label(r["point"]) or r["id"], r["goodput"]) for r in rows if r.get("goodput")]
+            shares = Table(title="Share of requests meeting the SLOs, by arrival rate (req/s)")
+            shares.add_column("req/s", justify="right")
+            for label, _ in ladders:
+                shares.add_column(label, justify="right")
+            by_rate = [{g["rate_rps"]: g["slo_share"] for g in ladder["rates"]} for _, ladder in ladders]
+            for rate in sorted({rate for seen in by_rate for rate in seen}):
+                shares.add_row(f"{rate:.4g}", *(f"{seen[rate]:.0%}" if rate in seen else "" for seen in by_rate))
+            console.print(shares)
         for f in files:
             console.print(f"wrote {f}", highlight=False)
 
