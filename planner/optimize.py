@@ -25,6 +25,7 @@ from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_r
                     step_time)
 from .format_tiers import tier_masks
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
+from .multi_gpu import node_gpus, plan_multi_gpu
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
 
@@ -64,6 +65,7 @@ class OptimizeRequest:
     fixes: Fixes | None = None  # parts of the plan fixed, the ILP decides the rest (planner.given)
     prefetch: str | None = None  # the plan's prefetch policy (Plan.prefetch); None: the faster of none/next-layer
     eviction: str | None = None  # the plan's cache eviction (Plan.eviction); None: lru
+    multi_gpu: bool = False  # every GPU of the node, layers assigned pipeline-style (planner.multi_gpu)
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,6 +197,10 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
 
         plan = price_given(s, req, inputs, budget)
         t_build = t_solve = _now()
+    elif req.multi_gpu and req.fixes is None and len(node_gpus(s)) > 1:
+        t_build = _now()
+        plan = plan_multi_gpu(s, req, inputs, budget)  # builds and solves: its time is the solve's
+        t_solve = _now()
     else:
         plan, t_build = _solve_ilp(s, req, inputs, budget)
         t_solve = _now()

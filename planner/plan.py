@@ -16,6 +16,12 @@ Per MoE layer it stores columnar per-expert arrays (index = expert id):
 - ``replicas``: extra devices holding a copy (cluster plans; empty on one node);
 
 and per layer the cache: ``cache_slots`` on ``cache_device`` with ``eviction`` policy.
+
+``layer_devices`` (multi-GPU pipeline plans, planner.multi_gpu): per MoE layer the compute
+device that runs its dense part, resident and cached experts and its fetches (over that
+device's own link); absent (None) means ``compute_device`` runs every layer, so plans made
+before it existed load, and write, the same bytes. ``compute_device`` then runs the
+embedding and the head.
 """
 
 from __future__ import annotations
@@ -138,6 +144,7 @@ class Plan(BaseModel):
     quality_budget: float | None = None
     quality_error: float = 0.0
     layers: tuple[LayerPlan, ...]
+    layer_devices: tuple[str, ...] | None = None  # per MoE layer its compute device; None: compute_device
     memory: dict[str, MemoryUse]
     predicted: dict[str, float]
     solver: SolverInfo
@@ -148,6 +155,8 @@ class Plan(BaseModel):
         data = self.model_dump(mode="json")
         if data["inputs"].get("quality_digest") is None:
             del data["inputs"]["quality_digest"]  # plans made without --quality read as before
+        if data.get("layer_devices") is None:
+            data.pop("layer_devices", None)  # single-device plans read as before
         return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
@@ -155,6 +164,10 @@ class Plan(BaseModel):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
         return path
+
+    def device_of(self, moe_layer: int) -> str:
+        """The compute device that runs MoE layer ``moe_layer``."""
+        return self.layer_devices[moe_layer] if self.layer_devices else self.compute_device
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Experts per (home tier-less memory id) and per format, over all layers."""

@@ -90,6 +90,29 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
             raise bad("the plan budgets a memory the hardware profile lacks", f"memory.{mem}", mem,
                       "one of " + ", ".join(memories), fix="use the plan with the hardware profile it was made for")
 
+    # 2b. multi-GPU pipeline plans: each layer runs on a GPU or accelerator of the host's node,
+    #     and its resident experts and cache live on that device
+    if plan.layer_devices is not None:
+        if len(plan.layer_devices) != len(plan.layers):
+            raise bad("layer_devices must name one compute device per MoE layer", "layer_devices",
+                      len(plan.layer_devices), f"{len(plan.layers)} entries")
+        node = devices[plan.host_device].node
+        for i, dev in enumerate(plan.layer_devices):
+            if dev not in devices or devices[dev].kind not in ("gpu", "accelerator") or devices[dev].node != node:
+                raise bad("a layer's compute device must be a GPU or accelerator of the host's node",
+                          f"layer_devices[{i}]", dev, "one of " + ", ".join(
+                              d for d, x in devices.items() if x.kind in ("gpu", "accelerator") and x.node == node),
+                          fix="use the plan with the hardware profile it was made for (--hardware)")
+            lp = plan.layers[i]
+            own = hardware.memory_of(dev).id
+            for e, (home, site) in enumerate(zip(lp.home, lp.site)):
+                if site == "resident" and home != own:
+                    raise bad("a resident expert must live on its layer's device", f"layers[{i}].home[{e}]", home,
+                              f"{own} (layer_devices[{i}] = {dev})")
+            if lp.cache_slots and lp.cache_device != dev:
+                raise bad("a layer's cache must be on its layer's device", f"layers[{i}].cache_device",
+                          lp.cache_device, dev)
+
     # 3. formats are known
     formats = {plan.dense_format} | {f for lp in plan.layers for f in lp.format}
     formats |= {lp.cache_format for lp in plan.layers if lp.cache_format}

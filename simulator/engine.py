@@ -166,9 +166,19 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is
         self._distinct: np.ndarray | None = None  # routing.distinct_rows of the trace, once a step has one token
         self._freq = frequency(trace, self.E) if self.eviction == "static" else None
-        self.layers = [self._resolve_layer(lp, l) for l, lp in enumerate(plan.layers)]
-        self.gpus = sorted({d for lay in self.layers for own in lay.owners for d in own
-                            if hardware.devices[d].kind == "gpu"} | {self.compute_id})
+        # a multi-GPU pipeline plan (Plan.layer_devices): each layer runs on its device, which
+        # becomes compute_id while the layer runs; activations hop between devices
+        self.layer_dev = [plan.device_of(l) for l in range(len(plan.layers))]
+        self.layer_mem = [hardware.memory_of(d).id for d in self.layer_dev]
+        self.pipeline = len(set(self.layer_dev)) > 1
+        self.layers = []
+        for l, lp in enumerate(plan.layers):
+            self.compute_id, self.compute_mem = self.layer_dev[l], self.layer_mem[l]
+            self.layers.append(self._resolve_layer(lp, l))
+        self.compute_id, self.compute_mem = plan.compute_device, hardware.memory_of(plan.compute_device).id
+        self.gpus = [self.compute_id] if self.pipeline else \
+            sorted({d for lay in self.layers for own in lay.owners for d in own
+                    if hardware.devices[d].kind == "gpu"} | {self.compute_id})
         self.inflight: dict[tuple[int, int], simpy.Event] = {}
         self.accuracy = config.prefetch_accuracy
         if self.accuracy is None and self.prefetch_name == "next-layer":
@@ -221,7 +231,8 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         recording = self.events is not None
         if recording:
             self.log("scheduler", f"{phase} step of {len(rows)} tokens")
-        dense_by_gpu = self._dense_split(len(rows), self._kv_bytes(contexts), prefill=phase != "decode")
+        kv_bytes = self._kv_bytes(contexts)
+        dense_by_gpu = self._dense_split(len(rows), kv_bytes, prefill=phase != "decode")
         self._token_gpu = None
         ids = self.trace.expert_ids[rows]  # [n, L, K]
         gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
@@ -240,11 +251,20 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
         played_ahead = self._played_ahead
         # one-token steps: layers in one loop (_step_ahead) whenever nothing is in flight
-        fast = distinct is not None and single and not ep and not prefetching and play_ahead and not recording
+        fast = distinct is not None and single and not ep and not prefetching and play_ahead and not recording \
+            and not self.pipeline
         resume, pending = 0, None
+        pipeline, here = self.pipeline, self.plan.compute_device  # the embedding runs on compute_device
         for l in range(L):
             if l < resume:  # done by _step_ahead
                 continue
+            if pipeline:  # the layer's device takes over; the hidden states hop to it first
+                dev = self.layer_dev[l]
+                t += self._hop_s(here, dev, len(rows))
+                here = self.compute_id = dev
+                self.compute_mem = self.layer_mem[l]
+                compute = self.stream(dev)
+                dense_s = self._dense_split(len(rows), kv_bytes, phase != "decode", (dev,))[dev]
             if fast and not self.net.busy and not (self.inflight and any(not ev.triggered
                                                                           for ev in self.inflight.values())):
                 t, l, pending = self._step_ahead(rows, calls, ids, gates, t, dense_s, l)
@@ -305,6 +325,9 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
             self.layer_wall_s[l] += env.now - t
             t = env.now
             self.log("layer_step", f"L{l} done")
+        if pipeline:  # back to compute_device for the head
+            t = max(t, env.now) + self._hop_s(here, self.plan.compute_device, len(rows))
+            self.compute_id, self.compute_mem = self.plan.compute_device, self._dev_mem(self.plan.compute_device)
         if t > env.now:
             yield env.timeout(max(t - env.now, 0.0))
         self.steps.append((phase, len(rows), start, env.now))
@@ -333,7 +356,8 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         if cfg.preemption not in (None, "recompute", "swap"):
             raise InputError("unknown preemption mode", key="--preemption", value=cfg.preemption,
                              expected="recompute, swap", fix="omit it for the engine's own")
-        mems = [self._dev_mem(g) for g in self.gpus] if len(self.gpus) > 1 else [self.compute_mem]
+        mems = [self._dev_mem(g) for g in self.gpus] if len(self.gpus) > 1 else \
+            sorted(set(self.layer_mem)) if self.pipeline else [self.compute_mem]
         budget = cfg.kv_bytes if cfg.kv_bytes is not None else kv_budget_bytes(plan, mems)
         host = plan.memory.get(self.hw.memory_of(self.host_id).id)
         return KVPool(self.env, load_engine(plan.inputs.engine).profile.kv_cache, self.model.kv_bytes_per_token(),

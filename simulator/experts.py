@@ -317,10 +317,11 @@ class ExpertWork(PlayAhead):
         """Copies expert ``e`` of layer ``l`` from its home to the compute device (copy engine)."""
         lay = self.layers[l]
         n_bytes = self.model.expert_bytes(fmt)
-        with self.copy_engine(self.compute_id).request() as req:
+        # the layer's own device and link (a prefetch for l runs while l - 1 computes)
+        with self.copy_engine(self.layer_dev[l]).request() as req:
             yield req
             self.log("expert_fetch", f"L{l}E{e} start")
-            yield from self.net.transfer(lay.home[e], self.compute_mem, n_bytes, f"L{l}E{e} {fmt}")
+            yield from self.net.transfer(lay.home[e], self.layer_mem[l], n_bytes, f"L{l}E{e} {fmt}")
         self.bytes_moved[self.hw.memories[lay.home[e]].tier] += n_bytes
         self.log("expert_fetch", f"L{l}E{e} arrived")
 

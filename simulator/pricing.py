@@ -57,7 +57,7 @@ class Pricing:
         self._kv: dict[int, float] = {}  # context tokens -> KV bytes of one request
         self._kv_plan: dict[int, float] = {}  # batch size -> KV bytes at the plan's context
         self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
-        self._runners: dict[tuple[str, str], str] = {}
+        self._runners: dict[tuple[str, str, str], str] = {}
         self._tier = {m: mem.tier for m, mem in self.hw.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
 
     def _resolve_layer(self, lp, l: int) -> ExpertLayer:
@@ -86,7 +86,7 @@ class Pricing:
 
     def _runner(self, memory_id: str, site: str) -> str:
         """The compute device that runs an expert homed in ``memory_id`` at ``site`` (cached)."""
-        key = (memory_id, site)
+        key = (memory_id, site, self.compute_id)  # a pipeline plan's layers have their own compute devices
         dev = self._runners.get(key)
         if dev is None:
             dev = self._runners[key] = self._find_runner(memory_id, site)
@@ -129,23 +129,30 @@ class Pricing:
     def _copy(self, src: str, fmt: str) -> tuple:
         """An expert copy from memory ``src`` to the compute device: ``(path, bytes, seconds
         alone, source tier)`` (cached)."""
-        info = self._copies.get((src, fmt))
+        info = self._copies.get((src, fmt, self.compute_mem))
         if info is None:
             n_bytes = self.expert_bytes(fmt)
-            info = self._copies[(src, fmt)] = (self.net.path(src, self.compute_mem), n_bytes,
+            info = self._copies[(src, fmt, self.compute_mem)] = (self.net.path(src, self.compute_mem), n_bytes,
                                                self.transfer_s(src, self.compute_mem, n_bytes), self._tier[src])
         return info
 
     def _activations(self, device_id: str, tokens: int) -> tuple:
         """Hidden states of ``tokens`` tokens to a device and back: ``(path out, path back,
         bytes, seconds out, seconds back)``, each alone (cached)."""
-        info = self._acts.get((device_id, tokens))
+        info = self._acts.get((device_id, tokens, self.compute_mem))
         if info is None:
             dev_mem, act, net = self._dev_mem(device_id), activation_bytes(self.model, tokens), self.net
-            info = self._acts[(device_id, tokens)] = (
+            info = self._acts[(device_id, tokens, self.compute_mem)] = (
                 net.path(self.compute_mem, dev_mem), net.path(dev_mem, self.compute_mem), act,
                 self.transfer_s(self.compute_mem, dev_mem, act), self.transfer_s(dev_mem, self.compute_mem, act))
         return info
+
+    def _hop_s(self, src: str, dst: str, tokens: int) -> float:
+        """Seconds the step's hidden states (bf16) take from device ``src`` to ``dst`` (a pipeline
+        plan's hop; planner.multi_gpu.hop_s prices the same route)."""
+        if src == dst:
+            return 0.0
+        return self.transfer_s(self._dev_mem(src), self._dev_mem(dst), tokens * self.model.hidden_size * 2)
 
     def expert_bytes(self, fmt: str) -> float:
         n_bytes = self._bytes_cache.get(fmt)
@@ -172,15 +179,18 @@ class Pricing:
                 kv[ctx] = self.model.kv_cache_bytes(ctx)
         return sum(kv[ctx] for _, ctx in contexts)
 
-    def _dense_split(self, tokens: int, kv_bytes: float, prefill: bool = False) -> dict[str, float]:
-        """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them; cached)."""
-        key = (tokens, kv_bytes, prefill)
+    def _dense_split(self, tokens: int, kv_bytes: float, prefill: bool = False,
+                     gpus: tuple[str, ...] | None = None) -> dict[str, float]:
+        """Per MoE layer, seconds of dense work on each GPU (attention is data parallel over them; cached).
+        ``gpus``: these instead of ``self.gpus`` (a pipeline layer's own device)."""
+        key = (tokens, kv_bytes, prefill, gpus)
         out = self._dense.get(key)
         if out is not None:
             return out
-        G = len(self.gpus)
+        gpus = self.gpus if gpus is None else gpus
+        G = len(gpus)
         out = self._dense[key] = {}
-        for g in self.gpus:
+        for g in gpus:
             share = -(-tokens // G) if G > 1 else tokens
             dev = self.hw.devices[g]
             out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G,
