@@ -181,4 +181,4 @@ def test_cli_bad_redundant_count_is_one_line(run_cli, cluster_yaml):
 
 def test_cli_help_documents_parallel(run_cli):
     r = run_cli("optimize", "--help")
-    assert "--parallel [auto|ep|offload]" in r.output and "--redundant-experts" in r.output
+    assert "--parallel [auto|ep|pipeline|offload]" in r.output and "--redundant-experts" in r.output

@@ -227,7 +227,7 @@ def _load_trace(path: str, task: str | None):
               help="Relative optimality gap at which the solver may stop.")
 @click.option("--compare", is_flag=True, help="Also show every baseline's prediction and the speed-up over it "
               "(--parallel ep: EPLB global/hierarchical, linear and round-robin placements).")
-@click.option("--parallel", type=click.Choice(["auto", "ep", "offload"]), default="auto", show_default=True,
+@click.option("--parallel", type=click.Choice(["auto", "ep", "pipeline", "offload"]), default="auto", show_default=True,
               help="ep: expert parallelism over every GPU of the profile (which GPU owns which expert, which "
               "experts get replicas, straggler load and all-to-all traffic; --objective does not apply): the experts "
               "take the first --formats entry that meets --quality-budget (the importance-weighted error offload "
@@ -235,9 +235,12 @@ def _load_trace(path: str, task: str | None):
               "meet exits 1 naming the one it can. On GPUs of different speeds (an H100 + A100 cluster) the load "
               "is balanced in time, load / each GPU's expert speed at --batch (--compare adds the speed-aware "
               "EPLB, eplb-speed); the plan reports a lower bound on its traffic and the gap to it (a relaxation "
-              "on large clusters, an exact MILP on small ones). offload: one GPU plus host memory and disks. auto: ep when the "
+              "on large clusters, an exact MILP on small ones). pipeline: offloading over every GPU of the node: each MoE "
+              "layer (dense part, resident experts, cache) on one GPU, its offloaded experts fetched over that GPU's "
+              "link, activation hops between GPUs priced on the topology; one MIP with a certified gap (formats, "
+              "--quality-budget and --critical hold). offload: one GPU plus host memory and disks. auto: ep when the "
               "profile has two or more GPUs (equal per node) whose memory holds the experts within the budget, "
-              "else offload (the plan's notes say why).")
+              "else pipeline on a node with two or more GPUs, else offload (the plan's notes say why).")
 @click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
               help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
               "count. Default: the smallest count >= experts/8 that does.")
@@ -284,9 +287,9 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     quality = _load_quality(quality_path, spec, critical, candidates)
     critical_sets = quality["critical"] if critical == "auto" else _parse_critical(critical, spec.num_moe_layers)
     one_gpu = policy is not None or fixes is not None or given["prefetch"] or given["eviction"]
-    if one_gpu and parallel == "ep":
+    if one_gpu and parallel in ("ep", "pipeline"):
         raise InputError("--policy, --fix-*, --prefetch and --eviction plan one GPU with offloading", key="--parallel",
-                         value="ep", fix="use --parallel offload (or auto)")
+                         value=parallel, fix="use --parallel offload (or auto)")
     trace = _load_trace(trace_path, task) if trace_path else None
     if trace is None and any(critical_sets) and not one_gpu and parallel != "offload":
         from profiles.workload.defaults import default_workload
@@ -297,7 +300,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         ep = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
                             formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
                             time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets)
-        use_ep, fallback = parallel_mode(parallel, ep)
+        use_ep, fallback = parallel_mode("auto" if parallel == "pipeline" else parallel, ep)
+        use_ep &= parallel != "pipeline"
         if use_ep and quality_path:
             raise InputError("--quality prices offload plans; expert-parallel plans keep one error per format",
                              key="--quality", value=quality_path, fix="add --parallel offload, or drop --quality")
@@ -308,12 +312,14 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         prompt_tokens=prompt_tokens, quality_budget=quality_budget, formats=candidates, solver=solver,
         time_limit_s=time_limit, gap=gap, tpot_slo_s=slo_tpot, critical=critical_sets, engine=engine, policy=policy,
         fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"],
-        expert_error=quality["errors"], quality_digest=quality["digest"])
+        expert_error=quality["errors"], quality_digest=quality["digest"],
+        multi_gpu=not one_gpu and parallel in ("auto", "pipeline"))
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
     if fallback:
-        fallback += "; planned offloading instead (--parallel auto)"
+        fallback += ("; planned offloading over the node's GPUs instead (--parallel auto)" if result.plan.layer_devices
+                     else "; planned offloading instead (--parallel auto)")
         result = dataclasses.replace(result, plan=result.plan.model_copy(
             update={"notes": (*result.plan.notes, fallback)}))
     from ..report import render_summary, summary_data, write_report
@@ -328,11 +334,17 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
                         if p.resolve() not in {w.resolve() for w in written}]
     data = {"summary": summary_data(result, compare), "files": [str(p) for p in written]}
     if fallback:
-        data["parallel"] = {"mode": "offload", "why": fallback}
+        data["parallel"] = {"mode": "pipeline" if result.plan.layer_devices else "offload", "why": fallback}
+    if result.plan.layer_devices:
+        data["layer_devices"] = list(result.plan.layer_devices)
 
     def body(console):
         if fallback:
             console.print(f"[bold yellow]note:[/] {fallback}", highlight=False)
+        if result.plan.layer_devices:
+            from ..multi_gpu import layer_ranges
+
+            console.print(f"[bold]layers by GPU:[/] {layer_ranges(result.plan.layer_devices)}", highlight=False)
         render_summary(result, console, compare=compare)
 
     t = result.timings_s
