@@ -91,6 +91,7 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
                          expected=f"{model.num_moe_layers} x {model.num_experts} ({model.name})",
                          fix="export with the model (or checkpoint) the plan was made for")
     _refuse_formats_the_runtime_does_not_run(plan)
+    _refuse_multi_device(plan)
     if out.exists():
         if not (out / "manifest.json").is_file():
             raise InputError("the output exists and is not a bundle", file=out,
@@ -139,6 +140,19 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
             out.rename(old)
         work.rename(out)
     return Bundle(path=out, files=("manifest.json", *files), commands=commands, notes=tuple(notes))
+
+
+def _refuse_multi_device(plan: Plan) -> None:
+    """A multi-GPU pipeline plan (Plan.layer_devices naming several devices) is refused in
+    one line: the bundle runtime and the engine renderings (llama.cpp ``-ot``, accelerate
+    ``device_map``, SGLang, vLLM) place every layer on the one compute device, so a bundle
+    would be a different plan from the one predicted."""
+    devices = sorted(set(plan.layer_devices or ()))
+    if len(devices) > 1:
+        raise InputError("a multi-GPU pipeline plan cannot be exported yet: the bundle runtime and the llama.cpp, "
+                         "accelerate, SGLang and vLLM renderings run every layer on one compute device",
+                         key="layer_devices", value=", ".join(devices),
+                         fix="re-plan with `planner optimize --parallel offload` for an exportable one-GPU plan")
 
 
 def _refuse_formats_the_runtime_does_not_run(plan: Plan) -> None:

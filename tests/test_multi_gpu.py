@@ -189,3 +189,15 @@ def test_single_gpu_plans_unchanged(tmp_path):
 
 def test_layer_ranges():
     assert layer_ranges(("a", "a", "b", "b", "b", "a")) == "a: layers 0-1, b: layers 2-4, a: layer 5"
+
+
+def test_export_refuses_a_multi_gpu_plan(tmp_path):
+    """No exporter writes a bundle that would run a 2-GPU plan on one device: one line, key layer_devices."""
+    from exporters.bundle import write_bundle
+
+    s, hw, model, _ = _setup(tmp_path)
+    plan = plan_multi_gpu(s, REQ, INPUTS, 0.01)
+    with pytest.raises(InputError) as err:
+        write_bundle(plan, model=model, hardware=hw, profile=None, out_dir=tmp_path / "bundle")
+    assert err.value.key == "layer_devices" and "--parallel offload" in err.value.fix
+    assert "\n" not in str(err.value) and not (tmp_path / "bundle").exists()
