@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware, load_profile
 from profiles.models import ModelSpec, load_model
@@ -35,13 +36,16 @@ from .speed import gpu_speeds, tokens_per_call
 from .topology import Topology, topology
 from .workload import group_limited, workload_arrays
 
-__all__ = ["METHODS", "ClusterRequest", "ClusterResult", "cluster_applies", "default_redundant", "parallel_mode",
+__all__ = ["EP_ENGINE", "METHODS", "ClusterRequest", "ClusterResult", "cluster_applies", "default_redundant", "parallel_mode",
            "plan_cluster", "plan_from_placement"]
 
 METHODS = ("ours", *PLACEMENTS)
 # Default redundancy: at least E / 8 extra physical experts (DeepSeek-V3 serves 256 experts
 # with 32 redundant ones on 32 prefill GPUs), rounded up so that E + R divides over the GPUs.
 REDUNDANT_FRACTION = 1 / 8
+# the engine an expert-parallel plan runs on unless the user names another: its export writes
+# SGLang (and vLLM) configs, and the bundle runtime runs single-node offload plans only
+EP_ENGINE = "sglang"
 
 
 def default_redundant(num_experts: int, num_gpus: int) -> int:
@@ -83,8 +87,10 @@ class ClusterRequest:
         time_limit_s: wall-clock safety net of the placement (the work is bounded by ``sweeps``;
             reaching it is recorded in the plan as status "time limit").
         seed: seed of the group-limited redraws and the bootstrap draws.
-        engine: engine profile the plan is priced for (``None``: the bundle runtime): the
-            GPUs' expert speeds (:mod:`.speed`) are this engine's.
+        engine: engine profile the plan is priced for and recorded with, so the simulator
+            prices it the same way: the GPUs' expert speeds (:mod:`.speed`) are this engine's.
+            Default SGLang (:data:`EP_ENGINE`): an expert-parallel plan is exported as SGLang
+            and vLLM configs, and the bundle runtime does not run it.
         plan_for: ``"expected"``: balance the load unseen tokens are expected to bring
             (:func:`.workload.expected_load`: smoothed counts, bootstrap draws over sequences, replicas
             for uncertain experts); ``"sample"``: balance the trace's own counts (fits its noise).
@@ -103,7 +109,7 @@ class ClusterRequest:
     time_limit_s: float = 300.0
     seed: int = 0
     plan_for: str = "expected"
-    engine: str | None = None
+    engine: str = EP_ENGINE
     quality_budget: float | None = None
     critical: tuple[tuple[int, ...], ...] = ()
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
@@ -326,15 +332,11 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                        "solve_s": time.perf_counter() - t_solve}}
     t_bound = time.perf_counter()
 
-    engine = {}
-    if req.engine is not None:
-        from profiles.engines import load_engine
-
-        eng = load_engine(req.engine)
-        engine = {"engine": eng.name, "engine_digest": digest(eng.profile.model_dump(mode="json"))}
+    eng = load_engine(req.engine)
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=model_digest(model), workload=trace.source or "trace",
-                    workload_digest=given_digest, **engine)
+                    workload_digest=given_digest, engine=eng.name,
+                    engine_digest=digest(eng.profile.model_dump(mode="json")))
     notes = ((f"expert parallelism: {G} GPUs ({N} nodes x {G // N}), {R // G} expert slots per GPU, "
              f"{E} experts + {redundant} redundant per MoE layer"),
              "EP rank r = the r-th GPU in natural order of its id; physical slot s lives on rank s // slots",

@@ -45,7 +45,7 @@ def gpu_speeds(hw: Hardware, topo: Topology, model: ModelSpec, expert_format: st
         model: for an expert's bytes and FLOPs.
         expert_format: the experts' storage format.
         tokens: tokens per expert call (:func:`tokens_per_call`).
-        engine: engine profile name (``None``: the bundle runtime, as an EP plan records).
+        engine: engine profile name (``None``: the bundle runtime; an EP plan records its own, SGLang by default).
     """
     seen = load_engine(engine).apply(hw)
     weight_bytes = model.expert_bytes(expert_format)
