@@ -54,3 +54,16 @@ def test_the_simulator_prices_the_engine_the_plan_records(trace):
 def test_a_named_engine_is_recorded(trace):
     plan = _plan(trace, engine="vllm")
     assert plan.inputs.engine == "vllm"
+
+
+def test_the_cli_passes_engine_to_an_ep_plan(tmp_path):
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+    from planner.plan import load_plan
+
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(cli, ["optimize", "-H", HW, "-m", MODEL, "--parallel", "ep", "--engine", "vllm",
+                                   "--time-limit", "60", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert load_plan(out).inputs.engine == "vllm"

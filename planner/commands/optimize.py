@@ -195,7 +195,8 @@ def _load_trace(path: str, task: str | None):
 @click.option("--task", help="Task inside a multi-task trace file (e.g. ESFT's summary).")
 @click.option("--engine", "-e", default=None,
               help="Engine profile that runs the plan: a bundled name (planner engines list) or a YAML file. "
-              "Plans only what it can run, priced as it runs it. Default: bundle (this project's runtime).")
+              "Plans only what it can run, priced as it runs it. Default: bundle (this project's runtime); "
+              "sglang for an expert-parallel plan.")
 @click.option("--objective", type=click.Choice(["latency", "throughput", "cost"]), default="latency",
               show_default=True, help="latency: batch-1 decode time per token; throughput: tok/s at --batch; "
               "cost: $ per million tokens under --slo-tpot (needs prices in the profile).")
@@ -299,7 +300,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     if not one_gpu:
         ep = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
                             formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
-                            time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets)
+                            time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets,
+                            **({"engine": engine} if engine else {}))
         use_ep, fallback = parallel_mode("auto" if parallel == "pipeline" else parallel, ep)
         use_ep &= parallel != "pipeline"
         if use_ep and quality_path:
