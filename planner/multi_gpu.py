@@ -116,9 +116,10 @@ def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
             if r["bound"] is not None:
                 bounds.append(r["bound"])
             if r["choice"] is not None and (best is None or r["objective"] < best["objective"]):
-                best = r | {"prefetch": prefetch, "dense": fm}
+                best = r | {"prefetch": prefetch, "dense": fm, "times": times}
     if best is None:
         raise InfeasibleError("no multi-GPU plan fits: run with --parallel offload to see which resource binds")
+    best |= polish(problems, best["times"], best["choice"], best["devices"], hop, best["dense"], budget)
     bound = min(bounds + [best["objective"]])
     gap = max(0.0, (best["objective"] - bound) / best["objective"]) if best["objective"] > 0 else 0.0
     info = SolverInfo(method="ilp-multi-gpu", solver=req.solver if req.solver == "highs" else "highs",
@@ -228,6 +229,37 @@ def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | 
         if err > budget * p0.importance_total * (1 + 1e-9) + 1e-15 or p0.fixed[fm].error > budget + 1e-12:
             return False
     return True
+
+
+def polish(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str, budget: float | None) -> dict:
+    """Fewer hops at no cost: swap the GPUs of two layers, or move one layer, keeping each
+    layer's option, while that is feasible and strictly faster (a node-limited MIP may stop
+    on a fragmented assignment; on equal GPUs only the hops tell the assignments apart).
+    Only layers whose option tables are the same on every GPU move. Returns the new
+    ``choice``, ``devices`` and ``objective``."""
+    G, L = len(problems), len(choice)
+    cols = ("p", "q", "b_res", "c", "b_off", "home", "mode", "k", "b_up")
+    movable = [all(np.array_equal(getattr(problems[0].tables[l], c), getattr(p.tables[l], c))
+                   for p in problems[1:] for c in cols) for l in range(L)]
+    devices = list(devices)
+    best = objective_s(problems, times, choice, devices, hop, fm)
+    improved = True
+    while improved:
+        improved = False
+        moves = [("move", a, g) for a in range(L) for g in range(G) if movable[a] and g != devices[a]]
+        moves += [("swap", a, b) for a in range(L) for b in range(a + 1, L)
+                  if movable[a] and movable[b] and devices[a] != devices[b]]
+        for kind, a, x in moves:
+            trial = list(devices)
+            if kind == "move":
+                trial[a] = x
+            else:
+                trial[a], trial[x] = devices[x], devices[a]
+            sec = objective_s(problems, times, choice, trial, hop, fm)
+            if sec < best * (1 - 1e-12) and feasible(problems, choice, trial, fm, budget):
+                devices, best, improved = trial, sec, True
+                break
+    return {"devices": tuple(devices), "objective": best, "choice": tuple(choice)}
 
 
 def objective_s(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str) -> float:

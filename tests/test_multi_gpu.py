@@ -201,3 +201,24 @@ def test_export_refuses_a_multi_gpu_plan(tmp_path):
         write_bundle(plan, model=model, hardware=hw, profile=None, out_dir=tmp_path / "bundle")
     assert err.value.key == "layer_devices" and "--parallel offload" in err.value.fix
     assert "\n" not in str(err.value) and not (tmp_path / "bundle").exists()
+
+
+def test_polish_removes_hops_it_can(tmp_path):
+    """Layers on alternating GPUs with their smallest options: every layer fits on the first
+    GPU, so polish moves them there and saves exactly the four hops, and never leaves a plan
+    infeasible."""
+    from planner.multi_gpu import polish
+
+    s, *_ = _setup(tmp_path)
+    gpus = node_gpus(s)
+    problems = [build_problem(dataclasses.replace(s, compute=s.hardware.devices[g]), 0.05) for g in gpus]
+    times = [p.times(False) for p in problems]
+    hop = np.array([[hop_s(s, a, b, 1) for b in gpus] for a in gpus])
+    choice = tuple(int(np.argmin(t.dev_bytes)) for t in problems[0].tables)
+    fm = "int4"
+    alternating = (0, 1, 0, 1)
+    before = objective_s(problems, times, choice, alternating, hop, fm)
+    assert feasible(problems, choice, alternating, fm, None)
+    out = polish(problems, times, choice, alternating, hop, fm, None)
+    assert out["devices"] == (0, 0, 0, 0) and feasible(problems, choice, out["devices"], fm, None)
+    assert out["objective"] == pytest.approx(before - 4 * hop[0, 1], rel=1e-12)
