@@ -289,6 +289,9 @@ class EngineProfile(BaseModel):
     # how it holds the KV cache: paged blocks or per-request slots, and its preemption
     # (profiles.engine_kv); None: token-granular blocks, recompute, newest first
     kv_cache: KVCacheSpec | None = None
+    # runs expert-parallel plans (a layer's experts sharded over GPUs, all-to-all between them);
+    # None: it does not
+    expert_parallel: SourcedFlag | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
@@ -296,10 +299,12 @@ class EngineProfile(BaseModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # a profile without a kv_cache block keeps the digest it had before the block existed
+        # a profile without a kv_cache block or expert_parallel keeps the digest it had before
         data = handler(self)
-        if isinstance(data, dict) and data.get("kv_cache") is None:
-            data.pop("kv_cache", None)
+        if isinstance(data, dict):
+            for key in ("kv_cache", "expert_parallel"):
+                if data.get(key) is None:
+                    data.pop(key, None)
         return data
 
     @model_validator(mode="after")
@@ -363,6 +368,11 @@ class Engine:
     @property
     def op_offload(self) -> OpOffload | None:
         return self.profile.op_offload
+
+    @property
+    def runs_expert_parallel(self) -> bool:
+        """Whether it runs expert-parallel plans (its profile's ``expert_parallel``)."""
+        return bool(self.profile.expert_parallel and self.profile.expert_parallel.value)
 
     @property
     def has_cache(self) -> bool:

@@ -67,3 +67,28 @@ def test_the_cli_passes_engine_to_an_ep_plan(tmp_path):
                                    "--time-limit", "60", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert load_plan(out).inputs.engine == "vllm"
+
+
+@pytest.mark.parametrize("engine, runs", [("sglang", True), ("vllm", True), ("roofline", True), ("bundle", False),
+                                          ("llama.cpp", False), ("accelerate", False), ("ktransformers", False)])
+def test_engines_say_whether_they_run_expert_parallel_plans(engine, runs):
+    assert load_engine(engine).runs_expert_parallel is runs
+
+
+def test_an_engine_without_expert_parallelism_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+
+    res = CliRunner().invoke(cli, ["optimize", "-H", HW, "-m", MODEL, "--parallel", "ep", "--engine", "llama.cpp"])
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "llama.cpp" in lines[0] and "expert-parallel" in lines[0], res.output
+
+
+def test_auto_does_not_choose_expert_parallelism_for_an_engine_without_it(trace):
+    from planner.cluster import parallel_mode
+
+    use, why = parallel_mode("auto", ClusterRequest(hardware=HW, model=MODEL, trace=trace, engine="llama.cpp"))
+    assert not use and "llama.cpp" in why
+    assert parallel_mode("auto", ClusterRequest(hardware=HW, model=MODEL, trace=trace))[0]

@@ -169,13 +169,16 @@ def parallel_mode(parallel: str, req: ClusterRequest) -> tuple[bool, str]:
     ``auto`` chose offloading on a profile EP could use, why (else ``""``).
 
     ``ep``: always (:func:`plan_cluster` refuses what it cannot plan); ``offload``: never;
-    ``auto``: when the profile has two or more GPUs, the same number on every node, and the
+    ``auto``: when the engine runs expert-parallel plans, the profile has two or more GPUs, the same number on every node, and the
     experts (with ``req.redundant_experts``, default :func:`default_redundant`) fit their
     memory in a format that meets the quality budget with the critical experts at full
     precision (:mod:`.quality`).
     """
     if parallel in ("ep", "offload"):
         return parallel == "ep", ""
+    engine = load_engine(req.engine)
+    if not engine.runs_expert_parallel:
+        return False, f"expert parallelism not used: engine {engine.name} does not run expert-parallel plans"
     _, hw = load_profile(req.hardware)
     if len(hw.devices_of_kind("gpu")) < 2:
         return False, ""
@@ -272,6 +275,11 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
         InfeasibleError: the experts do not fit the GPUs' memory in any of ``req.formats``.
     """
     t0 = time.perf_counter()
+    eng = load_engine(req.engine)
+    if not eng.runs_expert_parallel:
+        raise InputError(f"engine {eng.name} does not run expert-parallel plans", key="--engine", value=req.engine,
+                         expected="an engine whose profile says expert_parallel (sglang, vllm)",
+                         fix="name one of those, or plan offloading (--parallel offload or pipeline)")
     profile, hw = load_profile(req.hardware)
     model = load_model(req.model)
     topo = topology(hw)
@@ -332,7 +340,6 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                        "solve_s": time.perf_counter() - t_solve}}
     t_bound = time.perf_counter()
 
-    eng = load_engine(req.engine)
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=model_digest(model), workload=trace.source or "trace",
                     workload_digest=given_digest, engine=eng.name,
