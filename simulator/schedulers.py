@@ -55,27 +55,38 @@ def _batching(sim: Simulation, requests: list[Request], waiting: list[Request], 
     finished = 0
     while finished < len(requests):
         if sim.idle(waiting, running):
-            sim.arrival = sim.env.event()
-            yield sim.arrival
+            yield _next_arrival(sim)
             continue
         yield from sim.swap_in(running)
         room = sim.batch_size - len(running)
         if static and running:
             room = 0
         sim.admit(waiting, running, room)
-        new = [r for r in running if not r.prefilled]
-        if new:
-            rows = np.concatenate([r.prefill_rows for r in new])
-            if len(rows):  # in the engine's micro-batches (simulator.op_offload)
-                yield from sim.prefill(new, rows)
-            for r in new:
-                sim.prefilled(r)
+        yield from _prefill(sim, [r for r in running if not r.prefilled])
         decoding = [r for r in running if r.next_decode < len(r.decode_rows)]
         if decoding:
             decoding = yield from sim.claim([(r, r.context + 1) for r in decoding], running, waiting)
             if decoding:
                 yield from sim.decode(decoding)
         finished += sim.retire(running)
+
+
+def _next_arrival(sim: Simulation):
+    """The event of the next request's arrival (the request source triggers it)."""
+    sim.arrival = sim.env.event()
+    return sim.arrival
+
+
+def _prefill(sim: Simulation, new: list[Request]):
+    """Prefills the whole prompts of ``new`` in one step (in the engine's micro-batches,
+    :mod:`simulator.op_offload`); a request without a prompt decodes from the next step."""
+    if not new:
+        return
+    rows = np.concatenate([r.prefill_rows for r in new])
+    if len(rows):
+        yield from sim.prefill(new, rows)
+    for r in new:
+        sim.prefilled(r)
 
 
 @register(SCHEDULER, "continuous")
@@ -98,8 +109,7 @@ def vllm(sim: Simulation, requests: list[Request], waiting: list[Request]):
     finished = 0
     while finished < len(requests):
         if sim.idle(waiting, running):
-            sim.arrival = sim.env.event()
-            yield sim.arrival
+            yield _next_arrival(sim)
             continue
         new = []
         if not sim.swapped:
@@ -108,11 +118,7 @@ def vllm(sim: Simulation, requests: list[Request], waiting: list[Request]):
                 room = min(room, _within(waiting, budget))
             new = sim.admit(waiting, running, room)
         if new:
-            rows = np.concatenate([r.prefill_rows for r in new])
-            if len(rows):
-                yield from sim.prefill(new, rows)
-            for r in new:
-                sim.prefilled(r)
+            yield from _prefill(sim, new)
         else:
             decoding = [r for r in running if r.next_decode < len(r.decode_rows)]
             preempted = sim.kv.preemptions
@@ -146,8 +152,7 @@ def sarathi(sim: Simulation, requests: list[Request], waiting: list[Request]):
     finished = 0
     while finished < len(requests):
         if sim.idle(waiting, running):
-            sim.arrival = sim.env.event()
-            yield sim.arrival
+            yield _next_arrival(sim)
             continue
         yield from sim.swap_in(running)
         # 1. the running requests, in admission order: one token each to decode, or the next
