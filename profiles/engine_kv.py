@@ -24,7 +24,7 @@ compute device. An engine without the block is simulated with token-granular blo
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,29 +34,14 @@ __all__ = ["KVCacheSpec", "DEFAULT_KV_CACHE"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 Source = Annotated[str, Field(min_length=3)]
+T = TypeVar("T")
 
 
-class _Tokens(BaseModel):
+class _Sourced(BaseModel, Generic[T]):
+    """One stated value with where it comes from."""
+
     model_config = _STRICT
-    value: int = Field(ge=1)
-    source: Source
-
-
-class _Allocation(BaseModel):
-    model_config = _STRICT
-    value: Literal["paged", "slot"]
-    source: Source
-
-
-class _Preemption(BaseModel):
-    model_config = _STRICT
-    value: Literal["recompute", "swap", "none"]
-    source: Source
-
-
-class _Victim(BaseModel):
-    model_config = _STRICT
-    value: Literal["newest", "fewest-outputs"]
+    value: T
     source: Source
 
 
@@ -64,10 +49,10 @@ class KVCacheSpec(BaseModel):
     """The engine's KV cache (see the module docstring)."""
 
     model_config = _STRICT
-    allocation: _Allocation
-    block_tokens: _Tokens | None = None  # paged only
-    preemption: _Preemption
-    victim: _Victim | None = None  # paged only
+    allocation: _Sourced[Literal["paged", "slot"]]
+    block_tokens: _Sourced[Annotated[int, Field(ge=1)]] | None = None  # paged only
+    preemption: _Sourced[Literal["recompute", "swap", "none"]]
+    victim: _Sourced[Literal["newest", "fewest-outputs"]] | None = None  # paged only
 
     @model_validator(mode="after")
     def _consistent(self) -> "KVCacheSpec":
