@@ -37,6 +37,9 @@ class Baseline:
     dense_format: str
     prefetch: bool = False
     note: str = ""
+    # per layer its GPU, an index into planner.pipeline_costs.node_gpus (multi-GPU baselines,
+    # planner.baselines_multi); None: every layer on the compute device
+    devices: tuple[int, ...] | None = None
 
 
 BASELINES: dict[str, Callable[[Setup, float | None], list[Baseline] | None]] = {}

@@ -51,33 +51,16 @@ from profiles.errors import InfeasibleError
 from .costs import Setup
 from .ilp_mip import _HIGHS_OPTIONS, _HiGHS
 from .ilp_model import Problem, build_problem, pareto_front
+from .pipeline_costs import hop_matrix, hop_s, hops_s, node_gpus, pipeline_step_s
 from .plan import MemoryUse, Plan, SolverInfo
 
-__all__ = ["node_gpus", "hop_s", "plan_multi_gpu", "MULTI_NODE_LIMIT"]
+__all__ = ["node_gpus", "hop_s", "plan_multi_gpu", "pipeline_baseline_plan", "MULTI_NODE_LIMIT"]
 
 MULTI_NODE_LIMIT = 1024  # HiGHS nodes per part (work limit: plans do not depend on the load)
 # order[l,g] rows (each GPU one contiguous range of layers): off, the hops price fragmentation
 # instead; on Mixtral-8x7B / 2x RTX 3090 at the int8 budget they made the nodes slower and the
 # plan worse at the same node limit (gap 1.1% at 512 nodes vs 0.5% at 1024 without)
 CONTIGUOUS = False
-
-
-def node_gpus(s: Setup) -> list[str]:
-    """The GPUs of the compute device's node the engine runs on, the compute device first."""
-    c = s.compute
-    if c.kind != "gpu":
-        return [c.id]
-    gpus = [d.id for d in s.hardware.devices_of_kind("gpu")
-            if d.node == c.node and (s.engine is None or s.engine.runs_on(d.kind))]
-    return [c.id] + [g for g in gpus if g != c.id]
-
-
-def hop_s(s: Setup, src: str, dst: str, tokens: int) -> float:
-    """Seconds to move ``tokens`` hidden states (bf16) from device ``src`` to ``dst``."""
-    if src == dst:
-        return 0.0
-    hw = s.hardware
-    return hw.route(hw.memory_of(src).id, hw.memory_of(dst).id).transfer_s(tokens * s.model.hidden_size * 2)
 
 
 def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
@@ -93,7 +76,7 @@ def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
     problems = [build_problem(s, budget) for s in setups]
     L = s0.stats.num_layers
     B = s0.batch_size
-    hop = np.array([[hop_s(s0, a, b, B) for b in gpus] for a in gpus])  # [G, G]
+    hop = hop_matrix(s0, gpus, B)  # [G, G]
     pf_settings = (False, True) if s0.engine_can("next-layer") else (False,)
     if req.prefetch is not None:
         pf_settings = (req.prefetch != "none",)
@@ -263,15 +246,45 @@ def polish(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm:
 
 
 def objective_s(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str) -> float:
-    """Seconds per decode step of a plan: layer options on their GPUs, dense shares, hops."""
-    L = len(choice)
-    layers = sum(float(times[g][l][w]) for l, (g, w) in enumerate(zip(devices, choice)))
-    dense = sum(problems[g].fixed[fm].dense_s / L for g in devices)
-    path = [0, *devices, 0]  # embedding on G[0], the layers, the head on G[0]
-    return layers + dense + sum(float(hop[a, b]) for a, b in zip(path, path[1:]))
+    """Seconds per decode step of a plan: layer options on their GPUs, dense shares, hops
+    (:func:`planner.pipeline_costs.pipeline_step_s`, the formula the baselines and exporters price with)."""
+    layer_s = [times[g][l][w] for l, (g, w) in enumerate(zip(devices, choice))]
+    return pipeline_step_s(layer_s, [p.fixed[fm].dense_s for p in problems], devices, hop)
 
 
-def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_plan) -> Plan:
+def pipeline_baseline_plan(s0: Setup, candidates, req, inputs, budget: float | None, method: str) -> Plan | None:
+    """The fastest feasible of ``candidates`` (:class:`planner.baselines.Baseline` with
+    ``devices``, indices into :func:`node_gpus`) as a Plan, priced by :func:`objective_s`
+    on GPU-by-GPU option tables of exactly their rows (no search); ``None``: none fits."""
+    from .optimize import assemble_plan, option_rows  # optimize imports this module
+
+    gpus = node_gpus(s0)
+    setups = [dataclasses.replace(s0, compute=s0.hardware.devices[g]) for g in gpus]
+    L = s0.stats.num_layers
+    hop = hop_matrix(s0, gpus, s0.batch_size)
+    best = None
+    for b in candidates:
+        extra = [b.specs[l:l + 1] for l in range(L)]
+        problems = [build_problem(s, budget, extra, grid=False) for s in setups]
+        if b.dense_format not in problems[0].fixed or any(b.dense_format not in p.fixed for p in problems):
+            continue
+        rows = [option_rows(p, b.specs) for p in problems]  # [G][L]
+        choice = tuple(rows[g][l] for l, g in enumerate(b.devices))
+        if not feasible(problems, choice, b.devices, b.dense_format, budget):
+            continue
+        times = [p.times(b.prefetch) for p in problems]
+        sec = objective_s(problems, times, choice, b.devices, hop, b.dense_format)
+        if best is None or sec < best["objective"]:
+            best = {"choice": choice, "devices": tuple(b.devices), "dense": b.dense_format, "prefetch": b.prefetch,
+                    "objective": sec, "problems": problems, "note": b.note}
+    if best is None:
+        return None
+    info = SolverInfo(method=method, status="heuristic", objective=best["objective"])
+    return _assemble(best["problems"], gpus, best, hop, info, req, inputs, budget, assemble_plan,
+                     notes=(f"baseline {method} on engine {inputs.engine}: {best['note']}",))
+
+
+def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_plan, notes=()) -> Plan:
     """The Plan: each layer expanded from its GPU's option table, its resident experts and
     cache on that GPU; memory per GPU; tpot from :func:`objective_s` (hops included)."""
     p0, L = problems[0], len(best["choice"])
@@ -279,7 +292,7 @@ def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_pla
     # one problem whose layer l is layer l's table on its GPU: assemble_plan expands it
     merged = dataclasses.replace(p0, tables=tuple(problems[g].tables[l] for l, g in enumerate(devices)))
     plan = assemble_plan(merged, choice, fm, prefetch, info, req, inputs, budget,
-                         notes=(f"multi-GPU pipeline: {layer_ranges(tuple(gpus[g] for g in devices))}",),
+                         notes=(f"multi-GPU pipeline: {layer_ranges(tuple(gpus[g] for g in devices))}",) + notes,
                          prefetch_policy=req.prefetch, eviction=req.eviction)
     layers = []
     for lp, g in zip(plan.layers, devices):
@@ -302,7 +315,7 @@ def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_pla
                                          workspace_bytes=fc.workspace_bytes)
     tpot = best["objective"]
     path = [0, *devices, 0]
-    hops = sum(float(hop[a, b]) for a, b in zip(path, path[1:]))
+    hops = hops_s(devices, hop)
     B = p0.setup.batch_size
     predicted = dict(plan.predicted) | {"tpot_s": tpot, "tokens_per_s": B / tpot, "hop_s_per_step": hops}
     # the prompt's hidden states cross at the same hops (bandwidth part scaled by its tokens)

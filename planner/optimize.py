@@ -278,7 +278,16 @@ def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Planni
                                             engine_digest=digest(engine.profile.model_dump(mode="json"))))
         out[name] = assemble_plan(problem, choice, dense_fm, prefetch, info, req, own, budget,
                                   notes=(f"baseline {name} on engine {engine.name}: {note}",))
-    return out
+    from .baselines_multi import compare_pipeline  # several GPUs: what a multi-GPU user runs
+
+    def setup_for(engine_name: str) -> Setup | None:
+        try:
+            return make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens,
+                              formats=req.formats, critical=req.critical, quant_error=req.quant_error,
+                              engine=load_engine(engine_name), expert_error=req.expert_error)
+        except InputError:
+            return None
+    return out | compare_pipeline(setup_for, budget, req, inputs)
 
 
 def _score_baselines(problem: Problem, candidates: list[Baseline]) -> dict[str, tuple]:

@@ -1,0 +1,71 @@
+"""One price for a pipeline placement over a node's GPUs (issue 19 items 1, 6, 7): the
+formula :mod:`planner.multi_gpu` minimises, the multi-GPU baselines are scored by and the
+engine exporters price their rounding with. No PuLP here (exporters import it).
+
+Legend: L = MoE layers, G = the node's GPUs (G[0] = the plan's compute_device: embedding
+and head), g_l = the GPU layer l runs on.
+
+    step_s = sum_l tau_l(option of l priced on g_l)        layers, each on its GPU
+           + sum_l dense_s(g_l) / L                         a layer's share of the dense work
+           + sum hop(a, b) over the path G[0], g_0, ..., g_L-1, G[0]   activation hops
+
+``tau_l`` is :func:`planner.costs.option_time` of the layer's option priced by
+:func:`planner.costs.option_costs` on a Setup whose compute device is g_l (offloaded
+experts cross *that* GPU's link), ``dense_s`` is :func:`planner.costs.fixed_costs` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .setup import Setup
+
+__all__ = ["node_gpus", "hop_s", "hop_matrix", "pipeline_step_s", "hops_s"]
+
+
+def node_gpus(s: Setup) -> list[str]:
+    """The GPUs of the compute device's node the engine runs on, the compute device first."""
+    c = s.compute
+    if c.kind != "gpu":
+        return [c.id]
+    gpus = [d.id for d in s.hardware.devices_of_kind("gpu")
+            if d.node == c.node and (s.engine is None or s.engine.runs_on(d.kind))]
+    return [c.id] + [g for g in gpus if g != c.id]
+
+
+def hop_s(s: Setup, src: str, dst: str, tokens: int) -> float:
+    """Seconds to move ``tokens`` hidden states (bf16) from device ``src`` to ``dst``."""
+    if src == dst:
+        return 0.0
+    hw = s.hardware
+    return hw.route(hw.memory_of(src).id, hw.memory_of(dst).id).transfer_s(tokens * s.model.hidden_size * 2)
+
+
+def hop_matrix(s: Setup, gpus: Sequence[str], tokens: int) -> np.ndarray:
+    """``[G, G]`` :func:`hop_s` between every pair of ``gpus``."""
+    return np.array([[hop_s(s, a, b, tokens) for b in gpus] for a in gpus])
+
+
+def hops_s(devices: Sequence[int], hop: np.ndarray) -> float:
+    """Hop seconds along G[0] (embedding), the layers' GPUs in order, G[0] (head)."""
+    path = [0, *devices, 0]
+    return sum(float(hop[a, b]) for a, b in zip(path, path[1:]))
+
+
+def pipeline_step_s(layer_s: Sequence[float], dense_s: Sequence[float], devices: Sequence[int],
+                    hop: np.ndarray) -> float:
+    """Seconds per decode step of a pipeline placement (the module docstring's formula).
+
+    Args:
+        layer_s: ``[L]`` each layer's option seconds, priced on its GPU.
+        dense_s: ``[G]`` the whole model's dense seconds per step on each GPU (at the plan's
+            dense format).
+        devices: ``[L]`` each layer's GPU, an index into G.
+        hop: ``[G, G]`` :func:`hop_matrix`.
+    """
+    L = len(devices)
+    layers = sum(float(t) for t in layer_s)
+    dense = sum(float(dense_s[g]) / L for g in devices)
+    return layers + dense + hops_s(devices, hop)
