@@ -83,14 +83,17 @@ MODULE_LAYOUTS: dict[str, ModuleLayout] = {
 }
 
 
-def device_map_for(model: ModelSpec, experts_on: dict[int, int | str], main: int | str) -> dict[str, int | str]:
+def device_map_for(model: ModelSpec, experts_on: dict[int, int | str], main: int | str,
+                   layers_on: dict[int, int] | None = None) -> dict[str, int | str]:
     """A non-overlapping ``device_map`` for ``model``'s transformers 5 class.
 
     Args:
         model: the model spec (its ``architecture`` picks the module layout).
         experts_on: decoder layer index -> device of that layer's routed experts (``0``,
-            ``"cpu"``, ``"disk"``); MoE layers left out stay on ``main``.
+            ``"cpu"``, ``"disk"``); MoE layers left out stay with their layer.
         main: the device of everything else (a CUDA index, or ``"cpu"``).
+        layers_on: decoder layer index -> the GPU of that layer (several GPUs, a pipeline
+            plan); default ``None``: every layer on ``main``.
 
     Raises:
         NotApplicable: an architecture whose module names are not known here.
@@ -102,12 +105,13 @@ def device_map_for(model: ModelSpec, experts_on: dict[int, int | str], main: int
     dmap: dict[str, int | str] = {name: main for name in layout.top_modules}
     for i in range(model.num_hidden_layers):
         prefix = f"{layout.layers}.{i}"
-        where = experts_on.get(i, main)
-        if where == main:
-            dmap[prefix] = main
+        home = (layers_on or {}).get(i, main)
+        where = experts_on.get(i, home)
+        if where == home:
+            dmap[prefix] = home
             continue
         for name in layout.layer_modules + (f"mlp.{layout.router}",) + tuple(f"mlp.{s}" for s in layout.shared):
-            dmap[f"{prefix}.{name}"] = main
+            dmap[f"{prefix}.{name}"] = home
         dmap[f"{prefix}.{layout.experts}"] = where
     return dmap
 

@@ -68,7 +68,6 @@ from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSORS, TENSOR_N
 
 from planner.costs import fixed_costs
 from planner.plan import Plan
-from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
@@ -339,16 +338,7 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
             alt += ["--split-mode", "none", "--main-gpu", str(gpus.index(dev.id))]
         alt += serve[serve.index("-c"):]
         commands["serve_n_cpu_moe"] = shlex.join(alt)
-    source = f"{model_file.removesuffix('.gguf')}-{quant['source_type'].lower()}.gguf"
-    commands["convert"] = shlex.join(["python", "convert_hf_to_gguf.py", checkpoint, "--outtype",
-                                      quant["source_type"].lower(), "--outfile",
-                                      source if quant["base_ftype"] else model_file])
-    if quant["base_ftype"]:
-        q = ["llama-quantize", "--token-embedding-type", dense_type.lower(), "--output-tensor-type",
-             dense_type.lower()]
-        for rule in quant["tensor_type"]:
-            q += ["--tensor-type", rule]
-        commands["quantize"] = shlex.join(q + [source, model_file, quant["base_ftype"]])
+    commands |= gguf_commands(quant, model_file, checkpoint, dense_type)
 
     return {
         "engine": "llama.cpp",
@@ -379,6 +369,21 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
         "commands": commands,
         "notes": notes,
     }
+
+
+def gguf_commands(quant: dict[str, Any], model_file: str, checkpoint: str, dense_type: str) -> dict[str, str]:
+    """``convert`` (HF checkpoint -> GGUF) and, for a quantised plan, ``quantize`` command lines."""
+    source = f"{model_file.removesuffix('.gguf')}-{quant['source_type'].lower()}.gguf"
+    out = {"convert": shlex.join(["python", "convert_hf_to_gguf.py", checkpoint, "--outtype",
+                                  quant["source_type"].lower(), "--outfile",
+                                  source if quant["base_ftype"] else model_file])}
+    if quant["base_ftype"]:
+        q = ["llama-quantize", "--token-embedding-type", dense_type.lower(), "--output-tensor-type",
+             dense_type.lower()]
+        for rule in quant["tensor_type"]:
+            q += ["--tensor-type", rule]
+        out["quantize"] = shlex.join(q + [source, model_file, quant["base_ftype"]])
+    return out
 
 
 def _quantize_rules(model: ModelSpec, rounded: list[RoundedLayer], types: list[tuple[str, str]],

@@ -48,8 +48,10 @@ from planner.costs import (
     capacity,
     fixed_costs,
     option_costs,
+    option_time,
     step_time,
 )
+from planner.pipeline_costs import hop_matrix, node_gpus, pipeline_step_s
 from planner.plan import Plan, workload_digest
 from profiles.engines import load_engine
 from profiles.errors import InputError
@@ -150,7 +152,7 @@ def check_plan(plan: Plan, model: ModelSpec, hardware: Hardware) -> None:
         for fmt in set(layer.format) | ({layer.cache_format} if layer.cache_format else set()):
             if fmt not in all_formats():
                 raise InputError("unknown number format in the plan", key=f"{key}.format", value=fmt,
-                                 expected="one of " + ", ".join(FORMATS), fix="regenerate the plan")
+                                 expected="one of " + ", ".join(all_formats()), fix="regenerate the plan")
         for mem in set(layer.home) | ({layer.cache_device} if layer.cache_device else set()):
             if mem not in hardware.memories and mem not in hardware.devices:
                 raise InputError("the plan names a memory this hardware does not have", key=f"{key}.home",
@@ -192,10 +194,11 @@ def layer_format(formats: Sequence[str], model: ModelSpec) -> str:
 
 
 def device_share(plan: Plan, model: ModelSpec, hardware: Hardware) -> list[float]:
-    """``[L]`` share of each layer's expert bytes the plan keeps in the compute device's memory."""
-    mem = hardware.memory_of(plan.compute_device).id
+    """``[L]`` share of each layer's expert bytes the plan keeps in the compute device's memory
+    (a pipeline plan: the layer's own GPU)."""
     out = []
-    for layer in plan.layers:
+    for l, layer in enumerate(plan.layers):
+        mem = hardware.memory_of(plan.device_of(l)).id
         total = sum(model.expert_bytes(f) for f in layer.format)
         on = sum(model.expert_bytes(f) for h, f in zip(layer.home, layer.format) if h == mem)
         out.append(on / total if total else 0.0)
@@ -277,10 +280,11 @@ class Pricing:
                       if m.tier == "nvme" and m.devices[0].split("/")[0] == compute.node][:1]
             if compute.kind == "cpu":
                 homes = [m for m in homes if m != hw.memory_of(compute.id).id]
-            planned_device = hw.memory_of(self.plan.compute_device).id
+            # the plan's compute devices (one, or a pipeline plan's GPUs) hold resident experts, not offloaded ones
+            planned = {hw.memory_of(d).id for d in (self.plan.compute_device, *(self.plan.layer_devices or ()))}
             for layer in self.plan.layers:  # a home the plan uses that the defaults lack
                 homes += [h for h in dict.fromkeys(layer.home)
-                          if h not in homes and h not in (planned_device, hw.memory_of(compute.id).id)]
+                          if h not in homes and h not in planned | {hw.memory_of(compute.id).id}]
             self._setups[compute_id] = Setup(
                 hardware=hw, model=self.model, stats=self.stats, batch_size=self.plan.batch_size,
                 context_tokens=self.plan.context_tokens, formats=self.formats, compute=compute, host=host,
@@ -289,11 +293,38 @@ class Pricing:
         return self._setups[compute_id]
 
     def price_rows(self, compute_id: str, rows: Sequence[dict[str, Any]], dense_fmt: str,
-                   prefetch: bool) -> Prediction:
-        """Price one option per layer (rows of named option columns, formats and homes by name)."""
+                   prefetch: bool, layer_devices: Sequence[str] | None = None) -> Prediction:
+        """Price one option per layer (rows of named option columns, formats and homes by name);
+        ``layer_devices``: each layer's GPU (a pipeline plan, priced by
+        :func:`planner.pipeline_costs.pipeline_step_s`); ``None``: every layer on ``compute_id``."""
+        if layer_devices is not None and len(set(layer_devices)) > 1:
+            return self._price_pipeline(rows, dense_fmt, prefetch, layer_devices)
         s = self.setup(compute_id)
+        tables = self._tables(rows, [compute_id] * len(rows))
+        step_s, _ = step_time(s, tables, [0] * len(tables), fixed_costs(s, dense_fmt), prefetch)
+        return self._prediction(s, tables, step_s)
+
+    def _price_pipeline(self, rows: Sequence[dict[str, Any]], dense_fmt: str, prefetch: bool,
+                        layer_devices: Sequence[str]) -> Prediction:
+        s0 = self.setup(self.plan.compute_device)
+        gpus = node_gpus(s0)
+        tables = self._tables(rows, layer_devices)
+        devices = [gpus.index(d) for d in layer_devices]
+        layer_s = [option_time(t, prefetch)[0] for t in tables]
+        dense_s = [fixed_costs(self.setup(g), dense_fmt).dense_s for g in gpus]
+        step_s = pipeline_step_s(layer_s, dense_s, devices, hop_matrix(s0, gpus, s0.batch_size))
+        return self._prediction(s0, tables, step_s)
+
+    def _prediction(self, s: Setup, tables: Sequence[Any], step_s: float) -> Prediction:
+        total = float(self.stats.importance.sum())
+        quality = float(sum(t.error[0] for t in tables)) / max(total, 1e-300)
+        return Prediction(tokens_per_s=s.batch_size / step_s, tpot_s=step_s, quality_error=quality)
+
+    def _tables(self, rows: Sequence[dict[str, Any]], compute_ids: Sequence[str]) -> list[Any]:
+        """One option table of one row per layer, priced on that layer's compute device."""
         tables = []
-        for l, row in enumerate(rows):
+        for l, (row, compute_id) in enumerate(zip(rows, compute_ids)):
+            s = self.setup(compute_id)
             values = dict(row, b_res=s.formats.index(row["b_res"]), b_off=s.formats.index(row["b_off"]),
                           home=s.homes.index(row["home"]) if row["home"] is not None else 0,
                           mode=MODES.index(row["mode"]))
@@ -301,13 +332,12 @@ class Pricing:
             if missing:  # a cost-model change this module has not been taught
                 raise RuntimeError(f"planner.costs option columns {missing} unknown to exporters/engines/rounding.py")
             tables.append(option_costs(s, l, np.array([[values[c] for c in SPEC_COLUMNS]], dtype=np.int64)))
-        step_s, _ = step_time(s, tables, [0] * len(tables), fixed_costs(s, dense_fmt), prefetch)
-        total = float(self.stats.importance.sum())
-        quality = float(sum(t.error[0] for t in tables)) / max(total, 1e-300)
-        return Prediction(tokens_per_s=s.batch_size / step_s, tpot_s=step_s, quality_error=quality)
+        return tables
 
-    def price_rounded(self, compute_id: str, layers: Sequence[RoundedLayer], dense_fmt: str) -> Prediction:
-        """Price a rounded plan (no engine here prefetches or caches)."""
+    def price_rounded(self, compute_id: str, layers: Sequence[RoundedLayer], dense_fmt: str,
+                      layer_devices: Sequence[str] | None = None) -> Prediction:
+        """Price a rounded plan (no engine here prefetches or caches); ``layer_devices``: each
+        layer's GPU (a pipeline placement), ``None``: every layer on ``compute_id``."""
         s = self.setup(compute_id)
         E = self.model.num_experts
         host_mem = self.hardware.memory_of(self.plan.host_device).id
@@ -320,7 +350,7 @@ class Pricing:
             elif layer.mode == "stream":  # every rank crosses the link each step
                 row.update(p=0, home=host_mem if layer.place == "host" or not nvme else nvme[0], mode="stream")
             rows.append(row)
-        return self.price_rows(compute_id, rows, dense_fmt, prefetch=False)
+        return self.price_rows(compute_id, rows, dense_fmt, prefetch=False, layer_devices=layer_devices)
 
     def price_plan(self) -> tuple[Prediction | None, str]:
         """Re-price the plan itself on its own engine (once; later calls reuse it); ``(None, why)``
@@ -340,9 +370,9 @@ class Pricing:
 
     def _price_plan(self) -> tuple[Prediction | None, str]:
         s = self.setup(self.plan.compute_device)
-        dev_mem = self.hardware.memory_of(self.plan.compute_device).id
         rows = []
         for l, layer in enumerate(self.plan.layers):
+            dev_mem = self.hardware.memory_of(self.plan.device_of(l)).id  # a pipeline plan: the layer's GPU
             by_rank = [int(e) for e in self.stats.order[l]]
             sites = ["resident" if layer.home[e] == dev_mem else layer.site[e] for e in by_rank]
             p = sites.count("resident")
@@ -361,7 +391,8 @@ class Pricing:
             rows.append({"p": p, "q": q, "b_res": b_res, "c": layer.cache_slots, "b_off": b_off or b_res,
                          "home": home if home in s.homes else None,
                          "mode": next(iter(band)) if band else ("local" if p < len(sites) else "fetch")})
-        pred = self.price_rows(self.plan.compute_device, rows, self.dense_format, self.plan.prefetch != "none")
+        pred = self.price_rows(self.plan.compute_device, rows, self.dense_format, self.plan.prefetch != "none",
+                               layer_devices=self.plan.layer_devices)
         return pred, ""
 
     def device_budget(self, compute_id: str, dense_bytes: float) -> float:

@@ -77,7 +77,10 @@ def _natural_key(text: str) -> tuple:
 
 
 def is_expert_parallel(plan: Plan) -> bool:
-    """Whether ``plan`` spreads experts over GPUs: resident experts in several memories, or replicas."""
+    """Whether ``plan`` spreads experts over GPUs: resident experts in several memories, or replicas.
+    A pipeline plan (``Plan.layer_devices``: each layer whole on one GPU) is not one."""
+    if plan.layer_devices is not None:
+        return False
     homes = {h for lp in plan.layers for h, site in zip(lp.home, lp.site) if site == "resident"}
     return any(any(lp.replicas) for lp in plan.layers) or len(homes) > 1
 

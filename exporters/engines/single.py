@@ -37,7 +37,9 @@ from profiles.workload.trace import Trace
 
 from .accelerate import LOAD_SCRIPT, render_accelerate
 from .accelerator import accelerator_memories, map_file_name, memory_map
+from .accelerate_split import render_accelerate_pipeline
 from .llamacpp import llamacpp_script, render_llamacpp
+from .llamacpp_split import render_llamacpp_pipeline
 from .rounding import (
     NotApplicable,
     Pricing,
@@ -47,9 +49,15 @@ from .rounding import (
     write_text,
 )
 
-__all__ = ["ENGINES_DIR", "RenderedEngines", "render_engines"]
+__all__ = ["ENGINES_DIR", "PIPELINE_NOT_SERVED", "RenderedEngines", "render_engines"]
 
 ENGINES_DIR = "engines"
+# SGLang and vLLM docs: pipeline parallelism (--pipeline-parallel-size / --pp-size) gives each
+# GPU a consecutive range of layers with all of its weights in GPU memory, and --cpu-offload-gb
+# streams a byte budget of weights to the GPU at every forward; neither computes experts on the CPU
+PIPELINE_NOT_SERVED = ("SGLang and vLLM cannot run this plan: their pipeline parallelism keeps every weight of a "
+                       "stage's layers on its GPU, and their CPU offload (--cpu-offload-gb) streams weights to the "
+                       "GPU at every forward; neither computes a layer's offloaded experts on the CPU")
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,14 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
     cluster = _cluster_reason(plan, hardware)
     if cluster:
         return RenderedEngines(files=(), skipped={"llama.cpp": cluster, "accelerate": cluster})
+    pipeline = plan.layer_devices is not None and len(set(plan.layer_devices)) > 1
+    if pipeline:  # several GPUs, each layer whole on one: llama.cpp's layer split, accelerate's multi-GPU map
+        skipped["sglang/vllm"] = PIPELINE_NOT_SERVED
     # each engine's config priced on that engine's profile, as `planner optimize --compare` does
     try:
         pricing = Pricing(plan, model, hardware, trace, engine="llama.cpp")
-        cfg = render_llamacpp(plan, model, hardware, pricing, model_file=model_file, checkpoint=checkpoint)
+        render = render_llamacpp_pipeline if pipeline else render_llamacpp
+        cfg = render(plan, model, hardware, pricing, model_file=model_file, checkpoint=checkpoint)
     except (NotApplicable, InfeasibleError) as exc:
         skipped["llama.cpp"] = str(exc)
     else:
@@ -129,7 +141,8 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
 
     try:
         pricing = Pricing(plan, model, hardware, trace, engine="accelerate")
-        cfg = render_accelerate(plan, model, hardware, pricing, checkpoint=checkpoint, engines_dir=shown)
+        render = render_accelerate_pipeline if pipeline else render_accelerate
+        cfg = render(plan, model, hardware, pricing, checkpoint=checkpoint, engines_dir=shown)
     except (NotApplicable, InfeasibleError) as exc:
         skipped["accelerate"] = str(exc)
     else:
