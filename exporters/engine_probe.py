@@ -12,9 +12,9 @@ reads a few KiB, so compute is negligible), under hand-written plans:
 
 1. decode steps for L in (1, 2, 4) x K in (1, 2, 4), every expert either resident or in a
    cache that holds them all (after a warm-up every access hits), timed by the runtime's
-   own clock (``metrics.tpot_s``); the median step of each of the 18 configurations, fitted
+   own clock (``metrics.tpot_s``); the mean step of each of the 18 configurations, fitted
    by least squares (numpy) as ``t = step + L * layer + N * call``, gives the three costs;
-2. prefill steps of P = 16 tokens on the same models: the prefill step cost is the median
+2. prefill steps of P = 16 tokens on the same models: the prefill step cost is the mean
    of ``t - L * layer - N * call``, N counted from the routers' choices;
 3. the kernel call the hardware profile already prices (``launch_overhead_s``: one ONNX
    Runtime call of a tiny expert, fastest of many, as ``planner profiles probe`` times it;
@@ -23,7 +23,7 @@ reads a few KiB, so compute is negligible), under hand-written plans:
 4. disk: experts of three sizes (H = I = 384, 768, 1536: 0.5-7 MiB at int8) in safetensors
    files, read the way a cache miss reads them (the runtime's positional reads past the page
    cache, then made ready to compute: on a CPU a pre-packed ONNX Runtime session) with their
-   pages dropped from the page cache (``posix_fadvise(DONTNEED)``) or cached; the median miss
+   pages dropped from the page cache (``posix_fadvise(DONTNEED)``) or cached; the mean miss
    of each size, fitted by least squares as ``t = fixed + bytes * per_byte``
    (:mod:`exporters.engine_probe_disk`), gives ``disk_read_overhead_s`` (the fixed part: opening, reading
    calls, building the session) and, set against a sequential read of the largest file past
@@ -40,8 +40,15 @@ reads a few KiB, so compute is negligible), under hand-written plans:
 The configurations stay loaded and are timed in rounds, one generation of each per round,
 the number of rounds sized from the first within a budget (:class:`ProbeSettings`): on 2
 CPU cores the probe takes 25-30 s (12 s of rounds, ~8 s of imports and tiny checkpoints, the
-rest loading, launch and disk). Medians make a step that another process delayed harmless,
-but a machine busy throughout inflates every figure: probe an idle machine.
+rest loading, launch and disk).
+
+Means, not medians: a run's TPOT and TTFT are means over its steps, and a step's time on a
+shared machine is skewed to the right (another process takes a core, a thread pool wakes
+late), so the median step under-prices the mean one a run pays (on the 2-core dev machine
+under load the median fit put a layer at 0.97 ms, the mean one at 1.5 ms, and bundle runs
+measured 1.3-1.6x the median-priced steps). The least squares of per-configuration means
+estimates the expected cost of each term; medians are not additive. A machine busy
+throughout inflates every figure, as it inflates the runs: probe as the bundle will run.
 """
 
 from __future__ import annotations
@@ -64,8 +71,8 @@ from exporters.engine_probe_disk import expert_reads, fit_miss_costs
 from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_kernel_efficiency
 from profiles.probe import Figure
 
-__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "fit_miss_costs",
-           "fit_step_costs", "probe_engine", "engine_profile_doc", "engine_profile_text"]
+__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "config_means",
+           "fit_miss_costs", "fit_step_costs", "probe_engine", "engine_profile_doc", "engine_profile_text"]
 
 EXPERTS = 8
 SIZE = {"hidden_size": 64, "intermediate_size": 64}
@@ -150,7 +157,7 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     ``(P - 1) * token`` -- the framework work of a layer that grows with the tokens
     (routing, gathering and scattering rows, eager ops), which the profile states as
     ``token_overhead_s`` (0 when the prefill layer is no dearer, or without the slope).
-    The prefill step cost is the median of ``t - N * call - L * (layer + (P - 1) * token)``
+    The prefill step cost is the mean of ``t - N * call - L * (layer + (P - 1) * token)``
     over the prefill samples (None without any).
 
     Returns:
@@ -181,7 +188,7 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     out["token"] = max(out["prefill_layer"] - out["layer"], 0.0) / (out["prefill_tokens"] - 1) \
         if out["prefill_layer"] is not None and out["prefill_tokens"] > 1 else 0.0
     per_layer = out["layer"] + (tokens - 1) * out["token"]  # [S]
-    out["prefill_step"] = float(np.median(left - per_layer * np.array([s.layers for s in prefill]))) \
+    out["prefill_step"] = float(np.mean(left - per_layer * np.array([s.layers for s in prefill]))) \
         if prefill else None
     out["rms_rel"] = float(np.sqrt(np.mean(residual**2)) / np.mean(t))
     out["samples"] = len(samples)
@@ -238,11 +245,8 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     configs = [(L, K, site) for L in settings.layers for K in settings.top_k for site in ("resident", "fetch")]
     say(f"timing {len(configs)} configurations in rounds")
     steps = _time_grid(work, ckpt, kernels, configs, fmt, device, settings)
-    # one sample per configuration and phase, its median step: robust to a step another process delayed
-    medians = [StepSample(float(np.median([s.seconds for s in group])), group[0].layers,
-                          int(np.median([s.calls for s in group])), group[0].phase, group[0].config, group[0].tokens)
-               for group in _groups(steps)]
-    fit = fit_step_costs(medians)
+    means = config_means(steps)
+    fit = fit_step_costs(means)
     launch_s = _launch_s(kernels, fmt, device)
     stamp = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
     past = None  # the CPU kernel past the caches
@@ -263,7 +267,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         if references and references.disk_bytes_per_s else None
     reads, overheads, disk_fit = expert_reads(Path(disk_dir or work), settings.disk_sizes, settings.disk_experts, fmt,
                                               device, src, sequential)
-    what = (f"median of {len(steps)} decode and prefill steps in {len(configs)} runs of tiny random Mixtral "
+    what = (f"mean of {len(steps)} decode and prefill steps in {len(configs)} runs of tiny random Mixtral "
             f"checkpoints (H=I=64, {EXPERTS} experts, {fmt}, resident or cached) at layers {list(settings.layers)} "
             f"x top-k {list(settings.top_k)}")
     kernel = "one torch matmul" if device.startswith("cuda") else "one ONNX Runtime expert call"
@@ -277,14 +281,14 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         decode_step_s=Figure(max(fit["step"] - launch_s, 0.0),
                              src(f"least squares per decode step over the {what}, {less}")),
         prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
-                              src(f"median prefill step of {len(PROMPT)} tokens less its layers (with their "
+                              src(f"mean prefill step of {len(PROMPT)} tokens less its layers (with their "
                                   f"per-token cost) and expert calls at the fitted costs, {less}; same runs")),
         token_overhead_s=Figure(fit["token"], src(
             f"per hidden layer per token past the first: the per-layer slope of {len(PROMPT)}-token prefill steps "
             f"(less their expert calls) over layers {list(settings.layers)}, less the decode layer's, over "
             f"{len(PROMPT) - 1} tokens; same runs")),
         disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past,
-        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
+        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in means], "disk": disk_fit,
              "kernel": past.fit if past else None},
         elapsed_s=time.perf_counter() - t0)
 
@@ -299,7 +303,15 @@ def _call_overhead(grid_call_s: float, launch_s: float, kernel: KernelEfficiency
     return Figure(grid + extra, f"{how}; plus {extra * 1e6:.0f} us past the caches: {kernel.call_fixed_s.method}")
 
 
-def _groups(steps: list[StepSample]) -> list[list[StepSample]]:
+def config_means(steps: Sequence[StepSample]) -> list[StepSample]:
+    """One sample per configuration and phase: its mean step (the statistic a run's TPOT and
+    TTFT are; see the module docstring), with the median of its expert calls."""
+    return [StepSample(float(np.mean([s.seconds for s in group])), group[0].layers,
+                       int(np.median([s.calls for s in group])), group[0].phase, group[0].config, group[0].tokens)
+            for group in _groups(steps)]
+
+
+def _groups(steps: Sequence[StepSample]) -> list[list[StepSample]]:
     by: dict[tuple[str, str], list[StepSample]] = {}
     for s in steps:
         by.setdefault((s.config, s.phase), []).append(s)

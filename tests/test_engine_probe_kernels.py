@@ -7,6 +7,7 @@ over a probed (not a calibrated) hardware efficiency. No wall-clock assertions.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -63,6 +64,28 @@ def test_real_kernels_are_timed_past_the_given_cache():
         assert sorted(s["seconds"]) == ["1", "4"] and all(t > 0 for t in s["seconds"].values())
     assert 0 < k.memory_fraction.value <= 1 and 0 < k.compute_max_fraction.value <= 1
     assert k.memory_fraction.method.startswith("probe (")
+
+
+def test_a_shape_is_timed_at_its_mean_pass():
+    """Passes of 1, 3 and 2 units (a clock that says so): the kernel's time is the mean pass
+    over its experts, 2 units / experts (a run's TPOT is a mean; the fastest pass, 1 unit,
+    under-priced it on a shared machine); the warm-up pass is left out."""
+    pytest.importorskip("onnxruntime", reason="needs the [runtime] extra")
+    durations = itertools.cycle([1.0, 1.0, 3.0, 2.0])  # warm-up pass, then 3 passes, per (shape, n)
+    state = {"t": 0.0, "end": False}
+
+    def clock() -> float:
+        if state["end"]:
+            state["t"] += next(durations)
+        state["end"] = not state["end"]
+        return state["t"]
+
+    shapes, tokens = ((128, 128), (128, 256)), (1, 4)
+    # budget: 3 warm-up passes' worth per (shape, n) -> 3 timed passes each
+    k = probe_kernel_efficiency("int8", 20e-6, 3.0 * len(shapes) * len(tokens), llc_bytes=0.0, shapes=shapes,
+                                tokens=tokens, multiple=0.0, reference=(20e9, 100e9), clock=clock)
+    for s in k.fit["shapes"]:
+        assert s["seconds"] == {"1": pytest.approx(2.0 / s["experts"]), "4": pytest.approx(2.0 / s["experts"])}
 
 
 # ---------------------------------------------------------------- the profile and its use
