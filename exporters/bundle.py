@@ -144,15 +144,15 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
 
 def _refuse_multi_device(plan: Plan) -> None:
     """A multi-GPU pipeline plan (Plan.layer_devices naming several devices) is refused in
-    one line: the bundle runtime and the engine renderings (llama.cpp ``-ot``, accelerate
-    ``device_map``, SGLang, vLLM) place every layer on the one compute device, so a bundle
-    would be a different plan from the one predicted."""
+    one line: the bundle runtime places every layer on the one compute device, so a bundle
+    would be a different plan from the one predicted (``--engines-only`` writes its llama.cpp
+    and accelerate renderings, which place each layer on its GPU)."""
     devices = sorted(set(plan.layer_devices or ()))
     if len(devices) > 1:
-        raise InputError("a multi-GPU pipeline plan cannot be exported yet: the bundle runtime and the llama.cpp, "
-                         "accelerate, SGLang and vLLM renderings run every layer on one compute device",
-                         key="layer_devices", value=", ".join(devices),
-                         fix="re-plan with `planner optimize --parallel offload` for an exportable one-GPU plan")
+        raise InputError("a multi-GPU pipeline plan cannot be bundled yet: the bundle runtime runs every layer on "
+                         "one compute device", key="layer_devices", value=", ".join(devices),
+                         fix="`planner export PLAN --engines-only --out DIR` writes its llama.cpp and accelerate "
+                             "configs; or re-plan with `planner optimize --parallel offload` for a one-GPU bundle")
 
 
 def _refuse_formats_the_runtime_does_not_run(plan: Plan) -> None:

@@ -256,3 +256,25 @@ def test_rendered_multi_gpu_map_resolves_on_the_model_class(box, tmp_path):
             r = rows[int(m.group(1))]
             assert dev == (r["device"] if m.group(2) else r["runs_on"]), name
     assert {r["device"] for r in rows.values()} >= {0, 1, "cpu"}
+
+
+def test_export_engines_only_writes_a_pipeline_plans_configs(box, tmp_path):
+    """`planner export --engines-only`: the export of a pipeline plan (the bundle runtime refuses it)."""
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+
+    hw, model, plans = box
+    path = tmp_path / "plan.json"
+    plans["llama.cpp-split"].save(path)
+    res = CliRunner().invoke(cli, ["--json", "export", str(path), "--engines-only", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert "--tensor-split 17,16" in out["commands"]["llama.cpp"]
+    assert out["skipped"] == {"sglang/vllm": PIPELINE_NOT_SERVED}
+    cfg = json.loads((tmp_path / "d" / "engines" / "llamacpp.json").read_text())
+    assert cfg["predicted"]["rounded"]["tokens_per_s"] == pytest.approx(plans["llama.cpp-split"].predicted[
+        "tokens_per_s"], rel=1e-9)
+    plans["accelerate-auto"].save(path)  # bf16: a format the bundle runtime runs, so only the GPUs are refused
+    bundle = CliRunner().invoke(cli, ["export", str(path), "--out", str(tmp_path / "b")])
+    assert bundle.exit_code == 1 and "layer_devices" in bundle.output and "--engines-only" in bundle.output

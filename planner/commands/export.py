@@ -24,8 +24,11 @@ __all__ = ["export_cmd", "verify_cmd"]
 @click.option("--hardware", "-H", help="Hardware profile (default: the plan's).")
 @click.option("--model", "-m", help="Model (default: the plan's, or the checkpoint's config.json).")
 @click.option("--force", is_flag=True, help="Replace an earlier bundle at --out.")
+@click.option("--engines-only", is_flag=True,
+              help="Write only OUT/engines/ (llama.cpp and accelerate configs, no runtime): the export of a "
+                   "multi-GPU pipeline plan, which the bundle runtime does not run.")
 @common_options
-def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
+def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force, engines_only) -> None:
     """Write a deployment bundle: runtime, kernels, engine configs, run.py, checksummed.
 
     \b
@@ -34,6 +37,7 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
       planner export plan.json --checkpoint ckpt/ --out bundle/
       python bundle/run.py --checkpoint ckpt/ --prompt "the cat sat"
       planner verify bundle/ --checkpoint ckpt/
+      planner export multi_gpu_plan.json --engines-only --out deploy/   # llama.cpp / accelerate over the GPUs
     """
     from exporters.bundle import write_bundle
     from profiles.models import load_model
@@ -54,6 +58,9 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
     output = get_output()
     for w in warnings:
         output.log.print(f"warning: {w}", highlight=False)
+    if engines_only:
+        _export_engines(plan, spec, hw, out_dir, checkpoint, warnings)
+        return
     with output.log.status("writing the bundle..."), writing(out_dir, "--out"):
         bundle = write_bundle(plan, model=spec, hardware=hw, profile=profile, out_dir=out_dir,
                               checkpoint=checkpoint, force=force)
@@ -68,6 +75,24 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force) -> None:
 
     output.emit({"bundle": str(bundle.path), "files": list(bundle.files), "commands": bundle.commands,
                  "notes": list(bundle.notes), "warnings": warnings}, render)
+
+
+def _export_engines(plan, spec, hw, out_dir, checkpoint, warnings) -> None:
+    """``--engines-only``: the engine configs of ``plan`` under ``out_dir/engines/``."""
+    from exporters.engines.single import render_engines
+
+    with writing(out_dir, "--out"):
+        out = render_engines(plan, spec, hw, out_dir, checkpoint=checkpoint or "CHECKPOINT_DIR")
+
+    def render(console):
+        console.print(f"wrote {len(out.files)} files under {Path(out_dir) / 'engines'}/", highlight=False)
+        for name, command in out.commands.items():
+            console.print(f"  {name}: {command}", highlight=False, soft_wrap=True)
+        for name, why in out.skipped.items():
+            console.print(f"  {name}: not written ({why})", highlight=False)
+
+    get_output().emit({"files": [str(f) for f in out.files], "commands": out.commands, "skipped": out.skipped,
+                       "warnings": warnings}, render)
 
 
 def _bundled_model(name: str) -> bool:
