@@ -227,7 +227,8 @@ def _load_trace(path: str, task: str | None):
 @click.option("--gap", type=FiniteFloat(min=0, max=1), default=0.001, show_default=True,
               help="Relative optimality gap at which the solver may stop.")
 @click.option("--compare", is_flag=True, help="Also show every baseline's prediction and the speed-up over it "
-              "(--parallel ep: EPLB global/hierarchical, linear and round-robin placements).")
+              "(several GPUs: also llama.cpp's layer split with --n-cpu-moe and accelerate's device_map=auto over "
+              "them; --parallel ep: EPLB global/hierarchical, linear and round-robin placements).")
 @click.option("--parallel", type=click.Choice(["auto", "ep", "pipeline", "offload"]), default="auto", show_default=True,
               help="ep: expert parallelism over every GPU of the profile (which GPU owns which expert, which "
               "experts get replicas, straggler load and all-to-all traffic; --objective does not apply): the experts "
