@@ -97,6 +97,26 @@ def test_accelerate_auto_fills_the_gpus_in_order_then_streams_on_the_first(tmp_p
     assert all(devices[l] == "n/gpu0" for l in streamed)  # accelerate runs offloaded modules on its main device
 
 
+def test_accelerate_auto_balances_a_model_that_fits_the_gpus(tmp_path):
+    """transformers' get_balanced_memory: when the model fits the GPUs, every GPU but the last
+    holds at most model / G + 1.25 layers, even if the first could hold it all: 4 equal layers
+    over 2 GPUs, the first takes floor(2 + 1.25) = 3."""
+    from test_multi_gpu import GPU, HW
+
+    text = HW + "".join(GPU.replace("{name}", f"gpu{g}").replace("{hbm}", "8MB") for g in range(2))
+    (tmp_path / "big.yaml").write_text(text)
+    hw = load_profile(tmp_path / "big.yaml")[1]
+    _, model, trace = _box(tmp_path, 2)
+    st = planning_stats(trace)
+
+    def setup_for(engine: str):
+        s = make_setup(hw, model, st, batch_size=1, context_tokens=64, formats=("bf16",), engine=load_engine(engine))
+        return dataclasses.replace(s, device_reserve=(0.0, 0.0), host_reserve=(0.0, 0.0))
+    plan = compare_pipeline(setup_for, None, REQ, INPUTS)["accelerate-auto"]
+    assert all(set(layer.site) == {"resident"} for layer in plan.layers)  # the first GPU alone could hold them
+    assert plan.layer_devices == ("n/gpu0", "n/gpu0", "n/gpu0", "n/gpu1")
+
+
 # --------------------------------------------------------------------------- the 2x RTX 3090 box
 
 
