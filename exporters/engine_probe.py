@@ -72,7 +72,7 @@ from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, Kerne
 from profiles.probe import Figure
 
 __all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "config_means",
-           "fit_miss_costs", "fit_step_costs", "probe_engine", "engine_profile_doc", "engine_profile_text"]
+           "dense_linear_s", "fit_miss_costs", "fit_step_costs", "probe_engine", "engine_profile_doc", "engine_profile_text"]
 
 EXPERTS = 8
 SIZE = {"hidden_size": 64, "intermediate_size": 64}
@@ -466,6 +466,8 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
                                         f"(planner engines probe); memory_fraction: {k.memory_fraction.method}; "
                                         f"compute_max_fraction: "
                                         f"{k.compute_max_fraction.method}; half_tokens: {k.half_tokens.method}"}
+    if result.kernel is not None and result.device_kind == "cpu":
+        _dense_linear_cost(kind, result)
     if page_cache in result.disk_reads:
         m = result.disk_reads[page_cache]
         doc["disk_read_fraction"] = {"value": round(m.value, 3), "source": m.method}
@@ -476,6 +478,35 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
     doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {_machine()}, "
                                 f"{result.elapsed_s:.0f} s)"]
     return doc
+
+
+def dense_linear_s(result: EngineProbeResult) -> float:
+    """Seconds a dense int8/int4 linear's ONNX Runtime call costs past the caches beyond the
+    tiny call the grid's layers hold: the kernel stage's fixed part of a call less ``launch_s``."""
+    return max(result.kernel.call_fixed_s.value - result.launch_s, 0.0) if result.kernel is not None else 0.0
+
+
+def _dense_linear_cost(kind: dict[str, Any], result: EngineProbeResult) -> None:
+    """Set the CPU kernel path of int8/int4 to a per-dense-linear host cost (:func:`dense_linear_s`).
+
+    The bundle runs each int8/int4 dense matrix on a CPU as its own pre-packed ONNX Runtime
+    session call (exporters/runtime/dense.py): 4 per hidden layer and the head. The H = 64
+    grid holds them in its layer cost at their tiny size, where the weights stay in the
+    caches; past the caches each call also pays the session call's fixed part that an expert
+    call pays (``expert_call_overhead_s`` adds it per expert call). Expert calls do not pay
+    it again (``experts: false``)."""
+    extra = dense_linear_s(result)
+    if extra <= 0:
+        return
+    kernels = kind.setdefault("kernels", {})
+    fmt = result.kernel.fit.get("fmt", "int8")
+    for name in ("int8", "int4"):
+        current = kernels.get(name)
+        if current == "native" or (isinstance(current, dict) and "host_s_per_linear" in current):
+            kernels[name] = {"host_s_per_linear": _seconds(extra), "experts": False, "source": (
+                f"probe (per dense linear, an ONNX Runtime call of its own: the fixed part of a {fmt} kernel call "
+                f"past the caches, {result.kernel.call_fixed_s.value * 1e6:.0f} us, less the tiny call the grid's "
+                f"layers hold, {result.launch_s * 1e6:.0f} us; {name} runs the same MatMulNBits session call)")}
 
 
 def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous: str | None = None) -> str:
@@ -493,6 +524,7 @@ def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous
         keys += [(result.device_kind, "token_overhead_s")] if result.token_overhead_s is not None else []
         keys += [("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
         keys += [(result.device_kind, "efficiency")] if "efficiency" in doc.get(result.device_kind, {}) else []
+        keys += [(result.device_kind, "kernels")] if dense_linear_s(result) > 0 else []
         keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
         text = update_yaml_text(previous, doc, keys, sources_prefix="probe")
         if text is not None:

@@ -125,11 +125,23 @@ class SourcedFraction(BaseModel):
 
 class LinearHost(BaseModel):
     """A native kernel whose every linear (matmul) call also costs this much host time: the
-    launches and device synchronisations the engine's path for the format adds around it."""
+    launches and device synchronisations the engine's path for the format adds around it.
+
+    ``experts: false``: only the dense step's linears pay it (the bundle runs each int8/int4
+    dense matrix on a CPU as its own ONNX Runtime call, while an expert is one call whose
+    fixed cost its ``expert_call_overhead_s`` holds)."""
 
     model_config = _STRICT
     host_s_per_linear: Seconds = Field(gt=0)
+    experts: bool = True
     source: Source
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)  # left out at its default: profiles without it keep their digest
+        if isinstance(data, dict) and data.get("experts") is True:
+            data.pop("experts")
+        return data
 
 
 def _kernel_kind(value: object) -> str:
@@ -401,7 +413,9 @@ class Engine:
         if not d.is_compute or spec is None:
             return dataclasses.replace(d, engine=self.name)
         unpack = {fm: k.unpack_weights_per_s for fm, k in spec.kernels.items() if isinstance(k, Unpack)}
-        host = {fm: k.host_s_per_linear for fm, k in spec.kernels.items() if isinstance(k, LinearHost)}
+        host = {fm: k.host_s_per_linear for fm, k in spec.kernels.items() if isinstance(k, LinearHost) and k.experts}
+        dense_host = {fm: k.host_s_per_linear for fm, k in spec.kernels.items()
+                      if isinstance(k, LinearHost) and not k.experts}
         formats = tuple(fm for fm, k in spec.kernels.items() if k != "unsupported")
         steps = self.profile.step_overhead_s
         changes = dict(
@@ -411,7 +425,8 @@ class Engine:
             step_overhead_s=steps.decode.value, prefill_step_overhead_s=steps.prefill.value,
             unpack_weights_per_s=unpack, formats=formats, engine=self.name,
             fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
-            linear_host_s=host, visits_every_expert=bool(spec.expert_loop and spec.expert_loop.value == "all"),
+            linear_host_s=host, dense_linear_host_s=dense_host,
+            visits_every_expert=bool(spec.expert_loop and spec.expert_loop.value == "all"),
         )
         eff, whose = spec.efficiency, f"engine {self.name}"
         if d.vendor is not None and d.vendor in spec.efficiency_by_vendor:

@@ -385,6 +385,8 @@ class Device:
     # host seconds per linear (matmul) call of weights in this format, on top of its kernel:
     # launches and device syncs the engine's path for that format adds (transformers' fp8)
     linear_host_s: dict[str, float] = field(default_factory=dict)
+    # ... of the dense step's linears only (expert calls do not pay it: profiles.engines.LinearHost.experts)
+    dense_linear_host_s: dict[str, float] = field(default_factory=dict)
     # the engine's MoE block visits every expert of a layer each step, routed or not (an
     # eager loop over all experts): an unrouted one costs its call overhead and host work
     visits_every_expert: bool = False

@@ -20,7 +20,10 @@ CPU MoE op) pays no launch per expert call; each MoE layer's dense step pays the
 kernel's launches instead (:data:`FUSED_MOE_LAUNCHES`, :func:`dense_step_s`).
 An engine whose path for format b costs host time per linear call (``Device.linear_host_s``,
 transformers' fp8: Triton launches and a device sync around every linear) adds it per linear:
-:data:`LINEARS_PER_EXPERT` per expert call, :data:`ATTENTION_LINEARS` per hidden layer; an
+:data:`LINEARS_PER_EXPERT` per expert call, :data:`ATTENTION_LINEARS` per hidden layer (one
+that costs the dense step's linears only, ``Device.dense_linear_host_s``: the bundle's int8
+dense matrices on a CPU, one ONNX Runtime call each, adds it per attention linear and for
+the output head); an
 engine that visits every expert of a layer each step (``Device.visits_every_expert``) pays,
 per unrouted expert, its call overhead and its linears' host time (no kernel: empty batch).
 A transfer of B bytes over a route costs ``B / bottleneck + latency`` (:meth:`Route.transfer_s`).
@@ -169,7 +172,9 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s
     host_s = device.linear_host_s.get(fmt, 0.0)  # the attention's linears are in the dense format
     per_layer_s += ATTENTION_LINEARS * host_s
-    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s \
+    # a dense-only host cost per linear call: the attention's and the output head's
+    dense_host_s = (model.num_hidden_layers * ATTENTION_LINEARS + 1) * device.dense_linear_host_s.get(fmt, 0.0)
+    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s + dense_host_s \
         + model.num_moe_layers * unrouted_visits_s(device, model, fmt, tokens)
 
 
