@@ -50,10 +50,20 @@ class PlayAhead:
         compute = streams.get(self.compute_id) or stream(self.compute_id)
         classify, ahead = self._classify, self._played_ahead
         link_bytes, link_busy = self.net.bytes, self.net.busy_s
+        plan_miss = self.cfg.miss == "plan"
         for l in range(first, len(layers)):
             lay = layers[l]
             experts, tokens_of, gate = calls[l]
             known = recipe = None
+            if lay.lru_fetch and plan_miss and len(experts) == K:  # serve, classify and play out in one
+                free = compute.free_at_s  # the attention: compute.reserve(dense_s, ready_s=t)
+                router_at = (free if free > t else t) + dense_s
+                compute.free_at_s = router_at
+                compute.busy_s += dense_s
+                end = self._lru_fetches(l, lay, experts, router_at, compute)
+                wall[l] += end - t
+                t = end
+                continue
             if lay.cache is not None:  # K experts: the token's own ids at this layer, in rank order
                 refs = ([experts] if len(experts) == K else ids[:, l, :].tolist(),
                         None if gates is None else gates[:, l, :].tolist())
@@ -122,6 +132,77 @@ class PlayAhead:
             t = end
         return t, len(layers), None
 
+    def _lru_fetches(self, l: int, lay, experts: list[int], router_at: float, compute) -> float:
+        """Layer ``l`` of a one-token step whose experts are all fetched through an LRU cache
+        or without one (``lay.lru_fetch``), its K distinct experts routed, nothing in flight
+        or recorded: ``LRUCache.serve``, ``_classify_one`` and ``_played_ahead`` in one loop,
+        with the same floats in the same order. The hits run on the compute stream at the
+        router (their seconds added up in rank order), the misses are copied one after
+        another and each runs once in. Returns the layer's end."""
+        cache, table = lay.cache, lay.fetch_one
+        items, slots = (cache.items, cache.slots) if cache is not None else ((), 0)  # no cache: all miss
+        hits = 0
+        hit_s = None  # the block's seconds on the compute stream
+        misses = []
+        for e in experts:
+            entry = table[e] or self._fetch_entry(lay, e)
+            if e in items:
+                items.move_to_end(e)
+                hits += 1
+                hit_s = entry[0] if hit_s is None else hit_s + entry[0]
+                continue
+            if slots:
+                if len(items) >= slots:
+                    items.popitem(False)  # the least recently used
+                items[e] = None
+            misses.append(entry)
+        K = len(experts)
+        self.cache_access[l] += K
+        if hits:
+            self.cache_hit[l] += hits
+        self.expert_calls += K
+        self.expert_accesses += K
+        end = router_at
+        free, busy = compute.free_at_s, compute.busy_s
+        if hit_s is not None:  # Stream.reserve(hit_s, ready_s=router_at)
+            end = (free if free > router_at else router_at) + hit_s
+            free = end
+            busy += hit_s
+        if misses:
+            link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
+            engine_free = router_at  # the copy engine takes the fetches in rank order
+            for sec, dur, n_bytes, tier, link_ids, keys, latency_s in misses:
+                arrived = engine_free + dur
+                if link_ids is not None:  # Network.account(path, n_bytes, engine_free, arrived)
+                    for lid in link_ids:
+                        link_bytes[lid] += n_bytes
+                    x = arrived - engine_free - latency_s
+                    for k in keys:
+                        link_busy[k] += x
+                bytes_moved[tier] += n_bytes
+                engine_free = arrived
+                if free > arrived:  # its kernel once the weights are in: Stream.reserve(sec, ready_s=arrived)
+                    arrived = free
+                free = arrived = arrived + sec
+                busy += sec
+                if arrived > end:
+                    end = arrived
+        compute.free_at_s, compute.busy_s = free, busy
+        return end
+
+    def _fetch_entry(self, lay, e: int) -> tuple:
+        """Expert ``e``'s one-token fetch in ``lay`` for :meth:`_lru_fetches`: ``(seconds of its
+        kernel, seconds of the copy alone, bytes, source tier, link ids, shared bandwidths,
+        latency)``, the link ids None when the copy books no link; made once."""
+        copy = lay.copy_info[e]
+        if copy is None:
+            copy = lay.copy_info[e] = self._copy(lay.home[e], lay.copy_format[e])
+        path, n_bytes, dur, tier = copy
+        booked = n_bytes > 0 and path.keys
+        entry = lay.fetch_one[e] = (lay.cost[e][1], dur, n_bytes, tier, path.link_ids if booked else None,
+                                    path.keys, path.latency_s)
+        return entry
+
     def _played_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:
         """The layer's end time worked out without events, or None when that is not exact.
 
@@ -134,8 +215,10 @@ class PlayAhead:
         if flags & WAITING or self.net.busy or \
                 (self.inflight and any(not ev.triggered for ev in self.inflight.values())):
             return None
-        if self.spans is not None or self.events is not None or (flags & LOCAL_JOB and flags & COPIES):
+        if self.spans is not None or self.events is not None:
             return self._copies_ahead(l, router_at, block, jobs, flags)
+        if flags & LOCAL_JOB and flags & COPIES:
+            return self._tentative_ahead(router_at, block, jobs)
         # nothing recorded, and either no copies (activations, both directions, never share a
         # bandwidth with each other) or no local experts (copies are serial on the copy
         # engine): book as we go
@@ -202,6 +285,86 @@ class PlayAhead:
             if arrived > end:
                 end = arrived
         compute.free_at_s, compute.busy_s = free, busy
+        return end
+
+    def _tentative_ahead(self, router_at: float, block: dict[str, float], jobs: list) -> float | None:
+        """:meth:`_copies_ahead` of a layer that copies experts and runs local ones, nothing
+        recorded: the same reservations worked out on tentative stream clocks (``[free, busy]``
+        per stream), kept only when the layer's transfers do not meet."""
+        streams, stream = self.streams, self.stream
+        tent: dict = {}  # Stream -> [free_at_s, busy_s] while tentative
+        end = router_at
+        for dev, sec in block.items():  # Stream.reserve(sec, ready_s=router_at)
+            st = streams.get(dev) or stream(dev)
+            clock = tent.get(st)
+            if clock is None:
+                clock = tent[st] = [st.free_at_s, st.busy_s]
+            free = clock[0]
+            done = (free if free > router_at else router_at) + sec
+            clock[0] = done
+            clock[1] += sec
+            if done > end:
+                end = done
+        compute = streams.get(self.compute_id) or stream(self.compute_id)
+        clock = tent.get(compute)
+        if clock is None:
+            clock = tent[compute] = [compute.free_at_s, compute.busy_s]
+        moves: list[tuple] = []  # (path, bytes, start, end, source tier or None for activations)
+        chained = True  # every copy takes a positive time: simulator.resources.Network.overlapping
+        engine_free = router_at  # the copy engine takes fetches and fills in job order
+        for job in jobs:
+            kind = job[0]
+            if kind == "fetch":
+                path, n_bytes, dur, tier = job[4]
+            elif kind == "fill":
+                path, n_bytes, dur, tier = job[3]
+            else:
+                continue
+            arrived = engine_free + dur
+            chained = chained and arrived > engine_free
+            moves.append((path, n_bytes, engine_free, arrived, tier))
+            engine_free = arrived
+            if kind == "fetch":  # its kernel once the weights are in: Stream.reserve(sec, ready_s=arrived)
+                sec = job[5]
+                free = clock[0]
+                arrived = (free if free > engine_free else engine_free) + sec
+                clock[0] = arrived
+                clock[1] += sec
+            if arrived > end:
+                end = arrived
+        n_copies = len(moves) if chained else 0  # back to back on the copy engine
+        for job in jobs:
+            if job[0] != "local":
+                continue
+            _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) = job
+            ready = router_at + d_out
+            moves.append((p_out, act, router_at, ready, None))
+            st = streams.get(dev) or stream(dev)
+            local = tent.get(st)
+            if local is None:
+                local = tent[st] = [st.free_at_s, st.busy_s]
+            free = local[0]
+            done = (free if free > ready else ready) + sec  # one reservation: the same end as one per call
+            local[0] = done
+            local[1] += sec
+            back = done + d_back
+            moves.append((p_back, act, done, back, None))
+            if back > end:
+                end = back
+        if self.net.overlapping(moves, chained=n_copies):
+            return None
+        for st, (free, busy) in tent.items():
+            st.free_at_s, st.busy_s = free, busy
+        link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
+        for path, n_bytes, start, stop, tier in moves:  # Network.account(path, n_bytes, start, stop)
+            if n_bytes > 0 and path.keys:
+                for lid in path.link_ids:
+                    link_bytes[lid] += n_bytes
+                x = stop - start - path.latency_s
+                for k in path.keys:
+                    link_busy[k] += x
+            if tier is not None:
+                bytes_moved[tier] += n_bytes
         return end
 
     def _copies_ahead(self, l: int, router_at: float, block: dict[str, float], jobs: list, flags: int) -> float | None:

@@ -67,84 +67,144 @@ class Contention:
             return None
 
     def _replay(self, l: int, block: dict[str, float], jobs: list) -> float:
+        """The layer's processes on a clock of its own. The network's processor sharing is
+        :meth:`simulator.resources.Network.open_flow`, ``reflow``, ``close_flows`` and
+        ``_advance`` written out over plain lists (a flow: ``[keys, bytes left, rate, then]``),
+        the same floats in the same order; ``then`` says what the arrival starts:
+        ``(COPY, i)`` the copy engine's next copy, ``(COMPUTED, job)`` a device's local
+        experts, ``(DONE,)`` the end of a wait."""
         net, lay, now = self.net, self.layers[l], self.env.now
-        compute_id = self.compute_id
+        bandwidth, active, busy_s, link_bytes = net.bandwidth, net.active, net.busy_s, net.bytes
+        stream, call_s, bytes_moved, compute_id = self.stream, self.call_s, self.bytes_moved, self.compute_id
         ends: list[float] = []  # when each of the layer's waits ends (the layer ends with the last)
-        timers: list[tuple] = []  # heap of (time, order, action): transfers starting after their latency
-        order = 0
+        timers: list[tuple] = []  # heap of (time, order, path, bytes, then): transfers starting after their latency
+        flows: list[list] = []
+        order = reflows = 0
+        last_s = net._last_s
         wake_at = math.inf  # the network's next wake-up (only the latest one is live)
+        copies = [job for job in jobs if job[0] in ("fetch", "fill")]  # the copy engine's queue, in order
 
-        def at(time: float, action) -> None:
+        def advance(t: float) -> None:  # Network._advance
+            nonlocal last_s
+            dt = t - last_s
+            if dt > 0:
+                for f in flows:
+                    f[1] -= f[2] * dt
+                for k in active:
+                    busy_s[k] += dt
+            last_s = t
+
+        def reflow(t: float) -> None:  # Network.reflow, and the wake-up it plans
+            nonlocal reflows, wake_at
+            reflows += 1
+            if not flows:
+                wake_at = math.inf
+                return
+            soonest = math.inf
+            for f in flows:
+                rate = math.inf
+                for k in f[0]:
+                    r = bandwidth[k] / active[k]
+                    if r < rate:
+                        rate = r
+                f[2] = rate
+                left = f[1]
+                x = (0.0 if 0.0 > left else left) / rate
+                if x < soonest:
+                    soonest = x
+            wake_at = t + soonest
+
+        def transfer(path, n_bytes: float, start: float, then: tuple) -> None:
+            """A transfer's process: its latency, then a flow; ``then`` once it has arrived."""
             nonlocal order
-            order += 1
-            heapq.heappush(timers, (time, order, action))
-
-        def transfer(path, n_bytes: float, start: float, then) -> None:
-            """A transfer's process: its latency, then a flow; ``then(time)`` once it has arrived."""
             if not path.keys or n_bytes <= 0:  # the process goes on at once
-                then(start)
+                arrived(then, start)
             elif path.latency_s > 0:
-                at(start + path.latency_s, lambda t: flow(path, n_bytes, t, then))
+                order += 1
+                heapq.heappush(timers, (start + path.latency_s, order, path, n_bytes, then))
             else:
                 flow(path, n_bytes, start, then)
 
-        def flow(path, n_bytes: float, t: float, then) -> None:
-            nonlocal wake_at
-            net.open_flow(path, n_bytes, t, then)
-            soonest = net.reflow()
-            wake_at = t + soonest if soonest is not None else math.inf
-
-        copies = [job for job in jobs if job[0] in ("fetch", "fill")]  # the copy engine's queue, in order
+        def flow(path, n_bytes: float, t: float, then: tuple) -> None:  # Network.open_flow, then reflow
+            for lid in path.link_ids:
+                link_bytes[lid] += n_bytes
+            f = [path.keys, float(n_bytes), 0.0, then]
+            advance(t)
+            flows.append(f)
+            for k in path.keys:
+                active[k] += 1
+            reflow(t)
 
         def copy(i: int, t: float) -> None:  # expert_fetch: the copy engine is free at t
             job = copies[i]
-            path, n_bytes, _alone_s, tier = job[4] if job[0] == "fetch" else job[3]
+            path, n_bytes, _alone_s, _tier = job[4] if job[0] == "fetch" else job[3]
+            transfer(path, n_bytes, t, (_COPY, i))
 
-            def arrived(t: float) -> None:
-                self.bytes_moved[tier] += n_bytes
-                if job[0] == "fetch":  # fetch_then_run: the kernel once the weights are in
-                    end = self.stream(compute_id).reserve(job[5], ready_s=t)
+        def arrived(then: tuple, t: float) -> None:
+            nonlocal order
+            kind = then[0]
+            if kind == _DONE:
+                ends.append(t)
+            elif kind == _COPY:
+                i = then[1]
+                job = copies[i]
+                fetch = job[0] == "fetch"
+                _path, n_bytes, _alone_s, tier = job[4] if fetch else job[3]
+                bytes_moved[tier] += n_bytes
+                if fetch:  # fetch_then_run: the kernel once the weights are in
+                    end = stream(compute_id).reserve(job[5], ready_s=t)
                     ends.append(t + max(end - t, 0.0))
                 else:
                     ends.append(t)
                 if i + 1 < len(copies):
                     copy(i + 1, t)
-
-            transfer(path, n_bytes, t, arrived)
-
-        def local(job) -> None:  # local_experts: activations out, the kernels, results back
-            _, dev, calls, _tokens, _seconds, (p_out, p_back, act, _out_s, _back_s) = job
-
-            def computed(t: float) -> None:
-                stream = self.stream(dev)
+            else:  # _COMPUTED: local_experts: the kernels, then the results back
+                _, dev, calls, _tokens, _seconds, (_p_out, p_back, act, _out_s, _back_s) = then[1]
+                st = stream(dev)
                 for e, n in calls:
-                    end = stream.reserve(self.call_s(dev, lay.fmt[e], n), ready_s=t)
-                at(t + max(end - t, 0.0), lambda t2: transfer(p_back, act, t2, ends.append))
-
-            transfer(p_out, act, now, computed)
+                    end = st.reserve(call_s(dev, lay.fmt[e], n), ready_s=t)
+                order += 1
+                heapq.heappush(timers, (t + max(end - t, 0.0), order, None, act, (_BACK, p_back)))
 
         for dev, sec in block.items():  # as _start: reserved at the router, waited for by a timeout
-            end = self.stream(dev).reserve(sec)
+            end = stream(dev).reserve(sec)
             ends.append(now + max(end - now, 0.0))
         for job in jobs:  # processes in job order: the first fetch holds the copy engine
             if job[0] == "local":
-                local(job)
+                transfer(job[5][0], job[5][2], now, (_COMPUTED, job))
         if copies:
             copy(0, now)
         while timers or wake_at < math.inf:
             if timers and timers[0][0] < wake_at:
-                t, _, action = heapq.heappop(timers)
-                action(t)
+                t, _, path, n_bytes, then = heapq.heappop(timers)
+                if path is None:  # the results go back: a transfer of their own
+                    transfer(then[1], n_bytes, t, (_DONE,))
+                else:
+                    flow(path, n_bytes, t, then)
                 continue
             if timers and timers[0][0] == wake_at:
                 raise _GiveUp  # a transfer starts as another finishes: SimPy's event order decides
             t = wake_at
-            finished = net.close_flows(t)
-            soonest = net.reflow()
-            wake_at = t + soonest if soonest is not None else math.inf
+            advance(t)  # Network.close_flows: a flow is done with under a nanosecond of work left
+            finished = [f for f in flows if f[1] <= f[2] * 1e-9]
+            if len(finished) > 1:
+                raise _GiveUp  # the network's set of flows decides their order
             for f in finished:
-                f.done(t)
+                flows.remove(f)
+                for k in f[0]:
+                    active[k] -= 1
+                    if not active[k]:
+                        del active[k]
+            reflow(t)
+            for f in finished:
+                arrived(f[3], t)
+        net._last_s = last_s
+        net._version += reflows
         end = max(ends)
         if now + (end - now) != end:
             raise _GiveUp  # the step's clock could not land on the layer's end
         return end
+
+
+# what an arrival starts (Contention._replay)
+_DONE, _COPY, _COMPUTED, _BACK = 0, 1, 2, 3

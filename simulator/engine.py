@@ -48,7 +48,9 @@ ahead on a virtual clock; one whose transfers meet is replayed by
 rest (prefetching, streamed experts, experts read from disk, recording), and
 ``play_ahead = False`` plays out every layer with waiting work. A one-token step with
 nothing in flight runs its layers in one loop (:meth:`simulator.ahead.PlayAhead._step_ahead`)
-until one needs events.
+until one needs events; in it a layer whose experts are all fetched (through an LRU cache or
+none) is served, classified and booked in one pass (``_lru_fetches``). An LRU cache serves a
+long step (a prefill) in numpy (:mod:`simulator.lru_steps`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ from .experts import ExpertWork
 from .kv_cache import KVPool, kv_budget_bytes
 from .metrics import SimReport, summarise
 from .op_offload import OpOffload
-from .policies import miss_policy, prefetch_policy
+from .policies import LONG_STEP, LRUCache, miss_policy, prefetch_policy
 from .prefetcher import LINK_CAPPED, Prefetcher
 from .pricing import Pricing
 from .resources import Network, Span, Stream
@@ -271,11 +273,15 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
                 resume = l + 1  # layer l goes on below
                 if l == L:
                     break
-            if pending is not None:  # classified, its attention booked (_step_ahead)
+            tried = pending is not None  # then _played_ahead said no (_step_ahead)
+            if tried:  # classified, its attention booked
                 (block, jobs, flags, router_at), pending = pending, None
             else:
                 refs = None
-                if layers[l].cache is not None:  # the cache sees every token's accesses
+                cache = layers[l].cache
+                if type(cache) is LRUCache and ids.shape[0] * ids.shape[2] >= LONG_STEP:
+                    refs = (ids[:, l, :], None)  # a long step: served in numpy; LRU reads no gates
+                elif cache is not None:  # the cache sees every token's accesses
                     refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
                 block, jobs, flags = classify(l, rows, *calls[l], refs)
                 if single:
@@ -296,7 +302,7 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
                 if recording:
                     self.log("layer_step", f"L{l} done", t)
                 continue
-            if not prefetch and play_ahead:
+            if not prefetch and play_ahead and not tried:
                 end = played_ahead(l, router_at, block, jobs, flags)
                 if end is not None:
                     if ep_end > end:

@@ -22,6 +22,7 @@ import simpy
 from profiles.perf import activation_bytes
 
 from .ahead import AFTER, DISK, FETCH, FILL, LOCAL_JOB, STREAM_JOB, PlayAhead
+from .policies import LRUCache
 
 __all__ = ["ExpertLayer", "ExpertWork"]
 
@@ -65,6 +66,10 @@ class ExpertLayer:
         self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
         self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Pricing._copy of the above, once used
         self.one: list[tuple | None] = [None] * len(self.fmt)  # ExpertWork._one_token's entries, once used
+        # every expert fetched, through an LRU cache or none (simulator.ahead.PlayAhead._lru_fetches)
+        self.lru_fetch = (self.cache is None or type(self.cache) is LRUCache) and not self.streamed and \
+            all(s == "fetch" for s in self.site)
+        self.fetch_one: list[tuple | None] = [None] * len(self.fmt)  # _lru_fetches' entries, once used
 
 
 class ExpertWork(PlayAhead):

@@ -19,11 +19,14 @@ import numpy as np
 
 from profiles.errors import InputError
 
+from .lru_steps import serve_lru_step
+
 __all__ = ["EVICTION", "MISS", "PREFETCH", "ExpertCache", "make_cache", "register"]
 
 EVICTION: dict[str, type[ExpertCache]] = {}
 PREFETCH: dict[str, Callable] = {}
 MISS: dict[str, Callable] = {}
+LONG_STEP = 1024  # accesses in a step from which the LRU cache serves them in numpy
 
 
 def register(registry: dict, name: str):
@@ -148,7 +151,17 @@ class LRUCache(ExpertCache):
 
     def serve(self, ids: list[list[int]], gates: list[list[float]] | None, rows, K: int, E: int,
               wanted: frozenset[int]) -> tuple[dict[int, bool], int, int]:
-        """:meth:`ExpertCache.serve` with :meth:`access` inlined (the simulator's hottest loop)."""
+        """:meth:`ExpertCache.serve` with :meth:`access` inlined (the simulator's hottest loop).
+        ``ids`` may be an array ``[n, K]``: a long step (``LONG_STEP`` accesses or more) is
+        served in numpy (:func:`simulator.lru_steps.serve_lru_step`)."""
+        if isinstance(ids, np.ndarray):
+            if ids.size >= LONG_STEP:
+                x = ids.ravel()
+                mask = self._wanted_mask(wanted, max(E, int(x.max()) + 1))
+                done = serve_lru_step(self.items, self.slots, x[mask[x]])
+                if done is not None:
+                    return done
+            ids = ids.tolist()
         items, slots = self.items, self.slots
         recent, evict = items.move_to_end, items.popitem
         first: dict[int, bool] = {}
@@ -170,6 +183,15 @@ class LRUCache(ExpertCache):
                     if e not in first:
                         first[e] = False
         return first, hits, accesses
+
+    def _wanted_mask(self, wanted: frozenset[int], size: int) -> np.ndarray:
+        """``[size]`` whether each expert id is ``wanted`` (kept for the layer's set)."""
+        kept = getattr(self, "_mask", None)
+        if kept is None or kept[0] is not wanted or len(kept[1]) < size:
+            mask = np.zeros(size, bool)
+            mask[list(wanted)] = True
+            kept = self._mask = (wanted, mask)
+        return kept[1]
 
 
 @register(EVICTION, "lfu")

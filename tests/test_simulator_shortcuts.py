@@ -21,6 +21,7 @@ from profiles.models import load_model
 from profiles.perf import expert_call_s
 from profiles.workload.defaults import default_workload
 from simulator.engine import SimConfig, Simulation
+from simulator.lru_steps import serve_lru_step
 from simulator.policies import ExpertCache, LRUCache
 from simulator.routing import route_step
 from test_simulator import _decode_only, _hand_plan
@@ -75,6 +76,34 @@ def test_lru_serves_a_step_as_access_by_access(slots, E, K, seed, tokens):
         assert got == want
         assert list(one_loop.items) == list(by_access.items)
         ids = rng.integers(0, E + 2, size=(tokens, K)).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(0, 20), E=st.integers(2, 300), K=st.integers(1, 8), seed=st.integers(0, 10**6),
+       tokens=st.integers(128, 600), skew=st.booleans())
+def test_lru_serves_a_long_step_in_numpy_as_access_by_access(slots, E, K, seed, tokens, skew):
+    """A prefill's thousands of accesses (LONG_STEP or more) are served in numpy
+    (simulator.lru_steps), with the same hits, first hits and cache contents as one by one."""
+    rng = np.random.default_rng(seed)
+    in_numpy, by_access = LRUCache(slots), LRUCache(slots)
+    for _ in range(3):  # a few steps: the cache carries over, long and short
+        ids = (rng.zipf(1.3, size=(tokens, K)) - 1) % (E + 2) if skew else rng.integers(0, E + 2, size=(tokens, K))
+        wanted = frozenset(e for e in range(E) if rng.random() < 0.8)
+        got = in_numpy.serve(ids, None, np.arange(tokens), K, E, wanted)
+        want = ExpertCache.serve(by_access, ids.tolist(), None, np.arange(tokens), K, E, wanted)
+        assert got == want
+        assert list(in_numpy.items) == list(by_access.items)
+        assert all(type(e) is int for e in in_numpy.items)
+        tokens = int(rng.integers(1, 600))
+
+
+def test_lru_long_steps_are_served_in_numpy():
+    """The numpy path is taken (not its fallback) on a step like a prefill of DeepSeek-V3's."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=1536 * 8)
+    cache = LRUCache(16)
+    assert serve_lru_step(cache.items, 16, x) is not None
+    assert len(cache.items) == 16
 
 
 def _route_by_loop(ids: np.ndarray, gates: np.ndarray, E: int) -> list:
