@@ -16,8 +16,9 @@ as ``verify`` does. Parts (main thread unless said):
   it ready to compute (an ONNX Runtime session built over its weights), per miss.
 
 :func:`priced_components` prices the same counts with :mod:`profiles.perf` on the hardware
-seen through the engine: the dense step (roofline + per-layer, per-token and per-step framework costs),
-one expert call per measured call at its token count, one disk-to-host copy per miss.
+seen through the engine: the dense step (roofline + per-layer, per-token, per-dense-linear and
+per-step framework costs), one expert call per measured call at its token count, one
+disk-to-host copy per miss.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def priced_components(hw, model, plan, measured: dict[str, dict[str, Any]], call
         prompt_tokens: mean prompt length (the prefill step's tokens).
         kv_bytes: phase -> mean KV bytes a step reads.
     """
-    from profiles.perf import _kernel_s, dense_step_s, expert_call_s, token_layer_s
+    from profiles.perf import ATTENTION_LINEARS, _kernel_s, dense_step_s, expert_call_s, token_layer_s
 
     cpu = hw.devices[plan.compute_device] if plan.compute_device in hw.devices else \
         next(d for d in hw.devices.values() if d.kind == "cpu")
@@ -198,7 +199,8 @@ def priced_components(hw, model, plan, measured: dict[str, dict[str, Any]], call
         dense = dense_step_s(cpu, model, plan.dense_format, int(round(tokens)), kv_bytes[phase],
                              prefill=phase == "prefill")
         framework = model.num_hidden_layers * (cpu.layer_overhead_s + token_layer_s(cpu, tokens)) + (
-            cpu.prefill_step_overhead_s if phase == "prefill" else cpu.step_overhead_s)
+            cpu.prefill_step_overhead_s if phase == "prefill" else cpu.step_overhead_s) + (
+            model.num_hidden_layers * ATTENTION_LINEARS + 1) * cpu.dense_linear_host_s.get(plan.dense_format, 0.0)
         call_s = sum(expert_call_s(cpu, fmt, n_bytes, flops * n, n) for n in calls) / steps
         kernel_s = sum(_kernel_s(cpu, fmt, n_bytes, flops * n, n) for n in calls) / steps
         out[phase] = {"dense": dense, "dense_framework": framework, "expert_calls": kernel_s,
