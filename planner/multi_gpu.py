@@ -103,6 +103,7 @@ def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
     if best is None:
         raise InfeasibleError("no multi-GPU plan fits: run with --parallel offload to see which resource binds")
     best |= polish(problems, best["times"], best["choice"], best["devices"], hop, best["dense"], budget)
+    best |= contiguous(problems, best["times"], best["choice"], best["devices"], hop, best["dense"], budget)
     bound = min(bounds + [best["objective"]])
     gap = max(0.0, (best["objective"] - bound) / best["objective"]) if best["objective"] > 0 else 0.0
     info = SolverInfo(method="ilp-multi-gpu", solver=req.solver if req.solver == "highs" else "highs",
@@ -221,9 +222,7 @@ def polish(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm:
     Only layers whose option tables are the same on every GPU move. Returns the new
     ``choice``, ``devices`` and ``objective``."""
     G, L = len(problems), len(choice)
-    cols = ("p", "q", "b_res", "c", "b_off", "home", "mode", "k", "b_up")
-    movable = [all(np.array_equal(getattr(problems[0].tables[l], c), getattr(p.tables[l], c))
-                   for p in problems[1:] for c in cols) for l in range(L)]
+    movable = _movable(problems, L)
     devices = list(devices)
     best = objective_s(problems, times, choice, devices, hop, fm)
     improved = True
@@ -243,6 +242,46 @@ def polish(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm:
                 devices, best, improved = trial, sec, True
                 break
     return {"devices": tuple(devices), "objective": best, "choice": tuple(choice)}
+
+
+def _movable(problems: list[Problem], L: int) -> list[bool]:
+    """``[L]`` whether layer l's option table is the same on every GPU (its option can move)."""
+    cols = ("p", "q", "b_res", "c", "b_off", "home", "mode", "k", "b_up")
+    return [all(np.array_equal(getattr(problems[0].tables[l], c), getattr(p.tables[l], c))
+                for p in problems[1:] for c in cols) for l in range(L)]
+
+
+def contiguous(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str,
+               budget: float | None) -> dict:
+    """One contiguous range of layers per GPU, when one is feasible and no slower: llama.cpp
+    expresses such a layout exactly (``--device`` order and ``--tensor-split`` counts), an
+    alternating one only with ``-ot`` rules that leave the KV cache on the split's device.
+    Every order of the GPUs the plan uses and every cut of the layers into that many ranges
+    is tried, each layer keeping its option (only when every layer's table is the same on
+    every GPU, and for up to 3 GPUs); the fastest feasible one no slower than the plan wins
+    (ties: the first found, GPUs in index order first). Returns ``choice``, ``devices`` and
+    ``objective``."""
+    import itertools
+
+    L = len(choice)
+    now = objective_s(problems, times, choice, devices, hop, fm)
+    out = {"devices": tuple(devices), "objective": now, "choice": tuple(choice)}
+    used = sorted(set(devices))
+    runs = sum(1 for a, b in zip(devices, devices[1:]) if a != b) + 1
+    if runs == len(used) or len(used) > 3 or not all(_movable(problems, L)):
+        return out  # already one range per GPU, or out of reach
+    best = None
+    for order in itertools.permutations(used):
+        for cuts in itertools.combinations(range(1, L), len(order) - 1):
+            edges = (0, *cuts, L)
+            trial = tuple(g for k, g in enumerate(order) for _ in range(edges[k + 1] - edges[k]))
+            sec = objective_s(problems, times, choice, trial, hop, fm)
+            if sec <= now * (1 + 1e-12) and (best is None or sec < best[0]) \
+                    and feasible(problems, choice, trial, fm, budget):
+                best = (sec, trial)
+    if best is not None:
+        out |= {"devices": best[1], "objective": best[0]}
+    return out
 
 
 def objective_s(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str) -> float:

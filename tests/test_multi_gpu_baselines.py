@@ -298,3 +298,31 @@ def test_export_engines_only_writes_a_pipeline_plans_configs(box, tmp_path):
     plans["accelerate-auto"].save(path)  # bf16: a format the bundle runtime runs, so only the GPUs are refused
     bundle = CliRunner().invoke(cli, ["export", str(path), "--out", str(tmp_path / "b")])
     assert bundle.exit_code == 1 and "layer_devices" in bundle.output and "--engines-only" in bundle.output
+
+
+def test_contiguous_puts_each_gpu_on_one_range_at_no_cost(tmp_path):
+    """Layers on GPUs 0, 1, 1, 0, two per GPU at most: polish finds nothing strictly faster (two
+    hops either way), contiguous moves to 0, 0, 1, 1 (one --tensor-split range per GPU) at the
+    same seconds, feasible; a layout already contiguous is left as it is."""
+    import numpy as np
+
+    from planner.ilp import build_problem
+    from planner.multi_gpu import contiguous, feasible, hop_s, node_gpus, objective_s, polish
+    from test_multi_gpu import _setup
+
+    s, *_ = _setup(tmp_path)
+    gpus = node_gpus(s)
+    problems = [build_problem(dataclasses.replace(s, compute=s.hardware.devices[g]), 0.05) for g in gpus]
+    times = [p.times(False) for p in problems]
+    hop = np.array([[hop_s(s, a, b, 1) for b in gpus] for a in gpus])
+    fm = "int4"
+    # each layer's option of one size: two fit a GPU, three do not
+    size = 131040.0
+    choice = tuple(int(np.flatnonzero(t.dev_bytes == size)[0]) for t in problems[0].tables)
+    assert feasible(problems, choice, (0, 1, 1, 0), fm, None) and not feasible(problems, choice, (0, 0, 0, 1), fm, None)
+    before = objective_s(problems, times, choice, (0, 1, 1, 0), hop, fm)
+    assert polish(problems, times, choice, (0, 1, 1, 0), hop, fm, None)["devices"] == (0, 1, 1, 0)
+    out = contiguous(problems, times, choice, (0, 1, 1, 0), hop, fm, None)
+    assert out["devices"] == (0, 0, 1, 1) and feasible(problems, choice, out["devices"], fm, None)
+    assert out["objective"] == pytest.approx(before, rel=1e-12)
+    assert contiguous(problems, times, choice, (1, 1, 0, 0), hop, fm, None)["devices"] == (1, 1, 0, 0)
