@@ -12,9 +12,10 @@ reads a few KiB, so compute is negligible), under hand-written plans:
 
 1. decode steps for L in (1, 2, 4) x K in (1, 2, 4), every expert either resident or in a
    cache that holds them all (after a warm-up every access hits), timed by the runtime's
-   own clock (``metrics.tpot_s``); the mean step of each of the 18 configurations, fitted
-   by least squares (numpy) as ``t = step + L * layer + N * call``, gives the three costs;
-2. prefill steps of P = 16 tokens on the same models: the prefill step cost is the mean
+   own clock (``metrics.tpot_s``); the median step of each of the 18 configurations, fitted
+   by least squares (numpy) as ``t = step + L * layer + N * call``, gives the three costs
+   (then scaled to the mean step: see below);
+2. prefill steps of P = 16 tokens on the same models: the prefill step cost is the median
    of ``t - L * layer - N * call``, N counted from the routers' choices;
 3. the kernel call the hardware profile already prices (``launch_overhead_s``: one ONNX
    Runtime call of a tiny expert, fastest of many, as ``planner profiles probe`` times it;
@@ -42,13 +43,17 @@ the number of rounds sized from the first within a budget (:class:`ProbeSettings
 CPU cores the probe takes 25-30 s (12 s of rounds, ~8 s of imports and tiny checkpoints, the
 rest loading, launch and disk).
 
-Means, not medians: a run's TPOT and TTFT are means over its steps, and a step's time on a
-shared machine is skewed to the right (another process takes a core, a thread pool wakes
-late), so the median step under-prices the mean one a run pays (on the 2-core dev machine
-under load the median fit put a layer at 0.97 ms, the mean one at 1.5 ms, and bundle runs
-measured 1.3-1.6x the median-priced steps). The least squares of per-configuration means
-estimates the expected cost of each term; medians are not additive. A machine busy
-throughout inflates every figure, as it inflates the runs: probe as the bundle will run.
+Medians for the split, means for the level: a run's TPOT and TTFT are means over its steps,
+and a step's time on a shared machine is skewed to the right (another process takes a core,
+a pool thread wakes late), so costs fitted to median steps under-price the mean step a run
+pays (bundle runs measured 1.2-1.7x the median-priced steps). Least squares over
+per-configuration means, though, splits the time between step, layer and call erratically
+under load (one delayed configuration moves every term: at 100% CPU pressure it put a layer
+at 0.47 ms and an expert call at 0.53 ms, against 0.97 and 0.09 ms from the medians, which
+stay put). So the terms are fitted to the per-configuration medians and then scaled by the
+grid's skew, the sum of the configurations' mean steps over the sum of their median steps
+(:func:`mean_over_median`): the expected step at the medians' split. On an idle machine the
+skew is near 1. A machine busy throughout inflates every figure, as it inflates the runs.
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ from exporters.engine_probe_disk import expert_reads, fit_miss_costs
 from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_kernel_efficiency
 from profiles.probe import Figure
 
-__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "config_means",
-           "dense_linear_s", "fit_miss_costs", "fit_step_costs", "probe_engine", "engine_profile_doc", "engine_profile_text"]
+__all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "config_stat",
+           "dense_linear_s", "fit_miss_costs", "fit_step_costs", "mean_over_median", "scaled", "probe_engine",
+           "engine_profile_doc", "engine_profile_text"]
 
 EXPERTS = 8
 SIZE = {"hidden_size": 64, "intermediate_size": 64}
@@ -157,7 +163,7 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     ``(P - 1) * token`` -- the framework work of a layer that grows with the tokens
     (routing, gathering and scattering rows, eager ops), which the profile states as
     ``token_overhead_s`` (0 when the prefill layer is no dearer, or without the slope).
-    The prefill step cost is the mean of ``t - N * call - L * (layer + (P - 1) * token)``
+    The prefill step cost is the median of ``t - N * call - L * (layer + (P - 1) * token)``
     over the prefill samples (None without any).
 
     Returns:
@@ -188,7 +194,7 @@ def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
     out["token"] = max(out["prefill_layer"] - out["layer"], 0.0) / (out["prefill_tokens"] - 1) \
         if out["prefill_layer"] is not None and out["prefill_tokens"] > 1 else 0.0
     per_layer = out["layer"] + (tokens - 1) * out["token"]  # [S]
-    out["prefill_step"] = float(np.mean(left - per_layer * np.array([s.layers for s in prefill]))) \
+    out["prefill_step"] = float(np.median(left - per_layer * np.array([s.layers for s in prefill]))) \
         if prefill else None
     out["rms_rel"] = float(np.sqrt(np.mean(residual**2)) / np.mean(t))
     out["samples"] = len(samples)
@@ -245,8 +251,8 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     configs = [(L, K, site) for L in settings.layers for K in settings.top_k for site in ("resident", "fetch")]
     say(f"timing {len(configs)} configurations in rounds")
     steps = _time_grid(work, ckpt, kernels, configs, fmt, device, settings)
-    means = config_means(steps)
-    fit = fit_step_costs(means)
+    medians, skew = config_stat(steps, np.median), mean_over_median(steps)
+    fit = {**scaled(fit_step_costs(medians), skew), "mean_over_median": skew}
     launch_s = _launch_s(kernels, fmt, device)
     stamp = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
     past = None  # the CPU kernel past the caches
@@ -267,7 +273,8 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         if references and references.disk_bytes_per_s else None
     reads, overheads, disk_fit = expert_reads(Path(disk_dir or work), settings.disk_sizes, settings.disk_experts, fmt,
                                               device, src, sequential)
-    what = (f"mean of {len(steps)} decode and prefill steps in {len(configs)} runs of tiny random Mixtral "
+    what = (f"medians x their mean/median ({skew:.2f}) of {len(steps)} decode and prefill steps in {len(configs)} "
+            f"runs of tiny random Mixtral "
             f"checkpoints (H=I=64, {EXPERTS} experts, {fmt}, resident or cached) at layers {list(settings.layers)} "
             f"x top-k {list(settings.top_k)}")
     kernel = "one torch matmul" if device.startswith("cuda") else "one ONNX Runtime expert call"
@@ -281,14 +288,15 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         decode_step_s=Figure(max(fit["step"] - launch_s, 0.0),
                              src(f"least squares per decode step over the {what}, {less}")),
         prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
-                              src(f"mean prefill step of {len(PROMPT)} tokens less its layers (with their "
+                              src(f"median prefill step of {len(PROMPT)} tokens (x the grid's mean/median) less its layers "
+                                  f"(with their "
                                   f"per-token cost) and expert calls at the fitted costs, {less}; same runs")),
         token_overhead_s=Figure(fit["token"], src(
             f"per hidden layer per token past the first: the per-layer slope of {len(PROMPT)}-token prefill steps "
             f"(less their expert calls) over layers {list(settings.layers)}, less the decode layer's, over "
             f"{len(PROMPT) - 1} tokens; same runs")),
         disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past,
-        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in means], "disk": disk_fit,
+        fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
              "kernel": past.fit if past else None},
         elapsed_s=time.perf_counter() - t0)
 
@@ -303,12 +311,25 @@ def _call_overhead(grid_call_s: float, launch_s: float, kernel: KernelEfficiency
     return Figure(grid + extra, f"{how}; plus {extra * 1e6:.0f} us past the caches: {kernel.call_fixed_s.method}")
 
 
-def config_means(steps: Sequence[StepSample]) -> list[StepSample]:
-    """One sample per configuration and phase: its mean step (the statistic a run's TPOT and
-    TTFT are; see the module docstring), with the median of its expert calls."""
-    return [StepSample(float(np.mean([s.seconds for s in group])), group[0].layers,
+def config_stat(steps: Sequence[StepSample], stat: Callable = np.median) -> list[StepSample]:
+    """One sample per configuration and phase: ``stat`` of its steps' seconds, with the median
+    of its expert calls."""
+    return [StepSample(float(stat([s.seconds for s in group])), group[0].layers,
                        int(np.median([s.calls for s in group])), group[0].phase, group[0].config, group[0].tokens)
             for group in _groups(steps)]
+
+
+def mean_over_median(steps: Sequence[StepSample]) -> float:
+    """The grid's skew: the configurations' mean steps summed over their median steps summed
+    (>= 1 where delays only ever add; see the module docstring)."""
+    means, medians = config_stat(steps, np.mean), config_stat(steps, np.median)
+    return float(sum(s.seconds for s in means) / sum(s.seconds for s in medians))
+
+
+def scaled(fit: dict[str, Any], factor: float) -> dict[str, Any]:
+    """``fit`` (:func:`fit_step_costs`) with its times multiplied by ``factor``."""
+    times = ("step", "layer", "call", "token", "prefill_step", "prefill_layer")
+    return {k: (v * factor if k in times and v is not None else v) for k, v in fit.items()}
 
 
 def _groups(steps: Sequence[StepSample]) -> list[list[StepSample]]:

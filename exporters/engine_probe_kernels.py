@@ -28,8 +28,11 @@ probe does (:func:`profiles.probe.dram._dram`, :func:`profiles.probe.cpu_gemm._c
 
 Time: the number of passes over the E experts at each (size, n) is counted from one first
 call of each (:func:`passes_that_fit`), within ``budget_s``; at least one pass, at most
-:data:`MOST_PASSES`; the mean pass counts (the first, which warms every session at n, is left
-out): a run's TPOT is a mean, and on a shared machine the fastest pass under-prices it.
+:data:`MOST_PASSES`; the median pass counts (the first, which warms every session at n, is
+left out). A pass is the mean call over E experts; the median over passes leaves out a pass
+another process interrupted (the mean pass, tried, priced the kernel at a quarter of its rate
+at 100% CPU pressure, as its two-thread calls waited for a core), and, unlike the fastest
+pass, is not the luckiest one.
 """
 
 from __future__ import annotations
@@ -147,13 +150,13 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
             for k in kernels:  # the first pass warms every session at this n (onnxruntime allocates)
                 k.run(x)
             passes = passes_that_fit((clock() - start) / count, count, per_shape)
-            total = 0.0
+            per_pass = []
             for _ in range(passes):
                 start = clock()
                 for k in kernels:
                     k.run(x)
-                total += clock() - start
-            timed[(h, i)][n] = total / (passes * count)
+                per_pass.append((clock() - start) / count)
+            timed[(h, i)][n] = float(np.median(per_pass))
         del kernels
     fixed, rate = fit_fixed_and_rate([sizes[s]["expert_bytes"] for s in shapes], [timed[s][min(tokens)] for s in shapes])
     from profiles.probe.efficiency import _fit_saturating
@@ -168,7 +171,7 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
     what = (f"{fmt} onnxruntime expert kernel of the runtime (one pre-packed session per expert) at H x I = "
             f"{', '.join(f'{h}x{i}' for h, i in shapes)}, cycling {', '.join(str(sizes[s]['experts']) for s in shapes)} "
             f"experts ({mib} MiB, "
-            f">= {CACHE_MULTIPLE:g} x the {llc_bytes / 2**20:.0f} MiB LLC), mean pass per n in {list(tokens)}"
+            f">= {CACHE_MULTIPLE:g} x the {llc_bytes / 2**20:.0f} MiB LLC), median pass per n in {list(tokens)}"
             f"{'; ' + stamp if stamp else ''}")
     return KernelEfficiency(
         memory_fraction=Figure(_fraction(rate / read_bps),

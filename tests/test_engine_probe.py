@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from exporters.engine_probe import (PROMPT, TINY, EngineProbeResult, StepSample, config_means, engine_profile_doc,
-                                    fit_step_costs)
+from exporters.engine_probe import (PROMPT, TINY, EngineProbeResult, StepSample, config_stat, engine_profile_doc,
+                                    fit_step_costs, mean_over_median, scaled)
 from profiles.engines import ENGINES_DIR, load_engine
 from profiles.probe import Figure
 
@@ -72,23 +72,30 @@ def test_fit_recovers_known_costs_within_tolerance_with_noise():
     assert 0 < fit["rms_rel"] < 0.03
 
 
-def test_each_configuration_is_priced_at_its_mean_step_not_its_median():
-    """A run's TPOT is a mean; a shared machine delays some steps (right skew): one step in
-    five of every configuration here takes 4 ms more, so the fit prices the mean step
-    (0.8 ms more per step) where the median one would leave the delay out."""
+def test_terms_split_at_the_medians_and_scaled_to_the_mean_step():
+    """A run's TPOT is a mean; a shared machine delays some steps (right skew). One step in
+    five of every configuration here takes 4 ms more: the terms keep the medians' split
+    (the delay would move every term of a fit to the means) and are scaled by the grid's
+    mean/median: the grid's priced steps sum to its mean steps."""
     delay = 4e-3
     steps = []
     for s in synthetic(0.0):
-        steps += [StepSample(s.seconds + (delay if i == 4 else 0.0), s.layers, s.calls, s.phase, f"{s.layers}-{s.calls}"
-                             f"-{s.phase}-{s.seconds}", s.tokens) for i in range(5)]
-    means = config_means(steps)
-    assert len(means) == len({(s.config, s.phase) for s in steps})
-    assert all(m.seconds == pytest.approx(float(np.mean([s.seconds for s in steps if s.config == m.config])))
-               for m in means)
-    fit = fit_step_costs(means)
-    assert fit["step"] == pytest.approx(STEP + delay / 5, rel=1e-9)  # the delay is the same in every step: step
-    assert fit["layer"] == pytest.approx(LAYER, rel=1e-9) and fit["call"] == pytest.approx(CALL, rel=1e-9)
-    assert fit["prefill_step"] == pytest.approx(PREFILL + delay / 5, rel=1e-9)
+        steps += [StepSample(s.seconds + (delay if i == 4 else 0.0), s.layers, s.calls, s.phase,
+                             f"{s.layers}-{s.calls}-{s.phase}-{s.seconds}", s.tokens) for i in range(5)]
+    medians, means = config_stat(steps, np.median), config_stat(steps, np.mean)
+    undelayed = {f"{s.layers}-{s.calls}-{s.phase}-{s.seconds}": s.seconds for s in synthetic(0.0)}
+    assert {m.config: m.seconds for m in medians} == undelayed  # the medians leave the delays out
+    skew = mean_over_median(steps)
+    assert skew == pytest.approx(sum(m.seconds for m in means) / sum(m.seconds for m in medians))
+    assert skew == pytest.approx(1 + delay / 5 * len(means) / sum(m.seconds for m in medians))
+    fit = scaled(fit_step_costs(medians), skew)
+    assert fit["layer"] == pytest.approx(LAYER * skew, rel=1e-9) and fit["call"] == pytest.approx(CALL * skew, rel=1e-9)
+    assert fit["step"] == pytest.approx(STEP * skew, rel=1e-9)
+    assert fit["prefill_step"] == pytest.approx(PREFILL * skew, rel=1e-9)
+    assert fit["token"] == pytest.approx(TOKEN * skew, rel=1e-9)
+    assert fit["samples"] == len(medians) and fit["prefill_tokens"] == P  # counts are not scaled
+    priced = sum(fit["step"] + m.layers * fit["layer"] + m.calls * fit["call"] for m in medians if m.phase == "decode")
+    assert priced == pytest.approx(skew * sum(m.seconds for m in medians if m.phase == "decode"), rel=1e-9)
 
 
 def test_fit_refuses_layers_and_calls_that_move_together():
@@ -154,7 +161,7 @@ def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
     data = json.loads(res.stdout)
     configs = len(TINY.layers) * len(TINY.top_k) * 2  # x (resident, cached)
     assert data["fit"]["timed_steps"] == configs * TINY.max_rounds * (TINY.steps_per_round + 1)
-    assert data["fit"]["samples"] == configs * 2  # one mean per configuration and phase
+    assert data["fit"]["samples"] == configs * 2  # one median per configuration and phase
     decode = [c for c in data["fit"]["configs"] if c["phase"] == "decode"]
     assert sorted((c["layers"], c["calls"]) for c in decode) == sorted(
         (L, L * K) for L in TINY.layers for K in TINY.top_k for _ in range(2))
