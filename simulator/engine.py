@@ -74,6 +74,7 @@ from .expert_parallel import ExpertParallel
 from .experts import ExpertWork
 from .kv_cache import KVPool, kv_budget_bytes
 from .metrics import SimReport, summarise
+from .one_pass import OnePass
 from .op_offload import OpOffload
 from .policies import LONG_STEP, LRUCache, miss_policy, prefetch_policy
 from .prefetcher import LINK_CAPPED, Prefetcher
@@ -133,7 +134,7 @@ class SimConfig:
     record: bool = False
 
 
-class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, ExpertParallel, Prefetcher):
+class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contention, ExpertParallel, Prefetcher):
     """One replay of a workload under a plan. Use :func:`simulate`."""
 
     play_ahead = True  # work out event-free layers without events (False: always play them out)
@@ -255,6 +256,10 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
         # one-token steps: layers in one loop (_step_ahead) whenever nothing is in flight
         fast = distinct is not None and single and not ep and not prefetching and play_ahead and not recording \
             and not self.pipeline
+        # other steps: the commonest layers in one pass each (simulator.one_pass)
+        one_pass = single and not ep and not prefetching and play_ahead and not recording and not self.pipeline \
+            and self.cfg.miss == "plan"
+        long_step = ids.shape[0] * ids.shape[2] >= LONG_STEP
         resume, pending = 0, None
         pipeline, here = self.pipeline, self.plan.compute_device  # the embedding runs on compute_device
         for l in range(L):
@@ -273,6 +278,18 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, Contention, Expert
                 resume = l + 1  # layer l goes on below
                 if l == L:
                     break
+            lay = layers[l]
+            if one_pass and pending is None and (lay.plain_local or lay.lru_fetch) and not self.net.busy:
+                router_at = compute.reserve(dense_s, ready_s=t)  # the attention, then the experts in one pass
+                experts, tokens_of, _ = calls[l]
+                if lay.plain_local:
+                    end = self._plain_layer(l, len(rows), experts, tokens_of, router_at)
+                else:
+                    end = self._fetch_layer(l, ids[:, l, :] if long_step else ids[:, l, :].tolist(), experts,
+                                            tokens_of, router_at)
+                layer_wall_s[l] += end - t
+                t = end
+                continue
             tried = pending is not None  # then _played_ahead said no (_step_ahead)
             if tried:  # classified, its attention booked
                 (block, jobs, flags, router_at), pending = pending, None

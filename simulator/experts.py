@@ -70,6 +70,9 @@ class ExpertLayer:
         self.lru_fetch = (self.cache is None or type(self.cache) is LRUCache) and not self.streamed and \
             all(s == "fetch" for s in self.site)
         self.fetch_one: list[tuple | None] = [None] * len(self.fmt)  # _lru_fetches' entries, once used
+        # no cache, every expert resident or local, none on disk (simulator.one_pass.OnePass._plain_layer)
+        self.plain_local = self.cache is None and not self.streamed and not self.on_disk and \
+            all(c in (RESIDENT, LOCAL) for c in self.code)
 
 
 class ExpertWork(PlayAhead):

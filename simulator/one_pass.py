@@ -1,0 +1,142 @@
+"""Layers of a step of several tokens worked out in one pass, without events.
+
+:meth:`simulator.experts.ExpertWork._classify` sorts a layer's expert calls into ``block``
+and ``jobs``, and :meth:`simulator.ahead.PlayAhead._played_ahead` books them. For the two
+commonest layers of a batched decode step with nothing in flight or recorded, this module
+does both in one pass with the same floats in the same order, without building the jobs:
+
+- ``plain_local`` layers (no cache, every expert resident or local, none read from disk):
+  the resident experts' seconds add up per device in first-use order and run at the
+  router; each device running local experts gets the step's hidden states, runs them in
+  one reservation and sends the results back (:meth:`OnePass._plain_layer`);
+- ``lru_fetch`` layers (every expert fetched, through an LRU cache or none): the cache
+  serves the step's accesses, hits run on the compute stream at the router and misses are
+  copied one after another, each run once in (:meth:`OnePass._fetch_layer`).
+"""
+
+from __future__ import annotations
+
+from .experts import RESIDENT
+
+__all__ = ["OnePass"]
+
+
+class OnePass:
+    """A mixin of :class:`simulator.engine.Simulation` (it reads ``layers``, ``streams``,
+    ``stream``, ``net``, ``compute_id``, ``bytes_moved``, ``K``, ``E``, the metrics counters,
+    ``_activations`` and ``_fetch_entry``)."""
+
+    def _plain_layer(self, l: int, n_rows: int, experts: list[int], tokens_of: list[int], router_at: float) -> float:
+        """Layer ``l`` (``plain_local``) of a step of ``n_rows`` tokens: its end."""
+        lay = self.layers[l]
+        code, runner, cost, local_cost = lay.code, lay.runner, lay.cost, lay.local_cost
+        block: dict[str, float] = {}  # device -> seconds of resident experts
+        local: dict[str, list] = {}  # device -> [tokens, seconds] of local experts
+        tokens = resident = 0
+        for e, n in zip(experts, tokens_of):
+            tokens += n
+            dev = runner[e]
+            if code[e] == RESIDENT:
+                resident += n
+                block[dev] = block.get(dev, 0.0) + cost[e][n]
+                continue
+            work = local.get(dev)
+            if work is None:
+                work = local[dev] = [0, 0.0]
+            work[0] += n
+            work[1] += local_cost[e][n]
+        self.expert_calls += len(experts)
+        self.expert_accesses += tokens
+        self.resident_access[l] += resident
+        self.local_access[l] += tokens - resident
+        streams, stream = self.streams, self.stream
+        end = router_at
+        for dev, sec in block.items():  # Stream.reserve(sec, ready_s=router_at)
+            st = streams.get(dev) or stream(dev)
+            free = st.free_at_s
+            done = (free if free > router_at else router_at) + sec
+            st.free_at_s = done
+            st.busy_s += sec
+            if done > end:
+                end = done
+        if local:
+            link_bytes, link_busy = self.net.bytes, self.net.busy_s
+            for dev, (n, sec) in local.items():  # activations out, the kernels, results back
+                p_out, p_back, act, d_out, d_back = self._activations(dev, min(n_rows, n))
+                ready = router_at + d_out
+                st = streams.get(dev) or stream(dev)
+                free = st.free_at_s
+                done = (free if free > ready else ready) + sec
+                st.free_at_s = done
+                st.busy_s += sec
+                back = done + d_back
+                if act > 0:  # Network.account of the activations out, then of the results back
+                    if p_out.keys:
+                        for lid in p_out.link_ids:
+                            link_bytes[lid] += act
+                        x = ready - router_at - p_out.latency_s
+                        for k in p_out.keys:
+                            link_busy[k] += x
+                    if p_back.keys:
+                        for lid in p_back.link_ids:
+                            link_bytes[lid] += act
+                        x = back - done - p_back.latency_s
+                        for k in p_back.keys:
+                            link_busy[k] += x
+                if back > end:
+                    end = back
+        return end
+
+    def _fetch_layer(self, l: int, ids_l: list, experts: list[int], tokens_of: list[int], router_at: float) -> float:
+        """Layer ``l`` (``lru_fetch``) of a step, ``ids_l`` its accesses (``[n][K]``, as
+        :meth:`simulator.policies.LRUCache.serve` takes them): its end."""
+        lay = self.layers[l]
+        cache, cost = lay.cache, lay.cost
+        if cache is not None:
+            first_hit, hits, accesses = cache.serve(ids_l, None, None, self.K, self.E, lay.cached)
+            self.cache_access[l] += accesses
+            self.cache_hit[l] += hits
+        else:
+            first_hit = None
+        table, fetch_entry = lay.fetch_one, self._fetch_entry
+        hit_s = None  # the block's seconds on the compute stream
+        misses = []  # (entry, seconds of the kernel)
+        tokens = 0
+        for e, n in zip(experts, tokens_of):
+            tokens += n
+            if first_hit is not None and first_hit[e]:
+                hit_s = cost[e][n] if hit_s is None else hit_s + cost[e][n]
+            else:
+                misses.append((table[e] or fetch_entry(lay, e), cost[e][n]))
+        self.expert_calls += len(experts)
+        self.expert_accesses += tokens
+        if cache is None:
+            self.cache_access[l] += tokens  # no slots: every access misses
+        compute = self.streams.get(self.compute_id) or self.stream(self.compute_id)
+        end = router_at
+        free, busy = compute.free_at_s, compute.busy_s
+        if hit_s is not None:  # Stream.reserve(hit_s, ready_s=router_at)
+            end = (free if free > router_at else router_at) + hit_s
+            free = end
+            busy += hit_s
+        if misses:
+            link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
+            engine_free = router_at  # the copy engine takes the fetches in first-use order
+            for (_one_s, dur, n_bytes, tier, link_ids, keys, latency_s), sec in misses:
+                arrived = engine_free + dur
+                if link_ids is not None:  # Network.account(path, n_bytes, engine_free, arrived)
+                    for lid in link_ids:
+                        link_bytes[lid] += n_bytes
+                    x = arrived - engine_free - latency_s
+                    for k in keys:
+                        link_busy[k] += x
+                bytes_moved[tier] += n_bytes
+                engine_free = arrived
+                if free > arrived:  # its kernel once the weights are in
+                    arrived = free
+                free = arrived = arrived + sec
+                busy += sec
+                if arrived > end:
+                    end = arrived
+        compute.free_at_s, compute.busy_s = free, busy
+        return end
