@@ -60,8 +60,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +72,7 @@ import numpy as np
 
 from exporters.engine_probe_disk import expert_reads, fit_miss_costs
 from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_kernel_efficiency
+from exporters.engine_probe_profile import dense_linear_s, engine_profile_doc, engine_profile_text, machine_line
 from profiles.probe import Figure
 
 __all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "config_stat",
@@ -254,7 +253,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     medians, skew = config_stat(steps, np.median), mean_over_median(steps)
     fit = {**scaled(fit_step_costs(medians), skew), "mean_over_median": skew}
     launch_s = _launch_s(kernels, fmt, device)
-    stamp = f"{time.strftime('%Y-%m-%d')}, {_machine()}"
+    stamp = f"{time.strftime('%Y-%m-%d')}, {machine_line()}"
     past = None  # the CPU kernel past the caches
     if not device.startswith("cuda"):
         say("timing the runtime's CPU expert kernel past the last-level cache")
@@ -451,108 +450,3 @@ def _fastest(fn: Callable[[], object], calls: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.node() or 'this machine'}, {platform.processor() or platform.machine()}, {cores} cores"
-
-
-# --------------------------------------------------------------------------- the profile
-
-
-def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cache: str = "cold") -> dict[str, Any]:
-    """``base`` (an engine profile document: the bundled bundle.yaml) with the measured numbers.
-
-    ``page_cache`` picks the disk read fraction: ``cold`` for experts read from the drive
-    (a disk tier larger than the memory the OS can cache it in: the usual reason to have
-    one), ``warm`` where free memory keeps the disk tier's files in the page cache.
-    """
-    doc = json.loads(json.dumps(base))  # a deep copy of plain data
-    kind = doc.setdefault(result.device_kind, {})
-    for name in ("layer_overhead_s", "expert_call_overhead_s", "token_overhead_s"):
-        m = getattr(result, name)
-        if m is not None:
-            kind[name] = {"value": _seconds(m.value), "source": m.method}
-    doc["step_overhead_s"] = {"decode": {"value": _seconds(result.decode_step_s.value),
-                                         "source": result.decode_step_s.method},
-                              "prefill": {"value": _seconds(result.prefill_step_s.value),
-                                          "source": result.prefill_step_s.method}}
-    if result.kernel is not None and result.device_kind == "cpu":
-        k = result.kernel
-        kind["efficiency"] = {"memory_fraction": k.memory_fraction.value,
-                              "compute_max_fraction": k.compute_max_fraction.value,
-                              "half_tokens": k.half_tokens.value,
-                              "source": f"probe: the runtime's CPU expert kernel past the caches "
-                                        f"(planner engines probe); memory_fraction: {k.memory_fraction.method}; "
-                                        f"compute_max_fraction: "
-                                        f"{k.compute_max_fraction.method}; half_tokens: {k.half_tokens.method}"}
-    if result.kernel is not None and result.device_kind == "cpu":
-        _dense_linear_cost(kind, result)
-    if page_cache in result.disk_reads:
-        m = result.disk_reads[page_cache]
-        doc["disk_read_fraction"] = {"value": round(m.value, 3), "source": m.method}
-    if page_cache in result.disk_overheads:
-        m = result.disk_overheads[page_cache]
-        doc["disk_read_overhead_s"] = {"value": _seconds(m.value), "source": m.method}
-    sources = [s for s in doc.get("sources", []) if not str(s).startswith("probe")]
-    doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {_machine()}, "
-                                f"{result.elapsed_s:.0f} s)"]
-    return doc
-
-
-def dense_linear_s(result: EngineProbeResult) -> float:
-    """Seconds a dense int8/int4 linear's ONNX Runtime call costs past the caches beyond the
-    tiny call the grid's layers hold: the kernel stage's fixed part of a call less ``launch_s``."""
-    return max(result.kernel.call_fixed_s.value - result.launch_s, 0.0) if result.kernel is not None else 0.0
-
-
-def _dense_linear_cost(kind: dict[str, Any], result: EngineProbeResult) -> None:
-    """Set the CPU kernel path of int8/int4 to a per-dense-linear host cost (:func:`dense_linear_s`).
-
-    The bundle runs each int8/int4 dense matrix on a CPU as its own pre-packed ONNX Runtime
-    session call (exporters/runtime/dense.py): 4 per hidden layer and the head. The H = 64
-    grid holds them in its layer cost at their tiny size, where the weights stay in the
-    caches; past the caches each call also pays the session call's fixed part that an expert
-    call pays (``expert_call_overhead_s`` adds it per expert call). Expert calls do not pay
-    it again (``experts: false``)."""
-    extra = dense_linear_s(result)
-    if extra <= 0:
-        return
-    kernels = kind.setdefault("kernels", {})
-    fmt = result.kernel.fit.get("fmt", "int8")
-    for name in ("int8", "int4"):
-        current = kernels.get(name)
-        if current == "native" or (isinstance(current, dict) and "host_s_per_linear" in current):
-            kernels[name] = {"host_s_per_linear": _seconds(extra), "experts": False, "source": (
-                f"probe (per dense linear, an ONNX Runtime call of its own: the fixed part of a {fmt} kernel call "
-                f"past the caches, {result.kernel.call_fixed_s.value * 1e6:.0f} us, less the tiny call the grid's "
-                f"layers hold, {result.launch_s * 1e6:.0f} us; {name} runs the same MatMulNBits session call)")}
-
-
-def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous: str | None = None) -> str:
-    """``doc`` (from :func:`engine_profile_doc`) as YAML text. With ``previous``, the text of
-    the profile it replaces (the bundled bundle.yaml when that is re-probed), only the probed
-    keys' lines change in it, so its comments stay (:func:`exporters.profile_text.update_yaml_text`);
-    otherwise, or where that cannot be done, the whole document is written."""
-    import yaml
-
-    from exporters.profile_text import update_yaml_text
-
-    if previous is not None:
-        keys = [(result.device_kind, "layer_overhead_s"), (result.device_kind, "expert_call_overhead_s")]
-        # a key the text lacks goes after the one before it (same section)
-        keys += [(result.device_kind, "token_overhead_s")] if result.token_overhead_s is not None else []
-        keys += [("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
-        keys += [(result.device_kind, "efficiency")] if "efficiency" in doc.get(result.device_kind, {}) else []
-        keys += [(result.device_kind, "kernels")] if dense_linear_s(result) > 0 else []
-        keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
-        text = update_yaml_text(previous, doc, keys, sources_prefix="probe")
-        if text is not None:
-            return text
-    return (f"# planner engines probe: the bundle runtime measured on this machine in {result.elapsed_s:.0f} s\n"
-            + yaml.safe_dump(doc, sort_keys=False))
-
-
-def _seconds(value: float) -> str:
-    return f"{value * 1e6:.1f}us" if value < 1e-3 else f"{value * 1e3:.3f}ms"
