@@ -72,12 +72,12 @@ from _provenance import ROOT, provenance  # noqa: E402
 sys.path.insert(0, str(ROOT))
 # the harness's parts, one concept each; their names are this module's API (tests use them)
 from fidelity_cases import (CASES, CONFIG_KEYS, METRICS, POLICIES, REQUIRED, _engine, dense_format,  # noqa: E402
-                            engine_name, hardware_of, load_cases, skip_reason)
+                            engine_name, hardware_of, load_cases, profile_name, skip_reason)
 from fidelity_fit import _unpack, fit, fitted_keys, split, suggested_profile  # noqa: E402
 from fidelity_pricing import PER_ENGINE, case_hardware, log_err, pct, price_case  # noqa: E402
 
 __all__ = ["CASES", "CONFIG_KEYS", "METRICS", "POLICIES", "REQUIRED", "PER_ENGINE", "_engine", "_unpack",
-           "case_hardware", "dense_format", "engine_name", "fit", "fitted_keys", "hardware_of", "load_cases",
+           "case_hardware", "dense_format", "engine_name", "fit", "fitted_keys", "hardware_of", "load_cases", "profile_name",
            "log_err", "main", "pct", "price_case", "skip_reason", "split", "suggested_profile", "summary"]
 OUT = ROOT / "benchmarks" / "results" / "fidelity.json"
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for half, group in (("fit", fit_half), ("held_out", held_half)):
         for c in group:
             before = price_case(c)
-            row = {"id": c["id"], "source": c["source"], "engine": c["engine"], "engine_profile": engine_name(c),
+            row = {"id": c["id"], "source": c["source"], "engine": c["engine"], "engine_profile": profile_name(c),
                    "profile": c["profile"], "model": c["model"], "format": c["format"],
                    "policy": c["config"]["policy"], "metric": c["metric"], "half": half,
                    "published": float(c["value"]), "predicted_before": before["predicted"],

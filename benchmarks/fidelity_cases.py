@@ -60,7 +60,16 @@ def load_cases(path: Path = CASES) -> tuple[list[dict], list[dict]]:
 
 
 def engine_name(case: dict) -> str:
+    """The engine a case ran, as the split and the fit key it (``ENGINE_MAP`` applied)."""
     return ENGINE_MAP.get(case["engine"], case["engine"])
+
+
+def profile_name(case: dict) -> str:
+    """The engine profile a case is priced with: its ``engine_profile`` where it names a build
+    whose cost differs from the engine's current one (``benchmarks/fidelity/engines/<name>.yaml``
+    or a bundled name), else its engine's. The split and the fit still key it by
+    :func:`engine_name`, so a version profile moves no case between halves."""
+    return case.get("engine_profile") or engine_name(case)
 
 
 @lru_cache(maxsize=None)
@@ -71,7 +80,8 @@ def _hardware(profile: str) -> Hardware:
 
 @lru_cache(maxsize=None)
 def _engine(name: str) -> Engine:
-    return load_engine(name)
+    local = FIDELITY / "engines" / f"{name}.yaml"
+    return load_engine(local if local.is_file() else name)
 
 
 def hardware_of(case: dict) -> Hardware:
@@ -93,7 +103,7 @@ def skip_reason(case: dict) -> str | None:
     if policy in SKIP_POLICY:
         return SKIP_POLICY[policy]
     try:
-        load_engine(engine_name(case))
+        _engine(profile_name(case))
     except Exception as exc:  # noqa: BLE001 -- an unknown engine is a skip, with its reason
         return f"no engine profile for {case['engine']}: {exc}"
     return None

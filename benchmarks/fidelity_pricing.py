@@ -18,7 +18,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fidelity_cases import DEFAULT_DENSE, _engine, _stats, dense_format, engine_name, hardware_of  # noqa: E402
+from fidelity_cases import DEFAULT_DENSE, _engine, _stats, dense_format, hardware_of, profile_name  # noqa: E402
 from planner.costs import MODES, fixed_costs, step_time  # noqa: E402
 from planner.ilp import _feasible, build_problem  # noqa: E402
 from planner.optimize import _predict, make_setup  # noqa: E402
@@ -161,7 +161,7 @@ def _does_not_fit(s, case: dict, E: int, L: int, stored_dense: str) -> str | Non
 def price_case(case: dict, scales: dict[str, float] | None = None, check_fit: bool = False) -> dict:
     """Predicted value of ``case``'s metric, with the notes and the memory check (``check_fit``:
     also the planner's reason when the placement does not fit with the usual reserves)."""
-    base = _engine(engine_name(case))
+    base = _engine(profile_name(case))
     model, stats = _stats(case["model"])
     hw, notes = case_hardware(case)
     fmt, dfm = case["format"], dense_format(case)

@@ -93,3 +93,31 @@ def test_fit_leaves_a_fused_engines_per_call_cost_alone():
     scales = bf._unpack(__import__("numpy").array(x), ["accelerate", "llama.cpp"])
     assert list(scales["llama.cpp"]) == list(bf.fitted_keys("llama.cpp"))
     assert scales["llama.cpp"][bf.fitted_keys("llama.cpp")[0]] == math.exp(0.1 * len(bf.fitted_keys("accelerate")))
+
+
+def test_a_version_profile_prices_the_case_but_keeps_its_half(cases):
+    """A case that names an older build is priced on that build's profile
+    (benchmarks/fidelity/engines/), while the split and the fit still key it by its engine,
+    so naming a version moves no case between halves."""
+    c = next(c for c in cases if c["id"] == "llamacpp-deepseek-r1-iq1s-2xh100-decode")
+    assert bf.profile_name(c) == "llama.cpp-2025-01" and bf.engine_name(c) == "llama.cpp"
+    assert not bf._engine(bf.profile_name(c)).profile.fused_experts.value
+    priced = [x for x in cases if bf.skip_reason(x) is None]
+    plain = [dict(x, engine_profile=None) for x in priced]
+    assert [x["id"] for x in bf.split(priced)[1]] == [x["id"] for x in bf.split(plain)[1]]
+    # the host-synchronised per-expert loop of that build is slower than today's fused kernels
+    old, new = bf.price_case(c)["predicted"], bf.price_case(dict(c, engine_profile=None))["predicted"]
+    assert old < 0.5 * new
+
+
+def test_mxfp4_gguf_dense_format_matches_the_file_sizes_the_sources_quote(cases):
+    """The MXFP4 GGUF cases price their non-expert tensors as q8_0 because the file sizes in
+    their sources' llama-bench tables match q8_0, not bf16 (see the cases' assumptions)."""
+    quoted = {"gpt-oss-20b": 11.27, "gpt-oss-120b": 59.02}  # GiB: ikllama-pr683, reddit-eloquentemu-epyc9b14
+    for name, gib in quoted.items():
+        m = load_model(name)
+        size = {f: (m.dense_bytes(f) + m.experts_bytes("mxfp4")) / 2**30 for f in ("q8_0", "bf16")}
+        assert abs(size["q8_0"] / gib - 1) < 0.01 < abs(size["bf16"] / gib - 1), (name, size)
+    marked = [c for c in cases if "ftype 'MXFP4 MoE'" in c["assumptions"]]
+    assert len(marked) >= 10
+    assert all(c["dense_format"] == "q8_0" and c["format"] == "mxfp4" for c in marked)
