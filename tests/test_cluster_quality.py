@@ -68,9 +68,22 @@ CASES = [  # (hardware, model, request options, the least budget EP meets in the
 ]
 
 
-@pytest.mark.parametrize("budget", [0.0, 0.004, 0.006, 0.02, 0.04, 0.1])
-@pytest.mark.parametrize(("hardware", "model", "options", "least"), CASES,
-                         ids=[f"{h[12:]}-{m}-{'+'.join(o) or 'default'}" for h, m, o, _ in CASES])
+BUDGETS = (0.0, 0.004, 0.006, 0.02, 0.04, 0.1)
+
+
+def _budgets(least: float) -> list[float]:
+    """The budgets of BUDGETS worth a solve for a case: the least and the most below its
+    least (refused), its least (the boundary) and the loosest (allows every coarser format:
+    the plan must still take the most accurate that fits). A budget between the least and
+    the loosest runs the same format choice to the same asserted error, one EP solve each."""
+    below = [b for b in BUDGETS if b < least]
+    return sorted({*below[:1], *below[-1:], least, BUDGETS[-1]})
+
+
+@pytest.mark.parametrize(("hardware", "model", "options", "least", "budget"),
+                         [(*case, b) for case in CASES for b in _budgets(case[3])],
+                         ids=[f"{h[12:]}-{m}-{'+'.join(o) or 'default'}-{b}" for h, m, o, least in CASES
+                              for b in _budgets(least)])
 def test_every_ep_plan_meets_and_records_its_budget(hardware, model, options, least, budget):
     req = ClusterRequest(hardware=hardware, model=model, trace=TRACES[model], quality_budget=budget, **options)
     if budget < least:
