@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, get_args
 import numpy as np
 
 from profiles.engines import Engine, load_engine
-from profiles.errors import InfeasibleError, InputError
+from profiles.errors import InputError
 from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Hardware, load_profile
 from profiles.models import ModelSpec, load_model
@@ -21,6 +21,7 @@ from profiles.workload.trace import Trace
 
 from . import __version__
 from .baselines import BASELINE_ENGINES, BASELINES, Baseline
+from .batch_search import search_batch
 from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, keeps_critical, prefill_s,
                     step_time)
 from .format_tiers import tier_masks
@@ -54,7 +55,11 @@ class OptimizeRequest:
     solver: str = "highs"
     time_limit_s: float = 300.0  # wall-clock safety net per solve (work limits decide the plan)
     gap: float = 0.001
-    tpot_slo_s: float = 0.2  # cost objective: the slowest acceptable time per output token
+    # SLOs: with --objective cost (TPOT default 0.2 s), or throughput given either, the batch size
+    # is a decision (planner.batch_search) over 1..max_batch instead of batch_size
+    tpot_slo_s: float | None = None
+    ttft_slo_s: float | None = None
+    max_batch: int = 1024
     critical: tuple[tuple[int, ...], ...] = ()  # per MoE layer: experts kept at full precision
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
     # measured per-expert errors (profiles.quality.error_table): format -> [L, E]; None: the constants
@@ -66,6 +71,7 @@ class OptimizeRequest:
     prefetch: str | None = None  # the plan's prefetch policy (Plan.prefetch); None: the faster of none/next-layer
     eviction: str | None = None  # the plan's cache eviction (Plan.eviction); None: lru
     multi_gpu: bool = False  # every GPU of the node, layers assigned pipeline-style (planner.multi_gpu)
+    compare: bool = True  # also plan every baseline (OptimizeResult.baselines); False: the plan alone
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,8 +175,8 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
                     model_digest=model_digest(model), workload=trace.source or "trace",
                     workload_digest=workload_digest(trace), engine=engine.name,
                     engine_digest=digest(engine.profile.model_dump(mode="json")), quality_digest=req.quality_digest)
-    if req.objective == "cost":
-        return _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
+    if req.objective == "cost" or (req.objective == "throughput" and (req.tpot_slo_s or req.ttft_slo_s)):
+        return _optimize_batch(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
     batch = 1 if req.objective == "latency" else req.batch_size
     return _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats, engine)
 
@@ -188,7 +194,7 @@ def _check_policies(engine: Engine, req: OptimizeRequest) -> None:
 
 def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
                  inputs: Inputs, batch: int, t0: np.ndarray, t_stats: np.ndarray,
-                 engine: Engine | None = None) -> OptimizeResult:
+                 engine: Engine | None = None, compare: bool = True) -> OptimizeResult:
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
                    critical=req.critical, quant_error=req.quant_error, engine=engine, fixes=req.fixes,
                    expert_error=req.expert_error)
@@ -204,7 +210,7 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
     else:
         plan, t_build = _solve_ilp(s, req, inputs, budget)
         t_solve = _now()
-    baselines = _compare(req, hw, model, stats, budget, inputs, batch)
+    baselines = _compare(req, hw, model, stats, budget, inputs, batch) if compare and req.compare else {}
     spans = {"stats": t_stats - t0, "build": t_build - t_stats, "solve": t_solve - t_build, "total": _now() - t0}
     timings = {f"{k}_s": float(v[0]) for k, v in spans.items()} | {f"{k}_cpu_s": float(v[1]) for k, v in spans.items()}
     return OptimizeResult(plan=plan, baselines=baselines, setup=s, timings_s=timings)
@@ -315,30 +321,38 @@ def option_rows(problem: Problem, specs: np.ndarray) -> tuple[int, ...]:
     return tuple(choice)
 
 
-def _optimize_cost(req, hw, model, stats, budget, inputs, t0, t_stats, engine) -> OptimizeResult:
-    """Cheapest $ per million tokens with TPOT <= SLO: FlexGen's outer search over batch sizes."""
-    price = hw.price_per_hour_usd
-    if price is None:
+def _optimize_batch(req, hw, model, stats, budget, inputs, t0, t_stats, engine) -> OptimizeResult:
+    """The batch size with the most tokens/s under the SLOs (the cost objective: the fewest $ per
+    million tokens, the same batch on one machine), certified by planner.batch_search."""
+    if req.objective == "cost" and hw.price_per_hour_usd is None:
         raise InputError("the cost objective needs a price", key="price_per_hour_usd", value=hw.name,
                          fix="add price_per_hour_usd to the profile's nodes, or use --objective throughput")
-    best = None
-    batch = 1
-    while batch <= 1024:
-        try:
-            res = _optimize_at(req, hw, model, stats, budget, inputs, batch, t0, t_stats, engine)
-        except InfeasibleError:
-            break  # a bigger batch only needs more memory
-        tpot = res.plan.predicted["tpot_s"]
-        if tpot <= req.tpot_slo_s and (best is None or res.plan.predicted["tokens_per_s"] >
-                                       best.plan.predicted["tokens_per_s"]):
-            best = res
-        if tpot > req.tpot_slo_s:
-            break  # step time grows with the batch
-        batch *= 2
-    if best is None:
-        raise InfeasibleError(f"no batch size meets the TPOT SLO of {req.tpot_slo_s * 1e3:g} ms on {hw.name}; "
-                              f"smallest change: raise --slo-tpot or use faster hardware")
-    return best
+    tpot = req.tpot_slo_s if req.tpot_slo_s is not None or req.ttft_slo_s is not None else 0.2
+    solved: dict[int, OptimizeResult] = {}
+
+    spent = {"build_s": 0.0, "solve_s": 0.0, "build_cpu_s": 0.0, "solve_cpu_s": 0.0}
+
+    def solve_at(batch: int, exact: bool) -> Plan:
+        r = dataclasses.replace(req, gap=0.0) if exact else req
+        solved[batch] = _optimize_at(r, hw, model, stats, budget, inputs, batch, t0, _now(), engine, compare=False)
+        for k in spent:  # each solve's own model build and solve (its spans start at _now() above)
+            spent[k] += solved[batch].timings_s[k]
+        return solved[batch].plan
+
+    plan, cert = search_batch(solve_at, slo_tpot_s=tpot, slo_ttft_s=req.ttft_slo_s, max_batch=req.max_batch,
+                              gap=req.gap)
+    slos = " and ".join(f"{n} <= {v * 1e3:g} ms" for n, v in (("TPOT", tpot), ("TTFT", req.ttft_slo_s))
+                        if v is not None)
+    note = (f"batch {cert.batch} chosen under {slos}: {len(cert.solved)} batch sizes solved; no batch up to "
+            f"{cert.max_batch} makes more than {cert.tokens_per_s_bound:.4g} tok/s (gap {100 * cert.gap:.2f}%)")
+    plan = plan.model_copy(update={"solver": plan.solver.model_copy(update={"batch_search": cert}),
+                                   "notes": (*plan.notes, note)})
+    res = solved[cert.batch]
+    baselines = _compare(req, hw, model, stats, budget, inputs, cert.batch) if req.compare else {}
+    total, stats_span = _now() - t0, t_stats - t0
+    return dataclasses.replace(res, plan=plan, baselines=baselines, timings_s=res.timings_s | spent | {
+        "stats_s": float(stats_span[0]), "stats_cpu_s": float(stats_span[1]),
+        "total_s": float(total[0]), "total_cpu_s": float(total[1])})
 
 
 def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, solver: SolverInfo,

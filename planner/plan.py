@@ -93,6 +93,24 @@ class MemoryUse(BaseModel):
         return self.expert_bytes + self.cache_bytes + self.dense_bytes + self.kv_bytes + self.workspace_bytes
 
 
+class BatchSearch(BaseModel):
+    """How the batch size was chosen under SLOs (planner.batch_search): the batches solved, the
+    chosen one, and a certified bound on the tokens/s of any batch up to ``max_batch``."""
+
+    model_config = _FROZEN
+
+    slo_tpot_s: float | None = None
+    slo_ttft_s: float | None = None
+    max_batch: int = Field(ge=1)
+    solved: tuple[int, ...]  # the batch sizes solved
+    solves: int = Field(ge=1)  # ILP solves (a batch solved again to gap 0 counts twice)
+    batch: int = Field(ge=1)
+    tokens_per_s: float
+    tokens_per_s_bound: float
+    gap: float = Field(ge=0)
+    status: Literal["optimal", "open gap"]
+
+
 class SolverInfo(BaseModel):
     """How the plan was found: solver, status, objective, bound and gap."""
 
@@ -107,6 +125,7 @@ class SolverInfo(BaseModel):
     time_limit_s: float | None = None
     variables: int | None = None
     constraints: int | None = None
+    batch_search: BatchSearch | None = None  # the batch size was a decision (--slo-tpot / --slo-ttft)
 
 
 class Inputs(BaseModel):

@@ -109,7 +109,8 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
         "solver": {"method": solver.method, "solver": solver.solver, "status": solver.status,
                    "objective_s": solver.objective, "bound_s": solver.bound, "gap": solver.gap,
                    "time_limit_s": solver.time_limit_s, "variables": solver.variables,
-                   "constraints": solver.constraints, **{k: float(v) for k, v in result.timings_s.items()}},
+                   "constraints": solver.constraints, **{k: float(v) for k, v in result.timings_s.items()},
+                   "batch_search": solver.batch_search.model_dump() if solver.batch_search else None},
     }
     if compare:
         rows = _baseline_rows(result)
@@ -377,7 +378,13 @@ def _solver_line(sv: dict[str, Any], with_time: bool) -> str:
         parts.append(f"{sv['variables']} variables, {sv['constraints']} constraints")
     if with_time and "solve_s" in sv:
         parts.append(f"solved in {format_time(sv['solve_s'])}")
-    return ", ".join(parts)
+    line = ", ".join(parts)
+    if bs := sv.get("batch_search"):
+        slos = " and ".join(f"{n} <= {format_time(v)}" for n, v in (("TPOT", bs["slo_tpot_s"]),
+                                                                   ("TTFT", bs["slo_ttft_s"])) if v is not None)
+        line += (f"\nbatch search: batch {bs['batch']} of 1-{bs['max_batch']} under {slos}, {bs['solves']} solves; "
+                 f"no batch exceeds {bs['tokens_per_s_bound']:.4g} tok/s (gap {100 * bs['gap']:.2f}%, {bs['status']})")
+    return line
 
 
 def _sites(by_site: dict[str, int], split_layers: int = 0) -> str:

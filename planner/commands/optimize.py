@@ -198,8 +198,9 @@ def _load_trace(path: str, task: str | None):
               "Plans only what it can run, priced as it runs it. Default: bundle (this project's runtime); "
               "sglang for an expert-parallel plan.")
 @click.option("--objective", type=click.Choice(["latency", "throughput", "cost"]), default="latency",
-              show_default=True, help="latency: batch-1 decode time per token; throughput: tok/s at --batch; "
-              "cost: $ per million tokens under --slo-tpot (needs prices in the profile).")
+              show_default=True, help="latency: batch-1 decode time per token; throughput: tok/s at --batch (or, "
+              "with --slo-tpot/--slo-ttft, at the best batch meeting them); cost: $ per million tokens under "
+              "--slo-tpot (needs prices in the profile).")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True,
               help="Decode batch size for --objective throughput.")
 @click.option("--context", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=4096, show_default=True,
@@ -217,8 +218,15 @@ def _load_trace(path: str, task: str | None):
               help="Measured expert errors (planner quality measure): the quality cost of each expert at each "
               "format is its importance x its measured error instead of one constant per format, and an "
               "expert more sensitive than its frequency rank says may be stored wider than hotter ones.")
-@click.option("--slo-tpot", type=FiniteFloat(min=0, min_open=True), default=0.2, show_default=True,
-              help="Cost objective: slowest acceptable time per output token, seconds.")
+@click.option("--slo-tpot", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Slowest acceptable time per output token, seconds. With --objective throughput (or cost, "
+              "default 0.2) the batch size becomes a decision: the batch with the most tok/s that meets the SLOs, "
+              "found by an outer search over 1..--max-batch whose every point is an ILP solve, with a certified "
+              "bound on any other batch (the plan's solver.batch_search); --batch is then not used.")
+@click.option("--slo-ttft", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot.")
+@click.option("--max-batch", type=click.IntRange(min=1, max=MAX_BATCH), default=1024, show_default=True,
+              help="Largest batch the SLO search considers.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
               help="MILP solver (through PuLP).")
 @click.option("--time-limit", type=FiniteFloat(min=0, min_open=True, max=86400), default=300.0, show_default=True,
@@ -252,7 +260,8 @@ def _load_trace(path: str, task: str | None):
 @_given_options
 @common_options
 def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, quality_budget,
-                 formats, critical, quality_path, slo_tpot, solver, time_limit, gap, compare, parallel, redundant_experts, out,
+                 formats, critical, quality_path, slo_tpot, slo_ttft, max_batch, solver, time_limit, gap, compare,
+                 parallel, redundant_experts, out,
                  report, force, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
@@ -280,6 +289,11 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     if prompt_tokens > context:
         raise click.BadParameter(f"the prompt ({prompt_tokens} tokens) is longer than the context ({context})",
                                  param_hint="'--prompt-tokens'")
+    slo = next((f for f, v in (("--slo-tpot", slo_tpot), ("--slo-ttft", slo_ttft)) if v is not None), None)
+    if slo and objective == "latency":
+        raise InputError(f"{slo} decides the batch size, and --objective latency plans batch 1", key=slo,
+                         value=slo_tpot if slo == "--slo-tpot" else slo_ttft,
+                         fix="add --objective throughput (or cost), or drop the SLO")
     from ..cluster import ClusterRequest, parallel_mode
 
     spec = load_model(model)
@@ -308,15 +322,20 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         if use_ep and quality_path:
             raise InputError("--quality prices offload plans; expert-parallel plans keep one error per format",
                              key="--quality", value=quality_path, fix="add --parallel offload, or drop --quality")
+        if use_ep and slo:
+            raise InputError(f"{slo} decides the batch size of offload plans; an expert-parallel plan takes --batch",
+                             key=slo, value=slo_tpot if slo == "--slo-tpot" else slo_ttft,
+                             fix="add --parallel offload (or pipeline), or drop the SLO and give --batch")
         if use_ep:
             return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=trace, objective=objective, batch_size=batch, context_tokens=context,
         prompt_tokens=prompt_tokens, quality_budget=quality_budget, formats=candidates, solver=solver,
-        time_limit_s=time_limit, gap=gap, tpot_slo_s=slo_tpot, critical=critical_sets, engine=engine, policy=policy,
+        time_limit_s=time_limit, gap=gap, tpot_slo_s=slo_tpot, ttft_slo_s=slo_ttft, max_batch=max_batch,
+        critical=critical_sets, engine=engine, policy=policy,
         fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"],
         expert_error=quality["errors"], quality_digest=quality["digest"],
-        multi_gpu=not one_gpu and parallel in ("auto", "pipeline"))
+        multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None)
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
