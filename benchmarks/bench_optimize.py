@@ -50,7 +50,7 @@ import _levers as lv  # benchmarks/ is on sys.path when a script runs
 from _provenance import provenance
 from planner.costs import QUANT_ERROR, _expected_max
 from planner.optimize import OptimizeRequest, OptimizeResult, optimize
-from planner.report import layer_breakdown
+from planner.layer_breakdown import layer_breakdown
 from profiles.errors import InfeasibleError
 from profiles.models import load_model
 from profiles.workload.synthetic import SyntheticWorkload, generate

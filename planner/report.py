@@ -1,33 +1,23 @@
-"""What a plan says, for people: summary data, terminal tables, and a report directory.
+"""What a plan says, for people: summary data and terminal tables.
 
 Legend: L = MoE layers, E = routed experts per layer.
 
 - :func:`summary_data`: the plan's figures as JSON-ready data (memory per pool by purpose,
   experts per home/tier/format/site, cache slots, predictions, solver; with ``compare`` every
   baseline's speed and the plan's speed-up over it);
-- :func:`render_summary`: the same as rich tables;
-- :func:`write_report`: ``report.md`` with three PNG plots (memory per pool, time per layer,
-  experts and cache per layer) and ``plan.json``;
-- :func:`layer_breakdown`: the plan's per-layer times under the shared cost model, rebuilt
-  from the Plan's per-expert decisions (the plot's source, and a check that the Plan and the
-  cost model agree).
+- :func:`render_summary`: the same as rich tables.
 
-Reports are deterministic: no timestamps or wall-clock times in ``report.md`` or the PNGs.
+:mod:`planner.report_files` writes them as a report directory (Markdown and plots);
+:mod:`planner.layer_breakdown` rebuilds a plan's per-layer times under the shared cost model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from profiles.engines import load_engine
-from profiles.errors import InputError
 from profiles.units import format_size, format_time
 
-from .costs import MODES, SPEC_COLUMNS, Setup, fixed_costs, option_costs, option_time
+from .layer_breakdown import dense_format_of
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -35,23 +25,19 @@ if TYPE_CHECKING:
 
     from .optimize import OptimizeResult
 
-__all__ = ["summary_data", "render_summary", "write_report", "layer_breakdown", "LayerBreakdown", "REPORT_FILES"]
-
-# Every file write_report owns in its directory; nothing else there is touched.
-REPORT_FILES = ("report.md", "plan.json", "memory.png", "layer_time.png", "layer_experts.png")
+__all__ = ["summary_data", "render_summary"]
 
 PURPOSES = ("expert_bytes", "cache_bytes", "dense_bytes", "kv_bytes", "workspace_bytes")
 PURPOSE_LABELS = {"expert_bytes": "expert weights", "cache_bytes": "expert cache", "dense_bytes": "dense weights",
                   "kv_bytes": "KV cache", "workspace_bytes": "workspace", "free_bytes": "free"}
-_COLORS = {"expert_bytes": "#4c72b0", "cache_bytes": "#55a868", "dense_bytes": "#c44e52", "kv_bytes": "#8172b2",
-           "workspace_bytes": "#ccb974", "free_bytes": "#e5e5e5"}
 _SHORT_LABELS = {"expert_bytes": "experts", "cache_bytes": "cache", "dense_bytes": "dense", "kv_bytes": "KV",
                  "workspace_bytes": "workspace"}
-_SITE_ORDER = ("resident", "hybrid", "fetch", "local")
+SITE_ORDER = ("resident", "hybrid", "fetch", "local")
 
 
 # ---------------------------------------------------------------------------------------------
 # data
+
 
 
 def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any]:
@@ -92,7 +78,7 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
                    "quality_budget": plan.quality_budget, "quality_error": plan.quality_error,
                    "formats": list(s.formats), "compute_device": plan.compute_device,
                    "host_device": plan.host_device, "prefetch": plan.prefetch, "eviction": plan.eviction,
-                   "dense_format": _dense_format(plan, s)},
+                   "dense_format": dense_format_of(plan, s)},
         "memory": memory,
         "experts": {"total": L * E, "layers": L, "experts_per_layer": E, "by_home": _sorted(counts["home"]),
                     "by_tier": _sorted(by_tier), "by_format": _sorted(counts["format"]),
@@ -150,124 +136,6 @@ def _baseline_rows(result: OptimizeResult) -> list[dict[str, Any]]:
 def _baseline_setting(name: str, plan: Plan) -> str:
     prefix = f"baseline {name} on engine {plan.inputs.engine}: "
     return plan.inputs.engine + ", " + next((n[len(prefix):] for n in plan.notes if n.startswith(prefix)), "")
-
-
-def _dense_format(plan: Plan, s: Setup) -> str | None:
-    """The dense weights' format: the one whose bytes the plan charges to the compute device."""
-    for note in plan.notes:
-        if note.startswith("dense weights: "):
-            return note.split(": ", 1)[1]
-    dev = plan.memory.get(s.hardware.memory_of(s.compute.id).id)
-    if dev is None:
-        return None
-    return min(s.formats, key=lambda fm: abs(float(s.model.dense_bytes(fm)) - dev.dense_bytes))
-
-
-# ---------------------------------------------------------------------------------------------
-# per-layer times
-
-
-@dataclass(frozen=True)
-class LayerBreakdown:
-    """Per-layer seconds of one decode step (all arrays ``[L]``), under :mod:`planner.costs`.
-
-    ``tau`` is the layer's time (costs.option_time: at batch 1 the expected per-token max of
-    device, CPU and link, so it can exceed the max of the averages below); ``compute`` =
-    expected device time ``G``, ``stall`` = fetches the device waits for, ``cpu`` = host busy
-    time ``U``, ``link`` = the bytes the layer moves (demand misses, plus the prefetched set
-    with prefetch).
-    """
-
-    compute_s: np.ndarray  # [L] G
-    stall_s: np.ndarray  # [L]
-    cpu_s: np.ndarray  # [L] U
-    link_s: np.ndarray  # [L]
-    tau_s: np.ndarray  # [L]
-    dense_s: float  # attention, dense weights, KV reads, launches: once per step
-    dense_format: str
-    specs: np.ndarray  # [L, 7] the option row of each layer (costs.SPEC_COLUMNS)
-
-    @property
-    def step_s(self) -> float:
-        return float(self.tau_s.sum() + self.dense_s)
-
-    @property
-    def bound_by(self) -> list[str]:
-        """``[L]`` which resource sets each layer's time: ``device`` (computing), ``cpu``, or
-        ``link`` (busy, or the device mostly waiting for its fetches)."""
-        stack = np.stack([self.compute_s + self.stall_s, self.cpu_s, self.link_s])
-        which = np.argmax(stack, axis=0)
-        which = np.where((which == 0) & (self.stall_s > self.compute_s), 2, which)
-        return [("device", "cpu", "link")[i] for i in which]
-
-
-def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
-    """``[L, 7]`` the option row (costs.SPEC_COLUMNS) each layer of ``plan`` takes.
-
-    A layer's resident experts are its top-p by frequency, the next q - p go through the
-    cache and the rest run locally (that is how plans are built), so counts give p and q.
-    """
-    rows = []
-    E = s.stats.num_experts
-    for layer in plan.layers:
-        resident = [e for e, site in enumerate(layer.site) if site == "resident"]
-        off = [e for e, site in enumerate(layer.site) if site != "resident"]
-        band = [e for e in off if layer.site[e] != "local"]
-        p = len(resident)
-        # b_off: the band's format, else the tail's narrowest (its tier, if any, is wider)
-        bo = layer.format[band[0]] if band else min((layer.format[e] for e in off), key=s.expert_bytes, default=None)
-        br = layer.format[resident[0]] if resident else bo
-        if not off:
-            rows.append((p, E, s.formats.index(br), 0, s.formats.index(br), 0, MODES.index("fetch")))
-            continue
-        home = s.homes.index(layer.home[off[0]]) if s.homes else 0
-        mode = MODES.index(layer.site[band[0]] if band else "local")
-        rows.append((p, p + len(band), s.formats.index(br), layer.cache_slots, s.formats.index(bo), home, mode))
-    return np.array(rows, dtype=np.int64).reshape(-1, len(SPEC_COLUMNS))
-
-
-def plan_tiers(plan: Plan, s: Setup, specs: np.ndarray) -> np.ndarray:
-    """``[L, 2]`` each layer's tier ``(k, b_up)`` (planner.format_tiers): its offloaded experts
-    stored at another format than the option's ``b_off`` (``specs``, from :func:`plan_specs`)."""
-    rows = []
-    for layer, spec in zip(plan.layers, specs):
-        b_off = s.formats[spec[SPEC_COLUMNS.index("b_off")]]
-        up = [f for f, site in zip(layer.format, layer.site) if site != "resident" and f != b_off]
-        rows.append((len(up), s.formats.index(up[0]) if up else spec[SPEC_COLUMNS.index("b_off")]))
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
-
-
-def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
-    """Per-layer times of ``plan`` (see :class:`LayerBreakdown`); ``s`` is ``result.setup``.
-
-    Raises:
-        ValueError: the rebuilt times do not add up to the plan's predicted TPOT (the plan was
-            edited, or was made for another setup).
-    """
-    if s.engine is not None and plan.inputs.engine != s.engine.name:  # a baseline on its own engine
-        s = s.with_engine(load_engine(plan.inputs.engine), [f for layer in plan.layers for f in layer.format])
-    dense_fm = _dense_format(plan, s)
-    fc = fixed_costs(s, dense_fm)
-    prefetch = plan.prefetch == "next-layer"
-    r = s.stats.predictability  # [L]
-    specs = plan_specs(plan, s)
-    tiers = plan_tiers(plan, s, specs)
-    tables = [option_costs(s, l, specs[l:l + 1], tiers[l:l + 1]) for l in range(len(specs))]
-    G = np.array([t.G[0] for t in tables])
-    U = np.array([t.U[0] for t in tables])
-    F = np.array([t.F[0] for t in tables])
-    pi_r = r if prefetch else np.zeros_like(r)
-    mode = specs[:, SPEC_COLUMNS.index("mode")]
-    stall = np.where(np.isin(mode, [MODES.index("fetch"), MODES.index("stream")]), (1 - pi_r) * F, 0.0)
-    link = (1 - pi_r) * F + (F if prefetch else 0.0)
-    tau = np.array([option_time(t, prefetch)[0] for t in tables])
-    out = LayerBreakdown(compute_s=G, stall_s=stall, cpu_s=U, link_s=link, tau_s=tau, dense_s=fc.dense_s,
-                         dense_format=dense_fm, specs=specs)
-    target = plan.predicted.get("tpot_s")
-    if target is not None and abs(out.step_s - target) > 1e-9 * max(target, 1e-12):
-        raise ValueError(f"the plan's layers add up to {out.step_s:.6g} s per step, not the predicted {target:.6g} s; "
-                         "was it made for another setup?")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +256,7 @@ def _solver_line(sv: dict[str, Any], with_time: bool) -> str:
 
 
 def _sites(by_site: dict[str, int], split_layers: int = 0) -> str:
-    keys = [k for k in _SITE_ORDER if k in by_site] + [k for k in by_site if k not in _SITE_ORDER]
+    keys = [k for k in SITE_ORDER if k in by_site] + [k for k in by_site if k not in SITE_ORDER]
     split = (f" ({split_layers} layers split: frequent offloaded experts through the cache, rare ones on the CPU)"
              if split_layers else "")
     return ", ".join(f"{k} {by_site[k]}" for k in keys) + split
@@ -404,181 +272,3 @@ def _pct(part: float, whole: float) -> str:
 
 def _num(x: float | None) -> str:
     return "none" if x is None else f"{x:.4g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# report directory
-
-
-def write_report(result: OptimizeResult, out_dir: str | Path) -> list[Path]:
-    """Write ``report.md``, ``plan.json`` and three PNGs into ``out_dir`` (created if missing).
-
-    Only the files in :data:`REPORT_FILES` are written; anything else in ``out_dir`` is left
-    alone. The same result gives the same bytes.
-
-    Returns:
-        The paths written, ``report.md`` first.
-
-    Raises:
-        InputError: ``out_dir`` exists and is not a directory.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError("the report directory is a file", file=out, key="--report",
-                         fix="pass a directory (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    data = summary_data(result, compare=True)
-    breakdown = layer_breakdown(result.plan, result.setup)
-    pngs = _plots(result, data, breakdown, out)
-    plan_path = out / "plan.json"
-    plan_path.write_text(result.plan.to_json(), encoding="utf-8")
-    md = out / "report.md"
-    md.write_text(_markdown(result, data, breakdown), encoding="utf-8")
-    return [md, plan_path, *pngs]
-
-
-def _plots(result: OptimizeResult, data: dict[str, Any], bd: LayerBreakdown, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    meta = {"Software": None}  # no version string: the same plan gives the same bytes
-    paths = []
-    with plt.rc_context({"font.size": 9, "svg.hashsalt": "moe-planner"}):
-        # (a) memory per pool: stacked shares of capacity by purpose
-        mem = data["memory"]
-        pools = list(mem)
-        fig, ax = plt.subplots(figsize=(8, 0.8 + 0.7 * len(pools)))
-        left = np.zeros(len(pools))
-        for key in (*PURPOSES, "free_bytes"):
-            share = np.array([max(mem[p][key], 0.0) / mem[p]["capacity_bytes"] if mem[p]["capacity_bytes"] else 0.0
-                              for p in pools]) * 100
-            ax.barh(range(len(pools)), share, left=left, color=_COLORS[key], label=PURPOSE_LABELS[key],
-                    edgecolor="white", linewidth=0.5)
-            left += share
-        ax.set_yticks(range(len(pools)))
-        ax.set_yticklabels([f"{p} ({mem[p]['tier']})\n{format_size(mem[p]['used_bytes'])} of "
-                            f"{format_size(mem[p]['capacity_bytes'])}" for p in pools])
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("% of capacity")
-        ax.set_title(f"Memory per pool: {data['inputs']['model']} on {data['inputs']['hardware']}")
-        ax.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(pools) < 3 else -0.2),
-                  frameon=False)
-        paths.append(_save(fig, out / "memory.png", meta))
-
-        # (b) time per layer: device compute + fetch stalls stacked; CPU and link as lines; tau marked
-        L = len(bd.tau_s)
-        x = np.arange(L)
-        fig, ax = plt.subplots(figsize=(max(6, min(16, 0.18 * L + 3)), 3.6))
-        ms = 1e3
-        ax.bar(x, bd.compute_s * ms, color="#4c72b0", label="device compute")
-        ax.bar(x, bd.stall_s * ms, bottom=bd.compute_s * ms, color="#dd8452", label="fetch stall")
-        ax.plot(x, bd.cpu_s * ms, color="#c44e52", marker=".", lw=1, label="host CPU busy")
-        ax.plot(x, bd.link_s * ms, color="#55a868", marker=".", lw=1, label="link busy")
-        ax.scatter(x, bd.tau_s * ms, color="black", marker="_", s=80, zorder=3, label="layer time (max)")
-        ax.set_xlabel("MoE layer")
-        ax.set_ylabel("ms per decode step")
-        ax.set_title(f"Time per layer: {format_time(bd.tau_s.sum())} in MoE layers + {format_time(bd.dense_s)} "
-                     f"dense = {format_time(bd.step_s)} per step")
-        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
-        ax.set_xlim(-0.6, L - 0.4)
-        paths.append(_save(fig, out / "layer_time.png", meta))
-
-        # (c) experts per layer: resident vs offloaded (by site), cache slots
-        plan = result.plan
-        fig, ax = plt.subplots(figsize=(max(6, min(16, 0.18 * L + 3)), 3.6))
-        bottom = np.zeros(L)
-        site_colors = {"resident": "#4c72b0", "hybrid": "#8172b2", "fetch": "#dd8452", "local": "#c44e52"}
-        site_labels = {"resident": "resident on the GPU", "hybrid": "offloaded, hybrid", "fetch": "offloaded, fetched",
-                       "local": "offloaded, run on the CPU"}
-        for site in _SITE_ORDER:
-            n = np.array([sum(1 for s_ in layer.site if s_ == site) for layer in plan.layers])
-            if n.any():
-                ax.bar(x, n, bottom=bottom, color=site_colors[site], label=site_labels[site])
-                bottom += n
-        slots = np.array([layer.cache_slots for layer in plan.layers])
-        ax.step(x, slots, where="mid", color="black", lw=1.2, label="cache slots")
-        ax.set_xlabel("MoE layer")
-        ax.set_ylabel("experts")
-        ax.set_xlim(-0.6, L - 0.4)
-        ax.set_title("Experts per layer by where they run, and cache slots")
-        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
-        paths.append(_save(fig, out / "layer_experts.png", meta))
-    return paths
-
-
-def _save(fig, path: Path, meta: dict) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata=meta)
-    plt.close(fig)
-    return path
-
-
-def _markdown(result: OptimizeResult, d: dict[str, Any], bd: LayerBreakdown) -> str:
-    plan = result.plan
-    inp, ex, cs, p = d["inputs"], d["experts"], d["cache_slots"], d["predicted"]
-    lines = [f"# Deployment plan: {inp['model']} on {inp['hardware']}", ""]
-
-    lines += ["## Inputs", "", "| input | value |", "|---|---|",
-              f"| hardware | {inp['hardware']} (digest `{plan.inputs.hardware_digest}`) |",
-              f"| model | {inp['model']} (digest `{plan.inputs.model_digest}`) |",
-              f"| workload | {inp['workload']} (digest `{plan.inputs.workload_digest}`) |",
-              f"| objective | {inp['objective']} |",
-              f"| batch size | {inp['batch_size']} |",
-              f"| context | {inp['context_tokens']} tokens |",
-              f"| quality budget | {_num(inp['quality_budget'])} (this plan: {_num(inp['quality_error'])}) |",
-              f"| formats allowed | {', '.join(inp['formats'])} |",
-              f"| compute device / host | {inp['compute_device']} / {inp['host_device']} |",
-              f"| dense weights | {inp['dense_format']} |",
-              f"| prefetch / eviction | {inp['prefetch']} / {inp['eviction']} |", ""]
-
-    lines += ["## Prediction", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {label} | {value} |" for label, value in _prediction_rows(p)]
-    lines += [""]
-
-    lines += ["## Memory", "", "| pool | capacity | " + " | ".join(PURPOSE_LABELS[k] for k in PURPOSES)
-              + " | free | used |", "|---" * (len(PURPOSES) + 4) + "|"]
-    for pool, m in d["memory"].items():
-        lines.append(f"| {pool} ({m['tier']}) | {format_size(m['capacity_bytes'])} | "
-                     + " | ".join(_size(m[k]) for k in PURPOSES)
-                     + f" | {format_size(max(m['free_bytes'], 0.0))} | {_pct(m['used_bytes'], m['capacity_bytes'])} |")
-    lines += ["", "![memory per pool](memory.png)", ""]
-
-    fmts = [fm for fm in inp["formats"] if fm in ex["by_format"]]
-    lines += ["## Experts", "", f"{ex['layers']} MoE layers x {ex['experts_per_layer']} experts = {ex['total']}.", "",
-              "| home | " + " | ".join(fmts) + " | total |", "|---" * (len(fmts) + 2) + "|"]
-    for home, row in ex["by_home_format"].items():
-        lines.append(f"| {home} ({d['memory'].get(home, {}).get('tier', '?')}) | "
-                     + " | ".join(str(row.get(fm, 0)) for fm in fmts) + f" | {sum(row.values())} |")
-    lines.append("| **total** | " + " | ".join(str(ex["by_format"][fm]) for fm in fmts) + f" | {ex['total']} |")
-    lines += ["", f"Where they run: {_sites(ex['by_site'], ex['split_layers'])}. Cache slots: {cs['total']} in all, "
-              f"{cs['per_layer_min']}-{cs['per_layer_max']} per layer ({cs['layers_with_cache']} of {ex['layers']} "
-              "layers cached).", "", "![experts per layer](layer_experts.png)", ""]
-
-    bound = bd.bound_by
-    lines += ["## Time per layer", "",
-              f"MoE layers take {format_time(float(bd.tau_s.sum()))} and the dense part (attention, dense weights, "
-              f"KV reads) {format_time(bd.dense_s)} per decode step. A layer lasts as long as its busiest resource: "
-              f"{bound.count('device')} layers are bound by the compute device, {bound.count('cpu')} by the host "
-              f"CPU, {bound.count('link')} by the link (busy, or the device waiting for expert fetches).", "", "![time per layer](layer_time.png)", ""]
-
-    lines += ["## Baselines", "",
-              "Each priced on its own engine profile (the software that runs it) by the same cost model, under the same quality budget; each uses one format for the whole "
-              "model.", "", "| plan | tok/s | TPOT | plan speed-up | setting |", "|---|---|---|---|---|",
-              f"| **this plan (ilp)** | {p['tokens_per_s']:.3g} | {format_time(p['tpot_s'])} | 1.00x | |"]
-    for row in d["baselines"]:
-        lines.append(f"| {row['name']} | {row['tokens_per_s']:.3g} | {format_time(row['tpot_s'])} | "
-                     f"{row['ratio']:.2f}x | {row['setting']} |")
-    best = d["best_baseline"]
-    lines += ["", (f"Speed-up over the best baseline ({best['name']}): **{best['speedup']:.2f}x**." if best
-                   else "No baseline fits this hardware."), ""]
-    if best and best["hint"]:
-        lines += [f"Note: {best['hint']}.", ""]
-
-    lines += ["## Solver", "", _solver_line(d["solver"], with_time=False) + ".", ""]
-    lines += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
-    return "\n".join(lines)

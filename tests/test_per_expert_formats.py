@@ -17,7 +17,7 @@ from planner.costs import QUANT_ERROR
 from planner.ilp import build_problem
 from planner.optimize import OptimizeRequest, make_setup, optimize
 from planner.plan_check import check_plan
-from planner.report import layer_breakdown
+from planner.layer_breakdown import layer_breakdown
 from planner.workload_view import planning_stats
 from profiles.formats import get_format
 from profiles.hardware import load_profile

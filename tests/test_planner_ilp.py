@@ -139,7 +139,7 @@ def test_splitting_execution_sites_within_a_layer_pays_and_the_ilp_finds_it(tmp_
     # the plan records each expert's site: by frequency rank resident, then fetch, then local
     from planner.optimize import assemble_plan
     from planner.plan import Inputs, SolverInfo
-    from planner.report import plan_specs
+    from planner.layer_breakdown import plan_specs
     inputs = Inputs(hardware="h", hardware_digest="0", model="m", model_digest="0", workload="w", workload_digest="0")
     plan = assemble_plan(problem, result.choice, result.dense_format, False, SolverInfo(method="ilp"),
                          OptimizeRequest(quality_budget=0.01), inputs, 0.01)

@@ -10,7 +10,9 @@ from rich.console import Console
 
 from planner.optimize import OptimizeRequest, optimize
 from planner.plan import load_plan
-from planner.report import REPORT_FILES, layer_breakdown, render_summary, summary_data, write_report
+from planner.layer_breakdown import layer_breakdown
+from planner.report import render_summary, summary_data
+from planner.report_files import REPORT_FILES, write_report
 from profiles.errors import InputError
 from profiles.models import load_model
 from profiles.units import format_time

@@ -344,7 +344,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
                      else "; planned offloading instead (--parallel auto)")
         result = dataclasses.replace(result, plan=result.plan.model_copy(
             update={"notes": (*result.plan.notes, fallback)}))
-    from ..report import render_summary, summary_data, write_report
+    from ..report import render_summary, summary_data
+    from ..report_files import write_report
 
     written = []
     if out_path is not None:
