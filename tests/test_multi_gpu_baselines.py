@@ -16,7 +16,7 @@ from exporters.engines.accelerate import device_map_for
 from exporters.engines.accelerate_split import render_accelerate_pipeline
 from exporters.engines.llamacpp import gguf_tensor_names
 from exporters.engines.llamacpp_split import render_llamacpp_pipeline, split_devices
-from exporters.engines.rounding import Pricing
+from exporters.engines.pricing import Pricing
 from exporters.engines.single import PIPELINE_NOT_SERVED, render_engines
 from planner.baselines_multi import compare_pipeline, llamacpp_layer_split, llamacpp_split
 from planner.multi_gpu import pipeline_baseline_plan

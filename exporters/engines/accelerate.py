@@ -36,9 +36,9 @@ from profiles.errors import InfeasibleError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
+from .pricing import Pricing, rounding_report
 from .rounding import (
     NotApplicable,
-    Pricing,
     RoundedLayer,
     check_plan,
     device_share,
@@ -46,7 +46,6 @@ from .rounding import (
     fill_layers,
     fill_order,
     memory_string,
-    rounding_report,
 )
 
 __all__ = ["LOAD_SCRIPT", "MODULE_LAYOUTS", "ModuleLayout", "device_map_for", "render_accelerate"]

@@ -35,8 +35,8 @@ from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
 from .accelerate import MODULE_LAYOUTS, device_map_for
-from .rounding import Pricing, RoundedLayer, check_plan, device_share, fill_layers, fill_order, memory_string, \
-    rounding_report
+from .pricing import Pricing, rounding_report
+from .rounding import RoundedLayer, check_plan, device_share, fill_layers, fill_order, memory_string
 
 __all__ = ["render_accelerate_pipeline", "hidden_layer_devices"]
 

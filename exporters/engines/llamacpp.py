@@ -71,9 +71,9 @@ from planner.plan import Plan
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
+from .pricing import Pricing, rounding_report
 from .rounding import (
     NotApplicable,
-    Pricing,
     RoundedLayer,
     check_plan,
     device_share,
@@ -81,7 +81,6 @@ from .rounding import (
     fill_layers,
     fill_order,
     layer_format,
-    rounding_report,
 )
 
 __all__ = [

@@ -44,8 +44,8 @@ from profiles.models import ModelSpec
 from .accelerate_split import hidden_layer_devices
 from .llamacpp import (EXPS_REGEX, _blk_regex, _check_rules, _layer_bytes, _quantize_rules, gguf_commands,
                        gguf_name, gguf_tensor_names, gguf_type)
-from .rounding import Pricing, RoundedLayer, check_plan, device_share, fill_layers, fill_order, layer_format, \
-    rounding_report
+from .pricing import Pricing, rounding_report
+from .rounding import RoundedLayer, check_plan, device_share, fill_layers, fill_order, layer_format
 
 __all__ = ["render_llamacpp_pipeline", "tensor_split"]
 

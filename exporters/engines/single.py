@@ -40,9 +40,9 @@ from .accelerator import accelerator_memories, map_file_name, memory_map
 from .accelerate_split import render_accelerate_pipeline
 from .llamacpp import llamacpp_script, render_llamacpp
 from .llamacpp_split import render_llamacpp_pipeline
+from .pricing import Pricing
 from .rounding import (
     NotApplicable,
-    Pricing,
     check_plan,
     resolve_inputs,
     to_json_text,
