@@ -42,6 +42,17 @@ def run_cli():
     return invoke
 
 
+@pytest.fixture(scope="session")
+def ep_plan(tmp_path_factory) -> Path:
+    """A planned EP case, solved once per run and saved as plan.json: OLMoE on two NVLinked
+    3090s, with redundant experts (test_export, test_export_paths)."""
+    from planner.cluster import ClusterRequest, plan_cluster
+
+    plan = plan_cluster(ClusterRequest(hardware="workstation-2x3090-nvlink", model="olmoe-1b-7b",
+                                       time_limit_s=30)).plan
+    return plan.save(tmp_path_factory.mktemp("ep") / "ep-plan.json")
+
+
 @pytest.fixture
 def shared_traces() -> Path:
     """../shared/traces beside the repo; tests that need it skip when it is absent."""

@@ -110,13 +110,8 @@ def test_export_refuses_a_checkpoint_of_another_model(plan_path, tmp_path, run_c
     assert not (tmp_path / "b").exists()
 
 
-def test_expert_parallel_plan_exports_sglang_and_vllm(tmp_path, run_cli):
-    from planner.cluster import ClusterRequest, plan_cluster
-
-    plan = plan_cluster(ClusterRequest(hardware="workstation-2x3090-nvlink", model="olmoe-1b-7b",
-                                       time_limit_s=30)).plan
-    path = plan.save(tmp_path / "plan.json")
-    r = run_cli("--json", "export", path, "--out", tmp_path / "bundle")
+def test_expert_parallel_plan_exports_sglang_and_vllm(ep_plan, tmp_path, run_cli):
+    r = run_cli("--json", "export", ep_plan, "--out", tmp_path / "bundle")
     assert r.exit_code == 0, r.stderr
     files = json.loads(r.stdout)["files"]
     assert any(f.startswith("engines/sglang") for f in files) and any(f.startswith("engines/vllm") for f in files)

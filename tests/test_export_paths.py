@@ -58,16 +58,6 @@ def _export(run_cli, plan_path: Path, out: str, *extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ep_plan(tmp_path_factory) -> Path:
-    """A planned EP case: OLMoE on two NVLinked 3090s, with redundant experts."""
-    from planner.cluster import ClusterRequest, plan_cluster
-
-    plan = plan_cluster(ClusterRequest(hardware="workstation-2x3090-nvlink", model="olmoe-1b-7b",
-                                       time_limit_s=30)).plan
-    return plan.save(tmp_path_factory.mktemp("ep") / "ep-plan.json")
-
-
-@pytest.fixture(scope="module")
 def two_node(tmp_path_factory) -> tuple[Path, Path]:
     """A hand-made EP plan on 2 nodes x 2 H100s, one copy per expert (ExFlow, vLLM without EPLB);
     (plan path, hardware path)."""
