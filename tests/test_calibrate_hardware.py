@@ -47,7 +47,9 @@ def test_calibration_recovers_a_perturbed_profile():
             if dev["kind"] in ("gpu", "cpu"):
                 dev["efficiency"] = {"memory_fraction": 0.3, "compute_max_fraction": 0.2, "half_tokens": 40.0}
                 dev.pop("layer_overhead_s", None)
-    result = calibrate_profile(start, fit, held, max_evaluations=80)
+    # 20 evaluations reach 0.03 on the held-out TPOT (80 reach 0.026, at four times the cost):
+    # the targets below hold with a margin either way
+    result = calibrate_profile(start, fit, held, max_evaluations=20)
     s = result.summary()
     assert s["fit_before_tpot_s_mean_abs_error"] > 0.2  # the perturbed profile predicts badly
     assert s["holdout_after_tpot_s_mean_abs_error"] < 0.15  # the target on held-out runs
