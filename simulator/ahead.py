@@ -332,7 +332,7 @@ class PlayAhead:
                 clock[1] += sec
             if arrived > end:
                 end = arrived
-        n_copies = len(moves) if chained else 0  # back to back on the copy engine
+        n_copies = len(moves)
         for job in jobs:
             if job[0] != "local":
                 continue
@@ -351,7 +351,7 @@ class PlayAhead:
             moves.append((p_back, act, done, back, None))
             if back > end:
                 end = back
-        if self.net.overlapping(moves, chained=n_copies):
+        if _meeting(moves, n_copies) if chained else self.net.overlapping(moves):
             return None
         for st, (free, busy) in tent.items():
             st.free_at_s, st.busy_s = free, busy
@@ -456,3 +456,29 @@ def _recipe(block: dict[str, float], jobs: list, stream) -> tuple:
                    p_back if act > 0 and p_back.keys else None, act)
                   for _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) in jobs)
     return ready, local
+
+
+def _meeting(moves: list[tuple], n_copies: int) -> bool:
+    """:meth:`simulator.resources.Network.overlapping` of ``moves`` whose first ``n_copies``
+    run back to back, each for a positive time (``(path, bytes, start, end, ...)``): whether
+    a later move meets an earlier one or a copy on a shared bandwidth."""
+    chain = moves[:n_copies]
+    for i in range(n_copies, len(moves)):
+        p, _, start, end = moves[i][:4]
+        for q, _, s, e, *_ in moves[n_copies:i]:
+            if start < e and s < end and _shares(p, q):
+                return True
+        for q, _, s, e, *_ in chain:  # in time order
+            if s >= end:
+                break
+            if start < e and _shares(p, q):
+                return True
+    return False
+
+
+def _shares(p, q) -> bool:
+    """Whether paths ``p`` and ``q`` cross a bandwidth in common (kept on ``p``)."""
+    known = p.shares.get(q)
+    if known is None:
+        known = p.shares[q] = not p.key_set.isdisjoint(q.keys)
+    return known

@@ -77,6 +77,7 @@ class _Path:
 
     def __post_init__(self) -> None:
         self.key_set = frozenset(self.keys)
+        self.shares: dict[_Path, bool] = {}  # other path -> whether it crosses one of ours (simulator.ahead)
 
 
 class Network:
