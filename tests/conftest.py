@@ -42,6 +42,36 @@ def run_cli():
     return invoke
 
 
+@pytest.fixture
+def run_bundle():
+    """Run a bundle's own ``run.py`` in this process, as ``python BUNDLE/run.py ARGS`` would:
+    run_bundle(bundle_dir, "--checkpoint", ckpt, ...) -> exit code (output: capsys). The
+    manifest check, the bundle's copy of the runtime (imported as its top-level ``runtime``
+    package) and the exit code are the script's; what it changes in ``sys`` (argv, path,
+    bytecode settings, the imported ``runtime`` package) is undone when it returns. Tests of
+    what only a child process shows (bytecode left behind, the one-line error before any
+    import) keep a real subprocess."""
+    import runpy
+    import sys
+
+    def run(bundle: Path, *args) -> int:
+        script = str(Path(bundle) / "run.py")
+        saved = sys.argv, list(sys.path), sys.dont_write_bytecode, sys.pycache_prefix
+        sys.argv = [script, *map(str, args)]
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv, sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix = saved
+            for name in [m for m in sys.modules if m == "runtime" or m.startswith("runtime.")]:
+                del sys.modules[name]
+        return code
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def ep_plan(tmp_path_factory) -> Path:
     """A planned EP case, solved once per run and saved as plan.json: OLMoE on two NVLinked

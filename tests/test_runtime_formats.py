@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -245,7 +243,7 @@ def _plan(ckpt, tmp_path, formats, dense: str):
     return plan.save(tmp_path / "plan.json")
 
 
-def test_bundle_with_every_new_format_decodes_close_to_fp32(ckpt, tmp_path, run_cli):
+def test_bundle_with_every_new_format_decodes_close_to_fp32(ckpt, tmp_path, run_cli, run_bundle, monkeypatch):
     from exporters.runtime import load_planned_model
 
     out = tmp_path / "bundle"
@@ -254,11 +252,11 @@ def test_bundle_with_every_new_format_decodes_close_to_fp32(ckpt, tmp_path, run_
     assert r.exit_code == 0, r.stderr
     kernels = json.loads((out / "kernels" / "manifest.json").read_text())
     assert {f for layer in kernels["layers"].values() for f in layer["experts"].values()} == set(NEW)
-    # the bundle's own copy of the runtime decodes a few tokens
-    run = subprocess.run([sys.executable, str(out / "run.py"), "--checkpoint", str(ckpt), "--prompt", "the cat sat",
-                          "--max-new-tokens", "3", "--ignore-eos", "--metrics-out", str(tmp_path / "m.json")],
-                         check=False, capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    # the bundle's own copy of the runtime decodes a few tokens (its run.py, in this process:
+    # test_export runs a bundle's run.py in a child)
+    monkeypatch.chdir(tmp_path)
+    assert run_bundle(out, "--checkpoint", ckpt, "--prompt", "the cat sat", "--max-new-tokens", 3, "--ignore-eos",
+                      "--metrics-out", tmp_path / "m.json") == 0
     assert json.loads((tmp_path / "m.json").read_text())["generated_tokens"] == 3
     # against the fp32 run of the same placement: the same tokens teacher-forced, logits close
     prompt = [1, 17, 5, 99, 42, 7, 64, 3]
