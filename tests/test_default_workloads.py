@@ -32,10 +32,21 @@ LICENCES = {"github.com/deepseek-ai/ESFT": "MIT", "github.com/allenai/OLMoE": "A
             "github.com/efeslab/fiddler": "Apache-2.0", "github.com/ajtejankar/mixtral-vis-moe": "Apache-2.0"}
 
 
+_BY_NAME: dict = {}
+
+
+def _default_by_name(name: str):
+    """default_workload(name), generated once in this module (deepseek-v3's takes seconds);
+    tests that compare two generations still make the second one themselves."""
+    if name not in _BY_NAME:
+        _BY_NAME[name] = default_workload(name)
+    return _BY_NAME[name]
+
+
 @pytest.mark.parametrize("name", bundled_models())
 def test_every_preset_has_a_default_workload_of_its_shape(name):
     spec = load_model(name)
-    t = default_workload(name)
+    t = _default_by_name(name)
     assert t.expert_ids.shape == (t.num_tokens, spec.num_moe_layers, spec.top_k)
     assert DEFAULT_TOKENS <= t.num_tokens < DEFAULT_TOKENS + 64
     assert t.num_experts == spec.num_router_choices and t.layer_map == spec.moe_layer_indices
@@ -46,7 +57,7 @@ def test_every_preset_has_a_default_workload_of_its_shape(name):
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "mixtral-8x7b"])
 def test_default_workloads_are_deterministic(name):
-    a, b = default_workload(name), default_workload(load_model(name))
+    a, b = _default_by_name(name), default_workload(load_model(name))
     assert np.array_equal(a.expert_ids, b.expert_ids) and np.array_equal(a.gate_weights, b.gate_weights)
     assert a.meta == b.meta
     c = default_workload(name, seed=1, tokens=256)
@@ -153,7 +164,7 @@ def test_cli_synth_model_prints_the_provenance(run_cli, tmp_path):
     assert data["defaults"]["file"] == "olmoe-1b-7b.json" and data["defaults"]["sources"]
     assert data["tokens"] == DEFAULT_TOKENS and data["moe_layers"] == 16
     t = load_trace(out)
-    assert np.array_equal(t.expert_ids, default_workload("olmoe-1b-7b").expert_ids)  # same knobs, same trace
+    assert np.array_equal(t.expert_ids, _default_by_name("olmoe-1b-7b").expert_ids)  # same knobs, same trace
     r = run_cli("trace", "synth", "--model", "olmoe-1b-7b", "--out", tmp_path / "o2.npz", "--sequences", "2",
                 "--temporal", "0.5")
     assert r.exit_code == 0 and "default workload olmoe-1b-7b.json" in r.output and "temporal" in r.output
