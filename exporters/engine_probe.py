@@ -76,7 +76,8 @@ from exporters.engine_probe_profile import dense_linear_s, engine_profile_doc, e
 from profiles.probe import Figure
 
 __all__ = ["PROMPT", "TINY", "ProbeSettings", "EngineProbeResult", "References", "StepSample", "config_stat",
-           "dense_linear_s", "fit_miss_costs", "fit_step_costs", "mean_over_median", "scaled", "probe_engine",
+           "dense_linear_s", "fit_miss_costs", "fit_step_costs", "fit_warning", "mean_over_median", "scaled",
+           "probe_engine",
            "engine_profile_doc", "engine_profile_text"]
 
 EXPERTS = 8
@@ -252,6 +253,9 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
     steps = _time_grid(work, ckpt, kernels, configs, fmt, device, settings)
     medians, skew = config_stat(steps, np.median), mean_over_median(steps)
     fit = {**scaled(fit_step_costs(medians), skew), "mean_over_median": skew}
+    warning = fit_warning(fit)
+    if warning:
+        say(warning)
     launch_s = _launch_s(kernels, fmt, device)
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine_line()}"
     past = None  # the CPU kernel past the caches
@@ -287,7 +291,8 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         decode_step_s=Figure(max(fit["step"] - launch_s, 0.0),
                              src(f"least squares per decode step over the {what}, {less}")),
         prefill_step_s=Figure(max((fit["prefill_step"] or fit["step"]) - launch_s, 0.0),
-                              src(f"median prefill step of {len(PROMPT)} tokens (x the grid's mean/median) less its layers "
+                              src(f"median prefill step of {len(PROMPT)} tokens (x the grid's mean/median) less its "
+                                  f"layers "
                                   f"(with their "
                                   f"per-token cost) and expert calls at the fitted costs, {less}; same runs")),
         token_overhead_s=Figure(fit["token"], src(
@@ -308,6 +313,21 @@ def _call_overhead(grid_call_s: float, launch_s: float, kernel: KernelEfficiency
         return Figure(grid, how)
     extra = max(kernel.call_fixed_s.value - launch_s, 0.0)
     return Figure(grid + extra, f"{how}; plus {extra * 1e6:.0f} us past the caches: {kernel.call_fixed_s.method}")
+
+
+# the grid's residual (root mean square over the mean decode step) past which its fit is not
+# the runtime's costs but the load's: 0.02-0.04 on the 2-core dev machine when quiet, 0.21 at
+# 100% CPU pressure (a layer's and an expert call's costs then swapped places)
+RESIDUAL_WARN = 0.10
+
+
+def fit_warning(fit: dict[str, Any]) -> str | None:
+    """A line for the user where the grid's fit does not explain its steps (:data:`RESIDUAL_WARN`), else None."""
+    if fit["rms_rel"] <= RESIDUAL_WARN:
+        return None
+    return (f"warning: the step fit leaves {fit['rms_rel']:.0%} of a step unexplained (over {RESIDUAL_WARN:.0%}): "
+            "other processes held the cores while it was timed, and the costs written are theirs as much as the "
+            "runtime's; probe again when the machine is quiet")
 
 
 def config_stat(steps: Sequence[StepSample], stat: Callable = np.median) -> list[StepSample]:

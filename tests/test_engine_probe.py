@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from exporters.engine_probe import (PROMPT, TINY, EngineProbeResult, StepSample, config_stat, engine_profile_doc,
-                                    fit_step_costs, mean_over_median, scaled)
+                                    fit_step_costs, fit_warning, mean_over_median, scaled)
 from profiles.engines import ENGINES_DIR, load_engine
 from profiles.probe import Figure
 
@@ -96,6 +96,16 @@ def test_terms_split_at_the_medians_and_scaled_to_the_mean_step():
     assert fit["samples"] == len(medians) and fit["prefill_tokens"] == P  # counts are not scaled
     priced = sum(fit["step"] + m.layers * fit["layer"] + m.calls * fit["call"] for m in medians if m.phase == "decode")
     assert priced == pytest.approx(skew * sum(m.seconds for m in medians if m.phase == "decode"), rel=1e-9)
+
+
+def test_a_fit_the_load_made_is_flagged():
+    """Steps that layers and calls do not explain (a busy machine) get a warning line; a fit
+    within the residual the quiet dev machine shows does not."""
+    assert fit_warning(fit_step_costs(synthetic(0.03, seed=1))) is None
+    noisy = fit_step_costs(synthetic(0.6, seed=2))
+    assert noisy["rms_rel"] > 0.10
+    line = fit_warning(noisy)
+    assert line.startswith("warning: the step fit leaves") and "quiet" in line
 
 
 def test_fit_refuses_layers_and_calls_that_move_together():
