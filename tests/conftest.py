@@ -73,6 +73,15 @@ def run_bundle():
 
 
 @pytest.fixture(scope="session")
+def default_optimize():
+    """``optimize(OptimizeRequest())`` (Mixtral-8x7B on the RTX 4090 desktop, baselines
+    priced), solved once per run: its plan and result are frozen."""
+    from planner.optimize import OptimizeRequest, optimize
+
+    return optimize(OptimizeRequest())
+
+
+@pytest.fixture(scope="session")
 def ep_plan(tmp_path_factory) -> Path:
     """A planned EP case, solved once per run and saved as plan.json: OLMoE on two NVLinked
     3090s, with redundant experts (test_export, test_export_paths)."""

@@ -248,8 +248,8 @@ def test_engines_cli_list_and_show_json():
 
 
 @pytest.fixture(scope="module")
-def default_result():
-    return optimize(OptimizeRequest())
+def default_result(default_optimize):
+    return default_optimize
 
 
 def test_engine_plans_only_what_it_runs():

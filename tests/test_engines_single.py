@@ -131,11 +131,11 @@ def test_render_engines_files_and_commands(rendered):
 
 
 @pytest.fixture(scope="module")
-def mixtral_fresh():
-    """A plan made now, so its predicted figures come from today's cost model."""
-    from planner.optimize import OptimizeRequest, optimize
-
-    res = optimize(OptimizeRequest(hardware="desktop-4090", model="mixtral-8x7b"))
+def mixtral_fresh(default_optimize):
+    """A plan made now (Mixtral-8x7B on desktop-4090, the default request), so its predicted
+    figures come from today's cost model."""
+    res = default_optimize
+    assert (res.plan.inputs.hardware, res.plan.inputs.model) == ("desktop-4090", "mixtral-8x7b")
     return res.plan, res.setup.model, res.setup.hardware
 
 
