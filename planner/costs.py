@@ -91,7 +91,7 @@ from .step_costs import FixedCosts, capacity, fixed_costs, option_time, runtime_
 # whole-step costs (planner.step_costs) are named here beside the option prices
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "FixedCosts", "OptionTable", "Setup",
            "capacity", "engine_runs", "fixed_costs", "keeps_critical", "layer_options", "option_costs", "option_specs",
-           "option_time", "prefill_s", "runtime_memory", "step_time", "with_tiers"]
+           "option_time", "prefill_dense_s", "prefill_options_s", "prefill_s", "runtime_memory", "step_time", "with_tiers"]
 
 
 def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None) -> OptionTable:
@@ -322,6 +322,31 @@ def with_tiers(s: Setup, layer: int, table: OptionTable, rows: np.ndarray) -> Op
     return OptionTable(**{k: np.concatenate([getattr(table, k), getattr(more, k)]) for k in table.__dataclass_fields__})
 
 
+def prefill_options_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
+                      tiers: np.ndarray | None = None) -> np.ndarray:
+    """``[N]`` seconds layer ``layer`` adds to one prompt's prefill under each option
+    ``specs`` (``[N, 7]``; ``tiers`` ``[N, 2]``): its part of :func:`prefill_s`, so a TTFT
+    is linear in the options chosen (``+`` :func:`prefill_dense_s`)."""
+    op_offload = s.engine.op_offload if s.engine is not None else None
+    specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
+    total = np.zeros(len(specs))
+    for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
+        step = dataclasses.replace(s, batch_size=n, phase="prefill")
+        total += count * option_time(option_costs(step, layer, specs, tiers), prefetch)
+    return total
+
+
+def prefill_dense_s(s: Setup, dense_format: str, prompt_tokens: int) -> float:
+    """Seconds of one prompt's prefill outside the MoE layers (:func:`prefill_s`'s dense part)."""
+    op_offload = s.engine.op_offload if s.engine is not None else None
+    total, done = 0.0, 0
+    for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
+        for _ in range(count):
+            done += n
+            total += dense_step_s(s.compute, s.model, dense_format, n, float(s.model.kv_cache_bytes(done)), prefill=True)
+    return total
+
+
 def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_tokens: int,
               prefetch: bool, tiers: Sequence[np.ndarray] | None = None) -> float:
     """Seconds to prefill one prompt of ``prompt_tokens`` tokens (the TTFT) with one option per
@@ -334,15 +359,6 @@ def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_t
     :func:`profiles.perf.dense_step_s` with attention reading the KV cache of this one
     sequence so far (the tokens of the passes before and of this one).
     """
-    op_offload = s.engine.op_offload if s.engine is not None else None
-    total, done = 0.0, 0
-    for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
-        step = dataclasses.replace(s, batch_size=n, phase="prefill")
-        layers_s = sum(float(option_time(option_costs(step, l, np.asarray(sp, dtype=np.int64).reshape(-1, N_SPEC)[:1],
-                                                      None if tiers is None else tiers[l]), prefetch)[0])
-                       for l, sp in enumerate(specs))
-        for _ in range(count):
-            done += n
-            kv_bytes = float(s.model.kv_cache_bytes(done))
-            total += layers_s + dense_step_s(s.compute, s.model, dense_format, n, kv_bytes, prefill=True)
-    return total
+    layers = sum(float(prefill_options_s(s, l, sp, prompt_tokens, prefetch, None if tiers is None else tiers[l])[0])
+                 for l, sp in enumerate(specs))
+    return layers + prefill_dense_s(s, dense_format, prompt_tokens)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from planner.batch_search import search_batch
+from planner.costs import prefill_dense_s, prefill_options_s, prefill_s
+from planner.layer_breakdown import dense_format_of, plan_specs, plan_tiers
 from planner.optimize import OptimizeRequest, optimize
 from profiles.errors import InfeasibleError
 from profiles.models import load_model
@@ -123,3 +125,23 @@ def test_an_slo_the_plan_cannot_use_is_refused(run_cli):
     r = run_cli("optimize", "-H", "workstation-2x3090-nvlink", "--parallel", "ep", "--objective", "throughput",
                 "--slo-ttft", "2")
     assert r.exit_code == 1 and "an expert-parallel plan takes --batch" in r.output
+
+
+def test_ttft_is_linear_in_the_options_chosen():
+    """prefill_s = per-layer option terms + a dense term, so a TTFT SLO can bind inside the ILP;
+    llama.cpp splits the prompt into micro-batches and op-offloads past its threshold."""
+    base = dict(hardware="desktop-4090", model="mixtral-8x7b", compare=False)
+    for engine in (None, "llama.cpp"):
+        res = optimize(OptimizeRequest(**base, engine=engine))
+        s, plan = res.setup, res.plan
+        specs = plan_specs(plan, s)
+        tiers = plan_tiers(plan, s, specs)
+        prefetch, dense = plan.prefetch == "next-layer", dense_format_of(plan, s)
+        whole = prefill_s(s, [specs[l:l + 1] for l in range(len(specs))], dense, 1400, prefetch,
+                          [tiers[l:l + 1] for l in range(len(specs))])
+        parts = sum(prefill_options_s(s, l, specs[l:l + 1], 1400, prefetch, tiers[l:l + 1])[0]
+                    for l in range(len(specs))) + prefill_dense_s(s, dense, 1400)
+        assert whole == pytest.approx(parts, rel=1e-12) and whole > prefill_dense_s(s, dense, 1400) > 0
+        assert plan.predicted["ttft_s"] == pytest.approx(
+            prefill_s(s, [specs[l:l + 1] for l in range(len(specs))], dense, 512, prefetch,
+                      [tiers[l:l + 1] for l in range(len(specs))]), rel=1e-9)
