@@ -111,6 +111,10 @@ class SimConfig:
             plan's context length, as the planner prices it).
         ep_token_home: expert parallelism: where a token's output is combined after each
             layer: ``attention`` (its data-parallel GPU) or ``expert`` (its first expert's GPU).
+        ep_reroute: expert parallelism: send each call to its expert's copy on the GPU with the
+            least work so far in the layer (LLEP), not a static copy (False: SGLang's static).
+        ep_rebalance_every: expert parallelism: re-place the experts with EPLB every this many
+            decode steps, from the routing seen since the last re-placement (None: never).
         seed: for arrivals and imperfect predictors.
         record: keep every kernel and transfer (Chrome trace) and the event log.
     """
@@ -130,6 +134,8 @@ class SimConfig:
     transition_top_p: float = 0.8
     kv_context: str = "actual"
     ep_token_home: str = "attention"
+    ep_reroute: bool = False
+    ep_rebalance_every: int | None = None
     seed: int = 0
     record: bool = False
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from profiles.errors import InputError
 from profiles.perf import activation_bytes
+
+from .ep_runtime import eplb_copies, least_loaded, moved_copies
 
 __all__ = ["ExpertParallel"]
 
@@ -17,7 +20,13 @@ __all__ = ["ExpertParallel"]
 class ExpertParallel:
     """The all-to-all of :class:`simulator.engine.Simulation` (a mixin: it reads ``gpus``,
     ``layers``, ``E``, ``cfg``, ``hw``, ``model``, ``net``, ``stream``, ``call_s`` and
-    ``_dev_mem`` from the simulation and keeps the ``ep_*`` counters and ``_token_gpu``)."""
+    ``_dev_mem`` from the simulation and keeps the ``ep_*`` counters and ``_token_gpu``).
+
+    Run-time options (:class:`simulator.engine.SimConfig`): ``ep_reroute`` sends each call
+    to its expert's least-loaded copy; ``ep_rebalance_every`` re-places every layer's experts
+    with EPLB from the routing counts seen since the last re-placement (see
+    :mod:`simulator.ep_runtime`); the moved experts' bytes cross the network before the
+    layer's dispatch. Both change only where the all-to-all sends tokens, not the plan."""
 
     def _all_to_all(self, l: int, ids: np.ndarray, router_at: float) -> float:
         """Expert parallelism at layer ``l``: when the layer's dispatch, expert work and combine end.
@@ -25,7 +34,8 @@ class ExpertParallel:
         Token i of a step starts on GPU ``i mod G`` (data-parallel attention). Each of its
         experts runs on a GPU holding a copy: its own GPU when it holds one, else copy
         ``source mod copies`` (a static per-source choice, as SGLang's static dispatch makes,
-        which splits a replicated expert's tokens evenly over its copies). After the layer
+        which splits a replicated expert's tokens evenly over its copies), or with
+        ``ep_reroute`` the copy on the least-loaded GPU so far. After the layer
         the token's combined output lives on its source GPU (``ep_token_home="attention"``,
         the usual dispatch/combine) or on the GPU of its first expert (``"expert"``: the
         ExFlow idea, where inter-layer affinity keeps the next dispatch local).
@@ -34,6 +44,15 @@ class ExpertParallel:
         its most loaded link direction needs (a fluid model) plus the longest route latency.
         Each GPU runs its experts in order between the two.
         """
+        rebalance = self.cfg.ep_rebalance_every is not None
+        if rebalance or self.cfg.ep_reroute:
+            st = self._ep_runtime()
+            new_steps = self.steps[st["steps_read"]:]  # steps finished since the last look
+            if new_steps:
+                st["decode_steps"] += sum(1 for s in new_steps if s[0] == "decode")
+                st["steps_read"] = len(self.steps)
+        if rebalance:
+            router_at = self._ep_rebalance(l, ids, router_at)
         plan = self._ep_plan(l)
         n = ids.shape[0]
         G = len(self.gpus)
@@ -44,8 +63,11 @@ class ExpertParallel:
         e_ids = np.where(real, ids, self.E)  # zero experts: the sentinel row, no copies
         cand = plan["copies"][e_ids]  # [n, K, R] GPU indices holding a copy, -1 padded
         count = np.maximum((cand >= 0).sum(axis=2), 1)  # [n, K]
-        static = np.take_along_axis(cand, (src % count)[:, :, None], axis=2)[:, :, 0]
-        dst = np.where((cand == src[:, :, None]).any(axis=2), src, static)  # [n, K]
+        if self.cfg.ep_reroute:
+            dst = least_loaded(cand, count, src[:, 0], real, G)  # [n, K]
+        else:
+            static = np.take_along_axis(cand, (src % count)[:, :, None], axis=2)[:, :, 0]
+            dst = np.where((cand == src[:, :, None]).any(axis=2), src, static)  # [n, K]
         srcs = np.broadcast_to(src, dst.shape)[real]
         dsts = dst[real]
         node = plan["node_of"]
@@ -60,7 +82,10 @@ class ExpertParallel:
         self.ep_cross_gpu += int((srcs != dsts).sum())
         self.ep_cross_node += int((node[srcs] != node[dsts]).sum())
         load = work.sum(axis=1)
-        self.ep_load_ratio[l] += float(load.max() / max(load.mean(), 1e-300))
+        ratio = float(load.max() / max(load.mean(), 1e-300))
+        self.ep_load_ratio[l] += ratio
+        if rebalance or self.cfg.ep_reroute:
+            self._ep_runtime()["load_log"].append((self._ep_runtime()["decode_steps"], l, ratio))
         self.ep_layer_steps[l] += 1
         dispatch = self._exchange(dispatch_pairs, router_at, f"dispatch L{l}")
         end = dispatch
@@ -71,6 +96,46 @@ class ExpertParallel:
                                                                           work[g][work[g] > 0]))
             end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=dispatch))
         return self._exchange(combine_pairs, end, f"combine L{l}")
+
+    def _ep_runtime(self) -> dict:
+        """Run-time EP state, made on first use: routing counts per layer since its last
+        re-placement, decode steps seen, re-placements and their bytes, and a log of
+        ``(decode steps before the step, layer, max/mean GPU load)``."""
+        state = self.__dict__.get("_ep_state")
+        if state is None:
+            every = self.cfg.ep_rebalance_every
+            if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+                raise InputError("must be a positive number of decode steps", key="ep_rebalance_every", value=every,
+                                 fix="pass 1 or more, or None for a fixed placement")
+            state = self.__dict__["_ep_state"] = {
+                "counts": np.zeros((len(self.layers), self.E)), "since": [0] * len(self.layers),
+                "steps_read": 0, "decode_steps": 0, "replacements": 0, "bytes": 0.0, "load_log": []}
+        return state
+
+    def _ep_rebalance(self, l: int, ids: np.ndarray, router_at: float) -> float:
+        """Count layer ``l``'s routing; every ``ep_rebalance_every`` decode steps re-place its
+        experts with EPLB first. Returns when the layer's dispatch may start (after the moved
+        experts' bytes have arrived)."""
+        st = self._ep_runtime()
+        every = self.cfg.ep_rebalance_every
+        if st["decode_steps"] - st["since"][l] >= every and st["counts"][l].any():
+            plan = self._ep_plan(l)
+            new = eplb_copies(st["counts"][l], plan["copies"], len(self.gpus))
+            moves: dict[tuple[str, str], float] = {}
+            host = self._dev_mem(self.host_id)
+            for e, a, b in moved_copies(plan["copies"], new, plan["node_of"]):
+                key = (host if a < 0 else self._dev_mem(self.gpus[a]), self._dev_mem(self.gpus[b]))
+                moves[key] = moves.get(key, 0.0) + self.expert_bytes(self.layers[l].fmt[e])
+            plan["copies"] = new
+            st["replacements"] += 1
+            st["bytes"] += sum(moves.values())
+            st["counts"][l] = 0.0
+            st["since"][l] = st["decode_steps"]
+            if moves:
+                router_at = self.net.exchange(moves, router_at, f"rebalance L{l}")
+        real = ids[ids < self.E]
+        st["counts"][l] += np.bincount(real.ravel(), minlength=self.E)
+        return router_at
 
     def _ep_plan(self, l: int) -> dict:
         """Per layer: ``copies[E, R]`` GPU indices holding each expert (-1 padded); ``node_of[G]``."""

@@ -166,12 +166,22 @@ def summarise(sim: Simulation, wall_s: float) -> SimReport:
             "gpus": len(sim.gpus),
             "cross_gpu_token_fraction": sim.ep_cross_gpu / sim.ep_tokens,
             "cross_node_token_fraction": sim.ep_cross_node / sim.ep_tokens,
-            "max_over_mean_gpu_load": [r / max(n, 1) for r, n in zip(sim.ep_load_ratio, sim.ep_layer_steps)]},
+            "max_over_mean_gpu_load": [r / max(n, 1) for r, n in zip(sim.ep_load_ratio, sim.ep_layer_steps)],
+            **_ep_runtime_metrics(sim)},
         "policies": {"eviction": sim.eviction, "prefetch": sim.prefetch_name, "miss": sim.cfg.miss,
                      "batching": sim.cfg.batching, "batch_size": sim.batch_size},
     }
     return SimReport(metrics=metrics, spans=tuple(sim.spans) if sim.spans is not None else None,
                      events=_in_time_order(sim.events), wall_s=wall_s, serving=serving(sim, metrics))
+
+
+def _ep_runtime_metrics(sim: Simulation) -> dict:
+    """Layer re-placements (one per layer per period) and the expert bytes they moved, when the
+    run re-places experts (else nothing, so runs without it report as before)."""
+    if sim.cfg.ep_rebalance_every is None:
+        return {}
+    st = sim._ep_runtime()
+    return {"layer_replacements": st["replacements"], "replacement_bytes": st["bytes"]}
 
 
 def serving(sim: Simulation, metrics: dict) -> dict:
