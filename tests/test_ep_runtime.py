@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.workload.drift import drift
 from profiles.workload.synthetic import SyntheticWorkload, generate
-from profiles.workload.trace import DECODE, PREFILL, Trace
+from profiles.workload.trace import DECODE, PREFILL, Trace, load_trace
 from simulator.engine import SimConfig, Simulation
 from simulator.ep_runtime import eplb_copies, least_loaded, moved_copies
 
@@ -163,3 +165,14 @@ def test_drift_relabels_the_second_half_only():
     assert not np.array_equal(out.expert_ids[start:], trace.expert_ids[start:])
     with pytest.raises(InputError, match="drift"):
         drift(trace, at=1.0)
+
+
+def test_synth_drift_cli(tmp_path, run_cli):
+    out = tmp_path / "drift.npz"
+    args = ("trace", "synth", "--layers", "2", "--experts", "8", "--top-k", "2", "--out", out)
+    r = run_cli("--json", *args, "--sequences", "4", "--drift")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["drift"] == {"from_sequence": 2, "from_token": 128, "seed": 0}
+    assert load_trace(out).meta["drift"]["from_token"] == 128
+    bad = run_cli(*args, "--sequences", "1", "--drift", "--force")
+    assert bad.exit_code == 1 and "--sequences" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

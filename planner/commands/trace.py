@@ -24,6 +24,7 @@ from profiles.models import load_model
 from profiles.workload.aggregate import AggregateWorkload, save_aggregate
 from profiles.workload.calibrate import CalibrationReport, calibrate
 from profiles.workload.defaults import DEFAULT_TOKENS, default_knobs, defaults_for
+from profiles.workload.drift import drift as drift_trace
 from profiles.workload.hitrate import POLICIES
 from profiles.workload.importers import detect_format, load_workload
 from profiles.workload.stats import WorkloadStats, compute_stats, default_cache_sizes
@@ -196,13 +197,16 @@ def import_cmd(source: Path, output: Path, task: str | None, top_k: int | None, 
 @click.option("--prompt-tokens", type=click.IntRange(min=0), help="Prefill tokens per sequence [default: 48].")
 @click.option("--output-tokens", type=click.IntRange(min=0), help="Decode tokens per sequence [default: 16].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random draw.")
+@click.option("--drift", is_flag=True, help="Routing drift: relabel the experts of the second half of the sequences "
+              "(one random permutation per layer, from --seed), so the hot experts change halfway, as when "
+              "the task shifts.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Trace file to write (.npz).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @common_options
 def synth_cmd(like: Path | None, task: str | None, model_name: str | None, layers: int | None, experts: int | None,
               top_k: int | None, skew: str | None, temporal: float | None, affinity: float | None, popularity: str,
               sequences: int | None, prompt_tokens: int | None, output_tokens: int | None, seed: int,
-              out_path: Path, force: bool) -> None:
+              drift: bool, out_path: Path, force: bool) -> None:
     """Write a synthetic routing trace: calibrated to real data, a model's default, or explicit knobs.
 
     \b
@@ -214,7 +218,9 @@ def synth_cmd(like: Path | None, task: str | None, model_name: str | None, layer
     otherwise     --layers, --experts and --top-k with any knobs
 
     Knob options override the calibrated or default values. The same options and seed
-    always give the same file.
+    always give the same file. --drift makes the hot experts change halfway (the second
+    half of the sequences relabelled per layer): replay it with `planner sweep` knobs
+    `rebalance_every` / `reroute` to see what run-time EP balancing buys.
     """
     out = get_output()
     for key, value in (("--temporal", temporal), ("--affinity", affinity)):
@@ -274,13 +280,19 @@ def synth_cmd(like: Path | None, task: str | None, model_name: str | None, layer
     if overrides:
         w = w.with_(**overrides)
     trace = generate(w)
+    if drift:
+        if len(trace.seq_lens) < 2:
+            raise InputError("drift needs at least two sequences", key="--sequences", value=len(trace.seq_lens),
+                             fix="pass --sequences 2 or more")
+        trace = drift_trace(trace, seed=seed)
     save_trace(trace, out_path)
     data = {"written": str(out_path), "tokens": trace.num_tokens, "sequences": int(len(trace.seq_lens)),
             "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens, "moe_layers": trace.num_layers,
             "experts": trace.num_experts, "top_k": trace.top_k, "model": trace.model,
             "knobs": {"temporal": w.temporal, "affinity": w.affinity,
                       "skew": "measured per expert" if w.popularity is not None else w.skew, "seed": w.seed},
-            "overridden": sorted(k for k in overrides if k != "popularity"), **data}
+            "overridden": sorted(k for k in overrides if k != "popularity"),
+            "drift": trace.meta.get("drift"), **data}
     out.emit(data, lambda console: _render_synth(console, data, report))
 
 
