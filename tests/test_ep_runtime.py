@@ -16,6 +16,7 @@ from profiles.workload.synthetic import SyntheticWorkload, generate
 from profiles.workload.trace import DECODE, PREFILL, Trace, load_trace
 from simulator.engine import SimConfig, Simulation
 from simulator.ep_runtime import eplb_copies, least_loaded, moved_copies
+from simulator.sweep import load_grid, point_specs
 
 HW = "workstation-2x3090-nvlink"
 
@@ -176,3 +177,21 @@ def test_synth_drift_cli(tmp_path, run_cli):
     assert load_trace(out).meta["drift"]["from_token"] == 128
     bad = run_cli(*args, "--sequences", "1", "--drift", "--force")
     assert bad.exit_code == 1 and "--sequences" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("knob, value", [("reroute", 1), ("reroute", "always"), ("rebalance_every", 0), ("rebalance_every", 2.5)])
+def test_sweep_refuses_bad_runtime_knobs_in_one_line(tmp_path, knob, value):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"name: g\nbase: {{hardware: workstation-2x3090-nvlink, model: olmoe-1b-7b}}\n"
+                    f"vary: {{{knob}: [{value}]}}\n")
+    with pytest.raises(InputError) as e:
+        load_grid(path)
+    assert f"vary.{knob}[0]" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sweep_passes_runtime_knobs_to_the_simulator(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nbase: {hardware: workstation-2x3090-nvlink, model: olmoe-1b-7b}\n"
+                    "vary: {reroute: [false, true], rebalance_every: [null, 4]}\n")
+    specs = point_specs(load_grid(path), tmp_path / "out")
+    assert [(s["reroute"], s["rebalance_every"]) for s in specs] == [(False, None), (False, 4), (True, None), (True, 4)]

@@ -64,7 +64,8 @@ def evaluate_point(spec: dict) -> dict:
                 batch_size=spec["batch"], requests=spec["requests"], arrival_rate_per_s=rate_rps,
                 batching=spec.get("scheduler", "continuous"), chunk_tokens=spec.get("chunk_tokens"),
                 kv_bytes=spec.get("kv_bytes"), eviction=spec["eviction"], prefetch=spec["prefetch"],
-                miss=spec["miss"], seed=spec["seed"]))
+                miss=spec["miss"], seed=spec["seed"], ep_reroute=spec.get("reroute", False),
+                ep_rebalance_every=spec.get("rebalance_every")))
 
         def rung(rate_rps):  # one rate of the goodput ladder
             rep = run(rate_rps)
@@ -113,7 +114,9 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force, slo_ttft, slo_tpot, 
     is also simulated under Poisson arrivals at a ladder of rates, and the point's goodput is
     the highest rate at which 90% (--slo-share) of requests meet both SLOs: goodput.csv,
     goodput.json and goodput.png (SLO attainment vs offered load) go beside the results.
-    Grids may vary the serving knobs scheduler, chunk_tokens, kv_memory and arrival_rate.
+    Grids may vary the serving knobs scheduler, chunk_tokens, kv_memory and arrival_rate,
+    and for expert-parallel plans reroute (true/false: least-loaded copies, as LLEP) and
+    rebalance_every (EPLB re-placement every N decode steps, null for never).
 
     \b
     Examples:
