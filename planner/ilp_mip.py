@@ -73,18 +73,15 @@ def _mip(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
     # dense: sum_d y_d = 1
     prob += pulp.lpSum(y.values()) == 1, "dense"
     # cap[device]: sum x_lw dev_lw + sum_d y_d (dense + KV + workspace) <= usable device bytes
-    # (each capacity row in units of its capacity: in bytes, up to 1e12, the rows would leave
-    # the solver's tolerances and cuts a matrix whose entries span a dozen orders of magnitude)
-    cap = problem.caps[problem.device_mem]
-    prob += (pulp.lpSum(v * float(problem.tables[l].dev_bytes[w] / cap) for l, xl in enumerate(x) for w, v in xl.items())
-             + pulp.lpSum(y[fm] * (problem.dense_total_bytes(fm) / cap) for fm in problem.fixed) <= 1.0), "cap[device]"
+    prob += (pulp.lpSum(v * float(problem.tables[l].dev_bytes[w]) for l, xl in enumerate(x) for w, v in xl.items())
+             + pulp.lpSum(y[fm] * problem.dense_total_bytes(fm) for fm in problem.fixed)
+             <= problem.caps[problem.device_mem]), "cap[device]"
     for hi, home in enumerate(s.homes):
         # cap[h]: sum_{home(w) = h} x_lw home_lw <= usable bytes of h
-        cap = problem.caps[home]
-        terms = [v * float(problem.tables[l].home_bytes[w] / cap) for l, xl in enumerate(x) for w, v in xl.items()
+        terms = [v * float(problem.tables[l].home_bytes[w]) for l, xl in enumerate(x) for w, v in xl.items()
                  if problem.tables[l].home[w] == hi and problem.tables[l].home_bytes[w]]
         if terms:
-            prob += pulp.lpSum(terms) <= 1.0, f"cap[{home}]"
+            prob += pulp.lpSum(terms) <= problem.caps[home], f"cap[{home}]"
     if problem.quality_budget is not None:
         # quality: sum x_lw err_lw <= Q sum w;   sum_d y_d err_d <= Q
         prob += (pulp.lpSum(v * float(problem.tables[l].error[w]) for l, xl in enumerate(x) for w, v in xl.items())
