@@ -51,6 +51,7 @@ from profiles.errors import InfeasibleError
 from .costs import Setup
 from .ilp_mip import _HIGHS_OPTIONS, _HiGHS
 from .ilp_model import Problem, build_problem, pareto_front
+from .multi_gpu_equal import identical, pooled_problem, shared_problems, split
 from .pipeline_costs import hop_matrix, hop_s, hops_s, node_gpus, pipeline_step_s
 from .plan import MemoryUse, Plan, SolverInfo
 
@@ -73,7 +74,7 @@ def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
         return None
     hw = s0.hardware
     setups = [dataclasses.replace(s0, compute=hw.devices[g]) for g in gpus]
-    problems = [build_problem(s, budget) for s in setups]
+    problems = shared_problems(setups, budget)
     L = s0.stats.num_layers
     B = s0.batch_size
     hop = hop_matrix(s0, gpus, B)  # [G, G]
@@ -89,11 +90,21 @@ def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
         raise InfeasibleError(f"no dense format meets --quality-budget {budget:g} on every GPU")
     best, bounds, sizes, timed_out = None, [], (0, 0), False
     for prefetch in pf_settings:
-        times = [p.times(prefetch) for p in problems]  # [G][L][N]
-        fronts = [[pareto_front(times[g][l], p.tables[l]) for l in range(L)] for g, p in enumerate(problems)]
+        times, fronts = [], []  # [G][L][N], [G][L]: one list per distinct table (shared by equal GPUs)
+        for g, p in enumerate(problems):
+            twin = next((k for k in range(g) if problems[k].tables is p.tables), None)
+            if twin is None:
+                times.append(p.times(prefetch))
+                fronts.append([pareto_front(times[g][l], p.tables[l]) for l in range(L)])
+            else:
+                times.append(times[twin])
+                fronts.append(fronts[twin])
         for fm in dense:
-            r = _mip(problems, times, fronts, hop, fm, budget, req, seed=0,
-                     cutoff_s=None if best is None else best["objective"])
+            cutoff = None if best is None else best["objective"]
+            if identical(problems):
+                r = _pooled(problems, times, fronts, hop, fm, budget, req, cutoff)
+            else:
+                r = _mip(problems, times, fronts, hop, fm, budget, req, seed=0, cutoff_s=cutoff)
             sizes = (max(sizes[0], r["variables"]), max(sizes[1], r["constraints"]))
             timed_out |= r["timed_out"]
             if r["bound"] is not None:
@@ -121,7 +132,8 @@ def _mip(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, budge
     p0 = problems[0]
     fixed = [p.fixed[fm] for p in problems]
     # times enter in units of the fastest conceivable step (the solver's tolerances are absolute)
-    unit = max(sum(min(float(times[g][l][fronts[g][l]].min()) for g in range(G)) for l in range(L))
+    unit = max(sum(min(float(times[g][l][fronts[g][l]].min()) for g in range(G) if len(fronts[g][l]))
+                   for l in range(L))
                + min(f.dense_s for f in fixed), 1e-12)
     prob = pulp.LpProblem("moe_multi_gpu", pulp.LpMinimize)
     x = [[{int(w): prob.add_variable(f"x_{l}_{g}_{w}", cat="Binary") for w in fronts[g][l]} for g in range(G)]
@@ -191,6 +203,67 @@ def _mip(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, budge
     out |= {"choice": tuple(choice), "devices": tuple(devices),
             "objective": objective_s(problems, times, choice, devices, hop, fm)}
     return out
+
+
+def _pooled(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, budget: float, req,
+            cutoff_s: float | None) -> dict:
+    """One part on equal GPUs (:mod:`planner.multi_gpu_equal`): the pooled relaxation's bound;
+    the plan: each GPU one contiguous range of layers (cut where the relaxation's bytes
+    cross equal shares), every layer's option chosen again by the MIP with those GPUs fixed."""
+    relaxed = _mip([pooled_problem(problems, fm)], times[:1], fronts[:1], np.zeros((1, 1)), fm, budget, req,
+                   seed=0, cutoff_s=cutoff_s)
+    out = relaxed | {"choice": None}
+    if relaxed["choice"] is None or (cutoff_s is not None and relaxed["objective"] >= cutoff_s * (1 - req.gap)):
+        return out  # nothing here beats the best plan so far
+    devices = split(problems, relaxed["choice"], fm)
+    choice = per_gpu(problems, times, fronts, fm, budget, req, relaxed["choice"], devices)
+    if choice is not None and feasible(problems, choice, devices, fm, budget):
+        out |= {"choice": choice, "devices": devices, "objective": objective_s(problems, times, choice, devices, hop, fm)}
+    return out
+
+
+def per_gpu(problems: list[Problem], times, fronts, fm: str, budget: float | None, req, pooled, devices):
+    """Each GPU's layers' options chosen again by one small MIP per GPU (:mod:`planner.multi_gpu_equal`):
+    its capacity, and the shares of the quality budget and of the homes' bytes that the pooled
+    plan ``pooled`` spends on its layers plus an equal part of what it leaves. ``None``: a GPU
+    has no plan."""
+    G, L, p0 = len(problems), len(devices), problems[0]
+    t = p0.tables
+    err = [float(t[l].error[w]) for l, w in enumerate(pooled)]
+    q_slack = 0.0 if budget is None else max(0.0, budget * p0.importance_total - sum(err)) / G
+    homes = list(p0.setup.homes)
+    home_use = np.zeros((L, len(homes)))
+    for l, w in enumerate(pooled):
+        home_use[l, int(t[l].home[w])] = float(t[l].home_bytes[w])
+    h_slack = np.maximum(0.0, np.array([p0.caps[h] for h in homes]) - home_use.sum(axis=0)) / G
+    choice = list(pooled)
+    for g, p in enumerate(problems):
+        mine = [l for l in range(L) if devices[l] == g]
+        if not mine:
+            continue
+        fc = p.fixed[fm]
+        unit = max(sum(float(times[g][l][fronts[g][l]].min()) for l in mine), 1e-12)
+        prob = pulp.LpProblem(f"moe_gpu_{g}", pulp.LpMinimize)
+        x = {l: {int(w): prob.add_variable(f"x_{l}_{w}", cat="Binary") for w in fronts[g][l]} for l in mine}
+        prob += pulp.lpSum(v * float(times[g][l][w] / unit) for l in mine for w, v in x[l].items())
+        for l in mine:
+            prob += pulp.lpSum(x[l].values()) == 1, f"one[{l}]"
+        prob += (pulp.lpSum(v * float(t[l].dev_bytes[w]) for l in mine for w, v in x[l].items())
+                 <= p.caps[p.device_mem] - fc.workspace_bytes - (fc.dense_bytes + fc.kv_bytes) * len(mine) / L), "cap"
+        for hi, home in enumerate(homes):
+            prob += (pulp.lpSum(v * float(t[l].home_bytes[w]) for l in mine for w, v in x[l].items()
+                                if t[l].home[w] == hi)
+                     <= float(home_use[mine, hi].sum() + h_slack[hi])), f"cap[{home}]"
+        if budget is not None:
+            prob += (pulp.lpSum(v * float(t[l].error[w]) for l in mine for w, v in x[l].items())
+                     <= sum(err[l] for l in mine) + q_slack), "quality"
+        prob.solve(_HiGHS(msg=False, timeLimit=req.time_limit_s, gapRel=req.gap / 10, gapAbs=1e-15, threads=1,
+                          random_seed=0, mip_max_nodes=MULTI_NODE_LIMIT, **_HIGHS_OPTIONS))
+        if prob.solverModel.getInfo().primal_solution_status != 2:
+            return None
+        for l in mine:
+            choice[l] = max(x[l], key=lambda w: x[l][w].varValue or 0.0)
+    return tuple(choice)
 
 
 def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | None) -> bool:
