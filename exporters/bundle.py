@@ -338,6 +338,21 @@ from pathlib import Path
 
 _RUN_PY_MAIN = '''
 
+def _source_only_finder(root):
+    """A path hook for directories inside ``root``: their modules are compiled from source."""
+    import importlib.machinery as machinery
+
+    class SourceOnly(machinery.SourceFileLoader):
+        def get_code(self, fullname):
+            return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+
+    def finder(path):
+        if not Path(path).resolve().is_relative_to(root):
+            raise ImportError("not the bundle's")
+        return machinery.FileFinder(path, (SourceOnly, machinery.SOURCE_SUFFIXES))
+    return finder
+
+
 def _check(here):
     problem = bundle_problem(here)
     if problem is not None:
@@ -349,9 +364,11 @@ def _check(here):
 if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     _check(here)
-    # Python's bytecode cache lives outside the bundle: an in-bundle __pycache__ is never read
+    # the bundle's own modules compile from their checked sources, never from a bytecode cache
+    # (an in-bundle __pycache__ is not in the manifest's hashes); the libraries keep theirs
     sys.dont_write_bytecode = True
-    sys.pycache_prefix = str(Path(__file__).resolve().parent / "__pycache__" / "__never__")
+    sys.path_hooks.insert(0, _source_only_finder(here))
+    sys.path_importer_cache.clear()
     sys.path.insert(0, str(here))
     from runtime.run import main
 

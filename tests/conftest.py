@@ -48,7 +48,7 @@ def run_bundle():
     run_bundle(bundle_dir, "--checkpoint", ckpt, ...) -> exit code (output: capsys). The
     manifest check, the bundle's copy of the runtime (imported as its top-level ``runtime``
     package) and the exit code are the script's; what it changes in ``sys`` (argv, path,
-    bytecode settings, the imported ``runtime`` package) is undone when it returns. Tests of
+    bytecode settings and path hooks, the imported ``runtime`` package) is undone when it returns. Tests of
     what only a child process shows (bytecode left behind, the one-line error before any
     import) keep a real subprocess."""
     import runpy
@@ -56,7 +56,7 @@ def run_bundle():
 
     def run(bundle: Path, *args) -> int:
         script = str(Path(bundle) / "run.py")
-        saved = sys.argv, list(sys.path), sys.dont_write_bytecode, sys.pycache_prefix
+        saved = sys.argv, list(sys.path), sys.dont_write_bytecode, list(sys.path_hooks)
         sys.argv = [script, *map(str, args)]
         try:
             runpy.run_path(script, run_name="__main__")
@@ -64,7 +64,8 @@ def run_bundle():
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         finally:
-            sys.argv, sys.path[:], sys.dont_write_bytecode, sys.pycache_prefix = saved
+            sys.argv, sys.path[:], sys.dont_write_bytecode, sys.path_hooks[:] = saved
+            sys.path_importer_cache.clear()
             for name in [m for m in sys.modules if m == "runtime" or m.startswith("runtime.")]:
                 del sys.modules[name]
         return code

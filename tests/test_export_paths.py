@@ -411,16 +411,28 @@ def test_run_py_refuses_a_tampered_bundle(bundle, what, tmp_path):
 def test_run_py_passes_an_intact_bundle_and_leaves_no_bytecode(bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy, symlinks=True)
-    # a bytecode cache some other run left is tolerated (and never read: run.py moves the cache)
-    cache = copy / "runtime" / "__pycache__"
-    cache.mkdir()
-    (cache / f"planfile.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc").write_bytes(b"junk")
+    # a bytecode cache in the bundle is tolerated and never read, even one that is valid for
+    # its source's size and time but holds other code (the manifest hashes sources only)
+    source = copy / "runtime" / "planfile.py"
+    planted = tmp_path / "planfile.py"
+    code = 'print("PLANTED BYTECODE RAN")\n'
+    planted.write_text(code + "#" * (source.stat().st_size - len(code) - 1) + "\n")
+    assert planted.stat().st_size == source.stat().st_size
+    os.utime(planted, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns))
+    import importlib.util
+    import py_compile
+
+    py_compile.compile(str(planted), cfile=importlib.util.cache_from_source(str(source)), doraise=True)
     check_manifest(copy)
+    plain = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(copy)!r}); import runtime.planfile"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert "PLANTED BYTECODE RAN" in plain.stdout  # a plain import would run it
     r = subprocess.run([sys.executable, str(copy / "run.py"), "--checkpoint", str(tmp_path / "none"), "--prompt", "x"],
                        capture_output=True, text=True, cwd=tmp_path)
     # past the manifest: the runtime itself refuses the missing checkpoint, in one line
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "manifest" not in r.stderr and "symbolic link" not in r.stderr
+    assert "PLANTED" not in r.stdout + r.stderr
     assert sorted(p.name for p in copy.rglob("__pycache__")) == ["__pycache__"]  # only the one made above
     check_manifest(copy)
 
