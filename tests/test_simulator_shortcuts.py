@@ -51,7 +51,7 @@ def test_contended_layers_replay_as_processes_play_them(batch):
     trace = default_workload(model).subset_sequences([0, 1, 2])
     if batch == 1:
         trace = _decode_only(trace)
-    cpu, gpu = "node/cpu0", "node/gpu0"
+    cpu = "node/cpu0"
     layer = {"home": (cpu,) * 8, "format": ("int4",) * 8, "site": ("fetch",) * 4 + ("local",) * 4}
     plan = _hand_plan(model, "desktop-3060", [layer] * model.num_moe_layers)
     hw = load_engine(plan.inputs.engine).apply(load_profile("desktop-3060")[1])
