@@ -24,7 +24,7 @@ reads a few KiB, so compute is negligible), under hand-written plans:
 4. disk: experts of three sizes (H = I = 384, 768, 1536: 0.5-7 MiB at int8) in safetensors
    files, read the way a cache miss reads them (the runtime's positional reads past the page
    cache, then made ready to compute: on a CPU a pre-packed ONNX Runtime session) with their
-   pages dropped from the page cache (``posix_fadvise(DONTNEED)``) or cached; the mean miss
+   pages dropped from the page cache (``posix_fadvise(DONTNEED)``) or cached; the median miss
    of each size, fitted by least squares as ``t = fixed + bytes * per_byte``
    (:mod:`exporters.engine_probe_disk`), gives ``disk_read_overhead_s`` (the fixed part: opening, reading
    calls, building the session) and, set against a sequential read of the largest file past

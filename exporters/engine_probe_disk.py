@@ -6,7 +6,8 @@ hands the job to it and waits for the result (``exporters.runtime.prefetch.Fetch
 runs the fresh session, whose first call costs more than the next (ONNX Runtime allocates
 its buffers); what the first call costs past a steady one is part of the miss (the steady
 call is priced per expert call). Timed at two or more expert sizes, its
-mean per size (a run pays the mean miss, not the median one) fitted as
+median per size (of a few misses: a mean of six, tried, took one interrupted miss into the
+price: 11.7 ms a miss priced against 7 measured at 49% CPU pressure) fitted as
 ``t = fixed + bytes * per_byte`` gives the engine profile's
 ``disk_read_overhead_s`` (the fixed part) and ``disk_read_fraction`` (``1 / per_byte`` over
 a sequential read of the drive); :mod:`exporters.engine_probe` runs it.
@@ -31,7 +32,7 @@ def fit_miss_costs(samples: Sequence[tuple[float, float]]) -> tuple[float, float
     """Least squares of miss seconds on expert bytes, ``t = fixed + bytes * per_byte``.
 
     Args:
-        samples: ``(bytes, seconds)`` of misses (one per expert size: its mean).
+        samples: ``(bytes, seconds)`` of misses (one per expert size: its median).
 
     Returns:
         ``(fixed_s, per_byte_s)``; a fit with a negative intercept (the fixed part small
@@ -68,7 +69,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
     a CPU the fresh session's first call past a steady one (see the module docstring). With
     ``O_DIRECT`` a "warm" read reads the drive too,
     and a "cold" one drops nothing first, as the runtime never does before a direct read.
-    The mean miss of each size is fitted as ``fixed + bytes * per_byte``
+    The median miss of each size is fitted as ``fixed + bytes * per_byte``
     (:func:`fit_miss_costs`). The sequential read is of the largest size's file in 8 MiB
     pieces past the page cache, as ``planner profiles probe`` reads the drive (so the
     fraction applies to its figure); ``sequential``: ``(bytes/s, what it is)``, the drive's
@@ -83,7 +84,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
         return {}, {}, {}
     from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
 
-    times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # state -> [(expert bytes, mean s)]
+    times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # state -> [(expert bytes, median s)]
     seq_rate, how_seq, seq_bytes, direct = 0.0, "", 0, False
     for size in sorted(sizes):
         path = directory / f".engine-probe-experts-{size}.safetensors"
@@ -102,7 +103,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
                 direct = miss.direct
                 drop = state == "cold" and not direct
                 ts = [_timed(path, lambda e=e: miss(e), drop=drop) for e in range(experts)]
-                times[state].append((total / experts, float(np.mean(ts))))
+                times[state].append((total / experts, float(np.median(ts))))
         finally:
             if miss is not None:
                 miss.close()
@@ -121,7 +122,7 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
                       "per_byte_s": per_byte}
         if direct:
             how = "read with O_DIRECT, past the page cache (nothing dropped first)"
-        what = (f"one {fmt} expert of {mib} MiB read as a miss reads it, {ready}, {how} (mean of "
+        what = (f"one {fmt} expert of {mib} MiB read as a miss reads it, {ready}, {how} (median of "
                 f"{experts} per size), least squares t = fixed + bytes / rate")
         against = how_seq if sequential is not None else \
             f"a sequential read of the {seq_bytes / 2**20:.0f} MiB file in 8 MiB pieces, {how_seq}"

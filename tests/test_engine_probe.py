@@ -185,7 +185,7 @@ def test_tiny_real_probe_counts_its_work(run_cli, tmp_path):
     assert {c["tokens"] for c in data["fit"]["configs"] if c["phase"] == "prefill"} == {len(PROMPT)}
     disk = data["fit"]["disk"]
     assert disk["sizes"] == list(TINY.disk_sizes)
-    for state in ("cold", "warm"):  # one mean miss per size, at every size the settings name
+    for state in ("cold", "warm"):  # one median miss per size, at every size the settings name
         sizes = [m["bytes"] for m in disk[state]["misses"]]
         assert len(sizes) == len(TINY.disk_sizes) >= 2 and sizes == sorted(set(sizes))
         assert disk[state]["fixed_s"] >= 0 and disk[state]["per_byte_s"] > 0
