@@ -222,3 +222,50 @@ def test_polish_removes_hops_it_can(tmp_path):
     out = polish(problems, times, choice, alternating, hop, fm, None)
     assert out["devices"] == (0, 0, 0, 0) and feasible(problems, choice, out["devices"], fm, None)
     assert out["objective"] == pytest.approx(before - 4 * hop[0, 1], rel=1e-12)
+
+
+def test_equal_gpus_share_one_option_table(tmp_path):
+    """Three equal GPUs: build_problem runs once, and the shared tables, fixed costs and
+    capacities are what each GPU's own build gives; a GPU with other memory gets its own."""
+    from planner.multi_gpu_equal import identical, shared_problems
+
+    s, hw, *_ = _setup(tmp_path, gpus=3)
+    setups = [dataclasses.replace(s, compute=hw.devices[g]) for g in node_gpus(s)]
+    built = []
+    problems = shared_problems(setups, 0.01, build=lambda su, b: built.append(su.compute.id) or build_problem(su, b))
+    assert built == ["n/gpu0"] and identical(problems)
+    for p, su in zip(problems, setups):
+        own = build_problem(su, 0.01)
+        assert p.device_mem == own.device_mem and p.caps == own.caps and p.fixed == own.fixed
+        for a, b in zip(p.tables, own.tables):
+            assert all(np.array_equal(getattr(a, c), getattr(b, c)) for c in ("dev_bytes", "home_bytes", "error", "b_off"))
+            assert np.array_equal(option_time_of(a), option_time_of(b))
+    bigger = dataclasses.replace(hw.devices["n/gpu2"], memory_bytes=2 * HBM)
+    odd = dataclasses.replace(setups[2], compute=bigger)
+    built.clear()
+    assert not identical(shared_problems(setups[:2] + [odd], 0.01,
+                                         build=lambda su, b: built.append(su.compute.id) or build_problem(su, b)))
+    assert built == ["n/gpu0", "n/gpu2"]
+
+
+def option_time_of(t):
+    from planner.costs import option_time
+
+    return option_time(t, False)
+
+
+def test_equal_gpus_plan_is_certified(tmp_path):
+    """Three equal GPUs (pooled relaxation): the plan keeps every GPU's capacity, each GPU holds
+    one contiguous range, and the reported bound is below the plan and at most its gap away."""
+    s, hw, model, _ = _setup(tmp_path, gpus=3, layers=6)
+    plan = plan_multi_gpu(s, REQ, INPUTS, 0.01)
+    info = plan.solver
+    assert info.bound <= info.objective and info.gap == pytest.approx((info.objective - info.bound) / info.objective)
+    p0 = build_problem(s, 0.01)  # one GPU's variables (the per-GPU MIP has three times as many, and hops)
+    assert info.variables == sum(len(pareto_front(tau, t)) for tau, t in zip(p0.times(False), p0.tables))
+    devices = plan.layer_devices or ("n/gpu0",) * 6
+    runs = [d for k, d in enumerate(devices) if k == 0 or devices[k - 1] != d]
+    assert len(runs) == len(set(runs))
+    for g in set(devices):
+        assert plan.memory[g].used_bytes <= plan.memory[g].capacity_bytes
+    check_plan(plan, hw, model)
