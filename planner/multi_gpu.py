@@ -34,6 +34,11 @@ is certified as in planner.ilp. The search stops on node limits (the same plan o
 machine); the wall clock is only a safety net. Every one-GPU plan is a plan here (all z on
 G[0]), so the result is never slower than the single-GPU plan by more than the gap.
 
+Equal GPUs (every GPU of the node the same make, memory and links; 8 x RTX 4090): one option
+table serves them all, and each part solves instead the pooled relaxation and one small MIP
+per GPU (:mod:`planner.multi_gpu_equal`): one GPU's variables and none of the G! symmetric
+copies of a plan, the bound still certified.
+
 Not modelled: micro-batch pipelining at batch > 1 (the objective still sums the layers),
 the embedding and head sitting on G[0] apart from the per-layer dense share, and link
 contention between a hop and prefetches (the simulator plays both out).
@@ -51,7 +56,7 @@ from profiles.errors import InfeasibleError
 from .costs import Setup
 from .ilp_mip import _HIGHS_OPTIONS, _HiGHS
 from .ilp_model import Problem, build_problem, pareto_front
-from .multi_gpu_equal import identical, pooled_problem, shared_problems, split
+from .multi_gpu_equal import identical, per_gpu, pooled_problem, shared_problems, split
 from .pipeline_costs import hop_matrix, hop_s, hops_s, node_gpus, pipeline_step_s
 from .plan import MemoryUse, Plan, SolverInfo
 
@@ -216,54 +221,10 @@ def _pooled(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, bu
     if relaxed["choice"] is None or (cutoff_s is not None and relaxed["objective"] >= cutoff_s * (1 - req.gap)):
         return out  # nothing here beats the best plan so far
     devices = split(problems, relaxed["choice"], fm)
-    choice = per_gpu(problems, times, fronts, fm, budget, req, relaxed["choice"], devices)
+    choice = per_gpu(problems, times, fronts, fm, budget, req, relaxed["choice"], devices, MULTI_NODE_LIMIT)
     if choice is not None and feasible(problems, choice, devices, fm, budget):
         out |= {"choice": choice, "devices": devices, "objective": objective_s(problems, times, choice, devices, hop, fm)}
     return out
-
-
-def per_gpu(problems: list[Problem], times, fronts, fm: str, budget: float | None, req, pooled, devices):
-    """Each GPU's layers' options chosen again by one small MIP per GPU (:mod:`planner.multi_gpu_equal`):
-    its capacity, and the shares of the quality budget and of the homes' bytes that the pooled
-    plan ``pooled`` spends on its layers plus an equal part of what it leaves. ``None``: a GPU
-    has no plan."""
-    G, L, p0 = len(problems), len(devices), problems[0]
-    t = p0.tables
-    err = [float(t[l].error[w]) for l, w in enumerate(pooled)]
-    q_slack = 0.0 if budget is None else max(0.0, budget * p0.importance_total - sum(err)) / G
-    homes = list(p0.setup.homes)
-    home_use = np.zeros((L, len(homes)))
-    for l, w in enumerate(pooled):
-        home_use[l, int(t[l].home[w])] = float(t[l].home_bytes[w])
-    h_slack = np.maximum(0.0, np.array([p0.caps[h] for h in homes]) - home_use.sum(axis=0)) / G
-    choice = list(pooled)
-    for g, p in enumerate(problems):
-        mine = [l for l in range(L) if devices[l] == g]
-        if not mine:
-            continue
-        fc = p.fixed[fm]
-        unit = max(sum(float(times[g][l][fronts[g][l]].min()) for l in mine), 1e-12)
-        prob = pulp.LpProblem(f"moe_gpu_{g}", pulp.LpMinimize)
-        x = {l: {int(w): prob.add_variable(f"x_{l}_{w}", cat="Binary") for w in fronts[g][l]} for l in mine}
-        prob += pulp.lpSum(v * float(times[g][l][w] / unit) for l in mine for w, v in x[l].items())
-        for l in mine:
-            prob += pulp.lpSum(x[l].values()) == 1, f"one[{l}]"
-        prob += (pulp.lpSum(v * float(t[l].dev_bytes[w]) for l in mine for w, v in x[l].items())
-                 <= p.caps[p.device_mem] - fc.workspace_bytes - (fc.dense_bytes + fc.kv_bytes) * len(mine) / L), "cap"
-        for hi, home in enumerate(homes):
-            prob += (pulp.lpSum(v * float(t[l].home_bytes[w]) for l in mine for w, v in x[l].items()
-                                if t[l].home[w] == hi)
-                     <= float(home_use[mine, hi].sum() + h_slack[hi])), f"cap[{home}]"
-        if budget is not None:
-            prob += (pulp.lpSum(v * float(t[l].error[w]) for l in mine for w, v in x[l].items())
-                     <= sum(err[l] for l in mine) + q_slack), "quality"
-        prob.solve(_HiGHS(msg=False, timeLimit=req.time_limit_s, gapRel=req.gap / 10, gapAbs=1e-15, threads=1,
-                          random_seed=0, mip_max_nodes=MULTI_NODE_LIMIT, **_HIGHS_OPTIONS))
-        if prob.solverModel.getInfo().primal_solution_status != 2:
-            return None
-        for l in mine:
-            choice[l] = max(x[l], key=lambda w: x[l][w].varValue or 0.0)
-    return tuple(choice)
 
 
 def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | None) -> bool:
