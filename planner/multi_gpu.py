@@ -223,8 +223,12 @@ def _pooled(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, bu
     devices = split(problems, relaxed["choice"], fm)
     choice = per_gpu(problems, times, fronts, fm, budget, req, relaxed["choice"], devices, MULTI_NODE_LIMIT)
     if choice is not None and feasible(problems, choice, devices, fm, budget):
-        out |= {"choice": choice, "devices": devices, "objective": objective_s(problems, times, choice, devices, hop, fm)}
-    return out
+        return out | {"choice": choice, "devices": devices,
+                      "objective": objective_s(problems, times, choice, devices, hop, fm)}
+    # the ranges leave a GPU without a plan: the per-GPU MIP (both bounds hold; the larger counts)
+    r = _mip(problems, times, fronts, hop, fm, budget, req, seed=0, cutoff_s=cutoff_s)
+    bound = max(b for b in (out["bound"], r["bound"]) if b is not None) if r["bound"] is not None else out["bound"]
+    return r | {"bound": bound, "timed_out": r["timed_out"] or out["timed_out"]}
 
 
 def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | None) -> bool:

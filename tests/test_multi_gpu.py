@@ -269,3 +269,17 @@ def test_equal_gpus_plan_is_certified(tmp_path):
     for g in set(devices):
         assert plan.memory[g].used_bytes <= plan.memory[g].capacity_bytes
     check_plan(plan, hw, model)
+
+
+def test_equal_gpus_fall_back_to_the_per_gpu_mip(tmp_path, monkeypatch):
+    """When the contiguous ranges leave a GPU without a plan, the part is solved by the MIP over
+    (layer, option, GPU): a plan still comes back, within capacity and certified."""
+    import planner.multi_gpu as mg
+
+    s, hw, model, _ = _setup(tmp_path, gpus=3, layers=6)
+    pooled = plan_multi_gpu(s, REQ, INPUTS, 0.01)
+    monkeypatch.setattr(mg, "per_gpu", lambda *a, **k: None)
+    plan = plan_multi_gpu(s, REQ, INPUTS, 0.01)
+    assert plan.solver.variables > pooled.solver.variables  # three GPUs' options and the hops
+    assert plan.solver.bound <= plan.solver.objective
+    check_plan(plan, hw, model)
