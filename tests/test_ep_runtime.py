@@ -195,3 +195,20 @@ def test_sweep_passes_runtime_knobs_to_the_simulator(tmp_path):
                     "vary: {reroute: [false, true], rebalance_every: [null, 4]}\n")
     specs = point_specs(load_grid(path), tmp_path / "out")
     assert [(s["reroute"], s["rebalance_every"]) for s in specs] == [(False, None), (False, 4), (True, None), (True, 4)]
+
+
+def test_simulate_cli_runs_the_balancing_flags_on_an_ep_plan_and_refuses_them_elsewhere(ep_plan, tmp_path, run_cli):
+    out = tmp_path / "m.json"
+    r = run_cli("simulate", "-p", ep_plan, "--requests", "4", "--batch", "4", "--reroute", "--rebalance-every", "2",
+                "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "EPLB re-placements" in r.output and "max/mean GPU load" in r.output
+    ep = json.loads(out.read_text())["expert_parallel"]
+    assert ep["layer_replacements"] > 0 and ep["replacement_bytes"] > 0
+    plain = tmp_path / "plain.json"
+    assert run_cli("simulate", "-p", ep_plan, "--requests", "4", "--batch", "4", "--out", plain).exit_code == 0
+    assert "layer_replacements" not in json.loads(plain.read_text())["expert_parallel"]
+    one = tmp_path / "one.json"
+    assert run_cli("optimize", "-H", "desktop-3060", "-m", "olmoe-1b-7b", "--out", one).exit_code == 0
+    r = run_cli("simulate", "-p", one, "--reroute")
+    assert r.exit_code == 1 and "this plan is not one" in r.output and "Traceback" not in r.output

@@ -98,6 +98,10 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
               help="Miss handling: plan, fiddler (CPU when faster), hobbit (low-bit copy for low-gate experts).")
 @click.option("--kv-context", type=click.Choice(["actual", "plan"]), default="actual", show_default=True,
               help="KV cache read per step: each request's real context, or the plan's context length.")
+@click.option("--reroute", is_flag=True, help="Expert-parallel plans: send each expert call to its expert's copy on "
+              "the GPU with the least work so far in the layer (as LLEP does) instead of the engine's static copy.")
+@click.option("--rebalance-every", type=click.IntRange(min=1), help="Expert-parallel plans: re-place every layer's "
+              "experts every N decode steps with EPLB from the routing seen since (the moved bytes cross the network).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the metrics JSON here.")
 @click.option("--trace-out", type=click.Path(dir_okay=False),
@@ -107,7 +111,7 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
 @common_options
 def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival_rate, batch, scheduler, batching,
                  chunk_tokens, kv_blocks, kv_memory, preemption, eviction, prefetch, prefetch_accuracy, miss,
-                 kv_context, seed, out, trace_out, plots, force) -> None:
+                 kv_context, reroute, rebalance_every, seed, out, trace_out, plots, force) -> None:
     """Replay a workload on the hardware under a plan: tok/s, TTFT/TPOT, hit rates, link bytes.
 
     \b
@@ -116,6 +120,7 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
       planner simulate -p plan.json --requests 64 --arrival-rate 2 --batch 8
       planner simulate -p plan.json --eviction belady --prefetch oracle --trace-out trace.json
       planner simulate -p plan.json --requests 64 --scheduler sarathi --chunk-tokens 256 --kv-blocks 400
+      planner simulate -p ep-plan.json --batch 32 --reroute --rebalance-every 32
     """
     from simulator.engine import SimConfig, simulate
 
@@ -137,12 +142,20 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
             raise InputError(exc.message, key="--kv-memory", value=kv_memory, expected="a size such as 2GiB",
                              fix="pass e.g. --kv-memory 2GiB") from None
     plan = load_plan(plan_path)
+    if reroute or rebalance_every is not None:
+        from exporters.engines.sglang import is_expert_parallel
+
+        if not is_expert_parallel(plan):
+            flag = "--reroute" if reroute else "--rebalance-every"
+            raise InputError(f"{flag} changes where an expert-parallel plan sends tokens; this plan is not one",
+                             file=plan_path, key=flag, fix="drop it, or plan with --parallel ep")
     hw, spec, trace, warnings = plan_inputs(plan, hardware, model, trace_path, task, plan_path)
     config = SimConfig(batch_size=batch, requests=requests, arrival_rate_per_s=arrival_rate,
                        batching=scheduler or batching or "continuous", chunk_tokens=chunk_tokens, kv_blocks=kv_blocks,
                        kv_bytes=kv_bytes, preemption=preemption, eviction=eviction, prefetch=prefetch, miss=miss,
                        prefetch_accuracy=prefetch_accuracy,
-                       kv_context=kv_context, seed=seed, record=bool(trace_out))
+                       kv_context=kv_context, seed=seed, record=bool(trace_out), ep_reroute=reroute,
+                       ep_rebalance_every=rebalance_every)
     if eviction is not None and not any(layer.cache_slots for layer in plan.layers):
         warnings.append(f"--eviction {eviction} changes nothing: the plan has no expert-cache slots")
     output = get_output()
@@ -187,6 +200,14 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
             table.add_row(f"bytes from {tier}", f"{b / 2**30:.2f} GiB", "")
         table.add_row("requests / output tokens", f"{m['requests']} / {m['output_tokens']}", "")
         table.add_row("simulated time", format_time(m["makespan_s"]), "")
+        if ep := m.get("expert_parallel"):
+            loads = ep["max_over_mean_gpu_load"]
+            table.add_row("max/mean GPU load (mean over layers)", f"{sum(loads) / max(len(loads), 1):.3f}", "")
+            table.add_row("tokens crossing GPUs / nodes",
+                          f"{ep['cross_gpu_token_fraction']:.1%} / {ep['cross_node_token_fraction']:.1%}", "")
+            if "layer_replacements" in ep:
+                table.add_row("EPLB re-placements (moved)",
+                              f"{ep['layer_replacements']} ({ep['replacement_bytes'] / 2**30:.3g} GiB)", "")
         kv = serve["kv_cache"]
         if kv["blocks"]:
             table.add_row("KV cache peak / mean use", f"{kv['peak_utilisation']:.0%} / {kv['mean_utilisation']:.0%}"
