@@ -184,8 +184,11 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
     if solver not in ("highs", "cbc"):
         raise ValueError(f"unknown solver {solver!r}")
     deadline = time.perf_counter() + time_limit_s
+    problem = problem.for_prefetch(prefetch)  # a TTFT SLO's rows for this setting
     times = problem.times(prefetch)
-    fronts = _fronts if _fronts is not None else [pareto_front(tau, t) for tau, t in zip(times, problem.tables)]
+    fronts = _fronts if _fronts is not None else [
+        pareto_front(tau, t, None if problem.ttft is None else problem.ttft[l])
+        for l, (tau, t) in enumerate(zip(times, problem.tables))]
     if warm is not None and warm[1] not in problem.fixed:
         warm = None  # a plan with a dense format this problem leaves out
     best = None  # (choice, dense format, seconds): the best feasible plan known

@@ -88,6 +88,11 @@ def _mip(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray],
                  <= problem.quality_budget * problem.importance_total), "quality"
         prob += pulp.lpSum(y[fm] * fc.error for fm, fc in problem.fixed.items()) <= problem.quality_budget, \
             "quality_dense"
+    if problem.ttft is not None:
+        # TTFT: sum x_lw prefill_lw <= SLO - sum_d y_d dense_prefill_d
+        prob += (pulp.lpSum(v * float(problem.ttft[l][w]) for l, xl in enumerate(x) for w, v in xl.items())
+                 + pulp.lpSum(y[fm] * (max(problem.ttft_room.values()) - problem.ttft_room[fm]) for fm in problem.fixed)
+                 <= max(problem.ttft_room.values())), "ttft"
     # shape[k]: n_k = sum_{lw: shape(w) = k} x_lw, n_k integer: how many layers take option
     # shape k (see planner.ilp: near-equal layers), a variable to branch on
     shapes = _shapes(problem, x)

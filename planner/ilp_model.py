@@ -4,6 +4,7 @@ nothing fits. The formulation is in :mod:`planner.ilp`'s docstring."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from profiles.errors import InfeasibleError
 from profiles.units import format_size
 
 from .costs import (FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time,
-                    with_tiers)
+                    prefill_dense_s, prefill_options_s, with_tiers)
 from .format_tiers import offers_tiers
 
 __all__ = ["Problem", "build_problem", "pareto_front", "explain_infeasible"]
@@ -29,6 +30,18 @@ class Problem:
     device_mem: str
     quality_budget: float | None
     importance_total: float
+    # a TTFT SLO (planner.batch_search, --slo-ttft): ttft_options[prefetch][l] = [N_l] seconds each
+    # option adds to one prompt's prefill (costs.prefill_options_s), ttft_room[fm] = the SLO less
+    # the dense part's prefill at dense format fm; ttft = the rows of the prefetch setting solved
+    ttft_options: dict[bool, tuple[np.ndarray, ...]] | None = None
+    ttft_room: dict[str, float] | None = None
+    ttft: tuple[np.ndarray, ...] | None = None
+
+    def for_prefetch(self, prefetch: bool) -> Problem:
+        """This problem with the TTFT rows of ``prefetch`` (itself when there is no TTFT SLO)."""
+        if self.ttft_options is None:
+            return self
+        return dataclasses.replace(self, ttft=self.ttft_options[prefetch])
 
     def times(self, prefetch: bool) -> list[np.ndarray]:
         """``[L][N_l]`` seconds per step of every option."""
@@ -39,8 +52,11 @@ class Problem:
         return fc.dense_bytes + fc.kv_bytes + fc.workspace_bytes
 
 
-def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
-    """Rows of options that no other option (same home) beats or ties in every column."""
+def pareto_front(tau: np.ndarray, t: OptionTable, ttft: np.ndarray | None = None) -> np.ndarray:
+    """Rows of options that no other option (same home) beats or ties in every column
+    (with ``ttft``, each option's prefill seconds too)."""
+    if ttft is not None:  # one more column: the fast paths below compare four
+        return _front_by_rows(np.stack([tau, t.dev_bytes, t.home_bytes, t.error, ttft], axis=1), t.home)
     cols = np.stack([tau, t.dev_bytes, t.home_bytes, t.error], axis=1)  # [N, 4]
     # 1. options with the same memory and error (they differ in split and mode): the fastest
     #    (then the first row) stands for them all, found by one sort instead of the loop below
@@ -64,15 +80,22 @@ def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
         before = np.concatenate([[np.iinfo(np.int64).max], np.minimum.accumulate(lifted)[:-1]])
         first_of_group = np.concatenate([[True], seg[1:] != seg[:-1]])
         fastest = g[first_of_group | (before > lifted)]
-    # 3. the pareto front of those, per home: sorted, a dominator comes before what it
-    #    dominates, so a row stays iff no earlier row beats or ties it in every column
+    # 3. the pareto front of those, per home
+    return _front_by_rows(cols, t.home, fastest)
+
+
+def _front_by_rows(cols: np.ndarray, home: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """The pareto front of ``rows`` (default: all) over ``cols`` ``[N, C]``, per home: sorted,
+    a dominator comes before what it dominates, so a row stays iff no earlier row beats or ties
+    it in every column."""
+    rows_all = np.arange(len(cols)) if rows is None else rows
     keep: list[np.ndarray] = []
-    for home in np.unique(t.home):
-        rows = fastest[t.home[fastest] == home]
+    for h in np.unique(home):
+        rows = rows_all[home[rows_all] == h]
         rows = rows[np.lexsort(cols[rows].T[::-1])]
-        c = cols[rows]  # [n, 4]
+        c = cols[rows]  # [n, C]
         dominated = np.zeros(len(rows), bool)
-        for i0 in range(0, len(rows), 512):  # [512, n, 4] comparisons at a time
+        for i0 in range(0, len(rows), 512):  # [512, n, C] comparisons at a time
             i1 = min(i0 + 512, len(rows))
             covers = (c[None, :, :] <= c[i0:i1, None, :] * (1 + 1e-12) + 1e-15).all(axis=2)  # [i, j]: j covers i
             earlier = np.arange(len(rows))[None, :] < np.arange(i0, i1)[:, None]
@@ -82,9 +105,11 @@ def pareto_front(tau: np.ndarray, t: OptionTable) -> np.ndarray:
 
 
 def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray] | None = None,
-                  grid: bool = True) -> Problem:
+                  grid: bool = True, ttft: tuple[float, int] | None = None) -> Problem:
     """Option tables for every layer; ``extra[l]`` adds specs (baselines' choices) to layer l;
-    ``grid=False`` keeps only those (pricing given placements, no search)."""
+    ``grid=False`` keeps only those (pricing given placements, no search); ``ttft`` =
+    ``(slo_s, prompt_tokens)`` adds the TTFT SLO as a constraint (each option's share of one
+    prompt's prefill, :func:`planner.costs.prefill_options_s`)."""
     if grid:
         tables = tuple(layer_options(s, l, None if extra is None else extra[l]) for l in range(s.stats.num_layers))
         # per-expert formats (planner.format_tiers): tiers on the options on their layer's front
@@ -99,8 +124,15 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
     caps = {device_mem: capacity(s, device_mem)}
     for h in s.homes:
         caps[h] = capacity(s, h)
-    return Problem(setup=s, tables=tables, fixed=fixed, caps=caps, device_mem=device_mem,
-                   quality_budget=quality_budget, importance_total=float(s.stats.importance.sum()))
+    problem = Problem(setup=s, tables=tables, fixed=fixed, caps=caps, device_mem=device_mem,
+                      quality_budget=quality_budget, importance_total=float(s.stats.importance.sum()))
+    if ttft is None:
+        return problem
+    slo_s, prompt = ttft
+    options = {pf: tuple(prefill_options_s(s, l, t.specs(np.arange(len(t))), prompt, pf, t.tiers(np.arange(len(t))))
+                         for l, t in enumerate(tables)) for pf in (False, True)}
+    room = {fm: slo_s - prefill_dense_s(s, fm, prompt) for fm in fixed}
+    return dataclasses.replace(problem, ttft_options=options, ttft_room=room)
 
 
 def _time_unit(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray]) -> float:
@@ -151,6 +183,10 @@ def _feasible(problem: Problem, choice: tuple[int, ...], dense_fm: str) -> bool:
             return False
         if problem.fixed[dense_fm].error > problem.quality_budget + 1e-12:
             return False
+    if problem.ttft is not None:
+        prefill = sum(float(problem.ttft[l][w]) for l, w in enumerate(choice))
+        if prefill > problem.ttft_room[dense_fm] * (1 + 1e-9):
+            return False
     return True
 
 
@@ -160,6 +196,8 @@ def _usage(problem: Problem, l: int, options: np.ndarray) -> np.ndarray:
     cols = [t.dev_bytes[options]]
     cols += [np.where(t.home[options] == hi, t.home_bytes[options], 0.0) for hi in range(len(problem.setup.homes))]
     cols.append(t.error[options] if problem.quality_budget is not None else np.zeros(len(options)))
+    if problem.ttft is not None:
+        cols.append(problem.ttft[l][options])
     return np.stack(cols, axis=1)
 
 
@@ -168,7 +206,8 @@ def _limits(problem: Problem, dense_fm: str) -> np.ndarray:
     return np.array([problem.caps[problem.device_mem] - problem.dense_total_bytes(dense_fm)]
                     + [problem.caps[h] for h in problem.setup.homes]
                     + [problem.quality_budget * problem.importance_total if problem.quality_budget is not None
-                       else np.inf])
+                       else np.inf]
+                    + ([problem.ttft_room[dense_fm]] if problem.ttft is not None else []))
 
 
 def explain_infeasible(problem: Problem) -> InfeasibleError:
@@ -204,6 +243,20 @@ def explain_infeasible(problem: Problem) -> InfeasibleError:
             f"host memory{' and NVMe' if len(s.homes) > 1 else ''} offer {format_size(homes_cap)} "
             f"({format_size(short)} short); smallest change: {format_size(short)} more DRAM{nvme}, "
             f"or a lower bitwidth (--formats bf16,int8,int4,int3)")
+    if problem.ttft_options is not None:
+        fastest = sum(float(min(o.min() for o in (opts[l] for opts in problem.ttft_options.values())))
+                      for l in range(len(problem.tables)))
+        room = max(problem.ttft_room.values())
+        if fastest > room:
+            return InfeasibleError(
+                f"no placement prefills a prompt within the TTFT SLO: the MoE layers alone take at least "
+                f"{fastest * 1e3:.4g} ms of the {room * 1e3:.4g} ms the dense part leaves; smallest change: raise "
+                "--slo-ttft or shorten --prompt-tokens")
+        return InfeasibleError(
+            "no placement prefills a prompt within the TTFT SLO and fits memory"
+            + (" and the quality budget" if problem.quality_budget is not None else "")
+            + f" (the fastest options alone would take {fastest * 1e3:.4g} ms of {room * 1e3:.4g} ms); smallest "
+            "change: raise --slo-ttft, shorten --prompt-tokens, or add GPU memory")
     if problem.quality_budget is not None:
         return InfeasibleError(
             f"no placement meets --quality-budget {problem.quality_budget:g} within memory; smallest change: raise "

@@ -123,6 +123,10 @@ class _Relaxer:
                              problem.quality_budget * problem.importance_total))
             cap_rows.append((np.concatenate([np.zeros(n_x), [problem.fixed[fm].error for fm in self.fmts]]),
                              problem.quality_budget))
+        if problem.ttft is not None:  # one prompt's prefill within the TTFT SLO (its dense part by format)
+            top = max(problem.ttft_room.values())
+            cap_rows.append((np.concatenate([np.concatenate([problem.ttft[l][f] for l, f in enumerate(fronts)]),
+                                             [top - problem.ttft_room[fm] for fm in self.fmts]]), top))
         self.cap_coefs = [c[:n_x] for c, _ in cap_rows]
         self.spills = np.concatenate([[_spills(tables[l], w) for w in f] for l, f in enumerate(fronts)]).astype(float)
 

@@ -224,7 +224,8 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
                   and (s.fixes is None or s.fixes.keeps(s, b)) and keeps_critical(s, b.specs)]
     L = s.stats.num_layers
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
-    problem = build_problem(s, budget, extra)
+    # a TTFT SLO binds in the ILP (each option's share of one prompt's prefill)
+    problem = build_problem(s, budget, extra, ttft=(req.ttft_slo_s, req.prompt_tokens) if req.ttft_slo_s else None)
     if s.fixes is not None and s.fixes.dense_format:
         problem = dataclasses.replace(problem, fixed={s.fixes.dense_format: problem.fixed[s.fixes.dense_format]})
     t_build = _now()

@@ -145,3 +145,19 @@ def test_ttft_is_linear_in_the_options_chosen():
         assert plan.predicted["ttft_s"] == pytest.approx(
             prefill_s(s, [specs[l:l + 1] for l in range(len(specs))], dense, 512, prefetch,
                       [tiers[l:l + 1] for l in range(len(specs))]), rel=1e-9)
+
+
+def test_a_ttft_slo_binds_inside_the_ilp():
+    """With --slo-ttft the ILP itself keeps one prompt's prefill within the SLO: at a batch whose
+    unconstrained plan misses it, the plan meets it, paying for it in decode time."""
+    base = dict(hardware="desktop-3060", model="phi-3.5-moe", objective="throughput", compare=False,
+                trace=default_workload(load_model("phi-3.5-moe")))
+    free = optimize(OptimizeRequest(**base, batch_size=1)).plan
+    slo = free.predicted["ttft_s"] * 0.9
+    res = optimize(OptimizeRequest(**base, ttft_slo_s=slo, max_batch=1))
+    plan = res.plan
+    assert plan.predicted["ttft_s"] <= slo * (1 + 1e-9) < free.predicted["ttft_s"]
+    assert plan.predicted["tpot_s"] >= free.predicted["tpot_s"] * (1 - 2e-3)  # no faster than without the SLO
+    assert plan.solver.batch_search.status == "optimal"
+    with pytest.raises(InfeasibleError, match="TTFT SLO"):
+        optimize(OptimizeRequest(**base, ttft_slo_s=1e-4, max_batch=1))

@@ -224,7 +224,8 @@ def _load_trace(path: str, task: str | None):
               "found by an outer search over 1..--max-batch whose every point is an ILP solve, with a certified "
               "bound on any other batch (the plan's solver.batch_search); --batch is then not used.")
 @click.option("--slo-ttft", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot.")
+              help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot, and a "
+              "constraint of every solve (the plan's prefill stays within it, at some cost in decode speed).")
 @click.option("--max-batch", type=click.IntRange(min=1, max=MAX_BATCH), default=1024, show_default=True,
               help="Largest batch the SLO search considers.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
