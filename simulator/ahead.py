@@ -155,13 +155,20 @@ class PlayAhead:
                 if len(items) >= slots:
                     items.popitem(False)  # the least recently used
                 items[e] = None
-            misses.append(entry)
+            misses.append((entry, entry[0]))  # copied in rank order, each its one-token kernel
         K = len(experts)
         self.cache_access[l] += K
         if hits:
             self.cache_hit[l] += hits
         self.expert_calls += K
         self.expert_accesses += K
+        return self._book_block(compute, router_at, hit_s, misses)
+
+    def _book_block(self, compute, router_at: float, hit_s: float | None, misses: list) -> float:
+        """Book a layer's block of cache hits (``hit_s`` seconds on the compute stream from the
+        router) and its misses (``(fetch entry, kernel seconds)`` in copy order: copied one after
+        another by the copy engine, each run once in), with the same floats in the same order as
+        the processes; returns the layer's end."""
         end = router_at
         free, busy = compute.free_at_s, compute.busy_s
         if hit_s is not None:  # Stream.reserve(hit_s, ready_s=router_at)
@@ -170,8 +177,8 @@ class PlayAhead:
             busy += hit_s
         if misses:
             link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
-            engine_free = router_at  # the copy engine takes the fetches in rank order
-            for sec, dur, n_bytes, tier, link_ids, keys, latency_s in misses:
+            engine_free = router_at
+            for (_one_s, dur, n_bytes, tier, link_ids, keys, latency_s), sec in misses:
                 arrived = engine_free + dur
                 if link_ids is not None:  # Network.account(path, n_bytes, engine_free, arrived)
                     for lid in link_ids:

@@ -113,30 +113,4 @@ class OnePass:
         if cache is None:
             self.cache_access[l] += tokens  # no slots: every access misses
         compute = self.streams.get(self.compute_id) or self.stream(self.compute_id)
-        end = router_at
-        free, busy = compute.free_at_s, compute.busy_s
-        if hit_s is not None:  # Stream.reserve(hit_s, ready_s=router_at)
-            end = (free if free > router_at else router_at) + hit_s
-            free = end
-            busy += hit_s
-        if misses:
-            link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
-            engine_free = router_at  # the copy engine takes the fetches in first-use order
-            for (_one_s, dur, n_bytes, tier, link_ids, keys, latency_s), sec in misses:
-                arrived = engine_free + dur
-                if link_ids is not None:  # Network.account(path, n_bytes, engine_free, arrived)
-                    for lid in link_ids:
-                        link_bytes[lid] += n_bytes
-                    x = arrived - engine_free - latency_s
-                    for k in keys:
-                        link_busy[k] += x
-                bytes_moved[tier] += n_bytes
-                engine_free = arrived
-                if free > arrived:  # its kernel once the weights are in
-                    arrived = free
-                free = arrived = arrived + sec
-                busy += sec
-                if arrived > end:
-                    end = arrived
-        compute.free_at_s, compute.busy_s = free, busy
-        return end
+        return self._book_block(compute, router_at, hit_s, misses)  # misses in first-use order
