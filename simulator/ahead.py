@@ -164,6 +164,43 @@ class PlayAhead:
         self.expert_accesses += K
         return self._book_block(compute, router_at, hit_s, misses)
 
+    def _reserve_blocks(self, block: dict[str, float], router_at: float) -> float:
+        """Reserve each device's ``block`` seconds from the router on (``Stream.reserve(sec,
+        ready_s=router_at)``); returns when the last ends (the router, if none)."""
+        streams, stream = self.streams, self.stream
+        end = router_at
+        for dev, sec in block.items():
+            st = streams.get(dev) or stream(dev)
+            free = st.free_at_s
+            done = (free if free > router_at else router_at) + sec
+            st.free_at_s = done
+            st.busy_s += sec
+            if done > end:
+                end = done
+        return end
+
+    def _run_local(self, dev: str, sec: float, acts: tuple, router_at: float) -> float:
+        """Experts run where they live on ``dev`` for ``sec`` seconds: the activations out, the
+        kernels once they are in, the results back (``acts``: :meth:`_activations`), each
+        transfer accounted as ``Network.account`` would; returns when the results are back."""
+        p_out, p_back, act, d_out, d_back = acts
+        ready = router_at + d_out
+        st = self.streams.get(dev) or self.stream(dev)
+        free = st.free_at_s
+        done = (free if free > ready else ready) + sec
+        st.free_at_s = done
+        st.busy_s += sec
+        back = done + d_back
+        if act > 0:  # Network.account of the activations out, then of the results back
+            link_bytes, link_busy = self.net.bytes, self.net.busy_s
+            for path, x in ((p_out, ready - router_at - p_out.latency_s), (p_back, back - done - p_back.latency_s)):
+                if path.keys:
+                    for lid in path.link_ids:
+                        link_bytes[lid] += act
+                    for k in path.keys:
+                        link_busy[k] += x
+        return back
+
     def _book_block(self, compute, router_at: float, hit_s: float | None, misses: list) -> float:
         """Book a layer's block of cache hits (``hit_s`` seconds on the compute stream from the
         router) and its misses (``(fetch entry, kernel seconds)`` in copy order: copied one after
@@ -231,37 +268,10 @@ class PlayAhead:
         # engine): book as we go
         streams, stream, net = self.streams, self.stream, self.net
         link_bytes, link_busy = net.bytes, net.busy_s
-        end = router_at
-        for dev, sec in block.items():  # Stream.reserve(sec, ready_s=router_at)
-            st = streams.get(dev) or stream(dev)
-            free = st.free_at_s
-            done = (free if free > router_at else router_at) + sec
-            st.free_at_s = done
-            st.busy_s += sec
-            if done > end:
-                end = done
+        end = self._reserve_blocks(block, router_at)
         if not flags & COPIES:
-            for _, dev, _calls, _tokens, sec, (p_out, p_back, act, d_out, d_back) in jobs:
-                ready = router_at + d_out
-                st = streams.get(dev) or stream(dev)  # one reservation: the same end as one per call
-                free = st.free_at_s
-                done = (free if free > ready else ready) + sec
-                st.free_at_s = done
-                st.busy_s += sec
-                back = done + d_back
-                if act > 0:  # Network.account of the activations out, then of the results back
-                    if p_out.keys:
-                        for lid in p_out.link_ids:
-                            link_bytes[lid] += act
-                        x = ready - router_at - p_out.latency_s
-                        for k in p_out.keys:
-                            link_busy[k] += x
-                    if p_back.keys:
-                        for lid in p_back.link_ids:
-                            link_bytes[lid] += act
-                        x = back - done - p_back.latency_s
-                        for k in p_back.keys:
-                            link_busy[k] += x
+            for _, dev, _calls, _tokens, sec, acts in jobs:  # one reservation: the same end as one per call
+                back = self._run_local(dev, sec, acts, router_at)
                 if back > end:
                     end = back
             return end

@@ -49,42 +49,11 @@ class OnePass:
         self.expert_accesses += tokens
         self.resident_access[l] += resident
         self.local_access[l] += tokens - resident
-        streams, stream = self.streams, self.stream
-        end = router_at
-        for dev, sec in block.items():  # Stream.reserve(sec, ready_s=router_at)
-            st = streams.get(dev) or stream(dev)
-            free = st.free_at_s
-            done = (free if free > router_at else router_at) + sec
-            st.free_at_s = done
-            st.busy_s += sec
-            if done > end:
-                end = done
-        if local:
-            link_bytes, link_busy = self.net.bytes, self.net.busy_s
-            for dev, (n, sec) in local.items():  # activations out, the kernels, results back
-                p_out, p_back, act, d_out, d_back = self._activations(dev, min(n_rows, n))
-                ready = router_at + d_out
-                st = streams.get(dev) or stream(dev)
-                free = st.free_at_s
-                done = (free if free > ready else ready) + sec
-                st.free_at_s = done
-                st.busy_s += sec
-                back = done + d_back
-                if act > 0:  # Network.account of the activations out, then of the results back
-                    if p_out.keys:
-                        for lid in p_out.link_ids:
-                            link_bytes[lid] += act
-                        x = ready - router_at - p_out.latency_s
-                        for k in p_out.keys:
-                            link_busy[k] += x
-                    if p_back.keys:
-                        for lid in p_back.link_ids:
-                            link_bytes[lid] += act
-                        x = back - done - p_back.latency_s
-                        for k in p_back.keys:
-                            link_busy[k] += x
-                if back > end:
-                    end = back
+        end = self._reserve_blocks(block, router_at)
+        for dev, (n, sec) in local.items():  # activations out, the kernels, results back
+            back = self._run_local(dev, sec, self._activations(dev, min(n_rows, n)), router_at)
+            if back > end:
+                end = back
         return end
 
     def _fetch_layer(self, l: int, ids_l: list, experts: list[int], tokens_of: list[int], router_at: float) -> float:
