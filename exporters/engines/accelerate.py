@@ -82,6 +82,12 @@ MODULE_LAYOUTS: dict[str, ModuleLayout] = {
 }
 
 
+def bf16_note(plan: Plan) -> str:
+    """What the config says of the plan's formats: a device_map holds none, all run at bf16."""
+    return ("formats round to bf16: a device_map holds no quantisation (the plan's formats: "
+            + ", ".join(sorted({f for layer in plan.layers for f in layer.format})) + ")")
+
+
 def device_map_for(model: ModelSpec, experts_on: dict[int, int | str], main: int | str,
                    layers_on: dict[int, int] | None = None) -> dict[str, int | str]:
     """A non-overlapping ``device_map`` for ``model``'s transformers 5 class.
@@ -182,8 +188,7 @@ def render_accelerate(plan: Plan, model: ModelSpec, hardware: Hardware, pricing:
     max_memory: dict[str, str] = {str(main): memory_string(weight_bytes)}
     if on_gpu:
         max_memory["cpu"] = memory_string(pricing.usable_bytes(host_mem))
-    notes = ["formats round to bf16: a device_map holds no quantisation (the plan's formats: "
-             + ", ".join(sorted({f for layer in plan.layers for f in layer.format})) + ")"]
+    notes = [bf16_note(plan)]
     if not on_gpu:
         kind = hardware.devices[plan.compute_device].kind
         if kind != "cpu":

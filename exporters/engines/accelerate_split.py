@@ -34,7 +34,7 @@ from profiles.errors import InfeasibleError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
-from .accelerate import MODULE_LAYOUTS, device_map_for
+from .accelerate import MODULE_LAYOUTS, bf16_note, device_map_for
 from .pricing import Pricing, rounding_report
 from .rounding import RoundedLayer, check_plan, device_share, fill_layers, fill_order, memory_string
 
@@ -121,8 +121,7 @@ def render_accelerate_pipeline(plan: Plan, model: ModelSpec, hardware: Hardware,
             weights = len(on_gpu[g]) * layer_bytes + n * dense[g] + (layer_bytes if g == 0 and streamed else 0.0)
             max_memory[str(index[g])] = memory_string(weights)
     max_memory["cpu"] = memory_string(pricing.usable_bytes(host_mem))
-    notes = ["formats round to bf16: a device_map holds no quantisation (the plan's formats: "
-             + ", ".join(sorted({f for layer in plan.layers for f in layer.format})) + ")",
+    notes = [bf16_note(plan),
              "offloaded layers run on GPU " + str(main) + " (accelerate's main device), streamed over its link"]
     load = ["python", f"{engines_dir}/accelerate_load.py", "--checkpoint", checkpoint]
     return {
