@@ -247,6 +247,10 @@ def explain_infeasible(problem: Problem) -> InfeasibleError:
         fastest = sum(float(min(o.min() for o in (opts[l] for opts in problem.ttft_options.values())))
                       for l in range(len(problem.tables)))
         room = max(problem.ttft_room.values())
+        if room <= 0:
+            return InfeasibleError(
+                f"no placement prefills a prompt within the TTFT SLO: the dense part alone takes {-room * 1e3:.4g} ms "
+                "more than the SLO; smallest change: raise --slo-ttft or shorten --prompt-tokens")
         if fastest > room:
             return InfeasibleError(
                 f"no placement prefills a prompt within the TTFT SLO: the MoE layers alone take at least "
