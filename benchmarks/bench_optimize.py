@@ -37,6 +37,11 @@ Run: ``python benchmarks/bench_optimize.py [--models ...] [--profiles ...] [--ou
 ``--deepseek``: only the DeepSeek-V3 solve table (the issue's target: both 4090 profiles, both
 budgets; the plan's solver status, gap, bound and CPU seconds, no levers or per-token pricing),
 written to ``benchmarks/results/optimize_deepseek.json`` unless ``--out`` says otherwise.
+``--deepseek --measured-errors``: the same table with per-expert errors (issue 16's target: DeepSeek-V3
+still plans in <= 10 s with gap <= 0.5% when each expert has its own error at each format, so the
+ILP's per-expert format tiers are offered): each (layer, expert, format) error is the format's
+constant times a seeded lognormal factor (sigma 0.5, seed 0), as a measured quality file would
+give; written to ``benchmarks/results/optimize_deepseek_measured.json`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ DEFAULT_CASE = ("mixtral-8x7b", "desktop-4090", "int4")
 TARGET_SPEEDUP = 1.5
 DSV3_PROFILES = ("cpu-server-4090", "desktop-4090")
 DSV3_SOLVE_S, DSV3_GAP = 5.0, 0.005  # the issue: DeepSeek-V3 in <= 5 s (CPU) with gap <= 0.5%
+DSV3_MEASURED_TOTAL_S = 10.0  # issue 16: with measured per-expert errors, planned in <= 10 s (CPU) with gap <= 0.5%
+MEASURED_SIGMA, MEASURED_SEED = 0.5, 0
 MATTERS = 1.01  # a lever matters where pinning it costs over 1% of tokens/s
 TIME_LIMIT_S = 300.0  # the wall-clock safety net only: work limits end the solves
 
@@ -268,12 +275,23 @@ def run_case(model: str, profile: str, budget_name: str, trace: Trace) -> dict:
     return case
 
 
-def solve_case(model: str, profile: str, budget_name: str, trace: Trace) -> dict:
+def measured_errors(model: str, formats=("bf16", "int8", "int4")) -> dict[str, np.ndarray]:
+    """Per-expert errors as a quality file gives them (``format -> [L, E]``): each format's
+    constant times a seeded lognormal factor, one draw per (layer, expert, format)."""
+    m = load_model(model)
+    rng = np.random.default_rng(MEASURED_SEED)
+    shape = (m.num_moe_layers, m.num_experts)
+    return {fm: QUANT_ERROR[fm] * rng.lognormal(0.0, MEASURED_SIGMA, shape) for fm in formats}
+
+
+def solve_case(model: str, profile: str, budget_name: str, trace: Trace,
+               expert_error: dict[str, np.ndarray] | None = None) -> dict:
     """The ILP's solve alone (--deepseek): status, gap, bound and seconds, as run_case sets it up."""
     budget = BUDGETS[budget_name]
     case = {"model": model, "profile": profile, "quality_budget_name": f"uniform {budget_name}",
             "quality_budget": budget, "workload": trace.source}
-    req = OptimizeRequest(hardware=profile, model=model, trace=trace, quality_budget=budget, time_limit_s=TIME_LIMIT_S)
+    req = OptimizeRequest(hardware=profile, model=model, trace=trace, quality_budget=budget, time_limit_s=TIME_LIMIT_S,
+                          expert_error=expert_error)
     try:
         res = optimize(req)
     except InfeasibleError as exc:
@@ -283,7 +301,11 @@ def solve_case(model: str, profile: str, budget_name: str, trace: Trace) -> dict
                 variables=sv.variables, constraints=sv.constraints, ilp_tokens_per_s=res.plan.predicted["tokens_per_s"],
                 **{k: res.timings_s[k] for k in ("stats_s", "build_s", "solve_s", "total_s", "stats_cpu_s",
                                                  "build_cpu_s", "solve_cpu_s", "total_cpu_s")})
-    case["within_target"] = case["solve_cpu_s"] <= DSV3_SOLVE_S and (sv.gap or 0.0) <= DSV3_GAP
+    case["layers_with_3_formats"] = sum(1 for layer in res.plan.layers if len(set(layer.format)) >= 3)
+    if expert_error is None:
+        case["within_target"] = case["solve_cpu_s"] <= DSV3_SOLVE_S and (sv.gap or 0.0) <= DSV3_GAP
+    else:
+        case["within_target"] = case["total_cpu_s"] <= DSV3_MEASURED_TOTAL_S and (sv.gap or 0.0) <= DSV3_GAP
     return case
 
 
@@ -291,15 +313,22 @@ def _deepseek(args: argparse.Namespace) -> None:
     """--deepseek: the DeepSeek-V3 solve table."""
     started, started_cpu = time.perf_counter(), time.process_time()
     trace = _trace("deepseek-v3")
-    cases = [solve_case("deepseek-v3", profile, budget, trace) for budget in args.budgets for profile in DSV3_PROFILES]
-    record = {"benchmark": "optimize_deepseek", **provenance(("numpy", "pulp", "highspy")),
+    errors = measured_errors("deepseek-v3") if args.measured_errors else None
+    cases = [solve_case("deepseek-v3", profile, budget, trace, errors)
+             for budget in args.budgets for profile in DSV3_PROFILES]
+    target = ({"total_cpu_s": DSV3_MEASURED_TOTAL_S, "gap": DSV3_GAP} if errors else
+              {"solve_cpu_s": DSV3_SOLVE_S, "gap": DSV3_GAP})
+    record = {"benchmark": "optimize_deepseek" + ("_measured" if errors else ""),
+              **provenance(("numpy", "pulp", "highspy")),
               "settings": {"objective": "latency", "batch_size": 1, "context_tokens": 4096,
-                           "time_limit_s": TIME_LIMIT_S, "solver": "highs", "budgets": BUDGETS},
-              "target": {"solve_cpu_s": DSV3_SOLVE_S, "gap": DSV3_GAP,
-                         "met": all(c.get("within_target", False) for c in cases)},
+                           "time_limit_s": TIME_LIMIT_S, "solver": "highs", "budgets": BUDGETS,
+                           "expert_errors": (f"per (layer, expert, format): the format's constant x lognormal(0, "
+                                             f"{MEASURED_SIGMA}), seed {MEASURED_SEED}") if errors else "the constants"},
+              "target": {**target, "met": all(c.get("within_target", False) for c in cases)},
               "cases": cases,
               "wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(time.process_time() - started_cpu, 2)}
-    out = args.out or ROOT / "benchmarks" / "results" / "optimize_deepseek.json"
+    out = args.out or ROOT / "benchmarks" / "results" / ("optimize_deepseek_measured.json" if errors
+                                                          else "optimize_deepseek.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     for c in cases:
@@ -423,6 +452,8 @@ def main() -> None:
                                                                  "(optimize_deepseek.json with --deepseek)")
     parser.add_argument("--deepseek", action="store_true",
                         help="only the DeepSeek-V3 solve table (4090 profiles, solver figures, no levers)")
+    parser.add_argument("--measured-errors", action="store_true",
+                        help="with --deepseek: per-expert errors (seeded lognormal around the constants)")
     args = parser.parse_args()
     if args.deepseek:
         return _deepseek(args)
