@@ -17,6 +17,12 @@ Per MoE layer it stores columnar per-expert arrays (index = expert id):
 
 and per layer the cache: ``cache_slots`` on ``cache_device`` with ``eviction`` policy.
 
+Expert-parallel plans with offload (planner.cluster.offload): per expert ``owner`` names the
+GPU that serves it (the all-to-all sends its tokens there; that GPU's link fetches it from
+its ``home`` in host memory, that node's CPU runs it when ``local``), and ``gpu_caches``
+lists each GPU's cache of the layer (``device``, ``slots``, ``format``). Both are absent
+(empty) on other plans, so plans made before them load, and write, the same bytes.
+
 ``layer_devices`` (multi-GPU pipeline plans, planner.multi_gpu): per MoE layer the compute
 device that runs its dense part, resident and cached experts and its fetches (over that
 device's own link); absent (None) means ``compute_device`` runs every layer, so plans made
@@ -35,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from profiles.errors import InputError, from_validation_error
 
-__all__ = ["Plan", "LayerPlan", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
+__all__ = ["Plan", "LayerPlan", "GpuCache", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
            "load_plan", "digest", "workload_digest"]
 
 PLAN_FORMAT_VERSION = 1
@@ -43,6 +49,16 @@ SITES = ("resident", "fetch", "local", "hybrid", "stream")
 Site = Literal["resident", "fetch", "local", "hybrid", "stream"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuCache(BaseModel):
+    """One GPU's expert cache of a layer in an expert-parallel plan with offload."""
+
+    model_config = _FROZEN
+
+    device: str
+    slots: int = Field(ge=1)
+    format: str
 
 
 class LayerPlan(BaseModel):
@@ -59,12 +75,15 @@ class LayerPlan(BaseModel):
     cache_slots: int = Field(default=0, ge=0)
     cache_device: str | None = None
     cache_format: str | None = None
+    owner: tuple[str, ...] = ()  # EP with offload: the GPU serving each expert (empty: its home's)
+    gpu_caches: tuple[GpuCache, ...] = ()  # EP with offload: each GPU's cache of the layer
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "LayerPlan":
         n = len(self.home)
-        if len(self.format) != n or len(self.site) != n or (self.replicas and len(self.replicas) != n):
-            raise InputError("home, format, site (and replicas) must list every expert once",
+        if len(self.format) != n or len(self.site) != n or (self.replicas and len(self.replicas) != n) \
+                or (self.owner and len(self.owner) != n):
+            raise InputError("home, format, site (and replicas, owner) must list every expert once",
                              key=f"layers[{self.moe_layer}]", value=(n, len(self.format), len(self.site)),
                              fix="regenerate the plan with planner optimize")
         if self.cache_slots and self.cache_device is None:
@@ -172,6 +191,10 @@ class Plan(BaseModel):
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
         data = self.model_dump(mode="json")
+        for layer in data["layers"]:  # plans without EP offload read as before
+            for key in ("owner", "gpu_caches"):
+                if not layer[key]:
+                    del layer[key]
         if data["inputs"].get("quality_digest") is None:
             del data["inputs"]["quality_digest"]  # plans made without --quality read as before
         if data.get("layer_devices") is None:
