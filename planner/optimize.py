@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, get_args
 import numpy as np
 
 from profiles.engines import Engine, load_engine
-from profiles.errors import InputError
+from profiles.errors import InfeasibleError, InputError
 from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Hardware, load_profile
 from profiles.models import ModelSpec, load_model
@@ -24,6 +24,7 @@ from .baselines import BASELINE_ENGINES, BASELINES, Baseline
 from .batch_search import search_batch
 from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, keeps_critical, prefill_s,
                     step_time)
+from .energy import check_power, energy_problem, step_energy_j, with_power_cap
 from .format_tiers import tier_masks
 from .ilp import Problem, SolveResult, _feasible, build_problem, solve
 from .multi_gpu import node_gpus, plan_multi_gpu
@@ -46,7 +47,7 @@ class OptimizeRequest:
     hardware: str = DEFAULT_HARDWARE
     model: str = DEFAULT_MODEL
     trace: Trace | None = None  # None: the model's default workload
-    objective: str = "latency"  # latency | throughput | cost
+    objective: str = "latency"  # latency | throughput | cost | energy (joules per token at batch_size)
     batch_size: int = 1
     context_tokens: int = 4096
     prompt_tokens: int = 512
@@ -72,6 +73,7 @@ class OptimizeRequest:
     eviction: str | None = None  # the plan's cache eviction (Plan.eviction); None: lru
     multi_gpu: bool = False  # every GPU of the node, layers assigned pipeline-style (planner.multi_gpu)
     compare: bool = True  # also plan every baseline (OptimizeResult.baselines); False: the plan alone
+    max_watts: float | None = None  # average power cap, W: energy per step <= max_watts x step time (planner.energy)
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,6 +206,9 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
         plan = price_given(s, req, inputs, budget)
         t_build = t_solve = _now()
     elif req.multi_gpu and req.fixes is None and len(node_gpus(s)) > 1:
+        if req.objective == "energy" or req.max_watts is not None:
+            raise InputError("--objective energy and --max-watts plan one GPU with offloading", key="--parallel",
+                             value=hw.name, fix="add --parallel offload")
         t_build = _now()
         plan = plan_multi_gpu(s, req, inputs, budget)  # builds and solves: its time is the solve's
         t_solve = _now()
@@ -240,7 +245,7 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
         elif warm is not None:
             start = (warm[0], warm[2])
         # the first setting's plan bounds the second: no MIP where its LP bound cannot beat it
-        results.append(solve(problem, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
+        results.append(_solve(problem, req, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
                              gap=req.gap, warm=start, incumbent_s=min((r.objective_s for r in results), default=None)))
     best = min(results, key=lambda r: r.objective_s)
     # the plan is the faster setting's; no plan of either is faster than the lesser bound
@@ -255,6 +260,25 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
               f"differ on a less busy machine; raise --time-limit",) if timed_out else ())
     return assemble_plan(problem, best.choice, best.dense_format, best.prefetch, solver_info, req, inputs, budget,
                          notes=notes, prefetch_policy=req.prefetch, eviction=req.eviction), t_build
+
+
+def _solve(problem: Problem, req: OptimizeRequest, **kw) -> SolveResult:
+    """:func:`planner.ilp.solve` for ``req``'s objective: ``--max-watts`` as a row and
+    ``--objective energy`` as joules in place of seconds (planner.energy); ``problem`` itself
+    (seconds) prices the plan."""
+    if req.max_watts is not None:  # energy per step <= W x step time, a linear row
+        check_power(problem.setup, "--max-watts")
+        problem = with_power_cap(problem, req.max_watts)
+    if req.objective == "energy":
+        check_power(problem.setup, "--objective energy")
+        problem = energy_problem(problem)
+    try:
+        return solve(problem, **kw)
+    except InfeasibleError as exc:
+        if req.max_watts is None:
+            raise
+        raise InfeasibleError(f"no plan averages at most {req.max_watts:g} W (--max-watts) within memory and the "
+                              f"quality budget; smallest change: raise --max-watts ({exc})") from None
 
 
 def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: PlanningStats, budget: float,
@@ -402,6 +426,9 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         memory[m] = MemoryUse(capacity_bytes=s.hardware.memories[m].capacity_bytes, **use, **extra)
     step_s, tau = step_time(s, problem.tables, choice, fc, prefetch)
     predicted = _predict(problem, choice, dense_fm, prefetch, step_s, req)
+    if s.compute.power_w is not None:  # the shared energy model (profiles.energy, planner.energy)
+        joules = step_energy_j(problem, choice, dense_fm, prefetch)
+        predicted |= {"energy_j_per_token": joules / s.batch_size, "power_w": joules / step_s}
     quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
     return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
                 compute_device=s.compute.id, host_device=s.host.id, dense_format=dense_fm,

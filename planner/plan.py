@@ -170,7 +170,7 @@ class Plan(BaseModel):
 
     format_version: int = PLAN_FORMAT_VERSION
     inputs: Inputs
-    objective: Literal["latency", "throughput", "cost"]
+    objective: Literal["latency", "throughput", "cost", "energy"]
     batch_size: int = Field(ge=1)
     context_tokens: int = Field(ge=1)
     compute_device: str

@@ -221,7 +221,8 @@ class DeviceSpec(BaseModel):
     # who makes the chip: an engine profile can state what its kernels reach per vendor
     # (llama.cpp runs its Metal backend on an Apple GPU, not its CUDA one); None: not stated
     vendor: Literal["nvidia", "amd", "apple", "intel"] | None = None
-    power_w: Watts | None = None
+    power_w: Watts | None = None  # active (board / TDP) power: what a busy second draws
+    idle_power_w: Watts | None = None  # drawn while idle (profiles.energy); None: 0 W
     price_per_hour_usd: float | None = Field(default=None, ge=0)
     links: tuple[LinkSpec, ...] = ()
 
@@ -238,13 +239,19 @@ class DeviceSpec(BaseModel):
     def _dump(self, handler):
         # an unstated vendor is left out, so profiles without one keep their digest
         data = handler(self)
-        if isinstance(data, dict) and data.get("vendor") is None:
-            data.pop("vendor", None)
+        if isinstance(data, dict):
+            for key in ("vendor", "idle_power_w"):  # unstated: left out, profiles keep their digest
+                if data.get(key) is None:
+                    data.pop(key, None)
         return data
 
     @model_validator(mode="after")
     def _kind_rules(self) -> "DeviceSpec":
         compute = self.kind in ("gpu", "cpu", "accelerator")
+        if self.idle_power_w is not None and (self.power_w is None or not 0 <= self.idle_power_w <= self.power_w):
+            raise InputError("idle_power_w must lie between 0 and the device's power_w", key="idle_power_w",
+                             value=self.idle_power_w, expected=f"0 .. {self.power_w} W (power_w)",
+                             fix="state power_w (the active power) and an idle power no larger")
         if self.kind != "switch":
             if self.memory_bytes <= 0:
                 raise InputError(f"a {self.kind} device needs memory_bytes > 0", key="memory_bytes",
@@ -363,6 +370,7 @@ class Device:
     cores: int | None
     power_w: float | None
     price_per_hour_usd: float | None
+    idle_power_w: float | None = None  # see DeviceSpec (profiles.energy)
     layer_overhead_s: float = 0.0  # per hidden layer per forward step (see DeviceSpec)
     kernel_bytes_factor: dict[str, float] = field(default_factory=dict)  # see DeviceSpec
     isa: tuple[str, ...] = ()  # cpu kernel families (see DeviceSpec)
@@ -595,7 +603,7 @@ def _resolve(profile: HardwareProfile, file: str | Path | None, lines: dict[tupl
             peak_ops_per_s=dict(spec.peak_ops_per_s), launch_overhead_s=overhead,
             layer_overhead_s=spec.layer_overhead_s, kernel_bytes_factor=dict(spec.kernel_bytes_factor),
             efficiency=eff, efficiency_stated=spec.efficiency is not None,
-            cores=spec.cores, power_w=spec.power_w, price_per_hour_usd=spec.price_per_hour_usd,
+            cores=spec.cores, power_w=spec.power_w, idle_power_w=spec.idle_power_w, price_per_hour_usd=spec.price_per_hour_usd,
             isa=tuple(spec.isa), peak_ops_per_s_by_kernel={k: dict(v) for k, v in spec.peak_ops_per_s_by_kernel.items()},
             sockets=spec.sockets, cross_socket_bytes_per_s=spec.cross_socket_bytes_per_s, vendor=spec.vendor,
         )

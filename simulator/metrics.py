@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from planner.plan import _round  # the Plan's float rounding: the same JSON conventions
+from profiles.energy import energy_j
 
 from .resources import Span
 
@@ -132,10 +133,8 @@ def summarise(sim: Simulation, wall_s: float) -> SimReport:
     busy = {name: st.busy_s for name, st in sim.streams.items()}
     util = {name: min(b / makespan, 1.0) for name, b in busy.items()}
     util.update({k: min(b / makespan, 1.0) for k, b in sim.net.busy_s.items()})
-    energy = 0.0
-    for name, b in busy.items():
-        power = sim.hw.devices[name].power_w
-        energy += (power or 0.0) * b
+    # the planner's model (profiles.energy): busy seconds at active power, idle power all along
+    energy = energy_j(sim.hw, busy, sim.env.now, devices=(sim.plan.compute_device, sim.plan.host_device))
     metrics = {
         "requests": len(reqs),
         "output_tokens": outputs,
