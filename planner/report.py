@@ -96,7 +96,8 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
                    "objective_s": solver.objective, "bound_s": solver.bound, "gap": solver.gap,
                    "time_limit_s": solver.time_limit_s, "variables": solver.variables,
                    "constraints": solver.constraints, **{k: float(v) for k, v in result.timings_s.items()},
-                   "batch_search": solver.batch_search.model_dump() if solver.batch_search else None},
+                   "batch_search": solver.batch_search.model_dump() if solver.batch_search else None,
+                   **({"objective_unit": "J"} if plan.objective == "energy" else {})},  # joules per step
     }
     if compare:
         rows = _baseline_rows(result)
@@ -231,15 +232,19 @@ def _prediction_rows(p: dict[str, float]) -> list[tuple[str, str]]:
             ("link time per step", format_time(p["link_s_per_step"]))]
     if "cost_per_million_tokens_usd" in p:
         rows.append(("cost per million tokens", f"${p['cost_per_million_tokens_usd']:.3g}"))
+    if "energy_j_per_token" in p:  # planner.energy
+        rows += [("energy per token", f"{p['energy_j_per_token']:.3g} J"), ("average power", f"{p['power_w']:.3g} W")]
     return rows
 
 
 def _solver_line(sv: dict[str, Any], with_time: bool) -> str:
     parts = [f"solver: {sv['solver'] or sv['method']} {sv['status']}"]
+    joules = sv.get("objective_unit") == "J"  # --objective energy: joules per step
     if sv["objective_s"] is not None:
-        parts.append(f"objective {format_time(sv['objective_s'])}/step")
+        parts.append(f"objective {sv['objective_s']:.4g} J/step" if joules else
+                     f"objective {format_time(sv['objective_s'])}/step")
     if sv["bound_s"] is not None:
-        parts.append(f"bound {format_time(sv['bound_s'])}")
+        parts.append(f"bound {sv['bound_s']:.4g} J" if joules else f"bound {format_time(sv['bound_s'])}")
     if sv["gap"] is not None:
         parts.append(f"gap {100 * sv['gap']:.2f}%" if sv["gap"] >= 5e-5 else "gap 0%")
     if sv["variables"] is not None:

@@ -166,3 +166,21 @@ def test_idle_power_above_active_is_refused(case):
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(InputError, match="idle_power_w"):
         load_profile(bad)
+
+
+def test_cli_energy_objective_and_cap(case, plans, run_cli, tmp_path):
+    """`planner optimize --objective energy --max-watts W`: the plan's objective, its power within
+    the cap, and the summary's energy rows."""
+    from profiles.workload.trace import save_trace
+
+    hw_path, directory, _, trace = case
+    trace_path = save_trace(trace, tmp_path / "trace.npz")
+    cap = 0.5 * (plans[0].predicted["power_w"] + plans[1].predicted["power_w"])
+    args = ("optimize", "-H", hw_path, "-m", directory, "-t", trace_path, "--formats", "bf16", "--batch", "1",
+            "--parallel", "offload")
+    res = run_cli(*args, "--objective", "energy", "--max-watts", cap, "--json")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)["plan"]
+    assert plan["objective"] == "energy" and plan["predicted"]["power_w"] <= cap * (1 + 1e-6)
+    res = run_cli(*args, "--max-watts", "1")
+    assert res.exit_code == 3 and "--max-watts" in res.output and "Traceback" not in res.output

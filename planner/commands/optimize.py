@@ -197,12 +197,17 @@ def _load_trace(path: str, task: str | None):
               help="Engine profile that runs the plan: a bundled name (planner engines list) or a YAML file. "
               "Plans only what it can run, priced as it runs it. Default: bundle (this project's runtime); "
               "sglang for an expert-parallel plan.")
-@click.option("--objective", type=click.Choice(["latency", "throughput", "cost"]), default="latency",
+@click.option("--objective", type=click.Choice(["latency", "throughput", "cost", "energy"]), default="latency",
               show_default=True, help="latency: batch-1 decode time per token; throughput: tok/s at --batch (or, "
               "with --slo-tpot/--slo-ttft, at the best batch meeting them); cost: $ per million tokens under "
-              "--slo-tpot (needs prices in the profile).")
+              "--slo-tpot (needs prices in the profile); energy: joules per token at --batch (the profile's "
+              "power_w and idle_power_w: busy seconds at active power, idle power all along, as the simulator "
+              "counts it).")
+@click.option("--max-watts", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Largest average power of the plan, watts (needs power_w in the profile): planned as energy "
+              "per step <= W x step time, which is linear where energy / time is not; any --objective.")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True,
-              help="Decode batch size for --objective throughput.")
+              help="Decode batch size for --objective throughput and energy.")
 @click.option("--context", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=4096, show_default=True,
               help="Context tokens per sequence the KV cache must hold.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=512, show_default=True,
@@ -263,7 +268,7 @@ def _load_trace(path: str, task: str | None):
 def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, quality_budget,
                  formats, critical, quality_path, slo_tpot, slo_ttft, max_batch, solver, time_limit, gap, compare,
                  parallel, redundant_experts, out,
-                 report, force, **given) -> None:
+                 report, force, max_watts, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
     With no options it plans Mixtral-8x7B on the RTX 4090 desktop with its default workload.
@@ -276,6 +281,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
       planner optimize --engine llama.cpp --formats bf16,q8_0,q4_k
       planner optimize -m qwen3-30b-a3b --objective throughput --batch 32 --report report/
       planner optimize -t trace.npz --quality-budget 0.006 --formats bf16,int8,int4
+      planner optimize --objective energy --batch 4 --max-watts 300
       planner optimize -H cluster-h100-2node -m deepseek-v3 --compare --out ep-plan.json
       planner optimize --policy llama.cpp --n-cpu-moe 20 --compare   # price your llama.cpp setup
       planner optimize --policy accelerate --gpu-memory 10GiB --out plan.json
@@ -327,6 +333,9 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
             raise InputError(f"{slo} decides the batch size of offload plans; an expert-parallel plan takes --batch",
                              key=slo, value=slo_tpot if slo == "--slo-tpot" else slo_ttft,
                              fix="add --parallel offload (or pipeline), or drop the SLO and give --batch")
+        if use_ep and (objective == "energy" or max_watts is not None):
+            raise InputError("--objective energy and --max-watts plan one GPU with offloading", key="--parallel",
+                             value=parallel, fix="add --parallel offload")
         if use_ep:
             return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
@@ -336,7 +345,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         critical=critical_sets, engine=engine, policy=policy,
         fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"],
         expert_error=quality["errors"], quality_digest=quality["digest"],
-        multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None)
+        multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None,
+        max_watts=max_watts)
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
