@@ -202,13 +202,17 @@ class DeviceKindSpec(BaseModel):
     # `efficiency` there
     efficiency_by_vendor: dict[Vendor, EngineEfficiency] = Field(default_factory=dict)
     expert_loop: ExpertLoop | None = None  # None: routed experts only
+    # share of the device's bf16 (widest float) peak its attention kernels reach over the cached
+    # context (profiles.perf.attention_compute_s: attention costs the longer of its KV read and
+    # its FLOPs at this share); None: attention priced as its KV read only
+    attention_fraction: SourcedFraction | None = None
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         # fields left at their defaults are left out, so profiles without them keep their digest
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("efficiency_by_vendor", "expert_loop", "token_overhead_s"):
+            for key in ("efficiency_by_vendor", "expert_loop", "token_overhead_s", "attention_fraction"):
                 if data.get(key) in (None, {}):
                     data.pop(key, None)
         return data
@@ -427,6 +431,7 @@ class Engine:
             fused_experts=bool(self.profile.fused_experts and self.profile.fused_experts.value),
             linear_host_s=host, dense_linear_host_s=dense_host,
             visits_every_expert=bool(spec.expert_loop and spec.expert_loop.value == "all"),
+            attention_fraction=spec.attention_fraction.value if spec.attention_fraction else None,
         )
         eff, whose = spec.efficiency, f"engine {self.name}"
         if d.vendor is not None and d.vendor in spec.efficiency_by_vendor:

@@ -398,6 +398,9 @@ class Device:
     # the engine's MoE block visits every expert of a layer each step, routed or not (an
     # eager loop over all experts): an unrouted one costs its call overhead and host work
     visits_every_expert: bool = False
+    # share of the bf16 peak the engine's attention kernels reach over the cached context
+    # (profiles.perf.attention_compute_s); None: attention priced as its KV read only
+    attention_fraction: float | None = None
     formats: tuple[str, ...] | None = None  # formats the engine runs here (None: any)
     engine: str = ""  # the engine profile applied to this device ("" on bare hardware)
 

@@ -174,8 +174,53 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     per_layer_s += ATTENTION_LINEARS * host_s
     # a dense-only host cost per linear call: the attention's and the output head's
     dense_host_s = (model.num_hidden_layers * ATTENTION_LINEARS + 1) * device.dense_linear_host_s.get(fmt, 0.0)
-    return weights_s + kv_read_s + model.num_hidden_layers * per_layer_s + fused_s + step_s + dense_host_s \
+    # attention over the cached context as one roofline: its KV read or its FLOPs at the share of
+    # peak the engine's attention kernels reach, whichever is longer (no stated share: the read)
+    attention_s = max(kv_read_s, attention_compute_s(device, model, tokens, kv_bytes, prefill))
+    return weights_s + attention_s + model.num_hidden_layers * per_layer_s + fused_s + step_s + dense_host_s \
         + model.num_moe_layers * unrouted_visits_s(device, model, fmt, tokens)
+
+
+def attention_flops(model: ModelSpec, tokens: int, kv_bytes: float, prefill: bool = False) -> float:
+    """FLOPs of one forward step's attention over the cached context (``kv_bytes``: bf16, all
+    sequences of the step, sliding windows applied, as :meth:`ModelSpec.kv_cache_bytes`).
+
+    Per (query token, cached token, attention layer) pair, the logits q.k and the weighted sum
+    p.v cost ``2 heads key_size`` FLOPs each (Hoffmann et al. 2022, "Training Compute-Optimal
+    Large Language Models", Appendix F: attention logits and softmax @ query reduction,
+    ``2 x seq x key_size x heads`` each per token): ``4 heads head_dim`` for GQA; for MLA the
+    absorbed form engines run (llama.cpp, SGLang, kTransformers), the keys ``kv_lora_rank +
+    qk_rope_head_dim`` wide and the values ``kv_lora_rank``. A decode step's tokens are one per
+    sequence, each attending to its own: the pairs are the cached token-layers. A prefill pass of
+    ``n`` tokens of one sequence whose cache ends at ``c`` tokens per layer (this pass's
+    included) is causal: ``n (c - (n - 1) / 2)`` pairs per layer (windowed layers counted as if
+    ``c`` were their cached tokens: an approximation).
+    """
+    per_token_layer = model.kv_elements_per_token_per_layer * 2.0  # bf16 bytes
+    layers = len(model.attention_layer_indices)
+    if per_token_layer <= 0 or layers == 0:
+        return 0.0
+    sequences = 1 if prefill else max(int(tokens), 1)
+    token_layers = max(kv_bytes - sequences * model.mamba_state_bytes(), 0.0) / per_token_layer
+    if model.attention == "mla":
+        per_pair = 2.0 * model.num_attention_heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+    else:
+        per_pair = 4.0 * model.num_attention_heads * model.head_dim
+    pairs = token_layers
+    if prefill and tokens > 1:
+        context = max(token_layers / layers, float(tokens))
+        pairs = token_layers * tokens * (1.0 - (tokens - 1) / (2.0 * context))
+    return pairs * per_pair
+
+
+def attention_compute_s(device: Device, model: ModelSpec, tokens: int, kv_bytes: float, prefill: bool = False) -> float:
+    """Seconds of :func:`attention_flops` at the share of ``device``'s bf16 (or widest float)
+    peak the engine's attention kernels reach (``device.attention_fraction``, set by an engine
+    profile's ``attention_fraction``); 0 where none is stated (attention priced as its KV read)."""
+    if not device.attention_fraction:
+        return 0.0
+    peak = device.peak_ops_per_s[compute_format(device, "bf16")]
+    return attention_flops(model, tokens, kv_bytes, prefill) / (peak * device.attention_fraction)
 
 
 def token_layer_s(device: Device, tokens: float) -> float:
