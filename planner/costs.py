@@ -81,6 +81,7 @@ import numpy as np
 
 from profiles.perf import dense_step_s, micro_batches, op_offloads
 
+from .dram import averaged_dram_s, dram_prices, outcome_dram_s
 from .format_tiers import tier_masks, tier_rows
 from .options import _keeps_critical, engine_runs, keeps_critical, option_specs
 from .setup import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, SPEC_COLUMNS, OptionTable, Setup
@@ -203,9 +204,16 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         tier = {} if n_up is None else dict(n_up=n_up[row], t_up=t_cpu1[bu[opt]])
         *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]], t_dev1[bo[opt]],
                                     t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier)
+        if s.dram_contention:  # host DRAM shared by the token's CPU reads and copies (planner.dram)
+            times = [np.maximum(t, d) for t, d in zip(times, outcome_dram_s(
+                dram_prices(s), n_res, n_hit, n_miss, n_local, mode[opt], bi[opt], bo[opt], hi[opt], (q - p)[opt], r,
+                None if n_up is None else tier["n_up"], bu[opt]))]
         tau, tau_pf, U = (np.bincount(opt, weights=share * t, minlength=len(specs)) for t in (*times, cpu))
     else:
         tau, tau_pf = (_averaged_max(G, U, F, mode, r, pf) for pf in (False, True))
+        if s.dram_contention:
+            dram = averaged_dram_s(s, dram_prices(s), p, q, bi, bo, bu, hi, mode, act, act_c, up, h, miss, offload, r)
+            tau, tau_pf = np.maximum(tau, dram[0]), np.maximum(tau_pf, dram[1])
     return OptionTable(p=p.copy(), q=q.copy(), b_res=bi.copy(), c=c.copy(), b_off=bo.copy(), home=hi.copy(),
                        mode=mode.copy(), G=G, U=U, F=F, dev_bytes=dev_bytes, home_bytes=home_bytes, error=error,
                        tau=tau, tau_prefetch=tau_pf, k=k_up.copy(), b_up=bu.copy())

@@ -71,6 +71,9 @@ class OptimizeRequest:
     fixes: Fixes | None = None  # parts of the plan fixed, the ILP decides the rest (planner.given)
     prefetch: str | None = None  # the plan's prefetch policy (Plan.prefetch); None: the faster of none/next-layer
     eviction: str | None = None  # the plan's cache eviction (Plan.eviction); None: lru
+    # host DRAM as one port shared by CPU expert reads and copies (planner.dram; recorded in
+    # the plan's inputs); False: the CPU and the link price apart, as before
+    dram_contention: bool = False
     multi_gpu: bool = False  # every GPU of the node, layers assigned pipeline-style (planner.multi_gpu)
     compare: bool = True  # also plan every baseline (OptimizeResult.baselines); False: the plan alone
     max_watts: float | None = None  # average power cap, W: energy per step <= max_watts x step time (planner.energy)
@@ -87,7 +90,8 @@ class OptimizeResult:
 def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_size: int, context_tokens: int,
                formats: tuple[str, ...], critical: tuple[tuple[int, ...], ...] = (),
                quant_error: dict[str, float] | None = None, engine: Engine | None = None,
-               fixes: Fixes | None = None, expert_error: dict[str, np.ndarray] | None = None) -> Setup:
+               fixes: Fixes | None = None, expert_error: dict[str, np.ndarray] | None = None,
+               dram_contention: bool = False) -> Setup:
     """Pick the compute device (first GPU, else first accelerator, else the CPU), the host CPU of
     its node and the homes for offloaded experts (host DRAM, then the node's first NVMe).
 
@@ -128,7 +132,7 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
     s = Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
               formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
-              critical=critical, engine=engine, bare=bare, expert_error=expert_error,
+              critical=critical, engine=engine, bare=bare, expert_error=expert_error, dram_contention=dram_contention,
               fixes=fixes.through(engine) if fixes is not None else None)
     if s.fixes is not None:
         s.fixes.check(s)
@@ -176,7 +180,8 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=model_digest(model), workload=trace.source or "trace",
                     workload_digest=workload_digest(trace), engine=engine.name,
-                    engine_digest=digest(engine.profile.model_dump(mode="json")), quality_digest=req.quality_digest)
+                    engine_digest=digest(engine.profile.model_dump(mode="json")), quality_digest=req.quality_digest,
+                    dram_contention=req.dram_contention)
     if req.objective == "cost" or (req.objective == "throughput" and (req.tpot_slo_s or req.ttft_slo_s)):
         return _optimize_batch(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
     batch = 1 if req.objective == "latency" else req.batch_size
@@ -199,7 +204,7 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
                  engine: Engine | None = None, compare: bool = True) -> OptimizeResult:
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
                    critical=req.critical, quant_error=req.quant_error, engine=engine, fixes=req.fixes,
-                   expert_error=req.expert_error)
+                   expert_error=req.expert_error, dram_contention=req.dram_contention)
     if req.policy is not None:  # a given configuration: priced as it is, no search
         from .given import price_given
 
@@ -291,7 +296,7 @@ def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Planni
         try:
             s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
                            critical=req.critical, quant_error=req.quant_error, engine=engine,
-                           expert_error=req.expert_error)
+                           expert_error=req.expert_error, dram_contention=req.dram_contention)
         except InputError:
             continue  # the engine runs none of the formats on this hardware
         candidates = [b for b in fn(s, budget) or [] if keeps_critical(s, b.specs)]  # --critical binds here too
@@ -315,7 +320,8 @@ def _compare(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Planni
         try:
             return make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens,
                               formats=req.formats, critical=req.critical, quant_error=req.quant_error,
-                              engine=load_engine(engine_name), expert_error=req.expert_error)
+                              engine=load_engine(engine_name), expert_error=req.expert_error,
+                              dram_contention=req.dram_contention)
         except InputError:
             return None
     return out | compare_pipeline(setup_for, budget, req, inputs)

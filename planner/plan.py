@@ -161,6 +161,9 @@ class Inputs(BaseModel):
     engine: str = "bundle"  # the engine profile the plan is priced for (profiles/engines/)
     engine_digest: str = ""
     quality_digest: str | None = None  # the --quality file's sha256 (16 hex digits); None: the constants
+    # priced with host DRAM as one port shared by CPU expert reads and copies (--dram-contention,
+    # planner.dram): simulate and export price the plan the same way
+    dram_contention: bool = False
 
 
 class Plan(BaseModel):
@@ -197,6 +200,8 @@ class Plan(BaseModel):
                     del layer[key]
         if data["inputs"].get("quality_digest") is None:
             del data["inputs"]["quality_digest"]  # plans made without --quality read as before
+        if not data["inputs"].get("dram_contention"):
+            data["inputs"].pop("dram_contention", None)  # plans made without contention read as before
         if data.get("layer_devices") is None:
             data.pop("layer_devices", None)  # single-device plans read as before
         return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"

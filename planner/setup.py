@@ -97,6 +97,8 @@ class Setup:
     bare: Hardware | None = None  # the hardware before the engine was applied
     phase: str = "decode"  # "prefill": a step prices the prompt (the engine's prefill step cost)
     fixes: "Fixes | None" = None  # parts of every layer's option the user fixed (planner.given)
+    # host DRAM as one port shared by CPU expert reads and copies (planner.dram); off: as before
+    dram_contention: bool = False
 
     def runs(self, device: Device, fmt: str) -> bool:
         """Whether the engine runs weights stored as ``fmt`` on ``device``."""

@@ -70,6 +70,7 @@ from profiles.models import ModelSpec
 from profiles.workload.trace import Trace
 
 from .contention import Contention
+from .dram import contend_dram
 from .expert_parallel import ExpertParallel
 from .experts import ExpertWork
 from .kv_cache import KVPool, kv_budget_bytes
@@ -115,6 +116,8 @@ class SimConfig:
             least work so far in the layer (LLEP), not a static copy (False: SGLang's static).
         ep_rebalance_every: expert parallelism: re-place the experts with EPLB every this many
             decode steps, from the routing seen since the last re-placement (None: never).
+        dram_contention: host DRAM as one port shared by CPU expert reads and copies
+            (:mod:`simulator.dram`); ``None``: as the plan was priced.
         seed: for arrivals and imperfect predictors.
         record: keep every kernel and transfer (Chrome trace) and the event log.
     """
@@ -136,6 +139,9 @@ class SimConfig:
     ep_token_home: str = "attention"
     ep_reroute: bool = False
     ep_rebalance_every: int | None = None
+    # host DRAM as one port shared by CPU expert reads and copies (simulator.dram); None: as
+    # the plan was priced (its inputs.dram_contention)
+    dram_contention: bool | None = None
     seed: int = 0
     record: bool = False
 
@@ -207,6 +213,8 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
         self.ep_layer_steps = [0] * len(self.layers)
         self.steps: list[tuple[str, int, float, float]] = []  # (phase, tokens, start, end)
         self.requests: list[Request] = []
+        contend = plan.inputs.dram_contention if config.dram_contention is None else config.dram_contention
+        self.dram = contend_dram(self) if contend else None  # off: no hook at all
 
     # ------------------------------------------------------------------ resources
 
