@@ -41,11 +41,13 @@ def _watts(s: Setup) -> tuple[float, float, float]:
 
 
 def check_power(s: Setup, what: str) -> None:
-    """Refuse an energy objective or cap on hardware whose compute device states no power."""
-    if s.compute.power_w is None:
-        raise InputError(f"{what} needs the compute device's power", key=f"{s.compute.id}.power_w",
-                         value=s.hardware.name, expected="power_w (and idle_power_w) in the hardware profile",
-                         fix="add power_w: 450W (board power / TDP) and idle_power_w to the profile's device")
+    """Refuse an energy objective or cap on hardware whose compute device or host CPU states no
+    power (a device without one would count as free, and the plan would move work onto it)."""
+    for d in (s.compute, s.host):
+        if d.power_w is None:
+            raise InputError(f"{what} needs the power of every device the plan runs on", key=f"{d.id}.power_w",
+                             value=s.hardware.name, expected="power_w (and idle_power_w) in the hardware profile",
+                             fix=f"add power_w (board power / TDP, e.g. 170W) and idle_power_w to {d.id}")
 
 
 def option_energy_j(s: Setup, t: OptionTable, prefetch: bool) -> np.ndarray:

@@ -432,7 +432,7 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         memory[m] = MemoryUse(capacity_bytes=s.hardware.memories[m].capacity_bytes, **use, **extra)
     step_s, tau = step_time(s, problem.tables, choice, fc, prefetch)
     predicted = _predict(problem, choice, dense_fm, prefetch, step_s, req)
-    if s.compute.power_w is not None:  # the shared energy model (profiles.energy, planner.energy)
+    if s.compute.power_w is not None and s.host.power_w is not None:  # profiles.energy, planner.energy
         joules = step_energy_j(problem, choice, dense_fm, prefetch)
         predicted |= {"energy_j_per_token": joules / s.batch_size, "power_w": joules / step_s}
     quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
