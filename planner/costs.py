@@ -344,19 +344,22 @@ def prefill_options_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: in
     return total
 
 
-def prefill_dense_s(s: Setup, dense_format: str, prompt_tokens: int) -> float:
-    """Seconds of one prompt's prefill outside the MoE layers (:func:`prefill_s`'s dense part)."""
+def prefill_dense_s(s: Setup, dense_format: str, prompt_tokens: int, kv_on_host: bool = False) -> float:
+    """Seconds of one prompt's prefill outside the MoE layers (:func:`prefill_s`'s dense part;
+    ``kv_on_host``: the KV cache in host DRAM, :meth:`Setup.kv_host`)."""
     op_offload = s.engine.op_offload if s.engine is not None else None
+    site = s.kv_host() if kv_on_host else None
     total, done = 0.0, 0
     for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
         for _ in range(count):
             done += n
-            total += dense_step_s(s.compute, s.model, dense_format, n, float(s.model.kv_cache_bytes(done)), prefill=True)
+            total += dense_step_s(s.compute, s.model, dense_format, n, float(s.model.kv_cache_bytes(done)), prefill=True,
+                                  kv_on_host=site)
     return total
 
 
 def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_tokens: int,
-              prefetch: bool, tiers: Sequence[np.ndarray] | None = None) -> float:
+              prefetch: bool, tiers: Sequence[np.ndarray] | None = None, kv_on_host: bool = False) -> float:
     """Seconds to prefill one prompt of ``prompt_tokens`` tokens (the TTFT) with one option per
     layer (``specs[l]``: ``[1, 7]``, SPEC_COLUMNS; ``tiers[l]``: ``[1, 2]``, its tier, if any).
 
@@ -369,4 +372,4 @@ def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_t
     """
     layers = sum(float(prefill_options_s(s, l, sp, prompt_tokens, prefetch, None if tiers is None else tiers[l])[0])
                  for l, sp in enumerate(specs))
-    return layers + prefill_dense_s(s, dense_format, prompt_tokens)
+    return layers + prefill_dense_s(s, dense_format, prompt_tokens, kv_on_host)

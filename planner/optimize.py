@@ -26,7 +26,8 @@ from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_r
                     step_time)
 from .energy import check_power, energy_problem, step_energy_j, with_power_cap
 from .format_tiers import tier_masks
-from .ilp import Problem, SolveResult, _feasible, build_problem, solve
+from .ilp import Problem, SolveResult, _feasible, build_problem, explain_infeasible, solve
+from .kv_offload import kv_sites, with_kv_on_host
 from .multi_gpu import node_gpus, plan_multi_gpu
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
@@ -74,6 +75,7 @@ class OptimizeRequest:
     # host DRAM as one port shared by CPU expert reads and copies (planner.dram; recorded in
     # the plan's inputs); False: the CPU and the link price apart, as before
     dram_contention: bool = False
+    kv_cache: str = "auto"  # auto | device | host: where the KV cache lives (planner.kv_offload)
     multi_gpu: bool = False  # every GPU of the node, layers assigned pipeline-style (planner.multi_gpu)
     compare: bool = True  # also plan every baseline (OptimizeResult.baselines); False: the plan alone
     max_watts: float | None = None  # average power cap, W: energy per step <= max_watts x step time (planner.energy)
@@ -211,6 +213,9 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
         plan = price_given(s, req, inputs, budget)
         t_build = t_solve = _now()
     elif req.multi_gpu and req.fixes is None and len(node_gpus(s)) > 1:
+        if req.kv_cache == "host":
+            raise InputError("a plan over several GPUs keeps the KV cache on them", key="--kv-cache", value="host",
+                             fix="use --kv-cache auto or device, or --parallel offload for one GPU")
         if req.objective == "energy" or req.max_watts is not None:
             raise InputError("--objective energy and --max-watts plan one GPU with offloading", key="--parallel",
                              value=hw.name, fix="add --parallel offload")
@@ -228,6 +233,7 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
 
 def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) -> tuple[Plan, np.ndarray]:
     """The ILP's plan for ``s``, warm-started from the baselines, and when its model was built (:func:`_now`)."""
+    kv_on_host = kv_sites(s, req.kv_cache)  # where the KV cache may live (a refusal before any work)
     # warm starts: the baselines' placements this engine can run (and that keep the fixes)
     candidates = [b for fn in BASELINES.values() for b in (fn(s, budget) or [])
                   if all(engine_runs(s, tuple(int(x) for x in spec)) for spec in b.specs)
@@ -235,24 +241,36 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
     L = s.stats.num_layers
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
     # a TTFT SLO binds in the ILP (each option's share of one prompt's prefill)
-    problem = build_problem(s, budget, extra, ttft=(req.ttft_slo_s, req.prompt_tokens) if req.ttft_slo_s else None)
+    ttft = (req.ttft_slo_s, req.prompt_tokens) if req.ttft_slo_s else None
+    problem = build_problem(s, budget, extra, ttft=ttft)
     if s.fixes is not None and s.fixes.dense_format:
         problem = dataclasses.replace(problem, fixed={s.fixes.dense_format: problem.fixed[s.fixes.dense_format]})
     t_build = _now()
     scored = _score_baselines(problem, candidates)
     warm = min(scored.values(), key=lambda x: x[1]) if scored else None
-    results: list[SolveResult] = []
+    results: list[tuple[SolveResult, Problem]] = []
     both = (False, True) if s.engine_can("next-layer") else (False,)
-    for prefetch in both if req.prefetch is None else (req.prefetch != "none",):
-        start = None
-        if results:
-            start = (results[-1].choice, results[-1].dense_format)
-        elif warm is not None:
-            start = (warm[0], warm[2])
-        # the first setting's plan bounds the second: no MIP where its LP bound cannot beat it
-        results.append(_solve(problem, req, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
-                             gap=req.gap, warm=start, incumbent_s=min((r.objective_s for r in results), default=None)))
-    best = min(results, key=lambda r: r.objective_s)
+    infeasible: InfeasibleError | None = None
+    # the KV cache's site is a binary per plan, branched on at the root (planner.kv_offload)
+    for on_host in kv_on_host:
+        part = with_kv_on_host(problem, ttft) if on_host else problem
+        for prefetch in (both if req.prefetch is None else (req.prefetch != "none",)) if part is not None else ():
+            start = None
+            if results:
+                start = (results[-1][0].choice, results[-1][0].dense_format)
+            elif warm is not None:
+                start = (warm[0], warm[2])
+            # the first setting's plan bounds the next: no MIP where its LP bound cannot beat it
+            try:
+                results.append((_solve(part, req, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
+                                      gap=req.gap, warm=start,
+                                      incumbent_s=min((r.objective_s for r, _ in results), default=None)), part))
+            except InfeasibleError as exc:  # no plan with the cache here (its bound: infinite)
+                infeasible = infeasible or exc
+    if not results:
+        raise infeasible or explain_infeasible(problem)
+    best, problem = min(results, key=lambda r: r[0].objective_s)
+    results = [r for r, _ in results]
     # the plan is the faster setting's; no plan of either is faster than the lesser bound
     bound = min(r.bound_s if r.bound_s is not None else r.objective_s for r in results)
     gap = max(0.0, (best.objective_s - bound) / best.objective_s) if best.objective_s > 0 else 0.0
@@ -428,7 +446,7 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     memory = {}
     for m, use in mem.items():
         extra = dict(dense_bytes=fc.dense_bytes, kv_bytes=fc.kv_bytes, workspace_bytes=fc.workspace_bytes) \
-            if m == dev_mem else {}
+            if m == dev_mem else dict(kv_bytes=fc.kv_host_bytes) if fc.kv_on_host and m == s.homes[0] else {}
         memory[m] = MemoryUse(capacity_bytes=s.hardware.memories[m].capacity_bytes, **use, **extra)
     step_s, tau = step_time(s, problem.tables, choice, fc, prefetch)
     predicted = _predict(problem, choice, dense_fm, prefetch, step_s, req)
@@ -441,7 +459,10 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
                 prefetch=prefetch_policy or ("next-layer" if prefetch else "none"), eviction=eviction or "lru",
                 quality_budget=budget,
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
-                notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes)
+                kv_cache="host" if fc.kv_on_host else "device",
+                notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes
+                + ((f"KV cache in host memory ({fc.kv_host_bytes / 2**30:.2f} GiB; engine flag "
+                    f"{s.engine.kv_offload.flag}): attention where it lives",) if fc.kv_on_host else ()))
 
 
 def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, step_s: float,
@@ -470,7 +491,8 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         link_s += float(t.F[w])
     # prefill of one prompt: the same placement, the prompt's tokens in the engine's micro-batches
     ttft_s = prefill_s(s, [tables[l].specs([w]) for l, w in enumerate(choice)], dense_fm, req.prompt_tokens, prefetch,
-                       tiers=[tables[l].tiers([w]) for l, w in enumerate(choice)])
+                       tiers=[tables[l].tiers([w]) for l, w in enumerate(choice)],
+                       kv_on_host=problem.fixed[dense_fm].kv_on_host)
     B = s.batch_size
     out = {"tpot_s": step_s, "tokens_per_s": B / step_s, "ttft_s": ttft_s,
            "expert_hit_rate": hit_num / hit_den if hit_den else 1.0,

@@ -28,6 +28,11 @@ device that runs its dense part, resident and cached experts and its fetches (ov
 device's own link); absent (None) means ``compute_device`` runs every layer, so plans made
 before it existed load, and write, the same bytes. ``compute_device`` then runs the
 embedding and the head.
+
+``kv_cache`` (planner.kv_offload): ``host`` keeps the whole KV cache in host memory (its
+bytes in the host DRAM's ``memory`` entry), read where the engine reads it there (llama.cpp:
+attention on the host CPU, ``--no-kv-offload``); absent (``device``) keeps it on the compute
+device, so plans made before it existed load, and write, the same bytes.
 """
 
 from __future__ import annotations
@@ -186,6 +191,7 @@ class Plan(BaseModel):
     quality_error: float = 0.0
     layers: tuple[LayerPlan, ...]
     layer_devices: tuple[str, ...] | None = None  # per MoE layer its compute device; None: compute_device
+    kv_cache: Literal["device", "host"] = "device"  # where the KV cache lives (planner.kv_offload)
     memory: dict[str, MemoryUse]
     predicted: dict[str, float]
     solver: SolverInfo
@@ -204,6 +210,8 @@ class Plan(BaseModel):
             data["inputs"].pop("dram_contention", None)  # plans made without contention read as before
         if data.get("layer_devices") is None:
             data.pop("layer_devices", None)  # single-device plans read as before
+        if data.get("kv_cache") == "device":
+            data.pop("kv_cache", None)  # plans with the cache on the device read as before
         return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
@@ -211,6 +219,13 @@ class Plan(BaseModel):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
         return path
+
+    @model_validator(mode="after")
+    def _kv_on_one_host(self) -> "Plan":
+        if self.kv_cache == "host" and self.layer_devices is not None:
+            raise InputError("a pipeline plan keeps its KV cache on its GPUs", key="kv_cache", value="host",
+                             expected="device", fix="drop kv_cache, or regenerate the plan with planner optimize")
+        return self
 
     def device_of(self, moe_layer: int) -> str:
         """The compute device that runs MoE layer ``moe_layer``."""

@@ -16,7 +16,7 @@ from profiles.engines import Engine
 from profiles.formats import default_quant_error
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
-from profiles.perf import expert_calls_s
+from profiles.perf import KVHost, expert_calls_s, kv_host
 
 from .workload_view import PlanningStats
 
@@ -142,6 +142,14 @@ class Setup:
 
     def expert_bytes(self, fmt: str) -> float:
         return float(self.model.expert_bytes(fmt))
+
+    def kv_host(self) -> KVHost | None:
+        """Where the engine reads a KV cache kept in host DRAM (None: it cannot keep it there:
+        no ``kv_offload`` in its profile, or the compute device's memory is the host's)."""
+        spec = self.engine.kv_offload if self.engine is not None else None
+        if spec is None or self.unified or self.compute.kind == "cpu":
+            return None
+        return kv_host(self.hardware, self.compute.id, self.host.id, spec)
 
     def kernel_factor(self, device: Device, fmt: str) -> float:
         """Bytes held per stored byte of an expert (or dense matrix) that ``device`` runs: a CPU

@@ -25,17 +25,21 @@ class FixedCosts:
     dense_format: str
     dense_s: float  # compute-device seconds per step: attention/dense weights, shared experts, KV reads
     dense_bytes: float  # dense weights (shared experts included) on the compute device
-    kv_bytes: float  # KV cache for context x batch
+    kv_bytes: float  # KV cache for context x batch, on the compute device
     workspace_bytes: float  # activations + staging_bytes + runtime_bytes
     error: float  # quality error charged to the dense weights
     staging_bytes: float = 0.0  # of the workspace: experts the runtime holds in flight (runtime_memory)
     runtime_bytes: float = 0.0  # of the workspace: the runtime's scratch and own memory (runtime_memory)
+    kv_on_host: bool = False  # the KV cache is kept in host DRAM (planner.kv_offload) ...
+    kv_host_bytes: float = 0.0  # ... and takes these bytes there (kv_bytes is 0 then)
 
 
-def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
-    """Dense (non-expert) work of one decode step at ``dense_format``."""
+def fixed_costs(s: Setup, dense_format: str, kv_on_host: bool = False) -> FixedCosts:
+    """Dense (non-expert) work of one decode step at ``dense_format``; ``kv_on_host``: with the
+    KV cache in host DRAM, read where the engine reads it there (:meth:`Setup.kv_host`)."""
     m, B = s.model, s.batch_size
     kv_bytes = float(m.kv_cache_bytes(s.context_tokens, batch_size=B))
+    site = s.kv_host() if kv_on_host else None
     activations = B * (m.hidden_size * 4 + m.expert_intermediate_size * 2) * 2 * 8.0  # bf16 activations, margin 8x
     staging, runtime = runtime_memory(s)
     # a CPU runs int8/int4 dense matrices in ONNX Runtime sessions too (kernel_factor); an
@@ -43,9 +47,12 @@ def fixed_costs(s: Setup, dense_format: str) -> FixedCosts:
     looked_up = 0.0 if m.tie_word_embeddings else float(m.embedding_params) * get_format(dense_format).bits_per_weight / 8
     dense_bytes = looked_up + s.kernel_factor(s.compute, dense_format) * (float(m.dense_bytes(dense_format)) - looked_up)
     return FixedCosts(dense_format=dense_format,
-                      dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes, prefill=s.phase == "prefill"),
-                      dense_bytes=dense_bytes, kv_bytes=kv_bytes, workspace_bytes=activations + staging + runtime,
-                      error=s.quant_error[dense_format], staging_bytes=staging, runtime_bytes=runtime)
+                      dense_s=dense_step_s(s.compute, m, dense_format, B, kv_bytes, prefill=s.phase == "prefill",
+                                           kv_on_host=site),
+                      dense_bytes=dense_bytes, kv_bytes=0.0 if kv_on_host else kv_bytes,
+                      workspace_bytes=activations + staging + runtime, error=s.quant_error[dense_format],
+                      staging_bytes=staging, runtime_bytes=runtime, kv_on_host=kv_on_host,
+                      kv_host_bytes=kv_bytes if kv_on_host else 0.0)
 
 
 def runtime_memory(s: Setup) -> tuple[float, float]:

@@ -26,7 +26,9 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
 - what it can place (per ``expert``, per ``tensor`` of a layer, per ``layer``), which
   execution sites, cache evictions and prefetch policies it has;
 - whether it runs host-held experts on the GPU, after copying them, once a micro-batch of
-  the prompt is large enough (``op_offload``: llama.cpp's op offload, :class:`OpOffload`).
+  the prompt is large enough (``op_offload``: llama.cpp's op offload, :class:`OpOffload`);
+- whether it can keep the KV cache in host memory, and where attention then runs
+  (``kv_offload``: llama.cpp's ``--no-kv-offload``, :class:`KVOffload`).
 
 Every prediction is for (hardware, engine): :meth:`Engine.apply` returns the hardware as
 this engine sees it (devices carry the overheads, unpack rates and formats, CPUs the
@@ -60,8 +62,8 @@ from .limits import MAX_TEXT_FILE_BYTES
 from .units import parse_time
 from .yamlio import load_yaml
 
-__all__ = ["EngineProfile", "Engine", "OpOffload", "load_engine", "bundled_engines", "ENGINES_DIR", "DEFAULT_ENGINE",
-           "PLACEMENTS", "SITES", "overhead_rows", "engine_hardware"]
+__all__ = ["EngineProfile", "Engine", "OpOffload", "KVOffload", "load_engine", "bundled_engines", "ENGINES_DIR",
+           "DEFAULT_ENGINE", "PLACEMENTS", "SITES", "overhead_rows", "engine_hardware"]
 
 ENGINES_DIR = Path(__file__).parent / "engines"
 DEFAULT_ENGINE = "bundle"
@@ -262,6 +264,21 @@ class OpOffload(BaseModel):
         return self
 
 
+class KVOffload(BaseModel):
+    """The engine can keep the whole KV cache in host memory (a plan's ``kv_cache: host``):
+    ``attention`` says where attention then runs, ``host`` (the host CPU reads the cache
+    where it lives, the step's query, keys and values cross the link and the output comes
+    back: llama.cpp's ``--no-kv-offload``, whose KV buffers are not weights, so op offload
+    never moves them) or ``device`` (the cache crosses the link to the compute device each
+    forward pass); ``flag`` is the command-line switch the exporter writes. Without this
+    block the KV cache stays on the compute device."""
+
+    model_config = _STRICT
+    attention: Literal["host", "device"]
+    flag: str = Field(min_length=1)
+    source: Source
+
+
 class StepOverheads(BaseModel):
     model_config = _STRICT
     decode: SourcedSeconds
@@ -295,6 +312,8 @@ class EngineProfile(BaseModel):
     # host-held experts run on the GPU after a copy when a micro-batch is large enough
     # (llama.cpp's op offload); None: they run where they live, a prompt is one forward pass
     op_offload: OpOffload | None = None
+    # the KV cache may live in host memory (llama.cpp --no-kv-offload); None: on the compute device
+    kv_offload: KVOffload | None = None
     # fixed seconds of each expert read from a drive, on top of its bytes at that fraction of
     # the rate (opening and reading it, making it ready to compute: the bundle builds an ONNX
     # Runtime session per missed CPU expert); priced as latency on the drive's links
@@ -318,7 +337,7 @@ class EngineProfile(BaseModel):
         # a profile without a kv_cache block or expert_parallel keeps the digest it had before
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("kv_cache", "expert_parallel"):
+            for key in ("kv_cache", "expert_parallel", "kv_offload"):
                 if data.get(key) is None:
                     data.pop(key, None)
         return data
@@ -384,6 +403,11 @@ class Engine:
     @property
     def op_offload(self) -> OpOffload | None:
         return self.profile.op_offload
+
+    @property
+    def kv_offload(self) -> KVOffload | None:
+        """How it keeps the KV cache in host memory (None: it cannot)."""
+        return self.profile.kv_offload
 
     @property
     def runs_expert_parallel(self) -> bool:

@@ -34,12 +34,21 @@ micro-batches (:func:`micro_batches`); in a forward pass of at least its thresho
 (:func:`op_offloads`) the experts a GPU's host holds are copied over the host->GPU route and
 run on the GPU, the copy first, then the computation.
 
+An engine that keeps the KV cache in host memory (``profiles.engines.KVOffload``, a plan's
+``kv_cache: host``) reads it where it lives (:class:`KVHost`): attention on the host CPU,
+``roofline(cpu, bf16, kv_bytes, 2 r kv_elements g)`` (``g`` query heads per KV head, ``r``
+query rows per sequence: 1 in a decode step, the pass's tokens in a prompt's) plus,
+per attention layer, the step's query, keys and values to the CPU and the output back
+(two transfers), or, with attention on the device, ``kv_bytes`` over the route per pass
+(one transfer per attention layer); the compute device then reads no KV of its own.
+
 Devices carry the engine's terms once :meth:`profiles.engines.Engine.apply` has run; on bare
 hardware they are zero, and the formula is the datasheet roofline.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s", "expert_calls_s",
            "FUSED_MOE_LAUNCHES", "LINEARS_PER_EXPERT", "ATTENTION_LINEARS", "token_layer_s", "unrouted_visits_s",
-           "micro_batches", "op_offloads"]
+           "micro_batches", "op_offloads", "KVHost", "kv_host"]
 
 # kernels a fused MoE layer launches once, whatever the number of experts it runs: the
 # gate/up projection, the down projection and the weighted combine (llama.cpp: two
@@ -140,8 +149,45 @@ def dense_call_s(device: Device, weight_bytes: float, flops: float, tokens: floa
     return _kernel_s(device, fmt, weight_bytes, flops, tokens)
 
 
+@dataclass(frozen=True)
+class KVHost:
+    """A KV cache kept in host memory (see the module docstring): where attention runs
+    (``host``: the host CPU ``cpu``; ``device``: the compute device, the cache crossing the
+    route) and the route between host memory and the compute device."""
+
+    attention: str  # "host" | "device"
+    cpu: Device
+    link_bytes_per_s: float
+    link_latency_s: float
+
+    def transfer_s(self, n_bytes: float) -> float:
+        return n_bytes / self.link_bytes_per_s + self.link_latency_s
+
+    def attention_s(self, model: ModelSpec, tokens: int, kv_bytes: float, prefill: bool = False) -> float:
+        """Seconds the step's attention over ``kv_bytes`` of cache (all its sequences) adds where
+        the cache lives: a decode step's tokens are one per sequence, a prefill's one sequence's."""
+        layers = len(model.attention_layer_indices)
+        if self.attention == "device":  # every layer's cache crosses the route (its read on the device hides behind)
+            return kv_bytes / self.link_bytes_per_s + layers * self.link_latency_s
+        group = model.num_attention_heads / max(model.num_key_value_heads, 1)  # query heads per KV head
+        rows = tokens if prefill else 1  # query rows that read each cached element
+        flops = 2.0 * rows * (kv_bytes / 2.0) * group  # q.k and p.v over every cached bf16 element
+        qkv = tokens * (model.hidden_size + 2 * model.num_key_value_heads * model.head_dim) * 2.0
+        out = tokens * model.hidden_size * 2.0
+        return _kernel_s(self.cpu, "bf16", kv_bytes, flops, rows * group) + layers * (self.transfer_s(qkv)
+                                                                              + self.transfer_s(out))
+
+
+def kv_host(hw, compute_id: str, host_id: str, kv_offload) -> KVHost:
+    """The :class:`KVHost` of an engine's ``kv_offload`` (``profiles.engines.KVOffload``) on
+    ``hw`` (seen through that engine): the host CPU and the route from its memory."""
+    route = hw.route(hw.memory_of(host_id).id, compute_id)
+    return KVHost(attention=kv_offload.attention, cpu=hw.devices[host_id],
+                  link_bytes_per_s=route.bottleneck_bytes_per_s, link_latency_s=route.latency_s)
+
+
 def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_bytes: float,
-                 prefill: bool = False) -> float:
+                 prefill: bool = False, kv_on_host: KVHost | None = None) -> float:
     """Seconds of the dense (non-expert) work of one forward step of ``tokens`` tokens.
 
     Every dense weight that runs as a matmul (attention, shared experts, dense layers, head)
@@ -150,7 +196,8 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     row per token (``min(tokens, V)`` rows of ``H`` weights, no FLOPs), so only those rows
     are read -- as :func:`planner.costs.fixed_costs` already counts it for memory (a tied
     table is the output head and is read whole). Attention reads the whole KV cache
-    (``kv_bytes``, all sequences of the step) once;
+    (``kv_bytes``, all sequences of the step) once, on the device or, ``kv_on_host``, where
+    the host keeps it (:meth:`KVHost.attention_s`);
     each hidden layer launches two kernels (attention, dense/shared MLP) and pays the
     device's fixed per-layer framework cost (``layer_overhead_s``, a one-token step's) and, for
     each token of the step past the first, the engine's per-token cost (``token_overhead_s``:
@@ -166,7 +213,8 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     matmul_params = model.dense_params - table
     weights_s = _kernel_s(device, fmt, (matmul_params + (rows if table else 0.0)) * bytes_per_weight,
                           2.0 * tokens * matmul_params, tokens)
-    kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
+    kv_read_s = (kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction) if kv_on_host is None
+                 else kv_on_host.attention_s(model, tokens, kv_bytes, prefill))
     per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s + token_layer_s(device, tokens)
     fused_s = model.num_moe_layers * FUSED_MOE_LAUNCHES * device.launch_overhead_s if device.fused_experts else 0.0
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s

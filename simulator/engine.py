@@ -395,6 +395,8 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
                              expected="recompute, swap", fix="omit it for the engine's own")
         mems = [self._dev_mem(g) for g in self.gpus] if len(self.gpus) > 1 else \
             sorted(set(self.layer_mem)) if self.pipeline else [self.compute_mem]
+        if plan.kv_cache == "host":  # the cache's blocks in what the plan leaves of host memory
+            mems = [self.hw.memory_of(self.host_id).id]
         budget = cfg.kv_bytes if cfg.kv_bytes is not None else kv_budget_bytes(plan, mems)
         host = plan.memory.get(self.hw.memory_of(self.host_id).id)
         return KVPool(self.env, load_engine(plan.inputs.engine).profile.kv_cache, self.model.kv_bytes_per_token(),

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from profiles.perf import activation_bytes, dense_step_s, expert_calls_s
+from profiles.engines import load_engine
+from profiles.errors import InputError
+from profiles.perf import activation_bytes, dense_step_s, expert_calls_s, kv_host
 
 from .experts import ExpertLayer
 from .policies import make_cache
@@ -59,6 +61,13 @@ class Pricing:
         self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
         self._runners: dict[tuple[str, str, str], str] = {}
         self._tier = {m: mem.tier for m, mem in self.hw.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
+        self._kv_on_host = None  # the plan's KV cache in host memory: where the engine reads it (profiles.perf.KVHost)
+        if self.plan.kv_cache == "host":
+            spec = load_engine(self.plan.inputs.engine).kv_offload
+            if spec is None:
+                raise InputError(f"engine {self.plan.inputs.engine} cannot keep the KV cache in host memory",
+                                 key="kv_cache", value="host", fix="re-plan with planner optimize --kv-cache device")
+            self._kv_on_host = kv_host(self.hw, self.plan.compute_device, self.plan.host_device, spec)
 
     def _resolve_layer(self, lp, l: int) -> ExpertLayer:
         owners = []
@@ -194,5 +203,5 @@ class Pricing:
             share = -(-tokens // G) if G > 1 else tokens
             dev = self.hw.devices[g]
             out[g] = dense_step_s(dev, self.model, self.dense_format, share, kv_bytes / G,
-                                  prefill=prefill) / len(self.layers)
+                                  prefill=prefill, kv_on_host=self._kv_on_host) / len(self.layers)
         return out

@@ -278,6 +278,8 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
     # host memory holds the CPU layers (and, CPU-only, the dense weights and KV cache too)
     cpu_bytes = sum(lbytes[l] for l in range(L) if l not in on_dev)
     host_free = pricing.usable_bytes(host_mem) if on_gpu else budget
+    if on_gpu and pricing.kv_on_host:  # the KV cache shares host memory with the CPU layers
+        host_free -= pricing.fixed(pricing.setup(dev.id), dense_fmt).kv_host_bytes
     fits_ram = cpu_bytes <= host_free
     notes = []
     if not on_gpu:
@@ -328,6 +330,9 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
         serve += ["--split-mode", "none", "--main-gpu", str(gpus.index(dev.id))]
     serve += ["-c", str(ctx)] + (["-np", str(plan.batch_size)] if plan.batch_size > 1 else [])
     serve += ["-t", str(threads)] + (["--no-mmap"] if cpu_blocks and fits_ram else [])
+    if on_gpu and pricing.kv_on_host:  # the plan's KV cache in host memory, attention on the CPU
+        serve += [pricing.engine.kv_offload.flag]
+        notes.append(f"KV cache in host memory ({pricing.engine.kv_offload.flag}): attention runs on the CPU")
     commands = {"serve": shlex.join(serve)}
     if n_cpu is not None and on_gpu and cpu_blocks:
         alt = serve[:serve.index("-ngl") + 2]

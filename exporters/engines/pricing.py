@@ -125,7 +125,7 @@ class Pricing:
             return self._price_pipeline(rows, dense_fmt, prefetch, layer_devices)
         s = self.setup(compute_id)
         tables = self._tables(rows, [compute_id] * len(rows))
-        step_s, _ = step_time(s, tables, [0] * len(tables), fixed_costs(s, dense_fmt), prefetch)
+        step_s, _ = step_time(s, tables, [0] * len(tables), self.fixed(s, dense_fmt), prefetch)
         return self._prediction(s, tables, step_s)
 
     def _price_pipeline(self, rows: Sequence[dict[str, Any]], dense_fmt: str, prefetch: bool,
@@ -219,11 +219,22 @@ class Pricing:
                                layer_devices=self.plan.layer_devices)
         return pred, ""
 
+    @property
+    def kv_on_host(self) -> bool:
+        """Whether this engine runs the plan's KV cache in host memory (the plan's ``kv_cache:
+        host`` and the engine's ``kv_offload``; an engine without it keeps the cache on the device)."""
+        return self.plan.kv_cache == "host" and self.engine.kv_offload is not None
+
+    def fixed(self, s: Setup, dense_fmt: str):
+        """The planner's fixed costs at ``dense_fmt``, the KV cache where this engine keeps it."""
+        return fixed_costs(s, dense_fmt, kv_on_host=self.kv_on_host and s.kv_host() is not None)
+
     def device_budget(self, compute_id: str, dense_bytes: float) -> float:
         """Bytes left for experts on ``compute_id``'s memory: usable capacity (the planner's
-        reserve kept free) minus dense weights, the KV cache and the activation workspace."""
+        reserve kept free) minus dense weights, the KV cache (unless in host memory) and the
+        activation workspace."""
         s = self.setup(compute_id)
-        fc = fixed_costs(s, self.dense_format)
+        fc = self.fixed(s, self.dense_format)
         mem = self.hardware.memory_of(compute_id).id
         return capacity(s, mem) - dense_bytes - fc.kv_bytes - fc.workspace_bytes
 

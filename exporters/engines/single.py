@@ -141,6 +141,9 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
 
     try:
         pricing = Pricing(plan, model, hardware, trace, engine="accelerate")
+        if plan.kv_cache == "host" and not pricing.kv_on_host:
+            raise NotApplicable("the plan keeps the KV cache in host memory, which accelerate cannot (its engine "
+                                "profile has no kv_offload); re-plan with --kv-cache device to render it")
         render = render_accelerate_pipeline if pipeline else render_accelerate
         cfg = render(plan, model, hardware, pricing, checkpoint=checkpoint, engines_dir=shown)
     except (NotApplicable, InfeasibleError) as exc:

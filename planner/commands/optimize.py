@@ -212,6 +212,10 @@ def _load_trace(path: str, task: str | None):
               help="Context tokens per sequence the KV cache must hold.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=512, show_default=True,
               help="Prompt length used to predict TTFT.")
+@click.option("--dram-contention", is_flag=True,
+              help="Price host DRAM as one port that the CPU's expert reads and the copies to the GPU share (a "
+              "layer lasts at least their bytes / DRAM bandwidth), as desktop DRAM limits hybrid plans; recorded "
+              "in plan.json, so simulate and export price the same. Default off: the CPU and the link price apart.")
 @click.option("--quality-budget", type=FiniteFloat(min=0), default=None,
               help="Largest importance-weighted quantisation error allowed. Default: that of uniform int4 "
               f"({QUANT_ERROR['int4']}); uniform int8 is {QUANT_ERROR['int8']}.")
@@ -336,6 +340,10 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         if use_ep and (objective == "energy" or max_watts is not None):
             raise InputError("--objective energy and --max-watts plan one GPU with offloading", key="--parallel",
                              value=parallel, fix="add --parallel offload")
+        if use_ep and given["dram_contention"]:
+            raise InputError("--dram-contention prices offload plans (one node's host DRAM shared by its CPU and "
+                             "copies); expert-parallel plans do not model it", key="--dram-contention",
+                             fix="add --parallel offload, or drop --dram-contention")
         if use_ep:
             return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
@@ -347,6 +355,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         expert_error=quality["errors"], quality_digest=quality["digest"],
         multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None,
         max_watts=max_watts)
+    request = dataclasses.replace(request, dram_contention=given["dram_contention"])  # planner.dram
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)

@@ -102,6 +102,10 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
               "the GPU with the least work so far in the layer (as LLEP does) instead of the engine's static copy.")
 @click.option("--rebalance-every", type=click.IntRange(min=1), help="Expert-parallel plans: re-place every layer's "
               "experts every N decode steps with EPLB from the routing seen since (the moved bytes cross the network).")
+@click.option("--dram-contention/--no-dram-contention", default=None,
+              help="Host DRAM as one port shared by the CPU's expert reads and the copies to the GPU (each layer "
+              "lasts at least their bytes / DRAM bandwidth; every layer is played out with events, slower). "
+              "Default: as the plan was priced (planner optimize --dram-contention records it).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the metrics JSON here.")
 @click.option("--trace-out", type=click.Path(dir_okay=False),
@@ -111,7 +115,7 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
 @common_options
 def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival_rate, batch, scheduler, batching,
                  chunk_tokens, kv_blocks, kv_memory, preemption, eviction, prefetch, prefetch_accuracy, miss,
-                 kv_context, reroute, rebalance_every, seed, out, trace_out, plots, force) -> None:
+                 kv_context, reroute, rebalance_every, dram_contention, seed, out, trace_out, plots, force) -> None:
     """Replay a workload on the hardware under a plan: tok/s, TTFT/TPOT, hit rates, link bytes.
 
     \b
@@ -121,6 +125,7 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
       planner simulate -p plan.json --eviction belady --prefetch oracle --trace-out trace.json
       planner simulate -p plan.json --requests 64 --scheduler sarathi --chunk-tokens 256 --kv-blocks 400
       planner simulate -p ep-plan.json --batch 32 --reroute --rebalance-every 32
+      planner simulate -p plan.json --dram-contention   # what host DRAM contention costs this plan
     """
     from simulator.engine import SimConfig, simulate
 
@@ -155,7 +160,7 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
                        kv_bytes=kv_bytes, preemption=preemption, eviction=eviction, prefetch=prefetch, miss=miss,
                        prefetch_accuracy=prefetch_accuracy,
                        kv_context=kv_context, seed=seed, record=bool(trace_out), ep_reroute=reroute,
-                       ep_rebalance_every=rebalance_every)
+                       ep_rebalance_every=rebalance_every, dram_contention=dram_contention)
     if eviction is not None and not any(layer.cache_slots for layer in plan.layers):
         warnings.append(f"--eviction {eviction} changes nothing: the plan has no expert-cache slots")
     output = get_output()
