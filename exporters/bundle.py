@@ -5,6 +5,7 @@ Layout::
     manifest.json    format version, tool and library versions, sha256 of every other file
     plan.json        the plan
     hardware.yaml    the hardware profile it was made for
+    devices.json     the plan's compute devices as torch devices (node/gpu1 -> cuda:1)
     model.json       the model spec
     runtime/         the runtime package (runs with torch + onnxruntime + transformers alone)
     kernels/         ONNX expert kernels and quantised expert weights (needs --checkpoint)
@@ -23,7 +24,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +33,8 @@ from pathlib import Path
 import yaml
 
 from planner.plan import Plan
+
+from .bundle_readme import readme
 from profiles.errors import InputError
 from profiles.hardware import Hardware, HardwareProfile
 from profiles.models import ModelSpec
@@ -91,7 +93,7 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
                          expected=f"{model.num_moe_layers} x {model.num_experts} ({model.name})",
                          fix="export with the model (or checkpoint) the plan was made for")
     _refuse_formats_the_runtime_does_not_run(plan)
-    _refuse_multi_device(plan)
+    devices = _device_map(plan, hardware)
     if out.exists():
         if not (out / "manifest.json").is_file():
             raise InputError("the output exists and is not a bundle", file=out,
@@ -107,6 +109,7 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
         work = Path(tmp) / "bundle"
         work.mkdir()
         (work / "plan.json").write_text(plan.to_json(), encoding="utf-8")
+        (work / "devices.json").write_text(json.dumps(devices, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         (work / "hardware.yaml").write_text(yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True),
                                                            sort_keys=False), encoding="utf-8")
         (work / "model.json").write_text(json.dumps(dataclasses.asdict(model), indent=1, sort_keys=True,
@@ -127,7 +130,8 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
         (work / "run.py").write_text(_run_py(), encoding="utf-8")
         commands["run"] = f"python {out}/run.py --checkpoint {ckpt} --prompt 'the cat sat on the mat'"
         commands["verify"] = f"planner verify {out} --checkpoint {ckpt}"
-        (work / "README.md").write_text(_readme(plan, model, hardware, commands, notes), encoding="utf-8")
+        (work / "README.md").write_text(readme(plan, model, hardware, commands, notes, devices),
+                                        encoding="utf-8")
         files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
         _refuse_staging_paths(Path(tmp), work, files, commands, notes)
         manifest = {"format_version": BUNDLE_FORMAT_VERSION, "versions": _versions(),
@@ -142,17 +146,25 @@ def write_bundle(plan: Plan, *, model: ModelSpec, hardware: Hardware, profile: H
     return Bundle(path=out, files=("manifest.json", *files), commands=commands, notes=tuple(notes))
 
 
-def _refuse_multi_device(plan: Plan) -> None:
-    """A multi-GPU pipeline plan (Plan.layer_devices naming several devices) is refused in
-    one line: the bundle runtime places every layer on the one compute device, so a bundle
-    would be a different plan from the one predicted (``--engines-only`` writes its llama.cpp
-    and accelerate renderings, which place each layer on its GPU)."""
-    devices = sorted(set(plan.layer_devices or ()))
-    if len(devices) > 1:
-        raise InputError("a multi-GPU pipeline plan cannot be bundled yet: the bundle runtime runs every layer on "
-                         "one compute device", key="layer_devices", value=", ".join(devices),
-                         fix="`planner export PLAN --engines-only --out DIR` writes its llama.cpp and accelerate "
-                             "configs; or re-plan with `planner optimize --parallel offload` for a one-GPU bundle")
+def _device_map(plan: Plan, hardware: Hardware) -> dict:
+    """``devices.json``: each compute device of the plan (``compute_device`` and, for a
+    multi-GPU pipeline plan, ``layer_devices``) as a torch device: a GPU as ``cuda:N``, N its
+    position among its node's GPUs in the hardware profile, a CPU as ``cpu``. ``run.py
+    --device-map`` overrides it at run time. A layer device the runtime does not run layers on
+    (an accelerator) is refused here in one line; a one-device plan runs on CUDA or the CPU as
+    before (``cpu`` for any device that is not a GPU)."""
+    out = {}
+    for name in dict.fromkeys((plan.compute_device, *(plan.layer_devices or ()))):
+        dev = hardware.devices.get(name)
+        kind = dev.kind if dev is not None else "gpu"  # a profile without it: the plan's word for it
+        if kind not in ("gpu", "cpu") and plan.layer_devices:
+            raise InputError(f"the bundle runtime does not run layers on a {kind}", key="layer_devices", value=name,
+                             expected="GPUs (or the CPU of a CPU-only plan)",
+                             fix="`planner export PLAN --engines-only --out DIR` writes its engine configs")
+        gpus = [d.id for d in hardware.devices_of_kind("gpu") if dev is None or d.node == dev.node]
+        torch_device = f"cuda:{gpus.index(name) if name in gpus else 0}" if kind == "gpu" else "cpu"
+        out[name] = {"torch": torch_device, "kind": kind}
+    return {"format_version": 1, "devices": out}
 
 
 def _refuse_formats_the_runtime_does_not_run(plan: Plan) -> None:
@@ -325,7 +337,8 @@ def bundle_problem(bundle: Path) -> tuple[str, str, str] | None:
 
 
 _RUN_PY_HEAD = '''#!/usr/bin/env python3
-"""Serve this bundle: python run.py --checkpoint CKPT --prompt "..." [--max-new-tokens N] [--metrics-out F].
+"""Serve this bundle: python run.py --checkpoint CKPT --prompt "..." [--max-new-tokens N] [--metrics-out F]
+[--device-map gpu0=cuda:0,gpu1=cpu] (plan devices to torch devices; default: devices.json).
 
 Needs torch, transformers, safetensors, onnx and onnxruntime. Before it imports anything of
 the bundle's, it checks the whole bundle against manifest.json with the standard library
@@ -382,47 +395,3 @@ if __name__ == "__main__":
 def _run_py() -> str:
     """``run.py``: :func:`bundle_problem`'s own source, then the launcher that calls it."""
     return _RUN_PY_HEAD + "\n" + inspect.getsource(bundle_problem) + _RUN_PY_MAIN
-
-
-def _predicted_text(plan: Plan) -> str:
-    """What the plan predicts, in words: decode tok/s, or for an expert-parallel plan (which
-    predicts load balance and traffic, not throughput) the balance and cross-GPU share."""
-    pred = plan.predicted
-    tps = pred.get("tokens_per_s")
-    if isinstance(tps, (int, float)) and math.isfinite(tps):
-        return f"predicted {tps:.2f} tok/s"
-    load = pred.get("max_mean_load")
-    if isinstance(load, (int, float)) and math.isfinite(load):
-        from .engines.sglang import ep_layout
-
-        try:
-            gpus = f" over {len(ep_layout(plan).ranks)} GPUs"
-        except InputError:
-            gpus = ""
-        text = f"expert parallelism{gpus}, predicted max/mean expert load per GPU {load:.3f}"
-        worst = pred.get("max_mean_load_worst_layer")
-        if isinstance(worst, (int, float)) and math.isfinite(worst):
-            text += f" ({worst:.3f} in the worst layer)"
-        cross = pred.get("cross_gpu_fraction")
-        if isinstance(cross, (int, float)) and math.isfinite(cross):
-            text += f", {100 * cross:.1f}% of routed tokens cross GPUs"
-        return text + " (no tok/s prediction for an expert-parallel plan)"
-    return "the plan holds no throughput prediction"
-
-
-def _readme(plan: Plan, model: ModelSpec, hardware: Hardware, commands: dict[str, str], notes: list[str]) -> str:
-    lines = [f"# {model.name} on {hardware.name}, as planned", "",
-             (f"Plan: objective {plan.objective}, batch {plan.batch_size}, context {plan.context_tokens}; "
-              f"{_predicted_text(plan)}."), "",
-             "## Run", "", "```bash", commands["run"], "```", "",
-             "Metrics (tok/s, TTFT, TPOT, per-layer hit rates, bytes moved) go to `--metrics-out FILE`.", "",
-             "## Check prediction against measurement", "", "```bash", commands["verify"], "```", "",
-             "## The same plan for other engines", ""]
-    for name, command in commands.items():
-        if name not in ("run", "verify"):
-            lines += [f"{name}:", "", "```bash", command, "```", ""]
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    lines += [("Every file is listed with its sha256 in `manifest.json`; `run.py` refuses a bundle whose "
-              "files changed."), ""]
-    return "\n".join(lines)

@@ -191,16 +191,18 @@ def test_layer_ranges():
     assert layer_ranges(("a", "a", "b", "b", "b", "a")) == "a: layers 0-1, b: layers 2-4, a: layer 5"
 
 
-def test_export_refuses_a_multi_gpu_plan(tmp_path):
-    """No exporter writes a bundle that would run a 2-GPU plan on one device: one line, key layer_devices."""
+def test_export_bundles_a_multi_gpu_plan_with_each_gpu_as_its_cuda_device(tmp_path):
+    """A 2-GPU plan is bundled: devices.json maps each of its GPUs to its own CUDA device (the
+    runtime runs each layer there; tests/test_runtime_multi_device.py runs one)."""
     from exporters.bundle import write_bundle
 
     s, hw, model, _ = _setup(tmp_path)
     plan = plan_multi_gpu(s, REQ, INPUTS, 0.01)
-    with pytest.raises(InputError) as err:
-        write_bundle(plan, model=model, hardware=hw, profile=None, out_dir=tmp_path / "bundle")
-    assert err.value.key == "layer_devices" and "--parallel offload" in err.value.fix
-    assert "\n" not in str(err.value) and not (tmp_path / "bundle").exists()
+    assert len(set(plan.layer_devices)) == 2
+    profile, _ = load_profile(tmp_path / "hw2.yaml")
+    write_bundle(plan, model=model, hardware=hw, profile=profile, out_dir=tmp_path / "bundle")
+    devices = json.loads((tmp_path / "bundle" / "devices.json").read_text())["devices"]
+    assert devices == {"n/gpu0": {"torch": "cuda:0", "kind": "gpu"}, "n/gpu1": {"torch": "cuda:1", "kind": "gpu"}}
 
 
 def test_polish_removes_hops_it_can(tmp_path):

@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .cache import POLICIES, ExpertCache, register_policy
 from .checkpoint import read_config
+from .devices import read_device_map, resolve_devices
 from .errors import RuntimeInputError
 from .kernels import build_kernels, expert_template
 from .metrics import MetricsRecorder
@@ -46,7 +47,9 @@ __all__ = [
            "load_routing",
            "parse_plan",
            "read_config",
-    "read_plan",
+           "read_device_map",
+           "read_plan",
            "register_policy",
+           "resolve_devices",
            "verify_bundle",
 ]

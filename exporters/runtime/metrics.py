@@ -14,7 +14,18 @@
 - ``bytes_moved``: bytes read from each memory pool (plan memory ids) to serve experts:
   cache fills, prefetches, streamed experts and on-demand disk reads; ``bytes_moved_by_tier``
   the same by runtime tier (``host``, ``disk``);
-- ``expert_fetches_per_step``: experts copied to the compute device per decode step.
+- ``expert_fetches_per_step``: experts copied to the compute device per decode step;
+- ``devices``: per plan compute device (``layer_devices`` of a multi-GPU plan, else the one
+  ``compute_device``): its torch device, MoE layers, bytes held (``dense_bytes``: decoder
+  layers placed there, plus the embedding and head on ``compute_device``;
+  ``resident_expert_bytes``; ``cache_bytes_peak``: the experts its layers' caches held at
+  most, at their stored size), its layers' cache hits, misses and resident accesses, and the
+  expert copies into it (``copies_in``, ``bytes_in``);
+- ``links``: expert copies per route ``FROM->TO`` (home memory to the layer's device; a
+  disk read for a CPU expert goes to ``host_device``), ``{copies, bytes}``; ``hops``: hidden
+  states moved between plan devices at layer boundaries, ``{count, bytes}``;
+- ``placement``: per MoE layer its plan device and torch device, and per expert the memory
+  that holds its weights as run (``experts``) and the device that computes it (``compute``).
 
 Metrics are written as JSON (sorted keys) by :meth:`MetricsRecorder.to_json`.
 """
@@ -51,11 +62,21 @@ class MetricsRecorder:
         tiers: memory id -> runtime tier, for ``bytes_moved_by_tier``.
     """
 
-    def __init__(self, num_layers: int, tiers: dict[str, str] | None = None) -> None:
+    def __init__(self, num_layers: int, tiers: dict[str, str] | None = None, *,
+                 layer_devices: Sequence[str] | None = None, host: str = "host",
+                 torch_devices: dict[str, str] | None = None) -> None:
         self._lock = threading.Lock()
         self.tiers = dict(tiers or {})
         self.num_layers = num_layers
         self.notes: list[str] = []  # about the configuration: kept by reset()
+        self.layer_devices = list(layer_devices or ["device"] * num_layers)
+        self.host = host
+        self.torch_devices = dict(torch_devices or {})
+        # what loading placed (kept by reset): plan device -> bytes; MoE layer -> its record
+        self.dense_bytes: dict[str, int] = {}
+        self.resident_bytes: dict[str, int] = {}
+        self.placement: list[dict[str, Any] | None] = [None] * num_layers
+        self.cache_now = [0] * num_layers  # bytes each layer's cache holds
         self.reset()
 
     def reset(self) -> None:
@@ -76,6 +97,9 @@ class MetricsRecorder:
             self.generated_tokens = 0
             self.generation_s = 0.0
             self.phase = "prefill"
+            self.links: dict[str, list[int]] = {}  # "FROM->TO" -> [copies, bytes]
+            self.hops: dict[str, list[int]] = {}
+            self.cache_peak = {d: self._held(d) for d in self.layer_devices}
 
     # -- updates from the stores (any thread) -------------------------------------------
 
@@ -85,13 +109,57 @@ class MetricsRecorder:
             {"hit": self.hits, "miss": self.misses, "resident": self.resident_accesses,
              "other": self.other_accesses}[kind][layer] += n
 
-    def moved(self, memory_id: str, nbytes: int, *, fetch: bool = False, prefetch: bool = False) -> None:
+    def moved(self, memory_id: str, nbytes: int, *, fetch: bool = False, prefetch: bool = False,
+              to: str | None = None) -> None:
+        """``nbytes`` read from ``memory_id`` into plan device ``to`` (None: into host memory)."""
         with self._lock:
             self.bytes_moved[memory_id] = self.bytes_moved.get(memory_id, 0) + int(nbytes)
+            link = self.links.setdefault(f"{memory_id}->{to or self.host}", [0, 0])
+            link[0] += 1
+            link[1] += int(nbytes)
             if fetch or prefetch:
                 self.fetches += 1
                 self.decode_fetches += self.phase == "decode"
             self.prefetches += prefetch
+
+    def hop(self, src: str, dst: str, nbytes: int) -> None:
+        """Hidden states moved from plan device ``src`` to ``dst``."""
+        with self._lock:
+            hop = self.hops.setdefault(f"{src}->{dst}", [0, 0])
+            hop[0] += 1
+            hop[1] += int(nbytes)
+
+    def _held(self, device: str) -> int:
+        return sum(n for d, n in zip(self.layer_devices, self.cache_now) if d == device)
+
+    def cache_held(self, layer: int, nbytes: int) -> None:
+        """Layer ``layer``'s cache holds ``nbytes`` now; keeps its device's peak."""
+        with self._lock:
+            self.cache_now[layer] = int(nbytes)
+            device = self.layer_devices[layer]
+            self.cache_peak[device] = max(self.cache_peak.get(device, 0), self._held(device))
+
+    def dense(self, device: str, nbytes: int) -> None:
+        self.dense_bytes[device] = self.dense_bytes.get(device, 0) + int(nbytes)
+
+    def place(self, layer: int, record: dict[str, Any], resident_bytes: int) -> None:
+        """What loading put where for MoE layer ``layer`` (see ``placement``)."""
+        self.placement[layer] = record
+        device = self.layer_devices[layer]
+        self.resident_bytes[device] = self.resident_bytes.get(device, 0) + int(resident_bytes)
+
+    def _devices(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in dict.fromkeys([*self.dense_bytes, *self.layer_devices]):
+            mine = [i for i, x in enumerate(self.layer_devices) if x == d]
+            into = [v for k, v in self.links.items() if k.endswith(f"->{d}")]
+            out[d] = {"torch_device": self.torch_devices.get(d), "moe_layers": mine,
+                      "dense_bytes": self.dense_bytes.get(d, 0), "resident_expert_bytes": self.resident_bytes.get(d, 0),
+                      "cache_bytes_peak": self.cache_peak.get(d, 0), "hits": sum(self.hits[i] for i in mine),
+                      "misses": sum(self.misses[i] for i in mine),
+                      "resident_accesses": sum(self.resident_accesses[i] for i in mine),
+                      "copies_in": sum(v[0] for v in into), "bytes_in": sum(v[1] for v in into)}
+        return out
 
     def count(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to ``prefetch_hits`` or ``cpu_expert_calls``."""
@@ -138,6 +206,10 @@ class MetricsRecorder:
                 "prefetch_hits": self.prefetch_hits,
                 "cpu_expert_calls": self.cpu_expert_calls,
                 "notes": list(self.notes),
+                "devices": self._devices(),
+                "links": {k: {"copies": v[0], "bytes": v[1]} for k, v in sorted(self.links.items())},
+                "hops": {k: {"count": v[0], "bytes": v[1]} for k, v in sorted(self.hops.items())},
+                "placement": list(self.placement),
             }
             for name, values in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s)):
                 for q in (50, 90, 99):

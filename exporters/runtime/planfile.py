@@ -5,11 +5,14 @@ the same file without importing it (bundles run without the planner). Per MoE la
 plan lists, indexed by expert id, ``home`` (memory pool id), ``format`` and ``site``, plus
 ``cache_slots`` on ``cache_device``; plan-wide ``compute_device``, ``host_device``,
 ``prefetch``, ``eviction`` and ``dense_format`` (the weights that are not routed experts;
-see dense.py).
+see dense.py). A multi-GPU pipeline plan adds ``layer_devices``: per MoE layer the compute
+device that runs its dense part, its resident and cached experts and its fetches (absent:
+``compute_device`` runs every layer; it runs the embedding and the head in either case).
 
 The runtime sorts every memory pool into one of three tiers by its role:
 
-- ``device``: the compute device's memory (the plan's ``compute_device`` id);
+- ``device``: the memory of the layer's compute device (``layer_devices``, else
+  ``compute_device``);
 - ``host``: the host CPU's DRAM (``host_device``), pinned when CUDA is present;
 - ``disk``: any other home; a single-node plan's only other home is the node's NVMe
   (planner.optimize.make_setup), read on demand from the checkpoint (tensorfile.py).
@@ -99,6 +102,16 @@ class RuntimePlan:
     layers: tuple[LayerSpec, ...]
     source: str = "plan.json"
     dense_format: str = "fp32"  # float: the checkpoint's dtype (see FLOAT_FORMATS)
+    layer_devices: tuple[str, ...] | None = None  # per MoE layer (plan order) its compute device
+
+    def device_of(self, index: int) -> str:
+        """The compute device (plan id) that runs the MoE layer at plan position ``index``."""
+        return self.layer_devices[index] if self.layer_devices else self.compute_device
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every compute device of the plan, ``compute_device`` first, then in layer order."""
+        return tuple(dict.fromkeys((self.compute_device, *(self.layer_devices or ()))))
 
     @property
     def formats(self) -> list[str]:
@@ -153,6 +166,12 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
             raise bad("unknown memory tier", f"memory_tiers[{memory_id!r}]", tier, " | ".join(TIERS),
                       fix="map each memory id to device, host or disk")
     compute_mem, host_mem = data["compute_device"], data["host_device"]
+    layer_devices = data.get("layer_devices")
+    if layer_devices is not None and not (isinstance(layer_devices, list) and len(layer_devices) == len(raw_layers)
+                                          and all(isinstance(d, str) and d for d in layer_devices)):
+        raise bad("not one compute device per MoE layer", "layer_devices", layer_devices,
+                  f"a list of {len(raw_layers)} device ids like node/gpu1")
+    devices = set(layer_devices or ()) | {compute_mem}
     layers = []
     seen_hidden: set[int] = set()
     for i, raw in enumerate(raw_layers):
@@ -183,15 +202,20 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
         slots = raw.get("cache_slots", 0)
         if not isinstance(slots, int) or slots < 0:
             raise bad("not a slot count", f"{at}.cache_slots", slots, "an integer >= 0")
-        layer_tiers = tuple(_tier(h, s, compute_mem, host_mem, tiers) for h, s in zip(home, site))
+        mine = layer_devices[i] if layer_devices else compute_mem
+        layer_tiers = tuple(_tier(h, s, mine, host_mem, tiers) for h, s in zip(home, site))
         for e, (s, t) in enumerate(zip(site, layer_tiers)):
             if (s == "resident") != (t == "device"):
-                raise bad("a resident expert must live on the compute device, and only a resident one",
-                          f"{at}.home[{e}]", home[e], compute_mem if s == "resident" else "the host DRAM or a disk")
+                raise bad("a resident expert must live on its layer's compute device, and only a resident one",
+                          f"{at}.home[{e}]", home[e], mine if s == "resident" else "the host DRAM or a disk")
+            if home[e] in devices - {mine} and home[e] not in tiers:
+                raise bad("an expert homed on another compute device's memory is not executed by this runtime",
+                          f"{at}.home[{e}]", home[e], f"{mine}, the host DRAM or a disk")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
                                 site=tuple(site), tier=layer_tiers, cache_slots=slots))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
-                       layers=tuple(layers), source=source, dense_format=dense_format)
+                       layers=tuple(layers), source=source, dense_format=dense_format,
+                       layer_devices=tuple(layer_devices) if layer_devices else None)
 
 
 def _tier(memory_id: str, site: str, compute: str, host: str, overrides: Mapping[str, str]) -> str:

@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-out", help="write the metrics JSON here")
     p.add_argument("--kernels", help="kernels directory (default: BUNDLE/kernels, else built now)")
     p.add_argument("--routing", help="routing trace .npz known in advance (belady, static, oracle prefetch)")
-    p.add_argument("--device", default="auto", help="torch device for the compute device (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="torch device for every compute device of the plan (default: auto: the bundle's devices.json, "
+                        "CUDA for a GPU plan when there is one, else the CPU)")
+    p.add_argument("--device-map", default=None,
+                   help="torch devices for named plan devices, e.g. gpu0=cuda:0,gpu1=cpu (a multi-GPU plan runs "
+                        "each layer on its device; default: $MOE_DEVICE_MAP, else the bundle's devices.json)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations, and dense weights unless the plan quantises them (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for CPU experts")
@@ -76,11 +81,14 @@ def run(args) -> int:
             raise _pkg.RuntimeInputError("bundle has no plan.json", file=bundle, fix="pass a directory from planner export")
         _pkg.verify_bundle(bundle)
         plan = bundle / "plan.json"
+        bundle_devices = _pkg.read_device_map(bundle)
         if kernels is None and (bundle / "kernels" / "manifest.json").is_file():
             kernels = bundle / "kernels"
     else:
         plan = Path(args.plan)
+        bundle_devices = None
     plan = _pkg.read_plan(plan)  # bad input fails here, before the slow imports
+    _pkg.resolve_devices(plan, device=args.device, device_map=args.device_map, bundle_map=bundle_devices)
     _pkg.read_config(args.checkpoint)
     routing = _pkg.load_routing(args.routing) if args.routing else None
     import transformers
@@ -94,7 +102,8 @@ def run(args) -> int:
                                      fix="save the tokenizer into the checkpoint directory") from None
     texts = []
     with _pkg.load_planned_model(plan, args.checkpoint, kernels_dir=kernels, device=args.device, dtype=args.dtype,
-                                 threads=args.threads, routing=routing) as rt:
+                                 threads=args.threads, routing=routing, device_map=args.device_map,
+                                 bundle_devices=bundle_devices) as rt:
         eos = None if args.ignore_eos else tokenizer.eos_token_id
         for prompt in prompts:
             ids = tokenizer(prompt)["input_ids"]
@@ -102,7 +111,8 @@ def run(args) -> int:
                 raise _pkg.RuntimeInputError("prompt has no tokens", key="--prompt", value=prompt)
             out = rt.generate(ids, args.max_new_tokens, eos_token_id=eos)
             texts.append(tokenizer.decode(out, skip_special_tokens=True))
-        extra = {"device": str(rt.device), "prompts": len(prompts), "plan": plan.source}
+        extra = {"device": str(rt.device), "prompts": len(prompts), "plan": plan.source,
+                 "device_map": {d: str(t) for d, t in rt.devices.items()}}
         metrics_text = rt.metrics.to_json(args.metrics_out, extra=extra)
     if args.json:
         print(json.dumps({"texts": texts, "metrics": json.loads(metrics_text)}, indent=1, sort_keys=True))

@@ -25,6 +25,7 @@ import numpy as np
 from .cache import ExpertCache
 from .checkpoint import ExpertSource, find_moe_blocks, load_dense_model, own_mapped_weights, read_config
 from .dense import quantise_dense
+from .devices import decoder_layers, layer_placement, place_layers, resolve_devices
 from .errors import RuntimeInputError
 from .formats import UNPACK_FORMATS
 from .kernels import (
@@ -54,13 +55,16 @@ class PlannedRuntime:
         plan: the :class:`RuntimePlan`.
         stores: the expert stores in plan order.
         metrics: the :class:`MetricsRecorder` every store writes to.
-        device: the torch compute device.
+        device: the torch device of the plan's ``compute_device`` (the embedding and the head).
+        devices: plan device id -> torch device, for every compute device of the plan.
     """
 
     def __init__(self, model, plan: RuntimePlan, stores: list[PlannedExperts], metrics: MetricsRecorder, device,
-                 fetcher: Fetcher, kernels: Kernels, tmpdir: tempfile.TemporaryDirectory | None) -> None:
+                 fetchers: dict[str, Fetcher], kernels: Kernels, tmpdir: tempfile.TemporaryDirectory | None,
+                 devices: dict | None = None) -> None:
         self.model, self.plan, self.stores, self.metrics, self.device = model, plan, stores, metrics, device
-        self._fetcher, self.kernels, self._tmpdir = fetcher, kernels, tmpdir
+        self._fetchers, self.kernels, self._tmpdir = fetchers, kernels, tmpdir
+        self.devices = devices or {plan.compute_device: device}
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int, *, eos_token_id: int | Sequence[int] | None = None
                  ) -> list[int]:
@@ -106,8 +110,9 @@ class PlannedRuntime:
         return out_ids
 
     def close(self) -> None:
-        """Stop the copy worker and remove temporary kernels."""
-        self._fetcher.close()
+        """Stop the copy workers and remove temporary kernels."""
+        for fetcher in self._fetchers.values():
+            fetcher.close()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
@@ -131,20 +136,6 @@ def _torch_dtype(dtype: Any):
     return getattr(torch, dtype)
 
 
-def _pick_device(plan: RuntimePlan, device: Any):
-    """The plan's compute device on this machine: CUDA for a GPU plan when there is one."""
-    import torch
-
-    if device not in (None, "auto"):
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError):
-            raise RuntimeInputError("not a torch device", key="--device", value=device,
-                                    expected="auto, cpu or cuda[:N]") from None
-    compute_is_cpu = plan.compute_device.split("/")[-1].startswith("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() and not compute_is_cpu else "cpu")
-
-
 def load_routing(path: str | Path) -> np.ndarray:
     """``expert_ids [T, L, K]`` from a routing trace ``.npz`` (planner trace format)."""
     path = Path(path)
@@ -164,7 +155,9 @@ def load_routing(path: str | Path) -> np.ndarray:
 def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, checkpoint_dir: str | Path, *,
                        kernels_dir: str | Path | None = None, device: Any = None, dtype: Any = "auto",
                        threads: int | None = None, routing: np.ndarray | None = None,
-                       memory_tiers: Mapping[str, str] | None = None, background: bool = True) -> PlannedRuntime:
+                       memory_tiers: Mapping[str, str] | None = None, background: bool = True,
+                       device_map: str | Mapping[str, str] | None = None,
+                       bundle_devices: Mapping[str, Any] | None = None) -> PlannedRuntime:
     """Load ``checkpoint_dir`` with every MoE layer's experts placed as ``plan`` says.
 
     Args:
@@ -172,8 +165,11 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
         checkpoint_dir: the HF safetensors checkpoint the plan was made for.
         kernels_dir: a ``kernels/`` directory from :func:`build_kernels` (a bundle's); None
             builds one in a temporary directory (quantising int8/int4 experts now).
-        device: torch device for the compute device (default: CUDA for a GPU plan when
-            available, else the CPU).
+        device: torch device for every compute device of the plan (default: see
+            :func:`devices.resolve_devices`: CUDA for a GPU plan when available, else the CPU).
+        device_map: ``"gpu0=cpu,gpu1=cuda:1"`` or a dict: torch devices for the plan devices
+            it names (default: ``$MOE_DEVICE_MAP``); a multi-GPU plan runs each layer there.
+        bundle_devices: the bundle's ``devices.json`` (plan device -> torch device and kind).
         dtype: dtype of the activations, and of the dense weights unless the plan's
             ``dense_format`` is int8/int4 (:mod:`dense`) (``auto``: the checkpoint's).
         threads: ONNX Runtime intra-op threads for CPU experts (default: all cores).
@@ -200,7 +196,9 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
     if act_name not in ACTIVATIONS:
         raise RuntimeInputError("expert activation not supported", file=Path(checkpoint_dir) / "config.json",
                                 key="hidden_act", value=act_name, expected=" | ".join(ACTIVATIONS))
-    dev = _pick_device(plan, device)
+    notes: list[str] = []
+    devs = resolve_devices(plan, device=device, device_map=device_map, bundle_map=bundle_devices, notes=notes)
+    dev = devs[plan.compute_device]  # the embedding and the head
     tmpdir = None
     if kernels_dir is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="moe-kernels-")
@@ -224,17 +222,22 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                                         key=f"layers[{layer.moe_layer}].home", value=layer.num_experts,
                                         expected=f"{num} experts", fix="use the plan made for this checkpoint")
         n_threads = threads or default_threads()
-        quantise_dense(model, plan.dense_format, keep=[b.gate for b in blocks.values()], device=dev,
-                       threads=n_threads)
+        keep = [b.gate for b in blocks.values()]
+        if len(set(devs.values())) > 1:  # each decoder layer quantised for the device it runs on
+            layers = decoder_layers(model)
+            for index, name in layer_placement(plan, layers).items():
+                quantise_dense(layers[index], plan.dense_format, keep=keep, device=devs[name], threads=n_threads)
+        quantise_dense(model, plan.dense_format, keep=keep, device=dev, threads=n_threads)
         # after quantise_dense: quantised dense weights are copies already, only the rest is copied
         own_mapped_weights(model, sorted(Path(checkpoint_dir).glob("*.safetensors")))
         model.to(dev)
-        cuda = dev.type == "cuda"
         tiers = {h: t for layer in plan.layers for h, t in zip(layer.home, layer.tier)}
-        metrics = MetricsRecorder(len(plan.layers), tiers)
-        fetcher = Fetcher(dev, background=background)
+        metrics = MetricsRecorder(len(plan.layers), tiers, layer_devices=[plan.device_of(i) for i in range(len(plan.layers))],
+                                  host=plan.host_device, torch_devices={d: str(t) for d, t in devs.items()})
+        place_layers(model, plan, devs, metrics)
+        # one copy worker per plan device: each fetches over its own link (two GPUs copy at once)
+        fetchers = {d: Fetcher(t, background=background) for d, t in devs.items()}
         stream_kernels: dict[str, CpuStreamKernel] = {}
-        notes = []
         eviction = plan.eviction
         if eviction == "belady" and routing is None:
             eviction = "lru"
@@ -248,6 +251,8 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                                     expected=f"[T, {len(plan.layers)}, K]")
         stores: list[PlannedExperts] = []
         for index, layer in enumerate(plan.layers):
+            name = plan.device_of(index)
+            layer_dev = devs[name]
             cached = set(layer.cached)
             future = None
             if routing is not None:
@@ -257,10 +262,11 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
             keep_host = {e for e in range(layer.num_experts)
                          if layer.tier[e] == "host" and (layer.site[e] in ("fetch", "hybrid", "stream")
                                                          or layer.format[e] in UNPACK_FORMATS)}
-            home = ExpertHome(layer, source, kernels, metrics, pin=cuda, keep_host=keep_host)
+            home = ExpertHome(layer, source, kernels, metrics, pin=layer_dev.type == "cuda", keep_host=keep_host,
+                              device_name=name)
             # unpack formats have no ONNX Runtime kernel: the CPU unpacks them in torch (store._run_cpu)
             cpu_host = [e for e in layer.on_cpu if layer.tier[e] == "host" and layer.format[e] not in UNPACK_FORMATS]
-            if dev.type == "cpu":
+            if layer_dev.type == "cpu":
                 # no accelerator: resident int8/int4 experts run in the layer's ONNX Runtime
                 # session too (MatMulNBits kernels) instead of being dequantised at every call
                 cpu_host += [e for e in layer.experts_at("resident") if layer.format[e] in QUANT_FORMATS]
@@ -273,7 +279,8 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                 if layer.tier[e] == "disk" and kfmt not in stream_kernels and kfmt not in UNPACK_FORMATS:
                     stream_kernels[kfmt] = CpuStreamKernel(kernels.templates[kfmt], threads=n_threads)
             block = blocks[layer.hidden_layer]
-            store = PlannedExperts(layer, home, dev, ACT2FN[act_name], kernels.hidden, kernels.inter, cache, fetcher,
+            store = PlannedExperts(layer, home, layer_dev, ACT2FN[act_name], kernels.hidden, kernels.inter, cache,
+                                   fetchers[name],
                                    cpu_kernel, stream_kernels, metrics, index, threads=n_threads)
             store.prefetch_policy = prefetch
             store.oracle = routing
@@ -290,7 +297,7 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
         if tmpdir is not None:
             tmpdir.cleanup()
         raise
-    return PlannedRuntime(model, plan, stores, metrics, dev, fetcher, kernels, tmpdir)
+    return PlannedRuntime(model, plan, stores, metrics, dev, fetchers, kernels, tmpdir, devs)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

@@ -99,12 +99,15 @@ class ExpertHome:
 
     Host-tier experts are read once, at load, into (pinned, with CUDA) host memory; disk-tier
     experts are read from the checkpoint (float formats) or kernels file (int8/int4) at every
-    use, past the page cache (:mod:`tensorfile`).
+    use, past the page cache (:mod:`tensorfile`). A copy to the device is counted on the link
+    from the expert's home to ``device_name`` (the layer's plan device).
     """
 
     def __init__(self, spec: LayerSpec, source: Any, kernels: Kernels, metrics: MetricsRecorder, *,
-                 pin: bool, keep_host: set[int]) -> None:
+                 pin: bool, keep_host: set[int], device_name: str = "device") -> None:
         self.spec, self.source, self.kernels, self.metrics = spec, source, kernels, metrics
+        self.device_name = device_name
+        self.sizes: dict[int, int] = {}  # expert -> bytes in its stored format (once read)
         self.host: dict[int, ExpertWeights] = {}
         for e in sorted(keep_host):
             w = self.read(e)
@@ -115,8 +118,17 @@ class ExpertHome:
         fmt = self.spec.format[e]
         if fmt in FLOAT_FORMATS:
             gate_up, down = self.source.read(self.spec.hidden_layer, e)
-            return ExpertWeights(fmt, {"gate_up": gate_up, "down": down})
-        return ExpertWeights(fmt, self.kernels.quantised(self.spec.moe_layer, e, fmt))
+            w = ExpertWeights(fmt, {"gate_up": gate_up, "down": down})
+        else:
+            w = ExpertWeights(fmt, self.kernels.quantised(self.spec.moe_layer, e, fmt))
+        self.sizes[e] = w.nbytes
+        return w
+
+    def size(self, e: int) -> int:
+        """Expert ``e``'s bytes in its stored format (an expert of the same format stands in
+        for one not read yet)."""
+        fmt = self.spec.format[e]
+        return self.sizes.get(e) or max((n for x, n in self.sizes.items() if self.spec.format[x] == fmt), default=0)
 
     def load(self, e: int, device: torch.device | None = None, *, fetch: bool = False,
              prefetch: bool = False) -> ExpertWeights:
@@ -131,7 +143,8 @@ class ExpertHome:
         fresh = w is None
         if fresh:
             w = self.read(e)
-        self.metrics.moved(self.spec.home[e], w.nbytes, fetch=fetch, prefetch=prefetch)
+        self.metrics.moved(self.spec.home[e], w.nbytes, fetch=fetch, prefetch=prefetch,
+                           to=None if device is None else self.device_name)
         if device is None:
             return w
         if device.type == "cpu" and (fresh or w.fmt not in FLOAT_FORMATS):
@@ -156,11 +169,11 @@ class PlannedExperts(nn.Module):
     Args:
         spec: the layer's plan.
         home: where its weights come from.
-        device: the torch compute device.
+        device: the torch device of the layer's plan device (``home.device_name``).
         act: the expert activation (``ACT2FN[config.hidden_act]``).
         hidden, inter: H and I.
         cache: the layer's cache bookkeeping.
-        fetcher: the copy engine (shared by all layers).
+        fetcher: the copy engine of the layer's plan device (shared by its layers).
         cpu_kernel: ORT session for host-homed CPU experts (or None).
         stream_kernels: format family -> ORT template session for disk-homed CPU experts.
         metrics: the shared recorder.
@@ -186,12 +199,29 @@ class PlannedExperts(nn.Module):
         self.slots: dict[int, Slot] = {}
         for e in cache.preloaded():  # static: loaded beforehand
             self.slots[e] = Slot(self._ready(home.load(e, device)))
+        self._place()
         # set by the runtime (link_next): the next MoE layer's (router, store) for prefetching,
         # kept in a tuple so that nn.Module does not register them as children
         self._next: tuple[nn.Module, PlannedExperts] | None = None
         self.prefetch_policy = "none"
         self.oracle: Any = None  # [T, L, K] routing for oracle prefetch
         self.token_cursor = 0
+
+    def _place(self) -> None:
+        """Tell the metrics where this layer's experts are held and computed (``placement``)."""
+        name, spec = self.home.device_name, self.spec
+        for w in self.resident.values():
+            for t in w.tensors.values():
+                if t.device.type != self.device.type or self.device.index not in (None, t.device.index):  # a bug
+                    raise RuntimeError(f"layer {spec.moe_layer}: a resident expert is on {t.device}, not {self.device}")
+        host = self.metrics.host
+        compute = {"resident": name, "fetch": name, "stream": name, "local": host, "hybrid": f"{name}|{host}"}
+        record = {"moe_layer": spec.moe_layer, "hidden_layer": spec.hidden_layer, "device": name,
+                  "torch_device": str(self.device),
+                  "experts": [name if s == "resident" else h for s, h in zip(spec.site, spec.home)],
+                  "compute": [compute[s] for s in spec.site], "cache_slots": self.cache.slots}
+        resident = sum(w.nbytes for w in self.resident.values()) + sum(self.home.size(e) for e in self.resident_on_cpu)
+        self.metrics.place(self.layer_index, record, resident)
 
     # -- the step ------------------------------------------------------------------------
 
@@ -240,6 +270,7 @@ class PlannedExperts(nn.Module):
             # threads on a CPU, milliseconds when other processes hold the cores)
             final.index_put_((tok,), y.to(final.dtype), accumulate=True)
         self.token_cursor += rows
+        self.metrics.cache_held(self.layer_index, sum(self.home.size(e) for e in self.cache.members))
         return final
 
     def _compute(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
@@ -367,8 +398,8 @@ class PlannedExperts(nn.Module):
             chosen = self.oracle[self.token_cursor:self.token_cursor + rows, layer].reshape(-1).tolist()
         else:
             # Pre-gated style: the next layer's router applied to this layer's input
-            with torch.no_grad():
-                chosen = router(hidden_states)[2].reshape(-1).tolist()
+            with torch.no_grad():  # on the next layer's device: its router runs there
+                chosen = router(hidden_states.to(nxt.device))[2].reshape(-1).tolist()
         ranked = [e for e, _ in Counter(e for e in chosen if 0 <= e < nxt.num_experts).most_common()]
         wanted = [e for e in ranked if nxt.spec.site[e] in ("fetch", "hybrid")][:nxt.cache.slots]
         deferred = []
@@ -377,7 +408,7 @@ class PlannedExperts(nn.Module):
             for v in evicted:
                 nxt.slots.pop(v, None)
             if loaded:
-                nxt.slots[e] = self.fetcher.submit(
+                nxt.slots[e] = nxt.fetcher.submit(  # over the next layer's device's link
                     lambda e=e: nxt._ready(nxt.home.load(e, nxt.device, prefetch=True)), prefetched=True, start=False)
                 deferred.append(nxt.slots[e])
         return deferred
