@@ -212,6 +212,11 @@ def _load_trace(path: str, task: str | None):
               help="Context tokens per sequence the KV cache must hold.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=512, show_default=True,
               help="Prompt length used to predict TTFT.")
+@click.option("--kv-cache", type=click.Choice(["auto", "device", "host"]), default="auto", show_default=True,
+              help="Where the KV cache lives. auto: a decision of the ILP where the engine can keep it in host "
+              "memory (llama.cpp --no-kv-offload: attention on the CPU): host frees its bytes on the GPU for "
+              "resident experts and pays the CPU's attention every step, so it wins at long contexts and large "
+              "batches; the plan records kv_cache and the llama.cpp export adds the flag. device, host: forced.")
 @click.option("--dram-contention", is_flag=True,
               help="Price host DRAM as one port that the CPU's expert reads and the copies to the GPU share (a "
               "layer lasts at least their bytes / DRAM bandwidth), as desktop DRAM limits hybrid plans; recorded "
@@ -269,7 +274,8 @@ def _load_trace(path: str, task: str | None):
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @_given_options
 @common_options
-def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, quality_budget,
+def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, kv_cache,
+                 quality_budget,
                  formats, critical, quality_path, slo_tpot, slo_ttft, max_batch, solver, time_limit, gap, compare,
                  parallel, redundant_experts, out,
                  report, force, max_watts, **given) -> None:
@@ -348,7 +354,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
             return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=trace, objective=objective, batch_size=batch, context_tokens=context,
-        prompt_tokens=prompt_tokens, quality_budget=quality_budget, formats=candidates, solver=solver,
+        prompt_tokens=prompt_tokens, kv_cache=kv_cache, quality_budget=quality_budget, formats=candidates,
+        solver=solver,
         time_limit_s=time_limit, gap=gap, tpot_slo_s=slo_tpot, ttft_slo_s=slo_ttft, max_batch=max_batch,
         critical=critical_sets, engine=engine, policy=policy,
         fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"],
