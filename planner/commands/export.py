@@ -25,8 +25,8 @@ __all__ = ["export_cmd", "verify_cmd"]
 @click.option("--model", "-m", help="Model (default: the plan's, or the checkpoint's config.json).")
 @click.option("--force", is_flag=True, help="Replace an earlier bundle at --out.")
 @click.option("--engines-only", is_flag=True,
-              help="Write only OUT/engines/ (llama.cpp and accelerate configs, no runtime): the export of a "
-                   "multi-GPU pipeline plan, which the bundle runtime does not run.")
+              help="Write only OUT/engines/ (llama.cpp and accelerate configs, no runtime): for a plan in formats "
+                   "the bundle runtime does not run (GGUF types).")
 @common_options
 def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force, engines_only) -> None:
     """Write a deployment bundle: runtime, kernels, engine configs, run.py, checksummed.
@@ -37,7 +37,8 @@ def export_cmd(plan_path, checkpoint, out_dir, hardware, model, force, engines_o
       planner export plan.json --checkpoint ckpt/ --out bundle/
       python bundle/run.py --checkpoint ckpt/ --prompt "the cat sat"
       planner verify bundle/ --checkpoint ckpt/
-      planner export multi_gpu_plan.json --engines-only --out deploy/   # llama.cpp / accelerate over the GPUs
+      planner export multi_gpu_plan.json --out bundle/   # each layer on its GPU (run.py --device-map to remap)
+      planner export llamacpp_plan.json --engines-only --out deploy/   # llama.cpp / accelerate configs only
     """
     from exporters.bundle import write_bundle
     from profiles.models import load_model
