@@ -24,7 +24,9 @@ sarathi), ``chunk_tokens``, ``kv_memory`` (the KV cache's size, e.g. 2GiB) and
 ``arrival_rate`` (Poisson requests/s; default: ``simulate.arrival_rate_per_s``), and the
 run-time expert-parallel knobs (they matter for EP plans only): ``reroute`` (true: each
 call to its expert's least-loaded copy, as LLEP; false: static dispatch) and
-``rebalance_every`` (EPLB re-placement every N decode steps, or null for never).
+``rebalance_every`` (EPLB re-placement every N decode steps, or null for never), and
+``dram_contention`` (true: offload plans priced and simulated with host DRAM as one port
+that the CPU's expert reads and the copies share, :mod:`planner.dram`; default false).
 
 With a ``goodput:`` block (:class:`simulator.goodput.GoodputSettings`) each point's plan is
 also simulated at a ladder of arrival rates, and the point gets its goodput: the highest
@@ -72,7 +74,7 @@ __all__ = ["KNOBS", "Grid", "goodput_cell", "grid_points", "load_grid", "pareto_
 
 HARDWARE_KNOBS = ("hardware", "gpu", "gpu_count", "nodes", "dram", "pcie_gen", "nvme_count")
 RUN_KNOBS = ("model", "batch", "objective", "parallel", "eviction", "prefetch", "miss", "scheduler", "chunk_tokens",
-             "kv_memory", "arrival_rate", "reroute", "rebalance_every")
+             "kv_memory", "arrival_rate", "reroute", "rebalance_every", "dram_contention")
 KNOBS = HARDWARE_KNOBS + RUN_KNOBS
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -208,6 +210,7 @@ _KNOB_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "arrival_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
                      "a positive number of requests/s"),
     "reroute": (lambda v: isinstance(v, bool), "true or false"),
+    "dram_contention": (lambda v: isinstance(v, bool), "true or false"),
     "rebalance_every": (lambda v: v is None or (_is_int(v) and 1 <= v <= 10**9),
                         "a positive number of decode steps, or null for never"),
     "hardware": (lambda v: isinstance(v, str) and bool(v), "a profile name or path"),
@@ -329,6 +332,7 @@ def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
             "scheduler": point.get("scheduler", "continuous"), "chunk_tokens": point.get("chunk_tokens"),
             "kv_bytes": parse_size(point["kv_memory"]) if "kv_memory" in point else None,
             "reroute": point.get("reroute", False), "rebalance_every": point.get("rebalance_every"),
+            "dram_contention": point.get("dram_contention", False),
             "goodput": grid.goodput.model_dump() if grid.goodput is not None else None,
         })
     return specs

@@ -113,7 +113,7 @@ class Pricing:
                 hardware=hw, model=self.model, stats=self.stats, batch_size=self.plan.batch_size,
                 context_tokens=self.plan.context_tokens, formats=self.formats, compute=compute, host=host,
                 homes=tuple(homes), quant_error={f: QUANT_ERROR.get(f, default_quant_error(f)) for f in self.formats},
-                engine=self.engine)
+                engine=self.engine, dram_contention=self.plan.inputs.dram_contention)  # priced as the plan was
         return self._setups[compute_id]
 
     def price_rows(self, compute_id: str, rows: Sequence[dict[str, Any]], dense_fmt: str,

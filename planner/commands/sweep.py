@@ -52,7 +52,8 @@ def evaluate_point(spec: dict) -> dict:
         else:
             plan = optimize(OptimizeRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
                                             objective=spec["objective"], batch_size=spec["batch"],
-                                            context_tokens=spec["context"], time_limit_s=spec["time_limit_s"])).plan
+                                            context_tokens=spec["context"], time_limit_s=spec["time_limit_s"],
+                                            dram_contention=spec.get("dram_contention", False))).plan
     except UserError as exc:
         return {**row, "status": f"infeasible: {exc}" if exc.exit_code == 3 else f"error: {exc}"}
     t1 = time.perf_counter()
@@ -116,7 +117,8 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force, slo_ttft, slo_tpot, 
     goodput.json and goodput.png (SLO attainment vs offered load) go beside the results.
     Grids may vary the serving knobs scheduler, chunk_tokens, kv_memory and arrival_rate,
     and for expert-parallel plans reroute (true/false: least-loaded copies, as LLEP) and
-    rebalance_every (EPLB re-placement every N decode steps, null for never).
+    rebalance_every (EPLB re-placement every N decode steps, null for never), and for offload
+    plans dram_contention (true: host DRAM shared by the CPU's expert reads and the copies).
 
     \b
     Examples:
