@@ -36,8 +36,7 @@ run on the GPU, the copy first, then the computation.
 
 An engine that keeps the KV cache in host memory (``profiles.engines.KVOffload``, a plan's
 ``kv_cache: host``) reads it where it lives (:class:`KVHost`): attention on the host CPU,
-``roofline(cpu, bf16, kv_bytes, 2 r kv_elements g)`` (``g`` query heads per KV head, ``r``
-query rows per sequence: 1 in a decode step, the pass's tokens in a prompt's) plus,
+the longer of its read of the cache and its FLOPs (:func:`attention_compute_s`) plus,
 per attention layer, the step's query, keys and values to the CPU and the output back
 (two transfers), or, with attention on the device, ``kv_bytes`` over the route per pass
 (one transfer per attention layer); the compute device then reads no KV of its own.
@@ -163,19 +162,23 @@ class KVHost:
     def transfer_s(self, n_bytes: float) -> float:
         return n_bytes / self.link_bytes_per_s + self.link_latency_s
 
-    def attention_s(self, model: ModelSpec, tokens: int, kv_bytes: float, prefill: bool = False) -> float:
-        """Seconds the step's attention over ``kv_bytes`` of cache (all its sequences) adds where
-        the cache lives: a decode step's tokens are one per sequence, a prefill's one sequence's."""
+    def attention_s(self, device: Device, model: ModelSpec, tokens: int, kv_bytes: float,
+                    prefill: bool = False) -> float:
+        """Seconds of the step's attention over ``kv_bytes`` of cache (all its sequences) kept in
+        host memory. ``host``: the host CPU's roofline of it (its read of the cache, or its
+        FLOPs at the engine's attention share, :func:`attention_compute_s`: the longer) and, per
+        attention layer, the step's query, keys and values to the CPU and the output back;
+        ``device``: the cache over the route per pass (one transfer per attention layer) or
+        ``device``'s FLOPs, the longer."""
         layers = len(model.attention_layer_indices)
-        if self.attention == "device":  # every layer's cache crosses the route (its read on the device hides behind)
-            return kv_bytes / self.link_bytes_per_s + layers * self.link_latency_s
-        group = model.num_attention_heads / max(model.num_key_value_heads, 1)  # query heads per KV head
-        rows = tokens if prefill else 1  # query rows that read each cached element
-        flops = 2.0 * rows * (kv_bytes / 2.0) * group  # q.k and p.v over every cached bf16 element
+        if self.attention == "device":
+            return max(kv_bytes / self.link_bytes_per_s + layers * self.link_latency_s,
+                       attention_compute_s(device, model, tokens, kv_bytes, prefill))
+        read_s = kv_bytes / (self.cpu.memory_bytes_per_s * self.cpu.efficiency.memory_fraction)
         qkv = tokens * (model.hidden_size + 2 * model.num_key_value_heads * model.head_dim) * 2.0
         out = tokens * model.hidden_size * 2.0
-        return _kernel_s(self.cpu, "bf16", kv_bytes, flops, rows * group) + layers * (self.transfer_s(qkv)
-                                                                              + self.transfer_s(out))
+        return max(read_s, attention_compute_s(self.cpu, model, tokens, kv_bytes, prefill)) \
+            + layers * (self.transfer_s(qkv) + self.transfer_s(out))
 
 
 def kv_host(hw, compute_id: str, host_id: str, kv_offload) -> KVHost:
@@ -213,8 +216,7 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     matmul_params = model.dense_params - table
     weights_s = _kernel_s(device, fmt, (matmul_params + (rows if table else 0.0)) * bytes_per_weight,
                           2.0 * tokens * matmul_params, tokens)
-    kv_read_s = (kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction) if kv_on_host is None
-                 else kv_on_host.attention_s(model, tokens, kv_bytes, prefill))
+    kv_read_s = kv_bytes / (device.memory_bytes_per_s * device.efficiency.memory_fraction)
     per_layer_s = 2 * device.launch_overhead_s + device.layer_overhead_s + token_layer_s(device, tokens)
     fused_s = model.num_moe_layers * FUSED_MOE_LAUNCHES * device.launch_overhead_s if device.fused_experts else 0.0
     step_s = device.prefill_step_overhead_s if prefill else device.step_overhead_s
@@ -224,7 +226,8 @@ def dense_step_s(device: Device, model: ModelSpec, fmt: str, tokens: int, kv_byt
     dense_host_s = (model.num_hidden_layers * ATTENTION_LINEARS + 1) * device.dense_linear_host_s.get(fmt, 0.0)
     # attention over the cached context as one roofline: its KV read or its FLOPs at the share of
     # peak the engine's attention kernels reach, whichever is longer (no stated share: the read)
-    attention_s = max(kv_read_s, attention_compute_s(device, model, tokens, kv_bytes, prefill))
+    attention_s = max(kv_read_s, attention_compute_s(device, model, tokens, kv_bytes, prefill)) if kv_on_host is None \
+        else kv_on_host.attention_s(device, model, tokens, kv_bytes, prefill)  # where the host keeps the cache
     return weights_s + attention_s + model.num_hidden_layers * per_layer_s + fused_s + step_s + dense_host_s \
         + model.num_moe_layers * unrouted_visits_s(device, model, fmt, tokens)
 

@@ -19,6 +19,7 @@ from planner.workload_view import planning_stats
 from profiles.engines import load_engine
 from profiles.errors import InfeasibleError, InputError
 from profiles.hardware import load_profile
+from profiles.perf import attention_compute_s
 from profiles.models import load_model
 from profiles.workload.defaults import default_workload
 from profiles.workload.trace import DECODE, PREFILL
@@ -41,9 +42,9 @@ def _setup(mixtral, engine: str, batch: int, context: int):
 
 
 def test_host_kv_frees_its_bytes_and_pays_attention_on_the_cpu(mixtral):
-    """By hand: the cache leaves the GPU row for the DRAM row, the GPU's read of it leaves the
-    step, the CPU's attention (its read of the cache, or the q.k / p.v FLOPs, and two link
-    crossings per attention layer) joins it; a decode step's rows are one per sequence."""
+    """By hand: the cache leaves the GPU row for the DRAM row, the GPU's attention over it leaves
+    the step, the CPU's joins it (its read of the cache or its q.k / p.v FLOPs, the longer, and
+    two link crossings per attention layer); a prompt's tokens all read one sequence's cache."""
     s = _setup(mixtral, "llama.cpp", 8, 8192)
     model, fm = s.model, s.formats[-1]
     on_gpu, on_host = fixed_costs(s, fm), fixed_costs(s, fm, kv_on_host=True)
@@ -51,16 +52,18 @@ def test_host_kv_frees_its_bytes_and_pays_attention_on_the_cpu(mixtral):
     assert (on_gpu.kv_bytes, on_gpu.kv_host_bytes, on_host.kv_bytes, on_host.kv_host_bytes) == (kv, 0.0, 0.0, kv)
     assert on_host.dense_bytes == on_gpu.dense_bytes and on_host.workspace_bytes == on_gpu.workspace_bytes
     site = s.kv_host()
-    gpu_read = kv / (s.compute.memory_bytes_per_s * s.compute.efficiency.memory_fraction)
+    gpu = max(kv / (s.compute.memory_bytes_per_s * s.compute.efficiency.memory_fraction),
+              attention_compute_s(s.compute, model, 8, kv))
     cpu_read = kv / (s.host.memory_bytes_per_s * s.host.efficiency.memory_fraction)
     crossings = len(model.attention_layer_indices) * (site.transfer_s(8 * (model.hidden_size + 2 * model.num_key_value_heads
                                                                             * model.head_dim) * 2.0)
                                                       + site.transfer_s(8 * model.hidden_size * 2.0))
-    attention = site.attention_s(model, 8, kv)
-    assert attention >= cpu_read + crossings  # at least the CPU's read of the whole cache
-    assert on_host.dense_s - on_gpu.dense_s == pytest.approx(attention - gpu_read, rel=1e-12)
-    # the same cache as one sequence's prompt: every prompt token reads it (more FLOPs, not fewer)
-    assert site.attention_s(model, 8, kv, prefill=True) > attention
+    attention = site.attention_s(s.compute, model, 8, kv)
+    assert attention == pytest.approx(max(cpu_read, attention_compute_s(s.host, model, 8, kv)) + crossings, rel=1e-12)
+    assert on_host.dense_s - on_gpu.dense_s == pytest.approx(attention - gpu, rel=1e-9)
+    prompt = site.attention_s(s.compute, model, 8, kv, prefill=True)
+    assert prompt == pytest.approx(max(cpu_read, attention_compute_s(s.host, model, 8, kv, prefill=True)) + crossings,
+                                   rel=1e-12)
     # the bundle runtime cannot keep it there: no host option, and forcing it is refused in one line
     bundle = _setup(mixtral, "bundle", 8, 8192)
     assert bundle.kv_host() is None and kv_sites(bundle, "auto") == (False,)
