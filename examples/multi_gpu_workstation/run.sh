@@ -2,7 +2,7 @@
 # Mixtral-8x7B on a workstation with two RTX 3090s (24 GiB each, PCIe 4.0 x16 each, no NVLink,
 # 256 GiB DDR4) at the int8 quality budget: plan over both GPUs, compare with what a multi-GPU
 # user runs today (llama.cpp's layer split with --n-cpu-moe, accelerate's device_map="auto"),
-# simulate the plan, export it for llama.cpp and accelerate.
+# simulate the plan, export it as a bundle (each layer on its GPU) and for llama.cpp and accelerate.
 # Run from anywhere: bash examples/multi_gpu_workstation/run.sh   (see README.md for the output)
 set -euo pipefail
 work="$(mktemp -d)"
@@ -22,8 +22,16 @@ planner optimize -H "$HW" -m mixtral-8x7b --quality-budget 0.006 --parallel auto
 planner simulate -p "$work/plan.json"
 planner simulate -p "$work/plan-llamacpp.json"
 
-# 4. Engine configs: llama-server with --device/--tensor-split/-ot, an accelerate device_map
-#    over both GPUs; the bundle runtime does not run multi-GPU plans yet, so --engines-only.
+# 4. The bundle: the runtime runs each layer on its GPU (devices.json maps node/gpuN to cuda:N;
+#    run.py --device-map gpu0=cpu,gpu1=cpu remaps them), with the plan's llama.cpp and
+#    accelerate renderings under engines/. Without --checkpoint, run.py builds the kernels at start-up.
+planner export "$work/plan.json" --out "$work/bundle"
+python3 -c "
+import json, sys
+print('bundle devices:', {d: v['torch'] for d, v in json.load(open(sys.argv[1]))['devices'].items()})" "$work/bundle/devices.json"
+
+# 5. The llama.cpp plan's GGUF formats (q8_0, q4_k) are not the bundle runtime's: its engine
+#    configs alone (llama-server with --device/--tensor-split/-ot, an accelerate device_map).
 planner export "$work/plan-llamacpp.json" --engines-only --out "$work/deploy"
 python3 -c "
 import json, sys
