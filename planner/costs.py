@@ -177,6 +177,12 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     home_bytes = eb[bo] * ((q - p) * band_f + (E - q) * run_f)
     # a tier's experts are tail experts (run where they live) held at b_up instead
     home_bytes = home_bytes + k_up * (eb[bu] * np.where(in_dram, f_cpu[bu], 1.0) - eb[bo] * run_f)
+    if s.dropped and s.dropped[layer]:  # planner.task: never called (the stats), so the last ranks
+        kept = E - len(s.dropped[layer])  # the dropped ranks [kept, E): held nowhere, their importance lost
+        dev_bytes = dev_bytes - np.maximum(p - kept, 0) * eb[bi] * f_dev[bi]
+        home_bytes = home_bytes - eb[bo] * (np.maximum(q - np.maximum(p, kept), 0) * band_f
+                                            + (E - np.maximum(q, kept)) * run_f)
+        error = error + s.dropped_importance[layer]
 
     r = float(st.predictability[layer])
     if B == 1 and st.access_rank is not None and not offload.any():

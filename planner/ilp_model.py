@@ -125,7 +125,9 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
     for h in s.homes:
         caps[h] = capacity(s, h)
     problem = Problem(setup=s, tables=tables, fixed=fixed, caps=caps, device_mem=device_mem,
-                      quality_budget=quality_budget, importance_total=float(s.stats.importance.sum()))
+                      quality_budget=quality_budget,
+                      # dropped experts' importance (planner.task) counts: the stats no longer hold it
+                      importance_total=float(s.stats.importance.sum()) + float(sum(s.dropped_importance)))
     if ttft is None:
         return problem
     slo_s, prompt = ttft

@@ -25,6 +25,7 @@ from .batch_search import search_batch
 from .costs import (DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, Setup, engine_runs, keeps_critical, prefill_s,
                     step_time)
 from .energy import check_power, energy_problem, step_energy_j, with_power_cap
+from .task import dropped_note
 from .format_tiers import tier_masks
 from .ilp import Problem, SolveResult, _feasible, build_problem, explain_infeasible, solve
 from .kv_offload import kv_sites, with_kv_on_host
@@ -79,6 +80,9 @@ class OptimizeRequest:
     multi_gpu: bool = False  # every GPU of the node, layers assigned pipeline-style (planner.multi_gpu)
     compare: bool = True  # also plan every baseline (OptimizeResult.baselines); False: the plan alone
     max_watts: float | None = None  # average power cap, W: energy per step <= max_watts x step time (planner.energy)
+    drop_below: float | None = None  # task-specific plans: experts rarer than this may be dropped (planner.task)
+    dropped: tuple[tuple[int, ...], ...] = ()  # per layer the experts dropped (set by planner.task)
+    dropped_importance: tuple[float, ...] = ()  # per layer their importance on the trace (planner.task)
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,6 +188,10 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
                     workload_digest=workload_digest(trace), engine=engine.name,
                     engine_digest=digest(engine.profile.model_dump(mode="json")), quality_digest=req.quality_digest,
                     dram_contention=req.dram_contention)
+    if req.drop_below is not None:  # task-specific: the best of a few drop levels (planner.task)
+        from .task import optimize_dropping
+
+        return optimize_dropping(req, hw, model, trace, stats, budget, inputs, t0, t_stats, engine)
     if req.objective == "cost" or (req.objective == "throughput" and (req.tpot_slo_s or req.ttft_slo_s)):
         return _optimize_batch(req, hw, model, stats, budget, inputs, t0, t_stats, engine)
     batch = 1 if req.objective == "latency" else req.batch_size
@@ -207,6 +215,8 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
     s = make_setup(hw, model, stats, batch_size=batch, context_tokens=req.context_tokens, formats=req.formats,
                    critical=req.critical, quant_error=req.quant_error, engine=engine, fixes=req.fixes,
                    expert_error=req.expert_error, dram_contention=req.dram_contention)
+    if req.dropped:  # planner.task: the stats are the trace's with these dropped
+        s = dataclasses.replace(s, dropped=req.dropped, dropped_importance=req.dropped_importance)
     if req.policy is not None:  # a given configuration: priced as it is, no search
         from .given import price_given
 
@@ -419,6 +429,8 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     """
     s, st = problem.setup, problem.setup.stats
     dev_mem = problem.device_mem
+    if any(s.dropped):  # planner.task
+        notes = (*notes, dropped_note(s.dropped))
     layers = []
     mem = {m: dict(expert_bytes=0.0, cache_bytes=0.0) for m in problem.caps}
     for l, w in enumerate(choice):
@@ -438,7 +450,8 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         layers.append(LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=tuple(homes),
                                 format=tuple(fmts), site=tuple(sites), cache_slots=c,
                                 cache_device=s.compute.id if c else None, cache_format=bo if c else None))
-        mem[dev_mem]["expert_bytes"] += p * s.expert_bytes(br) * s.kernel_factor(s.compute, br)
+        held = min(p, st.num_experts - len(s.dropped[l])) if s.dropped else p  # dropped ranks are last
+        mem[dev_mem]["expert_bytes"] += held * s.expert_bytes(br) * s.kernel_factor(s.compute, br)
         mem[dev_mem]["cache_bytes"] += c * s.expert_bytes(bo) * s.kernel_factor(s.compute, bo)
         if p < st.num_experts:
             mem[home]["expert_bytes"] += float(t.home_bytes[w])  # as the ILP counted it
@@ -457,7 +470,7 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
                 compute_device=s.compute.id, host_device=s.host.id, dense_format=dense_fm,
                 prefetch=prefetch_policy or ("next-layer" if prefetch else "none"), eviction=eviction or "lru",
-                quality_budget=budget,
+                quality_budget=budget, dropped_experts=s.dropped if any(s.dropped) else (),
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
                 kv_cache="host" if fc.kv_on_host else "device",
                 notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes

@@ -196,6 +196,9 @@ class Plan(BaseModel):
     predicted: dict[str, float]
     solver: SolverInfo
     notes: tuple[str, ...] = ()
+    # per MoE layer the experts the plan drops (planner.task, --drop-below): the router picks its
+    # top-k among the others; empty (and absent from plan.json): every expert is kept
+    dropped_experts: tuple[tuple[int, ...], ...] = ()
 
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
@@ -212,6 +215,8 @@ class Plan(BaseModel):
             data.pop("layer_devices", None)  # single-device plans read as before
         if data.get("kv_cache") == "device":
             data.pop("kv_cache", None)  # plans with the cache on the device read as before
+        if not data.get("dropped_experts"):
+            data.pop("dropped_experts", None)  # plans that keep every expert read as before
         return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
@@ -225,6 +230,21 @@ class Plan(BaseModel):
         if self.kv_cache == "host" and self.layer_devices is not None:
             raise InputError("a pipeline plan keeps its KV cache on its GPUs", key="kv_cache", value="host",
                              expected="device", fix="drop kv_cache, or regenerate the plan with planner optimize")
+        return self
+
+    @model_validator(mode="after")
+    def _dropped_in_range(self) -> "Plan":
+        if self.dropped_experts and len(self.dropped_experts) != len(self.layers):
+            raise InputError("dropped_experts needs one entry per MoE layer", key="dropped_experts",
+                             value=len(self.dropped_experts), expected=str(len(self.layers)),
+                             fix="list each layer's dropped experts ([] for none), or regenerate the plan")
+        for lp, dropped in zip(self.layers, self.dropped_experts):
+            bad = [e for e in dropped if not 0 <= e < len(lp.home)]
+            if bad or len(set(dropped)) == len(lp.home):
+                raise InputError("a dropped expert is out of range, or a layer drops every expert",
+                                 key=f"dropped_experts[{lp.moe_layer}]", value=bad or list(dropped),
+                                 expected=f"ids in 0..{len(lp.home) - 1}, at least one kept",
+                                 fix="regenerate the plan with planner optimize --drop-below")
         return self
 
     def device_of(self, moe_layer: int) -> str:

@@ -97,6 +97,11 @@ class Setup:
     bare: Hardware | None = None  # the hardware before the engine was applied
     phase: str = "decode"  # "prefill": a step prices the prompt (the engine's prefill step cost)
     fixes: "Fixes | None" = None  # parts of every layer's option the user fixed (planner.given)
+    # task-specific plans (planner.task): per layer the experts the plan drops (the stats come from
+    # the trace with them dropped, so they are never called) and the importance they carried
+    # (error 1 each: their whole contribution), charged to every option of the layer
+    dropped: tuple[tuple[int, ...], ...] = ()
+    dropped_importance: tuple[float, ...] = ()
     # host DRAM as one port shared by CPU expert reads and copies (planner.dram); off: as before
     dram_contention: bool = False
 

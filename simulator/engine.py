@@ -67,6 +67,7 @@ from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
+from profiles.workload.drop import drop_experts
 from profiles.workload.trace import Trace
 
 from .contention import Contention
@@ -152,8 +153,10 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
     play_ahead = True  # work out event-free layers without events (False: always play them out)
 
     def __init__(self, plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace, config: SimConfig) -> None:
-        self.plan, self.hw, self.model, self.trace, self.cfg = plan, hardware, model, trace, config
         _check_inputs(plan, hardware, model, trace)
+        # a plan that drops experts (planner.task): their accesses run nothing, as zero-computation ones
+        trace = drop_experts(trace, plan.dropped_experts, model.num_experts)
+        self.plan, self.hw, self.model, self.trace, self.cfg = plan, hardware, model, trace, config
         self.env = simpy.Environment()
         self.rng = np.random.default_rng(config.seed)
         self.spans: list[Span] | None = [] if config.record else None

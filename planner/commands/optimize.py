@@ -18,6 +18,7 @@ from ..costs import DEFAULT_FORMATS, QUANT_ERROR
 from ..given import HOME_TIERS, Fixes, GivenPolicy
 from ..optimize import DEFAULT_HARDWARE, DEFAULT_MODEL, OptimizeRequest, optimize
 from ..plan import Plan
+from ..task import DEFAULT_DROP_BELOW
 from ..output import get_output
 from ._common import FiniteFloat, check_output_path, common_options, writing
 
@@ -206,6 +207,12 @@ def _load_trace(path: str, task: str | None):
 @click.option("--max-watts", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Largest average power of the plan, watts (needs power_w in the profile): planned as energy "
               "per step <= W x step time, which is linear where energy / time is not; any --objective.")
+@click.option("--drop-below", type=FiniteFloat(min=0, max=1), is_flag=False, flag_value=DEFAULT_DROP_BELOW,
+              default=None, help="Task-specific plan (PreMoe): experts whose frequency on the trace (--trace, --task; "
+              "activations per token) is below this may be dropped, the cheapest first, as far as the quality "
+              "budget allows (a dropped expert costs its whole importance, frequency x gate); the ILP plans a few "
+              f"drop counts and keeps the best. The router picks its top-k among the kept experts. Bare flag: "
+              f"{DEFAULT_DROP_BELOW}.")
 @click.option("--batch", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True,
               help="Decode batch size for --objective throughput and energy.")
 @click.option("--context", type=click.IntRange(min=1, max=MAX_CONTEXT_TOKENS), default=4096, show_default=True,
@@ -278,7 +285,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
                  quality_budget,
                  formats, critical, quality_path, slo_tpot, slo_ttft, max_batch, solver, time_limit, gap, compare,
                  parallel, redundant_experts, out,
-                 report, force, max_watts, **given) -> None:
+                 report, force, max_watts, drop_below, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
     With no options it plans Mixtral-8x7B on the RTX 4090 desktop with its default workload.
@@ -292,6 +299,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
       planner optimize -m qwen3-30b-a3b --objective throughput --batch 32 --report report/
       planner optimize -t trace.npz --quality-budget 0.006 --formats bf16,int8,int4
       planner optimize --objective energy --batch 4 --max-watts 300
+      planner optimize -t traces.npz --task summary --drop-below 0.005 --out plan.json
       planner optimize -H cluster-h100-2node -m deepseek-v3 --compare --out ep-plan.json
       planner optimize --policy llama.cpp --n-cpu-moe 20 --compare   # price your llama.cpp setup
       planner optimize --policy accelerate --gpu-memory 10GiB --out plan.json
@@ -343,8 +351,9 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
             raise InputError(f"{slo} decides the batch size of offload plans; an expert-parallel plan takes --batch",
                              key=slo, value=slo_tpot if slo == "--slo-tpot" else slo_ttft,
                              fix="add --parallel offload (or pipeline), or drop the SLO and give --batch")
-        if use_ep and (objective == "energy" or max_watts is not None):
-            raise InputError("--objective energy and --max-watts plan one GPU with offloading", key="--parallel",
+        if use_ep and (objective == "energy" or max_watts is not None or drop_below is not None):
+            raise InputError("--objective energy, --max-watts and --drop-below plan one GPU with offloading",
+                             key="--parallel",
                              value=parallel, fix="add --parallel offload")
         if use_ep and given["dram_contention"]:
             raise InputError("--dram-contention prices offload plans (one node's host DRAM shared by its CPU and "
@@ -361,7 +370,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         fixes=fixes, prefetch=given["prefetch"], eviction=given["eviction"],
         expert_error=quality["errors"], quality_digest=quality["digest"],
         multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None,
-        max_watts=max_watts)
+        max_watts=max_watts, drop_below=drop_below)
     request = dataclasses.replace(request, dram_contention=given["dram_contention"])  # planner.dram
     output = get_output()
     with output.log.status("planning..."):
