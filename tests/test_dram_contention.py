@@ -150,3 +150,24 @@ def test_a_disk_read_for_the_gpu_crosses_host_dram_twice():
 
 def test_setup_default_is_off(box):
     assert dataclasses.replace(_setup(box)).dram_contention is False
+
+
+def test_an_export_reprices_a_contended_plan_as_optimize_priced_it(box, tmp_path):
+    """The exporters' re-pricing reads the plan's recorded setting: the planner's TPOT back,
+    and the contention-off price of the same placement is lower."""
+    from exporters.engines.pricing import Pricing
+    from planner.optimize import OptimizeRequest, optimize
+
+    hw, model, trace = box
+    (tmp_path / "hw.yaml").write_text(BOX.replace("memory_bytes: 8GB\n        memory_bytes_per_s: 1000GB/s",
+                                                  "memory_bytes: 600MB\n        memory_bytes_per_s: 1000GB/s"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG))
+    plan = optimize(OptimizeRequest(hardware=str(tmp_path / "hw.yaml"), model=str(tmp_path / "model"), trace=trace,
+                                    engine="roofline", formats=("bf16",), dram_contention=True, compare=False)).plan
+    assert plan.layers[0].site == ("fetch", "local")  # the GPU holds neither expert: the hand-worked split
+    repriced, _ = Pricing(plan, model, hw, trace).price_plan()
+    assert repriced.tpot_s == pytest.approx(plan.predicted["tpot_s"], rel=1e-12)
+    uncontended = plan.model_copy(update={"inputs": plan.inputs.model_copy(update={"dram_contention": False})})
+    assert Pricing(uncontended, model, hw, trace).price_plan()[0].tpot_s == \
+        pytest.approx(plan.predicted["tpot_s"] - 0.931135e-3, rel=1e-4)
