@@ -209,10 +209,24 @@ def layer_placement(plan: RuntimePlan, hidden_layers) -> dict[int, str]:
     return placed
 
 
+def _move_rest(model, layers: dict[int, Any], device) -> None:
+    """Move what is outside the decoder layers (embedding, final norm, head, rotary tables) to
+    ``device``, leaving the layers where they are (``model.to`` would move them too, and hold
+    every layer's dense weights on one GPU on the way)."""
+    inside = {id(t) for m in layers.values() for t in (*m.parameters(), *m.buffers())}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in inside and p.device != device:
+                p.data = p.data.to(device)  # a tied parameter is one object: moved once
+        for key, b in list(module._buffers.items()):
+            if b is not None and id(b) not in inside and b.device != device:
+                module._buffers[key] = b.to(device)
+
+
 def place_layers(model, plan: RuntimePlan, torch_devices: dict, metrics) -> dict[int, str]:
-    """Move every decoder layer of ``model`` (on ``compute_device``'s torch device already) to
-    its plan device (:func:`layer_placement`), hook the hops and record each plan device's
-    dense bytes. Returns hidden layer index -> plan device."""
+    """Move ``model`` (on the CPU) to the plan's devices: every decoder layer to its plan
+    device (:func:`layer_placement`), the rest to ``compute_device``'s; hook the hops and
+    record each plan device's dense bytes. Returns hidden layer index -> plan device."""
     layers = decoder_layers(model)
     placed = layer_placement(plan, layers)
     total = _nbytes(model)
@@ -225,7 +239,10 @@ def place_layers(model, plan: RuntimePlan, torch_devices: dict, metrics) -> dict
         if multi:
             module.to(torch_devices[name])
             module.register_forward_pre_hook(hops.hook(name), with_kwargs=True)
-    if multi:
+    if not multi:
+        model.to(torch_devices[plan.compute_device])
+    else:
+        _move_rest(model, layers, torch_devices[plan.compute_device])
         model.register_forward_pre_hook(hops.start, with_kwargs=True)
         head = model.get_output_embeddings()
         inner = getattr(model, "model", None)

@@ -1,6 +1,7 @@
 """Copies of expert weights to the compute device, on a worker thread (and CUDA stream).
 
-A :class:`Fetcher` runs copy jobs on one worker thread; with CUDA each job copies on its own
+A :class:`Fetcher` runs copy jobs on one worker thread (the runtime has one per plan device:
+a multi-GPU plan copies over each GPU's link at once); with CUDA each job copies on its own
 stream (from pinned host memory, ``non_blocking``) and records an event, so a copy overlaps
 the compute stream until someone needs the weights: :meth:`Slot.get` waits for the job and
 makes the current stream wait for the event. Without CUDA the worker thread does the copy
@@ -58,7 +59,9 @@ class Slot:
         if self._event is not None:
             import torch
 
-            stream = torch.cuda.current_stream()
+            # the compute stream of the device the weights were copied to (with several GPUs
+            # it need not be the current device)
+            stream = torch.cuda.current_stream(self._fetcher.device)
             stream.wait_event(self._event)
             # the tensors were allocated on the copy stream: keep their memory from being
             # reused there while the compute stream may still read them

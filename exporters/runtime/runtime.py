@@ -230,11 +230,10 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
         quantise_dense(model, plan.dense_format, keep=keep, device=dev, threads=n_threads)
         # after quantise_dense: quantised dense weights are copies already, only the rest is copied
         own_mapped_weights(model, sorted(Path(checkpoint_dir).glob("*.safetensors")))
-        model.to(dev)
         tiers = {h: t for layer in plan.layers for h, t in zip(layer.home, layer.tier)}
         metrics = MetricsRecorder(len(plan.layers), tiers, layer_devices=[plan.device_of(i) for i in range(len(plan.layers))],
                                   host=plan.host_device, torch_devices={d: str(t) for d, t in devs.items()})
-        place_layers(model, plan, devs, metrics)
+        place_layers(model, plan, devs, metrics)  # every decoder layer to its device, the rest to dev
         # one copy worker per plan device: each fetches over its own link (two GPUs copy at once)
         fetchers = {d: Fetcher(t, background=background) for d, t in devs.items()}
         stream_kernels: dict[str, CpuStreamKernel] = {}
