@@ -516,3 +516,33 @@ def test_runtime_imports_only_allowed_packages():
             for name in names:
                 top = name.split(".")[0]
                 assert top in allowed or top in sys.stdlib_module_names, (path.name, name)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe"])
+def test_dropped_experts_are_masked_in_the_router(checkpoint, name):
+    """A task-specific plan's dropped experts (planner.task): the router picks its top-k among
+    the kept ones (the store is never asked for a dropped one), with the weights renormalised
+    where the router renormalises (Mixtral) and not where it does not (OLMoE)."""
+    directory, ref = checkpoint(name)
+    _, cfg, moe_layers, E = FAMILIES[name]
+    with load_planned_model(make_plan(name, "resident", GPU), directory, dtype="float32", device="cpu") as rt:
+        full = planned_logits(rt)
+    plan = make_plan(name, "resident", GPU)
+    plan["dropped_experts"] = [[0, 1]] * len(moe_layers)
+    seen, sums = [], []
+    with load_planned_model(plan, directory, dtype="float32", device="cpu") as rt:
+        for store in rt.stores:
+            forward = store.forward
+
+            def spy(hidden, index, weights, forward=forward):
+                seen.extend(index.reshape(-1).tolist())
+                sums.extend(weights.sum(dim=-1).reshape(-1).tolist())
+                return forward(hidden, index, weights)
+            store.forward = spy
+        dropped = planned_logits(rt)
+    assert seen and not {0, 1} & set(seen)
+    if name == "mixtral":
+        assert sums == pytest.approx([1.0] * len(sums))
+    else:
+        assert all(s < 1.0 for s in sums)
+    assert (dropped - full).abs().max().item() > 1e-3  # the routing changed the output

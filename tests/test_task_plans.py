@@ -134,3 +134,14 @@ def test_cli_drop_below(case, run_cli, tmp_path):
     assert "dropped 1 experts: 0:7" in res.output
     res = run_cli(*args, "--objective", "cost")
     assert res.exit_code == 1 and "--drop-below" in res.output and "Traceback" not in res.output
+
+
+def test_engines_that_cannot_drop_say_so(case, tmp_path):
+    """llama.cpp and accelerate route over every expert: one line each, no config written."""
+    from exporters.engines.single import render_engines
+
+    hw_path, directory, trace = case
+    plan = plan_for(case, 0.001, drop_below=0.01)
+    out = render_engines(plan, str(directory / "config.json"), str(hw_path), tmp_path, trace=trace)
+    assert out.files == () and set(out.skipped) == {"llama.cpp", "accelerate"}
+    assert all("drops 1 experts" in why for why in out.skipped.values())

@@ -122,6 +122,10 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
     cluster = _cluster_reason(plan, hardware)
     if cluster:
         return RenderedEngines(files=(), skipped={"llama.cpp": cluster, "accelerate": cluster})
+    if plan.dropped_experts:  # planner.task: only the bundle runtime masks a router
+        why = (f"the plan drops {sum(map(len, plan.dropped_experts))} experts (--drop-below), which this engine "
+               "cannot (its router picks among every expert); run the bundle, or re-plan without --drop-below")
+        return RenderedEngines(files=(), skipped={"llama.cpp": why, "accelerate": why})
     pipeline = plan.layer_devices is not None and len(set(plan.layer_devices)) > 1
     if pipeline:  # several GPUs, each layer whole on one: llama.cpp's layer split, accelerate's multi-GPU map
         skipped["sglang/vllm"] = PIPELINE_NOT_SERVED

@@ -72,6 +72,7 @@ class LayerSpec:
     site: tuple[str, ...]
     tier: tuple[str, ...]  # device | host | disk, from home
     cache_slots: int
+    dropped: tuple[int, ...] = ()  # experts the router never picks (a task-specific plan's dropped_experts)
 
     @property
     def num_experts(self) -> int:
@@ -172,6 +173,12 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
         raise bad("not one compute device per MoE layer", "layer_devices", layer_devices,
                   f"a list of {len(raw_layers)} device ids like node/gpu1")
     devices = set(layer_devices or ()) | {compute_mem}
+    dropped = data.get("dropped_experts") or [[] for _ in raw_layers]  # a task-specific plan (--drop-below)
+    if not (isinstance(dropped, list) and len(dropped) == len(raw_layers) and all(
+            isinstance(d, list) and all(isinstance(e, int) and 0 <= e < len(raw.get("home") or ()) for e in d)
+            and len(d) < len(raw.get("home") or ()) for d, raw in zip(dropped, raw_layers) if isinstance(raw, dict))):
+        raise bad("not one list of expert ids per MoE layer, each keeping one expert", "dropped_experts", dropped,
+                  f"{len(raw_layers)} lists of expert ids like [3, 7]")
     layers = []
     seen_hidden: set[int] = set()
     for i, raw in enumerate(raw_layers):
@@ -212,7 +219,7 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
                 raise bad("an expert homed on another compute device's memory is not executed by this runtime",
                           f"{at}.home[{e}]", home[e], f"{mine}, the host DRAM or a disk")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
-                                site=tuple(site), tier=layer_tiers, cache_slots=slots))
+                                site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i])))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
                        layers=tuple(layers), source=source, dense_format=dense_format,
                        layer_devices=tuple(layer_devices) if layer_devices else None)

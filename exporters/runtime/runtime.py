@@ -286,6 +286,9 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
             block.experts = store
             stores.append(store)
         ordered = sorted(zip(plan.layers, stores), key=lambda ls: ls[0].hidden_layer)
+        for layer in plan.layers:  # a task-specific plan: the router picks among the kept experts
+            if layer.dropped:
+                mask_router(blocks[layer.hidden_layer].gate, layer.dropped)
         for (_, store), (nxt_layer, nxt_store) in itertools.pairwise(ordered):
             store.link_next(blocks[nxt_layer.hidden_layer].gate, nxt_store)
         metrics.reset()  # loading moved bytes too: count from the first step
@@ -320,6 +323,30 @@ def _map_large_allocations() -> None:
     int8 plan, past what the plan counts (254 MiB planned; 293-303 MiB held by default,
     239 MiB with this)."""
     _glibc_call("mallopt", _M_MMAP_THRESHOLD, 1 << 20)
+
+
+def mask_router(router: Any, dropped: Sequence[int]) -> None:
+    """Make ``router`` (a transformers top-k router: ``(logits, weights, indices)``) take its top-k
+    among the experts not in ``dropped``: their logits are -inf before the softmax, and the
+    kept weights are renormalised where the router renormalises (``norm_topk_prob``, Mixtral
+    always). Softmax routers only (Mixtral, Qwen-MoE, OLMoE)."""
+    import torch
+
+    if hasattr(router, "e_score_correction_bias") or getattr(router, "n_group", None):  # DeepSeek-V3: sigmoid, groups
+        raise RuntimeInputError("dropped experts are masked only in softmax routers", key="dropped_experts",
+                                value=type(router).__name__, expected="a Mixtral, Qwen-MoE or OLMoE router",
+                                fix="re-plan without --drop-below")
+    gone = torch.tensor(sorted(dropped), dtype=torch.long)
+
+    def hook(module, args, out):
+        logits, weights, indices = out
+        probs = torch.softmax(logits.float().index_fill(-1, gone.to(logits.device), float("-inf")), dim=-1)
+        top, chosen = torch.topk(probs, indices.shape[-1], dim=-1)
+        if getattr(module, "norm_topk_prob", True):
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(weights.dtype), chosen.to(indices.dtype)
+
+    router.register_forward_hook(hook)
 
 
 def _trim_heap() -> None:
