@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,29 @@ def test_an_export_reprices_a_contended_plan_as_optimize_priced_it(box, tmp_path
     uncontended = plan.model_copy(update={"inputs": plan.inputs.model_copy(update={"dram_contention": False})})
     assert Pricing(uncontended, model, hw, trace).price_plan()[0].tpot_s == \
         pytest.approx(plan.predicted["tpot_s"] - 0.931135e-3, rel=1e-4)
+
+
+def test_contention_changes_a_desktop_hybrid_plans_split(tmp_path):
+    """Mixtral-8x7B at batch 8 on the RTX 4090 desktop whose CPU reads experts at 85% of its
+    DRAM bandwidth (as a probe would state it; the bundled profile assumes 35%, where the port
+    never saturates), roofline engine: with contention on the ILP moves experts between the
+    GPU, the cache and the CPU, and its plan beats the contention-blind plan priced the same
+    way (an export re-prices it with contention)."""
+    from exporters.engines.pricing import Pricing
+    from planner.optimize import OptimizeRequest, optimize
+    from profiles.workload.defaults import default_workload
+
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "hardware" / "desktop-4090.yaml").read_text()
+    eff = "        efficiency: {memory_fraction: 0.85, compute_max_fraction: 0.5, half_tokens: 1.0, source: assumed}\n"
+    (tmp_path / "hw.yaml").write_text(text.replace("        kind: cpu\n", "        kind: cpu\n" + eff, 1))
+    plans = {on: optimize(OptimizeRequest(hardware=str(tmp_path / "hw.yaml"), model="mixtral-8x7b", engine="roofline",
+                                          objective="throughput", batch_size=8, dram_contention=on,
+                                          compare=False)).plan for on in (False, True)}
+    blind, aware = plans[False], plans[True]
+    assert blind.counts()["site"] != aware.counts()["site"]  # another CPU/GPU split
+    assert aware.predicted["tokens_per_s"] < blind.predicted["tokens_per_s"]  # contention costs time
+    _, hw = load_profile(tmp_path / "hw.yaml")
+    model = load_model("mixtral-8x7b")
+    flipped = blind.model_copy(update={"inputs": blind.inputs.model_copy(update={"dram_contention": True})})
+    blind_contended, _ = Pricing(flipped, model, hw, default_workload(model)).price_plan()
+    assert blind_contended.tokens_per_s < aware.predicted["tokens_per_s"]  # the aware plan is the better one
