@@ -45,7 +45,8 @@ CPU runs any expert (``P(CPU busy) = 1 - prod (1 - a_e)`` over its experts, a hy
 expert counting when it misses). At batch 1 a layer lasts ``E_t[max(device_t, cpu_t, link_t)]``
 over the workload's per-token outcomes (resident, hit, miss, local counts:
 :func:`_expected_max`, which also gives the exact U), at B > 1 ``max(G + stall, U, link)``
-(:func:`_averaged_max`).
+(:func:`_averaged_max`). With ``Setup.dram_contention`` the max() gains host DRAM's term:
+the bytes the CPU's experts read and the copies move, over the DRAM bandwidth (:mod:`planner.dram`).
 
 Op offload (an engine with ``op_offload``, llama.cpp): in a forward pass of at least the
 engine's threshold of tokens on a GPU, the ranks ``[q, E)`` that host DRAM holds are not run
