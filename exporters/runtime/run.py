@@ -2,6 +2,11 @@
 
     python run.py --bundle BUNDLE --checkpoint CKPT --prompt "the cat" [--max-new-tokens 32]
     python run.py --plan plan.json --checkpoint CKPT --prompts prompts.txt --metrics-out m.json
+    python run.py --bundle BUNDLE --checkpoint CKPT --prompt "the cat" --device-map gpu0=cuda:0,gpu1=cpu
+
+A multi-GPU plan runs each MoE layer on its plan device, mapped to a torch device by the
+bundle's ``devices.json`` unless ``--device-map`` (or ``$MOE_DEVICE_MAP``) says otherwise
+(devices.py); stderr names each plan device's torch device and layers.
 
 Prints each prompt's generated text on stdout (``--json``: one JSON object with the texts
 and the metrics instead). Bad input: one line on stderr, exit 1; usage errors exit 2.
@@ -120,6 +125,9 @@ def run(args) -> int:
         for text in texts:
             print(text)
         summary = json.loads(metrics_text)
+        if len(summary["devices"]) > 1:
+            print("; ".join(f"{d} on {v['torch_device']}: MoE layers {','.join(map(str, v['moe_layers']))}"
+                            for d, v in summary["devices"].items()), file=sys.stderr)
         tps = summary["tokens_per_s"]
         print(f"{summary['generated_tokens']} tokens, decode {tps:.2f} tok/s" if tps else
               f"{summary['generated_tokens']} tokens", file=sys.stderr)
