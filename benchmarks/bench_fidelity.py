@@ -41,6 +41,10 @@ Harness conventions (each case's ``note`` says which ones applied):
   scored: a model without paging cannot price a run that pages weights from disk; it is listed
   under ``does_not_fit`` with the planner's reason (every memory it overfills, what it needs
   and what is usable). The cases that fit are priced with reserves 0 and no quality budget;
+- ``flash_attn: false`` in a case's config (the source says FlashAttention was off, or its build
+  predates llama.cpp's auto default, ggml-org/llama.cpp PR #15434, 2025-08): the engine's
+  ``attention_fraction`` (its FlashAttention kernel's share of peak) is dropped, attention is
+  priced as its KV read;
 - decode_tok_s = 1 / TPOT (per stream; all cases are batch 1 except one "per stream" case),
   throughput_tok_s = batch / TPOT, prefill_tok_s = prompt / TTFT;
 - decode context = prompt + half the output tokens (at least 1); prefill context = prompt.

@@ -44,29 +44,44 @@ def fitted_keys(engine: str) -> tuple[str, ...]:
     per-call cost stays), or the fit would turn that cost into a sink for whatever else a
     machine loses (a CPU reaching a quarter of its DRAM peak became 190us per call)."""
     p = load_engine(engine).profile
-    fused = bool(p.fused_experts and p.fused_experts.value)
-    return tuple(k for k in PER_ENGINE if not (fused and k.endswith(".expert_call")))
+
+    def kept(key: str) -> bool:
+        kind, _, what = key.partition(".")
+        if what == "expert_call":
+            return not (p.fused_experts and p.fused_experts.value)
+        if what == "attention":  # only a share the profile states (None: attention is its KV read)
+            return getattr(p, kind) is not None and getattr(p, kind).attention_fraction is not None
+        return True
+    return tuple(k for k in PER_ENGINE if kept(k))
 
 
-def _unpack(x: np.ndarray, engines: list[str]) -> dict[str, dict[str, float]]:
+def _keys(engine: str, only: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """:func:`fitted_keys` of ``engine``, just ``only``'s where given."""
+    return tuple(k for k in fitted_keys(engine) if only is None or k in only)
+
+
+def _unpack(x: np.ndarray, engines: list[str], only: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
     out, i = {}, 0
     for e in engines:
-        keys = fitted_keys(e)
+        keys = _keys(e, only)
         out[e] = {k: float(math.exp(x[i + j])) for j, k in enumerate(keys)}
         i += len(keys)
     return out
 
 
-def fit(fit_cases: list[dict]) -> dict:
+def fit(fit_cases: list[dict], only: tuple[str, ...] | None = None) -> dict:
+    """Fit the scales of every engine of ``fit_cases`` (``only``: just these ``PER_ENGINE``
+    keys, the others staying at the profile's values: a new term's share fitted on its own,
+    the shipped profile's other values being an earlier fit's)."""
     from scipy.optimize import least_squares
 
     engines = sorted({engine_name(c) for c in fit_cases})
-    first = np.cumsum([0] + [len(fitted_keys(e)) for e in engines])  # each engine's first column
+    first = np.cumsum([0] + [len(_keys(e, only)) for e in engines])  # each engine's first column
     n = int(first[-1])
     lo, hi = [math.log(SCALE_BOUNDS[0])] * n, [math.log(SCALE_BOUNDS[1])] * n
 
     def residuals(x):
-        scales = _unpack(x, engines)
+        scales = _unpack(x, engines, only)
         r = []
         for c in fit_cases:
             try:
@@ -86,9 +101,12 @@ def fit(fit_cases: list[dict]) -> dict:
         e = engines.index(engine_name(c))
         sparsity[i, first[e]:first[e + 1]] = 1
     sparsity[len(fit_cases):, :] = np.eye(n, dtype=int)
+    # one column: trf's bounded two-dimensional trust-region step fails on it (scipy indexes a
+    # second column), dogbox solves it (without the sparsity, which one column does not need)
+    one = {"method": "dogbox"} if n == 1 else {"jac_sparsity": sparsity, "method": "trf"}
     res = least_squares(residuals, np.zeros(n), bounds=(lo, hi), diff_step=1e-3, max_nfev=MAX_NFEV, x_scale=1.0,
-                        jac_sparsity=sparsity, method="trf", loss=LOSS, f_scale=F_SCALE)
-    return {"engines": engines, "per_engine_scales": _unpack(res.x, engines),
+                        loss=LOSS, f_scale=F_SCALE, **one)
+    return {"engines": engines, "per_engine_scales": _unpack(res.x, engines, only), "only": only,
             "cost": float(res.cost), "nfev": int(res.nfev), "status": int(res.status), "message": res.message,
             "seconds": time.perf_counter() - t0,
             "method": "scipy.optimize.least_squares on ln(pred/published) over the fit half; per engine, log-scales "
@@ -110,12 +128,15 @@ def suggested_profile(scales: dict[str, dict[str, float]]) -> dict[str, dict[str
                 v, f = getattr(spec, what), sc.get(f"{kind}.{key}")
                 if v is not None and f is not None:
                     rows[f"{kind}.{what}"] = f"{v.value * f * 1e6:.4g}us (now {v.value * 1e6:.4g}us)"
+            af, f = spec.attention_fraction, sc.get(f"{kind}.attention")
+            if af is not None and f is not None:
+                rows[f"{kind}.attention_fraction"] = f"{min(af.value * f, 1.0):.3g} (now {af.value:.3g})"
             eff = _efficiency(spec, kind, sc) if kind in KINDS else None
             now = spec.efficiency.model_dump() if spec.efficiency is not None else {}
             for what in ("memory_fraction", "compute_max_fraction"):
                 if eff is not None and eff.get(what) is not None:
                     rows[f"{kind}.efficiency.{what}"] = f"{eff[what]:.3g} (now {now.get(what) or 'device default'})"
-        for ph in ("decode", "prefill"):
+        for ph in ("decode", "prefill") if "step" in sc else ():
             v = getattr(p.step_overhead_s, ph).value
             rows[f"step_overhead_s.{ph}"] = f"{v * sc['step'] * 1e3:.4g}ms (now {v * 1e3:.4g}ms)"
         out[e] = rows

@@ -31,9 +31,12 @@ FETCH, LOCAL = MODES.index("fetch"), MODES.index("local")
 # fitted parameters, per engine, all as log-scales of the profile's value: the overheads per
 # hidden layer and per expert call on each device kind, the per-step overhead, and the share
 # of a device's memory bandwidth ("memory") and compute peak ("compute") its kernels reach
-# (profiles/engines.py ``efficiency``; a device kind's default where the profile states none)
+# (profiles/engines.py ``efficiency``; a device kind's default where the profile states none),
+# and the share of peak its attention kernels reach ("attention": ``attention_fraction``, fitted
+# only where the profile states one: fidelity_fit.fitted_keys)
 KINDS = ("gpu", "cpu")
-PER_ENGINE = tuple(f"{k}.{w}" for k in KINDS for w in ("layer", "expert_call", "memory", "compute")) + ("step",)
+PER_ENGINE = tuple(f"{k}.{w}" for k in KINDS for w in ("layer", "expert_call", "memory", "compute", "attention")) \
+    + ("step",)
 # no kernel streams weights faster than 0.95 of the memory's peak, or computes past its peak
 # (a scale past these compensates for something else)
 MAX_FRACTION = {"memory_fraction": 0.95, "compute_max_fraction": 1.0}
@@ -104,6 +107,9 @@ def scaled_engine(engine: Engine, scales: dict[str, float] | None, add_kernels: 
         eff = _efficiency(spec, kind, scales) if kind in KINDS else None
         if eff is not None:
             su["efficiency"] = EngineEfficiency(**eff)
+        af, sc = spec.attention_fraction, scales.get(f"{kind}.attention")
+        if af is not None and sc is not None:
+            su["attention_fraction"] = af.model_copy(update={"value": min(af.value * sc, 1.0)})
         extra = add_kernels.get(kind, set()) - set(k for k, path in spec.kernels.items() if path != "unsupported")
         if extra:
             su["kernels"] = dict(spec.kernels) | {fm: "native" for fm in sorted(extra)}
@@ -114,6 +120,18 @@ def scaled_engine(engine: Engine, scales: dict[str, float] | None, add_kernels: 
         upd["step_overhead_s"] = st.model_copy(update={
             ph: getattr(st, ph).model_copy(update={"value": getattr(st, ph).value * scales["step"]})
             for ph in ("decode", "prefill")})
+    return Engine(profile=p.model_copy(update=upd), path=engine.path) if upd else engine
+
+
+def without_flash_attention(engine: Engine) -> Engine:
+    """``engine`` with no ``attention_fraction`` on any device kind (in memory): a run whose
+    source states FlashAttention off, or that ran before its build had it on by default. The
+    profile's share is FlashAttention's (llama.cpp's CPU kernel walks the cache row by row);
+    without it llama.cpp computes KQ and KQV as ordinary mat-muls, priced as the KV read."""
+    p = engine.profile
+    upd = {kind: getattr(p, kind).model_copy(update={"attention_fraction": None})
+           for kind in ("gpu", "cpu", "accelerator")
+           if getattr(p, kind) is not None and getattr(p, kind).attention_fraction is not None}
     return Engine(profile=p.model_copy(update=upd), path=engine.path) if upd else engine
 
 
@@ -182,6 +200,10 @@ def price_case(case: dict, scales: dict[str, float] | None = None, check_fit: bo
     for k, v in sorted(added.items()):
         notes.append(f"harness kernel: {', '.join(sorted(v))} native on {k} for {base.name}")
     engine = scaled_engine(base, scales, added)
+    if case["config"].get("flash_attn") is False:
+        engine = without_flash_attention(engine)
+        notes.append("no FlashAttention (config flash_attn: false): attention priced as its KV read "
+                     "(KQ and KQV as ordinary mat-muls), not at the engine's attention_fraction")
     formats = tuple(dict.fromkeys((fmt, dfm)))
     prompt = int(case.get("prompt_tokens") or 0)
     out_tokens = int(case.get("output_tokens") or 0)

@@ -121,3 +121,15 @@ def test_mxfp4_gguf_dense_format_matches_the_file_sizes_the_sources_quote(cases)
     marked = [c for c in cases if "ftype 'MXFP4 MoE'" in c["assumptions"]]
     assert len(marked) >= 10
     assert all(c["dense_format"] == "q8_0" and c["format"] == "mxfp4" for c in marked)
+
+
+def test_attention_share_is_fitted_where_stated_and_dropped_without_flash_attention(cases):
+    """llama.cpp states its CPU FlashAttention share (fitted); a run without FlashAttention
+    (the source says so, or its build predates the auto default) is priced without it."""
+    assert "cpu.attention" in bf.fitted_keys("llama.cpp")
+    assert "gpu.attention" not in bf.fitted_keys("llama.cpp")
+    assert not any(k.endswith(".attention") for k in bf.fitted_keys("vllm"))
+    case = next(c for c in cases if c["id"] == "llamacpp-qwen3-30b-a3b-iq4xs-7950x-cpu-pp512")
+    assert case["config"]["flash_attn"] is False
+    with_fa = dict(case, config=dict(case["config"], flash_attn=True))
+    assert bf.price_case(with_fa)["predicted"] < bf.price_case(case)["predicted"]  # prompt tok/s
