@@ -18,7 +18,9 @@ and what is left of the budget goes to the formats. How many: dropping more free
 leaves less budget for narrow formats, so the count is searched: the ILP plans each of a few
 prefixes of the candidate list (none, the free ones, and the largest the budget allows halved
 down to the free ones) and the plan with the best objective wins, ties to fewer drops. Each
-prefix is an exact ILP; the count between two prefixes tried is not.
+prefix is an exact ILP; the count between two prefixes tried is not. A plan that drops more
+wins only by more than the solver's gap (``--gap``): below it the difference is the solver's
+tolerance, not the drops' worth.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def optimize_dropping(req: OptimizeRequest, hw, model, trace: Trace, stats: Plan
             first_error = first_error or exc
             continue
         score = res.plan.solver.objective
-        if best is None or score < best[0] * (1 - 1e-9):
+        if best is None or score < best[0] * (1 - req.gap):  # within the solver's gap: a tie
             best = (score, res)
     if best is None:
         raise first_error
