@@ -205,6 +205,9 @@ def simulate_cmd(plan_path, hardware, model, trace_path, task, requests, arrival
             table.add_row(f"bytes from {tier}", f"{b / 2**30:.2f} GiB", "")
         table.add_row("requests / output tokens", f"{m['requests']} / {m['output_tokens']}", "")
         table.add_row("simulated time", format_time(m["makespan_s"]), "")
+        port = next((v for k, v in m["utilisation"].items() if k.endswith(" dram port")), None)
+        if port is not None:  # --dram-contention (simulator.dram)
+            table.add_row("host DRAM port busy (contention on)", f"{port:.1%}", "")
         if ep := m.get("expert_parallel"):
             loads = ep["max_over_mean_gpu_load"]
             table.add_row("max/mean GPU load (mean over layers)", f"{sum(loads) / max(len(loads), 1):.3f}", "")
