@@ -198,3 +198,19 @@ def test_contention_changes_a_desktop_hybrid_plans_split(tmp_path):
     flipped = blind.model_copy(update={"inputs": blind.inputs.model_copy(update={"dram_contention": True})})
     blind_contended, _ = Pricing(flipped, model, hw, default_workload(model)).price_plan()
     assert blind_contended.tokens_per_s < aware.predicted["tokens_per_s"]  # the aware plan is the better one
+
+
+def test_a_sweep_varies_contention_and_refuses_a_non_boolean(tmp_path):
+    """The sweep knob reaches each point's spec (planned and simulated with it); a value that
+    is not true/false is refused before any point runs."""
+    from profiles.errors import InputError
+    from simulator.sweep import load_grid, point_specs
+
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nbase: {hardware: desktop-4090, model: mixtral-8x7b}\n"
+                    "vary: {dram_contention: [false, true]}\n")
+    specs = point_specs(load_grid(path), tmp_path / "out")
+    assert [s["dram_contention"] for s in specs] == [False, True]
+    path.write_text("name: g\nbase: {hardware: desktop-4090, model: mixtral-8x7b}\nvary: {dram_contention: [yes2]}\n")
+    with pytest.raises(InputError, match="true or false"):
+        load_grid(path)
