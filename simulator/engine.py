@@ -119,6 +119,11 @@ class SimConfig:
             decode steps, from the routing seen since the last re-placement (None: never).
         dram_contention: host DRAM as one port shared by CPU expert reads and copies
             (:mod:`simulator.dram`); ``None``: as the plan was priced.
+        pd_role: prefill/decode disaggregation (:mod:`simulator.pd`): ``"prefill"`` runs each
+            request's prompt only; ``"decode"``: requests arrive prefilled (their prompt's KV
+            sent from a prefill pool) and decode the rest; ``None``: both, colocated.
+        arrivals_s: each request's arrival time (the decode pool's: when its KV landed);
+            ``None``: from ``arrival_rate_per_s``.
         seed: for arrivals and imperfect predictors.
         record: keep every kernel and transfer (Chrome trace) and the event log.
     """
@@ -143,6 +148,8 @@ class SimConfig:
     # host DRAM as one port shared by CPU expert reads and copies (simulator.dram); None: as
     # the plan was priced (its inputs.dram_contention)
     dram_contention: bool | None = None
+    pd_role: str | None = None  # "prefill" or "decode" in a disaggregated run (simulator.pd)
+    arrivals_s: tuple[float, ...] | None = None
     seed: int = 0
     record: bool = False
 

@@ -73,16 +73,28 @@ def requests_of(trace: Trace, cfg: SimConfig, rng: np.random.Generator) -> list[
     if cfg.arrival_rate_per_s is not None and cfg.arrival_rate_per_s <= 0:
         raise InputError("the arrival rate must be positive", key="--arrival-rate", value=cfg.arrival_rate_per_s,
                          expected="> 0 requests/s", fix="omit it for all requests at t = 0")
-    if cfg.arrival_rate_per_s:
+    if cfg.arrivals_s is not None:
+        if len(cfg.arrivals_s) != n:
+            raise InputError("one arrival time per request is needed", key="arrivals_s", value=len(cfg.arrivals_s),
+                             expected=str(n), fix="give as many arrival times as requests")
+        arrivals = np.asarray(cfg.arrivals_s, float)
+    elif cfg.arrival_rate_per_s:
         arrivals = np.cumsum(rng.exponential(1.0 / cfg.arrival_rate_per_s, size=n))
     else:
         arrivals = np.zeros(n)
+    if cfg.pd_role not in (None, "prefill", "decode"):
+        raise InputError("unknown prefill/decode role", key="pd_role", value=cfg.pd_role,
+                         expected="prefill, decode (or none: colocated)", fix="omit it for a colocated run")
     out = []
     for i in range(n):
         s = i % S
         rows = np.arange(starts[s], starts[s] + trace.seq_lens[s])
         decode = trace.phase[rows] == DECODE
-        out.append(Request(i, float(arrivals[i]), rows[~decode], rows[decode]))
+        r = Request(i, float(arrivals[i]), rows[~decode], rows[decode][:0] if cfg.pd_role == "prefill" else rows[decode])
+        r.prefilled = cfg.pd_role == "decode"  # its prompt's KV arrived from the prefill pool
+        out.append(r)
+    if cfg.arrivals_s is not None:  # the source releases them in time order
+        out.sort(key=lambda r: (r.arrival_s, r.rid))
     return out
 
 

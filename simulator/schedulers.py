@@ -116,7 +116,8 @@ def vllm(sim: Simulation, requests: list[Request], waiting: list[Request]):
             room = sim.batch_size - len(running)
             if budget is not None:  # prompt tokens of the step, the first prompt whatever its length
                 room = min(room, _within(waiting, budget))
-            new = sim.admit(waiting, running, room)
+            # a request that arrived prefilled (a decode pool, simulator.pd) joins the decode steps
+            new = [r for r in sim.admit(waiting, running, room) if not r.prefilled]
         if new:
             yield from _prefill(sim, new)
         else:
@@ -198,6 +199,10 @@ def _admit_chunked(sim: Simulation, waiting: list[Request], running: list[Reques
     out = []
     while left > 0 and waiting and len(running) < sim.batch_size:
         r = waiting[0]
+        if r.prefilled:  # its prompt's KV arrived from a prefill pool (simulator.pd): decodes from the next step
+            if not sim.admit(waiting, running, 1):
+                break
+            continue
         take = min(left, len(r.prefill_rows))
         if not sim.admit(waiting, running, 1, tokens=lambda _, take=take: take):
             break

@@ -26,7 +26,10 @@ run-time expert-parallel knobs (they matter for EP plans only): ``reroute`` (tru
 call to its expert's least-loaded copy, as LLEP; false: static dispatch) and
 ``rebalance_every`` (EPLB re-placement every N decode steps, or null for never), and
 ``dram_contention`` (true: offload plans priced and simulated with host DRAM as one port
-that the CPU's expert reads and the copies share, :mod:`planner.dram`; default false).
+that the CPU's expert reads and the copies share, :mod:`planner.dram`; default false), and
+``pd_split`` (prefill/decode disaggregation, :mod:`simulator.pd`: that many of the cluster's
+nodes form a prefill pool and the rest a decode pool, each planned on its own, the KV cache
+sent between them; null: colocated; the pools' profiles go beside the point's).
 
 With a ``goodput:`` block (:class:`simulator.goodput.GoodputSettings`) each point's plan is
 also simulated at a ladder of arrival rates, and the point gets its goodput: the highest
@@ -65,6 +68,7 @@ from profiles.units import parse_size
 from profiles.yamlio import load_yaml
 
 from .goodput import GoodputSettings
+from .pd import pool_profiles
 from .policies import EVICTION, MISS, PREFETCH
 from .schedulers import SCHEDULER
 from .sweep_output import goodput_cell, pareto_front, point_label, write_outputs
@@ -74,7 +78,7 @@ __all__ = ["KNOBS", "Grid", "goodput_cell", "grid_points", "load_grid", "pareto_
 
 HARDWARE_KNOBS = ("hardware", "gpu", "gpu_count", "nodes", "dram", "pcie_gen", "nvme_count")
 RUN_KNOBS = ("model", "batch", "objective", "parallel", "eviction", "prefetch", "miss", "scheduler", "chunk_tokens",
-             "kv_memory", "arrival_rate", "reroute", "rebalance_every", "dram_contention")
+             "kv_memory", "arrival_rate", "reroute", "rebalance_every", "dram_contention", "pd_split")
 KNOBS = HARDWARE_KNOBS + RUN_KNOBS
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -211,6 +215,8 @@ _KNOB_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "a positive number of requests/s"),
     "reroute": (lambda v: isinstance(v, bool), "true or false"),
     "dram_contention": (lambda v: isinstance(v, bool), "true or false"),
+    "pd_split": (lambda v: v is None or (_is_int(v) and 1 <= v < MAX_NODE_COUNT),
+                 "the prefill pool's nodes (fewer than the cluster's), or null for colocated"),
     "rebalance_every": (lambda v: v is None or (_is_int(v) and 1 <= v <= 10**9),
                         "a positive number of decode steps, or null for never"),
     "hardware": (lambda v: isinstance(v, str) and bool(v), "a profile name or path"),
@@ -318,7 +324,13 @@ def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
     for i, point in enumerate(grid_points(grid)):
         key = f"p{i:03d}"
         path = hw_dir / f"{key}.yaml"
-        path.write_text(yaml.safe_dump(point_profile(grid, point, key), sort_keys=False), encoding="utf-8")
+        doc = point_profile(grid, point, key)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        pools = {}
+        if point.get("pd_split") is not None:  # the prefill and decode pools' profiles beside it
+            for role, pool in zip(("prefill", "decode"), pool_profiles(doc, int(point["pd_split"]), "vary.pd_split")):
+                pools[f"{role}_hardware"] = str(hw_dir / f"{key}-{role}.yaml")
+                Path(pools[f"{role}_hardware"]).write_text(yaml.safe_dump(pool, sort_keys=False), encoding="utf-8")
         b = grid.base
         specs.append({
             "id": key, "point": point, "hardware": str(path), "model": point.get("model", b.model),
@@ -333,6 +345,7 @@ def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
             "kv_bytes": parse_size(point["kv_memory"]) if "kv_memory" in point else None,
             "reroute": point.get("reroute", False), "rebalance_every": point.get("rebalance_every"),
             "dram_contention": point.get("dram_contention", False),
+            "pd_split": point.get("pd_split"), **pools,
             "goodput": grid.goodput.model_dump() if grid.goodput is not None else None,
         })
     return specs

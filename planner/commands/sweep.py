@@ -31,29 +31,39 @@ def evaluate_point(spec: dict) -> dict:
     from profiles.workload.defaults import default_workload
     from simulator.engine import SimConfig, simulate
     from simulator.goodput import GoodputSettings, goodput_ladder, rate_row
+    from simulator.pd import kv_route_s, simulate_disaggregated
 
     from ..cluster import ClusterRequest, cluster_applies, plan_cluster
     from ..optimize import OptimizeRequest, optimize
     from .optimize import _load_trace
 
     row = {"id": spec["id"], "point": spec["point"], "status": "ok"}
-    t0 = time.perf_counter()
-    try:
-        trace = _load_trace(spec["trace"], None) if spec["trace"] else None
-        _, hw = load_profile(spec["hardware"])
-        model = load_model(spec["model"])
+
+    def plan_on(hardware: str):
+        _, hw = load_profile(hardware)
         gpus = max(len(hw.devices_of_kind("gpu")), 1)
         per_gpu = -(-spec["batch"] // gpus)  # expert parallelism: attention is data parallel
-        if cluster_applies(spec["parallel"], spec["hardware"], spec["model"], batch_size=per_gpu,
+        if cluster_applies(spec["parallel"], hardware, spec["model"], batch_size=per_gpu,
                            context_tokens=spec["context"]):
-            plan = plan_cluster(ClusterRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
-                                               batch_size=per_gpu, context_tokens=spec["context"],
-                                               time_limit_s=spec["time_limit_s"])).plan
-        else:
-            plan = optimize(OptimizeRequest(hardware=spec["hardware"], model=spec["model"], trace=trace,
+            return hw, plan_cluster(ClusterRequest(hardware=hardware, model=spec["model"], trace=trace,
+                                                   batch_size=per_gpu, context_tokens=spec["context"],
+                                                   time_limit_s=spec["time_limit_s"])).plan
+        return hw, optimize(OptimizeRequest(hardware=hardware, model=spec["model"], trace=trace,
                                             objective=spec["objective"], batch_size=spec["batch"],
                                             context_tokens=spec["context"], time_limit_s=spec["time_limit_s"],
                                             dram_contention=spec.get("dram_contention", False))).plan
+
+    t0 = time.perf_counter()
+    pd = spec.get("pd_split") is not None
+    try:
+        trace = _load_trace(spec["trace"], None) if spec["trace"] else None
+        model = load_model(spec["model"])
+        if pd:  # prefill/decode disaggregation: each pool planned on its own nodes
+            pools = [plan_on(spec[f"{role}_hardware"]) for role in ("prefill", "decode")]
+            hw, plan = pools[1]
+            kv_route = kv_route_s(load_profile(spec["hardware"])[1], int(spec["pd_split"]))
+        else:
+            hw, plan = plan_on(spec["hardware"])
     except UserError as exc:
         return {**row, "status": f"infeasible: {exc}" if exc.exit_code == 3 else f"error: {exc}"}
     t1 = time.perf_counter()
@@ -61,12 +71,15 @@ def evaluate_point(spec: dict) -> dict:
         trace = default_workload(model)
     try:
         def run(rate_rps):
-            return simulate(plan, hw, model, trace, SimConfig(
+            cfg = SimConfig(
                 batch_size=spec["batch"], requests=spec["requests"], arrival_rate_per_s=rate_rps,
                 batching=spec.get("scheduler", "continuous"), chunk_tokens=spec.get("chunk_tokens"),
                 kv_bytes=spec.get("kv_bytes"), eviction=spec["eviction"], prefetch=spec["prefetch"],
                 miss=spec["miss"], seed=spec["seed"], ep_reroute=spec.get("reroute", False),
-                ep_rebalance_every=spec.get("rebalance_every")))
+                ep_rebalance_every=spec.get("rebalance_every"))
+            if pd:
+                return simulate_disaggregated(pools[0][::-1], pools[1][::-1], model, trace, cfg, kv_route)
+            return simulate(plan, hw, model, trace, cfg)
 
         def rung(rate_rps):  # one rate of the goodput ladder
             rep = run(rate_rps)
@@ -80,14 +93,17 @@ def evaluate_point(spec: dict) -> dict:
     except UserError as exc:  # e.g. a KV cache too small for one request
         return {**row, "status": f"error: {exc}"}
     m = report.metrics
-    price = hw.price_per_hour_usd
+    price = load_profile(spec["hardware"])[1].price_per_hour_usd if pd else hw.price_per_hour_usd
     cost = price if price is not None else spec["grid_cost_per_hour_usd"]
     tps = m["tokens_per_s"]
     return {**row, "tokens_per_s": tps, "tpot_p50_s": (m["tpot_s"] or {}).get("p50"),
             "ttft_p50_s": (m["ttft_s"] or {}).get("p50"), "expert_hit_rate": m["expert_hit_rate"],
             "predicted_tokens_per_s": plan.predicted.get("tokens_per_s"), "cost_per_hour_usd": cost,
             "usd_per_million_tokens": cost / (tps * 3600) * 1e6 if cost is not None and tps > 0 else None,
-            "plan_s": t1 - t0, "simulate_s": report.wall_s, "bytes_moved": m["bytes_moved"],
+            "plan_s": t1 - t0, "bytes_moved": m["bytes_moved"],
+            "simulate_s": report.prefill.wall_s + report.decode.wall_s if pd else report.wall_s,
+            **({"kv_transfer_bytes": m["kv_transfer"]["bytes"],
+                "kv_transfer_p90_s": m["kv_transfer"]["seconds"]["p90"]} if pd else {}),
             "preemptions": report.serving["kv_cache"]["preemptions"],
             "kv_peak_utilisation": report.serving["kv_cache"]["peak_utilisation"],
             **({"goodput_rps": goodput["goodput_rps"], "goodput": goodput} if goodput is not None else {})}
