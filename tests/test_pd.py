@@ -17,13 +17,16 @@ from profiles.hardware import load_profile
 from simulator.engine import SimConfig, simulate
 from simulator.pd import kv_route_s, pool_profiles, simulate_disaggregated
 from simulator.sweep import _profile_doc
-from tests.test_goodput import _hardware, _plan, _trace, tiny  # noqa: F401 (tiny is a fixture)
+from tests import test_goodput
+from tests.test_goodput import _hardware, _plan, _trace
+
+tiny = test_goodput.tiny  # the module's fixture
 
 ROUTE = (2e-3, 1e9)  # 2 ms and 1 GB/s between the pools: transfers far above float noise
 
 
 @pytest.mark.parametrize("scheduler", ["continuous", "vllm", "sarathi"])
-def test_one_request_pays_exactly_its_kv_transfer(tiny, scheduler):  # noqa: F811
+def test_one_request_pays_exactly_its_kv_transfer(tiny, scheduler):
     hw, plan, trace = _hardware("desktop-4090"), _plan(tiny, 1), _trace(1)
     cfg = SimConfig(requests=1, batching=scheduler)
     col = simulate(plan, hw, tiny, trace, cfg).metrics["per_request"][0]
@@ -38,7 +41,7 @@ def test_one_request_pays_exactly_its_kv_transfer(tiny, scheduler):  # noqa: F81
     assert pd.metrics["output_tokens"] == 21
 
 
-def test_transfers_to_one_decode_gpu_queue(tiny):  # noqa: F811
+def test_transfers_to_one_decode_gpu_queue(tiny):
     hw, plan, trace = _hardware("desktop-4090"), _plan(tiny, 2), _trace(2)
     pd = simulate_disaggregated((plan, hw), (plan, hw), tiny, trace, SimConfig(requests=2, batching="vllm"), ROUTE)
     one = ROUTE[0] + 16 * tiny.kv_bytes_per_token() / ROUTE[1]
@@ -48,7 +51,7 @@ def test_transfers_to_one_decode_gpu_queue(tiny):  # noqa: F811
     assert ttft[0] == ttft[1]
 
 
-def test_roles_and_arrivals_reach_the_requests(tiny):  # noqa: F811
+def test_roles_and_arrivals_reach_the_requests(tiny):
     hw, plan, trace = _hardware("desktop-4090"), _plan(tiny, 2), _trace(2)
     pre = simulate(plan, hw, tiny, trace, SimConfig(requests=2, pd_role="prefill")).metrics
     assert [len(r["tpot_s"]) for r in pre["per_request"]] == [0, 0] and pre["output_tokens"] == 2
