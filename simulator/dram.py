@@ -18,8 +18,8 @@ How it is wired: :func:`contend_dram` turns the simulation's event-free shortcut
 :meth:`simulator.experts.ExpertWork._start`) and wraps ``_start`` on the instance, so a run
 without contention has no hook at all. The port's busy seconds are reported as the
 utilisation of ``"<host memory> dram port"``. Experts prefetched for the next layer are
-not counted (the planner counts them with prefetch on): with prefetch and contention the two
-differ by that traffic.
+charged to that layer when it next starts waiting work (wrapped ``prefetcher``), as the planner
+charges the predicted set to the layer it serves.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class DramPort:
         self.bytes_per_s = port_bytes_per_s(host)
         self._factor: dict[tuple[str, str], float] = {}
         self._read: dict[tuple[str, str], float] = {}
+        self.prefetched: dict[int, float] = {}  # layer -> bytes prefetched for it, not yet charged
 
     def factor(self, src: str, dst: str) -> float:
         """How many times a copy from memory ``src`` to ``dst`` crosses the port."""
@@ -66,7 +67,7 @@ class DramPort:
         through the port; ``ids``: the step's routed experts ``[n, L, K]``."""
         sim = self.sim
         lay, dst = sim.layers[l], sim.layer_mem[l]
-        total = 0.0
+        total = self.prefetched.pop(l, 0.0) if self.prefetched else 0.0
         local = set()
         for job in jobs:
             kind = job[0]
@@ -107,6 +108,21 @@ class DramPort:
         return waits
 
 
+    def prefetch(self, prefetcher, l: int, rows, step_ids, current, idle_s=None) -> None:
+        """``prefetcher`` (bound, :meth:`simulator.prefetcher.Prefetcher.prefetcher`), and the
+        bytes of the copies it starts charged to layer ``l``, the layer they serve (as the
+        planner charges the predicted set)."""
+        sim = self.sim
+        before = {e: ev for (ll, e), ev in sim.inflight.items() if ll == l}
+        prefetcher(l, rows, step_ids, current, idle_s)
+        lay = sim.layers[l]
+        for (ll, e), ev in sim.inflight.items():
+            if ll == l and before.get(e) is not ev:
+                fmt = lay.cache_format or lay.fmt[e]
+                self.prefetched[l] = self.prefetched.get(l, 0.0) + \
+                    self.factor(lay.home[e], sim.layer_mem[l]) * sim.model.expert_bytes(fmt)
+
+
 def contend_dram(sim) -> DramPort:
     """Make ``sim`` (a :class:`simulator.engine.Simulation`) share host DRAM between CPU expert
     reads and copies: see the module docstring."""
@@ -114,4 +130,7 @@ def contend_dram(sim) -> DramPort:
     start = sim._start
     sim.play_ahead = False
     sim._start = lambda l, block, jobs, ids: port.start(start, l, block, jobs, ids)
+    prefetcher = sim.prefetcher
+    sim.prefetcher = lambda l, rows, step_ids, current, idle_s=None: port.prefetch(prefetcher, l, rows, step_ids,
+                                                                                   current, idle_s)
     return port

@@ -214,3 +214,36 @@ def test_a_sweep_varies_contention_and_refuses_a_non_boolean(tmp_path):
     path.write_text("name: g\nbase: {hardware: desktop-4090, model: mixtral-8x7b}\nvary: {dram_contention: [yes2]}\n")
     with pytest.raises(InputError, match="true or false"):
         load_grid(path)
+
+
+@pytest.mark.parametrize("prefetch", ["none", "oracle"])
+def test_the_port_counts_every_copied_byte_once_prefetches_included(box, tmp_path, prefetch):
+    """Two fetched layers with one cache slot each, contention on: the DRAM port's busy time
+    times its bandwidth is every byte copied from host DRAM, demand fetches and prefetches
+    alike (a prefetch is charged to the layer it serves when that layer next waits; what is
+    still owed at the end is counted apart)."""
+    from simulator.engine import Simulation
+
+    hw, _, _ = box
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG | {"num_hidden_layers": 2,
+                                                                         "num_local_experts": 4,
+                                                                         "num_experts_per_tok": 1}))
+    model = load_model(tmp_path / "model")
+    T = 24
+    ids = np.array([[[(t * (l + 1)) % 4] for l in range(2)] for t in range(T)])  # [T, L, K]
+    trace = Trace(expert_ids=ids, seq_lens=np.array([T]), phase=np.full(T, DECODE, np.uint8), num_experts=4,
+                  layer_map=tuple(model.moe_layer_indices))
+    inputs = Inputs(hardware="dram-box", hardware_digest="-", model=model.name, model_digest="-", workload="-",
+                    workload_digest="-", engine="roofline", dram_contention=True)
+    layers = tuple(LayerPlan(moe_layer=l, hidden_layer=model.moe_layer_indices[l], home=("n/cpu0",) * 4,
+                             format=("bf16",) * 4, site=("fetch",) * 4, cache_slots=1, cache_device="n/gpu0")
+                   for l in range(2))
+    plan = Plan(inputs=inputs, objective="latency", batch_size=1, context_tokens=64, compute_device="n/gpu0",
+                host_device="n/cpu0", layers=layers, memory={}, predicted={}, solver=SolverInfo(method="hand"))
+    sim = Simulation(plan, load_engine("roofline").apply(hw), model, trace, SimConfig(batch_size=1, prefetch=prefetch))
+    sim.run()
+    port = sim.dram
+    counted = sim.net.busy_s[port.key] * port.bytes_per_s + sum(port.prefetched.values())
+    assert sim.bytes_moved["dram"] > 0
+    assert counted == pytest.approx(sim.bytes_moved["dram"], rel=1e-9)
