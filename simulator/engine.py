@@ -63,7 +63,7 @@ import numpy as np
 import simpy
 
 from planner.plan import Plan
-from profiles.engines import load_engine
+from profiles.engines import Engine, load_engine
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
@@ -159,7 +159,9 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
 
     play_ahead = True  # work out event-free layers without events (False: always play them out)
 
-    def __init__(self, plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace, config: SimConfig) -> None:
+    def __init__(self, plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace, config: SimConfig,
+                 engine: Engine | None = None) -> None:
+        self._engine = engine  # the plan's engine profile (loaded when first asked for: ``engine``)
         _check_inputs(plan, hardware, model, trace)
         # a plan that drops experts (planner.task): their accesses run nothing, as zero-computation ones
         trace = drop_experts(trace, plan.dropped_experts, model.num_experts)
@@ -227,6 +229,13 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
         self.dram = contend_dram(self) if contend else None  # off: no hook at all
 
     # ------------------------------------------------------------------ resources
+
+    @property
+    def engine(self) -> Engine:
+        """The plan's engine profile, loaded once per run (``load_engine`` hashes its file each time)."""
+        if self._engine is None:
+            self._engine = load_engine(self.plan.inputs.engine)
+        return self._engine
 
     def stream(self, device_id: str) -> Stream:
         if device_id not in self.streams:
@@ -409,7 +418,7 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
             mems = [self.hw.memory_of(self.host_id).id]
         budget = cfg.kv_bytes if cfg.kv_bytes is not None else kv_budget_bytes(plan, mems)
         host = plan.memory.get(self.hw.memory_of(self.host_id).id)
-        return KVPool(self.env, load_engine(plan.inputs.engine).profile.kv_cache, self.model.kv_bytes_per_token(),
+        return KVPool(self.env, self.engine.profile.kv_cache, self.model.kv_bytes_per_token(),
                       plan.context_tokens, self.model.kv_cache_bytes(plan.context_tokens), budget, cfg.kv_blocks,
                       cfg.preemption, None if host is None else max(host.capacity_bytes - host.used_bytes, 0.0))
 
@@ -418,8 +427,8 @@ def simulate(plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace,
              config: SimConfig | None = None) -> SimReport:
     """Replay ``trace`` on ``hardware`` (seen through the plan's engine profile) under ``plan``;
     see the module docstring."""
-    hardware = load_engine(plan.inputs.engine).apply(hardware)
-    return Simulation(plan, hardware, model, trace, config or SimConfig()).run()
+    engine = load_engine(plan.inputs.engine)
+    return Simulation(plan, engine.apply(hardware), model, trace, config or SimConfig(), engine).run()
 
 
 # ---------------------------------------------------------------------------- helpers

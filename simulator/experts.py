@@ -14,7 +14,7 @@ otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 
 import numpy as np
 import simpy
@@ -62,17 +62,17 @@ class ExpertLayer:
     def __post_init__(self) -> None:
         self.code = [_CODE[s] for s in self.site]
         self.runner = [own[0] for own in self.owners]
-        self.cached = frozenset(e for e, c in enumerate(self.code) if c == VIA_CACHE)  # accesses the cache sees
+        self.cached = frozenset(compress(range(len(self.code)), map(VIA_CACHE.__eq__, self.code)))  # what the cache sees
         self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
         self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Pricing._copy of the above, once used
         self.one: list[tuple | None] = [None] * len(self.fmt)  # ExpertWork._one_token's entries, once used
         # every expert fetched, through an LRU cache or none (simulator.ahead.PlayAhead._lru_fetches)
         self.lru_fetch = (self.cache is None or type(self.cache) is LRUCache) and not self.streamed and \
-            all(s == "fetch" for s in self.site)
+            set(self.site) <= {"fetch"}
         self.fetch_one: list[tuple | None] = [None] * len(self.fmt)  # _lru_fetches' entries, once used
         # no cache, every expert resident or local, none on disk (simulator.one_pass.OnePass._plain_layer)
         self.plain_local = self.cache is None and not self.streamed and not self.on_disk and \
-            all(c in (RESIDENT, LOCAL) for c in self.code)
+            set(self.code) <= {RESIDENT, LOCAL}
 
 
 class ExpertWork(PlayAhead):

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from profiles.engines import OpOffload as OpOffloadSpec
-from profiles.engines import load_engine
 from profiles.perf import micro_batches, op_offloads
 
 if TYPE_CHECKING:
@@ -32,7 +31,7 @@ __all__ = ["OpOffload"]
 
 class OpOffload:
     """The op-offload actors of :class:`simulator.engine.Simulation` (a mixin: it reads
-    ``plan``, ``hw``, ``trace``, ``model``, ``layers``, ``compute_id``, ``compute_mem``,
+    ``plan``, ``engine``, ``hw``, ``trace``, ``model``, ``layers``, ``compute_id``, ``compute_mem``,
     ``host_id``, ``net`` and ``bytes_moved``, and calls ``forward_step`` and ``_resolve_layer``)."""
 
     _offload_spec: OpOffloadSpec | None | bool = False  # False: not looked up yet
@@ -44,7 +43,7 @@ class OpOffload:
     def op_offload(self) -> OpOffloadSpec | None:
         """The plan's engine's op offload (None: it has none, or the compute device shares host memory)."""
         if self._offload_spec is False:
-            spec = load_engine(self.plan.inputs.engine).op_offload
+            spec = self.engine.op_offload
             host_mem = self.hw.memory_of(self.host_id).id
             self._offload_spec = None if host_mem == self.compute_mem else spec
         return self._offload_spec

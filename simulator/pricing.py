@@ -9,11 +9,11 @@ steps per (tokens, KV bytes). Everything comes from :mod:`profiles.perf` and the
 
 from __future__ import annotations
 
+from itertools import compress
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.perf import activation_bytes, dense_step_s, expert_calls_s, kv_host
 
@@ -61,36 +61,41 @@ class Pricing:
         self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
         self._runners: dict[tuple[str, str, str], str] = {}
         self._tier = {m: mem.tier for m, mem in self.hw.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
+        self._nvme = frozenset(m for m, tier in self._tier.items() if tier == "nvme")
         self._kv_on_host = None  # the plan's KV cache in host memory: where the engine reads it (profiles.perf.KVHost)
         if self.plan.kv_cache == "host":
-            spec = load_engine(self.plan.inputs.engine).kv_offload
+            spec = self.engine.kv_offload
             if spec is None:
                 raise InputError(f"engine {self.plan.inputs.engine} cannot keep the KV cache in host memory",
                                  key="kv_cache", value="host", fix="re-plan with planner optimize --kv-cache device")
             self._kv_on_host = kv_host(self.hw, self.plan.compute_device, self.plan.host_device, spec)
 
     def _resolve_layer(self, lp, l: int) -> ExpertLayer:
-        owners = []
+        # a layer's E experts share a few (home, site) and (device, format) pairs: each is
+        # resolved once, its owners tuple and price table shared (they are only read)
         runner = self._runner
-        for e, (home, site) in enumerate(zip(lp.home, lp.site)):
-            if lp.replicas and lp.replicas[e]:
-                owners.append((runner(home, site), *(runner(r, site) for r in lp.replicas[e])))
-            else:
-                owners.append((runner(home, site),))
+        runs = {key: (runner(*key),) for key in set(zip(lp.home, lp.site))}
+        owners = [runs[key] for key in zip(lp.home, lp.site)]
+        for e, reps in enumerate(lp.replicas):
+            if reps:
+                owners[e] = (*owners[e], *(runner(r, lp.site[e]) for r in reps))
         cache = None
         if lp.cache_slots:
             future = future_uses(self.trace, l) if self.eviction == "belady" else None
             cache = make_cache(self.eviction, lp.cache_slots, future=future,
                                frequency=None if self._freq is None else self._freq[l])
         streamed = [e for e, s in enumerate(lp.site) if s == "stream"]
-        on_disk = frozenset(e for e, home in enumerate(lp.home) if self._tier[home] == "nvme")
+        on_disk = frozenset(compress(range(len(lp.home)), map(self._nvme.__contains__, lp.home)))
         lay = ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed,
                           on_disk)
         costs, compute = self.costs, self.compute_id
-        lay.local_cost = [costs(dev, fmt) for dev, fmt in zip(lay.runner, lay.fmt)]
-        lay.cost = [costs(compute, lay.copy_format[e]) if site in ("fetch", "hybrid") else
-                    costs(compute, lay.fmt[e]) if site == "stream" else lay.local_cost[e]
-                    for e, site in enumerate(lay.site)]
+        table = {key: costs(*key) for key in set(zip(lay.runner, lay.fmt))}
+        lay.local_cost = [table[key] for key in zip(lay.runner, lay.fmt)]
+        # a hit, a fetched or a streamed expert runs on the compute device (None: where it lives)
+        here = [lay.copy_format[e] if site in ("fetch", "hybrid") else lay.fmt[e] if site == "stream" else None
+                for e, site in enumerate(lay.site)]
+        table = {fmt: costs(compute, fmt) for fmt in set(here) if fmt is not None}
+        lay.cost = [local if fmt is None else table[fmt] for fmt, local in zip(here, lay.local_cost)]
         return lay
 
     def _runner(self, memory_id: str, site: str) -> str:
