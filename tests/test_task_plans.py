@@ -113,7 +113,10 @@ def test_simulator_skips_dropped_experts(case):
     assert report.metrics["expert_accesses"] == T * L * 2 - 3  # layer 0's accesses to expert 7 run nothing
     assert report.metrics["decode_step_s"]["mean"] == pytest.approx(plan.predicted["tpot_s"], rel=0.005)
     dropped = drop_experts(trace, plan.dropped_experts, E)
-    assert dropped.num_experts == E + 1 and (dropped.expert_ids[:, 0] != 7).all()
+    assert dropped.num_experts == E + 2 and (dropped.expert_ids[:, 0] != 7).all()
+    # two dropped experts in one token's top-k stay distinct (slot k -> E + k)
+    both = drop_experts(trace, [(0, 1), ()], E)
+    assert both.expert_ids[0, 0].tolist() == [E, E + 1] and both.expert_ids[0, 1].tolist() == [0, 1]
 
 
 def test_bad_dropped_experts_are_one_line(case, tmp_path):
