@@ -94,12 +94,16 @@ def _front_by_rows(cols: np.ndarray, home: np.ndarray, rows: np.ndarray | None =
         rows = rows_all[home[rows_all] == h]
         rows = rows[np.lexsort(cols[rows].T[::-1])]
         c = cols[rows]  # [n, C]
+        tolerated = c * (1 + 1e-12) + 1e-15  # [n, C] what may cover each row, column by column
+        by_col = np.ascontiguousarray(c.T)  # [C, n]
         dominated = np.zeros(len(rows), bool)
-        for i0 in range(0, len(rows), 512):  # [512, n, C] comparisons at a time
-            i1 = min(i0 + 512, len(rows))
-            covers = (c[None, :, :] <= c[i0:i1, None, :] * (1 + 1e-12) + 1e-15).all(axis=2)  # [i, j]: j covers i
-            earlier = np.arange(len(rows))[None, :] < np.arange(i0, i1)[:, None]
-            dominated[i0:i1] = (covers & earlier).any(axis=1)
+        for i0 in range(0, len(rows), 256):  # rows i0..i1 against the rows before i1, one column at a time
+            i1 = min(i0 + 256, len(rows))
+            covers = by_col[0][None, :i1] <= tolerated[i0:i1, 0][:, None]  # [i, j]: j covers i
+            for k in range(1, c.shape[1]):
+                covers &= by_col[k][None, :i1] <= tolerated[i0:i1, k][:, None]
+            covers &= np.arange(i1)[None, :] < np.arange(i0, i1)[:, None]  # only an earlier row may
+            dominated[i0:i1] = covers.any(axis=1)
         keep.append(rows[~dominated])
     return np.sort(np.concatenate(keep)).astype(int) if keep else np.zeros(0, int)
 
