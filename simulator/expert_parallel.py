@@ -12,6 +12,7 @@ import numpy as np
 from profiles.errors import InputError
 from profiles.perf import activation_bytes
 
+from .all_to_all import exchange_matrix
 from .ep_runtime import eplb_copies, least_loaded, moved_copies
 
 __all__ = ["ExpertParallel"]
@@ -89,11 +90,10 @@ class ExpertParallel:
         self.ep_layer_steps[l] += 1
         dispatch = self._exchange(dispatch_pairs, router_at, f"dispatch L{l}")
         end = dispatch
-        lay = self.layers[l]
         for g in np.nonzero(load)[0]:
             dev = self.gpus[g]
-            sec = sum(self.call_s(dev, lay.fmt[e], int(c)) for e, c in zip(np.nonzero(work[g])[0],
-                                                                          work[g][work[g] > 0]))
+            mine = np.nonzero(work[g])[0]
+            sec = self._experts_s(dev, l, mine, work[g][mine])
             end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=dispatch))
         return self._exchange(combine_pairs, end, f"combine L{l}")
 
@@ -151,11 +151,27 @@ class ExpertParallel:
             self._ep_cache[l] = {"copies": copies, "node_of": node_of}
         return self._ep_cache[l]
 
+    def _experts_s(self, dev: str, l: int, experts: np.ndarray, counts: np.ndarray) -> float:
+        """Seconds ``dev`` runs layer ``l``'s ``experts`` on ``counts`` tokens each, in order: the
+        left-to-right sum of their call prices (``cumsum`` adds in the same order)."""
+        fmts = self.layers[l].fmt
+        one = self.__dict__.setdefault("_ep_one_format", {})
+        if l not in one:
+            one[l] = fmts[0] if len(set(fmts)) == 1 else None
+        if one[l] is None:
+            return sum(self.call_s(dev, fmts[int(e)], int(c)) for e, c in zip(experts.tolist(), counts.tolist()))
+        tables = self.__dict__.setdefault("_ep_tables", {})
+        table = tables.get((dev, one[l]))
+        top = int(counts.max())
+        if table is None or len(table) <= top:  # the price table by token count, as an array
+            costs = self.costs(dev, one[l])
+            size = max(top + 1, 0 if table is None else 2 * len(table))
+            table = tables[(dev, one[l])] = np.array([costs[t] for t in range(size)])
+        return float(np.cumsum(table[counts])[-1])
+
     def _exchange(self, pairs: np.ndarray, start: float, what: str) -> float:
         """An all-to-all of ``pairs[src, dst]`` hidden states starting at ``start``; returns its end."""
-        moves = {}
-        for s_i, d_i in zip(*np.nonzero(pairs)):
-            if s_i != d_i:
-                moves[(self._dev_mem(self.gpus[s_i]), self._dev_mem(self.gpus[d_i]))] = \
-                    activation_bytes(self.model, int(pairs[s_i, d_i]))
-        return self.net.exchange(moves, start, what)
+        mems = self.__dict__.get("_ep_mems")
+        if mems is None:
+            mems = self._ep_mems = tuple(self._dev_mem(g) for g in self.gpus)
+        return exchange_matrix(self.net, mems, activation_bytes(self.model, pairs), start, what)
