@@ -10,6 +10,8 @@ numpy, torch, transformers, safetensors, onnx and onnxruntime, never the planner
     rt.metrics.to_json("metrics.json")
 
 ``python run.py --bundle DIR --checkpoint CKPT --prompt "..."`` does the same from the shell.
+A multi-GPU pipeline plan runs each MoE layer on its own GPU (devices.py: the bundle's
+``devices.json``, ``device_map=`` / ``--device-map`` to remap, e.g. every GPU to the CPU).
 
 Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before torch loads: on a
 CPU, torch's OpenMP workers otherwise spin after every op while ONNX Runtime's pools and the
