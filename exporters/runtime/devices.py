@@ -77,7 +77,8 @@ def parse_device_map(text: str | None, devices: tuple[str, ...], *, key: str = "
         if not sep or not target or len(matches) != 1:
             raise RuntimeInputError("not a plan device mapped to a torch device", key=key, value=item.strip(),
                                     expected=f"DEVICE=TORCH_DEVICE with DEVICE one of {', '.join(devices)}",
-                                    fix=f"e.g. {key} {','.join(d.rsplit('/', 1)[-1] + '=cpu' for d in devices)}")
+                                    fix=f"e.g. {key}{'=' if key == DEVICE_MAP_ENV else ' '}"
+                                        f"{','.join(d.rsplit('/', 1)[-1] + '=cpu' for d in devices)}")
         out[matches[0]] = target
     return out
 
