@@ -73,18 +73,19 @@ def test_host_kv_frees_its_bytes_and_pays_attention_on_the_cpu(mixtral):
 
 @pytest.fixture(scope="module")
 def long_plans():
-    """Mixtral at batch 8 x 8192 tokens with the cache's site decided, on the GPU, on the host."""
-    return {kv: optimize(OptimizeRequest(**MIXTRAL, batch_size=8, context_tokens=8192, kv_cache=kv)).plan
+    """Mixtral at batch 16 x 2048 tokens with the cache's site decided, on the GPU, on the host."""
+    return {kv: optimize(OptimizeRequest(**MIXTRAL, batch_size=16, context_tokens=2048, kv_cache=kv)).plan
             for kv in ("auto", "device", "host")}
 
 
 def test_the_ilp_moves_the_cache_to_the_host_only_when_it_pays(long_plans):
     """Mixtral-8x7B on the 4090 desktop under llama.cpp (whole layers resident or on the CPU):
-    at batch 8 x 8192 tokens the 8 GiB cache on the host makes room for more resident layers
-    than its CPU attention costs; at batch 1 x 4096 it stays on the GPU. Either way the plan is
+    at batch 16 x 2048 tokens the 4 GiB cache on the host makes room for more resident layers
+    than its CPU attention costs (the CPU experts' work grows with the batch, the attention's
+    with the cache); at batch 1 x 4096 it stays on the GPU. Either way the plan is
     the faster of the two forced ones and the bound covers both (a binary branched at the root)."""
-    for batch, context, site in ((8, 8192, "host"), (1, 4096, "device")):
-        plans = long_plans if batch == 8 else {
+    for batch, context, site in ((16, 2048, "host"), (1, 4096, "device")):
+        plans = long_plans if batch == 16 else {
             kv: optimize(OptimizeRequest(**MIXTRAL, batch_size=batch, context_tokens=context, kv_cache=kv)).plan
             for kv in ("auto", "device", "host")}
         auto = plans["auto"]
@@ -141,7 +142,7 @@ def test_llamacpp_renders_no_kv_offload_and_accelerate_says_it_cannot(tmp_path, 
     assert plan.kv_cache == "host"
     out = render_engines(plan, "mixtral-8x7b", "desktop-4090", tmp_path)
     cfg = json.loads((tmp_path / "engines" / "llamacpp.json").read_text())
-    assert cfg["commands"]["serve"].endswith("--no-kv-offload") and "-c 65536" in cfg["commands"]["serve"]
+    assert cfg["commands"]["serve"].endswith("--no-kv-offload") and "-c 32768" in cfg["commands"]["serve"]
     assert "keeps the KV cache in host memory, which accelerate cannot" in out.skipped["accelerate"]
     assert any("--no-kv-offload" in n for n in cfg["notes"])
 
