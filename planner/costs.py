@@ -229,6 +229,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
 def _offloading(s: Setup) -> bool:
     """Whether a step of ``s.batch_size`` tokens runs the host-held experts on the compute
     device after copying them (the engine's op offload, :func:`profiles.perf.op_offloads`)."""
+    if s.prefill_offload:  # the planner's prefill site (planner.prefill_sites): the tail copied, then run here
+        return not s.unified and s.compute.kind == "gpu"
     op_offload = s.engine.op_offload if s.engine is not None else None
     return not s.unified and op_offloads(op_offload, s.compute, s.batch_size)
 
@@ -239,7 +241,7 @@ def _offload_copy_s(s: Setup, offload: np.ndarray, q: np.ndarray, bo: np.ndarray
     ``[q, E)``: every tail expert (``whole-tensor``) or the expected distinct ones the pass
     uses (``used-experts``, ``sum a_e``), as one transfer over the route from its home."""
     E = s.stats.num_experts
-    whole = s.engine.op_offload.copies == "whole-tensor"
+    whole = not s.prefill_offload and s.engine.op_offload.copies == "whole-tensor"
     moved = np.where(offload, (E - q) if whole else act_c[E] - act_c[q], 0.0) * eb[bo]  # [N] bytes
     out = np.zeros(len(q))
     for h, home in enumerate(s.homes):
@@ -341,13 +343,28 @@ def prefill_options_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: in
                       tiers: np.ndarray | None = None) -> np.ndarray:
     """``[N]`` seconds layer ``layer`` adds to one prompt's prefill under each option
     ``specs`` (``[N, 7]``; ``tiers`` ``[N, 2]``): its part of :func:`prefill_s`, so a TTFT
-    is linear in the options chosen (``+`` :func:`prefill_dense_s`)."""
+    is linear in the options chosen (``+`` :func:`prefill_dense_s`). With ``s.prefill_choice``
+    each option's prefill runs at the faster of its decode sites and its host-held tail on the
+    compute device (:mod:`planner.prefill_sites`)."""
+    total = _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers)
+    if s.prefill_choice:
+        total = np.minimum(total, _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers, offload=True))
+    return total
+
+
+def _prefill_total(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
+                   tiers: np.ndarray | None = None, offload: bool = False) -> np.ndarray:
+    """``[N]`` :func:`prefill_options_s` at the decode sites or, ``offload``, with each option's
+    host-held tail copied to the compute device per pass (``inf`` for a tier's row: its copies
+    are priced at one format)."""
     op_offload = s.engine.op_offload if s.engine is not None else None
     specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
     total = np.zeros(len(specs))
     for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
-        step = dataclasses.replace(s, batch_size=n, phase="prefill")
+        step = dataclasses.replace(s, batch_size=n, phase="prefill", prefill_choice=False, prefill_offload=offload)
         total += count * option_time(option_costs(step, layer, specs, tiers), prefetch)
+    if offload and tiers is not None:
+        total = np.where(np.asarray(tiers, np.int64).reshape(-1, 2)[:, 0] > 0, np.inf, total)
     return total
 
 

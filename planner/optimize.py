@@ -29,6 +29,7 @@ from .task import dropped_note
 from .format_tiers import tier_masks
 from .ilp import Problem, SolveResult, _feasible, build_problem, explain_infeasible, solve
 from .kv_offload import kv_sites, with_kv_on_host
+from .prefill_sites import prefill_offloads, with_prefill_choice
 from .multi_gpu import node_gpus, plan_multi_gpu
 from .plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from .workload_view import PlanningStats, planning_stats
@@ -252,6 +253,7 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
     extra = [np.array([b.specs[l] for b in candidates]).reshape(-1, N_SPEC) for l in range(L)]
     # a TTFT SLO binds in the ILP (each option's share of one prompt's prefill)
     ttft = (req.ttft_slo_s, req.prompt_tokens) if req.ttft_slo_s else None
+    s = with_prefill_choice(s, ttft)  # per-layer prefill sites where a TTFT SLO asks (planner.prefill_sites)
     problem = build_problem(s, budget, extra, ttft=ttft)
     if s.fixes is not None and s.fixes.dense_format:
         problem = dataclasses.replace(problem, fixed={s.fixes.dense_format: problem.fixed[s.fixes.dense_format]})
@@ -473,6 +475,9 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
                 quality_budget=budget, dropped_experts=s.dropped if any(s.dropped) else (),
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
                 kv_cache="host" if fc.kv_on_host else "device",
+                prefill_offload=prefill_offloads(s, [problem.tables[l].specs([w]) for l, w in enumerate(choice)],
+                                                 [problem.tables[l].tiers([w]) for l, w in enumerate(choice)],
+                                                 req.prompt_tokens, prefetch),
                 notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes
                 + ((f"KV cache in host memory ({fc.kv_host_bytes / 2**30:.2f} GiB; engine flag "
                     f"{s.engine.kv_offload.flag}): attention where it lives",) if fc.kv_on_host else ()))

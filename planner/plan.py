@@ -29,6 +29,10 @@ device's own link); absent (None) means ``compute_device`` runs every layer, so 
 before it existed load, and write, the same bytes. ``compute_device`` then runs the
 embedding and the head.
 
+``prefill_offload`` (planner.prefill_sites): per MoE layer, whether a prompt's pass copies the
+layer's host-held ``local`` experts it uses to the compute device and runs them there (decode
+runs them where they live); absent (None): prefill runs at the decode sites.
+
 ``kv_cache`` (planner.kv_offload): ``host`` keeps the whole KV cache in host memory (its
 bytes in the host DRAM's ``memory`` entry), read where the engine reads it there (llama.cpp:
 attention on the host CPU, ``--no-kv-offload``); absent (``device``) keeps it on the compute
@@ -192,6 +196,7 @@ class Plan(BaseModel):
     layers: tuple[LayerPlan, ...]
     layer_devices: tuple[str, ...] | None = None  # per MoE layer its compute device; None: compute_device
     kv_cache: Literal["device", "host"] = "device"  # where the KV cache lives (planner.kv_offload)
+    prefill_offload: tuple[bool, ...] | None = None  # per MoE layer: prefill sites (planner.prefill_sites)
     memory: dict[str, MemoryUse]
     predicted: dict[str, float]
     solver: SolverInfo
@@ -215,6 +220,8 @@ class Plan(BaseModel):
             data.pop("layer_devices", None)  # single-device plans read as before
         if data.get("kv_cache") == "device":
             data.pop("kv_cache", None)  # plans with the cache on the device read as before
+        if data.get("prefill_offload") is None:
+            data.pop("prefill_offload", None)  # plans whose prefill runs at the decode sites read as before
         if not data.get("dropped_experts"):
             data.pop("dropped_experts", None)  # plans that keep every expert read as before
         return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
@@ -230,6 +237,17 @@ class Plan(BaseModel):
         if self.kv_cache == "host" and self.layer_devices is not None:
             raise InputError("a pipeline plan keeps its KV cache on its GPUs", key="kv_cache", value="host",
                              expected="device", fix="drop kv_cache, or regenerate the plan with planner optimize")
+        if self.prefill_offload is not None:
+            if self.layer_devices is not None or len(self.prefill_offload) != len(self.layers):
+                raise InputError("prefill_offload lists one flag per MoE layer of a one-device plan",
+                                 key="prefill_offload", value=len(self.prefill_offload),
+                                 expected=f"{len(self.layers)} flags and no layer_devices",
+                                 fix="drop prefill_offload, or regenerate the plan with planner optimize")
+            bare = [l for l, on in enumerate(self.prefill_offload) if on and "local" not in self.layers[l].site]
+            if bare:
+                raise InputError("a layer whose experts none run where they live has no prefill site to move",
+                                 key=f"prefill_offload[{bare[0]}]", value=True, expected="false",
+                                 fix="regenerate the plan with planner optimize")
         return self
 
     @model_validator(mode="after")

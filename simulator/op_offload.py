@@ -12,6 +12,10 @@ then the computation. That is the order of :mod:`simulator.experts`' ``stream`` 
 such a step runs on a second resolution of the layers whose host-held ``local`` experts are
 ``stream`` experts, and the layer's stream copy moves those bytes (:meth:`OpOffload.stream_in`).
 The planner prices the same (:func:`planner.costs.prefill_s`).
+
+A plan's own prefill sites (``Plan.prefill_offload``, planner.prefill_sites, for an engine
+without op offload) run a prompt's pass the same way, for the layers it names only, copying
+the experts the pass uses; decode steps run at the decode sites.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class OpOffload:
     def forward(self, phase: str, rows: np.ndarray, contexts: list[tuple[Request, int]]):
         """:meth:`simulator.engine.Simulation.forward_step`, on the offloading resolution of
         the layers when the engine offloads a step of this many tokens."""
-        if not op_offloads(self.op_offload, self.hw.devices[self.compute_id], len(rows)):
+        planned = phase == "prefill" and self.plan.prefill_offload is not None and self.op_offload is None
+        if not planned and not op_offloads(self.op_offload, self.hw.devices[self.compute_id], len(rows)):
             yield from self.forward_step(phase, rows, contexts)
             return
         offloaded = self._offloading_layers()
@@ -99,8 +104,10 @@ class OpOffload:
         if self._offload_layers is None:
             host_mem = self.hw.memory_of(self.host_id).id
             self._offload_layers, self._offload_host = [], []
+            chosen = self.plan.prefill_offload if self.op_offload is None else None  # the plan's prefill sites
             for l, (lp, lay) in enumerate(zip(self.plan.layers, self.layers)):
-                host = np.array([s == "local" and h == host_mem for s, h in zip(lp.site, lp.home)])
+                host = np.array([s == "local" and h == host_mem and (chosen is None or chosen[l])
+                                 for s, h in zip(lp.site, lp.home)])
                 if not host.any():
                     self._offload_layers.append(lay)
                     self._offload_host.append(None)
@@ -116,7 +123,7 @@ class OpOffload:
         """Bytes each offloading layer copies in a step of ``rows``: its host-held experts the
         step's tokens use (``used-experts``) or all of them (``whole-tensor``)."""
         ids = self.trace.expert_ids[rows]  # [n, L, K]
-        whole = self.op_offload.copies == "whole-tensor"
+        whole = self.op_offload is not None and self.op_offload.copies == "whole-tensor"
         out = {}
         for l, host in enumerate(self._offload_host):
             if host is None:

@@ -1,0 +1,61 @@
+"""Separate prefill and decode execution sites (issue 15 item 3, the sound subset): one
+residency, two sets of sites. A plan made under a TTFT SLO (``--slo-ttft``) may run, per MoE
+layer, the experts that decode runs on the host CPU where they live (ranks ``[q, E)`` homed in
+host DRAM) on the compute device during a prompt's pass instead: the pass copies the ones its
+tokens use over the host->device route, then the device runs them, as llama.cpp's op offload
+does by itself past its threshold (:func:`planner.costs._offload_copy_s`: one transfer per
+pass, then the computation). Decode is unchanged: a prompt's hundreds of tokens per expert
+pay for the copy, a decode step's one does not.
+
+In the ILP (:mod:`planner.ilp`) the choice is per (layer, option) and touches only the TTFT
+row: each option's prefill seconds are the lesser of its two sites
+(:func:`planner.costs.prefill_options_s` with ``Setup.prefill_choice``), so the model, its
+bound and its certificate are those of the TTFT SLO already. Memory: the copies go through
+the runtime's staging buffers (``runtime_memory.staging_experts``, already on the device row),
+one expert after another, so residency, cache slots and the device row are the decode
+plan's; the two phases share them. Offered where the engine can copy an expert to the device
+and run it there (a ``fetch`` site) and does not decide for itself (no ``op_offload``).
+
+The plan records the sites as ``Plan.prefill_offload`` (per MoE layer; absent: prefill runs at
+the decode sites), the simulator runs a prompt's pass of such a layer with its host-held
+local experts copied and run on the device (:mod:`simulator.op_offload`).
+
+What is not built: separate placements per phase (a prefill residency or cache that differs
+from decode's, with the switch between them priced), and per-expert prefill sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .costs import Setup, _prefill_total
+
+__all__ = ["offers_prefill_sites", "with_prefill_choice", "prefill_offloads"]
+
+
+def offers_prefill_sites(s: Setup) -> bool:
+    """Whether the engine can run a prompt's host-held experts on the compute device by the
+    planner's choice: it copies experts there (``fetch``) and has no op offload of its own."""
+    engine = s.engine
+    return (not s.unified and s.compute.kind == "gpu" and (engine is None or engine.op_offload is None)
+            and s.engine_can("fetch"))
+
+
+def with_prefill_choice(s: Setup, ttft: tuple[float, int] | None) -> Setup:
+    """``s`` with per-layer prefill sites to choose where a TTFT SLO asks for them (``ttft``)."""
+    return dataclasses.replace(s, prefill_choice=True) if ttft is not None and offers_prefill_sites(s) else s
+
+
+def prefill_offloads(s: Setup, specs: list[np.ndarray], tiers: list[np.ndarray], prompt_tokens: int,
+                     prefetch: bool) -> tuple[bool, ...] | None:
+    """Per layer (its option ``specs[l]`` ``[1, 7]``, tier ``tiers[l]`` ``[1, 2]``), whether a
+    prompt's pass runs its host-held tail on the compute device (faster there); None where the
+    planner does not choose, or no layer does."""
+    if not s.prefill_choice:
+        return None
+    out = tuple(bool(_prefill_total(s, l, sp, prompt_tokens, prefetch, tr, offload=True)[0]
+                     < _prefill_total(s, l, sp, prompt_tokens, prefetch, tr)[0])
+                for l, (sp, tr) in enumerate(zip(specs, tiers)))
+    return out if any(out) else None
