@@ -8,7 +8,9 @@ the figure, the same way everywhere.
 Checked: the plan's layers match the model's MoE layers one to one; every expert is listed
 once per layer; every device and memory the plan names exists; every format is known;
 an expert runs where it lives (nothing resident or computed on NVMe); replicas sit on
-other memories than their expert's home; cache slots do not exceed the experts; and the
+other memories than their expert's home; cache slots do not exceed the experts (an EP plan
+with offload: each expert's owner is a GPU, its resident experts live there, each GPU's
+cache holds at most the experts it owns); and the
 bytes planned in each memory (experts and their replicas at their formats, cache slots,
 and the plan's dense weights, KV cache and workspace) fit its capacity. A plan made from
 another model or hardware profile (its digest differs) gets a warning, as ``simulate``
@@ -113,9 +115,28 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
                 raise bad("a layer's cache must be on its layer's device", f"layers[{i}].cache_device",
                           lp.cache_device, dev)
 
+    # 2c. expert-parallel plans with offload: every expert's owner is a GPU of the profile, a
+    #     resident expert lives on its owner, each GPU cache belongs to a GPU owning experts there
+    for i, lp in enumerate(plan.layers):
+        for e, (gpu, home, site) in enumerate(zip(lp.owner, lp.home, lp.site)):
+            if gpu not in devices or devices[gpu].kind != "gpu":
+                raise bad("an expert's owner must be a GPU of the profile", f"layers[{i}].owner[{e}]", gpu,
+                          "one of " + ", ".join(d for d, x in devices.items() if x.kind == "gpu"),
+                          fix="use the plan with the hardware profile it was made for (--hardware)")
+            if site == "resident" and home != hardware.memory_of(gpu).id:
+                raise bad("a resident expert must live on its owner GPU", f"layers[{i}].home[{e}]", home,
+                          f"{hardware.memory_of(gpu).id} (owner {gpu})")
+        for c in lp.gpu_caches:
+            owned = sum(o == c.device for o in lp.owner)
+            if not owned or c.slots > owned:
+                raise bad("a GPU's cache holds more slots than the experts it owns in the layer",
+                          f"layers[{i}].gpu_caches", f"{c.device}: {c.slots} slots",
+                          f"at most {owned} (the experts owner names it for)")
+
     # 3. formats are known
     formats = {plan.dense_format} | {f for lp in plan.layers for f in lp.format}
     formats |= {lp.cache_format for lp in plan.layers if lp.cache_format}
+    formats |= {c.format for lp in plan.layers for c in lp.gpu_caches}
     for fmt in sorted(formats):
         try:
             get_format(fmt)
@@ -157,6 +178,8 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
                           fix="use the plan with the hardware profile it was made for (--hardware)")
             widest = lp.cache_format or max(set(lp.format), key=lambda f: get_format(f).bits_per_weight)
             used[hardware.memory_of(lp.cache_device).id] += lp.cache_slots * model.expert_bytes(widest)
+        for c in lp.gpu_caches:
+            used[hardware.memory_of(c.device).id] += c.slots * model.expert_bytes(c.format)
 
     # 5. every memory holds what the plan puts there
     for mem_id, mem in memories.items():

@@ -205,7 +205,10 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
         self.compute_id, self.compute_mem = plan.compute_device, hardware.memory_of(plan.compute_device).id
         self.gpus = [self.compute_id] if self.pipeline else \
             sorted({d for lay in self.layers for own in lay.owners for d in own
-                    if hardware.devices[d].kind == "gpu"} | {self.compute_id})
+                    if hardware.devices[d].kind == "gpu"} | {self.compute_id}
+                   | {d for lp in plan.layers for d in lp.owner})
+        # expert parallelism with offload (LayerPlan.owner): each GPU serves its experts in the all-to-all
+        self.ep_offload = any(lp.owner for lp in plan.layers)
         self.inflight: dict[tuple[int, int], simpy.Event] = {}
         self.accuracy = config.prefetch_accuracy
         if self.accuracy is None and self.prefetch_name == "next-layer":
@@ -333,7 +336,7 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
                     refs = (ids[:, l, :], None)  # a long step: served in numpy; LRU reads no gates
                 elif cache is not None:  # the cache sees every token's accesses
                     refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
-                block, jobs, flags = classify(l, rows, *calls[l], refs)
+                block, jobs, flags = classify(l, rows, *calls[l], refs) if not self.ep_offload else ({}, [], 0)
                 if single:
                     router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
                 else:

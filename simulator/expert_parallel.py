@@ -13,12 +13,13 @@ from profiles.errors import InputError
 from profiles.perf import activation_bytes
 
 from .all_to_all import exchange_matrix
+from .ep_offload import EPOffload
 from .ep_runtime import eplb_copies, least_loaded, moved_copies
 
 __all__ = ["ExpertParallel"]
 
 
-class ExpertParallel:
+class ExpertParallel(EPOffload):
     """The all-to-all of :class:`simulator.engine.Simulation` (a mixin: it reads ``gpus``,
     ``layers``, ``E``, ``cfg``, ``hw``, ``model``, ``net``, ``stream``, ``call_s`` and
     ``_dev_mem`` from the simulation and keeps the ``ep_*`` counters and ``_token_gpu``).
@@ -43,7 +44,8 @@ class ExpertParallel:
         Dispatch and combine are all-to-all exchanges of hidden states: every pair's bytes
         start together and share the links of their routes, so an exchange lasts as long as
         its most loaded link direction needs (a fluid model) plus the longest route latency.
-        Each GPU runs its experts in order between the two.
+        Each GPU runs its experts in order between the two; in a plan with offload each GPU
+        serves its own experts as one node would (:mod:`simulator.ep_offload`).
         """
         rebalance = self.cfg.ep_rebalance_every is not None
         if rebalance or self.cfg.ep_reroute:
@@ -90,6 +92,11 @@ class ExpertParallel:
         self.ep_layer_steps[l] += 1
         dispatch = self._exchange(dispatch_pairs, router_at, f"dispatch L{l}")
         end = dispatch
+        if self._ep_offloads(l):  # every GPU: its streamed experts cross even when none of its experts is used
+            for g in range(G):
+                mine = np.nonzero(work[g])[0]
+                end = max(end, self._ep_gpu_end(l, self.gpus[g], mine, work[g][mine], ids, router_at, dispatch))
+            return self._exchange(combine_pairs, end, f"combine L{l}")
         for g in np.nonzero(load)[0]:
             dev = self.gpus[g]
             mine = np.nonzero(work[g])[0]
@@ -141,7 +148,9 @@ class ExpertParallel:
         """Per layer: ``copies[E, R]`` GPU indices holding each expert (-1 padded); ``node_of[G]``."""
         if l not in self._ep_cache:
             index = {g: i for i, g in enumerate(self.gpus)}
-            owners = [[index[o] for o in own if o in index] for own in self.layers[l].owners]
+            owner = self.plan.layers[l].owner  # EP with offload: the GPU serving each expert
+            owners = [[index[o]] for o in owner] if owner else \
+                [[index[o] for o in own if o in index] for own in self.layers[l].owners]
             R = max(len(o) for o in owners)
             copies = np.full((self.E + 1, R), -1, np.int64)  # the last row: a never-used sentinel
             for e, own in enumerate(owners):

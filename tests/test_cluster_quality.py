@@ -168,15 +168,17 @@ def test_unknown_critical_expert_is_an_input_error():
         plan_cluster(req)
 
 
-def test_cli_explicit_ep_refuses_a_budget_it_cannot_meet(run_cli, tmp_path):
-    """The issue's case: Mixtral on 2x RTX 3090 (PCIe) at the int8 budget; EP holds only int4."""
+def test_cli_explicit_ep_offload_refuses_replicas_in_one_line(run_cli, tmp_path):
+    """The issue's case: Mixtral on 2x RTX 3090 (PCIe) at the int8 budget; EP holds only int4, so
+    `--parallel ep` offloads per GPU (tests/test_ep_offload.py), one copy of each expert: asked
+    for replicas as well, it says so in one line."""
     trace = save_trace(TRACES["mixtral-8x7b"], tmp_path / "trace.npz")
     out = tmp_path / "plan.json"
     r = run_cli("optimize", "-H", PCIE, "-m", "mixtral-8x7b", "-t", trace, "--parallel", "ep",
-                "--quality-budget", "0.006", "--out", out)
+                "--quality-budget", "0.006", "--redundant-experts", "2", "--out", out)
     assert r.exit_code == 1, r.output
     line = r.stderr.strip()
-    assert "\n" not in line and "--quality-budget" in line and "got 0.006" in line and "expected >= 0.04" in line
+    assert "\n" not in line and "--redundant-experts" in line and "one copy" in line
     assert "Fix:" in line and not out.exists()
 
 

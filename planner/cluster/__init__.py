@@ -38,6 +38,8 @@ gap. The modules, in the order a plan is made:
 * :mod:`.placement`: our placement (a decomposition warm-started from EPLB global);
 * :mod:`.exact`: the layer chain's optimum where every layer's layouts can be listed;
 * :mod:`.bound`: a lower bound on the traffic at the load cap (relaxation, MILP or exact);
+* :mod:`.offload`: when the experts do not fit, each GPU's own experts planned as one node
+  plans them (resident, cached, CPU-run, streamed, per format), priced per layer by its slowest GPU;
 * :mod:`.assemble`: a request to a :class:`~planner.plan.Plan` and the baselines' plans;
 * :mod:`.render`: what `planner optimize` prints for it.
 """

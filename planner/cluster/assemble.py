@@ -94,6 +94,10 @@ class ClusterRequest:
         plan_for: ``"expected"``: balance the load unseen tokens are expected to bring
             (:func:`.workload.expected_load`: smoothed counts, bootstrap draws over sequences, replicas
             for uncertain experts); ``"sample"``: balance the trace's own counts (fits its noise).
+        offload: when no format that meets the budget (critical experts at full precision)
+            fits the GPUs, plan expert parallelism with offload (:mod:`.offload`: each GPU's
+            experts resident, cached, CPU-run or streamed as one node plans them) instead of
+            refusing; ``planner optimize --parallel ep`` sets it.
     """
 
     hardware: str = "cluster-h100-2node"
@@ -113,6 +117,7 @@ class ClusterRequest:
     quality_budget: float | None = None
     critical: tuple[tuple[int, ...], ...] = ()
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
+    offload: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +173,8 @@ def parallel_mode(parallel: str, req: ClusterRequest) -> tuple[bool, str]:
     """Whether ``planner optimize`` makes an expert-parallel plan for ``req``, and when
     ``auto`` chose offloading on a profile EP could use, why (else ``""``).
 
-    ``ep``: always (:func:`plan_cluster` refuses what it cannot plan); ``offload``: never;
+    ``ep``: always (:func:`plan_cluster` refuses what it cannot plan, or with
+    ``req.offload`` offloads per GPU); ``offload``: never;
     ``auto``: when the engine runs expert-parallel plans, the profile has two or more GPUs, the same number on every node, and the
     experts (with ``req.redundant_experts``, default :func:`default_redundant`) fit their
     memory in a format that meets the quality budget with the critical experts at full
@@ -290,19 +296,27 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     R = E + redundant
     trace = _workload(req.trace, model) if any(req.critical) else req.trace  # only critical experts need it now
     choice = _formats(req, model, hw, topo, R // G, trace)
-    if choice.expert_format is None:
+    offload = choice.expert_format is None and req.offload
+    if choice.expert_format is None and not offload:
         raise choice.error(G, sum(len(c) for c in req.critical))
+    if offload:  # one copy of each expert per layer: a replica would spend the memory the offload needs
+        if E % G or req.redundant_experts:
+            raise InputError("expert parallelism with offload places one copy of each expert", key="--redundant-experts"
+                             if req.redundant_experts else "--hardware", value=req.redundant_experts or G,
+                             expected=f"no redundant experts and a GPU count that divides {E} experts",
+                             fix="drop --redundant-experts, or plan with --parallel pipeline or offload")
+        redundant, R = 0, E
     trace = _workload(trace, model)
     # the plan names the workload it was given (simulate and export replay that one), not the
     # group-limited copy the placer balances
-    given_digest = workload_digest(trace)
+    given, given_digest = trace, workload_digest(trace)
     limited = req.group_limited if req.group_limited is not None else model.n_group > 1
     if limited and model.n_group > 1:
         trace = group_limited(trace, model.n_group, model.topk_group, num_experts=E, seed=req.seed)
     load, trans = workload_arrays(trace, E)
     # each GPU's expert speed at the decode batch (mean 1; all 1 on one GPU type): balance is of time
-    speed = gpu_speeds(hw, topo, model, choice.expert_format, tokens_per_call(req.batch_size, G, model.top_k, R),
-                       req.engine)
+    speed = gpu_speeds(hw, topo, model, choice.expert_format or req.formats[-1],
+                       tokens_per_call(req.batch_size, G, model.top_k, R), req.engine)
     mixed = not np.all(speed == 1.0)
     t_stats = time.perf_counter()
 
@@ -369,6 +383,24 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
         stopped = (f"the wall-clock safety net (--time-limit {req.time_limit_s:g} s) stopped the placement after "
                   f"{info['layer_solves']} of {req.sweeps * model.num_moe_layers} layer solves: this plan may differ "
                   f"on a less busy machine; raise --time-limit",)
+    if offload:
+        from .offload import plan_ep_offload
+
+        plan = plan_ep_offload(hw=eng.apply(hw), bare=hw, engine=eng, model=model, topo=topo, trace=given,
+                               phy2log=ours, inputs=inputs, formats=req.formats,
+                               errors=quant_errors(req.quant_error, req.formats), budget=_budget(req),
+                               critical=req.critical, batch_size=req.batch_size, context_tokens=req.context_tokens,
+                               time_limit_s=req.time_limit_s, predicted=predicted,
+                               notes=notes[:-2] + stopped + ("dense weights replicated on every GPU (data-parallel "
+                                                             "attention), KV cache of batch / GPUs sequences per GPU",
+                                                             f"experts offloaded: {choice.reason}"))
+        t_end = time.perf_counter()
+        return ClusterResult(plan=plan, placement=ours, baselines={}, metrics=metrics, topology=topo, num_physical=R,
+                             expert_format=plan.counts()["format"] and max(plan.counts()["format"].items(),
+                                                                           key=lambda kv: kv[1])[0],
+                             workload=trace.source, info=info | {"offload": True},
+                             timings_s={"stats_s": t_stats - t0, "solve_s": t_solve - t_stats,
+                                        "bound_s": t_bound - t_solve, "total_s": t_end - t0})
     plan = plan_from_placement(
         ours, predicted=predicted, notes=notes + stopped,
         solver=SolverInfo(method="ep-placement",

@@ -14,7 +14,8 @@ def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, A
     """The JSON summary `planner optimize` prints for an expert-parallel plan."""
     plan, topo = result.plan, result.topology
     E = len(plan.layers[0].home)
-    mem = max(plan.memory.values(), key=lambda m: m.used_bytes)  # the fullest GPU (critical experts differ)
+    # the fullest GPU (critical experts differ; with offload, host memory has its own entry)
+    mem = max((plan.memory[g] for g in topo.gpus if g in plan.memory), key=lambda m: m.used_bytes)
 
     def row(name: str) -> dict[str, Any]:
         m = result.metrics[name]
@@ -40,10 +41,18 @@ def cluster_summary(result: ClusterResult, compare: bool = False) -> dict[str, A
                   "gap": plan.solver.gap, "status": plan.solver.status,
                   **{("bound_status" if k == "status" else k): v for k, v in result.info.get("bound", {}).items()}},
     }
+    if plan.layers[0].owner:  # expert parallelism with offload: each GPU's experts as one node plans them
+        data["offload"] = {"tpot_s": plan.predicted["tpot_s"], "tokens_per_s": plan.predicted["tokens_per_s"],
+                           "all_to_all_s_per_step": plan.predicted["all_to_all_s_per_step"],
+                           "sites": plan.counts()["site"], "bound_tpot_s": plan.solver.bound, "gap": plan.solver.gap}
+        traffic = result.info.get("bound", {})  # the plan's solver is the offload's: the placement's traffic here
+        data["bound"] |= {"value": result.metrics["ours"]["traffic_s_per_token"],
+                          "bound": traffic.get("traffic_s_per_token"), "gap": traffic.get("traffic_gap"),
+                          "status": traffic.get("status")}
     if compare:
         ours = result.metrics["ours"]
         rows = []
-        for name in result.baselines:
+        for name in (n for n in result.metrics if n != "ours"):  # every placement's metrics, plans or not
             r = row(name)
             m = result.metrics[name]
             r["cross_node_reduction"] = (1 - ours["cross_node_fraction"] / m["cross_node_fraction"]
@@ -73,6 +82,12 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
                       f"{lay['dense_format']}" + "".join(f"; {n} critical experts in {f}" for f, n in kept.items()),
                       highlight=False)
     console.print(f"workload: {inp['workload']}", highlight=False)
+    if off := d.get("offload"):
+        sites = ", ".join(f"{n} {s}" for s, n in sorted(off["sites"].items()))
+        gap = "n/a" if off["gap"] is None else f"{off['gap']:.1%}"
+        console.print(f"offload per GPU: {sites}; {off['tokens_per_s']:.4g} tok/s ({format_time(off['tpot_s'])} per "
+                      f"step, all-to-all {format_time(off['all_to_all_s_per_step'])}); bound "
+                      f"{format_time(off['bound_tpot_s'])}, gap {gap} for this placement", highlight=False)
     console.print(f"memory per GPU: experts {format_size(mem['expert_bytes'])}, dense {format_size(mem['dense_bytes'])}"
                   f", KV {format_size(mem['kv_bytes'])}; {format_size(mem['used_bytes'])} of "
                   f"{format_size(mem['capacity_bytes'])}", highlight=False)

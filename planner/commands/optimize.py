@@ -263,8 +263,10 @@ def _load_trace(path: str, task: str | None):
               help="ep: expert parallelism over every GPU of the profile (which GPU owns which expert, which "
               "experts get replicas, straggler load and all-to-all traffic; --objective does not apply): the experts "
               "take the first --formats entry that meets --quality-budget (the importance-weighted error offload "
-              "plans count) and fits the GPUs, --critical experts stay at full precision, and a budget it cannot "
-              "meet exits 1 naming the one it can. On GPUs of different speeds (an H100 + A100 cluster) the load "
+              "plans count) and fits the GPUs, --critical experts stay at full precision; when none fits, each GPU's "
+              "own experts are offloaded as one node plans them (resident, cached, CPU-run or streamed, per format, "
+              "in its memory, its share of host memory and over its own link; --objective throughput at --batch, "
+              "a gap for that placement). On GPUs of different speeds (an H100 + A100 cluster) the load "
               "is balanced in time, load / each GPU's expert speed at --batch (--compare adds the speed-aware "
               "EPLB, eplb-speed); the plan reports a lower bound on its traffic and the gap to it (a relaxation "
               "on large clusters, an exact MILP on small ones). pipeline: offloading over every GPU of the node: each MoE "
@@ -341,7 +343,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         ep = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
                             formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
                             time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets,
-                            **({"engine": engine} if engine else {}))
+                            offload=parallel == "ep", **({"engine": engine} if engine else {}))
         use_ep, fallback = parallel_mode("auto" if parallel == "pipeline" else parallel, ep)
         use_ep &= parallel != "pipeline"
         if use_ep and quality_path:
