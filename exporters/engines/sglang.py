@@ -104,7 +104,8 @@ def ep_layout(plan: Plan) -> EpLayout:
             if site != "resident":
                 raise InputError("an expert-parallel engine needs every expert resident on a GPU",
                                  key=f"layers[{layer.moe_layer}].site[{e}]", value=site, expected="resident",
-                                 fix="plan with planner optimize --parallel ep")
+                                 fix="this config cannot offload experts (an EP plan with offload is "
+                                     "simulated, not exported here): plan on more GPUs, or --parallel pipeline")
         gpus.update(layer.home)
         for reps in layer.replicas:
             gpus.update(reps)
