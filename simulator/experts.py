@@ -73,6 +73,13 @@ class ExpertLayer:
         # no cache, every expert resident or local, none on disk (simulator.one_pass.OnePass._plain_layer)
         self.plain_local = self.cache is None and not self.streamed and not self.on_disk and \
             set(self.code) <= {RESIDENT, LOCAL}
+        # such a layer's (resident, local) runners when each kind has one at most (None: more)
+        self.plain_devices = None
+        if self.plain_local:
+            res = {r for r, c in zip(self.runner, self.code) if c == RESIDENT}
+            loc = {r for r, c in zip(self.runner, self.code) if c != RESIDENT}
+            if len(res) <= 1 and len(loc) <= 1:
+                self.plain_devices = (next(iter(res), None), next(iter(loc), None))
 
 
 class ExpertWork(PlayAhead):

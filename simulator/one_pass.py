@@ -23,13 +23,36 @@ __all__ = ["OnePass"]
 
 class OnePass:
     """A mixin of :class:`simulator.engine.Simulation` (it reads ``layers``, ``streams``,
-    ``stream``, ``net``, ``compute_id``, ``bytes_moved``, ``K``, ``E``, the metrics counters,
+    ``stream``, ``net``, ``compute_id``, ``bytes_moved``, ``K``, ``E``, ``trace``, the metrics counters,
     ``_activations`` and ``_fetch_entry``)."""
+
+    _routed: bool | None = None  # whether the trace names routed experts only (ids < E); None: not looked yet
 
     def _plain_layer(self, l: int, n_rows: int, experts: list[int], tokens_of: list[int], router_at: float) -> float:
         """Layer ``l`` (``plain_local``) of a step of ``n_rows`` tokens: its end."""
         lay = self.layers[l]
         code, runner, cost, local_cost = lay.code, lay.runner, lay.cost, lay.local_cost
+        if lay.plain_devices is not None:  # one device runs the resident experts, one the local ones
+            res_dev, loc_dev = lay.plain_devices
+            res_s = loc_s = 0.0  # the seconds block[dev] and local[dev][1] below add up, in the same order
+            resident = local_n = 0  # every call serves one token or more
+            for e, n in zip(experts, tokens_of):
+                if code[e] == RESIDENT:
+                    resident += n
+                    res_s += cost[e][n]
+                else:
+                    local_n += n
+                    loc_s += local_cost[e][n]
+            self.expert_calls += len(experts)
+            self.expert_accesses += resident + local_n
+            self.resident_access[l] += resident
+            self.local_access[l] += local_n
+            end = self._reserve_blocks({res_dev: res_s}, router_at) if resident else router_at
+            if local_n:
+                back = self._run_local(loc_dev, loc_s, self._activations(loc_dev, min(n_rows, local_n)), router_at)
+                if back > end:
+                    end = back
+            return end
         block: dict[str, float] = {}  # device -> seconds of resident experts
         local: dict[str, list] = {}  # device -> [tokens, seconds] of local experts
         tokens = resident = 0
@@ -61,8 +84,11 @@ class OnePass:
         :meth:`simulator.policies.LRUCache.serve` takes them): its end."""
         lay = self.layers[l]
         cache, cost = lay.cache, lay.cost
-        if cache is not None:
-            first_hit, hits, accesses = cache.serve(ids_l, None, None, self.K, self.E, lay.cached)
+        if cache is not None:  # every expert of the layer is fetched: all routed ids are its cache's
+            if self._routed is None:
+                self._routed = bool(self.trace.expert_ids.max() < self.E)  # no zero-computation ids
+            first_hit, hits, accesses = cache.serve(ids_l, None, None, self.K, self.E,
+                                                    None if self._routed else lay.cached)
             self.cache_access[l] += accesses
             self.cache_hit[l] += hits
         else:

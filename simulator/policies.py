@@ -153,12 +153,14 @@ class LRUCache(ExpertCache):
               wanted: frozenset[int]) -> tuple[dict[int, bool], int, int]:
         """:meth:`ExpertCache.serve` with :meth:`access` inlined (the simulator's hottest loop).
         ``ids`` may be an array ``[n, K]``: a long step (``LONG_STEP`` accesses or more) is
-        served in numpy (:func:`simulator.lru_steps.serve_lru_step`)."""
+        served in numpy (:func:`simulator.lru_steps.serve_lru_step`). ``wanted`` None: every
+        access goes through the cache (the caller knows every id is a wanted one)."""
         if isinstance(ids, np.ndarray):
             if ids.size >= LONG_STEP:
                 x = ids.ravel()
-                mask = self._wanted_mask(wanted, max(E, int(x.max()) + 1))
-                done = serve_lru_step(self.items, self.slots, x[mask[x]])
+                if wanted is not None:
+                    x = x[self._wanted_mask(wanted, max(E, int(x.max()) + 1))[x]]
+                done = serve_lru_step(self.items, self.slots, x)
                 if done is not None:
                     return done
             ids = ids.tolist()
@@ -166,6 +168,27 @@ class LRUCache(ExpertCache):
         recent, evict = items.move_to_end, items.popitem
         first: dict[int, bool] = {}
         hits = accesses = 0
+        if wanted is None:  # the cache sees every access: the loop below without the test
+            full = len(items) >= slots  # a full cache stays full: each miss evicts one, then loads one
+            for row in ids:
+                accesses += len(row)
+                for e in row:
+                    if e in items:
+                        recent(e)
+                        hits += 1
+                        if e not in first:
+                            first[e] = True
+                        continue
+                    if full:
+                        if slots:
+                            evict(False)  # the least recently used
+                            items[e] = None
+                    else:
+                        items[e] = None
+                        full = len(items) >= slots
+                    if e not in first:
+                        first[e] = False
+            return first, hits, accesses
         for row in ids:
             for e in row:
                 if e in wanted:

@@ -79,6 +79,20 @@ def test_lru_serves_a_step_as_access_by_access(slots, E, K, seed, tokens):
 
 
 @settings(max_examples=60, deadline=None)
+@given(slots=st.integers(0, 5), E=st.integers(2, 9), K=st.integers(1, 3), seed=st.integers(0, 10**6),
+       tokens=st.integers(1, 12))
+def test_lru_serving_every_access_is_serving_them_all_wanted(slots, E, K, seed, tokens):
+    # wanted=None (every id routed and cached: simulator.one_pass._fetch_layer) skips the test per access
+    rng = np.random.default_rng(seed)
+    every, tested = LRUCache(slots), LRUCache(slots)
+    for _ in range(4):  # a few steps: the cache fills, then stays full
+        ids = rng.integers(0, E, size=(tokens, K)).tolist()
+        assert every.serve(ids, None, np.arange(tokens), K, E, None) == \
+            tested.serve(ids, None, np.arange(tokens), K, E, frozenset(range(E)))
+        assert list(every.items) == list(tested.items)
+
+
+@settings(max_examples=60, deadline=None)
 @given(slots=st.integers(0, 20), E=st.integers(2, 300), K=st.integers(1, 8), seed=st.integers(0, 10**6),
        tokens=st.integers(128, 600), skew=st.booleans())
 def test_lru_serves_a_long_step_in_numpy_as_access_by_access(slots, E, K, seed, tokens, skew):
