@@ -546,3 +546,21 @@ def test_dropped_experts_are_masked_in_the_router(checkpoint, name):
     else:
         assert all(s < 1.0 for s in sums)
     assert (dropped - full).abs().max().item() > 1e-3  # the routing changed the output
+
+
+def test_prefill_offload_runs_a_prompts_cpu_experts_on_the_device(checkpoint):
+    """plan.json prefill_offload (planner.prefill_sites): the prompt's pass copies the host-held
+    local experts it uses to the compute device and runs them there, decode runs them on the
+    CPU; the logits and tokens are the reference's either way."""
+    name = next(iter(FAMILIES))
+    directory, ref = checkpoint(name)
+    want_logits, want_tokens = reference(ref)
+    plan = make_plan(name, sites="local", homes=CPU)
+    plan["prefill_offload"] = [True] * len(plan["layers"])
+    with load_planned_model(plan, directory, dtype="float32", device="cpu") as rt:
+        assert (planned_logits(rt) - want_logits).abs().max().item() <= 1e-4
+        before = rt.metrics.summary()
+        assert before["bytes_moved"][CPU] > 0 and before["cpu_expert_calls"] == 0  # the prompt: copied, not on the CPU
+        assert rt.generate(PROMPT, NEW_TOKENS) == want_tokens
+        after = rt.metrics.summary()
+    assert after["cpu_expert_calls"] > 0  # decode: on the CPU

@@ -73,6 +73,9 @@ class LayerSpec:
     tier: tuple[str, ...]  # device | host | disk, from home
     cache_slots: int
     dropped: tuple[int, ...] = ()  # experts the router never picks (a task-specific plan's dropped_experts)
+    # a prompt's pass copies the host-held local experts it uses to the device and runs them
+    # there (plan.json prefill_offload, planner.prefill_sites); decode runs them on the CPU
+    prefill_offload: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -179,6 +182,10 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
             and len(d) < len(raw.get("home") or ()) for d, raw in zip(dropped, raw_layers) if isinstance(raw, dict))):
         raise bad("not one list of expert ids per MoE layer, each keeping one expert", "dropped_experts", dropped,
                   f"{len(raw_layers)} lists of expert ids like [3, 7]")
+    prefill = data.get("prefill_offload") or [False] * len(raw_layers)  # per-phase sites (planner.prefill_sites)
+    if not (isinstance(prefill, list) and len(prefill) == len(raw_layers)
+            and all(isinstance(f, bool) for f in prefill)):
+        raise bad("not one true/false per MoE layer", "prefill_offload", prefill, f"{len(raw_layers)} booleans")
     layers = []
     seen_hidden: set[int] = set()
     for i, raw in enumerate(raw_layers):
@@ -219,7 +226,8 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
                 raise bad("an expert homed on another compute device's memory is not executed by this runtime",
                           f"{at}.home[{e}]", home[e], f"{mine}, the host DRAM or a disk")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
-                                site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i])))
+                                site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i]),
+                                prefill_offload=prefill[i]))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
                        layers=tuple(layers), source=source, dense_format=dense_format,
                        layer_devices=tuple(layer_devices) if layer_devices else None)

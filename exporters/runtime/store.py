@@ -324,7 +324,12 @@ class PlannedExperts(nn.Module):
                     continue
                 if site in ("local", "stream"):
                     counts["other"] += 1
-                    if site == "local":
+                    if site == "local" and self.spec.prefill_offload and m.phase == "prefill" \
+                            and self.spec.tier[e] == "host":  # the plan's prefill site: copied for this pass
+                        if e not in on_device:
+                            on_device[e] = self.fetcher.submit(
+                                lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)), start=False)
+                    elif site == "local":
                         on_cpu.add(e)
                     else:
                         on_device.setdefault(e, None)  # filled with this step's copy
