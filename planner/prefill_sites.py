@@ -18,7 +18,9 @@ and run it there (a ``fetch`` site) and does not decide for itself (no ``op_offl
 
 The plan records the sites as ``Plan.prefill_offload`` (per MoE layer; absent: prefill runs at
 the decode sites), the simulator runs a prompt's pass of such a layer with its host-held
-local experts copied and run on the device (:mod:`simulator.op_offload`).
+local experts copied and run on the device (:mod:`simulator.op_offload`), and so does the
+bundle runtime (``exporters/runtime/store.py``: the fetcher's one-ahead copies, no cache slot
+kept; it overlaps copies with compute, where the price is one copy, then the computation).
 
 What is not built: separate placements per phase (a prefill residency or cache that differs
 from decode's, with the switch between them priced), and per-expert prefill sites.

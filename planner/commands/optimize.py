@@ -246,7 +246,9 @@ def _load_trace(path: str, task: str | None):
               "bound on any other batch (the plan's solver.batch_search); --batch is then not used.")
 @click.option("--slo-ttft", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot, and a "
-              "constraint of every solve (the plan's prefill stays within it, at some cost in decode speed).")
+              "constraint of every solve (the plan's prefill stays within it, at some cost in decode speed); on "
+              "the bundle runtime each layer's prompt pass may also run the experts decode runs on the CPU on the GPU "
+              "after a copy (plan.json prefill_offload), the decode placement unchanged.")
 @click.option("--max-batch", type=click.IntRange(min=1, max=MAX_BATCH), default=1024, show_default=True,
               help="Largest batch the SLO search considers.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
