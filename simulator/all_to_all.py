@@ -82,7 +82,7 @@ def exchange_matrix(net: Network, mems: tuple[str, ...], moved: np.ndarray, star
     if link_hit.any():
         rows, idx = inc.link_pair[link_hit], inc.link_idx[link_hit]
         sums = np.bincount(idx, weights=b[rows], minlength=len(inc.links))
-        for j in np.unique(idx).tolist():
+        for j in np.flatnonzero(np.bincount(idx, minlength=len(inc.links))).tolist():
             lid = inc.links[j]
             total = net.bytes[lid]
             if float(total).is_integer():

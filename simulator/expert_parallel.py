@@ -97,11 +97,9 @@ class ExpertParallel(EPOffload):
                 mine = np.nonzero(work[g])[0]
                 end = max(end, self._ep_gpu_end(l, self.gpus[g], mine, work[g][mine], ids, router_at, dispatch))
             return self._exchange(combine_pairs, end, f"combine L{l}")
-        for g in np.nonzero(load)[0]:
-            dev = self.gpus[g]
-            mine = np.nonzero(work[g])[0]
-            sec = self._experts_s(dev, l, mine, work[g][mine])
-            end = max(end, self.stream(dev).reserve(sec, f"experts L{l}", ready_s=dispatch))
+        secs = self._experts_s(l, work)
+        for g in np.nonzero(load)[0].tolist():
+            end = max(end, self.stream(self.gpus[g]).reserve(secs[g], f"experts L{l}", ready_s=dispatch))
         return self._exchange(combine_pairs, end, f"combine L{l}")
 
     def _ep_runtime(self) -> dict:
@@ -160,23 +158,26 @@ class ExpertParallel(EPOffload):
             self._ep_cache[l] = {"copies": copies, "node_of": node_of}
         return self._ep_cache[l]
 
-    def _experts_s(self, dev: str, l: int, experts: np.ndarray, counts: np.ndarray) -> float:
-        """Seconds ``dev`` runs layer ``l``'s ``experts`` on ``counts`` tokens each, in order: the
-        left-to-right sum of their call prices (``cumsum`` adds in the same order)."""
+    def _experts_s(self, l: int, work: np.ndarray) -> list[float]:
+        """Seconds each GPU runs its experts of layer ``l`` (``work[g, e]`` tokens each), in
+        expert order: the left-to-right sum of their call prices (``cumsum`` along a row adds
+        in that order, and an unused expert adds 0.0, which changes no sum)."""
         fmts = self.layers[l].fmt
         one = self.__dict__.setdefault("_ep_one_format", {})
         if l not in one:
             one[l] = fmts[0] if len(set(fmts)) == 1 else None
-        if one[l] is None:
-            return sum(self.call_s(dev, fmts[int(e)], int(c)) for e, c in zip(experts.tolist(), counts.tolist()))
+        if one[l] is None:  # mixed formats: call by call
+            return [sum(self.call_s(dev, fmts[e], int(work[g, e])) for e in np.nonzero(work[g])[0].tolist())
+                    for g, dev in enumerate(self.gpus)]
         tables = self.__dict__.setdefault("_ep_tables", {})
-        table = tables.get((dev, one[l]))
-        top = int(counts.max())
-        if table is None or len(table) <= top:  # the price table by token count, as an array
-            costs = self.costs(dev, one[l])
-            size = max(top + 1, 0 if table is None else 2 * len(table))
-            table = tables[(dev, one[l])] = np.array([costs[t] for t in range(size)])
-        return float(np.cumsum(table[counts])[-1])
+        table = tables.get(one[l])  # [G, tokens]: each GPU's price of a call by its token count
+        top = int(work.max())
+        if table is None or table.shape[1] <= top:
+            size = max(top + 1, 0 if table is None else 2 * table.shape[1])
+            table = tables[one[l]] = np.array([[c[t] for t in range(size)]
+                                               for c in (self.costs(dev, one[l]) for dev in self.gpus)])
+        prices = np.where(work > 0, np.take_along_axis(table, work, axis=1), 0.0)
+        return np.cumsum(prices, axis=1)[:, -1].tolist()
 
     def _exchange(self, pairs: np.ndarray, start: float, what: str) -> float:
         """An all-to-all of ``pairs[src, dst]`` hidden states starting at ``start``; returns its end."""
