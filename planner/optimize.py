@@ -469,18 +469,21 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         joules = step_energy_j(problem, choice, dense_fm, prefetch)
         predicted |= {"energy_j_per_token": joules / s.batch_size, "power_w": joules / step_s}
     quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
+    prefill = prefill_offloads(s, [problem.tables[l].specs([w]) for l, w in enumerate(choice)],
+                               [problem.tables[l].tiers([w]) for l, w in enumerate(choice)],
+                               req.prompt_tokens, prefetch)  # per-phase sites (planner.prefill_sites)
     return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
                 compute_device=s.compute.id, host_device=s.host.id, dense_format=dense_fm,
                 prefetch=prefetch_policy or ("next-layer" if prefetch else "none"), eviction=eviction or "lru",
                 quality_budget=budget, dropped_experts=s.dropped if any(s.dropped) else (),
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
                 kv_cache="host" if fc.kv_on_host else "device",
-                prefill_offload=prefill_offloads(s, [problem.tables[l].specs([w]) for l, w in enumerate(choice)],
-                                                 [problem.tables[l].tiers([w]) for l, w in enumerate(choice)],
-                                                 req.prompt_tokens, prefetch),
+                prefill_offload=prefill,
                 notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes
                 + ((f"KV cache in host memory ({fc.kv_host_bytes / 2**30:.2f} GiB; engine flag "
-                    f"{s.engine.kv_offload.flag}): attention where it lives",) if fc.kv_on_host else ()))
+                    f"{s.engine.kv_offload.flag}): attention where it lives",) if fc.kv_on_host else ())
+                + ((f"prefill sites: {sum(prefill)} of {len(prefill)} MoE layers run a prompt's CPU experts on "
+                    f"{s.compute.id} after a copy (prefill_offload); decode runs them on the CPU",) if prefill else ()))
 
 
 def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, step_s: float,

@@ -359,6 +359,9 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
             raise InputError("--objective energy, --max-watts and --drop-below plan one GPU with offloading",
                              key="--parallel",
                              value=parallel, fix="add --parallel offload")
+        if use_ep and kv_cache == "host":
+            raise InputError("an expert-parallel plan keeps the KV cache on its GPUs", key="--kv-cache", value="host",
+                             fix="add --parallel offload, or use --kv-cache auto")
         if use_ep and given["dram_contention"]:
             raise InputError("--dram-contention prices offload plans (one node's host DRAM shared by its CPU and "
                              "copies); expert-parallel plans do not model it", key="--dram-contention",
