@@ -135,6 +135,9 @@ def test_plan_json_records_the_site_and_the_simulator_prices_it_the_same(tmp_pat
             for p in (host, device)}
     assert ttft["host"] == pytest.approx(host.predicted["ttft_s"], rel=1e-3)
     assert ttft["host"] > ttft["device"]  # the prompt's attention on the CPU
+    other = host.model_copy(update={"inputs": host.inputs.model_copy(update={"engine": "bundle"})})
+    with pytest.raises(InputError, match="engine bundle cannot keep the KV cache in host memory"):
+        simulate(other, hw, model, one, SimConfig(batch_size=1))
 
 
 def test_llamacpp_renders_no_kv_offload_and_accelerate_says_it_cannot(tmp_path, long_plans):
