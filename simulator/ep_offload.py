@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from profiles.errors import InputError
 from profiles.perf import activation_bytes
 
 from .policies import make_cache
 
 __all__ = ["EPOffload"]
+
+EVICTIONS = ("lru", "lfu", "score")  # the policies a GPU cache is built with from its slots alone
 
 
 class EPOffload:
@@ -46,6 +49,10 @@ class EPOffload:
         spec = next((c for c in lp.gpu_caches if c.device == gpu), None)
         key = (l, gpu)
         if key not in caches:
+            if spec is not None and self.eviction not in EVICTIONS:
+                raise InputError("an expert-parallel plan with offload simulates its GPU caches with "
+                                 + ", ".join(EVICTIONS), key="--eviction", value=self.eviction,
+                                 expected=", ".join(EVICTIONS), fix="pick one of them, or drop --eviction")
             caches[key] = make_cache(self.eviction, spec.slots) if spec is not None else None
         cache = caches[key]
         mem = self._dev_mem(gpu)
@@ -53,7 +60,9 @@ class EPOffload:
         cached = frozenset(e for e in mine if lp.site[e] in ("fetch", "hybrid"))
         first_hit: dict[int, bool] = {}
         if cache is not None and cached:
-            first_hit, hits, accesses = cache.serve(ids.tolist(), None, None, ids.shape[1], len(lp.site), cached)
+            # positions by the step's order (only the trace-aware policies, not offered here, read rows)
+            first_hit, hits, accesses = cache.serve(ids.tolist(), None, range(ids.shape[0]), ids.shape[1],
+                                                    len(lp.site), cached)
             self.cache_access[l] += accesses
             self.cache_hit[l] += hits
         ready_s = waits_s = 0.0  # GPU seconds ready at the dispatch / waiting for copies

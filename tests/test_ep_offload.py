@@ -146,3 +146,25 @@ def test_cli_ep_offloads_on_sglang(run_cli, trace, tmp_path):
     _, hw = load_profile(HW)
     report = simulate(plan, hw, load_model(MODEL), trace, SimConfig(requests=16))
     assert report.metrics["tpot_s"]["p50"] == pytest.approx(plan.predicted["tpot_s"], rel=TOLERANCE)
+
+
+def test_gpu_caches_fetch_over_their_gpus_link(result, trace):
+    """The plan with its CPU-run experts fetched instead, through a one-slot cache on the GPU
+    that owns them: misses cross from host DRAM, hits do not, and a cache policy that needs
+    the trace's future is refused in one line."""
+    plan = result.plan
+    layers = list(plan.layers)
+    for l in [l for l, lp in enumerate(layers) if "local" in lp.site][:4]:  # a few: their slots take GPU memory
+        lp = layers[l]
+        site = tuple("fetch" if s == "local" else s for s in lp.site)
+        gpus = sorted({o for o, s in zip(lp.owner, site) if s == "fetch"})
+        layers[l] = lp.model_copy(update={"site": site, "gpu_caches": tuple(
+            GpuCache(device=g, slots=1, format=lp.format[lp.site.index("local")]) for g in gpus)})
+    cached = plan.model_copy(update={"layers": tuple(layers)})
+    _, hw = load_profile(HW)
+    model = load_model(MODEL)
+    check_plan(cached, hw, model)
+    m = simulate(cached, hw, model, trace, SimConfig(requests=4)).metrics
+    assert m["bytes_moved"]["dram"] > 0 and 0 < m["expert_hit_rate"] < 1
+    with pytest.raises(InputError, match="--eviction"):
+        simulate(cached, hw, model, trace, SimConfig(requests=4, eviction="belady"))
