@@ -52,9 +52,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from profiles.errors import InputError, from_validation_error
+from profiles.formats import get_format
 from profiles.hardware import HardwareProfile, bundled_profiles
 from profiles.limits import (
     MAX_BATCH,
@@ -99,6 +100,18 @@ class Base(BaseModel):
     trace: str | None = None
     parallel: Literal["auto", "ep", "offload"] = "auto"
     time_limit_s: float = Field(default=30.0, gt=0, le=86400)
+    # storage formats the plans may use (planner optimize --formats); None: the planner's own
+    formats: tuple[str, ...] | None = Field(default=None, min_length=1)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in v or ():
+            try:
+                get_format(name)
+            except InputError as exc:
+                raise ValueError(f"{exc.message}: expected a format of `planner formats list`") from None
+        return v
 
 
 class SimSettings(BaseModel):
@@ -336,7 +349,7 @@ def point_specs(grid: Grid, out_dir: Path) -> list[dict[str, Any]]:
             "id": key, "point": point, "hardware": str(path), "model": point.get("model", b.model),
             "objective": point.get("objective", b.objective), "batch": int(point.get("batch", b.batch)),
             "context": b.context, "trace": b.trace, "parallel": point.get("parallel", b.parallel),
-            "time_limit_s": b.time_limit_s, "eviction": point.get("eviction"),
+            "time_limit_s": b.time_limit_s, "formats": b.formats, "eviction": point.get("eviction"),
             "prefetch": point.get("prefetch"), "miss": point.get("miss", "plan"),
             "requests": grid.simulate.requests,
             "arrival_rate_per_s": point.get("arrival_rate", grid.simulate.arrival_rate_per_s),

@@ -95,3 +95,20 @@ def test_sweep_compares_colocated_and_disaggregated(tmp_path, run_cli):
     grid.write_text(grid.read_text().replace("- 1", "- 2"))
     res = run_cli("sweep", str(grid), "--out", str(tmp_path / "out2"))
     assert res.exit_code == 1 and "at least one node" in res.output and "Traceback" not in res.output
+
+
+def test_grid_formats_reach_the_plans_and_bad_ones_are_refused(tmp_path, run_cli, monkeypatch):
+    import planner.optimize
+    from planner.commands.sweep import evaluate_point
+    from simulator.sweep import load_grid, point_specs
+
+    seen = []
+    real = planner.optimize.optimize
+    monkeypatch.setattr(planner.optimize, "optimize", lambda req: seen.append(req.formats) or real(req))
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: f\nbase: {hardware: desktop-4090, model: olmoe-1b-7b, formats: [int4]}\n")
+    row = evaluate_point({**point_specs(load_grid(grid), tmp_path / "out")[0], "requests": 2})
+    assert row["status"] == "ok" and seen == [("int4",)]
+    grid.write_text("name: f\nbase: {hardware: desktop-4090, model: olmoe-1b-7b, formats: [int5]}\n")
+    res = run_cli("sweep", str(grid), "--out", str(tmp_path / "o2"))
+    assert res.exit_code == 1 and "int5" in res.output and "Traceback" not in res.output

@@ -39,6 +39,8 @@ def evaluate_point(spec: dict) -> dict:
 
     row = {"id": spec["id"], "point": spec["point"], "status": "ok"}
 
+    formats = {"formats": tuple(spec["formats"])} if spec.get("formats") else {}
+
     def plan_on(hardware: str):
         _, hw = load_profile(hardware)
         gpus = max(len(hw.devices_of_kind("gpu")), 1)
@@ -47,11 +49,11 @@ def evaluate_point(spec: dict) -> dict:
                            context_tokens=spec["context"]):
             return hw, plan_cluster(ClusterRequest(hardware=hardware, model=spec["model"], trace=trace,
                                                    batch_size=per_gpu, context_tokens=spec["context"],
-                                                   time_limit_s=spec["time_limit_s"])).plan
+                                                   time_limit_s=spec["time_limit_s"], **formats)).plan
         return hw, optimize(OptimizeRequest(hardware=hardware, model=spec["model"], trace=trace,
                                             objective=spec["objective"], batch_size=spec["batch"],
                                             context_tokens=spec["context"], time_limit_s=spec["time_limit_s"],
-                                            dram_contention=spec.get("dram_contention", False))).plan
+                                            dram_contention=spec.get("dram_contention", False), **formats)).plan
 
     t0 = time.perf_counter()
     pd = spec.get("pd_split") is not None
