@@ -23,6 +23,9 @@ _HIGHS_OPTIONS = {f"mip_heuristic_run_{h}": False for h in ("rins", "rens", "roo
 # (the same numbers in HiGHS 1.7 to 1.15)
 _PRESOLVE_AGGREGATOR = (1 << 8) | (1 << 12)
 
+# shape counts are offered while the shapes several layers share number fewer than this many per layer
+_SHAPES_PER_LAYER = 2
+
 
 class _HiGHS(pulp.HiGHS):
     """PuLP's HiGHS interface; a node limit (a status PuLP does not know) ends like a time limit."""
@@ -158,7 +161,8 @@ def _shapes(problem: Problem, x: list[dict]) -> list[list]:
             groups.setdefault(key, []).append(v)
             layers.setdefault(key, set()).add(l)
     shared = [key for key in sorted(groups) if len(layers[key]) > 1]
-    # counts pay where many layers choose among few shapes; where the shapes outnumber the
+    # counts pay where many layers choose among few shapes; where the shapes far outnumber the
     # layers, most shapes go to one layer or none and the counts only slow each node (Mixtral
-    # on desktop-3060 at a 0.02 budget: 167 shapes over 32 layers, 2x the seconds per node)
-    return [groups[key] for key in shared] if len(shared) < len(x) else []
+    # on desktop-3060 at a 0.02 budget: 167 shapes over 32 layers, 2x the seconds per node);
+    # DeepSeek-V3 with measured errors (tiers) has 73-97 over 58 layers and needs them
+    return [groups[key] for key in shared] if len(shared) < _SHAPES_PER_LAYER * len(x) else []
