@@ -35,7 +35,7 @@ import numpy as np
 
 from .baselines import FETCH, LOCAL, STREAM, Baseline, _best, _dense, _fi, _homes_for
 from .costs import Setup, capacity, fixed_costs
-from .pipeline_costs import node_gpus
+from .pipeline_costs import dense_on, head_bytes, node_gpus
 
 __all__ = ["PIPELINE_BASELINES", "PIPELINE_ENGINES", "llamacpp_split_devices", "compare_pipeline"]
 
@@ -54,14 +54,16 @@ def register(name: str, engine: str):
 
 
 def _gpu_room(s: Setup, gpus: list[str], fm: str) -> tuple[list[float], list[float]]:
-    """Per GPU: usable bytes less the workspace, and one layer's share of dense + KV bytes."""
+    """Per GPU: usable bytes less the workspace (and, on GPU 0, the embedding and head), and
+    one layer's share of the other dense + KV bytes (:func:`planner.pipeline_costs.dense_on`)."""
     L = s.stats.num_layers
+    head = head_bytes(s, _dense(s, fm))
     room, share = [], []
-    for g in gpus:
+    for k, g in enumerate(gpus):
         sg = dataclasses.replace(s, compute=s.hardware.devices[g])
         fc = fixed_costs(sg, _dense(s, fm))
-        room.append(capacity(sg, s.hardware.memory_of(g).id) - fc.workspace_bytes)
-        share.append((fc.dense_bytes + fc.kv_bytes) / L)
+        room.append(capacity(sg, s.hardware.memory_of(g).id) - fc.workspace_bytes - (head if k == 0 else 0.0))
+        share.append(dense_on(fc, head, 1, L, first=False))
     return room, share
 
 

@@ -13,7 +13,9 @@ Sets
 Parameters
     tau_lgw, dev_lgw, home_lgw, err_lw   as in planner.ilp, priced on g
     D_g, M_g, W_g      dense seconds, dense + KV bytes, workspace bytes on g at the dense format d
-                       (the whole model's: a layer on g takes D_g / L and M_g / L)
+                       (the whole model's: a layer on g takes D_g / L and (M_g - K) / L)
+    K                  bytes of the embedding, final norm and head, held on G[0] (as the bundle
+                       runtime places them: planner.pipeline_costs.head_bytes)
     hop(a, b)          seconds to move one step's hidden states (hidden x tokens x 2 bytes) over
                        the topology's route from a to b, latency included; hop(a, a) = 0
 Variables
@@ -24,7 +26,7 @@ Objective (seconds per decode step; at batch 1 the layers run one after another)
         + sum_g z_0g hop(G0, g) + sum_g z_L-1,g hop(g, G0)
 Constraints
     one[l]:    sum_gw x_lgw = 1
-    cap[g]:    sum_lw x_lgw dev_lgw + sum_l z_lg M_g / L + W_g <= usable bytes of g
+    cap[g]:    sum_lw x_lgw dev_lgw + sum_l z_lg (M_g - K) / L + [g = G0] K + W_g <= usable bytes of g
     cap[h]:    sum_{lgw: home = h} x_lgw home_lgw <= usable bytes of h
     quality:   sum x_lgw err_lw <= Q sum w_le  (and the dense format's error <= Q)
 
@@ -40,7 +42,7 @@ per GPU (:mod:`planner.multi_gpu_equal`): one GPU's variables and none of the G!
 copies of a plan, the bound still certified.
 
 Not modelled: micro-batch pipelining at batch > 1 (the objective still sums the layers),
-the embedding and head sitting on G[0] apart from the per-layer dense share, and link
+the head's seconds on G[0] (its bytes are counted there; its time is spread as D_g / L), and link
 contention between a hop and prefetches (the simulator plays both out).
 """
 
@@ -57,7 +59,7 @@ from .costs import Setup
 from .ilp_mip import _HIGHS_OPTIONS, _HiGHS
 from .ilp_model import Problem, build_problem, pareto_front
 from .multi_gpu_equal import identical, per_gpu, pooled_problem, shared_problems, split
-from .pipeline_costs import hop_matrix, hop_s, hops_s, node_gpus, pipeline_step_s
+from .pipeline_costs import dense_on, head_bytes, hop_matrix, hop_s, hops_s, node_gpus, pipeline_step_s
 from .plan import MemoryUse, Plan, SolverInfo
 
 __all__ = ["node_gpus", "hop_s", "plan_multi_gpu", "pipeline_baseline_plan", "MULTI_NODE_LIMIT"]
@@ -167,12 +169,13 @@ def _mip(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, budge
     for (l, a, b), v in u.items():
         # hop[l,a,b]: u_lab >= z_la + z_l+1,b - 1
         prob += v >= z[l][a] + z[l + 1][b] - 1, f"hop[{l},{a},{b}]"
+    head = head_bytes(p0.setup, fm)
     for g, p in enumerate(problems):
-        # cap[g]: sum x dev + sum_l z_lg (dense + KV) / L + workspace <= usable bytes of g
-        share = (fixed[g].dense_bytes + fixed[g].kv_bytes) / L
+        # cap[g]: sum x dev + sum_l z_lg (dense + KV - K) / L + [g = G0] K + workspace <= usable bytes of g
+        share = dense_on(fixed[g], head, 1, L, first=False)
         prob += (pulp.lpSum(v * float(p.tables[l].dev_bytes[w]) for l in range(L) for w, v in x[l][g].items())
                  + pulp.lpSum(z[l][g] * share for l in range(L))
-                 <= p.caps[p.device_mem] - fixed[g].workspace_bytes), f"cap[{p.device_mem}]"
+                 <= p.caps[p.device_mem] - fixed[g].workspace_bytes - (head if g == 0 else 0.0)), f"cap[{p.device_mem}]"
     for hi, home in enumerate(p0.setup.homes):
         # cap[h]: homes are the node's, shared by every GPU's layers
         terms = [v * float(problems[g].tables[l].home_bytes[w]) for l in range(L) for g in range(G)
@@ -237,11 +240,12 @@ def _pooled(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, bu
 def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | None) -> bool:
     """Whether a plan keeps every GPU's capacity, the shared homes' and the quality budget."""
     L, p0 = len(choice), problems[0]
+    head = head_bytes(p0.setup, fm)
     for g, p in enumerate(problems):
         fc = p.fixed[fm]
         mine = [l for l in range(L) if devices[l] == g]
         used = sum(float(p.tables[l].dev_bytes[choice[l]]) for l in mine) \
-            + (fc.dense_bytes + fc.kv_bytes) * len(mine) / L + fc.workspace_bytes
+            + dense_on(fc, head, len(mine), L, first=g == 0) + fc.workspace_bytes
         if used > p.caps[p.device_mem] * (1 + 1e-9):
             return False
     for hi, home in enumerate(p0.setup.homes):
@@ -380,6 +384,7 @@ def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_pla
         home = tuple(mem if site == "resident" else h for h, site in zip(lp.home, lp.site))
         layers.append(lp.model_copy(update={"home": home, "cache_device": gpus[g] if lp.cache_slots else None}))
     memory = {m: u for m, u in plan.memory.items() if m != p0.device_mem}
+    head = head_bytes(p0.setup, fm)  # on G[0] with its layers' share (pipeline_costs.dense_on)
     for g, p in enumerate(problems):
         s, fc = p.setup, p.fixed[fm]
         mine = [l for l in range(L) if devices[l] == g]
@@ -391,7 +396,8 @@ def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_pla
                     if layers[l].cache_slots)
         memory[p.device_mem] = MemoryUse(capacity_bytes=s.hardware.memories[p.device_mem].capacity_bytes,
                                          expert_bytes=expert, cache_bytes=cache,
-                                         dense_bytes=fc.dense_bytes * len(mine) / L, kv_bytes=fc.kv_bytes * len(mine) / L,
+                                         dense_bytes=(head if g == 0 else 0.0) + (fc.dense_bytes - head) * len(mine) / L,
+                                         kv_bytes=fc.kv_bytes * len(mine) / L,
                                          workspace_bytes=fc.workspace_bytes)
     tpot = best["objective"]
     path = [0, *devices, 0]

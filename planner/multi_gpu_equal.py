@@ -31,6 +31,7 @@ import pulp
 from .costs import Setup, capacity, fixed_costs
 from .ilp_mip import _HIGHS_OPTIONS, _HiGHS
 from .ilp_model import Problem, build_problem
+from .pipeline_costs import dense_on, head_bytes
 
 __all__ = ["shared_problems", "identical", "split", "pooled_problem", "per_gpu"]
 
@@ -83,13 +84,13 @@ def pooled_problem(problems: list[Problem], fm: str, shrink: float = 0.0) -> Pro
 def split(problems: list[Problem], choice, fm: str) -> tuple[int, ...]:
     """``[L]`` each layer's GPU: contiguous ranges over G[0], G[1], ..., layer l on the GPU
     whose equal share of the pooled plan's bytes (device bytes and dense share, counted in
-    layer order) holds the middle of l's bytes."""
+    layer order after the head bytes G[0] holds) holds the middle of l's bytes."""
     p0, G, L = problems[0], len(problems), len(choice)
-    fc = p0.fixed[fm]
+    fc, head = p0.fixed[fm], head_bytes(p0.setup, fm)
     size = np.array([float(p0.tables[l].dev_bytes[w]) for l, w in enumerate(choice)]) \
-        + (fc.dense_bytes + fc.kv_bytes) / L
-    share = max(float(size.sum()) / G, 1e-300)
-    middle = np.cumsum(size) - size / 2
+        + dense_on(fc, head, 1, L, first=False)
+    share = max((float(size.sum()) + head) / G, 1e-300)
+    middle = head + np.cumsum(size) - size / 2
     return tuple(int(min(G - 1, m // share)) for m in middle)
 
 
@@ -109,6 +110,7 @@ def per_gpu(problems: list[Problem], times, fronts, fm: str, budget: float | Non
         home_use[l, int(t[l].home[w])] = float(t[l].home_bytes[w])
     h_slack = np.maximum(0.0, np.array([p0.caps[h] for h in homes]) - home_use.sum(axis=0)) / G
     choice = list(pooled)
+    head = head_bytes(p0.setup, fm)
     for g, p in enumerate(problems):
         mine = [l for l in range(L) if devices[l] == g]
         if not mine:
@@ -121,7 +123,7 @@ def per_gpu(problems: list[Problem], times, fronts, fm: str, budget: float | Non
         for l in mine:
             prob += pulp.lpSum(x[l].values()) == 1, f"one[{l}]"
         prob += (pulp.lpSum(v * float(t[l].dev_bytes[w]) for l in mine for w, v in x[l].items())
-                 <= p.caps[p.device_mem] - fc.workspace_bytes - (fc.dense_bytes + fc.kv_bytes) * len(mine) / L), "cap"
+                 <= p.caps[p.device_mem] - fc.workspace_bytes - dense_on(fc, head, len(mine), L, first=g == 0)), "cap"
         for hi, home in enumerate(homes):
             prob += (pulp.lpSum(v * float(t[l].home_bytes[w]) for l in mine for w, v in x[l].items()
                                 if t[l].home[w] == hi)

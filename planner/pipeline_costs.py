@@ -12,6 +12,13 @@ and head), g_l = the GPU layer l runs on.
 ``tau_l`` is :func:`planner.costs.option_time` of the layer's option priced by
 :func:`planner.costs.option_costs` on a Setup whose compute device is g_l (offloaded
 experts cross *that* GPU's link), ``dense_s`` is :func:`planner.costs.fixed_costs` there.
+
+Bytes per device (:func:`dense_on`): G[0] holds the embedding, the final norm and the output
+head (:func:`head_bytes`: the bundle runtime keeps everything outside the decoder layers on
+``compute_device``), every GPU a share of the rest of the dense weights and of the KV cache
+per MoE layer it runs:
+
+    dense_g = [g = G[0]] head + (dense + KV - head) x |{l : g_l = g}| / L
 """
 
 from __future__ import annotations
@@ -20,9 +27,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .setup import Setup
+from profiles.formats import get_format
 
-__all__ = ["node_gpus", "hop_s", "hop_matrix", "pipeline_step_s", "hops_s"]
+from .setup import Setup
+from .step_costs import FixedCosts
+
+__all__ = ["node_gpus", "hop_s", "hop_matrix", "pipeline_step_s", "hops_s", "head_bytes", "dense_on"]
 
 
 def node_gpus(s: Setup) -> list[str]:
@@ -69,3 +79,20 @@ def pipeline_step_s(layer_s: Sequence[float], dense_s: Sequence[float], devices:
     layers = sum(float(t) for t in layer_s)
     dense = sum(float(dense_s[g]) / L for g in devices)
     return layers + dense + hops_s(devices, hop)
+
+
+def head_bytes(s: Setup, fm: str) -> float:
+    """Bytes of the weights outside the decoder layers at dense format ``fm``, as
+    :func:`planner.step_costs.fixed_costs` counts them: the input embedding (looked up; a tied
+    one counts once, as the head), the final norm and the output head."""
+    m = s.model
+    per_param = get_format(fm).bits_per_weight / 8
+    looked_up = 0.0 if m.tie_word_embeddings else float(m.embedding_params) * per_param
+    head = float(m.embedding_params if m.tie_word_embeddings else m.lm_head_params) + m.hidden_size  # + final norm
+    return looked_up + s.kernel_factor(s.compute, fm) * head * per_param
+
+
+def dense_on(fc: FixedCosts, head: float, layers: int, L: int, first: bool) -> float:
+    """Dense + KV bytes on a device that runs ``layers`` of the ``L`` MoE layers (the module
+    docstring's ``dense_g``); ``first``: it is G[0], which holds the ``head`` bytes."""
+    return (head if first else 0.0) + (fc.dense_bytes + fc.kv_bytes - head) * layers / L

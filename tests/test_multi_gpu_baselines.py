@@ -304,9 +304,10 @@ def test_export_engines_only_writes_a_pipeline_plans_configs(box, tmp_path):
 
 
 def test_contiguous_puts_each_gpu_on_one_range_at_no_cost(tmp_path):
-    """Layers on GPUs 0, 1, 1, 0, two per GPU at most: polish finds nothing strictly faster (two
-    hops either way), contiguous moves to 0, 0, 1, 1 (one --tensor-split range per GPU) at the
-    same seconds, feasible; a layout already contiguous is left as it is."""
+    """Layers on GPUs 0, 1, 1, 0; GPU 0 (it holds the embedding and head too) takes two at most,
+    GPU 1 three: polish finds nothing strictly faster (two hops either way), contiguous moves to
+    0, 1, 1, 1 (one --tensor-split range per GPU; the first cut tried, GPU 0 first) at the same
+    seconds, feasible; a layout already contiguous is left as it is."""
     import numpy as np
 
     from planner.ilp import build_problem
@@ -319,13 +320,14 @@ def test_contiguous_puts_each_gpu_on_one_range_at_no_cost(tmp_path):
     times = [p.times(False) for p in problems]
     hop = np.array([[hop_s(s, a, b, 1) for b in gpus] for a in gpus])
     fm = "int4"
-    # each layer's option of one size: two fit a GPU, three do not
+    # each layer's option of one size: two fit GPU 0, three GPU 1
     size = 131040.0
     choice = tuple(int(np.flatnonzero(t.dev_bytes == size)[0]) for t in problems[0].tables)
     assert feasible(problems, choice, (0, 1, 1, 0), fm, None) and not feasible(problems, choice, (0, 0, 0, 1), fm, None)
+    assert feasible(problems, choice, (0, 1, 1, 1), fm, None)
     before = objective_s(problems, times, choice, (0, 1, 1, 0), hop, fm)
     assert polish(problems, times, choice, (0, 1, 1, 0), hop, fm, None)["devices"] == (0, 1, 1, 0)
     out = contiguous(problems, times, choice, (0, 1, 1, 0), hop, fm, None)
-    assert out["devices"] == (0, 0, 1, 1) and feasible(problems, choice, out["devices"], fm, None)
+    assert out["devices"] == (0, 1, 1, 1) and feasible(problems, choice, out["devices"], fm, None)
     assert out["objective"] == pytest.approx(before, rel=1e-12)
     assert contiguous(problems, times, choice, (1, 1, 0, 0), hop, fm, None)["devices"] == (1, 1, 0, 0)
