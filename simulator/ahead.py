@@ -193,12 +193,18 @@ class PlayAhead:
         back = done + d_back
         if act > 0:  # Network.account of the activations out, then of the results back
             link_bytes, link_busy = self.net.bytes, self.net.busy_s
-            for path, x in ((p_out, ready - router_at - p_out.latency_s), (p_back, back - done - p_back.latency_s)):
-                if path.keys:
-                    for lid in path.link_ids:
-                        link_bytes[lid] += act
-                    for k in path.keys:
-                        link_busy[k] += x
+            if p_out.keys:
+                for lid in p_out.link_ids:
+                    link_bytes[lid] += act
+                x = ready - router_at - p_out.latency_s
+                for k in p_out.keys:
+                    link_busy[k] += x
+            if p_back.keys:
+                for lid in p_back.link_ids:
+                    link_bytes[lid] += act
+                x = back - done - p_back.latency_s
+                for k in p_back.keys:
+                    link_busy[k] += x
         return back
 
     def _book_block(self, compute, router_at: float, hit_s: float | None, misses: list) -> float:
@@ -215,6 +221,7 @@ class PlayAhead:
         if misses:
             link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
             engine_free = router_at
+            run_tier, moved = None, 0.0  # bytes_moved[run_tier], added up in a local meanwhile
             for (_one_s, dur, n_bytes, tier, link_ids, keys, latency_s), sec in misses:
                 arrived = engine_free + dur
                 if link_ids is not None:  # Network.account(path, n_bytes, engine_free, arrived)
@@ -223,7 +230,11 @@ class PlayAhead:
                     x = arrived - engine_free - latency_s
                     for k in keys:
                         link_busy[k] += x
-                bytes_moved[tier] += n_bytes
+                if tier != run_tier:  # bytes_moved[tier] += n_bytes
+                    if run_tier is not None:
+                        bytes_moved[run_tier] = moved
+                    run_tier, moved = tier, bytes_moved[tier]
+                moved += n_bytes
                 engine_free = arrived
                 if free > arrived:  # its kernel once the weights are in: Stream.reserve(sec, ready_s=arrived)
                     arrived = free
@@ -231,6 +242,7 @@ class PlayAhead:
                 busy += sec
                 if arrived > end:
                     end = arrived
+            bytes_moved[run_tier] = moved
         compute.free_at_s, compute.busy_s = free, busy
         return end
 
