@@ -110,7 +110,10 @@ class Setup:
     dram_contention: bool = False
 
     def runs(self, device: Device, fmt: str) -> bool:
-        """Whether the engine runs weights stored as ``fmt`` on ``device``."""
+        """Whether the engine runs weights stored as ``fmt`` on ``device`` (an accelerator: only
+        formats it states a peak for, as make_setup holds an accelerator compute device to)."""
+        if device.kind == "accelerator" and fmt not in device.peak_ops_per_s:
+            return False
         return self.engine is None or self.engine.supports(device.kind, fmt)
 
     def with_engine(self, engine: Engine, formats: Sequence[str] = ()) -> "Setup":
