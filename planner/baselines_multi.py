@@ -3,7 +3,8 @@ several GPUs: each layer's option *and its GPU*, priced by the same formula as t
 planner's pipeline plans (:mod:`planner.pipeline_costs`) on the tool's own engine.
 
 Legend: L = MoE layers, E = routed experts per layer, G = the node's GPUs
-(:func:`planner.pipeline_costs.node_gpus`, the compute device first), n = decoder layers.
+(:func:`planner.pipeline_costs.node_gpus`, the compute device first; none of these engines
+runs a layer on an accelerator card), n = decoder layers.
 
 - ``llama.cpp-split``: ``llama-server -ngl 999 --n-cpu-moe N`` with the default
   ``--split-mode layer`` and no ``--tensor-split``: llama.cpp splits the n decoder layers
@@ -80,7 +81,7 @@ def llamacpp_split(weights: list[float], num_hidden_layers: int) -> list[int]:
 
 def llamacpp_split_devices(s: Setup) -> tuple[int, ...]:
     """``[L]`` the GPU (index into node_gpus) of each MoE layer under llama.cpp's default split."""
-    gpus = node_gpus(s)
+    gpus = node_gpus(s, accelerators=False)
     free = [capacity(dataclasses.replace(s, compute=s.hardware.devices[g]), s.hardware.memory_of(g).id) for g in gpus]
     by_hidden = llamacpp_split(free, s.model.num_hidden_layers)
     return tuple(by_hidden[h] for h in s.model.moe_layer_indices)
@@ -90,7 +91,7 @@ def llamacpp_split_devices(s: Setup) -> tuple[int, ...]:
 def llamacpp_layer_split(s: Setup, quality_budget: float | None, *, fits: bool = True,
                          n_cpu_moe: int | None = None) -> list[Baseline] | None:
     """llama.cpp's layer split over the node's GPUs with ``--n-cpu-moe N`` (module docstring)."""
-    gpus = node_gpus(s)
+    gpus = node_gpus(s, accelerators=False)
     E = s.stats.num_experts
     if len(gpus) < 2 or s.unified or not s.homes or not s.engine_can("local"):
         return None
@@ -126,7 +127,7 @@ def llamacpp_layer_split(s: Setup, quality_budget: float | None, *, fits: bool =
 @register("accelerate-auto", engine="accelerate")
 def accelerate_auto(s: Setup, quality_budget: float | None, *, fits: bool = True) -> list[Baseline] | None:
     """transformers/accelerate ``device_map="auto"`` over the node's GPUs (module docstring)."""
-    gpus = node_gpus(s)
+    gpus = node_gpus(s, accelerators=False)
     L, E, G = s.stats.num_layers, s.stats.num_experts, len(gpus)
     if G < 2 or s.unified or not s.engine_can("stream"):
         return None
@@ -180,7 +181,7 @@ def compare_pipeline(setup_for, budget: float | None, req, inputs) -> dict:
     out = {}
     for name, fn in PIPELINE_BASELINES.items():
         s = setup_for(PIPELINE_ENGINES[name])
-        if s is None or len(node_gpus(s)) < 2:
+        if s is None or len(node_gpus(s, accelerators=False)) < 2:
             continue
         candidates = [b for b in fn(s, budget) or [] if keeps_critical(s, b.specs)]
         engine = load_engine(PIPELINE_ENGINES[name])

@@ -91,10 +91,10 @@ def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
     # dense formats that meet the budget, least error first (usually the best part, whose plan
     # then cuts the others' search short)
     dense = sorted((fm for fm in problems[0].fixed
-                    if all(fm in p.fixed for p in problems) and problems[0].fixed[fm].error <= budget + 1e-12),
+                    if fm in problems[0].fixed and problems[0].fixed[fm].error <= budget + 1e-12),
                    key=lambda fm: (problems[0].fixed[fm].error, fm))
     if not dense:
-        raise InfeasibleError(f"no dense format meets --quality-budget {budget:g} on every GPU")
+        raise InfeasibleError(f"no dense format meets --quality-budget {budget:g} on {gpus[0]}")
     best, bounds, sizes, timed_out = None, [], (0, 0), False
     for prefetch in pf_settings:
         times, fronts = [], []  # [G][L][N], [G][L]: one list per distinct table (shared by equal GPUs)
@@ -140,21 +140,23 @@ def _mip(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, budge
     setting; ``cutoff_s``: the best plan's seconds so far (the part only searches below it)."""
     G, L = len(problems), len(problems[0].tables)
     p0 = problems[0]
-    fixed = [p.fixed[fm] for p in problems]
+    # a device that cannot run the dense format fm (an accelerator without its peak) holds no layer in this part
+    fixed = [p.fixed.get(fm) for p in problems]
+    use = [g for g in range(G) if fixed[g] is not None]
     # times enter in units of the fastest conceivable step (the solver's tolerances are absolute)
-    unit = max(sum(min(float(times[g][l][fronts[g][l]].min()) for g in range(G) if len(fronts[g][l]))
+    unit = max(sum(min(float(times[g][l][fronts[g][l]].min()) for g in use if len(fronts[g][l]))
                    for l in range(L))
-               + min(f.dense_s for f in fixed), 1e-12)
+               + min(fixed[g].dense_s for g in use), 1e-12)
     prob = pulp.LpProblem("moe_multi_gpu", pulp.LpMinimize)
-    x = [[{int(w): prob.add_variable(f"x_{l}_{g}_{w}", cat="Binary") for w in fronts[g][l]} for g in range(G)]
-         for l in range(L)]
+    x = [[{int(w): prob.add_variable(f"x_{l}_{g}_{w}", cat="Binary") for w in fronts[g][l]} if g in use else {}
+          for g in range(G)] for l in range(L)]
     z = [[pulp.lpSum(x[l][g].values()) for g in range(G)] for l in range(L)]
     u = {(l, a, b): prob.add_variable(f"u_{l}_{a}_{b}", lowBound=0)
-         for l in range(L - 1) for a in range(G) for b in range(G) if a != b}
+         for l in range(L - 1) for a in use for b in use if a != b}
     # min sum x tau + sum z D_g / L + sum u hop + entry and exit hops (from/to G[0])
     prob += (pulp.lpSum(v * float(times[g][l][w] / unit) for l in range(L) for g in range(G)
                         for w, v in x[l][g].items())
-             + pulp.lpSum(z[l][g] * (fixed[g].dense_s / L / unit) for l in range(L) for g in range(G))
+             + pulp.lpSum(z[l][g] * (fixed[g].dense_s / L / unit) for l in range(L) for g in use)
              + pulp.lpSum(v * float(hop[a, b] / unit) for (l, a, b), v in u.items())
              + pulp.lpSum(z[0][g] * float(hop[0, g] / unit) + z[L - 1][g] * float(hop[g, 0] / unit)
                           for g in range(1, G)))
@@ -170,7 +172,8 @@ def _mip(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, budge
         # hop[l,a,b]: u_lab >= z_la + z_l+1,b - 1
         prob += v >= z[l][a] + z[l + 1][b] - 1, f"hop[{l},{a},{b}]"
     head = head_bytes(p0.setup, fm)
-    for g, p in enumerate(problems):
+    for g in use:
+        p = problems[g]
         # cap[g]: sum x dev + sum_l z_lg (dense + KV - K) / L + [g = G0] K + workspace <= usable bytes of g
         share = dense_on(fixed[g], head, 1, L, first=False)
         prob += (pulp.lpSum(v * float(p.tables[l].dev_bytes[w]) for l in range(L) for w, v in x[l][g].items())
@@ -242,8 +245,12 @@ def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | 
     L, p0 = len(choice), problems[0]
     head = head_bytes(p0.setup, fm)
     for g, p in enumerate(problems):
-        fc = p.fixed[fm]
         mine = [l for l in range(L) if devices[l] == g]
+        if fm not in p.fixed:  # a device that cannot run the dense format holds no layer
+            if mine:
+                return False
+            continue
+        fc = p.fixed[fm]
         used = sum(float(p.tables[l].dev_bytes[choice[l]]) for l in mine) \
             + dense_on(fc, head, len(mine), L, first=g == 0) + fc.workspace_bytes
         if used > p.caps[p.device_mem] * (1 + 1e-9):
@@ -333,7 +340,8 @@ def objective_s(problems: list[Problem], times, choice, devices, hop: np.ndarray
     """Seconds per decode step of a plan: layer options on their GPUs, dense shares, hops
     (:func:`planner.pipeline_costs.pipeline_step_s`, the formula the baselines and exporters price with)."""
     layer_s = [times[g][l][w] for l, (g, w) in enumerate(zip(devices, choice))]
-    return pipeline_step_s(layer_s, [p.fixed[fm].dense_s for p in problems], devices, hop)
+    dense_s = [p.fixed[fm].dense_s if fm in p.fixed else float("inf") for p in problems]  # inf: never runs a layer
+    return pipeline_step_s(layer_s, dense_s, devices, hop)
 
 
 def pipeline_baseline_plan(s0: Setup, candidates, req, inputs, budget: float | None, method: str) -> Plan | None:
@@ -342,7 +350,7 @@ def pipeline_baseline_plan(s0: Setup, candidates, req, inputs, budget: float | N
     on GPU-by-GPU option tables of exactly their rows (no search); ``None``: none fits."""
     from .optimize import assemble_plan, option_rows  # optimize imports this module
 
-    gpus = node_gpus(s0)
+    gpus = node_gpus(s0, accelerators=False)  # no baseline engine runs a layer on an accelerator card
     setups = [dataclasses.replace(s0, compute=s0.hardware.devices[g]) for g in gpus]
     L = s0.stats.num_layers
     hop = hop_matrix(s0, gpus, s0.batch_size)
@@ -386,10 +394,10 @@ def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_pla
     memory = {m: u for m, u in plan.memory.items() if m != p0.device_mem}
     head = head_bytes(p0.setup, fm)  # on G[0] with its layers' share (pipeline_costs.dense_on)
     for g, p in enumerate(problems):
-        s, fc = p.setup, p.fixed[fm]
         mine = [l for l in range(L) if devices[l] == g]
         if not mine and g > 0:
             continue  # an unused GPU: nothing of the plan's on it
+        s, fc = p.setup, p.fixed[fm]
         expert = sum(float(s.expert_bytes(f)) for l in mine for f, site in zip(layers[l].format, layers[l].site)
                      if site == "resident")
         cache = sum(layers[l].cache_slots * float(s.expert_bytes(layers[l].cache_format)) for l in mine

@@ -35,14 +35,20 @@ from .step_costs import FixedCosts
 __all__ = ["node_gpus", "hop_s", "hop_matrix", "pipeline_step_s", "hops_s", "head_bytes", "dense_on"]
 
 
-def node_gpus(s: Setup) -> list[str]:
-    """The GPUs of the compute device's node the engine runs on, the compute device first."""
+def node_gpus(s: Setup, accelerators: bool = True) -> list[str]:
+    """The compute devices of the compute device's node the engine runs on that can hold
+    layers: its GPUs, the compute device first, then (``accelerators``) its accelerators (an
+    FPGA-class card holds layers in its own memory and computes the formats it states a peak
+    for). The GPUs come first, so an index into the list without accelerators is one into
+    the list with them."""
     c = s.compute
     if c.kind != "gpu":
         return [c.id]
-    gpus = [d.id for d in s.hardware.devices_of_kind("gpu")
-            if d.node == c.node and (s.engine is None or s.engine.runs_on(d.kind))]
-    return [c.id] + [g for g in gpus if g != c.id]
+    hw = s.hardware
+    kinds = ("gpu", "accelerator") if accelerators else ("gpu",)
+    out = [d.id for k in kinds for d in hw.devices_of_kind(k)
+           if d.node == c.node and (s.engine is None or s.engine.runs_on(d.kind))]
+    return [c.id] + [g for g in out if g != c.id]
 
 
 def hop_s(s: Setup, src: str, dst: str, tokens: int) -> float:

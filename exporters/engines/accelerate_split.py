@@ -63,7 +63,7 @@ def render_accelerate_pipeline(plan: Plan, model: ModelSpec, hardware: Hardware,
     if model.architecture not in MODULE_LAYOUTS:
         device_map_for(model, {}, "cpu")  # raises NotApplicable with the known classes
     s0 = pricing.setup(plan.compute_device)
-    gpus = node_gpus(s0)  # G[0] = compute_device: accelerate's main device
+    gpus = node_gpus(s0, accelerators=False)  # G[0] = compute_device: accelerate's main device
     cuda = [d.id for d in hardware.devices.values() if d.kind == "gpu" and d.node == s0.compute.node]
     L = len(plan.layers)
     layer_bytes = model.num_experts * model.expert_bytes("bf16")

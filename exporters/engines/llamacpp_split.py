@@ -82,7 +82,7 @@ def render_llamacpp_pipeline(plan: Plan, model: ModelSpec, hardware: Hardware, p
     H, I = model.hidden_size, model.expert_intermediate_size
     L, n = len(plan.layers), model.num_hidden_layers
     s0 = pricing.setup(plan.compute_device)
-    gpus = node_gpus(s0)
+    gpus = node_gpus(s0, accelerators=False)
     cuda = [d.id for d in hardware.devices.values() if d.kind == "gpu" and d.node == s0.compute.node]
     buffer = [f"{gpu_backend}{cuda.index(g)}" for g in gpus]  # [G]
 

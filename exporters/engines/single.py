@@ -129,6 +129,12 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
     pipeline = plan.layer_devices is not None and len(set(plan.layer_devices)) > 1
     if pipeline:  # several GPUs, each layer whole on one: llama.cpp's layer split, accelerate's multi-GPU map
         skipped["sglang/vllm"] = PIPELINE_NOT_SERVED
+    on_card = [d for d in dict.fromkeys(plan.layer_devices or ()) if hardware.devices[d].kind == "accelerator"]
+    if on_card:  # planner.multi_gpu puts layers on an FPGA-class card; no engine here has a backend for one
+        why = (f"the plan runs MoE layers on the accelerator {on_card[0]}, which this engine cannot (it has no "
+               "backend for the card); re-plan with --parallel offload to render it")
+        skipped |= {"llama.cpp": why, "accelerate": why}
+        return RenderedEngines(files=(), skipped=skipped)
     # each engine's config priced on that engine's profile, as `planner optimize --compare` does
     try:
         pricing = Pricing(plan, model, hardware, trace, engine="llama.cpp")
