@@ -2,7 +2,10 @@
 
 Each MoE layer (its dense share, resident experts and cache slots) runs on one GPU g of the
 node; its offloaded experts are fetched over *g's* link, its CPU-local experts run on the host
-CPU. For every GPU the single-device problem (:func:`planner.ilp_model.build_problem` over a
+CPU. The node's accelerators (FPGA-class cards) are devices g too, after the GPUs
+(:func:`planner.pipeline_costs.node_gpus`): a card holds and computes only the formats it
+states peaks for (``Setup.runs``), so a dense format d it cannot run leaves it without layers
+in d's part. A plan's layout, its feasibility and seconds: :mod:`planner.multi_gpu_layout`. For every GPU the single-device problem (:func:`planner.ilp_model.build_problem` over a
 Setup whose compute device is g) gives each layer's option table priced on g; one MIP then
 picks an option and a GPU per layer.
 
@@ -59,10 +62,13 @@ from .costs import Setup
 from .ilp_mip import _HIGHS_OPTIONS, _HiGHS
 from .ilp_model import Problem, build_problem, pareto_front
 from .multi_gpu_equal import identical, per_gpu, pooled_problem, shared_problems, split
-from .pipeline_costs import dense_on, head_bytes, hop_matrix, hop_s, hops_s, node_gpus, pipeline_step_s
+from .multi_gpu_layout import contiguous, feasible, objective_s, polish
+from .pipeline_costs import dense_on, head_bytes, hop_matrix, hop_s, hops_s, node_gpus
 from .plan import MemoryUse, Plan, SolverInfo
 
-__all__ = ["node_gpus", "hop_s", "plan_multi_gpu", "pipeline_baseline_plan", "MULTI_NODE_LIMIT"]
+# feasible, objective_s, polish and contiguous (planner.multi_gpu_layout) stay importable from here
+__all__ = ["node_gpus", "hop_s", "plan_multi_gpu", "pipeline_baseline_plan", "MULTI_NODE_LIMIT",
+           "feasible", "objective_s", "polish", "contiguous"]
 
 MULTI_NODE_LIMIT = 1024  # HiGHS nodes per part (work limit: plans do not depend on the load)
 # order[l,g] rows (each GPU one contiguous range of layers): off, the hops price fragmentation
@@ -238,110 +244,6 @@ def _pooled(problems: list[Problem], times, fronts, hop: np.ndarray, fm: str, bu
     r = _mip(problems, times, fronts, hop, fm, budget, req, seed=0, cutoff_s=cutoff_s)
     bound = max(b for b in (out["bound"], r["bound"]) if b is not None) if r["bound"] is not None else out["bound"]
     return r | {"bound": bound, "timed_out": r["timed_out"] or out["timed_out"]}
-
-
-def feasible(problems: list[Problem], choice, devices, fm: str, budget: float | None) -> bool:
-    """Whether a plan keeps every GPU's capacity, the shared homes' and the quality budget."""
-    L, p0 = len(choice), problems[0]
-    head = head_bytes(p0.setup, fm)
-    for g, p in enumerate(problems):
-        mine = [l for l in range(L) if devices[l] == g]
-        if fm not in p.fixed:  # a device that cannot run the dense format holds no layer
-            if mine:
-                return False
-            continue
-        fc = p.fixed[fm]
-        used = sum(float(p.tables[l].dev_bytes[choice[l]]) for l in mine) \
-            + dense_on(fc, head, len(mine), L, first=g == 0) + fc.workspace_bytes
-        if used > p.caps[p.device_mem] * (1 + 1e-9):
-            return False
-    for hi, home in enumerate(p0.setup.homes):
-        used = sum(float(problems[g].tables[l].home_bytes[w]) for l, (g, w) in enumerate(zip(devices, choice))
-                   if problems[g].tables[l].home[w] == hi)
-        if used > p0.caps[home] * (1 + 1e-9):
-            return False
-    if budget is not None:
-        err = sum(float(problems[g].tables[l].error[w]) for l, (g, w) in enumerate(zip(devices, choice)))
-        if err > budget * p0.importance_total * (1 + 1e-9) + 1e-15 or p0.fixed[fm].error > budget + 1e-12:
-            return False
-    return True
-
-
-def polish(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str, budget: float | None) -> dict:
-    """Fewer hops at no cost: swap the GPUs of two layers, or move one layer, keeping each
-    layer's option, while that is feasible and strictly faster (a node-limited MIP may stop
-    on a fragmented assignment; on equal GPUs only the hops tell the assignments apart).
-    Only layers whose option tables are the same on every GPU move. Returns the new
-    ``choice``, ``devices`` and ``objective``."""
-    G, L = len(problems), len(choice)
-    movable = _movable(problems, L)
-    devices = list(devices)
-    best = objective_s(problems, times, choice, devices, hop, fm)
-    improved = True
-    while improved:
-        improved = False
-        moves = [("move", a, g) for a in range(L) for g in range(G) if movable[a] and g != devices[a]]
-        moves += [("swap", a, b) for a in range(L) for b in range(a + 1, L)
-                  if movable[a] and movable[b] and devices[a] != devices[b]]
-        for kind, a, x in moves:
-            trial = list(devices)
-            if kind == "move":
-                trial[a] = x
-            else:
-                trial[a], trial[x] = devices[x], devices[a]
-            sec = objective_s(problems, times, choice, trial, hop, fm)
-            if sec < best * (1 - 1e-12) and feasible(problems, choice, trial, fm, budget):
-                devices, best, improved = trial, sec, True
-                break
-    return {"devices": tuple(devices), "objective": best, "choice": tuple(choice)}
-
-
-def _movable(problems: list[Problem], L: int) -> list[bool]:
-    """``[L]`` whether layer l's option table is the same on every GPU (its option can move)."""
-    cols = ("p", "q", "b_res", "c", "b_off", "home", "mode", "k", "b_up")
-    return [all(np.array_equal(getattr(problems[0].tables[l], c), getattr(p.tables[l], c))
-                for p in problems[1:] for c in cols) for l in range(L)]
-
-
-def contiguous(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str,
-               budget: float | None) -> dict:
-    """One contiguous range of layers per GPU, when one is feasible and no slower: llama.cpp
-    expresses such a layout exactly (``--device`` order and ``--tensor-split`` counts), an
-    alternating one only with ``-ot`` rules that leave the KV cache on the split's device.
-    Every order of the GPUs the plan uses and every cut of the layers into that many ranges
-    is tried, each layer keeping its option (only when every layer's table is the same on
-    every GPU, and for up to 3 GPUs); the fastest feasible one no slower than the plan wins
-    (ties: the first found, GPUs in index order first). Returns ``choice``, ``devices`` and
-    ``objective``."""
-    import itertools
-
-    L = len(choice)
-    now = objective_s(problems, times, choice, devices, hop, fm)
-    out = {"devices": tuple(devices), "objective": now, "choice": tuple(choice)}
-    used = sorted(set(devices))
-    runs = sum(1 for a, b in zip(devices, devices[1:]) if a != b) + 1
-    if runs == len(used) or len(used) > 3 or not all(_movable(problems, L)):
-        return out  # already one range per GPU, or out of reach
-    best = None
-    for order in itertools.permutations(used):
-        for cuts in itertools.combinations(range(1, L), len(order) - 1):
-            edges = (0, *cuts, L)
-            trial = tuple(g for k, g in enumerate(order) for _ in range(edges[k + 1] - edges[k]))
-            sec = objective_s(problems, times, choice, trial, hop, fm)
-            if sec <= now * (1 + 1e-12) and (best is None or sec < best[0]) \
-                    and feasible(problems, choice, trial, fm, budget):
-                best = (sec, trial)
-    if best is not None:
-        out |= {"devices": best[1], "objective": best[0]}
-    return out
-
-
-def objective_s(problems: list[Problem], times, choice, devices, hop: np.ndarray, fm: str) -> float:
-    """Seconds per decode step of a plan: layer options on their GPUs, dense shares, hops
-    (:func:`planner.pipeline_costs.pipeline_step_s`, the formula the baselines and exporters price with)."""
-    layer_s = [times[g][l][w] for l, (g, w) in enumerate(zip(devices, choice))]
-    dense_s = [p.fixed[fm].dense_s if fm in p.fixed else float("inf") for p in problems]  # inf: never runs a layer
-    return pipeline_step_s(layer_s, dense_s, devices, hop)
 
 
 def pipeline_baseline_plan(s0: Setup, candidates, req, inputs, budget: float | None, method: str) -> Plan | None:
