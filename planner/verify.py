@@ -6,6 +6,8 @@ decode) that the simulator replays under the bundle's plan, hardware and policie
 request at a time as the runtime ran them. With the same routing and policy the per-layer
 hit rates must be equal; times and bytes come with their relative error (they depend on
 how well the hardware profile describes the machine: `planner profile probe` measures it).
+A multi-device bundle adds rows per plan device (:func:`device_rows`): its layers' hit rate
+and the bytes the runtime held there against the plan's memory row for it.
 
 This module wires the runtime (exporters), the simulator and the plan together, which is
 the CLI's job; torch and transformers stay inside the runtime (``exporters.runtime.record``).
@@ -20,7 +22,7 @@ import numpy as np
 
 from profiles.errors import InputError
 
-__all__ = ["DEFAULT_PROMPTS", "verify_bundle_run"]
+__all__ = ["DEFAULT_PROMPTS", "device_rows", "verify_bundle_run"]
 
 DEFAULT_PROMPTS = ("the cat sat on the mat", "experts route tokens through layers",
                    "the planner decides where every expert lives")
@@ -31,6 +33,32 @@ def _rel(measured: float | None, predicted: float | None) -> float | None:
     if measured is None or predicted is None or measured == 0:
         return None
     return (predicted - measured) / measured
+
+
+def device_rows(plan, measured: dict, sim: dict) -> list[dict]:
+    """Rows per plan device of a multi-device plan (``layer_devices``; none for one device):
+    its layers' cache hit rate (measured by the runtime; predicted: the simulator's rate of
+    each of those layers over the same accesses, as the replay routes exactly what the run
+    saw), and the bytes the runtime held there against the plan's memory row for it (dense
+    weights: the device's decoder layers, and on ``compute_device`` the embedding and head;
+    resident experts; the cache at its peak against the cache the plan sizes)."""
+    if plan.layer_devices is None:
+        return []
+    rows = []
+    for dev, held in sorted(measured.get("devices", {}).items()):
+        mine = held["moe_layers"]
+        accesses = [measured["hits"][i] + measured["misses"][i] for i in mine]
+        total = sum(accesses)
+        hits = sum(sim["hit_rate"][i] * a for i, a in zip(mine, accesses) if sim["hit_rate"][i] is not None)
+        rows.append({"metric": f"{dev}: cache hit rate", "device": dev,
+                     "measured": held["hits"] / total if total else None, "predicted": hits / total if total else None})
+        planned = plan.memory.get(dev)
+        for label, key, plan_key in (("dense bytes", "dense_bytes", "dense_bytes"),
+                                     ("resident expert bytes", "resident_expert_bytes", "expert_bytes"),
+                                     ("cache bytes (peak)", "cache_bytes_peak", "cache_bytes")):
+            rows.append({"metric": f"{dev}: {label}", "device": dev, "measured": float(held[key]),
+                         "predicted": None if planned is None else float(getattr(planned, plan_key))})
+    return rows
 
 
 def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: list[str] | None = None,
@@ -86,6 +114,7 @@ def verify_bundle_run(bundle_dir: str | Path, checkpoint: str | Path, prompts: l
         {"metric": "expert hit rate", "measured": measured["expert_hit_rate"], "predicted": sim["expert_hit_rate"]},
         {"metric": "bytes moved", "measured": run_bytes, "predicted": sim_bytes},
     ]
+    rows += device_rows(plan, measured, sim)
     for row in rows:
         row["relative_error"] = _rel(row["measured"], row["predicted"])
     equal = [None if a is None else round(a, 12) for a in measured["hit_rate"]] == \

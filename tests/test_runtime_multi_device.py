@@ -195,3 +195,23 @@ def test_the_runtime_refuses_an_expert_homed_on_another_gpu(box):
     bad["layers"][2]["home"][0], bad["layers"][2]["site"][0] = "n/gpu0", "fetch"
     with pytest.raises(RuntimeInputError, match="another compute device"):
         parse_plan(bad)
+
+
+def test_verify_reports_each_plan_device(box):
+    """`planner verify` on the two-GPU bundle (both GPUs on the CPU here): per plan device its
+    layers' hit rate, equal on both sides (the replay routes what the run saw), and what the
+    runtime held there within the plan's memory row (dense: but for the 64 B of rotary
+    buffers; resident experts: exactly)."""
+    from planner.verify import verify_bundle_run
+
+    ckpt, bundle, plan = box
+    result = verify_bundle_run(bundle, ckpt, ["the cat sat"], max_new_tokens=3)
+    rows = {row["metric"]: row for row in result["rows"] if "device" in row}
+    for dev in ("n/gpu0", "n/gpu1"):
+        assert rows[f"{dev}: cache hit rate"]["measured"] == pytest.approx(rows[f"{dev}: cache hit rate"]["predicted"])
+        assert rows[f"{dev}: resident expert bytes"]["measured"] == plan["memory"][dev]["expert_bytes"] \
+            == rows[f"{dev}: resident expert bytes"]["predicted"]
+        dense = rows[f"{dev}: dense bytes"]
+        assert dense["predicted"] == plan["memory"][dev]["dense_bytes"] and dense["measured"] <= dense["predicted"] + 64
+        cache = rows[f"{dev}: cache bytes (peak)"]
+        assert 0 < cache["measured"] <= cache["predicted"]
