@@ -34,8 +34,9 @@ Price (seconds per decode step; every layer waits for its slowest GPU, then comb
 layer's spread factor ``E[max X] / max E[X]`` over decode steps sampled from the trace, ``X``
 each GPU's expert seconds, each node's CPU seconds and each GPU's link seconds in a step
 (:func:`_straggler`: the layer lasts as long as the slowest of them in *each* step);
-``dispatch_l`` (= ``combine_l``): the slowest GPU pair's share of the hidden states, B / G
-tokens from each GPU times the activations of the other GPU's experts, over their route.
+``dispatch_l`` and ``combine_l``: B / G tokens from each GPU times the activations of each
+other GPU's experts, every pair at once over shared links (:func:`exchange_s`, the simulator's
+fluid model).
 
 Bound: given the ownership, the dense format and the per-GPU budget split, the step is at
 least ``sum_l max_g tau_lg >= max_g sum_l tau_lg >= max_g (bound_g - dense_g)`` (bound_g of
@@ -66,7 +67,7 @@ from ..plan import GpuCache, Inputs, LayerPlan, MemoryUse, Plan, SolverInfo
 from ..workload_view import planning_stats
 from .topology import Topology
 
-__all__ = ["owners_of", "gpu_trace", "plan_ep_offload"]
+__all__ = ["exchange_s", "owners_of", "gpu_trace", "plan_ep_offload"]
 
 GAP = 0.001  # each GPU's MIP stops within this relative gap (as planner optimize's default)
 STEPS = 256  # decode steps sampled from the trace for the straggler factor
@@ -140,6 +141,34 @@ def _setup(hw: Hardware, bare: Hardware, engine: Engine, model: ModelSpec, trace
                  critical=critical, engine=engine, bare=bare, cache_grid=grid)
 
 
+def exchange_s(hw: Hardware, moves: dict[tuple[str, str], float]) -> float:
+    """Seconds of an all-to-all of ``moves[(src memory, dst memory)] = bytes`` that start together
+    and share links: its most loaded link direction or memory port (bytes over bandwidth) plus
+    the longest route latency (the simulator's fluid model, :meth:`simulator.resources.Network.exchange`)."""
+    load: dict[tuple, float] = {}
+    bandwidth: dict[tuple, float] = {}
+    latency = 0.0
+    for (src, dst), n_bytes in moves.items():
+        route = hw.route(src, dst)
+        if not route.links or n_bytes <= 0:
+            continue
+        latency = max(latency, route.latency_s)
+        at = next(d for d in hw.memories[route.src].devices if d in (route.links[0].a, route.links[0].b))
+        keys = []
+        for link in route.links:
+            nxt = link.b if link.a == at else link.a
+            keys.append(((link.kind, at, nxt), link.bytes_per_s))
+            at = nxt
+        keys += [((route.src, "read"), hw.memories[route.src].bytes_per_s),
+                 ((route.dst, "write"), hw.memories[route.dst].bytes_per_s)]
+        for k, bw in keys:
+            load[k] = load.get(k, 0.0) + n_bytes
+            bandwidth[k] = bw
+    if not load:
+        return 0.0
+    return latency + max(b / bandwidth[k] for k, b in load.items())
+
+
 def _all_to_all_s(hw: Hardware, model: ModelSpec, topo: Topology, owner: np.ndarray, frequency: np.ndarray,
                   batch_size: int) -> np.ndarray:
     """``[L]`` seconds of one layer's dispatch plus combine (the module docstring's estimate)."""
@@ -150,10 +179,11 @@ def _all_to_all_s(hw: Hardware, model: ModelSpec, topo: Topology, owner: np.ndar
         return out
     per_gpu = batch_size / G
     for l in range(L):
-        calls = np.bincount(owner[l], weights=frequency[l], minlength=G) * per_gpu  # [G] calls into each GPU
-        worst = max(hw.route(topo.gpus[a], topo.gpus[b]).transfer_s(activation_bytes(model, calls[b]))
-                    for a in range(G) for b in range(G) if a != b and calls[b] > 0) if calls.any() else 0.0
-        out[l] = 2 * worst
+        calls = np.bincount(owner[l], weights=frequency[l], minlength=G) * per_gpu  # [G] calls from each GPU into b
+        there = {(topo.gpus[a], topo.gpus[b]): activation_bytes(model, calls[b])
+                 for a in range(G) for b in range(G) if a != b}
+        back = {(b, a): n for (a, b), n in there.items()}
+        out[l] = exchange_s(hw, there) + exchange_s(hw, back)
     return out
 
 
@@ -222,8 +252,8 @@ def _straggler(parts: list, full: list[Setup], ids: list, counts: np.ndarray, no
 
 def _layer_s(full: list[Setup], parts: list, node_of: list[str], straggle: np.ndarray) -> np.ndarray:
     """``[L]`` seconds of each layer's expert work: the slowest GPU, each priced with the whole
-    CPU (times its straggler factor), or the node's CPU running every GPU's CPU work in turn,
-    whichever is longer."""
+    CPU, or the node's CPU running every GPU's CPU work in turn, whichever is longer, times the
+    layer's spread factor ``straggle``."""
     L = len(parts[0][1].choice)
     tau, cpu = np.zeros((len(parts), L)), np.zeros((len(parts), L))
     for g, ((p, r), s) in enumerate(zip(parts, full)):
@@ -231,7 +261,7 @@ def _layer_s(full: list[Setup], parts: list, node_of: list[str], straggle: np.nd
             t = option_costs(s, l, p.tables[l].specs([w]), p.tables[l].tiers([w]))  # the whole CPU's price
             tau[g, l], cpu[g, l] = option_time(t, False)[0], t.U[0]
     per_node = [cpu[[g for g, n in enumerate(node_of) if n == node]].sum(axis=0) for node in sorted(set(node_of))]
-    return np.maximum(straggle * tau.max(axis=0), np.max(per_node, axis=0))
+    return straggle * np.maximum(tau.max(axis=0), np.max(per_node, axis=0))
 
 
 def plan_ep_offload(*, hw: Hardware, bare: Hardware, engine: Engine, model: ModelSpec, topo: Topology,
