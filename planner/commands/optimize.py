@@ -271,12 +271,14 @@ def _load_trace(path: str, task: str | None):
               "a gap for that placement). On GPUs of different speeds (an H100 + A100 cluster) the load "
               "is balanced in time, load / each GPU's expert speed at --batch (--compare adds the speed-aware "
               "EPLB, eplb-speed); the plan reports a lower bound on its traffic and the gap to it (a relaxation "
-              "on large clusters, an exact MILP on small ones). pipeline: offloading over every GPU of the node: each MoE "
+              "on large clusters, an exact MILP on small ones). pipeline: offloading over every GPU of the node (and its "
+              "FPGA-class accelerators, at the formats they state peaks for): each MoE "
               "layer (dense part, resident experts, cache) on one GPU, its offloaded experts fetched over that GPU's "
               "link, activation hops between GPUs priced on the topology; one MIP with a certified gap (formats, "
               "--quality-budget and --critical hold). offload: one GPU plus host memory and disks. auto: ep when the "
               "profile has two or more GPUs (equal per node) whose memory holds the experts within the budget, "
-              "else pipeline on a node with two or more GPUs, else offload (the plan's notes say why).")
+              "else pipeline on a node with two or more GPUs (or a GPU and an accelerator), else offload (the "
+              "plan's notes say why).")
 @click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
               help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
               "count. Default: the smallest count >= experts/8 that does.")
