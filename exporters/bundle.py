@@ -158,9 +158,9 @@ def _device_map(plan: Plan, hardware: Hardware) -> dict:
         dev = hardware.devices.get(name)
         kind = dev.kind if dev is not None else "gpu"  # a profile without it: the plan's word for it
         if kind not in ("gpu", "cpu") and plan.layer_devices:
-            raise InputError(f"the bundle runtime does not run layers on a {kind}", key="layer_devices", value=name,
+            raise InputError(f"the bundle runtime does not run layers on an {kind}", key="layer_devices", value=name,
                              expected="GPUs (or the CPU of a CPU-only plan)",
-                             fix="`planner export PLAN --engines-only --out DIR` writes its engine configs")
+                             fix="re-plan with `planner optimize --parallel offload` (the GPU alone) to export a bundle")
         gpus = [d.id for d in hardware.devices_of_kind("gpu") if dev is None or d.node == dev.node]
         torch_device = f"cuda:{gpus.index(name) if name in gpus else 0}" if kind == "gpu" else "cpu"
         out[name] = {"torch": torch_device, "kind": kind}
