@@ -137,6 +137,8 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
                          value=f"{stats.num_layers} layers x {stats.num_experts} experts",
                          expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts ({model.name})",
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+    # at batch > 1 a cache hit saves a call only if it is the step's first access to the expert
+    stats = stats.at_batch(batch_size)
     s = Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
               formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
               critical=critical, engine=engine, bare=bare, expert_error=expert_error, dram_contention=dram_contention,
@@ -500,7 +502,7 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         band = float(f[p:q].sum())  # accesses through the cache; ranks past q run locally
         accesses += float(f.sum())
         if MODES[t.mode[w]] in ("fetch", "hybrid") and p < q:
-            h = st.hit_rate(l, p, c, q)
+            h = st.hit_rate(l, p, c, q, per_access=True)  # the reported rate and fetches count accesses
             hit_num += float(f[:p].sum()) + h * band
             fetched += (1 - h) * band
         elif MODES[t.mode[w]] == "stream":

@@ -6,15 +6,17 @@ Legend: T = tokens, L = MoE layers, K = top-k, E = routed experts, P = rank grid
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from profiles.workload.hitrate import lru_band_distances
 from profiles.workload.stats import next_layer_predictability
-from profiles.workload.trace import Trace
+from profiles.workload.trace import DECODE, Trace
 
-__all__ = ["PlanningStats", "planning_stats"]
+__all__ = ["PlanningStats", "planning_stats", "step_stream"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +55,12 @@ class PlanningStats:
     access_rank: np.ndarray | None = None
     access_below: np.ndarray | None = None
     access_warm: np.ndarray | None = None
+    seq_lens: np.ndarray | None = None  # [S'] sequences of the rows access_* describe
+    decode_rows: np.ndarray | None = None  # [T'] bool: the row is a decode token (else prompt)
+    batch: int = 1  # the hit rates are per expert call in steps of this many sequences (at_batch)
+    access_hit: np.ndarray | None = None  # at batch > 1: the per-access hit rates (batch 1's hit)
     _histograms: dict = field(default_factory=dict, repr=False)
+    _at_batch: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -131,13 +138,46 @@ class PlanningStats:
                         counts / max(T, 1)) + ((n_up,) if up is not None else ()))
         return tuple(np.concatenate(col) for col in zip(*out))
 
-    def hit_rate(self, layer: int, pinned: int, slots: int, split: int | None = None) -> float:
+    def hit_rate(self, layer: int, pinned: int, slots: int, split: int | None = None, *,
+                 per_access: bool = False) -> float:
         """h(p, q, c): hit rate of the band ``[pinned, split)`` (``split`` None: E) with ``slots``
-        slots; exact at grid points, linear in p between them (toward 0 at an empty band)."""
+        slots; exact at grid points, linear in p between them (toward 0 at an empty band).
+        At ``batch`` > 1 it is per expert call (see :meth:`at_batch`); ``per_access`` asks for
+        the per-access rate (what the reported expert hit rate counts)."""
         c = min(max(int(slots), 0), self.num_experts)
         j = int(self._bands(pinned, self.num_experts if split is None else split)[1])
         grid = self.pinned_grid
-        return float(np.interp(pinned, grid[:j + 1], self.hit[layer, :j + 1, j, c]))
+        table = self.access_hit if per_access and self.access_hit is not None else self.hit
+        return float(np.interp(pinned, grid[:j + 1], table[layer, :j + 1, j, c]))
+
+    def at_batch(self, batch: int) -> "PlanningStats":
+        """These statistics for decode steps of ``batch`` sequences: the hit rates per expert call.
+
+        At batch 1 every access is a call. In a step of B sequences an expert a step uses is
+        called once, and only its first access in the step decides where that call runs (a
+        hit on the device, or a miss fetched or run on the host); the step's later accesses
+        to it mostly hit without saving anything. So the cache is replayed on the step
+        stream: B lanes of continuous batching (each takes the next sequence when its own
+        ends), a step the set of experts its B tokens use, each a call (:func:`step_stream`).
+        The per-access table stays as ``access_hit``; token outcomes (batch 1 pricing) are
+        unchanged. Cached per batch."""
+        if batch <= 1 or self.access_rank is None or self.seq_lens is None:
+            return self
+        if batch not in self._at_batch:
+            counted = self.access_rank >= 0
+            if self.decode_rows is not None and self.decode_rows.any():  # decode calls only: prompts
+                counted &= self.decode_rows[:, None, None]  # run as their own prefill steps
+            ids = np.where(counted,
+                           self.order[np.arange(self.num_layers)[None, :, None], np.maximum(self.access_rank, 0)],
+                           -1)  # [T', L, K] expert ids (-1: zero-computation)
+            steps, rank = step_stream(ids, self.seq_lens, batch, self.order)
+            pad = rank.shape[1] - 1
+            below, warm = lru_band_distances(steps, pad + 1, rank, self.pinned_grid, token_as_set=True)
+            access_rank = rank[np.arange(self.num_layers)[None, :, None], steps]
+            hit = _band_hit_rates(access_rank, below, warm, self.pinned_grid, self.num_experts)
+            self._at_batch[batch] = dataclasses.replace(self, hit=hit, batch=batch, access_hit=self.hit,
+                                                        _histograms={}, _at_batch={})
+        return self._at_batch[batch]
 
 
 def _pinned_grid(E: int, points: int = 9) -> np.ndarray:
@@ -187,7 +227,48 @@ def planning_stats(trace: Trace, *, real_experts: int | None = None, pinned_poin
     small = np.int16 if E < np.iinfo(np.int16).max else np.int32
     return PlanningStats(frequency=frequency, importance=importance, pinned_grid=grid, hit=hit,
                          predictability=predictability, order=order, source=trace.source,
-                         access_rank=access_rank, access_below=below.astype(small), access_warm=warm)
+                         access_rank=access_rank, access_below=below.astype(small), access_warm=warm,
+                         seq_lens=np.asarray(short.seq_lens, np.int64), decode_rows=short.phase == DECODE)
+
+
+def step_stream(ids: np.ndarray, seq_lens: np.ndarray, batch: int, order: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The decode steps of ``batch`` sequences run together: ``(steps, rank)``.
+
+    ``ids``: ``[T, L, K]`` the sequences' tokens back to back (``-1``: a zero-computation
+    expert). Lane ``b`` of ``batch`` takes the next sequence when its own ends (continuous
+    batching; ties to the lower lane); step ``s`` holds the token each busy lane is at.
+    ``steps``: ``[S, L, W]`` the distinct experts each step uses per layer, padded with the id
+    ``E`` (a phantom in no band), ``W = min(batch K, E + 1)``; a batch above the number of
+    sequences runs as that many lanes; ``rank``: ``[L, E + 1]`` each id's frequency rank
+    (``-1`` for the phantom and zero-computation ids, so they are in no band).
+    """
+    T, L, K = ids.shape
+    E = order.shape[1]
+    batch = max(1, min(int(batch), len(seq_lens)))  # more lanes than sequences stay idle
+    free = [(0, b) for b in range(batch)]  # (step the lane is free from, lane)
+    heapq.heapify(free)
+    step_of = np.empty(T, np.int64)
+    lane_of = np.empty(T, np.int64)
+    row = 0
+    for n in np.asarray(seq_lens, np.int64).tolist():
+        t0, lane = heapq.heappop(free)
+        step_of[row:row + n] = np.arange(t0, t0 + n)
+        lane_of[row:row + n] = lane
+        heapq.heappush(free, (t0 + n, lane))
+        row += n
+    S = int(step_of.max()) + 1 if T else 0
+    grid = np.full((S, batch), -1, np.int64)
+    grid[step_of, lane_of] = np.arange(T)
+    tok = np.where(grid[..., None, None] >= 0, ids[np.maximum(grid, 0)], -1)  # [S, B, L, K]
+    flat = np.sort(tok.transpose(0, 2, 1, 3).reshape(S, L, batch * K), axis=2)
+    dup = np.zeros(flat.shape, bool)
+    dup[..., 1:] = flat[..., 1:] == flat[..., :-1]
+    # the phantom E for repeats and empty lanes, sorted to the end: a step calls at most E experts
+    steps = np.sort(np.where(dup | (flat < 0), E, flat), axis=2)[..., :min(batch * K, E + 1)]
+    rank = np.full((L, E + 1), -1, np.int64)
+    rank[np.arange(L)[:, None], order] = np.arange(E)[None, :]
+    return steps, rank
 
 
 def _band_hit_rates(rank: np.ndarray, below: np.ndarray, warm: np.ndarray, grid: np.ndarray, E: int) -> np.ndarray:
