@@ -61,7 +61,7 @@ from profiles.models import ModelSpec
 from profiles.perf import activation_bytes
 from profiles.workload.trace import Trace
 
-from ..costs import Setup, fixed_costs, option_costs, option_time
+from ..costs import MODES, Setup, fixed_costs, option_costs, option_time
 from ..ilp import build_problem, solve
 from ..plan import GpuCache, Inputs, LayerPlan, MemoryUse, Plan, SolverInfo
 from ..workload_view import planning_stats
@@ -225,8 +225,8 @@ def _straggler(parts: list, full: list[Setup], ids: list, counts: np.ndarray, no
     """``[L]`` the spread factor ``E[max X] / max E[X]`` of each layer over the sampled steps
     ``counts`` (>= 1): ``X`` are the seconds of each GPU's experts on the GPU (resident, cached,
     streamed), of each node's CPU-run experts (all its GPUs' in turn), at their formats, and of
-    each GPU's link (its option's expected copies, the same every step); the layer lasts as
-    long as the slowest of them in *each* step."""
+    each GPU's link (its option's expected copies, in proportion to the cached band's experts
+    the step uses); the layer lasts as long as the slowest of them in *each* step."""
     L, steps, E = counts.shape
     B = int(counts.max()) if counts.size else 0
     n = np.arange(B + 1)
@@ -237,13 +237,19 @@ def _straggler(parts: list, full: list[Setup], ids: list, counts: np.ndarray, no
         for g, ((p, r), s) in enumerate(zip(parts, full)):
             t, w = p.tables[l], r.choice[l]
             p_, q_ = int(t.p[w]), int(t.q[w])
-            X[:, len(parts) + len(nodes) + g] = t.F[w]
+            band = np.zeros(steps)  # [steps] the band's experts a step uses (each a miss with the same odds)
             for rank, local in enumerate(s.stats.order[l].tolist()):
+                if p_ <= rank < q_:
+                    band += counts[l, :, ids[g][l][local]] > 0
                 dev = s.compute if rank < q_ else s.host
                 col = g if rank < q_ else len(parts) + nodes.index(node_of[g])
                 fmt = s.formats[t.b_res[w] if rank < p_ else t.b_off[w]]
                 cost = np.where(n > 0, s.call_s(dev, fmt, np.maximum(n, 1)), 0.0)  # [B + 1]
                 X[:, col] += cost[counts[l, :, ids[g][l][local]].astype(np.int64)]
+            # the link: the option's expected copies, scaled by the step's band use (fetch, hybrid;
+            # a streamed band crosses whole every step)
+            scale = band / band.mean() if MODES[t.mode[w]] in ("fetch", "hybrid") and band.mean() > 0 else 1.0
+            X[:, len(parts) + len(nodes) + g] = t.F[w] * scale
         expected = X.mean(axis=0).max()
         if expected > 0:
             out[l] = max(1.0, float(X.max(axis=1).mean() / expected))
