@@ -135,7 +135,8 @@ def _setup(hw: Hardware, bare: Hardware, engine: Engine, model: ModelSpec, trace
                          fix=f"pick formats `planner engines show {engine.name}` lists")
     K = model.top_k
     grid = tuple(sorted(c for c in {0, K, 2 * K, 4 * K, S // 8, S // 4, S // 2} if 0 <= c <= S))
-    stats = planning_stats(trace, real_experts=S)
+    # per expert call at the step's batch, as planner.optimize.make_setup prices a node's caches
+    stats = planning_stats(trace, real_experts=S).at_batch(batch_size)
     return Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
                  formats=runnable, compute=dev, host=host, homes=tuple(homes), quant_error=errors,
                  critical=critical, engine=engine, bare=bare, cache_grid=grid)
