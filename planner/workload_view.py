@@ -164,16 +164,13 @@ class PlanningStats:
         if batch <= 1 or self.access_rank is None or self.seq_lens is None:
             return self
         if batch not in self._at_batch:
-            counted = self.access_rank >= 0
-            if self.decode_rows is not None and self.decode_rows.any():  # decode calls only: prompts
-                counted &= self.decode_rows[:, None, None]  # run as their own prefill steps
-            ids = np.where(counted,
+            ids = np.where(self.access_rank >= 0,
                            self.order[np.arange(self.num_layers)[None, :, None], np.maximum(self.access_rank, 0)],
                            -1)  # [T', L, K] expert ids (-1: zero-computation)
-            steps, rank = step_stream(ids, self.seq_lens, batch, self.order)
+            steps, rank, counted = step_stream(ids, self.seq_lens, batch, self.order, self.decode_rows)
             pad = rank.shape[1] - 1
             below, warm = lru_band_distances(steps, pad + 1, rank, self.pinned_grid, token_as_set=True)
-            access_rank = rank[np.arange(self.num_layers)[None, :, None], steps]
+            access_rank = np.where(counted[:, None, None], rank[np.arange(self.num_layers)[None, :, None], steps], -1)
             hit = _band_hit_rates(access_rank, below, warm, self.pinned_grid, self.num_experts)
             self._at_batch[batch] = dataclasses.replace(self, hit=hit, batch=batch, access_hit=self.hit,
                                                         _histograms={}, _at_batch={})
@@ -231,44 +228,47 @@ def planning_stats(trace: Trace, *, real_experts: int | None = None, pinned_poin
                          seq_lens=np.asarray(short.seq_lens, np.int64), decode_rows=short.phase == DECODE)
 
 
-def step_stream(ids: np.ndarray, seq_lens: np.ndarray, batch: int, order: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """The decode steps of ``batch`` sequences run together: ``(steps, rank)``.
+def step_stream(ids: np.ndarray, seq_lens: np.ndarray, batch: int, order: np.ndarray,
+                decode: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The steps of ``batch`` sequences served together: ``(steps, rank, counted)``.
 
     ``ids``: ``[T, L, K]`` the sequences' tokens back to back (``-1``: a zero-computation
-    expert). Lane ``b`` of ``batch`` takes the next sequence when its own ends (continuous
-    batching; ties to the lower lane); step ``s`` holds the token each busy lane is at.
-    ``steps``: ``[S, L, W]`` the distinct experts each step uses per layer, padded with the id
-    ``E`` (a phantom in no band), ``W = min(batch K, E + 1)``; a batch above the number of
-    sequences runs as that many lanes; ``rank``: ``[L, E + 1]`` each id's frequency rank
-    (``-1`` for the phantom and zero-computation ids, so they are in no band).
+    expert); ``decode``: ``[T]`` which rows are decode tokens (``None``: all; a sequence's
+    prompt rows come first). Lane ``b`` of ``batch`` takes the next sequence when its own ends
+    (continuous batching; ties to the lower lane). At step ``t`` the prompts of the sequences
+    starting then run (a row per prompt token, in order: in the cache's stream, not decode
+    calls) and then every busy lane's decode token (one row), as the simulator's continuous
+    scheduler runs them. ``steps``: ``[R, L, W]`` the distinct experts of each row
+    per layer, ascending (as a set, the first is the most recent: lru_band_distances'
+    ``token_as_set``), padded with the id ``E`` (a phantom in no band); ``rank``:
+    ``[L, E + 1]`` each id's frequency rank (``-1``: the phantom); ``counted``: ``[R]`` the
+    decode rows. A batch above the number of sequences runs as that many lanes.
     """
     T, L, K = ids.shape
     E = order.shape[1]
+    decode = np.ones(T, bool) if decode is None else np.asarray(decode, bool)
     batch = max(1, min(int(batch), len(seq_lens)))  # more lanes than sequences stay idle
     free = [(0, b) for b in range(batch)]  # (step the lane is free from, lane)
     heapq.heapify(free)
-    step_of = np.empty(T, np.int64)
-    lane_of = np.empty(T, np.int64)
+    key = np.empty(T, np.int64)  # stream order: (step, its prompt tokens one by one, then its decode row)
     row = 0
     for n in np.asarray(seq_lens, np.int64).tolist():
         t0, lane = heapq.heappop(free)
-        step_of[row:row + n] = np.arange(t0, t0 + n)
-        lane_of[row:row + n] = lane
-        heapq.heappush(free, (t0 + n, lane))
+        dec = decode[row:row + n]
+        key[row:row + n] = np.where(dec, (t0 + np.cumsum(dec) - 1) * (T + 1) + T, t0 * (T + 1) + np.arange(row, row + n))
+        heapq.heappush(free, (t0 + max(int(dec.sum()), 1), lane))
         row += n
-    S = int(step_of.max()) + 1 if T else 0
-    grid = np.full((S, batch), -1, np.int64)
-    grid[step_of, lane_of] = np.arange(T)
-    tok = np.where(grid[..., None, None] >= 0, ids[np.maximum(grid, 0)], -1)  # [S, B, L, K]
-    flat = np.sort(tok.transpose(0, 2, 1, 3).reshape(S, L, batch * K), axis=2)
-    dup = np.zeros(flat.shape, bool)
-    dup[..., 1:] = flat[..., 1:] == flat[..., :-1]
-    # the phantom E for repeats and empty lanes, sorted to the end: a step calls at most E experts
-    steps = np.sort(np.where(dup | (flat < 0), E, flat), axis=2)[..., :min(batch * K, E + 1)]
+    keys, row_of = np.unique(key, return_inverse=True)
+    R = len(keys)
+    present = np.zeros((R, L, E + 1), bool)
+    t, l, k = np.nonzero(ids >= 0)
+    present[row_of[t], l, ids[t, l, k]] = True
+    W = max(int(present.sum(axis=2).max(initial=0)), 1)
+    first = np.argsort(~present, axis=2, kind="stable")[..., :W]  # present ids first, ascending
+    steps = np.where(np.take_along_axis(present, first, axis=2), first, E)
     rank = np.full((L, E + 1), -1, np.int64)
     rank[np.arange(L)[:, None], order] = np.arange(E)[None, :]
-    return steps, rank
+    return steps, rank, keys % (T + 1) == T
 
 
 def _band_hit_rates(rank: np.ndarray, below: np.ndarray, warm: np.ndarray, grid: np.ndarray, E: int) -> np.ndarray:

@@ -21,15 +21,65 @@ from simulator.engine import SimConfig, simulate
 
 
 def test_step_stream_by_hand():
-    # three sequences of 2, 3 and 1 tokens, one layer, top-1 of 4 experts; batch 2: lane 0
-    # runs sequence 0 (steps 0-1) then sequence 2 (step 2), lane 1 runs sequence 1 (steps 0-2)
+    # three sequences of 2, 3 and 1 decode tokens, one layer, top-1 of 4 experts; batch 2:
+    # lane 0 runs sequence 0 (steps 0-1) then sequence 2 (step 2), lane 1 sequence 1 (steps 0-2)
     ids = np.array([0, 1, 2, 2, 3, 1]).reshape(6, 1, 1)
     order = np.array([[2, 1, 0, 3]])  # expert 2 is the most frequent
-    steps, rank = step_stream(ids, np.array([2, 3, 1]), 2, order)
+    steps, rank, counted = step_stream(ids, np.array([2, 3, 1]), 2, order)
     assert steps[:, 0, :].tolist() == [[0, 2], [1, 2], [1, 3]]  # step 1: experts 1 and 2
+    assert counted.tolist() == [True] * 3  # no prompts
     assert rank.tolist() == [[2, 1, 0, 3, -1]]  # the phantom id 4 is in no band
-    steps, _ = step_stream(np.array([1, 1]).reshape(2, 1, 1), np.array([1, 1]), 2, order)
-    assert steps[:, 0, :].tolist() == [[1, 4]]  # two sequences at once, one call of expert 1
+    # a prompt's tokens run one by one at its sequence's first step, before that step's decode row
+    steps, _, counted = step_stream(np.array([3, 0, 1, 1]).reshape(4, 1, 1), np.array([4]), 2, order,
+                                    decode=np.array([False, False, True, True]))
+    assert steps[:, 0, :].tolist() == [[3], [0], [1], [1]] and counted.tolist() == [False, False, True, True]
+
+
+def _lanes_lru(trace: Trace, batch: int, c: int) -> float:
+    """Per-call hit rate of a c-slot LRU over all experts of layer 0 in decode steps of ``batch``
+    lanes, by brute force: prompts fill the cache token by token at their first step, a
+    token's or a step's experts are one set (each a hit iff among the c most recent before the step), the lower id more recent."""
+    seqs, start = [], 0
+    for n in trace.seq_lens.tolist():
+        rows = np.arange(start, start + n)
+        dec = trace.phase[rows] == DECODE
+        seqs.append(([set(trace.expert_ids[r, 0].tolist()) for r in rows[~dec]],
+                     [set(trace.expert_ids[r, 0].tolist()) for r in rows[dec]]))
+        start += n
+    lanes = [None] * batch  # [remaining decode sets] per lane
+    queue, recency, hits, calls = list(seqs), [], 0, 0
+
+    def use(experts, count):
+        nonlocal recency, hits, calls
+        if count:
+            calls += len(experts)
+            hits += sum(e in recency[:c] for e in experts)
+        recency = sorted(experts) + [e for e in recency if e not in experts]
+
+    while queue or any(lanes):
+        for b in range(batch):
+            if not lanes[b] and queue:
+                p, d = queue.pop(0)
+                for token in p:  # the prompt, token by token
+                    use(token, False)
+                lanes[b] = list(d) or [set()]
+        use(set().union(*(lane.pop(0) for lane in lanes if lane)), True)
+        lanes = [lane if lane else None for lane in lanes]
+    return hits / calls
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_at_batch_matches_a_brute_force_lru_of_the_lanes(seed):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(3, 9, size=7)
+    phase = np.concatenate([np.r_[np.full(2, PREFILL), np.full(n - 2, DECODE)] for n in lens]).astype(np.uint8)
+    ids = np.stack([rng.choice(6, size=2, replace=False) for _ in range(lens.sum())])[:, None, :]
+    trace = Trace(expert_ids=ids, seq_lens=lens, phase=phase, num_experts=6, layer_map=(0,))
+    stats = planning_stats(trace)
+    for batch in (2, 3):
+        at = stats.at_batch(batch)
+        for c in range(7):
+            assert at.hit_rate(0, 0, c) == pytest.approx(_lanes_lru(trace, batch, c), abs=1e-12)
 
 
 def test_batch_one_is_unchanged_and_calls_hit_less_than_accesses():
@@ -42,16 +92,6 @@ def test_batch_one_is_unchanged_and_calls_hit_less_than_accesses():
     access = np.mean([at8.hit_rate(l, 2, 3, 8, per_access=True) for l in range(model.num_moe_layers)])
     assert access == np.mean([stats.hit_rate(l, 2, 3, 8) for l in range(model.num_moe_layers)])
     assert call < access - 0.02
-
-
-def test_prompt_rows_fill_the_cache_but_are_not_decode_calls():
-    # one sequence: a prompt of expert 0 then decode tokens of expert 1; batch 2 (one lane busy)
-    ids = np.array([0, 0, 1, 1, 1]).reshape(5, 1, 1)
-    trace = Trace(expert_ids=ids, seq_lens=np.array([5]), phase=np.array([PREFILL] * 2 + [DECODE] * 3, np.uint8),
-                  num_experts=2, layer_map=(0,))
-    at2 = planning_stats(trace).at_batch(2)
-    # decode calls of expert 1: cold, then two hits in a one-slot cache of both ranks
-    assert at2.hit_rate(0, 0, 1) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("engine, tolerance", [("roofline", 0.05)])
