@@ -417,6 +417,20 @@ def test_gemm_sizes_adapt_to_the_first_run(bf16_row_s, bf16_rows):
     assert "onnxruntime is not installed" in skipped["int8"]
 
 
+def test_a_format_asked_for_alone_is_measured_however_slow():
+    """The engine probe needs one format's peak (``only``): a budget that skips that format
+    when it is measured among the others (the machine busy) still measures it alone."""
+    clock = FakeClock()
+    torch = _fake_torch(clock, {"fp32": 1e-4, "bf16": 3e-2}, [])
+    _, skipped = _cpu_gemms(P.QUICK, torch, None, threads=2, share_s=2.0, fair_s=4.0, clock=clock)
+    assert skipped["bf16"].startswith("too slow")
+    calls = []
+    torch = _fake_torch(clock, {"fp32": 1e-4, "bf16": 3e-2}, calls)
+    peaks, skipped = _cpu_gemms(P.QUICK, torch, None, threads=2, share_s=2.0, fair_s=4.0, clock=clock, only="bf16")
+    assert set(peaks) == {"bf16"} and "bf16" not in skipped and "64x2048" in peaks["bf16"].method
+    assert {d for d, _ in calls} == {"bf16"}
+
+
 def test_disk_read_falls_back_to_fadvise_without_o_direct(monkeypatch, tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(2**20))

@@ -26,7 +26,7 @@ Gemm = Callable[[int], object]  # gemm(rows): one [rows, K] @ [K, N] product
 
 
 def _cpu_gemms(settings: ProbeSettings, torch, ort, threads: int, share_s: float, fair_s: float,
-               clock: Clock = time.perf_counter) -> tuple[dict[str, Figure], dict[str, str]]:
+               clock: Clock = time.perf_counter, only: str | None = None) -> tuple[dict[str, Figure], dict[str, str]]:
     """Throughput of one large GEMM per format: ``({format: ops/s}, {format: why skipped})``.
 
     Each format gets an even part of what is left of ``share_s`` (its setup, converting
@@ -37,6 +37,8 @@ def _cpu_gemms(settings: ProbeSettings, torch, ort, threads: int, share_s: float
     whose warm-up and one timed call of :data:`LEAST_ROWS` rows would take more than an even
     part of ``fair_s`` (the step's part of the budget however late it started) is skipped as
     too slow, except fp32: every profile needs one peak. Any other runs at least that.
+    ``only``: measure that format alone, as the first (whatever its speed: a caller that
+    needs its peak gets one however busy the machine is).
     """
     m, k = settings.gemm_m, settings.gemm_dim
     n = k
@@ -78,6 +80,8 @@ def _cpu_gemms(settings: ProbeSettings, torch, ort, threads: int, share_s: float
                                                f"weights quantised by onnxruntime quantize_matmul_{bits}bits, "
                                                f"{{shape}}, {threads} threads"))
 
+    if only is not None:
+        candidates = [c for c in candidates if c[0] == only]
     start = clock()
     least = min(LEAST_ROWS, m)
     for i, (fmt, make, name, how) in enumerate(candidates):
