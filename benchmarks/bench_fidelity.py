@@ -7,7 +7,7 @@ For every case of ``benchmarks/fidelity/cases.yaml`` (see ``benchmarks/fidelity/
    hardware profile (bundled name or ``benchmarks/fidelity/hardware/<name>.yaml``), model
    preset and formats, and price it through the planner's own path: ``make_setup`` ->
    ``build_problem(grid=False)`` -> ``step_time`` (decode) and the prefill pricing of
-   ``planner.optimize._predict`` (TTFT = one prefill step of the prompt);
+   ``planner.plan_assembly._predict`` (TTFT = one prefill step of the prompt);
 2. split the cases deterministically into a fit half and a held-out half (sorted by
    (engine, source, id), alternating), fit per-engine scale factors on the fit half only, by
    robust least squares (soft_l1) on log errors -- per device kind (gpu, cpu) the overheads

@@ -7,7 +7,7 @@ Two ways to say what is already decided, both priced by the same cost model as e
   accelerate with a GPU ``max_memory``, llama.cpp ``--n-cpu-moe N``, LRU offloading with C
   slots per layer, all experts on the CPU, popularity placement, everything on the GPU. It
   runs on the policy's own engine profile unless another is named, and goes through
-  :func:`planner.optimize.assemble_plan` like the ILP's plans, so one placement has one price.
+  :func:`planner.plan_assembly.assemble_plan` like the ILP's plans, so one placement has one price.
   A placement that does not fit raises :class:`InfeasibleError` naming the memory and the
   shortfall.
 - :class:`Fixes` (``--fix-*``): parts of every layer's option ``(p, q, b_res, c, b_off, home,
@@ -33,7 +33,8 @@ from profiles.units import format_size
 from .baselines import BASELINES, Baseline
 from .costs import N_SPEC, Setup, engine_runs
 from .ilp import Problem, build_problem
-from .optimize import OptimizeRequest, _score_baselines, assemble_plan, option_rows
+from .optimize import OptimizeRequest, _score_baselines
+from .plan_assembly import assemble_plan, option_rows
 from .plan import Inputs, Plan, SolverInfo
 
 __all__ = ["Fixes", "GivenPolicy", "HOME_TIERS", "price_given"]

@@ -65,6 +65,7 @@ from .multi_gpu_equal import identical, per_gpu, pooled_problem, shared_problems
 from .multi_gpu_layout import contiguous, feasible, objective_s, polish
 from .pipeline_costs import dense_on, head_bytes, hop_matrix, hop_s, hops_s, node_gpus
 from .plan import MemoryUse, Plan, SolverInfo
+from .plan_assembly import assemble_plan, option_rows
 
 # feasible, objective_s, polish and contiguous (planner.multi_gpu_layout) stay importable from here
 __all__ = ["node_gpus", "hop_s", "plan_multi_gpu", "pipeline_baseline_plan", "MULTI_NODE_LIMIT",
@@ -80,7 +81,6 @@ CONTIGUOUS = False
 def plan_multi_gpu(s0: Setup, req, inputs, budget: float) -> Plan | None:
     """The pipeline plan over the node's GPUs for ``s0`` (from planner.optimize.make_setup), or
     None when the node has one GPU. ``req`` is the OptimizeRequest (gap, time limit, prefetch)."""
-    from .optimize import assemble_plan  # optimize imports this module
 
     gpus = node_gpus(s0)
     if len(gpus) < 2:
@@ -250,7 +250,6 @@ def pipeline_baseline_plan(s0: Setup, candidates, req, inputs, budget: float | N
     """The fastest feasible of ``candidates`` (:class:`planner.baselines.Baseline` with
     ``devices``, indices into :func:`node_gpus`) as a Plan, priced by :func:`objective_s`
     on GPU-by-GPU option tables of exactly their rows (no search); ``None``: none fits."""
-    from .optimize import assemble_plan, option_rows  # optimize imports this module
 
     gpus = node_gpus(s0, accelerators=False)  # no baseline engine runs a layer on an accelerator card
     setups = [dataclasses.replace(s0, compute=s0.hardware.devices[g]) for g in gpus]

@@ -44,7 +44,7 @@ TRACES = {m: _trace(m) for m in ("mixtral-8x7b", "olmoe-1b-7b")}
 
 def _importance_weighted_error(plan, trace) -> float:
     """The offload planner's accounting: sum of importance x error of each expert's format,
-    over the total importance (planner.optimize.assemble_plan)."""
+    over the total importance (planner.plan_assembly.assemble_plan)."""
     w = planning_stats(trace, real_experts=len(plan.layers[0].format)).importance  # [L, E]
     err = np.array([[QUANT_ERROR[f] for f in layer.format] for layer in plan.layers])  # [L, E]
     return float((w * err).sum() / w.sum())

@@ -137,7 +137,7 @@ def test_splitting_execution_sites_within_a_layer_pays_and_the_ilp_finds_it(tmp_
     split = [l for l, w in enumerate(result.choice) if problem.tables[l].p[w] < problem.tables[l].q[w] < 8]
     assert split
     # the plan records each expert's site: by frequency rank resident, then fetch, then local
-    from planner.optimize import assemble_plan
+    from planner.plan_assembly import assemble_plan
     from planner.plan import Inputs, SolverInfo
     from planner.layer_breakdown import plan_specs
     inputs = Inputs(hardware="h", hardware_digest="0", model="m", model_digest="0", workload="w", workload_digest="0")
@@ -216,7 +216,7 @@ def test_plans_place_every_expert_once_fit_memory_and_beat_every_baseline(tmp_pa
         assert result.objective_s <= seconds * (1 + 1e-9), name
     # every expert placed exactly once, no capacity exceeded
     req = OptimizeRequest(quality_budget=budget)
-    from planner.optimize import assemble_plan
+    from planner.plan_assembly import assemble_plan
     from planner.plan import Inputs, SolverInfo
     inputs = Inputs(hardware="h", hardware_digest="0", model="m", model_digest="0", workload="w", workload_digest="0")
     plan = assemble_plan(problem, result.choice, result.dense_format, result.prefetch, SolverInfo(method="ilp"),

@@ -282,7 +282,8 @@ def plan_ep_offload(*, hw: Hardware, bare: Hardware, engine: Engine, model: Mode
         InfeasibleError: some GPU's experts fit nowhere (its DRAM share and NVMe included) at
             any dense format within the budget.
     """
-    from ..optimize import OptimizeRequest, assemble_plan  # optimize imports the cluster package
+    from ..optimize import OptimizeRequest  # optimize imports the cluster package
+    from ..plan_assembly import assemble_plan
 
     G, E, L = topo.num_gpus, model.num_experts, model.num_moe_layers
     owner = owners_of(phy2log, G, E)  # [L, E]

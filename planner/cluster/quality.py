@@ -4,7 +4,7 @@ Shape legend: L = MoE layers, E = routed experts, S = expert slots per GPU per l
 c_l = critical experts of layer l.
 
 The quality accounting is the single-node planner's (:mod:`planner.costs`, ``quality_error``
-in :func:`planner.optimize.assemble_plan`): an expert stored in format b costs
+in :func:`planner.plan_assembly.assemble_plan`): an expert stored in format b costs
 ``quant_error[b]`` weighted by its importance ``w[l, e]`` (frequency x mean gate weight),
 over the total importance. Every expert of an EP plan is in one format b except the critical
 ones, which stay in the full-precision format (the candidate of least error) and carry the
