@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 from fidelity_cases import DEFAULT_DENSE, _engine, _stats, dense_format, hardware_of, profile_name  # noqa: E402
 from planner.costs import MODES, fixed_costs, step_time  # noqa: E402
 from planner.ilp import _feasible, build_problem  # noqa: E402
-from planner.optimize import _predict, make_setup  # noqa: E402
+from planner.optimize import make_setup  # noqa: E402
+from planner.plan_assembly import _predict  # noqa: E402
 from profiles.engines import Engine, EngineEfficiency  # noqa: E402
 from profiles.hardware import DEFAULT_EFFICIENCY, Hardware  # noqa: E402
 from profiles.units import format_size  # noqa: E402
