@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import math
 
-from planner.plan import Plan
+from planner.plan import Plan, layer_ranges
 from profiles.errors import InputError
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
-__all__ = ["layer_ranges", "predicted_text", "readme"]
-
-
-def layer_ranges(devices: tuple[str, ...]) -> str:
-    """``node/gpu0: layers 0-15, node/gpu1: layers 16-31`` (runs of equal devices; the summary
-    planner.multi_gpu prints, written again here: exporters never import the solver's modules)."""
-    runs: list[list] = []
-    for l, d in enumerate(devices):
-        if runs and runs[-1][0] == d and runs[-1][2] == l - 1:
-            runs[-1][2] = l
-        else:
-            runs.append([d, l, l])
-    return ", ".join(f"{d}: layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for d, a, b in runs)
+__all__ = ["predicted_text", "readme"]
 
 
 def predicted_text(plan: Plan) -> str:

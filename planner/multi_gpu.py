@@ -64,7 +64,7 @@ from .ilp_model import Problem, build_problem, pareto_front
 from .multi_gpu_equal import identical, per_gpu, pooled_problem, shared_problems, split
 from .multi_gpu_layout import contiguous, feasible, objective_s, polish
 from .pipeline_costs import dense_on, head_bytes, hop_matrix, hop_s, hops_s, node_gpus
-from .plan import MemoryUse, Plan, SolverInfo
+from .plan import MemoryUse, Plan, SolverInfo, layer_ranges
 from .plan_assembly import assemble_plan, option_rows
 
 # feasible, objective_s, polish and contiguous (planner.multi_gpu_layout) stay importable from here
@@ -323,14 +323,3 @@ def _assemble(problems, gpus, best, hop, info, req, inputs, budget, assemble_pla
     layer_devices = tuple(gpus[g] for g in devices) if any(devices) else None
     return plan.model_copy(update={"layers": tuple(layers), "memory": memory, "predicted": predicted,
                                    "layer_devices": layer_devices})
-
-
-def layer_ranges(devices: tuple[str, ...]) -> str:
-    """``node/gpu0: layers 0-15, node/gpu1: layers 16-31`` (runs of equal devices)."""
-    runs: list[list] = []
-    for l, d in enumerate(devices):
-        if runs and runs[-1][0] == d and runs[-1][2] == l - 1:
-            runs[-1][2] = l
-        else:
-            runs.append([d, l, l])
-    return ", ".join(f"{d}: layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for d, a, b in runs)

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from profiles.errors import InputError, from_validation_error
 
-__all__ = ["Plan", "LayerPlan", "GpuCache", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
+__all__ = ["layer_ranges", "Plan", "LayerPlan", "GpuCache", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
            "load_plan", "digest", "workload_digest"]
 
 PLAN_FORMAT_VERSION = 1
@@ -280,6 +280,18 @@ class Plan(BaseModel):
                 by_format[f] = by_format.get(f, 0) + 1
                 by_site[s] = by_site.get(s, 0) + 1
         return {"home": by_home, "format": by_format, "site": by_site}
+
+
+def layer_ranges(devices: tuple[str, ...]) -> str:
+    """``node/gpu0: layers 0-15, node/gpu1: layers 16-31``: a plan's ``layer_devices`` as runs
+    of equal devices (the optimize summary, the plan's note and the bundle's README print it)."""
+    runs: list[list] = []
+    for l, d in enumerate(devices):
+        if runs and runs[-1][0] == d and runs[-1][2] == l - 1:
+            runs[-1][2] = l
+        else:
+            runs.append([d, l, l])
+    return ", ".join(f"{d}: layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for d, a, b in runs)
 
 
 def _round(obj):

@@ -410,7 +410,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         if fallback:
             console.print(f"[bold yellow]note:[/] {fallback}", highlight=False)
         if result.plan.layer_devices:
-            from ..multi_gpu import layer_ranges
+            from ..plan import layer_ranges
 
             console.print(f"[bold]layers by GPU:[/] {layer_ranges(result.plan.layer_devices)}", highlight=False)
         render_summary(result, console, compare=compare)
