@@ -22,6 +22,7 @@ from profiles.workload.trace import Trace
 from .baselines import BASELINE_ENGINES, BASELINES, Baseline
 from .batch_search import search_batch
 from .costs import DEFAULT_FORMATS, N_SPEC, QUANT_ERROR, Setup, engine_runs, keeps_critical, step_time
+from .setup import runnable_formats
 from .energy import check_power, energy_problem, with_power_cap
 from .ilp import Problem, SolveResult, _feasible, build_problem, explain_infeasible, solve
 from .kv_offload import kv_sites, with_kv_on_host
@@ -120,13 +121,7 @@ def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_si
         if compute.kind == "accelerator" and fm not in compute.peak_ops_per_s:
             raise InputError(f"the accelerator {compute.id} cannot compute {fm}", key="--formats", value=fm,
                              expected=", ".join(compute.peak_ops_per_s), fix="pick formats the accelerator supports")
-    stored = tuple(dict.fromkeys(engine.stored(fm) for fm in formats))
-    runnable = tuple(fm for fm in stored if engine.supports(compute.kind, fm) or engine.supports(host.kind, fm))
-    if not runnable:
-        raise InputError(f"engine {engine.name} runs none of the candidate formats", key="--formats",
-                         value=list(formats), expected=", ".join(engine.kind_spec(compute.kind).kernels),
-                         fix=f"pick formats `planner engines show {engine.name}` lists")
-    formats = runnable
+    formats = runnable_formats(engine, formats, compute, host)
     errors = dict(QUANT_ERROR if quant_error is None else quant_error)
     # formats the --quant-error file does not name: their stated or bits-interpolated error
     errors |= {fm: default_quant_error(fm) for fm in formats if fm not in errors}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from profiles.engines import Engine
+from profiles.errors import InputError
 from profiles.formats import default_quant_error
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
@@ -23,7 +24,8 @@ from .workload_view import PlanningStats
 if TYPE_CHECKING:
     from .given import Fixes
 
-__all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup"]
+__all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup",
+           "runnable_formats"]
 
 MODES = ("fetch", "local", "hybrid", "stream")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
@@ -34,6 +36,18 @@ DEFAULT_FORMATS = ("bf16", "int8", "int4")
 QUANT_ERROR = {"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "fp8": 0.004, "int8": 0.006, "fp6": 0.012,
                "int4": 0.04, "mxfp4": 0.045, "fp4": 0.05, "int3": 0.11, "int2": 0.30, "ternary": 0.45}
 
+
+
+def runnable_formats(engine: Engine, formats: Sequence[str], compute: Device, host: Device) -> tuple[str, ...]:
+    """``formats`` as ``engine`` stores them, those it runs on ``compute`` or ``host`` (in order);
+    none: one line naming the formats the engine runs there."""
+    stored = tuple(dict.fromkeys(engine.stored(fm) for fm in formats))
+    runnable = tuple(fm for fm in stored if engine.supports(compute.kind, fm) or engine.supports(host.kind, fm))
+    if not runnable:
+        raise InputError(f"engine {engine.name} runs none of the candidate formats", key="--formats",
+                         value=list(formats), expected=", ".join(engine.kind_spec(compute.kind).kernels),
+                         fix=f"pick formats `planner engines show {engine.name}` lists")
+    return runnable
 
 @dataclass(frozen=True, eq=False)
 class OptionTable:

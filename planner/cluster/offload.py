@@ -55,7 +55,7 @@ import math
 import numpy as np
 
 from profiles.engines import Engine
-from profiles.errors import InfeasibleError, InputError
+from profiles.errors import InfeasibleError
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
 from profiles.perf import activation_bytes
@@ -64,6 +64,7 @@ from profiles.workload.trace import Trace
 from ..costs import MODES, Setup, fixed_costs, option_costs, option_time
 from ..ilp import build_problem, solve
 from ..plan import GpuCache, Inputs, LayerPlan, MemoryUse, Plan, SolverInfo
+from ..setup import runnable_formats
 from ..workload_view import planning_stats
 from .topology import Topology
 
@@ -127,12 +128,7 @@ def _setup(hw: Hardware, bare: Hardware, engine: Engine, model: ModelSpec, trace
     host = next(c for c in hw.devices_of_kind("cpu") if c.node == dev.node)
     homes = [hw.memory_of(host.id).id]
     homes += [m.id for m in hw.memories.values() if m.tier == "nvme" and m.devices[0].split("/")[0] == dev.node][:1]
-    stored = tuple(dict.fromkeys(engine.stored(fm) for fm in formats))
-    runnable = tuple(fm for fm in stored if engine.supports(dev.kind, fm) or engine.supports(host.kind, fm))
-    if not runnable:
-        raise InputError(f"engine {engine.name} runs none of the candidate formats", key="--formats",
-                         value=list(formats), expected=", ".join(engine.kind_spec(dev.kind).kernels),
-                         fix=f"pick formats `planner engines show {engine.name}` lists")
+    runnable = runnable_formats(engine, formats, dev, host)
     K = model.top_k
     grid = tuple(sorted(c for c in {0, K, 2 * K, 4 * K, S // 8, S // 4, S // 2} if 0 <= c <= S))
     # per expert call at the step's batch, as planner.optimize.make_setup prices a node's caches
