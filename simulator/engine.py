@@ -31,25 +31,26 @@ With expert parallelism (experts homed on several GPUs), tokens are spread over 
 for attention (data parallel) and every layer dispatches each token to the GPUs that own
 its experts and combines the results back (all-to-all on the topology).
 
-This module holds the configuration, the simulation's state and the layer step; the
+This module holds the configuration, the simulation's state and its resources; the
 actors live beside it, one concept each, as mixins of :class:`Simulation`:
-:mod:`simulator.scheduler` (requests and batching), :mod:`simulator.op_offload` (prompts
-in micro-batches, host-held experts run on the GPU after a copy), :mod:`simulator.experts` (hit or
-fetch, then compute), :mod:`simulator.contention` (a layer whose transfers share links,
-worked out without events), :mod:`simulator.prefetcher`, :mod:`simulator.expert_parallel`
-(all-to-all), with the plan resolved and priced in :mod:`simulator.pricing`, the router's
-choices in :mod:`simulator.routing` and what the policies know of the trace in
+:mod:`simulator.scheduler` (request source and scheduler, the KV pool),
+:mod:`simulator.forward` (the forward step through the layers), :mod:`simulator.op_offload`
+(prompts in micro-batches, host-held experts run on the GPU after a copy),
+:mod:`simulator.experts` (the expert cache: hit or fetch, then compute),
+:mod:`simulator.prefetcher`, :mod:`simulator.expert_parallel` (all-to-all), with the plan
+resolved and priced in :mod:`simulator.pricing`, the router's choices in
+:mod:`simulator.routing` and what the policies know of the trace in
 :mod:`simulator.trace_stats`.
 
 Speed: a layer costs events only when they are needed. Its work is classified once per
 (layer, experts) in one-token steps; a layer whose transfers cannot meet is worked out
-ahead on a virtual clock; one whose transfers meet is replayed by
+ahead on a virtual clock (:mod:`simulator.ahead`); one whose transfers meet is replayed by
 :mod:`simulator.contention` with the processes' own arithmetic. Processes play out the
 rest (prefetching, streamed experts, experts read from disk, recording), and
 ``play_ahead = False`` plays out every layer with waiting work. A one-token step with
-nothing in flight runs its layers in one loop (:meth:`simulator.ahead.PlayAhead._step_ahead`)
-until one needs events; in it a layer whose experts are all fetched (through an LRU cache or
-none) is served, classified and booked in one pass (``_lru_fetches``). An LRU cache serves a
+nothing in flight runs its layers in one loop (:mod:`simulator.step_ahead`) until one
+needs events; in it a layer whose experts are all fetched (through an LRU cache or none)
+is served, classified and booked in one pass (``_lru_fetches``). An LRU cache serves a
 long step (a prefill) in numpy (:mod:`simulator.lru_steps`).
 """
 
@@ -74,15 +75,14 @@ from .contention import Contention
 from .dram import contend_dram
 from .expert_parallel import ExpertParallel
 from .experts import ExpertWork
-from .kv_cache import KVPool, kv_budget_bytes
+from .forward import ForwardStep
 from .metrics import SimReport, summarise
 from .one_pass import OnePass
 from .op_offload import OpOffload
-from .policies import LONG_STEP, LRUCache, miss_policy, prefetch_policy
-from .prefetcher import LINK_CAPPED, Prefetcher
+from .policies import miss_policy, prefetch_policy
+from .prefetcher import Prefetcher
 from .pricing import Pricing
 from .resources import Network, Span, Stream
-from .routing import distinct_rows, route_step
 from .scheduler import Request, RequestFlow, requests_of
 from .trace_stats import frequency, predictability, transitions
 
@@ -154,7 +154,8 @@ class SimConfig:
     record: bool = False
 
 
-class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contention, ExpertParallel, Prefetcher):
+class Simulation(RequestFlow, ForwardStep, OpOffload, Pricing, ExpertWork, OnePass, Contention, ExpertParallel,
+                 Prefetcher):
     """One replay of a workload under a plan. Use :func:`simulate`."""
 
     play_ahead = True  # work out event-free layers without events (False: always play them out)
@@ -255,142 +256,6 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
         if self.events is not None:
             self.events.append((self.env.now if at_s is None else at_s, actor, what))
 
-    # ------------------------------------------------------------------ actors
-
-    def forward_step(self, phase: str, rows: np.ndarray, contexts: list[tuple[Request, int]]):
-        """One forward pass of ``rows`` (trace rows) through every MoE layer.
-
-        A layer whose work is all ready at its router (resident experts, cache hits, no
-        prefetch) is played out by reserving its streams ahead at a virtual time ``t``; real
-        simulated time catches up at the next layer that waits on a transfer, and at the end
-        of the step. Nothing else touches those streams meanwhile, so the times are the same.
-        """
-        env = self.env
-        start = t = env.now
-        recording = self.events is not None
-        if recording:
-            self.log("scheduler", f"{phase} step of {len(rows)} tokens")
-        kv_bytes = self._kv_bytes(contexts)
-        dense_by_gpu = self._dense_split(len(rows), kv_bytes, prefill=phase != "decode")
-        self._token_gpu = None
-        ids = self.trace.expert_ids[rows]  # [n, L, K]
-        gates = self.trace.gate_weights[rows] if self.trace.gate_weights is not None else None
-        distinct = None
-        if len(rows) == 1:
-            if self._distinct is None:
-                self._distinct = distinct_rows(self.trace.expert_ids, self.E)
-            distinct = bool(self._distinct[rows[0]])
-        calls = route_step(ids, None if self.cfg.miss == "plan" else gates, self.E, distinct)  # per layer
-        layers = self.layers
-        L = len(layers)
-        compute = self.stream(self.compute_id)
-        single = len(dense_by_gpu) == 1
-        dense_s = dense_by_gpu.get(self.compute_id, 0.0)
-        ep, prefetching, play_ahead = len(self.gpus) > 1, self.prefetch_name != "none", self.play_ahead
-        layer_wall_s, classify, stream = self.layer_wall_s, self._classify, self.stream
-        played_ahead = self._played_ahead
-        # one-token steps: layers in one loop (_step_ahead) whenever nothing is in flight
-        fast = distinct is not None and single and not ep and not prefetching and play_ahead and not recording \
-            and not self.pipeline
-        # other steps: the commonest layers in one pass each (simulator.one_pass)
-        one_pass = single and not ep and not prefetching and play_ahead and not recording and not self.pipeline \
-            and self.cfg.miss == "plan"
-        long_step = ids.shape[0] * ids.shape[2] >= LONG_STEP
-        resume, pending = 0, None
-        pipeline, here = self.pipeline, self.plan.compute_device  # the embedding runs on compute_device
-        for l in range(L):
-            if l < resume:  # done by _step_ahead
-                continue
-            if pipeline:  # the layer's device takes over; the hidden states hop to it first
-                dev = self.layer_dev[l]
-                t += self._hop_s(here, dev, len(rows))
-                here = self.compute_id = dev
-                self.compute_mem = self.layer_mem[l]
-                compute = self.stream(dev)
-                dense_s = self._dense_split(len(rows), kv_bytes, phase != "decode", (dev,))[dev]
-            if fast and not self.net.busy and not (self.inflight and any(not ev.triggered
-                                                                          for ev in self.inflight.values())):
-                t, l, pending = self._step_ahead(rows, calls, ids, gates, t, dense_s, l)
-                resume = l + 1  # layer l goes on below
-                if l == L:
-                    break
-            lay = layers[l]
-            if one_pass and pending is None and (lay.plain_local or lay.lru_fetch) and not self.net.busy:
-                router_at = compute.reserve(dense_s, ready_s=t)  # the attention, then the experts in one pass
-                experts, tokens_of, _ = calls[l]
-                if lay.plain_local:
-                    end = self._plain_layer(l, len(rows), experts, tokens_of, router_at)
-                else:
-                    end = self._fetch_layer(l, ids[:, l, :] if long_step else ids[:, l, :].tolist(), experts,
-                                            tokens_of, router_at)
-                layer_wall_s[l] += end - t
-                t = end
-                continue
-            tried = pending is not None  # then _played_ahead said no (_step_ahead)
-            if tried:  # classified, its attention booked
-                (block, jobs, flags, router_at), pending = pending, None
-            else:
-                refs = None
-                cache = layers[l].cache
-                if type(cache) is LRUCache and ids.shape[0] * ids.shape[2] >= LONG_STEP:
-                    refs = (ids[:, l, :], None)  # a long step: served in numpy; LRU reads no gates
-                elif cache is not None:  # the cache sees every token's accesses
-                    refs = (ids[:, l, :].tolist(), None if gates is None else gates[:, l, :].tolist())
-                block, jobs, flags = classify(l, rows, *calls[l], refs) if not self.ep_offload else ({}, [], 0)
-                if single:
-                    router_at = compute.reserve(dense_s, recording and f"attention L{l}", ready_s=t)
-                else:
-                    router_at = max(self.stream(g).reserve(d, recording and f"attention L{l}", ready_s=t)
-                                    for g, d in dense_by_gpu.items())
-            ep_end = self._all_to_all(l, ids[:, l, :], router_at) if ep else router_at
-            prefetch = prefetching and l + 1 < L
-            if not jobs and not prefetch:
-                end = ep_end
-                for dev, sec in block.items():
-                    done = stream(dev).reserve(sec, recording and f"experts L{l}", ready_s=router_at)
-                    if done > end:
-                        end = done
-                layer_wall_s[l] += end - t
-                t = end
-                if recording:
-                    self.log("layer_step", f"L{l} done", t)
-                continue
-            if not prefetch and play_ahead and not tried:
-                end = played_ahead(l, router_at, block, jobs, flags)
-                if end is not None:
-                    if ep_end > end:
-                        end = ep_end
-                    layer_wall_s[l] += end - t
-                    t = end
-                    if recording:
-                        self.log("layer_step", f"L{l} done", t)
-                    continue
-            yield env.timeout(max(router_at - env.now, 0.0))
-            self.log("layer_step", f"L{l} routed")
-            if not prefetch and play_ahead and not ep:
-                end = self._worked_out(l, block, jobs, flags)
-                if end is not None:
-                    yield env.timeout(end - env.now)
-                    layer_wall_s[l] += env.now - t
-                    t = env.now
-                    continue
-            waits = self._start(l, block, jobs, ids)
-            if ep_end > router_at:
-                waits.append(env.timeout(max(ep_end - env.now, 0.0)))
-            if prefetch:  # after the layer's own fetches, which the copy engine serves first
-                idle_s = self.link_idle_s(l, block, jobs) if self.prefetch_name in LINK_CAPPED else None
-                self.prefetcher(l + 1, rows, ids, calls[l][0], idle_s)
-            yield env.all_of(waits)
-            self.layer_wall_s[l] += env.now - t
-            t = env.now
-            self.log("layer_step", f"L{l} done")
-        if pipeline:  # back to compute_device for the head
-            t = max(t, env.now) + self._hop_s(here, self.plan.compute_device, len(rows))
-            self.compute_id, self.compute_mem = self.plan.compute_device, self._dev_mem(self.plan.compute_device)
-        if t > env.now:
-            yield env.timeout(max(t - env.now, 0.0))
-        self.steps.append((phase, len(rows), start, env.now))
-
     # ------------------------------------------------------------------ run
 
     def run(self) -> SimReport:
@@ -404,26 +269,6 @@ class Simulation(RequestFlow, OpOffload, Pricing, ExpertWork, OnePass, Contentio
         self.env.run(until=done)
         self._settle_memo()
         return summarise(self, time.perf_counter() - wall)
-
-
-    def _kv_pool(self) -> KVPool:
-        """The KV cache of the run: the engine's blocks in the memory the plan leaves."""
-        cfg, plan = self.cfg, self.plan
-        for key, value in (("--kv-blocks", cfg.kv_blocks), ("--chunk-tokens", cfg.chunk_tokens)):
-            if value is not None and value < 1:
-                raise InputError("must be at least 1", key=key, value=value, fix=f"pass {key} 1 or more")
-        if cfg.preemption not in (None, "recompute", "swap"):
-            raise InputError("unknown preemption mode", key="--preemption", value=cfg.preemption,
-                             expected="recompute, swap", fix="omit it for the engine's own")
-        mems = [self._dev_mem(g) for g in self.gpus] if len(self.gpus) > 1 else \
-            sorted(set(self.layer_mem)) if self.pipeline else [self.compute_mem]
-        if plan.kv_cache == "host":  # the cache's blocks in what the plan leaves of host memory
-            mems = [self.hw.memory_of(self.host_id).id]
-        budget = cfg.kv_bytes if cfg.kv_bytes is not None else kv_budget_bytes(plan, mems)
-        host = plan.memory.get(self.hw.memory_of(self.host_id).id)
-        return KVPool(self.env, self.engine.profile.kv_cache, self.model.kv_bytes_per_token(),
-                      plan.context_tokens, self.model.kv_cache_bytes(plan.context_tokens), budget, cfg.kv_blocks,
-                      cfg.preemption, None if host is None else max(host.capacity_bytes - host.used_bytes, 0.0))
 
 
 def simulate(plan: Plan, hardware: Hardware, model: ModelSpec, trace: Trace,

@@ -23,6 +23,7 @@ from profiles.perf import activation_bytes
 
 from .ahead import AFTER, DISK, FETCH, FILL, LOCAL_JOB, STREAM_JOB, PlayAhead
 from .policies import LRUCache
+from .step_ahead import StepAhead
 
 __all__ = ["ExpertLayer", "ExpertWork"]
 
@@ -66,7 +67,7 @@ class ExpertLayer:
         self.copy_format = [self.cache_format or f for f in self.fmt]  # what a fetch or fill moves
         self.copy_info: list[tuple | None] = [None] * len(self.fmt)  # Pricing._copy of the above, once used
         self.one: list[tuple | None] = [None] * len(self.fmt)  # ExpertWork._one_token's entries, once used
-        # every expert fetched, through an LRU cache or none (simulator.ahead.PlayAhead._lru_fetches)
+        # every expert fetched, through an LRU cache or none (simulator.step_ahead.StepAhead._lru_fetches)
         self.lru_fetch = (self.cache is None or type(self.cache) is LRUCache) and not self.streamed and \
             set(self.site) <= {"fetch"}
         self.fetch_one: list[tuple | None] = [None] * len(self.fmt)  # _lru_fetches' entries, once used
@@ -82,7 +83,7 @@ class ExpertLayer:
                 self.plain_devices = (next(iter(res), None), next(iter(loc), None))
 
 
-class ExpertWork(PlayAhead):
+class ExpertWork(PlayAhead, StepAhead):
     """The expert actors of :class:`simulator.engine.Simulation`: a mixin over the
     simulation's resolved layers, streams, copy engines, network, in-flight fetches,
     miss policy and metrics counters (see ``Simulation.__init__``)."""

@@ -68,7 +68,7 @@ class OpOffload:
                 start = stop
 
     def forward(self, phase: str, rows: np.ndarray, contexts: list[tuple[Request, int]]):
-        """:meth:`simulator.engine.Simulation.forward_step`, on the offloading resolution of
+        """:meth:`simulator.forward.ForwardStep.forward_step`, on the offloading resolution of
         the layers when the engine offloads a step of this many tokens."""
         planned = phase == "prefill" and self.plan.prefill_offload is not None and self.op_offload is None
         if not planned and not op_offloads(self.op_offload, self.hw.devices[self.compute_id], len(rows)):

@@ -4,7 +4,7 @@
 arrivals); ``scheduler`` runs the scheduler policy the run names (:mod:`simulator.schedulers`:
 continuous, static, vllm, sarathi), which admits them into the running batch when the batch
 and the KV cache (:mod:`simulator.kv_cache`) have room, runs forward steps
-(:meth:`simulator.engine.Simulation.forward_step`) and, when a running request needs a KV
+(:meth:`simulator.forward.ForwardStep.forward_step`) and, when a running request needs a KV
 block and none is free, preempts one by the engine's rule: recompute (back to the head of
 the queue, its prompt and outputs prefilled again) or swap (its blocks copied to host
 memory and back). The helpers here are what every policy shares.
@@ -21,7 +21,7 @@ import simpy
 from profiles.errors import InputError
 from profiles.workload.trace import DECODE, Trace
 
-from .kv_cache import KVPool
+from .kv_cache import KVPool, kv_budget_bytes
 
 if TYPE_CHECKING:
     from .engine import SimConfig
@@ -100,11 +100,32 @@ def requests_of(trace: Trace, cfg: SimConfig, rng: np.random.Generator) -> list[
 
 class RequestFlow:
     """The request actors of :class:`simulator.engine.Simulation` (a mixin: it reads
-    ``env``, ``cfg``, ``batch_size``, ``net``, ``compute_mem``, ``host_id`` and ``log``, and
-    runs steps by ``prefill`` and ``forward`` of :class:`simulator.op_offload.OpOffload`)."""
+    ``env``, ``cfg``, ``plan``, ``hw``, ``model``, ``engine``, ``batch_size``, ``net``, ``gpus``,
+    ``compute_mem``, ``layer_mem``, ``host_id`` and ``log``, and runs steps by ``prefill`` and
+    ``forward`` of :class:`simulator.op_offload.OpOffload`); ``_kv_pool`` sizes the run's KV
+    cache."""
 
     kv: KVPool
     swapped: list[Request]  # preempted by swap, oldest first
+
+    def _kv_pool(self) -> KVPool:
+        """The KV cache of the run: the engine's blocks in the memory the plan leaves."""
+        cfg, plan = self.cfg, self.plan
+        for key, value in (("--kv-blocks", cfg.kv_blocks), ("--chunk-tokens", cfg.chunk_tokens)):
+            if value is not None and value < 1:
+                raise InputError("must be at least 1", key=key, value=value, fix=f"pass {key} 1 or more")
+        if cfg.preemption not in (None, "recompute", "swap"):
+            raise InputError("unknown preemption mode", key="--preemption", value=cfg.preemption,
+                             expected="recompute, swap", fix="omit it for the engine's own")
+        mems = [self._dev_mem(g) for g in self.gpus] if len(self.gpus) > 1 else \
+            sorted(set(self.layer_mem)) if self.pipeline else [self.compute_mem]
+        if plan.kv_cache == "host":  # the cache's blocks in what the plan leaves of host memory
+            mems = [self.hw.memory_of(self.host_id).id]
+        budget = cfg.kv_bytes if cfg.kv_bytes is not None else kv_budget_bytes(plan, mems)
+        host = plan.memory.get(self.hw.memory_of(self.host_id).id)
+        return KVPool(self.env, self.engine.profile.kv_cache, self.model.kv_bytes_per_token(),
+                      plan.context_tokens, self.model.kv_cache_bytes(plan.context_tokens), budget, cfg.kv_blocks,
+                      cfg.preemption, None if host is None else max(host.capacity_bytes - host.used_bytes, 0.0))
 
     def request_source(self, requests: list[Request], waiting: list[Request], arrived: simpy.Event):
         """Releases requests at their arrival times."""
