@@ -23,6 +23,13 @@ its ``home`` in host memory, that node's CPU runs it when ``local``), and ``gpu_
 lists each GPU's cache of the layer (``device``, ``slots``, ``format``). Both are absent
 (empty) on other plans, so plans made before them load, and write, the same bytes.
 
+``planes`` (nested formats, :mod:`profiles.nested`): per expert which bit-planes of a resident
+expert stored nested the compute device holds: ``both``, ``fetch-low`` (the high plane; the low
+plane is in host DRAM and crosses the link at every use) or ``high`` (runs on the high plane
+alone, at the half format's quality); ``""`` for an expert that is not nested. Absent (empty)
+on plans without nested experts.
+
+
 ``layer_devices`` (multi-GPU pipeline plans, planner.multi_gpu): per MoE layer the compute
 device that runs its dense part, resident and cached experts and its fetches (over that
 device's own link); absent (None) means ``compute_device`` runs every layer, so plans made
@@ -49,6 +56,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from profiles.errors import InputError, from_validation_error
+from profiles.nested import NESTED, PLANES
 
 __all__ = ["layer_ranges", "Plan", "LayerPlan", "GpuCache", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
            "load_plan", "digest", "workload_digest"]
@@ -86,6 +94,10 @@ class LayerPlan(BaseModel):
     cache_format: str | None = None
     owner: tuple[str, ...] = ()  # EP with offload: the GPU serving each expert (empty: its home's)
     gpu_caches: tuple[GpuCache, ...] = ()  # EP with offload: each GPU's cache of the layer
+    # nested formats (profiles.nested): per expert the bit-planes the compute device holds of a
+    # resident expert stored nested ("both", "fetch-low", "high"; "" for one not nested); empty: none
+    planes: tuple[str, ...] = ()
+
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "LayerPlan":
@@ -98,7 +110,27 @@ class LayerPlan(BaseModel):
         if self.cache_slots and self.cache_device is None:
             raise InputError("a layer with cache slots needs cache_device", key=f"layers[{self.moe_layer}]",
                              fix="name the device that holds the cache")
+        if self.planes:
+            self._check_planes()
         return self
+
+    def _check_planes(self) -> None:
+        """Nested experts (``planes``): one entry per expert, each a known choice, of a resident
+        expert whose format nests (profiles.nested)."""
+        at = f"layers[{self.moe_layer}].planes"
+        if len(self.planes) != len(self.home):
+            raise InputError("planes must list every expert once (\"\" for one not nested)", key=at,
+                             value=len(self.planes), expected=str(len(self.home)),
+                             fix="regenerate the plan with planner optimize")
+        for e, pl in enumerate(self.planes):
+            if pl and pl not in PLANES:
+                raise InputError("unknown planes choice", key=f"{at}[{e}]", value=pl,
+                                 expected=" | ".join(("",) + PLANES), fix="regenerate the plan with planner optimize")
+            if pl and (self.format[e] not in NESTED or self.site[e] != "resident"):
+                raise InputError("only a resident expert in a nested format holds planes", key=f"{at}[{e}]",
+                                 value=f"{pl} ({self.format[e]}, {self.site[e]})",
+                                 expected=f"a resident expert at {' or '.join(NESTED)}, or \"\"",
+                                 fix="regenerate the plan with planner optimize")
 
     def experts_at(self, site: str) -> list[int]:
         return [e for e, s in enumerate(self.site) if s == site]
@@ -209,7 +241,7 @@ class Plan(BaseModel):
         """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
         data = self.model_dump(mode="json")
         for layer in data["layers"]:  # plans without EP offload read as before
-            for key in ("owner", "gpu_caches"):
+            for key in ("owner", "gpu_caches", "planes"):
                 if not layer[key]:
                     del layer[key]
         if data["inputs"].get("quality_digest") is None:

@@ -44,6 +44,7 @@ import numpy as np
 from .checkpoint import ExpertSource, read_config
 from .errors import RuntimeInputError
 from .formats import UNPACK_FORMATS, quantize, tensor_names
+from .nested import plane_names, split_matrix
 from .planfile import FLOAT_FORMATS, QUANT_FORMATS, STORED_FORMATS, RuntimePlan, parse_plan, read_plan
 from .quant import (
     QUANT_SPECS,
@@ -337,6 +338,11 @@ class Kernels:
                     raise RuntimeInputError("kernels were built for another plan", file=manifest_path,
                                             key=f"layers.{layer.moe_layer}.experts.{e}", value=built.get(e),
                                             expected=fmt, fix=_FIX_REBUILD)
+            nested = sorted(str(e) for e in range(layer.num_experts) if layer.planes_of(e))
+            if entry.get("nested", []) != nested:  # stored as planes exactly where the plan nests
+                raise RuntimeInputError("kernels were built for another plan", file=manifest_path,
+                                        key=f"layers.{layer.moe_layer}.nested", value=entry.get("nested", []),
+                                        expected=str(nested), fix=_FIX_REBUILD)
             if built:
                 self._weights[layer.moe_layer] = TensorFile(self._inside(entry["file"]))
 
@@ -351,6 +357,14 @@ class Kernels:
         """One quantised expert's tensors (CPU torch, in one buffer of their own; :mod:`tensorfile`)."""
         tf = self._weights[moe_layer]
         return read_tensors({name: [tf.span(f"{expert}.{name}")] for name in weight_inputs(fmt)})
+
+    def planes(self, moe_layer: int, expert: int, which: tuple[str, ...]) -> dict[str, Any]:
+        """A nested int8 expert's planes ``which`` (``("qh",)``: the high plane and the scales;
+        ``("ql",)``: the low plane alone; both: all of it), as :meth:`quantised` reads them."""
+        tf = self._weights[moe_layer]
+        names = [n for prefix in ("gate_up", "down") for n in plane_names(prefix, which)
+                 if not (n.endswith(".scales") and "qh" not in which)]
+        return read_tensors({name: [tf.span(f"{expert}.{name}")] for name in names})
 
 
 def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str | Path, out_dir: str | Path, *,
@@ -390,12 +404,17 @@ def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str
     for layer in plan.layers:
         quantised = {e: f for e, f in enumerate(layer.format) if f in STORED_FORMATS}
         entry: dict[str, Any] = {"hidden_layer": layer.hidden_layer, "experts": {str(e): f for e, f in quantised.items()}}
+        if any(layer.planes):
+            entry["nested"] = sorted(str(e) for e in quantised if layer.planes_of(e))  # stored as planes
         if quantised:
             arrays: dict[str, np.ndarray] = {}
             for e, fmt in quantised.items():
                 gate_up, down = source.read(layer.hidden_layer, e)
                 for prefix, w in (("gate_up", gate_up), ("down", down)):
-                    for name, a in quantize(w.float().numpy(), fmt, prefix).items():
+                    tensors = quantize(w.float().numpy(), fmt, prefix)
+                    if layer.planes_of(e):  # nested: the int8 codes as their two int4 planes (nested.py)
+                        tensors = split_matrix(tensors, prefix)
+                    for name, a in tensors.items():
                         arrays[f"{e}.{name}"] = a
             rel = f"weights/moe{layer.moe_layer}.safetensors"
             save_file(arrays, str(out / rel), metadata={"format": "moe-planner-kernels"})

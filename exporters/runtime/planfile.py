@@ -48,6 +48,7 @@ __all__ = [
 PLAN_FORMAT_VERSION = 1
 SITES = ("resident", "fetch", "local", "hybrid", "stream")
 TIERS = ("device", "host", "disk")
+PLANES = ("both", "fetch-low", "high")  # profiles/nested.py PLANES (the runtime imports nothing of the planner)
 PREFETCH = ("none", "next-layer", "oracle")
 EVICTION = ("lru", "lfu", "static", "belady")
 # Float formats keep the checkpoint's own dtype (no rounding: "bf16" on an fp32 checkpoint
@@ -76,6 +77,13 @@ class LayerSpec:
     # a prompt's pass copies the host-held local experts it uses to the device and runs them
     # there (plan.json prefill_offload, planner.prefill_sites); decode runs them on the CPU
     prefill_offload: bool = False
+    # nested formats (plan.json planes, runtime nested.py): per expert the bit-planes a resident
+    # int8 expert holds on the device: both, fetch-low (the low plane fetched at every use) or
+    # high (its int4 copy alone); "" for one not nested; empty: none
+    planes: tuple[str, ...] = ()
+
+    def planes_of(self, e: int) -> str:
+        return self.planes[e] if self.planes else ""
 
     @property
     def num_experts(self) -> int:
@@ -225,9 +233,16 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
             if home[e] in devices - {mine} and home[e] not in tiers:
                 raise bad("an expert homed on another compute device's memory is not executed by this runtime",
                           f"{at}.home[{e}]", home[e], f"{mine}, the host DRAM or a disk")
+        planes = raw.get("planes") or []
+        if not (isinstance(planes, list) and len(planes) in (0, len(home))):
+            raise bad("planes must list every expert once", f"{at}.planes", planes, f"a list of {len(home)} strings")
+        for e, pl in enumerate(planes):
+            if pl and (pl not in PLANES or fmt[e] != "int8" or site[e] != "resident"):
+                raise bad("planes name both, fetch-low or high of a resident int8 expert", f"{at}.planes[{e}]",
+                          pl, "\"\", or both | fetch-low | high where format is int8 and site resident")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
                                 site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i]),
-                                prefill_offload=prefill[i]))
+                                prefill_offload=prefill[i], planes=tuple(planes)))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
                        layers=tuple(layers), source=source, dense_format=dense_format,
                        layer_devices=tuple(layer_devices) if layer_devices else None)

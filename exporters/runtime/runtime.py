@@ -262,13 +262,15 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
                          if layer.tier[e] == "host" and (layer.site[e] in ("fetch", "hybrid", "stream")
                                                          or layer.format[e] in UNPACK_FORMATS)}
             home = ExpertHome(layer, source, kernels, metrics, pin=layer_dev.type == "cuda", keep_host=keep_host,
-                              device_name=name)
+                              device_name=name, host_memory=plan.host_device)
             # unpack formats have no ONNX Runtime kernel: the CPU unpacks them in torch (store._run_cpu)
             cpu_host = [e for e in layer.on_cpu if layer.tier[e] == "host" and layer.format[e] not in UNPACK_FORMATS]
             if layer_dev.type == "cpu":
                 # no accelerator: resident int8/int4 experts run in the layer's ONNX Runtime
                 # session too (MatMulNBits kernels) instead of being dequantised at every call
-                cpu_host += [e for e in layer.experts_at("resident") if layer.format[e] in QUANT_FORMATS]
+                # (a nested expert holding its high plane alone is unpacked by torch, store.HIGH_PLANE)
+                cpu_host += [e for e in layer.experts_at("resident") if layer.format[e] in QUANT_FORMATS
+                             and layer.planes_of(e) in ("", "both")]
             cpu_kernel = None
             if cpu_host:
                 arrays = {e: (layer.format[e], (home.host.get(e) or home.read(e)).numpy_inputs()) for e in cpu_host}
@@ -361,7 +363,8 @@ def _plan_json(plan: RuntimePlan) -> dict[str, Any]:
     return {"format_version": 1, "compute_device": plan.compute_device, "host_device": plan.host_device,
             "prefetch": plan.prefetch, "eviction": plan.eviction, "dense_format": plan.dense_format,
             "layers": [{"moe_layer": layer.moe_layer, "hidden_layer": layer.hidden_layer, "home": list(layer.home),
-                        "format": list(layer.format), "site": list(layer.site), "cache_slots": layer.cache_slots}
+                        "format": list(layer.format), "site": list(layer.site), "cache_slots": layer.cache_slots,
+                        **({"planes": list(layer.planes)} if layer.planes else {})}
                        for layer in plan.layers]}
 
 

@@ -43,10 +43,13 @@ from .kernels import (
     weight_inputs,
 )
 from .metrics import MetricsRecorder
+from .nested import assemble, dequantize_high
 from .planfile import FLOAT_FORMATS, QUANT_FORMATS, LayerSpec
 from .prefetch import Fetcher, Slot
 
-__all__ = ["ExpertHome", "ExpertWeights", "Placeholder", "PlannedExperts"]
+__all__ = ["HIGH_PLANE", "ExpertHome", "ExpertWeights", "Placeholder", "PlannedExperts"]
+
+HIGH_PLANE = "int8/hi"  # ExpertWeights.fmt of a nested int8 expert's high plane alone (nested.py)
 
 
 class ExpertWeights:
@@ -84,6 +87,9 @@ class ExpertWeights:
         """``(gate_up [2I, H], down [H, I])`` in ``dtype`` for the matmuls."""
         if self.fmt in FLOAT_FORMATS:
             return self.tensors["gate_up"].to(dtype), self.tensors["down"].to(dtype)
+        if self.fmt == HIGH_PLANE:  # a nested int8 expert's int4 copy (nested.py)
+            return (dequantize_high(self.tensors, "gate_up", hidden).to(dtype),
+                    dequantize_high(self.tensors, "down", inter).to(dtype))
         return (dequantize(self.tensors, "gate_up", self.fmt, hidden).to(dtype),
                 dequantize(self.tensors, "down", self.fmt, inter).to(dtype))
 
@@ -104,19 +110,38 @@ class ExpertHome:
     """
 
     def __init__(self, spec: LayerSpec, source: Any, kernels: Kernels, metrics: MetricsRecorder, *,
-                 pin: bool, keep_host: set[int], device_name: str = "device") -> None:
+                 pin: bool, keep_host: set[int], device_name: str = "device", host_memory: str = "host") -> None:
         self.spec, self.source, self.kernels, self.metrics = spec, source, kernels, metrics
-        self.device_name = device_name
+        self.device_name, self.host_memory = device_name, host_memory
         self.sizes: dict[int, int] = {}  # expert -> bytes in its stored format (once read)
         self.host: dict[int, ExpertWeights] = {}
         for e in sorted(keep_host):
             w = self.read(e)
             self.host[e] = ExpertWeights(w.fmt, {k: t.pin_memory() for k, t in w.tensors.items()}) if pin else w
+        # nested fetch-low experts: their low planes wait in host memory, fetched at every use
+        self.low: dict[int, dict[str, torch.Tensor]] = {}
+        for e in (e for e in range(spec.num_experts) if spec.planes_of(e) == "fetch-low"):
+            low = kernels.planes(spec.moe_layer, e, ("ql",))
+            self.low[e] = {k: t.pin_memory() for k, t in low.items()} if pin else low
+
+    def load_low(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s low plane on ``device``, counted on the link from the host's memory."""
+        low = self.low[e]
+        self.metrics.moved(self.host_memory, sum(t.numel() * t.element_size() for t in low.values()), fetch=True,
+                           to=self.device_name)
+        return {k: t.to(device, non_blocking=t.is_pinned(), copy=True) for k, t in low.items()}
 
     def read(self, e: int) -> ExpertWeights:
-        """Read expert ``e`` from the checkpoint / kernels file (CPU tensors)."""
+        """Read expert ``e`` from the checkpoint / kernels file (CPU tensors); a nested one as
+        what its planes hold on the device: int8 assembled from both, or the high plane alone."""
         fmt = self.spec.format[e]
-        if fmt in FLOAT_FORMATS:
+        planes = self.spec.planes_of(e)
+        if planes == "both":
+            t = self.kernels.planes(self.spec.moe_layer, e, ("qh", "ql"))
+            w = ExpertWeights(fmt, assemble(t, t))
+        elif planes:
+            w = ExpertWeights(HIGH_PLANE, self.kernels.planes(self.spec.moe_layer, e, ("qh",)))
+        elif fmt in FLOAT_FORMATS:
             gate_up, down = self.source.read(self.spec.hidden_layer, e)
             w = ExpertWeights(fmt, {"gate_up": gate_up, "down": down})
         else:
@@ -319,6 +344,9 @@ class PlannedExperts(nn.Module):
                     counts["resident"] += 1
                     if e in self.resident_on_cpu:
                         on_cpu.add(e)
+                    elif e in self.home.low and e not in on_device:  # nested: the low plane comes, int8 is assembled
+                        on_device[e] = self.fetcher.submit(lambda e=e: self._ready(ExpertWeights(
+                            "int8", assemble(self.resident[e].tensors, self.home.load_low(e, self.device)))), start=False)
                     else:
                         on_device.setdefault(e, Slot(self.resident[e]))
                     continue

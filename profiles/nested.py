@@ -1,0 +1,78 @@
+"""Nested formats: what holding an expert's bit-planes costs, priced once for planner and simulator.
+
+A nested format stores a b-bit integer expert as two planes of b/2 bits (D²MoE's bit-nested
+weights; the runtime's :mod:`exporters.runtime.nested`): ``q = 2^(b/2) hi + lo`` exactly, and
+the high plane alone, with the same group scales, is a valid b/2-bit copy. ``int8`` nests
+``int4`` (4 + 4 bits); ``int4`` nests 2 + 2 (the quantiser splits it; no plan chooses it yet).
+
+The group scales travel with the high plane, so of an expert's bytes at format b (its
+:meth:`ModelSpec.expert_bytes`) the low plane holds ``params * b/2 / 8`` and the high plane
+the rest. A plan says per resident expert which planes the compute device holds
+(``LayerPlan.planes``):
+
+==========  ================  ==================================  =====================
+planes      device holds      each use                            runs at (quality)
+==========  ================  ==================================  =====================
+both        high + low        nothing moves                       b (the format's)
+fetch-low   high              the low plane crosses from host     b (the format's)
+                              DRAM, the codes are assembled
+high        high              nothing moves                       b/2 (the high plane's)
+==========  ================  ==================================  =====================
+
+A ``fetch-low`` expert's low plane lives in the host's DRAM; a ``high`` expert keeps no low
+plane in memory (the bundle's file has it). :func:`nested_use` is the one price of each
+choice: the planner's options (:mod:`planner.nested_options`) and the simulator
+(:mod:`simulator.pricing`) both read it, so a nested expert has one price.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import get_format
+from .models import ModelSpec
+
+__all__ = ["NESTED", "PLANES", "NestedUse", "nested_use", "plane_bytes"]
+
+# a nestable format -> the format its high plane alone is a copy in (its quality and kernel)
+NESTED = {"int8": "int4"}
+PLANES = ("both", "fetch-low", "high")
+
+
+@dataclass(frozen=True)
+class NestedUse:
+    """What one nested expert costs under one planes choice.
+
+    Attributes:
+        run_format: the format whose kernel and quality a call has (b, or b/2 on the high plane alone).
+        run_bytes: weight bytes a call reads on the device (both planes, or the high plane).
+        fetch_bytes: bytes crossing the link from host DRAM at every use (the low plane, or 0).
+        device_bytes: bytes held on the compute device.
+        host_bytes: bytes held in host DRAM (the low plane of a ``fetch-low`` expert).
+    """
+
+    run_format: str
+    run_bytes: float
+    fetch_bytes: float
+    device_bytes: float
+    host_bytes: float
+
+
+def plane_bytes(model: ModelSpec, fmt: str) -> tuple[float, float]:
+    """``(high, low)`` bytes of one expert of ``model`` stored nested at ``fmt`` (scales in the high)."""
+    if fmt not in NESTED:
+        raise ValueError(f"{fmt} is not a nested format (nested: {', '.join(NESTED)})")
+    low = model.params_per_expert * get_format(fmt).payload_bits / 2 / 8
+    return model.expert_bytes(fmt) - low, low
+
+
+def nested_use(model: ModelSpec, fmt: str, planes: str) -> NestedUse:
+    """The price of holding an expert of ``model`` nested at ``fmt`` with ``planes`` (:data:`PLANES`)."""
+    high, low = plane_bytes(model, fmt)
+    if planes == "both":
+        return NestedUse(fmt, high + low, 0.0, high + low, 0.0)
+    if planes == "fetch-low":
+        return NestedUse(fmt, high + low, low, high, low)
+    if planes == "high":
+        return NestedUse(NESTED[fmt], high, 0.0, high, 0.0)
+    raise ValueError(f"unknown planes {planes!r} (one of {', '.join(PLANES)})")
