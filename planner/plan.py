@@ -236,6 +236,10 @@ class Plan(BaseModel):
     # per MoE layer the experts the plan drops (planner.task, --drop-below): the router picks its
     # top-k among the others; empty (and absent from plan.json): every expert is kept
     dropped_experts: tuple[tuple[int, ...], ...] = ()
+    # expert-parallel plans on GPUs of different speeds (planner.cluster.attention): per GPU its
+    # share of a step's sequences for data-parallel attention (0: the GPU runs experts only);
+    # None (absent from plan.json): equal shares, what SGLang / vLLM DP attention does
+    attention_shares: dict[str, float] | None = None
 
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
@@ -256,6 +260,8 @@ class Plan(BaseModel):
             data.pop("prefill_offload", None)  # plans whose prefill runs at the decode sites read as before
         if not data.get("dropped_experts"):
             data.pop("dropped_experts", None)  # plans that keep every expert read as before
+        if data.get("attention_shares") is None:
+            data.pop("attention_shares", None)  # plans with equal attention shares read as before
         return json.dumps(_round(data), sort_keys=True, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
@@ -297,6 +303,26 @@ class Plan(BaseModel):
                                  fix="regenerate the plan with planner optimize --drop-below")
         return self
 
+    @model_validator(mode="after")
+    def _shares_sum_to_one(self) -> "Plan":
+        shares = self.attention_shares
+        if shares is not None:
+            bad = [g for g, v in shares.items() if g not in self.memory or not v >= 0.0]
+            if bad or not shares or abs(sum(shares.values()) - 1.0) > 1e-6:
+                raise InputError("attention_shares gives each planned GPU a share >= 0, the shares summing to 1",
+                                 key="attention_shares" + (f".{bad[0]}" if bad else ""),
+                                 value=shares[bad[0]] if bad else round(sum(shares.values()), 6),
+                                 expected="GPUs of the plan's memory, shares >= 0 summing to 1",
+                                 fix="drop attention_shares (equal shares), or regenerate the plan")
+        return self
+
+    def attention_counts(self, tokens: int, gpus: list[str] | tuple[str, ...]) -> list[int]:
+        """Tokens of a ``tokens``-token step each of ``gpus`` runs attention for: the plan's
+        ``attention_shares`` apportioned (:func:`apportion`), or equal shares without them."""
+        shares = [1.0] * len(gpus) if self.attention_shares is None else \
+            [self.attention_shares.get(g, 0.0) for g in gpus]
+        return apportion(tokens, shares)
+
     def device_of(self, moe_layer: int) -> str:
         """The compute device that runs MoE layer ``moe_layer``."""
         return self.layer_devices[moe_layer] if self.layer_devices else self.compute_device
@@ -312,6 +338,21 @@ class Plan(BaseModel):
                 by_format[f] = by_format.get(f, 0) + 1
                 by_site[s] = by_site.get(s, 0) + 1
         return {"home": by_home, "format": by_format, "site": by_site}
+
+
+def apportion(total: int, weights: list[float] | tuple[float, ...]) -> list[int]:
+    """``total`` split in integers proportional to ``weights`` (largest remainder; ties to the
+    lower index): they sum to ``total``, and a zero weight gets 0 while any weight is positive."""
+    w = [max(float(x), 0.0) for x in weights]
+    s = sum(w)
+    if s <= 0:
+        raise ValueError("apportion needs a positive weight")
+    raw = [total * x / s for x in w]
+    out = [int(r) for r in raw]
+    rest = sorted((i for i in range(len(w)) if w[i] > 0), key=lambda i: (-(raw[i] - out[i]), i))
+    for i in rest[:total - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def layer_ranges(devices: tuple[str, ...]) -> str:

@@ -60,7 +60,7 @@ class ExpertParallel(EPOffload):
         n = ids.shape[0]
         G = len(self.gpus)
         if self._token_gpu is None or len(self._token_gpu) != n:
-            self._token_gpu = np.arange(n) % G
+            self._token_gpu = self._attention_gpus(n)
         src = self._token_gpu[:, None]  # [n, 1]
         real = ids < self.E
         e_ids = np.where(real, ids, self.E)  # zero experts: the sentinel row, no copies
@@ -101,6 +101,18 @@ class ExpertParallel(EPOffload):
         for g in np.nonzero(load)[0].tolist():
             end = max(end, self.stream(self.gpus[g]).reserve(secs[g], f"experts L{l}", ready_s=dispatch))
         return self._exchange(combine_pairs, end, f"combine L{l}")
+
+    def _attention_gpus(self, n: int) -> np.ndarray:
+        """``[n]`` the GPU (index) each token of an ``n``-token step runs attention on: ``i mod G``
+        (equal shares), or the plan's ``attention_shares`` (:meth:`planner.plan.Plan.attention_counts`,
+        the counts the dense work is priced for), the GPUs interleaved in proportion."""
+        G = len(self.gpus)
+        if self.plan.attention_shares is None:
+            return np.arange(n) % G
+        counts = np.array(self.plan.attention_counts(n, self.gpus))
+        gpu = np.repeat(np.arange(G), counts)  # [n]
+        key = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c])  # [n] smooth interleave
+        return gpu[np.argsort(key, kind="stable")]
 
     def _ep_runtime(self) -> dict:
         """Run-time EP state, made on first use: routing counts per layer since its last

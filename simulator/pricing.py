@@ -201,9 +201,17 @@ class Pricing:
         out = self._dense.get(key)
         if out is not None:
             return out
+        out = self._dense[key] = {}
+        if gpus is None and len(self.gpus) > 1 and self.plan.attention_shares is not None:
+            # expert parallelism with planned attention shares: each GPU its tokens and their KV
+            # (Plan.attention_counts, as the all-to-all sends them); a GPU with none runs no attention
+            for g, n in zip(self.gpus, self.plan.attention_counts(tokens, self.gpus)):
+                if n:
+                    out[g] = dense_step_s(self.hw.devices[g], self.model, self.dense_format, n, kv_bytes * n / tokens,
+                                          prefill=prefill, kv_on_host=self._kv_on_host) / len(self.layers)
+            return out
         gpus = self.gpus if gpus is None else gpus
         G = len(gpus)
-        out = self._dense[key] = {}
         for g in gpus:
             share = -(-tokens // G) if G > 1 else tokens
             dev = self.hw.devices[g]

@@ -28,6 +28,7 @@ from ..costs import QUANT_ERROR
 from ..eplb import PLACEMENTS
 from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from ..eplb import eplb_speed_aware
+from .attention import AttentionShares, attention_shares
 from .bound import traffic_bound
 from .metrics import placement_metrics
 from .placement import place_for
@@ -214,13 +215,16 @@ def cluster_applies(parallel: str, hardware: str, model: str, formats: tuple[str
 def plan_from_placement(phy2log: np.ndarray, *, hw: Hardware, topo: Topology, model: ModelSpec, inputs: Inputs,
                         expert_format: str, memory_need: dict[str, float], batch_size: int, context_tokens: int,
                         predicted: dict[str, float], solver: SolverInfo, notes: tuple[str, ...] = (),
-                        choice: FormatChoice | None = None, critical: tuple[tuple[int, ...], ...] = ()) -> Plan:
+                        choice: FormatChoice | None = None, critical: tuple[tuple[int, ...], ...] = (),
+                        attention: AttentionShares | None = None) -> Plan:
     """A :class:`Plan` from ``phy2log [L, R]``: every expert's ``home`` is the GPU of its
     lowest physical slot, ``replicas`` the GPUs of its other copies, site ``resident``.
 
     ``choice`` (:func:`.quality.choose_formats`) gives the dense format, the critical experts'
     full-precision format and the quality budget and error the plan records; with ``critical``
-    experts, each GPU's expert bytes are those of its own slots."""
+    experts, each GPU's expert bytes are those of its own slots. ``attention`` (:mod:`.attention`):
+    sequences per GPU for data-parallel attention, recorded (with each GPU's KV cache for its own)
+    unless equal."""
     L, R = phy2log.shape
     E = model.num_experts
     S = R // topo.num_gpus
@@ -241,13 +245,20 @@ def plan_from_placement(phy2log: np.ndarray, *, hw: Hardware, topo: Topology, mo
         slot_bytes = np.vectorize(model.expert_bytes, otypes=[float])(fmt_of[np.arange(L)[:, None], phy2log])
         for r, g in enumerate(topo.gpus):
             per_gpu[g]["expert_bytes"] = float(slot_bytes[:, r * S:(r + 1) * S].sum())
+    shares = None
+    if attention is not None and not attention.equal:
+        shares = attention.shares
+        kv1 = float(model.kv_cache_bytes(context_tokens, batch_size=1))
+        for g, n in zip(topo.gpus, attention.counts.tolist()):
+            per_gpu[g]["kv_bytes"] = n * kv1
     memory = {g: MemoryUse(capacity_bytes=hw.memories[g].capacity_bytes, **per_gpu[g]) for g in topo.gpus}
     host = next(d for d in hw.devices_of_kind("cpu") if d.node == hw.devices[topo.gpus[0]].node)
     quality = {} if choice is None else {"dense_format": choice.dense_format, "quality_budget": choice.quality_budget,
                                          "quality_error": choice.quality_error}
     return Plan(inputs=inputs, objective="throughput", batch_size=batch_size, context_tokens=context_tokens,
                 compute_device=topo.gpus[0], host_device=hw.memory_of(host.id).id, eviction="static",
-                layers=tuple(layers), memory=memory, predicted=predicted, solver=solver, notes=notes, **quality)
+                layers=tuple(layers), memory=memory, predicted=predicted, solver=solver, notes=notes,
+                attention_shares=shares, **quality)
 
 
 def _predicted(m: dict[str, Any]) -> dict[str, float]:
@@ -353,6 +364,14 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                        "cross_gpu_gap": _gap(metrics["ours"]["cross_gpu_fraction"], bound.cross_gpu_fraction),
                        "solve_s": time.perf_counter() - t_solve}}
     t_bound = time.perf_counter()
+    attention = None
+    if not offload:  # sequences per GPU for data-parallel attention: fewer (or none) on slow GPUs
+        fixed = sum(v for k, v in choice.memory_need.items() if k != "kv_bytes")
+        attention = attention_shares(eng.apply(hw), topo, model, choice.dense_format, req.batch_size,
+                                     req.context_tokens, np.array([hw.memories[g].capacity_bytes - fixed
+                                                                   for g in topo.gpus]))
+        info["attention"] = None if attention.equal else {
+            "sequences": attention.counts.tolist(), "stage_s": attention.stage_s, "equal_s": attention.equal_s}
 
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
                     model_digest=model_digest(model), workload=trace.source or "trace",
@@ -370,6 +389,12 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
              ("dense weights replicated on every GPU (data-parallel attention); KV cache for batch_size "
              "sequences per GPU"),
              _quality_note(choice, req.critical))
+    shares_note = ()  # ours only: the baselines keep equal shares, as the engines do
+    if attention is not None and not attention.equal:
+        shares_note = (f"data-parallel attention shares by speed: sequences per GPU {attention.counts.tolist()} (a GPU "
+                  f"with 0 serves experts only); the attention stage {attention.stage_s * 1e3:.2f} ms per step vs "
+                  f"{attention.equal_s * 1e3:.2f} ms with equal shares (SGLang / vLLM give every rank an equal share: "
+                  "they have no flag for this, a router in front of the DP ranks must send them)",)
     common = {"hw": hw, "topo": topo, "model": model, "inputs": inputs, "expert_format": choice.expert_format,
               "memory_need": choice.memory_need, "choice": choice, "critical": req.critical,
               "batch_size": req.batch_size, "context_tokens": req.context_tokens}
@@ -402,7 +427,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                              timings_s={"stats_s": t_stats - t0, "solve_s": t_solve - t_stats,
                                         "bound_s": t_bound - t_solve, "total_s": t_end - t0})
     plan = plan_from_placement(
-        ours, predicted=predicted, notes=notes + stopped,
+        ours, predicted=predicted, notes=notes + stopped + shares_note, attention=attention,
         solver=SolverInfo(method="ep-placement",
                           solver=f"numpy decomposition (nodes, then GPUs; swaps); bound: {bound.method}",
                           status="time limit" if info["stopped_by_time_limit"] else
