@@ -131,7 +131,8 @@ def ep_layout(plan: Plan) -> EpLayout:
         if len(counts) != 1 or (slots is not None and counts != {slots}):
             raise InputError("every GPU must hold the same number of physical experts in every layer",
                              key=f"layers[{layer.moe_layer}]", value=sorted(counts),
-                             expected=f"{slots or 'one count'} per GPU", fix="plan with planner optimize --parallel ep")
+                             expected=f"{slots or 'one count'} per GPU",
+                             fix="plan with planner optimize --parallel ep --even-slots")
         slots = counts.pop()
         rows.append([e for h in held for e in sorted(h)])
     return EpLayout(ranks=ranks, phy2log=np.array(rows, np.int64),

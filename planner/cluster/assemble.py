@@ -28,11 +28,12 @@ from ..costs import QUANT_ERROR
 from ..eplb import PLACEMENTS
 from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo, digest, model_digest, workload_digest
 from ..eplb import eplb_speed_aware
-from .attention import AttentionShares, attention_shares
+from .attention import AttentionShares
 from .bound import traffic_bound
 from .metrics import placement_metrics
 from .placement import place_for
 from .quality import FormatChoice, choose_formats, critical_share, quant_errors
+from .slots import attention_and_slots, trim_slots
 from .speed import gpu_speeds, tokens_per_call
 from .topology import Topology, topology
 from .workload import group_limited, workload_arrays
@@ -99,6 +100,8 @@ class ClusterRequest:
             fits the GPUs, plan expert parallelism with offload (:mod:`.offload`: each GPU's
             experts resident, cached, CPU-run or streamed as one node plans them) instead of
             refusing; ``planner optimize --parallel ep`` sets it.
+        even_slots: keep S expert slots on every GPU (what SGLang and vLLM need); ``False``: on
+            GPUs of different speeds the slow ones may hold fewer (:mod:`.slots`).
     """
 
     hardware: str = "cluster-h100-2node"
@@ -119,6 +122,7 @@ class ClusterRequest:
     critical: tuple[tuple[int, ...], ...] = ()
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
     offload: bool = False
+    even_slots: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -236,11 +240,16 @@ def plan_from_placement(phy2log: np.ndarray, *, hw: Hardware, topo: Topology, mo
     for l in range(L):
         gpus_of: list[list[str]] = [[] for _ in range(E)]
         for s, e in enumerate(phy2log[l].tolist()):
-            gpus_of[e].append(topo.gpus[s // S])
+            if e >= 0:  # -1: an empty slot (.slots)
+                gpus_of[e].append(topo.gpus[s // S])
         layers.append(LayerPlan(moe_layer=l, hidden_layer=model.moe_layer_indices[l],
                                 home=tuple(g[0] for g in gpus_of), format=tuple(fmt_of[l].tolist()),
                                 site=("resident",) * E, replicas=tuple(tuple(g[1:]) for g in gpus_of)))
     per_gpu = {g: dict(memory_need) for g in topo.gpus}
+    if (phy2log < 0).any():  # empty slots (.slots): each GPU's expert bytes are its used slots'
+        for r, g in enumerate(topo.gpus):
+            used = int((phy2log[:, r * S:(r + 1) * S] >= 0).sum())
+            per_gpu[g]["expert_bytes"] = memory_need["expert_bytes"] * used / (L * S)
     if any(critical):  # the bytes of each GPU's own slots: [L, R] -> per rank
         slot_bytes = np.vectorize(model.expert_bytes, otypes=[float])(fmt_of[np.arange(L)[:, None], phy2log])
         for r, g in enumerate(topo.gpus):
@@ -348,9 +357,17 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     ours, info = place_for(req.plan_for, trace, load, trans, topo, R, balance_slack=req.balance_slack,
                            sweeps=req.sweeps, time_limit_s=req.time_limit_s, hidden_size=model.hidden_size,
                            seed=req.seed, speed=speed if mixed else None)
+    cap, planned_load = info.pop("_cap"), info.pop("_load")
+    info["slots"], attention = None, None
+    if not offload:  # sequences per GPU for data-parallel attention and, on mixed GPUs, slots per GPU
+        attention = attention_and_slots(
+            eng.apply(hw), hw, topo, model, choice, R, info, batch_size=req.batch_size,
+            context_tokens=req.context_tokens, engine=req.engine,
+            uneven=mixed and not req.even_slots and not any(req.critical))
+        if info["slots"] is not None:
+            ours = trim_slots(ours, np.array(info["slots"]), planned_load, info.pop("_call_s"))
     metrics["ours"] = score(ours) | {"solve_s": time.perf_counter() - t}
     t_solve = time.perf_counter()
-    cap, planned_load = info.pop("_cap"), info.pop("_load")
     bound = traffic_bound(ours, planned_load, trans, topo, model.hidden_size, trace.num_tokens, cap,
                           speed if mixed else None)
     objective = metrics["ours"]["traffic_s_per_token"]
@@ -364,12 +381,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                        "cross_gpu_gap": _gap(metrics["ours"]["cross_gpu_fraction"], bound.cross_gpu_fraction),
                        "solve_s": time.perf_counter() - t_solve}}
     t_bound = time.perf_counter()
-    attention = None
-    if not offload:  # sequences per GPU for data-parallel attention: fewer (or none) on slow GPUs
-        fixed = sum(v for k, v in choice.memory_need.items() if k != "kv_bytes")
-        attention = attention_shares(eng.apply(hw), topo, model, choice.dense_format, req.batch_size,
-                                     req.context_tokens, np.array([hw.memories[g].capacity_bytes - fixed
-                                                                   for g in topo.gpus]))
+    if attention is not None:
         info["attention"] = None if attention.equal else {
             "sequences": attention.counts.tolist(), "stage_s": attention.stage_s, "equal_s": attention.equal_s}
 
@@ -389,9 +401,13 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
              ("dense weights replicated on every GPU (data-parallel attention); KV cache for batch_size "
              "sequences per GPU"),
              _quality_note(choice, req.critical))
-    shares_note = ()  # ours only: the baselines keep equal shares, as the engines do
+    shares_note = ()  # ours only: the baselines keep equal shares and slots, as the engines do
+    if info["slots"] is not None:
+        shares_note += (f"expert slots per GPU by call time {info['slots']} (of {R // G}): a slow GPU's calls cost "
+                        "more, so it gives up replica slots (their experts keep their other copies); SGLang and "
+                        "vLLM need equal slots per rank: --even-slots plans for them",)
     if attention is not None and not attention.equal:
-        shares_note = (f"data-parallel attention shares by speed: sequences per GPU {attention.counts.tolist()} (a GPU "
+        shares_note += (f"data-parallel attention shares by speed: sequences per GPU {attention.counts.tolist()} (a GPU "
                   f"with 0 serves experts only); the attention stage {attention.stage_s * 1e3:.2f} ms per step vs "
                   f"{attention.equal_s * 1e3:.2f} ms with equal shares (SGLang / vLLM give every rank an equal share: "
                   "they have no flag for this, a router in front of the DP ranks must send them)",)

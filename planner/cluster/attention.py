@@ -70,7 +70,7 @@ def _water_fill(times, members: list[int], total: int, limit: np.ndarray) -> np.
 
 
 def attention_shares(seen: Hardware, topo: Topology, model: ModelSpec, dense_format: str, batch_size: int,
-                     context_tokens: int, free_bytes: np.ndarray) -> AttentionShares:
+                     context_tokens: int, free_bytes: np.ndarray, memo: dict | None = None) -> AttentionShares:
     """Sequences per GPU for data-parallel attention (see the module docstring).
 
     Args:
@@ -81,12 +81,13 @@ def attention_shares(seen: Hardware, topo: Topology, model: ModelSpec, dense_for
         batch_size: sequences per GPU (the step runs ``batch_size x G``).
         context_tokens: each sequence's context (its KV cache).
         free_bytes: ``[G]`` bytes each GPU has for KV cache beyond its weights.
+        memo: dense times by ``(GPU, sequences)``, kept across calls with the same other arguments.
     """
     G = topo.num_gpus
     total = batch_size * G
     kv1 = float(model.kv_cache_bytes(context_tokens, batch_size=1))
     devices = [seen.devices[_compute_of(seen, g)] for g in topo.gpus]
-    memo: dict[tuple[int, int], float] = {}
+    memo = {} if memo is None else memo
 
     def times(g: int, n: int) -> float:
         if n <= 0:

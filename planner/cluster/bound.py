@@ -133,7 +133,9 @@ def traffic_bound(placement: np.ndarray, load: np.ndarray, trans: np.ndarray, to
     E = load.shape[1]
     G, N = topo.num_gpus, topo.num_nodes
     S, GN = R // G, topo.gpus_per_node
-    logcnt = np.stack([np.bincount(placement[l], minlength=E) for l in range(L)])  # [L, E]
+    logcnt = np.stack([np.bincount(placement[l][placement[l] >= 0], minlength=E) for l in range(L)])  # [L, E]
+    if (placement < 0).any():  # empty slots (:mod:`.slots`): the relaxation holds (a GPU keeps <= S), the rest assume S
+        max_pairs = max_layouts = 0
     total = float(trans.sum())
     same_gpu = _same_upper(trans, logcnt, S, 1)
     same_node = _same_upper(trans, logcnt, S * GN, GN) if N > 1 else total

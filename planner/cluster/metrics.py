@@ -20,12 +20,15 @@ __all__ = ["distribution", "node_share", "placement_metrics"]
 
 
 def distribution(phy2log: np.ndarray, num_experts: int, num_gpus: int) -> np.ndarray:
-    """``[L, E, G]`` share of each expert's tokens processed on each GPU (even split over copies)."""
+    """``[L, E, G]`` share of each expert's tokens processed on each GPU (even split over copies;
+    a slot holding -1 is empty: :mod:`.slots`)."""
     L, R = phy2log.shape
     S = R // num_gpus
-    gpu_of_slot = np.arange(R) // S
+    gpu_of_slot = np.broadcast_to(np.arange(R) // S, (L, R))
+    layer = np.broadcast_to(np.arange(L)[:, None], (L, R))
+    used = phy2log >= 0
     counts = np.zeros((L, num_experts, num_gpus))
-    np.add.at(counts, (np.arange(L)[:, None], phy2log, gpu_of_slot[None, :]), 1.0)
+    np.add.at(counts, (layer[used], phy2log[used], gpu_of_slot[used]), 1.0)
     return counts / counts.sum(-1, keepdims=True)
 
 

@@ -26,7 +26,7 @@ from profiles.perf import expert_calls_s
 
 from .topology import Topology
 
-__all__ = ["gpu_speeds", "tokens_per_call"]
+__all__ = ["call_seconds", "gpu_speeds", "tokens_per_call"]
 
 
 def tokens_per_call(batch_size: int, num_gpus: int, top_k: int, num_physical: int) -> float:
@@ -47,16 +47,22 @@ def gpu_speeds(hw: Hardware, topo: Topology, model: ModelSpec, expert_format: st
         tokens: tokens per expert call (:func:`tokens_per_call`).
         engine: engine profile name (``None``: the bundle runtime; an EP plan records its own, SGLang by default).
     """
-    seen = load_engine(engine).apply(hw)
-    weight_bytes = model.expert_bytes(expert_format)
-    flops = model.expert_flops_per_token
-    n = np.array([float(tokens)])
-    per_token_s = np.array([float(expert_calls_s(seen.devices[_compute_of(seen, g)], expert_format, weight_bytes,
-                                                 flops, n)[0]) / tokens for g in topo.gpus])  # [G]
-    speed = 1.0 / per_token_s
+    speed = tokens / call_seconds(hw, topo, model, expert_format, tokens, engine)  # [G] tokens per second
+
     speed = speed / speed.mean()
     # one GPU type: exactly 1, so the speed-aware placer reproduces the speed-blind one bit for bit
     return np.ones_like(speed) if np.allclose(speed, speed[0], rtol=1e-9) else speed
+
+
+def call_seconds(hw: Hardware, topo: Topology, model: ModelSpec, expert_format: str, tokens: float,
+                 engine: str | None = None) -> np.ndarray:
+    """``[G]`` seconds of one expert call of ``tokens`` tokens on every rank (arguments as
+    :func:`gpu_speeds`): what a slot costs a GPU per layer when its expert gets that share."""
+    seen = load_engine(engine).apply(hw)
+    weight_bytes = model.expert_bytes(expert_format)
+    n = np.array([float(tokens)])
+    return np.array([float(expert_calls_s(seen.devices[_compute_of(seen, g)], expert_format, weight_bytes,
+                                          model.expert_flops_per_token, n)[0]) for g in topo.gpus])
 
 
 def _compute_of(hw: Hardware, memory_id: str) -> str:

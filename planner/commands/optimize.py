@@ -282,6 +282,9 @@ def _load_trace(path: str, task: str | None):
 @click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
               help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
               "count. Default: the smallest count >= experts/8 that does.")
+@click.option("--even-slots", is_flag=True,
+              help="ep on GPUs of different speeds: keep the same number of expert slots on every GPU (SGLang and "
+              "vLLM need it); without it slow GPUs may give up replica slots.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write plan.json here.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
@@ -290,7 +293,7 @@ def _load_trace(path: str, task: str | None):
 def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, kv_cache,
                  quality_budget,
                  formats, critical, quality_path, slo_tpot, slo_ttft, max_batch, solver, time_limit, gap, compare,
-                 parallel, redundant_experts, out,
+                 parallel, redundant_experts, even_slots, out,
                  report, force, max_watts, drop_below, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
@@ -347,7 +350,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         ep = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
                             formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
                             time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets,
-                            offload=parallel == "ep", **({"engine": engine} if engine else {}))
+                            offload=parallel == "ep", even_slots=even_slots, **({"engine": engine} if engine else {}))
         use_ep, fallback = parallel_mode("auto" if parallel == "pipeline" else parallel, ep)
         use_ep &= parallel != "pipeline"
         if use_ep and quality_path:

@@ -1,0 +1,125 @@
+"""Fewer expert slots on slow GPUs (planner.cluster.slots): levelled slot counts, layouts
+with empty slots, their metrics, and a mixed-cluster plan the simulator runs faster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from planner.cluster.metrics import distribution
+from planner.cluster.slots import slot_counts, trim_slots
+
+
+def test_slot_counts_level_the_expert_stage_within_the_spare_copies():
+    assert slot_counts(np.array([2.0, 2.0, 1.0, 1.0]), 4, 4).tolist() == [2, 2, 4, 4]
+    assert slot_counts(np.array([2.0, 2.0, 1.0, 1.0]), 4, 3).tolist() == [3, 3, 4, 4]  # 2 more would need 4
+    assert slot_counts(np.array([2.0, 2.0, 1.0, 1.0]), 4, 1).tolist() == [4, 4, 4, 4]
+    assert slot_counts(np.array([1.5, 1.0]), 4, 8).tolist() == [2, 4]  # then the fast GPU is the straggler
+    assert slot_counts(np.ones(4), 4, 8).tolist() == [4, 4, 4, 4]  # one GPU type: unchanged
+
+
+def _layout(rng, L=3, E=6, G=3, S=3):
+    """Random valid phy2log: every expert once, the rest replicas, no two copies on a GPU."""
+    rows = []
+    while len(rows) < L:
+        row = np.concatenate([rng.permutation(E), rng.choice(E, G * S - E, replace=False)])
+        rng.shuffle(row)
+        if all(len(set(row[g * S:(g + 1) * S])) == S for g in range(G)):
+            rows.append(row)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_trim_slots_empties_the_slow_gpus_surplus_and_keeps_every_expert(seed):
+    rng = np.random.default_rng(seed)
+    L, E, G, S = 3, 6, 3, 3
+    p = _layout(rng, L, E, G, S)
+    load = rng.random((L, E)) + 0.1
+    counts = np.array([1, 3, 3])  # GPU 0 keeps one slot: 2 of the 3 spare copies go
+    out = trim_slots(p, counts, load)
+    for l in range(L):
+        row = out[l]
+        for g in range(G):
+            mine = row[g * S:(g + 1) * S]
+            assert (mine >= 0).sum() == counts[g]
+            assert len(set(mine[mine >= 0].tolist())) == (mine >= 0).sum()  # no two copies on a GPU
+        assert set(row[row >= 0].tolist()) == set(range(E))  # every expert keeps a copy
+        assert (row >= 0).sum() == G * S - 2
+    P = distribution(out, E, G)
+    assert np.allclose(P.sum(-1), 1.0) and np.all(P[:, :, 0].sum(-1) <= 1.0)
+
+
+# ---------------------------------------------------------------- a mixed-cluster plan
+
+from planner.cluster import ClusterRequest, plan_cluster  # noqa: E402
+from profiles.errors import InputError  # noqa: E402
+from profiles.hardware import load_profile  # noqa: E402
+from profiles.models import load_model  # noqa: E402
+from simulator.engine import SimConfig, simulate  # noqa: E402
+from test_cluster_speed import MODEL, _two_speed, trace  # noqa: E402,F401  (trace is a fixture)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return _two_speed(tmp_path_factory.mktemp("hw") / "two-speed.yaml", slow_factor=4.0)
+
+
+@pytest.fixture(scope="module")
+def plans(toy, trace):  # noqa: F811
+    req = dict(hardware=str(toy), model=MODEL, trace=trace, engine="roofline", batch_size=16, context_tokens=256,
+               sweeps=1)
+    return plan_cluster(ClusterRequest(**req)), plan_cluster(ClusterRequest(**req, even_slots=True))
+
+
+def test_slow_gpu_holds_fewer_experts_and_every_expert_keeps_a_copy(plans):
+    uneven, even = plans
+    gpus = uneven.topology.gpus
+    slow = next(i for i, g in enumerate(gpus) if "slow" in g)
+    counts = uneven.info["slots"]
+    S = uneven.num_physical // len(gpus)
+    assert counts is not None and counts[slow] < S and even.info["slots"] is None
+    for lp in uneven.plan.layers:
+        held = {g: 0 for g in gpus}
+        for home, reps in zip(lp.home, lp.replicas):
+            for g in (home, *reps):
+                held[g] += 1
+        assert [held[g] for g in gpus] == counts
+    assert uneven.plan.memory[gpus[slow]].expert_bytes < even.plan.memory[gpus[slow]].expert_bytes
+    assert any("expert slots per GPU" in n for n in uneven.plan.notes)
+    # the bound still bounds ours (the relaxation: a GPU keeps at most S slots)
+    assert uneven.info["bound"]["method"] == "relaxation"
+    assert uneven.plan.solver.bound <= uneven.plan.solver.objective + 1e-15
+
+
+def test_uneven_slots_simulate_faster_than_even_ones(plans, toy, trace):  # noqa: F811
+    uneven, even = plans
+    _, hw = load_profile(toy)
+    spec = load_model(MODEL)
+    config = SimConfig(batch_size=32, requests=32)
+
+    def step(plan):
+        return simulate(plan, hw, spec, trace, config).metrics["decode_step_s"]["mean"]
+
+    # here the tokens start on the fast GPU (attention shares), which holds a copy of every
+    # replicated expert, so the slow GPU's replica copies got no tokens even before they went
+    ours, blind = step(uneven.plan), step(even.baselines["eplb-global"])
+    assert ours <= step(even.plan) and ours < step(even.baselines["eplb-speed"]) < blind
+
+
+def test_sglang_export_refuses_uneven_slots_and_names_the_flag(plans, tmp_path):
+    from exporters.engines.sglang import write_sglang
+
+    uneven, even = plans
+    with pytest.raises(InputError, match="--even-slots"):
+        write_sglang(uneven.plan, tmp_path / "a")
+    assert write_sglang(even.plan, tmp_path / "b").files
+
+
+def test_cli_even_slots_keeps_every_gpu_at_s(run_cli, toy):
+    import json
+
+    args = ("optimize", "-H", toy, "-m", MODEL, "--parallel", "ep", "--engine", "roofline", "--batch", "16",
+            "--context", "512", "--json")
+    uneven = json.loads(run_cli(*args).stdout)["summary"]["solver"]
+    even = json.loads(run_cli(*args, "--even-slots").stdout)["summary"]["solver"]
+    assert uneven["slots"] is not None and even["slots"] is None
