@@ -6,8 +6,11 @@ b = storage formats.
 With ``Setup.dram_contention`` on, a layer's time per step is at least the seconds host DRAM
 needs for everything the layer moves through it (:mod:`profiles.dram`):
 
-    D = sum_{CPU calls} read(b_off) + c_home x (bytes copied to the device)   [+ the device's
-        own reads when its memory is the host's: a CPU or unified-memory compute device]
+    D = sum_{CPU calls} port(b_off) + c_home x (bytes copied to the device)   [+ the device's
+        own calls when its memory is the host's: a CPU or unified-memory compute device]
+
+(``port(b)``: :func:`profiles.dram.call_port_bytes`, a call's read bytes over the share of the
+bandwidth it reaches, so that ``port(b) / dram_bw`` is the call's memory time)
     tau = max(device + stall, cpu, link, D / dram_bw)
 
 the same max() :mod:`planner.costs` takes over the resources a layer uses at once (FlexGen's
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from profiles.dram import call_read_bytes, copy_factor, port_bytes_per_s
+from profiles.dram import call_port_bytes, copy_factor, port_bytes_per_s
 
 from .setup import MODES, Setup
 
@@ -37,7 +40,7 @@ class DramPrices:
     """What a layer's DRAM bytes are made of, per format and per home."""
 
     port_bytes_per_s: float  # the host DRAM port's bandwidth
-    cpu_read: np.ndarray  # [b] bytes one host-CPU expert call reads
+    cpu_read: np.ndarray  # [b] port bytes of one host-CPU expert call (profiles.dram.call_port_bytes)
     dev_read: np.ndarray  # [b] ... one compute-device call, where its memory is host DRAM (else 0)
     copy: np.ndarray  # [homes, b] port bytes of one expert copied from each home to the device
 
@@ -45,8 +48,8 @@ class DramPrices:
 def dram_prices(s: Setup) -> DramPrices:
     """:class:`DramPrices` of ``s`` (its formats, homes, host and compute device)."""
     eb = [s.expert_bytes(fm) for fm in s.formats]
-    cpu_read = np.array([call_read_bytes(s.host, fm, b) for fm, b in zip(s.formats, eb)])
-    dev_read = np.array([call_read_bytes(s.compute, fm, b) if s.unified else 0.0 for fm, b in zip(s.formats, eb)])
+    cpu_read = np.array([call_port_bytes(s.host, fm, b) for fm, b in zip(s.formats, eb)])
+    dev_read = np.array([call_port_bytes(s.compute, fm, b) if s.unified else 0.0 for fm, b in zip(s.formats, eb)])
     dst = s.hardware.memory_of(s.compute.id).id
     copy = np.array([[copy_factor(s.hardware, s.host, home, dst) * b for b in eb] for home in s.homes]
                     or [[0.0] * len(eb)])

@@ -2,9 +2,10 @@
 
 With contention on (``SimConfig.dram_contention``, or the plan's ``inputs.dram_contention``),
 every layer's expert work draws on the host's DRAM port: the weights the host CPU reads for
-the experts it runs, every copy that starts or ends in host DRAM (fetches, cache fills,
-streamed and op-offloaded experts) and, twice, a disk read staged there on its way to the
-device. The port serves them together, so the layer cannot end before
+the experts it runs (their port bytes, :func:`profiles.dram.call_port_bytes`), every copy that
+starts or ends in host DRAM (fetches, cache fills, streamed and op-offloaded experts) and,
+twice, a disk read staged there on its way to the device. The port serves them together, so
+the layer cannot end before
 
     router + (bytes through the port) / dram_bw
 
@@ -24,7 +25,7 @@ charges the predicted set to the layer it serves.
 
 from __future__ import annotations
 
-from profiles.dram import call_read_bytes, copy_factor, port_bytes_per_s
+from profiles.dram import call_port_bytes, copy_factor, port_bytes_per_s
 
 from .experts import RESIDENT
 
@@ -53,12 +54,12 @@ class DramPort:
         return self._factor[key]
 
     def read(self, device_id: str, fmt: str) -> float:
-        """Bytes one call on ``device_id`` reads from the port (0 off host DRAM)."""
+        """Port bytes of one call on ``device_id`` (0 off host DRAM)."""
         key = (device_id, fmt)
         if key not in self._read:
             sim = self.sim
             here = sim.hw.memory_of(device_id).id == self.mem
-            self._read[key] = call_read_bytes(sim.hw.devices[device_id], fmt, sim.model.expert_bytes(fmt)) \
+            self._read[key] = call_port_bytes(sim.hw.devices[device_id], fmt, sim.model.expert_bytes(fmt)) \
                 if here else 0.0
         return self._read[key]
 

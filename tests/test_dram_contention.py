@@ -176,8 +176,8 @@ def test_an_export_reprices_a_contended_plan_as_optimize_priced_it(box, tmp_path
 
 def test_contention_changes_a_desktop_hybrid_plans_split(tmp_path):
     """Mixtral-8x7B at batch 8 on the RTX 4090 desktop whose CPU reads experts at 85% of its
-    DRAM bandwidth (as a probe would state it; the bundled profile assumes 35%, where the port
-    never saturates), roofline engine: with contention on the ILP moves experts between the
+    DRAM bandwidth (as a probe would state it; the bundled profile's 35% is the next test's),
+    roofline engine: with contention on the ILP moves experts between the
     GPU, the cache and the CPU, and its plan beats the contention-blind plan priced the same
     way (an export re-prices it with contention)."""
     from exporters.engines.pricing import Pricing
@@ -198,6 +198,66 @@ def test_contention_changes_a_desktop_hybrid_plans_split(tmp_path):
     flipped = blind.model_copy(update={"inputs": blind.inputs.model_copy(update={"dram_contention": True})})
     blind_contended, _ = Pricing(flipped, model, hw, default_workload(model)).price_plan()
     assert blind_contended.tokens_per_s < aware.predicted["tokens_per_s"]  # the aware plan is the better one
+
+
+def test_a_cpu_call_holds_the_port_for_its_memory_time(box, tmp_path):
+    """The box with a CPU that reaches half its DRAM bandwidth on expert weights: its call
+    reads eb in eb / 5 GB/s = 2.516582 ms (memory-bound), and holds the port for that time, so
+    the copy's eb / 10 GB/s = 1.258291 ms comes on top: 3.774874 ms. Priced at the port's peak
+    (the read bytes over 10 GB/s) the port would be busy 2.516582 ms, under the CPU's own time:
+    the term that never bound on a desktop (profiles.dram)."""
+    hw_path = tmp_path / "hw.yaml"
+    hw_path.write_text(BOX.replace("memory_fraction: 1.0", "memory_fraction: 0.5", 1))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG))
+    _, hw = load_profile(hw_path)
+    assert hw.devices["n/cpu0"].efficiency.memory_fraction == 0.5
+    assert hw.devices["n/gpu0"].efficiency.memory_fraction == 1.0
+    _, _, trace = box
+    model = load_model(tmp_path / "model")
+
+    def setup(on: bool):
+        return make_setup(hw, model, planning_stats(trace), batch_size=1, context_tokens=64, formats=("bf16",),
+                          engine=load_engine("roofline"), dram_contention=on)
+
+    off, on = (option_costs(setup(c), 0, SPLIT) for c in (False, True))
+    cpu_s = EB / 5e9
+    assert off.U[0] == pytest.approx(cpu_s + 2 * setup(False).activation_s(1.0), rel=1e-9)
+    assert off.tau[0] == pytest.approx(off.U[0], rel=1e-12)  # the CPU binds without contention
+    assert on.tau[0] == pytest.approx(cpu_s + EB / 10e9, rel=1e-9)  # 3.774874 ms
+    report = simulate(_plan(box, True), hw, model, trace, SimConfig(batch_size=1, kv_context="plan"))
+    s = setup(True)
+    predicted, _ = step_time(s, [on], [0], fixed_costs(s, "bf16"), False)
+    assert report.metrics["decode_step_s"]["mean"] == pytest.approx(predicted, rel=1e-3)
+
+
+def test_contention_changes_the_split_on_a_bundled_desktop():
+    """The bundled RTX 4090 desktop, bundle runtime, Mixtral-8x7B at batch 8 (throughput): the
+    contention-blind plan runs experts on the CPU while it fetches others into GPU cache slots;
+    with the port priced (profiles.dram) the ILP keeps more experts resident and on the CPU and
+    fetches almost none, predicting a little less, and the blind plan re-priced with
+    contention is slower than the aware one."""
+    from exporters.engines.pricing import Pricing
+    from planner.optimize import OptimizeRequest, optimize
+    from profiles.workload.defaults import default_workload
+
+    plans = {on: optimize(OptimizeRequest(hardware="desktop-4090", model="mixtral-8x7b", objective="throughput",
+                                          batch_size=8, dram_contention=on, compare=False)).plan
+             for on in (False, True)}
+    blind, aware = plans[False], plans[True]
+
+    def sites(plan):
+        return {site: sum(lp.site.count(site) for lp in plan.layers) for site in ("resident", "local", "hybrid")}
+
+    b, a = sites(blind), sites(aware)
+    assert a["local"] > b["local"] and a["resident"] > b["resident"] and a["hybrid"] < b["hybrid"], (b, a)
+    assert sum(lp.cache_slots for lp in aware.layers) < sum(lp.cache_slots for lp in blind.layers)
+    assert aware.predicted["tokens_per_s"] < blind.predicted["tokens_per_s"]
+    model = load_model("mixtral-8x7b")
+    _, hw = load_profile("desktop-4090")
+    flipped = blind.model_copy(update={"inputs": blind.inputs.model_copy(update={"dram_contention": True})})
+    blind_contended, _ = Pricing(flipped, model, hw, default_workload(model)).price_plan()
+    assert blind_contended.tokens_per_s < aware.predicted["tokens_per_s"]
 
 
 def test_a_sweep_varies_contention_and_refuses_a_non_boolean(tmp_path):
