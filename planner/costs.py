@@ -84,6 +84,7 @@ from profiles.perf import dense_step_s, micro_batches, op_offloads
 
 from .dram import averaged_dram_s, dram_prices, outcome_dram_s
 from .format_tiers import tier_masks, tier_rows
+from .nested_options import NESTED_MODE, nested_costs
 from .options import _keeps_critical, engine_runs, keeps_critical, option_specs
 from .setup import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, SPEC_COLUMNS, OptionTable, Setup
 from .step_costs import FixedCosts, capacity, fixed_costs, option_time, runtime_memory, step_time
@@ -100,9 +101,17 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     """Costs of the options ``specs`` (``[N, 7]``, SPEC_COLUMNS) of ``layer``, each with its
     tier ``tiers[i] = (k, b_up)`` (``[N, 2]``, :mod:`planner.format_tiers`; None: no tiers):
     see the module docstring."""
+    specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
+    nested = specs[:, 6] == NESTED_MODE
+    if nested.any():  # nested options price apart (planner.nested_options), rows kept in order
+        parts = [(rows, nested_costs(s, layer, specs[rows]) if n else
+                  option_costs(s, layer, specs[rows], None if tiers is None else np.asarray(tiers).reshape(-1, 2)[rows]))
+                 for n, rows in ((True, np.flatnonzero(nested)), (False, np.flatnonzero(~nested))) if len(rows)]
+        order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
+        return OptionTable(**{k: np.concatenate([getattr(t, k) for _, t in parts])[order]
+                              for k in OptionTable.__dataclass_fields__})
     st = s.stats
     E, B = st.num_experts, s.batch_size
-    specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
     p, q, bi, c, bo, hi, mode = specs.T  # [N] each
     tiers = np.zeros((len(specs), 2), np.int64) if tiers is None else np.asarray(tiers, np.int64).reshape(-1, 2)
     k_up = tiers[:, 0]  # [N]

@@ -15,6 +15,7 @@ from profiles.units import format_size
 from .costs import (FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time,
                     prefill_dense_s, prefill_options_s, with_tiers)
 from .format_tiers import offers_tiers
+from .nested_options import nested_specs, offers_nested
 
 __all__ = ["Problem", "build_problem", "pareto_front", "explain_infeasible"]
 
@@ -108,6 +109,11 @@ def _front_by_rows(cols: np.ndarray, home: np.ndarray, rows: np.ndarray | None =
     return np.sort(np.concatenate(keep)).astype(int) if keep else np.zeros(0, int)
 
 
+def _with_rows(table: OptionTable, more: OptionTable) -> OptionTable:
+    """``table`` with ``more``'s rows appended."""
+    return OptionTable(**{k: np.concatenate([getattr(table, k), getattr(more, k)]) for k in table.__dataclass_fields__})
+
+
 def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray] | None = None,
                   grid: bool = True, ttft: tuple[float, int] | None = None) -> Problem:
     """Option tables for every layer; ``extra[l]`` adds specs (baselines' choices) to layer l;
@@ -120,6 +126,9 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
         # without them, with and without prefetch
         tables = tuple(with_tiers(s, l, t, np.union1d(*(pareto_front(option_time(t, pf), t) for pf in (False, True))))
                        if offers_tiers(s, l) else t for l, t in enumerate(tables))
+        # nested int8 experts as bit-planes (planner.nested_options), when asked for
+        tables = tuple(_with_rows(t, option_costs(s, l, nested_specs(s, l))) if offers_nested(s, l) else t
+                       for l, t in enumerate(tables))
     else:
         tables = tuple(option_costs(s, l, np.unique(extra[l], axis=0)) for l in range(s.stats.num_layers))
     # dense weights run on the compute device: only formats the engine runs there

@@ -62,6 +62,12 @@ def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
     rows = []
     E = s.stats.num_experts
     for layer in plan.layers:
+        if any(layer.planes):  # nested (planner.nested_options): p both, q - p fetch-low, the rest high
+            b = s.formats.index(layer.format[0])
+            p, band = layer.planes.count("both"), layer.planes.count("fetch-low")
+            dram = next((h for h in range(len(s.homes)) if s.in_host_dram(h)), 0)
+            rows.append((p, p + band, b, 0, b, dram, MODES.index("nested")))
+            continue
         resident = [e for e, site in enumerate(layer.site) if site == "resident"]
         off = [e for e, site in enumerate(layer.site) if site != "resident"]
         band = [e for e in off if layer.site[e] != "local"]

@@ -81,6 +81,7 @@ class OptimizeRequest:
     compare: bool = True  # also plan every baseline (OptimizeResult.baselines); False: the plan alone
     max_watts: float | None = None  # average power cap, W: energy per step <= max_watts x step time (planner.energy)
     drop_below: float | None = None  # task-specific plans: experts rarer than this may be dropped (planner.task)
+    nested: bool = False  # offer nested int8 experts as bit-planes (planner.nested_options; --nested)
     dropped: tuple[tuple[int, ...], ...] = ()  # per layer the experts dropped (set by planner.task)
     dropped_importance: tuple[float, ...] = ()  # per layer their importance on the trace (planner.task)
 
@@ -213,6 +214,8 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
                    expert_error=req.expert_error, dram_contention=req.dram_contention)
     if req.dropped:  # planner.task: the stats are the trace's with these dropped
         s = dataclasses.replace(s, dropped=req.dropped, dropped_importance=req.dropped_importance)
+    if req.nested:  # nested int8 experts among the options (planner.nested_options)
+        s = dataclasses.replace(s, nested=True)
     if req.policy is not None:  # a given configuration: priced as it is, no search
         from .given import price_given
 

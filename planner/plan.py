@@ -29,7 +29,6 @@ plane is in host DRAM and crosses the link at every use) or ``high`` (runs on th
 alone, at the half format's quality); ``""`` for an expert that is not nested. Absent (empty)
 on plans without nested experts.
 
-
 ``layer_devices`` (multi-GPU pipeline plans, planner.multi_gpu): per MoE layer the compute
 device that runs its dense part, resident and cached experts and its fetches (over that
 device's own link); absent (None) means ``compute_device`` runs every layer, so plans made
@@ -98,7 +97,6 @@ class LayerPlan(BaseModel):
     # resident expert stored nested ("both", "fetch-low", "high"; "" for one not nested); empty: none
     planes: tuple[str, ...] = ()
 
-
     @model_validator(mode="after")
     def _same_lengths(self) -> "LayerPlan":
         n = len(self.home)
@@ -131,6 +129,10 @@ class LayerPlan(BaseModel):
                                  value=f"{pl} ({self.format[e]}, {self.site[e]})",
                                  expected=f"a resident expert at {' or '.join(NESTED)}, or \"\"",
                                  fix="regenerate the plan with planner optimize")
+        if "fetch-low" in self.planes and self.cache_slots:  # a low plane is fetched at every use, never cached
+            raise InputError("a layer whose nested experts fetch their low plane has no expert cache",
+                             key=f"layers[{self.moe_layer}].cache_slots", value=self.cache_slots, expected="0",
+                             fix="regenerate the plan with planner optimize")
 
     def experts_at(self, site: str) -> list[int]:
         return [e for e, s in enumerate(self.site) if s == site]

@@ -66,6 +66,11 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         home = s.homes[t.home[w]] if s.homes else dev_mem
         band_site = MODES[t.mode[w]]  # fetch, hybrid or stream (local: the band is empty)
         up = tier_masks(s, l, t.q[w:w + 1], t.k[w:w + 1], t.b_off[w:w + 1], t.b_up[w:w + 1])[0]  # [E] by rank
+        if band_site == "nested":  # every expert resident as int8 bit-planes (planner.nested_options)
+            layers.append(_nested_layer(s, l, p, q, br, dev_mem))
+            mem[dev_mem]["expert_bytes"] += float(t.dev_bytes[w])
+            mem[home]["expert_bytes"] += float(t.home_bytes[w])  # the fetch-low experts' low planes
+            continue
         homes, fmts, sites = [None] * st.num_experts, [None] * st.num_experts, [None] * st.num_experts
         for rank, e in enumerate(st.order[l]):
             if rank < p:
@@ -110,6 +115,17 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
                     f"{s.compute.id} after a copy (prefill_offload); decode runs them on the CPU",) if prefill else ()))
 
 
+def _nested_layer(s, l: int, p: int, q: int, fmt: str, dev_mem: str) -> LayerPlan:
+    """A nested option's layer: every expert resident at ``fmt``, by rank both planes below p,
+    the high plane with the low plane fetched below q, the high plane alone from q."""
+    E = s.stats.num_experts
+    planes = [""] * E
+    for rank, e in enumerate(s.stats.order[l]):
+        planes[e] = "both" if rank < p else "fetch-low" if rank < q else "high"
+    return LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=(dev_mem,) * E,
+                     format=(fmt,) * E, site=("resident",) * E, planes=tuple(planes))
+
+
 def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch: bool, step_s: float,
              req: OptimizeRequest) -> dict[str, float]:
     """Predicted metrics of a plan under the shared cost model."""
@@ -123,7 +139,10 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         f = st.frequency[l][st.order[l]]
         band = float(f[p:q].sum())  # accesses through the cache; ranks past q run locally
         accesses += float(f.sum())
-        if MODES[t.mode[w]] in ("fetch", "hybrid") and p < q:
+        if MODES[t.mode[w]] == "nested":  # a fetch-low expert's low plane crosses at every use
+            fetched += band
+            hit_num += float(f.sum()) - band
+        elif MODES[t.mode[w]] in ("fetch", "hybrid") and p < q:
             h = st.hit_rate(l, p, c, q, per_access=True)  # the reported rate and fetches count accesses
             hit_num += float(f[:p].sum()) + h * band
             fetched += (1 - h) * band

@@ -27,6 +27,7 @@ from profiles.errors import InputError
 from profiles.formats import get_format
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
+from profiles.nested import nested_use
 from profiles.units import format_size
 
 from .plan import Plan, digest, model_digest
@@ -157,6 +158,10 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
                 raise bad(f"a {site} expert must live where it is computed, not on NVMe", f"layers[{i}].site[{e}]",
                           site, "fetch or stream for an expert homed on NVMe")
             nbytes = model.expert_bytes(fmt)
+            if lp.planes and lp.planes[e]:  # nested: the planes the device holds, a low plane in host DRAM
+                use = nested_use(model, fmt, lp.planes[e])
+                nbytes = use.device_bytes
+                used[hardware.memory_of(plan.host_device).id] += use.host_bytes
             used[home] += nbytes
             reps = lp.replicas[e] if lp.replicas else ()
             if len(set(reps)) != len(reps) or home in reps:

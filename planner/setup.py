@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup",
            "runnable_formats"]
 
-MODES = ("fetch", "local", "hybrid", "stream")
+# "nested": the layer resident as bit-planes, hot experts fetching their low plane (planner.nested_options)
+MODES = ("fetch", "local", "hybrid", "stream", "nested")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
 
 # Relative output error of an expert stored in each format (normalised RMS error of the
@@ -122,6 +123,8 @@ class Setup:
     dropped_importance: tuple[float, ...] = ()
     # host DRAM as one port shared by CPU expert reads and copies (planner.dram); off: as before
     dram_contention: bool = False
+    # offer nested options: a layer resident as int8 bit-planes (planner.nested_options; --nested)
+    nested: bool = False
 
     def runs(self, device: Device, fmt: str) -> bool:
         """Whether the engine runs weights stored as ``fmt`` on ``device`` (an accelerator: only

@@ -327,6 +327,9 @@ class EngineProfile(BaseModel):
     # runs expert-parallel plans (a layer's experts sharded over GPUs, all-to-all between them);
     # None: it does not
     expert_parallel: SourcedFlag | None = None
+    # runs nested (bit-plane) int8 experts (profiles.nested): both planes, the high plane with
+    # the low plane fetched at every use, or the high plane alone; None: it does not
+    nested: SourcedFlag | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
@@ -337,7 +340,7 @@ class EngineProfile(BaseModel):
         # a profile without a kv_cache block or expert_parallel keeps the digest it had before
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("kv_cache", "expert_parallel", "kv_offload"):
+            for key in ("kv_cache", "expert_parallel", "kv_offload", "nested"):
                 if data.get(key) is None:
                     data.pop(key, None)
         return data

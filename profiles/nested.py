@@ -30,9 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .formats import get_format
+from .hardware import Device
 from .models import ModelSpec
+from .perf import expert_calls_s
 
-__all__ = ["NESTED", "PLANES", "NestedUse", "nested_use", "plane_bytes"]
+__all__ = ["NESTED", "PLANES", "NestedUse", "nested_call_s", "nested_use", "plane_bytes", "plane_format", "plane_of"]
 
 # a nestable format -> the format its high plane alone is a copy in (its quality and kernel)
 NESTED = {"int8": "int4"}
@@ -76,3 +78,27 @@ def nested_use(model: ModelSpec, fmt: str, planes: str) -> NestedUse:
     if planes == "high":
         return NestedUse(NESTED[fmt], high, 0.0, high, 0.0)
     raise ValueError(f"unknown planes {planes!r} (one of {', '.join(PLANES)})")
+
+
+def nested_call_s(device: Device, model: ModelSpec, fmt: str, planes: str, tokens):
+    """Seconds of one call of a nested expert per token count (``tokens``: array or scalar) on
+    ``device``: the run format's kernel over the planes it reads (:func:`nested_use`)."""
+    use = nested_use(model, fmt, planes)
+    return expert_calls_s(device, use.run_format, use.run_bytes, model.expert_flops_per_token, tokens)
+
+
+_SUFFIX = {"fetch-low": "lo", "high": "hi"}
+
+
+def plane_format(fmt: str, planes: str) -> str:
+    """The name the simulator gives a nested expert's work: ``fmt`` for both planes (plain
+    ``fmt``), ``fmt/lo`` for a fetch-low expert (a copy moves its low plane, a call runs at
+    ``fmt``), ``fmt/hi`` for one on its high plane alone (:func:`plane_of` reads it back)."""
+    return fmt if planes == "both" else f"{fmt}/{_SUFFIX[planes]}"
+
+
+def plane_of(name: str) -> tuple[str, str] | None:
+    """``(fmt, planes)`` of a :func:`plane_format` name; None for a plain format name."""
+    fmt, _, suffix = name.partition("/")
+    planes = next((p for p, x in _SUFFIX.items() if x == suffix), None)
+    return (fmt, planes) if planes is not None and fmt in NESTED else None

@@ -332,7 +332,7 @@ class ExpertWork(PlayAhead, StepAhead):
     def expert_fetch(self, l: int, e: int, fmt: str):
         """Copies expert ``e`` of layer ``l`` from its home to the compute device (copy engine)."""
         lay = self.layers[l]
-        n_bytes = self.model.expert_bytes(fmt)
+        n_bytes = self.expert_bytes(fmt)  # Pricing's: a nested expert's low plane (profiles.nested)
         # the layer's own device and link (a prefetch for l runs while l - 1 computes)
         with self.copy_engine(self.layer_dev[l]).request() as req:
             yield req

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from profiles.errors import InputError
+from profiles.nested import nested_call_s, nested_use, plane_format, plane_of
 from profiles.perf import activation_bytes, dense_step_s, expert_calls_s, kv_host
 
 from .experts import ExpertLayer
@@ -73,6 +74,8 @@ class Pricing:
     def _resolve_layer(self, lp, l: int) -> ExpertLayer:
         # a layer's E experts share a few (home, site) and (device, format) pairs: each is
         # resolved once, its owners tuple and price table shared (they are only read)
+        if any(lp.planes):  # nested experts (profiles.nested): fetch-low ones fetch their low plane at each use
+            lp = self._nested_view(lp)
         runner = self._runner
         runs = {key: (runner(*key),) for key in set(zip(lp.home, lp.site))}
         owners = [runs[key] for key in zip(lp.home, lp.site)]
@@ -98,6 +101,20 @@ class Pricing:
         lay.cost = [local if fmt is None else table[fmt] for fmt, local in zip(here, lay.local_cost)]
         return lay
 
+    def _nested_view(self, lp):
+        """A layer with nested experts as the simulator runs it: a fetch-low expert is a ``fetch``
+        expert of a cacheless layer (plan validation holds it so) homed in host DRAM whose copy
+        moves the low plane and whose call runs at its format; a high one a resident expert
+        whose call reads the high plane (:func:`profiles.nested.plane_format`, priced by
+        :meth:`costs` and :meth:`expert_bytes` through :func:`profiles.nested.nested_use`)."""
+        host = self.hw.memory_of(self.plan.host_device).id
+        planes = [p or "both" for p in lp.planes]
+        return lp.model_copy(update={
+            "site": tuple("fetch" if p == "fetch-low" else s for p, s in zip(planes, lp.site)),
+            "home": tuple(host if p == "fetch-low" else h for p, h in zip(planes, lp.home)),
+            "format": tuple(plane_format(f, p) if p != "both" else f for p, f in zip(planes, lp.format)),
+            "planes": ()})
+
     def _runner(self, memory_id: str, site: str) -> str:
         """The compute device that runs an expert homed in ``memory_id`` at ``site`` (cached)."""
         key = (memory_id, site, self.compute_id)  # a pipeline plan's layers have their own compute devices
@@ -122,6 +139,10 @@ class Pricing:
     def costs(self, device_id: str, fmt: str) -> Costs:
         """Seconds of an expert call on ``device_id`` in ``fmt`` by token count (one table per pair)."""
         table = self._costs.get((device_id, fmt))
+        if table is None and plane_of(fmt) is not None:  # a nested expert's call (profiles.nested)
+            dev, (base, planes) = self.hw.devices[device_id], plane_of(fmt)
+            table = self._costs[(device_id, fmt)] = Costs(
+                lambda tokens: nested_call_s(dev, self.model, base, planes, tokens))
         if table is None:
             dev, n_bytes, flops = self.hw.devices[device_id], self.model.expert_bytes(fmt), \
                 self.model.expert_flops_per_token
@@ -171,7 +192,10 @@ class Pricing:
     def expert_bytes(self, fmt: str) -> float:
         n_bytes = self._bytes_cache.get(fmt)
         if n_bytes is None:
-            n_bytes = self._bytes_cache[fmt] = float(self.model.expert_bytes(fmt))
+            nested = plane_of(fmt)  # a nested expert: what a copy moves (low plane), what the device holds (high)
+            use = nested_use(self.model, *nested) if nested is not None else None
+            n_bytes = self._bytes_cache[fmt] = float(self.model.expert_bytes(fmt)) if use is None else \
+                use.fetch_bytes or use.device_bytes
         return n_bytes
 
     def _dev_mem(self, device_id: str) -> str:
