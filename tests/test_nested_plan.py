@@ -190,3 +190,20 @@ def test_the_simulator_runs_the_planes_at_the_planned_price(case, plans, p, q):
     _, low = plane_bytes(spec, "int8")
     assert (moved > 0) == (q > p)
     assert moved / low == pytest.approx(round(moved / low), abs=1e-6)  # whole low planes, nothing else
+
+
+def test_optimize_cli_plans_nested_experts_when_asked(case, tmp_path, run_cli):
+    """``planner optimize --nested`` reaches the ILP (the plan holds planes); without it none;
+    expert-parallel plans refuse it in one line."""
+    from profiles.workload.trace import save_trace
+
+    _, directory, trace = case
+    save_trace(trace, tmp_path / "trace.npz")
+    args = ["optimize", "-H", HARDWARE, "-m", directory / "config.json", "-t", tmp_path / "trace.npz",
+            "--engine", "roofline", "--formats", "int8,int4", "--quality-budget", "0.02"]
+    r = run_cli(*args, "--nested", "--out", tmp_path / "nested.json")
+    assert r.exit_code == 0, r.stderr
+    planes = [x for lp in json.loads((tmp_path / "nested.json").read_text())["layers"] for x in lp.get("planes", [])]
+    assert "both" in planes and "high" in planes
+    r = run_cli("optimize", "-H", "cluster-h100-2node", "-m", "deepseek-v2-lite", "--parallel", "ep", "--nested")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "--nested" in r.stderr, r.stderr

@@ -107,3 +107,21 @@ def test_high_plane_alone_runs_at_int4_quality(base, ckpt):
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
     assert float(cos.min()) >= 0.99, cos
     assert not m["bytes_moved"].get(base["host_device"])  # nothing fetched
+
+
+def test_an_exported_bundle_runs_its_nested_experts(base, ckpt, tmp_path, run_cli, run_bundle, monkeypatch):
+    """``planner export`` of a plan with planes writes a bundle whose own run.py decodes, moving
+    the fetch-low experts' low planes from host memory."""
+    plan = with_planes(base, ["both", "fetch-low", "high", ""] * 2)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "bundle"
+    r = run_cli("export", tmp_path / "plan.json", "--checkpoint", ckpt, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "kernels" / "manifest.json").read_text())["layers"]["0"]["nested"] == \
+        ["0", "1", "2", "4", "5", "6"]
+    monkeypatch.chdir(tmp_path)
+    assert run_bundle(out, "--checkpoint", ckpt, "--prompt", "the cat sat", "--max-new-tokens", 3, "--ignore-eos",
+                      "--device", "cpu", "--metrics-out", tmp_path / "m.json") == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["generated_tokens"] == 3
+    assert metrics["bytes_moved"].get(base["host_device"], 0) > 0

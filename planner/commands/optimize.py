@@ -228,6 +228,10 @@ def _load_trace(path: str, task: str | None):
               help="Price host DRAM as one port that the CPU's expert reads and the copies to the GPU share (a "
               "layer lasts at least their bytes / DRAM bandwidth), as desktop DRAM limits hybrid plans; recorded "
               "in plan.json, so simulate and export price the same. Default off: the CPU and the link price apart.")
+@click.option("--nested", is_flag=True,
+              help="Offer nested int8 experts (stored as two int4 planes): per layer the hot experts hold both "
+              "planes on the GPU, the next fetch their low plane from host memory at each use, the cold ones run on "
+              "their high plane alone at int4 quality (plan.json planes); engines whose profile says nested.")
 @click.option("--quality-budget", type=FiniteFloat(min=0), default=None,
               help="Largest importance-weighted quantisation error allowed. Default: that of uniform int4 "
               f"({QUANT_ERROR['int4']}); uniform int8 is {QUANT_ERROR['int8']}.")
@@ -367,6 +371,9 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         if use_ep and kv_cache == "host":
             raise InputError("an expert-parallel plan keeps the KV cache on its GPUs", key="--kv-cache", value="host",
                              fix="add --parallel offload, or use --kv-cache auto")
+        if use_ep and given["nested"]:
+            raise InputError("--nested plans one GPU with offloading; expert-parallel plans do not hold planes",
+                             key="--nested", fix="add --parallel offload, or drop --nested")
         if use_ep and given["dram_contention"]:
             raise InputError("--dram-contention prices offload plans (one node's host DRAM shared by its CPU and "
                              "copies); expert-parallel plans do not model it", key="--dram-contention",
@@ -383,7 +390,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         expert_error=quality["errors"], quality_digest=quality["digest"],
         multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None,
         max_watts=max_watts, drop_below=drop_below)
-    request = dataclasses.replace(request, dram_contention=given["dram_contention"])  # planner.dram
+    request = dataclasses.replace(request, dram_contention=given["dram_contention"],  # planner.dram
+                                  nested=given["nested"])  # planner.nested_options
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
