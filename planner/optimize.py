@@ -228,6 +228,9 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
         if req.objective == "energy" or req.max_watts is not None:
             raise InputError("--objective energy and --max-watts plan one GPU with offloading", key="--parallel",
                              value=hw.name, fix="add --parallel offload")
+        if req.nested:
+            raise InputError("--nested plans one GPU with offloading", key="--parallel", value=hw.name,
+                             fix="add --parallel offload, or drop --nested")
         t_build = _now()
         plan = plan_multi_gpu(s, req, inputs, budget)  # builds and solves: its time is the solve's
         t_solve = _now()

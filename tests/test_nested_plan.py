@@ -193,8 +193,8 @@ def test_the_simulator_runs_the_planes_at_the_planned_price(case, plans, p, q):
 
 
 def test_optimize_cli_plans_nested_experts_when_asked(case, tmp_path, run_cli):
-    """``planner optimize --nested`` reaches the ILP (the plan holds planes); without it none;
-    expert-parallel plans refuse it in one line."""
+    """``planner optimize --nested`` reaches the ILP (the plan holds planes); expert-parallel
+    and multi-GPU pipeline plans refuse it in one line."""
     from profiles.workload.trace import save_trace
 
     _, directory, trace = case
@@ -205,5 +205,6 @@ def test_optimize_cli_plans_nested_experts_when_asked(case, tmp_path, run_cli):
     assert r.exit_code == 0, r.stderr
     planes = [x for lp in json.loads((tmp_path / "nested.json").read_text())["layers"] for x in lp.get("planes", [])]
     assert "both" in planes and "high" in planes
-    r = run_cli("optimize", "-H", "cluster-h100-2node", "-m", "deepseek-v2-lite", "--parallel", "ep", "--nested")
-    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "--nested" in r.stderr, r.stderr
+    for hw, parallel in (("cluster-h100-2node", "ep"), ("workstation-2x3090-pcie", "auto")):
+        r = run_cli("optimize", "-H", hw, "-m", "deepseek-v2-lite", "--parallel", parallel, "--nested")
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "--nested" in r.stderr, r.stderr
