@@ -340,13 +340,16 @@ class PlannedExperts(nn.Module):
                     continue  # a null expert
                 site = sites[e]
                 first = e not in on_device and e not in on_cpu
+                if e in self.home.low:  # nested fetch-low: the low plane comes (a miss, as the simulator counts it)
+                    counts["miss"] += 1
+                    if e not in on_device:  # once per step; int8 assembled from the planes
+                        on_device[e] = self.fetcher.submit(lambda e=e: self._ready(ExpertWeights(
+                            "int8", assemble(self.resident[e].tensors, self.home.load_low(e, self.device)))), start=False)
+                    continue
                 if site == "resident":
                     counts["resident"] += 1
                     if e in self.resident_on_cpu:
                         on_cpu.add(e)
-                    elif e in self.home.low and e not in on_device:  # nested: the low plane comes, int8 is assembled
-                        on_device[e] = self.fetcher.submit(lambda e=e: self._ready(ExpertWeights(
-                            "int8", assemble(self.resident[e].tensors, self.home.load_low(e, self.device)))), start=False)
                     else:
                         on_device.setdefault(e, Slot(self.resident[e]))
                     continue
