@@ -38,7 +38,14 @@ ours to it; target on the 64-GPU cases: cross-node gap <= 5% with the plan in <=
 Mixed cluster (issue 19 item 3): DeepSeek-V3 on cluster-h100-a100 (8 H100 + 8 A100), planned
 with speed-aware balance, simulated (simulator/) at the decode batch the speeds are taken at,
 on the engine the plan is priced for; decode step time of ours and of the speed-aware EPLB
-(eplb-speed) against speed-blind EPLB global; target: >= 15% faster.
+(eplb-speed) against speed-blind EPLB global; target: >= 15% faster. Ours decides, besides
+the placement, each GPU's share of the sequences for data-parallel attention
+(planner/cluster/attention.py) and, with it, fewer expert slots on the slow GPUs
+(planner/cluster/slots.py); neither is a flag of SGLang or vLLM (equal shares per DP rank,
+equal slots per EP rank), so the rows "ours-even-slots" (--even-slots: shares only, which a
+router in front of the DP ranks could give) and "ours-engine-defaults" (even slots, equal
+shares: what the engines run as they are) show what each lever brings. The baselines run with
+equal shares and slots, as the engines do.
 
 Run: ``python benchmarks/bench_cluster.py [--out PATH] [--quick]``
 """
@@ -82,7 +89,7 @@ PLAN_S = 60.0
 BOUND_PLAN_S = 120.0
 BOUND_GAP = 0.05
 MIXED = "cluster-h100-a100"
-MIXED_RUNS = (("sglang", 64), ("bundle", 8))  # (engine, decode sequences per GPU)
+MIXED_RUNS = (("sglang", 64), ("vllm", 8))  # (engine, decode sequences per GPU); the bundle runs no EP plan
 MIXED_STEP_CUT = 0.15
 BALANCE_MARGIN = 0.02
 CROSS_NODE_CUT = 0.30
@@ -191,13 +198,17 @@ def mixed_case(engine: str, batch: int) -> dict:
     result = plan_cluster(ClusterRequest(hardware=MIXED, model=MODEL, engine=engine, batch_size=batch,
                                          context_tokens=1024))
     wall = time.perf_counter() - t0
+    even = plan_cluster(ClusterRequest(hardware=MIXED, model=MODEL, engine=engine, batch_size=batch,
+                                       context_tokens=1024, even_slots=True))
     spec = load_model(MODEL)
     _, hw = load_profile(MIXED)
     trace = default_workload(spec)
     G = result.topology.num_gpus
     config = SimConfig(batch_size=batch * G, requests=batch * G)
-    plans = {"ours": result.plan, "eplb-speed": result.baselines["eplb-speed"],
-             "eplb-global": result.baselines["eplb-global"]}
+    plans = {"ours": result.plan, "ours-even-slots": even.plan,
+             "ours-engine-defaults": even.plan.model_copy(update={"attention_shares": None}),
+             "eplb-speed": result.baselines["eplb-speed"], "eplb-global": result.baselines["eplb-global"]}
+    metrics = result.metrics | {"ours-even-slots": even.metrics["ours"], "ours-engine-defaults": even.metrics["ours"]}
     sims = {}
     for name, plan in plans.items():
         m = simulate(plan, hw, spec, trace, config).metrics
@@ -205,16 +216,20 @@ def mixed_case(engine: str, batch: int) -> dict:
         sims[name] = {"decode_step_s": round(m["decode_step_s"]["mean"], 6), "tokens_per_s": round(m["tokens_per_s"], 2),
                       "busy_s_h100_mean": round(float(np.mean([v for k, v in busy.items() if k.startswith("h100/gpu")])), 4),
                       "busy_s_a100_mean": round(float(np.mean([v for k, v in busy.items() if k.startswith("a100/gpu")])), 4),
-                      "cross_node_fraction": round(float(result.metrics[name]["cross_node_fraction"]), 5),
-                      "max_mean_time": round(float(result.metrics[name]["max_mean_avg"]), 5)}
+                      "cross_node_fraction": round(float(metrics[name]["cross_node_fraction"]), 5),
+                      "max_mean_time": round(float(metrics[name]["max_mean_avg"]), 5)}
     base = sims["eplb-global"]["decode_step_s"]
     cut = {name: round(1 - s["decode_step_s"] / base, 4) for name, s in sims.items()}
     print(f"mixed {engine} batch {batch}/GPU: decode step ours {sims['ours']['decode_step_s'] * 1e3:.2f} ms, eplb-speed "
           f"{sims['eplb-speed']['decode_step_s'] * 1e3:.2f} ms, eplb-global {base * 1e3:.2f} ms: ours {cut['ours']:+.1%}, "
-          f"eplb-speed {cut['eplb-speed']:+.1%} faster; plan {wall:.1f} s", flush=True)
+          f"even slots {cut['ours-even-slots']:+.1%}, engine defaults {cut['ours-engine-defaults']:+.1%}, eplb-speed "
+          f"{cut['eplb-speed']:+.1%} faster; slots {result.info['slots']}, attention "
+          f"{(result.info['attention'] or {}).get('sequences')}; plan {wall:.1f} s", flush=True)
     return {"profile": MIXED, "engine": engine, "batch_per_gpu": batch, "context_tokens": 1024,
             "speeds": result.info["speed"], "speed_tokens_per_call": result.info["speed_tokens_per_call"],
-            "plan_s": round(wall, 2), "simulated": sims, "step_cut_vs_eplb_global": cut,
+            "plan_s": round(wall, 2), "slots_per_gpu": result.info["slots"],
+            "attention": result.info["attention"], "attention_even_slots": even.info["attention"],
+            "simulated": sims, "step_cut_vs_eplb_global": cut,
             "bound": result.info["bound"],
             "checks": {"step_cut_at_least_15pct": cut["ours"] >= MIXED_STEP_CUT}}
 
