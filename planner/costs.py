@@ -131,6 +131,10 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     unused = np.zeros(E + 1)  # never indexed
     dev_c = np.stack([cum(act * s.call_s(s.compute, fm, tokens)) if j in used else unused
                       for j, fm in enumerate(s.formats)])  # [b, E+1]
+    # band experts served from the engine's expert cache (fetch, hybrid) at the cached experts'
+    # price (profiles.perf.efficiency_of: the bundle on a CPU runs them on one thread each)
+    cached_c = np.stack([cum(act * s.call_s(s.compute, fm, tokens, cached=True)) if j in used else unused
+                         for j, fm in enumerate(s.formats)]) if s.compute.cached_efficiency is not None else dev_c
     cpu_e = np.stack([act * s.call_s(s.host, fm, tokens) if j in used else unused[1:]
                       for j, fm in enumerate(s.formats)])  # [b, E] a_e u_e by rank
     cpu_c = np.stack([cum(v) for v in cpu_e])  # [b, E+1] sum a_e u_e
@@ -151,7 +155,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     # op offload: the DRAM-held tail runs on the device after a copy, not on the CPU
     offload = in_dram & (q < E) if _offloading(s) else np.zeros(len(specs), bool)  # [N]
     res_G = dev_c[bi, p]
-    band_G = dev_c[bo, q] - dev_c[bo, p]
+    via_cache = (mode == MODES.index("fetch")) | (mode == MODES.index("hybrid"))  # [N]
+    band_G = np.where(via_cache, cached_c[bo, q] - cached_c[bo, p], dev_c[bo, q] - dev_c[bo, p])
     band_U = cpu_c[bo, q] - cpu_c[bo, p]
     tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q] + up_U)
     tail_idle = np.where(offload, 0.0, idle_c[E] - idle_c[q])
@@ -197,6 +202,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     r = float(st.predictability[layer])
     if B == 1 and st.access_rank is not None and not offload.any():
         t_dev1 = np.array([s.call_s(s.compute, fm, np.ones(1))[0] for fm in s.formats])  # [b] one-token calls
+        t_hit1 = np.array([s.call_s(s.compute, fm, np.ones(1), cached=True)[0] for fm in s.formats])  # [b] cached
         t_cpu1 = np.array([s.call_s(s.host, fm, np.ones(1))[0] for fm in s.formats])
         # every option against every per-token outcome of its (p, c, q): ragged pairs
         if len(tiered):  # a token's tier experts counted apart (n_up of its n_local)
@@ -218,7 +224,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         row = first[key_of][opt] + np.arange(len(opt)) - np.repeat(np.cumsum(per_opt) - per_opt, per_opt)
         n_res, n_hit, n_miss, n_local, share = (v[row] for v in outcome)
         tier = {} if n_up is None else dict(n_up=n_up[row], t_up=t_cpu1[bu[opt]])
-        *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]], t_dev1[bo[opt]],
+        *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]],
+                                    np.where(via_cache[opt], t_hit1[bo[opt]], t_dev1[bo[opt]]),
                                     t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier)
         if s.dram_contention:  # host DRAM shared by the token's CPU reads and copies (planner.dram)
             times = [np.maximum(t, d) for t, d in zip(times, outcome_dram_s(

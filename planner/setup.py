@@ -197,11 +197,12 @@ class Setup:
         """Link seconds to move ``tokens`` hidden states (bf16) one way between host and device."""
         return self.hardware.route(self.host.id, self.compute.id).transfer_s(tokens * self.model.hidden_size * 2)
 
-    def call_s(self, device: Device, fmt: str, tokens: np.ndarray) -> np.ndarray:
-        """``[...]`` seconds of one expert call per token count (vectorised over tokens)."""
+    def call_s(self, device: Device, fmt: str, tokens: np.ndarray, cached: bool = False) -> np.ndarray:
+        """``[...]`` seconds of one expert call per token count (vectorised over tokens; ``cached``:
+        an expert run from the engine's expert cache, :func:`profiles.perf.efficiency_of`)."""
         wb = self.expert_bytes(fmt)
         flops_per_token = self.model.expert_flops_per_token
-        return expert_calls_s(device, fmt, wb, flops_per_token, tokens)
+        return expert_calls_s(device, fmt, wb, flops_per_token, tokens, cached)
 
     def cache_sizes(self) -> list[int]:
         if self.cache_grid is not None:

@@ -203,6 +203,11 @@ class DeviceKindSpec(BaseModel):
     # backend whose kernels reach other shares (llama.cpp: Metal on an Apple GPU); replaces
     # `efficiency` there
     efficiency_by_vendor: dict[Vendor, EngineEfficiency] = Field(default_factory=dict)
+    # the share its kernels reach for experts it runs from its expert cache on this kind of
+    # device, where it runs them otherwise than resident ones (the bundle on a CPU: one
+    # single-thread ONNX Runtime session per cached expert, resident ones in the layer's session
+    # on every thread); priced where `efficiency` is (profiles.perf.efficiency_of); None: `efficiency`
+    cached_efficiency: EngineEfficiency | None = None
     expert_loop: ExpertLoop | None = None  # None: routed experts only
     # share of the device's bf16 (widest float) peak its attention kernels reach over the cached
     # context (profiles.perf.attention_compute_s: attention costs the longer of its KV read and
@@ -214,7 +219,8 @@ class DeviceKindSpec(BaseModel):
         # fields left at their defaults are left out, so profiles without them keep their digest
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("efficiency_by_vendor", "expert_loop", "token_overhead_s", "attention_fraction"):
+            for key in ("efficiency_by_vendor", "expert_loop", "token_overhead_s", "attention_fraction",
+                        "cached_efficiency"):
                 if data.get(key) in (None, {}):
                     data.pop(key, None)
         return data
@@ -468,6 +474,11 @@ class Engine:
             if d.efficiency_stated:  # the hardware's measured curve is of another kernel than the engine's
                 given["points"] = None
             changes["efficiency"] = d.efficiency.model_copy(update=given | {"source": f"{whose}: {eff.source}"})
+            cached = spec.cached_efficiency  # relative to the same figures as `efficiency`: applied with it
+            if cached is not None:
+                given = {k: v for k, v in cached.model_dump(exclude={"source"}).items() if v is not None}
+                changes["cached_efficiency"] = changes["efficiency"].model_copy(
+                    update=given | {"source": f"engine {self.name}, cached experts: {cached.source}"})
         if d.kind == "cpu":
             family = _family(d, spec.kernel_family)
             if family is not None:

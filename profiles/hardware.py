@@ -383,6 +383,10 @@ class Device:
     vendor: str | None = None  # see DeviceSpec
     # set by an engine profile (profiles.engines.Engine.apply), zero/empty on bare hardware:
     expert_call_overhead_s: float = 0.0  # framework seconds per expert call (dispatch, Python)
+    # the efficiency of the experts the engine runs from its expert cache on this device where it
+    # runs them otherwise than resident ones (the bundle on a CPU: one single-thread ONNX Runtime
+    # session per cached expert; profiles.engines DeviceKindSpec.cached_efficiency); None: `efficiency`
+    cached_efficiency: EfficiencySpec | None = None
     # framework seconds per hidden layer for each token of a forward step past the first (routing,
     # indexing and eager ops whose work grows with the step's tokens; layer_overhead_s is one token's)
     token_overhead_s: float = 0.0

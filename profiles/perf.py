@@ -14,6 +14,9 @@ of device), ``unpack = params / R`` and the matmul reads the fp16 copy (``read_b
 params``) at the widest float peak; otherwise a fused kernel reads the stored bytes
 (``unpack = 0``, ``read_bytes = weight_bytes(b)``). ``call_overhead`` is the engine's
 framework cost per expert call (dispatch, Python), ``launch`` the device's kernel launch.
+The efficiency is the device's, or, for an expert run from the engine's expert cache (a hit or
+a fetched miss), ``cached_efficiency`` where the engine runs those otherwise (the bundle on a
+CPU: a single-thread session per cached expert; :func:`efficiency_of`).
 An engine that runs all of a layer's routed experts as one fused kernel per projection
 (``Device.fused_experts``: llama.cpp's MUL_MAT_ID, vLLM/SGLang fused_moe, kTransformers'
 CPU MoE op) pays no launch per expert call; each MoE layer's dense step pays the fused
@@ -58,7 +61,8 @@ from .hardware import Device
 if TYPE_CHECKING:
     from .models import ModelSpec
 
-__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "expert_call_s", "expert_calls_s",
+__all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "efficiency_of", "expert_call_s",
+           "expert_calls_s",
            "FUSED_MOE_LAUNCHES", "LINEARS_PER_EXPERT", "ATTENTION_LINEARS", "token_layer_s", "unrouted_visits_s",
            "micro_batches", "op_offloads", "KVHost", "kv_host"]
 
@@ -91,7 +95,8 @@ def compute_format(device: Device, storage_format: str) -> str:
     return max(device.peak_ops_per_s, key=device.peak_ops_per_s.get)
 
 
-def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float) -> float:
+def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float,
+                  cached: bool = False) -> float:
     """Seconds for one expert call on ``device`` (roofline with efficiency plus overhead).
 
     Args:
@@ -100,29 +105,45 @@ def expert_call_s(device: Device, storage_format: str, weight_bytes: float, flop
         weight_bytes: bytes of the expert's weights in that format.
         flops: floating-point operations of the call (2 * n * 3 * H * I for a gated FFN).
         tokens: tokens in the call (n), which sets the efficiency.
+        cached: the expert runs from the engine's expert cache (a hit, or a fetched miss):
+            priced at the device's ``cached_efficiency`` where the engine states one
+            (:func:`efficiency_of`).
     """
     launch = not device.fused_experts  # a fused engine launches per layer (dense_step_s), not per call
-    return (_kernel_s(device, storage_format, weight_bytes, flops, tokens, launch) + device.expert_call_overhead_s
+    return (_kernel_s(device, storage_format, weight_bytes, flops, tokens, launch, cached)
+            + device.expert_call_overhead_s
             + LINEARS_PER_EXPERT * device.linear_host_s.get(storage_format, 0.0))
 
 
 def expert_calls_s(device: Device, storage_format: str, weight_bytes: float, flops_per_token: float,
-                   tokens: np.ndarray) -> np.ndarray:
+                   tokens: np.ndarray, cached: bool = False) -> np.ndarray:
     """:func:`expert_call_s` for an array of token counts (the planner prices every rank at once)."""
     tokens = np.asarray(tokens, dtype=float)
     launch = not device.fused_experts
-    memory_s, compute_rate, fixed_s = _roofline_parts(device, storage_format, weight_bytes)
+    memory_s, compute_rate, fixed_s = _roofline_parts(device, storage_format, weight_bytes, cached)
     flops = flops_per_token * tokens
-    compute_s = np.where(flops > 0, flops / (compute_rate * device.efficiency.compute_fractions(tokens)), 0.0)
+    eff = efficiency_of(device, cached)
+    compute_s = np.where(flops > 0, flops / (compute_rate * eff.compute_fractions(tokens)), 0.0)
     return fixed_s + np.maximum(memory_s, compute_s) + (device.launch_overhead_s if launch else 0.0) \
         + device.expert_call_overhead_s + LINEARS_PER_EXPERT * device.linear_host_s.get(storage_format, 0.0)
 
 
-def _roofline_parts(device: Device, storage_format: str, weight_bytes: float) -> tuple[float, float, float]:
+def efficiency_of(device: Device, cached: bool = False):
+    """The efficiency an expert call on ``device`` reaches: ``device.cached_efficiency`` for an
+    expert run from the engine's expert cache where the engine runs those otherwise than its
+    resident ones (the bundle on a CPU: a single-thread session per cached expert, its resident
+    and CPU-local experts in the layer's session on every thread), else ``device.efficiency``."""
+    if cached and device.cached_efficiency is not None:
+        return device.cached_efficiency
+    return device.efficiency
+
+
+def _roofline_parts(device: Device, storage_format: str, weight_bytes: float,
+                    cached: bool = False) -> tuple[float, float, float]:
     """``(memory seconds, peak ops/s of the compute format, unpack seconds)`` of one matmul call."""
     if not device.is_compute or device.efficiency is None:
         raise ValueError(f"{device.id} does not compute")
-    eff = device.efficiency
+    eff = efficiency_of(device, cached)
     rate = device.unpack_weights_per_s.get(storage_format)
     if rate:
         params = weight_bytes * 8.0 / get_format(storage_format).bits_per_weight
@@ -136,10 +157,10 @@ def _roofline_parts(device: Device, storage_format: str, weight_bytes: float) ->
 
 
 def _kernel_s(device: Device, storage_format: str, weight_bytes: float, flops: float, tokens: float,
-              launch: bool = True) -> float:
+              launch: bool = True, cached: bool = False) -> float:
     """The roofline of one matmul call (unpack included), without the engine's per-call cost."""
-    memory_s, peak, unpack_s = _roofline_parts(device, storage_format, weight_bytes)
-    compute_s = flops / (peak * device.efficiency.compute_fraction(tokens)) if flops > 0 else 0.0
+    memory_s, peak, unpack_s = _roofline_parts(device, storage_format, weight_bytes, cached)
+    compute_s = flops / (peak * efficiency_of(device, cached).compute_fraction(tokens)) if flops > 0 else 0.0
     return unpack_s + max(memory_s, compute_s) + (device.launch_overhead_s if launch else 0.0)
 
 

@@ -167,7 +167,7 @@ class ExpertWork(PlayAhead, StepAhead):
                     continue
                 if action == "low-bit":
                     low = self._copy(lay.home[e], "int4")
-                    jobs.append(("fetch", e, n, "int4", low, self.call_s(compute_id, "int4", n)))
+                    jobs.append(("fetch", e, n, "int4", low, self.call_s(compute_id, "int4", n, True)))
                     flags |= FETCH
                     continue
                 if cache is not None:
@@ -321,7 +321,7 @@ class ExpertWork(PlayAhead, StepAhead):
                 waits.append(env.process(self.fetch_then_run(l, *job[1:4])))
             elif kind == "after":
                 _, ev, e, n, fmt = job
-                waits.append(env.process(self.run_after(ev, self.compute_id, self.call_s(self.compute_id, fmt, n),
+                waits.append(env.process(self.run_after(ev, self.compute_id, self.call_s(self.compute_id, fmt, n, True),
                                                         f"expert L{l}E{e}")))
             elif kind == "local":
                 waits.append(env.process(self.local_experts(l, *job[1:4])))
@@ -343,7 +343,7 @@ class ExpertWork(PlayAhead, StepAhead):
 
     def fetch_then_run(self, l: int, e: int, n: int, fmt: str):
         yield from self.expert_fetch(l, e, fmt)
-        end = self.stream(self.compute_id).reserve(self.call_s(self.compute_id, fmt, n), f"expert L{l}E{e}")
+        end = self.stream(self.compute_id).reserve(self.call_s(self.compute_id, fmt, n, True), f"expert L{l}E{e}")
         yield self.env.timeout(max(end - self.env.now, 0.0))
 
     def run_after(self, ready: simpy.Event, device: str, seconds: float, what: str):
@@ -381,7 +381,7 @@ class ExpertWork(PlayAhead, StepAhead):
         x = self.net.transfer_s(home, self.compute_mem, self.model.expert_bytes(fmt))
         host = self.host_id
         ax = 2 * self.net.transfer_s(self.compute_mem, self.hw.memory_of(host).id, activation_bytes(self.model, 1))
-        return {"fetch_s": lambda n: x + self.call_s(self.compute_id, fmt, n),
+        return {"fetch_s": lambda n: x + self.call_s(self.compute_id, fmt, n, True),
                 "local_s": lambda n: self.call_s(host, lay.fmt[e], n) + ax * n,
                 "gate_threshold": 0.1}
 

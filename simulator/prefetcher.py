@@ -72,10 +72,10 @@ class Prefetcher:
             if kind == "fetch":
                 _, e, n, fmt, *_ = job
                 link_s += copy_s(e, fmt)
-                busy[self.compute_id] = busy.get(self.compute_id, 0.0) + self.call_s(self.compute_id, fmt, n)
+                busy[self.compute_id] = busy.get(self.compute_id, 0.0) + self.call_s(self.compute_id, fmt, n, True)
             elif kind == "after":
                 _, _ev, e, n, fmt = job
-                busy[self.compute_id] = busy.get(self.compute_id, 0.0) + self.call_s(self.compute_id, fmt, n)
+                busy[self.compute_id] = busy.get(self.compute_id, 0.0) + self.call_s(self.compute_id, fmt, n, True)
             elif kind == "fill":
                 link_s += copy_s(job[1], lay.cache_format or lay.fmt[job[1]])
             elif kind == "local":

@@ -51,7 +51,7 @@ class Pricing:
     ``compute_id``, ``compute_mem``, ``host_id``, ``eviction``, ``dense_format`` and ``_freq``)."""
 
     def _init_prices(self) -> None:
-        self._costs: dict[tuple[str, str], Costs] = {}
+        self._costs: dict[tuple[str, str, bool], Costs] = {}
         self._bytes_cache: dict[str, float] = {}
         self._mem_cache: dict[str, str] = {}
         self._transfer_cache: dict[tuple[str, str, float], float] = {}
@@ -97,8 +97,10 @@ class Pricing:
         # a hit, a fetched or a streamed expert runs on the compute device (None: where it lives)
         here = [lay.copy_format[e] if site in ("fetch", "hybrid") else lay.fmt[e] if site == "stream" else None
                 for e, site in enumerate(lay.site)]
-        table = {fmt: costs(compute, fmt) for fmt in set(here) if fmt is not None}
-        lay.cost = [local if fmt is None else table[fmt] for fmt, local in zip(here, lay.local_cost)]
+        # ... from the engine's expert cache if fetched (fetch, hybrid): at the cached experts' price
+        cached = [site in ("fetch", "hybrid") for site in lay.site]
+        table = {(fmt, c): costs(compute, fmt, c) for fmt, c in set(zip(here, cached)) if fmt is not None}
+        lay.cost = [local if fmt is None else table[(fmt, c)] for fmt, c, local in zip(here, cached, lay.local_cost)]
         return lay
 
     def _nested_view(self, lp):
@@ -136,22 +138,25 @@ class Pricing:
                 return d
         return self.host_id  # NVMe-resident experts computed "locally" run on the host CPU
 
-    def costs(self, device_id: str, fmt: str) -> Costs:
-        """Seconds of an expert call on ``device_id`` in ``fmt`` by token count (one table per pair)."""
-        table = self._costs.get((device_id, fmt))
+    def costs(self, device_id: str, fmt: str, cached: bool = False) -> Costs:
+        """Seconds of an expert call on ``device_id`` in ``fmt`` by token count (one table per pair;
+        ``cached``: an expert run from the engine's expert cache, :func:`profiles.perf.efficiency_of`)."""
+        if cached and self.hw.devices[device_id].cached_efficiency is None:
+            cached = False  # the same price: one table
+        table = self._costs.get((device_id, fmt, cached))
         if table is None and plane_of(fmt) is not None:  # a nested expert's call (profiles.nested)
             dev, (base, planes) = self.hw.devices[device_id], plane_of(fmt)
-            table = self._costs[(device_id, fmt)] = Costs(
+            table = self._costs[(device_id, fmt, cached)] = Costs(
                 lambda tokens: nested_call_s(dev, self.model, base, planes, tokens))
         if table is None:
             dev, n_bytes, flops = self.hw.devices[device_id], self.model.expert_bytes(fmt), \
                 self.model.expert_flops_per_token
-            table = self._costs[(device_id, fmt)] = Costs(  # the same floats as expert_call_s, by the array
-                lambda tokens: expert_calls_s(dev, fmt, n_bytes, flops, tokens))
+            table = self._costs[(device_id, fmt, cached)] = Costs(  # the same floats as expert_call_s, by the array
+                lambda tokens: expert_calls_s(dev, fmt, n_bytes, flops, tokens, cached))
         return table
 
-    def call_s(self, device_id: str, fmt: str, tokens: int) -> float:
-        return self.costs(device_id, fmt)[tokens]
+    def call_s(self, device_id: str, fmt: str, tokens: int, cached: bool = False) -> float:
+        return self.costs(device_id, fmt, cached)[tokens]
 
     def transfer_s(self, src: str, dst: str, n_bytes: float) -> float:
         """Seconds a transfer takes alone (:meth:`simulator.resources.Network.transfer_s`, cached)."""
