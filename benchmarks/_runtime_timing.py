@@ -9,7 +9,8 @@ as ``verify`` does. Parts (main thread unless said):
 - ``moe_layers``: the MoE blocks' expert stores (``PlannedExperts.forward``); ``dense`` is
   ``step - moe_layers`` (attention, router, norms, head, the model's Python);
 - ``expert_calls``: the expert kernels (``_compute``: a cached expert's own ONNX Runtime
-  session; ``_run_cpu``: the layer session of resident CPU experts), with their tokens;
+  session; ``_run_cpu``: the layer session of resident CPU experts), with their tokens and
+  whether each ran from the cache (its own session, priced at the engine's ``cached_efficiency``);
 - ``miss_wait``: waiting for a copy (``Slot.get`` of a slot not ready when asked);
 - ``moe_bookkeeping``: ``moe_layers - expert_calls - miss_wait`` (routing, indexing, sums);
 - ``miss_read`` / ``miss_ready`` (copy worker): reading a missed expert from disk, and making
@@ -17,8 +18,8 @@ as ``verify`` does. Parts (main thread unless said):
 
 :func:`priced_components` prices the same counts with :mod:`profiles.perf` on the hardware
 seen through the engine: the dense step (roofline + per-layer, per-token, per-dense-linear and
-per-step framework costs), one expert call per measured call at its token count, one
-disk-to-host copy per miss.
+per-step framework costs), one expert call per measured call at its token count (a cached
+expert's at the cached experts' price), one disk-to-host copy per miss.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class StepTimer:
     def reset(self) -> None:
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)  # (phase, part) -> s
         self.counts: dict[tuple[str, str], int] = defaultdict(int)
-        self.call_tokens: dict[str, list[int]] = defaultdict(list)  # phase -> tokens of every expert call
+        # phase -> (tokens, from the cache) of every expert call
+        self.call_tokens: dict[str, list[tuple[int, bool]]] = defaultdict(list)
         self.steps = {"prefill": 0, "decode": 0}
         self._phase = "prefill"
         self._skip = False
@@ -53,10 +55,10 @@ class StepTimer:
         from exporters.runtime import prefetch, runtime, store
 
         self._wrap(store.PlannedExperts, "forward", "moe_layers")
-        self._wrap(store.PlannedExperts, "_compute", "expert_calls",
-                   tokens=lambda args: [int(args[2].shape[0])])
+        self._wrap(store.PlannedExperts, "_compute", "expert_calls",  # (self, weights, x): cached if not resident
+                   tokens=lambda args: [(int(args[2].shape[0]), args[1] not in args[0].resident.values())])
         self._wrap(store.PlannedExperts, "_run_cpu", "expert_calls",
-                   tokens=lambda args: [int(x.shape[0]) for x in args[1].values()])
+                   tokens=lambda args: [(int(x.shape[0]), False) for x in args[1].values()])
         self._wrap(store.PlannedExperts, "_ready", "miss_ready")
         self._wrap(store.ExpertHome, "read", "miss_read")
         self._wrap_get(prefetch.Slot)
@@ -180,7 +182,7 @@ def priced_components(hw, model, plan, measured: dict[str, dict[str, Any]], call
     Args:
         hw: hardware seen through the engine (``Engine.apply``).
         model, plan: the run's model spec and plan.
-        call_tokens: phase -> tokens of every expert call the run made.
+        call_tokens: phase -> (tokens, from the cache) of every expert call the run made.
         prompt_tokens: mean prompt length (the prefill step's tokens).
         kv_bytes: phase -> mean KV bytes a step reads.
     """
@@ -201,8 +203,8 @@ def priced_components(hw, model, plan, measured: dict[str, dict[str, Any]], call
         framework = model.num_hidden_layers * (cpu.layer_overhead_s + token_layer_s(cpu, tokens)) + (
             cpu.prefill_step_overhead_s if phase == "prefill" else cpu.step_overhead_s) + (
             model.num_hidden_layers * ATTENTION_LINEARS + 1) * cpu.dense_linear_host_s.get(plan.dense_format, 0.0)
-        call_s = sum(expert_call_s(cpu, fmt, n_bytes, flops * n, n) for n in calls) / steps
-        kernel_s = sum(_kernel_s(cpu, fmt, n_bytes, flops * n, n) for n in calls) / steps
+        call_s = sum(expert_call_s(cpu, fmt, n_bytes, flops * n, n, cached=c) for n, c in calls) / steps
+        kernel_s = sum(_kernel_s(cpu, fmt, n_bytes, flops * n, n, cached=c) for n, c in calls) / steps
         out[phase] = {"dense": dense, "dense_framework": framework, "expert_calls": kernel_s,
                       "moe_bookkeeping": call_s - kernel_s, "miss_wait": m["misses_per_step"] * copy_s,
                       "per_miss_s": copy_s}

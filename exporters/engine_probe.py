@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from exporters.engine_probe_disk import expert_reads, fit_miss_costs
-from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_kernel_efficiency
+from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_runtime_kernels
 from exporters.engine_probe_profile import dense_linear_s, engine_profile_doc, engine_profile_text, machine_line
 from profiles.probe import Figure
 
@@ -151,6 +151,8 @@ class EngineProbeResult:
     elapsed_s: float = 0.0
     disk_overheads: dict[str, Figure] = field(default_factory=dict)  # "cold" / "warm" -> fixed seconds per miss
     kernel: KernelEfficiency | None = None  # the CPU kernels past the caches (cpu only)
+    # ... of a cached expert's own session, where the runtime runs it on fewer threads (cpu only)
+    cached_kernel: KernelEfficiency | None = None
     token_overhead_s: Figure | None = None  # per hidden layer per token of a step past the first
 
 
@@ -258,15 +260,15 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         say(warning)
     launch_s = _launch_s(kernels, fmt, device)
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine_line()}"
-    past = None  # the CPU kernel past the caches
+    past = cached = None  # the CPU kernel past the caches: in the layer's session, in a cached expert's own
     if not device.startswith("cuda"):
         say("timing the runtime's CPU expert kernel past the last-level cache")
         ref = references if references and references.read_bytes_per_s and references.peak_ops_per_s else None
-        past = probe_kernel_efficiency(fmt, launch_s, settings.kernel_budget_s, shapes=settings.kernel_shapes,
-                                       tokens=settings.kernel_tokens, multiple=settings.kernel_cache_multiple,
-                                       stamp=stamp, reference_s=4.0 if settings.kernel_budget_s else 0.2,
-                                       reference=(ref.read_bytes_per_s, ref.peak_ops_per_s) if ref else None,
-                                       reference_from=f"hardware profile {ref.name}'s" if ref else "")
+        past, cached = probe_runtime_kernels(fmt, launch_s, settings.kernel_budget_s, shapes=settings.kernel_shapes,
+                                             tokens=settings.kernel_tokens, multiple=settings.kernel_cache_multiple,
+                                             stamp=stamp, reference_s=4.0 if settings.kernel_budget_s else 0.2,
+                                             reference=(ref.read_bytes_per_s, ref.peak_ops_per_s) if ref else None,
+                                             reference_from=f"hardware profile {ref.name}'s" if ref else "")
     say("reading experts from disk as a miss does vs sequentially")
 
     def src(how: str) -> str:
@@ -299,9 +301,9 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
             f"per hidden layer per token past the first: the per-layer slope of {len(PROMPT)}-token prefill steps "
             f"(less their expert calls) over layers {list(settings.layers)}, less the decode layer's, over "
             f"{len(PROMPT) - 1} tokens; same runs")),
-        disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past,
+        disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past, cached_kernel=cached,
         fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
-             "kernel": past.fit if past else None},
+             "kernel": past.fit if past else None, "cached_kernel": cached.fit if cached else None},
         elapsed_s=time.perf_counter() - t0)
 
 

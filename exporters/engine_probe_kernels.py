@@ -48,7 +48,7 @@ import numpy as np
 from profiles.probe import Figure
 
 __all__ = ["SHAPES", "TOKENS", "KernelEfficiency", "experts_past_cache", "fit_fixed_and_rate", "passes_that_fit",
-           "probe_kernel_efficiency"]
+           "probe_kernel_efficiency", "probe_runtime_kernels"]
 
 SHAPES = ((512, 1024), (1024, 2048))  # (H, I) of the timed experts: Mixtral-like ratios, two sizes for the fit
 TOKENS = (1, 4, 16, 64)
@@ -103,7 +103,8 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
                             shapes: Sequence[tuple[int, int]] = SHAPES, tokens: Sequence[int] = TOKENS,
                             multiple: float = CACHE_MULTIPLE, reference: tuple[float, float] | None = None,
                             reference_s: float = 4.0, stamp: str = "", reference_from: str = "",
-                            clock: Callable[[], float] = time.perf_counter) -> KernelEfficiency:
+                            clock: Callable[[], float] = time.perf_counter,
+                            threads: int | None = None) -> KernelEfficiency:
     """Time the runtime's ``fmt`` expert kernel (int8/int4) past the LLC and fit its efficiency.
 
     Args:
@@ -118,6 +119,10 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
             profile the engine is priced on (``reference_from`` names it), the fractions make
             that profile's price of this kernel the time measured here, whatever the load did
             to the two probes' figures in between.
+        threads: the sessions' intra-op threads, as the runtime builds the path timed (default:
+            the runtime's own, :func:`exporters.runtime.kernels.default_threads`, its layer
+            sessions of resident and CPU-local experts; ``CACHED_EXPERT_THREADS`` for a cached
+            expert's own session). The reference figures are measured at the default.
     """
     from exporters.runtime.formats import quantize
     from exporters.runtime.kernels import CpuLayerKernel, default_threads, expert_template, kernel_format
@@ -126,9 +131,9 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
         from profiles.probe.host import _last_level_cache
 
         llc_bytes = _last_level_cache().value
-    threads = default_threads()
     rng = np.random.default_rng(0)
-    read_bps, peak = reference or _reference(fmt, threads, llc_bytes, reference_s)
+    read_bps, peak = reference or _reference(fmt, default_threads(), llc_bytes, reference_s)
+    threads = threads or default_threads()
     whose = reference_from or "this machine's"
     per_shape = budget_s / (len(shapes) * len(tokens))
     timed: dict[tuple[int, int], dict[int, float]] = {}
@@ -168,7 +173,8 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
             fs.append(2.0 * n * 3 * h * i / (peak * max(t - launch_s, 1e-9)))
     top, half = _fit_saturating(ns, fs)
     mib = ", ".join(f"{sizes[s]['working_set_bytes'] / 2**20:.0f}" for s in shapes)
-    what = (f"{fmt} onnxruntime expert kernel of the runtime (one pre-packed session per expert) at H x I = "
+    what = (f"{fmt} onnxruntime expert kernel of the runtime (one pre-packed session per expert, {threads} "
+            f"thread{'s' if threads > 1 else ''}) at H x I = "
             f"{', '.join(f'{h}x{i}' for h, i in shapes)}, cycling {', '.join(str(sizes[s]['experts']) for s in shapes)} "
             f"experts ({mib} MiB, "
             f">= {CACHE_MULTIPLE:g} x the {llc_bytes / 2**20:.0f} MiB LLC), median pass per n in {list(tokens)}"
@@ -186,6 +192,22 @@ def probe_kernel_efficiency(fmt: str, launch_s: float, budget_s: float, *, llc_b
              "shapes": [{"hidden": h, "intermediate": i, **sizes[(h, i)],
                          "seconds": {str(n): t for n, t in timed[(h, i)].items()}} for h, i in shapes]})
 
+
+def probe_runtime_kernels(fmt: str, launch_s: float, budget_s: float, **kw) -> tuple[KernelEfficiency,
+                                                                                   KernelEfficiency | None]:
+    """The kernel as the runtime runs it (:func:`probe_kernel_efficiency`, ``kw`` its options):
+    in a layer's session on the runtime's threads (resident and CPU-local experts) and, where
+    the runtime gives a cached expert's own session fewer (``CACHED_EXPERT_THREADS``: no pool to
+    start on a miss), in such a session too, against the same reference figures (measured
+    once, by the first); else None: the engine profile's ``cached_efficiency`` prices those calls."""
+    from exporters.runtime.kernels import CACHED_EXPERT_THREADS, default_threads
+
+    past = probe_kernel_efficiency(fmt, launch_s, budget_s, **kw)
+    if CACHED_EXPERT_THREADS >= default_threads():
+        return past, None
+    kw = {**kw, "reference": (past.fit["read_bytes_per_s"], past.fit["peak_ops_per_s"]),
+          "llc_bytes": past.fit["llc_bytes"]}
+    return past, probe_kernel_efficiency(fmt, launch_s, budget_s, **kw, threads=CACHED_EXPERT_THREADS)
 
 def _fraction(x: float) -> float:
     return float(min(1.0, max(1e-4, round(x, 4))))

@@ -47,14 +47,11 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
                               "prefill": {"value": _seconds(result.prefill_step_s.value),
                                           "source": result.prefill_step_s.method}}
     if result.kernel is not None and result.device_kind == "cpu":
-        k = result.kernel
-        kind["efficiency"] = {"memory_fraction": k.memory_fraction.value,
-                              "compute_max_fraction": k.compute_max_fraction.value,
-                              "half_tokens": k.half_tokens.value,
-                              "source": f"probe: the runtime's CPU expert kernel past the caches "
-                                        f"(planner engines probe); memory_fraction: {k.memory_fraction.method}; "
-                                        f"compute_max_fraction: "
-                                        f"{k.compute_max_fraction.method}; half_tokens: {k.half_tokens.method}"}
+        kind["efficiency"] = _efficiency(result.kernel, "the runtime's CPU expert kernel past the caches")
+        kind.pop("cached_efficiency", None)  # a cached expert's session as a layer's, unless timed apart
+        if result.cached_kernel is not None:
+            kind["cached_efficiency"] = _efficiency(result.cached_kernel, "the runtime's CPU expert kernel past the "
+                                                    "caches in a cached expert's own session")
     if result.kernel is not None and result.device_kind == "cpu":
         _dense_linear_cost(kind, result)
     if page_cache in result.disk_reads:
@@ -67,6 +64,14 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
     doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {machine_line()}, "
                                 f"{result.elapsed_s:.0f} s)"]
     return doc
+
+
+def _efficiency(k, what: str) -> dict[str, Any]:
+    """An engine profile ``efficiency`` block of a timed kernel (a ``KernelEfficiency``)."""
+    return {"memory_fraction": k.memory_fraction.value, "compute_max_fraction": k.compute_max_fraction.value,
+            "half_tokens": k.half_tokens.value,
+            "source": f"probe: {what} (planner engines probe); memory_fraction: {k.memory_fraction.method}; "
+                      f"compute_max_fraction: {k.compute_max_fraction.method}; half_tokens: {k.half_tokens.method}"}
 
 
 def dense_linear_s(result: EngineProbeResult) -> float:
@@ -112,7 +117,8 @@ def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous
         # a key the text lacks goes after the one before it (same section)
         keys += [(result.device_kind, "token_overhead_s")] if result.token_overhead_s is not None else []
         keys += [("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
-        keys += [(result.device_kind, "efficiency")] if "efficiency" in doc.get(result.device_kind, {}) else []
+        keys += [(result.device_kind, k) for k in ("efficiency", "cached_efficiency")
+                 if k in doc.get(result.device_kind, {})]
         keys += [(result.device_kind, "kernels")] if dense_linear_s(result) > 0 else []
         keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
         text = update_yaml_text(previous, doc, keys, sources_prefix="probe")

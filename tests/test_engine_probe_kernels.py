@@ -7,6 +7,7 @@ over a probed (not a calibrated) hardware efficiency. No wall-clock assertions.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import numpy as np
@@ -165,3 +166,55 @@ def test_an_engine_efficiency_not_probed_leaves_a_probed_hardware_one(tmp_path):
     cpu = cpu_of(hardware_doc(copy.deepcopy(PROBED_CPU_EFFICIENCY)), load_engine(path))
     assert cpu.efficiency.memory_fraction == 0.87 and cpu.efficiency.points is not None
     assert np.isclose(cpu.efficiency.compute_fraction(16), 0.92)
+
+
+# ---------------------------------------------------------------- the paths' thread counts
+
+
+@pytest.mark.parametrize("cores", [2, 1])
+def test_each_cpu_expert_path_is_timed_at_the_runtimes_threads(monkeypatch, cores):
+    """The runtime runs resident and CPU-local experts in the layer's session on every thread
+    and a cached expert in a session of its own on CACHED_EXPERT_THREADS: the probe builds its
+    sessions so, one kernel figure per path (the cached one only where its threads differ)."""
+    pytest.importorskip("onnxruntime", reason="needs the [runtime] extra")
+    import exporters.runtime.kernels as rk
+    from exporters.engine_probe_kernels import probe_runtime_kernels
+
+    built = []
+
+    class Recorded(rk.CpuLayerKernel):
+        def __init__(self, *args, threads=None, **kw):
+            built.append(threads)
+            super().__init__(*args, threads=threads, **kw)
+
+    monkeypatch.setattr(rk, "CpuLayerKernel", Recorded)
+    monkeypatch.setattr(rk, "default_threads", lambda: cores)
+    past, cached = probe_runtime_kernels("int8", 20e-6, 0.0, llc_bytes=0.0, shapes=((128, 128), (128, 256)),
+                                         tokens=(1, 4), multiple=0.0, reference=(20e9, 100e9))
+    assert past.fit["threads"] == cores
+    if cores > rk.CACHED_EXPERT_THREADS:
+        assert cached.fit["threads"] == rk.CACHED_EXPERT_THREADS
+        assert (cached.fit["read_bytes_per_s"], cached.fit["peak_ops_per_s"]) == (20e9, 100e9)  # the same reference
+        assert sorted(set(built)) == sorted({cores, rk.CACHED_EXPERT_THREADS})
+        assert f"{rk.CACHED_EXPERT_THREADS} thread)" in cached.memory_fraction.method
+    else:
+        assert cached is None and set(built) == {cores}
+
+
+def test_written_profile_carries_the_cached_experts_efficiency(tmp_path):
+    def m(value: float, what: str) -> Figure:
+        return Figure(value, f"probe ({what}, 1 thread)")
+
+    result = kernel_result()
+    own = KernelEfficiency(memory_fraction=m(0.25, "rate"), compute_max_fraction=m(0.3, "a"), half_tokens=m(3.0, "h"),
+                           call_fixed_s=m(90e-6, "fixed"))
+    base = yaml.safe_load((ENGINES_DIR / "bundle.yaml").read_text())
+    doc = engine_profile_doc(dataclasses.replace(result, cached_kernel=own), base)
+    assert doc["cpu"]["cached_efficiency"]["memory_fraction"] == 0.25
+    assert "cached expert's own session" in doc["cpu"]["cached_efficiency"]["source"]
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cpu = cpu_of(hardware_doc(None), load_engine(path))
+    assert (cpu.efficiency.memory_fraction, cpu.cached_efficiency.memory_fraction) == (0.4, 0.25)
+    # re-probed where the paths share their threads: no cached figure is left from before
+    assert "cached_efficiency" not in engine_profile_doc(result, doc)["cpu"]
