@@ -40,6 +40,9 @@ gap. The modules, in the order a plan is made:
 * :mod:`.bound`: a lower bound on the traffic at the load cap (relaxation, MILP or exact);
 * :mod:`.offload`: when the experts do not fit, each GPU's own experts planned as one node
   plans them (resident, cached, CPU-run, streamed, per format), priced per layer by its slowest GPU;
+* :mod:`.attention`: each GPU's share of the sequences for data-parallel attention (fewer, or
+  none, on slow GPUs), and :mod:`.slots`: fewer expert slots on slow GPUs, chosen with it;
+* :mod:`.layout_plan`: a placement to a :class:`~planner.plan.Plan`;
 * :mod:`.assemble`: a request to a :class:`~planner.plan.Plan` and the baselines' plans;
 * :mod:`.render`: what `planner optimize` prints for it.
 """
