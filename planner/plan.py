@@ -29,6 +29,11 @@ plane is in host DRAM and crosses the link at every use) or ``high`` (runs on th
 alone, at the half format's quality); ``""`` for an expert that is not nested. Absent (empty)
 on plans without nested experts.
 
+``miss_copy`` (planned low-bit copies, :mod:`profiles.miss_copy`): per layer ``{format,
+gate_below}``: each ``fetch`` expert also has a copy at ``format`` in host DRAM, and a miss
+whose gate weight is below ``gate_below`` loads the copy, which later hits then run until it
+is evicted. Absent (None) on layers without copies.
+
 ``layer_devices`` (multi-GPU pipeline plans, planner.multi_gpu): per MoE layer the compute
 device that runs its dense part, resident and cached experts and its fetches (over that
 device's own link); absent (None) means ``compute_device`` runs every layer, so plans made
@@ -55,9 +60,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from profiles.errors import InputError, from_validation_error
+from profiles.formats import get_format
+from profiles.miss_copy import COPY_FORMATS
 from profiles.nested import NESTED, PLANES
 
-__all__ = ["layer_ranges", "Plan", "LayerPlan", "GpuCache", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
+__all__ = ["layer_ranges", "Plan", "LayerPlan", "GpuCache", "MissCopy", "MemoryUse", "SolverInfo", "Inputs", "PLAN_FORMAT_VERSION", "SITES",
            "load_plan", "digest", "workload_digest"]
 
 PLAN_FORMAT_VERSION = 1
@@ -75,6 +82,16 @@ class GpuCache(BaseModel):
     device: str
     slots: int = Field(ge=1)
     format: str
+
+
+class MissCopy(BaseModel):
+    """A layer's planned low-bit copies (profiles.miss_copy): a miss of a ``fetch`` expert whose
+    gate weight is below ``gate_below`` loads the expert's copy at ``format``."""
+
+    model_config = _FROZEN
+
+    format: Literal[COPY_FORMATS]
+    gate_below: float = Field(gt=0.0, le=1.0)
 
 
 class LayerPlan(BaseModel):
@@ -96,6 +113,8 @@ class LayerPlan(BaseModel):
     # nested formats (profiles.nested): per expert the bit-planes the compute device holds of a
     # resident expert stored nested ("both", "fetch-low", "high"; "" for one not nested); empty: none
     planes: tuple[str, ...] = ()
+    # planned low-bit copies (profiles.miss_copy): low-gate misses of fetch experts load them; None: none
+    miss_copy: MissCopy | None = None
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "LayerPlan":
@@ -110,7 +129,24 @@ class LayerPlan(BaseModel):
                              fix="name the device that holds the cache")
         if self.planes:
             self._check_planes()
+        if self.miss_copy is not None:
+            self._check_miss_copy()
         return self
+
+    def _check_miss_copy(self) -> None:
+        """Low-bit copies (``miss_copy``): a layer with fetch experts, each wider than its copy."""
+        at, fetch = f"layers[{self.moe_layer}].miss_copy", self.experts_at("fetch")
+        if not fetch:
+            raise InputError("only a layer with fetch experts has low-bit copies (a miss loads them)", key=at,
+                             value=self.miss_copy.format, expected="a layer whose site lists fetch",
+                             fix="drop miss_copy, or regenerate the plan with planner optimize")
+        bits = get_format(self.miss_copy.format).bits_per_weight
+        wide = [e for e in fetch if get_format(self.format[e]).bits_per_weight <= bits]
+        if wide:
+            raise InputError("a low-bit copy must be narrower than its expert", key=f"{at}.format",
+                             value=f"{self.miss_copy.format} (expert {wide[0]}: {self.format[wide[0]]})",
+                             expected=f"a format narrower than {self.format[wide[0]]}",
+                             fix="regenerate the plan with planner optimize")
 
     def _check_planes(self) -> None:
         """Nested experts (``planes``): one entry per expert, each a known choice, of a resident
@@ -247,7 +283,7 @@ class Plan(BaseModel):
         """Deterministic JSON text (sorted keys, floats rounded to 12 significant digits)."""
         data = self.model_dump(mode="json")
         for layer in data["layers"]:  # plans without EP offload read as before
-            for key in ("owner", "gpu_caches", "planes"):
+            for key in ("owner", "gpu_caches", "planes", "miss_copy"):
                 if not layer[key]:
                     del layer[key]
         if data["inputs"].get("quality_digest") is None:

@@ -163,6 +163,8 @@ def check_plan(plan: Plan, hardware: Hardware, model: ModelSpec, *, file: str | 
                 nbytes = use.device_bytes
                 used[hardware.memory_of(plan.host_device).id] += use.host_bytes
             used[home] += nbytes
+            if lp.miss_copy is not None and site == "fetch":  # its low-bit copy in host DRAM (profiles.miss_copy)
+                used[hardware.memory_of(plan.host_device).id] += model.expert_bytes(lp.miss_copy.format)
             reps = lp.replicas[e] if lp.replicas else ()
             if len(set(reps)) != len(reps) or home in reps:
                 raise bad("an expert and its replica on one memory", f"layers[{i}].replicas[{e}]", list(reps),

@@ -1,0 +1,123 @@
+"""Planned low-bit copies (issue 16 item 4; profiles/miss_copy.py, LayerPlan.miss_copy).
+
+- one price: the low-gate shares of a trace's accesses, the expected bytes of a miss and the
+  share of importance a copy serves, the same numbers for planner and simulator;
+- the plan records per layer the copy's format and the gate threshold, validated where plans
+  load, absent from plan.json when unused; plan_check counts the copies in host DRAM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from planner.optimize import OptimizeRequest, optimize
+from planner.plan import MissCopy, load_plan
+from planner.plan_check import check_plan
+from profiles.errors import InputError
+from profiles.hardware import load_profile
+from profiles.miss_copy import copy_served_share, loads_copy, low_gate_shares, miss_copy_price
+from profiles.models import load_model
+from profiles.workload.synthetic import SyntheticWorkload, generate
+from profiles.workload.trace import DECODE
+
+L, E = 8, 8
+# a Mixtral-8x7B-sized layer, eight of them (tests/test_nested_plan.py's case)
+CONFIG = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+          "intermediate_size": 14336, "num_hidden_layers": L, "num_attention_heads": 32, "num_key_value_heads": 8,
+          "num_local_experts": E, "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768,
+          "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+HARDWARE = "laptop-4060"
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    (directory / "config.json").write_text(json.dumps(CONFIG))
+    spec = load_model(directory)
+    trace = generate(SyntheticWorkload(num_layers=L, num_experts=E, top_k=2, popularity=[[8, 4, 2, 1, 1, 1, 1, 1]] * L,
+                                       num_sequences=4, prompt_tokens=40, output_tokens=32, seed=5, model=spec.name))
+    trace = dataclasses.replace(trace, phase=np.full(trace.num_tokens, DECODE, np.uint8))
+    return spec, directory, trace
+
+
+@pytest.fixture(scope="module")
+def lru_plan(case):
+    """The LRU-offloading baseline: every expert fetched through a small cache."""
+    _, directory, trace = case
+    result = optimize(OptimizeRequest(hardware=HARDWARE, model=str(directory), trace=trace, formats=("int8", "int4"),
+                                      quality_budget=0.01, engine="roofline"))
+    plan = result.baselines["lru-offload"]
+    assert all(site == "fetch" for lp in plan.layers for site in lp.site) and plan.layers[0].format[0] == "int8"
+    return plan
+
+
+def test_low_gate_shares_count_accesses_and_gate_mass():
+    ids = np.array([[[0, 1]], [[0, 2]], [[1, 0]], [[3, 0]]])  # [T=4, L=1, K=2]; expert 3 a null expert (E=3)
+    gates = np.array([[[0.9, 0.1]], [[0.8, 0.2]], [[0.7, 0.3]], [[0.95, 0.05]]])
+    s, g = low_gate_shares(ids, gates, 3, 0.25)
+    # expert 0: gates 0.9, 0.8, 0.3, 0.05 -> one of four low, 0.05 of 2.05 of its mass
+    assert s[0].tolist() == pytest.approx([0.25, 0.5, 1.0])
+    assert g[0].tolist() == pytest.approx([0.05 / 2.05, 0.1 / 0.8, 1.0])
+    assert loads_copy(0.2, 0.25) and not loads_copy(0.25, 0.25)
+    zero_s, zero_g = low_gate_shares(ids, None, 3, 0.25)  # no gate weights: no low-gate access
+    assert not zero_s.any() and not zero_g.any()
+
+
+def test_one_price_of_a_miss_with_a_copy(case):
+    spec = case[0]
+    price = miss_copy_price(spec, "int8", "int4", 0.4)
+    full, copy = spec.expert_bytes("int8"), spec.expert_bytes("int4")
+    assert price.fetch_bytes == pytest.approx(0.4 * copy + 0.6 * full)
+    assert price.host_bytes == price.copy_bytes == pytest.approx(copy)
+    assert miss_copy_price(spec, "int8", "int4", 0.0).fetch_bytes == pytest.approx(full)
+    with pytest.raises(ValueError, match="no narrower"):
+        miss_copy_price(spec, "int4", "int4", 0.4)
+    # all misses: the low-gate mass; all hits: slots filled by low-gate misses, the count share
+    assert copy_served_share(1.0, 0.4, 0.1) == pytest.approx(0.1)
+    assert copy_served_share(0.0, 0.4, 0.1) == pytest.approx(0.4)
+    assert copy_served_share(0.5, 0.4, 0.1) == pytest.approx(0.25)
+
+
+def test_the_plan_records_copies_validated_where_plans_load(case, lru_plan, tmp_path):
+    spec = case[0]
+    assert '"miss_copy"' not in lru_plan.to_json()  # unused: absent, existing plans keep their bytes
+    layers = tuple(lp.model_copy(update={"miss_copy": MissCopy(format="int4", gate_below=0.3)}) if l % 2 == 0 else lp
+                   for l, lp in enumerate(lru_plan.layers))
+    plan = lru_plan.model_copy(update={"layers": layers})
+    back = load_plan(plan.save(tmp_path / "plan.json"))
+    assert back.to_json() == plan.to_json() and back.layers[0].miss_copy.gate_below == 0.3
+    assert back.layers[1].miss_copy is None
+    data = json.loads(plan.to_json())
+    for key, value, match in (("format", "int8", "int4' or 'int2'"), ("gate_below", 0.0, "gate_below"),
+                              ("gate_below", 1.5, "gate_below"), ("int4 experts", "int4", "narrower")):
+        bad = json.loads(json.dumps(data))
+        if key == "int4 experts":  # an int4 copy of int4 experts
+            bad["layers"][0]["format"] = [value] * E
+        else:
+            bad["layers"][0]["miss_copy"][key] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=match) as err:
+            load_plan(tmp_path / "bad.json")
+        assert "layers" in str(err.value) and "\n" not in str(err.value)
+    bad = json.loads(json.dumps(data))
+    bad["layers"][0]["site"] = ["local"] * E
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="fetch experts"):
+        load_plan(tmp_path / "bad.json")
+    # the copies live in host DRAM: plan_check counts them there (a host too small refuses the plan)
+    _, hw = load_profile(HARDWARE)
+    check_plan(plan, hw, spec)
+    host = hw.memory_of(plan.host_device).id
+    copies = 4 * E * spec.expert_bytes("int4")  # four layers' copies
+    others = json.loads(plan.to_json())["memory"][host]
+    held = E * L * spec.expert_bytes("int8") + others["dense_bytes"] + others["kv_bytes"] + others["workspace_bytes"]
+    cpu = hw.memories[host].devices[0]
+    small = dataclasses.replace(hw, devices={**hw.devices, cpu: dataclasses.replace(
+        hw.devices[cpu], memory_bytes=held + copies / 2)})
+    check_plan(lru_plan, small, spec)  # without copies it fits
+    with pytest.raises(InputError, match=host):
+        check_plan(plan, small, spec)
