@@ -30,14 +30,25 @@ __all__ = ["KVPool", "kv_budget_bytes"]
 
 
 def kv_budget_bytes(plan, memories: list[str]) -> float | None:
-    """Bytes the plan leaves for the KV cache in ``memories`` (None: the plan records none of them)."""
+    """Bytes the plan leaves for the KV cache in ``memories`` (None: the plan records none of them).
+
+    With ``plan.attention_shares`` (expert parallelism, planner.cluster.attention) each GPU holds
+    the cache of its share of the sequences, so the pool is as large as the tightest GPU allows:
+    ``min_g free[g] / share[g]`` over the GPUs with a share."""
     total, seen = 0.0, False
+    shares = getattr(plan, "attention_shares", None)
+    tightest = None
     for m in dict.fromkeys(memories):
         use = plan.memory.get(m)
         if use is None:
             continue
         seen = True
-        total += max(use.capacity_bytes - use.used_bytes + use.kv_bytes, 0.0)
+        free = max(use.capacity_bytes - use.used_bytes + use.kv_bytes, 0.0)
+        total += free
+        if shares is not None and shares.get(m, 0.0) > 0:
+            tightest = free / shares[m] if tightest is None else min(tightest, free / shares[m])
+    if tightest is not None:
+        return tightest
     return total if seen else None
 
 

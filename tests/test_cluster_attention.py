@@ -132,3 +132,18 @@ def test_simulator_prices_the_shares_it_is_given(planned, toy, trace):  # noqa: 
     slow = next(g for g in gpus if "slow" in g)
     key = next(k for k in shared["busy_s"] if k.endswith(slow.split("/")[-1]))
     assert shared["busy_s"][key] < equal["busy_s"][key] < reversed_["busy_s"][key]
+
+
+def test_kv_pool_is_what_the_tightest_attention_gpu_allows(planned):
+    from simulator.kv_cache import kv_budget_bytes
+
+    plan = planned.plan
+    gpus = list(planned.topology.gpus)
+    free = {g: plan.memory[g].capacity_bytes - plan.memory[g].used_bytes + plan.memory[g].kv_bytes for g in gpus}
+    pooled = kv_budget_bytes(plan.model_copy(update={"attention_shares": None}), gpus)
+    assert pooled == pytest.approx(sum(free.values()))
+    want = min(free[g] / s for g, s in plan.attention_shares.items() if s > 0)
+    assert kv_budget_bytes(plan, gpus) == pytest.approx(want)
+    half = dict.fromkeys(gpus, 0.5)  # each GPU holds half the sequences: twice the smaller free memory
+    assert kv_budget_bytes(plan.model_copy(update={"attention_shares": half}), gpus) == pytest.approx(
+        2 * min(free.values()))
