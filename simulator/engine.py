@@ -185,10 +185,13 @@ class Simulation(RequestFlow, ForwardStep, OpOffload, Pricing, ExpertWork, OnePa
         self.prefetch_name = config.prefetch or ("none" if plan.prefetch == "none" else plan.prefetch)
         self.prefetch = prefetch_policy(self.prefetch_name)
         self.miss = miss_policy(config.miss)
+        # the gate weights decide misses: a miss policy other than "plan", or a plan's low-bit
+        # copies (LayerPlan.miss_copy, profiles.miss_copy: a low-gate miss loads the copy)
+        self.reads_gates = config.miss != "plan" or any(lp.miss_copy is not None for lp in plan.layers)
         self._init_prices()
         # cache-less layers' classified work (see simulator.experts); the miss policies other
         # than "plan" may read the gate weights, so they classify every time
-        self._plain_memo: list[dict] | None = [{} for _ in plan.layers] if config.miss == "plan" else None
+        self._plain_memo: list[dict] | None = [{} for _ in plan.layers] if not self.reads_gates else None
         self._memo_lookups, self._memo_probed = 0, False
         self._ep_cache: dict[int, dict] = {}
         self._token_gpu: np.ndarray | None = None  # expert parallelism: where each token of the step is

@@ -19,6 +19,7 @@ from itertools import compress, repeat
 import numpy as np
 import simpy
 
+from profiles.miss_copy import loads_copy
 from profiles.perf import activation_bytes
 
 from .ahead import AFTER, DISK, FETCH, FILL, LOCAL_JOB, STREAM_JOB, PlayAhead
@@ -59,6 +60,9 @@ class ExpertLayer:
     on_disk: frozenset[int] = frozenset()  # experts homed on NVMe
     cost: list = field(default_factory=list)
     local_cost: list = field(default_factory=list)
+    # planned low-bit copies (LayerPlan.miss_copy, profiles.miss_copy): a low-gate miss of a
+    # fetch expert loads its copy; ``copy_held`` the experts whose cache slot holds a copy
+    miss_copy: object | None = None
 
     def __post_init__(self) -> None:
         self.code = [_CODE[s] for s in self.site]
@@ -69,8 +73,10 @@ class ExpertLayer:
         self.one: list[tuple | None] = [None] * len(self.fmt)  # ExpertWork._one_token's entries, once used
         # every expert fetched, through an LRU cache or none (simulator.step_ahead.StepAhead._lru_fetches)
         self.lru_fetch = (self.cache is None or type(self.cache) is LRUCache) and not self.streamed and \
-            set(self.site) <= {"fetch"}
+            set(self.site) <= {"fetch"} and self.miss_copy is None
         self.fetch_one: list[tuple | None] = [None] * len(self.fmt)  # _lru_fetches' entries, once used
+        self.copy_held: set[int] = set()
+        self.copy_cost: list | None = None  # the copy's call seconds by tokens (Pricing.costs), once used
         # no cache, every expert resident or local, none on disk (simulator.one_pass.OnePass._plain_layer)
         self.plain_local = self.cache is None and not self.streamed and not self.on_disk and \
             set(self.code) <= {RESIDENT, LOCAL}
@@ -117,7 +123,7 @@ class ExpertWork(PlayAhead, StepAhead):
                     key = None
         lay = self.layers[l]
         ep = len(self.gpus) > 1
-        if len(rows) == 1 and len(experts) == self.K and not ep and self.cfg.miss == "plan":
+        if len(rows) == 1 and len(experts) == self.K and not ep and not self.reads_gates:
             return self._classify_one(l, lay, rows, experts, refs, key)
         cache = lay.cache
         block: dict[str, float] = {}
@@ -151,13 +157,23 @@ class ExpertWork(PlayAhead, StepAhead):
                     if pending is not None and not pending.triggered:
                         jobs.append(("after", pending, e, n, lay.copy_format[e]))
                         flags |= AFTER
-                    else:
-                        block[compute_id] = block.get(compute_id, 0.0) + cost[e][n]
+                    else:  # a slot a low-gate miss filled runs the copy (profiles.miss_copy)
+                        held = e in lay.copy_held
+                        block[compute_id] = block.get(compute_id, 0.0) + (self._copy_cost(lay)[n] if held else
+                                                                          cost[e][n])
                     continue
                 if plan_miss:  # as planned: hybrid experts run a miss where they live
                     action = "local" if lay.site[e] == "hybrid" else "fetch"
                 else:
                     action = miss(lay.site[e], n, g, self._miss_costs(l, e))
+                if lay.miss_copy is not None and lay.site[e] == "fetch":
+                    if action == "fetch" and loads_copy(g, lay.miss_copy.gate_below):
+                        low = self._copy(lay.home[e], lay.miss_copy.format)
+                        jobs.append(("fetch", e, n, lay.miss_copy.format, low, self._copy_cost(lay)[n]))
+                        flags |= FETCH
+                        lay.copy_held.add(e)
+                        continue
+                    lay.copy_held.discard(e)  # a full fetch replaces the slot's copy
                 copy = lay.copy_info[e]
                 if copy is None:
                     copy = lay.copy_info[e] = self._copy(lay.home[e], lay.copy_format[e])
@@ -373,6 +389,12 @@ class ExpertWork(PlayAhead, StepAhead):
         lay = self.layers[l]
         for e in lay.streamed:
             yield from self.expert_fetch(l, e, lay.fmt[e])
+
+    def _copy_cost(self, lay: ExpertLayer) -> list:
+        """Seconds of a low-bit copy's call on the compute device by tokens (its own kernel)."""
+        if lay.copy_cost is None:
+            lay.copy_cost = self.costs(self.compute_id, lay.miss_copy.format, cached=True)
+        return lay.copy_cost
 
     def _miss_costs(self, l: int, e: int) -> dict:
         lay = self.layers[l]

@@ -61,7 +61,7 @@ class ForwardStep:
             if self._distinct is None:
                 self._distinct = distinct_rows(self.trace.expert_ids, self.E)
             distinct = bool(self._distinct[rows[0]])
-        calls = route_step(ids, None if self.cfg.miss == "plan" else gates, self.E, distinct)  # per layer
+        calls = route_step(ids, None if not self.reads_gates else gates, self.E, distinct)  # per layer
         layers = self.layers
         L = len(layers)
         compute = self.stream(self.compute_id)
@@ -75,7 +75,7 @@ class ForwardStep:
             and not self.pipeline
         # other steps: the commonest layers in one pass each (simulator.one_pass)
         one_pass = single and not ep and not prefetching and play_ahead and not recording and not self.pipeline \
-            and self.cfg.miss == "plan"
+            and not self.reads_gates
         long_step = ids.shape[0] * ids.shape[2] >= LONG_STEP
         resume, pending = 0, None
         pipeline, here = self.pipeline, self.plan.compute_device  # the embedding runs on compute_device

@@ -90,7 +90,7 @@ class Pricing:
         streamed = [e for e, s in enumerate(lp.site) if s == "stream"]
         on_disk = frozenset(compress(range(len(lp.home)), map(self._nvme.__contains__, lp.home)))
         lay = ExpertLayer(list(lp.site), list(lp.format), list(lp.home), owners, cache, lp.cache_format, streamed,
-                          on_disk)
+                          on_disk, miss_copy=lp.miss_copy)
         costs, compute = self.costs, self.compute_id
         table = {key: costs(*key) for key in set(zip(lay.runner, lay.fmt))}
         lay.local_cost = [table[key] for key in zip(lay.runner, lay.fmt)]

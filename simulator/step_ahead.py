@@ -42,7 +42,7 @@ class StepAhead:
         compute = streams.get(self.compute_id) or stream(self.compute_id)
         classify, ahead = self._classify, self._played_ahead
         link_bytes, link_busy = self.net.bytes, self.net.busy_s
-        plan_miss = self.cfg.miss == "plan"
+        plan_miss = not self.reads_gates
         for l in range(first, len(layers)):
             lay = layers[l]
             experts, tokens_of, gate = calls[l]

@@ -121,3 +121,54 @@ def test_the_plan_records_copies_validated_where_plans_load(case, lru_plan, tmp_
     check_plan(lru_plan, small, spec)  # without copies it fits
     with pytest.raises(InputError, match=host):
         check_plan(plan, small, spec)
+
+
+def with_copies(plan, gate_below: float, slots: int | None = None):
+    """``plan`` with int4 copies on every layer (and ``slots`` cache slots per layer, if given)."""
+    update = {"miss_copy": MissCopy(format="int4", gate_below=gate_below)}
+    if slots is not None:
+        update |= {"cache_slots": slots} if slots else {"cache_slots": 0, "cache_device": None, "cache_format": None}
+    return plan.model_copy(update={"layers": tuple(lp.model_copy(update=update) for lp in plan.layers),
+                                   "prefetch": "none"})
+
+
+def test_the_simulator_fetches_the_copy_on_a_low_gate_miss(case, lru_plan):
+    """A cacheless fetch layer misses every access: the link carries the int4 copy for every
+    access whose gate weight is below the threshold, the int8 expert for the rest; the step
+    gets faster (the copies move half the bytes); plans without copies simulate as before."""
+    from simulator.engine import SimConfig, simulate
+
+    spec, _, trace = case
+    _, hw = load_profile(HARDWARE)
+    full, copy = spec.expert_bytes("int8"), spec.expert_bytes("int4")
+    config = SimConfig(batch_size=1, kv_context="plan")
+    plain = with_copies(lru_plan, 0.3, slots=0).model_copy(
+        update={"layers": tuple(lp.model_copy(update={"miss_copy": None}) for lp in with_copies(lru_plan, 0.3, 0).layers)})
+    base = simulate(plain, hw, spec, trace, config)
+    n = sum(base.metrics["bytes_moved"].values()) / full
+    assert n == pytest.approx(round(n))
+    report = simulate(with_copies(lru_plan, 0.3, slots=0), hw, spec, trace, config)
+    decode = trace.gate_weights[trace.phase == DECODE]
+    low = float((decode < 0.3).sum()) / decode.size * n  # the low-gate accesses among the simulated ones
+    assert sum(report.metrics["bytes_moved"].values()) == pytest.approx(low * copy + (n - low) * full)
+    assert report.metrics["decode_step_s"]["mean"] < 0.9 * base.metrics["decode_step_s"]["mean"]
+
+
+def test_a_cached_copy_serves_later_hits(case, lru_plan):
+    """With LRU slots the cache sees the same accesses (same hits), a low-gate miss fills a slot
+    with the copy, whose later hits run the int4 kernel: less moved than without copies, never
+    more than the misses at full size."""
+    from simulator.engine import SimConfig, simulate
+
+    spec, _, trace = case
+    _, hw = load_profile(HARDWARE)
+    config = SimConfig(batch_size=1, kv_context="plan")
+    plain = lru_plan.model_copy(update={"prefetch": "none"})
+    base = simulate(plain, hw, spec, trace, config)
+    report = simulate(with_copies(lru_plan, 0.3), hw, spec, trace, config)
+    assert report.metrics["hit_rate"] == pytest.approx(base.metrics["hit_rate"])
+    moved, before = sum(report.metrics["bytes_moved"].values()), sum(base.metrics["bytes_moved"].values())
+    assert moved < 0.9 * before
+    assert moved > before * spec.expert_bytes("int4") / spec.expert_bytes("int8")
+    assert report.metrics["decode_step_s"]["mean"] < base.metrics["decode_step_s"]["mean"]
+
