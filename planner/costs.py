@@ -84,6 +84,7 @@ from profiles.perf import dense_step_s, micro_batches, op_offloads
 
 from .dram import averaged_dram_s, dram_prices, outcome_dram_s
 from .format_tiers import tier_masks, tier_rows
+from .miss_copy_options import COPY_MODE, copy_costs
 from .nested_options import NESTED_MODE, nested_costs
 from .options import _keeps_critical, engine_runs, keeps_critical, option_specs
 from .setup import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, SPEC_COLUMNS, OptionTable, Setup
@@ -97,16 +98,21 @@ __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", 
            "option_time", "prefill_dense_s", "prefill_options_s", "prefill_s", "runtime_memory", "step_time", "with_tiers"]
 
 
-def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None) -> OptionTable:
+def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None,
+                 fetch_s: np.ndarray | None = None) -> OptionTable:
     """Costs of the options ``specs`` (``[N, 7]``, SPEC_COLUMNS) of ``layer``, each with its
     tier ``tiers[i] = (k, b_up)`` (``[N, 2]``, :mod:`planner.format_tiers`; None: no tiers):
-    see the module docstring."""
+    see the module docstring. ``fetch_s``: ``[N]`` seconds of one fetch per row instead of the
+    route's for ``b_off`` (a copy option's expected fetch, planner.miss_copy_options)."""
     specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
-    nested = specs[:, 6] == NESTED_MODE
-    if nested.any():  # nested options price apart (planner.nested_options), rows kept in order
-        parts = [(rows, nested_costs(s, layer, specs[rows]) if n else
+    nested, copies = specs[:, 6] == NESTED_MODE, specs[:, 6] == COPY_MODE
+    if nested.any() or copies.any():  # nested and copy options price apart, rows kept in order
+        plain = ~(nested | copies)
+        parts = [(rows, nested_costs(s, layer, specs[rows]) if kind == "nested" else
+                  copy_costs(s, layer, specs[rows]) if kind == "copy" else
                   option_costs(s, layer, specs[rows], None if tiers is None else np.asarray(tiers).reshape(-1, 2)[rows]))
-                 for n, rows in ((True, np.flatnonzero(nested)), (False, np.flatnonzero(~nested))) if len(rows)]
+                 for kind, rows in (("nested", np.flatnonzero(nested)), ("copy", np.flatnonzero(copies)),
+                                    ("plain", np.flatnonzero(plain))) if len(rows)]
         order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
         return OptionTable(**{k: np.concatenate([getattr(t, k) for _, t in parts])[order]
                               for k in OptionTable.__dataclass_fields__})
@@ -160,7 +166,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     band_U = cpu_c[bo, q] - cpu_c[bo, p]
     tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q] + up_U)
     tail_idle = np.where(offload, 0.0, idle_c[E] - idle_c[q])
-    x = xfer[np.minimum(hi, len(xfer) - 1), bo]  # [N] seconds per expert fetch
+    x = xfer[np.minimum(hi, len(xfer) - 1), bo] if fetch_s is None else np.asarray(fetch_s, float)  # [N] per fetch
     keys = {(int(a), int(b), int(d)) for a, b, d in zip(p, c, q)}
     h_of = {k: (st.hit_rate(layer, k[0], k[1], k[2]) if k[2] > k[0] else 0.0) for k in keys}
     h = np.array([h_of[(int(a), int(b), int(d))] for a, b, d in zip(p, c, q)])  # [N] h(p, q, c)

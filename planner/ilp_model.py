@@ -15,6 +15,7 @@ from profiles.units import format_size
 from .costs import (FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time,
                     prefill_dense_s, prefill_options_s, with_tiers)
 from .format_tiers import offers_tiers
+from .miss_copy_options import copy_specs
 from .nested_options import nested_specs, offers_nested
 
 __all__ = ["Problem", "build_problem", "pareto_front", "explain_infeasible"]
@@ -129,6 +130,10 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
         # nested int8 experts as bit-planes (planner.nested_options), when asked for
         tables = tuple(_with_rows(t, option_costs(s, l, nested_specs(s, l))) if offers_nested(s, l) else t
                        for l, t in enumerate(tables))
+        # low-bit copies for low-gate misses of the fetch options (planner.miss_copy_options), when asked for
+        copies = [copy_specs(s, l, t) for l, t in enumerate(tables)]
+        tables = tuple(_with_rows(t, option_costs(s, l, rows)) if len(rows) else t
+                       for l, (t, rows) in enumerate(zip(tables, copies)))
     else:
         tables = tuple(option_costs(s, l, np.unique(extra[l], axis=0)) for l in range(s.stats.num_layers))
     # dense weights run on the compute device: only formats the engine runs there

@@ -80,6 +80,8 @@ def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
             continue
         home = s.homes.index(layer.home[off[0]]) if s.homes else 0
         mode = MODES.index(layer.site[band[0]] if band else "local")
+        if layer.miss_copy is not None:  # low-gate misses load copies (planner.miss_copy_options)
+            mode = MODES.index("copy")
         rows.append((p, p + len(band), s.formats.index(br), layer.cache_slots, s.formats.index(bo), home, mode))
     return np.array(rows, dtype=np.int64).reshape(-1, len(SPEC_COLUMNS))
 
@@ -116,7 +118,7 @@ def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
     F = np.array([t.F[0] for t in tables])
     pi_r = r if prefetch else np.zeros_like(r)
     mode = specs[:, SPEC_COLUMNS.index("mode")]
-    stall = np.where(np.isin(mode, [MODES.index("fetch"), MODES.index("stream")]), (1 - pi_r) * F, 0.0)
+    stall = np.where(np.isin(mode, [MODES.index(m) for m in ("fetch", "stream", "copy")]), (1 - pi_r) * F, 0.0)
     link = (1 - pi_r) * F + (F if prefetch else 0.0)
     tau = np.array([option_time(t, prefetch)[0] for t in tables])
     out = LayerBreakdown(compute_s=G, stall_s=stall, cpu_s=U, link_s=link, tau_s=tau, dense_s=fc.dense_s,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
+from profiles.miss_copy import low_gate_shares
 from profiles.engines import Engine, load_engine
 from profiles.errors import InfeasibleError, InputError
 from profiles.formats import default_quant_error, get_format
@@ -82,8 +83,11 @@ class OptimizeRequest:
     max_watts: float | None = None  # average power cap, W: energy per step <= max_watts x step time (planner.energy)
     drop_below: float | None = None  # task-specific plans: experts rarer than this may be dropped (planner.task)
     nested: bool = False  # offer nested int8 experts as bit-planes (planner.nested_options; --nested)
+    # offer low-bit copies for low-gate misses: (copy format, gate threshold) (planner.miss_copy_options)
+    miss_copy: tuple[str, float] | None = None
     dropped: tuple[tuple[int, ...], ...] = ()  # per layer the experts dropped (set by planner.task)
     dropped_importance: tuple[float, ...] = ()  # per layer their importance on the trace (planner.task)
+    low_gate: tuple[np.ndarray, np.ndarray] | None = None  # the trace's low-gate shares at miss_copy (set by optimize)
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,6 +179,9 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
                                   + (f" (+{zero} zero-computation)" if zero else "") + f" ({model.name})",
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
     stats = planning_stats(trace, real_experts=model.num_experts)
+    if req.miss_copy is not None:  # the low-gate shares the copy options price (profiles.miss_copy)
+        req = dataclasses.replace(req, low_gate=low_gate_shares(trace.expert_ids, trace.gate_weights,
+                                                                model.num_experts, req.miss_copy[1]))
     t_stats = _now()
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     if req.quality_budget is None and req.expert_error is not None and "int4" in req.expert_error:
@@ -216,6 +223,8 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
         s = dataclasses.replace(s, dropped=req.dropped, dropped_importance=req.dropped_importance)
     if req.nested:  # nested int8 experts among the options (planner.nested_options)
         s = dataclasses.replace(s, nested=True)
+    if req.miss_copy is not None:  # low-bit copies for low-gate misses (planner.miss_copy_options)
+        s = dataclasses.replace(s, miss_copy=req.miss_copy, low_gate=req.low_gate)
     if req.policy is not None:  # a given configuration: priced as it is, no search
         from .given import price_given
 
@@ -231,6 +240,9 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
         if req.nested:
             raise InputError("--nested plans one GPU with offloading", key="--parallel", value=hw.name,
                              fix="add --parallel offload, or drop --nested")
+        if req.miss_copy is not None:
+            raise InputError("--miss-copy plans one GPU with offloading", key="--parallel", value=hw.name,
+                             fix="add --parallel offload, or drop --miss-copy")
         t_build = _now()
         plan = plan_multi_gpu(s, req, inputs, budget)  # builds and solves: its time is the solve's
         t_solve = _now()

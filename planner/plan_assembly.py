@@ -17,7 +17,7 @@ from . import __version__
 from .costs import MODES, prefill_s, step_time
 from .energy import step_energy_j
 from .format_tiers import tier_masks
-from .plan import LayerPlan, MemoryUse, Plan
+from .plan import LayerPlan, MemoryUse, MissCopy, Plan
 from .prefill_sites import prefill_offloads
 from .task import dropped_note
 
@@ -71,6 +71,9 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
             mem[dev_mem]["expert_bytes"] += float(t.dev_bytes[w])
             mem[home]["expert_bytes"] += float(t.home_bytes[w])  # the fetch-low experts' low planes
             continue
+        copy = None
+        if band_site == "copy":  # a fetch band whose low-gate misses load copies (planner.miss_copy_options)
+            band_site, copy = "fetch", MissCopy(format=s.miss_copy[0], gate_below=s.miss_copy[1])
         homes, fmts, sites = [None] * st.num_experts, [None] * st.num_experts, [None] * st.num_experts
         for rank, e in enumerate(st.order[l]):
             if rank < p:
@@ -80,7 +83,8 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
                     band_site if rank < q else "local"
         layers.append(LayerPlan(moe_layer=l, hidden_layer=int(s.model.moe_layer_indices[l]), home=tuple(homes),
                                 format=tuple(fmts), site=tuple(sites), cache_slots=c,
-                                cache_device=s.compute.id if c else None, cache_format=bo if c else None))
+                                cache_device=s.compute.id if c else None, cache_format=bo if c else None,
+                                miss_copy=copy))
         held = min(p, st.num_experts - len(s.dropped[l])) if s.dropped else p  # dropped ranks are last
         mem[dev_mem]["expert_bytes"] += held * s.expert_bytes(br) * s.kernel_factor(s.compute, br)
         mem[dev_mem]["cache_bytes"] += c * s.expert_bytes(bo) * s.kernel_factor(s.compute, bo)
@@ -142,7 +146,7 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
         if MODES[t.mode[w]] == "nested":  # a fetch-low expert's low plane crosses at every use
             fetched += band
             hit_num += float(f.sum()) - band
-        elif MODES[t.mode[w]] in ("fetch", "hybrid") and p < q:
+        elif MODES[t.mode[w]] in ("fetch", "hybrid", "copy") and p < q:
             h = st.hit_rate(l, p, c, q, per_access=True)  # the reported rate and fetches count accesses
             hit_num += float(f[:p].sum()) + h * band
             fetched += (1 - h) * band

@@ -28,7 +28,8 @@ __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", 
            "runnable_formats"]
 
 # "nested": the layer resident as bit-planes, hot experts fetching their low plane (planner.nested_options)
-MODES = ("fetch", "local", "hybrid", "stream", "nested")
+# "copy": a fetch band whose low-gate misses load a low-bit copy (planner.miss_copy_options)
+MODES = ("fetch", "local", "hybrid", "stream", "nested", "copy")
 DEFAULT_FORMATS = ("bf16", "int8", "int4")
 
 # Relative output error of an expert stored in each format (normalised RMS error of the
@@ -125,6 +126,10 @@ class Setup:
     dram_contention: bool = False
     # offer nested options: a layer resident as int8 bit-planes (planner.nested_options; --nested)
     nested: bool = False
+    # planned low-bit copies (planner.miss_copy_options; --miss-copy): (format, gate threshold) and
+    # the workload's low-gate shares at it, ([L, E] of accesses, [L, E] of gate mass); None: none
+    miss_copy: tuple[str, float] | None = None
+    low_gate: tuple[np.ndarray, np.ndarray] | None = None
 
     def runs(self, device: Device, fmt: str) -> bool:
         """Whether the engine runs weights stored as ``fmt`` on ``device`` (an accelerator: only

@@ -25,6 +25,24 @@ from ._common import FiniteFloat, check_output_path, common_options, writing
 __all__ = ["optimize_cmd"]
 
 
+def parse_miss_copy(text: str | None) -> tuple[str, float] | None:
+    """``--miss-copy FORMAT:GATE`` as ``(format, gate)`` (planner.miss_copy_options); None: not asked."""
+    from profiles.miss_copy import COPY_FORMATS
+
+    if text is None:
+        return None
+    fmt, _, gate = text.partition(":")
+    try:
+        value = float(gate)
+    except ValueError:
+        value = float("nan")
+    if fmt not in COPY_FORMATS or not 0 < value <= 1:
+        raise InputError("--miss-copy takes a copy format and a gate threshold", key="--miss-copy", value=text,
+                         expected=f"FORMAT:GATE, FORMAT one of {', '.join(COPY_FORMATS)}, 0 < GATE <= 1",
+                         fix="e.g. --miss-copy int4:0.3")
+    return fmt, value
+
+
 def _parse_formats(value: str) -> tuple[str, ...]:
     from profiles.formats import get_format
 
@@ -232,6 +250,10 @@ def _load_trace(path: str, task: str | None):
               help="Offer nested int8 experts (stored as two int4 planes): per layer the hot experts hold both "
               "planes on the GPU, the next fetch their low plane from host memory at each use, the cold ones run on "
               "their high plane alone at int4 quality (plan.json planes); engines whose profile says nested.")
+@click.option("--miss-copy", "miss_copy", default=None, metavar="FORMAT:GATE",
+              help="Offer low-bit copies (e.g. int4:0.3): per layer the ILP may keep an int4 (or int2) copy of its "
+              "fetch experts in host memory, and a miss whose gate weight is below GATE loads the copy, which later "
+              "hits run (plan.json miss_copy; priced in memory, link time and quality on the trace's gate weights).")
 @click.option("--quality-budget", type=FiniteFloat(min=0), default=None,
               help="Largest importance-weighted quantisation error allowed. Default: that of uniform int4 "
               f"({QUANT_ERROR['int4']}); uniform int8 is {QUANT_ERROR['int8']}.")
@@ -371,6 +393,9 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         if use_ep and kv_cache == "host":
             raise InputError("an expert-parallel plan keeps the KV cache on its GPUs", key="--kv-cache", value="host",
                              fix="add --parallel offload, or use --kv-cache auto")
+        if use_ep and given["miss_copy"]:
+            raise InputError("--miss-copy plans one GPU with offloading; expert-parallel plans hold no copies",
+                             key="--miss-copy", value=given["miss_copy"], fix="add --parallel offload, or drop --miss-copy")
         if use_ep and given["nested"]:
             raise InputError("--nested plans one GPU with offloading; expert-parallel plans do not hold planes",
                              key="--nested", fix="add --parallel offload, or drop --nested")
@@ -391,7 +416,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         multi_gpu=not one_gpu and parallel in ("auto", "pipeline"), compare=compare or report is not None,
         max_watts=max_watts, drop_below=drop_below)
     request = dataclasses.replace(request, dram_contention=given["dram_contention"],  # planner.dram
-                                  nested=given["nested"])  # planner.nested_options
+                                  nested=given["nested"],  # planner.nested_options
+                                  miss_copy=parse_miss_copy(given["miss_copy"]))  # planner.miss_copy_options
     output = get_output()
     with output.log.status("planning..."):
         result = optimize(request)
