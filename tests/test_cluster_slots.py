@@ -123,3 +123,5 @@ def test_cli_even_slots_keeps_every_gpu_at_s(run_cli, toy):
     uneven = json.loads(run_cli(*args).stdout)["summary"]["solver"]
     even = json.loads(run_cli(*args, "--even-slots").stdout)["summary"]["solver"]
     assert uneven["slots"] is not None and even["slots"] is None
+    text = run_cli(*args[:-1]).output
+    assert "expert slots per GPU" in text and "attention: sequences per GPU" in text

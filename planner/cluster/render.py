@@ -111,6 +111,13 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
     if speeds:
         console.print(f"load balanced by time: relative expert speeds {min(speeds):.3f}-{max(speeds):.3f} at "
                       f"{d['solver']['speed_tokens_per_call']:.1f} tokens per call", highlight=False)
+    attention, slots = d["solver"].get("attention"), d["solver"].get("slots")
+    if attention:
+        console.print(f"attention: sequences per GPU {attention['sequences']} (equal shares: "
+                      f"{attention['equal_s'] * 1e3:.1f} ms per step, these: {attention['stage_s'] * 1e3:.1f} ms)",
+                      highlight=False)
+    if slots:
+        console.print(f"expert slots per GPU {slots} (SGLang/vLLM need equal slots: --even-slots)", highlight=False)
     add(d["plan"], "bold")
     for r in d.get("baselines", []):
         add(r)
