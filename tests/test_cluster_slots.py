@@ -125,3 +125,35 @@ def test_cli_even_slots_keeps_every_gpu_at_s(run_cli, toy):
     assert uneven["slots"] is not None and even["slots"] is None
     text = run_cli(*args[:-1]).output
     assert "expert slots per GPU" in text and "attention: sequences per GPU" in text
+
+
+def test_bound_with_empty_slots_is_below_the_brute_force_optimum():
+    """2 MoE layers x 4 experts on 2 nodes x 1 GPU, 3 slots each, GPU 0 keeping 2: every
+    placement with the incumbent's copies enumerated; relaxation <= optimum <= incumbent."""
+    import itertools
+
+    from planner.cluster import placement_metrics, topology
+    from planner.cluster.bound import traffic_bound
+    from test_cluster_speed import _tiny_cluster
+
+    _, hw = load_profile(_tiny_cluster())
+    topo = topology(hw)
+    rng = np.random.default_rng(4)
+    trans = rng.integers(0, 9, size=(1, 4, 4)).astype(float)
+    load = np.stack([trans[0].sum(1), trans[0].sum(0)]) + 1.0  # [2, 4]
+    incumbent = trim_slots(np.array([[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 2, 1]]), np.array([2, 3]), load)
+    assert ((incumbent[:, :3] >= 0).sum(1) == 2).all() and ((incumbent[:, 3:] >= 0).sum(1) == 3).all()
+    copies = [np.bincount(r[r >= 0], minlength=4) for r in incumbent]
+
+    def rows(c):
+        for a in itertools.combinations(range(4), 2):
+            rest = c - np.bincount(a, minlength=4)
+            if rest.min() >= 0 and rest.max() <= 1 and rest.sum() == 3:
+                yield list(a) + [-1] + np.nonzero(rest)[0].tolist()
+
+    best = min(placement_metrics(np.array([r0, r1]), load, trans, topo, 64, 10)["traffic_s_per_token"]
+               for r0 in rows(copies[0]) for r1 in rows(copies[1]))
+    bound = traffic_bound(incumbent, load, trans, topo, 64, 10, np.full(2, 1e9))
+    ours = placement_metrics(incumbent, load, trans, topo, 64, 10)["traffic_s_per_token"]
+    assert bound.method == "relaxation" and bound.traffic_s_per_token > 0.5 * best  # not a trivial bound
+    assert bound.traffic_s_per_token <= best * (1 + 1e-12) and best <= ours * (1 + 1e-12)
