@@ -86,6 +86,13 @@ class ExpertHome:
         for e in sorted(keep_host):
             w = self.read(e)
             self.host[e] = ExpertWeights(w.fmt, {k: t.pin_memory() for k, t in w.tensors.items()}) if pin else w
+        # planned low-bit copies (miss_copy.py): in host memory, a low-gate miss fetches one
+        self.copies = None
+        if spec.miss_copy is not None:
+            from .miss_copy import CopyHome  # it builds on this module's ExpertWeights
+
+            self.copies = CopyHome(spec, kernels.weights_file(spec.moe_layer), metrics, pin=pin,
+                                   device_name=device_name, host_memory=host_memory)
         # nested fetch-low experts: their low planes wait in host memory, fetched at every use
         self.low: dict[int, dict[str, torch.Tensor]] = {}
         for e in (e for e in range(spec.num_experts) if spec.planes_of(e) == "fetch-low"):

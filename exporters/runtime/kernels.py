@@ -308,6 +308,8 @@ class Kernels:
     def __init__(self, directory: str | Path, plan: RuntimePlan) -> None:
         import onnx
 
+        from .miss_copy import copy_entry  # it reads the weights file this class opens
+
         self.directory = Path(directory).resolve()
         manifest_path = self.directory / "manifest.json"
         try:
@@ -343,7 +345,11 @@ class Kernels:
                 raise RuntimeInputError("kernels were built for another plan", file=manifest_path,
                                         key=f"layers.{layer.moe_layer}.nested", value=entry.get("nested", []),
                                         expected=str(nested), fix=_FIX_REBUILD)
-            if built:
+            if entry.get("copies") != copy_entry(layer):  # low-bit copies exactly where the plan has them
+                raise RuntimeInputError("kernels were built for another plan", file=manifest_path,
+                                        key=f"layers.{layer.moe_layer}.copies", value=entry.get("copies"),
+                                        expected=str(copy_entry(layer)), fix=_FIX_REBUILD)
+            if built or layer.miss_copy is not None:
                 self._weights[layer.moe_layer] = TensorFile(self._inside(entry["file"]))
 
     def _inside(self, rel: str) -> Path:
@@ -352,6 +358,10 @@ class Kernels:
             raise RuntimeInputError("kernel file missing or outside the kernels directory", file=self.directory,
                                     key=rel, fix=_FIX_REBUILD)
         return path
+
+    def weights_file(self, moe_layer: int) -> TensorFile:
+        """The layer's weights file (quantised experts, planes, low-bit copies)."""
+        return self._weights[moe_layer]
 
     def quantised(self, moe_layer: int, expert: int, fmt: str) -> dict[str, Any]:
         """One quantised expert's tensors (CPU torch, in one buffer of their own; :mod:`tensorfile`)."""
@@ -383,6 +393,8 @@ def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str
     """
     from safetensors.numpy import save_file
 
+    from .miss_copy import copy_arrays, copy_entry
+
     if isinstance(plan_json, Mapping):
         plan = parse_plan(dict(plan_json), memory_tiers=memory_tiers)
     else:
@@ -406,8 +418,10 @@ def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str
         entry: dict[str, Any] = {"hidden_layer": layer.hidden_layer, "experts": {str(e): f for e, f in quantised.items()}}
         if any(layer.planes):
             entry["nested"] = sorted(str(e) for e in quantised if layer.planes_of(e))  # stored as planes
-        if quantised:
-            arrays: dict[str, np.ndarray] = {}
+        if layer.miss_copy is not None:
+            entry["copies"] = copy_entry(layer)  # low-bit copies (miss_copy.py)
+        if quantised or layer.miss_copy is not None:
+            arrays: dict[str, np.ndarray] = copy_arrays(layer, source, quantize)
             for e, fmt in quantised.items():
                 gate_up, down = source.read(layer.hidden_layer, e)
                 for prefix, w in (("gate_up", gate_up), ("down", down)):

@@ -92,6 +92,7 @@ class MetricsRecorder:
             self.prefetches = 0
             self.prefetch_hits = 0
             self.cpu_expert_calls = 0
+            self.miss_copies = 0  # misses served by a low-bit copy (miss_copy.py)
             self.ttft_s: list[float] = []
             self.tpot_s: list[float] = []
             self.generated_tokens = 0
@@ -162,7 +163,7 @@ class MetricsRecorder:
         return out
 
     def count(self, counter: str, n: int = 1) -> None:
-        """Add ``n`` to ``prefetch_hits`` or ``cpu_expert_calls``."""
+        """Add ``n`` to ``prefetch_hits``, ``cpu_expert_calls`` or ``miss_copies``."""
         with self._lock:
             setattr(self, counter, getattr(self, counter) + n)
 
@@ -205,6 +206,7 @@ class MetricsRecorder:
                 "prefetches": self.prefetches,
                 "prefetch_hits": self.prefetch_hits,
                 "cpu_expert_calls": self.cpu_expert_calls,
+                **({"miss_copies": self.miss_copies} if self.miss_copies else {}),  # plans with copies only
                 "notes": list(self.notes),
                 "devices": self._devices(),
                 "links": {k: {"copies": v[0], "bytes": v[1]} for k, v in sorted(self.links.items())},

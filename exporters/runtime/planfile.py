@@ -48,7 +48,8 @@ __all__ = [
 PLAN_FORMAT_VERSION = 1
 SITES = ("resident", "fetch", "local", "hybrid", "stream")
 TIERS = ("device", "host", "disk")
-PLANES = ("both", "fetch-low", "high")  # profiles/nested.py PLANES (the runtime imports nothing of the planner)
+PLANES = ("both", "fetch-low", "high")
+COPY_FORMATS = ("int4", "int2")  # profiles/miss_copy.py COPY_FORMATS  # profiles/nested.py PLANES (the runtime imports nothing of the planner)
 PREFETCH = ("none", "next-layer", "oracle")
 EVICTION = ("lru", "lfu", "static", "belady")
 # Float formats keep the checkpoint's own dtype (no rounding: "bf16" on an fp32 checkpoint
@@ -81,6 +82,9 @@ class LayerSpec:
     # int8 expert holds on the device: both, fetch-low (the low plane fetched at every use) or
     # high (its int4 copy alone); "" for one not nested; empty: none
     planes: tuple[str, ...] = ()
+    # planned low-bit copies (plan.json miss_copy, runtime miss_copy.py): (format, gate_below): a
+    # fetch miss whose gate weight is below gate_below loads the expert's copy; None: none
+    miss_copy: tuple[str, float] | None = None
 
     def planes_of(self, e: int) -> str:
         return self.planes[e] if self.planes else ""
@@ -127,7 +131,9 @@ class RuntimePlan:
 
     @property
     def formats(self) -> list[str]:
-        return sorted({f for layer in self.layers for f in layer.format})
+        """Every format the plan runs, its low-bit copies' included (miss_copy.py)."""
+        return sorted({f for layer in self.layers for f in layer.format}
+                      | {layer.miss_copy[0] for layer in self.layers if layer.miss_copy})
 
     def layer_by_hidden(self) -> dict[int, LayerSpec]:
         return {layer.hidden_layer: layer for layer in self.layers}
@@ -242,10 +248,28 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
                           pl, "\"\", or both | fetch-low | high where format is int8 and site resident")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
                                 site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i]),
-                                prefill_offload=prefill[i], planes=tuple(planes)))
+                                prefill_offload=prefill[i], planes=tuple(planes),
+                                miss_copy=_miss_copy(raw.get("miss_copy"), site, fmt, f"{at}.miss_copy", bad)))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
                        layers=tuple(layers), source=source, dense_format=dense_format,
                        layer_devices=tuple(layer_devices) if layer_devices else None)
+
+
+def _miss_copy(raw: Any, site: list[str], fmt: list[str], at: str, bad) -> tuple[str, float] | None:
+    """A layer's ``miss_copy`` as ``(format, gate_below)``: a copy format this runtime stores
+    (miss_copy.py), a gate threshold in (0, 1], a layer with fetch experts wider than the copy."""
+    if raw is None:
+        return None
+    keys = {"format", "gate_below"}
+    if not (isinstance(raw, dict) and set(raw) == keys and raw["format"] in COPY_FORMATS
+            and isinstance(raw["gate_below"], (int, float)) and 0 < raw["gate_below"] <= 1):
+        raise bad("miss_copy names a copy format and a gate threshold", at, raw,
+                  f"{{format: {' | '.join(COPY_FORMATS)}, gate_below: a number in (0, 1]}}")
+    wider = FLOAT_FORMATS + ("int8",) + (("int4",) if raw["format"] == "int2" else ())
+    if "fetch" not in site or any(f not in wider for f, s in zip(fmt, site) if s == "fetch"):
+        raise bad("low-bit copies belong to a layer's fetch experts, each wider than its copy", at, raw,
+                  f"a layer whose site lists fetch, its fetch experts at {' | '.join(wider)}")
+    return str(raw["format"]), float(raw["gate_below"])
 
 
 def _tier(memory_id: str, site: str, compute: str, host: str, overrides: Mapping[str, str]) -> str:

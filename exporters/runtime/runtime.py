@@ -364,7 +364,9 @@ def _plan_json(plan: RuntimePlan) -> dict[str, Any]:
             "prefetch": plan.prefetch, "eviction": plan.eviction, "dense_format": plan.dense_format,
             "layers": [{"moe_layer": layer.moe_layer, "hidden_layer": layer.hidden_layer, "home": list(layer.home),
                         "format": list(layer.format), "site": list(layer.site), "cache_slots": layer.cache_slots,
-                        **({"planes": list(layer.planes)} if layer.planes else {})}
+                        **({"planes": list(layer.planes)} if layer.planes else {}),
+                        **({"miss_copy": dict(zip(("format", "gate_below"), layer.miss_copy))}
+                           if layer.miss_copy else {})}
                        for layer in plan.layers]}
 
 

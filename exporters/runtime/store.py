@@ -121,7 +121,7 @@ class PlannedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         rows = hidden_states.shape[0]
-        on_device, on_cpu = self._route(top_k_index.tolist())
+        on_device, on_cpu = self._route(top_k_index.tolist(), top_k_weights.tolist())
         for e in self.spec.experts_at("stream"):  # copied at every step, used or not
             if e in on_device:
                 on_device[e] = self.fetcher.submit(lambda e=e: self.home.load(e, self.device, fetch=True), start=False)
@@ -191,8 +191,9 @@ class PlannedExperts(nn.Module):
             w.tensors = {}
         return w
 
-    def _route(self, ids: list[list[int]]) -> tuple[dict[int, Slot], set[int]]:
-        """Walk the accesses in order (tokens, then rank); decide where each expert runs.
+    def _route(self, ids: list[list[int]], gates: list[list[float]]) -> tuple[dict[int, Slot], set[int]]:
+        """Walk the accesses in order (tokens, then rank); decide where each expert runs
+        (``gates``: their router weights; a low-gate miss may load a low-bit copy, miss_copy.py).
 
         Returns ``(device experts -> slot, CPU experts)``. Streamed experts are added later.
         """
@@ -201,8 +202,9 @@ class PlannedExperts(nn.Module):
         on_cpu: set[int] = set()
         copies: dict[int, Slot] = {}  # experts copied in this step (fetched, or filled after a hybrid miss)
         counts: Counter = Counter()
-        for row in ids:
-            for e in row:
+        low = self.home.copies
+        for row, row_gates in zip(ids, gates):
+            for e, g in zip(row, row_gates):
                 if not 0 <= e < self.num_experts:
                     continue  # a null expert
                 site = sites[e]
@@ -247,6 +249,9 @@ class PlannedExperts(nn.Module):
                     # missed again within the step (evicted by a later token): the step's copy
                     # serves it, as in the simulator: one copy per expert and step
                     slot = on_device.get(e) or copies.get(e)
+                    if slot is None and low is not None and low.loads(g):  # its low-bit copy (kept by the slot)
+                        slot = copies[e] = self.fetcher.submit(lambda e=e: self._ready(low.load(e, self.device)),
+                                                               start=False)
                     if slot is None:  # copied in the background while the ready experts compute (forward starts it)
                         slot = copies[e] = self.fetcher.submit(
                             lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)), start=False)
