@@ -14,7 +14,8 @@ band's miss rate):
 and every other column is the fetch option's (:func:`planner.costs.option_costs` with ``x``):
 calls are priced at ``b_off`` (a copy's call is no slower where the link binds, which is
 where copies pay), cache slots at ``b_off``'s size (a copy fills a slot). Offered on request
-(``Setup.miss_copy``, ``OptimizeRequest.miss_copy``) for an engine that fetches, a DRAM home, fetch options whose format is wider than the copy,
+(``Setup.miss_copy``, ``OptimizeRequest.miss_copy``) for an engine that fetches and whose
+profile says ``miss_copy`` (the bundle, roofline), a DRAM home, fetch options whose format is wider than the copy,
 at decode, without op offload or DRAM contention pricing.
 """
 
@@ -38,7 +39,8 @@ def offers_copies(s: Setup, layer: int) -> bool:
     """Whether ``layer`` gets copy options (see the module docstring)."""
     if s.miss_copy is None or s.low_gate is None:
         return False
-    if s.engine is not None and not s.engine_can("fetch"):
+    if s.engine is not None and not (s.engine_can("fetch") and s.engine.profile.miss_copy
+                                     and s.engine.profile.miss_copy.value):
         return False
     if not s.runs(s.compute, s.miss_copy[0]) or s.unified or s.dram_contention or s.phase != "decode" \
             or s.prefill_offload:

@@ -336,6 +336,9 @@ class EngineProfile(BaseModel):
     # runs nested (bit-plane) int8 experts (profiles.nested): both planes, the high plane with
     # the low plane fetched at every use, or the high plane alone; None: it does not
     nested: SourcedFlag | None = None
+    # runs planned low-bit copies (profiles.miss_copy): a low-gate miss of a fetch expert loads
+    # its int4/int2 copy, which later hits run; None: it does not
+    miss_copy: SourcedFlag | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
@@ -346,7 +349,7 @@ class EngineProfile(BaseModel):
         # a profile without a kv_cache block or expert_parallel keeps the digest it had before
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("kv_cache", "expert_parallel", "kv_offload", "nested"):
+            for key in ("kv_cache", "expert_parallel", "kv_offload", "nested", "miss_copy"):
                 if data.get(key) is None:
                     data.pop(key, None)
         return data
