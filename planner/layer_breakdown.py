@@ -81,6 +81,9 @@ def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
         home = s.homes.index(layer.home[off[0]]) if s.homes else 0
         mode = MODES.index(layer.site[band[0]] if band else "local")
         if layer.miss_copy is not None:  # low-gate misses load copies (planner.miss_copy_options)
+            if s.low_gate is None or s.miss_copy != (layer.miss_copy.format, layer.miss_copy.gate_below):
+                raise ValueError(f"layer {layer.moe_layer}'s low-bit copies were planned on another setup "
+                                 "(optimize with its --miss-copy)")
             mode = MODES.index("copy")
         rows.append((p, p + len(band), s.formats.index(br), layer.cache_slots, s.formats.index(bo), home, mode))
     return np.array(rows, dtype=np.int64).reshape(-1, len(SPEC_COLUMNS))

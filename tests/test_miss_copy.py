@@ -209,6 +209,8 @@ def test_the_ilp_plans_copies_where_they_pay(case, copy_plans, tmp_path):
     check_plan(copies, hw, spec)
     assert load_plan(copies.save(tmp_path / "plan.json")).to_json() == copies.to_json()
     assert layer_breakdown(copies, copy_plans[1].setup).step_s == pytest.approx(copies.predicted["tpot_s"])
+    with pytest.raises(ValueError, match="another setup"):  # a setup without the copies cannot price them
+        layer_breakdown(copies, copy_plans[0].setup)
     # the simulator plays the same plan out near the planner's price
     sim = simulate(copies, hw, spec, trace, SimConfig(batch_size=1, kv_context="plan"))
     base = simulate(plain, hw, spec, trace, SimConfig(batch_size=1, kv_context="plan"))
