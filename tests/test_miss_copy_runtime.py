@@ -139,3 +139,11 @@ def test_an_exported_bundle_runs_its_copies(base, ckpt, tmp_path, run_cli, run_b
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["generated_tokens"] == 3
     assert 0 < metrics["miss_copies"] <= metrics["expert_fetches"]
+
+
+def test_int2_copies_compute_what_int2_experts_compute(base, ckpt):
+    """An int2 copy (packed, unpacked by torch) on every miss: the int2 plan's result, bit for bit."""
+    int2, int2_m = logits(at_format(base, "int2"), ckpt)
+    every, every_m = logits(with_copies(base, 1.0, "int2"), ckpt)
+    assert torch.equal(every, int2)
+    assert moved(every_m, base) == moved(int2_m, base)
