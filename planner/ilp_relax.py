@@ -79,6 +79,7 @@ class _Relaxation:
     reduced: np.ndarray  # [n_x] reduced cost of every front option
     weight: np.ndarray  # [n_x] what each option puts in the coupling rows, priced by their duals
     spilled: float  # sum of x over options homed past the first home
+    duals: np.ndarray  # [R] the coupling rows' duals in planner.ilp_model._usage's columns (time unit per row unit)
 
     @property
     def spill_fractional(self) -> bool:
@@ -161,9 +162,14 @@ class _Relaxer:
         x = np.asarray(sol.col_value)
         duals = np.abs(np.asarray(sol.row_dual)[self.first_cap_row:self.count_row])
         weight = sum((d * c for d, c in zip(duals, self.cap_coefs)), np.zeros(self.n_x))
+        # in _usage's columns: device, homes..., quality (zero without a budget), then TTFT
+        H = len(self.problem.setup.homes)
+        quality = duals[H + 1:H + 2] if self.problem.quality_budget is not None else np.zeros(1)
+        ttft = duals[-1:] if self.problem.ttft is not None else np.zeros(0)
         return _Relaxation(lower_s=float(h.getInfo().objective_function_value) * self.unit, x=x,
                            reduced=np.asarray(sol.col_dual)[:self.n_x] * self.unit, weight=weight,
-                           spilled=float(self.spills @ x[:self.n_x]))
+                           spilled=float(self.spills @ x[:self.n_x]),
+                           duals=np.concatenate([duals[:H + 1], quality, ttft]))
 
     def round(self, times: list[np.ndarray], relax: _Relaxation) -> list[tuple]:
         """Feasible plans ``(choice, dense, seconds)`` from the relaxation: each layer takes its
