@@ -42,9 +42,10 @@ on the engine the plan is priced for; decode step time of ours and of the speed-
 the placement, each GPU's share of the sequences for data-parallel attention
 (planner/cluster/attention.py) and, with it, fewer expert slots on the slow GPUs
 (planner/cluster/slots.py); neither is a flag of SGLang or vLLM (equal shares per DP rank,
-equal slots per EP rank), so the rows "ours-even-slots" (--even-slots: shares only, which a
-router in front of the DP ranks could give) and "ours-engine-defaults" (even slots, equal
-shares: what the engines run as they are) show what each lever brings. The baselines run with
+equal slots per EP rank), so "ours" is planned with --ranks uneven, and the rows "ours-shares"
+(--ranks shares: shares only, which a router in front of the DP ranks could give) and
+"ours-engine-defaults" (the engine's default, --ranks engine: even slots, equal shares, what
+the engines run as they are) show what each lever brings. The baselines run with
 equal shares and slots, as the engines do.
 
 Run: ``python benchmarks/bench_cluster.py [--out PATH] [--quick]``
@@ -196,19 +197,21 @@ def mixed_case(engine: str, batch: int) -> dict:
     and the speed-blind eplb-global at ``batch`` sequences per GPU on ``engine``."""
     t0 = time.perf_counter()
     result = plan_cluster(ClusterRequest(hardware=MIXED, model=MODEL, engine=engine, batch_size=batch,
-                                         context_tokens=1024))
+                                         context_tokens=1024, ranks="uneven"))
     wall = time.perf_counter() - t0
+    shares = plan_cluster(ClusterRequest(hardware=MIXED, model=MODEL, engine=engine, batch_size=batch,
+                                         context_tokens=1024, ranks="shares"))
     even = plan_cluster(ClusterRequest(hardware=MIXED, model=MODEL, engine=engine, batch_size=batch,
-                                       context_tokens=1024, even_slots=True))
+                                       context_tokens=1024))  # ranks="engine": what SGLang / vLLM run
+    assert even.plan.attention_shares is None and even.info["slots"] is None
     spec = load_model(MODEL)
     _, hw = load_profile(MIXED)
     trace = default_workload(spec)
     G = result.topology.num_gpus
     config = SimConfig(batch_size=batch * G, requests=batch * G)
-    plans = {"ours": result.plan, "ours-even-slots": even.plan,
-             "ours-engine-defaults": even.plan.model_copy(update={"attention_shares": None}),
+    plans = {"ours": result.plan, "ours-shares": shares.plan, "ours-engine-defaults": even.plan,
              "eplb-speed": result.baselines["eplb-speed"], "eplb-global": result.baselines["eplb-global"]}
-    metrics = result.metrics | {"ours-even-slots": even.metrics["ours"], "ours-engine-defaults": even.metrics["ours"]}
+    metrics = result.metrics | {"ours-shares": shares.metrics["ours"], "ours-engine-defaults": even.metrics["ours"]}
     sims = {}
     for name, plan in plans.items():
         m = simulate(plan, hw, spec, trace, config).metrics
@@ -222,13 +225,13 @@ def mixed_case(engine: str, batch: int) -> dict:
     cut = {name: round(1 - s["decode_step_s"] / base, 4) for name, s in sims.items()}
     print(f"mixed {engine} batch {batch}/GPU: decode step ours {sims['ours']['decode_step_s'] * 1e3:.2f} ms, eplb-speed "
           f"{sims['eplb-speed']['decode_step_s'] * 1e3:.2f} ms, eplb-global {base * 1e3:.2f} ms: ours {cut['ours']:+.1%}, "
-          f"even slots {cut['ours-even-slots']:+.1%}, engine defaults {cut['ours-engine-defaults']:+.1%}, eplb-speed "
+          f"shares only {cut['ours-shares']:+.1%}, engine defaults {cut['ours-engine-defaults']:+.1%}, eplb-speed "
           f"{cut['eplb-speed']:+.1%} faster; slots {result.info['slots']}, attention "
           f"{(result.info['attention'] or {}).get('sequences')}; plan {wall:.1f} s", flush=True)
     return {"profile": MIXED, "engine": engine, "batch_per_gpu": batch, "context_tokens": 1024,
             "speeds": result.info["speed"], "speed_tokens_per_call": result.info["speed_tokens_per_call"],
             "plan_s": round(wall, 2), "slots_per_gpu": result.info["slots"],
-            "attention": result.info["attention"], "attention_even_slots": even.info["attention"],
+            "attention": result.info["attention"], "attention_shares_only": shares.info["attention"],
             "simulated": sims, "step_cut_vs_eplb_global": cut,
             "bound": result.info["bound"],
             "checks": {"step_cut_at_least_15pct": cut["ours"] >= MIXED_STEP_CUT}}

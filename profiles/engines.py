@@ -339,6 +339,9 @@ class EngineProfile(BaseModel):
     # runs planned low-bit copies (profiles.miss_copy): a low-gate miss of a fetch expert loads
     # its int4/int2 copy, which later hits run; None: it does not
     miss_copy: SourcedFlag | None = None
+    # gives ranks unequal work (profiles.engines: uneven_ranks): a data-parallel attention share
+    # and a number of expert slots set per rank; None: every rank the same, as SGLang and vLLM
+    uneven_ranks: SourcedFlag | None = None
     placement: Literal["expert", "tensor", "layer"]
     sites: tuple[Literal["resident", "fetch", "local", "hybrid", "stream"], ...] = Field(min_length=1)
     eviction: tuple[Literal["lru", "lfu", "score", "static", "belady"], ...] = ()  # empty: no expert cache
@@ -349,7 +352,7 @@ class EngineProfile(BaseModel):
         # a profile without a kv_cache block or expert_parallel keeps the digest it had before
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("kv_cache", "expert_parallel", "kv_offload", "nested", "miss_copy"):
+            for key in ("kv_cache", "expert_parallel", "kv_offload", "nested", "miss_copy", "uneven_ranks"):
                 if data.get(key) is None:
                     data.pop(key, None)
         return data
@@ -425,6 +428,11 @@ class Engine:
     def runs_expert_parallel(self) -> bool:
         """Whether it runs expert-parallel plans (its profile's ``expert_parallel``)."""
         return bool(self.profile.expert_parallel and self.profile.expert_parallel.value)
+
+    @property
+    def runs_uneven_ranks(self) -> bool:
+        """Whether it gives EP ranks unequal attention shares and slot counts (``uneven_ranks``)."""
+        return bool(self.profile.uneven_ranks and self.profile.uneven_ranks.value)
 
     @property
     def has_cache(self) -> bool:

@@ -68,7 +68,8 @@ def toy(tmp_path_factory):
 def plans(toy, trace):  # noqa: F811
     req = dict(hardware=str(toy), model=MODEL, trace=trace, engine="roofline", batch_size=16, context_tokens=256,
                sweeps=1)
-    return plan_cluster(ClusterRequest(**req)), plan_cluster(ClusterRequest(**req, even_slots=True))
+    # roofline states uneven_ranks, so its default (ranks="engine") is "uneven"
+    return plan_cluster(ClusterRequest(**req)), plan_cluster(ClusterRequest(**req, ranks="shares"))
 
 
 def test_slow_gpu_holds_fewer_experts_and_every_expert_keeps_a_copy(plans):
@@ -106,23 +107,42 @@ def test_uneven_slots_simulate_faster_than_even_ones(plans, toy, trace):  # noqa
     assert ours <= step(even.plan) and ours < step(even.baselines["eplb-speed"]) < blind
 
 
-def test_sglang_export_refuses_uneven_slots_and_names_the_flag(plans, tmp_path):
+def test_sglang_export_refuses_uneven_ranks_and_names_the_flag(plans, toy, trace, tmp_path):  # noqa: F811
     from exporters.engines.sglang import write_sglang
 
-    uneven, even = plans
-    with pytest.raises(InputError, match="--even-slots"):
-        write_sglang(uneven.plan, tmp_path / "a")
+    uneven, shares = plans
+    assert shares.plan.attention_shares is not None and shares.info["slots"] is None
+    for plan, what in ((uneven.plan, "share of the sequences|physical experts"), (shares.plan, "share of the sequences")):
+        with pytest.raises(InputError, match=what) as err:
+            write_sglang(plan, tmp_path / "a")
+        assert "--ranks even" in str(err.value)
+    even = plan_cluster(ClusterRequest(hardware=str(toy), model=MODEL, trace=trace, engine="roofline", batch_size=16,
+                                       context_tokens=256, sweeps=1, ranks="even"))
+    assert even.plan.attention_shares is None and even.info["slots"] is None
     assert write_sglang(even.plan, tmp_path / "b").files
 
 
-def test_cli_even_slots_keeps_every_gpu_at_s(run_cli, toy):
+def test_engines_without_uneven_ranks_plan_what_they_run(toy, trace):  # noqa: F811
+    """SGLang gives every rank the same share and slots: its plans (ranks="engine") do too,
+    and asking for more on it is possible only by name (--ranks uneven)."""
+    req = dict(hardware=str(toy), model=MODEL, trace=trace, engine="sglang", batch_size=16, context_tokens=256,
+               sweeps=1)
+    default = plan_cluster(ClusterRequest(**req))
+    assert default.plan.attention_shares is None and default.info["slots"] is None
+    asked = plan_cluster(ClusterRequest(**req, ranks="uneven"))
+    assert asked.plan.attention_shares is not None or asked.info["slots"] is not None
+    with pytest.raises(InputError, match="ranks"):
+        plan_cluster(ClusterRequest(**req, ranks="lopsided"))
+
+
+def test_cli_ranks_even_keeps_every_gpu_at_s(run_cli, toy):
     import json
 
     args = ("optimize", "-H", toy, "-m", MODEL, "--parallel", "ep", "--engine", "roofline", "--batch", "16",
             "--context", "512", "--json")
     uneven = json.loads(run_cli(*args).stdout)["summary"]["solver"]
-    even = json.loads(run_cli(*args, "--even-slots").stdout)["summary"]["solver"]
-    assert uneven["slots"] is not None and even["slots"] is None
+    even = json.loads(run_cli(*args, "--ranks", "even").stdout)["summary"]["solver"]
+    assert uneven["slots"] is not None and even["slots"] is None and even["attention"] is None
     text = run_cli(*args[:-1]).output
     assert "expert slots per GPU" in text and "attention: sequences per GPU" in text
 

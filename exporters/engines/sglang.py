@@ -85,13 +85,23 @@ def is_expert_parallel(plan: Plan) -> bool:
     return any(any(lp.replicas) for lp in plan.layers) or len(homes) > 1
 
 
+def _shares_text(shares: dict[str, float]) -> str:
+    return ", ".join(f"{g} {v:.3f}" for g, v in shares.items())
+
+
 def ep_layout(plan: Plan) -> EpLayout:
     """Read the EP layout out of ``plan`` (homes and replicas on GPUs, site ``resident``).
 
     Raises:
         InputError: the plan is not an expert-parallel one (experts off GPU, or GPUs with
-            different slot counts, or two copies of one expert on one GPU).
+            different slot counts, or two copies of one expert on one GPU, or unequal attention
+            shares: SGLang, vLLM and ExFlow give every data-parallel rank the same share).
     """
+    if plan.attention_shares is not None:
+        raise InputError("every GPU must run attention for the same share of the sequences (SGLang and vLLM have "
+                         "no per-rank share; a router in front of the DP ranks would have to send them)",
+                         key="attention_shares", value=_shares_text(plan.attention_shares), expected="absent (equal)",
+                         fix="plan with planner optimize --parallel ep --ranks even")
     if not plan.layers:
         raise InputError("the plan has no MoE layers", key="layers", fix="regenerate it with planner optimize")
     E = len(plan.layers[0].home)
@@ -132,7 +142,7 @@ def ep_layout(plan: Plan) -> EpLayout:
             raise InputError("every GPU must hold the same number of physical experts in every layer",
                              key=f"layers[{layer.moe_layer}]", value=sorted(counts),
                              expected=f"{slots or 'one count'} per GPU",
-                             fix="plan with planner optimize --parallel ep --even-slots")
+                             fix="plan with planner optimize --parallel ep --ranks even")
         slots = counts.pop()
         rows.append([e for h in held for e in sorted(h)])
     return EpLayout(ranks=ranks, phy2log=np.array(rows, np.int64),

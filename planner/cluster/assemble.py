@@ -48,6 +48,7 @@ REDUNDANT_FRACTION = 1 / 8
 # the engine an expert-parallel plan runs on unless the user names another: its export writes
 # SGLang (and vLLM) configs, and the bundle runtime runs single-node offload plans only
 EP_ENGINE = "sglang"
+RANKS = ("engine", "even", "shares", "uneven")  # ClusterRequest.ranks
 
 
 def default_redundant(num_experts: int, num_gpus: int) -> int:
@@ -100,8 +101,12 @@ class ClusterRequest:
             fits the GPUs, plan expert parallelism with offload (:mod:`.offload`: each GPU's
             experts resident, cached, CPU-run or streamed as one node plans them) instead of
             refusing; ``planner optimize --parallel ep`` sets it.
-        even_slots: keep S expert slots on every GPU (what SGLang and vLLM need); ``False``: on
-            GPUs of different speeds the slow ones may hold fewer (:mod:`.slots`).
+        ranks: how unequal the EP ranks' work may be: ``"even"`` every GPU the same
+            share of the sequences for data-parallel attention and S expert slots (what SGLang
+            and vLLM run); ``"shares"`` attention shares by speed (:mod:`.attention`; a router
+            in front of the DP ranks must send them), S slots; ``"uneven"`` also fewer slots on
+            slow GPUs (:mod:`.slots`); ``"engine"`` (default) what the plan's engine runs:
+            ``"uneven"`` where its profile states ``uneven_ranks``, else ``"even"``.
     """
 
     hardware: str = "cluster-h100-2node"
@@ -122,7 +127,7 @@ class ClusterRequest:
     critical: tuple[tuple[int, ...], ...] = ()
     quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
     offload: bool = False
-    even_slots: bool = False
+    ranks: str = "engine"
 
 
 @dataclass(frozen=True, eq=False)
@@ -305,11 +310,15 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                            seed=req.seed, speed=speed if mixed else None)
     cap, planned_load = info.pop("_cap"), info.pop("_load")
     info["slots"], attention = None, None
-    if not offload:  # sequences per GPU for data-parallel attention and, on mixed GPUs, slots per GPU
+    if req.ranks not in RANKS:
+        raise InputError("unknown rank layout", key="ranks", value=req.ranks, expected=" | ".join(RANKS),
+                         fix="pass one of " + ", ".join(RANKS))
+    ranks = ("uneven" if eng.runs_uneven_ranks else "even") if req.ranks == "engine" else req.ranks
+    if not offload and ranks != "even":  # sequences per GPU for data-parallel attention, slots per GPU
         attention = attention_and_slots(
             eng.apply(hw), hw, topo, model, choice, R, info, batch_size=req.batch_size,
             context_tokens=req.context_tokens, engine=req.engine,
-            uneven=mixed and not req.even_slots and not any(req.critical))
+            uneven=mixed and ranks == "uneven" and not any(req.critical))
         if info["slots"] is not None:
             ours = trim_slots(ours, np.array(info["slots"]), planned_load, info.pop("_call_s"))
     metrics["ours"] = score(ours) | {"solve_s": time.perf_counter() - t}
@@ -327,8 +336,8 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                        "cross_gpu_gap": _gap(metrics["ours"]["cross_gpu_fraction"], bound.cross_gpu_fraction),
                        "solve_s": time.perf_counter() - t_solve}}
     t_bound = time.perf_counter()
-    if attention is not None:
-        info["attention"] = None if attention.equal else {
+    if not offload:  # None: equal shares
+        info["attention"] = None if attention is None or attention.equal else {
             "sequences": attention.counts.tolist(), "stage_s": attention.stage_s, "equal_s": attention.equal_s}
 
     inputs = Inputs(hardware=hw.name, hardware_digest=digest(profile.model_dump(mode="json")), model=model.name,
@@ -351,7 +360,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     if info["slots"] is not None:
         shares_note += (f"expert slots per GPU by call time {info['slots']} (of {R // G}): a slow GPU's calls cost "
                         "more, so it gives up replica slots (their experts keep their other copies); SGLang and "
-                        "vLLM need equal slots per rank: --even-slots plans for them",)
+                        "vLLM need equal slots per rank: --ranks even plans for them",)
     if attention is not None and not attention.equal:
         shares_note += (f"data-parallel attention shares by speed: sequences per GPU {attention.counts.tolist()} (a GPU "
                   f"with 0 serves experts only); the attention stage {attention.stage_s * 1e3:.2f} ms per step vs "

@@ -117,7 +117,7 @@ def render_cluster(result: ClusterResult, console: Any, compare: bool = False) -
                       f"{attention['equal_s'] * 1e3:.1f} ms per step, these: {attention['stage_s'] * 1e3:.1f} ms)",
                       highlight=False)
     if slots:
-        console.print(f"expert slots per GPU {slots} (SGLang/vLLM need equal slots: --even-slots)", highlight=False)
+        console.print(f"expert slots per GPU {slots} (SGLang/vLLM need equal slots: --ranks even)", highlight=False)
     add(d["plan"], "bold")
     for r in d.get("baselines", []):
         add(r)

@@ -14,6 +14,7 @@ from profiles.limits import MAX_BATCH, MAX_CONTEXT_TOKENS, MAX_EXPERTS, MAX_LAYE
 from profiles.units import format_time, parse_size
 
 from ..baselines import BASELINE_ENGINES, BASELINES
+from ..cluster.assemble import RANKS
 from ..costs import DEFAULT_FORMATS, QUANT_ERROR
 from ..given import HOME_TIERS, Fixes, GivenPolicy
 from ..optimize import DEFAULT_HARDWARE, DEFAULT_MODEL, OptimizeRequest, optimize
@@ -308,9 +309,12 @@ def _load_trace(path: str, task: str | None):
 @click.option("--redundant-experts", type=click.IntRange(min=0, max=MAX_EXPERTS), default=None,
               help="ep: redundant physical experts per MoE layer; experts + redundant must divide by the GPU "
               "count. Default: the smallest count >= experts/8 that does.")
-@click.option("--even-slots", is_flag=True,
-              help="ep on GPUs of different speeds: keep the same number of expert slots on every GPU (SGLang and "
-              "vLLM need it); without it slow GPUs may give up replica slots.")
+@click.option("--ranks", type=click.Choice(RANKS), default="engine", show_default=True,
+              help="ep: how unequal the GPUs' work may be. even: every GPU the same share of the sequences "
+              "(data-parallel attention) and the same expert slots, what SGLang and vLLM run; shares: on GPUs of "
+              "different speeds, attention shares by speed (a router in front of the DP ranks must send them); "
+              "uneven: also fewer expert slots on slow GPUs; engine: what the plan's engine runs (uneven where its "
+              "profile states uneven_ranks, else even).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write plan.json here.")
 @click.option("--report", type=click.Path(file_okay=False), help="Write a Markdown report with PNG plots here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
@@ -319,7 +323,7 @@ def _load_trace(path: str, task: str | None):
 def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, context, prompt_tokens, kv_cache,
                  quality_budget,
                  formats, critical, quality_path, slo_tpot, slo_ttft, max_batch, solver, time_limit, gap, compare,
-                 parallel, redundant_experts, even_slots, out,
+                 parallel, redundant_experts, ranks, out,
                  report, force, max_watts, drop_below, **given) -> None:
     """Plan where every expert lives, at which bitwidth, how it runs, and each layer's cache.
 
@@ -376,7 +380,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
         ep = ClusterRequest(hardware=hardware, model=model, trace=trace, redundant_experts=redundant_experts,
                             formats=_parse_formats(formats), batch_size=batch, context_tokens=context,
                             time_limit_s=time_limit, quality_budget=quality_budget, critical=critical_sets,
-                            offload=parallel == "ep", even_slots=even_slots, **({"engine": engine} if engine else {}))
+                            offload=parallel == "ep", ranks=ranks, **({"engine": engine} if engine else {}))
         use_ep, fallback = parallel_mode("auto" if parallel == "pipeline" else parallel, ep)
         use_ep &= parallel != "pipeline"
         if use_ep and quality_path:
