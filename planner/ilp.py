@@ -148,7 +148,9 @@ __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "
 # budget (about 11 CPU-s, 0.31% gap) until the MIPs counted layers per option shape (see "Near-
 # equal layers" above; now optimal in about 3 CPU-s), and with measured per-expert errors and
 # their tiers 20-110 CPU-s (gaps 0.06-0.7%; 32-37 CPU-s and 1.2-1.5% without tiers, both
-# measured before the shape counts); cpu-server-4090 closes in 2-4.
+# measured before the shape counts); cpu-server-4090 closes in 2-4. With the DRAM Lagrangian
+# ("Lumpy DRAM"): int4 4.3 CPU-s (0.03%); int8 spends the whole budget, about 90 CPU-s at 0.65%
+# (part count[nvme] = 54 closes only at its fourth restart, 512 nodes; part 53 then runs out).
 _FIRST_TRY_NODES = 64
 _NODE_BUDGET = 1024
 _GLOBAL_TRY_NODES = 16
