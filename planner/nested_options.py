@@ -40,7 +40,7 @@ from profiles.nested import NESTED, nested_call_s, nested_use
 
 from .setup import MODES, N_SPEC, OptionTable, Setup
 
-__all__ = ["NESTED_MODE", "nested_costs", "nested_specs", "offers_nested"]
+__all__ = ["NESTED_MODE", "nested_costs", "nested_specs", "offers_nested", "rows_in"]
 
 NESTED_MODE = MODES.index("nested")
 _FORMAT = "int8"  # the nested format the planner chooses (int4 as 2 + 2: the quantiser only)
@@ -125,3 +125,19 @@ def nested_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     return OptionTable(p=p.copy(), q=q.copy(), b_res=bi.copy(), c=c.copy(), b_off=bo.copy(), home=hi.copy(),
                        mode=mode.copy(), G=G, U=U, F=F, dev_bytes=dev_bytes, home_bytes=home_bytes, error=error,
                        tau=tau, tau_prefetch=tau.copy(), k=zero, b_up=bo.copy())
+
+
+def rows_in(plain: tuple[OptionTable, ...], nested: tuple[OptionTable, ...], choice: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``choice`` (a row per layer of the ``plain`` tables) as rows of the ``nested`` tables, the
+    same option found by its spec columns and tier; None where one has no match. The nested
+    tables hold every plain option (nested rows come on top), so the plain plan is a plan of the
+    nested problem at the same price: its warm start, so that offering more never plans slower."""
+    out = []
+    for t, n, w in zip(plain, nested, choice):
+        key = np.concatenate([t.specs([w])[0], t.tiers([w])[0]])
+        rows = np.arange(len(n))
+        same = np.flatnonzero((np.concatenate([n.specs(rows), n.tiers(rows)], axis=1) == key).all(axis=1))
+        if not len(same):
+            return None
+        out.append(int(same[np.argmin(n.tau[same])]))  # equal specs price equally; the fastest if not
+    return tuple(out)

@@ -28,6 +28,7 @@ from .energy import check_power, energy_problem, with_power_cap
 from .ilp import Problem, SolveResult, _feasible, build_problem, explain_infeasible, solve
 from .kv_offload import kv_sites, with_kv_on_host
 from .prefill_sites import with_prefill_choice
+from .nested_options import offers_nested, rows_in
 from .multi_gpu import node_gpus, plan_multi_gpu
 from .plan import Inputs, Plan, SolverInfo, digest, model_digest, workload_digest
 from .plan_assembly import assemble_plan, option_rows
@@ -267,35 +268,64 @@ def _solve_ilp(s: Setup, req: OptimizeRequest, inputs: Inputs, budget: float) ->
     # a TTFT SLO binds in the ILP (each option's share of one prompt's prefill)
     ttft = (req.ttft_slo_s, req.prompt_tokens) if req.ttft_slo_s else None
     s = with_prefill_choice(s, ttft)  # per-layer prefill sites where a TTFT SLO asks (planner.prefill_sites)
-    problem = build_problem(s, budget, extra, ttft=ttft)
-    if s.fixes is not None and s.fixes.dense_format:
-        problem = dataclasses.replace(problem, fixed={s.fixes.dense_format: problem.fixed[s.fixes.dense_format]})
+
+    def build(s: Setup) -> Problem:
+        problem = build_problem(s, budget, extra, ttft=ttft)
+        if s.fixes is not None and s.fixes.dense_format:
+            problem = dataclasses.replace(problem, fixed={s.fixes.dense_format: problem.fixed[s.fixes.dense_format]})
+        return problem
+
+    problem = build(s)
     t_build = _now()
     scored = _score_baselines(problem, candidates)
     warm = min(scored.values(), key=lambda x: x[1]) if scored else None
-    results: list[tuple[SolveResult, Problem]] = []
     both = (False, True) if s.engine_can("next-layer") else (False,)
-    infeasible: InfeasibleError | None = None
-    # the KV cache's site is a binary per plan, branched on at the root (planner.kv_offload)
-    for on_host in kv_on_host:
-        part = with_kv_on_host(problem, ttft) if on_host else problem
-        for prefetch in (both if req.prefetch is None else (req.prefetch != "none",)) if part is not None else ():
-            start = None
-            if results:
+    settings = [(on_host, prefetch) for on_host in kv_on_host
+                for prefetch in (both if req.prefetch is None else (req.prefetch != "none",))]
+
+    def solve_settings(problem: Problem, seeds: dict) -> list[tuple[SolveResult, Problem, tuple]]:
+        results: list[tuple[SolveResult, Problem, tuple]] = []
+        infeasible: InfeasibleError | None = None
+        parts = {}  # the KV cache's site is a binary per plan, branched on at the root (planner.kv_offload)
+        for on_host, prefetch in settings:
+            if on_host not in parts:
+                parts[on_host] = with_kv_on_host(problem, ttft) if on_host else problem
+            part = parts[on_host]
+            if part is None:
+                continue
+            seed = seeds.get((on_host, prefetch))  # the plain problem's plan, as rows of this part's tables
+            start = None if seed is None else rows_in(seed[0], part.tables, seed[1])
+            start = None if start is None else (start, seed[2])
+            if start is None and results:
                 start = (results[-1][0].choice, results[-1][0].dense_format)
-            elif warm is not None:
+            elif start is None and warm is not None:
                 start = (warm[0], warm[2])
             # the first setting's plan bounds the next: no MIP where its LP bound cannot beat it
             try:
                 results.append((_solve(part, req, prefetch=prefetch, solver=req.solver, time_limit_s=req.time_limit_s,
                                       gap=req.gap, warm=start,
-                                      incumbent_s=min((r.objective_s for r, _ in results), default=None)), part))
+                                      incumbent_s=min((r.objective_s for r, _, _ in results), default=None)),
+                                part, (on_host, prefetch)))
             except InfeasibleError as exc:  # no plan with the cache here (its bound: infinite)
                 infeasible = infeasible or exc
-    if not results:
-        raise infeasible or explain_infeasible(problem)
-    best, problem = min(results, key=lambda r: r[0].objective_s)
-    results = [r for r, _ in results]
+        if not results:
+            raise infeasible or explain_infeasible(problem)
+        return results
+
+    seeds = {}
+    if s.nested and any(offers_nested(s, l) for l in range(L)):
+        # offering more options must never plan slower: the plain problem's plan of each setting
+        # (a plan of the nested problem too, at the same price) is the nested solve's warm start,
+        # and a solve never returns a plan slower than its warm start. The bound stays the nested
+        # problem's own (the valid one over every option offered).
+        try:
+            plain = solve_settings(build(dataclasses.replace(s, nested=False)), {})
+        except InfeasibleError:  # no plain plan: nothing to start from
+            plain = []
+        seeds = {key: (part.tables, r.choice, r.dense_format) for r, part, key in plain}
+    results = solve_settings(problem, seeds)
+    best, problem, _ = min(results, key=lambda r: r[0].objective_s)
+    results = [r for r, _, _ in results]
     # the plan is the faster setting's; no plan of either is faster than the lesser bound
     bound = min(r.bound_s if r.bound_s is not None else r.objective_s for r in results)
     gap = max(0.0, (best.objective_s - bound) / best.objective_s) if best.objective_s > 0 else 0.0
