@@ -36,7 +36,9 @@ reads a few KiB, so compute is negligible), under hand-written plans:
    against this machine's streaming read rate and GEMM peak measured as the hardware probe
    measures them: the profile's CPU ``efficiency`` (memory share, compute curve), which
    prices the bundle's CPU kernels over a probed hardware efficiency (:mod:`profiles.engines`),
-   and the fixed part of a call there beyond the tiny call, added to the expert call cost.
+   and the fixed part of a call there beyond the tiny call, added to the expert call cost;
+   and the runtime's dense int8/int4 linear (its own one-matmul session) past the caches,
+   whose fixed part beyond the tiny call each dense linear adds (``host_s_per_linear``).
 
 The configurations stay loaded and are timed in rounds, one generation of each per round,
 the number of rounds sized from the first within a budget (:class:`ProbeSettings`): on 2
@@ -71,7 +73,8 @@ from typing import Any
 import numpy as np
 
 from exporters.engine_probe_disk import expert_reads, fit_miss_costs
-from exporters.engine_probe_kernels import CACHE_MULTIPLE, SHAPES, TOKENS, KernelEfficiency, probe_runtime_kernels
+from exporters.engine_probe_kernels import (CACHE_MULTIPLE, DENSE_SIZES, SHAPES, TOKENS, DenseLinearCost,
+                                            KernelEfficiency, probe_dense_linear, probe_runtime_kernels)
 from exporters.engine_probe_profile import dense_linear_s, engine_profile_doc, engine_profile_text, machine_line
 from profiles.probe import Figure
 
@@ -103,6 +106,8 @@ class ProbeSettings:
         kernel_budget_s, kernel_shapes, kernel_tokens, kernel_cache_multiple: the CPU kernel
             efficiency test (:mod:`exporters.engine_probe_kernels`): seconds of timed passes,
             (H, I) of its experts, tokens per call, and how many LLCs its experts hold.
+        dense_sizes: K = N of the dense linears timed past the caches (their budget: a
+            quarter of ``kernel_budget_s``).
     """
 
     budget_s: float = 12.0
@@ -117,11 +122,13 @@ class ProbeSettings:
     kernel_shapes: tuple[tuple[int, int], ...] = SHAPES
     kernel_tokens: tuple[int, ...] = TOKENS
     kernel_cache_multiple: float = CACHE_MULTIPLE
+    dense_sizes: tuple[int, ...] = DENSE_SIZES
 
 
 TINY = ProbeSettings(budget_s=0.0, layers=(1, 2), top_k=(1, 2), steps_per_round=2, min_rounds=2, max_rounds=2,
                      disk_sizes=(128, 256), disk_experts=2, kernel_budget_s=0.0,
-                     kernel_shapes=((128, 128), (128, 256)), kernel_tokens=(1, 4), kernel_cache_multiple=0.0)  # tests: counts, not timings
+                     kernel_shapes=((128, 128), (128, 256)), kernel_tokens=(1, 4), kernel_cache_multiple=0.0,
+                     dense_sizes=(128, 256))  # tests: counts, not timings
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ class EngineProbeResult:
     # ... of a cached expert's own session, where the runtime runs it on fewer threads (cpu only)
     cached_kernel: KernelEfficiency | None = None
     token_overhead_s: Figure | None = None  # per hidden layer per token of a step past the first
+    dense_linear: DenseLinearCost | None = None  # a dense int8/int4 linear's session past the caches (cpu only)
 
 
 def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
@@ -260,7 +268,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
         say(warning)
     launch_s = _launch_s(kernels, fmt, device)
     stamp = f"{time.strftime('%Y-%m-%d')}, {machine_line()}"
-    past = cached = None  # the CPU kernel past the caches: in the layer's session, in a cached expert's own
+    past = cached = dense = None  # the CPU kernel past the caches: in the layer's session, in a cached expert's own
     if not device.startswith("cuda"):
         say("timing the runtime's CPU expert kernel past the last-level cache")
         ref = references if references and references.read_bytes_per_s and references.peak_ops_per_s else None
@@ -269,6 +277,9 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
                                              stamp=stamp, reference_s=4.0 if settings.kernel_budget_s else 0.2,
                                              reference=(ref.read_bytes_per_s, ref.peak_ops_per_s) if ref else None,
                                              reference_from=f"hardware profile {ref.name}'s" if ref else "")
+        say("timing the runtime's dense linear past the last-level cache")
+        dense = probe_dense_linear(fmt, launch_s, settings.kernel_budget_s / 4, llc_bytes=past.fit["llc_bytes"],
+                                   sizes=settings.dense_sizes, multiple=settings.kernel_cache_multiple, stamp=stamp)
     say("reading experts from disk as a miss does vs sequentially")
 
     def src(how: str) -> str:
@@ -302,8 +313,10 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
             f"(less their expert calls) over layers {list(settings.layers)}, less the decode layer's, over "
             f"{len(PROMPT) - 1} tokens; same runs")),
         disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past, cached_kernel=cached,
+        dense_linear=dense,
         fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
-             "kernel": past.fit if past else None, "cached_kernel": cached.fit if cached else None},
+             "kernel": past.fit if past else None, "cached_kernel": cached.fit if cached else None,
+             "dense_linear": dense.fit if dense else None},
         elapsed_s=time.perf_counter() - t0)
 
 

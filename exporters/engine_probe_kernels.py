@@ -26,6 +26,14 @@ probe does (:func:`profiles.probe.dram._dram`, :func:`profiles.probe.cpu_gemm._c
 - ``call_fixed_s``: the fit's fixed part of a call past the caches, which the H = 64 grid
   (caches warm) does not see beyond its own kernel call (``launch_s``).
 
+A dense int8/int4 matrix runs as a session of its own (one ``MatMulNBits``, the runtime's
+``CpuMatMulKernel``), not as an expert's (two matmuls and the activation): its fixed part past
+the caches is timed on that session (:func:`probe_dense_linear`, square matrices of
+:data:`DENSE_SIZES`, the same fit at n = 1). The expert's fixed part, once charged per dense
+linear, priced the calibration model's int8 dense step 2.8 ms (33 linears x 84 us) above the
+runtime, whose int8 dense step ran no slower than its fp32 one (2-core dev machine: a 512 x 512
+int8 linear past the LLC 43 us a call, fixed part 30 us, tiny call 15 us).
+
 Time: the number of passes over the E experts at each (size, n) is counted from one first
 call of each (:func:`passes_that_fit`), within ``budget_s``; at least one pass, at most
 :data:`MOST_PASSES`; the median pass counts (the first, which warms every session at n, is
@@ -47,13 +55,15 @@ import numpy as np
 
 from profiles.probe import Figure
 
-__all__ = ["SHAPES", "TOKENS", "KernelEfficiency", "experts_past_cache", "fit_fixed_and_rate", "passes_that_fit",
-           "probe_kernel_efficiency", "probe_runtime_kernels"]
+__all__ = ["DENSE_SIZES", "SHAPES", "TOKENS", "DenseLinearCost", "KernelEfficiency", "experts_past_cache",
+           "fit_fixed_and_rate", "passes_that_fit", "probe_dense_linear", "probe_kernel_efficiency",
+           "probe_runtime_kernels"]
 
 SHAPES = ((512, 1024), (1024, 2048))  # (H, I) of the timed experts: Mixtral-like ratios, two sizes for the fit
 TOKENS = (1, 4, 16, 64)
 CACHE_MULTIPLE = 2.0  # the experts cycled through hold at least this many LLCs
 MOST_PASSES = 5
+DENSE_SIZES = (512, 1024, 2048)  # K = N of the timed dense matrices (attention projections' range)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,14 @@ class KernelEfficiency:
     compute_max_fraction: Figure
     half_tokens: Figure
     call_fixed_s: Figure  # fixed seconds of one call past the caches (launch included)
+    fit: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DenseLinearCost:
+    """What one dense int8/int4 linear's session call costs past the caches beyond the tiny call."""
+
+    host_s: Figure  # the fit's fixed part less ``launch_s`` (0 at least)
     fit: dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,6 +226,56 @@ def probe_runtime_kernels(fmt: str, launch_s: float, budget_s: float, **kw) -> t
     kw = {**kw, "reference": (past.fit["read_bytes_per_s"], past.fit["peak_ops_per_s"]),
           "llc_bytes": past.fit["llc_bytes"]}
     return past, probe_kernel_efficiency(fmt, launch_s, budget_s, **kw, threads=CACHED_EXPERT_THREADS)
+
+def probe_dense_linear(fmt: str, launch_s: float, budget_s: float, *, llc_bytes: float,
+                       sizes: Sequence[int] = DENSE_SIZES, multiple: float = CACHE_MULTIPLE, stamp: str = "",
+                       clock: Callable[[], float] = time.perf_counter, threads: int | None = None) -> DenseLinearCost:
+    """Time the runtime's dense ``fmt`` linear (``CpuMatMulKernel`` of ``matmul_template``, as
+    ``exporters.runtime.dense`` builds it) on one token past the LLC, square matrices of
+    ``sizes``, cycling through copies that hold ``multiple`` LLCs (0: two, for tests); fit
+    ``t = fixed + bytes / rate`` and return ``fixed - launch_s``: what a dense linear adds to
+    the tiny call the grid's layers hold, its bytes being priced by the roofline."""
+    from exporters.runtime.formats import quantize
+    from exporters.runtime.kernels import CpuMatMulKernel, default_threads, matmul_template
+
+    rng = np.random.default_rng(1)
+    threads = threads or default_threads()
+    per_size = budget_s / len(sizes)
+    nbytes, seconds, counts = [], [], []
+    for k in sizes:
+        arrays = quantize(rng.standard_normal((k, k), dtype=np.float32), fmt, "w")
+        size = float(sum(a.nbytes for a in arrays.values()))
+        count = experts_past_cache(llc_bytes, size, multiple)
+        template = matmul_template(fmt, k, k)
+        kernels = [CpuMatMulKernel(template, {n: a.copy() for n, a in arrays.items()}, threads) for _ in range(count)]
+        x = np.ones((1, k), np.float32)
+        start = clock()
+        for kernel in kernels:  # the first pass warms every session
+            kernel.run(x)
+        passes = passes_that_fit((clock() - start) / count, count, per_size)
+        per_pass = []
+        for _ in range(passes):
+            start = clock()
+            for kernel in kernels:
+                kernel.run(x)
+            per_pass.append((clock() - start) / count)
+        nbytes.append(size)
+        seconds.append(float(np.median(per_pass)))
+        counts.append(count)
+        del kernels
+    fixed, rate = fit_fixed_and_rate(nbytes, seconds)
+    what = (f"{fmt} onnxruntime dense linear of the runtime (one pre-packed MatMulNBits session per matrix, {threads} "
+            f"thread{'s' if threads > 1 else ''}) at K = N = {', '.join(map(str, sizes))}, cycling "
+            f"{', '.join(map(str, counts))} matrices past the {llc_bytes / 2**20:.0f} MiB LLC, median pass at n = 1"
+            f"{'; ' + stamp if stamp else ''}")
+    return DenseLinearCost(
+        host_s=Figure(max(fixed - launch_s, 0.0), f"probe (the fixed part of t(1) = fixed + bytes / rate by least "
+                                                  f"squares over the {what}: {fixed * 1e6:.0f} us, less the tiny call "
+                                                  f"the grid's layers hold, {launch_s * 1e6:.0f} us)"),
+        fit={"fmt": fmt, "fixed_s": fixed, "rate_bytes_per_s": rate, "threads": threads, "llc_bytes": llc_bytes,
+             "sizes": [{"k": k, "bytes": b, "matrices": c, "seconds": t}
+                       for k, b, c, t in zip(sizes, nbytes, counts, seconds)]})
+
 
 def _fraction(x: float) -> float:
     return float(min(1.0, max(1e-4, round(x, 4))))

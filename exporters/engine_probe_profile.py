@@ -52,7 +52,7 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
         if result.cached_kernel is not None:
             kind["cached_efficiency"] = _efficiency(result.cached_kernel, "the runtime's CPU expert kernel past the "
                                                     "caches in a cached expert's own session")
-    if result.kernel is not None and result.device_kind == "cpu":
+    if result.dense_linear is not None and result.device_kind == "cpu":
         _dense_linear_cost(kind, result)
     if page_cache in result.disk_reads:
         m = result.disk_reads[page_cache]
@@ -76,8 +76,11 @@ def _efficiency(k, what: str) -> dict[str, Any]:
 
 def dense_linear_s(result: EngineProbeResult) -> float:
     """Seconds a dense int8/int4 linear's ONNX Runtime call costs past the caches beyond the
-    tiny call the grid's layers hold: the kernel stage's fixed part of a call less ``launch_s``."""
-    return max(result.kernel.call_fixed_s.value - result.launch_s, 0.0) if result.kernel is not None else 0.0
+    tiny call the grid's layers hold: the fixed part of the dense linear's own session timed
+    past the caches less ``launch_s`` (:func:`exporters.engine_probe_kernels.probe_dense_linear`),
+    not the expert kernel's (an expert's session runs two matmuls and the activation); 0
+    where the probe did not time it."""
+    return result.dense_linear.host_s.value if result.dense_linear is not None else 0.0
 
 
 def _dense_linear_cost(kind: dict[str, Any], result: EngineProbeResult) -> None:
@@ -86,21 +89,25 @@ def _dense_linear_cost(kind: dict[str, Any], result: EngineProbeResult) -> None:
     The bundle runs each int8/int4 dense matrix on a CPU as its own pre-packed ONNX Runtime
     session call (exporters/runtime/dense.py): 4 per hidden layer and the head. The H = 64
     grid holds them in its layer cost at their tiny size, where the weights stay in the
-    caches; past the caches each call also pays the session call's fixed part that an expert
-    call pays (``expert_call_overhead_s`` adds it per expert call). Expert calls do not pay
-    it again (``experts: false``)."""
+    caches; past the caches each call also pays its session call's fixed part, timed on that
+    one-matmul session past the caches. Expert calls do not pay it (``experts: false``: their
+    own fixed part is in ``expert_call_overhead_s``). A fixed part no larger than the tiny call
+    leaves int8/int4 native (a host cost written by an earlier probe is dropped)."""
     extra = dense_linear_s(result)
     if extra <= 0:
+        kernels = kind.get("kernels", {})
+        for name in ("int8", "int4"):
+            if isinstance(kernels.get(name), dict) and "host_s_per_linear" in kernels[name]:
+                kernels[name] = "native"
         return
     kernels = kind.setdefault("kernels", {})
-    fmt = result.kernel.fit.get("fmt", "int8")
+    fmt = result.dense_linear.fit.get("fmt", "int8")
     for name in ("int8", "int4"):
         current = kernels.get(name)
         if current == "native" or (isinstance(current, dict) and "host_s_per_linear" in current):
             kernels[name] = {"host_s_per_linear": _seconds(extra), "experts": False, "source": (
-                f"probe (per dense linear, an ONNX Runtime call of its own: the fixed part of a {fmt} kernel call "
-                f"past the caches, {result.kernel.call_fixed_s.value * 1e6:.0f} us, less the tiny call the grid's "
-                f"layers hold, {result.launch_s * 1e6:.0f} us; {name} runs the same MatMulNBits session call)")}
+                f"{result.dense_linear.host_s.method}; per dense linear, an ONNX Runtime call of its own; {name} runs "
+                f"the same MatMulNBits session call as {fmt}")}
 
 
 def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous: str | None = None) -> str:
@@ -119,7 +126,7 @@ def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous
         keys += [("step_overhead_s", "decode"), ("step_overhead_s", "prefill")]
         keys += [(result.device_kind, k) for k in ("efficiency", "cached_efficiency")
                  if k in doc.get(result.device_kind, {})]
-        keys += [(result.device_kind, "kernels")] if dense_linear_s(result) > 0 else []
+        keys += [(result.device_kind, "kernels")] if result.dense_linear is not None else []
         keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
         text = update_yaml_text(previous, doc, keys, sources_prefix="probe")
         if text is not None:
