@@ -123,8 +123,7 @@ class PlanningStats:
         r16 = rank.astype(small)
         real = rank >= 0
         n = K + 1
-        m = n ** 5 if up is not None else n ** 4  # cell codes of one key
-        cells_all, lut = _outcome_cells(K, up is not None)  # [D] the cells a token can fill; m -> index
+        cells_all, lut = _outcome_cells(K, up is not None)  # [D] the cells a token can fill; cell code -> index
         D = len(cells_all)
         # below[t, v]: token t's accesses of rank < v (zero-computation accesses are no rank)
         hist = np.bincount((np.arange(T)[:, None] * (E + 1) + np.where(real, rank, E)).ravel(),
