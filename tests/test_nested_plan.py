@@ -21,7 +21,7 @@ import json
 import numpy as np
 import pytest
 
-from planner.costs import MODES, option_costs, option_time
+from planner.costs import MODES, option_costs
 from planner.nested_options import NESTED_MODE, nested_specs, offers_nested
 from planner.optimize import OptimizeRequest, make_setup, optimize
 from planner.plan import load_plan
@@ -177,7 +177,6 @@ def test_the_simulator_runs_the_planes_at_the_planned_price(case, plans, p, q):
     """Batch 1, no contention: the simulated decode step is the planner's price of the same
     plan (0.5%), and the link carries exactly the fetch-low experts' low planes."""
     from planner.layer_breakdown import layer_breakdown
-    from planner.plan_check import check_plan
     from simulator.engine import SimConfig, simulate
 
     spec, _, trace = case
