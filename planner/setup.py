@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from profiles.engines import Engine
+from profiles.engines import Engine, load_engine
 from profiles.errors import InputError
-from profiles.formats import default_quant_error
+from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
 from profiles.perf import KVHost, expert_calls_s, kv_host
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .given import Fixes
 
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "OptionTable", "Setup",
-           "runnable_formats"]
+           "make_setup", "runnable_formats"]
 
 # "nested": the layer resident as bit-planes, hot experts fetching their low plane (planner.nested_options)
 # "copy": a fetch band whose low-gate misses load a low-bit copy (planner.miss_copy_options)
@@ -219,3 +219,51 @@ class Setup:
 
 SPEC_COLUMNS = ("p", "q", "b_res", "c", "b_off", "home", "mode")
 N_SPEC = len(SPEC_COLUMNS)
+
+
+def make_setup(hw: Hardware, model: ModelSpec, stats: PlanningStats, *, batch_size: int, context_tokens: int,
+               formats: tuple[str, ...], critical: tuple[tuple[int, ...], ...] = (),
+               quant_error: dict[str, float] | None = None, engine: Engine | None = None,
+               fixes: Fixes | None = None, expert_error: dict[str, np.ndarray] | None = None,
+               dram_contention: bool = False) -> Setup:
+    """Pick the compute device (first GPU, else first accelerator, else the CPU), the host CPU of
+    its node and the homes for offloaded experts (host DRAM, then the node's first NVMe).
+
+    ``hw`` is seen through ``engine`` (default: the bundle runtime's profile), and only the
+    formats the engine runs on the compute device or the host CPU stay candidates. ``fixes``
+    (planner.given.Fixes, checked here) filter every layer's options.
+    """
+    engine = engine or load_engine(None)
+    bare, hw = hw, engine.apply(hw)
+    gpus = [d for d in hw.devices_of_kind("gpu") or hw.devices_of_kind("accelerator") if engine.runs_on(d.kind)]
+    cpus = hw.devices_of_kind("cpu")
+    compute = gpus[0] if gpus else cpus[0]
+    host = next(c for c in cpus if c.node == compute.node)
+    homes = [hw.memory_of(host.id).id]
+    homes += [m.id for m in hw.memories.values() if m.tier == "nvme" and m.devices[0].split("/")[0] == compute.node][:1]
+    # offloading into the compute device's own pool is no offloading (a CPU-only box, or the
+    # unified memory of a Jetson / Apple machine): only the disk is left to hold experts
+    homes = [m for m in homes if m != hw.memory_of(compute.id).id]
+    for fm in formats:
+        get_format(fm)
+        if compute.kind == "accelerator" and fm not in compute.peak_ops_per_s:
+            raise InputError(f"the accelerator {compute.id} cannot compute {fm}", key="--formats", value=fm,
+                             expected=", ".join(compute.peak_ops_per_s), fix="pick formats the accelerator supports")
+    formats = runnable_formats(engine, formats, compute, host)
+    errors = dict(QUANT_ERROR if quant_error is None else quant_error)
+    # formats the --quant-error file does not name: their stated or bits-interpolated error
+    errors |= {fm: default_quant_error(fm) for fm in formats if fm not in errors}
+    if stats.num_experts != model.num_experts or stats.num_layers != model.num_moe_layers:
+        raise InputError("the workload does not match the model", key="--trace",
+                         value=f"{stats.num_layers} layers x {stats.num_experts} experts",
+                         expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts ({model.name})",
+                         fix="record or synthesise a trace for this model (planner trace synth --model ...)")
+    # at batch > 1 a cache hit saves a call only if it is the step's first access to the expert
+    stats = stats.at_batch(batch_size)
+    s = Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
+              formats=tuple(formats), compute=compute, host=host, homes=tuple(homes), quant_error=errors,
+              critical=critical, engine=engine, bare=bare, expert_error=expert_error, dram_contention=dram_contention,
+              fixes=fixes.through(engine) if fixes is not None else None)
+    if s.fixes is not None:
+        s.fixes.check(s)
+    return s
