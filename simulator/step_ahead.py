@@ -107,15 +107,7 @@ class StepAhead:
                     if back > end:
                         end = back
             elif not jobs:
-                end = router_at
-                for dev, sec in block.items():
-                    st = streams.get(dev) or stream(dev)
-                    free = st.free_at_s
-                    done = (free if free > router_at else router_at) + sec
-                    st.free_at_s = done
-                    st.busy_s += sec
-                    if done > end:
-                        end = done
+                end = self._reserve_blocks(block, router_at)
             else:
                 end = ahead(l, router_at, block, jobs, flags)
                 if end is None:
