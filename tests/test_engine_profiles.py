@@ -247,6 +247,16 @@ def test_engines_cli_list_and_show_json():
     assert yaml.safe_load(res.output)["name"] == "bundle"
 
 
+def test_engines_show_says_which_plan_features_the_engine_runs():
+    """The capability flags the planner reads (expert_parallel, uneven_ranks, nested, miss_copy,
+    kv_offload) are shown, so a user sees why a flag is refused on an engine."""
+    lines = {e: CliRunner().invoke(cli, ["engines", "show", e]).output.strip().splitlines()[-1]
+             for e in ("sglang", "bundle", "roofline")}
+    assert lines["sglang"] == "also runs: expert parallelism"
+    assert "nested int8 planes" in lines["bundle"] and "expert parallelism" not in lines["bundle"]
+    assert "uneven EP ranks" in lines["roofline"]
+
+
 @pytest.fixture(scope="module")
 def default_result(default_optimize):
     return default_optimize

@@ -95,6 +95,12 @@ def show(engine: str, as_yaml: bool) -> None:
         console.print(f"placement per {p.placement}; sites {', '.join(p.sites)}; eviction "
                       f"{', '.join(p.eviction) or 'none (no expert cache)'}; prefetch {', '.join(p.prefetch)}; "
                       f"host memory {p.host_memory}; cpu kernels {p.cpu.kernel_family} ({p.cpu.numa})", highlight=False)
+        runs = [what for key, what in (("expert_parallel", "expert parallelism"), ("uneven_ranks", "uneven EP ranks"),
+                                       ("nested", "nested int8 planes"), ("miss_copy", "low-bit miss copies"),
+                                       ("kv_offload", "KV cache in host memory"))
+                if getattr(getattr(p, key), "value", getattr(p, key))]
+        console.print("also runs: " + (", ".join(runs) or "none of expert parallelism, uneven EP ranks, nested "
+                                                          "planes, miss copies, a host KV cache"), highlight=False)
     get_output().emit(data, render)
 
 
