@@ -246,12 +246,15 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     """Plan expert parallelism for ``req`` (see :class:`ClusterRequest`) and score the baselines.
 
     Raises:
-        InputError: bad inputs (profile, model, trace, redundant count, critical experts), or
+        InputError: bad inputs (profile, model, trace, redundant count, critical experts, ranks), or
             no format meets the quality budget (or keeps the critical experts at full
             precision) in the GPUs' memory (:meth:`.quality.FormatChoice.error`).
         InfeasibleError: the experts do not fit the GPUs' memory in any of ``req.formats``.
     """
     t0 = time.perf_counter()
+    if req.ranks not in RANKS:
+        raise InputError("unknown rank layout", key="ranks", value=req.ranks, expected=" | ".join(RANKS),
+                         fix="pass one of " + ", ".join(RANKS))
     eng = load_engine(req.engine)
     if not eng.runs_expert_parallel:
         raise InputError(f"engine {eng.name} does not run expert-parallel plans", key="--engine", value=req.engine,
@@ -310,9 +313,6 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                            seed=req.seed, speed=speed if mixed else None)
     cap, planned_load = info.pop("_cap"), info.pop("_load")
     info["slots"], attention = None, None
-    if req.ranks not in RANKS:
-        raise InputError("unknown rank layout", key="ranks", value=req.ranks, expected=" | ".join(RANKS),
-                         fix="pass one of " + ", ".join(RANKS))
     ranks = ("uneven" if eng.runs_uneven_ranks else "even") if req.ranks == "engine" else req.ranks
     if not offload and ranks != "even":  # sequences per GPU for data-parallel attention, slots per GPU
         attention = attention_and_slots(
