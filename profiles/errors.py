@@ -78,7 +78,9 @@ class InputError(UserError, ValueError):
                 line: int | None = None) -> "InputError":
         """Return a copy with the file, a key prefix or a line number filled in."""
         key = self.key
-        if key_prefix:
+        # a validator that names its own full path (a layer's ``layers[3].planes``) keeps it
+        named = bool(key) and (key == key_prefix or key.startswith((f"{key_prefix}.", f"{key_prefix}[")))
+        if key_prefix and not named:
             key = f"{key_prefix}.{key}" if key and not key.startswith("[") else f"{key_prefix}{key or ''}"
         return InputError(
             self.message,

@@ -123,6 +123,7 @@ def test_planes_are_validated_where_plans_load(plans, tmp_path):
         with pytest.raises(InputError, match=match) as err:
             load_plan(tmp_path / "bad.json")
         assert f"layers[{l}].planes" in str(err.value) and "\n" not in str(err.value)
+        assert str(err.value).count("layers[") == 1  # the loader does not prefix a path the validator named
 
 
 @pytest.fixture(scope="module")
