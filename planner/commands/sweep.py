@@ -35,7 +35,7 @@ def evaluate_point(spec: dict) -> dict:
 
     from ..cluster import ClusterRequest, cluster_applies, plan_cluster
     from ..optimize import OptimizeRequest, optimize
-    from .optimize import _load_trace
+    from .optimize_inputs import load_trace
 
     row = {"id": spec["id"], "point": spec["point"], "status": "ok"}
 
@@ -58,7 +58,7 @@ def evaluate_point(spec: dict) -> dict:
     t0 = time.perf_counter()
     pd = spec.get("pd_split") is not None
     try:
-        trace = _load_trace(spec["trace"], None) if spec["trace"] else None
+        trace = load_trace(spec["trace"], None) if spec["trace"] else None
         model = load_model(spec["model"])
         if pd:  # prefill/decode disaggregation: each pool planned on its own nodes
             pools = [plan_on(spec[f"{role}_hardware"]) for role in ("prefill", "decode")]
