@@ -32,7 +32,8 @@ judged on the out-of-sample means.
 
 Bound (issue 19 item 4): every case records the plan's lower bound on the traffic objective
 and on the cross-node token pairs at the load cap (planner/cluster/bound.py; on these sizes the
-per-layer-pair relaxation, which drops the layer chain's coupling and the cap) and the gap of
+per-layer-pair relaxation, which drops the layer chain's coupling and the cap, with the
+Lagrangian prices of planner/cluster/lagrange.py) and the gap of
 ours to it; target on the 64-GPU cases: cross-node gap <= 5% with the plan in <= 120 s.
 
 Mixed cluster (issue 19 item 3): DeepSeek-V3 on cluster-h100-a100 (8 H100 + 8 A100), planned

@@ -21,7 +21,10 @@ the placer chose (EPLB's rule):
   ``max_p ... <= `` the fractional knapsack of ``Q`` units of value ``C_ij / c_i``, ``u_i``
   units of each i. Likewise from each expert i of layer l; a layer pair takes the smaller
   sum. This drops the coupling of the layers (each expert picks its best neighbours) and
-  the load cap: a valid bound, loose where the affinity is spread.
+  the load cap: a valid bound, loose where the affinity is spread. When every slot is full,
+  prices on the experts that too many neighbours pick (:mod:`.lagrange`, the Lagrangian
+  dual of "a copy sits on one part", a fixed number of subgradient steps) lower each layer
+  pair's knapsack sum; the least value met counts, so it is never above the plain sum.
 * **MILP** (small instances, PuLP + HiGHS with a node limit): binaries ``x[l, e, g]`` (a copy
   of e on g), ``sum_g x = c[l, e]``, ``sum_e x = S``, the load cap ``sum_e w[l, e] / c[l, e]
   x[l, e, g] / speed[g] <= cap[l]``, no two copies on a GPU; ``a[l, i, j, g] <= x[l, i, g] /
@@ -42,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .exact import MAX_LAYOUTS, chain_optimum
+from .lagrange import star_bound
+from .metrics import distribution, node_share
 from .topology import Topology
 
 __all__ = ["Bound", "MILP_MAX_PAIRS", "traffic_bound"]
@@ -90,8 +95,11 @@ def _knapsack_same(C: np.ndarray, c_from: np.ndarray, units: np.ndarray, Q: int)
     return float(top.sum())
 
 
-def _same_upper(trans: np.ndarray, logcnt: np.ndarray, Q: int, per_part: int) -> float:
-    """Upper bound on the token pairs whose experts share a part of ``Q`` slots (relaxation)."""
+def _same_upper(trans: np.ndarray, logcnt: np.ndarray, Q: int, per_part: int,
+                incumbent: np.ndarray | None = None) -> float:
+    """Upper bound on the token pairs whose experts share a part of ``Q`` slots (relaxation;
+    with ``incumbent`` ``[L-1]``, the pairs each layer pair keeps inside parts in the incumbent,
+    every slot full: the prices of :func:`.lagrange.star_bound` too)."""
     total = 0.0
     for l in range(trans.shape[0]):
         C = trans[l]
@@ -99,8 +107,21 @@ def _same_upper(trans: np.ndarray, logcnt: np.ndarray, Q: int, per_part: int) ->
         ui, uj = np.minimum(ci, per_part), np.minimum(cj, per_part)
         by_col = _knapsack_same(C, ci, ui, Q)
         by_row = _knapsack_same(C.T, cj, uj, Q)
-        total += min(by_col, by_row, float(C.sum()))
+        best = min(by_col, by_row, float(C.sum()))
+        if incumbent is not None and best > incumbent[l]:
+            best = min(best, star_bound(C, ci, cj, ui, Q, float(incumbent[l])),
+                       star_bound(C.T, cj, ci, uj, Q, float(incumbent[l])))
+        total += best
     return total
+
+
+def _incumbent_same(placement: np.ndarray, trans: np.ndarray, E: int, topo: Topology) -> tuple[np.ndarray, np.ndarray]:
+    """``[L-1]`` pairs kept on one GPU and on one node by ``placement`` per layer pair."""
+    P = distribution(placement, E, topo.num_gpus)  # [L, E, G]
+    PN = node_share(P, topo)  # [L, E, N]
+    gpu = np.array([float((trans[l] * (P[l] @ P[l + 1].T)).sum()) for l in range(len(trans))])
+    node = np.array([float((trans[l] * (PN[l] @ PN[l + 1].T)).sum()) for l in range(len(trans))])
+    return gpu, node
 
 
 def _levels(topo: Topology, hidden_size: int) -> tuple[float, float]:
@@ -137,8 +158,10 @@ def traffic_bound(placement: np.ndarray, load: np.ndarray, trans: np.ndarray, to
     if (placement < 0).any():  # empty slots (:mod:`.slots`): the relaxation holds (a GPU keeps <= S), the rest assume S
         max_pairs = max_layouts = 0
     total = float(trans.sum())
-    same_gpu = _same_upper(trans, logcnt, S, 1)
-    same_node = _same_upper(trans, logcnt, S * GN, GN) if N > 1 else total
+    # the Lagrangian prices need every slot full (a part's Q slots of each layer)
+    inc_gpu, inc_node = (None, None) if (placement < 0).any() or L < 2 else _incumbent_same(placement, trans, E, topo)
+    same_gpu = _same_upper(trans, logcnt, S, 1, inc_gpu)
+    same_node = _same_upper(trans, logcnt, S * GN, GN, inc_node) if N > 1 else total
     x_gpu, x_node = max(total - same_gpu, 0.0), max(total - same_node, 0.0)
     d_gpu, d_node = _levels(topo, hidden_size)
     T = max(num_tokens, 1)
