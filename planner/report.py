@@ -7,6 +7,11 @@ Legend: L = MoE layers, E = routed experts per layer.
   baseline's speed and the plan's speed-up over it);
 - :func:`render_summary`: the same as rich tables.
 
+With per-phase execution sites (``Plan.prefill_offload``, :mod:`planner.prefill_sites`) the
+summary says which plan each phase runs: a prompt's pass (TTFT, against ``--slo-ttft``) and
+the decode steps (TPOT, against ``--slo-tpot``) share the residency and differ in where the
+CPU-held experts run.
+
 :mod:`planner.report_files` writes them as a report directory (Markdown and plots);
 :mod:`planner.layer_breakdown` rebuilds a plan's per-layer times under the shared cost model.
 """
@@ -99,6 +104,9 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
                    "batch_search": solver.batch_search.model_dump() if solver.batch_search else None,
                    **({"objective_unit": "J"} if plan.objective == "energy" else {})},  # joules per step
     }
+    phases = phases_data(plan)
+    if phases is not None:
+        data["phases"] = phases
     if compare:
         rows = _baseline_rows(result)
         data["baselines"] = rows
@@ -106,6 +114,21 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
                                   "speedup": rows[0]["ratio"], "engine": rows[0]["engine"],
                                   "hint": _engine_hint(plan.inputs.engine, rows[0])} if rows else None)
     return data
+
+
+def phases_data(plan: Plan) -> dict[str, Any] | None:
+    """Which plan each phase runs, where a plan has per-phase sites or was made under an SLO
+    (None otherwise): ``prefill`` (MoE layers whose CPU experts a prompt's pass runs on the
+    compute device, the TTFT and its SLO) and ``decode`` (the TPOT and its SLO). An SLO is
+    None where the plan records none (the batch search records both)."""
+    bs = plan.solver.batch_search
+    if plan.prefill_offload is None and bs is None:
+        return None
+    moved = plan.prefill_offload or ()
+    return {"prefill": {"layers_on_device": int(sum(moved)), "layers": len(plan.layers),
+                        "device": plan.compute_device, "ttft_s": plan.predicted["ttft_s"],
+                        "slo_ttft_s": bs.slo_ttft_s if bs else None},
+            "decode": {"tpot_s": plan.predicted["tpot_s"], "slo_tpot_s": bs.slo_tpot_s if bs else None}}
 
 
 def _engine_hint(plan_engine: str, best: dict[str, Any]) -> str | None:
@@ -189,6 +212,10 @@ def render_summary(result: OptimizeResult, console: Console, compare: bool = Fal
                   f"{cs['per_layer_min']}-{cs['per_layer_max']} per layer ({cs['layers_with_cache']}/{ex['layers']} layers cached)",
                   highlight=False)
 
+    if "phases" in d:
+        for line in _phase_lines(d["phases"]):
+            console.print(line, highlight=False)
+
     console.print("[bold]Prediction[/bold]")
     pred = Table()
     pred.add_column("metric")
@@ -261,6 +288,20 @@ def _solver_line(sv: dict[str, Any], with_time: bool) -> str:
         line += (f"\nbatch search: batch {bs['batch']} of 1-{bs['max_batch']} under {slos}, {bs['solves']} solves; "
                  f"no batch exceeds {bs['tokens_per_s_bound']:.4g} tok/s (gap {100 * bs['gap']:.2f}%, {bs['status']})")
     return line
+
+
+def _phase_lines(ph: dict[str, Any]) -> list[str]:
+    """One line per phase: where it runs the CPU-held experts, its time and its SLO."""
+    def against(t: float, slo: float | None) -> str:
+        return format_time(t) + ("" if slo is None else f" {'<=' if t <= slo else '>'} SLO {format_time(slo)}")
+
+    pre, dec = ph["prefill"], ph["decode"]
+    where = (f"{pre['layers_on_device']} of {pre['layers']} MoE layers run their CPU experts on {pre['device']} "
+             "after a copy (prefill_offload)" + (", the others at the decode sites"
+                                                           if pre["layers_on_device"] < pre["layers"] else "")
+             if pre["layers_on_device"] else "the decode plan's sites")
+    return [f"prefill plan: {where}; TTFT {against(pre['ttft_s'], pre['slo_ttft_s'])}",
+            f"decode plan: the sites above; TPOT {against(dec['tpot_s'], dec['slo_tpot_s'])}"]
 
 
 def _sites(by_site: dict[str, int], split_layers: int = 0) -> str:

@@ -290,6 +290,17 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
     if on_gpu and budget < 0:
         notes.append(f"the dense weights, KV cache and workspace alone exceed {dev.id}'s usable memory by "
                      f"{-budget / 2**30:.2f} GiB at GGUF sizes: reduce the context or use a smaller dense type")
+    if plan.prefill_offload is not None and any(plan.prefill_offload) and on_gpu:
+        # the plan's prefill sites (planner.prefill_sites) are llama.cpp's op offload: a pass of
+        # enough tokens copies the CPU experts it uses to the GPU and runs them there
+        op = pricing.engine.op_offload
+        if op is None:
+            raise NotApplicable(f"the plan runs a prompt's CPU experts on {dev.id} after a copy (plan.json "
+                                "prefill_offload, from --slo-ttft), which this llama.cpp profile cannot (no "
+                                "op_offload); re-plan without --slo-ttft to render it")
+        notes.append(f"prefill: the plan runs a prompt's CPU experts on {dev.id} after a copy (prefill_offload, "
+                     f"--slo-ttft); llama.cpp's op offload does so for every pass of >= {op.min_batch_tokens} tokens "
+                     "(on by default: do not pass --no-op-offload); decode runs them on the CPU")
     if not fits_ram:
         notes.append(f"CPU-side weights ({cpu_bytes / 2**30:.1f} GiB) exceed usable host memory "
                      f"({host_free / 2**30:.1f} GiB): llama.cpp pages them from the memory-mapped GGUF (slow)")

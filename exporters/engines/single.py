@@ -154,6 +154,10 @@ def render_engines(plan: Plan, model: ModelSpec | str, hardware: Hardware | str,
         if plan.kv_cache == "host" and not pricing.kv_on_host:
             raise NotApplicable("the plan keeps the KV cache in host memory, which accelerate cannot (its engine "
                                 "profile has no kv_offload); re-plan with --kv-cache device to render it")
+        if plan.prefill_offload is not None and any(plan.prefill_offload):
+            raise NotApplicable("the plan runs a prompt's CPU experts on the GPU after a copy (plan.json "
+                                "prefill_offload, from --slo-ttft), which accelerate cannot (every pass runs at the "
+                                "decode sites); run the bundle, or re-plan without --slo-ttft to render it")
         render = render_accelerate_pipeline if pipeline else render_accelerate
         cfg = render(plan, model, hardware, pricing, checkpoint=checkpoint, engines_dir=shown)
     except (NotApplicable, InfeasibleError) as exc:

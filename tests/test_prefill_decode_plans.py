@@ -1,0 +1,105 @@
+"""Prefill and decode plans under both SLOs (issue 15 item 3): with --slo-ttft and --slo-tpot the
+planner meets TTFT with the prefill plan and TPOT with the decode plan (one residency, per-phase
+execution sites, planner.prefill_sites), where one plan for both phases cannot; the simulator
+prices each phase as the planner does; the summary says which plan each phase uses; the
+exporters render both phases or refuse in one line naming the flag."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+import planner.optimize as planner_optimize
+from exporters.engines.single import render_engines
+from planner.optimize import OptimizeRequest, optimize
+from planner.report import render_summary, summary_data
+from profiles.errors import InfeasibleError
+from profiles.hardware import load_profile
+from profiles.models import load_model
+from profiles.workload.defaults import default_workload
+from profiles.workload.trace import DECODE, PREFILL
+from simulator.engine import SimConfig, simulate
+
+PROMPT = 512
+SLO_TTFT_S = 7.0  # the decode-optimal plan prefills 512 tokens in 9.9 s on laptop-4060
+SLO_TPOT_S = 0.23  # the decode-optimal step is 205 ms; a shared plan meeting TTFT <= 7 s steps 266 ms
+BOTH = dict(hardware="laptop-4060", model="mixtral-8x7b", compare=False, objective="throughput", max_batch=1,
+            prompt_tokens=PROMPT, tpot_slo_s=SLO_TPOT_S, ttft_slo_s=SLO_TTFT_S)
+
+
+@pytest.fixture(scope="module")
+def both():
+    return optimize(OptimizeRequest(**BOTH))
+
+
+def test_both_slos_met_by_phase_plans_where_one_shared_plan_cannot(both, monkeypatch):
+    """Mixtral-8x7B on the 8 GB laptop, 512-token prompts, TTFT <= 7 s and TPOT <= 230 ms at
+    batch 1: the plan keeps decode's CPU experts on the CPU for decode and copies them to the
+    GPU for a prompt's pass, so each phase meets its SLO. Without per-phase sites (the planner
+    before d7e0ca7: prefill runs at the decode sites) no plan meets both: the batch search
+    proves it infeasible."""
+    plan = both.plan
+    assert plan.predicted["ttft_s"] <= SLO_TTFT_S and plan.predicted["tpot_s"] <= SLO_TPOT_S
+    assert plan.prefill_offload is not None
+    moved = [l for l, on in enumerate(plan.prefill_offload) if on]
+    assert moved and all("local" in plan.layers[l].site for l in moved)  # decode: CPU; prefill: the GPU
+    monkeypatch.setattr(planner_optimize, "with_prefill_choice", lambda s, ttft: s)  # one plan for both phases
+    with pytest.raises(InfeasibleError, match="no batch size up to 1 meets TPOT <= 230 ms and TTFT <= 7000 ms"):
+        optimize(OptimizeRequest(**BOTH))
+
+
+def _one_request(model, prompt: int, decode: int):
+    """The default workload's first ``prompt + decode`` tokens as one request."""
+    trace = default_workload(model)
+    T = prompt + decode
+    return trace.__class__(expert_ids=trace.expert_ids[:T], seq_lens=np.array([T]),
+                           phase=np.r_[np.full(prompt, PREFILL), np.full(decode, DECODE)].astype(np.uint8),
+                           num_experts=trace.num_experts, layer_map=trace.layer_map,
+                           gate_weights=None if trace.gate_weights is None else trace.gate_weights[:T],
+                           model=trace.model, source=trace.source)
+
+
+def test_the_simulator_prices_each_phase_as_the_planner(both):
+    """The simulator plays the prefill plan for the prompt (TTFT within 1% of the price) and
+    the decode plan for the steps (mean decode step within 2% of the TPOT price, on the
+    default workload)."""
+    plan = both.plan
+    model = load_model("mixtral-8x7b")
+    _, hw = load_profile("laptop-4060")
+    rep = simulate(plan, hw, model, _one_request(model, PROMPT, 2), SimConfig(batch_size=1))
+    assert rep.metrics["ttft_s"]["mean"] == pytest.approx(plan.predicted["ttft_s"], rel=0.01)
+    rep = simulate(plan, hw, model, default_workload(model), SimConfig(batch_size=1, kv_context="plan", requests=4))
+    assert rep.metrics["decode_step_s"]["mean"] == pytest.approx(plan.predicted["tpot_s"], rel=0.02)
+
+
+def test_the_summary_says_which_plan_each_phase_uses(both):
+    """`planner optimize` prints one line per phase: where prefill runs the CPU experts and the
+    TTFT against its SLO, the decode sites and the TPOT against its SLO (and --json has them)."""
+    data = summary_data(both)["phases"]
+    assert data["prefill"] == {"layers_on_device": 32, "layers": 32, "device": "node/gpu0",
+                               "ttft_s": both.plan.predicted["ttft_s"], "slo_ttft_s": SLO_TTFT_S}
+    assert data["decode"]["slo_tpot_s"] == SLO_TPOT_S and data["decode"]["tpot_s"] == both.plan.predicted["tpot_s"]
+    out = io.StringIO()
+    render_summary(both, Console(file=out, width=200), compare=False)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith(("prefill plan:", "decode plan:"))]
+    assert len(lines) == 2
+    assert lines[0].startswith("prefill plan: 32 of 32 MoE layers run their CPU experts on node/gpu0 after a copy")
+    assert "<= SLO 7 s" in lines[0] and "<= SLO 230 ms" in lines[1]
+    assert lines[1].startswith("decode plan: the sites above")
+
+
+def test_engine_configs_render_both_phases_or_refuse_in_one_line(both, tmp_path):
+    """llama.cpp runs a prompt's CPU experts on the GPU after a copy by itself (op offload, on
+    by default), so its config renders both phases and says to keep it on; accelerate runs
+    every pass at the decode sites: refused in one line naming --slo-ttft."""
+    out = render_engines(both.plan, "mixtral-8x7b", "laptop-4060", tmp_path)
+    assert "llama.cpp" in out.commands and "--no-op-offload" not in out.commands["llama.cpp"]
+    import json
+
+    notes = json.loads((tmp_path / "engines" / "llamacpp.json").read_text())["notes"]
+    assert any("prefill_offload" in n and "--no-op-offload" in n for n in notes)
+    why = out.skipped["accelerate"]
+    assert "\n" not in why and "--slo-ttft" in why and "prefill_offload" in why
