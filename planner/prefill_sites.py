@@ -22,8 +22,19 @@ local experts copied and run on the device (:mod:`simulator.op_offload`), and so
 bundle runtime (``exporters/runtime/store.py``: the fetcher's one-ahead copies, no cache slot
 kept; it overlaps copies with compute, where the price is one copy, then the computation).
 
-What is not built: separate placements per phase (a prefill residency or cache that differs
-from decode's, with the switch between them priced), and per-expert prefill sites.
+With both SLOs (``--slo-ttft``, ``--slo-tpot``) these are the plan's two phase plans: TTFT is
+met by the prefill sites, TPOT by the decode sites, and ``planner optimize`` prints which each
+phase runs (:func:`planner.report.phases_data`).
+
+Why the phases share one residency (no second placement for prefill): a prompt's pass calls
+every expert of every layer (512 tokens, top-2 of 8 under even routing: an expert is left out
+with probability (6/8)^512), so whatever set the device holds during the pass, every other
+expert crosses the link or runs on the CPU once per pass, which is what these sites price. A
+prefill residency only changes which experts stay, and switching to it and back adds the
+swapped experts' copies without removing any.
+
+What is not built: per-expert prefill sites (copy the hottest of a layer's CPU experts while
+the CPU runs the rest, at once), where copies and CPU work take similar time.
 """
 
 from __future__ import annotations

@@ -103,7 +103,10 @@ __all__ = ["optimize_cmd"]
               help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot, and a "
               "constraint of every solve (the plan's prefill stays within it, at some cost in decode speed); on "
               "the bundle runtime each layer's prompt pass may also run the experts decode runs on the CPU on the GPU "
-              "after a copy (plan.json prefill_offload), the decode placement unchanged.")
+              "after a copy (plan.json prefill_offload), the decode placement unchanged. With --slo-tpot too, the "
+              "plan meets TTFT with its prefill sites and TPOT with its decode sites (one residency: a prompt's pass "
+              "calls every expert), and the summary prints which each phase runs; llama.cpp's export keeps its op "
+              "offload for it, accelerate's is refused.")
 @click.option("--max-batch", type=click.IntRange(min=1, max=MAX_BATCH), default=1024, show_default=True,
               help="Largest batch the SLO search considers.")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
