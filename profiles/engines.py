@@ -11,8 +11,12 @@ profile (bundled YAML in ``profiles/engines/`` or the user's own file) states
 - the kernel path per (device kind, format): ``native`` (a fused kernel reads the stored
   bytes), ``unsupported``, ``{unpack_weights_per_s: R}`` (the weights are unpacked to
   fp16 at R weights/s, then an fp16 matmul reads them), or ``{host_s_per_linear: T}`` (a
-  native kernel whose every linear call also costs T of host work: launches, device syncs);
-  a format the profile does not list for a device kind is unsupported there;
+  native kernel whose every linear call also costs T of host work: launches, device syncs),
+  or ``{computes_in: F}`` (a weight-only kernel: it reads the stored bytes and dequantises
+  them in registers, but its matmul runs on activations of format F, so at F's peak, not at
+  a peak the device states for the stored format: vLLM's W4A16 MXFP4 MoE on GPUs without
+  its SM100 FlashInfer path); a format the profile does not list for a device kind is
+  unsupported there;
 - the share of a device's memory bandwidth and peak its kernels typically reach there
   (``efficiency``, and per chip vendor ``efficiency_by_vendor``: llama.cpp runs Metal on an
   Apple GPU; a hardware profile's own measured efficiency wins, except over a probed one
@@ -62,7 +66,7 @@ from .limits import MAX_TEXT_FILE_BYTES
 from .units import parse_time
 from .yamlio import load_yaml
 
-__all__ = ["EngineProfile", "Engine", "OpOffload", "KVOffload", "load_engine", "bundled_engines", "ENGINES_DIR",
+__all__ = ["EngineProfile", "Engine", "OpOffload", "KVOffload", "WeightOnly", "load_engine", "bundled_engines", "ENGINES_DIR",
            "DEFAULT_ENGINE", "PLACEMENTS", "SITES", "overhead_rows", "engine_hardware"]
 
 ENGINES_DIR = Path(__file__).parent / "engines"
@@ -146,15 +150,34 @@ class LinearHost(BaseModel):
         return data
 
 
+class WeightOnly(BaseModel):
+    """A weight-only kernel: it reads the stored weights and dequantises them in registers
+    (memory priced at the stored bytes, as ``native``), while its matmul runs on activations of
+    ``computes_in``, so at that format's peak even where the device states a peak for the
+    stored format (an FP4 tensor core the kernel does not use)."""
+
+    model_config = _STRICT
+    computes_in: str
+    source: Source
+
+    @model_validator(mode="after")
+    def _format_known(self) -> "WeightOnly":
+        _known_format(self.computes_in, "computes_in")
+        return self
+
+
 def _kernel_kind(value: object) -> str:
     if isinstance(value, LinearHost) or (isinstance(value, dict) and "host_s_per_linear" in value):
         return "host"
+    if isinstance(value, WeightOnly) or (isinstance(value, dict) and "computes_in" in value):
+        return "weight_only"
     return "unpack" if isinstance(value, (dict, Unpack)) else "path"
 
 
-# a mapping is an unpack path or a host-cost path (their own errors name their keys),
-# anything else native/unsupported
+# a mapping is an unpack path, a host-cost path or a weight-only path (their own errors name
+# their keys), anything else native/unsupported
 KernelPath = Annotated[Union[Annotated[Unpack, Tag("unpack")], Annotated[LinearHost, Tag("host")],
+                             Annotated[WeightOnly, Tag("weight_only")],
                              Annotated[Literal["native", "unsupported"], Tag("path")]],
                        Discriminator(_kernel_kind)]
 
@@ -498,6 +521,15 @@ class Engine:
                 # interleaved pages: (S-1)/S of every read crosses the socket link
                 share = (d.sockets - 1) / d.sockets
                 changes["memory_bytes_per_s"] = min(d.memory_bytes_per_s, d.cross_socket_bytes_per_s / share)
+        weight_only = {fm: k.computes_in for fm, k in spec.kernels.items() if isinstance(k, WeightOnly)}
+        if weight_only:
+            # the stored format computes at its activations' peak (perf.compute_format reads the peaks)
+            peaks = dict(changes.get("peak_ops_per_s", d.peak_ops_per_s))
+            for fm, act in weight_only.items():
+                peaks.pop(fm, None)
+                if act in peaks:
+                    peaks[fm] = peaks[act]
+            changes["peak_ops_per_s"] = peaks
         return dataclasses.replace(d, **changes)
 
     def _link(self, link: Link, hw: Hardware) -> Link:

@@ -89,6 +89,36 @@ def test_overheads_unpack_and_step_costs_enter_the_roofline(tmp_path):
     assert dense_step_s(gpu, model, "bf16", 1, 0.0, prefill=True) - d == pytest.approx(5e-3)
 
 
+def test_weight_only_kernel_reads_stored_bytes_and_computes_at_its_activations_peak(tmp_path):
+    """Hand-worked: int4 weights on the 4090 (which states an int4 tensor peak) through a
+    W4A16 kernel (``computes_in: bf16``): a one-token call reads the same int4 bytes as the
+    native path; a 4096-token call, compute-bound, runs at the bf16 peak, 8x the native int4
+    call's compute time (the datasheet ratio); the vLLM profile runs MXFP4 that way."""
+    kernels = {"bf16": "native", "int4": {"computes_in": "bf16", "source": "test"}}
+    path = _engine_file(tmp_path, **{"gpu.kernels": kernels})
+    (tmp_path / "native").mkdir()
+    native_path = _engine_file(tmp_path / "native", **{"gpu.kernels": {"bf16": "native", "int4": "native"}})
+    _, hw = load_profile("desktop-4090")
+    gpu = load_engine(path).apply(hw).devices["node/gpu0"]
+    native = load_engine(native_path).apply(hw).devices["node/gpu0"]
+    assert gpu.peak_ops_per_s["int4"] == hw.devices["node/gpu0"].peak_ops_per_s["bf16"]
+    assert native.peak_ops_per_s["int4"] == hw.devices["node/gpu0"].peak_ops_per_s["int4"]
+    model = load_model("mixtral-8x7b")
+    wb, fpt = model.expert_bytes("int4"), model.expert_flops_per_token
+    assert expert_call_s(gpu, "int4", wb, fpt, 1) == pytest.approx(expert_call_s(native, "int4", wb, fpt, 1), rel=1e-12)
+    memory = wb / (gpu.memory_bytes_per_s * gpu.efficiency.memory_fraction)
+    fixed = expert_call_s(native, "int4", wb, 0.0, 4096) - memory  # launch + call overhead
+    eff = gpu.efficiency.compute_fraction(4096)
+    compute = fpt * 4096 / (hw.devices["node/gpu0"].peak_ops_per_s["bf16"] * eff)
+    assert compute / 8 > memory  # compute-bound on both paths
+    assert expert_call_s(gpu, "int4", wb, fpt * 4096, 4096) == pytest.approx(fixed + compute, rel=1e-9)
+    peaks = hw.devices["node/gpu0"].peak_ops_per_s  # int4 1321.2 T, bf16 165.2 T: about 8x
+    assert expert_call_s(native, "int4", wb, fpt * 4096, 4096) == pytest.approx(
+        fixed + compute * peaks["bf16"] / peaks["int4"], rel=1e-9)
+    vllm = load_engine("vllm").kind_spec("gpu").kernels["mxfp4"]
+    assert vllm.computes_in == "bf16" and "mxfp4.py" in vllm.source
+
+
 def test_token_overhead_prices_each_token_past_the_first_in_every_layer(tmp_path):
     """Hand-worked: a 30 us per-token layer cost adds (P - 1) x 30 us per hidden layer to a
     P-token step, nothing to a one-token step; without it the price is the roofline's."""
@@ -194,6 +224,7 @@ BAD = [
     ({"gpu.layer_overhead_s": {"value": "3 parsecs", "source": "x"}}, "time"),
     ({"gpu.expert_call_overhead_s": {"value": "1ms"}}, "source"),
     ({"gpu.kernels.int8": {"unpack_weights_per_s": "fast", "source": "x"}}, "invalid rate"),
+    ({"gpu.kernels.int8": {"computes_in": "bf17", "source": "test"}}, "bf17"),
     ({"host_memory": "swap"}, "host_memory"),
     ({"placement": "node"}, "placement"),
     ({"sites": ["fetch"]}, "every engine runs resident experts"),
