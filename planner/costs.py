@@ -80,6 +80,7 @@ from typing import Sequence
 
 import numpy as np
 
+from profiles.miss_copy import with_copies
 from profiles.perf import dense_step_s, micro_batches, op_offloads
 
 from .dram import averaged_dram_s, dram_prices, outcome_dram_s
@@ -99,11 +100,13 @@ __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", 
 
 
 def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None,
-                 fetch_s: np.ndarray | None = None) -> OptionTable:
+                 fetch_s: np.ndarray | None = None, copy_calls: tuple[str, np.ndarray] | None = None) -> OptionTable:
     """Costs of the options ``specs`` (``[N, 7]``, SPEC_COLUMNS) of ``layer``, each with its
     tier ``tiers[i] = (k, b_up)`` (``[N, 2]``, :mod:`planner.format_tiers`; None: no tiers):
     see the module docstring. ``fetch_s``: ``[N]`` seconds of one fetch per row instead of the
-    route's for ``b_off`` (a copy option's expected fetch, planner.miss_copy_options)."""
+    route's for ``b_off``; ``copy_calls``: ``(format, [E] share by rank)``: that share of each
+    cache-served band expert's calls runs at ``format``'s cached-expert kernel instead of
+    ``b_off``'s (a copy option's fetch and calls, planner.miss_copy_options)."""
     specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
     nested, copies = specs[:, 6] == NESTED_MODE, specs[:, 6] == COPY_MODE
     if nested.any() or copies.any():  # nested and copy options price apart, rows kept in order
@@ -162,6 +165,11 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     offload = in_dram & (q < E) if _offloading(s) else np.zeros(len(specs), bool)  # [N]
     res_G = dev_c[bi, p]
     via_cache = (mode == MODES.index("fetch")) | (mode == MODES.index("hybrid"))  # [N]
+    if copy_calls is not None:  # band calls a copy serves run the copy's kernel (profiles.miss_copy.with_copies)
+        c_fmt, c_share = copy_calls
+        t_copy = s.call_s(s.compute, c_fmt, tokens, cached=True)  # [E]
+        cached_c = np.stack([cum(act * with_copies(s.call_s(s.compute, fm, tokens, cached=True), t_copy, c_share))
+                             if j in used else unused for j, fm in enumerate(s.formats)])  # [b, E+1]
     band_G = np.where(via_cache, cached_c[bo, q] - cached_c[bo, p], dev_c[bo, q] - dev_c[bo, p])
     band_U = cpu_c[bo, q] - cpu_c[bo, p]
     tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q] + up_U)
@@ -209,6 +217,12 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     if B == 1 and st.access_rank is not None and not offload.any():
         t_dev1 = np.array([s.call_s(s.compute, fm, np.ones(1))[0] for fm in s.formats])  # [b] one-token calls
         t_hit1 = np.array([s.call_s(s.compute, fm, np.ones(1), cached=True)[0] for fm in s.formats])  # [b] cached
+        t_hit1 = t_hit1[bo]  # [N] a band call served from the cache
+        if copy_calls is not None:  # a share S of the band's calls runs the copy (its activity-weighted share)
+            c_fmt, c_share = copy_calls
+            band_a = act_c[q] - act_c[p]
+            share = (cum(act * c_share)[q] - cum(act * c_share)[p]) / np.maximum(band_a, 1e-300)
+            t_hit1 = with_copies(t_hit1, s.call_s(s.compute, c_fmt, np.ones(1), cached=True)[0], share)
         t_cpu1 = np.array([s.call_s(s.host, fm, np.ones(1))[0] for fm in s.formats])
         # every option against every per-token outcome of its (p, c, q): ragged pairs
         if len(tiered):  # a token's tier experts counted apart (n_up of its n_local)
@@ -231,7 +245,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         n_res, n_hit, n_miss, n_local, share = (v[row] for v in outcome)
         tier = {} if n_up is None else dict(n_up=n_up[row], t_up=t_cpu1[bu[opt]])
         *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]],
-                                    np.where(via_cache[opt], t_hit1[bo[opt]], t_dev1[bo[opt]]),
+                                    np.where(via_cache[opt], t_hit1[opt], t_dev1[bo[opt]]),
                                     t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier)
         if s.dram_contention:  # host DRAM shared by the token's CPU reads and copies (planner.dram)
             times = [np.maximum(t, d) for t, d in zip(times, outcome_dram_s(

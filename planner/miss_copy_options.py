@@ -2,18 +2,22 @@
 
 A copy option ``(p, q, b_res, c, b_off, home, copy)`` is the fetch option with the same
 columns (:mod:`planner.costs`), its ``q - p`` band experts also held at ``Setup.miss_copy``'s
-format in host DRAM; a miss whose gate weight is below the threshold loads the copy. With
-:mod:`profiles.miss_copy` as the price (the simulator's too), per band expert ``e`` (``s_e``,
-``g_e`` its low-gate count and gate-mass shares, ``a_e`` its activity, ``m = 1 - h`` the
-band's miss rate):
+format in host DRAM; a call whose tokens' gate weights are all below the threshold loads the
+copy on a miss (:mod:`profiles.miss_copy`, the simulator's and the runtime's rule). With
+:mod:`profiles.miss_copy` as the price, per band expert ``e`` (``s_e``, ``g_e`` its share of
+calls loading the copy and of gate mass they carry, at the setup's batch (:func:`copy_shares`),
+``a_e`` its activity, ``m = 1 - h`` the band's miss rate):
 
     x      = S x(copy) + (1 - S) x(b_off),  S = sum a_e s_e / sum a_e   seconds of a miss's fetch
+    G     += sum_e a_e s_e (t(copy, n_e) - t(b_off, n_e))               calls a copy serves (misses
+                                                                        and hits on copy slots)
     error += sum_e w_e (m g_e + (1 - m) s_e) (err_e(copy) - err_e(b_off))
     home  += (q - p) bytes(copy)                                       (the copies, host DRAM)
 
-and every other column is the fetch option's (:func:`planner.costs.option_costs` with ``x``):
-calls are priced at ``b_off`` (a copy's call is no slower where the link binds, which is
-where copies pay), cache slots at ``b_off``'s size (a copy fills a slot). Offered on request
+and every other column is the fetch option's (:func:`planner.costs.option_costs` with ``x``
+and the copy's calls): a copy's call is priced at the copy format's cached-expert kernel, as
+the simulator runs it (at batch 1 the band's one-token call is ``S t(copy) + (1 - S) t(b_off)``);
+cache slots at ``b_off``'s size (a copy fills a slot). Offered on request
 (``Setup.miss_copy``, ``OptimizeRequest.miss_copy``) for an engine that fetches and whose
 profile says ``miss_copy`` (the bundle, roofline), a DRAM home, fetch options whose format is wider than the copy,
 at decode, without op offload or DRAM contention pricing.
@@ -26,13 +30,25 @@ import dataclasses
 import numpy as np
 
 from profiles.formats import get_format
+from profiles.miss_copy import low_gate_shares, with_copies
+from profiles.workload.trace import DECODE, Trace
 
 from .setup import MODES, N_SPEC, OptionTable, Setup
+from .workload_view import decode_steps
 
-__all__ = ["COPY_MODE", "copy_costs", "copy_specs", "offers_copies"]
+__all__ = ["COPY_MODE", "copy_costs", "copy_shares", "copy_specs", "offers_copies"]
 
 COPY_MODE = MODES.index("copy")
 _FETCH = MODES.index("fetch")
+
+
+def copy_shares(trace: Trace, num_experts: int, gate_below: float, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, g)`` (``[L, E]`` each, :func:`profiles.miss_copy.low_gate_shares`) of ``trace``'s
+    decode calls in steps of ``batch`` sequences (:func:`planner.workload_view.decode_steps`,
+    the simulator's continuous batching): a call loads the copy when all its tokens' gates are
+    below ``gate_below``, as simulator and runtime decide."""
+    step = decode_steps(trace.num_tokens, trace.seq_lens, batch, trace.phase == DECODE)
+    return low_gate_shares(trace.expert_ids, trace.gate_weights, num_experts, gate_below, step=step)
 
 
 def offers_copies(s: Setup, layer: int) -> bool:
@@ -86,7 +102,7 @@ def copy_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     share = (act_s[q] - act_s[p]) / np.maximum(act_c[q] - act_c[p], 1e-300)  # [N] S: a miss is low-gate
     x_copy = np.array([s.transfer_s(s.homes[int(h)], s.expert_bytes(fmt)) for h in hi])
     x_full = np.array([s.transfer_s(s.homes[int(h)], s.expert_bytes(s.formats[int(b)])) for h, b in zip(hi, bo)])
-    table = option_costs(s, layer, fetch, fetch_s=share * x_copy + (1 - share) * x_full)
+    table = option_costs(s, layer, fetch, fetch_s=with_copies(x_full, x_copy, share), copy_calls=(fmt, low_s))
     h = np.array([st.hit_rate(layer, int(a), int(k), int(b)) for a, k, b in zip(p, c, q)])
     m = 1.0 - h
     d_err = {b: w * (s.errors_of(layer, fmt)[order] - s.errors_of(layer, s.formats[b])[order]) for b in set(bo.tolist())}

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Callable, get_args
 
 import numpy as np
 
-from profiles.miss_copy import low_gate_shares
 from profiles.engines import Engine, load_engine
 from profiles.errors import InfeasibleError, InputError
 from profiles.hardware import Hardware, load_profile
@@ -26,6 +26,7 @@ from .setup import make_setup
 from .energy import check_power, energy_problem, with_power_cap
 from .ilp import Problem, SolveResult, _feasible, build_problem, explain_infeasible, solve
 from .kv_offload import kv_sites, with_kv_on_host
+from .miss_copy_options import copy_shares
 from .prefill_sites import with_prefill_choice
 from .nested_options import offers_nested, rows_in
 from .multi_gpu import node_gpus, plan_multi_gpu
@@ -87,7 +88,8 @@ class OptimizeRequest:
     miss_copy: tuple[str, float] | None = None
     dropped: tuple[tuple[int, ...], ...] = ()  # per layer the experts dropped (set by planner.task)
     dropped_importance: tuple[float, ...] = ()  # per layer their importance on the trace (planner.task)
-    low_gate: tuple[np.ndarray, np.ndarray] | None = None  # the trace's low-gate shares at miss_copy (set by optimize)
+    # batch -> the trace's low-gate shares at miss_copy (planner.miss_copy_options.copy_shares; set by optimize)
+    low_gate: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,8 +134,8 @@ def optimize(req: OptimizeRequest) -> OptimizeResult:
                          fix="record or synthesise a trace for this model (planner trace synth --model ...)")
     stats = planning_stats(trace, real_experts=model.num_experts)
     if req.miss_copy is not None:  # the low-gate shares the copy options price (profiles.miss_copy)
-        req = dataclasses.replace(req, low_gate=low_gate_shares(trace.expert_ids, trace.gate_weights,
-                                                                model.num_experts, req.miss_copy[1]))
+        req = dataclasses.replace(req, low_gate=functools.lru_cache(maxsize=None)(functools.partial(
+            copy_shares, trace, model.num_experts, req.miss_copy[1])))
     t_stats = _now()
     budget = req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
     if req.quality_budget is None and req.expert_error is not None and "int4" in req.expert_error:
@@ -176,7 +178,7 @@ def _optimize_at(req: OptimizeRequest, hw: Hardware, model: ModelSpec, stats: Pl
     if req.nested:  # nested int8 experts among the options (planner.nested_options)
         s = dataclasses.replace(s, nested=True)
     if req.miss_copy is not None:  # low-bit copies for low-gate misses (planner.miss_copy_options)
-        s = dataclasses.replace(s, miss_copy=req.miss_copy, low_gate=req.low_gate)
+        s = dataclasses.replace(s, miss_copy=req.miss_copy, low_gate=req.low_gate(batch))
     if req.policy is not None:  # a given configuration: priced as it is, no search
         from .given import price_given
 

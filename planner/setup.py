@@ -127,7 +127,8 @@ class Setup:
     # offer nested options: a layer resident as int8 bit-planes (planner.nested_options; --nested)
     nested: bool = False
     # planned low-bit copies (planner.miss_copy_options; --miss-copy): (format, gate threshold) and
-    # the workload's low-gate shares at it, ([L, E] of accesses, [L, E] of gate mass); None: none
+    # the workload's shares of calls loading a copy at the setup's batch, ([L, E] of calls, [L, E] of
+    # gate mass: planner.miss_copy_options.copy_shares); None: none
     miss_copy: tuple[str, float] | None = None
     low_gate: tuple[np.ndarray, np.ndarray] | None = None
 

@@ -17,7 +17,7 @@ from profiles.workload.hitrate import lru_band_distances
 from profiles.workload.stats import next_layer_predictability
 from profiles.workload.trace import DECODE, Trace
 
-__all__ = ["PlanningStats", "planning_stats", "step_stream"]
+__all__ = ["PlanningStats", "decode_steps", "planning_stats", "step_stream"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,6 +283,31 @@ def step_stream(ids: np.ndarray, seq_lens: np.ndarray, batch: int, order: np.nda
     """
     T, L, K = ids.shape
     E = order.shape[1]
+    key = _stream_keys(T, seq_lens, batch, decode)
+    keys, row_of = np.unique(key, return_inverse=True)
+    R = len(keys)
+    present = np.zeros((R, L, E + 1), bool)
+    t, l, k = np.nonzero(ids >= 0)
+    present[row_of[t], l, ids[t, l, k]] = True
+    W = max(int(present.sum(axis=2).max(initial=0)), 1)
+    first = np.argsort(~present, axis=2, kind="stable")[..., :W]  # present ids first, ascending
+    steps = np.where(np.take_along_axis(present, first, axis=2), first, E)
+    rank = np.full((L, E + 1), -1, np.int64)
+    rank[np.arange(L)[:, None], order] = np.arange(E)[None, :]
+    return steps, rank, keys % (T + 1) == T
+
+
+def decode_steps(num_tokens: int, seq_lens: np.ndarray, batch: int, decode: np.ndarray | None = None) -> np.ndarray:
+    """``[T]`` the decode step each token runs in when ``batch`` sequences are served together
+    (the lanes of :func:`step_stream`; ``-1``: a prompt token). A step's decode tokens are one
+    per busy lane, so its tokens call each expert they chose once."""
+    key = _stream_keys(num_tokens, seq_lens, batch, decode)
+    return np.where(key % (num_tokens + 1) == num_tokens, key // (num_tokens + 1), -1)
+
+
+def _stream_keys(T: int, seq_lens: np.ndarray, batch: int, decode: np.ndarray | None) -> np.ndarray:
+    """``[T]`` each row's place in :func:`step_stream`'s stream: ``step (T + 1) + row`` for a
+    prompt row, ``step (T + 1) + T`` for a decode row (a step's decode rows share one key)."""
     decode = np.ones(T, bool) if decode is None else np.asarray(decode, bool)
     batch = max(1, min(int(batch), len(seq_lens)))  # more lanes than sequences stay idle
     free = [(0, b) for b in range(batch)]  # (step the lane is free from, lane)
@@ -295,17 +320,7 @@ def step_stream(ids: np.ndarray, seq_lens: np.ndarray, batch: int, order: np.nda
         key[row:row + n] = np.where(dec, (t0 + np.cumsum(dec) - 1) * (T + 1) + T, t0 * (T + 1) + np.arange(row, row + n))
         heapq.heappush(free, (t0 + max(int(dec.sum()), 1), lane))
         row += n
-    keys, row_of = np.unique(key, return_inverse=True)
-    R = len(keys)
-    present = np.zeros((R, L, E + 1), bool)
-    t, l, k = np.nonzero(ids >= 0)
-    present[row_of[t], l, ids[t, l, k]] = True
-    W = max(int(present.sum(axis=2).max(initial=0)), 1)
-    first = np.argsort(~present, axis=2, kind="stable")[..., :W]  # present ids first, ascending
-    steps = np.where(np.take_along_axis(present, first, axis=2), first, E)
-    rank = np.full((L, E + 1), -1, np.int64)
-    rank[np.arange(L)[:, None], order] = np.arange(E)[None, :]
-    return steps, rank, keys % (T + 1) == T
+    return key
 
 
 def _band_hit_rates(rank: np.ndarray, below: np.ndarray, warm: np.ndarray, grid: np.ndarray, E: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from itertools import compress, repeat
 import numpy as np
 import simpy
 
-from profiles.miss_copy import loads_copy
+from profiles.miss_copy import call_gates, loads_copy
 from profiles.perf import activation_bytes
 
 from .ahead import AFTER, DISK, FETCH, FILL, LOCAL_JOB, STREAM_JOB, PlayAhead
@@ -140,6 +140,7 @@ class ExpertWork(PlayAhead, StepAhead):
         plan_miss = self.cfg.miss == "plan"
         self.expert_calls += len(experts)
         tokens = resident = local_n = missed = 0
+        top = self._call_gates(l, rows) if lay.miss_copy is not None else None  # the copy's rule (profiles.miss_copy)
         for e, n, g in zip(experts, tokens_of, gates if gates is not None else repeat(1.0)):
             tokens += n
             c = code[e]
@@ -167,7 +168,7 @@ class ExpertWork(PlayAhead, StepAhead):
                 else:
                     action = miss(lay.site[e], n, g, self._miss_costs(l, e))
                 if lay.miss_copy is not None and lay.site[e] == "fetch":
-                    if action == "fetch" and loads_copy(g, lay.miss_copy.gate_below):
+                    if action == "fetch" and loads_copy(top.get(e, 1.0), lay.miss_copy.gate_below):
                         low = self._copy(lay.home[e], lay.miss_copy.format)
                         jobs.append(("fetch", e, n, lay.miss_copy.format, low, self._copy_cost(lay)[n]))
                         flags |= FETCH
@@ -389,6 +390,14 @@ class ExpertWork(PlayAhead, StepAhead):
         lay = self.layers[l]
         for e in lay.streamed:
             yield from self.expert_fetch(l, e, lay.fmt[e])
+
+    def _call_gates(self, l: int, rows: np.ndarray) -> dict[int, float]:
+        """Per expert the step calls at layer ``l``, the largest gate weight of its tokens
+        (:func:`profiles.miss_copy.call_gates`; empty without gate weights: no copy loads)."""
+        gw = self.trace.gate_weights
+        if gw is None:
+            return {}
+        return call_gates(self.trace.expert_ids[rows, l], gw[rows, l], self.E)
 
     def _copy_cost(self, lay: ExpertLayer) -> list:
         """Seconds of a low-bit copy's call on the compute device by tokens (its own kernel)."""

@@ -51,6 +51,7 @@ class Prefetcher:
                 if idle_s < 0:
                     break
             lay.cache.insert(e, int(rows[0]) * self.K)
+            lay.copy_held.discard(e)  # a prefetch brings the full weights (profiles.miss_copy)
             self.log("prefetcher", f"L{l}E{e}")
             self.inflight[(l, e)] = self.env.process(self.expert_fetch(l, e, fmt))
 

@@ -198,8 +198,9 @@ def test_the_ilp_plans_copies_where_they_pay(case, copy_plans, tmp_path):
     assert all(lp.miss_copy is None for lp in plain.layers)
     chosen = [lp for lp in copies.layers if lp.miss_copy is not None]
     assert chosen and all(lp.miss_copy.format == "int4" and lp.miss_copy.gate_below == 0.5 for lp in chosen)
-    # measured: 68.65 tok/s with copies (2 layers), 65.61 without; quality 0.00017 of the 0.001 budget (bf16: 0)
-    assert copies.predicted["tokens_per_s"] > 1.03 * plain.predicted["tokens_per_s"]
+    # measured: 67.54 tok/s with copies (2 layers), 65.61 without; quality 0.00017 of the 0.001 budget (bf16: 0)
+    # (68.65 while the copies' calls were priced at bf16's kernel: the bundle unpacks int4 on the GPU)
+    assert copies.predicted["tokens_per_s"] > 1.02 * plain.predicted["tokens_per_s"]
     assert plain.quality_error < copies.quality_error <= 0.001 * (1 + 1e-9)
     # the copies' bytes are in the host pool, and the plan passes its check and round-trips
     spec, directory, trace = case
@@ -211,14 +212,16 @@ def test_the_ilp_plans_copies_where_they_pay(case, copy_plans, tmp_path):
     assert layer_breakdown(copies, copy_plans[1].setup).step_s == pytest.approx(copies.predicted["tpot_s"])
     with pytest.raises(ValueError, match="another setup"):  # a setup without the copies cannot price them
         layer_breakdown(copies, copy_plans[0].setup)
-    # the simulator plays the same plan out near the planner's price
+    # the simulator plays the same plan out at the planner's price: both run a copy's calls at
+    # the copy format's cached-expert kernel (measured +0.5%; +2.2% when the planner priced them
+    # at the expert's own bf16, which fails here)
     sim = simulate(copies, hw, spec, trace, SimConfig(batch_size=1, kv_context="plan"))
     base = simulate(plain, hw, spec, trace, SimConfig(batch_size=1, kv_context="plan"))
     gap = sim.metrics["decode_step_s"]["mean"] / copies.predicted["tpot_s"] - 1
     gap0 = base.metrics["decode_step_s"]["mean"] / plain.predicted["tpot_s"] - 1
     print(f"simulated vs price: copies {gap:+.1%}, plain {gap0:+.1%}")
     assert sim.metrics["decode_step_s"]["mean"] < base.metrics["decode_step_s"]["mean"]
-    assert abs(gap) < 0.1
+    assert abs(gap) < 0.01 and abs(gap0) < 0.01
     # an engine that does not run copies (Mixtral-offloading's, hqq-offload) is offered none
     other = optimize(OptimizeRequest(model=str(directory), trace=trace, miss_copy=("int4", 0.5),
                                      **(COPY_CASE | {"engine": "hqq-offload", "formats": ("int8",),

@@ -147,3 +147,76 @@ def test_int2_copies_compute_what_int2_experts_compute(base, ckpt):
     every, every_m = logits(with_copies(base, 1.0, "int2"), ckpt)
     assert torch.equal(every, int2)
     assert moved(every_m, base) == moved(int2_m, base)
+
+
+# A hand-built batch (the copy's rule at batch > 1, profiles/miss_copy.py): two sequences of a
+# prompt token (gates 0.5 / 0.5: never below the 0.5 threshold) and three decode tokens each,
+# served two at a time, so decode step t runs token t of each; per step, both MoE layers alike,
+# ((expert, gate) of the first sequence's token), ((expert, gate) of the second's):
+STEPS = [(((0, 0.9), (1, 0.1)), ((1, 0.6), (2, 0.4))),  # e1: max 0.6, full (first access 0.1, mean 0.35)
+         (((3, 0.55), (4, 0.45)), ((4, 0.8), (5, 0.2))),  # e4: max 0.8, full (first access 0.45)
+         (((6, 0.7), (7, 0.3)), ((7, 0.3), (0, 0.7)))]  # e7: every gate 0.3, the copy
+COPIED = [0, 0, 1, 0, 0, 1, 0, 1]  # per expert: its decode calls that load the copy, as a share (one call each)
+
+
+def hand_built_trace():
+    import numpy as np
+
+    from profiles.workload.trace import DECODE, PREFILL, Trace
+
+    rows = []  # [T][K] (expert, gate), sequence after sequence
+    for seq in range(2):
+        rows.append(((seq, 0.5), (seq + 2, 0.5)))
+        rows.extend(step[seq] for step in STEPS)
+    pairs = np.array(rows, dtype=float)  # [T, K, 2]
+    ids = np.repeat(pairs[:, None, :, 0].astype(np.int64), 2, axis=1)  # [T, L=2, K]
+    gates = np.repeat(pairs[:, None, :, 1], 2, axis=1)
+    phase = np.array(([PREFILL] + [DECODE] * 3) * 2, np.uint8)
+    return Trace(expert_ids=ids, seq_lens=np.array([4, 4]), phase=phase, num_experts=8, layer_map=(0, 1),
+                 gate_weights=gates, source="hand-built")
+
+
+def test_planner_simulator_and_runtime_load_copies_by_one_rule(base, ckpt):
+    """At batch 2 a call loads the copy only when every token of the step that chose the expert
+    weights it below the threshold (its largest gate): the planner's share per expert, the
+    simulator's copies and the runtime's are the same calls (the simulator decided by the
+    call's mean gate and the runtime by its first access: 4 and 5 copies per layer here, not 3)."""
+    import numpy as np
+
+    from planner.miss_copy_options import copy_shares
+    from planner.plan import Plan
+    from profiles.hardware import load_profile
+    from profiles.models import load_model
+    from simulator.engine import SimConfig, simulate
+
+    trace = hand_built_trace()
+    s, g = copy_shares(trace, 8, 0.5, batch=2)
+    assert s.tolist() == [COPIED, COPIED]
+    assert g[0].tolist() == pytest.approx(COPIED)  # a copied call carries all of its expert's mass here
+    # the simulator, every fetch expert missing (no slots): the copies are the bytes saved
+    cacheless = json.loads(json.dumps(base))
+    for layer in cacheless["layers"]:
+        layer.update(cache_slots=0, cache_device=None, cache_format=None)
+    spec, (_, hw) = load_model(ckpt / "config.json"), load_profile("desktop-4090")
+    full, copy = spec.expert_bytes("int8"), spec.expert_bytes("int4")
+    config = SimConfig(batch_size=2, kv_context="plan")
+    plain = simulate(Plan.model_validate(cacheless), hw, spec, trace, config)
+    copies = simulate(Plan.model_validate(with_copies(cacheless, 0.5)), hw, spec, trace, config)
+    saved = (sum(plain.metrics["bytes_moved"].values()) - sum(copies.metrics["bytes_moved"].values())) / (full - copy)
+    assert saved == pytest.approx(2 * sum(COPIED))  # both layers
+    # the runtime, the same steps fed to each layer's expert store
+    from exporters.runtime import load_planned_model
+
+    with load_planned_model(with_copies(cacheless, 0.5), ckpt, device="cpu", background=False) as rt:
+        rt.metrics.reset()
+        hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for step in STEPS:
+                ids = torch.tensor([[e for e, _ in tok] for tok in step])
+                gates = torch.tensor([[w for _, w in tok] for tok in step])
+                for store in rt.stores:
+                    store.forward(hidden, ids, gates)
+        m = rt.metrics.summary()
+    assert m["miss_copies"] == 2 * sum(COPIED) and m["expert_fetches"] == 2 * 9
+    calls = np.array([2, 1, 1, 1, 1, 1, 1, 1])  # each expert's decode calls per layer (e0 in steps 0 and 2)
+    assert float((s * calls).sum()) == m["miss_copies"]  # the planner's expected copies, the runtime's count

@@ -6,11 +6,13 @@ unpacked by torch: formats.py), quantised from the checkpoint by the same quanti
 expert planned at that format and stored in the layer's kernels file as ``{e}.copy.{name}``.
 The copies live in host memory (pinned with CUDA), read once at load.
 
-A miss of a fetch expert whose gate weight (the router's weight of that token's choice) is
-below ``gate_below`` copies the low-bit copy to the device instead of the full weights
-(:meth:`CopyHome.load`, counted on the link from host memory as a fetch); the cache slot then
-holds the copy, so later hits run it, until it is evicted (a cache slot holds either). The
-first access of an expert in a step decides, as for every miss.
+A miss of a fetch expert whose step's tokens all weight it below ``gate_below`` (the largest
+router weight among the tokens of the step that chose it: :meth:`CopyHome.call_gates`, the
+planner's and the simulator's rule, profiles/miss_copy.py) copies the low-bit copy to the
+device instead of the full weights (:meth:`CopyHome.load`, counted on the link from host
+memory as a fetch); the cache slot then holds the copy, so later hits run it, until it is
+evicted (a cache slot holds either). One token that leans on the expert makes the step's
+miss load the full weights, whichever token missed first.
 """
 
 from __future__ import annotations
@@ -65,8 +67,20 @@ class CopyHome:
             t = read_tensors({name: [weights_file.span(f"{e}.copy.{name}")] for name in weight_inputs(self.fmt)})
             self.copies[e] = {k: v.pin_memory() for k, v in t.items()} if pin else t
 
+    @staticmethod
+    def call_gates(ids: list[list[int]], gates: list[list[float]], num_experts: int) -> dict[int, float]:
+        """Per expert the step calls, its tokens' largest router weight (``ids``/``gates``:
+        ``[n][K]``; ids outside ``[0, num_experts)`` skipped; profiles.miss_copy.call_gates)."""
+        top: dict[int, float] = {}
+        for row, row_gates in zip(ids, gates):
+            for e, g in zip(row, row_gates):
+                if 0 <= e < num_experts and g > top.get(e, -1.0):
+                    top[e] = g
+        return top
+
     def loads(self, gate: float) -> bool:
-        """Whether a miss with router weight ``gate`` loads the copy (profiles.miss_copy.loads_copy)."""
+        """Whether a miss of a call whose largest router weight is ``gate`` loads the copy
+        (profiles.miss_copy.loads_copy)."""
         return gate < self.gate_below
 
     def load(self, e: int, device: torch.device) -> ExpertWeights:

@@ -203,6 +203,7 @@ class PlannedExperts(nn.Module):
         copies: dict[int, Slot] = {}  # experts copied in this step (fetched, or filled after a hybrid miss)
         counts: Counter = Counter()
         low = self.home.copies
+        top = low.call_gates(ids, gates, self.num_experts) if low is not None else None  # the copy's rule
         for row, row_gates in zip(ids, gates):
             for e, g in zip(row, row_gates):
                 if not 0 <= e < self.num_experts:
@@ -249,7 +250,7 @@ class PlannedExperts(nn.Module):
                     # missed again within the step (evicted by a later token): the step's copy
                     # serves it, as in the simulator: one copy per expert and step
                     slot = on_device.get(e) or copies.get(e)
-                    if slot is None and low is not None and low.loads(g):  # its low-bit copy (kept by the slot)
+                    if slot is None and low is not None and low.loads(top[e]):  # its low-bit copy (kept by the slot)
                         slot = copies[e] = self.fetcher.submit(lambda e=e: self._ready(low.load(e, self.device)),
                                                                start=False)
                     if slot is None:  # copied in the background while the ready experts compute (forward starts it)
