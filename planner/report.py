@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from .optimize import OptimizeResult
+    from .setup import Setup
 
 __all__ = ["summary_data", "render_summary"]
 
@@ -104,7 +105,7 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
                    "batch_search": solver.batch_search.model_dump() if solver.batch_search else None,
                    **({"objective_unit": "J"} if plan.objective == "energy" else {})},  # joules per step
     }
-    phases = phases_data(plan)
+    phases = phases_data(plan, s)
     if phases is not None:
         data["phases"] = phases
     if compare:
@@ -116,18 +117,24 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
     return data
 
 
-def phases_data(plan: Plan) -> dict[str, Any] | None:
+def phases_data(plan: Plan, s: Setup | None = None) -> dict[str, Any] | None:
     """Which plan each phase runs, where a plan has per-phase sites or was made under an SLO
-    (None otherwise): ``prefill`` (MoE layers whose CPU experts a prompt's pass runs on the
-    compute device, the TTFT and its SLO) and ``decode`` (the TPOT and its SLO). An SLO is
-    None where the plan records none (the batch search records both)."""
+    (None otherwise). ``prefill``: ``by`` = ``plan`` (its ``prefill_offload`` layers run their
+    CPU experts on the compute device after a copy), ``engine`` (the engine's op offload does
+    that by itself in passes of at least ``min_pass_tokens``, as llama.cpp; ``s``: the plan's
+    setup) or ``decode`` (the decode sites), with the TTFT and its SLO; ``decode``: the TPOT
+    and its SLO. An SLO is None where the plan records none (the batch search records both)."""
     bs = plan.solver.batch_search
     if plan.prefill_offload is None and bs is None:
         return None
-    moved = plan.prefill_offload or ()
-    return {"prefill": {"layers_on_device": int(sum(moved)), "layers": len(plan.layers),
-                        "device": plan.compute_device, "ttft_s": plan.predicted["ttft_s"],
-                        "slo_ttft_s": bs.slo_ttft_s if bs else None},
+    moved = int(sum(plan.prefill_offload or ()))
+    op = s.engine.op_offload if s is not None and s.engine is not None else None
+    engine = (not moved and op is not None and s.compute.kind == "gpu" and not s.unified
+              and any("local" in lp.site for lp in plan.layers))
+    return {"prefill": {"by": "plan" if moved else "engine" if engine else "decode", "layers_on_device": moved,
+                        "layers": len(plan.layers), "device": plan.compute_device,
+                        "min_pass_tokens": op.min_batch_tokens if engine else None,
+                        "ttft_s": plan.predicted["ttft_s"], "slo_ttft_s": bs.slo_ttft_s if bs else None},
             "decode": {"tpot_s": plan.predicted["tpot_s"], "slo_tpot_s": bs.slo_tpot_s if bs else None}}
 
 
@@ -296,10 +303,12 @@ def _phase_lines(ph: dict[str, Any]) -> list[str]:
         return format_time(t) + ("" if slo is None else f" {'<=' if t <= slo else '>'} SLO {format_time(slo)}")
 
     pre, dec = ph["prefill"], ph["decode"]
-    where = (f"{pre['layers_on_device']} of {pre['layers']} MoE layers run their CPU experts on {pre['device']} "
-             "after a copy (prefill_offload)" + (", the others at the decode sites"
-                                                           if pre["layers_on_device"] < pre["layers"] else "")
-             if pre["layers_on_device"] else "the decode plan's sites")
+    where = {"plan": f"{pre['layers_on_device']} of {pre['layers']} MoE layers run their CPU experts on {pre['device']} "
+                     "after a copy (prefill_offload)" + (", the others at the decode sites"
+                                                         if pre["layers_on_device"] < pre["layers"] else ""),
+             "engine": f"the engine's op offload copies the CPU experts to {pre['device']} (passes >= "
+                       f"{pre['min_pass_tokens']} tokens)",
+             "decode": "the decode plan's sites"}[pre["by"]]
     return [f"prefill plan: {where}; TTFT {against(pre['ttft_s'], pre['slo_ttft_s'])}",
             f"decode plan: the sites above; TPOT {against(dec['tpot_s'], dec['slo_tpot_s'])}"]
 

@@ -79,7 +79,8 @@ def test_the_summary_says_which_plan_each_phase_uses(both):
     """`planner optimize` prints one line per phase: where prefill runs the CPU experts and the
     TTFT against its SLO, the decode sites and the TPOT against its SLO (and --json has them)."""
     data = summary_data(both)["phases"]
-    assert data["prefill"] == {"layers_on_device": 32, "layers": 32, "device": "node/gpu0",
+    assert data["prefill"] == {"by": "plan", "layers_on_device": 32, "layers": 32, "device": "node/gpu0",
+                               "min_pass_tokens": None,
                                "ttft_s": both.plan.predicted["ttft_s"], "slo_ttft_s": SLO_TTFT_S}
     assert data["decode"]["slo_tpot_s"] == SLO_TPOT_S and data["decode"]["tpot_s"] == both.plan.predicted["tpot_s"]
     out = io.StringIO()
@@ -103,3 +104,14 @@ def test_engine_configs_render_both_phases_or_refuse_in_one_line(both, tmp_path)
     assert any("prefill_offload" in n and "--no-op-offload" in n for n in notes)
     why = out.skipped["accelerate"]
     assert "\n" not in why and "--slo-ttft" in why and "prefill_offload" in why
+
+
+def test_the_summary_names_the_engines_own_prefill_site():
+    """On llama.cpp the planner offers no prefill sites: its op offload copies a prompt's CPU
+    experts to the GPU by itself in passes of >= 32 tokens (priced so), and the summary says
+    that rather than 'the decode sites'."""
+    res = optimize(OptimizeRequest(hardware="laptop-4060", model="mixtral-8x7b", engine="llama.cpp", compare=False,
+                                   objective="throughput", max_batch=1, tpot_slo_s=1.0))
+    assert res.plan.prefill_offload is None
+    pre = summary_data(res)["phases"]["prefill"]
+    assert (pre["by"], pre["min_pass_tokens"], pre["slo_ttft_s"]) == ("engine", 32, None)
