@@ -281,11 +281,14 @@ def test_engines_cli_list_and_show_json():
 def test_engines_show_says_which_plan_features_the_engine_runs():
     """The capability flags the planner reads (expert_parallel, uneven_ranks, nested, miss_copy,
     kv_offload) are shown, so a user sees why a flag is refused on an engine."""
-    lines = {e: CliRunner().invoke(cli, ["engines", "show", e]).output.strip().splitlines()[-1]
-             for e in ("sglang", "bundle", "roofline")}
+    outputs = {e: CliRunner().invoke(cli, ["engines", "show", e]).output for e in ("sglang", "bundle", "roofline")}
+    lines = {e: next(x for x in out.splitlines() if x.startswith("also runs:")) for e, out in outputs.items()}
     assert lines["sglang"] == "also runs: expert parallelism"
     assert "nested int8 planes" in lines["bundle"] and "expert parallelism" not in lines["bundle"]
     assert "uneven EP ranks" in lines["roofline"]
+    # the bundle's GPU unpacks int8/int4 at every call: said beside nested planes (why plans rarely hold them)
+    assert "nested planes run on its GPU's unpack path (int8" in " ".join(outputs["bundle"].split())
+    assert "unpack path" not in outputs["roofline"]
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,13 @@ def show(engine: str, as_yaml: bool) -> None:
                 if getattr(getattr(p, key), "value", getattr(p, key))]
         console.print("also runs: " + (", ".join(runs) or "none of expert parallelism, uneven EP ranks, nested "
                                                           "planes, miss copies, a host KV cache"), highlight=False)
+        gpu = e.kind_spec("gpu")
+        unpacked = {fm: k for fm, k in (gpu.kernels.items() if gpu else ()) if fm in ("int8", "int4")
+                    and hasattr(k, "unpack_weights_per_s")}
+        if p.nested and p.nested.value and unpacked:  # why its plans rarely hold planes (README, nested formats)
+            rates = ", ".join(f"{fm} {k.unpack_weights_per_s / 1e9:g}G" for fm, k in unpacked.items())
+            console.print(f"nested planes run on its GPU's unpack path ({rates} weights/s, every call): the planner "
+                          "chooses them only where that beats the CPU running the same experts", highlight=False)
     get_output().emit(data, render)
 
 
