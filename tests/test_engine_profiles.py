@@ -278,6 +278,15 @@ def test_engines_cli_list_and_show_json():
     assert yaml.safe_load(res.output)["name"] == "bundle"
 
 
+def test_engines_show_renders_every_kernel_path_of_every_bundled_engine():
+    """Each path kind (native, unpack, host cost per linear, weight-only) has its table row."""
+    for name in bundled_engines():
+        res = CliRunner().invoke(cli, ["engines", "show", name])
+        assert res.exit_code == 0 and "Traceback" not in res.output, (name, res.output[-400:])
+    res = CliRunner().invoke(cli, ["engines", "show", "vllm"])
+    assert "weight-only, computes in bf16" in res.output
+
+
 def test_engines_show_says_which_plan_features_the_engine_runs():
     """The capability flags the planner reads (expert_parallel, uneven_ranks, nested, miss_copy,
     kv_offload) are shown, so a user sees why a flag is refused on an engine."""

@@ -88,6 +88,8 @@ def show(engine: str, as_yaml: bool) -> None:
                     text = path
                 elif hasattr(path, "host_s_per_linear"):
                     text = f"native, +{format_time(path.host_s_per_linear)} host per linear ({path.source})"
+                elif hasattr(path, "computes_in"):
+                    text = f"weight-only, computes in {path.computes_in} ({path.source})"
                 else:
                     text = f"unpack at {path.unpack_weights_per_s / 1e9:g}G weights/s ({path.source})"
                 kernels.add_row(kind, fmt, text)
