@@ -186,7 +186,7 @@ def priced_components(hw, model, plan, measured: dict[str, dict[str, Any]], call
         prompt_tokens: mean prompt length (the prefill step's tokens).
         kv_bytes: phase -> mean KV bytes a step reads.
     """
-    from profiles.perf import ATTENTION_LINEARS, _kernel_s, dense_step_s, expert_call_s, token_layer_s
+    from profiles.perf import ATTENTION_LINEARS, _kernel_s, dense_step_s, expert_call_s, miss_compute_s, token_layer_s
 
     cpu = hw.devices[plan.compute_device] if plan.compute_device in hw.devices else \
         next(d for d in hw.devices.values() if d.kind == "cpu")
@@ -207,6 +207,6 @@ def priced_components(hw, model, plan, measured: dict[str, dict[str, Any]], call
         kernel_s = sum(_kernel_s(cpu, fmt, n_bytes, flops * n, n, cached=c) for n, c in calls) / steps
         out[phase] = {"dense": dense, "dense_framework": framework, "expert_calls": kernel_s,
                       "moe_bookkeeping": call_s - kernel_s, "miss_wait": m["misses_per_step"] * copy_s,
-                      "per_miss_s": copy_s}
+                      "per_miss_s": copy_s, "per_miss_cpu_s": miss_compute_s(cpu, cpu, n_bytes)}
         out[phase]["step"] = dense + call_s + out[phase]["miss_wait"]
     return out

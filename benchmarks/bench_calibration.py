@@ -159,7 +159,9 @@ def component_table(timer: StepTimer, record: dict, hw, model, plan) -> dict:
         rows["dense"]["priced_framework"] = priced[phase]["dense_framework"]
         out[phase] = {"seconds_per_step": rows, "steps": m["steps"],
                       "expert_calls_per_step": m["expert_calls_per_step"], "misses_per_step": m["misses_per_step"],
-                      "per_miss_s": {**(m["per_miss_s"] or {}), "priced": priced[phase]["per_miss_s"]}}
+                      "per_miss_s": {**(m["per_miss_s"] or {}), "priced": priced[phase]["per_miss_s"],
+                                     # the compute time a miss's CPU work is priced to take (profiles.perf.miss_compute_s)
+                                     "priced_compute": priced[phase]["per_miss_cpu_s"]}}
     return out
 
 

@@ -30,7 +30,9 @@ reads a few KiB, so compute is negligible), under hand-written plans:
    calls, building the session) and, set against a sequential read of the largest file past
    the page cache, ``disk_read_fraction`` (``1 / per_byte`` over the sequential rate; cold by
    default). One size alone folds the fixed part into the rate, which then holds at that
-   size only: a miss of half the bytes was priced at half the time.
+   size only: a miss of half the bytes was priced at half the time. The copy worker's
+   thread CPU time of the same misses, fitted alike, gives ``miss_host_cpu_s``: what a miss
+   takes from the compute where the compute device is this CPU (profiles.perf.miss_compute_s).
 5. CPU kernels past the caches (:mod:`exporters.engine_probe_kernels`): the runtime's own
    expert kernel for ``fmt`` on experts of two sizes that hold twice the last-level cache,
    against this machine's streaming read rate and GEMM peak measured as the hardware probe
@@ -162,6 +164,8 @@ class EngineProbeResult:
     cached_kernel: KernelEfficiency | None = None
     token_overhead_s: Figure | None = None  # per hidden layer per token of a step past the first
     dense_linear: DenseLinearCost | None = None  # a dense int8/int4 linear's session past the caches (cpu only)
+    # "cold" / "warm" -> the copy worker's CPU time per miss: {fixed_s, per_byte_s, source} (engine_probe_disk)
+    miss_host_cpu: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def fit_step_costs(samples: Sequence[StepSample]) -> dict[str, Any]:
@@ -313,7 +317,7 @@ def probe_engine(work: str | Path, settings: ProbeSettings = ProbeSettings(), *,
             f"(less their expert calls) over layers {list(settings.layers)}, less the decode layer's, over "
             f"{len(PROMPT) - 1} tokens; same runs")),
         disk_reads=reads, disk_overheads=overheads, launch_s=launch_s, kernel=past, cached_kernel=cached,
-        dense_linear=dense,
+        dense_linear=dense, miss_host_cpu=disk_fit.get("host_cpu", {}),
         fit={**fit, "timed_steps": len(steps), "configs": [s.__dict__ for s in medians], "disk": disk_fit,
              "kernel": past.fit if past else None, "cached_kernel": cached.fit if cached else None,
              "dense_linear": dense.fit if dense else None},

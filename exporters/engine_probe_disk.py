@@ -10,7 +10,10 @@ median per size (of a few misses: a mean of six, tried, took one interrupted mis
 price: 11.7 ms a miss priced against 7 measured at 49% CPU pressure) fitted as
 ``t = fixed + bytes * per_byte`` gives the engine profile's
 ``disk_read_overhead_s`` (the fixed part) and ``disk_read_fraction`` (``1 / per_byte`` over
-a sequential read of the drive); :mod:`exporters.engine_probe` runs it.
+a sequential read of the drive); the copy worker's thread CPU time of each miss (the read
+and the session build, not the wait for the drive), fitted the same way, gives
+``miss_host_cpu_s`` (the CPU time a miss takes from a CPU compute device's cores:
+:func:`profiles.perf.miss_compute_s`); :mod:`exporters.engine_probe` runs it.
 """
 
 from __future__ import annotations
@@ -78,13 +81,17 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
 
     Returns:
         ``(read fractions, fixed seconds per miss, the raw figures)``, each keyed by
-        ``cold`` / ``warm``; ``({}, {}, {})`` where the page cache cannot be dropped.
+        ``cold`` / ``warm``; ``({}, {}, {})`` where the page cache cannot be dropped. The raw
+        figures' ``host_cpu[state]`` is the copy worker's CPU time per miss (median per size
+        of ``time.thread_time`` over the read and the build) fitted as ``fixed_s + bytes x
+        per_byte_s``, with its ``source``: the engine profile's ``miss_host_cpu_s``.
     """
     if not hasattr(os, "posix_fadvise"):
         return {}, {}, {}
     from profiles.probe.disk import _read_uncached  # the hardware probe's own read: its disk rate is the reference
 
     times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # state -> [(expert bytes, median s)]
+    cpu_times: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}  # ... of the worker's CPU time
     seq_rate, how_seq, seq_bytes, direct = 0.0, "", 0, False
     for size in sorted(sizes):
         path = directory / f".engine-probe-experts-{size}.safetensors"
@@ -102,8 +109,10 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
                 # dropping it (DONTNEED) slowed the reads after it on the loaded dev machine
                 direct = miss.direct
                 drop = state == "cold" and not direct
+                before = len(miss.cpu_s)
                 ts = [_timed(path, lambda e=e: miss(e), drop=drop) for e in range(experts)]
                 times[state].append((total / experts, float(np.median(ts))))
+                cpu_times[state].append((total / experts, float(np.median(miss.cpu_s[before:]))))
         finally:
             if miss is not None:
                 miss.close()
@@ -129,6 +138,12 @@ def expert_reads(directory: Path, sizes: Sequence[int], experts: int, fmt: str, 
         fractions[state] = Figure(min(1.0, 1.0 / per_byte / seq_rate), src(
             f"{what}: rate {1 / per_byte / 1e9:.3f} GB/s, vs {against}: {seq_rate / 1e9:.3f} GB/s; in {directory}"))
         overheads[state] = Figure(fixed, src(f"{what}: the fixed part; in {directory}"))
+        cpu_fixed, cpu_per_byte = fit_miss_costs(cpu_times[state])
+        raw.setdefault("host_cpu", {})[state] = {
+            "misses": [{"bytes": b, "cpu_s": t} for b, t in cpu_times[state]], "fixed_s": cpu_fixed,
+            "per_byte_s": cpu_per_byte,
+            "source": src(f"the copy worker's thread CPU time (time.thread_time) of {what}: {cpu_fixed * 1e3:.3f} ms "
+                          f"+ {cpu_per_byte * 2**20 * 1e3:.3f} ms/MiB; in {directory}")}
     return fractions, overheads, raw
 
 
@@ -136,7 +151,8 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
     """Write ``experts`` random ``fmt`` experts of H = I = ``size`` to ``path``; returns the
     runtime's miss of expert ``e`` (read past the page cache, made ready to compute, on the
     copy worker; on a CPU the fresh session then run twice), which returns the seconds of its
-    steady call (to leave out: the expert call's price has them), with ``.direct``: whether
+    steady call (to leave out: the expert call's price has them), with ``.cpu_s``: the worker's
+    thread CPU seconds of each load so far, ``.direct``: whether
     its reads bypass the page cache (``O_DIRECT``), and ``.close()``: stop the worker."""
     import torch
     from safetensors.numpy import save_file
@@ -155,8 +171,16 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
     tf = TensorFile(path)  # opened once, its header read, as the runtime keeps each layer's kernels file open
     fetcher = Fetcher(device)  # the runtime's copy worker (a thread; with CUDA its own stream)
     x = {0: np.zeros((1, size), np.float32)}
+    cpu_s: list[float] = []  # the worker's thread CPU seconds of each load (read + made ready)
 
     def load(e: int):
+        start = time.thread_time()
+        try:
+            return _load(e)
+        finally:
+            cpu_s.append(time.thread_time() - start)
+
+    def _load(e: int):
         tensors = read_tensors({k: [tf.span(f"{e}.{k}")] for k in weight_inputs(fmt)})
         if cpu:  # as PlannedExperts._ready builds a cache slot's
             return CpuLayerKernel(templates, {0: (fmt, {k: t.numpy() for k, t in tensors.items()})},
@@ -174,6 +198,7 @@ def _miss_reader(path: Path, size: int, experts: int, fmt: str, device: str) -> 
         return time.perf_counter() - start
 
     miss.direct = tf.direct
+    miss.cpu_s = cpu_s
     miss.close = fetcher.close
     return miss
 

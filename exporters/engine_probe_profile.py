@@ -60,6 +60,10 @@ def engine_profile_doc(result: EngineProbeResult, base: dict[str, Any], page_cac
     if page_cache in result.disk_overheads:
         m = result.disk_overheads[page_cache]
         doc["disk_read_overhead_s"] = {"value": _seconds(m.value), "source": m.method}
+    if page_cache in result.miss_host_cpu:  # profiles.engines.MissHostCpu
+        m = result.miss_host_cpu[page_cache]
+        doc["miss_host_cpu_s"] = {"fixed_s": _seconds(m["fixed_s"]), "per_byte_s": float(f"{m['per_byte_s']:.4g}"),
+                                  "source": m["source"]}
     sources = [s for s in doc.get("sources", []) if not str(s).startswith("probe")]
     doc["sources"] = [*sources, f"probe (planner engines probe, {time.strftime('%Y-%m-%d')}, {machine_line()}, "
                                 f"{result.elapsed_s:.0f} s)"]
@@ -127,7 +131,7 @@ def engine_profile_text(doc: dict[str, Any], result: EngineProbeResult, previous
         keys += [(result.device_kind, k) for k in ("efficiency", "cached_efficiency")
                  if k in doc.get(result.device_kind, {})]
         keys += [(result.device_kind, "kernels")] if result.dense_linear is not None else []
-        keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s") if k in doc]
+        keys += [(None, k) for k in ("disk_read_fraction", "disk_read_overhead_s", "miss_host_cpu_s") if k in doc]
         text = update_yaml_text(previous, doc, keys, sources_prefix="probe")
         if text is not None:
             return text

@@ -40,6 +40,9 @@ per step
 
 where G is compute-device busy time, U host-CPU busy time, F link time of expert fetches,
 t_dev/t_cpu come from :func:`profiles.perf.expert_call_s` and x from the route's bottleneck.
+Where the compute device is the host CPU, G also holds each copy's host CPU work (the
+runtime's copy worker reads the expert and makes it ready on the same cores): ``+ w(b_off)``
+per copy F counts, w from :func:`profiles.perf.miss_compute_s` (0 on a GPU).
 The step's hidden states cross to the CPU once and the experts' sum comes back once when the
 CPU runs any expert (``P(CPU busy) = 1 - prod (1 - a_e)`` over its experts, a hybrid band
 expert counting when it misses). At batch 1 a layer lasts ``E_t[max(device_t, cpu_t, link_t)]``
@@ -181,6 +184,9 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     miss = (act_c[q] - act_c[p]) * (1 - h)  # [N] expected fetches per step
     is_ = {m: mode == MODES.index(m) for m in MODES}
     G = res_G + np.where(is_["hybrid"], h, np.where(is_["local"], 0.0, 1.0)) * band_G
+    # each copy's host CPU work (read, made ready) comes out of a CPU compute device's cores
+    w_miss = np.array([s.miss_compute_s(fm) for fm in s.formats])[bo]  # [N] seconds per copy
+    G = G + w_miss * np.where(is_["stream"], q - p, np.where(is_["fetch"] | is_["hybrid"], miss, 0.0))
     # the step's hidden states go to the CPU once and the experts' sum comes back once, when
     # the CPU runs anything: P(any) from the experts' activity (independently, a hybrid band
     # expert counting when it misses)
@@ -246,7 +252,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         tier = {} if n_up is None else dict(n_up=n_up[row], t_up=t_cpu1[bu[opt]])
         *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]],
                                     np.where(via_cache[opt], t_hit1[opt], t_dev1[bo[opt]]),
-                                    t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier)
+                                    t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier,
+                                    w_miss=w_miss[opt])
         if s.dram_contention:  # host DRAM shared by the token's CPU reads and copies (planner.dram)
             times = [np.maximum(t, d) for t, d in zip(times, outcome_dram_s(
                 dram_prices(s), n_res, n_hit, n_miss, n_local, mode[opt], bi[opt], bo[opt], hi[opt], (q - p)[opt], r,
@@ -310,7 +317,8 @@ def _averaged_max(G: np.ndarray, U: np.ndarray, F: np.ndarray, mode: np.ndarray,
 def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_local: np.ndarray, mode: np.ndarray,
                   t_res: np.ndarray, t_off: np.ndarray, t_cpu: np.ndarray, x: np.ndarray, n_band: np.ndarray,
                   r: float, ax: float, n_up: np.ndarray | None = None,
-                  t_up: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  t_up: np.ndarray | None = None, w_miss: np.ndarray | float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seconds of one token's layer at batch 1 for one per-token outcome of one option, without
     and with prefetch, and the CPU's busy seconds (all arguments and results ``[M]``, one entry
     per (option, outcome) pair; the layer's expected time is their mean over the outcomes' shares).
@@ -331,10 +339,13 @@ def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_lo
     gets the token's hidden state once, runs its experts one after another and sends the
     sum back: ``cpu = ax + n t_cpu`` when it runs any; ``n_up`` of the ``n_local`` are a
     tier's experts (:mod:`planner.format_tiers`), whose calls take ``t_up`` instead.
+    ``w_miss``: the compute seconds each copy's host CPU work takes where the compute device
+    is the host CPU (:func:`profiles.perf.miss_compute_s`), added to the device's work.
     """
     fetch, hybrid, stream = (mode == MODES.index(m) for m in ("fetch", "hybrid", "stream"))
     on_dev = np.where(fetch | stream, n_hit + n_miss, np.where(hybrid, n_hit, 0))  # band calls on the device
     dev = n_res * t_res + on_dev * t_off
+    dev = dev + w_miss * np.where(stream, n_band, np.where(fetch | hybrid, n_miss, 0))  # the copies' CPU work
     n_cpu = n_local + np.where(hybrid, n_miss, 0)
     cpu = n_cpu * t_cpu + np.where(n_cpu > 0, ax, 0.0)
     if n_up is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from profiles.nested import NESTED, nested_call_s, nested_use
+from profiles.perf import miss_compute_s
 
 from .setup import MODES, N_SPEC, OptionTable, Setup
 
@@ -101,7 +102,8 @@ def nested_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     err4 = cum(w * s.errors_of(layer, NESTED[fmt])[st.order[layer]])
     both, low = nested_use(s.model, fmt, "both"), nested_use(s.model, fmt, "fetch-low")
     x = np.array([s.transfer_s(s.homes[int(h)], low.fetch_bytes) for h in hi])  # [N] one low plane
-    G = dev8[q] + devh[E] - devh[q]
+    w_low = miss_compute_s(s.compute, s.host, low.fetch_bytes)  # a low plane's host CPU work, on a CPU compute device
+    G = dev8[q] + devh[E] - devh[q] + (act_c[q] - act_c[p]) * w_low
     F = (act_c[q] - act_c[p]) * x
     U = np.zeros(len(specs))
     dev_bytes = p * both.device_bytes + (E - p) * low.device_bytes
@@ -115,8 +117,8 @@ def nested_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
         tau = np.zeros(len(specs))
         for i in range(len(specs)):  # a few dozen options: the outcomes of each one's (p, q)
             o = key == int(key_of.ravel()[i])
-            d0 = n_res[o] * t8_1 + n_local[o] * th_1
             k = n_miss[o]
+            d0 = n_res[o] * t8_1 + n_local[o] * th_1 + k * w_low
             dev = np.where(k > 0, np.maximum(np.maximum(d0 + k * t8_1, x[i] + k * t8_1), k * x[i] + t8_1), d0)
             tau[i] = float((share[o] * dev).sum())
     else:

@@ -17,7 +17,7 @@ from profiles.errors import InputError
 from profiles.formats import default_quant_error, get_format
 from profiles.hardware import Device, Hardware
 from profiles.models import ModelSpec
-from profiles.perf import KVHost, expert_calls_s, kv_host
+from profiles.perf import KVHost, expert_calls_s, kv_host, miss_compute_s
 
 from .workload_view import PlanningStats
 
@@ -202,6 +202,11 @@ class Setup:
     def activation_s(self, tokens: float) -> float:
         """Link seconds to move ``tokens`` hidden states (bf16) one way between host and device."""
         return self.hardware.route(self.host.id, self.compute.id).transfer_s(tokens * self.model.hidden_size * 2)
+
+    def miss_compute_s(self, fmt: str) -> float:
+        """Compute-device seconds one miss of a ``fmt`` expert's copy takes from the compute
+        (its host CPU work, where the compute device is the host CPU: :func:`profiles.perf.miss_compute_s`)."""
+        return miss_compute_s(self.compute, self.host, self.expert_bytes(fmt))
 
     def call_s(self, device: Device, fmt: str, tokens: np.ndarray, cached: bool = False) -> np.ndarray:
         """``[...]`` seconds of one expert call per token count (vectorised over tokens; ``cached``:

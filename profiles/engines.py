@@ -115,6 +115,20 @@ class SourcedSeconds(BaseModel):
     source: Source
 
 
+class MissHostCpu(BaseModel):
+    """Host CPU seconds one expert-cache miss costs the runtime's copy worker (reading the
+    expert, making it ready to compute: the bundle builds an ONNX Runtime session per missed
+    CPU expert), ``fixed_s + bytes x per_byte_s`` of the expert's stored bytes; its thread
+    CPU time, not its wall time (a read past the page cache mostly waits for the drive).
+    Where the compute device is that CPU, the time comes out of the compute's cores
+    (:func:`profiles.perf.miss_compute_s`)."""
+
+    model_config = _STRICT
+    fixed_s: Seconds = Field(ge=0)
+    per_byte_s: float = Field(ge=0)
+    source: Source
+
+
 class Unpack(BaseModel):
     """Unpack-then-matmul: the weights are dequantised to fp16 at this rate first."""
 
@@ -347,6 +361,8 @@ class EngineProfile(BaseModel):
     # the rate (opening and reading it, making it ready to compute: the bundle builds an ONNX
     # Runtime session per missed CPU expert); priced as latency on the drive's links
     disk_read_overhead_s: SourcedSeconds | None = None
+    # host CPU seconds of each miss on the runtime's copy worker (MissHostCpu); None: none priced
+    miss_host_cpu_s: MissHostCpu | None = None
     # what the runtime holds besides the placed weights (staged experts, scratch, its own
     # memory: profiles.engine_memory); None: nothing counted past the device reserve
     runtime_memory: RuntimeMemory | None = None
@@ -514,6 +530,9 @@ class Engine:
                 changes["cached_efficiency"] = changes["efficiency"].model_copy(
                     update=given | {"source": f"engine {self.name}, cached experts: {cached.source}"})
         if d.kind == "cpu":
+            cpu = self.profile.miss_host_cpu_s  # the copy worker runs on the host CPU's cores
+            if cpu is not None:
+                changes["miss_host_cpu_s"] = (cpu.fixed_s, cpu.per_byte_s)
             family = _family(d, spec.kernel_family)
             if family is not None:
                 changes["peak_ops_per_s"] = dict(d.peak_ops_per_s) | dict(d.peak_ops_per_s_by_kernel[family])

@@ -405,6 +405,9 @@ class Device:
     # share of the bf16 peak the engine's attention kernels reach over the cached context
     # (profiles.perf.attention_compute_s); None: attention priced as its KV read only
     attention_fraction: float | None = None
+    # (fixed s, s per stored byte): host CPU time of one expert-cache miss on the engine's copy
+    # worker, on this CPU (profiles.engines.MissHostCpu; profiles.perf.miss_compute_s)
+    miss_host_cpu_s: tuple[float, float] = (0.0, 0.0)
     formats: tuple[str, ...] | None = None  # formats the engine runs here (None: any)
     engine: str = ""  # the engine profile applied to this device ("" on bare hardware)
 

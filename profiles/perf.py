@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["activation_bytes", "compute_format", "dense_call_s", "dense_step_s", "efficiency_of", "expert_call_s",
            "expert_calls_s",
            "FUSED_MOE_LAUNCHES", "LINEARS_PER_EXPERT", "ATTENTION_LINEARS", "token_layer_s", "unrouted_visits_s",
-           "micro_batches", "op_offloads", "KVHost", "kv_host"]
+           "micro_batches", "miss_compute_s", "op_offloads", "KVHost", "kv_host"]
 
 # kernels a fused MoE layer launches once, whatever the number of experts it runs: the
 # gate/up projection, the down projection and the weighted combine (llama.cpp: two
@@ -299,6 +299,27 @@ def token_layer_s(device: Device, tokens: float) -> float:
     """Seconds one hidden layer's framework work adds for the tokens of a forward step past
     the first (``device.token_overhead_s`` each; ``layer_overhead_s`` is a one-token step's)."""
     return max(float(tokens) - 1.0, 0.0) * device.token_overhead_s
+
+
+def miss_compute_s(compute: Device, host: Device, weight_bytes: float, threads: int | None = None) -> float:
+    """Seconds one expert-cache miss of ``weight_bytes`` takes from the compute device's work:
+    the host CPU time of the engine's copy worker (``host.miss_host_cpu_s``: reading the
+    expert, making it ready), where the compute device is that CPU; 0 where it is not (a GPU
+    or an accelerator computes while a host core does the miss's work).
+
+    The worker is one thread on the CPU's ``C`` cores (``host.cores``); the compute runs its
+    kernels on ``T`` of them (``threads``; None: all, as the bundle runtime's ONNX Runtime
+    sessions and torch do). The OS spreads the worker's CPU time over the cores, ``T / C`` of
+    it on cores the compute is using, and a kernel's threads wait for the slowest of them at
+    each op's end, so that share is lost to the compute whole:
+    ``min(1, T / C) x (fixed + weight_bytes x per_byte)``.
+    """
+    fixed, per_byte = host.miss_host_cpu_s
+    if compute.id != host.id or (fixed == 0.0 and per_byte == 0.0):
+        return 0.0
+    cores = host.cores or 1
+    share = min(1.0, (threads if threads is not None else cores) / cores)
+    return share * (fixed + float(weight_bytes) * per_byte)
 
 
 def unrouted_visits_s(device: Device, model: ModelSpec, fmt: str, tokens: float) -> float:

@@ -216,6 +216,8 @@ class ExpertWork(PlayAhead, StepAhead):
         if lay.streamed:
             jobs.append(("stream",))
             flags |= STREAM_JOB
+        if self.steals and flags & (FETCH | FILL | STREAM_JOB):
+            self._steal(block, jobs, lay)
         if key is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
             self._plain_memo[l][key] = [block, jobs, flags, None, len(experts), tokens, resident, local_n, missed, 0]
         return block, jobs, flags
@@ -288,10 +290,23 @@ class ExpertWork(PlayAhead, StepAhead):
         if lay.streamed:
             jobs.append(("stream",))
             flags |= STREAM_JOB
+        if self.steals and flags & (FETCH | FILL | STREAM_JOB):
+            self._steal(block, jobs, lay)
         if key is not None and len(self._plain_memo[l]) < PLAIN_MEMO_ENTRIES:
             self._plain_memo[l][key] = [block, jobs, flags, None, len(experts), len(experts), resident, local_n,
                                         missed, 0]
         return block, jobs, flags
+
+    def _steal(self, block: dict[str, float], jobs: list, lay: ExpertLayer) -> None:
+        """Add the host CPU work of the step's copies (fetches, fills, streamed experts) to the
+        compute device's work ready at the router, where the compute device is the host CPU
+        (``self.steals``): the copy worker runs on its cores (:meth:`Pricing.miss_compute_s`;
+        the planner adds the same seconds to a layer's device work, planner.costs)."""
+        w = sum(self.miss_compute_s(job[3] if job[0] == "fetch" else job[2]) for job in jobs
+                if job[0] == "fetch" or job[0] == "fill")
+        w += sum(self.miss_compute_s(lay.fmt[e]) for e in lay.streamed)
+        if w:
+            block[self.compute_id] = block.get(self.compute_id, 0.0) + w
 
     def _one_entry(self, lay: ExpertLayer, e: int) -> tuple:
         """Expert ``e``'s one-token call in ``lay``: ``(code, runner, seconds where it runs

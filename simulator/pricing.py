@@ -16,7 +16,7 @@ import numpy as np
 
 from profiles.errors import InputError
 from profiles.nested import nested_call_s, nested_use, plane_format, plane_of
-from profiles.perf import activation_bytes, dense_step_s, expert_calls_s, kv_host
+from profiles.perf import activation_bytes, dense_step_s, expert_calls_s, kv_host, miss_compute_s
 
 from .experts import ExpertLayer
 from .policies import make_cache
@@ -61,6 +61,10 @@ class Pricing:
         self._kv_plan: dict[int, float] = {}  # batch size -> KV bytes at the plan's context
         self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
         self._runners: dict[tuple[str, str, str], str] = {}
+        # a copy's host CPU work taken from the compute device's cores, by format (miss_compute_s);
+        # `steals`: whether there is any (the compute device is the host CPU, the engine states it)
+        self._miss_cpu: dict[str, float] = {}
+        self.steals = self.compute_id == self.host_id and self.hw.devices[self.host_id].miss_host_cpu_s != (0.0, 0.0)
         self._tier = {m: mem.tier for m, mem in self.hw.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
         self._nvme = frozenset(m for m, tier in self._tier.items() if tier == "nvme")
         self._kv_on_host = None  # the plan's KV cache in host memory: where the engine reads it (profiles.perf.KVHost)
@@ -193,6 +197,16 @@ class Pricing:
         if src == dst:
             return 0.0
         return self.transfer_s(self._dev_mem(src), self._dev_mem(dst), tokens * self.model.hidden_size * 2)
+
+    def miss_compute_s(self, fmt: str) -> float:
+        """Compute-device seconds one copy of a ``fmt`` expert takes from the compute: its host
+        CPU work where the compute device is the host CPU (:func:`profiles.perf.miss_compute_s`,
+        as the planner prices it); the bytes are :meth:`expert_bytes`'s (a nested low plane)."""
+        w = self._miss_cpu.get(fmt)
+        if w is None:
+            w = self._miss_cpu[fmt] = miss_compute_s(self.hw.devices[self.compute_id], self.hw.devices[self.host_id],
+                                                     self.expert_bytes(fmt))
+        return w
 
     def expert_bytes(self, fmt: str) -> float:
         n_bytes = self._bytes_cache.get(fmt)
