@@ -59,7 +59,10 @@ then the device runs them, one after the other:
 
     X = x(m bytes(b_off)) + sum_{e>=q} a_e t_dev(b_off, n_e)      added to G (and the copy to F)
 
-A prompt is the engine's micro-batches, each such a pass (:func:`prefill_s`).
+A prompt is the engine's micro-batches, each such a pass (:func:`prefill_s`). The planner's
+own prefill sites (:mod:`planner.prefill_sites`) copy ranks ``[q, qk)`` of the tail (the most
+used; ``qk = E``: all) while the CPU runs ``[qk, E)``: the sums above run to ``qk`` and U
+keeps the rest.
 Memory: ``p bytes(b_res) + c bytes(b_off)`` on the device, ``(E - p) bytes(b_off)`` at home;
 besides, the device holds the dense weights, the KV cache and a workspace that no expert
 decision changes (:func:`fixed_costs`): activations, and what the engine's runtime holds of
@@ -99,7 +102,8 @@ from .step_costs import FixedCosts, capacity, fixed_costs, option_time, runtime_
 # whole-step costs (planner.step_costs) are named here beside the option prices
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "FixedCosts", "OptionTable", "Setup",
            "capacity", "engine_runs", "fixed_costs", "keeps_critical", "layer_options", "option_costs", "option_specs",
-           "option_time", "prefill_dense_s", "prefill_options_s", "prefill_s", "runtime_memory", "step_time", "with_tiers"]
+           "option_time", "prefill_dense_s", "prefill_options_s", "prefill_s", "prefill_sites_s", "runtime_memory",
+           "step_time", "with_tiers"]
 
 
 def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None,
@@ -166,6 +170,10 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
     in_dram = dram_homes[np.minimum(hi, len(dram_homes) - 1)]  # [N]
     # op offload: the DRAM-held tail runs on the device after a copy, not on the CPU
     offload = in_dram & (q < E) if _offloading(s) else np.zeros(len(specs), bool)  # [N]
+    # of an offloading tail the ranks [q, qk) are copied (the planner's prefill sites may copy
+    # only the most used, planner.prefill_sites), the CPU runs [qk, E) meanwhile; qk = q: no copy
+    copied = s.prefill_copied if s.prefill_offload and s.prefill_copied is not None else E
+    qk = np.where(offload, np.minimum(q + copied, E), q)  # [N]
     res_G = dev_c[bi, p]
     via_cache = (mode == MODES.index("fetch")) | (mode == MODES.index("hybrid"))  # [N]
     if copy_calls is not None:  # band calls a copy serves run the copy's kernel (profiles.miss_copy.with_copies)
@@ -175,8 +183,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
                              if j in used else unused for j, fm in enumerate(s.formats)])  # [b, E+1]
     band_G = np.where(via_cache, cached_c[bo, q] - cached_c[bo, p], dev_c[bo, q] - dev_c[bo, p])
     band_U = cpu_c[bo, q] - cpu_c[bo, p]
-    tail_U = np.where(offload, 0.0, cpu_c[bo, E] - cpu_c[bo, q] + up_U)
-    tail_idle = np.where(offload, 0.0, idle_c[E] - idle_c[q])
+    tail_U = cpu_c[bo, E] - cpu_c[bo, qk] + np.where(offload, 0.0, up_U)
+    tail_idle = idle_c[E] - idle_c[qk]
     x = xfer[np.minimum(hi, len(xfer) - 1), bo] if fetch_s is None else np.asarray(fetch_s, float)  # [N] per fetch
     keys = {(int(a), int(b), int(d)) for a, b, d in zip(p, c, q)}
     h_of = {k: (st.hit_rate(layer, k[0], k[1], k[2]) if k[2] > k[0] else 0.0) for k in keys}
@@ -197,8 +205,8 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
          + p_cpu * 2 * s.activation_s(B))
     F = np.where(is_["stream"], (q - p) * x, np.where(is_["fetch"] | is_["hybrid"], miss * x, 0.0))
     if offload.any():
-        copy_s = _offload_copy_s(s, offload, q, bo, hi, act_c, eb)  # [N]
-        G = G + copy_s + np.where(offload, dev_c[bo, E] - dev_c[bo, q], 0.0)  # the device waits for the copy
+        copy_s = _offload_copy_s(s, offload, q, qk, bo, hi, act_c, eb)  # [N]
+        G = G + copy_s + dev_c[bo, qk] - dev_c[bo, q]  # the device waits for the copy
         F = F + copy_s
     error = err_c[bi, p] + err_c[bo, E] - err_c[bo, p] + up_err
     # what each placement holds: an expert a CPU runs from memory is held as its session's
@@ -278,14 +286,13 @@ def _offloading(s: Setup) -> bool:
     return not s.unified and op_offloads(op_offload, s.compute, s.batch_size)
 
 
-def _offload_copy_s(s: Setup, offload: np.ndarray, q: np.ndarray, bo: np.ndarray, hi: np.ndarray,
-                    act_c: np.ndarray, eb: np.ndarray) -> np.ndarray:
-    """``[N]`` link seconds of one pass's op-offload copy of each ``offload`` row's tail
-    ``[q, E)``: every tail expert (``whole-tensor``) or the expected distinct ones the pass
-    uses (``used-experts``, ``sum a_e``), as one transfer over the route from its home."""
-    E = s.stats.num_experts
+def _offload_copy_s(s: Setup, offload: np.ndarray, q: np.ndarray, qk: np.ndarray, bo: np.ndarray,
+                    hi: np.ndarray, act_c: np.ndarray, eb: np.ndarray) -> np.ndarray:
+    """``[N]`` link seconds of one pass's op-offload copy of each ``offload`` row's copied
+    tail ``[q, qk)``: every one of its experts (``whole-tensor``) or the expected distinct ones
+    the pass uses (``used-experts``, ``sum a_e``), as one transfer over the route from its home."""
     whole = not s.prefill_offload and s.engine.op_offload.copies == "whole-tensor"
-    moved = np.where(offload, (E - q) if whole else act_c[E] - act_c[q], 0.0) * eb[bo]  # [N] bytes
+    moved = np.where(offload, (qk - q) if whole else act_c[qk] - act_c[q], 0.0) * eb[bo]  # [N] bytes
     out = np.zeros(len(q))
     for h, home in enumerate(s.homes):
         route = s.hardware.route(home, s.compute.id)
@@ -391,24 +398,48 @@ def prefill_options_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: in
     """``[N]`` seconds layer ``layer`` adds to one prompt's prefill under each option
     ``specs`` (``[N, 7]``; ``tiers`` ``[N, 2]``): its part of :func:`prefill_s`, so a TTFT
     is linear in the options chosen (``+`` :func:`prefill_dense_s`). With ``s.prefill_choice``
-    each option's prefill runs at the faster of its decode sites and its host-held tail on the
-    compute device (:mod:`planner.prefill_sites`)."""
-    total = _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers)
+    each option's prefill runs at the fastest of its prefill sites (:func:`prefill_sites_s`)."""
+    return prefill_sites_s(s, layer, specs, prompt_tokens, prefetch, tiers)[0]
+
+
+def prefill_sites_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
+                    tiers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``([N] seconds, [N] copied)`` of each option's prompt pass at its fastest prefill site
+    (:mod:`planner.prefill_sites`): ``copied`` = 0, the decode sites; ``k > 0``, the first
+    (most used) ``k`` ranks of its host-held tail copied to the compute device and run there
+    while the host CPU runs the rest (``k`` at least the tail: all of it). Without
+    ``s.prefill_choice``, the decode sites alone."""
+    best = _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers)
+    copied = np.zeros(len(best), np.int64)
     if s.prefill_choice:
-        total = np.minimum(total, _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers, offload=True))
-    return total
+        for k in reversed(prefill_copy_counts(s)):  # all first: a tie keeps the plainer site
+            t = _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers, offload=True, copied=k)
+            better = t < best
+            best, copied = np.where(better, t, best), np.where(better, k, copied)
+    return best, copied
+
+
+def prefill_copy_counts(s: Setup) -> list[int]:
+    """How many of a tail's most used ranks a prefill site may copy (``E``: all of any tail):
+    every count on small layers, 16 steps on wide ones; with DRAM contention all only (its
+    price, :mod:`planner.dram`, takes a whole tail's copy)."""
+    E = s.stats.num_experts
+    if s.dram_contention:
+        return [E]
+    return sorted({-(-E * j // 16) for j in range(1, 17)} if E > 16 else set(range(1, E + 1)))
 
 
 def _prefill_total(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
-                   tiers: np.ndarray | None = None, offload: bool = False) -> np.ndarray:
-    """``[N]`` :func:`prefill_options_s` at the decode sites or, ``offload``, with each option's
-    host-held tail copied to the compute device per pass (``inf`` for a tier's row: its copies
-    are priced at one format)."""
+                   tiers: np.ndarray | None = None, offload: bool = False, copied: int | None = None) -> np.ndarray:
+    """``[N]`` :func:`prefill_options_s` at the decode sites or, ``offload``, with the first
+    ``copied`` ranks (None: all) of each option's host-held tail copied to the compute device
+    per pass (``inf`` for a tier's row: its copies are priced at one format)."""
     op_offload = s.engine.op_offload if s.engine is not None else None
     specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
     total = np.zeros(len(specs))
     for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
-        step = dataclasses.replace(s, batch_size=n, phase="prefill", prefill_choice=False, prefill_offload=offload)
+        step = dataclasses.replace(s, batch_size=n, phase="prefill", prefill_choice=False, prefill_offload=offload,
+                                   prefill_copied=copied if offload else None)
         total += count * option_time(option_costs(step, layer, specs, tiers), prefetch)
     if offload and tiers is not None:
         total = np.where(np.asarray(tiers, np.int64).reshape(-1, 2)[:, 0] > 0, np.inf, total)

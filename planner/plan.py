@@ -43,6 +43,9 @@ embedding and the head.
 ``prefill_offload`` (planner.prefill_sites): per MoE layer, whether a prompt's pass copies the
 layer's host-held ``local`` experts it uses to the compute device and runs them there (decode
 runs them where they live); absent (None): prefill runs at the decode sites.
+``prefill_copies``: per MoE layer the ``local`` experts (ids) the pass copies, where the planner
+copies only the most used and lets the host CPU run the rest meanwhile; absent (None): every
+host-held ``local`` expert of a ``prefill_offload`` layer, as plans made before it existed.
 
 ``kv_cache`` (planner.kv_offload): ``host`` keeps the whole KV cache in host memory (its
 bytes in the host DRAM's ``memory`` entry), read where the engine reads it there (llama.cpp:
@@ -267,6 +270,7 @@ class Plan(BaseModel):
     layer_devices: tuple[str, ...] | None = None  # per MoE layer its compute device; None: compute_device
     kv_cache: Literal["device", "host"] = "device"  # where the KV cache lives (planner.kv_offload)
     prefill_offload: tuple[bool, ...] | None = None  # per MoE layer: prefill sites (planner.prefill_sites)
+    prefill_copies: tuple[tuple[int, ...], ...] | None = None  # ... and the experts copied (None: all local)
     memory: dict[str, MemoryUse]
     predicted: dict[str, float]
     solver: SolverInfo
@@ -296,6 +300,8 @@ class Plan(BaseModel):
             data.pop("kv_cache", None)  # plans with the cache on the device read as before
         if data.get("prefill_offload") is None:
             data.pop("prefill_offload", None)  # plans whose prefill runs at the decode sites read as before
+        if data.get("prefill_copies") is None:
+            data.pop("prefill_copies", None)  # plans whose prefill copies every local expert read as before
         if not data.get("dropped_experts"):
             data.pop("dropped_experts", None)  # plans that keep every expert read as before
         if data.get("attention_shares") is None:
@@ -324,6 +330,21 @@ class Plan(BaseModel):
                 raise InputError("a layer whose experts none run where they live has no prefill site to move",
                                  key=f"prefill_offload[{bare[0]}]", value=True, expected="false",
                                  fix="regenerate the plan with planner optimize")
+        if self.prefill_copies is not None:
+            if self.prefill_offload is None or len(self.prefill_copies) != len(self.layers):
+                raise InputError("prefill_copies lists one set of experts per MoE layer of a plan with "
+                                 "prefill_offload", key="prefill_copies", value=len(self.prefill_copies),
+                                 expected=f"{len(self.layers)} lists beside prefill_offload",
+                                 fix="drop prefill_copies, or regenerate the plan with planner optimize")
+            for l, (on, ids) in enumerate(zip(self.prefill_offload, self.prefill_copies)):
+                site = self.layers[l].site
+                wrong = [e for e in ids if not (0 <= e < len(site) and site[e] == "local")]
+                if wrong or bool(ids) != on or len(set(ids)) != len(ids):
+                    raise InputError("a layer copies at prefill some of its own CPU-run (local) experts, each "
+                                     "once, exactly where prefill_offload is true", key=f"prefill_copies[{l}]",
+                                     value=list(ids), expected="distinct ids of local experts, non-empty where "
+                                     "prefill_offload is true, else []",
+                                     fix="regenerate the plan with planner optimize")
         return self
 
     @model_validator(mode="after")

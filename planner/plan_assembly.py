@@ -18,7 +18,7 @@ from .costs import MODES, prefill_s, step_time
 from .energy import step_energy_j
 from .format_tiers import tier_masks
 from .plan import LayerPlan, MemoryUse, MissCopy, Plan
-from .prefill_sites import prefill_offloads
+from .prefill_sites import prefill_copies
 from .task import dropped_note
 
 if TYPE_CHECKING:
@@ -102,21 +102,28 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
         joules = step_energy_j(problem, choice, dense_fm, prefetch)
         predicted |= {"energy_j_per_token": joules / s.batch_size, "power_w": joules / step_s}
     quality = float(sum(problem.tables[l].error[w] for l, w in enumerate(choice)) / max(problem.importance_total, 1e-300))
-    prefill = prefill_offloads(s, [problem.tables[l].specs([w]) for l, w in enumerate(choice)],
-                               [problem.tables[l].tiers([w]) for l, w in enumerate(choice)],
-                               req.prompt_tokens, prefetch)  # per-phase sites (planner.prefill_sites)
+    copies = prefill_copies(s, [problem.tables[l].specs([w]) for l, w in enumerate(choice)],
+                            [problem.tables[l].tiers([w]) for l, w in enumerate(choice)],
+                            req.prompt_tokens, prefetch)  # per-phase sites (planner.prefill_sites)
+    prefill = tuple(bool(ids) for ids in copies) if copies is not None else None
+    dram = {h for i, h in enumerate(s.homes) if s.in_host_dram(i)}
+    split = copies is not None and any(  # a layer copies some of its host-held CPU experts, not all
+        ids and len(ids) < sum(st == "local" and h in dram for st, h in zip(lp.site, lp.home))
+        for ids, lp in zip(copies, layers))
     return Plan(inputs=inputs, objective=req.objective, batch_size=s.batch_size, context_tokens=s.context_tokens,
                 compute_device=s.compute.id, host_device=s.host.id, dense_format=dense_fm,
                 prefetch=prefetch_policy or ("next-layer" if prefetch else "none"), eviction=eviction or "lru",
                 quality_budget=budget, dropped_experts=s.dropped if any(s.dropped) else (),
                 quality_error=quality, layers=tuple(layers), memory=memory, predicted=predicted, solver=solver,
                 kv_cache="host" if fc.kv_on_host else "device",
-                prefill_offload=prefill,
+                prefill_offload=prefill, prefill_copies=copies if split else None,
                 notes=(f"dense weights: {dense_fm}", f"planned by moe-planner {__version__}") + notes
                 + ((f"KV cache in host memory ({fc.kv_host_bytes / 2**30:.2f} GiB; engine flag "
                     f"{s.engine.kv_offload.flag}): attention where it lives",) if fc.kv_on_host else ())
                 + ((f"prefill sites: {sum(prefill)} of {len(prefill)} MoE layers run a prompt's CPU experts on "
-                    f"{s.compute.id} after a copy (prefill_offload); decode runs them on the CPU",) if prefill else ()))
+                    f"{s.compute.id} after a copy (prefill_offload" + (f"; {sum(map(len, copies))} experts copied, "
+                    "the host CPU runs the rest meanwhile: prefill_copies" if split else "")
+                    + "); decode runs them on the CPU",) if prefill else ()))
 
 
 def _nested_layer(s, l: int, p: int, q: int, fmt: str, dev_mem: str) -> LayerPlan:

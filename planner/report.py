@@ -120,7 +120,8 @@ def summary_data(result: OptimizeResult, compare: bool = False) -> dict[str, Any
 def phases_data(plan: Plan, s: Setup | None = None) -> dict[str, Any] | None:
     """Which plan each phase runs, where a plan has per-phase sites or was made under an SLO
     (None otherwise). ``prefill``: ``by`` = ``plan`` (its ``prefill_offload`` layers run their
-    CPU experts on the compute device after a copy), ``engine`` (the engine's op offload does
+    CPU experts on the compute device after a copy: ``experts_copied`` of them, the host CPU the
+    other ``experts_on_cpu`` meanwhile, ``Plan.prefill_copies``), ``engine`` (the engine's op offload does
     that by itself in passes of at least ``min_pass_tokens``, as llama.cpp; ``s``: the plan's
     setup) or ``decode`` (the decode sites), with the TTFT and its SLO; ``decode``: the TPOT
     and its SLO. An SLO is None where the plan records none (the batch search records both)."""
@@ -128,11 +129,15 @@ def phases_data(plan: Plan, s: Setup | None = None) -> dict[str, Any] | None:
     if plan.prefill_offload is None and bs is None:
         return None
     moved = int(sum(plan.prefill_offload or ()))
+    copied = (int(sum(map(len, plan.prefill_copies))) if plan.prefill_copies is not None
+              else sum(lp.site.count("local") for lp, on in zip(plan.layers, plan.prefill_offload or ()) if on))
+    on_cpu = sum(lp.site.count("local") for lp, on in zip(plan.layers, plan.prefill_offload or ()) if on) - copied
     op = s.engine.op_offload if s is not None and s.engine is not None else None
     engine = (not moved and op is not None and s.compute.kind == "gpu" and not s.unified
               and any("local" in lp.site for lp in plan.layers))
     return {"prefill": {"by": "plan" if moved else "engine" if engine else "decode", "layers_on_device": moved,
-                        "layers": len(plan.layers), "device": plan.compute_device,
+                        "layers": len(plan.layers), "device": plan.compute_device, "experts_copied": copied,
+                        "experts_on_cpu": on_cpu,
                         "min_pass_tokens": op.min_batch_tokens if engine else None,
                         "ttft_s": plan.predicted["ttft_s"], "slo_ttft_s": bs.slo_ttft_s if bs else None},
             "decode": {"tpot_s": plan.predicted["tpot_s"], "slo_tpot_s": bs.slo_tpot_s if bs else None}}
@@ -303,9 +308,13 @@ def _phase_lines(ph: dict[str, Any]) -> list[str]:
         return format_time(t) + ("" if slo is None else f" {'<=' if t <= slo else '>'} SLO {format_time(slo)}")
 
     pre, dec = ph["prefill"], ph["decode"]
-    where = {"plan": f"{pre['layers_on_device']} of {pre['layers']} MoE layers run their CPU experts on {pre['device']} "
-                     "after a copy (prefill_offload)" + (", the others at the decode sites"
-                                                         if pre["layers_on_device"] < pre["layers"] else ""),
+    n, on_cpu = pre["layers_on_device"], pre.get("experts_on_cpu", 0)
+    moved = (f"{n} of {pre['layers']} MoE layers copy {pre['experts_copied']} of their "
+             f"{pre['experts_copied'] + on_cpu} CPU experts to {pre['device']} and run them there, the CPU the other "
+             f"{on_cpu} meanwhile (prefill_copies)" if on_cpu else
+             f"{n} of {pre['layers']} MoE layers run their CPU experts on {pre['device']} after a copy "
+             "(prefill_offload)")
+    where = {"plan": moved + (", the others at the decode sites" if n < pre["layers"] else ""),
              "engine": f"the engine's op offload copies the CPU experts to {pre['device']} (passes >= "
                        f"{pre['min_pass_tokens']} tokens)",
              "decode": "the decode plan's sites"}[pre["by"]]

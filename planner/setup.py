@@ -115,7 +115,8 @@ class Setup:
     # per-phase execution sites (planner.prefill_sites): the planner picks, per layer, whether a
     # prompt's pass copies the host-held tail it uses to the compute device (prefill_offload)
     prefill_choice: bool = False
-    prefill_offload: bool = False  # this prefill pass runs the host-held tail on the compute device
+    prefill_offload: bool = False  # this prefill pass runs the host-held tail on the compute device ...
+    prefill_copied: int | None = None  # ... its first (most used) this many ranks, the CPU the rest; None: all
     fixes: "Fixes | None" = None  # parts of every layer's option the user fixed (planner.given)
     # task-specific plans (planner.task): per layer the experts the plan drops (the stats come from
     # the trace with them dropped, so they are never called) and the importance they carried

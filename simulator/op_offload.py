@@ -15,7 +15,8 @@ The planner prices the same (:func:`planner.costs.prefill_s`).
 
 A plan's own prefill sites (``Plan.prefill_offload``, planner.prefill_sites, for an engine
 without op offload) run a prompt's pass the same way, for the layers it names only, copying
-the experts the pass uses; decode steps run at the decode sites.
+the experts the pass uses (of ``Plan.prefill_copies`` where it names them: the host CPU runs
+the layer's other ``local`` experts meanwhile); decode steps run at the decode sites.
 """
 
 from __future__ import annotations
@@ -105,9 +106,11 @@ class OpOffload:
             host_mem = self.hw.memory_of(self.host_id).id
             self._offload_layers, self._offload_host = [], []
             chosen = self.plan.prefill_offload if self.op_offload is None else None  # the plan's prefill sites
+            copies = self.plan.prefill_copies if chosen is not None else None  # ... and the experts they copy
             for l, (lp, lay) in enumerate(zip(self.plan.layers, self.layers)):
                 host = np.array([s == "local" and h == host_mem and (chosen is None or chosen[l])
-                                 for s, h in zip(lp.site, lp.home)])
+                                 and (copies is None or e in copies[l])
+                                 for e, (s, h) in enumerate(zip(lp.site, lp.home))])
                 if not host.any():
                     self._offload_layers.append(lay)
                     self._offload_host.append(None)

@@ -564,3 +564,25 @@ def test_prefill_offload_runs_a_prompts_cpu_experts_on_the_device(checkpoint):
         assert rt.generate(PROMPT, NEW_TOKENS) == want_tokens
         after = rt.metrics.summary()
     assert after["cpu_expert_calls"] > 0  # decode: on the CPU
+
+
+def test_prefill_copies_copy_only_the_named_experts(checkpoint):
+    """plan.json prefill_copies (planner.prefill_sites, a split prefill site): the prompt's pass
+    copies only the named local experts to the device, the host CPU runs the others in the same
+    pass, and the logits are the reference's."""
+    name = next(iter(FAMILIES))
+    directory, ref = checkpoint(name)
+    want_logits, _ = reference(ref)
+    plan = make_plan(name, sites="local", homes=CPU)
+    plan["prefill_offload"] = [True] * len(plan["layers"])
+    plan["prefill_copies"] = [[0] for _ in plan["layers"]]
+    with load_planned_model(plan, directory, dtype="float32", device="cpu") as rt:
+        assert (planned_logits(rt) - want_logits).abs().max().item() <= 1e-4
+        split = rt.metrics.summary()
+    assert split["bytes_moved"][CPU] > 0 and split["cpu_expert_calls"] > 0  # both sites in the prompt's pass
+    plan["prefill_copies"] = [[0], "x"] + [[0]] * (len(plan["layers"]) - 2)
+    from exporters.runtime.errors import RuntimeInputError
+    from exporters.runtime.planfile import parse_plan
+
+    with pytest.raises(RuntimeInputError, match="prefill_copies"):
+        parse_plan(plan)

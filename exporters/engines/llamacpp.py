@@ -300,7 +300,9 @@ def render_llamacpp(plan: Plan, model: ModelSpec, hardware: Hardware, pricing: P
                                 "op_offload); re-plan without --slo-ttft to render it")
         notes.append(f"prefill: the plan runs a prompt's CPU experts on {dev.id} after a copy (prefill_offload, "
                      f"--slo-ttft); llama.cpp's op offload does so for every pass of >= {op.min_batch_tokens} tokens "
-                     "(on by default: do not pass --no-op-offload); decode runs them on the CPU")
+                     "(on by default: do not pass --no-op-offload); decode runs them on the CPU"
+                     + ("; it copies every CPU expert a pass uses, not only the plan's prefill_copies"
+                        if plan.prefill_copies is not None else ""))
     if not fits_ram:
         notes.append(f"CPU-side weights ({cpu_bytes / 2**30:.1f} GiB) exceed usable host memory "
                      f"({host_free / 2**30:.1f} GiB): llama.cpp pages them from the memory-mapped GGUF (slow)")

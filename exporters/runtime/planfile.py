@@ -78,6 +78,7 @@ class LayerSpec:
     # a prompt's pass copies the host-held local experts it uses to the device and runs them
     # there (plan.json prefill_offload, planner.prefill_sites); decode runs them on the CPU
     prefill_offload: bool = False
+    prefill_copies: tuple[int, ...] = ()  # ... only these (plan.json prefill_copies); empty: every one
     # nested formats (plan.json planes, runtime nested.py): per expert the bit-planes a resident
     # int8 expert holds on the device: both, fetch-low (the low plane fetched at every use) or
     # high (its int4 copy alone); "" for one not nested; empty: none
@@ -200,6 +201,12 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
     if not (isinstance(prefill, list) and len(prefill) == len(raw_layers)
             and all(isinstance(f, bool) for f in prefill)):
         raise bad("not one true/false per MoE layer", "prefill_offload", prefill, f"{len(raw_layers)} booleans")
+    copies = data.get("prefill_copies") or [[] for _ in raw_layers]  # the experts each layer's prefill copies
+    if not (isinstance(copies, list) and len(copies) == len(raw_layers) and all(
+            isinstance(c, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in c)
+            and bool(c) <= bool(f) for c, f in zip(copies, prefill))):
+        raise bad("not one list of expert ids per MoE layer, empty where prefill_offload is false", "prefill_copies",
+                  copies, f"{len(raw_layers)} lists of expert ids like [3, 7]")
     layers = []
     seen_hidden: set[int] = set()
     for i, raw in enumerate(raw_layers):
@@ -248,7 +255,7 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
                           pl, "\"\", or both | fetch-low | high where format is int8 and site resident")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
                                 site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i]),
-                                prefill_offload=prefill[i], planes=tuple(planes),
+                                prefill_offload=prefill[i], prefill_copies=tuple(copies[i]), planes=tuple(planes),
                                 miss_copy=_miss_copy(raw.get("miss_copy"), site, fmt, f"{at}.miss_copy", bad)))
     return RuntimePlan(compute_device=compute_mem, host_device=host_mem, prefetch=prefetch, eviction=eviction,
                        layers=tuple(layers), source=source, dense_format=dense_format,

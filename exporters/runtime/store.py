@@ -226,7 +226,9 @@ class PlannedExperts(nn.Module):
                 if site in ("local", "stream"):
                     counts["other"] += 1
                     if site == "local" and self.spec.prefill_offload and m.phase == "prefill" \
-                            and self.spec.tier[e] == "host":  # the plan's prefill site: copied for this pass
+                            and self.spec.tier[e] == "host" and (not self.spec.prefill_copies
+                                                                 or e in self.spec.prefill_copies):
+                        # the plan's prefill site: copied for this pass (the CPU runs the others)
                         if e not in on_device:
                             on_device[e] = self.fetcher.submit(
                                 lambda e=e: self._ready(self.home.load(e, self.device, fetch=True)), start=False)
