@@ -102,8 +102,9 @@ __all__ = ["optimize_cmd"]
 @click.option("--slo-ttft", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot, and a "
               "constraint of every solve (the plan's prefill stays within it, at some cost in decode speed); on "
-              "the bundle runtime each layer's prompt pass may also run the experts decode runs on the CPU on the GPU "
-              "after a copy (plan.json prefill_offload), the decode placement unchanged. With --slo-tpot too, the "
+              "the bundle runtime each layer's prompt pass may also copy the most used of the experts decode runs on "
+              "the CPU to the GPU and run them there while the CPU runs the rest (plan.json prefill_offload, "
+              "prefill_copies), the decode placement unchanged. With --slo-tpot too, the "
               "plan meets TTFT with its prefill sites and TPOT with its decode sites (one residency: a prompt's pass "
               "calls every expert), and the summary prints which each phase runs; llama.cpp's export keeps its op "
               "offload for it, accelerate's is refused.")
