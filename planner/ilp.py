@@ -103,6 +103,17 @@ else forcing each option into the DP bounds every plan that takes it, and the op
 bound exceeds the best plan leave the MIPs with those the LP's reduced costs fix (4,126 ->
 about 1,600 options there, its MIP 7.4 -> 1.4 CPU-s). It runs only where DRAM binds the LP.
 
+Lumpy quality. With measured per-expert errors the budget buys whole layers at a wider
+format (DeepSeek-V3 on desktop-4090 at the int8 budget: six layers stream bf16 experts from
+NVMe at twice an int8 layer's seconds), and the DRAM bound, pricing quality, buys a fraction of
+one: 0.73% below the best plan, and the MIP spent its whole node budget (about 90 CPU-s) at
+0.65%. A second Lagrangian bound (planner.ilp_lagrange2d) keeps DRAM and quality both whole,
+a two-dimensional DP at the DRAM bound's multipliers for the other rows: 0.11% there. Where it
+closes at least half of the DRAM bound's gap, the options whose forced bound lies past the best
+plan less the gap leave the MIPs (5,003 -> about 1,600 options), and the least bound among them
+(the floor) bounds every plan that takes one, so the certificate is min(the MIPs' bound, floor):
+optimal (0.09%) in about 4.5 CPU-s.
+
 HiGHS's time to close a gap is heavy-tailed in its random seed (one part of the laptop
 case: 0.6 s with one seed, over two minutes with another), so each MIP runs as restarts with
 growing node limits and a new seed each (see solve); node limits, unlike time limits, give
@@ -113,6 +124,7 @@ Modules: this one holds the solve strategy (LP first, MIP restarts under node li
 parts by count[nvme] and by dense format); :mod:`planner.ilp_model` the problem, its option
 fronts and feasibility; :mod:`planner.ilp_relax` the LP relaxation, its rounding, repair and
 local search; :mod:`planner.ilp_lagrange` the Lagrangian bound with DRAM kept whole;
+:mod:`planner.ilp_lagrange2d` the one with DRAM and quality kept whole;
 :mod:`planner.ilp_mip` one MIP (PuLP, HiGHS or CBC).
 """
 
@@ -127,6 +139,7 @@ import numpy as np
 from profiles.errors import InfeasibleError
 
 from .ilp_lagrange import dram_bound
+from .ilp_lagrange2d import quality_bound
 from .ilp_mip import _mip  # solve calls ilp._mip: tests replace it there
 from .ilp_model import Problem, _best_of, _feasible, _objective, build_problem, explain_infeasible, pareto_front
 from .ilp_relax import _Relaxation, _Relaxer
@@ -149,8 +162,9 @@ __all__ = ["Problem", "SolveResult", "build_problem", "pareto_front", "solve", "
 # equal layers" above; now optimal in about 3 CPU-s), and with measured per-expert errors and
 # their tiers 20-110 CPU-s (gaps 0.06-0.7%; 32-37 CPU-s and 1.2-1.5% without tiers, both
 # measured before the shape counts); cpu-server-4090 closes in 2-4. With the DRAM Lagrangian
-# ("Lumpy DRAM"): int4 4.3 CPU-s (0.03%); int8 spends the whole budget, about 90 CPU-s at 0.65%
-# (part count[nvme] = 54 closes only at its fourth restart, 512 nodes; part 53 then runs out).
+# ("Lumpy DRAM"): int4 4.3 CPU-s (0.03%); int8 spent the whole budget, about 90 CPU-s at 0.65%
+# (part count[nvme] = 54 closed only at its fourth restart, 512 nodes; part 53 then ran out),
+# until the bound that keeps quality whole too ("Lumpy quality") left 192 nodes to run.
 _FIRST_TRY_NODES = 64
 _NODE_BUDGET = 1024
 _GLOBAL_TRY_NODES = 16
@@ -283,23 +297,35 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
     # the Lagrangian bound that keeps host DRAM whole (planner.ilp_lagrange): where it alone
     # closes the gap no MIP runs; else the options in no plan faster than the best known (by
     # it and by the LP's reduced costs) leave the MIPs, and the bound reported is the better one
-    lag_bound = -np.inf
+    lag_bound, floor = -np.inf, np.inf
     if (solver == "highs" and relax is not None and best is not None and relax.lower_s < best[2] * (1 - gap)
             and len(relax.duals) > 1 and relax.duals[1] > 0):  # host DRAM binds the LP (else the DP adds nothing)
         lag = dram_bound(problem, times, fronts, relax.duals, best[2], gap)
         if lag is not None:
-            lag_bound, plans, kept = lag
+            lag_bound, plans, kept, multipliers = lag
             best = _best_of(best, plans)
-            if lag_bound >= best[2] * (1 - gap):
+            if lag_bound < best[2] * (1 - gap):
+                fronts = [np.intersect1d(a, b) for a, b in zip(kept, relaxer.fix(relax, best[2]))]
+                # quality kept whole too (planner.ilp_lagrange2d, "Lumpy quality"): the options
+                # whose forced bound lies past the best plan less the gap leave the MIPs, and
+                # the least of their bounds (floor) bounds every plan that takes one
+                two = quality_bound(problem, times, fronts, multipliers, lag_bound, best[2], gap)
+                if two is not None:
+                    two_bound, plans, fronts, floor = two
+                    best = _best_of(best, plans)
+                    lag_bound = max(lag_bound, two_bound)
+            narrowed = _Relaxer(problem, times, fronts) if lag_bound < best[2] * (1 - gap) else None
+            relaxed = narrowed.solve() if narrowed is not None else None
+            if lag_bound >= best[2] * (1 - gap) or relaxed is None:  # the bounds, or no plan within the options kept
+                lag_bound = lag_bound if relaxed is not None else max(lag_bound, min(floor, best[2]))
                 kept = relaxer.fix(relax, best[2])
                 return SolveResult(choice=best[0], dense_format=best[1], prefetch=prefetch, objective_s=best[2],
-                                   status="optimal", bound_s=min(lag_bound, best[2]),
+                                   status="optimal" if lag_bound >= best[2] * (1 - gap) - 1e-12 else "node limit",
+                                   bound_s=min(lag_bound, best[2]),
                                    gap=max(0.0, 1 - lag_bound / best[2]), solve_s=0.0,
                                    variables=sum(len(k) for k in kept) + len(problem.fixed),
                                    constraints=len(kept) + relaxer.count_row, solver=solver, nodes=0)
-            fronts = [np.intersect1d(a, b) for a, b in zip(kept, relaxer.fix(relax, best[2]))]
-            relaxer = _Relaxer(problem, times, fronts)
-            relax = relaxer.solve()
+            relaxer, relax = narrowed, relaxed
 
     # a layer split between homes in the LP: the MIP over all plans gets a short try (a fixed
     # number of nodes, so the outcome does not depend on the machine), then the parts by
@@ -321,7 +347,8 @@ def solve(problem: Problem, *, prefetch: bool, solver: str = "highs", time_limit
         # the parts cover every plan (beyond the last one walked to, LB(n) only grows)
         bound = max(bound, min(solve_part(count, part) for count, part in sorted(parts, key=lambda cp: cp[1].lower_s)))
     objective = best[2]
-    bound = min(max(bound, lag_bound), objective)
+    # plans within the MIPs' options: their bound; plans with an option left out: floor
+    bound = min(max(min(bound, floor), lag_bound), objective)
     rel_gap = max(0.0, (objective - bound) / objective) if objective > 0 else 0.0
     if not sizes:  # the LP bound certified the plan: report the model it would have been
         kept = relaxer.fix(relax, objective)

@@ -145,14 +145,16 @@ class _DramKnapsack:
 
 def dram_bound(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarray], duals: np.ndarray,
                upper_s: float, gap: float, steps: int = _STEPS, units: int = _UNITS
-               ) -> tuple[float, list[tuple], list[np.ndarray]] | None:
-    """``(bound seconds, plans, kept)`` of the module docstring: the best L(v) of ``steps``
+               ) -> tuple[float, list[tuple], list[np.ndarray], np.ndarray] | None:
+    """``(bound seconds, plans, kept, multipliers)`` of the module docstring: the best L(v) of ``steps``
     subgradient steps from the LP's row duals ``duals`` (``[R]`` per unit of each
     :func:`planner.ilp_model._usage` column, in the LP's time unit,
     :func:`planner.ilp_model._time_unit`), stepping toward ``upper_s`` (the best plan known);
     the DP's plans that are feasible (or repaired), ``(choice, dense, seconds)``; and per layer
     the options of ``fronts`` whose forced L(v) lies below the best plan found (the others
-    are in no faster plan). None where no DP applies (no home, a TTFT row)."""
+    are in no faster plan); and the multipliers of the best bound (``[R]``, seconds per unit of
+    each row scaled by its largest limit; planner.ilp_lagrange2d starts from them). None where no DP applies (no
+    home, a TTFT row)."""
     if not problem.setup.homes or problem.ttft is not None or not problem.fixed:
         return None
     ks = _DramKnapsack(problem, times, fronts, units)
@@ -192,7 +194,7 @@ def dram_bound(problem: Problem, times: list[np.ndarray], fronts: list[np.ndarra
         plans.append((tuple(choice), dense_fm, _objective(problem, times, tuple(choice), dense_fm)))
     top = min([upper_s] + [p[2] for p in plans])
     if best >= top * (1 - gap):
-        return best, plans, fronts
+        return best, plans, fronts, best_v * ks.unit
     forced = ks.option_bounds(best_v)
     kept = [f[b < top * (1 + 1e-9)] for f, b in zip(fronts, forced)]
-    return best, plans, kept
+    return best, plans, kept, best_v * ks.unit

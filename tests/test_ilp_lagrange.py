@@ -42,7 +42,7 @@ def test_dram_bound_is_a_bound_and_keeps_an_optimal_plan(tmp_path, hbm, dram, bu
     assert opt == pytest.approx(brute_force(problem, False), rel=1e-12)  # the fronts hold an optimum
     out = dram_bound(problem, times, fronts, relax.duals, opt * 1.05, gap=0.0)
     assert out is not None
-    bound, plans, kept = out
+    bound, plans, kept, _ = out
     assert bound <= opt * (1 + 1e-9)
     assert bound >= relax.lower_s * (1 - 1e-6)  # from the LP's duals: keeping DRAM whole only lifts it
     for plan_choice, plan_dense, seconds in plans:
@@ -61,7 +61,7 @@ def test_dram_bound_lifts_the_lp_bound_where_dram_holds_a_fraction_of_a_layer(tm
     fronts = [pareto_front(tau, t) for tau, t in zip(times, problem.tables)]
     relax = _Relaxer(problem, times, fronts).solve()
     opt = brute_force(problem, False)
-    bound, _, _ = dram_bound(problem, times, fronts, relax.duals, opt, gap=0.0)
+    bound, _, _, _ = dram_bound(problem, times, fronts, relax.duals, opt, gap=0.0)
     assert relax.duals[1] > 0  # DRAM binds the LP
     assert bound > relax.lower_s * (1 + 1e-6)
     assert bound <= opt * (1 + 1e-9)
