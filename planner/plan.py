@@ -26,8 +26,10 @@ lists each GPU's cache of the layer (``device``, ``slots``, ``format``). Both ar
 ``planes`` (nested formats, :mod:`profiles.nested`): per expert which bit-planes of a resident
 expert stored nested the compute device holds: ``both``, ``fetch-low`` (the high plane; the low
 plane is in host DRAM and crosses the link at every use) or ``high`` (runs on the high plane
-alone, at the half format's quality); ``""`` for an expert that is not nested. Absent (empty)
-on plans without nested experts.
+alone, at the half format's quality); ``""`` for an expert that is not nested. The expert's
+``format`` names the nested format (``int8``: two int4 planes; ``int4``: two 2-bit planes,
+the high one run at int2's price); a layer's nested experts share one. Absent (empty) on plans
+without nested experts.
 
 ``miss_copy`` (planned low-bit copies, :mod:`profiles.miss_copy`): per layer ``{format,
 gate_below}``: each ``fetch`` expert also has a copy at ``format`` in host DRAM, and a miss
@@ -168,6 +170,10 @@ class LayerPlan(BaseModel):
                                  value=f"{pl} ({self.format[e]}, {self.site[e]})",
                                  expected=f"a resident expert at {' or '.join(NESTED)}, or \"\"",
                                  fix="regenerate the plan with planner optimize")
+        nested = sorted({self.format[e] for e, pl in enumerate(self.planes) if pl})
+        if len(nested) > 1:  # one nested format per layer (the price reads a layer's options by format)
+            raise InputError("a layer's nested experts share one format", key=at, value=", ".join(nested),
+                             expected=f"one of {' or '.join(NESTED)}", fix="regenerate the plan with planner optimize")
         if "fetch-low" in self.planes and self.cache_slots:  # a low plane is fetched at every use, never cached
             raise InputError("a layer whose nested experts fetch their low plane has no expert cache",
                              key=f"layers[{self.moe_layer}].cache_slots", value=self.cache_slots, expected="0",

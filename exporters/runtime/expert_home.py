@@ -15,9 +15,15 @@ from .metrics import MetricsRecorder
 from .nested import assemble, dequantize_high
 from .planfile import FLOAT_FORMATS, LayerSpec
 
-__all__ = ["HIGH_PLANE", "ExpertHome", "ExpertWeights"]
+__all__ = ["HIGH_PLANE", "HIGH_PLANES", "ExpertHome", "ExpertWeights", "high_plane"]
 
 HIGH_PLANE = "int8/hi"  # ExpertWeights.fmt of a nested int8 expert's high plane alone (nested.py)
+HIGH_PLANES = {"int8/hi": "int8", "int4/hi": "int4"}  # ExpertWeights.fmt of a high plane alone -> its nested format
+
+
+def high_plane(fmt: str) -> str:
+    """:class:`ExpertWeights`' format name of a nested ``fmt`` expert's high plane alone."""
+    return f"{fmt}/hi"
 
 
 class ExpertWeights:
@@ -55,9 +61,10 @@ class ExpertWeights:
         """``(gate_up [2I, H], down [H, I])`` in ``dtype`` for the matmuls."""
         if self.fmt in FLOAT_FORMATS:
             return self.tensors["gate_up"].to(dtype), self.tensors["down"].to(dtype)
-        if self.fmt == HIGH_PLANE:  # a nested int8 expert's int4 copy (nested.py)
-            return (dequantize_high(self.tensors, "gate_up", hidden).to(dtype),
-                    dequantize_high(self.tensors, "down", inter).to(dtype))
+        if self.fmt in HIGH_PLANES:  # a nested expert's half-width copy (nested.py)
+            nested = HIGH_PLANES[self.fmt]
+            return (dequantize_high(self.tensors, "gate_up", hidden, nested).to(dtype),
+                    dequantize_high(self.tensors, "down", inter, nested).to(dtype))
         return (dequantize(self.tensors, "gate_up", self.fmt, hidden).to(dtype),
                 dequantize(self.tensors, "down", self.fmt, inter).to(dtype))
 
@@ -96,7 +103,7 @@ class ExpertHome:
         # nested fetch-low experts: their low planes wait in host memory, fetched at every use
         self.low: dict[int, dict[str, torch.Tensor]] = {}
         for e in (e for e in range(spec.num_experts) if spec.planes_of(e) == "fetch-low"):
-            low = kernels.planes(spec.moe_layer, e, ("ql",))
+            low = kernels.planes(spec.moe_layer, e, ("ql",), spec.format[e])
             self.low[e] = {k: t.pin_memory() for k, t in low.items()} if pin else low
 
     def load_low(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -108,14 +115,15 @@ class ExpertHome:
 
     def read(self, e: int) -> ExpertWeights:
         """Read expert ``e`` from the checkpoint / kernels file (CPU tensors); a nested one as
-        what its planes hold on the device: int8 assembled from both, or the high plane alone."""
+        what its planes hold on the device: its format (int8, int4) assembled from both, or the
+        high plane alone."""
         fmt = self.spec.format[e]
         planes = self.spec.planes_of(e)
         if planes == "both":
-            t = self.kernels.planes(self.spec.moe_layer, e, ("qh", "ql"))
-            w = ExpertWeights(fmt, assemble(t, t))
+            t = self.kernels.planes(self.spec.moe_layer, e, ("qh", "ql"), fmt)
+            w = ExpertWeights(fmt, assemble(t, t, fmt=fmt))
         elif planes:
-            w = ExpertWeights(HIGH_PLANE, self.kernels.planes(self.spec.moe_layer, e, ("qh",)))
+            w = ExpertWeights(high_plane(fmt), self.kernels.planes(self.spec.moe_layer, e, ("qh",), fmt))
         elif fmt in FLOAT_FORMATS:
             gate_up, down = self.source.read(self.spec.hidden_layer, e)
             w = ExpertWeights(fmt, {"gate_up": gate_up, "down": down})

@@ -368,12 +368,12 @@ class Kernels:
         tf = self._weights[moe_layer]
         return read_tensors({name: [tf.span(f"{expert}.{name}")] for name in weight_inputs(fmt)})
 
-    def planes(self, moe_layer: int, expert: int, which: tuple[str, ...]) -> dict[str, Any]:
-        """A nested int8 expert's planes ``which`` (``("qh",)``: the high plane and the scales;
-        ``("ql",)``: the low plane alone; both: all of it), as :meth:`quantised` reads them."""
+    def planes(self, moe_layer: int, expert: int, which: tuple[str, ...], fmt: str = "int8") -> dict[str, Any]:
+        """A nested ``fmt`` (int8, int4) expert's planes ``which`` (``("qh",)``: the high plane
+        with the scales and int4's zero points; ``("ql",)``: the low plane alone; both: all of
+        it), as :meth:`quantised` reads them."""
         tf = self._weights[moe_layer]
-        names = [n for prefix in ("gate_up", "down") for n in plane_names(prefix, which)
-                 if not (n.endswith(".scales") and "qh" not in which)]
+        names = [n for prefix in ("gate_up", "down") for n in plane_names(prefix, which, fmt)]
         return read_tensors({name: [tf.span(f"{expert}.{name}")] for name in names})
 
 
@@ -426,8 +426,8 @@ def build_kernels(plan_json: str | Path | Mapping[str, Any], checkpoint_dir: str
                 gate_up, down = source.read(layer.hidden_layer, e)
                 for prefix, w in (("gate_up", gate_up), ("down", down)):
                     tensors = quantize(w.float().numpy(), fmt, prefix)
-                    if layer.planes_of(e):  # nested: the int8 codes as their two int4 planes (nested.py)
-                        tensors = split_matrix(tensors, prefix)
+                    if layer.planes_of(e):  # nested: the codes as their two half-width planes (nested.py)
+                        tensors = split_matrix(tensors, prefix, fmt)
                     for name, a in tensors.items():
                         arrays[f"{e}.{name}"] = a
             rel = f"weights/moe{layer.moe_layer}.safetensors"

@@ -49,6 +49,7 @@ PLAN_FORMAT_VERSION = 1
 SITES = ("resident", "fetch", "local", "hybrid", "stream")
 TIERS = ("device", "host", "disk")
 PLANES = ("both", "fetch-low", "high")
+NESTED_FORMATS = ("int8", "int4")  # profiles/nested.py NESTED: int8 as 4 + 4, int4 as 2 + 2
 COPY_FORMATS = ("int4", "int2")  # profiles/miss_copy.py COPY_FORMATS  # profiles/nested.py PLANES (the runtime imports nothing of the planner)
 PREFETCH = ("none", "next-layer", "oracle")
 EVICTION = ("lru", "lfu", "static", "belady")
@@ -80,8 +81,8 @@ class LayerSpec:
     prefill_offload: bool = False
     prefill_copies: tuple[int, ...] = ()  # ... only these (plan.json prefill_copies); empty: every one
     # nested formats (plan.json planes, runtime nested.py): per expert the bit-planes a resident
-    # int8 expert holds on the device: both, fetch-low (the low plane fetched at every use) or
-    # high (its int4 copy alone); "" for one not nested; empty: none
+    # int8 (4 + 4) or int4 (2 + 2) expert holds on the device: both, fetch-low (the low plane
+    # fetched at every use) or high (its half-width copy alone); "" for one not nested; empty: none
     planes: tuple[str, ...] = ()
     # planned low-bit copies (plan.json miss_copy, runtime miss_copy.py): (format, gate_below): a
     # fetch miss whose gate weight is below gate_below loads the expert's copy; None: none
@@ -250,9 +251,9 @@ def parse_plan(data: Any, *, source: str = "plan.json", memory_tiers: Mapping[st
         if not (isinstance(planes, list) and len(planes) in (0, len(home))):
             raise bad("planes must list every expert once", f"{at}.planes", planes, f"a list of {len(home)} strings")
         for e, pl in enumerate(planes):
-            if pl and (pl not in PLANES or fmt[e] != "int8" or site[e] != "resident"):
-                raise bad("planes name both, fetch-low or high of a resident int8 expert", f"{at}.planes[{e}]",
-                          pl, "\"\", or both | fetch-low | high where format is int8 and site resident")
+            if pl and (pl not in PLANES or fmt[e] not in NESTED_FORMATS or site[e] != "resident"):
+                raise bad("planes name both, fetch-low or high of a resident int8 or int4 expert", f"{at}.planes[{e}]",
+                          pl, "\"\", or both | fetch-low | high where format is int8 or int4 and site resident")
         layers.append(LayerSpec(moe_layer=int(moe), hidden_layer=hidden, home=tuple(home), format=tuple(fmt),
                                 site=tuple(site), tier=layer_tiers, cache_slots=slots, dropped=tuple(dropped[i]),
                                 prefill_offload=prefill[i], prefill_copies=tuple(copies[i]), planes=tuple(planes),

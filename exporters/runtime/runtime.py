@@ -268,7 +268,7 @@ def load_planned_model(plan: str | Path | Mapping[str, Any] | RuntimePlan, check
             if layer_dev.type == "cpu":
                 # no accelerator: resident int8/int4 experts run in the layer's ONNX Runtime
                 # session too (MatMulNBits kernels) instead of being dequantised at every call
-                # (a nested expert holding its high plane alone is unpacked by torch, store.HIGH_PLANE)
+                # (a nested expert holding its high plane alone is unpacked by torch, expert_home.HIGH_PLANES)
                 cpu_host += [e for e in layer.experts_at("resident") if layer.format[e] in QUANT_FORMATS
                              and layer.planes_of(e) in ("", "both")]
             cpu_kernel = None

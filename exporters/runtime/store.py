@@ -212,9 +212,11 @@ class PlannedExperts(nn.Module):
                 first = e not in on_device and e not in on_cpu
                 if e in self.home.low:  # nested fetch-low: the low plane comes (a miss, as the simulator counts it)
                     counts["miss"] += 1
-                    if e not in on_device:  # once per step; int8 assembled from the planes
-                        on_device[e] = self.fetcher.submit(lambda e=e: self._ready(ExpertWeights(
-                            "int8", assemble(self.resident[e].tensors, self.home.load_low(e, self.device)))), start=False)
+                    if e not in on_device:  # once per step; its format (int8, int4) assembled from the planes
+                        fmt = self.spec.format[e]
+                        on_device[e] = self.fetcher.submit(lambda e=e, fmt=fmt: self._ready(ExpertWeights(
+                            fmt, assemble(self.resident[e].tensors, self.home.load_low(e, self.device), fmt=fmt))),
+                            start=False)
                     continue
                 if site == "resident":
                     counts["resident"] += 1
