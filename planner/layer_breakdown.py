@@ -63,7 +63,7 @@ def plan_specs(plan: Plan, s: Setup) -> np.ndarray:
     E = s.stats.num_experts
     for layer in plan.layers:
         if any(layer.planes):  # nested (planner.nested_options): p both, q - p fetch-low, the rest high
-            b = s.formats.index(layer.format[0])
+            b = s.formats.index(layer.format[layer.planes.index(next(x for x in layer.planes if x))])
             p, band = layer.planes.count("both"), layer.planes.count("fetch-low")
             dram = next((h for h in range(len(s.homes)) if s.in_host_dram(h)), 0)
             rows.append((p, p + band, b, 0, b, dram, MODES.index("nested")))

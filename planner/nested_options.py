@@ -1,17 +1,22 @@
 """Nested options: every expert of a layer resident as bit-planes, hot ones fetching their low plane.
 
 Legend: E = routed experts per layer, B = tokens per decode step, b8 = the nested format
-(``int8``), b4 = its high plane's format (``int4``; :data:`profiles.nested.NESTED`).
+(``int8`` as 4 + 4, or ``int4`` as 2 + 2), b4 = its high plane's format (``int4``, or
+``int2``; :data:`profiles.nested.NESTED`).
 
 A nested option ``(p, q, b8, 0, b8, home, nested)`` (SPEC_COLUMNS, mode ``nested``) keeps the
 whole layer on the compute device, stored as two planes (:mod:`profiles.nested`), by
 frequency rank:
 
-- ranks ``[0, p)`` hold both planes (``both``): plain int8 on the device;
+- ranks ``[0, p)`` hold both planes (``both``): plain b8 on the device;
 - ranks ``[p, q)`` hold the high plane, their low plane lives in ``home`` (host DRAM) and
-  crosses the link at every use (``fetch-low``): int8 quality for half the device bytes;
-- ranks ``[q, E)`` hold the high plane alone (``high``) and run on it: int4 quality, nothing
+  crosses the link at every use (``fetch-low``): b8 quality for about half the device bytes;
+- ranks ``[q, E)`` hold the high plane alone (``high``) and run on it: b4 quality, nothing
   moves.
+
+Each nestable format the layer may use (in ``Setup.formats``, and both it and its high
+plane's format run on the compute device) gets its own options, so a layer may nest int8
+(hot int8 / cold int4) or int4 (hot int4 / cold int2), never both in one layer.
 
 With :func:`profiles.nested.nested_use` as the price of each choice (the simulator's too),
 with ``t8`` and ``th`` the device seconds of a call on both planes and on the high plane, and
@@ -20,15 +25,15 @@ with ``t8`` and ``th`` the device seconds of a call on both planes and on the hi
     G = sum_{e<q} a_e t8(n_e) + sum_{e>=q} a_e th(n_e)       U = 0
     F = sum_{p<=e<q} a_e x                                    (one fetch per active expert)
     memory: p bytes(b8) + (E - p) high on the device, (q - p) low at home
-    error:  sum_{e<q} w_e err_e(b8) + sum_{e>=q} w_e err_e(b4)
+    error:  sum_{e<q} w_e err_e(b8) + sum_{e>=q} w_e err_e(b4) r(b8)   (r: profiles.nested.HIGH_ERROR)
 
 The device waits for the fetches (no cache keeps a low plane; next-layer prefetch moves none,
 so an option's time with prefetch is its time without): at batch 1 a token's layer lasts
 ``max(D0 + k t8, x + k t8, k x + t8)`` for its ``k`` fetch-low experts and ``D0`` the rest of
 its device work (the schedule :func:`planner.costs._expected_max` prices for misses), else
-``G + F``. Offered on request (``Setup.nested``, ``planner optimize --nested``) for an engine that runs nested experts (its profile's ``nested``), with
-int8 and int4 both runnable on the compute device, a host DRAM home and no critical experts
-or ``--fix-*`` options in the layer; never with op offload or host DRAM contention pricing,
+``G + F``. Offered on request (``Setup.nested``, ``planner optimize --nested``) for an engine
+that runs nested experts (its profile's ``nested``), for the nestable formats above, with a
+host DRAM home and no critical experts or ``--fix-*`` options in the layer; never with op offload or host DRAM contention pricing,
 which this module does not model.
 """
 
@@ -36,15 +41,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from profiles.nested import NESTED, nested_call_s, nested_use
+from profiles.nested import HIGH_ERROR, NESTED, nested_call_s, nested_use
 from profiles.perf import miss_compute_s
 
 from .setup import MODES, N_SPEC, OptionTable, Setup
 
-__all__ = ["NESTED_MODE", "nested_costs", "nested_specs", "offers_nested", "rows_in"]
+__all__ = ["NESTED_MODE", "nested_costs", "nested_formats", "nested_specs", "offers_nested", "rows_in"]
 
 NESTED_MODE = MODES.index("nested")
-_FORMAT = "int8"  # the nested format the planner chooses (int4 as 2 + 2: the quantiser only)
+
+
+def nested_formats(s: Setup) -> tuple[str, ...]:
+    """The nestable formats (:data:`profiles.nested.NESTED`) this problem may choose: among its
+    candidate formats, with both the format and its high plane's runnable on the compute device."""
+    def judged(fmt: str) -> bool:  # the high plane's error is known (measured, or a constant)
+        return fmt in s.quant_error or (s.expert_error is not None and fmt in s.expert_error)
+
+    return tuple(f for f in NESTED if f in s.formats and s.runs(s.compute, f) and s.runs(s.compute, NESTED[f])
+                 and judged(NESTED[f]))
 
 
 def offers_nested(s: Setup, layer: int) -> bool:
@@ -53,7 +67,7 @@ def offers_nested(s: Setup, layer: int) -> bool:
         return False
     if s.engine is not None and not (s.engine.profile.nested and s.engine.profile.nested.value):
         return False
-    if _FORMAT not in s.formats or not s.runs(s.compute, _FORMAT) or not s.runs(s.compute, NESTED[_FORMAT]):
+    if not nested_formats(s):
         return False
     if s.unified or s.dram_contention or s.fixes is not None or s.phase != "decode" or s.prefill_offload:
         return False
@@ -69,24 +83,32 @@ def _dram_home(s: Setup) -> int | None:
 
 
 def nested_specs(s: Setup, layer: int) -> np.ndarray:
-    """``[N, 7]`` the nested options of ``layer``: every ``p <= q`` of the rank grid (and E),
-    less the all-``both`` one (plain int8 residency, an option already)."""
+    """``[N, 7]`` the nested options of ``layer``: per nestable format (:func:`nested_formats`)
+    every ``p <= q`` of the rank grid (and E), less the all-``both`` one (plain residency at
+    that format, an option already)."""
     if not offers_nested(s, layer):
         return np.zeros((0, N_SPEC), np.int64)
     E = s.stats.num_experts
     grid = sorted({int(g) for g in s.stats.pinned_grid} | {0, E})
-    b, h = s.formats.index(_FORMAT), _dram_home(s)
-    rows = [(p, q, b, 0, b, h, NESTED_MODE) for p in grid for q in grid if p <= q and p < E]
+    h = _dram_home(s)
+    rows = [(p, q, b, 0, b, h, NESTED_MODE) for b in (s.formats.index(f) for f in nested_formats(s))
+            for p in grid for q in grid if p <= q and p < E]
     return np.array(rows, np.int64).reshape(-1, N_SPEC)
 
 
 def nested_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     """Costs of nested options ``specs`` (``[N, 7]``, mode ``nested``): the module docstring."""
+    specs = np.asarray(specs, np.int64).reshape(-1, N_SPEC)
+    formats = np.unique(specs[:, 2])
+    if len(formats) > 1:  # each nested format prices apart, rows kept in order
+        parts = [(np.flatnonzero(specs[:, 2] == b), nested_costs(s, layer, specs[specs[:, 2] == b])) for b in formats]
+        order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
+        return OptionTable(**{k: np.concatenate([getattr(t, k) for _, t in parts])[order]
+                              for k in OptionTable.__dataclass_fields__})
     st = s.stats
     E, B = st.num_experts, s.batch_size
-    specs = np.asarray(specs, np.int64).reshape(-1, N_SPEC)
     p, q, bi, c, bo, hi, mode = specs.T
-    fmt = s.formats[int(bi[0])] if len(specs) else _FORMAT
+    fmt = s.formats[int(bi[0])] if len(specs) else next(iter(NESTED))
     f = st.frequency[layer][st.order[layer]]  # [E] by rank
     w = st.importance[layer][st.order[layer]]
     act = 1.0 - (1.0 - np.clip(f, 0.0, 1.0)) ** B
@@ -99,7 +121,7 @@ def nested_costs(s: Setup, layer: int, specs: np.ndarray) -> OptionTable:
     th = nested_call_s(s.compute, s.model, fmt, "high", tokens)
     dev8, devh, act_c = cum(act * t8), cum(act * th), cum(act)
     err8 = cum(w * s.errors_of(layer, fmt)[st.order[layer]])
-    err4 = cum(w * s.errors_of(layer, NESTED[fmt])[st.order[layer]])
+    err4 = cum(w * s.errors_of(layer, NESTED[fmt])[st.order[layer]] * HIGH_ERROR[fmt])  # the high plane alone
     both, low = nested_use(s.model, fmt, "both"), nested_use(s.model, fmt, "fetch-low")
     x = np.array([s.transfer_s(s.homes[int(h)], low.fetch_bytes) for h in hi])  # [N] one low plane
     w_low = miss_compute_s(s.compute, s.host, low.fetch_bytes)  # a low plane's host CPU work, on a CPU compute device

@@ -293,7 +293,7 @@ def test_engines_show_says_which_plan_features_the_engine_runs():
     outputs = {e: CliRunner().invoke(cli, ["engines", "show", e]).output for e in ("sglang", "bundle", "roofline")}
     lines = {e: next(x for x in out.splitlines() if x.startswith("also runs:")) for e, out in outputs.items()}
     assert lines["sglang"] == "also runs: expert parallelism"
-    assert "nested int8 planes" in lines["bundle"] and "expert parallelism" not in lines["bundle"]
+    assert "nested int8/int4 planes" in lines["bundle"] and "expert parallelism" not in lines["bundle"]
     assert "uneven EP ranks" in lines["roofline"]
     # the bundle's GPU unpacks int8/int4 at every call: said beside nested planes (why plans rarely hold them)
     assert "nested planes run on its GPU's unpack path (int8" in " ".join(outputs["bundle"].split())

@@ -98,13 +98,13 @@ def show(engine: str, as_yaml: bool) -> None:
                       f"{', '.join(p.eviction) or 'none (no expert cache)'}; prefetch {', '.join(p.prefetch)}; "
                       f"host memory {p.host_memory}; cpu kernels {p.cpu.kernel_family} ({p.cpu.numa})", highlight=False)
         runs = [what for key, what in (("expert_parallel", "expert parallelism"), ("uneven_ranks", "uneven EP ranks"),
-                                       ("nested", "nested int8 planes"), ("miss_copy", "low-bit miss copies"),
+                                       ("nested", "nested int8/int4 planes"), ("miss_copy", "low-bit miss copies"),
                                        ("kv_offload", "KV cache in host memory"))
                 if getattr(getattr(p, key), "value", getattr(p, key))]
         console.print("also runs: " + (", ".join(runs) or "none of expert parallelism, uneven EP ranks, nested "
                                                           "planes, miss copies, a host KV cache"), highlight=False)
         gpu = e.kind_spec("gpu")
-        unpacked = {fm: k for fm, k in (gpu.kernels.items() if gpu else ()) if fm in ("int8", "int4")
+        unpacked = {fm: k for fm, k in (gpu.kernels.items() if gpu else ()) if fm in ("int8", "int4", "int2")
                     and hasattr(k, "unpack_weights_per_s")}
         if p.nested and p.nested.value and unpacked:  # why its plans rarely hold planes (README, nested formats)
             rates = ", ".join(f"{fm} {k.unpack_weights_per_s / 1e9:g}G" for fm, k in unpacked.items())

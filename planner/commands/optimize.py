@@ -76,9 +76,10 @@ __all__ = ["optimize_cmd"]
               "layer lasts at least their bytes / DRAM bandwidth), as desktop DRAM limits hybrid plans; recorded "
               "in plan.json, so simulate and export price the same. Default off: the CPU and the link price apart.")
 @click.option("--nested", is_flag=True,
-              help="Offer nested int8 experts (stored as two int4 planes): per layer the hot experts hold both "
-              "planes on the GPU, the next fetch their low plane from host memory at each use, the cold ones run on "
-              "their high plane alone at int4 quality (plan.json planes); engines whose profile says nested.")
+              help="Offer nested experts: int8 stored as two int4 planes, int4 as two 2-bit planes (where --formats "
+              "holds them): per layer the hot experts hold both planes on the GPU, the next fetch their low plane from "
+              "host memory at each use, the cold ones run on their high plane alone at int4 (int2) quality (plan.json "
+              "planes); engines whose profile says nested.")
 @click.option("--miss-copy", "miss_copy", default=None, metavar="FORMAT:GATE",
               help="Offer low-bit copies (e.g. int4:0.3): per layer the ILP may keep an int4 (or int2) copy of its "
               "fetch experts in host memory, and a miss whose gate weight is below GATE loads the copy, which later "
