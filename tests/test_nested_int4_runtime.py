@@ -10,7 +10,8 @@ A tiny Mixtral built from a config, every expert resident at int4 (exporters/run
 - experts on their high plane alone run at 2-bit quality: stated threshold, cosine >= 0.99 to
   the fp32 bundle's logits at every position (measured on CPU, worst position: high plane
   0.9962, plain int4 0.9976, the runtime's plain int2 0.9966; relative logits error 0.070,
-  0.028, 0.067), on CPU and, when present, CUDA alike.
+  0.028, 0.067), on CPU and, when present, CUDA alike;
+- ``planner export`` of such a plan writes a bundle whose run.py decodes with them.
 """
 
 from __future__ import annotations
@@ -120,3 +121,20 @@ def test_high_plane_alone_runs_at_two_bit_quality(plain, ckpt, device):
           f"relative error int4 {err(int4):.4f}, int2 {err(int2):.4f}, high plane {err(high):.4f}")
     assert cos(high) >= 0.99  # the stated threshold for the 2-bit high plane
     assert err(high) > 2 * err(int4)  # 2-bit quality, not int4's
+
+
+def test_an_exported_bundle_runs_its_nested_int4_experts(plain, ckpt, tmp_path, run_cli, run_bundle, monkeypatch):
+    """``planner export`` of an int4 plan with planes writes a bundle whose own run.py decodes,
+    moving the fetch-low experts' 2-bit low planes from host memory."""
+    plan = with_planes(plain("int4"), ["both", "fetch-low", "high", ""] * 2)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "bundle"
+    r = run_cli("export", tmp_path / "plan.json", "--checkpoint", ckpt, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
+    assert run_bundle(out, "--checkpoint", ckpt, "--prompt", "the cat sat", "--max-new-tokens", 3, "--ignore-eos",
+                      "--device", "cpu", "--metrics-out", tmp_path / "m.json") == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["generated_tokens"] == 3
+    moved = metrics["bytes_moved"].get(plan["host_device"], 0)
+    assert moved > 0 and moved % (3 * H * I * 2 // 8) == 0  # whole 2-bit low planes
