@@ -202,15 +202,20 @@ class _TwoRowKnapsack:
             bounds = np.full(len(keys), np.inf)
             for k, (a, q, c) in enumerate(keys):
                 a, q = int(a), int(q)
-                # error: within lo + s before, q here, within blo + t after; lo + s + q + blo + t <= smax
-                s = np.arange(lo, hi + 1)
-                t = np.minimum(smax - q - s, bhi)  # within bhi: every later sum (no more needed)
-                ok = t >= blo
-                if not ok.any() or a > U:
-                    continue
-                fs = f[:U + 1 - a, (s - lo)[ok]]  # [U + 1 - a, n]
-                bs = b[U - a::-1, (t - blo)[ok]]  # DRAM after: within U - a - u
-                bounds[k] = float(np.min(fs + bs)) * (1 - _SLACK) + c
+                # error within s before (states lo..hi), q here, within t = smax - q - s after
+                # (states blo..bhi; past bhi: every later sum, so bhi); DRAM within u before and
+                # U - a - u after (b's rows reversed)
+                s0 = max(lo, smax - q - bhi)  # the first s whose t lies within b's states
+                s1 = min(hi, smax - q - blo)  # the last s whose t is no less than blo
+                least = np.inf
+                if s0 <= s1:  # t runs down from smax - q - s0 to smax - q - s1
+                    t0, t1 = smax - q - s0 - blo, smax - q - s1 - blo
+                    bs = b[U - a::-1, t0:t1 - 1:-1] if t1 > 0 else b[U - a::-1, t0::-1]
+                    least = float(np.min(f[:U + 1 - a, s0 - lo:s1 - lo + 1] + bs))
+                last = min(s0 - 1, hi, s1)  # the s below s0 all meet b at bhi; f is least at the last of them
+                if last >= lo:
+                    least = min(least, float(np.min(f[:U + 1 - a, last - lo] + b[U - a::-1, bhi - blo])))
+                bounds[k] = least * (1 - _SLACK) + c
             member = self.members[l]
             out[l] = np.where(member >= 0, bounds[np.maximum(member, 0)], np.inf) + self.const
             # the forward step over layer l
