@@ -95,17 +95,19 @@ class OnePass:
             first_hit = None
         table, fetch_entry = lay.fetch_one, self._fetch_entry
         hit_s = None  # the block's seconds on the compute stream
-        misses = []  # (entry, seconds of the kernel)
+        misses, secs = [], []  # fetch entries, seconds of their kernels
+        miss, sec = misses.append, secs.append
         tokens = 0
         for e, n in zip(experts, tokens_of):
             tokens += n
             if first_hit is not None and first_hit[e]:
                 hit_s = cost[e][n] if hit_s is None else hit_s + cost[e][n]
             else:
-                misses.append((table[e] or fetch_entry(lay, e), cost[e][n]))
+                miss(table[e] or fetch_entry(lay, e))
+                sec(cost[e][n])
         self.expert_calls += len(experts)
         self.expert_accesses += tokens
         if cache is None:
             self.cache_access[l] += tokens  # no slots: every access misses
         compute = self.streams.get(self.compute_id) or self.stream(self.compute_id)
-        return self._book_block(compute, router_at, hit_s, misses)  # misses in first-use order
+        return self._book_block(compute, router_at, hit_s, misses, secs)  # misses in first-use order

@@ -77,6 +77,8 @@ class _Path:
 
     def __post_init__(self) -> None:
         self.key_set = frozenset(self.keys)
+        # each link and shared bandwidth crossed once (simulator.step_ahead books runs of copies)
+        self.crosses_once = len(self.key_set) == len(self.keys) and len(set(self.link_ids)) == len(self.link_ids)
         self.shares: dict[_Path, bool] = {}  # other path -> whether it crosses one of ours (simulator.ahead)
 
 

@@ -12,6 +12,8 @@ with the same floats in the same order as the processes would.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from .ahead import COPIES, WAITING
 
 __all__ = ["StepAhead"]
@@ -43,6 +45,7 @@ class StepAhead:
         classify, ahead = self._classify, self._played_ahead
         link_bytes, link_busy = self.net.bytes, self.net.busy_s
         plan_miss = not self.reads_gates
+        due = [None, [], []]  # the misses' link bookings not yet added: (path, bytes, seconds), see _book_block
         for l in range(first, len(layers)):
             lay = layers[l]
             experts, tokens_of, gate = calls[l]
@@ -52,10 +55,13 @@ class StepAhead:
                 router_at = (free if free > t else t) + dense_s
                 compute.free_at_s = router_at
                 compute.busy_s += dense_s
-                end = self._lru_fetches(l, lay, experts, router_at, compute)
+                end = self._lru_fetches(l, lay, experts, router_at, compute, due)
                 wall[l] += end - t
                 t = end
                 continue
+            if due[0] is not None:  # the links of the layers before, before anything else books them
+                _account(link_bytes, link_busy, *due)
+                due = [None, [], []]
             if lay.cache is not None:  # K experts: the token's own ids at this layer, in rank order
                 refs = ([experts] if len(experts) == K else ids[:, l, :].tolist(),
                         None if gates is None else gates[:, l, :].tolist())
@@ -114,45 +120,63 @@ class StepAhead:
                     return t, l, (block, jobs, flags, router_at)
             wall[l] += end - t
             t = end
+        if due[0] is not None:
+            _account(link_bytes, link_busy, *due)
         return t, len(layers), None
 
-    def _lru_fetches(self, l: int, lay, experts: list[int], router_at: float, compute) -> float:
+    def _lru_fetches(self, l: int, lay, experts: list[int], router_at: float, compute, due: list) -> float:
         """Layer ``l`` of a one-token step whose experts are all fetched through an LRU cache
         or without one (``lay.lru_fetch``), its K distinct experts routed, nothing in flight
         or recorded: ``LRUCache.serve``, ``_classify_one`` and ``_played_ahead`` in one loop,
         with the same floats in the same order. The hits run on the compute stream at the
         router (their seconds added up in rank order), the misses are copied one after
-        another and each runs once in. Returns the layer's end."""
+        another and each runs once in (``due``: see :meth:`_book_block`). Returns the layer's end."""
         cache, table = lay.cache, lay.fetch_one
-        items, slots = (cache.items, cache.slots) if cache is not None else ((), 0)  # no cache: all miss
         hits = 0
         hit_s = None  # the block's seconds on the compute stream
-        misses = []
-        for e in experts:
-            entry = table[e] or self._fetch_entry(lay, e)
-            if e in items:
-                items.move_to_end(e)
-                hits += 1
-                hit_s = entry[0] if hit_s is None else hit_s + entry[0]
-                continue
-            if slots:
-                if len(items) >= slots:
-                    items.popitem(False)  # the least recently used
-                items[e] = None
-            misses.append((entry, entry[0]))  # copied in rank order, each its one-token kernel
+        if cache is None:  # every expert misses
+            misses = [table[e] or self._fetch_entry(lay, e) for e in experts]
+        else:
+            items, slots = cache.items, cache.slots
+            recent, evict = items.move_to_end, items.popitem
+            full = slots and len(items) >= slots  # a full cache stays full: each miss evicts one, loads one
+            misses = []
+            for e in experts:
+                entry = table[e] or self._fetch_entry(lay, e)
+                if e in items:
+                    recent(e)
+                    hits += 1
+                    hit_s = entry[0] if hit_s is None else hit_s + entry[0]
+                    continue
+                if full:
+                    evict(False)  # the least recently used
+                    items[e] = None
+                elif slots:
+                    items[e] = None
+                    full = len(items) >= slots
+                misses.append(entry)  # copied in rank order, each its one-token kernel
         K = len(experts)
         self.cache_access[l] += K
         if hits:
             self.cache_hit[l] += hits
         self.expert_calls += K
         self.expert_accesses += K
-        return self._book_block(compute, router_at, hit_s, misses)
+        return self._book_block(compute, router_at, hit_s, misses, None, due)
 
-    def _book_block(self, compute, router_at: float, hit_s: float | None, misses: list) -> float:
+    def _book_block(self, compute, router_at: float, hit_s: float | None, misses: list, secs: list | None = None,
+                    due: list | None = None) -> float:
         """Book a layer's block of cache hits (``hit_s`` seconds on the compute stream from the
-        router) and its misses (``(fetch entry, kernel seconds)`` in copy order: copied one after
-        another by the copy engine, each run once in), with the same floats in the same order as
-        the processes; returns the layer's end."""
+        router) and its misses (entries of :meth:`_fetch_entry` in copy order, ``secs`` their
+        kernels' seconds, default each entry's one-token kernel: copied one after another by
+        the copy engine, each run once in), with the same floats in the same order as the
+        processes; returns the layer's end.
+
+        A run of misses copied over one path books the path's links after the run
+        (:func:`_account`): each link's bytes and each shared bandwidth's busy seconds are
+        added up in copy order, from the value it had, as one ``+=`` per copy adds them. With
+        ``due`` (``[path, bytes, seconds]`` of a run booked before and not yet added), the run
+        goes on from there and is left in ``due``, for the caller to add before anything else
+        books a link."""
         end = router_at
         free, busy = compute.free_at_s, compute.busy_s
         if hit_s is not None:  # Stream.reserve(hit_s, ready_s=router_at)
@@ -163,14 +187,20 @@ class StepAhead:
             link_bytes, link_busy, bytes_moved = self.net.bytes, self.net.busy_s, self.bytes_moved
             engine_free = router_at
             run_tier, moved = None, 0.0  # bytes_moved[run_tier], added up in a local meanwhile
-            for (_one_s, dur, n_bytes, tier, link_ids, keys, latency_s), sec in misses:
+            run_path, ns, xs = (None, [], []) if due is None else due  # the run's path, its copies' bytes, busy seconds
+            add_n, add_x = ns.append, xs.append
+            for (_, dur, n_bytes, tier, path, latency_s), sec in zip(misses, _kernel_s(misses) if secs is None
+                                                                       else secs):
                 arrived = engine_free + dur
-                if link_ids is not None:  # Network.account(path, n_bytes, engine_free, arrived)
-                    for lid in link_ids:
-                        link_bytes[lid] += n_bytes
-                    x = arrived - engine_free - latency_s
-                    for k in keys:
-                        link_busy[k] += x
+                if path is not None:  # Network.account(path, n_bytes, engine_free, arrived), at the run's end
+                    if path is not run_path:
+                        if run_path is not None:
+                            _account(link_bytes, link_busy, run_path, ns, xs)
+                            ns, xs = [], []
+                            add_n, add_x = ns.append, xs.append
+                        run_path = path
+                    add_x(arrived - engine_free - latency_s)
+                    add_n(n_bytes)
                 if tier != run_tier:  # bytes_moved[tier] += n_bytes
                     if run_tier is not None:
                         bytes_moved[run_tier] = moved
@@ -184,21 +214,55 @@ class StepAhead:
                 if arrived > end:
                     end = arrived
             bytes_moved[run_tier] = moved
+            if due is not None:
+                due[0], due[1], due[2] = run_path, ns, xs
+            elif run_path is not None:
+                _account(link_bytes, link_busy, run_path, ns, xs)
         compute.free_at_s, compute.busy_s = free, busy
         return end
 
     def _fetch_entry(self, lay, e: int) -> tuple:
-        """Expert ``e``'s one-token fetch in ``lay`` for :meth:`_lru_fetches`: ``(seconds of its
-        kernel, seconds of the copy alone, bytes, source tier, link ids, shared bandwidths,
-        latency)``, the link ids None when the copy books no link; made once."""
-        copy = lay.copy_info[e]
-        if copy is None:
-            copy = lay.copy_info[e] = self._copy(lay.home[e], lay.copy_format[e])
-        path, n_bytes, dur, tier = copy
-        booked = n_bytes > 0 and path.keys
-        entry = lay.fetch_one[e] = (lay.cost[e][1], dur, n_bytes, tier, path.link_ids if booked else None,
-                                    path.keys, path.latency_s)
-        return entry
+        """Expert ``e``'s one-token fetch in ``lay`` for :meth:`_book_block`: ``(seconds of its
+        kernel, seconds of the copy alone, bytes, source tier, path, latency)``, the path None
+        when the copy books no link. Made for the whole layer at its first miss: experts with
+        the same home, copy format and price table share one entry."""
+        table, made = lay.fetch_one, {}
+        for x, key in enumerate(zip(lay.home, lay.copy_format, map(id, lay.cost))):
+            entry = made.get(key)
+            if entry is None:
+                path, n_bytes, dur, tier = self._copy(key[0], key[1])
+                booked = n_bytes > 0 and path.keys
+                entry = made[key] = (lay.cost[x][1], dur, n_bytes, tier, path if booked else None, path.latency_s)
+            table[x] = entry
+        return table[e]
+
+
+def _kernel_s(entries: list[tuple]):
+    """The one-token kernel seconds of :meth:`StepAhead._fetch_entry` entries, in order."""
+    return map(itemgetter(0), entries)
+
+
+def _account(link_bytes: dict, link_busy: dict, path, ns: list[float], xs: list[float]) -> None:
+    """``Network.account`` of a run of copies over ``path``, ``ns`` their bytes and ``xs`` their
+    busy seconds in copy order: each link's bytes and each bandwidth's seconds added up from
+    its own value in that order, as one ``+=`` per copy does."""
+    if not path.crosses_once:
+        for n_bytes, x in zip(ns, xs):  # a link or bandwidth crossed twice: each copy in turn
+            for lid in path.link_ids:
+                link_bytes[lid] += n_bytes
+            for k in path.keys:
+                link_busy[k] += x
+        return
+    for lid in path.link_ids:
+        v = link_bytes[lid]
+        for n_bytes in ns:
+            v += n_bytes
+        link_bytes[lid] = v
+    for k in path.keys:
+        v = link_busy[k]
+        for x in xs:
+            v += x
+        link_busy[k] = v
 
 
 def _recipe(block: dict[str, float], jobs: list, stream) -> tuple:
