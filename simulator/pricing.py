@@ -61,9 +61,9 @@ class Pricing:
         self._kv_plan: dict[int, float] = {}  # batch size -> KV bytes at the plan's context
         self._dense: dict[tuple[int, float, bool], dict[str, float]] = {}
         self._runners: dict[tuple[str, str, str], str] = {}
-        # a copy's host CPU work taken from the compute device's cores, by format (miss_compute_s);
+        # a copy's host CPU work taken from the compute device's cores, by (device, format) (miss_compute_s);
         # `steals`: whether there is any (the compute device is the host CPU, the engine states it)
-        self._miss_cpu: dict[str, float] = {}
+        self._miss_cpu: dict[tuple[str, str], float] = {}
         self.steals = self.compute_id == self.host_id and self.hw.devices[self.host_id].miss_host_cpu_s != (0.0, 0.0)
         self._tier = {m: mem.tier for m, mem in self.hw.memories.items()}  # memory -> "hbm", "dram", "nvme", ...
         self._nvme = frozenset(m for m, tier in self._tier.items() if tier == "nvme")
@@ -202,9 +202,10 @@ class Pricing:
         """Compute-device seconds one copy of a ``fmt`` expert takes from the compute: its host
         CPU work where the compute device is the host CPU (:func:`profiles.perf.miss_compute_s`,
         as the planner prices it); the bytes are :meth:`expert_bytes`'s (a nested low plane)."""
-        w = self._miss_cpu.get(fmt)
+        key = (self.compute_id, fmt)  # a pipeline's layers compute on their own devices
+        w = self._miss_cpu.get(key)
         if w is None:
-            w = self._miss_cpu[fmt] = miss_compute_s(self.hw.devices[self.compute_id], self.hw.devices[self.host_id],
+            w = self._miss_cpu[key] = miss_compute_s(self.hw.devices[self.compute_id], self.hw.devices[self.host_id],
                                                      self.expert_bytes(fmt))
         return w
 
