@@ -14,8 +14,8 @@ frequency rank:
 - ranks ``[q, E)`` hold the high plane alone (``high``) and run on it: b4 quality, nothing
   moves.
 
-Each nestable format the layer may use (in ``Setup.formats``, and both it and its high
-plane's format run on the compute device) gets its own options, so a layer may nest int8
+Each nestable format the layer may use (it and its high plane's format both in
+``Setup.formats`` and runnable on the compute device: :func:`nested_formats`) gets its own options, so a layer may nest int8
 (hot int8 / cold int4) or int4 (hot int4 / cold int2), never both in one layer.
 
 With :func:`profiles.nested.nested_use` as the price of each choice (the simulator's too),
@@ -52,13 +52,11 @@ NESTED_MODE = MODES.index("nested")
 
 
 def nested_formats(s: Setup) -> tuple[str, ...]:
-    """The nestable formats (:data:`profiles.nested.NESTED`) this problem may choose: among its
-    candidate formats, with both the format and its high plane's runnable on the compute device."""
-    def judged(fmt: str) -> bool:  # the high plane's error is known (measured, or a constant)
-        return fmt in s.quant_error or (s.expert_error is not None and fmt in s.expert_error)
-
-    return tuple(f for f in NESTED if f in s.formats and s.runs(s.compute, f) and s.runs(s.compute, NESTED[f])
-                 and judged(NESTED[f]))
+    """The nestable formats (:data:`profiles.nested.NESTED`) this problem may choose: the format
+    and its high plane's both among the candidate formats (``--formats``: a user who did not
+    list int2 gets no expert at int2's quality) and both runnable on the compute device."""
+    return tuple(f for f in NESTED if f in s.formats and NESTED[f] in s.formats
+                 and s.runs(s.compute, f) and s.runs(s.compute, NESTED[f]))
 
 
 def offers_nested(s: Setup, layer: int) -> bool:

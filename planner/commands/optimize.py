@@ -77,7 +77,7 @@ __all__ = ["optimize_cmd"]
               "in plan.json, so simulate and export price the same. Default off: the CPU and the link price apart.")
 @click.option("--nested", is_flag=True,
               help="Offer nested experts: int8 stored as two int4 planes, int4 as two 2-bit planes (where --formats "
-              "holds them): per layer the hot experts hold both planes on the GPU, the next fetch their low plane from "
+              "lists the format and its half: int8 with int4, int4 with int2): per layer the hot experts hold both planes on the GPU, the next fetch their low plane from "
               "host memory at each use, the cold ones run on their high plane alone at int4 (int2) quality (plan.json "
               "planes); engines whose profile says nested.")
 @click.option("--miss-copy", "miss_copy", default=None, metavar="FORMAT:GATE",
