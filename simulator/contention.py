@@ -166,44 +166,48 @@ class Contention:
                 order += 1
                 heapq.heappush(timers, (t + max(end - t, 0.0), order, None, act, (_BACK, p_back)))
 
-        for dev, sec in block.items():  # as _start: reserved at the router, waited for by a timeout
-            end = stream(dev).reserve(sec)
-            ends.append(now + max(end - now, 0.0))
-        for job in jobs:  # processes in job order: the first fetch holds the copy engine
-            if job[0] == "local":
-                transfer(job[5][0], job[5][2], now, (_COMPUTED, job))
-        if copies:
-            copy(0, now)
-        while timers or wake_at < math.inf:
-            if timers and timers[0][0] < wake_at:
-                t, _, path, n_bytes, then = heapq.heappop(timers)
-                if path is None:  # the results go back: a transfer of their own
-                    transfer(then[1], n_bytes, t, (_DONE,))
-                else:
-                    flow(path, n_bytes, t, then)
-                continue
-            if timers and timers[0][0] == wake_at:
-                raise _GiveUp  # a transfer starts as another finishes: SimPy's event order decides
-            t = wake_at
-            advance(t)  # Network.close_flows: a flow is done with under a nanosecond of work left
-            finished = [f for f in flows if f[1] <= f[2] * 1e-9]
-            if len(finished) > 1:
-                raise _GiveUp  # the network's set of flows decides their order
-            for f in finished:
-                flows.remove(f)
-                for k in f[0]:
-                    active[k] -= 1
-                    if not active[k]:
-                        del active[k]
-            reflow(t)
-            for f in finished:
-                arrived(f[3], t)
-        net._last_s = last_s
-        net._version += reflows
-        end = max(ends)
-        if now + (end - now) != end:
-            raise _GiveUp  # the step's clock could not land on the layer's end
-        return end
+        try:
+            for dev, sec in block.items():  # as _start: reserved at the router, waited for by a timeout
+                end = stream(dev).reserve(sec)
+                ends.append(now + max(end - now, 0.0))
+            for job in jobs:  # processes in job order: the first fetch holds the copy engine
+                if job[0] == "local":
+                    transfer(job[5][0], job[5][2], now, (_COMPUTED, job))
+            if copies:
+                copy(0, now)
+            while timers or wake_at < math.inf:
+                if timers and timers[0][0] < wake_at:
+                    t, _, path, n_bytes, then = heapq.heappop(timers)
+                    if path is None:  # the results go back: a transfer of their own
+                        transfer(then[1], n_bytes, t, (_DONE,))
+                    else:
+                        flow(path, n_bytes, t, then)
+                    continue
+                if timers and timers[0][0] == wake_at:
+                    raise _GiveUp  # a transfer starts as another finishes: SimPy's event order decides
+                t = wake_at
+                advance(t)  # Network.close_flows: a flow is done with under a nanosecond of work left
+                finished = [f for f in flows if f[1] <= f[2] * 1e-9]
+                if len(finished) > 1:
+                    raise _GiveUp  # the network's set of flows decides their order
+                for f in finished:
+                    flows.remove(f)
+                    for k in f[0]:
+                        active[k] -= 1
+                        if not active[k]:
+                            del active[k]
+                reflow(t)
+                for f in finished:
+                    arrived(f[3], t)
+            net._last_s = last_s
+            net._version += reflows
+            end = max(ends)
+            if now + (end - now) != end:
+                raise _GiveUp  # the step's clock could not land on the layer's end
+            return end
+        finally:  # the helpers above refer to each other (a reference cycle per layer, left to the
+            # garbage collector otherwise: most of its work in a long one-token replay)
+            advance = reflow = transfer = flow = copy = arrived = None  # noqa: F841
 
 
 # what an arrival starts (Contention._replay)
