@@ -154,3 +154,18 @@ def test_plan_json_carries_the_copies_and_refuses_bad_ones(both, tmp_path):
         with pytest.raises(InputError, match=r"prefill_copies\[0\]") as err:
             load_plan(tmp_path / "bad.json")
         assert "\n" not in str(err.value)
+
+
+def test_prefill_copy_counts():
+    """The split points a prefill site is priced at: every count of a layer's CPU experts on
+    small layers, 16 steps on wide ones (ceil(E j / 16)), all of them only under DRAM contention."""
+    from types import SimpleNamespace
+
+    def setup(E: int, contention: bool = False):
+        return SimpleNamespace(stats=SimpleNamespace(num_experts=E), dram_contention=contention)
+
+    assert planner_costs.prefill_copy_counts(setup(8)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert planner_costs.prefill_copy_counts(setup(256)) == list(range(16, 257, 16))
+    assert planner_costs.prefill_copy_counts(setup(60)) == [4, 8, 12, 15, 19, 23, 27, 30, 34, 38, 42, 45, 49, 53,
+                                                            57, 60]
+    assert planner_costs.prefill_copy_counts(setup(256, contention=True)) == [256]
