@@ -152,3 +152,16 @@ def test_engines_that_cannot_drop_say_so(case, tmp_path):
     out = render_engines(plan, str(directory / "config.json"), str(hw_path), tmp_path, trace=trace)
     assert out.files == () and set(out.skipped) == {"llama.cpp", "accelerate"}
     assert all("drops 1 experts" in why for why in out.skipped.values())
+
+
+@pytest.mark.parametrize("command", ["optimize", "simulate"])
+def test_task_without_a_trace_is_one_line(command, run_cli, tmp_path, default_optimize):
+    """--task names a task inside --trace's file: without --trace it was silently ignored
+    (the plan came from the model's default workload, not the task's routing)."""
+    args = ["optimize", "--task", "summary"]
+    if command == "simulate":
+        args = ["simulate", "--plan", default_optimize.plan.save(tmp_path / "plan.json"), "--task", "summary"]
+    res = run_cli(*args)
+    assert res.exit_code == 1, res.output
+    assert "--task" in res.output and "--trace" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -203,7 +203,7 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     if one_gpu and parallel in ("ep", "pipeline"):
         raise InputError("--policy, --fix-*, --prefetch and --eviction plan one GPU with offloading", key="--parallel",
                          value=parallel, fix="use --parallel offload (or auto)")
-    trace = load_trace(trace_path, task) if trace_path else None
+    trace = load_trace(trace_path, task)
     if trace is None and any(critical_sets) and not one_gpu and parallel != "offload":
         from profiles.workload.defaults import default_workload
 

@@ -188,10 +188,19 @@ def given_options(func: Callable) -> Callable:
     return func
 
 
-def load_trace(path: str, task: str | None):
+def load_trace(path: str | None, task: str | None):
+    """The routing trace at ``path`` (``task`` inside a multi-task file); None without a path.
+
+    ``--task`` without ``--trace`` is refused: it names a task of the trace file, and a plan
+    from the model's default workload would not be the task's."""
     from profiles.workload.importers import load_workload
     from profiles.workload.trace import Trace
 
+    if path is None:
+        if task:
+            raise InputError("--task names a task inside a --trace file; no --trace was given", key="--task",
+                             value=task, fix="add --trace FILE (a multi-task trace, e.g. ESFT's), or drop --task")
+        return None
     workload = load_workload(path, task)
     if not isinstance(workload, Trace):
         raise InputError("an aggregate workload has no per-token routing to measure cache hit rates on", file=path,

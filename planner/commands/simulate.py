@@ -53,7 +53,9 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
         warnings.append(f"hardware {hw.name} differs from the profile the plan was made for")
     spec = load_model(model or plan.inputs.model)
     warnings += check_plan(plan, hw, spec, file=plan_path)
-    trace = load_trace(trace_path, task) if trace_path else _default_trace(spec)
+    trace = load_trace(trace_path, task)
+    if trace is None:
+        trace = _default_trace(spec)
     if (trace.num_layers, trace.num_experts) != (len(plan.layers), spec.num_experts):
         raise InputError("the trace does not fit the plan's model", file=trace_path, key="expert_ids",
                          value=f"{trace.num_layers} MoE layers x {trace.num_experts} experts",
