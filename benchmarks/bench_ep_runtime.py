@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from _provenance import provenance  # noqa: E402  benchmarks/ is on sys.path when a script runs
 
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo  # noqa: E402
+from planner.plan import Inputs, Plan, SolverInfo  # noqa: E402
+from planner.plan_layer import LayerPlan  # noqa: E402
 from profiles.engines import load_engine  # noqa: E402
 from profiles.hardware import load_profile  # noqa: E402
 from profiles.models import load_model  # noqa: E402

@@ -176,7 +176,7 @@ def compare_pipeline(setup_for, budget: float | None, req, inputs) -> dict:
 
     from .multi_gpu import pipeline_baseline_plan
     from .options import keeps_critical
-    from .plan import digest
+    from .plan_digest import digest
 
     out = {}
     for name, fn in PIPELINE_BASELINES.items():

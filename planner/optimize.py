@@ -30,7 +30,8 @@ from .miss_copy_options import copy_shares
 from .prefill_sites import with_prefill_choice
 from .nested_options import offers_nested, rows_in
 from .multi_gpu import node_gpus, plan_multi_gpu
-from .plan import Inputs, Plan, SolverInfo, digest, model_digest, workload_digest
+from .plan import Inputs, Plan, SolverInfo
+from .plan_digest import digest, model_digest, workload_digest
 from .plan_assembly import assemble_plan, option_rows
 from .workload_view import PlanningStats, planning_stats
 

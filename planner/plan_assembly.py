@@ -17,7 +17,8 @@ from . import __version__
 from .costs import MODES, prefill_s, step_time
 from .energy import step_energy_j
 from .format_tiers import tier_masks
-from .plan import LayerPlan, MemoryUse, MissCopy, Plan
+from .plan import MemoryUse, Plan
+from .plan_layer import LayerPlan, MissCopy
 from .prefill_sites import prefill_copies
 from .task import dropped_note
 

@@ -30,7 +30,8 @@ from profiles.models import ModelSpec
 from profiles.nested import nested_use
 from profiles.units import format_size
 
-from .plan import Plan, digest, model_digest
+from .plan import Plan
+from .plan_digest import digest, model_digest
 
 __all__ = ["check_plan"]
 

@@ -80,7 +80,7 @@ class QualityFile(BaseModel):
 
     schema_: Literal["moe-planner/quality/1"] = Field(alias="schema")
     model: str  # the planner's model name for the checkpoint (profiles.models.load_model)
-    model_digest: str  # planner.plan.model_digest of that spec
+    model_digest: str  # planner.plan_digest.model_digest of that spec
     checkpoint: str
     formats: list[str]
     metric: str

@@ -26,7 +26,8 @@ import pytest
 
 from planner.costs import MODES, fixed_costs, option_costs, step_time
 from planner.optimize import make_setup
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo, load_plan
+from planner.plan import Inputs, Plan, SolverInfo, load_plan
+from planner.plan_layer import LayerPlan
 from planner.workload_view import planning_stats
 from profiles.dram import copy_factor
 from profiles.engines import load_engine

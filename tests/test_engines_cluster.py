@@ -159,7 +159,7 @@ def test_exporters_import_no_planner_internals():
     code = ("import sys, exporters.engines.sglang, exporters.engines.vllm, exporters.engines.exflow; "
             "print(sorted(m for m in sys.modules if m.startswith('planner.') or m == 'pulp'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['planner.plan']"
+    assert out.strip() == "['planner.plan', 'planner.plan_layer']"  # the Plan contract only
 
 
 def test_module_cli_bad_plan_is_one_line(tmp_path):

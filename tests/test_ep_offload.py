@@ -15,7 +15,8 @@ import pytest
 
 from planner.cluster import ClusterRequest, plan_cluster
 from planner.costs import QUANT_ERROR
-from planner.plan import GpuCache, load_plan
+from planner.plan import load_plan
+from planner.plan_layer import GpuCache
 from planner.plan_check import check_plan
 from planner.workload_view import planning_stats
 from profiles.errors import InputError

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo
+from planner.plan import Inputs, Plan, SolverInfo
+from planner.plan_layer import LayerPlan
 from profiles.errors import InputError
 from profiles.hardware import load_profile
 from profiles.models import load_model

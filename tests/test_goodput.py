@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo
+from planner.plan import Inputs, Plan, SolverInfo
+from planner.plan_layer import LayerPlan
 from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.hardware import HardwareProfile

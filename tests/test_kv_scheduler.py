@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo
+from planner.plan import Inputs, Plan, SolverInfo
+from planner.plan_layer import LayerPlan
 from profiles.engine_kv import KVCacheSpec
 from profiles.engines import load_engine
 from profiles.errors import InputError

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from planner.optimize import OptimizeRequest, optimize
-from planner.plan import MissCopy, load_plan
+from planner.plan import load_plan
+from planner.plan_layer import MissCopy
 from planner.plan_check import check_plan
 from profiles.errors import InputError
 from profiles.hardware import load_profile

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from planner.costs import QUANT_ERROR
-from planner.plan import model_digest
+from planner.plan_digest import model_digest
 from profiles.formats import get_format
 from profiles.models import load_model
 from profiles.quality import SCHEMA, file_digest

@@ -11,7 +11,8 @@ import pytest
 import simpy
 
 from planner.optimize import OptimizeRequest, optimize
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo
+from planner.plan import Inputs, Plan, SolverInfo
+from planner.plan_layer import LayerPlan
 from profiles.errors import InputError
 from profiles.engines import load_engine
 from profiles.hardware import load_profile

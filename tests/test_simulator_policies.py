@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ESFT, needs_esft
-from planner.plan import Inputs, LayerPlan, Plan, SolverInfo
+from planner.plan import Inputs, Plan, SolverInfo
+from planner.plan_layer import LayerPlan
 from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.perf import expert_call_s

@@ -135,7 +135,7 @@ def test_a_model_file_at_another_path_gives_the_same_plan(tmp_path):
     passes the plan check without a warning."""
     import dataclasses
 
-    from planner.plan import digest
+    from planner.plan_digest import digest
     from planner.plan_check import check_plan
     from profiles.hardware import load_profile
     from profiles.models import BUNDLED_DIR as MODELS_DIR

@@ -31,7 +31,8 @@ from planner.costs import (
     step_time,
 )
 from planner.pipeline_costs import hop_matrix, node_gpus, pipeline_step_s
-from planner.plan import Plan, workload_digest
+from planner.plan import Plan
+from planner.plan_digest import workload_digest
 from profiles.engines import load_engine
 from profiles.errors import InputError
 from profiles.formats import all_formats, default_quant_error

@@ -26,7 +26,8 @@ from profiles.workload.trace import Trace
 
 from ..costs import QUANT_ERROR
 from ..eplb import PLACEMENTS
-from ..plan import Inputs, Plan, SolverInfo, digest, model_digest, workload_digest
+from ..plan import Inputs, Plan, SolverInfo
+from ..plan_digest import digest, model_digest, workload_digest
 from ..eplb import eplb_speed_aware
 from .bound import traffic_bound
 from .layout_plan import plan_from_placement

@@ -12,7 +12,8 @@ import numpy as np
 from profiles.hardware import Hardware
 from profiles.models import ModelSpec
 
-from ..plan import Inputs, LayerPlan, MemoryUse, Plan, SolverInfo
+from ..plan import Inputs, MemoryUse, Plan, SolverInfo
+from ..plan_layer import LayerPlan
 from .attention import AttentionShares
 from .quality import FormatChoice
 from .topology import Topology

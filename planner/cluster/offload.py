@@ -63,7 +63,8 @@ from profiles.workload.trace import Trace
 
 from ..costs import MODES, Setup, fixed_costs, option_costs, option_time
 from ..ilp import build_problem, solve
-from ..plan import GpuCache, Inputs, LayerPlan, MemoryUse, Plan, SolverInfo
+from ..plan import Inputs, MemoryUse, Plan, SolverInfo
+from ..plan_layer import GpuCache, LayerPlan
 from ..setup import runnable_formats
 from ..workload_view import planning_stats
 from .topology import Topology

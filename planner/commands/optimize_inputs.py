@@ -83,7 +83,7 @@ def load_quality(path: str | None, spec, critical: str | None, candidates: tuple
         return {"errors": None, "digest": None, "critical": ()}
     from profiles.quality import check_matches, error_table, file_digest, load_quality, super_experts
 
-    from ..plan import model_digest
+    from ..plan_digest import model_digest
 
     q = load_quality(path)
     check_matches(q, path, model_name=spec.name, model_digest=model_digest(spec), num_layers=spec.num_moe_layers,

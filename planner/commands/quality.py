@@ -66,7 +66,7 @@ def measure(checkpoint_dir: Path, prompts_file: Path, generate_tokens: int, form
     from profiles.models import load_model as load_spec
     from profiles.workload.recorder import read_prompts
 
-    from ..plan import model_digest
+    from ..plan_digest import model_digest
 
     check_output_path(out_path, "--out", force=force)
     wanted = tuple(f.strip() for f in formats.split(",") if f.strip())

@@ -43,7 +43,7 @@ def plan_inputs(plan, hardware: str | None, model: str | None, trace_path: str |
     from profiles.models import load_model
 
     from ..optimize import _default_trace
-    from ..plan import digest, workload_digest
+    from ..plan_digest import digest, workload_digest
     from ..plan_check import check_plan
     from .optimize_inputs import load_trace
 
