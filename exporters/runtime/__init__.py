@@ -28,11 +28,12 @@ from .cache import POLICIES, ExpertCache, register_policy
 from .checkpoint import read_config
 from .devices import read_device_map, resolve_devices
 from .errors import RuntimeInputError
-from .kernels import build_kernels, expert_template
+from .kernels import build_kernels
 from .metrics import MetricsRecorder
 from .planfile import LayerSpec, RuntimePlan, parse_plan, read_plan
 from .runtime import PlannedRuntime, load_planned_model, load_routing, verify_bundle
 from .store import PlannedExperts
+from .templates import expert_template
 
 __all__ = [
            "POLICIES",

@@ -10,7 +10,7 @@ load with onnxruntime's quantiser, in the experts' layout (quant.py), so the mod
 what the plan counts:
 
 - ``nn.Linear`` -> :class:`QuantLinear`: on a CPU compute device a pre-packed MatMulNBits
-  session (kernels.CpuMatMulKernel); on a GPU the weights are unpacked
+  session (sessions.CpuMatMulKernel); on a GPU the weights are unpacked
   (quant.dequantize) right before each matmul;
 - ``nn.Embedding`` -> :class:`QuantEmbedding`: only the rows looked up are unpacked.
 
@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from .formats import dequantize, quantize
-from .kernels import CpuMatMulKernel, matmul_template
 from .planfile import QUANT_FORMATS, STORED_FORMATS
+from .sessions import CpuMatMulKernel
+from .templates import matmul_template
 
 __all__ = ["QuantEmbedding", "QuantLinear", "quantise_dense"]
 

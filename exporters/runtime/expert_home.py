@@ -10,10 +10,12 @@ from typing import Any
 import torch
 
 from .formats import dequantize
-from .kernels import CpuLayerKernel, Kernels, float_arrays, weight_inputs
+from .kernels import Kernels
 from .metrics import MetricsRecorder
 from .nested import assemble, dequantize_high
 from .planfile import FLOAT_FORMATS, LayerSpec
+from .sessions import CpuLayerKernel
+from .templates import float_arrays, weight_inputs
 
 __all__ = ["HIGH_PLANE", "HIGH_PLANES", "ExpertHome", "ExpertWeights", "high_plane"]
 
@@ -69,7 +71,7 @@ class ExpertWeights:
                 dequantize(self.tensors, "down", self.fmt, inter).to(dtype))
 
     def numpy_inputs(self) -> dict[str, Any]:
-        """The CPU kernel's inputs (see kernels.weight_inputs)."""
+        """The CPU kernel's inputs (see templates.weight_inputs)."""
         if self.fmt in FLOAT_FORMATS:
             return float_arrays(self.tensors["gate_up"], self.tensors["down"])
         return {name: self.tensors[name].numpy() for name in weight_inputs(self.fmt)}

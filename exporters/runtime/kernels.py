@@ -1,40 +1,20 @@
-"""ONNX expert kernels: one template per (format, shape), the quantised weights, and the
-ONNX Runtime sessions that run CPU experts.
-
-Legend: T = tokens routed to the expert, H = hidden size, I = expert intermediate size.
-
-An expert is ``y = down(silu(x @ gate^T) * (x @ up^T))``. Its ONNX template takes
-``x [T, H]`` and the expert's weights as graph inputs and returns ``y [T, H]``:
-
-- float formats (``fp32``/``bf16``/``fp16``; the CPU computes them in float32):
-  ``MatMul(x, gate_up.t [H, 2I])`` ... ``MatMul(h, down.t [I, H])``;
-- ``int8``/``int4``: the same graph passed through onnxruntime's ``MatMulNBitsQuantizer``,
-  which turns each MatMul into ``MatMulNBits`` (inputs ``*.q``, ``*.scales``, ``*.zp``).
-
-Two ways to run them, both ONNX Runtime on the CPU:
-
-- :class:`CpuLayerKernel`, for the CPU experts of one layer held in host memory: one
-  session per layer whose graph holds one copy of the template per expert, the weights
-  given as initializers (``SessionOptions.add_external_initializers``) so ORT pre-packs them
-  once; one ``run`` per layer step computes every CPU expert of the step.
-- :class:`CpuStreamKernel`, for CPU experts homed on disk: the template itself, the weights
-  read on demand and fed as inputs (no pre-packing, slower per call, no resident copy).
-
-:class:`CpuMatMulKernel` runs one int8/int4 dense matrix (:func:`matmul_template`, see
-dense.py) the way :class:`CpuLayerKernel` runs experts.
+"""The ``kernels/`` directory of a bundle: ONNX expert templates by format (:mod:`.templates`),
+the quantised weights, and a manifest that ties them to one plan.
 
 :func:`build_kernels` writes ``kernels/``: ``manifest.json``, one template per format and
 ``weights/moe{l}.safetensors`` with every quantised expert of MoE layer ``l``
 (``{e}.gate_up.q`` ...), quantised once with onnxruntime's quantiser; float experts are
-read from the checkpoint itself.
+read from the checkpoint itself. :class:`Kernels` reads it back, checked against a plan.
+
+The sessions that run CPU experts live in :mod:`.sessions`. The engine probe
+(``exporters/engine_probe*.py``) times the runtime's own kernels through this module's names,
+so the sessions' and templates' public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,14 +23,13 @@ import numpy as np
 
 from .checkpoint import ExpertSource, read_config
 from .errors import RuntimeInputError
-from .formats import UNPACK_FORMATS, quantize, tensor_names
+from .formats import UNPACK_FORMATS, quantize
 from .nested import plane_names, split_matrix
-from .planfile import FLOAT_FORMATS, QUANT_FORMATS, STORED_FORMATS, RuntimePlan, parse_plan, read_plan
-from .quant import (
-    QUANT_SPECS,
-    block_size_for,
-    quantizer_module,
-)
+from .planfile import QUANT_FORMATS, STORED_FORMATS, RuntimePlan, parse_plan, read_plan
+from .quant import QUANT_SPECS, block_size_for
+# the engine probe (exporters/engine_probe*.py) imports these from here
+from .sessions import CACHED_EXPERT_THREADS, CpuLayerKernel, CpuMatMulKernel, CpuStreamKernel, default_threads
+from .templates import ACTIVATIONS, expert_template, float_arrays, kernel_format, matmul_template, weight_inputs
 from .tensorfile import TensorFile, read_tensors
 
 __all__ = [
@@ -62,6 +41,7 @@ __all__ = [
     "CpuStreamKernel",
     "Kernels",
     "build_kernels",
+    "default_threads",
     "expert_template",
     "float_arrays",
     "kernel_format",
@@ -70,236 +50,7 @@ __all__ = [
 ]
 
 KERNELS_FORMAT_VERSION = 1
-ACTIVATIONS = ("silu",)
-OPSET = 18  # Split with num_outputs
 _FIX_REBUILD = "rebuild them with build_kernels(plan, checkpoint, out_dir) (planner export does this)"
-
-
-def kernel_format(fmt: str) -> str:
-    """Template family of a plan format: ``float`` for fp32/bf16/fp16, else the format."""
-    return "float" if fmt in FLOAT_FORMATS else fmt
-
-
-def weight_inputs(fmt: str) -> tuple[str, ...]:
-    """Names of the weight inputs of a template (and of the arrays a CPU kernel takes)."""
-    kfmt = kernel_format(fmt)
-    if kfmt == "float":
-        return ("gate_up.t", "down.t")
-    return tensor_names("gate_up", kfmt) + tensor_names("down", kfmt)
-
-
-def float_arrays(gate_up, down) -> dict[str, np.ndarray]:
-    """A float expert's CPU kernel inputs from HF tensors ``gate_up [2I, H]``, ``down [H, I]``."""
-    import torch
-
-    def t(w):
-        return np.ascontiguousarray(w.detach().to("cpu", torch.float32).numpy().T)
-
-    return {"gate_up.t": t(gate_up), "down.t": t(down)}
-
-
-def expert_template(fmt: str, hidden: int, inter: int, activation: str = "silu"):
-    """The ONNX model of one expert in ``fmt``, weights as graph inputs (see module docstring)."""
-    from onnx import helper
-
-    if activation not in ACTIVATIONS:
-        raise RuntimeInputError("expert activation not supported by the ONNX kernels", key="hidden_act",
-                                value=activation, expected=" | ".join(ACTIVATIONS), fix="use a SwiGLU (silu) model")
-    H, I = hidden, inter
-    nodes = [
-        helper.make_node("MatMul", ["x", "gate_up"], ["gu"], name="gate_up"),
-        helper.make_node("Split", ["gu"], ["gate", "up"], name="split", axis=1, num_outputs=2),
-        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
-        helper.make_node("Mul", ["gate", "sig"], ["act"], name="silu"),
-        helper.make_node("Mul", ["act", "up"], ["h"], name="glu"),
-        helper.make_node("MatMul", ["h", "down"], ["y"], name="down"),
-    ]
-    model = _template(f"expert_{fmt}_h{H}_i{I}", nodes, H, H, {"gate_up": (H, 2 * I), "down": (I, H)}, fmt)
-    missing = set(weight_inputs(fmt)) - {v.name for v in model.graph.input}
-    if missing:
-        raise RuntimeError(f"{fmt} template lacks inputs {sorted(missing)}")
-    return model
-
-
-def matmul_template(fmt: str, k: int, n: int):
-    """The ONNX model of one int8/int4 matrix: ``y [T, N] = x [T, K] @ W^T`` as ``MatMulNBits``
-    with inputs ``x`` and ``w.q``, ``w.scales`` (``w.zp``), the layout of
-    ``quant.quantize_matrix(W, fmt, "w")`` (dense weights at a quantised ``dense_format``)."""
-    from onnx import helper
-
-    if fmt not in QUANT_FORMATS:
-        raise ValueError(f"matmul_template takes int8 or int4, not {fmt}")
-    return _template(f"matmul_{fmt}_k{k}_n{n}", [helper.make_node("MatMul", ["x", "w"], ["y"], name="w")], k, n,
-                     {"w": (k, n)}, fmt)
-
-
-def _template(name: str, nodes: list, x_dim: int, y_dim: int, weights: Mapping[str, tuple[int, int]], fmt: str):
-    """A graph ``x [T, x_dim] -> y [T, y_dim]`` whose MatMul weights (initializer = node name
-    -> ``[K, N]``) become graph inputs: ``{w}.t`` in float formats, else the MatMulNBits
-    tensors onnxruntime's quantiser makes of them, renamed as :func:`quant.quant_names`."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)  # any values: only the graph is kept, not the weights
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", x_dim])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", y_dim])],
-                              [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), w)
-                               for w, shape in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="moe-planner")
-    kfmt = kernel_format(fmt)
-    if kfmt == "float":
-        rename = {w: f"{w}.t" for w in weights}
-    else:
-        q = quantizer_module()
-
-        spec = QUANT_SPECS[kfmt]
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-        # each MatMul quantised with the group size that fits its K
-        for w, (k, _) in weights.items():
-            config = q.DefaultWeightOnlyQuantConfig(block_size=block_size_for(k), is_symmetric=spec.symmetric,
-                                                    bits=spec.bits, accuracy_level=spec.accuracy_level,
-                                                    op_types_to_quantize=("NoSuchOp",))
-            quantizer = q.MatMulNBitsQuantizer(model, nodes_to_include=[w], algo_config=config)
-            quantizer.process()
-            model = quantizer.model.model
-        rename = {}
-        for w in weights:
-            rename[f"{w}_Q{spec.bits}"] = f"{w}.q"
-            rename[f"{w}_scales"] = f"{w}.scales"
-            rename[f"{w}_zero_points"] = f"{w}.zp"
-    # weights become graph inputs with the runtime's names
-    graph = model.graph
-    inputs = []
-    for init in graph.initializer:
-        if init.name not in rename:
-            raise RuntimeError(f"unexpected initializer {init.name} in the {fmt} template")  # a bug, not input
-        inputs.append(helper.make_tensor_value_info(rename[init.name], init.data_type, list(init.dims)))
-    del graph.initializer[:]
-    for node in graph.node:
-        for i, input_name in enumerate(node.input):
-            node.input[i] = rename.get(input_name, input_name)
-    graph.input.extend(sorted(inputs, key=lambda v: v.name))
-    onnx.checker.check_model(model)
-    return model
-
-
-# ----------------------------------------------------------------------------- sessions
-
-def _session_options(threads: int | None):
-    """Per-session intra-op pools that sleep instead of spinning between runs: torch's own
-    threads and the other layers' sessions share the cores (spinning pools measured up to
-    10x slower per decode step on a loaded 2-core machine)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads or 0
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return so
-
-
-def _session(nodes: list, inputs: list, outputs: list, weights: Mapping[str, tuple[int, np.ndarray]],
-             threads: int | None):
-    """A CPU session of ``nodes`` whose ``weights`` (name -> (elem type, array)) are in-memory
-    initializers: placeholders the session replaces with the arrays
-    (``SessionOptions.add_external_initializers``: no 2 GiB protobuf limit, no serialised
-    copy; ORT copies the arrays into the session and pre-packs them once, so the caller may
-    free its arrays once the session is built)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    inits, names, values = [], [], []
-    for name, (elem_type, array) in weights.items():
-        array = np.ascontiguousarray(array)
-        init = TensorProto(name=name, data_type=elem_type, dims=array.shape, data_location=TensorProto.EXTERNAL)
-        init.external_data.add(key="location", value="in-memory")
-        inits.append(init)
-        names.append(name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(array))
-    graph = helper.make_graph(nodes, "cpu_kernel", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    so = _session_options(threads)
-    so.add_external_initializers(names, values)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-class CpuLayerKernel:
-    """One ORT session computing the CPU experts of one layer, their weights pre-packed.
-
-    Args:
-        templates: format -> template model (:func:`expert_template`).
-        experts: expert id -> (format, weight arrays named as :func:`weight_inputs`).
-        threads: intra-op threads (0: ORT's default).
-    """
-
-    def __init__(self, templates: Mapping[str, Any], experts: Mapping[int, tuple[str, Mapping[str, np.ndarray]]],
-                 threads: int | None = None) -> None:
-        from onnx import TensorProto, helper
-
-        self.experts = sorted(experts)
-        hidden = None
-        nodes, inputs, outputs, weights = [], [], [], {}
-        for e in self.experts:
-            fmt, arrays = experts[e]
-            template = templates[kernel_format(fmt)].graph
-            hidden = template.input[0].type.tensor_type.shape.dim[1].dim_value
-            p = f"e{e}."
-            for node in template.node:
-                copy = helper.make_node(node.op_type, [p + n for n in node.input], [p + n for n in node.output],
-                                        name=p + node.name, domain=node.domain)
-                copy.attribute.extend(node.attribute)
-                nodes.append(copy)
-            for vi in template.input:
-                if vi.name == "x":
-                    inputs.append(helper.make_tensor_value_info(p + "x", TensorProto.FLOAT, [f"T{e}", hidden]))
-                else:
-                    weights[p + vi.name] = (vi.type.tensor_type.elem_type, arrays[vi.name])
-            outputs.append(helper.make_tensor_value_info(p + "y", TensorProto.FLOAT, [f"T{e}", hidden]))
-        self.session = _session(nodes, inputs, outputs, weights, threads)
-        self.hidden = hidden
-        self._empty = np.zeros((0, hidden or 0), np.float32)
-
-    def run(self, xs: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """expert id -> ``x [T_e, H]`` float32  =>  expert id -> ``y [T_e, H]``."""
-        feeds = {f"e{e}.x": np.ascontiguousarray(xs.get(e, self._empty), dtype=np.float32) for e in self.experts}
-        wanted = sorted(xs)
-        ys = self.session.run([f"e{e}.y" for e in wanted], feeds)
-        return dict(zip(wanted, ys))
-
-
-class CpuMatMulKernel:
-    """One int8/int4 matrix (:func:`matmul_template`) as a session, its weights pre-packed."""
-
-    def __init__(self, template: Any, arrays: Mapping[str, np.ndarray], threads: int | None = None) -> None:
-        graph = template.graph
-        weights = {vi.name: (vi.type.tensor_type.elem_type, arrays[vi.name]) for vi in graph.input if vi.name != "x"}
-        x = [vi for vi in graph.input if vi.name == "x"]
-        self.session = _session(list(graph.node), x, list(graph.output), weights, threads)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """``x [T, K]`` float32 -> ``y [T, N]``."""
-        return self.session.run(["y"], {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-class CpuStreamKernel:
-    """The template of one format as a session: weights fed with every call."""
-
-    def __init__(self, template: Any, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(template.SerializeToString(), _session_options(threads),
-                                            providers=["CPUExecutionProvider"])
-
-    def run(self, x: np.ndarray, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        feeds = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-        feeds["x"] = np.ascontiguousarray(x, dtype=np.float32)
-        return self.session.run(["y"], feeds)[0]
-
-
-# ----------------------------------------------------------------------------- kernels/ dir
 
 
 class Kernels:
@@ -460,15 +211,3 @@ def _sha256(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-# intra-op threads of a cached expert's own session, built on every miss and dropped on every
-# eviction: one, so that the session starts and joins no thread pool of its own (ONNX Runtime
-# gives each session with more threads a pool). On the 2-core dev machine under load, building
-# and dropping a 1.5 MiB int8 expert's session took 12-20 ms of wall time with a pool of two
-# threads and 2-11 ms with none, for 2-3 ms of CPU either way; a one-token call is no slower.
-# A cached expert's prefill call of many tokens runs on one core (resident experts keep all).
-CACHED_EXPERT_THREADS = 1
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

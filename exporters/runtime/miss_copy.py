@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from .expert_home import ExpertWeights
-from .kernels import weight_inputs
 from .metrics import MetricsRecorder
 from .planfile import LayerSpec
+from .templates import weight_inputs
 from .tensorfile import read_tensors
 
 __all__ = ["CopyHome", "copy_arrays", "copy_entry", "copy_experts"]

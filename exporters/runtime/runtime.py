@@ -28,19 +28,13 @@ from .dense import quantise_dense
 from .devices import decoder_layers, layer_placement, place_layers, resolve_devices
 from .errors import RuntimeInputError
 from .formats import UNPACK_FORMATS
-from .kernels import (
-    ACTIVATIONS,
-    CpuLayerKernel,
-    CpuStreamKernel,
-    Kernels,
-    build_kernels,
-    default_threads,
-    kernel_format,
-)
+from .kernels import Kernels, build_kernels
 from .metrics import MetricsRecorder
 from .planfile import QUANT_FORMATS, RuntimePlan, parse_plan, read_plan
 from .prefetch import Fetcher
+from .sessions import CpuLayerKernel, CpuStreamKernel, default_threads
 from .store import ExpertHome, Placeholder, PlannedExperts
+from .templates import ACTIVATIONS, kernel_format
 
 __all__ = ["DTYPES", "PlannedRuntime", "load_planned_model", "load_routing", "verify_bundle"]
 

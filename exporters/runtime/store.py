@@ -34,11 +34,12 @@ from torch import nn
 from .cache import ExpertCache
 from .expert_home import HIGH_PLANE, ExpertHome, ExpertWeights
 from .formats import UNPACK_FORMATS
-from .kernels import CACHED_EXPERT_THREADS, CpuLayerKernel, CpuStreamKernel, kernel_format
 from .metrics import MetricsRecorder
 from .nested import assemble
 from .planfile import QUANT_FORMATS, LayerSpec
 from .prefetch import Fetcher, Slot
+from .sessions import CACHED_EXPERT_THREADS, CpuLayerKernel, CpuStreamKernel
+from .templates import kernel_format
 
 # HIGH_PLANE, ExpertHome and ExpertWeights live in expert_home.py; named here as before
 __all__ = ["HIGH_PLANE", "ExpertHome", "ExpertWeights", "Placeholder", "PlannedExperts"]

@@ -76,7 +76,7 @@ def _ort_ffn_model(gate: np.ndarray, up: np.ndarray, down: np.ndarray, bits: int
 
 
 def _ort_session(model: bytes, ort, threads: int, weights: tuple[list[str], list] | None = None):
-    """A CPU session as the bundle runtime makes them (exporters/runtime/kernels.py): its own
+    """A CPU session as the bundle runtime makes them (exporters/runtime/sessions.py): its own
     intra-op pool of ``threads``, sleeping rather than spinning between runs, so that many
     expert sessions share the cores (spinning pools lose up to 10x on a busy 2-core box);
     ``weights`` (from :func:`_weights_outside`) are fed as in-memory external initializers,
