@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from planner.cluster import ClusterRequest, plan_cluster
-from planner.cluster.assemble import EP_ENGINE
+from planner.cluster.request import EP_ENGINE
 from profiles.engines import load_engine
 from profiles.hardware import load_profile
 from profiles.models import load_model

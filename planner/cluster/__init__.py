@@ -43,23 +43,16 @@ gap. The modules, in the order a plan is made:
 * :mod:`.attention`: each GPU's share of the sequences for data-parallel attention (fewer, or
   none, on slow GPUs), and :mod:`.slots`: fewer expert slots on slow GPUs, chosen with it;
 * :mod:`.layout_plan`: a placement to a :class:`~planner.plan.Plan`;
+* :mod:`.request`: what a cluster plan is asked for, checked, and whether EP applies;
 * :mod:`.assemble`: a request to a :class:`~planner.plan.Plan` and the baselines' plans;
 * :mod:`.render`: what `planner optimize` prints for it.
 """
 
-from .assemble import (
-    METHODS,
-    ClusterRequest,
-    ClusterResult,
-    cluster_applies,
-    default_redundant,
-    parallel_mode,
-    plan_cluster,
-    plan_from_placement,
-)
+from .assemble import METHODS, ClusterResult, plan_cluster, plan_from_placement
 from .metrics import placement_metrics
 from .placement import place_experts, place_for
 from .render import cluster_summary, render_cluster
+from .request import ClusterRequest, cluster_applies, default_redundant, parallel_mode
 from .topology import Topology, topology
 from .workload import expected_load, group_limited, sequence_loads, workload_arrays
 

@@ -1,6 +1,6 @@
-"""An expert-parallel plan from a request: load the inputs, pick the storage format that
-fits every GPU's memory, place the experts (ours and the baselines), and write each
-placement as a :class:`~planner.plan.Plan`.
+"""An expert-parallel plan from a request (:mod:`.request`): load the inputs, pick the storage
+format that fits every GPU's memory, place the experts (ours and the baselines), and write
+each placement as a :class:`~planner.plan.Plan`.
 
 Shape legend: L = MoE layers, E = routed experts, R = physical experts per layer (E plus
 the redundant copies), G = GPUs (EP ranks), N = nodes.
@@ -11,7 +11,6 @@ attention) + KV cache for ``batch_size`` sequences, within its HBM.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,115 +19,26 @@ import numpy as np
 
 from profiles.engines import load_engine
 from profiles.errors import InputError
-from profiles.hardware import Hardware, load_profile
-from profiles.models import ModelSpec, load_model
-from profiles.workload.trace import Trace
+from profiles.hardware import load_profile
+from profiles.models import load_model
 
-from ..costs import QUANT_ERROR
-from ..eplb import PLACEMENTS
+from ..eplb import PLACEMENTS, eplb_speed_aware
 from ..plan import Inputs, Plan, SolverInfo
 from ..plan_digest import digest, model_digest, workload_digest
-from ..eplb import eplb_speed_aware
 from .bound import traffic_bound
 from .layout_plan import plan_from_placement
 from .metrics import placement_metrics
 from .placement import place_for
-from .quality import FormatChoice, choose_formats, critical_share, quant_errors
+from .quality import FormatChoice, quant_errors
+from .request import RANKS, ClusterRequest, budget_of, check_redundant, default_redundant, formats_of, workload_of
 from .slots import attention_and_slots, trim_slots
 from .speed import gpu_speeds, tokens_per_call
 from .topology import Topology, topology
 from .workload import group_limited, workload_arrays
 
-__all__ = ["EP_ENGINE", "METHODS", "ClusterRequest", "ClusterResult", "cluster_applies", "default_redundant", "parallel_mode",
-           "plan_cluster", "plan_from_placement"]
+__all__ = ["METHODS", "ClusterResult", "plan_cluster", "plan_from_placement"]
 
 METHODS = ("ours", *PLACEMENTS)
-# Default redundancy: at least E / 8 extra physical experts (DeepSeek-V3 serves 256 experts
-# with 32 redundant ones on 32 prefill GPUs), rounded up so that E + R divides over the GPUs.
-REDUNDANT_FRACTION = 1 / 8
-# the engine an expert-parallel plan runs on unless the user names another: its export writes
-# SGLang (and vLLM) configs, and the bundle runtime runs single-node offload plans only
-EP_ENGINE = "sglang"
-RANKS = ("engine", "even", "shares", "uneven")  # ClusterRequest.ranks
-
-
-def default_redundant(num_experts: int, num_gpus: int) -> int:
-    """Smallest R - E >= E / 8 with E + (R - E) a multiple of the GPU count."""
-    r = math.ceil(num_experts * REDUNDANT_FRACTION)
-    return r + (-(num_experts + r)) % num_gpus
-
-
-def _check_redundant(redundant: int, num_experts: int, num_gpus: int) -> None:
-    if redundant < 0 or (num_experts + redundant) % num_gpus:
-        lo = redundant - (num_experts + redundant) % num_gpus
-        options = sorted({x for x in (lo, lo + num_gpus) if x >= 0})
-        raise InputError("experts plus redundant experts must divide evenly over the GPUs", key="--redundant-experts",
-                         value=redundant, expected=f"E + R a multiple of {num_gpus} GPUs (E = {num_experts})",
-                         fix="use " + " or ".join(str(x) for x in options))
-
-@dataclass(frozen=True)
-class ClusterRequest:
-    """Everything an expert-parallel plan takes.
-
-    Attributes:
-        hardware: profile name or YAML path (two or more GPUs, equal per node).
-        model: preset name or HF config path.
-        trace: routing trace; ``None``: the model's default workload.
-        redundant_experts: R - E; ``None``: :func:`default_redundant`.
-        group_limited: impose the model's group-limited routing on the workload (``None``:
-            when the model has ``n_group > 1``; a trace that obeys it is unchanged).
-        formats: storage formats to try for experts and dense weights: the first that meets
-            the quality budget and fits wins (:mod:`.quality`).
-        quality_budget: largest importance-weighted quantisation error of the experts (the
-            dense weights' error stays within it too); ``None``: the error of uniform int4.
-        critical: per MoE layer, experts kept at full precision (the least-error format).
-        quant_error: error per format (:data:`planner.costs.QUANT_ERROR`).
-        batch_size: sequences per GPU (data-parallel attention) the KV cache must hold.
-        context_tokens: context per sequence.
-        balance_slack: straggler load allowed above EPLB global's, in units of the mean load
-            (``None``: 0.01 on the sample, :data:`.placement.EXPECTED_SLACK` on the draws).
-        sweeps: passes over the layers.
-        time_limit_s: wall-clock safety net of the placement (the work is bounded by ``sweeps``;
-            reaching it is recorded in the plan as status "time limit").
-        seed: seed of the group-limited redraws and the bootstrap draws.
-        engine: engine profile the plan is priced for and recorded with, so the simulator
-            prices it the same way: the GPUs' expert speeds (:mod:`.speed`) are this engine's.
-            Default SGLang (:data:`EP_ENGINE`): an expert-parallel plan is exported as SGLang
-            and vLLM configs, and the bundle runtime does not run it.
-        plan_for: ``"expected"``: balance the load unseen tokens are expected to bring
-            (:func:`.workload.expected_load`: smoothed counts, bootstrap draws over sequences, replicas
-            for uncertain experts); ``"sample"``: balance the trace's own counts (fits its noise).
-        offload: when no format that meets the budget (critical experts at full precision)
-            fits the GPUs, plan expert parallelism with offload (:mod:`.offload`: each GPU's
-            experts resident, cached, CPU-run or streamed as one node plans them) instead of
-            refusing; ``planner optimize --parallel ep`` sets it.
-        ranks: how unequal the EP ranks' work may be: ``"even"`` every GPU the same
-            share of the sequences for data-parallel attention and S expert slots (what SGLang
-            and vLLM run); ``"shares"`` attention shares by speed (:mod:`.attention`; a router
-            in front of the DP ranks must send them), S slots; ``"uneven"`` also fewer slots on
-            slow GPUs (:mod:`.slots`); ``"engine"`` (default) what the plan's engine runs:
-            ``"uneven"`` where its profile states ``uneven_ranks``, else ``"even"``.
-    """
-
-    hardware: str = "cluster-h100-2node"
-    model: str = "deepseek-v3"
-    trace: Trace | None = None
-    redundant_experts: int | None = None
-    group_limited: bool | None = None
-    formats: tuple[str, ...] = ("bf16", "fp8", "int8", "int4")
-    batch_size: int = 8
-    context_tokens: int = 4096
-    balance_slack: float | None = None
-    sweeps: int = 2
-    time_limit_s: float = 300.0
-    seed: int = 0
-    plan_for: str = "expected"
-    engine: str = EP_ENGINE
-    quality_budget: float | None = None
-    critical: tuple[tuple[int, ...], ...] = ()
-    quant_error: dict[str, float] = field(default_factory=lambda: dict(QUANT_ERROR))
-    offload: bool = False
-    ranks: str = "engine"
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,81 +55,6 @@ class ClusterResult:
     workload: str
     timings_s: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _budget(req: ClusterRequest) -> float:
-    """The quality budget; ``None``: the error of uniform int4 (as ``planner optimize``)."""
-    return req.quality_budget if req.quality_budget is not None else req.quant_error.get("int4", QUANT_ERROR["int4"])
-
-
-def _check_trace(trace: Trace, model: ModelSpec) -> None:
-    if trace.num_experts not in (model.num_experts, model.num_experts + model.zero_experts.count) \
-            or trace.num_layers != model.num_moe_layers:
-        raise InputError("the workload does not match the model", key="--trace",
-                         value=f"{trace.num_layers} layers x {trace.num_experts} experts",
-                         expected=f"{model.num_moe_layers} MoE layers x {model.num_experts} experts ({model.name})",
-                         fix="record or synthesise a trace for this model (planner trace synth --model ...)")
-
-
-def _workload(trace: Trace | None, model: ModelSpec) -> Trace:
-    if trace is None:
-        from profiles.workload.defaults import default_workload
-
-        trace = default_workload(model)
-    _check_trace(trace, model)
-    return trace
-
-
-def _formats(req: ClusterRequest, model: ModelSpec, hw: Hardware, topo: Topology, slots: int,
-             trace: Trace | None) -> FormatChoice:
-    """The formats under ``req``'s budget and critical experts (``trace``: ``None`` loads the
-    model's default workload, only when there are critical experts to weigh)."""
-    share = critical_share(_workload(trace, model), model.num_experts, req.critical) if any(req.critical) else 0.0
-    return choose_formats(model, hw, topo, slots, req.formats, batch_size=req.batch_size,
-                          context_tokens=req.context_tokens, budget=_budget(req),
-                          errors=quant_errors(req.quant_error, req.formats), critical=req.critical, share=share)
-
-
-def parallel_mode(parallel: str, req: ClusterRequest) -> tuple[bool, str]:
-    """Whether ``planner optimize`` makes an expert-parallel plan for ``req``, and when
-    ``auto`` chose offloading on a profile EP could use, why (else ``""``).
-
-    ``ep``: always (:func:`plan_cluster` refuses what it cannot plan, or with
-    ``req.offload`` offloads per GPU); ``offload``: never;
-    ``auto``: when the engine runs expert-parallel plans, the profile has two or more GPUs, the same number on every node, and the
-    experts (with ``req.redundant_experts``, default :func:`default_redundant`) fit their
-    memory in a format that meets the quality budget with the critical experts at full
-    precision (:mod:`.quality`).
-    """
-    if parallel in ("ep", "offload"):
-        return parallel == "ep", ""
-    engine = load_engine(req.engine)
-    if not engine.runs_expert_parallel:
-        return False, f"expert parallelism not used: engine {engine.name} does not run expert-parallel plans"
-    _, hw = load_profile(req.hardware)
-    if len(hw.devices_of_kind("gpu")) < 2:
-        return False, ""
-    try:
-        topo = topology(hw)
-    except InputError:
-        return False, ""
-    spec = load_model(req.model)
-    E, G = spec.num_experts, topo.num_gpus
-    redundant = req.redundant_experts
-    if redundant is None or (E + redundant) % G:  # plan_cluster names a count that does not divide
-        redundant = default_redundant(E, G)
-    slots = (E + redundant) // G
-    choice = _formats(req, spec, hw, topo, slots, req.trace)
-    if choice.expert_format is not None:
-        return True, ""
-    return False, f"expert parallelism over {G} GPUs not used: {choice.reason}"
-
-
-def cluster_applies(parallel: str, hardware: str, model: str, formats: tuple[str, ...] = ClusterRequest.formats,
-                    batch_size: int = 8, context_tokens: int = 4096) -> bool:
-    """:func:`parallel_mode` at the default quality budget, without critical experts."""
-    return parallel_mode(parallel, ClusterRequest(hardware=hardware, model=model, formats=formats,
-                                                  batch_size=batch_size, context_tokens=context_tokens))[0]
 
 
 def _predicted(m: dict[str, Any]) -> dict[str, float]:
@@ -267,10 +102,10 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
     G, N = topo.num_gpus, topo.num_nodes
     E = model.num_experts
     redundant = default_redundant(E, G) if req.redundant_experts is None else req.redundant_experts
-    _check_redundant(redundant, E, G)
+    check_redundant(redundant, E, G)
     R = E + redundant
-    trace = _workload(req.trace, model) if any(req.critical) else req.trace  # only critical experts need it now
-    choice = _formats(req, model, hw, topo, R // G, trace)
+    trace = workload_of(req.trace, model) if any(req.critical) else req.trace  # only critical experts need it now
+    choice = formats_of(req, model, hw, topo, R // G, trace)
     offload = choice.expert_format is None and req.offload
     if choice.expert_format is None and not offload:
         raise choice.error(G, sum(len(c) for c in req.critical))
@@ -281,7 +116,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
                              expected=f"no redundant experts and a GPU count that divides {E} experts",
                              fix="drop --redundant-experts, or plan with --parallel pipeline or offload")
         redundant, R = 0, E
-    trace = _workload(trace, model)
+    trace = workload_of(trace, model)
     # the plan names the workload it was given (simulate and export replay that one), not the
     # group-limited copy the placer balances
     given, given_digest = trace, workload_digest(trace)
@@ -385,7 +220,7 @@ def plan_cluster(req: ClusterRequest) -> ClusterResult:
 
         plan = plan_ep_offload(hw=eng.apply(hw), bare=hw, engine=eng, model=model, topo=topo, trace=given,
                                phy2log=ours, inputs=inputs, formats=req.formats,
-                               errors=quant_errors(req.quant_error, req.formats), budget=_budget(req),
+                               errors=quant_errors(req.quant_error, req.formats), budget=budget_of(req),
                                critical=req.critical, batch_size=req.batch_size, context_tokens=req.context_tokens,
                                time_limit_s=req.time_limit_s, predicted=predicted,
                                notes=notes[:-2] + stopped + ("dense weights replicated on every GPU (data-parallel "

@@ -13,7 +13,7 @@ from profiles.errors import InputError
 from profiles.limits import MAX_BATCH, MAX_CONTEXT_TOKENS, MAX_EXPERTS
 from profiles.units import format_time
 
-from ..cluster.assemble import RANKS
+from ..cluster.request import RANKS
 from ..costs import DEFAULT_FORMATS, QUANT_ERROR
 from ..optimize import DEFAULT_HARDWARE, DEFAULT_MODEL, OptimizeRequest, optimize
 from ..plan import Plan
