@@ -40,6 +40,7 @@ def default_redundant(num_experts: int, num_gpus: int) -> int:
 
 
 def check_redundant(redundant: int, num_experts: int, num_gpus: int) -> None:
+    """Refuse (one line, the nearest counts that work) a redundant count E + R does not divide over the GPUs."""
     if redundant < 0 or (num_experts + redundant) % num_gpus:
         lo = redundant - (num_experts + redundant) % num_gpus
         options = sorted({x for x in (lo, lo + num_gpus) if x >= 0})
@@ -128,6 +129,7 @@ def _check_trace(trace: Trace, model: ModelSpec) -> None:
 
 
 def workload_of(trace: Trace | None, model: ModelSpec) -> Trace:
+    """``trace``, or the model's default workload for ``None``, checked against the model's shape."""
     if trace is None:
         from profiles.workload.defaults import default_workload
 
@@ -137,7 +139,7 @@ def workload_of(trace: Trace | None, model: ModelSpec) -> Trace:
 
 
 def formats_of(req: ClusterRequest, model: ModelSpec, hw: Hardware, topo: Topology, slots: int,
-             trace: Trace | None) -> FormatChoice:
+               trace: Trace | None) -> FormatChoice:
     """The formats under ``req``'s budget and critical experts (``trace``: ``None`` loads the
     model's default workload, only when there are critical experts to weigh)."""
     share = critical_share(workload_of(trace, model), model.num_experts, req.critical) if any(req.critical) else 0.0
