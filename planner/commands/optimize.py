@@ -21,6 +21,7 @@ from ..task import DEFAULT_DROP_BELOW
 from ..output import get_output
 from ._common import FiniteFloat, check_output_path, common_options, writing
 from .optimize_inputs import (
+    check_requested_planes,
     given_configuration,
     given_options,
     load_quality,
@@ -242,6 +243,8 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
                              fix="add --parallel offload, or drop --dram-contention")
         if use_ep:
             return _run_cluster(ep, compare=compare, out_path=out_path, report=report)
+    if policy is None:  # a given policy plans its own engine's configuration
+        check_requested_planes(engine, given["nested"], given["miss_copy"], candidates)
     request = OptimizeRequest(
         hardware=hardware, model=model, trace=trace, objective=objective, batch_size=batch, context_tokens=context,
         prompt_tokens=prompt_tokens, kv_cache=kv_cache, quality_budget=quality_budget, formats=candidates,

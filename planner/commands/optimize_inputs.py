@@ -17,7 +17,33 @@ from ..given import HOME_TIERS, Fixes, GivenPolicy
 from ..plan import Plan
 
 __all__ = ["parse_miss_copy", "parse_formats", "parse_critical", "load_quality", "given_configuration",
-           "given_options", "load_trace"]
+           "given_options", "load_trace", "check_requested_planes"]
+
+
+def check_requested_planes(engine: str | None, nested: bool, miss_copy: str | None, formats: tuple[str, ...]) -> None:
+    """``--nested`` and ``--miss-copy`` that no plan could use, refused in one line: the engine
+    runs no nested planes (no low-bit copies, or no fetched experts), or no candidate format
+    has its half among the candidates (int8 nests as int4 + int4, int4 as int2 + int2). Other
+    cases stay plans: the ILP is offered the feature and may not choose it."""
+    from profiles.engines import load_engine
+    from profiles.nested import NESTED
+
+    if not nested and miss_copy is None:
+        return
+    eng = load_engine(engine)
+    flag = " --engine bundle" if eng.name != "bundle" else ""
+    if nested and not (eng.profile.nested and eng.profile.nested.value):
+        raise InputError(f"engine {eng.name} does not run nested planes (its profile has no nested flag)",
+                         key="--nested", fix=f"drop --nested, or plan for an engine that runs them{flag}")
+    if nested and not any(f in formats and half in formats for f, half in NESTED.items()):
+        pairs = " or ".join(f"{f} with {half}" for f, half in NESTED.items())
+        raise InputError("--nested needs a nestable format and its half among --formats", key="--nested",
+                         value=",".join(formats), expected=pairs,
+                         fix=f"e.g. --formats {','.join(dict.fromkeys((*formats, 'int8', 'int4')))}, or drop --nested")
+    if miss_copy is not None and not (eng.profile.miss_copy and eng.profile.miss_copy.value
+                                      and "fetch" in eng.profile.sites):
+        raise InputError(f"engine {eng.name} does not load low-bit copies of fetched experts", key="--miss-copy",
+                         value=miss_copy, fix=f"drop --miss-copy, or plan for an engine that runs them{flag}")
 
 
 def parse_miss_copy(text: str | None) -> tuple[str, float] | None:
