@@ -58,6 +58,13 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     dev_mem = problem.device_mem
     if any(s.dropped):  # planner.task
         notes = (*notes, dropped_note(s.dropped))
+    if req.objective == "energy" or req.max_watts is not None:  # planner.energy: idle power all along
+        idle_unknown = [d for d in dict.fromkeys((s.compute.id, s.host.id))
+                        if s.hardware.devices[d].idle_power_w is None]
+        if idle_unknown:
+            notes = (*notes, f"idle power: no idle_power_w for {', '.join(idle_unknown)}, counted as 0 W idle, so a plan "
+                     "that waits (on its link) looks as frugal as its busy seconds; add idle_power_w to the "
+                     "hardware profile")
     layers = []
     mem = {m: dict(expert_bytes=0.0, cache_bytes=0.0) for m in problem.caps}
     for l, w in enumerate(choice):
