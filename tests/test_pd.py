@@ -112,3 +112,11 @@ def test_grid_formats_reach_the_plans_and_bad_ones_are_refused(tmp_path, run_cli
     grid.write_text("name: f\nbase: {hardware: desktop-4090, model: olmoe-1b-7b, formats: [int5]}\n")
     res = run_cli("sweep", str(grid), "--out", str(tmp_path / "o2"))
     assert res.exit_code == 1 and "int5" in res.output and "Traceback" not in res.output
+
+
+def test_sweep_help_names_every_serving_knob(run_cli):
+    """A user reads the sweep's knobs in --help: pd_split beside reroute and rebalance_every."""
+    out = " ".join(run_cli("sweep", "--help").output.split())
+    for knob in ("pd_split", "reroute", "rebalance_every", "dram_contention", "scheduler", "chunk_tokens",
+                 "kv_memory", "arrival_rate"):
+        assert knob in out, knob

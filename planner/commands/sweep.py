@@ -137,6 +137,9 @@ def sweep_cmd(grid_path, out_dir, jobs, ray_address, force, slo_ttft, slo_tpot, 
     and for expert-parallel plans reroute (true/false: least-loaded copies, as LLEP) and
     rebalance_every (EPLB re-placement every N decode steps, null for never), and for offload
     plans dram_contention (true: host DRAM shared by the CPU's expert reads and the copies).
+    On a multi-node cluster pd_split P disaggregates prefill and decode (P nodes prefill, the
+    rest decode, each pool planned on its own nodes, the KV sent between them; null:
+    colocated).
 
     \b
     Examples:
