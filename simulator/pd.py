@@ -148,7 +148,7 @@ def _combined(pre: SimReport, dec: SimReport, first: np.ndarray, landed: np.ndar
     dec_of = [None] * len(order)
     for j, i in enumerate(order):
         dec_of[i] = dec.metrics["per_request"][j]
-    for p, d, t0 in zip(pre.metrics["per_request"], dec_of, first):
+    for p, d, t0 in zip(pre.metrics["per_request"], dec_of, first.tolist()):  # plain floats: JSON
         tokens = [t0] if p["ttft_s"] is not None else []
         if d["ttft_s"] is not None:
             t = d["arrival_s"] + d["ttft_s"]

@@ -120,3 +120,17 @@ def test_sweep_help_names_every_serving_knob(run_cli):
     for knob in ("pd_split", "reroute", "rebalance_every", "dram_contention", "scheduler", "chunk_tokens",
                  "kv_memory", "arrival_rate"):
         assert knob in out, knob
+
+
+def test_a_disaggregated_run_rates_its_goodput_in_plain_json(tiny):
+    """The goodput ladder of a pd_split point writes goodput.json: every figure of the combined
+    run and of its SLO row is a plain float or bool (numpy scalars made json.dumps raise, a
+    traceback at the end of a `planner sweep` with pd_split and SLOs)."""
+    from simulator.goodput import GoodputSettings, rate_row
+
+    hw, plan, trace = _hardware("desktop-4090"), _plan(tiny, 2), _trace(2)
+    pd = simulate_disaggregated((plan, hw), (plan, hw), tiny, trace, SimConfig(requests=2, arrival_rate_per_s=4.0),
+                                ROUTE)
+    row = rate_row(4.0, pd.metrics, None, GoodputSettings(slo_ttft="2s", slo_tpot="100ms"))
+    assert row["meets"] is True
+    json.dumps({"metrics": pd.metrics, "row": row})
