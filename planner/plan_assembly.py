@@ -58,13 +58,7 @@ def assemble_plan(problem: Problem, choice: tuple[int, ...], dense_fm: str, pref
     dev_mem = problem.device_mem
     if any(s.dropped):  # planner.task
         notes = (*notes, dropped_note(s.dropped))
-    if req.objective == "energy" or req.max_watts is not None:  # planner.energy: idle power all along
-        idle_unknown = [d for d in dict.fromkeys((s.compute.id, s.host.id))
-                        if s.hardware.devices[d].idle_power_w is None]
-        if idle_unknown:
-            notes = (*notes, f"idle power: no idle_power_w for {', '.join(idle_unknown)}, counted as 0 W idle, so a plan "
-                     "that waits (on its link) looks as frugal as its busy seconds; add idle_power_w to the "
-                     "hardware profile")
+    notes = (*_input_notes(s, req), *notes)  # before the caller's (a baseline's own note stays last)
     layers = []
     mem = {m: dict(expert_bytes=0.0, cache_bytes=0.0) for m in problem.caps}
     for l, w in enumerate(choice):
@@ -184,3 +178,26 @@ def _predict(problem: Problem, choice: tuple[int, ...], dense_fm: str, prefetch:
     if price is not None:
         out["cost_per_million_tokens_usd"] = price / (B / step_s * 3600.0) * 1e6
     return out
+
+
+def _input_notes(s, req: OptimizeRequest) -> tuple[str, ...]:
+    """What the plan did not take from its inputs: candidate formats the engine does not run on
+    the plan's devices (planner.setup.runnable_formats left them out), and under --objective
+    energy / --max-watts the devices whose profile states no idle power (planner.energy counts
+    them at 0 W idle)."""
+    notes = []
+    eng = s.engine
+    if eng is not None and req.policy is None:
+        unrun = [fm for fm in req.formats
+                 if not (eng.supports(s.compute.kind, eng.stored(fm)) or eng.supports(s.host.kind, eng.stored(fm)))]
+        if unrun:
+            notes.append(f"formats not run by engine {eng.name} on {s.compute.id} or {s.host.id}, left out: "
+                         f"{', '.join(unrun)} (planner engines show {eng.name})")
+    if req.objective == "energy" or req.max_watts is not None:
+        idle_unknown = [d for d in dict.fromkeys((s.compute.id, s.host.id))
+                        if s.hardware.devices[d].idle_power_w is None]
+        if idle_unknown:
+            notes.append(f"idle power: no idle_power_w for {', '.join(idle_unknown)}, counted as 0 W idle, so a plan "
+                         "that waits (on its link) looks as frugal as its busy seconds; add idle_power_w to the "
+                         "hardware profile")
+    return tuple(notes)

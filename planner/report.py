@@ -190,8 +190,8 @@ def render_summary(result: OptimizeResult, console: Console, compare: bool = Fal
     console.print(f"quality budget {_num(inp['quality_budget'])} (plan {_num(inp['quality_error'])}), formats "
                   f"{', '.join(inp['formats'])}, dense weights {inp['dense_format']}, prefetch {inp['prefetch']}",
                   highlight=False)
-    for note in result.plan.notes:  # planner.task: the experts a task-specific plan drops; planner.energy
-        if note.startswith(("dropped ", "idle power: ")):
+    for note in result.plan.notes:  # planner.task's drops, planner.energy's idle power, left-out formats
+        if note.startswith(("dropped ", "idle power: ", "formats not run ")):
             console.print(note, highlight=False)
 
     console.print("[bold]Memory per pool[/bold]")
