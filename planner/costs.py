@@ -347,7 +347,8 @@ def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_lo
     sum back: ``cpu = ax + n t_cpu`` when it runs any; ``n_up`` of the ``n_local`` are a
     tier's experts (:mod:`planner.format_tiers`), whose calls take ``t_up`` instead.
     ``w_miss``: the compute seconds each copy's host CPU work takes where the compute device
-    is the host CPU (:func:`profiles.perf.miss_compute_s`), added to the device's work.
+    is the host CPU (:func:`profiles.perf.miss_compute_s`), added to the device's work, with
+    prefetch for every copy the link carries (the predicted set's too).
     """
     fetch, hybrid, stream = (mode == MODES.index(m) for m in ("fetch", "hybrid", "stream"))
     on_dev = np.where(fetch | stream, n_hit + n_miss, np.where(hybrid, n_hit, 0))  # band calls on the device
@@ -365,7 +366,9 @@ def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_lo
     out = [np.maximum(np.maximum(dev_fetch, cpu), miss_x)]
     pi_r = np.where(stream, 0.0, r)  # with prefetch: streamed weights move every step anyway
     link = (1 - pi_r) * miss_x + np.where(stream, 0.0, miss_x)
-    out.append(np.maximum(np.maximum(dev + (1 - pi_r) * stall, cpu), link))
+    # the predicted set's copies (right and wrong guesses, as the link carries them) take their CPU work too
+    pf_cpu = w_miss * (1 - pi_r) * np.where(fetch | hybrid, n_miss, 0)
+    out.append(np.maximum(np.maximum(dev + pf_cpu + (1 - pi_r) * stall, cpu), link))
     return out[0], out[1], cpu
 
 

@@ -24,8 +24,13 @@ LINK_CAPPED = ("transition",)  # prefetch policies whose guesses the link's idle
 class Prefetcher:
     """The prefetcher of :class:`simulator.engine.Simulation` (a mixin: it reads ``layers``,
     ``prefetch``, ``accuracy``, ``cfg``, ``rng``, ``E``, ``K``, ``_transitions``, ``inflight``,
-    ``net``, ``compute_id``, ``compute_mem``, ``call_s``, ``expert_bytes``, ``expert_fetch``
-    and ``log`` from the simulation)."""
+    ``net``, ``compute_id``, ``compute_mem``, ``call_s``, ``expert_bytes``, ``expert_fetch``,
+    ``steals``, ``miss_compute_s``, ``stream`` and ``log`` from the simulation).
+
+    Each prefetch copy's host CPU work (the copy worker's read, as a demand miss's:
+    :meth:`simulator.experts.ExpertWork._steal`) is queued on the compute device's stream when
+    it starts, where the compute device is the host CPU (``steals``): a copy costs the same
+    CPU whether a miss or a guess asked for it."""
 
     def prefetcher(self, l: int, rows: np.ndarray, step_ids: np.ndarray, current: np.ndarray,
                    idle_s: float | None = None) -> None:
@@ -54,6 +59,8 @@ class Prefetcher:
             lay.copy_held.discard(e)  # a prefetch brings the full weights (profiles.miss_copy)
             self.log("prefetcher", f"L{l}E{e}")
             self.inflight[(l, e)] = self.env.process(self.expert_fetch(l, e, fmt))
+            if self.steals:  # the copy worker's host CPU work, taken from a CPU compute device's cores
+                self.stream(self.compute_id).reserve(self.miss_compute_s(fmt), "prefetch copy")
 
     def link_idle_s(self, l: int, block: dict[str, float], jobs: list) -> float:
         """Seconds the copy engine is idle while layer ``l`` computes, estimated from the
