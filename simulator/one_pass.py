@@ -105,6 +105,10 @@ class OnePass:
             else:
                 miss(table[e] or fetch_entry(lay, e))
                 sec(cost[e][n])
+        if self.steals and misses:  # the copies' host CPU work, on a CPU compute device (ExpertWork._steal)
+            w = sum(self.miss_compute_s(entry[6]) for entry in misses)
+            if w:
+                hit_s = w if hit_s is None else hit_s + w
         self.expert_calls += len(experts)
         self.expert_accesses += tokens
         if cache is None:

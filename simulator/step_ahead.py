@@ -155,6 +155,10 @@ class StepAhead:
                     items[e] = None
                     full = len(items) >= slots
                 misses.append(entry)  # copied in rank order, each its one-token kernel
+        if self.steals and misses:  # the copies' host CPU work, on a CPU compute device (ExpertWork._steal)
+            w = sum(self.miss_compute_s(entry[6]) for entry in misses)
+            if w:
+                hit_s = w if hit_s is None else hit_s + w
         K = len(experts)
         self.cache_access[l] += K
         if hits:
@@ -189,7 +193,7 @@ class StepAhead:
             run_tier, moved = None, 0.0  # bytes_moved[run_tier], added up in a local meanwhile
             run_path, ns, xs = (None, [], []) if due is None else due  # the run's path, its copies' bytes, busy seconds
             add_n, add_x = ns.append, xs.append
-            for (_, dur, n_bytes, tier, path, latency_s), sec in zip(misses, _kernel_s(misses) if secs is None
+            for (_, dur, n_bytes, tier, path, latency_s, _fmt), sec in zip(misses, _kernel_s(misses) if secs is None
                                                                        else secs):
                 arrived = engine_free + dur
                 if path is not None:  # Network.account(path, n_bytes, engine_free, arrived), at the run's end
@@ -223,7 +227,7 @@ class StepAhead:
 
     def _fetch_entry(self, lay, e: int) -> tuple:
         """Expert ``e``'s one-token fetch in ``lay`` for :meth:`_book_block`: ``(seconds of its
-        kernel, seconds of the copy alone, bytes, source tier, path, latency)``, the path None
+        kernel, seconds of the copy alone, bytes, source tier, path, latency, copy format)``, the path None
         when the copy books no link. Made for the whole layer at its first miss: experts with
         the same home, copy format and price table share one entry."""
         table, made = lay.fetch_one, {}
@@ -232,7 +236,8 @@ class StepAhead:
             if entry is None:
                 path, n_bytes, dur, tier = self._copy(key[0], key[1])
                 booked = n_bytes > 0 and path.keys
-                entry = made[key] = (lay.cost[x][1], dur, n_bytes, tier, path if booked else None, path.latency_s)
+                entry = made[key] = (lay.cost[x][1], dur, n_bytes, tier, path if booked else None, path.latency_s,
+                                     key[1])
             table[x] = entry
         return table[e]
 
