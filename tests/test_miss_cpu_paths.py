@@ -95,12 +95,19 @@ def test_prefetch_copies_charge_their_cpu_work(tmp_path, olmoe):
 
 def test_miss_copies_never_meet_a_cpu_compute_device(tmp_path, olmoe):
     """Not a disagreement: a copy's CPU work is priced only where the compute device is the
-    host CPU, and there a miss copy is never offered (a copy lives in host DRAM, which is that
-    CPU's own memory: nothing to fetch), so the copy's bytes never reach a CPU price. Asked for
-    int4 copies, the CPU plan has none and planner = simulator (1%)."""
+    host CPU, and there a miss copy is never offered (``Setup.unified``: a copy lives in host
+    DRAM, which is that CPU's own memory, nothing to fetch it into), so the copy's bytes never
+    reach a CPU price. Asked for int4 copies, no layer is offered any, the CPU plan has none and
+    planner = simulator (1%)."""
+    from planner.miss_copy_options import offers_copies
+
     model, trace = olmoe
     box, eng = _box(tmp_path), engine(tmp_path, *CPU)
-    plan = _planned(box, trace, eng, miss_copy=("int4", 0.5), quality_budget=1.0)
+    result = optimize(OptimizeRequest(hardware=str(box), model="olmoe-1b-7b", trace=trace, formats=("int8",),
+                                      engine=str(eng), miss_copy=("int4", 0.5), quality_budget=1.0))
+    s, plan = result.setup, result.plan
+    assert s.compute is s.host and s.miss_copy == ("int4", 0.5) and s.runs(s.compute, "int4")
+    assert s.unified and not any(offers_copies(s, layer) for layer in range(model.num_moe_layers))
     assert plan.counts()["site"].get("fetch", 0) > 0
     assert all(lp.miss_copy is None for lp in plan.layers)
     assert _step_s(plan, box, eng, model, trace) == pytest.approx(plan.predicted["tpot_s"], rel=0.01)
