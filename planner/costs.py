@@ -47,8 +47,10 @@ The step's hidden states cross to the CPU once and the experts' sum comes back o
 CPU runs any expert (``P(CPU busy) = 1 - prod (1 - a_e)`` over its experts, a hybrid band
 expert counting when it misses). At batch 1 a layer lasts ``E_t[max(device_t, cpu_t, link_t)]``
 over the workload's per-token outcomes (resident, hit, miss, local counts:
-:func:`_expected_max`, which also gives the exact U), at B > 1 ``max(G + stall, U, link)``
-(:func:`_averaged_max`). With ``Setup.dram_contention`` the max() gains host DRAM's term:
+:func:`_expected_max`, which also gives the exact U), at B > 1 ``E_s[max(device_s, cpu_s, link_s)]``
+over the workload's decode steps (:mod:`planner.step_max`; the max of the averages,
+``max(G + stall, U, link)`` (:func:`_averaged_max`), is 19% short where a CPU expert stalls one
+step in three), or that max of averages where the steps are unknown. With ``Setup.dram_contention`` the max() gains host DRAM's term:
 the bytes the CPU's experts read and the copies move, over the DRAM bandwidth (:mod:`planner.dram`).
 
 Op offload (an engine with ``op_offload``, llama.cpp): in a forward pass of at least the
@@ -96,6 +98,7 @@ from .nested_options import NESTED_MODE, nested_costs
 from .options import _keeps_critical, engine_runs, keeps_critical, option_specs
 from .setup import DEFAULT_FORMATS, MODES, N_SPEC, QUANT_ERROR, SPEC_COLUMNS, OptionTable, Setup
 from .step_costs import FixedCosts, capacity, fixed_costs, option_time, runtime_memory, step_time
+from .step_max import stepped_max
 
 # planner.costs is the one cost path planner, baselines, simulator-facing reports and
 # exporters import: the problem's inputs (planner.setup), its options (planner.options) and
@@ -269,9 +272,29 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         tau, tau_pf, U = (np.bincount(opt, weights=share * t, minlength=len(specs)) for t in (*times, cpu))
     else:
         tau, tau_pf = (_averaged_max(G, U, F, mode, r, pf) for pf in (False, True))
-        if s.dram_contention:
+        if B > 1 and st.step_active is not None and not offload.all():  # per step (planner.step_max)
+            def per_rank(dev, **kw) -> np.ndarray:  # [b, E] one call's seconds by format and rank
+                return np.stack([s.call_s(dev, fm, tokens, **kw) if j in used else unused[1:]
+                                 for j, fm in enumerate(s.formats)])
+            t_dev, t_cpu = per_rank(s.compute), per_rank(s.host)
+            t_cached = per_rank(s.compute, cached=True) if s.compute.cached_efficiency is not None else t_dev
+            if copy_calls is not None:
+                t_cached = with_copies(t_cached, t_copy[None, :], copy_calls[1][None, :])
+            k = ~offload
+            tier_cpu = (up * (t_cpu[bu] - t_cpu[bo]))[k] if len(tiered) else None
+            port = None
+            if s.dram_contention:  # the port's seconds per step join the max (planner.dram's bytes)
+                dp = dram_prices(s)
+                port = (dp.cpu_read, dp.dev_read, dp.copy[np.minimum(hi, len(dp.copy) - 1), bo][k], dp.port_bytes_per_s,
+                        (up * (dp.cpu_read[bu] - dp.cpu_read[bo])[:, None])[k] if len(tiered) else None)
+            tau[k], tau_pf[k] = stepped_max(st.step_active[:, layer], p[k], q[k], qk[k], bi[k], bo[k], mode[k], h[k],
+                                            x[k], w_miss[k], r, 2 * s.activation_s(B), t_dev, t_cached, t_cpu,
+                                            tier_cpu, port)
+        if s.dram_contention:  # the rows priced from averages (all, where the steps are unknown)
             dram = averaged_dram_s(s, dram_prices(s), p, q, bi, bo, bu, hi, mode, act, act_c, up, h, miss, offload, r)
-            tau, tau_pf = np.maximum(tau, dram[0]), np.maximum(tau_pf, dram[1])
+            averaged = offload if B > 1 and st.step_active is not None else np.ones(len(specs), bool)
+            tau = np.where(averaged, np.maximum(tau, dram[0]), tau)
+            tau_pf = np.where(averaged, np.maximum(tau_pf, dram[1]), tau_pf)
     return OptionTable(p=p.copy(), q=q.copy(), b_res=bi.copy(), c=c.copy(), b_off=bo.copy(), home=hi.copy(),
                        mode=mode.copy(), G=G, U=U, F=F, dev_bytes=dev_bytes, home_bytes=home_bytes, error=error,
                        tau=tau, tau_prefetch=tau_pf, k=k_up.copy(), b_up=bu.copy())
@@ -309,13 +332,15 @@ def _stalls(mode: np.ndarray) -> np.ndarray:
 
 def _averaged_max(G: np.ndarray, U: np.ndarray, F: np.ndarray, mode: np.ndarray, r: float,
                   prefetch: bool) -> np.ndarray:
-    """``[N]`` layer seconds per step from expected busy times: ``max(G + (1 - pi r) S, U, (1 - pi r) F + pi F)``.
+    """``[N]`` layer seconds per step from expected busy times: ``max(G + (1 - pi r) S, U, (1 - pi r) F + pi F)``
+    (``r = 0`` for a streamed band, as at batch 1: every band expert crosses the link each step).
 
     Right when a step holds many tokens (their work interleaves on every resource); at batch 1
-    :func:`_expected_max` is used instead.
+    :func:`_expected_max` is used instead, at batch > 1 :func:`planner.step_max.stepped_max`
+    where the workload's steps are known (this is its fallback, and the op-offload rows').
     """
     streams = mode == MODES.index("stream")
-    pi_r = r if prefetch else 0.0
+    pi_r = np.where(streams, 0.0, r) if prefetch else 0.0  # streamed weights move every step anyway
     stall = np.where(_stalls(mode), F, 0.0)
     link = (1 - pi_r) * F + (np.where(streams, 0.0, F) if prefetch else 0.0)
     return np.maximum(np.maximum(G + (1 - pi_r) * stall, U), link)

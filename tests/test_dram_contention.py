@@ -234,10 +234,13 @@ def test_a_cpu_call_holds_the_port_for_its_memory_time(box, tmp_path):
 
 def test_contention_changes_the_split_on_a_bundled_desktop():
     """The bundled RTX 4090 desktop, bundle runtime, Mixtral-8x7B at batch 8 (throughput): the
-    contention-blind plan runs experts on the CPU while it fetches others into GPU cache slots;
-    with the port priced (profiles.dram) the ILP keeps more experts resident and on the CPU and
-    fetches almost none, predicting a little less, and the blind plan re-priced with
-    contention is slower than the aware one."""
+    contention-blind plan runs experts on the CPU while it fetches others to the GPU; with the
+    port priced (profiles.dram) the ILP keeps more experts resident and on the CPU and fetches
+    fewer (measured: 84 / 115 / 57 fetched -> 104 / 118 / 34), predicting a little less, and
+    the blind plan re-priced with contention is slower than the aware one. (Under the max of
+    averages at batch > 1 the blind plan fetched into hybrid cache slots and the aware one
+    fewer; priced per step (planner.step_max) a hybrid miss stalls its step and neither plan
+    takes hybrid experts.)"""
     from exporters.engines.pricing import Pricing
     from planner.optimize import OptimizeRequest, optimize
     from profiles.workload.defaults import default_workload
@@ -248,11 +251,10 @@ def test_contention_changes_the_split_on_a_bundled_desktop():
     blind, aware = plans[False], plans[True]
 
     def sites(plan):
-        return {site: sum(lp.site.count(site) for lp in plan.layers) for site in ("resident", "local", "hybrid")}
+        return {site: sum(lp.site.count(site) for lp in plan.layers) for site in ("resident", "local", "fetch")}
 
     b, a = sites(blind), sites(aware)
-    assert a["local"] > b["local"] and a["resident"] > b["resident"] and a["hybrid"] < b["hybrid"], (b, a)
-    assert sum(lp.cache_slots for lp in aware.layers) < sum(lp.cache_slots for lp in blind.layers)
+    assert a["local"] > b["local"] and a["resident"] > b["resident"] and a["fetch"] < b["fetch"], (b, a)
     assert aware.predicted["tokens_per_s"] < blind.predicted["tokens_per_s"]
     model = load_model("mixtral-8x7b")
     _, hw = load_profile("desktop-4090")

@@ -111,7 +111,9 @@ class Pricing:
                 homes += [h for h in dict.fromkeys(layer.home)
                           if h not in homes and h not in planned | {hw.memory_of(compute.id).id}]
             self._setups[compute_id] = Setup(
-                hardware=hw, model=self.model, stats=self.stats, batch_size=self.plan.batch_size,
+                # at batch > 1 the per-call hit rates and the workload's steps, as planner.setup prices them
+                hardware=hw, model=self.model, stats=self.stats.at_batch(self.plan.batch_size),
+                batch_size=self.plan.batch_size,
                 context_tokens=self.plan.context_tokens, formats=self.formats, compute=compute, host=host,
                 homes=tuple(homes), quant_error={f: QUANT_ERROR.get(f, default_quant_error(f)) for f in self.formats},
                 engine=self.engine, dram_contention=self.plan.inputs.dram_contention)  # priced as the plan was
