@@ -245,3 +245,18 @@ def test_bad_measure_inputs_are_one_line_errors(big, run_cli, tmp_path):
                                   "--out", out), "prompts file")
     out.write_text("{}")
     assert_one_line_error(run_cli(*base, "--checkpoint", directory), "--force")
+
+
+def test_critical_auto_says_what_it_pinned(big, run_cli, tmp_path):
+    """--critical auto names the experts it pins, and says so when the file flags none (it
+    planned in silence, so a user could not tell a file without candidates from a pinned plan)."""
+    directory, trace, spec = big
+    errors = {fm: np.full((L, E), QUANT_ERROR[fm]) for fm in FORMATS}
+    args = ["optimize", "-H", "laptop-4060", "-m", directory, "-t", trace, "--formats", ",".join(FORMATS),
+            "--parallel", "offload", "--critical", "auto"]
+    for flagged, said in (({(1, 7), (0, 2)}, "critical auto: pinned 0:2, 1:7"), (set(), "flags no super experts")):
+        qfile = tmp_path / "quality.json"
+        qfile.write_text(json.dumps(quality_doc(spec, errors, super_experts=flagged)))
+        res = run_cli(*args, "--quality", qfile)
+        assert res.exit_code == 0, res.output
+        assert said in " ".join(res.output.split()), res.output

@@ -200,6 +200,10 @@ def optimize_cmd(hardware, model, trace_path, task, engine, objective, batch, co
     candidates += tuple(fm for fm in fixed_formats if fm not in candidates)  # a fixed format is a candidate
     quality = load_quality(quality_path, spec, critical, candidates)
     critical_sets = quality["critical"] if critical == "auto" else parse_critical(critical, spec.num_moe_layers)
+    if critical == "auto":  # what the file's super experts pin (none: the plan pins nothing)
+        pinned = ", ".join(f"{l}:{e}" for l, experts in enumerate(critical_sets) for e in sorted(experts))
+        get_output().log.print(f"critical auto: pinned {pinned} at full precision" if pinned else
+                               f"critical auto: {quality_path} flags no super experts; nothing pinned", highlight=False)
     one_gpu = policy is not None or fixes is not None or given["prefetch"] or given["eviction"]
     if one_gpu and parallel in ("ep", "pipeline"):
         raise InputError("--policy, --fix-*, --prefetch and --eviction plan one GPU with offloading", key="--parallel",
