@@ -30,7 +30,7 @@ def _per_copy(sim, compute, router_at, hit_s, misses, secs):
         end = compute.free_at_s = max(compute.free_at_s, router_at) + hit_s
         compute.busy_s += hit_s
     engine_free = router_at
-    for (_, dur, n_bytes, tier, path, latency_s), sec in zip(misses, secs):
+    for (_, dur, n_bytes, tier, path, latency_s, _fmt), sec in zip(misses, secs):
         arrived = engine_free + dur
         if path is not None:
             for lid in path.link_ids:
@@ -54,7 +54,7 @@ TWICE = _path(("pcie cpu->gpu", "pcie cpu->gpu", "hbm write"), ("pcie0", "pcie0"
 
 
 def _misses(paths):
-    return [(2e-4, dur, 3.5e6 + i, "nvme" if p is NVME else "dram", p, 0.0 if p is None else p.latency_s)
+    return [(2e-4, dur, 3.5e6 + i, "nvme" if p is NVME else "dram", p, 0.0 if p is None else p.latency_s, "int8")
             for i, (dur, p) in enumerate(zip(DURS, paths))]
 
 
