@@ -202,7 +202,8 @@ class PlanningStats:
             hit = _band_hit_rates(access_rank, below, warm, self.pinned_grid, self.num_experts)
             self._at_batch[batch] = dataclasses.replace(self, hit=hit, batch=batch, access_hit=self.hit,
                                                         step_active=_step_active(steps[counted], rank,
-                                                                                 self._lanes(batch)),
+                                                                                 self._lanes(batch)) if counted.any()
+                                                        else None,  # no decode step: the max of averages
                                                         _histograms={}, _at_batch={})
         return self._at_batch[batch]
 
