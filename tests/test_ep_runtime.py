@@ -213,3 +213,16 @@ def test_simulate_cli_runs_the_balancing_flags_on_an_ep_plan_and_refuses_them_el
     assert run_cli("optimize", "-H", "desktop-3060", "-m", "olmoe-1b-7b", "--out", one).exit_code == 0
     r = run_cli("simulate", "-p", one, "--reroute")
     assert r.exit_code == 1 and "this plan is not one" in r.output and "Traceback" not in r.output
+
+
+def test_sweep_marks_a_runtime_knob_on_a_plan_that_is_not_expert_parallel(tmp_path):
+    """reroute / rebalance_every change nothing on a single-GPU plan: the sweep's row says so
+    (as `planner simulate --reroute` refuses), not a 'reroute True' row equal to 'False'."""
+    from planner.commands.sweep import evaluate_point
+
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nbase: {hardware: desktop-4090, model: olmoe-1b-7b}\n"
+                    "vary: {reroute: [true]}\nsimulate: {requests: 2}\n")
+    row = evaluate_point(point_specs(load_grid(path), tmp_path / "out")[0])
+    assert row["status"].startswith("error: ") and "reroute" in row["status"], row["status"]
+    assert "not expert-parallel" in row["status"] and "\n" not in row["status"]

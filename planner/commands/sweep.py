@@ -69,6 +69,13 @@ def evaluate_point(spec: dict) -> dict:
     except UserError as exc:
         return {**row, "status": f"infeasible: {exc}" if exc.exit_code == 3 else f"error: {exc}"}
     t1 = time.perf_counter()
+    knob = "reroute" if spec.get("reroute") else "rebalance_every" if spec.get("rebalance_every") is not None else None
+    if knob is not None:  # as `planner simulate --reroute` refuses: the knob would change nothing here
+        from exporters.engines.sglang import is_expert_parallel
+
+        if not all(is_expert_parallel(p) for _, p in (pools if pd else [(hw, plan)])):
+            return {**row, "status": f"error: {knob} changes where an expert-parallel plan sends tokens; this "
+                                      "point's plan is not expert-parallel (vary it on a multi-GPU cluster point)"}
     if trace is None:  # the model's default workload, which the plan was made from
         trace = default_workload(model)
     try:
