@@ -1,6 +1,7 @@
 """The ``planner`` command: one click group, noun-verb subcommands.
 
-Exit codes: 0 ok, 1 bad input, 2 usage error, 3 infeasible plan. User errors print one line
+Exit codes: 0 ok, 1 bad input (a bad value of an option or argument included), 2 usage error
+(no such command or option, a missing argument), 3 infeasible plan. User errors print one line
 to stderr; ``--debug`` shows the traceback instead.
 """
 
@@ -32,11 +33,19 @@ class PlannerGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except click.UsageError as exc:  # a bad option value: one line too, exit 2
+        except click.UsageError as exc:  # one line too: exit 1 for a bad value, 2 for bad usage
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             message = " ".join(exc.format_message().split())
             click.echo(f"error: {message} (see `{where} --help`)", err=True)
-            ctx.exit(exc.exit_code)
+            ctx.exit(_exit_code(exc))
+
+
+def _exit_code(exc: click.UsageError) -> int:
+    """A value the user gave that click refuses (out of range, not a choice, not a number) is
+    bad input, exit 1, as every other bad value; a command line click cannot parse (no such
+    command or option, a missing argument) is a usage error, exit 2."""
+    bad_value = isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter)
+    return 1 if bad_value else exc.exit_code
 
 
 @click.group(cls=PlannerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

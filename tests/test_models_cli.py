@@ -156,5 +156,5 @@ def test_bad_hardware_and_usage_errors(run_cli):
     result = run_cli("models", "show", "mixtral-8x7b", "--hardware", "no-such-profile")
     assert result.exit_code == 1 and result.stderr.startswith("error: unknown hardware profile")
     assert run_cli("models", "show").exit_code == 2                              # missing MODEL
-    assert run_cli("models", "show", "mixtral-8x7b", "--context", "-1").exit_code == 2
-    assert run_cli("models", "show", "mixtral-8x7b", "--kv-format", "int5").exit_code == 2
+    assert run_cli("models", "show", "mixtral-8x7b", "--context", "-1").exit_code == 1      # a bad value
+    assert run_cli("models", "show", "mixtral-8x7b", "--kv-format", "int5").exit_code == 1
