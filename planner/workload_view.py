@@ -177,6 +177,16 @@ class PlanningStats:
         step = decode_steps(self.access_rank.shape[0], self.seq_lens, batch, self.decode_rows)
         return np.unique(step[step >= 0], return_counts=True)[1]
 
+    def _full_steps(self, steps: np.ndarray, rank: np.ndarray, batch: int) -> np.ndarray | None:
+        """:func:`_step_active` of the decode steps that hold ``batch`` tokens; None where none do
+        (no decode step, or fewer sequences than the batch in the rows these statistics keep:
+        planning_stats' LRU pass keeps ~1000 of DeepSeek-V3's tokens, a few sequences, whose
+        steps use far fewer experts than a step of 32; the max of averages prices those)."""
+        if not len(steps):
+            return None
+        lanes = self._lanes(batch)
+        return _step_active(steps, rank, lanes) if lanes.max(initial=0) >= batch else None
+
     def at_batch(self, batch: int) -> "PlanningStats":
         """These statistics for decode steps of ``batch`` sequences: the hit rates per expert call.
 
@@ -201,9 +211,7 @@ class PlanningStats:
             access_rank = np.where(counted[:, None, None], rank[np.arange(self.num_layers)[None, :, None], steps], -1)
             hit = _band_hit_rates(access_rank, below, warm, self.pinned_grid, self.num_experts)
             self._at_batch[batch] = dataclasses.replace(self, hit=hit, batch=batch, access_hit=self.hit,
-                                                        step_active=_step_active(steps[counted], rank,
-                                                                                 self._lanes(batch)) if counted.any()
-                                                        else None,  # no decode step: the max of averages
+                                                        step_active=self._full_steps(steps[counted], rank, batch),
                                                         _histograms={}, _at_batch={})
         return self._at_batch[batch]
 
