@@ -17,7 +17,7 @@ solver stops on work limits (node limits), so the plans do not depend on the mac
 Diagnostic (``per_token``): the cost model prices a batch-1 layer over the distinct per-token
 outcomes of the exact LRU replay (which of a token's experts are resident, hit, miss or run
 on the CPU). ``per_token`` re-prices the ILP's plan and every baseline's on the trace's
-tokens with the same schedule (costs._expected_max) but with cache hits drawn independently
+tokens with the same schedule (layer_schedule.expected_max) but with cache hits drawn independently
 at the planned hit rate, so a gain that rests on the hits' timing (rather than their rate)
 shows up as a ratio below the predicted one.
 
@@ -57,7 +57,8 @@ import numpy as np
 
 import _levers as lv  # benchmarks/ is on sys.path when a script runs
 from _provenance import provenance
-from planner.costs import QUANT_ERROR, _expected_max
+from planner.costs import QUANT_ERROR
+from planner.layer_schedule import expected_max
 from planner.optimize import OptimizeRequest, OptimizeResult, optimize
 from planner.layer_breakdown import layer_breakdown
 from profiles.errors import InfeasibleError
@@ -159,7 +160,7 @@ def _why(res: OptimizeResult, best_name: str | None, speedup: float | None, ilp:
 
 def per_token_tpot(plan, s, trace: Trace, seed: int = 0) -> float | None:
     """Mean over the trace's tokens of the layers' seconds + dense seconds (batch 1), each layer
-    on planner.costs' batch-1 schedule (costs._expected_max) with the token's own outcome,
+    on planner.costs' batch-1 schedule (layer_schedule.expected_max) with the token's own outcome,
     its cache hits drawn at the planned hit rate. None for batch > 1.
     """
     if plan.batch_size != 1:
@@ -190,7 +191,7 @@ def per_token_tpot(plan, s, trace: Trace, seed: int = 0) -> float | None:
         counts = ((rk < p).sum(1), (band & hit).sum(1), (band & ~hit).sum(1), (rk >= q).sum(1))  # [T] each
 
         # the token's layer on planner.costs' own batch-1 schedule, with its drawn outcome
-        tau, tau_prefetch, _ = _expected_max(
+        tau, tau_prefetch, _ = expected_max(
             *counts, per_token(mode), per_token(s.call_s(s.compute, br, one)[0]),
             per_token(s.call_s(s.compute, bo, one)[0]), per_token(s.call_s(s.host, bo, one)[0]), per_token(x),
             per_token(q - p), float(st.predictability[l]), 2 * s.activation_s(1.0))

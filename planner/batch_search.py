@@ -18,7 +18,7 @@ unsolved batch can beat the incumbent by more than the gap (or ``max_solves`` so
 a work limit, so the answer does not depend on the machine's load). The gap is
 (bound - incumbent) / bound, the ILP's definition mirrored for a maximisation; it includes the
 chosen batch's own ILP gap. A TTFT SLO is a constraint of each solve (one prompt's prefill is
-a sum of per-layer option terms, :func:`planner.costs.prefill_options_s`), and the least TTFT
+a sum of per-layer option terms, :func:`planner.prefill_costs.prefill_options_s`), and the least TTFT
 never falls as the batch grows either (the KV cache only takes memory away), so a batch where
 it cannot be met ends the range like one that does not fit. Where a solve does not bind it (a
 pipeline plan over several GPUs) it is checked on the plan: a plan that misses it is no

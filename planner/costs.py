@@ -47,9 +47,9 @@ The step's hidden states cross to the CPU once and the experts' sum comes back o
 CPU runs any expert (``P(CPU busy) = 1 - prod (1 - a_e)`` over its experts, a hybrid band
 expert counting when it misses). At batch 1 a layer lasts ``E_t[max(device_t, cpu_t, link_t)]``
 over the workload's per-token outcomes (resident, hit, miss, local counts:
-:func:`_expected_max`, which also gives the exact U), at B > 1 ``E_s[max(device_s, cpu_s, link_s)]``
+:func:`planner.layer_schedule.expected_max`, which also gives the exact U), at B > 1 ``E_s[max(device_s, cpu_s, link_s)]``
 over the workload's decode steps (:mod:`planner.step_max`; the max of the averages,
-``max(G + stall, U, link)`` (:func:`_averaged_max`), is 19% short where a CPU expert stalls one
+``max(G + stall, U, link)`` (:func:`planner.layer_schedule.averaged_max`), is 19% short where a CPU expert stalls one
 step in three), or that max of averages where the steps are unknown. With ``Setup.dram_contention`` the max() gains host DRAM's term:
 the bytes the CPU's experts read and the copies move, over the DRAM bandwidth (:mod:`planner.dram`).
 
@@ -61,7 +61,7 @@ then the device runs them, one after the other:
 
     X = x(m bytes(b_off)) + sum_{e>=q} a_e t_dev(b_off, n_e)      added to G (and the copy to F)
 
-A prompt is the engine's micro-batches, each such a pass (:func:`prefill_s`). The planner's
+A prompt is the engine's micro-batches, each such a pass (:func:`planner.prefill_costs.prefill_s`). The planner's
 own prefill sites (:mod:`planner.prefill_sites`) copy ranks ``[q, qk)`` of the tail (the most
 used; ``qk = E``: all) while the CPU runs ``[qk, E)``: the sums above run to ``qk`` and U
 keeps the rest.
@@ -83,16 +83,14 @@ their bytes and errors replace ``b_off``'s; the band, the cache and every site s
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Sequence
-
 import numpy as np
 
 from profiles.miss_copy import with_copies
-from profiles.perf import dense_step_s, micro_batches, op_offloads
+from profiles.perf import op_offloads
 
 from .dram import averaged_dram_s, dram_prices, outcome_dram_s
 from .format_tiers import tier_masks, tier_rows
+from .layer_schedule import averaged_max, expected_max
 from .miss_copy_options import COPY_MODE, copy_costs
 from .nested_options import NESTED_MODE, nested_costs
 from .options import _keeps_critical, engine_runs, keeps_critical, option_specs
@@ -102,11 +100,11 @@ from .step_max import stepped_max
 
 # planner.costs is the one cost path planner, baselines, simulator-facing reports and
 # exporters import: the problem's inputs (planner.setup), its options (planner.options) and
-# whole-step costs (planner.step_costs) are named here beside the option prices
+# whole-step costs (planner.step_costs) are named here beside the option prices; a prompt's
+# prefill is priced from these in planner.prefill_costs
 __all__ = ["DEFAULT_FORMATS", "MODES", "N_SPEC", "QUANT_ERROR", "SPEC_COLUMNS", "FixedCosts", "OptionTable", "Setup",
            "capacity", "engine_runs", "fixed_costs", "keeps_critical", "layer_options", "option_costs", "option_specs",
-           "option_time", "prefill_dense_s", "prefill_options_s", "prefill_s", "prefill_sites_s", "runtime_memory",
-           "step_time", "with_tiers"]
+           "option_time", "runtime_memory", "step_time", "with_tiers"]
 
 
 def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | None = None,
@@ -261,7 +259,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
         row = first[key_of][opt] + np.arange(len(opt)) - np.repeat(np.cumsum(per_opt) - per_opt, per_opt)
         n_res, n_hit, n_miss, n_local, share = (v[row] for v in outcome)
         tier = {} if n_up is None else dict(n_up=n_up[row], t_up=t_cpu1[bu[opt]])
-        *times, cpu = _expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]],
+        *times, cpu = expected_max(n_res, n_hit, n_miss, n_local, mode[opt], t_dev1[bi[opt]],
                                     np.where(via_cache[opt], t_hit1[opt], t_dev1[bo[opt]]),
                                     t_cpu1[bo[opt]], x[opt], (q - p)[opt], r, 2 * s.activation_s(1.0), **tier,
                                     w_miss=w_miss[opt])
@@ -271,7 +269,7 @@ def option_costs(s: Setup, layer: int, specs: np.ndarray, tiers: np.ndarray | No
                 None if n_up is None else tier["n_up"], bu[opt]))]
         tau, tau_pf, U = (np.bincount(opt, weights=share * t, minlength=len(specs)) for t in (*times, cpu))
     else:
-        tau, tau_pf = (_averaged_max(G, U, F, mode, r, pf) for pf in (False, True))
+        tau, tau_pf = (averaged_max(G, U, F, mode, r, pf) for pf in (False, True))
         if B > 1 and st.step_active is not None and not offload.all():  # per step (planner.step_max)
             def per_rank(dev, **kw) -> np.ndarray:  # [b, E] one call's seconds by format and rank
                 return np.stack([s.call_s(dev, fm, tokens, **kw) if j in used else unused[1:]
@@ -325,78 +323,6 @@ def _offload_copy_s(s: Setup, offload: np.ndarray, q: np.ndarray, qk: np.ndarray
     return out
 
 
-def _stalls(mode: np.ndarray) -> np.ndarray:
-    """``[N]`` whether the compute device waits for the option's fetches (fetch, stream)."""
-    return (mode == MODES.index("fetch")) | (mode == MODES.index("stream"))
-
-
-def _averaged_max(G: np.ndarray, U: np.ndarray, F: np.ndarray, mode: np.ndarray, r: float,
-                  prefetch: bool) -> np.ndarray:
-    """``[N]`` layer seconds per step from expected busy times: ``max(G + (1 - pi r) S, U, (1 - pi r) F + pi F)``
-    (``r = 0`` for a streamed band, as at batch 1: every band expert crosses the link each step).
-
-    Right when a step holds many tokens (their work interleaves on every resource); at batch 1
-    :func:`_expected_max` is used instead, at batch > 1 :func:`planner.step_max.stepped_max`
-    where the workload's steps are known (this is its fallback, and the op-offload rows').
-    """
-    streams = mode == MODES.index("stream")
-    pi_r = np.where(streams, 0.0, r) if prefetch else 0.0  # streamed weights move every step anyway
-    stall = np.where(_stalls(mode), F, 0.0)
-    link = (1 - pi_r) * F + (np.where(streams, 0.0, F) if prefetch else 0.0)
-    return np.maximum(np.maximum(G + (1 - pi_r) * stall, U), link)
-
-
-def _expected_max(n_res: np.ndarray, n_hit: np.ndarray, n_miss: np.ndarray, n_local: np.ndarray, mode: np.ndarray,
-                  t_res: np.ndarray, t_off: np.ndarray, t_cpu: np.ndarray, x: np.ndarray, n_band: np.ndarray,
-                  r: float, ax: float, n_up: np.ndarray | None = None,
-                  t_up: np.ndarray | None = None, w_miss: np.ndarray | float = 0.0
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seconds of one token's layer at batch 1 for one per-token outcome of one option, without
-    and with prefetch, and the CPU's busy seconds (all arguments and results ``[M]``, one entry
-    per (option, outcome) pair; the layer's expected time is their mean over the outcomes' shares).
-
-    A token waits for the slowest resource it uses, so the layer lasts
-    ``E_t[max(device_t, cpu_t, link_t)]``, not the max of the averages: an expert the CPU runs
-    for one token in ten still stalls that token. An outcome is a token's (resident, hit,
-    miss, local) expert counts (:meth:`PlanningStats.outcome_table`); ``t_*`` are one-token
-    call seconds, ``x`` the seconds of one fetch, ``n_band`` the band's experts (what
-    ``stream`` moves every step), ``ax`` the hidden state's round trip to the CPU.
-
-    The schedule is the runtime's (and the simulator's): after the router the device runs
-    the resident experts and the hits (``D0``) while the copy engine fetches the ``k`` misses
-    one after another, each run as soon as it has arrived and the device is free, so
-    ``device = max(D0 + k t, x + k t, k x + t)`` (``k >= 1``; the longest of the chains
-    "all device work first", "first fetch, then every miss" and "every fetch, then the last
-    miss"); streamed experts all arrive before the device starts (``n_band x + D``). The CPU
-    gets the token's hidden state once, runs its experts one after another and sends the
-    sum back: ``cpu = ax + n t_cpu`` when it runs any; ``n_up`` of the ``n_local`` are a
-    tier's experts (:mod:`planner.format_tiers`), whose calls take ``t_up`` instead.
-    ``w_miss``: the compute seconds each copy's host CPU work takes where the compute device
-    is the host CPU (:func:`profiles.perf.miss_compute_s`), added to the device's work, with
-    prefetch for every copy the link carries (the predicted set's too).
-    """
-    fetch, hybrid, stream = (mode == MODES.index(m) for m in ("fetch", "hybrid", "stream"))
-    on_dev = np.where(fetch | stream, n_hit + n_miss, np.where(hybrid, n_hit, 0))  # band calls on the device
-    dev = n_res * t_res + on_dev * t_off
-    dev = dev + w_miss * np.where(stream, n_band, np.where(fetch | hybrid, n_miss, 0))  # the copies' CPU work
-    n_cpu = n_local + np.where(hybrid, n_miss, 0)
-    cpu = n_cpu * t_cpu + np.where(n_cpu > 0, ax, 0.0)
-    if n_up is not None:
-        cpu = cpu + n_up * (t_up - t_cpu)
-    miss_x = np.where(stream, n_band * x, np.where(fetch | hybrid, n_miss * x, 0.0))
-    stall = np.where(fetch | stream, miss_x, 0.0)
-    # fetch without prefetch: the misses' copies overlap the resident and hit experts
-    overlapped = np.maximum(np.maximum(dev, x + n_miss * t_off), n_miss * x + t_off)
-    dev_fetch = np.where(fetch & (n_miss > 0), overlapped, np.where(stream, dev + stall, dev))
-    out = [np.maximum(np.maximum(dev_fetch, cpu), miss_x)]
-    pi_r = np.where(stream, 0.0, r)  # with prefetch: streamed weights move every step anyway
-    link = (1 - pi_r) * miss_x + np.where(stream, 0.0, miss_x)
-    # the predicted set's copies (right and wrong guesses, as the link carries them) take their CPU work too
-    pf_cpu = w_miss * (1 - pi_r) * np.where(fetch | hybrid, n_miss, 0)
-    out.append(np.maximum(np.maximum(dev + pf_cpu + (1 - pi_r) * stall, cpu), link))
-    return out[0], out[1], cpu
-
-
 def layer_options(s: Setup, layer: int, extra: np.ndarray | None = None) -> OptionTable:
     """The option grid of ``layer`` plus any ``extra`` specs (baselines), with their costs."""
     specs = option_specs(s, layer)
@@ -419,87 +345,3 @@ def with_tiers(s: Setup, layer: int, table: OptionTable, rows: np.ndarray) -> Op
         return table
     more = option_costs(s, layer, specs[tier_of], tiers)
     return OptionTable(**{k: np.concatenate([getattr(table, k), getattr(more, k)]) for k in table.__dataclass_fields__})
-
-
-def prefill_options_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
-                      tiers: np.ndarray | None = None) -> np.ndarray:
-    """``[N]`` seconds layer ``layer`` adds to one prompt's prefill under each option
-    ``specs`` (``[N, 7]``; ``tiers`` ``[N, 2]``): its part of :func:`prefill_s`, so a TTFT
-    is linear in the options chosen (``+`` :func:`prefill_dense_s`). With ``s.prefill_choice``
-    each option's prefill runs at the fastest of its prefill sites (:func:`prefill_sites_s`)."""
-    return prefill_sites_s(s, layer, specs, prompt_tokens, prefetch, tiers)[0]
-
-
-def prefill_sites_s(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
-                    tiers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``([N] seconds, [N] copied)`` of each option's prompt pass at its fastest prefill site
-    (:mod:`planner.prefill_sites`): ``copied`` = 0, the decode sites; ``k > 0``, the first
-    (most used) ``k`` ranks of its host-held tail copied to the compute device and run there
-    while the host CPU runs the rest (``k`` at least the tail: all of it). Without
-    ``s.prefill_choice``, the decode sites alone."""
-    best = _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers)
-    copied = np.zeros(len(best), np.int64)
-    if s.prefill_choice:
-        for k in reversed(prefill_copy_counts(s)):  # all first: a tie keeps the plainer site
-            t = _prefill_total(s, layer, specs, prompt_tokens, prefetch, tiers, offload=True, copied=k)
-            better = t < best
-            best, copied = np.where(better, t, best), np.where(better, k, copied)
-    return best, copied
-
-
-def prefill_copy_counts(s: Setup) -> list[int]:
-    """How many of a tail's most used ranks a prefill site may copy (``E``: all of any tail):
-    every count on small layers, 16 steps on wide ones; with DRAM contention all only (its
-    price, :mod:`planner.dram`, takes a whole tail's copy)."""
-    E = s.stats.num_experts
-    if s.dram_contention:
-        return [E]
-    return sorted({-(-E * j // 16) for j in range(1, 17)} if E > 16 else set(range(1, E + 1)))
-
-
-def _prefill_total(s: Setup, layer: int, specs: np.ndarray, prompt_tokens: int, prefetch: bool,
-                   tiers: np.ndarray | None = None, offload: bool = False, copied: int | None = None) -> np.ndarray:
-    """``[N]`` :func:`prefill_options_s` at the decode sites or, ``offload``, with the first
-    ``copied`` ranks (None: all) of each option's host-held tail copied to the compute device
-    per pass (``inf`` for a tier's row: its copies are priced at one format)."""
-    op_offload = s.engine.op_offload if s.engine is not None else None
-    specs = np.asarray(specs, dtype=np.int64).reshape(-1, N_SPEC)
-    total = np.zeros(len(specs))
-    for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
-        step = dataclasses.replace(s, batch_size=n, phase="prefill", prefill_choice=False, prefill_offload=offload,
-                                   prefill_copied=copied if offload else None)
-        total += count * option_time(option_costs(step, layer, specs, tiers), prefetch)
-    if offload and tiers is not None:
-        total = np.where(np.asarray(tiers, np.int64).reshape(-1, 2)[:, 0] > 0, np.inf, total)
-    return total
-
-
-def prefill_dense_s(s: Setup, dense_format: str, prompt_tokens: int, kv_on_host: bool = False) -> float:
-    """Seconds of one prompt's prefill outside the MoE layers (:func:`prefill_s`'s dense part;
-    ``kv_on_host``: the KV cache in host DRAM, :meth:`Setup.kv_host`)."""
-    op_offload = s.engine.op_offload if s.engine is not None else None
-    site = s.kv_host() if kv_on_host else None
-    total, done = 0.0, 0
-    for n, count in micro_batches(prompt_tokens, op_offload.micro_batch_tokens if op_offload else None):
-        for _ in range(count):
-            done += n
-            total += dense_step_s(s.compute, s.model, dense_format, n, float(s.model.kv_cache_bytes(done)), prefill=True,
-                                  kv_on_host=site)
-    return total
-
-
-def prefill_s(s: Setup, specs: Sequence[np.ndarray], dense_format: str, prompt_tokens: int,
-              prefetch: bool, tiers: Sequence[np.ndarray] | None = None, kv_on_host: bool = False) -> float:
-    """Seconds to prefill one prompt of ``prompt_tokens`` tokens (the TTFT) with one option per
-    layer (``specs[l]``: ``[1, 7]``, SPEC_COLUMNS; ``tiers[l]``: ``[1, 2]``, its tier, if any).
-
-    The prompt runs as the engine's micro-batches (:func:`profiles.perf.micro_batches`: one
-    pass of the whole prompt unless the engine states ``op_offload.micro_batch_tokens``),
-    each a forward pass of its n tokens: the layers as :func:`option_costs` prices a step of
-    n tokens (op offload included, :func:`_offloading`), the dense work as
-    :func:`profiles.perf.dense_step_s` with attention reading the KV cache of this one
-    sequence so far (the tokens of the passes before and of this one).
-    """
-    layers = sum(float(prefill_options_s(s, l, sp, prompt_tokens, prefetch, None if tiers is None else tiers[l])[0])
-                 for l, sp in enumerate(specs))
-    return layers + prefill_dense_s(s, dense_format, prompt_tokens, kv_on_host)

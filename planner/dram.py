@@ -94,7 +94,7 @@ def outcome_dram_s(dp: DramPrices, n_res: np.ndarray, n_hit: np.ndarray, n_miss:
                    mode: np.ndarray, bi: np.ndarray, bo: np.ndarray, hi: np.ndarray, n_band: np.ndarray, r: float,
                    n_up: np.ndarray | None = None, bu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``([M], [M])`` DRAM seconds of one token's layer for each (option, outcome) pair, without
-    and with prefetch (arguments ``[M]``, as :func:`planner.costs._expected_max` takes them;
+    and with prefetch (arguments ``[M]``, as :func:`planner.layer_schedule.expected_max` takes them;
     ``bi``, ``bo``, ``hi``, ``bu``: the pair's option's formats and home)."""
     fetch, hybrid, stream = (mode == MODES.index(m) for m in ("fetch", "hybrid", "stream"))
     n_cpu = n_local + np.where(hybrid, n_miss, 0)

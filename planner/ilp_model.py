@@ -13,9 +13,10 @@ from profiles.errors import InfeasibleError
 from profiles.units import format_size
 
 from .costs import (FixedCosts, OptionTable, Setup, capacity, fixed_costs, layer_options, option_costs, option_time,
-                    prefill_dense_s, prefill_options_s, with_tiers)
+                    with_tiers)
 from .format_tiers import offers_tiers
 from .miss_copy_options import copy_specs
+from .prefill_costs import prefill_dense_s, prefill_options_s
 from .nested_options import nested_specs, offers_nested
 
 __all__ = ["Problem", "build_problem", "pareto_front", "explain_infeasible"]
@@ -33,7 +34,7 @@ class Problem:
     quality_budget: float | None
     importance_total: float
     # a TTFT SLO (planner.batch_search, --slo-ttft): ttft_options[prefetch][l] = [N_l] seconds each
-    # option adds to one prompt's prefill (costs.prefill_options_s), ttft_room[fm] = the SLO less
+    # option adds to one prompt's prefill (prefill_costs.prefill_options_s), ttft_room[fm] = the SLO less
     # the dense part's prefill at dense format fm; ttft = the rows of the prefetch setting solved
     ttft_options: dict[bool, tuple[np.ndarray, ...]] | None = None
     ttft_room: dict[str, float] | None = None
@@ -120,7 +121,7 @@ def build_problem(s: Setup, quality_budget: float | None, extra: list[np.ndarray
     """Option tables for every layer; ``extra[l]`` adds specs (baselines' choices) to layer l;
     ``grid=False`` keeps only those (pricing given placements, no search); ``ttft`` =
     ``(slo_s, prompt_tokens)`` adds the TTFT SLO as a constraint (each option's share of one
-    prompt's prefill, :func:`planner.costs.prefill_options_s`)."""
+    prompt's prefill, :func:`planner.prefill_costs.prefill_options_s`)."""
     if grid:
         tables = tuple(layer_options(s, l, None if extra is None else extra[l]) for l in range(s.stats.num_layers))
         # per-expert formats (planner.format_tiers): tiers on the options on their layer's front

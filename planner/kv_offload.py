@@ -26,7 +26,8 @@ import dataclasses
 
 from profiles.errors import InputError
 
-from .costs import Setup, fixed_costs, prefill_dense_s
+from .costs import Setup, fixed_costs
+from .prefill_costs import prefill_dense_s
 from .ilp_model import Problem
 
 __all__ = ["KV_CACHE_CHOICES", "kv_sites", "with_kv_on_host"]

@@ -120,7 +120,7 @@ def layer_breakdown(plan: Plan, s: Setup) -> LayerBreakdown:
     U = np.array([t.U[0] for t in tables])
     F = np.array([t.F[0] for t in tables])
     mode = specs[:, SPEC_COLUMNS.index("mode")]
-    # a streamed band moves every step, prefetch or not (costs._averaged_max)
+    # a streamed band moves every step, prefetch or not (layer_schedule.averaged_max)
     pi_r = np.where(mode == MODES.index("stream"), 0.0, r) if prefetch else np.zeros_like(r)
     stall = np.where(np.isin(mode, [MODES.index(m) for m in ("fetch", "stream", "copy")]), (1 - pi_r) * F, 0.0)
     link = (1 - pi_r) * F + (F if prefetch else 0.0)

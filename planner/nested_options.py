@@ -30,7 +30,7 @@ with ``t8`` and ``th`` the device seconds of a call on both planes and on the hi
 The device waits for the fetches (no cache keeps a low plane; next-layer prefetch moves none,
 so an option's time with prefetch is its time without): at batch 1 a token's layer lasts
 ``max(D0 + k t8, x + k t8, k x + t8)`` for its ``k`` fetch-low experts and ``D0`` the rest of
-its device work (the schedule :func:`planner.costs._expected_max` prices for misses), else
+its device work (the schedule :func:`planner.layer_schedule.expected_max` prices for misses), else
 ``G + F``. Offered on request (``Setup.nested``, ``planner optimize --nested``) for an engine
 that runs nested experts (its profile's ``nested``), for the nestable formats above, with a
 host DRAM home and no critical experts or ``--fix-*`` options in the layer; never with op offload or host DRAM contention pricing,

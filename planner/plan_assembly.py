@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import __version__
-from .costs import MODES, prefill_s, step_time
+from .costs import MODES, step_time
 from .energy import step_energy_j
 from .format_tiers import tier_masks
 from .plan import MemoryUse, Plan
 from .plan_layer import LayerPlan, MissCopy
+from .prefill_costs import prefill_s
 from .prefill_sites import prefill_copies
 from .task import dropped_note
 

@@ -8,11 +8,11 @@ pass, then the computation). Decode is unchanged: a prompt's hundreds of tokens 
 pay for the copy, a decode step's one does not. Per expert: the pass may copy only the ``k``
 most used of them (ranks ``[q, q + k)``) while the host CPU runs the rest at the same time, so
 the layer lasts the longer of the two instead of all of it on one side (``k`` over every count
-on layers of up to 16 experts, 16 steps on wider ones: :func:`planner.costs.prefill_copy_counts`).
+on layers of up to 16 experts, 16 steps on wider ones: :func:`planner.prefill_costs.prefill_copy_counts`).
 
 In the ILP (:mod:`planner.ilp`) the choice is per (layer, option) and touches only the TTFT
 row: each option's prefill seconds are the least over its sites (the decode sites and every
-``k``; :func:`planner.costs.prefill_sites_s` with ``Setup.prefill_choice``), so the model, its
+``k``; :func:`planner.prefill_costs.prefill_sites_s` with ``Setup.prefill_choice``), so the model, its
 bound and its certificate are those of the TTFT SLO already, over the sites offered. Memory: the copies go through
 the runtime's staging buffers (``runtime_memory.staging_experts``, already on the device row),
 one expert after another, so residency, cache slots and the device row are the decode
@@ -47,7 +47,8 @@ import dataclasses
 
 import numpy as np
 
-from .costs import Setup, prefill_sites_s
+from .costs import Setup
+from .prefill_costs import prefill_sites_s
 
 __all__ = ["offers_prefill_sites", "with_prefill_choice", "prefill_copies"]
 
@@ -69,7 +70,7 @@ def prefill_copies(s: Setup, specs: list[np.ndarray], tiers: list[np.ndarray], p
                    prefetch: bool) -> tuple[tuple[int, ...], ...] | None:
     """Per layer (its option ``specs[l]`` ``[1, 7]``, tier ``tiers[l]`` ``[1, 2]``) the experts
     (ids) a prompt's pass copies to the compute device and runs there: the most used ``k`` of
-    its host-held tail at the option's fastest prefill site (:func:`planner.costs.prefill_sites_s`;
+    its host-held tail at the option's fastest prefill site (:func:`planner.prefill_costs.prefill_sites_s`;
     empty: the decode sites); None where the planner does not choose, or no layer copies."""
     if not s.prefill_choice:
         return None

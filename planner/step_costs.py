@@ -105,7 +105,7 @@ def capacity(s: Setup, memory_id: str) -> float:
 
 def option_time(t: OptionTable, prefetch: bool) -> np.ndarray:
     """``[N]`` seconds each option of a layer lasts per decode step (FlexGen's max() over the
-    device, the host CPU and the link; see :func:`_expected_max` and :func:`_averaged_max`).
+    device, the host CPU and the link; see :func:`planner.layer_schedule.expected_max` and :func:`planner.layer_schedule.averaged_max`).
 
     With prefetch, the predicted share r of the misses is fetched while the previous layer
     computes, so the device no longer waits for it, but the link carries the whole predicted

@@ -2,7 +2,7 @@
 
 A decode step of B sequences waits, in each layer, for the slowest of the compute device, the
 host CPU and the link: ``tau = E_s[max(device_s, cpu_s, link_s)]``. The max of the averages,
-``max(G, U, F)`` (:func:`planner.costs._averaged_max`), is below it whenever the resources do
+``max(G, U, F)`` (:func:`planner.layer_schedule.averaged_max`), is below it whenever the resources do
 not all stay busy in every step: an expert the CPU runs in one step of three stalls that step
 for its whole call, while the device's work in the other two steps does not make up for it
 (eight Mixtral-sized layers on desktop-4090, bundle engine, batch 4: the simulated step was
@@ -15,14 +15,14 @@ call at its expected tokens per call (the seconds :func:`planner.costs.option_co
 
     device = sum_{active e<p} t_dev(b_res) + band calls on the device + w per copy, with a fetch
              layer's m misses overlapping it: max(device, x + m t, m x + t) (t: one band call;
-             the schedule of planner.costs._expected_max)
+             the schedule of planner.layer_schedule.expected_max)
     cpu    = sum_{active e>=q} t_cpu(b_off) [+ the hybrid band's misses] + ax (if it runs any)
     link   = misses x   (fetch, hybrid: (1 - h) of the active band experts; stream: (q - p) x)
 
 the band's hits and misses at the option's expected per-call hit rate h (a step's active band
 experts each miss with 1 - h: the mean of the step's misses, not their spread). With
 prefetch, the predicted share r of a fetch layer's misses no longer stalls the device and the
-link carries the predicted set too (as :func:`planner.costs._averaged_max`); a streamed band
+link carries the predicted set too (as :func:`planner.layer_schedule.averaged_max`); a streamed band
 moves and stalls as without (every band expert crosses the link each step, as at batch 1).
 """
 
@@ -99,7 +99,7 @@ def stepped_max(active: np.ndarray, p: np.ndarray, q: np.ndarray, qk: np.ndarray
             link = copies * x[n, None] * (fetch | hybrid | stream)[n, None]
             stall = np.where((fetch | stream)[n, None], link, 0.0)
             # fetch without prefetch: the misses' copies overlap the resident and hit experts
-            # (costs._expected_max's schedule: max(D0 + m t, x + m t, m x + t), t one band call)
+            # (layer_schedule.expected_max's schedule: max(D0 + m t, x + m t, m x + t), t one band call)
             overlapped = np.maximum(np.maximum(dev, x[n, None] + m * per_dev), m * x[n, None] + per_dev)
             device = np.where(fetch[n, None] & (m > 0), overlapped, dev + stall)
             link_pf = (1 - r_n) * link + np.where(stream[n, None], 0.0, link)

@@ -11,7 +11,7 @@ from host memory on the copy engine -- and then run on the compute stream: the c
 then the computation. That is the order of :mod:`simulator.experts`' ``stream`` work, so
 such a step runs on a second resolution of the layers whose host-held ``local`` experts are
 ``stream`` experts, and the layer's stream copy moves those bytes (:meth:`OpOffload.stream_in`).
-The planner prices the same (:func:`planner.costs.prefill_s`).
+The planner prices the same (:func:`planner.prefill_costs.prefill_s`).
 
 A plan's own prefill sites (``Plan.prefill_offload``, planner.prefill_sites, for an engine
 without op offload) run a prompt's pass the same way, for the layers it names only, copying

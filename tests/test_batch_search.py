@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from planner.batch_search import search_batch
-from planner.costs import prefill_dense_s, prefill_options_s, prefill_s
+from planner.prefill_costs import prefill_dense_s, prefill_options_s, prefill_s
 from planner.layer_breakdown import dense_format_of, plan_specs, plan_tiers
 from planner.optimize import OptimizeRequest, optimize
 from profiles.errors import InfeasibleError

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from planner.costs import MODES, fixed_costs, option_costs, prefill_s, step_time
+from planner.costs import MODES, fixed_costs, option_costs, step_time
+from planner.prefill_costs import prefill_s
 from planner.given import GivenPolicy
 from planner.optimize import OptimizeRequest, make_setup, optimize
 from planner.workload_view import planning_stats

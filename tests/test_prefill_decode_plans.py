@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-import planner.costs as planner_costs
 import planner.optimize as planner_optimize
+import planner.prefill_costs as prefill_costs
 from exporters.engines.single import render_engines
 from planner.optimize import OptimizeRequest, optimize
 from planner.report import render_summary, summary_data
@@ -57,7 +57,7 @@ def test_both_slos_met_by_phase_plans_where_one_shared_plan_cannot(both, monkeyp
         assert on and 0 < len(ids) < len(local) and set(ids) <= set(local)  # decode: CPU; prefill: both
     infeasible = "no batch size up to 1 meets TPOT <= 210 ms and TTFT <= 2600 ms"
     with monkeypatch.context() as m:  # per-layer sites: a layer copies all of its CPU experts or none
-        m.setattr(planner_costs, "prefill_copy_counts", lambda s: [s.stats.num_experts])
+        m.setattr(prefill_costs, "prefill_copy_counts", lambda s: [s.stats.num_experts])
         with pytest.raises(InfeasibleError, match=infeasible):
             optimize(OptimizeRequest(**BOTH))
     monkeypatch.setattr(planner_optimize, "with_prefill_choice", lambda s, ttft: s)  # one plan for both phases
@@ -164,8 +164,8 @@ def test_prefill_copy_counts():
     def setup(E: int, contention: bool = False):
         return SimpleNamespace(stats=SimpleNamespace(num_experts=E), dram_contention=contention)
 
-    assert planner_costs.prefill_copy_counts(setup(8)) == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert planner_costs.prefill_copy_counts(setup(256)) == list(range(16, 257, 16))
-    assert planner_costs.prefill_copy_counts(setup(60)) == [4, 8, 12, 15, 19, 23, 27, 30, 34, 38, 42, 45, 49, 53,
+    assert prefill_costs.prefill_copy_counts(setup(8)) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert prefill_costs.prefill_copy_counts(setup(256)) == list(range(16, 257, 16))
+    assert prefill_costs.prefill_copy_counts(setup(60)) == [4, 8, 12, 15, 19, 23, 27, 30, 34, 38, 42, 45, 49, 53,
                                                             57, 60]
-    assert planner_costs.prefill_copy_counts(setup(256, contention=True)) == [256]
+    assert prefill_costs.prefill_copy_counts(setup(256, contention=True)) == [256]
