@@ -216,7 +216,7 @@ class PlanningStats:
         return self._at_batch[batch]
 
 
-def _step_active(steps: np.ndarray, rank: np.ndarray, lanes: np.ndarray, max_steps: int = 512) -> np.ndarray:
+def _step_active(steps: np.ndarray, rank: np.ndarray, lanes: np.ndarray, max_steps: int = 128) -> np.ndarray:
     """``[S, L, E]`` bool by frequency rank: the experts each full decode step uses (``steps``:
     ``[S', L, W]`` ids, :func:`step_stream`'s decode rows; ``lanes``: ``[S']`` each one's tokens),
     at most ``max_steps`` of them evenly spaced. Full: as many tokens as the fullest step (the
