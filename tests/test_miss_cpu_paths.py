@@ -21,7 +21,7 @@ from profiles.hardware import load_profile
 from profiles.models import load_model
 from profiles.workload.defaults import default_workload
 from profiles.workload.trace import DECODE
-from simulator.engine import SimConfig, Simulation, simulate
+from simulator.engine import SimConfig, Simulation
 from tests.test_miss_cpu_cost import PROFILE, engine
 
 CPU = ("10ms", 1e-9)  # a copy's host CPU work: fixed, per byte
