@@ -120,9 +120,9 @@ def test_a_given_configuration_that_does_not_fit_exits_3_naming_the_shortfall(ru
 
 
 @pytest.mark.parametrize("args, code, needle", [
-    (("--policy", "llama.cpp", "--n-cpu-moe", "-1"), 2, "--n-cpu-moe"),
+    (("--policy", "llama.cpp", "--n-cpu-moe", "-1"), 1, "--n-cpu-moe"),
     (("--policy", "llama.cpp", "--n-cpu-moe", "17"), 1, "more CPU layers than the model has"),
-    (("--policy", "no-such-tool"), 2, "--policy"),
+    (("--policy", "no-such-tool"), 1, "--policy"),
     (("--policy", "lru-offload", "--cache-slots", "65"), 1, "more cache slots than experts"),
     (("--policy", "lru-offload", "--eviction", "lfu"), 1, "engine hqq-offload has no eviction policy lfu"),
     (("--policy", "llama.cpp", "--prefetch", "next-layer"), 1, "engine llama.cpp has no prefetch policy next-layer"),
