@@ -132,8 +132,12 @@ def _setup(hw: Hardware, bare: Hardware, engine: Engine, model: ModelSpec, trace
     runnable = runnable_formats(engine, formats, dev, host)
     K = model.top_k
     grid = tuple(sorted(c for c in {0, K, 2 * K, 4 * K, S // 8, S // 4, S // 2} if 0 <= c <= S))
-    # per expert call at the step's batch, as planner.optimize.make_setup prices a node's caches
-    stats = planning_stats(trace, real_experts=S).at_batch(batch_size)
+    # per expert call at the step's batch, as planner.optimize.make_setup prices a node's caches;
+    # priced as the max of averages, not per step (planner.step_max): cpu_share models the node's
+    # GPUs taking turns on the CPU as every call n times as long, true on average but not in a
+    # step where only one GPU runs CPU experts (per step: +20% over the simulated TPOT on
+    # tests/test_ep_offload.py's case, against +4% as the max of averages)
+    stats = dataclasses.replace(planning_stats(trace, real_experts=S).at_batch(batch_size), step_active=None)
     return Setup(hardware=hw, model=model, stats=stats, batch_size=batch_size, context_tokens=context_tokens,
                  formats=runnable, compute=dev, host=host, homes=tuple(homes), quant_error=errors,
                  critical=critical, engine=engine, bare=bare, cache_grid=grid)
