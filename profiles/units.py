@@ -76,6 +76,8 @@ def _parse(value: object, units: dict[str, float], what: str, help_text: str,
             raise InputError(f"invalid {what}", value=value, expected=help_text)
         unit = m.group(2)
         if unit not in units:
+            if not unit:  # '0', '512': a string of a number alone is ambiguous (bytes? GB?)
+                raise InputError(f"a {what} needs its unit", value=value, expected=help_text)
             hint = ""
             if unit.lower() in {u.lower() for u in units}:
                 hint = " (units are case-sensitive: B is bytes, b is bits)"

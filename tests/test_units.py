@@ -44,6 +44,7 @@ def test_power():
 @pytest.mark.parametrize("parser, text, needle", [
     (parse_size, "80 gb", "case-sensitive"),
     (parse_size, "12 parsecs", "unknown size unit 'parsecs'"),
+    (parse_size, "512", "a size needs its unit"),
     (parse_size, "-3GB", "must not be negative"),
     (parse_size, "lots", "invalid size"),
     (parse_size, True, "invalid size"),
