@@ -75,6 +75,10 @@ def pool_profiles(doc: dict, prefill_nodes: int, key: str = "pd_split") -> tuple
                          expected="a profile with one entry under nodes (count N)",
                          fix="vary pd_split on a profile like cluster-h100-2node")
     total = int(groups[0].get("count", 1))
+    if total < 2:
+        raise InputError("prefill/decode pools need two nodes or more, one for each pool", key=key,
+                         value=f"{total} node in {doc.get('name')!r}", expected="a profile whose node group counts 2+",
+                         fix="vary nodes up (nodes: [2, 4]) or use a profile like cluster-h100-2node")
     if not 1 <= prefill_nodes < total:
         raise InputError("the prefill pool must leave the decode pool at least one node", key=key,
                          value=prefill_nodes, expected=f"an integer in [1, {total - 1}] ({total} nodes)",

@@ -72,6 +72,10 @@ def test_pool_profiles_and_the_route_between_them():
     for bad in (0, 2):
         with pytest.raises(InputError, match="at least one node"):
             pool_profiles(doc, bad)
+    one = {**doc, "nodes": [{**doc["nodes"][0], "count": 1}]}
+    with pytest.raises(InputError, match="two nodes or more") as err:  # not 'an integer in [1, 0]'
+        pool_profiles(one, 1)
+    assert "[1, 0]" not in str(err.value)
     _, hw = load_profile("cluster-h100-2node")
     # GPU to GPU across nodes: the two ConnectX-7 NICs at 400 Gb/s, one hop each way
     assert kv_route_s(hw, 1) == (pytest.approx(1e-5), pytest.approx(50e9))
