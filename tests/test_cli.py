@@ -27,6 +27,23 @@ def test_usage_error_is_exit_2(run_cli):
     assert run_cli("profiles", "show").exit_code == 2  # missing argument
 
 
+def test_a_bad_option_value_is_exit_1(run_cli):
+    """A value click refuses is bad input (exit 1, one line); only unparseable usage is 2."""
+    result = run_cli("optimize", "--max-watts", "-5")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, seconds", [("2", 2.0), ("2s", 2.0), ("100ms", 0.1), ("1.5", 1.5)])
+def test_optimize_slos_take_seconds_or_a_time_with_its_unit(text, seconds):
+    """`optimize --slo-ttft/--slo-tpot` read 2 and 2s alike, as `planner sweep`'s SLOs read 2s."""
+    from planner.commands._common import Seconds
+
+    assert Seconds().convert(text, None, None) == pytest.approx(seconds)
+    for bad in ("0", "-1", "nan", "abc", "5 fortnights"):
+        with pytest.raises(click.BadParameter):
+            Seconds().convert(bad, None, None)
+
+
 def test_json_mode_prints_only_json_on_stdout(run_cli):
     for args in (("--json", "profiles", "list"), ("profiles", "list", "--json"),
                  ("--json", "profiles", "show", "desktop-4090")):

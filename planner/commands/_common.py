@@ -49,6 +49,27 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class Seconds(click.ParamType):
+    """A positive time: a plain number of seconds or a time with its unit (``2s``, ``100ms``), as
+    ``planner sweep``'s SLOs take it (:func:`profiles.units.parse_time`)."""
+
+    name = "time"
+
+    def convert(self, value, param, ctx):  # noqa: D102
+        from profiles.units import parse_time
+
+        try:
+            seconds = float(value)  # a plain number: seconds
+        except ValueError:
+            try:
+                seconds = parse_time(value)
+            except InputError as exc:
+                self.fail(f"{value!r}: {exc.message}; expected a time such as 2, 2s or 100ms.", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a positive time.", param, ctx)
+        return seconds
+
+
 def check_output_path(path: str | Path | None, flag: str, *, force: bool = False, directory: bool = False) -> None:
     """Refuse an output path before any work: it exists (without ``force``), or its directory
     cannot be created or written.

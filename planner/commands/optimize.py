@@ -19,7 +19,7 @@ from ..optimize import DEFAULT_HARDWARE, DEFAULT_MODEL, OptimizeRequest, optimiz
 from ..plan import Plan
 from ..task import DEFAULT_DROP_BELOW
 from ..output import get_output
-from ._common import FiniteFloat, check_output_path, common_options, writing
+from ._common import FiniteFloat, Seconds, check_output_path, common_options, writing
 from .optimize_inputs import (
     check_requested_planes,
     given_configuration,
@@ -96,13 +96,13 @@ __all__ = ["optimize_cmd"]
               help="Measured expert errors (planner quality measure): the quality cost of each expert at each "
               "format is its importance x its measured error instead of one constant per format, and an "
               "expert more sensitive than its frequency rank says may be stored wider than hotter ones.")
-@click.option("--slo-tpot", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Slowest acceptable time per output token, seconds. With --objective throughput (or cost, "
+@click.option("--slo-tpot", type=Seconds(), default=None,
+              help="Slowest acceptable time per output token: seconds, or a time such as 100ms. With --objective throughput (or cost, "
               "default 0.2) the batch size becomes a decision: the batch with the most tok/s that meets the SLOs, "
               "found by an outer search over 1..--max-batch whose every point is an ILP solve, with a certified "
               "bound on any other batch (the plan's solver.batch_search); --batch is then not used.")
-@click.option("--slo-ttft", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Slowest acceptable time to first token (--prompt-tokens), seconds; as --slo-tpot, and a "
+@click.option("--slo-ttft", type=Seconds(), default=None,
+              help="Slowest acceptable time to first token (--prompt-tokens): seconds, or a time such as 2s; as --slo-tpot, and a "
               "constraint of every solve (the plan's prefill stays within it, at some cost in decode speed); on "
               "the bundle runtime each layer's prompt pass may also copy the most used of the experts decode runs on "
               "the CPU to the GPU and run them there while the CPU runs the rest (plan.json prefill_offload, "
