@@ -22,25 +22,7 @@ from profiles.perf import miss_compute_s
 from profiles.workload.defaults import default_workload
 from profiles.workload.trace import DECODE
 from simulator.engine import SimConfig, simulate
-
-PROFILE = """\
-name: cpu-box
-nodes:
-  - name: node
-    devices:
-      - name: cpu0
-        kind: cpu
-        cores: 16
-        memory_bytes: 3GiB
-        memory_bytes_per_s: 50GB/s
-        peak_ops_per_s: {fp32: 1TFLOPS, bf16: 1TFLOPS, int8: 2TOPS}
-      - name: nvme0
-        kind: nvme
-        memory_bytes: 1TB
-        memory_bytes_per_s: 3GB/s
-        links:
-          - {kind: pcie, to: cpu0, gen: 4, lanes: 4}
-"""
+from tests.test_cached_expert_price import PROFILE  # the same CPU-only box
 
 
 def engine(tmp_path, fixed: str | None, per_byte: float = 0.0):
